@@ -1,0 +1,187 @@
+"""The per-layer solver: Hessian accumulation and SparseGPT / magnitude / Wanda for Conv2d and Linear.
+
+Conv2d is a matrix product over unfolded patches, so both layer types become W (rows, d) times
+X (d, T) and share one kernel. Grouped convs get one Hessian per group.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .masks import Pattern, conv_column_perm, nm_prune_mask, pattern_prune_mask, topk_prune_mask
+
+METHODS = ("sparsegpt", "magnitude", "wanda")
+
+
+def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
+    """Upper Cholesky factor of (H + damp·I)⁻¹, raising the damping tenfold until it factors."""
+    mean_diag = torch.diag(H).mean()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    pd = percdamp
+    for _ in range(8):
+        L, info = torch.linalg.cholesky_ex(H + pd * mean_diag * eye)
+        if info.item() == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info.item() == 0 and torch.isfinite(U).all():
+                if pd != percdamp:
+                    warnings.warn(f"Cholesky failed at percdamp={percdamp:g}; succeeded at {pd:g}", RuntimeWarning)
+                return U, pd
+        pd = max(pd, 1e-4) * 10
+    raise torch.linalg.LinAlgError(f"Hessian not positive definite even with percdamp={pd / 10:g}")
+
+
+def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp: float = 0.01,
+                    blocksize: int = 128) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """SparseGPT on one matrix. W: (rows, d) float32, H: (d, d). Returns (pruned W, pruned mask, damping used).
+
+    Columns are visited left to right; N:M groups are m consecutive columns (see masks.py).
+    """
+    W, H = W.clone(), H.clone()
+    rows, d = W.shape
+    dead = torch.diag(H) == 0  # inputs that were always zero: their weights can go for free
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    Hinv, damp = _inverse_cholesky(H, percdamp)
+    n, m = pattern.n, pattern.m
+    if pattern.is_nm:  # a block must hold whole groups
+        blocksize = max(m, blocksize - blocksize % m)
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, d, blocksize):
+        i2 = min(i1 + blocksize, d)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        dinv2 = torch.diag(Hinv1) ** 2
+        if pattern.is_nm:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        else:  # adaptive mask: the block's share of the layer's count, chosen by OBS saliency w²/[H⁻¹]²
+            k = round(pattern.sparsity * rows * i2) - round(pattern.sparsity * rows * i1)
+            mask1 = topk_prune_mask(W1 ** 2 / dinv2, k)
+        for i in range(i2 - i1):
+            if pattern.is_nm and i % m == 0:
+                mask1[:, i:i + m] = nm_prune_mask(W1[:, i:i + m] ** 2 / dinv2[i:i + m], n, m)
+            w = W1[:, i]
+            q = w.masked_fill(mask1[:, i], 0)
+            err1 = (w - q) / Hinv1[i, i]
+            W1[:, i:].addr_(err1, Hinv1[i, i:], alpha=-1)
+            Q1[:, i] = q
+            Err1[:, i] = err1
+        W[:, i1:i2] = Q1
+        pruned[:, i1:i2] = mask1
+        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # lazy update of the columns right of the block
+    return W, pruned, damp
+
+
+@dataclass
+class LayerResult:
+    name: str
+    shape: list[int]
+    method: str
+    pattern: str
+    sparsity: float = 0.0  # fraction pruned in this layer
+    skipped: bool = False
+    reason: str = ""
+    error: float | None = None  # ‖WX − ŴX‖² / ‖WX‖² on the calibration inputs
+    seconds: float = 0.0
+    percdamp: float | None = None  # damping actually used (SparseGPT)
+    mask: torch.Tensor | None = field(default=None, repr=False)  # True = kept, weight's shape
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "mask"}
+
+
+class LayerPruner:
+    """Accumulates H = 2XXᵀ/N for one Conv2d or Linear, then prunes its weight in place."""
+
+    def __init__(self, layer: nn.Module, name: str = ""):
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            raise TypeError(f"{name}: only Conv2d and Linear are supported, got {type(layer).__name__}")
+        self.layer, self.name = layer, name
+        W = layer.weight
+        self.groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
+        self.d = W[0].numel()
+        self.H = torch.zeros(self.groups, self.d, self.d, device=W.device, dtype=torch.float32)
+        self.nsamples = 0
+
+    def columns(self, inp: torch.Tensor) -> torch.Tensor:
+        """The layer's input as (groups, d, T): one column per output position."""
+        layer = self.layer
+        inp = inp.to(self.H.dtype)
+        if isinstance(layer, nn.Linear):
+            return inp.reshape(-1, self.d).t().unsqueeze(0)
+        padding = layer.padding
+        if isinstance(padding, str) or layer.padding_mode != "zeros":  # 'same', reflect, replicate, circular
+            mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+            inp = F.pad(inp, layer._reversed_padding_repeated_twice, mode=mode)
+            padding = 0
+        X = F.unfold(inp, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
+        B, _, L = X.shape
+        return X.view(B, self.groups, self.d, L).permute(1, 2, 0, 3).reshape(self.groups, self.d, B * L)
+
+    def add_batch(self, inp: torch.Tensor) -> None:
+        X = self.columns(inp)
+        T = X.shape[-1]
+        total = self.nsamples + T
+        self.H.baddbmm_(X, X.transpose(1, 2), beta=self.nsamples / total, alpha=2 / total)
+        self.nsamples = total
+
+    def _layout(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight as (groups, rows, d) in the solver's column order, and that order's index into H."""
+        W = self.layer.weight.data.float()
+        perm = conv_column_perm(W.shape, W.device)
+        Wg = W.reshape(self.groups, W.shape[0] // self.groups, -1)[:, :, perm]
+        return Wg, perm
+
+    def skip_reason(self, pattern: Pattern) -> str:
+        cin = self.layer.weight.shape[1]
+        if pattern.is_nm and cin % pattern.m:
+            return f"{cin} input channels per group not divisible by M={pattern.m}"
+        return ""
+
+    @torch.no_grad()
+    def prune(self, method: str, pattern: Pattern, percdamp: float = 0.01, blocksize: int = 128) -> LayerResult:
+        t0 = time.perf_counter()
+        weight = self.layer.weight
+        res = LayerResult(self.name, list(weight.shape), method, str(pattern))
+        res.reason = self.skip_reason(pattern)
+        if res.reason:
+            res.skipped = True
+            res.mask = torch.ones_like(weight, dtype=torch.bool)
+            return res
+        if method not in METHODS:
+            raise ValueError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+        Wg, perm = self._layout()
+        Hg = self.H[:, perm][:, :, perm]
+        if self.nsamples == 0 or not torch.any(torch.diagonal(Hg, dim1=1, dim2=2) > 0):
+            if method != "magnitude":
+                warnings.warn(f"{self.name}: calibration inputs are all zero; magnitude-pruned instead", RuntimeWarning)
+                res.reason = "all-zero calibration inputs: magnitude-pruned instead"
+            method = "magnitude"
+        Q, pruned = torch.empty_like(Wg), torch.empty_like(Wg, dtype=torch.bool)
+        for g in range(self.groups):
+            if method == "sparsegpt":
+                Q[g], pruned[g], res.percdamp = sparsegpt_solve(Wg[g], Hg[g], pattern, percdamp, blocksize)
+                continue
+            scores = Wg[g].abs()
+            if method == "wanda":  # |W|·‖X_j‖₂, compared within each output row
+                scores = scores * torch.diagonal(Hg[g]).clamp_min(0).sqrt()
+            pruned[g] = pattern_prune_mask(scores, pattern, per_row=method == "wanda")
+            Q[g] = Wg[g].masked_fill(pruned[g], 0)
+        delta = Wg - Q
+        num = (torch.bmm(delta, Hg) * delta).sum()
+        den = (torch.bmm(Wg, Hg) * Wg).sum()
+        res.error = float(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
+        inv = torch.argsort(perm)
+        weight.data.copy_(Q[:, :, inv].reshape(weight.shape).to(weight.dtype))
+        res.mask = (~pruned)[:, :, inv].reshape(weight.shape)
+        res.sparsity = 1.0 - res.mask.float().mean().item()
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    def free(self) -> None:
+        self.H = None

@@ -1,0 +1,187 @@
+"""The per-layer solver against an independent float64 OBS reference, and its masks and invariants."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cnn_sparsegpt import LayerPruner, Pattern, sparsegpt_solve
+
+
+def correlated_inputs(d, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(d, d, generator=g) / d ** 0.5 + torch.eye(d)
+    return A @ torch.randn(d, T, generator=g) + 0.3 * torch.randn(d, 1, generator=g)
+
+
+def reference_obs(W, H, pattern, percdamp, blocksize):
+    """Plain OBS sequence in float64: eager updates and explicit downdates of the full inverse Hessian."""
+    W, H = W.double().clone(), H.double().clone()
+    rows, d = W.shape
+    H += percdamp * torch.diag(H).mean() * torch.eye(d, dtype=H.dtype)
+    Hinv = torch.linalg.inv(H)
+    hrow, hdiag = [], []
+    for j in range(d):  # the downdated inverse after eliminating columns < j (independent of W)
+        hrow.append(Hinv[j, j:].clone())
+        hdiag.append(Hinv[j, j].clone())
+        Hinv = Hinv - torch.outer(Hinv[:, j], Hinv[j, :]) / Hinv[j, j]
+    hdiag = torch.stack(hdiag)
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    for j in range(d):
+        if pattern.is_nm and j % pattern.m == 0:
+            s = W[:, j:j + pattern.m] ** 2 / hdiag[j:j + pattern.m]
+            for r in range(rows):
+                pruned[r, j + s[r].argsort()[: pattern.m - pattern.n]] = True
+        if not pattern.is_nm and j % blocksize == 0:
+            j2 = min(j + blocksize, d)
+            k = round(pattern.sparsity * rows * j2) - round(pattern.sparsity * rows * j)
+            s = (W[:, j:j2] ** 2 / hdiag[j:j2]).flatten()
+            blk = torch.zeros(s.numel(), dtype=torch.bool)
+            blk[s.argsort()[:k]] = True
+            pruned[:, j:j2] = blk.view(rows, j2 - j)
+        err = torch.where(pruned[:, j], W[:, j], torch.zeros_like(W[:, j])) / hdiag[j]
+        W[:, j:] -= torch.outer(err, hrow[j])
+        W[pruned[:, j], j] = 0
+    return W, pruned
+
+
+@pytest.mark.parametrize("pattern", [Pattern(sparsity=0.5), Pattern(sparsity=0.7), Pattern(n=2, m=4)])
+def test_matches_float64_obs_reference(pattern):
+    torch.manual_seed(0)
+    rows, d = 12, 40
+    X = correlated_inputs(d, 400)
+    H = 2 * X @ X.t() / X.shape[1]
+    W = torch.randn(rows, d)
+    Q, pruned, _ = sparsegpt_solve(W, H, pattern, percdamp=0.01, blocksize=16)
+    Qref, pruned_ref = reference_obs(W, H, pattern, 0.01, 16)
+    assert torch.equal(pruned, pruned_ref)
+    torch.testing.assert_close(Q.double(), Qref, rtol=1e-4, atol=1e-4)
+    assert torch.all(Q[pruned] == 0)
+
+
+def test_unstructured_sparsity_exact_per_layer():
+    X = correlated_inputs(100, 300)
+    H = 2 * X @ X.t() / 300
+    for s in (0.1, 0.5, 0.63, 0.9):
+        _, pruned, _ = sparsegpt_solve(torch.randn(7, 100), H, Pattern(sparsity=s), blocksize=32)
+        assert pruned.sum().item() == round(s * 700)
+
+
+def test_nm_layout_conv_groups_along_input_channels():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 6, 3, padding=1)
+    p = LayerPruner(conv, "c")
+    p.add_batch(torch.randn(4, 8, 6, 6))
+    res = p.prune("sparsegpt", Pattern(n=2, m=4))
+    # (out, in, kh, kw): at each kernel tap, every group of 4 consecutive input channels keeps exactly 2
+    kept = res.mask.permute(0, 2, 3, 1).reshape(6, 3, 3, 2, 4).sum(-1)
+    assert torch.all(kept == 2)
+    assert torch.equal(res.mask, conv.weight != 0) or torch.all(conv.weight[~res.mask] == 0)
+
+
+@pytest.mark.parametrize("method", ["sparsegpt", "magnitude", "wanda"])
+def test_bias_dtype_device_preserved(method):
+    lin = nn.Linear(16, 5).to(torch.float64)
+    bias = lin.bias.detach().clone()
+    p = LayerPruner(lin, "l")
+    p.add_batch(torch.randn(32, 16, dtype=torch.float64))
+    res = p.prune(method, Pattern(sparsity=0.5))
+    assert torch.equal(lin.bias, bias)
+    assert lin.weight.dtype == torch.float64 and lin.weight.device.type == "cpu"
+    assert res.mask.dtype == torch.bool and res.mask.shape == lin.weight.shape
+    assert (lin.weight == 0).sum().item() >= 40
+
+
+@pytest.mark.parametrize("pattern", [Pattern(sparsity=0.5), Pattern(n=2, m=4)])
+def test_error_ordering_sparsegpt_wanda_magnitude(pattern):
+    torch.manual_seed(1)
+    d = 64
+    g = torch.Generator().manual_seed(3)
+    scale = torch.rand(d, 1, generator=g) * 3 + 0.1  # uneven input norms make Wanda beat magnitude
+    X = correlated_inputs(d, 2000) * scale
+    errors = {}
+    for method in ("sparsegpt", "wanda", "magnitude"):
+        lin = nn.Linear(d, 32)
+        torch.nn.init.normal_(lin.weight, generator=torch.Generator().manual_seed(5))
+        p = LayerPruner(lin, "l")
+        p.add_batch(X.t())
+        errors[method] = p.prune(method, pattern).error
+    assert errors["sparsegpt"] < errors["wanda"] <= errors["magnitude"]
+
+
+def _conv_via_unfold(conv, x):
+    p = LayerPruner(conv, "c")
+    X = p.columns(x)  # (groups, d, B*L)
+    G, rows = conv.groups, conv.out_channels // conv.groups
+    W = conv.weight.reshape(G, rows, -1)
+    Y = torch.bmm(W, X)  # (G, rows, B*L)
+    out = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding if conv.padding_mode == "zeros" else 0,
+                   conv.dilation, conv.groups) if conv.padding_mode == "zeros" else conv(x)
+    B, _, Ho, Wo = out.shape
+    Y = Y.reshape(G * rows, B, Ho * Wo).permute(1, 0, 2).reshape(B, -1, Ho, Wo)
+    return Y + conv.bias.view(1, -1, 1, 1), out
+
+
+@pytest.mark.parametrize("kw", [
+    dict(stride=2, padding=1), dict(padding=2, dilation=2), dict(groups=2, padding=1), dict(groups=8, padding=1),
+    dict(padding="same"), dict(padding=1, padding_mode="reflect"), dict(padding=1, padding_mode="circular"),
+])
+def test_pruned_conv_equals_matmul_over_unfolded_patches(kw):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 16, 3, **kw)
+    x = torch.randn(3, 8, 9, 9)
+    p = LayerPruner(conv, "c")
+    p.add_batch(x)
+    p.prune("sparsegpt", Pattern(sparsity=0.5))
+    via_unfold, direct = _conv_via_unfold(conv, x)
+    torch.testing.assert_close(via_unfold, direct, rtol=1e-4, atol=1e-4)
+    assert 0.45 < (conv.weight == 0).float().mean().item() < 0.55
+
+
+def test_dead_input_channels():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 1)
+    x = torch.randn(16, 4, 5, 5)
+    x[:, 1] = 0  # channel 1 never fires
+    p = LayerPruner(conv, "c")
+    p.add_batch(x)
+    res = p.prune("sparsegpt", Pattern(sparsity=0.5))
+    assert torch.all(conv.weight[:, 1] == 0)  # weights of a dead input cost nothing to remove
+    assert torch.isfinite(conv.weight).all() and res.error is not None and res.error < 1
+
+
+def test_all_zero_inputs_fall_back_to_magnitude():
+    lin = nn.Linear(8, 4)
+    p = LayerPruner(lin, "l")
+    p.add_batch(torch.zeros(10, 8))
+    with pytest.warns(RuntimeWarning, match="all zero"):
+        res = p.prune("sparsegpt", Pattern(n=2, m=4))
+    assert "magnitude" in res.reason and res.sparsity == 0.5
+
+
+def test_singular_hessian_retries_damping():
+    lin = nn.Linear(6, 3)
+    p = LayerPruner(lin, "l")
+    p.add_batch(torch.ones(10, 6))  # rank one: percdamp=0 cannot factor
+    with pytest.warns(RuntimeWarning, match="Cholesky failed"):
+        res = p.prune("sparsegpt", Pattern(sparsity=0.5), percdamp=0.0)
+    assert res.percdamp > 0 and torch.isfinite(lin.weight).all()
+
+
+def test_nm_skip_when_channels_not_divisible():
+    conv = nn.Conv2d(3, 8, 3)
+    p = LayerPruner(conv, "stem")
+    p.add_batch(torch.randn(2, 3, 8, 8))
+    w = conv.weight.detach().clone()
+    res = p.prune("sparsegpt", Pattern(n=2, m=4))
+    assert res.skipped and "not divisible" in res.reason and torch.equal(conv.weight, w)
+
+
+def test_deterministic():
+    masks = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        lin = nn.Linear(32, 8)
+        p = LayerPruner(lin, "l")
+        p.add_batch(correlated_inputs(32, 100).t())
+        masks.append(p.prune("sparsegpt", Pattern(sparsity=0.6)).mask)
+    assert torch.equal(*masks)
