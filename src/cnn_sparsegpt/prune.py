@@ -1,0 +1,324 @@
+"""The model-level driver: sequential one-shot pruning of every Conv2d and Linear of any nn.Module.
+
+The calibration set goes through the network once. With a torch.fx trace the graph is run node by
+node over all calibration batches: when a layer is reached its Hessian is complete, so it is pruned
+before its output is computed, and every later layer sees the already-pruned network (layers that read
+the same tensor, such as a residual block's conv1 and downsample, share it). BatchNorm is re-estimated
+the same way, from the pruned network's activations. Models fx cannot trace fall back to one
+(truncated) forward pass per layer.
+"""
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from torch import fx, nn
+from tqdm.auto import tqdm
+
+from .masks import Pattern
+from .solver import METHODS, LayerPruner, LayerResult
+from .utils import UserError
+
+PRUNABLE = (nn.Conv2d, nn.Linear)
+
+
+@dataclass
+class PruneReport:
+    method: str
+    pattern: str
+    nsamples: int
+    layers: list[LayerResult]
+    seconds: float = 0.0  # pruning wall time, evaluation excluded
+    sparsity: float = 0.0  # over the pruned layers
+    total_sparsity: float = 0.0  # over all Conv2d/Linear weights
+    forward_passes: float = 0.0  # full calibration passes spent (the fx path needs 1)
+    timings: dict = field(default_factory=dict)  # seconds per phase
+    bn_recalibrated: bool = False
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Parameter name → boolean mask (True = kept), for the layers that were pruned."""
+        return {f"{r.name}.weight": r.mask.cpu() for r in self.layers if not r.skipped and r.mask is not None}
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "layers"}
+        d["layers"] = [r.as_dict() for r in self.layers]
+        return d
+
+
+def _as_batches(calibration, device: torch.device, batch_size: int) -> list[torch.Tensor]:
+    if isinstance(calibration, torch.Tensor):
+        calibration = calibration.split(batch_size)
+    batches = []
+    for b in calibration:
+        x = b[0] if isinstance(b, (tuple, list)) else b
+        batches.append(x.to(device))
+    if not batches or sum(len(x) for x in batches) == 0:
+        raise UserError("the calibration set is empty: give at least one image")
+    return batches
+
+
+def forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
+    """Names of the Conv2d/Linear layers in the order the forward pass calls them."""
+    names = {m: n for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
+    order: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, _i: order.append(names[mod]) if names[mod] not in order else None)
+             for m in names]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+def choose_layers(model: nn.Module, order: list[str], ignore: Iterable[str] = (),
+                  skip_first_last: bool = True) -> dict[str, str]:
+    """Layer name → reason it stays dense ('' = prune it), for every Conv2d/Linear in forward order."""
+    patterns = [re.compile(p) for p in ignore]
+    modules = dict(model.named_modules())
+    convs = [n for n in order if isinstance(modules[n], nn.Conv2d)]
+    linears = [n for n in order if isinstance(modules[n], nn.Linear)]
+    plan = {}
+    for name in order:
+        reason = ""
+        if any(p.fullmatch(name) or p.pattern == name for p in patterns):
+            reason = "in the ignore list"
+        elif skip_first_last and convs and name == convs[0]:
+            reason = "first conv (kept dense by convention; --prune-all includes it)"
+        elif skip_first_last and linears and name == linears[-1]:
+            reason = "last linear (kept dense by convention; --prune-all includes it)"
+        plan[name] = reason
+    unused = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE) and n not in plan]
+    for name in unused:
+        plan[name] = "not called in the forward pass"
+    return plan
+
+
+def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+@torch.no_grad()
+def _recalibrate(bn: nn.modules.batchnorm._BatchNorm, inputs: Iterable[torch.Tensor]) -> None:
+    """Reset running statistics and re-estimate them as a cumulative average over the given inputs."""
+    momentum = bn.momentum
+    bn.reset_running_stats()
+    bn.momentum = None
+    bn.train()
+    for x in inputs:
+        bn(x)
+    bn.momentum = momentum
+    bn.eval()
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Pruner:
+    """Holds the run's settings and the per-layer results; the two executors call `prune_layer`."""
+
+    def __init__(self, model, plan, method, pattern, percdamp, blocksize, progress):
+        self.model, self.plan, self.method, self.pattern = model, plan, method, pattern
+        self.percdamp, self.blocksize = percdamp, blocksize
+        self.modules = dict(model.named_modules())
+        self.results: dict[str, LayerResult] = {}
+        self.t = {"forward": 0.0, "hessian": 0.0, "solve": 0.0, "bn_recalibration": 0.0}
+        self.bar = tqdm(total=sum(1 for r in plan.values() if not r), desc=f"{method} {pattern}",
+                        unit="layer", disable=not progress, leave=False)
+
+    def sync(self):
+        if next(self.model.parameters()).is_cuda:
+            torch.cuda.synchronize()
+
+    def prune_layer(self, name: str, inputs: Iterable[torch.Tensor]) -> None:
+        module = self.modules[name]
+        pruner = LayerPruner(module, name)
+        t0 = time.perf_counter()
+        for x in inputs:
+            pruner.add_batch(x)
+        self.sync()
+        t1 = time.perf_counter()
+        res = pruner.prune(self.method, self.pattern, self.percdamp, self.blocksize)
+        self.sync()
+        self.t["hessian"] += t1 - t0
+        self.t["solve"] += time.perf_counter() - t1
+        res.seconds = time.perf_counter() - t0
+        pruner.free()
+        self.results[name] = res
+        self.bar.update(1)
+        self.bar.set_postfix_str(name)
+
+    def run_fx(self, gm: fx.GraphModule, batches: list[torch.Tensor], recalibrate_bn: bool) -> None:
+        nodes = list(gm.graph.nodes)
+        last_use = {}
+        for i, node in enumerate(nodes):
+            for arg in node.all_input_nodes:
+                last_use[arg] = i
+        env: dict[fx.Node, list] = {}
+        nb = len(batches)
+        placeholder_done = False
+        for i, node in enumerate(nodes):
+            if node.op == "placeholder":
+                if placeholder_done:
+                    if not node.args:
+                        raise _Stop("forward takes more than one required input")
+                    env[node] = [node.args[0]] * nb
+                else:
+                    env[node], placeholder_done = batches, True
+                continue
+            if node.op == "output":
+                break
+            t0 = time.perf_counter()
+            if node.op == "call_module":
+                mod = gm.get_submodule(node.target)
+                if self.plan.get(node.target) == "" and node.target not in self.results:
+                    self.t["forward"] += time.perf_counter() - t0
+                    self.prune_layer(node.target, (fx.node.map_arg(node.args[0], lambda n: env[n][b])
+                                                    for b in range(nb)))
+                    t0 = time.perf_counter()
+                elif recalibrate_bn and isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats:
+                    t1 = time.perf_counter()
+                    _recalibrate(mod, (env[node.args[0]][b] for b in range(nb)))
+                    self.t["bn_recalibration"] += time.perf_counter() - t1
+                    t0 += time.perf_counter() - t1
+            outs = []
+            for b in range(nb):
+                args = fx.node.map_arg(node.args, lambda n: env[n][b])
+                kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n][b])
+                if node.op == "call_module":
+                    outs.append(gm.get_submodule(node.target)(*args, **kwargs))
+                elif node.op == "call_function":
+                    outs.append(node.target(*args, **kwargs))
+                elif node.op == "call_method":
+                    outs.append(getattr(args[0], node.target)(*args[1:], **kwargs))
+                elif node.op == "get_attr":
+                    outs.append(_fetch_attr(gm, node.target))
+            env[node] = outs
+            for arg in node.all_input_nodes:
+                if last_use.get(arg) == i:
+                    del env[arg]
+            self.sync()
+            self.t["forward"] += time.perf_counter() - t0
+
+    def run_hooks(self, batches: list[torch.Tensor], order: list[str], recalibrate_bn: bool) -> float:
+        """Fallback for untraceable models: one forward per layer, cut short right after that layer's input."""
+        passes = 0.0
+        for name in order:
+            if self.plan[name]:
+                continue
+            module, captured = self.modules[name], []
+
+            def grab(_m, inp):
+                captured.append(inp[0])
+                raise _Stop
+
+            handle = module.register_forward_pre_hook(grab)
+            t0 = time.perf_counter()
+            try:
+                for x in batches:
+                    try:
+                        self.model(x)
+                    except _Stop:
+                        pass
+            finally:
+                handle.remove()
+            self.t["forward"] += time.perf_counter() - t0
+            passes += 1
+            self.prune_layer(name, captured)
+            del captured
+        if recalibrate_bn and _bn_modules(self.model):
+            t0 = time.perf_counter()
+            bns = _bn_modules(self.model)
+            saved = [(bn, bn.momentum) for bn in bns]
+            for bn in bns:
+                bn.reset_running_stats()
+                bn.momentum = None
+                bn.train()
+            for x in batches:
+                self.model(x)
+            for bn, mom in saved:
+                bn.momentum = mom
+                bn.eval()
+            self.t["bn_recalibration"] += time.perf_counter() - t0
+            passes += 1
+        return passes
+
+
+def _fetch_attr(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsity: float | None = None,
+                nm: str | None = None, *, percdamp: float = 0.01, blocksize: int = 128, ignore: Iterable[str] = (),
+                skip_first_last: bool = True, recalibrate_bn: bool = True, batch_size: int = 128,
+                progress: bool = True, use_fx: bool = True) -> PruneReport:
+    """Prune `model` in place, one-shot, and return a report with per-layer results and masks.
+
+    calibration: a tensor of inputs (N, ...) or an iterable of batches (tensors or (x, y) pairs).
+    Give the pattern as `sparsity` (unstructured, in [0, 1)) or `nm` ('2:4'); a Pattern works too.
+    """
+    if method not in METHODS:
+        raise UserError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+    pattern = sparsity if isinstance(sparsity, Pattern) else Pattern.parse(sparsity, nm)
+    device = next(model.parameters()).device
+    batches = _as_batches(calibration, device, batch_size)
+    was_training = model.training
+    model.eval()
+    t_start = time.perf_counter()
+    order = forward_order(model, batches[0][:1])
+    plan = choose_layers(model, order, ignore, skip_first_last)
+    run = _Pruner(model, plan, method, pattern, percdamp, blocksize, progress)
+    passes = None
+    if use_fx:
+        try:
+            gm = fx.symbolic_trace(model)
+        except Exception as e:  # noqa: BLE001 - any tracing failure means: use the general path
+            warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}); "
+                          "falling back to one forward pass per layer", RuntimeWarning)
+        else:
+            try:
+                run.run_fx(gm, batches, recalibrate_bn)
+                passes = 1.0
+            except _Stop as e:
+                warnings.warn(f"cannot run the traced graph ({e}); one forward pass per layer", RuntimeWarning)
+    if passes is None:
+        passes = run.run_hooks(batches, order, recalibrate_bn)
+    run.bar.close()
+    model.train(was_training)
+    modules = dict(model.named_modules())
+    layers = []
+    for name, reason in plan.items():
+        res = run.results.get(name)
+        if res is None:
+            w = modules[name].weight
+            res = LayerResult(name, list(w.shape), method, str(pattern), skipped=True, reason=reason)
+        layers.append(res)
+    pruned = [r for r in layers if not r.skipped]
+    n_pruned = sum(r.mask.numel() for r in pruned)
+    report = PruneReport(method, str(pattern), sum(len(x) for x in batches), layers,
+                         seconds=time.perf_counter() - t_start, forward_passes=passes, timings=run.t,
+                         bn_recalibrated=recalibrate_bn and bool(_bn_modules(model)))
+    report.sparsity = sum((~r.mask).sum().item() for r in pruned) / n_pruned if n_pruned else 0.0
+    report.total_sparsity = weight_sparsity(model)
+    return report
+
+
+def weight_sparsity(model: nn.Module) -> float:
+    """Fraction of exactly-zero weights over all Conv2d and Linear layers."""
+    zeros = total = 0
+    for m in model.modules():
+        if isinstance(m, PRUNABLE):
+            zeros += (m.weight == 0).sum().item()
+            total += m.weight.numel()
+    return zeros / total if total else 0.0
