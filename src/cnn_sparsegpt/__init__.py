@@ -1,10 +1,15 @@
 """cnn-sparsegpt: one-shot SparseGPT pruning of convolutional networks."""
+from .data import ImageSet, Loader, calibration_set, load_dataset
 from .masks import Pattern, nm_prune_mask, topk_prune_mask
+from .models import create_model, list_models, register_model
+from .prune import PruneReport, prune_model
 from .solver import METHODS, LayerPruner, LayerResult, sparsegpt_solve
-from .utils import UserError
+from .train import TrainConfig, evaluate, train_model
+from .utils import UserError, load_state_dict
 
 __all__ = [
-    "METHODS", "LayerPruner", "LayerResult", "Pattern", "UserError",
-    "nm_prune_mask", "sparsegpt_solve", "topk_prune_mask",
+    "METHODS", "ImageSet", "LayerPruner", "LayerResult", "Loader", "Pattern", "PruneReport", "TrainConfig",
+    "UserError", "calibration_set", "create_model", "evaluate", "list_models", "load_dataset", "load_state_dict",
+    "nm_prune_mask", "prune_model", "register_model", "sparsegpt_solve", "topk_prune_mask", "train_model",
 ]
 __version__ = "0.1.0"

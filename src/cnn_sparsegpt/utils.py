@@ -111,3 +111,24 @@ def resolve_device(name: str) -> torch.device:
     elif dev.type not in ("cpu", "mps"):
         raise UserError(f"unsupported device '{name}': use auto, cpu, cuda or cuda:N")
     return dev
+
+
+def git_commit() -> str:
+    """The commit of the source tree this package runs from, or '' outside a git checkout."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def run_metadata(device: torch.device) -> dict:
+    import datetime
+    import platform
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {"git_commit": git_commit(), "torch_version": torch.__version__, "device": f"{device.type}: {name}",
+            "threads": torch.get_num_threads(), "date": datetime.datetime.now().isoformat(timespec="seconds")}

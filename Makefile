@@ -1,0 +1,41 @@
+# Quick start and everyday targets. DATA defaults to ../shared/data when it exists (offline machines),
+# else ./data (torchvision downloads MNIST and CIFAR-10 there).
+DATA ?= $(if $(wildcard ../shared/data),../shared/data,data)
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+MNIST_CKPT ?= checkpoints/mnist_cnn.pt
+RESNET_CKPT ?= $(if $(wildcard ../shared/checkpoints/resnet18_cifar10.pt),../shared/checkpoints/resnet18_cifar10.pt,checkpoints/resnet18_cifar10.pt)
+CLI = $(PYTHON) -m cnn_sparsegpt.cli
+
+.PHONY: quickstart install install-test test test-all bench plot results speed
+
+quickstart: install $(MNIST_CKPT)
+	$(CLI) bench --config configs/bench_quickstart.yaml --data-dir $(DATA)
+	$(PYTHON) -m cnn_sparsegpt.results --csv experiments/quickstart.csv --models mnist_cnn
+
+install:
+	$(PIP) install -q -e .
+
+install-test:
+	$(PIP) install -q -e ".[test]"
+
+$(MNIST_CKPT):
+	$(CLI) train --model mnist_cnn --data-dir $(DATA) --epochs 3 --out $(MNIST_CKPT)
+
+test: install-test
+	$(PYTHON) -m pytest -q -m "not slow and not gpu"
+
+test-all: install-test
+	$(PYTHON) -m pytest -q
+
+bench: install $(MNIST_CKPT)
+	$(CLI) bench --config configs/bench_default.yaml --data-dir $(DATA)
+
+plot:
+	$(CLI) plot --csv experiments/results.csv --out experiments/plots
+
+results:
+	$(PYTHON) -m cnn_sparsegpt.results --csv experiments/results.csv --out docs/RESULTS.md
+
+speed: install
+	$(PYTHON) benchmarks/speed.py --data-dir $(DATA) --weights $(RESNET_CKPT)

@@ -1,0 +1,213 @@
+"""`cnn-sparsegpt bench`: a grid of prune runs from YAML, one CSV row per run, resumable."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import itertools
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import PruneOptions
+from .utils import UserError, atomic_write_json, atomic_write_text
+
+KEY = ("model", "checkpoint", "dataset", "method", "pattern", "nsamples", "seed", "bn_recalibration", "eval_samples")
+COLUMNS = KEY + (
+    "data_source", "target_sparsity", "sparsity", "total_sparsity", "layers_pruned", "layers_skipped",
+    "dense_acc", "pruned_acc", "drop", "prune_seconds", "eval_seconds", "peak_rss_mb", "peak_gpu_mb",
+    "forward_passes", "percdamp", "report", "git_commit", "torch_version", "device", "date")
+
+
+@dataclass
+class BenchModel:
+    model: str
+    weights: str | None = None  # checkpoint; its path is part of each row's key
+    dataset: str | None = None
+    methods: list = field(default_factory=lambda: ["magnitude", "wanda", "sparsegpt"])
+    patterns: list = field(default_factory=lambda: ["0.5", "2:4"])  # sparsity levels or N:M strings
+
+
+@dataclass
+class BenchConfig:
+    models: list = field(default_factory=list)  # BenchModel mappings
+    csv: str = "experiments/results.csv"  # one row per run, appended as runs finish
+    reports: str = "experiments/reports"  # per-run JSON report (per-layer errors)
+    nsamples: list = field(default_factory=lambda: [1024])  # calibration sizes
+    bn_recalibration: list = field(default_factory=lambda: [True])
+    seeds: list = field(default_factory=lambda: [0])
+    data_dir: str | None = None
+    device: str = "auto"
+    percdamp: float = 0.01
+    eval_samples: int = 0  # 0 = the whole test split
+
+
+def load_bench_config(path: str) -> BenchConfig:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the config must be a mapping of key: value")
+    models = data.pop("models", None)
+    for key in ("nsamples", "bn_recalibration", "seeds"):
+        if key in data and not isinstance(data[key], list):
+            data[key] = [data[key]]
+    for key in ("nsamples", "bn_recalibration", "seeds"):
+        kinds = bool if key == "bn_recalibration" else int
+        for v in data.get(key, []):
+            if not isinstance(v, kinds) or (kinds is int and isinstance(v, bool)):
+                raise UserError(f"{path}: '{key}' must be a list of {kinds.__name__}, got {v!r}")
+    known = set(BenchConfig.__dataclass_fields__)
+    for key in data:
+        if key not in known:
+            raise UserError(f"{path}: unknown key '{key}'; valid keys: models, {', '.join(sorted(known - {'models'}))}")
+    cfg = BenchConfig(**{k: v for k, v in data.items()})
+    if not models or not isinstance(models, list):
+        raise UserError(f"{path}: 'models' must be a non-empty list of {{model: NAME, weights: PATH, ...}}")
+    for i, m in enumerate(models):
+        if not isinstance(m, dict) or "model" not in m:
+            raise UserError(f"{path}: models[{i}] needs at least 'model: NAME'")
+        bad = set(m) - set(BenchModel.__dataclass_fields__)
+        if bad:
+            raise UserError(f"{path}: models[{i}]: unknown key '{sorted(bad)[0]}'; valid keys: "
+                            f"{', '.join(BenchModel.__dataclass_fields__)}")
+        m = dict(m)
+        m["patterns"] = [str(p) for p in m.get("patterns", BenchModel().patterns)]
+        cfg.models.append(BenchModel(**m))
+    return cfg
+
+
+def _pattern_options(pattern: str) -> dict:
+    return {"nm": pattern} if ":" in pattern else {"sparsity": float(pattern)}
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _key(row: dict) -> tuple:
+    return tuple(str(row[k]) for k in KEY)
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Rewrite the CSV with the new row through a temporary file: a kill never leaves half a row."""
+    rows = read_rows(path) + [{k: row.get(k, "") for k in COLUMNS}]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(buf.getvalue(), path)
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs (sampled from /proc; ru_maxrss elsewhere)."""
+
+    def __enter__(self):
+        self.peak, self._stop = self._rss(), threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _loop(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def grid(cfg: BenchConfig):
+    for m in cfg.models:
+        for method, pattern, bn, n, seed in itertools.product(m.methods, m.patterns, cfg.bn_recalibration,
+                                                              cfg.nsamples, cfg.seeds):
+            yield m, method, pattern, bn, n, seed
+
+
+def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
+    from .pipeline import run_prune
+
+    csv_path, reports = Path(cfg.csv), Path(cfg.reports)
+    done = {_key(r) for r in read_rows(csv_path)}
+    dense = {(r["model"], r["checkpoint"], r["eval_samples"]): float(r["dense_acc"])
+             for r in read_rows(csv_path) if r.get("dense_acc")}
+    runs = list(grid(cfg))
+    new_rows = []
+    for i, (m, method, pattern, bn, n, seed) in enumerate(runs, 1):
+        opts = PruneOptions(model=m.model, weights=m.weights, dataset=m.dataset, data_dir=cfg.data_dir,
+                            method=method, nsamples=n, seed=seed, bn_recalibration=bn, device=cfg.device,
+                            percdamp=cfg.percdamp, eval_samples=cfg.eval_samples, **_pattern_options(pattern))
+        key_row = {"model": m.model, "checkpoint": m.weights or "", "dataset": m.dataset or "",
+                   "method": method, "pattern": pattern, "nsamples": n, "seed": seed, "bn_recalibration": bn,
+                   "eval_samples": cfg.eval_samples}
+        label = f"[{i}/{len(runs)}] {m.model} {method} {pattern} n={n} bn={'on' if bn else 'off'} seed={seed}"
+        if _key(key_row) in done:
+            print(f"{label}: already in {csv_path}, skipped", flush=True)
+            continue
+        t0 = time.perf_counter()
+        dense_key = (m.model, m.weights or "", str(cfg.eval_samples))
+        with PeakRSS() as mem:
+            r = run_prune(opts, progress=progress, dense_acc=dense.get(dense_key), write=False)
+        dense[dense_key] = r["dense_acc"]
+        name = hashlib.sha1(repr(_key(key_row)).encode()).hexdigest()[:12]
+        report_path = reports / f"{m.model}-{method}-{pattern.replace(':', 'of')}-{name}.json"
+        atomic_write_json(r, report_path)
+        row = key_row | {
+            "data_source": r["data_source"], "target_sparsity": r["target_sparsity"], "sparsity": r["sparsity"],
+            "total_sparsity": r["total_sparsity"], "layers_pruned": sum(not x["skipped"] for x in r["layers"]),
+            "layers_skipped": sum(x["skipped"] for x in r["layers"]), "dense_acc": r["dense_acc"],
+            "pruned_acc": r["pruned_acc"], "drop": r["dense_acc"] - r["pruned_acc"], "prune_seconds": r["seconds"],
+            "eval_seconds": r["eval_seconds"], "peak_rss_mb": mem.peak / 2**20,
+            "peak_gpu_mb": (r["peak_gpu_memory"] or 0) / 2**20, "forward_passes": r["forward_passes"],
+            "percdamp": cfg.percdamp, "report": str(report_path), "git_commit": r["git_commit"],
+            "torch_version": r["torch_version"], "device": r["device"], "date": r["date"]}
+        append_row(csv_path, row)
+        new_rows.append(row)
+        print(f"{label}: top-1 {100 * r['dense_acc']:.2f}% -> {100 * r['pruned_acc']:.2f}%, sparsity "
+              f"{r['sparsity']:.3f}, {r['seconds']:.1f} s pruning ({time.perf_counter() - t0:.0f} s in all)",
+              flush=True)
+    return new_rows
+
+
+def add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="run a grid of prunes from a YAML file; one CSV row per run, resumable")
+    p.add_argument("--config", required=True, help="YAML grid, e.g. configs/bench_default.yaml")
+    p.add_argument("--csv", help="override the CSV path of the config")
+    p.add_argument("--data-dir", help="data root for every run (overrides the config)")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N (overrides the config)")
+    p.set_defaults(func=_cmd_bench)
+
+
+def _cmd_bench(args) -> int:
+    from .utils import ensure_writable
+
+    cfg = load_bench_config(args.config)
+    for name in ("csv", "data_dir", "device"):
+        if getattr(args, name):
+            setattr(cfg, name, getattr(args, name))
+    ensure_writable(Path(cfg.csv).parent)
+    t0 = time.perf_counter()
+    run_bench(cfg, progress=not args.quiet)
+    print(f"bench done in {time.perf_counter() - t0:.0f} s; results in {cfg.csv}")
+    return 0

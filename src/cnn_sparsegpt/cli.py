@@ -1,0 +1,160 @@
+"""The `cnn-sparsegpt` command: prune, train, bench, plot."""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from .utils import UserError
+
+
+def _bool_flag(p, name: str, help_on: str, help_off: str) -> None:
+    p.add_argument(f"--{name}", dest=name.replace("-", "_"), action="store_true", help=help_on)
+    p.add_argument(f"--no-{name}", dest=name.replace("-", "_"), action="store_false", help=help_off)
+
+
+def _add_prune_flags(p: argparse.ArgumentParser) -> None:
+    from .models import list_models
+    from .solver import METHODS
+
+    p.add_argument("--config", help="YAML file with any of the options below (flags override it)")
+    p.add_argument("--model", help=f"model: {', '.join(list_models())}, or torchvision:NAME")
+    p.add_argument("--weights", help="checkpoint to prune (a plain state_dict; loaded with weights_only=True)")
+    p.add_argument("--dataset", help="mnist, cifar10, or an ImageFolder folder/.tar.gz (default: the model's)")
+    p.add_argument("--data-dir", help="data root (default: $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data)")
+    p.add_argument("--method", help=f"{' | '.join(METHODS)} (default sparsegpt)")
+    p.add_argument("--sparsity", type=float, help="unstructured: fraction of weights pruned per layer, in [0, 1)")
+    p.add_argument("--nm", help="N:M semi-structured: keep N of every M input channels, e.g. 2:4 or 4:8")
+    p.add_argument("--nsamples", type=int, help="calibration images from the training set (default 1024)")
+    p.add_argument("--percdamp", type=float, help="Hessian damping relative to its mean diagonal (default 0.01)")
+    p.add_argument("--blocksize", type=int, help="columns per lazy-update block (default 128)")
+    p.add_argument("--ignore", nargs="+", help="layer names or regexes to keep dense")
+    p.add_argument("--prune-all", action="store_true", help="also prune the first conv and the last linear")
+    _bool_flag(p, "bn-recalibration", "re-estimate BatchNorm statistics after pruning (default)",
+               "keep the dense model's BatchNorm statistics")
+    p.add_argument("--device", help="auto (CUDA if present), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--seed", type=int, help="seed of the calibration sample (default 0)")
+    p.add_argument("--batch-size", type=int, help="calibration and evaluation batch size (default 128)")
+    _bool_flag(p, "evaluate", "measure dense and pruned top-1 on the test split (default)", "skip evaluation")
+    p.add_argument("--eval-samples", type=int, help="evaluate on the first N test images only (default: all)")
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from .config import PruneOptions, load_yaml, merge_options
+    from .pipeline import format_report, run_prune
+
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "quiet")}
+    file_values = load_yaml(args.config, PruneOptions) if getattr(args, "config", None) else {}
+    opts = merge_options(PruneOptions, file_values, given)
+    if not opts.model:
+        raise UserError("--model is required (or 'model:' in the --config file)")
+    result = run_prune(opts, progress=not args.quiet)
+    print(format_report(result))
+    print(f"wrote {opts.out}/model.pt, masks.pt, report.json")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from .data import load_dataset
+    from .models import create_model, model_entry
+    from .train import TrainConfig, train_model
+    from .utils import atomic_save, atomic_write_json, ensure_writable, resolve_device, run_metadata
+
+    entry = model_entry(args.model)
+    dataset = args.dataset or (entry.dataset if entry else None)
+    if dataset is None:
+        raise UserError(f"--dataset is required for model '{args.model}'")
+    for name in ("epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.lr <= 0:
+        raise UserError("--lr must be positive")
+    device = resolve_device(args.device)
+    create_model(args.model)  # fail fast on an unknown model
+    out = Path(args.out)
+    ensure_writable(out.parent)
+    train, test = load_dataset(dataset, True, args.data_dir), load_dataset(dataset, False, args.data_dir)
+    model = create_model(args.model, num_classes=max(train.num_classes, 2))
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
+                      seed=args.seed, max_steps=args.max_steps, label_smoothing=args.label_smoothing,
+                      weight_decay=args.weight_decay)
+    result = train_model(model, train, test, cfg, device, progress=not args.quiet)
+    atomic_save(result["state_dict"], out)
+    meta = {"model": args.model, "dataset": dataset, "data_source": train.source,
+            "normalization": {"mean": list(train.mean), "std": list(train.std)}, "epochs": args.epochs,
+            "test_acc": result["test_acc"], "best_epoch": result["best_epoch"], "seconds": result["seconds"],
+            "config": vars(cfg), "history": result["history"]} | run_metadata(device)
+    atomic_write_json(meta, f"{out}.json")
+    print(f"{args.model} on {dataset}: test accuracy {100 * result['test_acc']:.2f}% (epoch {result['best_epoch']}), "
+          f"{result['seconds']:.0f} s; wrote {out} and {out}.json")
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    from .models import list_models
+
+    d = __import__("cnn_sparsegpt.train", fromlist=["TrainConfig"]).TrainConfig()
+    p = sub.add_parser("train", help="train a baseline model and write its checkpoint (+ .json metadata)")
+    p.add_argument("--model", required=True, help=f"model: {', '.join(list_models())}, or torchvision:NAME")
+    p.add_argument("--dataset", help="mnist, cifar10, or an ImageFolder folder/.tar.gz (default: the model's)")
+    p.add_argument("--data-dir", help="data root (default: $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training set (default {d.epochs})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate, SGD Nesterov (default {d.lr})")
+    p.add_argument("--schedule", choices=["onecycle", "cosine"], default=d.schedule, help="learning-rate schedule")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="not applied to norms and biases")
+    p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help=f"default {d.label_smoothing}")
+    p.add_argument("--seed", type=int, default=0, help="initialization and data order")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out", required=True, help="checkpoint path; metadata goes to PATH.json")
+    p.set_defaults(func=_cmd_train)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cnn-sparsegpt", description=__doc__)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("prune", help="prune a trained model one-shot and write model.pt, masks.pt, report.json",
+                       argument_default=argparse.SUPPRESS)
+    _add_prune_flags(p)
+    p.add_argument("--out", help="output folder (default runs/prune)")
+    p.set_defaults(func=_cmd_prune)
+
+    _add_train_parser(sub)
+    try:
+        from .bench import add_bench_parser
+        from .plot import add_plot_parser
+    except ImportError:  # pragma: no cover
+        pass
+    else:
+        add_bench_parser(sub)
+        add_plot_parser(sub)
+    return parser
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    warnings.showwarning = _warning_line
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""Run settings as dataclasses, loadable from YAML with every key and type checked."""
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .utils import UserError
+
+
+@dataclass
+class PruneOptions:
+    model: str = ""  # registry name (see `cnn-sparsegpt prune --help`) or torchvision:NAME
+    weights: str | None = None  # checkpoint: a plain state_dict; none = random weights (a warning)
+    dataset: str | None = None  # mnist | cifar10 | ImageFolder path; default: the model's own
+    data_dir: str | None = None  # data root; default $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data
+    method: str = "sparsegpt"  # sparsegpt | magnitude | wanda
+    sparsity: float | None = None  # unstructured fraction pruned, in [0, 1)
+    nm: str | None = None  # N:M, N kept of every M input channels, e.g. 2:4
+    nsamples: int = 1024  # calibration images drawn from the training set
+    percdamp: float = 0.01  # damping, relative to the mean diagonal of H
+    blocksize: int = 128  # columns per lazy-update block
+    ignore: list = field(default_factory=list)  # layer names or regexes kept dense
+    prune_all: bool = False  # also prune the first conv and the last linear
+    bn_recalibration: bool = True  # re-estimate BatchNorm statistics on the pruned network
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0  # calibration sample
+    batch_size: int = 128  # calibration / evaluation batch size
+    evaluate: bool = True  # measure dense and pruned top-1 on the test split
+    eval_samples: int = 0  # evaluate on the first N test images (0 = all)
+    out: str = "runs/prune"  # output folder
+
+
+def _type_ok(value, hint) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is list:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, hint)
+
+
+def check_options(cls, values: dict, where: str) -> dict:
+    """Reject unknown keys and wrong types with one line that names the key and what it should be."""
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in fields(cls)]
+    for key, value in values.items():
+        if key not in hints:
+            raise UserError(f"{where}: unknown key '{key}'; valid keys: {', '.join(known)}")
+        if key in ("sparsity", "nm") and value is not None:
+            continue  # parsed (with its own messages) by Pattern.parse
+        if not _type_ok(value, hints[key]):
+            want = str(hints[key]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            raise UserError(f"{where}: '{key}' must be {want}, got {value!r}")
+    return values
+
+
+def load_yaml(path: str | Path, cls) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: the config must be a mapping of key: value")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    return check_options(cls, data, str(path))
+
+
+def merge_options(cls, file_values: dict, cli_values: dict):
+    """Defaults, then the YAML file, then the flags given on the command line."""
+    values = dict(file_values)
+    if "sparsity" in cli_values or "nm" in cli_values:  # a pattern flag replaces the file's pattern
+        values.pop("sparsity", None)
+        values.pop("nm", None)
+    values.update(cli_values)
+    return cls(**check_options(cls, values, "options"))

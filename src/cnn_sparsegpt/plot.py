@@ -1,0 +1,140 @@
+"""`cnn-sparsegpt plot`: figures from the benchmark CSV (and per-layer errors from one run's JSON report)."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from .bench import read_rows
+from .utils import UserError
+
+METHOD_STYLE = {"magnitude": ("tab:red", "o"), "wanda": ("tab:orange", "s"), "sparsegpt": ("tab:blue", "^")}
+
+
+def _main_rows(rows: list[dict]) -> list[dict]:
+    """The headline setting per model: BN recalibration on and the largest calibration size."""
+    best_n = defaultdict(int)
+    for r in rows:
+        best_n[r["model"]] = max(best_n[r["model"]], int(r["nsamples"]))
+    return [r for r in rows if r["bn_recalibration"] == "True" and int(r["nsamples"]) == best_n[r["model"]]
+            and r["seed"] == "0"]
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("plotting needs matplotlib: pip install 'cnn-sparsegpt[plot]'") from None
+    return plt
+
+
+def plot_accuracy_vs_sparsity(rows: list[dict], out: Path) -> list[Path]:
+    plt = _pyplot()
+    written = []
+    for model in sorted({r["model"] for r in rows}):
+        mrows = [r for r in rows if r["model"] == model and ":" not in r["pattern"]]
+        if not mrows:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        dense = float(mrows[0]["dense_acc"]) * 100
+        ax.axhline(dense, color="gray", ls="--", label=f"dense ({dense:.2f}%)")
+        for method in sorted({r["method"] for r in mrows}):
+            pts = sorted((float(r["target_sparsity"]), float(r["pruned_acc"]) * 100) for r in mrows
+                         if r["method"] == method)
+            color, marker = METHOD_STYLE.get(method, (None, "x"))
+            ax.plot(*zip(*pts), marker=marker, color=color, label=method)
+        ax.set(title=f"{model}: top-1 after one-shot unstructured pruning (no fine-tuning)",
+               xlabel="fraction of weights pruned in each pruned layer", ylabel="test top-1 accuracy (%)")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = out / f"{model}_accuracy_vs_sparsity.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def plot_nm_bars(rows: list[dict], out: Path) -> Path | None:
+    plt = _pyplot()
+    nm = [r for r in rows if ":" in r["pattern"]]
+    if not nm:
+        return None
+    groups = sorted({(r["model"], r["pattern"]) for r in nm})
+    methods = [m for m in METHOD_STYLE if any(r["method"] == m for r in nm)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(groups)), 4))
+    width = 0.8 / (len(methods) + 1)
+    for j, method in enumerate(["dense"] + methods):
+        xs, ys = [], []
+        for i, (model, pattern) in enumerate(groups):
+            r = next((r for r in nm if r["model"] == model and r["pattern"] == pattern
+                      and (method == "dense" or r["method"] == method)), None)
+            if r is not None:
+                xs.append(i + (j - len(methods) / 2) * width)
+                ys.append(float(r["dense_acc" if method == "dense" else "pruned_acc"]) * 100)
+        color = "lightgray" if method == "dense" else METHOD_STYLE[method][0]
+        ax.bar(xs, ys, width, label=method, color=color)
+    ax.set_xticks(range(len(groups)), [f"{m}\n{p}" for m, p in groups], fontsize=8)
+    ax.set(title="Top-1 after one-shot N:M pruning (no fine-tuning)", ylabel="test top-1 accuracy (%)")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    path = out / "nm_bars.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_layer_errors(report_paths: list[Path], out: Path, name: str) -> Path:
+    """Per-layer relative reconstruction error of one or more runs of the same model and pattern."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    title = ""
+    for p in report_paths:
+        try:
+            rep = json.loads(Path(p).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read report {p}: {e}") from None
+        layers = [x for x in rep["layers"] if not x["skipped"]]
+        color, marker = METHOD_STYLE.get(rep["method"], (None, "x"))
+        ax.plot(range(len(layers)), [x["error"] for x in layers], marker=marker, color=color, label=rep["method"])
+        ax.set_xticks(range(len(layers)), [x["name"] for x in layers], rotation=90, fontsize=6)
+        title = f"{rep['model']} {rep['pattern']}: per-layer reconstruction error on calibration inputs"
+    ax.set(yscale="log", title=title, ylabel="‖WX − ŴX‖² / ‖WX‖²")
+    ax.title.set_fontsize(9)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = out / f"{name}_layer_errors.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def make_plots(csv_path: str | Path, out: str | Path = "experiments/plots") -> list[Path]:
+    rows = read_rows(Path(csv_path))
+    if not rows:
+        raise UserError(f"no benchmark rows in {csv_path}: run `cnn-sparsegpt bench` first")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = _main_rows(rows)
+    written = plot_accuracy_vs_sparsity(rows, out)
+    bars = plot_nm_bars(rows, out)
+    written += [bars] if bars else []
+    for model in sorted({r["model"] for r in rows}):  # per-layer errors at 2:4, all methods
+        reps = [Path(r["report"]) for r in rows if r["model"] == model and r["pattern"] == "2:4"
+                and Path(r["report"]).is_file()]
+        if reps:
+            written.append(plot_layer_errors(reps, out, f"{model}_2of4"))
+    return written
+
+
+def add_plot_parser(sub) -> None:
+    p = sub.add_parser("plot", help="draw PNGs from the benchmark CSV")
+    p.add_argument("--csv", default="experiments/results.csv", help="benchmark CSV (default %(default)s)")
+    p.add_argument("--out", default="experiments/plots", help="folder for the PNGs (default %(default)s)")
+    p.set_defaults(func=lambda args: print("\n".join(f"wrote {p}" for p in make_plots(args.csv, args.out))) or 0)

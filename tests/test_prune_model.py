@@ -1,0 +1,165 @@
+"""prune_model on small networks: residual + BatchNorm, layer choice, both executors, reports, masks."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from cnn_sparsegpt import prune_model
+from cnn_sparsegpt.prune import forward_order
+
+
+class Block(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(y)) + self.down(x))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.block = Block(8, 16, 2)
+        self.fc1 = nn.Linear(16, 16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.block(torch.relu(self.bn(self.stem(x))))
+        return self.fc(torch.relu(self.fc1(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))))
+
+
+class Untraceable(TinyResNet):
+    def forward(self, x):
+        if x.sum() > -1e9:  # data-dependent control flow: torch.fx cannot trace this
+            return super().forward(x)
+        return x
+
+
+def make(cls=TinyResNet, seed=0):
+    torch.manual_seed(seed)
+    model = cls()
+    model.train()
+    with torch.no_grad():  # non-trivial BN statistics
+        for _ in range(3):
+            model(torch.randn(16, 3, 8, 8) * 2 + 0.5)
+    return model.eval()
+
+
+def calib(n=64, seed=1):
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_order_and_default_skips():
+    model = make()
+    assert forward_order(model, calib(1)) == ["stem", "block.conv1", "block.conv2", "block.down.0", "fc1", "fc"]
+    rep = prune_model(model, calib(), "sparsegpt", nm="2:4", progress=False)
+    by = {r.name: r for r in rep.layers}
+    assert by["stem"].skipped and "first conv" in by["stem"].reason
+    assert by["fc"].skipped and "last linear" in by["fc"].reason
+    for name in ("block.conv1", "block.conv2", "block.down.0", "fc1"):
+        assert not by[name].skipped and by[name].sparsity == 0.5 and by[name].error < 1
+    assert rep.forward_passes == 1 and rep.sparsity == 0.5
+    assert set(rep.masks) == {"block.conv1.weight", "block.conv2.weight", "block.down.0.weight", "fc1.weight"}
+    for name, mask in rep.masks.items():
+        w = model.get_parameter(name)
+        assert mask.shape == w.shape and mask.dtype == torch.bool and torch.all(w[~mask] == 0)
+
+
+def test_ignore_and_prune_all():
+    model = make()
+    rep = prune_model(model, calib(), "magnitude", sparsity=0.5, ignore=["block\\.conv.*"], skip_first_last=False,
+                      progress=False)
+    by = {r.name: r for r in rep.layers}
+    assert not by["stem"].skipped and not by["fc"].skipped
+    assert by["block.conv1"].skipped and by["block.conv2"].skipped and "ignore" in by["block.conv1"].reason
+
+
+def test_fx_and_hook_paths_agree_without_bn_recalibration():
+    a, b = make(), make()
+    ra = prune_model(a, calib(), "sparsegpt", sparsity=0.6, recalibrate_bn=False, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rb = prune_model(b, calib(), "sparsegpt", sparsity=0.6, recalibrate_bn=False, progress=False, use_fx=False)
+    assert rb.forward_passes == 4  # one (truncated) pass per pruned layer
+    for x, y in zip(ra.layers, rb.layers):
+        assert x.skipped == y.skipped
+        if not x.skipped:
+            assert torch.equal(x.mask, y.mask)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_untraceable_model_falls_back():
+    model = make(Untraceable)
+    with pytest.warns(RuntimeWarning, match="cannot trace"):
+        rep = prune_model(model, calib(), "sparsegpt", nm="2:4", progress=False)
+    assert rep.forward_passes == 5  # 4 layers + the BatchNorm recalibration pass
+    assert rep.sparsity == 0.5 and rep.bn_recalibrated
+
+
+def test_sequential_inputs_come_from_pruned_layers():
+    """Layer 2's Hessian must see layer 1's pruned output: pruning both at once from dense inputs differs."""
+    model = make()
+    rep = prune_model(copy.deepcopy(model), calib(), "sparsegpt", sparsity=0.7, recalibrate_bn=False, progress=False)
+    only_first = copy.deepcopy(model)
+    prune_model(only_first, calib(), "sparsegpt", sparsity=0.7, ignore=["block.conv2", "block.down.0", "fc1"],
+                recalibrate_bn=False, progress=False)
+    seq = prune_model(only_first, calib(), "sparsegpt", sparsity=0.7,
+                      ignore=["block.conv1", "block.down.0", "fc1"], recalibrate_bn=False, progress=False)
+    by_all = {r.name: r for r in rep.layers}
+    by_seq = {r.name: r for r in seq.layers}
+    assert torch.equal(by_all["block.conv2"].mask, by_seq["block.conv2"].mask)
+
+
+def test_bn_recalibration():
+    model = make()
+    before = model.block.bn2.running_mean.clone()
+    momentum = model.block.bn2.momentum
+    prune_model(model, calib(), "magnitude", sparsity=0.8, progress=False)
+    assert not torch.allclose(model.block.bn2.running_mean, before)
+    assert model.block.bn2.momentum == momentum and not model.training
+    # the statistics are those of the pruned network on the calibration data
+    feats = {}
+    h = model.block.bn2.register_forward_pre_hook(lambda m, i: feats.setdefault("x", i[0]))
+    with torch.no_grad():
+        model(calib())
+    h.remove()
+    torch.testing.assert_close(model.block.bn2.running_mean, feats["x"].mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+    off = make()
+    prune_model(off, calib(), "magnitude", sparsity=0.8, recalibrate_bn=False, progress=False)
+    assert torch.equal(off.block.bn2.running_mean, before)
+
+
+def test_sparsegpt_beats_magnitude_on_output():
+    x = calib(128, seed=5)
+    dense = make()
+    with torch.no_grad():
+        ref = dense(x)
+    errs = {}
+    for method in ("magnitude", "sparsegpt"):
+        m = make()
+        prune_model(m, calib(128), method, sparsity=0.7, recalibrate_bn=False, progress=False)
+        with torch.no_grad():
+            errs[method] = (m(x) - ref).pow(2).mean().item()
+    assert errs["sparsegpt"] < errs["magnitude"]
+
+
+def test_batches_of_pairs_and_determinism():
+    loader = [(calib(32, s), torch.zeros(32)) for s in (1, 2)]
+    masks = []
+    for _ in range(2):
+        rep = prune_model(make(), loader, "sparsegpt", nm="2:4", progress=False)
+        masks.append(rep.masks)
+    assert rep.nsamples == 64
+    assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
