@@ -28,6 +28,7 @@ class BenchModel:
     dataset: str | None = None
     methods: list = field(default_factory=lambda: ["magnitude", "wanda", "sparsegpt"])
     patterns: list = field(default_factory=lambda: ["0.5", "2:4"])  # sparsity levels or N:M strings
+    ignore: list = field(default_factory=list)  # layer names or regexes kept dense
 
 
 @dataclass
@@ -79,7 +80,7 @@ def load_bench_config(path: str) -> BenchConfig:
             raise UserError(f"{path}: models[{i}]: unknown key '{sorted(bad)[0]}'; valid keys: "
                             f"{', '.join(BenchModel.__dataclass_fields__)}")
         m = dict(m)
-        m["patterns"] = [str(p) for p in m.get("patterns", BenchModel().patterns)]
+        m["patterns"] = [str(p) for p in m.get("patterns", BenchModel(model="").patterns)]
         cfg.models.append(BenchModel(**m))
     return cfg
 
@@ -157,7 +158,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
     for i, (m, method, pattern, bn, n, seed) in enumerate(runs, 1):
         opts = PruneOptions(model=m.model, weights=m.weights, dataset=m.dataset, data_dir=cfg.data_dir,
                             method=method, nsamples=n, seed=seed, bn_recalibration=bn, device=cfg.device,
-                            percdamp=cfg.percdamp, eval_samples=cfg.eval_samples, **_pattern_options(pattern))
+                            percdamp=cfg.percdamp, eval_samples=cfg.eval_samples, ignore=list(m.ignore),
+                            **_pattern_options(pattern))
         key_row = {"model": m.model, "checkpoint": m.weights or "", "dataset": m.dataset or "",
                    "method": method, "pattern": pattern, "nsamples": n, "seed": seed, "bn_recalibration": bn,
                    "eval_samples": cfg.eval_samples}

@@ -86,9 +86,10 @@ def _from_torchvision(kind: str, root: Path, train: bool) -> ImageSet:
 
 
 def _decode(data: bytes) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image
+    from PIL import Image
 
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    img = Image.open(io.BytesIO(data)).convert("RGB")
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3).permute(2, 0, 1)
 
 
 def _walk_imagefolder(path: Path):

@@ -1,0 +1,143 @@
+"""The command line end to end: prune (flags and YAML), train, bench (resumable), plot."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.nn.utils.prune
+import yaml
+
+from cnn_sparsegpt import create_model
+from cnn_sparsegpt.bench import KEY, read_rows
+from cnn_sparsegpt.cli import main
+
+
+@pytest.fixture
+def mnist_ckpt(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "mnist_cnn.pt"
+    torch.save(create_model("mnist_cnn").state_dict(), path)
+    return path
+
+
+def prune_args(ckpt, data_dir, out, *extra):
+    return ["-q", "prune", "--model", "mnist_cnn", "--weights", str(ckpt), "--data-dir", str(data_dir),
+            "--nsamples", "64", "--eval-samples", "200", "--ignore", "6", "--out", str(out), *extra]
+
+
+def test_prune_end_to_end(mnist_ckpt, data_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(prune_args(mnist_ckpt, data_dir, out, "--nm", "2:4")) == 0
+    printed = capsys.readouterr().out
+    assert "sparsity 0.500 of the pruned layers" in printed and "top-1 dense" in printed
+    report = json.loads((out / "report.json").read_text())
+    for key in ("dense_acc", "pruned_acc", "sparsity", "total_sparsity", "seconds", "nsamples", "method", "pattern"):
+        assert key in report
+    assert 0 <= report["dense_acc"] <= 1 and 0 <= report["pruned_acc"] <= 1
+    assert report["sparsity"] == 0.5 and report["nsamples"] == 64 and report["pattern"] == "2:4"
+    layers = {x["name"]: x for x in report["layers"]}
+    assert {"name", "shape", "sparsity", "skipped", "reason", "error", "seconds"} <= set(layers["2"])
+    assert layers["0"]["skipped"] and layers["6"]["skipped"] and not layers["2"]["skipped"]
+    masks = torch.load(out / "masks.pt", weights_only=True)
+    assert set(masks) == {"2.weight"}
+    model = create_model("mnist_cnn")
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    assert torch.all(model[2].weight[~masks["2.weight"]] == 0)
+    torch.nn.utils.prune.custom_from_mask(model[2], "weight", masks["2.weight"])  # usable as documented
+
+
+def test_prune_from_yaml_with_flag_override(mnist_ckpt, data_dir, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"model": "mnist_cnn", "weights": str(mnist_ckpt), "method": "magnitude",
+                                   "nm": "2:4", "nsamples": 32, "ignore": ["6"], "eval_samples": 100,
+                                   "out": str(tmp_path / "from_yaml")}))
+    assert main(["-q", "prune", "--config", str(cfg), "--data-dir", str(data_dir), "--sparsity", "0.7"]) == 0
+    report = json.loads((tmp_path / "from_yaml" / "report.json").read_text())
+    assert report["method"] == "magnitude" and report["pattern"] == "0.7" and abs(report["sparsity"] - 0.7) < 1e-3
+
+
+def test_shipped_configs_are_valid():
+    from cnn_sparsegpt.bench import load_bench_config
+    from cnn_sparsegpt.config import PruneOptions, load_yaml
+
+    root = os.path.join(os.path.dirname(__file__), "..", "configs")
+    names = sorted(os.listdir(root))
+    assert any(n.startswith("resnet18") for n in names) and any(n.startswith("bench_") for n in names)
+    for name in names:
+        path = os.path.join(root, name)
+        if name.startswith("bench_"):
+            assert load_bench_config(path).models
+        else:
+            assert PruneOptions(**load_yaml(path, PruneOptions)).model
+
+
+def test_entry_point_help_and_error():
+    out = subprocess.run(["cnn-sparsegpt", "prune", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--nm" in out.stdout and "--percdamp" in out.stdout
+    out = subprocess.run(["cnn-sparsegpt", "prune", "--model", "mnist_cnn", "--nm", "4:2"], capture_output=True,
+                         text=True)
+    assert out.returncode == 2 and out.stderr.strip().startswith("error: --nm 4:2")
+    assert "Traceback" not in out.stderr
+
+
+def test_train_command(data_dir, tmp_path, capsys):
+    out = tmp_path / "ck.pt"
+    assert main(["-q", "train", "--model", "mnist_cnn", "--data-dir", str(data_dir), "--epochs", "1",
+                 "--max-steps", "5", "--out", str(out)]) == 0
+    meta = json.loads(out.with_name("ck.pt.json").read_text())
+    for key in ("model", "dataset", "normalization", "epochs", "test_acc", "seconds", "torch_version"):
+        assert key in meta
+    model = create_model("mnist_cnn")
+    model.load_state_dict(torch.load(out, weights_only=True))
+
+
+def _bench_config(tmp_path, ckpt, data_dir, patterns):
+    cfg = {"csv": str(tmp_path / "res.csv"), "reports": str(tmp_path / "reports"), "nsamples": [32],
+           "data_dir": str(data_dir), "eval_samples": 100,
+           "models": [{"model": "mnist_cnn", "weights": str(ckpt), "methods": ["magnitude", "sparsegpt"],
+                       "patterns": patterns, "ignore": ["6"]}]}
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_bench_killed_and_restarted_has_each_row_once(mnist_ckpt, data_dir, tmp_path):
+    cfg = _bench_config(tmp_path, mnist_ckpt, data_dir, ["0.5", "2:4", "0.8"])
+    cmd = [sys.executable, "-m", "cnn_sparsegpt.cli", "-q", "bench", "--config", str(cfg)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    csv_path = tmp_path / "res.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_rows(csv_path)) < 1:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(read_rows(csv_path))
+    assert 1 <= partial < 6
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "skipped" in done.stdout
+    rows = read_rows(csv_path)
+    keys = [tuple(r[k] for k in KEY) for r in rows]
+    assert len(rows) == 6 and len(set(keys)) == 6
+    assert len({r["dense_acc"] for r in rows}) == 1  # measured once, reused
+    r = rows[0]
+    assert float(r["pruned_acc"]) <= 1 and r["torch_version"] and r["date"] and float(r["peak_rss_mb"]) > 0
+
+
+def test_plot_from_csv(mnist_ckpt, data_dir, tmp_path):
+    cfg = _bench_config(tmp_path, mnist_ckpt, data_dir, ["0.5", "2:4"])
+    assert main(["-q", "bench", "--config", str(cfg)]) == 0
+    out = tmp_path / "plots"
+    assert main(["plot", "--csv", str(tmp_path / "res.csv"), "--out", str(out)]) == 0
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["mnist_cnn_2of4_layer_errors.png", "mnist_cnn_accuracy_vs_sparsity.png", "nm_bars.png"]
+    from cnn_sparsegpt.results import main as results_main
+
+    assert results_main(["--csv", str(tmp_path / "res.csv"), "--out", str(tmp_path / "R.md"),
+                         "--plots", str(out)]) == 0
+    text = (tmp_path / "R.md").read_text()
+    assert "| sparsegpt |" in text and "42.58" in text
