@@ -64,6 +64,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .train import TrainConfig, train_model
     from .utils import atomic_save, atomic_write_json, ensure_writable, resolve_device, run_metadata
 
+    create_model(args.model)  # fail fast on an unknown model
     entry = model_entry(args.model)
     dataset = args.dataset or (entry.dataset if entry else None)
     if dataset is None:
@@ -74,7 +75,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.lr <= 0:
         raise UserError("--lr must be positive")
     device = resolve_device(args.device)
-    create_model(args.model)  # fail fast on an unknown model
     out = Path(args.out)
     ensure_writable(out.parent)
     train, test = load_dataset(dataset, True, args.data_dir), load_dataset(dataset, False, args.data_dir)

@@ -54,32 +54,31 @@ class Pattern:
 
 
 def nm_prune_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Prune the m - n lowest scores in each group of m consecutive columns (columns % m == 0)."""
-    rows, cols = scores.shape
-    groups = scores.reshape(rows, cols // m, m)
-    idx = torch.topk(groups, m - n, dim=2, largest=False).indices
-    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True)
-    return mask.reshape(rows, cols)
+    """Prune the m - n lowest scores in each group of m consecutive columns (columns % m == 0).
+
+    Works on (..., rows, cols): leading dimensions are independent matrices.
+    """
+    groups = scores.reshape(*scores.shape[:-1], scores.shape[-1] // m, m)
+    idx = torch.topk(groups, m - n, dim=-1, largest=False).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, idx, True)
+    return mask.reshape(scores.shape)
 
 
 def topk_prune_mask(scores: torch.Tensor, k: int, per_row: bool = False) -> torch.Tensor:
-    """Prune exactly the k lowest scores of the matrix (or of each row when per_row)."""
+    """Prune exactly the k lowest scores of each matrix (..., rows, cols), or of each row when per_row."""
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if k <= 0:
         return mask
-    if per_row:
-        idx = torch.topk(scores, k, dim=1, largest=False).indices
-        return mask.scatter_(1, idx, True)
-    idx = torch.topk(scores.flatten(), k, largest=False).indices
-    mask.view(-1)[idx] = True
-    return mask
+    flat = scores if per_row else scores.flatten(-2)
+    idx = torch.topk(flat, k, dim=-1, largest=False).indices
+    return (mask if per_row else mask.flatten(-2)).scatter_(-1, idx, True).reshape(scores.shape)
 
 
 def pattern_prune_mask(scores: torch.Tensor, pattern: Pattern, per_row: bool = False) -> torch.Tensor:
     """One-shot mask for the score-based methods (magnitude, Wanda)."""
     if pattern.is_nm:
         return nm_prune_mask(scores, pattern.n, pattern.m)
-    k = round(pattern.sparsity * (scores.shape[1] if per_row else scores.numel()))
+    k = round(pattern.sparsity * (scores.shape[-1] if per_row else scores.shape[-1] * scores.shape[-2]))
     return topk_prune_mask(scores, k, per_row)
 
 

@@ -20,10 +20,11 @@ from .utils import (UserError, atomic_save, atomic_write_json, check_finite, ens
                     resolve_device, run_metadata)
 
 
-def load_weights(model: nn.Module, path: str | Path, model_name: str) -> dict:
+def load_weights(model: nn.Module, path: str | Path, model_name: str, state: dict | None = None) -> dict:
     """Load a checkpoint strictly; on mismatch say which keys or shapes differ. Returns its JSON metadata."""
-    state = load_state_dict(path)
-    check_finite(state, f"checkpoint {path}")
+    if state is None:
+        state = load_state_dict(path)
+        check_finite(state, f"checkpoint {path}")
     own = model.state_dict()
     missing = sorted(own.keys() - state.keys())
     unexpected = sorted(state.keys() - own.keys())
@@ -59,16 +60,20 @@ def _normalization(meta: dict) -> tuple | None:
 
 def prepare(opts: PruneOptions, device: torch.device):
     """Model (with weights) and the train and test sets, normalized as the checkpoint expects."""
+    create_model(opts.model, 10)  # fail fast on an unknown model, before loading data
     entry = model_entry(opts.model)
     dataset = opts.dataset or (entry.dataset if entry else None)
     if dataset is None:
         raise UserError(f"--dataset is required for model '{opts.model}'")
-    create_model(opts.model, 10)  # fail fast on an unknown model, before loading data
+    state = None
+    if opts.weights:  # a bad checkpoint is reported before minutes of data loading
+        state = load_state_dict(opts.weights)
+        check_finite(state, f"checkpoint {opts.weights}")
     train, test = load_dataset(dataset, True, opts.data_dir), load_dataset(dataset, False, opts.data_dir)
     model = create_model(opts.model, num_classes=max(train.num_classes, 2))
     meta = {}
     if opts.weights:
-        meta = load_weights(model, opts.weights, opts.model)
+        meta = load_weights(model, opts.weights, opts.model, state)
     else:
         import warnings
 

@@ -20,15 +20,20 @@ METHODS = ("sparsegpt", "magnitude", "wanda")
 
 
 def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factor of (H + damp·I)⁻¹, raising the damping tenfold until it factors."""
-    mean_diag = torch.diag(H).mean()
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    """Upper Cholesky factors U of (H + damp·I)⁻¹ = UᵀU for a batch (G, d, d), raising damping tenfold on failure.
+
+    With J the reversal permutation and JHJ = LLᵀ, U = J L⁻¹ J: one factorization and one triangular
+    inverse instead of factor, invert, factor again (about 35% less work at d = 2304, and H⁻¹ is never formed).
+    """
+    mean_diag = torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)[:, None, None]
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
+    Hflip = H.flip(-2, -1)
     pd = percdamp
     for _ in range(8):
-        L, info = torch.linalg.cholesky_ex(H + pd * mean_diag * eye)
-        if info.item() == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info.item() == 0 and torch.isfinite(U).all():
+        L, info = torch.linalg.cholesky_ex(Hflip + pd * mean_diag * eye)
+        if not info.any():
+            U = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False).flip(-2, -1)
+            if torch.isfinite(U).all():
                 if pd != percdamp:
                     warnings.warn(f"Cholesky failed at percdamp={percdamp:g}; succeeded at {pd:g}", RuntimeWarning)
                 return U, pd
@@ -38,15 +43,19 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, f
 
 def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp: float = 0.01,
                     blocksize: int = 128) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """SparseGPT on one matrix. W: (rows, d) float32, H: (d, d). Returns (pruned W, pruned mask, damping used).
+    """SparseGPT on one matrix W (rows, d) with Hessian H (d, d), or a batch of them (G, rows, d), (G, d, d).
 
-    Columns are visited left to right; N:M groups are m consecutive columns (see masks.py).
+    Returns (pruned W, pruned mask, damping used). Columns are visited left to right; N:M groups are m
+    consecutive columns (see masks.py). A batch (a grouped conv's groups) is solved in one pass.
     """
+    if W.ndim == 2:
+        Q, pruned, damp = sparsegpt_solve(W[None], H[None], pattern, percdamp, blocksize)
+        return Q[0], pruned[0], damp
     W, H = W.clone(), H.clone()
-    rows, d = W.shape
-    dead = torch.diag(H) == 0  # inputs that were always zero: their weights can go for free
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    G, rows, d = W.shape
+    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0  # inputs that were always zero: their weights go for free
+    torch.diagonal(H, dim1=-2, dim2=-1).masked_fill_(dead, 1)
+    W.masked_fill_(dead[:, None, :], 0)
     Hinv, damp = _inverse_cholesky(H, percdamp)
     n, m = pattern.n, pattern.m
     if pattern.is_nm:  # a block must hold whole groups
@@ -54,9 +63,9 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
     pruned = torch.zeros_like(W, dtype=torch.bool)
     for i1 in range(0, d, blocksize):
         i2 = min(i1 + blocksize, d)
-        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        W1, Hinv1 = W[:, :, i1:i2].clone(), Hinv[:, i1:i2, i1:i2]
         Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
-        dinv2 = torch.diag(Hinv1) ** 2
+        dinv2 = (torch.diagonal(Hinv1, dim1=-2, dim2=-1) ** 2)[:, None, :]
         if pattern.is_nm:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:  # adaptive mask: the block's share of the layer's count, chosen by OBS saliency w²/[H⁻¹]²
@@ -64,16 +73,16 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
             mask1 = topk_prune_mask(W1 ** 2 / dinv2, k)
         for i in range(i2 - i1):
             if pattern.is_nm and i % m == 0:
-                mask1[:, i:i + m] = nm_prune_mask(W1[:, i:i + m] ** 2 / dinv2[i:i + m], n, m)
-            w = W1[:, i]
-            q = w.masked_fill(mask1[:, i], 0)
-            err1 = (w - q) / Hinv1[i, i]
-            W1[:, i:].addr_(err1, Hinv1[i, i:], alpha=-1)
-            Q1[:, i] = q
-            Err1[:, i] = err1
-        W[:, i1:i2] = Q1
-        pruned[:, i1:i2] = mask1
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)  # lazy update of the columns right of the block
+                mask1[:, :, i:i + m] = nm_prune_mask(W1[:, :, i:i + m] ** 2 / dinv2[:, :, i:i + m], n, m)
+            w = W1[:, :, i]
+            q = w.masked_fill(mask1[:, :, i], 0)
+            err1 = (w - q) / Hinv1[:, i, i, None]
+            W1[:, :, i:] -= err1[:, :, None] * Hinv1[:, i:i + 1, i:]  # (baddbmm_ with k=1 is 500x slower)
+            Q1[:, :, i] = q
+            Err1[:, :, i] = err1
+        W[:, :, i1:i2] = Q1
+        pruned[:, :, i1:i2] = mask1
+        W[:, :, i2:].baddbmm_(Err1, Hinv[:, i1:i2, i2:], alpha=-1)  # lazy update of the columns right of the block
     return W, pruned, damp
 
 
@@ -162,16 +171,14 @@ class LayerPruner:
                 warnings.warn(f"{self.name}: calibration inputs are all zero; magnitude-pruned instead", RuntimeWarning)
                 res.reason = "all-zero calibration inputs: magnitude-pruned instead"
             method = "magnitude"
-        Q, pruned = torch.empty_like(Wg), torch.empty_like(Wg, dtype=torch.bool)
-        for g in range(self.groups):
-            if method == "sparsegpt":
-                Q[g], pruned[g], res.percdamp = sparsegpt_solve(Wg[g], Hg[g], pattern, percdamp, blocksize)
-                continue
-            scores = Wg[g].abs()
+        if method == "sparsegpt":
+            Q, pruned, res.percdamp = sparsegpt_solve(Wg, Hg, pattern, percdamp, blocksize)
+        else:
+            scores = Wg.abs()
             if method == "wanda":  # |W|·‖X_j‖₂, compared within each output row
-                scores = scores * torch.diagonal(Hg[g]).clamp_min(0).sqrt()
-            pruned[g] = pattern_prune_mask(scores, pattern, per_row=method == "wanda")
-            Q[g] = Wg[g].masked_fill(pruned[g], 0)
+                scores = scores * torch.diagonal(Hg, dim1=-2, dim2=-1).clamp_min(0).sqrt()[:, None, :]
+            pruned = pattern_prune_mask(scores, pattern, per_row=method == "wanda")
+            Q = Wg.masked_fill(pruned, 0)
         delta = Wg - Q
         num = (torch.bmm(delta, Hg) * delta).sum()
         den = (torch.bmm(Wg, Hg) * Wg).sum()

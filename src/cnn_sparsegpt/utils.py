@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -76,10 +77,15 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(
-            f"refused to load {path}: it is not a plain tensor checkpoint and could run code when loaded "
-            f"({first[:160]}). Save the model's state_dict() instead.") from None
+        # A well-formed torch archive that the safe unpickler rejects holds Python objects besides tensors.
+        if zipfile.is_zipfile(path):
+            what = re.search(r"GLOBAL ([\w.]+)", str(e))
+            raise UserError(
+                f"refused to load {path}: it is not a plain tensor checkpoint and could run code when loaded "
+                f"({'it references ' + what[1] if what else 'it holds pickled Python objects'}). "
+                "Save the model's state_dict() instead.") from None
+        raise UserError(f"cannot read checkpoint {path}: the file is truncated or corrupt, or not a torch "
+                        "checkpoint") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read checkpoint {path}: the file is truncated or corrupt ({msg[:160]})") from None

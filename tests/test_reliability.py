@@ -1,0 +1,180 @@
+"""Bad input gets one clear line and exit status 2; checkpoints cannot run code; writes are atomic."""
+import os
+import pickle
+
+import pytest
+import torch
+import yaml
+
+from cnn_sparsegpt import create_model
+from cnn_sparsegpt.cli import main
+from cnn_sparsegpt.utils import atomic_save, atomic_write_text
+
+from .test_cli import mnist_ckpt, prune_args  # noqa: F401 - fixture
+
+
+def run(capsys, args):
+    code = main(args)
+    err = capsys.readouterr().err
+    return code, err
+
+
+def assert_error(capsys, args, *fragments):
+    code, err = run(capsys, args)
+    assert code == 2, err
+    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--nm", "4:4"], "1 <= N < M"), (["--nm", "3:2"], "1 <= N < M"), (["--nm", "1:0"], "1 <= N < M"),
+    (["--nm", "2.0:4"], "two integers"), (["--nm", "two:four"], "two integers"),
+    (["--sparsity", "1.0"], "[0, 1)"), (["--sparsity", "-0.2"], "[0, 1)"),
+    (["--sparsity", "0.5", "--nm", "2:4"], "exactly one"), ([], "exactly one"),
+    (["--sparsity", "0.5", "--method", "obs"], "unknown method 'obs'; choose from sparsegpt, magnitude, wanda"),
+    (["--sparsity", "0.5", "--device", "cuda"], "no CUDA GPU"),
+    (["--sparsity", "0.5", "--device", "tpu"], "unknown device"),
+    (["--sparsity", "0.5", "--nsamples", "0"], "--nsamples must be at least 1"),
+])
+def test_bad_pattern_method_device(capsys, tmp_path, flags, fragment):
+    if "cuda" in flags and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert_error(capsys, ["prune", "--model", "mnist_cnn", "--out", str(tmp_path), *flags], fragment)
+
+
+def test_unknown_model_and_dataset(capsys, tmp_path):
+    assert_error(capsys, ["prune", "--model", "resnet99", "--sparsity", "0.5", "--out", str(tmp_path)],
+                 "unknown model 'resnet99'", "mnist_cnn", "resnet18_cifar")
+    assert_error(capsys, ["prune", "--model", "mnist_cnn", "--dataset", "svhn", "--sparsity", "0.5",
+                          "--out", str(tmp_path)], "unknown dataset 'svhn'", "mnist, cifar10")
+
+
+def test_checkpoint_problems(capsys, tmp_path, data_dir, mnist_ckpt):  # noqa: F811
+    base = ["prune", "--model", "mnist_cnn", "--data-dir", str(data_dir), "--sparsity", "0.5",
+            "--out", str(tmp_path / "o"), "--weights"]
+    assert_error(capsys, base + [str(tmp_path / "nope.pt")], "checkpoint not found")
+    truncated = tmp_path / "trunc.pt"
+    truncated.write_bytes(mnist_ckpt.read_bytes()[:5000])
+    assert_error(capsys, base + [str(truncated)], "truncated or corrupt")
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(os.urandom(3000))
+    assert_error(capsys, base + [str(corrupt)], "cannot read checkpoint")
+    other = tmp_path / "resnet.pt"
+    torch.save(create_model("cifar_cnn").state_dict(), other)
+    assert_error(capsys, base + [str(other)], "does not fit model 'mnist_cnn'", "missing keys", "unexpected keys")
+    wrong_classes = tmp_path / "wc.pt"
+    torch.save(create_model("mnist_cnn", num_classes=7).state_dict(), wrong_classes)
+    assert_error(capsys, base + [str(wrong_classes)], "shapes differ", "9.weight (7, 128) vs (10, 128)")
+    nan = tmp_path / "nan.pt"
+    state = create_model("mnist_cnn").state_dict()
+    state["2.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, nan)
+    assert_error(capsys, base + [str(nan)], "NaN or Inf", "2.weight")
+
+
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))  # creates a file if ever unpickled
+
+
+def test_checkpoint_that_would_run_code_is_refused(capsys, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"w": torch.zeros(1), "payload": _Evil(str(marker))}, evil, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    assert_error(capsys, ["prune", "--model", "mnist_cnn", "--weights", str(evil), "--sparsity", "0.5",
+                          "--out", str(tmp_path / "o")], "refused to load", "could run code")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("content,fragment", [
+    ({"model": "mnist_cnn", "sparsity": 0.5, "nsampels": 10}, "unknown key 'nsampels'"),
+    ({"model": "mnist_cnn", "sparsity": 0.5, "nsamples": "many"}, "'nsamples' must be int"),
+    ({"model": "mnist_cnn", "sparsity": 0.5, "bn_recalibration": "yes"}, "'bn_recalibration' must be bool"),
+    ("model: [unclosed", "not valid YAML"),
+])
+def test_bad_yaml(capsys, tmp_path, content, fragment):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(content if isinstance(content, str) else yaml.safe_dump(content))
+    assert_error(capsys, ["prune", "--config", str(cfg)], fragment)
+
+
+def test_missing_data_no_network(capsys, tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(*a, **k):
+        raise RuntimeError("Dataset not found. You can use download=True to download it")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", offline)
+    assert_error(capsys, ["prune", "--model", "mnist_cnn", "--data-dir", str(tmp_path / "empty"),
+                          "--sparsity", "0.5", "--out", str(tmp_path / "o")],
+                 "mnist not found under", "MNIST/raw")
+
+
+def test_unwritable_output(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_error(capsys, ["prune", "--model", "mnist_cnn", "--sparsity", "0.5", "--out", str(blocker / "sub")],
+                 "not writable")
+
+
+def test_fewer_calibration_images_than_asked_warns(capsys, tmp_path):
+    from .test_models_data import _tiny_tarball
+
+    tar = tmp_path / "pets.tar.gz"
+    _tiny_tarball(tar)
+    code, err = run(capsys, ["-q", "prune", "--model", "torchvision:mobilenet_v3_small", "--dataset", str(tar),
+                             "--nsamples", "100", "--sparsity", "0.5", "--out", str(tmp_path / "o")])
+    assert code == 0, err
+    assert "warning: asked for 100 calibration images but only 12 exist; using all of them" in err
+    assert "warning: no --weights given" in err
+
+
+def test_nm_impossible_layer_is_skipped_and_listed(capsys, tmp_path, data_dir, mnist_ckpt):  # noqa: F811
+    code, err = run(capsys, prune_args(mnist_ckpt, data_dir, tmp_path / "o", "--nm", "2:4", "--prune-all"))
+    assert code == 0, err
+    import json
+
+    layers = {x["name"]: x for x in json.loads((tmp_path / "o" / "report.json").read_text())["layers"]}
+    assert layers["0"]["skipped"] and "not divisible by M=4" in layers["0"]["reason"]
+
+
+def test_atomic_writes_keep_old_file_on_failure(tmp_path, monkeypatch):
+    path = tmp_path / "model.pt"
+    atomic_save({"a": torch.ones(2)}, path)
+    assert oct(path.stat().st_mode & 0o777) != oct(0o600) or os.umask(0o022) == 0o077
+
+    def broken_save(obj, f, *a, **k):
+        with open(f, "wb") as fh:
+            fh.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        atomic_save({"a": torch.zeros(2)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary left behind
+    atomic_write_text("x", tmp_path / "r.json")
+    assert (tmp_path / "r.json").read_text() == "x"
+
+
+def test_no_nan_reaches_a_checkpoint(capsys, tmp_path, data_dir, mnist_ckpt, monkeypatch):  # noqa: F811
+    import cnn_sparsegpt.pipeline as pipeline
+
+    real = pipeline.prune_model
+
+    def poisoned(model, *a, **k):
+        rep = real(model, *a, **k)
+        with torch.no_grad():
+            model[2].weight[0, 0, 0, 0] = float("nan")
+        return rep
+
+    monkeypatch.setattr(pipeline, "prune_model", poisoned)
+    out = tmp_path / "o"
+    assert_error(capsys, prune_args(mnist_ckpt, data_dir, out, "--sparsity", "0.5"), "pruned model has NaN")
+    assert not (out / "model.pt").exists()
