@@ -1,0 +1,178 @@
+"""Speed benchmark: the per-layer solver against a naive column-by-column update, and a whole
+ResNet-18 prune split into phases against the floor measured in the same run.
+
+    python benchmarks/speed.py --weights ../shared/checkpoints/resnet18_cifar10.pt --data-dir ../shared/data
+
+Writes a JSON of the raw numbers (--json) and prints a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from cnn_sparsegpt import LayerPruner, Pattern, calibration_set, create_model, load_dataset, prune_model
+from cnn_sparsegpt.bench import PeakRSS
+from cnn_sparsegpt.solver import _inverse_cholesky, sparsegpt_solve
+from cnn_sparsegpt.utils import atomic_write_json, load_state_dict, resolve_device, run_metadata
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def naive_sparsegpt(W, H, pattern, percdamp=0.01):
+    """The old approach: one column at a time, each column's error applied to all remaining columns at once."""
+    W = W.clone()
+    Hinv, _ = _inverse_cholesky(H[None], percdamp)
+    Hinv = Hinv[0]
+    d = W.shape[1]
+    scores = W ** 2 / torch.diag(Hinv)[None] ** 2
+    if pattern.is_nm:
+        from cnn_sparsegpt.masks import nm_prune_mask
+        mask = nm_prune_mask(scores, pattern.n, pattern.m)
+    else:
+        from cnn_sparsegpt.masks import topk_prune_mask
+        mask = topk_prune_mask(scores, round(pattern.sparsity * scores.numel()))
+    for i in range(d):
+        w = W[:, i]
+        err = w.masked_fill(~mask[:, i], 0) / Hinv[i, i]
+        W[:, i:] -= err[:, None] * Hinv[i, i:][None, :]
+        W[:, i][mask[:, i]] = 0
+    return W
+
+
+def solver_table(device, shapes=((512, 4608), (128, 12544))):
+    rows = []
+    for r, d in shapes:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        X = torch.randn(d, 2 * d, generator=g).to(device)
+        H = 2 * X @ X.t() / X.shape[1]
+        W = torch.randn(r, d, generator=g).to(device)
+        del X
+        for pattern in (Pattern(sparsity=0.5), Pattern(n=2, m=4)):
+            stats = {}
+            ours, _ = timed(lambda: sparsegpt_solve(W, H, pattern, stats=stats), device)
+            naive, _ = timed(lambda: naive_sparsegpt(W, H, pattern), device)
+            rows.append({"shape": f"{r}x{d}", "pattern": str(pattern), "ours_s": ours,
+                         "ours_cholesky_s": stats["cholesky"], "naive_s": naive, "speedup": naive / ours})
+    return rows
+
+
+def floor_and_prune(weights, data_dir, nsamples, device, batch_size=128):
+    model = create_model("resnet18_cifar")
+    model.load_state_dict(load_state_dict(weights))
+    model.to(device).eval()
+    train = load_dataset("cifar10", True, data_dir)
+    calib = calibration_set(train, nsamples, seed=0).to(device)
+    batches = calib.split(batch_size)
+    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    # Floor, as bare torch ops: one forward over the calibration set, the Hessian products of every
+    # pruned layer on its (dense) inputs, one factorization (+ triangular inverse) per pruned layer.
+    with torch.no_grad():
+        model(batches[0][:8])
+        t_forward, _ = timed(lambda: [model(x) for x in batches], device)
+        report = prune_model(model, calib[:8], "magnitude", nm="2:4", progress=False, recalibrate_bn=False)
+        model.load_state_dict(dense_state)
+        names = [x.name for x in report.layers if not x.skipped]
+        mods = dict(model.named_modules())
+        t_hessian = t_chol = 0.0
+        for name in names:
+            captured = []
+            h = mods[name].register_forward_pre_hook(lambda m, i: captured.append(i[0]))
+            for x in batches:
+                model(x)
+            h.remove()
+            p = LayerPruner(mods[name], name)
+            H = torch.zeros(p.d, p.d, device=device)
+            for inp in captured:
+                def hess(inp=inp):
+                    cols = p.columns(inp)[0]  # unfold is part of the floor: the patches must exist
+                    H.addmm_(cols, cols.t())
+                t, _ = timed(hess, device)
+                t_hessian += t
+            del captured
+            H += 0.01 * torch.diag(H).mean() * torch.eye(p.d, device=device)
+            t, _ = timed(lambda: torch.linalg.solve_triangular(torch.linalg.cholesky(H.flip(0, 1)),
+                                                                torch.eye(p.d, device=device), upper=False), device)
+            t_chol += t
+    floor = {"forward": t_forward, "hessian": t_hessian, "cholesky": t_chol}
+    floor["total"] = sum(floor.values())
+
+    model.load_state_dict(dense_state)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with PeakRSS() as mem:
+        before = mem.peak
+        t_total, rep = timed(lambda: prune_model(model, calib, "sparsegpt", nm="2:4", progress=False), device)
+    t = rep.timings
+    phases = {"total": t_total, "calibration forwards": t["forward"], "hessian": t["hessian"],
+              "cholesky": t["cholesky"], "updates": t["solve"] - t["cholesky"], "bn_recalibration": t["bn_recalibration"]}
+    largest = max((x for x in rep.layers if not x.skipped), key=lambda x: x.shape[1] * (x.shape[2] * x.shape[3]
+                                                                                        if len(x.shape) == 4 else 1))
+    d = largest.shape[1] * largest.shape[2] * largest.shape[3]
+    model_bytes = sum(v.numel() * v.element_size() for v in dense_state.values())
+    act_bytes = nsamples * 64 * 32 * 32 * 4  # the largest activation of the calibration set (layer1)
+    memory = {"rss_before_mb": before / 2**20, "rss_peak_mb": mem.peak / 2**20,
+              "rss_increase_mb": (mem.peak - before) / 2**20, "model_mb": model_bytes / 2**20,
+              "largest_layer_inputs_mb": act_bytes / 2**20, "two_largest_hessians_mb": 2 * d * d * 4 / 2**20,
+              "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+    return {"floor": floor, "phases": phases, "forward_passes": rep.forward_passes, "memory": memory,
+            "sparsity": rep.sparsity}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default="../shared/checkpoints/resnet18_cifar10.pt")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--nsamples", type=int, default=1024)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--skip-model", action="store_true", help="only the per-layer solver table")
+    p.add_argument("--solver-shapes", default="512x4608,128x12544", help="rows x columns, comma separated")
+    p.add_argument("--json", default="experiments/speed.json")
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in args.solver_shapes.split(",")]
+    result = {"meta": run_metadata(device) | {"cpu": platform.processor(), "nsamples": args.nsamples}}
+    result["solver"] = solver_table(device, shapes)
+    print("| layer | pattern | ours (s) | of which Cholesky (s) | naive (s) | speed-up |\n|---|---|---|---|---|---|")
+    for r in result["solver"]:
+        print(f"| {r['shape']} | {r['pattern']} | {r['ours_s']:.2f} | {r['ours_cholesky_s']:.2f} | "
+              f"{r['naive_s']:.2f} | {r['speedup']:.1f}x |")
+    if not args.skip_model:
+        m = floor_and_prune(args.weights, args.data_dir, args.nsamples, device)
+        result["model"] = m
+        print(f"\nResNet-18, {args.nsamples} calibration images, SparseGPT 2:4, BN recalibration on, "
+              f"{m['forward_passes']:g} forward pass(es) over the calibration set")
+        print("| phase | seconds |\n|---|---|")
+        for k, v in m["phases"].items():
+            print(f"| {k} | {v:.1f} |")
+        fl = m["floor"]
+        print(f"| floor: forward {fl['forward']:.1f} + Hessian products {fl['hessian']:.1f} + "
+              f"Cholesky {fl['cholesky']:.1f} | {fl['total']:.1f} |")
+        print(f"| total / floor | {m['phases']['total'] / fl['total']:.2f}x |")
+        mem = m["memory"]
+        print(f"\npeak RSS {mem['rss_peak_mb']:.0f} MB ({mem['rss_increase_mb']:.0f} MB above the "
+              f"{mem['rss_before_mb']:.0f} MB before the prune); model {mem['model_mb']:.0f} MB, largest layer's "
+              f"calibration inputs {mem['largest_layer_inputs_mb']:.0f} MB, two largest Hessians "
+              f"{mem['two_largest_hessians_mb']:.0f} MB")
+    atomic_write_json(result, args.json)
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
