@@ -14,11 +14,12 @@ from pathlib import Path
 from .config import PruneOptions
 from .utils import UserError, atomic_write_json, atomic_write_text
 
-KEY = ("model", "checkpoint", "dataset", "method", "pattern", "nsamples", "seed", "bn_recalibration", "eval_samples")
+KEY = ("model", "checkpoint", "dataset", "method", "pattern", "nsamples", "seed", "bn_recalibration", "eval_samples",
+       "holdout", "percdamp")
 COLUMNS = KEY + (
     "data_source", "target_sparsity", "sparsity", "total_sparsity", "layers_pruned", "layers_skipped",
     "dense_acc", "pruned_acc", "drop", "prune_seconds", "eval_seconds", "peak_rss_mb", "peak_gpu_mb",
-    "forward_passes", "percdamp", "report", "git_commit", "torch_version", "device", "date")
+    "forward_passes", "report", "git_commit", "torch_version", "device", "date")
 
 
 @dataclass
@@ -43,6 +44,7 @@ class BenchConfig:
     device: str = "auto"
     percdamp: float = 0.01
     eval_samples: int = 0  # 0 = the whole test split
+    holdout: int = 0  # > 0: evaluate on that many held-out training images instead (for choosing settings)
 
 
 def load_bench_config(path: str) -> BenchConfig:
@@ -151,24 +153,25 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
 
     csv_path, reports = Path(cfg.csv), Path(cfg.reports)
     done = {_key(r) for r in read_rows(csv_path)}
-    dense = {(r["model"], r["checkpoint"], r["eval_samples"]): float(r["dense_acc"])
+    dense = {(r["model"], r["checkpoint"], r["eval_samples"], r["holdout"]): float(r["dense_acc"])
              for r in read_rows(csv_path) if r.get("dense_acc")}
     runs = list(grid(cfg))
     new_rows = []
     for i, (m, method, pattern, bn, n, seed) in enumerate(runs, 1):
         opts = PruneOptions(model=m.model, weights=m.weights, dataset=m.dataset, data_dir=cfg.data_dir,
                             method=method, nsamples=n, seed=seed, bn_recalibration=bn, device=cfg.device,
-                            percdamp=cfg.percdamp, eval_samples=cfg.eval_samples, ignore=list(m.ignore),
+                            percdamp=cfg.percdamp, eval_samples=cfg.eval_samples, holdout=cfg.holdout,
+                            ignore=list(m.ignore),
                             **_pattern_options(pattern))
         key_row = {"model": m.model, "checkpoint": m.weights or "", "dataset": m.dataset or "",
                    "method": method, "pattern": pattern, "nsamples": n, "seed": seed, "bn_recalibration": bn,
-                   "eval_samples": cfg.eval_samples}
+                   "eval_samples": cfg.eval_samples, "holdout": cfg.holdout, "percdamp": cfg.percdamp}
         label = f"[{i}/{len(runs)}] {m.model} {method} {pattern} n={n} bn={'on' if bn else 'off'} seed={seed}"
         if _key(key_row) in done:
             print(f"{label}: already in {csv_path}, skipped", flush=True)
             continue
         t0 = time.perf_counter()
-        dense_key = (m.model, m.weights or "", str(cfg.eval_samples))
+        dense_key = (m.model, m.weights or "", str(cfg.eval_samples), str(cfg.holdout))
         with PeakRSS() as mem:
             r = run_prune(opts, progress=progress, dense_acc=dense.get(dense_key), write=False)
         dense[dense_key] = r["dense_acc"]
@@ -182,7 +185,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
             "pruned_acc": r["pruned_acc"], "drop": r["dense_acc"] - r["pruned_acc"], "prune_seconds": r["seconds"],
             "eval_seconds": r["eval_seconds"], "peak_rss_mb": mem.peak / 2**20,
             "peak_gpu_mb": (r["peak_gpu_memory"] or 0) / 2**20, "forward_passes": r["forward_passes"],
-            "percdamp": cfg.percdamp, "report": str(report_path), "git_commit": r["git_commit"],
+            "report": str(report_path), "git_commit": r["git_commit"],
             "torch_version": r["torch_version"], "device": r["device"], "date": r["date"]}
         append_row(csv_path, row)
         new_rows.append(row)

@@ -82,6 +82,14 @@ def prepare(opts: PruneOptions, device: torch.device):
     if norm:
         train = dataclasses.replace(train, mean=norm[0], std=norm[1])
         test = dataclasses.replace(test, mean=norm[0], std=norm[1])
+    if opts.holdout:  # a fixed split of the training set, disjoint from the calibration images
+        if not 0 < opts.holdout < len(train):
+            raise UserError(f"--holdout must be between 1 and {len(train) - 1}, got {opts.holdout}")
+        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(12345))
+        held, rest = perm[-opts.holdout:], perm[:-opts.holdout]
+        test = dataclasses.replace(train, images=train.images[held], labels=train.labels[held],
+                                   source=f"{train.source}; {opts.holdout} held-out training images")
+        train = dataclasses.replace(train, images=train.images[rest], labels=train.labels[rest])
     if opts.eval_samples:
         n = min(opts.eval_samples, len(test))
         test = dataclasses.replace(test, images=test.images[:n], labels=test.labels[:n])
@@ -125,7 +133,7 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
         "model": opts.model, "weights": opts.weights, "dataset": dataset, "data_source": train.source,
         "method": opts.method, "pattern": str(pattern), "target_sparsity": pattern.target,
         "dense_acc": dense_acc, "pruned_acc": pruned_acc, "eval_samples": len(test),
-        "eval_seconds": eval_seconds, "percdamp": opts.percdamp, "blocksize": opts.blocksize, "seed": opts.seed,
+        "eval_seconds": eval_seconds, "eval_split": f"holdout {opts.holdout}" if opts.holdout else "test", "percdamp": opts.percdamp, "blocksize": opts.blocksize, "seed": opts.seed,
         "bn_recalibration": opts.bn_recalibration, "prune_all": opts.prune_all, "ignore": list(opts.ignore),
         "peak_gpu_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     } | report.as_dict() | run_metadata(device)

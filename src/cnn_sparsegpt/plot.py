@@ -12,7 +12,8 @@ METHOD_STYLE = {"magnitude": ("tab:red", "o"), "wanda": ("tab:orange", "s"), "sp
 
 
 def _main_rows(rows: list[dict]) -> list[dict]:
-    """The headline setting per model: BN recalibration on and the largest calibration size."""
+    """The headline setting per model: test split, default damping, BN recalibration on, largest calibration size."""
+    rows = [r for r in rows if r.get("holdout", "0") == "0" and float(r.get("percdamp") or 0.01) == 0.01]
     best_n = defaultdict(int)
     for r in rows:
         best_n[r["model"]] = max(best_n[r["model"]], int(r["nsamples"]))
