@@ -185,3 +185,17 @@ def test_deterministic():
         p.add_batch(correlated_inputs(32, 100).t())
         masks.append(p.prune("sparsegpt", Pattern(sparsity=0.6)).mask)
     assert torch.equal(*masks)
+
+
+@pytest.mark.parametrize("cin,groups", [(3, 1), (64, 1), (64, 2)])
+def test_hessian_is_running_mean_of_2xxt(cin, groups):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, 8, 3, padding=1, groups=groups)  # d = 27, 576 (blocked syrk path), 288 per group
+    p = LayerPruner(conv, "c")
+    xs = [torch.randn(2, cin, 6, 6), torch.randn(3, cin, 6, 6)]
+    for x in xs:
+        p.add_batch(x)
+    X = torch.cat([p.columns(x) for x in xs], dim=-1)
+    ref = 2 * X @ X.transpose(1, 2) / X.shape[-1]
+    torch.testing.assert_close(p.H, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(p.H, p.H.transpose(1, 2))

@@ -141,7 +141,19 @@ class LayerPruner:
         X = self.columns(inp)
         T = X.shape[-1]
         total = self.nsamples + T
-        self.H.baddbmm_(X, X.transpose(1, 2), beta=self.nsamples / total, alpha=2 / total)
+        beta, alpha = self.nsamples / total, 2 / total
+        # H is symmetric: compute only the blocks on and above the diagonal (a blocked syrk), which
+        # saves up to half of the dominant cost of pruning a CNN; the lower blocks are mirrored.
+        k = max(1, min(8, self.d // 144))
+        if k == 1:
+            self.H.baddbmm_(X, X.transpose(1, 2), beta=beta, alpha=alpha)
+        else:
+            edges = [round(i * self.d / k) for i in range(k + 1)]
+            for i in range(k):
+                a, b = edges[i], edges[i + 1]
+                Hi = self.H[:, a:b, a:]
+                Hi.baddbmm_(X[:, a:b], X[:, a:].transpose(1, 2), beta=beta, alpha=alpha)
+                self.H[:, a:, a:b] = Hi.transpose(1, 2)
         self.nsamples = total
 
     def _layout(self) -> tuple[torch.Tensor, torch.Tensor]:
