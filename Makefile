@@ -4,10 +4,11 @@ DATA ?= $(if $(wildcard ../shared/data),../shared/data,data)
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 MNIST_CKPT ?= checkpoints/mnist_cnn.pt
+CIFAR_CKPT ?= checkpoints/cifar_cnn.pt
 RESNET_CKPT ?= $(if $(wildcard ../shared/checkpoints/resnet18_cifar10.pt),../shared/checkpoints/resnet18_cifar10.pt,checkpoints/resnet18_cifar10.pt)
 CLI = $(PYTHON) -m cnn_sparsegpt.cli
 
-.PHONY: quickstart install install-test test test-all bench plot results speed
+.PHONY: quickstart install install-test test test-all checkpoints bench ablation plot results speed
 
 quickstart: install $(MNIST_CKPT)
 	$(CLI) bench --config configs/bench_quickstart.yaml --data-dir $(DATA)
@@ -22,20 +23,28 @@ install-test:
 $(MNIST_CKPT):
 	$(CLI) train --model mnist_cnn --data-dir $(DATA) --epochs 3 --out $(MNIST_CKPT)
 
+$(CIFAR_CKPT):
+	$(CLI) train --model cifar_cnn --data-dir $(DATA) --epochs 6 --lr 0.1 --out $(CIFAR_CKPT)
+
+checkpoints: $(MNIST_CKPT) $(CIFAR_CKPT)
+
 test: install-test
 	$(PYTHON) -m pytest -q -m "not slow and not gpu"
 
 test-all: install-test
 	$(PYTHON) -m pytest -q
 
-bench: install $(MNIST_CKPT)
+bench: install checkpoints
 	$(CLI) bench --config configs/bench_default.yaml --data-dir $(DATA)
+
+ablation: install
+	$(CLI) bench --config configs/bench_ablation.yaml --data-dir $(DATA)
 
 plot:
 	$(CLI) plot --csv experiments/results.csv --out experiments/plots
 
 results:
-	$(PYTHON) -m cnn_sparsegpt.results --csv experiments/results.csv --out docs/RESULTS.md
+	$(PYTHON) -m cnn_sparsegpt.results --csv experiments/results.csv --out docs/RESULTS.md --preamble docs/results_preamble.md
 
 speed: install
 	$(PYTHON) benchmarks/speed.py --data-dir $(DATA) --weights $(RESNET_CKPT)

@@ -36,7 +36,7 @@ def _add_prune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed of the calibration sample (default 0)")
     p.add_argument("--batch-size", type=int, help="calibration and evaluation batch size (default 128)")
     _bool_flag(p, "evaluate", "measure dense and pruned top-1 on the test split (default)", "skip evaluation")
-    p.add_argument("--eval-samples", type=int, help="evaluate on the first N test images only (default: all)")
+    p.add_argument("--eval-samples", type=int, help="evaluate on a fixed random subset of N test images (default: all)")
     p.add_argument("--holdout", type=int, help="evaluate on N held-out training images (not used for calibration) "
                    "instead of the test split: choose settings on these, not on the test set")
 

@@ -29,7 +29,7 @@ class PruneOptions:
     seed: int = 0  # calibration sample
     batch_size: int = 128  # calibration / evaluation batch size
     evaluate: bool = True  # measure dense and pruned top-1 on the test split
-    eval_samples: int = 0  # evaluate on the first N test images (0 = all)
+    eval_samples: int = 0  # evaluate on a fixed random subset of N test images (0 = all)
     holdout: int = 0  # evaluate on N held-out training images instead of the test split (to choose settings)
     out: str = "runs/prune"  # output folder
 

@@ -90,9 +90,9 @@ def prepare(opts: PruneOptions, device: torch.device):
         test = dataclasses.replace(train, images=train.images[held], labels=train.labels[held],
                                    source=f"{train.source}; {opts.holdout} held-out training images")
         train = dataclasses.replace(train, images=train.images[rest], labels=train.labels[rest])
-    if opts.eval_samples:
-        n = min(opts.eval_samples, len(test))
-        test = dataclasses.replace(test, images=test.images[:n], labels=test.labels[:n])
+    if opts.eval_samples:  # a fixed random subset: files are often sorted by class
+        idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:opts.eval_samples]
+        test = dataclasses.replace(test, images=test.images[idx], labels=test.labels[idx])
     return model.to(device).eval(), train, test, dataset
 
 

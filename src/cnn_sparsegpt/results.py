@@ -57,8 +57,50 @@ def old_repo_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def checkpoints_table(rows: list[dict]) -> str:
+    """Each checkpoint's recipe and accuracy, read from the .json its `train` command wrote."""
+    import json
+
+    lines = ["| model | checkpoint | recipe | test top-1 at training | training time |", "|---|---|---|---|---|"]
+    for model, ckpt in sorted({(r["model"], r["checkpoint"]) for r in rows}):
+        meta_path = Path(f"{ckpt}.json")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            lines.append(f"| {model} | {ckpt} | (no metadata) | | |")
+            continue
+        cfg = meta.get("config", {})
+        recipe = (f"{meta.get('epochs')} epochs, batch {cfg.get('batch_size', meta.get('batch_size'))}, "
+                  f"peak lr {cfg.get('lr', '')}, {cfg.get('schedule', meta.get('schedule', ''))}")
+        secs = meta.get("seconds", meta.get("train_seconds"))
+        lines.append(f"| {model} | `{ckpt}` | {recipe} | {100 * meta['test_acc']:.2f}% | "
+                     f"{secs:.0f} s on {meta.get('device', '2 CPU cores')} |")
+    return "\n".join(lines)
+
+
+def ablation_table(all_rows: list[dict]) -> str:
+    """Calibration size × BN recalibration, for every (model, method, pattern) run with more than one setting."""
+    groups = defaultdict(list)
+    for r in all_rows:
+        if r.get("holdout", "0") == "0":
+            groups[(r["model"], r["method"], r["pattern"])].append(r)
+    lines = []
+    for (model, method, pattern), rs in sorted(groups.items()):
+        settings = {(int(r["nsamples"]), r["bn_recalibration"]) for r in rs}
+        if len(settings) < 2:
+            continue
+        if not lines:
+            lines = ["| model | method | pattern | calibration images | BN recalibration | top-1 (change) |",
+                     "|---|---|---|---|---|---|"]
+        for r in sorted(rs, key=lambda r: (int(r["nsamples"]), r["bn_recalibration"])):
+            lines.append(f"| {model} | {method} | {pattern} | {r['nsamples']} | {r['bn_recalibration']} | "
+                         f"{100 * float(r['pruned_acc']):.2f} ({-100 * float(r['drop']):+.2f}) |")
+    return "\n".join(lines)
+
+
 def results_markdown(csv_path: Path, plots: Path | None, preamble: str = "") -> str:
-    rows = _main_rows(read_rows(csv_path))
+    all_rows = read_rows(csv_path)
+    rows = _main_rows(all_rows)
     if not rows:
         raise UserError(f"no benchmark rows in {csv_path}")
     models = sorted({r["model"] for r in rows})
@@ -79,6 +121,12 @@ def results_markdown(csv_path: Path, plots: Path | None, preamble: str = "") -> 
               "", old_repo_table(rows), ""]
     if plots is not None and (plots / "nm_bars.png").is_file():
         parts += [f"![N:M](../{plots}/nm_bars.png)", ""]
+    ablation = ablation_table(all_rows)
+    if ablation:
+        parts += ["## Calibration size and BatchNorm recalibration", "", ablation, ""]
+    for png in sorted(plots.glob("*_layer_errors.png")) if plots is not None and plots.is_dir() else []:
+        parts += [f"![{png.stem}](../{png})", ""]
+    parts += ["## Checkpoints", "", checkpoints_table(rows), ""]
     return "\n".join(parts) + "\n"
 
 
