@@ -91,6 +91,21 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
     return W, pruned, damp
 
 
+def accumulate_xxt_(H: torch.Tensor, X: torch.Tensor, beta: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
+    """H ← beta·H + alpha·XXᵀ for H (G, d, d), X (G, d, T), computing only the blocks on and above the
+    diagonal (a blocked syrk: up to half of the dominant cost of pruning a CNN) and mirroring the rest."""
+    d = H.shape[-1]
+    k = max(1, min(8, d // 144))
+    if k == 1:
+        return H.baddbmm_(X, X.transpose(1, 2), beta=beta, alpha=alpha)
+    edges = [round(i * d / k) for i in range(k + 1)]
+    for a, b in zip(edges[:-1], edges[1:]):
+        Hi = H[:, a:b, a:]
+        Hi.baddbmm_(X[:, a:b], X[:, a:].transpose(1, 2), beta=beta, alpha=alpha)
+        H[:, a:, a:b] = Hi.transpose(1, 2)
+    return H
+
+
 @dataclass
 class LayerResult:
     name: str
@@ -137,24 +152,19 @@ class LayerPruner:
         B, _, L = X.shape
         return X.view(B, self.groups, self.d, L).permute(1, 2, 0, 3).reshape(self.groups, self.d, B * L)
 
-    def add_batch(self, inp: torch.Tensor) -> None:
-        X = self.columns(inp)
-        T = X.shape[-1]
-        total = self.nsamples + T
-        beta, alpha = self.nsamples / total, 2 / total
-        # H is symmetric: compute only the blocks on and above the diagonal (a blocked syrk), which
-        # saves up to half of the dominant cost of pruning a CNN; the lower blocks are mirrored.
-        k = max(1, min(8, self.d // 144))
-        if k == 1:
-            self.H.baddbmm_(X, X.transpose(1, 2), beta=beta, alpha=alpha)
-        else:
-            edges = [round(i * self.d / k) for i in range(k + 1)]
-            for i in range(k):
-                a, b = edges[i], edges[i + 1]
-                Hi = self.H[:, a:b, a:]
-                Hi.baddbmm_(X[:, a:b], X[:, a:].transpose(1, 2), beta=beta, alpha=alpha)
-                self.H[:, a:, a:b] = Hi.transpose(1, 2)
-        self.nsamples = total
+    def add_batch(self, inp: torch.Tensor, chunk_bytes: int = 64 * 2**20) -> None:
+        """Fold a batch of layer inputs into H, a few images at a time so the unfolded patches stay small."""
+        layer = self.layer
+        per_image = inp[0].numel() * 4
+        if isinstance(layer, nn.Conv2d):  # unfold multiplies the input by about kh·kw / (sh·sw)
+            per_image = per_image * layer.kernel_size[0] * layer.kernel_size[1] // (layer.stride[0] * layer.stride[1])
+        step = max(1, chunk_bytes // max(per_image, 1))
+        for chunk in inp.split(step):
+            X = self.columns(chunk)
+            T = X.shape[-1]
+            total = self.nsamples + T
+            accumulate_xxt_(self.H, X, beta=self.nsamples / total, alpha=2 / total)
+            self.nsamples = total
 
     def _layout(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight as (groups, rows, d) in the solver's column order, and that order's index into H."""
