@@ -39,12 +39,15 @@ bench: install checkpoints
 
 ablation: install
 	$(CLI) bench --config configs/bench_ablation.yaml --data-dir $(DATA)
+	$(CLI) bench --config configs/bench_bn.yaml --data-dir $(DATA)
+	for c in configs/bench_holdout_*.yaml; do $(CLI) bench --config $$c --data-dir $(DATA) || exit 1; done
 
 plot:
 	$(CLI) plot --csv experiments/results.csv --out experiments/plots
 
 results:
-	$(PYTHON) -m cnn_sparsegpt.results --csv experiments/results.csv --out docs/RESULTS.md --preamble docs/results_preamble.md
+	$(PYTHON) -m cnn_sparsegpt.results --csv experiments/results.csv --out docs/RESULTS.md --preamble docs/results_preamble.md \
+		--holdout-csv experiments/holdout.csv --postscript docs/results_holdout.md
 
 speed: install
 	$(PYTHON) benchmarks/speed.py --data-dir $(DATA) --weights $(RESNET_CKPT)

@@ -28,7 +28,8 @@ def model_table(rows: list[dict], model: str) -> str:
     methods = [m for m in ("magnitude", "wanda", "sparsegpt") if any(r["method"] == m for r in mrows)]
     dense = float(mrows[0]["dense_acc"]) * 100
     head = "| method | " + " | ".join(f"{p}" if ":" in p else f"{float(p):.0%}" for p in patterns) + " |"
-    lines = [f"Dense top-1: {dense:.2f}% ({mrows[0]['eval_samples'] or 'all'} test images; "
+    n_eval = mrows[0]["eval_samples"]
+    lines = [f"Dense top-1: {dense:.2f}% ({n_eval if n_eval not in ('', '0') else 'all'} test images; "
              f"{mrows[0]['nsamples']} calibration images; BN recalibration on).", "", head,
              "|---" * (len(patterns) + 1) + "|"]
     for method in methods:
@@ -69,9 +70,9 @@ def checkpoints_table(rows: list[dict]) -> str:
         except (OSError, json.JSONDecodeError):
             lines.append(f"| {model} | {ckpt} | (no metadata) | | |")
             continue
-        cfg = meta.get("config", {})
-        recipe = (f"{meta.get('epochs')} epochs, batch {cfg.get('batch_size', meta.get('batch_size'))}, "
-                  f"peak lr {cfg.get('lr', '')}, {cfg.get('schedule', meta.get('schedule', ''))}")
+        cfg = meta.get("config")
+        recipe = (f"{meta.get('epochs')} epochs, batch {cfg['batch_size']}, peak lr {cfg['lr']}, {cfg['schedule']}"
+                  if cfg else f"{meta.get('epochs')} epochs, batch {meta.get('batch_size')}, {meta.get('schedule', '')}")
         secs = meta.get("seconds", meta.get("train_seconds"))
         lines.append(f"| {model} | `{ckpt}` | {recipe} | {100 * meta['test_acc']:.2f}% | "
                      f"{secs:.0f} s on {meta.get('device', '2 CPU cores')} |")
@@ -98,7 +99,22 @@ def ablation_table(all_rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def results_markdown(csv_path: Path, plots: Path | None, preamble: str = "") -> str:
+def holdout_table(path: Path) -> str:
+    """Runs evaluated on held-out training images (for choosing settings without the test set)."""
+    rows = read_rows(path)
+    if not rows:
+        return ""
+    lines = ["| model | method | pattern | percdamp | calibration images | held-out images | dense | pruned (change) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['method']} | {r['pattern']} | {r['percdamp']} | {r['nsamples']} | "
+                     f"{r['holdout']} | {100 * float(r['dense_acc']):.2f} | {100 * float(r['pruned_acc']):.2f} "
+                     f"({-100 * float(r['drop']):+.2f}) |")
+    return "\n".join(lines)
+
+
+def results_markdown(csv_path: Path, plots: Path | None, preamble: str = "", holdout: Path | None = None,
+                     postscript: str = "") -> str:
     all_rows = read_rows(csv_path)
     rows = _main_rows(all_rows)
     if not rows:
@@ -126,6 +142,9 @@ def results_markdown(csv_path: Path, plots: Path | None, preamble: str = "") -> 
         parts += ["## Calibration size and BatchNorm recalibration", "", ablation, ""]
     for png in sorted(plots.glob("*_layer_errors.png")) if plots is not None and plots.is_dir() else []:
         parts += [f"![{png.stem}](../{png})", ""]
+    held = holdout_table(holdout) if holdout is not None else ""
+    if held:
+        parts += [f"## Held-out checks ({holdout})", "", held, "", postscript]
     parts += ["## Checkpoints", "", checkpoints_table(rows), ""]
     return "\n".join(parts) + "\n"
 
@@ -137,11 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="write the full markdown page here instead of printing tables")
     p.add_argument("--plots", default="experiments/plots", help="folder of PNGs to embed")
     p.add_argument("--preamble", help="markdown file inserted after the title")
+    p.add_argument("--holdout-csv", help="CSV of runs evaluated on held-out training images")
+    p.add_argument("--postscript", help="markdown file inserted after the held-out table")
     args = p.parse_args(argv)
     try:
         if args.out:
             pre = Path(args.preamble).read_text() if args.preamble else ""
-            atomic_write_text(results_markdown(Path(args.csv), Path(args.plots), pre), args.out)
+            post = Path(args.postscript).read_text() if args.postscript else ""
+            held = Path(args.holdout_csv) if args.holdout_csv else None
+            atomic_write_text(results_markdown(Path(args.csv), Path(args.plots), pre, held, post), args.out)
             print(f"wrote {args.out}")
             return 0
         rows = _main_rows(read_rows(Path(args.csv)))
