@@ -38,6 +38,11 @@ def model_table(rows: list[dict], model: str) -> str:
             r = next((r for r in mrows if r["method"] == method and r["pattern"] == p), None)
             cells.append(f"{100 * float(r['pruned_acc']):.2f} ({-100 * float(r['drop']):+.2f})" if r else "")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    cells = []
+    for p in patterns:  # achieved sparsity (pruned layers / all Conv2d+Linear weights), from the first method run
+        r = next((r for r in mrows if r["pattern"] == p), None)
+        cells.append(f"{float(r['sparsity']):.3f} / {float(r['total_sparsity']):.3f}" if r else "")
+    lines.append("| sparsity (pruned layers / all weights) | " + " | ".join(cells) + " |")
     secs = defaultdict(list)
     for r in mrows:
         secs[r["method"]].append(float(r["prune_seconds"]))
