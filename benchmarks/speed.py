@@ -8,12 +8,10 @@ Writes a JSON of the raw numbers (--json) and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 
 import torch
-import torch.nn.functional as F
 
 from cnn_sparsegpt import LayerPruner, Pattern, calibration_set, create_model, load_dataset, prune_model
 from cnn_sparsegpt.bench import PeakRSS
@@ -106,7 +104,7 @@ def floor_and_prune(weights, data_dir, nsamples, device, batch_size=128):
                 # the same blocked symmetric one the pruner uses, so the floor is not inflated by a plain GEMM
                 t, _ = timed(lambda inp=inp: accumulate_xxt_(H, p.columns(inp)), device)
                 t_hessian += t
-            del captured
+            captured.clear()  # free the layer inputs before the next layer
             H = H[0] + 0.01 * torch.diag(H[0]).mean() * torch.eye(p.d, device=device)
             t, _ = timed(lambda: torch.linalg.solve_triangular(torch.linalg.cholesky(H.flip(0, 1)),
                                                                 torch.eye(p.d, device=device), upper=False), device)

@@ -128,7 +128,8 @@ def test_fewer_calibration_images_than_asked_warns(capsys, tmp_path):
     tar = tmp_path / "pets.tar.gz"
     _tiny_tarball(tar)
     code, err = run(capsys, ["-q", "prune", "--model", "torchvision:mobilenet_v3_small", "--dataset", str(tar),
-                             "--nsamples", "100", "--sparsity", "0.5", "--method", "magnitude", "--out", str(tmp_path / "o")])
+                             "--nsamples", "100", "--sparsity", "0.5", "--method", "magnitude",
+                             "--out", str(tmp_path / "o")])
     assert code == 0, err
     assert "warning: asked for 100 calibration images but only 12 exist; using all of them" in err
     assert "warning: no --weights given" in err

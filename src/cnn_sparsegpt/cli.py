@@ -59,7 +59,6 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
 
     from .data import load_dataset
     from .models import create_model, model_entry

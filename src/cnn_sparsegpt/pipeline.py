@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import PruneOptions
-from .data import ImageSet, calibration_set, load_dataset
+from .data import calibration_set, load_dataset
 from .masks import Pattern
 from .models import create_model, model_entry
 from .prune import prune_model
@@ -133,7 +133,8 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
         "model": opts.model, "weights": opts.weights, "dataset": dataset, "data_source": train.source,
         "method": opts.method, "pattern": str(pattern), "target_sparsity": pattern.target,
         "dense_acc": dense_acc, "pruned_acc": pruned_acc, "eval_samples": len(test),
-        "eval_seconds": eval_seconds, "eval_split": f"holdout {opts.holdout}" if opts.holdout else "test", "percdamp": opts.percdamp, "blocksize": opts.blocksize, "seed": opts.seed,
+        "eval_seconds": eval_seconds, "eval_split": f"holdout {opts.holdout}" if opts.holdout else "test",
+        "percdamp": opts.percdamp, "blocksize": opts.blocksize, "seed": opts.seed,
         "bn_recalibration": opts.bn_recalibration, "prune_all": opts.prune_all, "ignore": list(opts.ignore),
         "peak_gpu_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     } | report.as_dict() | run_metadata(device)
@@ -151,7 +152,8 @@ def format_report(r: dict) -> str:
         shape = "x".join(map(str, layer["shape"]))
         err = f"{layer['error']:.2e}" if layer["error"] is not None else "-"
         note = f"skipped: {layer['reason']}" if layer["skipped"] else layer["reason"]
-        lines.append(f"{layer['name']:<28} {shape:<18} {layer['sparsity']:>8.3f} {err:>9} {layer['seconds']:>6.2f}  {note}")
+        lines.append(f"{layer['name']:<28} {shape:<18} {layer['sparsity']:>8.3f} {err:>9} "
+                     f"{layer['seconds']:>6.2f}  {note}")
     acc = ""
     if r.get("dense_acc") is not None and r.get("pruned_acc") is not None:
         acc = (f"  top-1 dense {100 * r['dense_acc']:.2f}% -> pruned {100 * r['pruned_acc']:.2f}% "

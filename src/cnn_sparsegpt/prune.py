@@ -232,7 +232,7 @@ class _Pruner:
             self.t["forward"] += time.perf_counter() - t0
             passes += 1
             self.prune_layer(name, captured)
-            del captured
+            captured.clear()  # free the layer inputs before the next layer
         if recalibrate_bn and _bn_modules(self.model):
             t0 = time.perf_counter()
             bns = _bn_modules(self.model)
