@@ -199,3 +199,16 @@ def test_hessian_is_running_mean_of_2xxt(cin, groups):
     ref = 2 * X @ X.transpose(1, 2) / X.shape[-1]
     torch.testing.assert_close(p.H, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(p.H, p.H.transpose(1, 2))
+
+
+def test_inverse_cholesky_factor():
+    from cnn_sparsegpt.solver import _inverse_cholesky, _lower_triangular_inverse
+
+    X = correlated_inputs(300, 900)
+    H = (2 * X @ X.t() / 900)[None]
+    U, _ = _inverse_cholesky(H, 0.01)
+    Hd = H[0] + 0.01 * torch.diag(H[0]).mean() * torch.eye(300)
+    torch.testing.assert_close(U[0].t() @ U[0], torch.linalg.inv(Hd), rtol=1e-3, atol=1e-4)
+    assert torch.equal(U[0], torch.triu(U[0]))
+    L = torch.linalg.cholesky(Hd)[None]
+    torch.testing.assert_close(_lower_triangular_inverse(L, leaf=64) @ L, torch.eye(300)[None], rtol=0, atol=1e-4)

@@ -19,6 +19,23 @@ from .masks import Pattern, conv_column_perm, nm_prune_mask, pattern_prune_mask,
 METHODS = ("sparsegpt", "magnitude", "wanda")
 
 
+def _lower_triangular_inverse(L: torch.Tensor, leaf: int = 1024) -> torch.Tensor:
+    """Inverse of a batch of lower-triangular matrices by 2x2 block recursion: [[A, 0], [C, D]]⁻¹ =
+    [[A⁻¹, 0], [-D⁻¹CA⁻¹, D⁻¹]]. The off-diagonal blocks become GEMMs, which run faster here than one
+    triangular solve against the identity (25-35% at d = 4608 and 12544 on the project's CPU)."""
+    d = L.shape[-1]
+    if d <= leaf:
+        eye = torch.eye(d, dtype=L.dtype, device=L.device)
+        return torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False)
+    h = d // 2
+    Ai, Di = _lower_triangular_inverse(L[..., :h, :h], leaf), _lower_triangular_inverse(L[..., h:, h:], leaf)
+    out = torch.zeros_like(L)
+    out[..., :h, :h] = Ai
+    out[..., h:, h:] = Di
+    out[..., h:, :h] = -(Di @ (L[..., h:, :h] @ Ai))
+    return out
+
+
 def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factors U of (H + damp·I)⁻¹ = UᵀU for a batch (G, d, d), raising damping tenfold on failure.
 
@@ -32,7 +49,7 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, f
     for _ in range(8):
         L, info = torch.linalg.cholesky_ex(Hflip + pd * mean_diag * eye)
         if not info.any():
-            U = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False).flip(-2, -1)
+            U = _lower_triangular_inverse(L).flip(-2, -1)
             if torch.isfinite(U).all():
                 if pd != percdamp:
                     warnings.warn(f"Cholesky failed at percdamp={percdamp:g}; succeeded at {pd:g}", RuntimeWarning)
