@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import PruneOptions
+from .config import PruneOptions, read_yaml_mapping
 from .utils import UserError, atomic_write_json, atomic_write_text
 
 KEY = ("model", "checkpoint", "dataset", "method", "pattern", "nsamples", "seed", "bn_recalibration", "eval_samples",
@@ -48,16 +48,7 @@ class BenchConfig:
 
 
 def load_bench_config(path: str) -> BenchConfig:
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: the config must be a mapping of key: value")
+    data = read_yaml_mapping(path)
     models = data.pop("models", None)
     for key in ("nsamples", "bn_recalibration", "seeds"):
         if key in data and not isinstance(data[key], list):

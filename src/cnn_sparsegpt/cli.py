@@ -61,11 +61,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
     from .data import load_dataset
-    from .models import create_model, model_entry
+    from .models import check_model_name, create_model, model_entry
     from .train import TrainConfig, train_model
     from .utils import atomic_save, atomic_write_json, ensure_writable, resolve_device, run_metadata
 
-    create_model(args.model)  # fail fast on an unknown model
+    check_model_name(args.model)  # fail fast on an unknown model
     entry = model_entry(args.model)
     dataset = args.dataset or (entry.dataset if entry else None)
     if dataset is None:

@@ -64,7 +64,8 @@ def check_options(cls, values: dict, where: str) -> dict:
     return values
 
 
-def load_yaml(path: str | Path, cls) -> dict:
+def read_yaml_mapping(path: str | Path) -> dict:
+    """A YAML file that must hold a mapping; every failure is one clear UserError."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -76,8 +77,11 @@ def load_yaml(path: str | Path, cls) -> dict:
         return {}
     if not isinstance(data, dict):
         raise UserError(f"{path}: the config must be a mapping of key: value")
-    data = {k.replace("-", "_"): v for k, v in data.items()}
-    return check_options(cls, data, str(path))
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def load_yaml(path: str | Path, cls) -> dict:
+    return check_options(cls, read_yaml_mapping(path), str(path))
 
 
 def merge_options(cls, file_values: dict, cli_values: dict):

@@ -12,7 +12,7 @@ from torch import nn
 from .config import PruneOptions
 from .data import calibration_set, load_dataset
 from .masks import Pattern
-from .models import create_model, model_entry
+from .models import check_model_name, create_model, model_entry
 from .prune import prune_model
 from .solver import METHODS
 from .train import evaluate
@@ -60,7 +60,7 @@ def _normalization(meta: dict) -> tuple | None:
 
 def prepare(opts: PruneOptions, device: torch.device):
     """Model (with weights) and the train and test sets, normalized as the checkpoint expects."""
-    create_model(opts.model, 10)  # fail fast on an unknown model, before loading data
+    check_model_name(opts.model)  # fail fast on an unknown model, before loading data
     entry = model_entry(opts.model)
     dataset = opts.dataset or (entry.dataset if entry else None)
     if dataset is None:

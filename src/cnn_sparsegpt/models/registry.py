@@ -35,16 +35,23 @@ def model_entry(name: str) -> ModelEntry | None:
     return _REGISTRY.get(name)
 
 
-def create_model(name: str, num_classes: int = 10) -> nn.Module:
-    """A registry model, or `torchvision:NAME` for any torchvision classification model."""
+def check_model_name(name: str) -> None:
+    """Raise a UserError naming the valid choices unless `name` can be built."""
     if name.startswith("torchvision:"):
         import torchvision
 
-        tv_name = name.split(":", 1)[1]
-        if tv_name not in torchvision.models.list_models(module=torchvision.models):
-            raise UserError(f"unknown torchvision model '{tv_name}'; see torchvision.models.list_models()")
-        return torchvision.models.get_model(tv_name, weights=None, num_classes=num_classes)
-    entry = _REGISTRY.get(name)
-    if entry is None:
+        if name.split(":", 1)[1] not in torchvision.models.list_models(module=torchvision.models):
+            raise UserError(f"unknown torchvision model '{name.split(':', 1)[1]}'; "
+                            "see torchvision.models.list_models()")
+    elif name not in _REGISTRY:
         raise UserError(f"unknown model '{name}'; choose from {', '.join(list_models())} or torchvision:NAME")
-    return entry.factory(num_classes=num_classes)
+
+
+def create_model(name: str, num_classes: int = 10) -> nn.Module:
+    """A registry model, or `torchvision:NAME` for any torchvision classification model."""
+    check_model_name(name)
+    if name.startswith("torchvision:"):
+        import torchvision
+
+        return torchvision.models.get_model(name.split(":", 1)[1], weights=None, num_classes=num_classes)
+    return _REGISTRY[name].factory(num_classes=num_classes)
