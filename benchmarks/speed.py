@@ -15,6 +15,7 @@ import torch
 
 from cnn_sparsegpt import LayerPruner, Pattern, calibration_set, create_model, load_dataset, prune_model
 from cnn_sparsegpt.bench import PeakRSS
+from cnn_sparsegpt.prune import choose_layers, forward_order
 from cnn_sparsegpt.solver import (_inverse_cholesky, _lower_triangular_inverse, accumulate_xxt_,
                                   sparsegpt_solve)
 from cnn_sparsegpt.utils import atomic_write_json, load_state_dict, resolve_device, run_metadata
@@ -88,9 +89,8 @@ def floor_and_prune(weights, data_dir, nsamples, device, batch_size=128):
     with torch.no_grad():
         model(batches[0][:8])
         t_forward, _ = timed(lambda: [model(x) for x in batches], device)
-        report = prune_model(model, calib[:8], "magnitude", nm="2:4", progress=False, recalibrate_bn=False)
-        model.load_state_dict(dense_state)
-        names = [x.name for x in report.layers if not x.skipped]
+        plan = choose_layers(model, forward_order(model, calib[:1]))
+        names = [name for name, reason in plan.items() if not reason]
         mods = dict(model.named_modules())
         t_hessian = t_chol = 0.0
         for name in names:

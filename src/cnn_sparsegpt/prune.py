@@ -13,7 +13,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import fx, nn
@@ -105,16 +105,19 @@ def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 @torch.no_grad()
-def _recalibrate(bn: nn.modules.batchnorm._BatchNorm, inputs: Iterable[torch.Tensor]) -> None:
-    """Reset running statistics and re-estimate them as a cumulative average over the given inputs."""
-    momentum = bn.momentum
-    bn.reset_running_stats()
-    bn.momentum = None
-    bn.train()
+def _recalibrate(bns: list, run: Callable, inputs: Iterable[torch.Tensor]) -> None:
+    """Reset the running statistics of `bns` and re-estimate them as a cumulative average over what
+    `run(x)` feeds them for each input (one BN on its inputs, or the whole model on the calibration set)."""
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
     for x in inputs:
-        bn(x)
-    bn.momentum = momentum
-    bn.eval()
+        run(x)  # outputs are dropped at once: only the statistics are wanted
+    for bn, momentum in zip(bns, momenta):
+        bn.momentum = momentum
+        bn.eval()
 
 
 class _Stop(Exception):
@@ -185,7 +188,7 @@ class _Pruner:
                     t0 = time.perf_counter()
                 elif recalibrate_bn and isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats:
                     t1 = time.perf_counter()
-                    _recalibrate(mod, (env[node.args[0]][b] for b in range(nb)))
+                    _recalibrate([mod], mod, (env[node.args[0]][b] for b in range(nb)))
                     self.t["bn_recalibration"] += time.perf_counter() - t1
                     t0 += time.perf_counter() - t1
             outs = []
@@ -235,17 +238,7 @@ class _Pruner:
             captured.clear()  # free the layer inputs before the next layer
         if recalibrate_bn and _bn_modules(self.model):
             t0 = time.perf_counter()
-            bns = _bn_modules(self.model)
-            saved = [(bn, bn.momentum) for bn in bns]
-            for bn in bns:
-                bn.reset_running_stats()
-                bn.momentum = None
-                bn.train()
-            for x in batches:
-                self.model(x)
-            for bn, mom in saved:
-                bn.momentum = mom
-                bn.eval()
+            _recalibrate(_bn_modules(self.model), self.model, batches)
             self.t["bn_recalibration"] += time.perf_counter() - t0
             passes += 1
         return passes
