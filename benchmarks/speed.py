@@ -141,13 +141,14 @@ def main():
     p.add_argument("--nsamples", type=int, default=1024)
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-model", action="store_true", help="only the per-layer solver table")
+    p.add_argument("--skip-solver", action="store_true", help="only the whole-model prune")
     p.add_argument("--solver-shapes", default="512x4608,128x12544", help="rows x columns, comma separated")
     p.add_argument("--json", default="experiments/speed.json")
     args = p.parse_args()
     device = resolve_device(args.device)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.solver_shapes.split(",")]
     result = {"meta": run_metadata(device) | {"cpu": platform.processor(), "nsamples": args.nsamples}}
-    result["solver"] = solver_table(device, shapes)
+    result["solver"] = [] if args.skip_solver else solver_table(device, shapes)
     print("| layer | pattern | ours (s) | of which Cholesky (s) | naive (s) | of which Cholesky (s) | speed-up | "
           "speed-up of the updates |\n|---|---|---|---|---|---|---|---|")
     for r in result["solver"]:

@@ -174,3 +174,54 @@ def test_cuda_matches_cpu():
     assert all(p.is_cuda for p in gpu.parameters())
     agree = [(rc.masks[k] == rg.masks[k]).float().mean().item() for k in rc.masks]
     assert min(agree) > 0.98  # float32 on different hardware may flip near-ties
+
+
+class InPlaceNet(nn.Module):
+    """In-place ops on tensors that the low-memory executor recomputes from."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.act = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc1 = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = nn.functional.relu(self.stem(x), inplace=True)
+        y = self.act(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        y += x
+        y = y.relu_()
+        return self.fc(self.fc1(y.mean((2, 3))))
+
+
+@pytest.mark.parametrize("cls", [TinyResNet, InPlaceNet])
+def test_low_memory_matches_default(cls):
+    a, b = make(cls), make(cls)
+    ra = prune_model(a, calib(), "sparsegpt", nm="2:4", batch_size=16, progress=False)
+    rb = prune_model(b, calib(), "sparsegpt", nm="2:4", batch_size=16, progress=False, low_memory=True)
+    assert ra.forward_passes == 1 and rb.forward_passes > 1
+    assert rb.peak_stored_mb < ra.peak_stored_mb
+    assert ra.masks.keys() == rb.masks.keys()
+    assert all(torch.equal(ra.masks[k], rb.masks[k]) for k in ra.masks)
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    assert all(m.inplace for m in b.modules() if isinstance(m, nn.ReLU))  # restored after the run
+
+
+def test_low_memory_keeps_one_activation_in_residual_blocks():
+    """Block input + current layer input (two activations) by default; about one with low_memory."""
+    from cnn_sparsegpt import create_model
+    x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    act_mb = x.shape[0] * 64 * 32 * 32 * 4 / 2**20  # the largest activation: layer1's
+    peaks = {}
+    for low in (False, True):
+        model = create_model("resnet18_cifar").eval()
+        rep = prune_model(model, x, "magnitude", sparsity=0.5, batch_size=8, progress=False, low_memory=low)
+        peaks[low] = rep.peak_stored_mb
+    assert peaks[False] >= 2 * act_mb
+    assert peaks[True] <= 1.3 * act_mb + x.numel() * 4 / 2**20  # + the calibration batches themselves

@@ -45,6 +45,7 @@ class BenchConfig:
     percdamp: float = 0.01
     eval_samples: int = 0  # 0 = the whole test split
     holdout: int = 0  # > 0: evaluate on that many held-out training images instead (for choosing settings)
+    low_memory: bool = False  # same results, about half the activation memory, ~2.5 forward passes
 
 
 def load_bench_config(path: str) -> BenchConfig:
@@ -152,8 +153,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
         opts = PruneOptions(model=m.model, weights=m.weights, dataset=m.dataset, data_dir=cfg.data_dir,
                             method=method, nsamples=n, seed=seed, bn_recalibration=bn, device=cfg.device,
                             percdamp=cfg.percdamp, eval_samples=cfg.eval_samples, holdout=cfg.holdout,
-                            ignore=list(m.ignore),
-                            **_pattern_options(pattern))
+                            ignore=list(m.ignore), low_memory=cfg.low_memory, **_pattern_options(pattern))
         key_row = {"model": m.model, "checkpoint": m.weights or "", "dataset": m.dataset or "",
                    "method": method, "pattern": pattern, "nsamples": n, "seed": seed, "bn_recalibration": bn,
                    "eval_samples": cfg.eval_samples, "holdout": cfg.holdout, "percdamp": cfg.percdamp}

@@ -121,7 +121,8 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
         torch.cuda.reset_peak_memory_stats(device)
     report = prune_model(model, calib, opts.method, pattern, percdamp=opts.percdamp, blocksize=opts.blocksize,
                          ignore=opts.ignore, skip_first_last=not opts.prune_all,
-                         recalibrate_bn=opts.bn_recalibration, batch_size=opts.batch_size, progress=progress)
+                         recalibrate_bn=opts.bn_recalibration, batch_size=opts.batch_size, progress=progress,
+                         low_memory=opts.low_memory)
     pruned_acc = None
     if opts.evaluate:
         t0 = time.perf_counter()
@@ -135,7 +136,7 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
         "dense_acc": dense_acc, "pruned_acc": pruned_acc, "eval_samples": len(test),
         "eval_seconds": eval_seconds, "eval_split": f"holdout {opts.holdout}" if opts.holdout else "test",
         "percdamp": opts.percdamp, "blocksize": opts.blocksize, "seed": opts.seed,
-        "bn_recalibration": opts.bn_recalibration, "prune_all": opts.prune_all, "ignore": list(opts.ignore),
+        "bn_recalibration": opts.bn_recalibration, "low_memory": opts.low_memory, "prune_all": opts.prune_all, "ignore": list(opts.ignore),
         "peak_gpu_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     } | report.as_dict() | run_metadata(device)
     if write:

@@ -1,11 +1,11 @@
 """The model-level driver: sequential one-shot pruning of every Conv2d and Linear of any nn.Module.
 
 The calibration set goes through the network once. With a torch.fx trace the graph is run node by
-node over all calibration batches: when a layer is reached its Hessian is complete, so it is pruned
-before its output is computed, and every later layer sees the already-pruned network (layers that read
-the same tensor, such as a residual block's conv1 and downsample, share it). BatchNorm is re-estimated
-the same way, from the pruned network's activations. Models fx cannot trace fall back to one
-(truncated) forward pass per layer.
+node over all calibration batches (graph.py): when a layer is reached its Hessian is complete, so it is
+pruned before its output is computed, and every later layer sees the already-pruned network (layers that
+read the same tensor, such as a residual block's conv1 and downsample, share it). BatchNorm is
+re-estimated the same way, from the pruned network's activations. Models fx cannot trace fall back to
+one (truncated) forward pass per layer.
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from .graph import PRUNABLE, GraphExecutor, GraphStop
 from .masks import Pattern
 from .solver import METHODS, LayerPruner, LayerResult
 from .utils import UserError
 
-PRUNABLE = (nn.Conv2d, nn.Linear)
 
 
 @dataclass
@@ -35,7 +35,8 @@ class PruneReport:
     seconds: float = 0.0  # pruning wall time, evaluation excluded
     sparsity: float = 0.0  # over the pruned layers
     total_sparsity: float = 0.0  # over all Conv2d/Linear weights
-    forward_passes: float = 0.0  # full calibration passes spent (the fx path needs 1)
+    forward_passes: float = 0.0  # full calibration passes spent (the fx path needs 1; low_memory a few)
+    peak_stored_mb: float | None = None  # most activations of the calibration set held at once (fx path)
     timings: dict = field(default_factory=dict)  # seconds per phase
     bn_recalibrated: bool = False
 
@@ -133,6 +134,8 @@ class _Pruner:
         self.modules = dict(model.named_modules())
         self.results: dict[str, LayerResult] = {}
         self.t = {"forward": 0.0, "hessian": 0.0, "cholesky": 0.0, "solve": 0.0, "bn_recalibration": 0.0}
+        self.peak_stored_mb = None
+        self.forward_clock = lambda: 0.0  # seconds of forward work done so far inside the executor
         self.bar = tqdm(total=sum(1 for r in plan.values() if not r), desc=f"{method} {pattern}",
                         unit="layer", disable=not progress, leave=False)
 
@@ -143,14 +146,14 @@ class _Pruner:
     def prune_layer(self, name: str, inputs: Iterable[torch.Tensor]) -> None:
         module = self.modules[name]
         pruner = LayerPruner(module, name)
-        t0 = time.perf_counter()
-        for x in inputs:
+        f0, t0 = self.forward_clock(), time.perf_counter()
+        for x in inputs:  # with the fx executor, computing these is forward time, not Hessian time
             pruner.add_batch(x)
         self.sync()
         t1 = time.perf_counter()
         res = pruner.prune(self.method, self.pattern, self.percdamp, self.blocksize, stats=self.t)
         self.sync()
-        self.t["hessian"] += t1 - t0
+        self.t["hessian"] += t1 - t0 - (self.forward_clock() - f0)
         self.t["solve"] += time.perf_counter() - t1  # includes "cholesky"
         res.seconds = time.perf_counter() - t0
         pruner.free()
@@ -158,57 +161,35 @@ class _Pruner:
         self.bar.update(1)
         self.bar.set_postfix_str(name)
 
-    def run_fx(self, gm: fx.GraphModule, batches: list[torch.Tensor], recalibrate_bn: bool) -> None:
-        nodes = list(gm.graph.nodes)
-        last_use = {}
-        for i, node in enumerate(nodes):
-            for arg in node.all_input_nodes:
-                last_use[arg] = i
-        env: dict[fx.Node, list] = {}
-        nb = len(batches)
-        placeholder_done = False
-        for i, node in enumerate(nodes):
-            if node.op == "placeholder":
-                if placeholder_done:
-                    if not node.args:
-                        raise _Stop("forward takes more than one required input")
-                    env[node] = [node.args[0]] * nb
-                else:
-                    env[node], placeholder_done = batches, True
-                continue
-            if node.op == "output":
-                break
-            t0 = time.perf_counter()
-            if node.op == "call_module":
-                mod = gm.get_submodule(node.target)
-                if self.plan.get(node.target) == "" and node.target not in self.results:
-                    self.t["forward"] += time.perf_counter() - t0
-                    self.prune_layer(node.target, (fx.node.map_arg(node.args[0], lambda n: env[n][b])
-                                                    for b in range(nb)))
-                    t0 = time.perf_counter()
-                elif recalibrate_bn and isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.track_running_stats:
-                    t1 = time.perf_counter()
-                    _recalibrate([mod], mod, (env[node.args[0]][b] for b in range(nb)))
-                    self.t["bn_recalibration"] += time.perf_counter() - t1
-                    t0 += time.perf_counter() - t1
-            outs = []
-            for b in range(nb):
-                args = fx.node.map_arg(node.args, lambda n: env[n][b])
-                kwargs = fx.node.map_arg(node.kwargs, lambda n: env[n][b])
-                if node.op == "call_module":
-                    outs.append(gm.get_submodule(node.target)(*args, **kwargs))
-                elif node.op == "call_function":
-                    outs.append(node.target(*args, **kwargs))
-                elif node.op == "call_method":
-                    outs.append(getattr(args[0], node.target)(*args[1:], **kwargs))
-                elif node.op == "get_attr":
-                    outs.append(_fetch_attr(gm, node.target))
-            env[node] = outs
-            for arg in node.all_input_nodes:
-                if last_use.get(arg) == i:
-                    del env[arg]
-            self.sync()
-            self.t["forward"] += time.perf_counter() - t0
+    def run_fx(self, gm: fx.GraphModule, batches: list[torch.Tensor], recalibrate_bn: bool,
+               low_memory: bool) -> float:
+        def prune(name):
+            def barrier(inputs):
+                if name not in self.results:  # a layer called twice is pruned at its first call
+                    self.prune_layer(name, inputs)
+            return barrier
+
+        def recalibrate(name):
+            bn, done = self.modules[name], []
+
+            def barrier(inputs):
+                if not done:
+                    f0, t0 = self.forward_clock(), time.perf_counter()
+                    _recalibrate([bn], bn, inputs)
+                    self.t["bn_recalibration"] += time.perf_counter() - t0 - (self.forward_clock() - f0)
+                    done.append(True)
+            return barrier
+
+        barriers = {name: prune(name) for name, reason in self.plan.items() if not reason}
+        if recalibrate_bn:
+            barriers |= {name: recalibrate(name) for name, m in self.modules.items()
+                         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+        ex = GraphExecutor(gm, batches, barriers, low_memory, self.sync)
+        self.forward_clock = lambda: ex.forward_seconds
+        passes = ex.run()
+        self.t["forward"] += ex.forward_seconds
+        self.peak_stored_mb = ex.peak_stored_bytes / 2**20
+        return passes
 
     def run_hooks(self, batches: list[torch.Tensor], order: list[str], recalibrate_bn: bool) -> float:
         """Fallback for untraceable models: one forward per layer, cut short right after that layer's input."""
@@ -244,22 +225,17 @@ class _Pruner:
         return passes
 
 
-def _fetch_attr(gm: nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 @torch.no_grad()
 def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsity: float | None = None,
                 nm: str | None = None, *, percdamp: float = 0.01, blocksize: int = 128, ignore: Iterable[str] = (),
                 skip_first_last: bool = True, recalibrate_bn: bool = True, batch_size: int = 128,
-                progress: bool = True, use_fx: bool = True) -> PruneReport:
+                progress: bool = True, use_fx: bool = True, low_memory: bool = False) -> PruneReport:
     """Prune `model` in place, one-shot, and return a report with per-layer results and masks.
 
     calibration: a tensor of inputs (N, ...) or an iterable of batches (tensors or (x, y) pairs).
     Give the pattern as `sparsity` (unstructured, in [0, 1)) or `nm` ('2:4'); a Pattern works too.
+    low_memory: keep about one activation of the calibration set alive instead of two, by recomputing
+    inside residual blocks (a few forward passes instead of one; same result).
     """
     if method not in METHODS:
         raise UserError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
@@ -281,9 +257,8 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
                           "falling back to one forward pass per layer", RuntimeWarning)
         else:
             try:
-                run.run_fx(gm, batches, recalibrate_bn)
-                passes = 1.0
-            except _Stop as e:
+                passes = run.run_fx(gm, batches, recalibrate_bn, low_memory)
+            except GraphStop as e:
                 warnings.warn(f"cannot run the traced graph ({e}); one forward pass per layer", RuntimeWarning)
     if passes is None:
         passes = run.run_hooks(batches, order, recalibrate_bn)
@@ -301,6 +276,7 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
     n_pruned = sum(r.mask.numel() for r in pruned)
     report = PruneReport(method, str(pattern), sum(len(x) for x in batches), layers,
                          seconds=time.perf_counter() - t_start, forward_passes=passes, timings=run.t,
+                         peak_stored_mb=run.peak_stored_mb,
                          bn_recalibrated=recalibrate_bn and bool(_bn_modules(model)))
     report.sparsity = sum((~r.mask).sum().item() for r in pruned) / n_pruned if n_pruned else 0.0
     report.total_sparsity = weight_sparsity(model)

@@ -1,0 +1,173 @@
+"""Runs a torch.fx graph over the whole calibration set, node by node, stopping at "barriers": nodes that
+must see their input for every calibration batch before their own output is defined (a layer to prune, a
+BatchNorm to re-estimate). The caller gives each barrier a callback that consumes those inputs.
+
+Which node outputs are stored for the whole set is a policy:
+- default: every output, dropped batch by batch after its last use. One forward pass in all; in a residual
+  block the block input (kept for the skip) and the current layer's input coexist: two activations.
+- low memory: only outputs read by more than one node (block inputs), and a barrier's input when storing it
+  lets every other stored output go. Everything else is recomputed from the stored outputs for each
+  barrier, so about one activation of the calibration set is alive at a time, for a few more passes.
+"""
+from __future__ import annotations
+
+import operator
+import time
+from typing import Callable, Iterable
+
+import torch
+from torch import fx, nn
+
+PRUNABLE = (nn.Conv2d, nn.Linear)
+Barrier = Callable[[Iterable], None]  # called once with a generator of the node's input, batch by batch
+_INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.imul: operator.mul, operator.isub: operator.sub}
+
+
+class GraphStop(Exception):
+    """The graph cannot be run this way (the caller falls back to another executor)."""
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+class GraphExecutor:
+    def __init__(self, gm: fx.GraphModule, batches: list, barriers: dict[str, Barrier], low_memory: bool = False,
+                 sync: Callable[[], None] = lambda: None):
+        """barriers: call_module target → callback. Nodes after the last barrier are never computed."""
+        self.gm, self.batches, self.low_memory, self.sync = gm, batches, low_memory, sync
+        self.nodes = [n for n in gm.graph.nodes if n.op != "output"]
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.barriers = {n: barriers[n.target] for n in self.nodes if n.op == "call_module" and n.target in barriers}
+        self.last = max((self.index[n] for n in self.barriers), default=-1)
+        self.stored: dict[fx.Node, list] = {}
+        self.forward_seconds = 0.0  # time spent computing node outputs (not in the barrier callbacks)
+        self.layer_calls = 0  # Conv2d/Linear outputs computed, batch by batch, to count forward passes
+        self.peak_stored_bytes = 0  # most bytes of stored outputs alive at once (the calibration batches included)
+
+    def run(self) -> float:
+        """Run up to the last barrier; return the forward passes spent (Conv/Linear evaluations per batch,
+        over those of one plain pass)."""
+        nb = len(self.batches)
+        inplace = self._disable_inplace() if self.low_memory else []
+        try:
+            for t, node in enumerate(self.nodes[:self.last + 1]):
+                if node.op == "placeholder":
+                    if self.stored:
+                        if not node.args:
+                            raise GraphStop("forward takes more than one required input")
+                        self.stored[node] = [node.args[0]] * nb
+                    else:
+                        self.stored[node] = list(self.batches)  # a copy: entries are dropped once used up
+                    continue
+                if node in self.barriers:
+                    self.barriers[node](self._stream(node.args[0]))
+                if self._keep(node, t):
+                    self._store(node, t)
+        finally:
+            for mod in inplace:
+                mod.inplace = True
+            self.stored.clear()
+        layers = sum(1 for n in self.nodes[:self.last + 1] if self._is_layer(n))
+        return self.layer_calls / (layers * nb) if layers else 1.0
+
+    # --- which outputs to store -------------------------------------------------------------------
+    def _alive(self, m: fx.Node, t: int, extra: fx.Node | None = None) -> bool:
+        """Whether stored node m is still needed once node t (and `extra`, if it is being stored) is done:
+        some node to be run after t reaches it through outputs that are not stored."""
+        todo, seen = list(m.users), set()
+        while todo:
+            u = todo.pop()
+            if u in seen or u.op == "output":
+                continue
+            seen.add(u)
+            i = self.index[u]
+            if i > t:
+                if i <= self.last:
+                    return True
+            elif u not in self.stored and u is not extra:
+                todo.extend(u.users)
+        return False
+
+    def _keep(self, node: fx.Node, t: int) -> bool:
+        if not self.low_memory:
+            return True
+        needed = [u for u in node.users if u.op != "output" and self.index[u] <= self.last]
+        if len(needed) > 1:
+            return True
+        feeds_barrier = any(u in self.barriers and u.args and u.args[0] is node for u in needed)
+        return feeds_barrier and not any(self._alive(m, t, extra=node) for m in self.stored)
+
+    def _store(self, node: fx.Node, t: int) -> None:
+        dying = [m for m in self.stored if not self._alive(m, t, extra=node)]
+        outs = []
+        for b in range(len(self.batches)):
+            t0 = time.perf_counter()
+            outs.append(self._value(node, b, {}))
+            self.sync()
+            self.forward_seconds += time.perf_counter() - t0
+            self._measure(outs)
+            for m in dying:  # batch by batch, so that inputs and outputs never coexist whole
+                self.stored[m][b] = None
+        for m in dying:
+            del self.stored[m]
+        self.stored[node] = outs
+
+    def _measure(self, outs: list) -> None:
+        storages = {}
+        for xs in (*self.stored.values(), outs):
+            for x in xs:
+                if isinstance(x, torch.Tensor):
+                    storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        self.peak_stored_bytes = max(self.peak_stored_bytes, sum(storages.values()))
+
+    # --- computing outputs -------------------------------------------------------------------------
+    def _stream(self, node: fx.Node):
+        for b in range(len(self.batches)):
+            t0 = time.perf_counter()
+            x = self._value(node, b, {})
+            self.sync()
+            self.forward_seconds += time.perf_counter() - t0
+            yield x
+            del x
+
+    def _value(self, node: fx.Node, b: int, memo: dict):
+        if node in self.stored:
+            return self.stored[node][b]
+        if node not in memo:
+            args = fx.node.map_arg(node.args, lambda n: self._value(n, b, memo))
+            kwargs = fx.node.map_arg(node.kwargs, lambda n: self._value(n, b, memo))
+            memo[node] = self._call(node, args, kwargs)
+            self.layer_calls += self._is_layer(node)
+        return memo[node]
+
+    def _call(self, node: fx.Node, args, kwargs):
+        if node.op == "call_module":
+            return self.gm.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "get_attr":
+            return _fetch_attr(self.gm, node.target)
+        if node.op == "call_function":
+            fn = node.target
+            if self.low_memory:  # a recomputed input must not have been changed in place
+                fn = _INPLACE_FUNCTIONS.get(fn, fn)
+                if kwargs.get("inplace"):
+                    kwargs = dict(kwargs, inplace=False)
+            return fn(*args, **kwargs)
+        if node.op == "call_method":
+            name = node.target
+            if self.low_memory and name.endswith("_") and not name.startswith("_") and hasattr(args[0], name[:-1]):
+                name = name[:-1]
+            return getattr(args[0], name)(*args[1:], **kwargs)
+        raise GraphStop(f"unsupported graph node {node.op}")
+
+    def _is_layer(self, node: fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), PRUNABLE)
+
+    def _disable_inplace(self) -> list:
+        mods = [m for m in self.gm.modules() if getattr(m, "inplace", None) is True]
+        for m in mods:
+            m.inplace = False
+        return mods
