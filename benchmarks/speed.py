@@ -8,15 +8,18 @@ Writes a JSON of the raw numbers (--json) and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+import os
 import platform
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
 from cnn_sparsegpt import LayerPruner, Pattern, calibration_set, create_model, load_dataset, prune_model
 from cnn_sparsegpt.bench import PeakRSS
 from cnn_sparsegpt.prune import choose_layers, forward_order
-from cnn_sparsegpt.solver import (_inverse_cholesky, _lower_triangular_inverse, accumulate_xxt_,
+from cnn_sparsegpt.solver import (_inverse_cholesky, _lower_triangular_inverse_, accumulate_xxt_,
                                   sparsegpt_solve)
 from cnn_sparsegpt.utils import atomic_write_json, load_state_dict, resolve_device, run_metadata
 
@@ -75,17 +78,19 @@ def solver_table(device, shapes=((512, 4608), (128, 12544))):
     return rows
 
 
-def floor_and_prune(weights, data_dir, nsamples, device, batch_size=128):
+def _setup(weights, data_dir, nsamples, device):
     model = create_model("resnet18_cifar")
     model.load_state_dict(load_state_dict(weights))
     model.to(device).eval()
     train = load_dataset("cifar10", True, data_dir)
-    calib = calibration_set(train, nsamples, seed=0).to(device)
-    batches = calib.split(batch_size)
-    dense_state = {k: v.clone() for k, v in model.state_dict().items()}
+    return model, calibration_set(train, nsamples, seed=0).to(device)
 
-    # Floor, as bare torch ops: one forward over the calibration set, the Hessian products of every
-    # pruned layer on its (dense) inputs, one factorization (+ triangular inverse) per pruned layer.
+
+def measure_floor(weights, data_dir, nsamples, device, batch_size=128):
+    """The floor, as bare torch ops: one forward over the calibration set, the Hessian products of every
+    pruned layer on its (dense) inputs, one factorization (+ triangular inverse) per pruned layer."""
+    model, calib = _setup(weights, data_dir, nsamples, device)
+    batches = calib.split(batch_size)
     with torch.no_grad():
         model(batches[0][:8])
         t_forward, _ = timed(lambda: [model(x) for x in batches], device)
@@ -102,36 +107,60 @@ def floor_and_prune(weights, data_dir, nsamples, device, batch_size=128):
             p = LayerPruner(mods[name], name)
             H = torch.zeros(1, p.d, p.d, device=device)
             for inp in captured:  # unfold is part of the floor (the patches must exist); the product is
-                # the same blocked symmetric one the pruner uses, so the floor is not inflated by a plain GEMM
-                t, _ = timed(lambda inp=inp: accumulate_xxt_(H, p.columns(inp)), device)
-                t_hessian += t
+                # the same blocked symmetric one on the same chunks as the pruner's, so the floor is not
+                # inflated by a plain GEMM or by a less cache-friendly chunk size
+                for chunk in inp.split(p.chunk_images(inp)):
+                    t, _ = timed(lambda chunk=chunk: accumulate_xxt_(H, p.columns(chunk)), device)
+                    t_hessian += t
             captured.clear()  # free the layer inputs before the next layer
             H = H[0] + 0.01 * torch.diag(H[0]).mean() * torch.eye(p.d, device=device)
-            t, _ = timed(lambda: _lower_triangular_inverse(torch.linalg.cholesky(H.flip(0, 1))), device)
+            t, _ = timed(lambda: _lower_triangular_inverse_(torch.linalg.cholesky(H.flip(0, 1))), device)
             t_chol += t
     floor = {"forward": t_forward, "hessian": t_hessian, "cholesky": t_chol}
     floor["total"] = sum(floor.values())
+    return floor
 
-    model.load_state_dict(dense_state)
+
+def measure_prune(weights, data_dir, nsamples, device, low_memory):
+    """One whole-model prune, run in a fresh process so that its peak RSS is its own."""
+    model, calib = _setup(weights, data_dir, nsamples, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     with PeakRSS() as mem:
         before = mem.peak
-        t_total, rep = timed(lambda: prune_model(model, calib, "sparsegpt", nm="2:4", progress=False), device)
+        t_total, rep = timed(lambda: prune_model(model, calib, "sparsegpt", nm="2:4", progress=False,
+                                                 low_memory=low_memory), device)
     t = rep.timings
     phases = {"total": t_total, "calibration forwards": t["forward"], "hessian": t["hessian"],
               "cholesky": t["cholesky"], "updates": t["solve"] - t["cholesky"], "bn_recalibration": t["bn_recalibration"]}
     largest = max((x for x in rep.layers if not x.skipped), key=lambda x: x.shape[1] * (x.shape[2] * x.shape[3]
                                                                                         if len(x.shape) == 4 else 1))
     d = largest.shape[1] * largest.shape[2] * largest.shape[3]
-    model_bytes = sum(v.numel() * v.element_size() for v in dense_state.values())
+    model_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     act_bytes = nsamples * 64 * 32 * 32 * 4  # the largest activation of the calibration set (layer1)
     memory = {"rss_before_mb": before / 2**20, "rss_peak_mb": mem.peak / 2**20,
               "rss_increase_mb": (mem.peak - before) / 2**20, "model_mb": model_bytes / 2**20,
               "largest_layer_inputs_mb": act_bytes / 2**20, "two_largest_hessians_mb": 2 * d * d * 4 / 2**20,
+              "peak_stored_mb": rep.peak_stored_mb,
               "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
-    return {"floor": floor, "phases": phases, "forward_passes": rep.forward_passes, "memory": memory,
+    return {"low_memory": low_memory, "phases": phases, "forward_passes": rep.forward_passes, "memory": memory,
             "sparsity": rep.sparsity}
+
+
+def in_fresh_process(fn, *args):
+    """Run fn in a new process, so that the peak RSS it measures is its own. glibc's mmap threshold is
+    fixed at 1 MiB there: freed tensors then leave the RSS at once instead of staying in a heap that only
+    grows, and the RSS follows the memory actually in use (the dynamic default can add ~100 MB)."""
+    env = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(2**20)
+    try:
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(fn, *args).result()
+    finally:
+        if env is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = env
 
 
 def main():
@@ -155,21 +184,26 @@ def main():
         print(f"| {r['shape']} | {r['pattern']} | {r['ours_s']:.2f} | {r['ours_cholesky_s']:.2f} | "
               f"{r['naive_s']:.2f} | {r['naive_cholesky_s']:.2f} | {r['speedup']:.1f}x | {r['update_speedup']:.0f}x |")
     if not args.skip_model:
-        m = floor_and_prune(args.weights, args.data_dir, args.nsamples, device)
-        result["model"] = m
-        print(f"\nResNet-18, {args.nsamples} calibration images, SparseGPT 2:4, BN recalibration on, "
-              f"{m['forward_passes']:g} forward pass(es) over the calibration set")
-        print("| phase | seconds |\n|---|---|")
-        for k, v in m["phases"].items():
-            print(f"| {k} | {v:.1f} |")
-        fl = m["floor"]
+        runs = [in_fresh_process(measure_prune, args.weights, args.data_dir, args.nsamples, device, low)
+                for low in (False, True)]
+        fl = in_fresh_process(measure_floor, args.weights, args.data_dir, args.nsamples, device)
+        result["model"] = {"floor": fl, "runs": runs}
+        print(f"\nResNet-18, {args.nsamples} calibration images, SparseGPT 2:4, BN recalibration on")
+        print("| phase (seconds) | default | --low-memory |\n|---|---|---|")
+        for k in runs[0]["phases"]:
+            print(f"| {k} | {runs[0]['phases'][k]:.1f} | {runs[1]['phases'][k]:.1f} |")
         print(f"| floor: forward {fl['forward']:.1f} + Hessian products {fl['hessian']:.1f} + "
-              f"Cholesky {fl['cholesky']:.1f} | {fl['total']:.1f} |")
-        print(f"| total / floor | {m['phases']['total'] / fl['total']:.2f}x |")
-        mem = m["memory"]
-        print(f"\npeak RSS {mem['rss_peak_mb']:.0f} MB ({mem['rss_increase_mb']:.0f} MB above the "
-              f"{mem['rss_before_mb']:.0f} MB before the prune); model {mem['model_mb']:.0f} MB, largest layer's "
-              f"calibration inputs {mem['largest_layer_inputs_mb']:.0f} MB, two largest Hessians "
+              f"Cholesky {fl['cholesky']:.1f} | {fl['total']:.1f} | |")
+        print("| total / floor | " + " | ".join(f"{r['phases']['total'] / fl['total']:.2f}x" for r in runs) + " |")
+        print("| forward passes | " + " | ".join(f"{r['forward_passes']:.2f}" for r in runs) + " |")
+        print("| peak RSS above start (MB) | " + " | ".join(f"{r['memory']['rss_increase_mb']:.0f}" for r in runs) + " |")
+        print("| activations held at peak (MB) | " + " | ".join(f"{r['memory']['peak_stored_mb']:.0f}" for r in runs)
+              + " |")
+        if device.type == "cuda":
+            print("| peak GPU memory (MB) | " + " | ".join(f"{r['memory']['peak_gpu_mb']:.0f}" for r in runs) + " |")
+        mem = runs[0]["memory"]
+        print(f"\nRSS at start {mem['rss_before_mb']:.0f} MB (torch, data, model); model {mem['model_mb']:.0f} MB, "
+              f"largest layer's calibration inputs {mem['largest_layer_inputs_mb']:.0f} MB, two largest Hessians "
               f"{mem['two_largest_hessians_mb']:.0f} MB")
     atomic_write_json(result, args.json)
     print(f"\nwrote {args.json}")

@@ -112,7 +112,7 @@ def _conv_via_unfold(conv, x):
     p = LayerPruner(conv, "c")
     X = p.columns(x)  # (groups, d, B*L)
     G, rows = conv.groups, conv.out_channels // conv.groups
-    W = conv.weight.reshape(G, rows, -1)
+    W = p.weight_matrix()[0]  # columns in the same (solver) order as X's rows
     Y = torch.bmm(W, X)  # (G, rows, B*L)
     out = F.conv2d(x, conv.weight, conv.bias, conv.stride, conv.padding if conv.padding_mode == "zeros" else 0,
                    conv.dilation, conv.groups) if conv.padding_mode == "zeros" else conv(x)
@@ -202,7 +202,7 @@ def test_hessian_is_running_mean_of_2xxt(cin, groups):
 
 
 def test_inverse_cholesky_factor():
-    from cnn_sparsegpt.solver import _inverse_cholesky, _lower_triangular_inverse
+    from cnn_sparsegpt.solver import _inverse_cholesky, _lower_triangular_inverse_, _reverse_
 
     X = correlated_inputs(300, 900)
     H = (2 * X @ X.t() / 900)[None]
@@ -211,4 +211,16 @@ def test_inverse_cholesky_factor():
     torch.testing.assert_close(U[0].t() @ U[0], torch.linalg.inv(Hd), rtol=1e-3, atol=1e-4)
     assert torch.equal(U[0], torch.triu(U[0]))
     L = torch.linalg.cholesky(Hd)[None]
-    torch.testing.assert_close(_lower_triangular_inverse(L, leaf=64) @ L, torch.eye(300)[None], rtol=0, atol=1e-4)
+    torch.testing.assert_close(_lower_triangular_inverse_(L.clone(), leaf=64) @ L, torch.eye(300)[None], rtol=0, atol=1e-4)
+    for d in (7, 8, 300):
+        M = torch.randn(2, d, d)
+        assert torch.equal(_reverse_(M.clone(), step=3), M.flip(-2, -1))
+
+
+def test_solver_leaves_h_unchanged():
+    X = correlated_inputs(64, 200)
+    X[5] = 0  # a dead input: its diagonal is changed during the solve and must be restored
+    H = 2 * X @ X.t() / 200
+    H0 = H.clone()
+    sparsegpt_solve(torch.randn(8, 64), H, Pattern(n=2, m=4))
+    assert torch.equal(H, H0)
