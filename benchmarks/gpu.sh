@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# GPU checks and timings, as run for docs/PERFORMANCE.md: the gpu-marked tests, the speed benchmark on
+# CUDA, and one `prune` from the command line. Needs a CUDA device.
+#   bash benchmarks/gpu.sh DATA_DIR WEIGHTS OUT_DIR
+set -euo pipefail
+DATA=${1:-../shared/data}
+WEIGHTS=${2:-../shared/checkpoints/resnet18_cifar10.pt}
+OUT=${3:-experiments}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+python3 -m pytest -q -m gpu -p no:cacheprovider tests
+python3 benchmarks/speed.py --device cuda --data-dir "$DATA" --weights "$WEIGHTS" --json "$OUT/speed_gpu.json"
+python3 -m cnn_sparsegpt.cli -q prune --model resnet18_cifar --weights "$WEIGHTS" --data-dir "$DATA" --nm 2:4 \
+    --device cuda --eval-samples 1000 --out "$OUT/gpu_prune"
