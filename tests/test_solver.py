@@ -224,3 +224,19 @@ def test_solver_leaves_h_unchanged():
     H0 = H.clone()
     sparsegpt_solve(torch.randn(8, 64), H, Pattern(n=2, m=4))
     assert torch.equal(H, H0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("pattern", [Pattern(sparsity=0.5), Pattern(n=2, m=4)])
+def test_cuda_graph_matches_the_loop(pattern):
+    X = correlated_inputs(1100, 3000).cuda()
+    H = 2 * X @ X.t() / 3000
+    W = torch.randn(64, 1100, generator=torch.Generator().manual_seed(3)).cuda()
+    graphs = {}
+    for d in (1100, 700):  # the second layer replays the graph recorded for the first (same block shape)
+        Qg, mg, _ = sparsegpt_solve(W[:, :d], H[:d, :d], pattern, graphs=graphs)  # full blocks, then a partial one
+        Ql, ml, _ = sparsegpt_solve(W[:, :d], H[:d, :d], pattern, cuda_graph=False)
+        assert torch.equal(mg, ml)
+        torch.testing.assert_close(Qg, Ql, rtol=1e-6, atol=1e-6)
+    assert len(graphs) == 1

@@ -135,6 +135,7 @@ class _Pruner:
         self.results: dict[str, LayerResult] = {}
         self.t = {"forward": 0.0, "hessian": 0.0, "cholesky": 0.0, "solve": 0.0, "bn_recalibration": 0.0}
         self.peak_stored_mb = None
+        self.graphs: dict = {}  # CUDA graphs of the solver's column loop, shared by layers of the same shape
         self.forward_clock = lambda: 0.0  # seconds of forward work done so far inside the executor
         self.bar = tqdm(total=sum(1 for r in plan.values() if not r), desc=f"{method} {pattern}",
                         unit="layer", disable=not progress, leave=False)
@@ -151,7 +152,7 @@ class _Pruner:
             pruner.add_batch(x)
         self.sync()
         t1 = time.perf_counter()
-        res = pruner.prune(self.method, self.pattern, self.percdamp, self.blocksize, stats=self.t)
+        res = pruner.prune(self.method, self.pattern, self.percdamp, self.blocksize, stats=self.t, graphs=self.graphs)
         self.sync()
         self.t["hessian"] += t1 - t0 - (self.forward_clock() - f0)
         self.t["solve"] += time.perf_counter() - t1  # includes "cholesky"

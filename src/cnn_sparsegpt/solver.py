@@ -74,14 +74,17 @@ def _inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, f
 
 
 def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp: float = 0.01,
-                    blocksize: int = 128, stats: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+                    blocksize: int = 128, stats: dict | None = None, cuda_graph: bool = True,
+                    graphs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """SparseGPT on one matrix W (rows, d) with Hessian H (d, d), or a batch of them (G, rows, d), (G, d, d).
 
     Returns (pruned W, pruned mask, damping used). Columns are visited left to right; N:M groups are m
     consecutive columns (see masks.py). A batch (a grouped conv's groups) is solved in one pass.
+    On CUDA the column loop of a block is a CUDA graph; pass the same `graphs` dict to every layer of a
+    model so that layers whose blocks have the same shape share one.
     """
     if W.ndim == 2:
-        Q, pruned, damp = sparsegpt_solve(W[None], H[None], pattern, percdamp, blocksize, stats)
+        Q, pruned, damp = sparsegpt_solve(W[None], H[None], pattern, percdamp, blocksize, stats, cuda_graph, graphs)
         return Q[0], pruned[0], damp
     W = W.clone()
     G, rows, d = W.shape
@@ -98,33 +101,81 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
         if Hinv.is_cuda:
             torch.cuda.synchronize(Hinv.device)
         stats["cholesky"] = stats.get("cholesky", 0.0) + time.perf_counter() - t0
-    n, m = pattern.n, pattern.m
     if pattern.is_nm:  # a block must hold whole groups
-        blocksize = max(m, blocksize - blocksize % m)
+        blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
     pruned = torch.zeros_like(W, dtype=torch.bool)
+    graph = None
+    if cuda_graph and W.is_cuda and d >= 2 * blocksize:
+        graphs = {} if graphs is None else graphs
+        graph = graphs.setdefault((G, rows, blocksize, str(pattern), W.device), _BlockGraph(_solve_block, pattern))
     for i1 in range(0, d, blocksize):
         i2 = min(i1 + blocksize, d)
         W1, Hinv1 = W[:, :, i1:i2].clone(), Hinv[:, i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
-        dinv = torch.diagonal(Hinv1, dim1=-2, dim2=-1)[:, None, :]
-        dinv2, inv_dinv = dinv ** 2, 1 / dinv
         if pattern.is_nm:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:  # adaptive mask: the block's share of the layer's count, chosen by OBS saliency w²/[H⁻¹]²
             k = round(pattern.sparsity * rows * i2) - round(pattern.sparsity * rows * i1)
-            mask1 = topk_prune_mask(W1 ** 2 / dinv2, k)
-        # Per column, three kernels: the error of zeroing the pruned weights (w·mask / [H⁻¹]ᵢᵢ, written
-        # straight into Err1) and its rank-1 update of the block's remaining columns.
-        for i in range(i2 - i1):
-            if pattern.is_nm and i % m == 0:
-                mask1[:, :, i:i + m] = nm_prune_mask(W1[:, :, i:i + m] ** 2 / dinv2[:, :, i:i + m], n, m)
-            err1 = torch.mul(W1[:, :, i], mask1[:, :, i], out=Err1[:, :, i])
-            err1.mul_(inv_dinv[:, :, i])
-            W1[:, :, i:].addcmul_(err1[:, :, None], Hinv1[:, i:i + 1, i:], value=-1)
+            mask1 = topk_prune_mask(W1 ** 2 / torch.diagonal(Hinv1, dim1=-2, dim2=-1)[:, None, :] ** 2, k)
+        if graph is not None and i2 - i1 == blocksize:
+            graph(W1, Err1, mask1, Hinv1)
+        else:
+            _solve_block(W1, Err1, mask1, Hinv1, pattern)
         W[:, :, i1:i2] = W1.masked_fill_(mask1, 0)  # kept columns never moved after their turn; pruned are exact 0
         pruned[:, :, i1:i2] = mask1
         W[:, :, i2:].baddbmm_(Err1, Hinv[:, i1:i2, i2:], alpha=-1)  # lazy update of the columns right of the block
     return W, pruned, damp
+
+
+def _solve_block(W1, Err1, mask1, Hinv1, pattern: Pattern) -> None:
+    """The column-by-column part of one block, in place: W1 updated, Err1 filled, mask1 chosen (N:M)."""
+    n, m = pattern.n, pattern.m
+    dinv = torch.diagonal(Hinv1, dim1=-2, dim2=-1)[:, None, :]
+    dinv2, inv_dinv = dinv ** 2, 1 / dinv
+    # Per column, three kernels: the error of zeroing the pruned weights (w·mask / [H⁻¹]ᵢᵢ, written
+    # straight into Err1) and its rank-1 update of the block's remaining columns.
+    for i in range(W1.shape[-1]):
+        if pattern.is_nm and i % m == 0:
+            mask1[:, :, i:i + m] = nm_prune_mask(W1[:, :, i:i + m] ** 2 / dinv2[:, :, i:i + m], n, m)
+        err1 = torch.mul(W1[:, :, i], mask1[:, :, i], out=Err1[:, :, i])
+        err1.mul_(inv_dinv[:, :, i])
+        W1[:, :, i:].addcmul_(err1[:, :, None], Hinv1[:, i:i + 1, i:], value=-1)
+
+
+class _BlockGraph:
+    """`_solve_block` recorded once as a CUDA graph and replayed for every full block of a layer. On a GPU
+    the column loop is bound by launching its ~400 small kernels per block, not by their work; a replay
+    launches them all at once. Falls back to running the loop if the graph cannot be captured."""
+
+    def __init__(self, fn, pattern: Pattern):
+        self.fn, self.pattern, self.graph, self.failed = fn, pattern, None, False
+
+    def __call__(self, W1, Err1, mask1, Hinv1) -> None:
+        if self.graph is None and not self.failed:
+            self._capture(W1, Err1, mask1, Hinv1)
+        if self.graph is None:
+            return self.fn(W1, Err1, mask1, Hinv1, self.pattern)
+        for static, x in zip(self.static, (W1, Err1, mask1, Hinv1)):
+            static.copy_(x)
+        self.graph.replay()
+        for static, x in zip(self.static[:3], (W1, Err1, mask1)):
+            x.copy_(static)
+
+    def _capture(self, *args) -> None:
+        self.static = [x.clone() for x in args]
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up outside the graph (lazy initializations), on copies
+                self.fn(*[x.clone() for x in args], self.pattern)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.fn(*self.static, self.pattern)
+            self.graph = graph
+        except RuntimeError as e:  # e.g. an op that cannot be captured on this build: run the loop instead
+            self.failed = True
+            warnings.warn(f"CUDA graph capture failed ({e}); running the column loop without it", RuntimeWarning)
 
 
 def accumulate_xxt_(H: torch.Tensor, X: torch.Tensor, beta: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
@@ -228,7 +279,7 @@ class LayerPruner:
 
     @torch.no_grad()
     def prune(self, method: str, pattern: Pattern, percdamp: float = 0.01, blocksize: int = 128,
-              stats: dict | None = None) -> LayerResult:
+              stats: dict | None = None, graphs: dict | None = None) -> LayerResult:
         t0 = time.perf_counter()
         weight = self.layer.weight
         res = LayerResult(self.name, list(weight.shape), method, str(pattern))
@@ -247,7 +298,7 @@ class LayerPruner:
                 res.reason = "all-zero calibration inputs: magnitude-pruned instead"
             method = "magnitude"
         if method == "sparsegpt":
-            Q, pruned, res.percdamp = sparsegpt_solve(Wg, Hg, pattern, percdamp, blocksize, stats)
+            Q, pruned, res.percdamp = sparsegpt_solve(Wg, Hg, pattern, percdamp, blocksize, stats, graphs=graphs)
         else:
             scores = Wg.abs()
             if method == "wanda":  # |W|·‖X_j‖₂, compared within each output row
