@@ -47,6 +47,8 @@ class GraphExecutor:
         self.forward_seconds = 0.0  # time spent computing node outputs (not in the barrier callbacks)
         self.layer_calls = 0  # Conv2d/Linear outputs computed, batch by batch, to count forward passes
         self.peak_stored_bytes = 0  # most bytes of stored outputs alive at once (the calibration batches included)
+        self._held: dict[int, list] = {}  # storage address → [bytes, references], so aliases count once
+        self._held_bytes = 0
 
     def run(self) -> float:
         """Run up to the last barrier; return the forward passes spent (Conv/Linear evaluations per batch,
@@ -59,9 +61,11 @@ class GraphExecutor:
                     if self.stored:
                         if not node.args:
                             raise GraphStop("forward takes more than one required input")
-                        self.stored[node] = [node.args[0]] * nb
+                        self.stored[node] = [node.args[0]] * nb  # a constant, not counted
                     else:
                         self.stored[node] = list(self.batches)  # a copy: entries are dropped once used up
+                        for x in self.batches:
+                            self._hold(x, +1)
                     continue
                 if node in self.barriers:
                     self.barriers[node](self._stream(node.args[0]))
@@ -109,20 +113,27 @@ class GraphExecutor:
             outs.append(self._value(node, b, {}))
             self.sync()
             self.forward_seconds += time.perf_counter() - t0
-            self._measure(outs)
+            self._hold(outs[-1], +1)
             for m in dying:  # batch by batch, so that inputs and outputs never coexist whole
+                self._hold(self.stored[m][b], -1)
                 self.stored[m][b] = None
         for m in dying:
             del self.stored[m]
         self.stored[node] = outs
 
-    def _measure(self, outs: list) -> None:
-        storages = {}
-        for xs in (*self.stored.values(), outs):
-            for x in xs:
-                if isinstance(x, torch.Tensor):
-                    storages[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
-        self.peak_stored_bytes = max(self.peak_stored_bytes, sum(storages.values()))
+    def _hold(self, x, count: int) -> None:
+        """Count a stored output in (+1) or out (-1) of the bytes held, tracking the peak."""
+        if not isinstance(x, torch.Tensor) or (count < 0 and x.untyped_storage().data_ptr() not in self._held):
+            return  # not a tensor, or a constant that was never counted in
+        storage = x.untyped_storage()
+        entry = self._held.setdefault(storage.data_ptr(), [storage.nbytes(), 0])
+        if entry[1] == 0:
+            self._held_bytes += entry[0]
+        entry[1] += count
+        if entry[1] == 0:
+            self._held_bytes -= entry[0]
+            del self._held[storage.data_ptr()]
+        self.peak_stored_bytes = max(self.peak_stored_bytes, self._held_bytes)
 
     # --- computing outputs -------------------------------------------------------------------------
     def _stream(self, node: fx.Node):

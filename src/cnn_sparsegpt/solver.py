@@ -246,8 +246,8 @@ class LayerPruner:
 
     def chunk_images(self, inp: torch.Tensor, chunk_bytes: int = 8 * 2**20, min_columns: int = 4096) -> int:
         """Images per Hessian update: about 8 MB of unfolded patches (small enough to stay in cache and
-        out of the peak memory, 1.3x faster than 64 MB for ResNet-18's layer1 here), but at least 4096
-        patches, below which the product on a wide layer (d = 4608) loses efficiency."""
+        out of the peak memory), but at least 4096 patches, below which the product on a wide layer
+        (d = 4608) loses efficiency."""
         layer, per_image = self.layer, inp[0].numel() * 4  # bytes of patches per image
         if isinstance(layer, nn.Conv2d):  # unfold multiplies the input by about kh·kw / (sh·sw)
             per_image = per_image * layer.kernel_size[0] * layer.kernel_size[1] // (layer.stride[0] * layer.stride[1])
