@@ -54,10 +54,11 @@ def test_prune_from_yaml_with_flag_override(mnist_ckpt, data_dir, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"model": "mnist_cnn", "weights": str(mnist_ckpt), "method": "magnitude",
                                    "nm": "2:4", "nsamples": 32, "ignore": ["6"], "eval_samples": 100,
-                                   "out": str(tmp_path / "from_yaml")}))
+                                   "low_memory": True, "out": str(tmp_path / "from_yaml")}))
     assert main(["-q", "prune", "--config", str(cfg), "--data-dir", str(data_dir), "--sparsity", "0.7"]) == 0
     report = json.loads((tmp_path / "from_yaml" / "report.json").read_text())
     assert report["method"] == "magnitude" and report["pattern"] == "0.7" and abs(report["sparsity"] - 0.7) < 1e-3
+    assert report["low_memory"] and report["peak_stored_mb"] > 0
 
 
 def test_shipped_configs_are_valid():
