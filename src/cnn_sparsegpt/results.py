@@ -63,16 +63,21 @@ def old_repo_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def checkpoints_table(rows: list[dict]) -> str:
-    """Each checkpoint's recipe and accuracy, read from the .json its `train` command wrote."""
+def checkpoints_table(rows: list[dict], meta_dir: str = "experiments/checkpoints") -> str:
+    """Each checkpoint's recipe and accuracy, read from the .json its `train` command wrote: beside the
+    checkpoint, else a copy in `meta_dir` (checkpoints are not committed, their metadata is)."""
     import json
 
     lines = ["| model | checkpoint | recipe | test top-1 at training | training time |", "|---|---|---|---|---|"]
     for model, ckpt in sorted({(r["model"], r["checkpoint"]) for r in rows}):
-        meta_path = Path(f"{ckpt}.json")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError):
+        meta = None
+        for meta_path in (Path(f"{ckpt}.json"), Path(meta_dir) / f"{Path(ckpt).name}.json"):
+            try:
+                meta = json.loads(meta_path.read_text())
+                break
+            except (OSError, json.JSONDecodeError):
+                continue
+        if meta is None:
             lines.append(f"| {model} | {ckpt} | (no metadata) | | |")
             continue
         cfg = meta.get("config")
