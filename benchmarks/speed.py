@@ -8,6 +8,7 @@ Writes a JSON of the raw numbers (--json) and prints a markdown table.
 from __future__ import annotations
 
 import argparse
+import math
 import multiprocessing
 import os
 import platform
@@ -18,9 +19,9 @@ import torch
 
 from cnn_sparsegpt import LayerPruner, Pattern, calibration_set, create_model, load_dataset, prune_model
 from cnn_sparsegpt.bench import PeakRSS
+from cnn_sparsegpt.linalg import _lower_triangular_inverse_, accumulate_xxt_, inverse_cholesky
 from cnn_sparsegpt.prune import choose_layers, forward_order
-from cnn_sparsegpt.solver import (_inverse_cholesky, _lower_triangular_inverse_, accumulate_xxt_,
-                                  sparsegpt_solve)
+from cnn_sparsegpt.solver import sparsegpt_solve
 from cnn_sparsegpt.utils import atomic_write_json, load_state_dict, resolve_device, run_metadata
 
 
@@ -40,7 +41,7 @@ def timed(fn, device):
 def naive_sparsegpt(W, H, pattern, percdamp=0.01, stats=None):
     """The old approach: one column at a time, each column's error applied to all remaining columns at once."""
     W = W.clone()
-    t, (Hinv, _) = timed(lambda: _inverse_cholesky(H[None], percdamp), W.device)  # the same factorization as ours
+    t, (Hinv, _) = timed(lambda: inverse_cholesky(H[None], percdamp), W.device)  # the same factorization as ours
     stats["cholesky"] = t
     Hinv = Hinv[0]
     d = W.shape[1]
@@ -132,10 +133,9 @@ def measure_prune(weights, data_dir, nsamples, device, low_memory):
                                                  low_memory=low_memory), device)
     t = rep.timings
     phases = {"total": t_total, "calibration forwards": t["forward"], "hessian": t["hessian"],
-              "cholesky": t["cholesky"], "updates": t["solve"] - t["cholesky"], "bn_recalibration": t["bn_recalibration"]}
-    largest = max((x for x in rep.layers if not x.skipped), key=lambda x: x.shape[1] * (x.shape[2] * x.shape[3]
-                                                                                        if len(x.shape) == 4 else 1))
-    d = largest.shape[1] * largest.shape[2] * largest.shape[3]
+              "cholesky": t["cholesky"], "updates": t["solve"] - t["cholesky"],
+              "bn_recalibration": t["bn_recalibration"]}
+    d = max(math.prod(x.shape[1:]) for x in rep.layers if not x.skipped)  # the widest pruned layer
     model_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     act_bytes = nsamples * 64 * 32 * 32 * 4  # the largest activation of the calibration set (layer1)
     memory = {"rss_before_mb": before / 2**20, "rss_peak_mb": mem.peak / 2**20,
@@ -194,13 +194,15 @@ def main():
             print(f"| {k} | {runs[0]['phases'][k]:.1f} | {runs[1]['phases'][k]:.1f} |")
         print(f"| floor: forward {fl['forward']:.1f} + Hessian products {fl['hessian']:.1f} + "
               f"Cholesky {fl['cholesky']:.1f} | {fl['total']:.1f} | |")
-        print("| total / floor | " + " | ".join(f"{r['phases']['total'] / fl['total']:.2f}x" for r in runs) + " |")
-        print("| forward passes | " + " | ".join(f"{r['forward_passes']:.2f}" for r in runs) + " |")
-        print("| peak RSS above start (MB) | " + " | ".join(f"{r['memory']['rss_increase_mb']:.0f}" for r in runs) + " |")
-        print("| activations held at peak (MB) | " + " | ".join(f"{r['memory']['peak_stored_mb']:.0f}" for r in runs)
-              + " |")
+        def row(label, cells):
+            print(f"| {label} | " + " | ".join(cells) + " |")
+
+        row("total / floor", [f"{r['phases']['total'] / fl['total']:.2f}x" for r in runs])
+        row("forward passes", [f"{r['forward_passes']:.2f}" for r in runs])
+        row("peak RSS above start (MB)", [f"{r['memory']['rss_increase_mb']:.0f}" for r in runs])
+        row("activations held at peak (MB)", [f"{r['memory']['peak_stored_mb']:.0f}" for r in runs])
         if device.type == "cuda":
-            print("| peak GPU memory (MB) | " + " | ".join(f"{r['memory']['peak_gpu_mb']:.0f}" for r in runs) + " |")
+            row("peak GPU memory (MB)", [f"{r['memory']['peak_gpu_mb']:.0f}" for r in runs])
         mem = runs[0]["memory"]
         print(f"\nRSS at start {mem['rss_before_mb']:.0f} MB (torch, data, model); model {mem['model_mb']:.0f} MB, "
               f"largest layer's calibration inputs {mem['largest_layer_inputs_mb']:.0f} MB, two largest Hessians "

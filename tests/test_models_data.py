@@ -6,8 +6,18 @@ import pytest
 import torch
 from PIL import Image
 
-from cnn_sparsegpt import (ImageSet, TrainConfig, UserError, calibration_set, create_model, evaluate, list_models,
-                           load_dataset, load_state_dict, train_model)
+from cnn_sparsegpt import (
+    ImageSet,
+    TrainConfig,
+    UserError,
+    calibration_set,
+    create_model,
+    evaluate,
+    list_models,
+    load_dataset,
+    load_state_dict,
+    train_model,
+)
 from cnn_sparsegpt.models import model_entry
 
 from .conftest import DATA, RESNET_CKPT

@@ -10,7 +10,7 @@ from cnn_sparsegpt import create_model
 from cnn_sparsegpt.cli import main
 from cnn_sparsegpt.utils import atomic_save, atomic_write_text
 
-from .test_cli import mnist_ckpt, prune_args  # noqa: F401 - fixture
+from .test_cli import mnist_ckpt, prune_args
 
 
 def run(capsys, args):
@@ -51,7 +51,7 @@ def test_unknown_model_and_dataset(capsys, tmp_path):
                           "--out", str(tmp_path)], "unknown dataset 'svhn'", "mnist, cifar10")
 
 
-def test_checkpoint_problems(capsys, tmp_path, data_dir, mnist_ckpt):  # noqa: F811
+def test_checkpoint_problems(capsys, tmp_path, data_dir, mnist_ckpt):
     base = ["prune", "--model", "mnist_cnn", "--data-dir", str(data_dir), "--sparsity", "0.5",
             "--out", str(tmp_path / "o"), "--weights"]
     assert_error(capsys, base + [str(tmp_path / "nope.pt")], "checkpoint not found")
@@ -135,7 +135,7 @@ def test_fewer_calibration_images_than_asked_warns(capsys, tmp_path):
     assert "warning: no --weights given" in err
 
 
-def test_nm_impossible_layer_is_skipped_and_listed(capsys, tmp_path, data_dir, mnist_ckpt):  # noqa: F811
+def test_nm_impossible_layer_is_skipped_and_listed(capsys, tmp_path, data_dir, mnist_ckpt):
     code, err = run(capsys, prune_args(mnist_ckpt, data_dir, tmp_path / "o", "--nm", "2:4", "--prune-all"))
     assert code == 0, err
     import json
@@ -164,7 +164,7 @@ def test_atomic_writes_keep_old_file_on_failure(tmp_path, monkeypatch):
     assert (tmp_path / "r.json").read_text() == "x"
 
 
-def test_no_nan_reaches_a_checkpoint(capsys, tmp_path, data_dir, mnist_ckpt, monkeypatch):  # noqa: F811
+def test_no_nan_reaches_a_checkpoint(capsys, tmp_path, data_dir, mnist_ckpt, monkeypatch):
     import cnn_sparsegpt.pipeline as pipeline
 
     real = pipeline.prune_model

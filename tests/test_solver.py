@@ -202,16 +202,17 @@ def test_hessian_is_running_mean_of_2xxt(cin, groups):
 
 
 def test_inverse_cholesky_factor():
-    from cnn_sparsegpt.solver import _inverse_cholesky, _lower_triangular_inverse_, _reverse_
+    from cnn_sparsegpt.linalg import _lower_triangular_inverse_, _reverse_, inverse_cholesky
 
     X = correlated_inputs(300, 900)
     H = (2 * X @ X.t() / 900)[None]
-    U, _ = _inverse_cholesky(H, 0.01)
+    U, _ = inverse_cholesky(H, 0.01)
     Hd = H[0] + 0.01 * torch.diag(H[0]).mean() * torch.eye(300)
     torch.testing.assert_close(U[0].t() @ U[0], torch.linalg.inv(Hd), rtol=1e-3, atol=1e-4)
     assert torch.equal(U[0], torch.triu(U[0]))
     L = torch.linalg.cholesky(Hd)[None]
-    torch.testing.assert_close(_lower_triangular_inverse_(L.clone(), leaf=64) @ L, torch.eye(300)[None], rtol=0, atol=1e-4)
+    eye = torch.eye(300)[None]
+    torch.testing.assert_close(_lower_triangular_inverse_(L.clone(), leaf=64) @ L, eye, rtol=0, atol=1e-4)
     for d in (7, 8, 300):
         M = torch.randn(2, d, d)
         assert torch.equal(_reverse_(M.clone(), step=3), M.flip(-2, -1))

@@ -62,7 +62,6 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-
     from .data import load_dataset
     from .models import check_model_name, create_model, model_entry
     from .train import TrainConfig, train_model

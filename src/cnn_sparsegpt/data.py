@@ -76,7 +76,7 @@ def _from_torchvision(kind: str, root: Path, train: bool) -> ImageSet:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ds = _torchvision(kind, root, train, download=True)
-        except Exception:  # noqa: BLE001 - any download failure gets the same advice
+        except Exception:
             raise UserError(_offline_help(kind, root)) from None
     images = torch.as_tensor(ds.data)
     images = images.unsqueeze(1) if images.ndim == 3 else images.permute(0, 3, 1, 2)
@@ -145,7 +145,7 @@ def _load_imagefolder(path: Path, train: bool) -> dict:
     if cached.is_file():
         try:
             splits = torch.load(cached, weights_only=True)
-        except Exception:  # noqa: BLE001 - a broken cache is rebuilt
+        except Exception:
             splits = None
     else:
         splits = None

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import operator
 import time
-from typing import Callable, Iterable
+from collections.abc import Iterable
+from typing import Callable
 
 import torch
 from torch import fx, nn

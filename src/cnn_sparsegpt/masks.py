@@ -32,7 +32,7 @@ class Pattern:
         return f"{self.n}:{self.m}" if self.is_nm else f"{self.sparsity:g}"
 
     @classmethod
-    def parse(cls, sparsity: float | str | None = None, nm: str | None = None) -> "Pattern":
+    def parse(cls, sparsity: float | str | None = None, nm: str | None = None) -> Pattern:
         """Build from the user's --sparsity / --nm, with a clear error for every bad combination."""
         if (sparsity is None) == (nm is None):
             raise UserError("give exactly one of --sparsity (e.g. 0.5) and --nm (e.g. 2:4)")

@@ -16,8 +16,16 @@ from .models import check_model_name, create_model, model_entry
 from .prune import prune_model
 from .solver import METHODS
 from .train import evaluate
-from .utils import (UserError, atomic_save, atomic_write_json, check_finite, ensure_writable, load_state_dict,
-                    resolve_device, run_metadata)
+from .utils import (
+    UserError,
+    atomic_save,
+    atomic_write_json,
+    check_finite,
+    ensure_writable,
+    load_state_dict,
+    resolve_device,
+    run_metadata,
+)
 
 
 def load_weights(model: nn.Module, path: str | Path, model_name: str, state: dict | None = None) -> dict:
@@ -136,7 +144,8 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
         "dense_acc": dense_acc, "pruned_acc": pruned_acc, "eval_samples": len(test),
         "eval_seconds": eval_seconds, "eval_split": f"holdout {opts.holdout}" if opts.holdout else "test",
         "percdamp": opts.percdamp, "blocksize": opts.blocksize, "seed": opts.seed,
-        "bn_recalibration": opts.bn_recalibration, "low_memory": opts.low_memory, "prune_all": opts.prune_all, "ignore": list(opts.ignore),
+        "bn_recalibration": opts.bn_recalibration, "low_memory": opts.low_memory, "prune_all": opts.prune_all,
+        "ignore": list(opts.ignore),
         "peak_gpu_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     } | report.as_dict() | run_metadata(device)
     if write:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import re
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 from torch import fx, nn
@@ -23,7 +24,6 @@ from .graph import PRUNABLE, GraphExecutor, GraphStop
 from .masks import Pattern
 from .solver import METHODS, LayerPruner, LayerResult
 from .utils import UserError
-
 
 
 @dataclass
@@ -253,7 +253,7 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
     if use_fx:
         try:
             gm = fx.symbolic_trace(model)
-        except Exception as e:  # noqa: BLE001 - any tracing failure means: use the general path
+        except Exception as e:
             warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}); "
                           "falling back to one forward pass per layer", RuntimeWarning)
         else:

@@ -52,12 +52,13 @@ def model_table(rows: list[dict], model: str) -> str:
 
 
 def old_repo_table(rows: list[dict]) -> str:
-    lines = ["| model | old dense | old magnitude | old SparseGPT | our dense | our magnitude | our Wanda | our SparseGPT |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | old dense | old magnitude | old SparseGPT | our dense | our magnitude | our Wanda "
+             "| our SparseGPT |", "|---|---|---|---|---|---|---|---|"]
     for model, (d, mag, sg) in OLD_REPO_2OF4.items():
-        ours = {r["method"]: 100 * float(r["pruned_acc"]) for r in rows if r["model"] == model and r["pattern"] == "2:4"}
+        ours = {r["method"]: 100 * float(r["pruned_acc"])
+                for r in rows if r["model"] == model and r["pattern"] == "2:4"}
         dense = next((100 * float(r["dense_acc"]) for r in rows if r["model"] == model), None)
-        fmt = lambda v: f"{v:.2f}" if v is not None else "not run"  # noqa: E731
+        fmt = lambda v: f"{v:.2f}" if v is not None else "not run"
         lines.append(f"| {model} | {d:.2f} | {mag:.2f} | {sg:.2f} | {fmt(dense)} | {fmt(ours.get('magnitude'))} | "
                      f"{fmt(ours.get('wanda'))} | {fmt(ours.get('sparsegpt'))} |")
     return "\n".join(lines)
@@ -81,8 +82,10 @@ def checkpoints_table(rows: list[dict], meta_dir: str = "experiments/checkpoints
             lines.append(f"| {model} | {ckpt} | (no metadata) | | |")
             continue
         cfg = meta.get("config")
-        recipe = (f"{meta.get('epochs')} epochs, batch {cfg['batch_size']}, peak lr {cfg['lr']}, {cfg['schedule']}"
-                  if cfg else f"{meta.get('epochs')} epochs, batch {meta.get('batch_size')}, {meta.get('schedule', '')}")
+        if cfg:
+            recipe = f"{meta.get('epochs')} epochs, batch {cfg['batch_size']}, peak lr {cfg['lr']}, {cfg['schedule']}"
+        else:
+            recipe = f"{meta.get('epochs')} epochs, batch {meta.get('batch_size')}, {meta.get('schedule', '')}"
         secs = meta.get("seconds", meta.get("train_seconds"))
         lines.append(f"| {model} | `{ckpt}` | {recipe} | {100 * meta['test_acc']:.2f}% | "
                      f"{secs:.0f} s on {meta.get('device', '2 CPU cores')} |")
