@@ -225,3 +225,20 @@ def test_low_memory_keeps_one_activation_in_residual_blocks():
         peaks[low] = rep.peak_stored_mb
     assert peaks[False] >= 2 * act_mb
     assert peaks[True] <= 1.3 * act_mb + x.numel() * 4 / 2**20  # + the calibration batches themselves
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "squeezenet1_1", "shufflenet_v2_x0_5"])
+def test_low_memory_matches_default_on_torchvision(name):
+    """Inverted residuals, concatenations, channel shuffles, in-place ReLU6: the same masks and weights."""
+    torchvision = pytest.importorskip("torchvision")
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    reports, states = [], []
+    for low in (False, True):
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)(num_classes=10).eval()
+        reports.append(prune_model(model, x, "sparsegpt", nm="2:4", batch_size=4, progress=False, low_memory=low))
+        states.append(model.state_dict())
+    assert reports[0].forward_passes == 1 and reports[1].forward_passes >= 1
+    assert all(torch.equal(reports[0].masks[k], reports[1].masks[k]) for k in reports[0].masks)
+    for k in states[0]:
+        torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-5, atol=1e-6, msg=k)

@@ -76,7 +76,7 @@ class GraphExecutor:
             for mod in inplace:
                 mod.inplace = True
             self.stored.clear()
-        layers = sum(1 for n in self.nodes[:self.last + 1] if self._is_layer(n))
+        layers = sum(1 for n in self.nodes[:self.last + 1] if self._is_layer(n) and self._needed_by(n))
         return self.layer_calls / (layers * nb) if layers else 1.0
 
     # --- which outputs to store -------------------------------------------------------------------
@@ -97,12 +97,14 @@ class GraphExecutor:
                 todo.extend(u.users)
         return False
 
+    def _needed_by(self, node: fx.Node) -> list[fx.Node]:
+        """The users of node that will run (an output nobody up to the last barrier reads is not computed)."""
+        return [u for u in node.users if u.op != "output" and self.index[u] <= self.last]
+
     def _keep(self, node: fx.Node, t: int) -> bool:
-        if not self.low_memory:
-            return True
-        needed = [u for u in node.users if u.op != "output" and self.index[u] <= self.last]
-        if len(needed) > 1:
-            return True
+        needed = self._needed_by(node)
+        if not self.low_memory or len(needed) > 1:
+            return bool(needed)
         feeds_barrier = any(u in self.barriers and u.args and u.args[0] is node for u in needed)
         return feeds_barrier and not any(self._alive(m, t, extra=node) for m in self.stored)
 
