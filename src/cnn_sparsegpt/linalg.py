@@ -39,29 +39,38 @@ def _reverse_(M: torch.Tensor, step: int = 256) -> torch.Tensor:
     return M
 
 
-def inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
-    """Upper Cholesky factors U of (H + damp·I)⁻¹ = UᵀU for a batch (G, d, d), raising damping tenfold on failure.
-
-    With J the reversal permutation and JHJ = LLᵀ, U = J L⁻¹ J: one factorization and one triangular
-    inverse instead of factor, invert, factor again (less work, and H⁻¹ is never formed). Both that
-    inverse and the reversal work in place, so besides H at most two d×d matrices exist (during the
-    factorization) and one (U) afterwards: this decides the peak memory of pruning a large layer.
-    """
+def _damped_flipped_cholesky(H: torch.Tensor, percdamp: float, finish) -> tuple[torch.Tensor, float]:
+    """L with J(H + damp·I)J = LLᵀ (J reverses the order), turned into a factor by `finish(L)` in place;
+    damping is raised tenfold while the factorization fails or the factor is not finite."""
     mean_diag = torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)[:, None]
     pd = percdamp
     for _ in range(8):
         A = H.flip(-2, -1)
         torch.diagonal(A, dim1=-2, dim2=-1).add_(pd * mean_diag)
         L, info = torch.linalg.cholesky_ex(A)
-        del A
+        del A  # at most two d×d matrices besides H, which decides the peak memory of a wide layer
         if not info.any():
-            U = _reverse_(_lower_triangular_inverse_(L))
-            if torch.isfinite(U).all():
+            F = finish(L)
+            if torch.isfinite(F).all():
                 if pd != percdamp:
                     warnings.warn(f"Cholesky failed at percdamp={percdamp:g}; succeeded at {pd:g}", RuntimeWarning)
-                return U, pd
+                return F, pd
         pd = max(pd, 1e-4) * 10
     raise torch.linalg.LinAlgError(f"Hessian not positive definite even with percdamp={pd / 10:g}")
+
+
+def upper_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
+    """Upper-triangular Ũ with H + damp·I = ŨŨᵀ for a batch (G, d, d): Ũ = J L J. The factor SparseGPT
+    needs is U = Ũ⁻¹ (H⁻¹ = UᵀU), but only its diagonal blocks explicitly: the solver applies the rest by
+    block substitution with Ũ, so the d×d triangular inverse (a third of the factorization) is never done."""
+    return _damped_flipped_cholesky(H, percdamp, _reverse_)
+
+
+def inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
+    """The upper Cholesky factor U of (H + damp·I)⁻¹ = UᵀU itself: U = J L⁻¹ J, one factorization and one
+    in-place triangular inverse (H⁻¹ is never formed). For solvers that need all of U (the benchmark's
+    naive one)."""
+    return _damped_flipped_cholesky(H, percdamp, lambda L: _reverse_(_lower_triangular_inverse_(L)))
 
 
 def accumulate_xxt_(H: torch.Tensor, X: torch.Tensor, beta: float = 1.0, alpha: float = 1.0) -> torch.Tensor:

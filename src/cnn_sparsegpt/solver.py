@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .linalg import accumulate_xxt_, inverse_cholesky
+from .linalg import accumulate_xxt_, upper_cholesky
 from .masks import Pattern, conv_column_perm, nm_prune_mask, pattern_prune_mask, topk_prune_mask
 
 METHODS = ("sparsegpt", "magnitude", "wanda")
@@ -41,12 +41,12 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
     t0 = time.perf_counter()
     diag.masked_fill_(dead, 1)  # H is changed only here, and restored at once (no copy of H)
     try:
-        Hinv, damp = inverse_cholesky(H, percdamp)
+        Ut, damp = upper_cholesky(H, percdamp)  # H + damp·I = ŨŨᵀ; SparseGPT's factor of H⁻¹ is U = Ũ⁻¹
     finally:
         diag.masked_fill_(dead, 0)
     if stats is not None:  # for the speed benchmark: factorization time apart from the updates
-        if Hinv.is_cuda:
-            torch.cuda.synchronize(Hinv.device)
+        if Ut.is_cuda:
+            torch.cuda.synchronize(Ut.device)
         stats["cholesky"] = stats.get("cholesky", 0.0) + time.perf_counter() - t0
     if pattern.is_nm:  # a block must hold whole groups
         blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
@@ -55,9 +55,17 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
     if cuda_graph and W.is_cuda and d >= 2 * blocksize:
         graphs = {} if graphs is None else graphs
         graph = graphs.setdefault((G, rows, blocksize, str(pattern), W.device), _BlockGraph(_solve_block, pattern))
+    # The lazy update of the columns right of a block is E·U there (E = the block's errors). With U = Ũ⁻¹
+    # it is applied by block substitution: P accumulates Y·Ũ over finished blocks (Y = E·Ũ⁻¹, one
+    # block at a time), and a block's columns get P·Ũ_bb⁻¹ when their turn comes. Only the diagonal
+    # blocks of U are ever formed.
+    P = torch.zeros_like(W)
+    eye = torch.eye(blocksize, dtype=W.dtype, device=W.device)
     for i1 in range(0, d, blocksize):
         i2 = min(i1 + blocksize, d)
-        W1, Hinv1 = W[:, :, i1:i2].clone(), Hinv[:, i1:i2, i1:i2]
+        Hinv1 = torch.linalg.solve_triangular(Ut[:, i1:i2, i1:i2], eye[:i2 - i1, :i2 - i1].expand(G, -1, -1),
+                                              upper=True)  # the diagonal block of U
+        W1 = torch.baddbmm(W[:, :, i1:i2], P[:, :, i1:i2], Hinv1) if i1 else W[:, :, i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         if pattern.is_nm:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
@@ -70,7 +78,9 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
             _solve_block(W1, Err1, mask1, Hinv1, pattern)
         W[:, :, i1:i2] = W1.masked_fill_(mask1, 0)  # kept columns never moved after their turn; pruned are exact 0
         pruned[:, :, i1:i2] = mask1
-        W[:, :, i2:].baddbmm_(Err1, Hinv[:, i1:i2, i2:], alpha=-1)  # lazy update of the columns right of the block
+        if i2 < d:
+            Y1 = torch.bmm(Err1.sub_(P[:, :, i1:i2]), Hinv1)
+            P[:, :, i2:].baddbmm_(Y1, Ut[:, i1:i2, i2:])
     return W, pruned, damp
 
 
