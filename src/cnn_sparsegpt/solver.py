@@ -55,10 +55,10 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
     if cuda_graph and W.is_cuda and d >= 2 * blocksize:
         graphs = {} if graphs is None else graphs
         graph = graphs.setdefault((G, rows, blocksize, str(pattern), W.device), _BlockGraph(_solve_block, pattern))
-    # The lazy update of the columns right of a block is E·U there (E = the block's errors). With U = Ũ⁻¹
-    # it is applied by block substitution: P accumulates Y·Ũ over finished blocks (Y = E·Ũ⁻¹, one
-    # block at a time), and a block's columns get P·Ũ_bb⁻¹ when their turn comes. Only the diagonal
-    # blocks of U are ever formed.
+    # The lazy update owed to the columns right of finished blocks is -E·U (E = their errors). With
+    # U = Ũ⁻¹ it is applied by block substitution: Y = E·Ũ⁻¹ is found block by block (Y_b = (E_b - P_b)·
+    # Ũ_bb⁻¹), P accumulates Y·Ũ over finished blocks, and a block's columns get +P_b·Ũ_bb⁻¹ when their
+    # turn comes. Only the diagonal blocks of U are ever formed.
     P = torch.zeros_like(W)
     eye = torch.eye(blocksize, dtype=W.dtype, device=W.device)
     for i1 in range(0, d, blocksize):
