@@ -31,5 +31,9 @@ def test_whole_model_part_runs(tmp_path):
                          capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr
     model = json.loads(out.read_text())["model"]
-    assert model["forward_passes"] == 1 and model["sparsity"] == 0.5
+    default, low = model["runs"]
+    assert not default["low_memory"] and low["low_memory"]
+    assert default["forward_passes"] == 1 and low["forward_passes"] > 1
+    assert default["sparsity"] == low["sparsity"] == 0.5
+    assert low["memory"]["peak_stored_mb"] < default["memory"]["peak_stored_mb"]
     assert set(model["floor"]) == {"forward", "hessian", "cholesky", "total"}
