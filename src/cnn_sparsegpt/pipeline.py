@@ -168,7 +168,12 @@ def format_report(r: dict) -> str:
     if r.get("dense_acc") is not None and r.get("pruned_acc") is not None:
         acc = (f"  top-1 dense {100 * r['dense_acc']:.2f}% -> pruned {100 * r['pruned_acc']:.2f}% "
                f"({100 * (r['pruned_acc'] - r['dense_acc']):+.2f}) on {r['eval_samples']} test images\n")
+    passes = ""
+    if r.get("peak_stored_mb") is not None:
+        mode = " (--low-memory)" if r.get("low_memory") else ""
+        passes = (f"  {r['forward_passes']:.3g} forward pass(es) over the calibration set, at most "
+                  f"{r['peak_stored_mb']:.0f} MB of its activations held{mode}\n")
     lines.append(f"\n{r['model']} {r['method']} {r['pattern']}: sparsity {r['sparsity']:.3f} of the pruned layers, "
                  f"{r['total_sparsity']:.3f} of all weights; {r['seconds']:.1f} s pruning, "
-                 f"{r['nsamples']} calibration images\n{acc}  data: {r['data_source']}")
+                 f"{r['nsamples']} calibration images\n{acc}{passes}  data: {r['data_source']}")
     return "\n".join(lines)
