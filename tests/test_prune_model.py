@@ -242,3 +242,21 @@ def test_low_memory_matches_default_on_torchvision(name):
     assert all(torch.equal(reports[0].masks[k], reports[1].masks[k]) for k in reports[0].masks)
     for k in states[0]:
         torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+class LongChain(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.first, self.last, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.first(x)
+        for _ in range(1500):  # far deeper than Python's recursion limit
+            x = x * 1.0001
+        return self.out(self.last(x))
+
+
+def test_low_memory_recomputes_long_chains():
+    reports = [prune_model(LongChain(), torch.randn(32, 8), "sparsegpt", sparsity=0.5, progress=False,
+                           low_memory=low) for low in (False, True)]
+    assert all(r.forward_passes == 1 and r.sparsity == 0.5 for r in reports)

@@ -149,14 +149,26 @@ class GraphExecutor:
             del x
 
     def _value(self, node: fx.Node, b: int, memo: dict):
-        if node in self.stored:
-            return self.stored[node][b]
-        if node not in memo:
-            args = fx.node.map_arg(node.args, lambda n: self._value(n, b, memo))
-            kwargs = fx.node.map_arg(node.kwargs, lambda n: self._value(n, b, memo))
-            memo[node] = self._call(node, args, kwargs)
-            self.layer_calls += self._is_layer(node)
-        return memo[node]
+        """node's output for batch b, from stored outputs, computing what is missing (memo: this batch's).
+        Iterative, so a long chain of recomputed nodes cannot hit Python's recursion limit."""
+        def known(n):
+            return self.stored[n][b] if n in self.stored else memo[n]
+
+        stack = [node]
+        while stack:
+            n = stack[-1]
+            if n in self.stored or n in memo:
+                stack.pop()
+                continue
+            missing = [a for a in n.all_input_nodes if a not in self.stored and a not in memo]
+            if missing:
+                stack.extend(missing)
+                continue
+            args, kwargs = fx.node.map_arg(n.args, known), fx.node.map_arg(n.kwargs, known)
+            memo[n] = self._call(n, args, kwargs)
+            self.layer_calls += self._is_layer(n)
+            stack.pop()
+        return known(node)
 
     def _call(self, node: fx.Node, args, kwargs):
         if node.op == "call_module":
