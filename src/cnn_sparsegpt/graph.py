@@ -44,9 +44,11 @@ class GraphExecutor:
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.barriers = {n: barriers[n.target] for n in self.nodes if n.op == "call_module" and n.target in barriers}
         self.last = max((self.index[n] for n in self.barriers), default=-1)
+        self.layers = {n for n in self.nodes  # Conv2d/Linear calls, whose evaluations count forward passes
+                       if n.op == "call_module" and isinstance(gm.get_submodule(n.target), PRUNABLE)}
         self.stored: dict[fx.Node, list] = {}
         self.forward_seconds = 0.0  # time spent computing node outputs (not in the barrier callbacks)
-        self.layer_calls = 0  # Conv2d/Linear outputs computed, batch by batch, to count forward passes
+        self.layer_calls = 0  # outputs of self.layers computed, batch by batch
         self.peak_stored_bytes = 0  # most bytes of stored outputs alive at once (the calibration batches included)
         self._held: dict[int, list] = {}  # storage address → [bytes, references], so aliases count once
         self._held_bytes = 0
@@ -76,7 +78,7 @@ class GraphExecutor:
             for mod in inplace:
                 mod.inplace = True
             self.stored.clear()
-        layers = sum(1 for n in self.nodes[:self.last + 1] if self._is_layer(n) and self._needed_by(n))
+        layers = sum(1 for n in self.nodes[:self.last + 1] if n in self.layers and self._needed_by(n))
         return self.layer_calls / (layers * nb) if layers else 1.0
 
     # --- which outputs to store -------------------------------------------------------------------
@@ -112,10 +114,7 @@ class GraphExecutor:
         dying = [m for m in self.stored if not self._alive(m, t, extra=node)]
         outs = []
         for b in range(len(self.batches)):
-            t0 = time.perf_counter()
-            outs.append(self._value(node, b, {}))
-            self.sync()
-            self.forward_seconds += time.perf_counter() - t0
+            outs.append(self._timed_value(node, b))
             self._hold(outs[-1], +1)
             for m in dying:  # batch by batch, so that inputs and outputs never coexist whole
                 self._hold(self.stored[m][b], -1)
@@ -141,12 +140,16 @@ class GraphExecutor:
     # --- computing outputs -------------------------------------------------------------------------
     def _stream(self, node: fx.Node):
         for b in range(len(self.batches)):
-            t0 = time.perf_counter()
-            x = self._value(node, b, {})
-            self.sync()
-            self.forward_seconds += time.perf_counter() - t0
+            x = self._timed_value(node, b)
             yield x
             del x
+
+    def _timed_value(self, node: fx.Node, b: int):
+        t0 = time.perf_counter()
+        x = self._value(node, b, {})
+        self.sync()
+        self.forward_seconds += time.perf_counter() - t0
+        return x
 
     def _value(self, node: fx.Node, b: int, memo: dict):
         """node's output for batch b, from stored outputs, computing what is missing (memo: this batch's).
@@ -166,7 +169,7 @@ class GraphExecutor:
                 continue
             args, kwargs = fx.node.map_arg(n.args, known), fx.node.map_arg(n.kwargs, known)
             memo[n] = self._call(n, args, kwargs)
-            self.layer_calls += self._is_layer(n)
+            self.layer_calls += n in self.layers
             stack.pop()
         return known(node)
 
@@ -188,9 +191,6 @@ class GraphExecutor:
                 name = name[:-1]
             return getattr(args[0], name)(*args[1:], **kwargs)
         raise GraphStop(f"unsupported graph node {node.op}")
-
-    def _is_layer(self, node: fx.Node) -> bool:
-        return node.op == "call_module" and isinstance(self.gm.get_submodule(node.target), PRUNABLE)
 
     def _disable_inplace(self) -> list:
         mods = [m for m in self.gm.modules() if getattr(m, "inplace", None) is True]

@@ -164,27 +164,28 @@ class _Pruner:
 
     def run_fx(self, gm: fx.GraphModule, batches: list[torch.Tensor], recalibrate_bn: bool,
                low_memory: bool) -> float:
+        done = set()  # a module called twice is pruned or recalibrated at its first call
+
         def prune(name):
             def barrier(inputs):
-                if name not in self.results:  # a layer called twice is pruned at its first call
+                if name not in done:
+                    done.add(name)
                     self.prune_layer(name, inputs)
             return barrier
 
         def recalibrate(name):
-            bn, done = self.modules[name], []
-
             def barrier(inputs):
-                if not done:
+                if name not in done:
+                    done.add(name)
                     f0, t0 = self.forward_clock(), time.perf_counter()
-                    _recalibrate([bn], bn, inputs)
+                    _recalibrate([self.modules[name]], self.modules[name], inputs)
                     self.t["bn_recalibration"] += time.perf_counter() - t0 - (self.forward_clock() - f0)
-                    done.append(True)
             return barrier
 
         barriers = {name: prune(name) for name, reason in self.plan.items() if not reason}
         if recalibrate_bn:
-            barriers |= {name: recalibrate(name) for name, m in self.modules.items()
-                         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats}
+            bns = set(_bn_modules(self.model))
+            barriers |= {name: recalibrate(name) for name, m in self.modules.items() if m in bns}
         ex = GraphExecutor(gm, batches, barriers, low_memory, self.sync)
         self.forward_clock = lambda: ex.forward_seconds
         passes = ex.run()
