@@ -260,3 +260,37 @@ def test_low_memory_recomputes_long_chains():
     reports = [prune_model(LongChain(), torch.randn(32, 8), "sparsegpt", sparsity=0.5, progress=False,
                            low_memory=low) for low in (False, True)]
     assert all(r.forward_passes == 1 and r.sparsity == 0.5 for r in reports)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0"])
+@pytest.mark.parametrize("method", ["sparsegpt", "magnitude", "wanda"])
+def test_every_pruned_layer_gets_its_count(name, method):
+    """Depthwise and pointwise convs alike, unstructured and 2:4: every pruned layer within one weight of
+    the requested count, 2:4 along input channels wherever the layer is not skipped, and the totals."""
+    torchvision = pytest.importorskip("torchvision")
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for sparsity, nm in ((0.5, None), (0.7, None), (None, "2:4")):
+        torch.manual_seed(0)
+        model = getattr(torchvision.models, name)(num_classes=10).eval()
+        rep = prune_model(model, x, method, sparsity=sparsity, nm=nm, batch_size=4, progress=False)
+        modules = dict(model.named_modules())
+        pruned = [r for r in rep.layers if not r.skipped]
+        assert pruned
+        for r in pruned:
+            w = modules[r.name].weight
+            zeros = int((~r.mask).sum())
+            assert int((w[~r.mask] == 0).sum()) == zeros
+            if nm is None:
+                assert abs(zeros - sparsity * w.numel()) <= 1, r.name
+            else:  # (out, in, kh, kw): every 4 consecutive input channels at a tap keep exactly 2
+                kept = r.mask.transpose(1, -1).reshape(*r.mask.transpose(1, -1).shape[:-1], -1, 4).sum(-1)
+                assert torch.all(kept == 2), r.name
+        for r in rep.layers:
+            if r.skipped and nm is not None and "not divisible" in r.reason:
+                assert modules[r.name].weight.shape[1] % 4  # skipped only where 2:4 cannot apply
+        target = sparsity if nm is None else 0.5
+        n_pruned = sum(r.mask.numel() for r in pruned)
+        assert abs(rep.sparsity * n_pruned - target * n_pruned) <= len(pruned)
+        n_all = sum(m.weight.numel() for m in modules.values() if isinstance(m, (nn.Conv2d, nn.Linear)))
+        zeros_all = sum(int((m.weight == 0).sum()) for m in modules.values() if isinstance(m, (nn.Conv2d, nn.Linear)))
+        assert rep.total_sparsity == pytest.approx(zeros_all / n_all) and rep.total_sparsity >= rep.sparsity * n_pruned / n_all

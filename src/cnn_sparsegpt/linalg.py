@@ -75,14 +75,17 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, fl
 
 def accumulate_xxt_(H: torch.Tensor, X: torch.Tensor, beta: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
     """H ← beta·H + alpha·XXᵀ for H (G, d, d), X (G, d, T), computing only the blocks on and above the
-    diagonal (a blocked syrk: up to half of the dominant cost of pruning a CNN) and mirroring the rest."""
+    diagonal (a blocked syrk: up to half of the dominant cost of pruning a CNN) and mirroring the rest.
+
+    H comes out exactly symmetric on every path and device: a GEMM's product XXᵀ is not bitwise
+    symmetric with every BLAS kernel, so even the diagonal blocks take their lower half from the upper.
+    """
     d = H.shape[-1]
     k = max(1, min(8, d // 144))
-    if k == 1:
-        return H.baddbmm_(X, X.transpose(1, 2), beta=beta, alpha=alpha)
     edges = [round(i * d / k) for i in range(k + 1)]
     for a, b in zip(edges[:-1], edges[1:]):
-        Hi = H[:, a:b, a:]
-        Hi.baddbmm_(X[:, a:b], X[:, a:].transpose(1, 2), beta=beta, alpha=alpha)
-        H[:, a:, a:b] = Hi.transpose(1, 2)
+        H[:, a:b, a:].baddbmm_(X[:, a:b], X[:, a:].transpose(1, 2), beta=beta, alpha=alpha)
+        D = H[:, a:b, a:b]
+        D.copy_(D.triu() + D.triu(1).transpose(1, 2))
+        H[:, b:, a:b] = H[:, a:b, b:].transpose(1, 2)
     return H

@@ -6,6 +6,7 @@ of sparse tensor cores and NVIDIA's ASP); for Linear along in_features.
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -64,22 +65,41 @@ def nm_prune_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return mask.reshape(scores.shape)
 
 
-def topk_prune_mask(scores: torch.Tensor, k: int, per_row: bool = False) -> torch.Tensor:
-    """Prune exactly the k lowest scores of each matrix (..., rows, cols), or of each row when per_row."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k <= 0:
-        return mask
+def quota(fraction: float, start, stop) -> torch.Tensor:
+    """How many weights to prune in spans [start, stop) of a layer's weights, all counted in one running
+    order (groups, then rows or blocks): round(f·stop) − round(f·start). The counts of consecutive spans
+    add up to the rounded count of their union, so a layer of many small spans (a depthwise conv's
+    9-weight groups) gets its fraction within one weight instead of every span rounded on its own."""
+    start, stop = torch.as_tensor(start, dtype=torch.float64), torch.as_tensor(stop, dtype=torch.float64)
+    return (torch.round(fraction * stop) - torch.round(fraction * start)).long()
+
+
+def topk_prune_mask(scores: torch.Tensor, k: int | torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """Prune the k lowest scores of each matrix (..., rows, cols), or of each row when per_row. k is one
+    count for all, or a tensor of counts, one per matrix (shape ...) or per row (shape (..., rows))."""
     flat = scores if per_row else scores.flatten(-2)
-    idx = torch.topk(flat, k, dim=-1, largest=False).indices
-    return (mask if per_row else mask.flatten(-2)).scatter_(-1, idx, True).reshape(scores.shape)
+    if not isinstance(k, torch.Tensor) or bool((k == k.flatten()[0]).all()):
+        k = int(k if not isinstance(k, torch.Tensor) else k.flatten()[0])
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        if k > 0:
+            mask.scatter_(-1, torch.topk(flat, k, dim=-1, largest=False).indices, True)
+        return mask.reshape(scores.shape)
+    # Counts that differ: rank every entry (stable sort: ties go to the earlier column) and cut each at its k.
+    order = torch.argsort(flat, dim=-1, stable=True)
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(flat.shape[-1], device=flat.device)
+                                             .expand_as(order).contiguous())
+    return (ranks < k.to(flat.device)[..., None]).reshape(scores.shape)
 
 
 def pattern_prune_mask(scores: torch.Tensor, pattern: Pattern, per_row: bool = False) -> torch.Tensor:
-    """One-shot mask for the score-based methods (magnitude, Wanda)."""
+    """One-shot mask for the score-based methods (magnitude, Wanda) of (groups, rows, cols) scores:
+    per matrix (a group) or per row, with counts carried across groups and rows (see `quota`)."""
     if pattern.is_nm:
         return nm_prune_mask(scores, pattern.n, pattern.m)
-    k = round(pattern.sparsity * (scores.shape[-1] if per_row else scores.shape[-1] * scores.shape[-2]))
-    return topk_prune_mask(scores, k, per_row)
+    span = scores.shape[-1] if per_row else scores.shape[-1] * scores.shape[-2]
+    units = scores.shape[:-1] if per_row else scores.shape[:-2]
+    start = torch.arange(math.prod(units)).view(units) * span
+    return topk_prune_mask(scores, quota(pattern.sparsity, start, start + span), per_row)
 
 
 def conv_column_perm(weight_shape: torch.Size, device=None) -> torch.Tensor:

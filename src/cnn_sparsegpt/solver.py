@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .linalg import accumulate_xxt_, upper_cholesky
-from .masks import Pattern, conv_column_perm, nm_prune_mask, pattern_prune_mask, topk_prune_mask
+from .masks import Pattern, conv_column_perm, nm_prune_mask, pattern_prune_mask, quota, topk_prune_mask
 
 METHODS = ("sparsegpt", "magnitude", "wanda")
 
@@ -60,6 +60,7 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
     # Ũ_bb⁻¹), P accumulates Y·Ũ over finished blocks, and a block's columns get +P_b·Ũ_bb⁻¹ when their
     # turn comes. Only the diagonal blocks of U are ever formed.
     P = torch.zeros_like(W)
+    group_start = torch.arange(G) * (rows * d)  # the layer's weights counted group by group, block by block
     eye = torch.eye(blocksize, dtype=W.dtype, device=W.device)
     for i1 in range(0, d, blocksize):
         i2 = min(i1 + blocksize, d)
@@ -70,7 +71,7 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
         if pattern.is_nm:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:  # adaptive mask: the block's share of the layer's count, chosen by OBS saliency w²/[H⁻¹]²
-            k = round(pattern.sparsity * rows * i2) - round(pattern.sparsity * rows * i1)
+            k = quota(pattern.sparsity, group_start + rows * i1, group_start + rows * i2)  # carried over groups
             mask1 = topk_prune_mask(W1 ** 2 / torch.diagonal(Hinv1, dim1=-2, dim2=-1)[:, None, :] ** 2, k)
         if graph is not None and i2 - i1 == blocksize:
             graph(W1, Err1, mask1, Hinv1)
