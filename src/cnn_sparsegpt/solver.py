@@ -36,8 +36,11 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
     W = W.clone()
     G, rows, d = W.shape
     diag = torch.diagonal(H, dim1=-2, dim2=-1)
-    dead = diag == 0  # inputs that were always zero: their weights go for free
-    W.masked_fill_(dead[:, None, :], 0)
+    # Inputs that were always zero (a dead channel, a kernel tap that only ever saw padding): their weights
+    # are decoupled from the rest and cost nothing to remove, so unstructured masks take them first. They
+    # are not zeroed beyond the layer's count: the mask stays the whole truth, and at another input size
+    # (where a tap sees pixels) the model keeps them.
+    dead = diag == 0
     t0 = time.perf_counter()
     diag.masked_fill_(dead, 1)  # H is changed only here, and restored at once (no copy of H)
     try:
@@ -72,7 +75,8 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:  # adaptive mask: the block's share of the layer's count, chosen by OBS saliency w²/[H⁻¹]²
             k = quota(pattern.sparsity, group_start + rows * i1, group_start + rows * i2)  # carried over groups
-            mask1 = topk_prune_mask(W1 ** 2 / torch.diagonal(Hinv1, dim1=-2, dim2=-1)[:, None, :] ** 2, k)
+            scores = (W1 ** 2 / torch.diagonal(Hinv1, dim1=-2, dim2=-1)[:, None, :] ** 2)
+            mask1 = topk_prune_mask(scores.masked_fill_(dead[:, None, i1:i2], 0), k)
         if graph is not None and i2 - i1 == blocksize:
             graph(W1, Err1, mask1, Hinv1)
         else:
