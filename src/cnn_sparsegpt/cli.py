@@ -18,10 +18,23 @@ def _add_prune_flags(p: argparse.ArgumentParser) -> None:
     from .solver import METHODS
 
     p.add_argument("--config", help="YAML file with any of the options below (flags override it)")
-    p.add_argument("--model", help=f"model: {', '.join(list_models())}, or torchvision:NAME")
-    p.add_argument("--weights", help="checkpoint to prune (a plain state_dict; loaded with weights_only=True)")
-    p.add_argument("--dataset", help="mnist, cifar10, or an ImageFolder folder/.tar.gz (default: the model's)")
+    p.add_argument("--model", help=f"model: {', '.join(list_models())}, torchvision:NAME or timm:NAME "
+                   "(timm needs pip install 'cnn-sparsegpt[timm]')")
+    p.add_argument("--weights", help="checkpoint to prune: .pt/.pth (state_dict, also inside 'state_dict'/'model'; "
+                   "loaded with weights_only=True) or .safetensors; the number of classes comes from its head")
+    p.add_argument("--dataset", help="mnist, cifar10, or an ImageFolder folder/.tar.gz with train/ and val/ (or "
+                   "test/) subfolders of <class>/<image> (default: the model's)")
     p.add_argument("--data-dir", help="data root (default: $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data)")
+    p.add_argument("--preprocess", choices=["auto", "imagenet", "cifar", "none"],
+                   help="auto (default): from the checkpoint's .json, else the model's pretrained metadata "
+                   "(torchvision weights, timm pretrained_cfg), else the dataset's convention; imagenet: shorter "
+                   "side 256, center crop 224, ImageNet mean/std; cifar: CIFAR-10 mean/std; none: pixels in [0, 1]")
+    p.add_argument("--image-size", type=int, help="center-crop size in pixels (overrides the preprocessing's)")
+    p.add_argument("--crop-pct", type=float, help="crop size / resized shorter side, e.g. 0.875 (224 of 256)")
+    p.add_argument("--streaming", choices=["auto", "on", "off"],
+                   help="image folders: stream from the files with worker processes (on), decode all into memory "
+                   "once (off), or choose by decoded size, streaming above 2 GiB (auto, default)")
+    p.add_argument("--workers", type=int, help="image-decoding processes when streaming (default min(8, cores))")
     p.add_argument("--method", help=f"{' | '.join(METHODS)} (default sparsegpt)")
     p.add_argument("--sparsity", type=float, help="unstructured: fraction of weights pruned per layer, in [0, 1)")
     p.add_argument("--nm", help="N:M semi-structured: keep N of every M input channels, e.g. 2:4 or 4:8")
@@ -55,7 +68,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         raise UserError("--model is required (or 'model:' in the --config file)")
     result = run_prune(opts, progress=not args.quiet)
     print(format_report(result))
-    print(f"wrote {opts.out}/model.pt, masks.pt, report.json")
+    extra = ", model.safetensors" if opts.save_safetensors else ""
+    print(f"wrote {opts.out}/model.pt{extra}, masks.pt, report.json")
     return 0
 
 
@@ -102,7 +116,7 @@ def _add_train_parser(sub) -> None:
 
     d = __import__("cnn_sparsegpt.train", fromlist=["TrainConfig"]).TrainConfig()
     p = sub.add_parser("train", help="train a baseline model and write its checkpoint (+ .json metadata)")
-    p.add_argument("--model", required=True, help=f"model: {', '.join(list_models())}, or torchvision:NAME")
+    p.add_argument("--model", required=True, help=f"model: {', '.join(list_models())}, torchvision:NAME or timm:NAME")
     p.add_argument("--dataset", help="mnist, cifar10, or an ImageFolder folder/.tar.gz (default: the model's)")
     p.add_argument("--data-dir", help="data root (default: $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data)")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training set (default {d.epochs})")
@@ -126,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a trained model one-shot and write model.pt, masks.pt, report.json",
                        argument_default=argparse.SUPPRESS)
     _add_prune_flags(p)
+    _bool_flag(p, "save-safetensors", "also write model.safetensors (needs the safetensors package)",
+               "write model.pt only (default)")
     p.add_argument("--out", help="output folder (default runs/prune)")
     p.set_defaults(func=_cmd_prune)
 

@@ -12,10 +12,15 @@ from .utils import UserError
 
 @dataclass
 class PruneOptions:
-    model: str = ""  # registry name (see `cnn-sparsegpt prune --help`) or torchvision:NAME
-    weights: str | None = None  # checkpoint: a plain state_dict; none = random weights (a warning)
+    model: str = ""  # registry name (see `cnn-sparsegpt prune --help`), torchvision:NAME or timm:NAME
+    weights: str | None = None  # .pt/.pth/.safetensors state dict; none = random weights (a warning)
     dataset: str | None = None  # mnist | cifar10 | ImageFolder path; default: the model's own
     data_dir: str | None = None  # data root; default $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data
+    preprocess: str = "auto"  # auto | imagenet | cifar | none (auto: checkpoint .json, then model, then dataset)
+    image_size: int | None = None  # center-crop size in pixels (overrides the preprocessing's)
+    crop_pct: float | None = None  # crop / resize of the shorter side, e.g. 0.875 = 224 of 256
+    streaming: str = "auto"  # auto | on | off: stream an image folder from its files instead of decoding it all
+    workers: int | None = None  # image-decoding processes for streamed folders (default min(8, cores))
     method: str = "sparsegpt"  # sparsegpt | magnitude | wanda
     sparsity: float | None = None  # unstructured fraction pruned, in [0, 1)
     nm: str | None = None  # N:M, N kept of every M input channels, e.g. 2:4
@@ -32,6 +37,7 @@ class PruneOptions:
     evaluate: bool = True  # measure dense and pruned top-1 on the test split
     eval_samples: int = 0  # evaluate on a fixed random subset of N test images (0 = all)
     holdout: int = 0  # evaluate on N held-out training images instead of the test split (to choose settings)
+    save_safetensors: bool = False  # also write model.safetensors (needs the safetensors package)
     out: str = "runs/prune"  # output folder
 
 

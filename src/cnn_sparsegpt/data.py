@@ -1,28 +1,26 @@
 """One data dispatcher for every dataset: MNIST, CIFAR-10 and any ImageFolder (folder or .tar.gz).
 
-Images are decoded once into uint8 tensors (cached on disk) and served by an in-memory loader that
+Small sets are decoded once into uint8 tensors (cached on disk) and served by an in-memory loader that
 normalizes and augments whole batches in torch: decoding 60,000 JPEGs per run would dominate a prune.
+Large folders are streamed (folder.py). Both kinds answer `batches`, `subset` and `calibration_set`.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import tarfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .folder import FolderSet, decode_all, load_folder_streamed, should_stream
+from .preprocess import DATASET_NORMALIZATION as NORMALIZATION
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, normalize
 from .utils import UserError, atomic_save
 
 DATASETS = ("mnist", "cifar10")
-NORMALIZATION = {  # per-channel mean and std of the training images
-    "mnist": ((0.1307,), (0.3081,)),
-    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-}
 JPEG_NOTE = "CIFAR-10 JPEG re-encoding (cifar10-jpeg): accuracies are close to, not equal to, canonical CIFAR-10"
 
 
@@ -34,13 +32,23 @@ class ImageSet:
     std: tuple
     source: str  # where the pixels came from, for reports
     augment: str = "none"  # 'crop-flip' for CIFAR-style training augmentation
+    classes: list | None = None  # class names, label i is classes[i] (image folders)
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    storage: str = "memory"  # decoded uint8 tensors in memory (vs 'streamed' from files, folder.py)
+
     @property
     def num_classes(self) -> int:
         return int(self.labels.max()) + 1 if len(self.labels) else 0
+
+    def subset(self, idx: torch.Tensor, source: str | None = None) -> ImageSet:
+        return replace(self, images=self.images[idx], labels=self.labels[idx], source=source or self.source)
+
+    def batches(self, batch_size: int, device, indices: torch.Tensor | None = None, **kw):
+        """(normalized float images, labels) on `device`; kw: shuffle, augment, seed, channels_last."""
+        return iter(Loader(self, batch_size, device=device, indices=indices, **kw))
 
 
 def data_root(data_dir: str | os.PathLike | None = None) -> Path:
@@ -85,103 +93,62 @@ def _from_torchvision(kind: str, root: Path, train: bool) -> ImageSet:
                     source=f"torchvision {kind} ({root})", augment="crop-flip" if kind == "cifar10" else "none")
 
 
-def _decode(data: bytes) -> torch.Tensor:
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(data)).convert("RGB")
-    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3).permute(2, 0, 1)
-
-
-def _walk_imagefolder(path: Path):
-    """Yield (split, class, file name, bytes) for every image of a folder or .tar(.gz) in ImageFolder layout."""
-    exts = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-    if path.is_dir():
-        for f in sorted(path.rglob("*")):
-            if f.suffix.lower() in exts and len(f.relative_to(path).parts) >= 3:
-                yield f.parts[-3], f.parts[-2], f.name, f.read_bytes()
-        return
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar:
-                parts = member.name.split("/")
-                if member.isfile() and len(parts) >= 3 and parts[-1].lower().endswith(exts):
-                    yield parts[-3], parts[-2], parts[-1], tar.extractfile(member).read()
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-
-
-def _decode_imagefolder(path: Path) -> dict[str, dict]:
-    """Decode every image once; returns {split: {images, labels, classes}}."""
-    from tqdm.auto import tqdm
-
-    raw: dict[str, list] = {}
-    for split, cls, name, data in tqdm(_walk_imagefolder(path), desc=f"decoding {path.name}", unit="img"):
-        raw.setdefault(split, []).append((cls, name, data))
-    splits = {s: v for s, v in raw.items() if s in ("train", "test", "val")}
-    if "train" not in splits or not ({"test", "val"} & set(splits)):
-        raise UserError(f"{path} is not an ImageFolder layout with train/ and test/ (or val/) "
-                        f"subfolders of <class>/<image> (found: {', '.join(sorted(raw)) or 'no images'})")
-    classes = sorted({c for items in splits.values() for c, _, _ in items})
-    out, size = {}, None
-    for split, items in splits.items():
-        items.sort(key=lambda t: (t[0], t[1]))
-        imgs = []
-        for _, _, data in items:
-            img = _decode(data)
-            size = size or img.shape[1:]
-            if img.shape[1:] != size:  # all images are served at the first image's size
-                img = F.interpolate(img[None].float(), size=size, mode="bilinear", antialias=True)[0]
-                img = img.round().clamp(0, 255).to(torch.uint8)
-            imgs.append(img)
-        labels = torch.tensor([classes.index(c) for c, _, _ in items], dtype=torch.long)
-        out[split] = {"images": torch.stack(imgs), "labels": labels, "classes": classes}
-    return out
-
-
-def _load_imagefolder(path: Path, train: bool) -> dict:
+def _load_imagefolder(path: Path, train: bool, pre: Preprocess) -> dict:
     stat = path.stat()
-    key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    geometry = f"{pre.resize}|{pre.crop}|{pre.interpolation}"
+    key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{geometry}".encode()).hexdigest()[:16]
     cached = cache_root() / "decoded" / f"{path.name.split('.')[0]}-{key}.pt"
+    splits = None
     if cached.is_file():
         try:
             splits = torch.load(cached, weights_only=True)
         except Exception:
             splits = None
-    else:
-        splits = None
     if splits is None:
-        splits = _decode_imagefolder(path)
+        splits = decode_all(path, pre)
         try:
             atomic_save(splits, cached)
         except (UserError, OSError):
             pass  # an unwritable cache only costs time
     split = "train" if train else ("test" if "test" in splits else "val")
-    return splits[split] | {"train_images": splits["train"]["images"]}
+    return splits[split]
 
 
-def load_dataset(name: str, train: bool, data_dir: str | os.PathLike | None = None) -> ImageSet:
-    """`name` is mnist, cifar10, or a path to an ImageFolder folder / .tar.gz."""
+def load_dataset(name: str, train: bool, data_dir: str | os.PathLike | None = None,
+                 preprocess: Preprocess | None = None, streaming: str = "auto") -> ImageSet | FolderSet:
+    """`name` is mnist, cifar10, or a path to an ImageFolder folder / .tar.gz. `preprocess` (preprocess.py)
+    sets the normalization, and for folders the resize and crop; without it a folder keeps its images'
+    size (the first image's) and ImageNet statistics. `streaming`: auto | on | off (folders only)."""
     root = data_root(data_dir)
-    if name == "mnist":
-        return _from_torchvision("mnist", root, train)
-    if name == "cifar10":
-        if (root / "cifar-10-batches-py").is_dir():
-            return _from_torchvision("cifar10", root, train)
-        for candidate in (root / "cifar10-jpeg", root / "cifar10-jpeg.tar.gz"):
-            if candidate.exists():
-                d = _load_imagefolder(candidate, train)
-                mean, std = NORMALIZATION["cifar10"]
-                return ImageSet(d["images"], d["labels"], mean, std, JPEG_NOTE, augment="crop-flip")
-        return _from_torchvision("cifar10", root, train)
+    if name in DATASETS:
+        if preprocess is not None and (preprocess.resize or preprocess.crop):
+            raise UserError(f"--image-size / --crop-pct and --preprocess imagenet apply to image folders; {name} "
+                            "is served at its own size")
+        if name == "mnist":
+            data = _from_torchvision("mnist", root, train)
+        elif (root / "cifar-10-batches-py").is_dir():
+            data = _from_torchvision("cifar10", root, train)
+        else:
+            data = None
+            for candidate in (root / "cifar10-jpeg", root / "cifar10-jpeg.tar.gz"):
+                if candidate.exists():
+                    d = _load_imagefolder(candidate, train, Preprocess())
+                    mean, std = NORMALIZATION["cifar10"]
+                    data = ImageSet(d["images"], d["labels"], mean, std, JPEG_NOTE, augment="crop-flip")
+                    break
+            data = data or _from_torchvision("cifar10", root, train)
+        return replace(data, mean=preprocess.mean, std=preprocess.std) if preprocess is not None else data
     path = Path(name).expanduser()
     if not path.exists():
         raise UserError(f"unknown dataset '{name}': use {', '.join(DATASETS)}, or the path of an ImageFolder "
                         "folder or .tar.gz with train/ and test/ subfolders")
-    d = _load_imagefolder(path, train)
-    x = d["train_images"].float() / 255  # normalization statistics of the training images
-    mean = tuple(x.mean(dim=(0, 2, 3)).tolist())
-    std = tuple(x.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist())
-    return ImageSet(d["images"], d["labels"], mean, std, f"ImageFolder {path}", augment="crop-flip")
+    pre = preprocess or Preprocess(IMAGENET_MEAN, IMAGENET_STD, source="imagenet statistics, images at their size")
+    if should_stream(path, pre, streaming):
+        return load_folder_streamed(path, train, pre)
+    d = _load_imagefolder(path, train, pre)
+    split = "train" if train else "test/val"
+    return ImageSet(d["images"], d["labels"], pre.mean, pre.std, f"ImageFolder {path} ({split}, in memory)",
+                    classes=list(d["classes"]))
 
 
 class Loader:
@@ -195,9 +162,6 @@ class Loader:
         self.device, self.channels_last = torch.device(device), channels_last
         self.indices = torch.arange(len(data)) if indices is None else indices
         self.generator = torch.Generator().manual_seed(seed)
-        c = data.images.shape[1]
-        self.mean = torch.tensor(data.mean, device=self.device).view(1, c, 1, 1) * 255
-        self.std = torch.tensor(data.std, device=self.device).view(1, c, 1, 1) * 255
 
     def __len__(self) -> int:
         return (len(self.indices) + self.batch_size - 1) // self.batch_size
@@ -205,7 +169,7 @@ class Loader:
     def _crop_flip(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         g = self.generator
-        xp = F.pad(x, (4, 4, 4, 4), mode="reflect")
+        xp = F.pad(x.float(), (4, 4, 4, 4), mode="reflect")  # pixel values stay integers in [0, 255]
         oy, ox = torch.randint(0, 9, (B,), generator=g), torch.randint(0, 9, (B,), generator=g)
         rows = (oy[:, None] + torch.arange(H)).to(x.device)
         cols = (ox[:, None] + torch.arange(W)).to(x.device)
@@ -220,10 +184,10 @@ class Loader:
             else self.indices
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
-            x = self.data.images[idx].to(self.device, non_blocking=True).float()
+            x = self.data.images[idx].to(self.device, non_blocking=True)
             if self.augment:
                 x = self._crop_flip(x)
-            x = (x - self.mean) / self.std
+            x = normalize(x, self.data.mean, self.data.std)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.data.labels[idx].to(self.device, non_blocking=True)
@@ -240,4 +204,4 @@ def calibration_set(data: ImageSet, nsamples: int, seed: int = 0) -> torch.Tenso
                       RuntimeWarning)
         nsamples = len(data)
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:nsamples]
-    return next(iter(Loader(data, batch_size=nsamples, indices=idx)))[0]
+    return torch.cat([x for x, _ in data.batches(min(nsamples, 256), "cpu", indices=idx)])

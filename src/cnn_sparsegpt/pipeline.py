@@ -12,7 +12,8 @@ from torch import nn
 from .config import PruneOptions
 from .data import calibration_set, load_dataset
 from .masks import Pattern
-from .models import check_model_name, create_model, model_entry
+from .models import check_model_name, create_model, head_classes, model_entry
+from .preprocess import resolve as resolve_preprocess
 from .prune import prune_model
 from .solver import METHODS
 from .train import evaluate
@@ -20,6 +21,7 @@ from .utils import (
     UserError,
     atomic_save,
     atomic_write_json,
+    save_safetensors,
     check_finite,
     ensure_writable,
     load_state_dict,
@@ -28,8 +30,8 @@ from .utils import (
 )
 
 
-def load_weights(model: nn.Module, path: str | Path, model_name: str, state: dict | None = None) -> dict:
-    """Load a checkpoint strictly; on mismatch say which keys or shapes differ. Returns its JSON metadata."""
+def load_weights(model: nn.Module, path: str | Path, model_name: str, state: dict | None = None) -> None:
+    """Load a checkpoint strictly; on mismatch say which keys or shapes differ."""
     if state is None:
         state = load_state_dict(path)
         check_finite(state, f"checkpoint {path}")
@@ -48,60 +50,68 @@ def load_weights(model: nn.Module, path: str | Path, model_name: str, state: dic
         if shapes:
             parts.append(f"shapes differ (checkpoint vs model): {'; '.join(sorted(shapes)[:3])}")
         raise UserError(f"checkpoint {path} does not fit model '{model_name}': {'; '.join(parts)}. "
-                        "Is it a checkpoint of another architecture or number of classes?")
+                        "Is it a checkpoint of another architecture?")
     model.load_state_dict(state)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The checkpoint's PATH.json (what `train` writes: normalization, preprocess, accuracy), or {}."""
     meta_path = Path(f"{path}.json")
     if meta_path.is_file():
         try:
-            return json.loads(meta_path.read_text())
+            meta = json.loads(meta_path.read_text())
+            return meta if isinstance(meta, dict) else {}
         except (json.JSONDecodeError, OSError):
             return {}
     return {}
 
 
-def _normalization(meta: dict) -> tuple | None:
-    norm = meta.get("normalization", meta)
-    if isinstance(norm, dict) and "mean" in norm and "std" in norm:
-        return tuple(norm["mean"]), tuple(norm["std"])
-    return None
+def _data_classes(data) -> int:
+    return len(data.classes) if getattr(data, "classes", None) else data.num_classes
 
 
 def prepare(opts: PruneOptions, device: torch.device):
-    """Model (with weights) and the train and test sets, normalized as the checkpoint expects."""
+    """Model (with weights), the train and test sets preprocessed as the model expects, and the dataset."""
     check_model_name(opts.model)  # fail fast on an unknown model, before loading data
     entry = model_entry(opts.model)
     dataset = opts.dataset or (entry.dataset if entry else None)
     if dataset is None:
         raise UserError(f"--dataset is required for model '{opts.model}'")
-    state = None
+    state, meta = None, {}
     if opts.weights:  # a bad checkpoint is reported before minutes of data loading
         state = load_state_dict(opts.weights)
         check_finite(state, f"checkpoint {opts.weights}")
-    train, test = load_dataset(dataset, True, opts.data_dir), load_dataset(dataset, False, opts.data_dir)
-    model = create_model(opts.model, num_classes=max(train.num_classes, 2))
-    meta = {}
+        meta = read_metadata(opts.weights)
+    pre = resolve_preprocess(opts.preprocess, opts.model, dataset, meta, opts.image_size, opts.crop_pct,
+                             entry.dataset if entry else None)
+    train = load_dataset(dataset, True, opts.data_dir, pre, opts.streaming)
+    test = load_dataset(dataset, False, opts.data_dir, pre, opts.streaming)
+    if opts.workers is not None:
+        train, test = (dataclasses.replace(d, workers=opts.workers) if hasattr(d, "workers") else d
+                       for d in (train, test))
+    classes = _data_classes(train)
+    head = head_classes(opts.model, state) if state is not None else None
+    model = create_model(opts.model, num_classes=head or max(classes, 2))
     if opts.weights:
-        meta = load_weights(model, opts.weights, opts.model, state)
+        load_weights(model, opts.weights, opts.model, state)
+        if head is not None and head != classes:
+            raise UserError(f"the checkpoint's head has {head} outputs but {dataset} has {classes} classes: accuracy "
+                            "would be meaningless. Use the dataset the model was trained on (an ImageNet-style "
+                            "folder needs all its classes, as sorted wnid folders)")
     else:
         import warnings
 
         warnings.warn("no --weights given: pruning a randomly initialized model", RuntimeWarning)
-    norm = _normalization(meta)
-    if norm:
-        train = dataclasses.replace(train, mean=norm[0], std=norm[1])
-        test = dataclasses.replace(test, mean=norm[0], std=norm[1])
     if opts.holdout:  # a fixed split of the training set, disjoint from the calibration images
         if not 0 < opts.holdout < len(train):
             raise UserError(f"--holdout must be between 1 and {len(train) - 1}, got {opts.holdout}")
         perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(12345))
         held, rest = perm[-opts.holdout:], perm[:-opts.holdout]
-        test = dataclasses.replace(train, images=train.images[held], labels=train.labels[held],
-                                   source=f"{train.source}; {opts.holdout} held-out training images")
-        train = dataclasses.replace(train, images=train.images[rest], labels=train.labels[rest])
+        test = train.subset(held, source=f"{train.source}; {opts.holdout} held-out training images")
+        train = train.subset(rest)
     if opts.eval_samples:  # a fixed random subset: files are often sorted by class
-        idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:opts.eval_samples]
-        test = dataclasses.replace(test, images=test.images[idx], labels=test.labels[idx])
-    return model.to(device).eval(), train, test, dataset
+        test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:opts.eval_samples])
+    return model.to(device).eval(), train, test, dataset, pre
 
 
 def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None = None,
@@ -118,7 +128,7 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     if opts.percdamp < 0:
         raise UserError(f"--percdamp must be >= 0, got {opts.percdamp}")
     out = ensure_writable(opts.out) if write else None
-    model, train, test, dataset = prepare(opts, device)
+    model, train, test, dataset, pre = prepare(opts, device)
     calib = calibration_set(train, opts.nsamples, opts.seed)
     eval_seconds = 0.0
     if opts.evaluate and dense_acc is None:
@@ -140,6 +150,7 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     check_finite(state, "the pruned model")  # never write a checkpoint with NaN
     result = {
         "model": opts.model, "weights": opts.weights, "dataset": dataset, "data_source": train.source,
+        "data_storage": train.storage, "preprocess": pre.as_dict(),
         "method": opts.method, "pattern": str(pattern), "target_sparsity": pattern.target,
         "dense_acc": dense_acc, "pruned_acc": pruned_acc, "eval_samples": len(test),
         "eval_seconds": eval_seconds, "eval_split": f"holdout {opts.holdout}" if opts.holdout else "test",
@@ -150,6 +161,8 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     } | report.as_dict() | run_metadata(device)
     if write:
         atomic_save(state, out / "model.pt")
+        if opts.save_safetensors:
+            save_safetensors(state, out / "model.safetensors")
         atomic_save(report.masks, out / "masks.pt")
         atomic_write_json(result, out / "report.json")
     return result

@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import ImageSet, Loader
+from .utils import UserError
 
 
 @dataclass
@@ -26,14 +27,15 @@ class TrainConfig:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: ImageSet, device: torch.device | str = "cpu", batch_size: int = 500,
+def evaluate(model: nn.Module, data, device: torch.device | str = "cpu", batch_size: int = 500,
              progress: bool = True, desc: str = "evaluate") -> float:
-    """Top-1 accuracy as a fraction in [0, 1]."""
+    """Top-1 accuracy as a fraction in [0, 1], over an ImageSet or a streamed FolderSet."""
     was_training = model.training
     model.eval()
-    loader = Loader(data, batch_size=batch_size, device=device)
     correct = 0
-    for x, y in tqdm(loader, desc=desc, unit="batch", disable=not progress, leave=False):
+    total = -(-len(data) // batch_size)
+    for x, y in tqdm(data.batches(batch_size, device), total=total, desc=desc, unit="batch", disable=not progress,
+                     leave=False):
         correct += (model(x).argmax(1) == y).sum().item()
     model.train(was_training)
     return correct / max(len(data), 1)
@@ -53,6 +55,9 @@ def train_model(model: nn.Module, train_set: ImageSet, test_set: ImageSet, cfg: 
 
     Returns {'test_acc', 'best_epoch', 'history', 'seconds', 'state_dict'}.
     """
+    if not isinstance(train_set, ImageSet):
+        raise UserError("`train` serves the training set from memory, and this image folder is too large for "
+                        "that (it is streamed): train a model of this size with your own training script")
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     channels_last = device.type == "cpu"  # faster convolutions on CPU

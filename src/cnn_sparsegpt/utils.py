@@ -43,6 +43,16 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     return _atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
+def save_safetensors(state: dict, path: str | os.PathLike) -> Path:
+    """A state dict as .safetensors, atomically (contiguous tensors that share no memory)."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise UserError("--save-safetensors needs the safetensors package: pip install safetensors") from None
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+    return _atomic(path, lambda tmp: save_file(state, tmp))
+
+
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -69,13 +79,40 @@ def ensure_writable(folder: str | os.PathLike) -> Path:
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Load a checkpoint with weights_only=True: a file that would run code when unpickled is refused.
 
-    Accepts a plain state_dict or a dict holding one under 'state_dict' or 'model'.
+    Accepts .pt/.pth (a plain state_dict, or a dict holding one under 'state_dict', 'model' or their EMA
+    variants) and .safetensors; 'module.' (DataParallel/DDP) and '_orig_mod.' (torch.compile) prefixes go.
     """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        obj = _load_safetensors(path)
+    else:
+        obj = _load_pickled(path)
+    for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path} does not hold a state_dict (a dict of tensors)")
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+
+
+def _load_safetensors(path: Path) -> dict:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError:
+        raise UserError(f"{path}: reading .safetensors needs the safetensors package: "
+                        "pip install 'cnn-sparsegpt[timm]' (or pip install safetensors)") from None
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"cannot read checkpoint {path}: not a valid safetensors file ({str(e)[:160]})") from None
+
+
+def _load_pickled(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # A well-formed torch archive that the safe unpickler rejects holds Python objects besides tensors.
         if zipfile.is_zipfile(path):
@@ -89,12 +126,6 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read checkpoint {path}: the file is truncated or corrupt ({msg[:160]})") from None
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise UserError(f"{path} does not hold a state_dict (a dict of tensors)")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
 def check_finite(state: dict[str, torch.Tensor], what: str) -> None:

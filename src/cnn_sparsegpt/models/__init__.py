@@ -1,5 +1,15 @@
 """Models: importing this package registers the built-in ones."""
 from . import cifar, cnns
-from .registry import ModelEntry, check_model_name, create_model, list_models, model_entry, register_model
+from .registry import (
+    ModelEntry,
+    check_model_name,
+    create_model,
+    head_classes,
+    list_models,
+    model_entry,
+    register_model,
+)
 
-__all__ = ["ModelEntry", "check_model_name", "create_model", "list_models", "model_entry", "register_model"]
+__all__ = [
+    "ModelEntry", "check_model_name", "create_model", "head_classes", "list_models", "model_entry", "register_model",
+]

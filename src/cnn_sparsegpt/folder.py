@@ -1,0 +1,208 @@
+"""ImageFolder data (`train/<class>/*.jpg`, `val/` or `test/`), from a folder or a .tar(.gz).
+
+Two ways to serve it, chosen by size: small sets are decoded once into uint8 tensors (cached on disk)
+and served from memory; large folders (ImageNet: 1.28 M files) are streamed. A streamed set holds only
+its file list: calibration decodes just the images it draws, and evaluation runs a DataLoader with
+worker processes that decode, resize and crop, one batch at a time.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .preprocess import Preprocess, normalize
+from .utils import UserError
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+EVAL_SPLITS = ("test", "val")
+STREAM_ABOVE_BYTES = 2 * 2**30  # decoded size above which `auto` streams instead of caching in memory
+
+
+def _layout_error(path: Path, found) -> UserError:
+    return UserError(f"{path} is not an ImageFolder layout with train/ and test/ (or val/) subfolders of "
+                     f"<class>/<image> (found: {', '.join(sorted(found)) or 'no images'})")
+
+
+def list_folder(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """{split: [(class, file path)]}, sorted by class then file name; reads directory entries only."""
+    splits = {}
+    for split in ("train",) + EVAL_SPLITS:
+        root = path / split
+        if not root.is_dir():
+            continue
+        items = []
+        for cls in sorted(e.name for e in os.scandir(root) if e.is_dir()):
+            items += [(cls, f.path) for f in sorted(os.scandir(root / cls), key=lambda f: f.name)
+                      if f.name.lower().endswith(EXTENSIONS) and f.is_file()]
+        splits[split] = items
+    if not splits.get("train") or not any(splits.get(s) for s in EVAL_SPLITS):
+        raise _layout_error(path, [s for s, v in splits.items() if v])
+    return splits
+
+
+def class_index(splits: dict) -> list[str]:
+    """The classes, sorted by name (for ImageNet's wnid folders: the index order torchvision and timm use).
+    Every evaluation class must be a training class, or labels would silently shift."""
+    classes = sorted({c for c, _ in splits["train"]})
+    for split in EVAL_SPLITS:
+        extra = sorted({c for c, _ in splits.get(split, [])} - set(classes))
+        if extra:
+            raise UserError(f"{split}/ has classes that train/ lacks ({', '.join(extra[:3])}"
+                            f"{', ...' if len(extra) > 3 else ''}): class indices would not match the model's")
+    return classes
+
+
+def _decode(data: bytes | str, pre: Preprocess, size=None) -> torch.Tensor:
+    """Bytes or a file path -> uint8 (C, H, W) after the preprocessing's resize and crop. Without a crop,
+    an image is resized to `size` when it differs (so that a batch has one shape)."""
+    import torch.nn.functional as F
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+        x = pre.geometry(img.convert("RGB"))
+    if size is not None and not pre.crop and tuple(x.shape[1:]) != tuple(size):
+        x = F.interpolate(x[None].float(), size=tuple(size), mode="bilinear", antialias=True)[0]
+        x = x.round().clamp(0, 255).to(torch.uint8)
+    return x
+
+
+def _walk_tar(path: Path):
+    """Yield (split, class, name, bytes) for every image of a .tar(.gz) in ImageFolder layout."""
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                parts = member.name.split("/")
+                if member.isfile() and len(parts) >= 3 and parts[-1].lower().endswith(EXTENSIONS):
+                    yield parts[-3], parts[-2], parts[-1], tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+
+
+def decode_all(path: Path, pre: Preprocess) -> dict[str, dict]:
+    """Decode every image once; returns {split: {images, labels, classes}} (the in-memory path)."""
+    from tqdm.auto import tqdm
+
+    if path.is_dir():
+        splits = {s: [(c, f, f) for c, f in items] for s, items in list_folder(path).items()}
+    else:
+        raw: dict[str, list] = {}
+        for split, cls, name, data in _walk_tar(path):
+            raw.setdefault(split, []).append((cls, name, data))
+        splits = {s: sorted(v, key=lambda t: (t[0], t[1])) for s, v in raw.items() if s in ("train",) + EVAL_SPLITS}
+        if "train" not in splits or not set(EVAL_SPLITS) & set(splits):
+            raise _layout_error(path, raw)
+    classes = class_index({s: [(c, n) for c, n, _ in v] for s, v in splits.items()})
+    out, size = {}, None
+    bar = tqdm(total=sum(len(v) for v in splits.values()), desc=f"decoding {path.name}", unit="img")
+    for split, items in splits.items():
+        imgs = []
+        for _, _, data in items:
+            imgs.append(_decode(data, pre, size))
+            size = size or imgs[-1].shape[1:]  # without a crop, every image is served at the first one's size
+            bar.update(1)
+        labels = torch.tensor([classes.index(c) for c, _, _ in items], dtype=torch.long)
+        out[split] = {"images": torch.stack(imgs), "labels": labels, "classes": classes}
+    bar.close()
+    return out
+
+
+def should_stream(path: Path, pre: Preprocess, mode: str) -> bool:
+    """`on`/`off` as asked; `auto` streams a folder whose decoded images would exceed STREAM_ABOVE_BYTES."""
+    if mode not in ("auto", "on", "off"):
+        raise UserError(f"--streaming must be auto, on or off, got '{mode}'")
+    if mode == "off":
+        return False
+    if not path.is_dir():
+        if mode == "on":
+            raise UserError(f"{path}: an archive cannot be streamed; unpack it into a folder, or use --streaming off")
+        return False
+    if mode == "on":
+        return True
+    splits = list_folder(path)
+    n = sum(len(v) for v in splits.values())
+    if pre.crop:
+        per_image = 3 * pre.crop * pre.crop
+    else:
+        from PIL import Image
+
+        with Image.open(splits["train"][0][1]) as img:  # reads the header only
+            per_image = 3 * img.width * img.height
+    return n * per_image > STREAM_ABOVE_BYTES
+
+
+class _Files(Dataset):
+    def __init__(self, files, labels, pre: Preprocess):
+        self.files, self.labels, self.pre = files, labels, pre
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            return _decode(self.files[i], self.pre), self.labels[i]
+        except OSError as e:
+            raise UserError(f"cannot read image {self.files[i]}: {e}") from None
+
+
+@dataclass
+class FolderSet:
+    """A streamed ImageFolder split: file paths and labels, decoded batch by batch."""
+    files: list  # image paths
+    labels: torch.Tensor  # int64 (N,)
+    classes: list  # sorted class names; label i is classes[i]
+    preprocess: Preprocess
+    source: str
+    workers: int = min(8, os.cpu_count() or 1)  # decoding processes
+    augment: str = "none"
+    storage: str = "streamed"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def mean(self) -> tuple:
+        return self.preprocess.mean
+
+    @property
+    def std(self) -> tuple:
+        return self.preprocess.std
+
+    def subset(self, idx: torch.Tensor, source: str | None = None) -> FolderSet:
+        return replace(self, files=[self.files[i] for i in idx.tolist()], labels=self.labels[idx],
+                       source=source or self.source)
+
+    def batches(self, batch_size: int, device, indices: torch.Tensor | None = None, **_ignored):
+        """(normalized float images, labels) on `device`, in file order (or `indices`' order)."""
+        data = self if indices is None else self.subset(indices)
+        ds = _Files(data.files, data.labels.tolist(), self.preprocess)
+        workers = min(self.workers, max(0, len(ds) // batch_size))  # no processes for a batch or two
+        loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=False,
+                            persistent_workers=False, prefetch_factor=2 if workers else None)
+        try:
+            for x, y in loader:
+                yield normalize(x.to(device, non_blocking=True), self.mean, self.std), y.to(device)
+        except UserError as e:  # raised in a worker: keep the one line that says which file, not its traceback
+            raise UserError(str(e).strip().splitlines()[-1].split("UserError: ")[-1]) from None
+
+
+def load_folder_streamed(path: Path, train: bool, pre: Preprocess) -> FolderSet:
+    if not pre.crop:
+        raise UserError(f"streaming {path} needs one image size for every batch: use --preprocess imagenet "
+                        "(or auto with a torchvision/timm model), or give --image-size")
+    splits = list_folder(path)
+    classes = class_index(splits)
+    split = "train" if train else next(s for s in EVAL_SPLITS if splits.get(s))
+    items = splits[split]
+    lookup = {c: i for i, c in enumerate(classes)}
+    labels = torch.tensor([lookup[c] for c, _ in items], dtype=torch.long)
+    return FolderSet([f for _, f in items], labels, classes, pre, f"ImageFolder {path} ({split}, streamed)")

@@ -1,0 +1,143 @@
+"""Preprocessing that matches the model: resize, center crop and normalization, resolved once per run.
+
+`imagenet` is what torchvision's `weights.transforms()` does for its classification weights (shorter
+side to 256, bilinear with antialiasing, center crop 224, ImageNet mean/std), bit for bit. `auto` takes
+the numbers from the checkpoint's .json, then from the model (torchvision weight metadata, timm's
+`pretrained_cfg`), then from the dataset's convention. A pretrained model is never normalized with
+statistics recomputed from the data.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from .utils import UserError
+
+PRESETS = ("auto", "imagenet", "cifar", "none")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+DATASET_NORMALIZATION = {  # per-channel mean and std of the training images
+    "mnist": ((0.1307,), (0.3081,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    mean: tuple = IMAGENET_MEAN  # per channel, of pixels in [0, 1]
+    std: tuple = IMAGENET_STD
+    resize: int | None = None  # shorter side in pixels before the crop; None = images kept at their size
+    crop: int | None = None  # center crop (square), pixels; None = no crop
+    interpolation: str = "bilinear"  # of the resize (antialiased, as torchvision's presets)
+    source: str = ""  # where these numbers came from, for reports
+
+    @property
+    def crop_pct(self) -> float | None:
+        return self.crop / self.resize if self.crop and self.resize else None
+
+    def as_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+    def geometry(self, img):
+        """PIL image -> uint8 tensor (C, H, W): the resize and crop, nothing else (normalization is done on
+        whole batches by `normalize`, with the same float operations as torchvision's)."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        if self.resize:
+            img = TF.resize(img, [self.resize], interpolation=InterpolationMode(self.interpolation), antialias=True)
+        if self.crop:
+            img = TF.center_crop(img, [self.crop])
+        return TF.pil_to_tensor(img)
+
+
+def normalize(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32, as torchvision's convert_image_dtype then normalize (bit for bit)."""
+    c = x.shape[1]
+    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, c, 1, 1)
+    return (x.to(torch.float32) / 255).sub_(m).div_(s)
+
+
+def imagenet(resize: int = 256, crop: int = 224, interpolation: str = "bilinear", source: str = "imagenet") -> Preprocess:
+    return Preprocess(IMAGENET_MEAN, IMAGENET_STD, resize, crop, interpolation, source)
+
+
+def from_model(model_name: str) -> Preprocess | None:
+    """The eval preprocessing a torchvision or timm model's pretrained weights were made for (metadata only:
+    nothing is downloaded), or None for other models."""
+    kind, _, name = model_name.partition(":")
+    if kind == "torchvision":
+        import torchvision
+
+        try:
+            weights = torchvision.models.get_model_weights(name).DEFAULT
+        except (ValueError, KeyError):
+            return None
+        t = weights.transforms()
+        if not hasattr(t, "crop_size"):  # not an image classifier's preset
+            return None
+        return Preprocess(tuple(t.mean), tuple(t.std), t.resize_size[0], t.crop_size[0], t.interpolation.value,
+                          f"torchvision {weights} metadata")
+    if kind == "timm":
+        from .models.registry import timm_module
+
+        cfg = timm_module().get_pretrained_cfg(name)
+        if cfg is None:
+            return None
+        cfg = cfg.to_dict()
+        crop = int(cfg["input_size"][-1])
+        resize = int(math.floor(crop / cfg.get("crop_pct", 0.875)))
+        interp = cfg.get("interpolation", "bilinear")
+        return Preprocess(tuple(cfg["mean"]), tuple(cfg["std"]), resize, crop,
+                          interp if interp in INTERPOLATIONS else "bilinear", f"timm pretrained_cfg of {name}")
+    return None
+
+
+def from_checkpoint(meta: dict) -> Preprocess | None:
+    """A checkpoint's .json: 'preprocess' (this class's fields), or the 'normalization' our `train` writes."""
+    if isinstance(meta.get("preprocess"), dict):
+        p = meta["preprocess"]
+        fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in p.items() if k in Preprocess.__dataclass_fields__}
+        return replace(Preprocess(**fields), source="checkpoint .json")
+    norm = meta.get("normalization", meta)
+    if isinstance(norm, dict) and "mean" in norm and "std" in norm:
+        return Preprocess(tuple(norm["mean"]), tuple(norm["std"]), source="checkpoint .json normalization")
+    return None
+
+
+def resolve(preset: str, model_name: str, dataset: str, meta: dict | None = None, image_size: int | None = None,
+            crop_pct: float | None = None, model_dataset: str | None = None) -> Preprocess:
+    """The preprocessing of one run. dataset: 'mnist', 'cifar10' or a folder path; model_dataset: the dataset
+    a registry model is built for (its input size and convention), None for torchvision/timm models."""
+    if preset not in PRESETS:
+        raise UserError(f"--preprocess must be one of {', '.join(PRESETS)}, got '{preset}'")
+    small = dataset in DATASET_NORMALIZATION
+    conv = DATASET_NORMALIZATION.get(dataset, DATASET_NORMALIZATION["cifar10"])
+    if preset == "imagenet":
+        p = imagenet()
+    elif preset == "cifar":
+        p = Preprocess(*conv, source=f"{dataset if small else 'cifar10'} convention")
+    elif preset == "none":
+        p = Preprocess((0.0,) * len(conv[0]), (1.0,) * len(conv[0]), source="none (pixels in [0, 1])")
+    else:
+        p = from_checkpoint(meta or {})
+        if p is None and not small and model_dataset in DATASET_NORMALIZATION:  # a 32x32 registry model
+            p = Preprocess(*DATASET_NORMALIZATION[model_dataset], source=f"{model_dataset} convention ({model_name})")
+        if p is None and not small:  # built-in 32x32 datasets keep their convention for any architecture
+            p = from_model(model_name)
+            if p is None:
+                p = imagenet(source="imagenet (the usual convention for image folders)")
+        if p is None:
+            p = Preprocess(*conv, source=f"{dataset} convention")
+    if image_size is not None or crop_pct is not None:
+        if image_size is not None and image_size < 1:
+            raise UserError(f"--image-size must be a positive number of pixels, got {image_size}")
+        if crop_pct is not None and not 0 < crop_pct <= 1:
+            raise UserError(f"--crop-pct must be in (0, 1], got {crop_pct}")
+        crop = image_size or p.crop or (32 if small else 224)
+        pct = crop_pct or p.crop_pct or 1.0
+        p = replace(p, crop=crop, resize=int(math.floor(crop / pct)), source=p.source + " (size overridden)")
+    return p
