@@ -49,8 +49,9 @@ def _add_prune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed of the calibration sample (default 0)")
     p.add_argument("--batch-size", type=int, help="calibration and evaluation batch size (default 128)")
     _bool_flag(p, "low-memory", "hold about one activation of the calibration set at a time instead of two, "
-               "recomputing inside residual blocks (~2.5 forward passes instead of 1; same result)",
-               "one forward pass, two activations of the calibration set alive (default)")
+               "recomputing inside residual blocks (~2.5 forward passes instead of 1; same result). Default: "
+               "chosen by free memory (low-memory when two activations exceed half of it), named in the report",
+               "one forward pass, two activations of the calibration set alive")
     _bool_flag(p, "evaluate", "measure dense and pruned top-1 on the test split (default)", "skip evaluation")
     p.add_argument("--eval-samples", type=int, help="evaluate on a fixed random subset of N test images (default: all)")
     p.add_argument("--holdout", type=int, help="evaluate on N held-out training images (not used for calibration) "

@@ -33,7 +33,7 @@ class PruneOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # calibration sample
     batch_size: int = 128  # calibration / evaluation batch size
-    low_memory: bool = False  # ~1 activation of the calibration set alive instead of 2, for ~2.5 forward passes
+    low_memory: bool | None = None  # None: by free memory; True: ~1 activation alive instead of 2, ~2.5 passes
     evaluate: bool = True  # measure dense and pruned top-1 on the test split
     eval_samples: int = 0  # evaluate on a fixed random subset of N test images (0 = all)
     holdout: int = 0  # evaluate on N held-out training images instead of the test split (to choose settings)

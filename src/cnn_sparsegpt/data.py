@@ -193,8 +193,9 @@ class Loader:
             yield x, self.data.labels[idx].to(self.device, non_blocking=True)
 
 
-def calibration_set(data: ImageSet, nsamples: int, seed: int = 0) -> torch.Tensor:
-    """N random training images (normalized, unaugmented), the same for every method given the seed."""
+def calibration_indices(data, nsamples: int, seed: int = 0) -> torch.Tensor:
+    """Which training images calibrate: a seeded random choice over the whole set (its file list, for a
+    streamed folder), the same for every method given the seed."""
     if nsamples < 1:
         raise UserError(f"--nsamples must be at least 1, got {nsamples}")
     if len(data) == 0:
@@ -203,5 +204,10 @@ def calibration_set(data: ImageSet, nsamples: int, seed: int = 0) -> torch.Tenso
         warnings.warn(f"asked for {nsamples} calibration images but only {len(data)} exist; using all of them",
                       RuntimeWarning)
         nsamples = len(data)
-    idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:nsamples]
-    return torch.cat([x for x, _ in data.batches(min(nsamples, 256), "cpu", indices=idx)])
+    return torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:nsamples]
+
+
+def calibration_set(data, nsamples: int, seed: int = 0) -> torch.Tensor:
+    """N random training images (normalized, unaugmented); only these are decoded from a streamed folder."""
+    idx = calibration_indices(data, nsamples, seed)
+    return torch.cat([x for x, _ in data.batches(min(len(idx), 256), "cpu", indices=idx)])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 from .config import PruneOptions
-from .data import calibration_set, load_dataset
+from .data import calibration_indices, calibration_set, load_dataset
 from .masks import Pattern
 from .models import check_model_name, create_model, head_classes, model_entry
 from .preprocess import resolve as resolve_preprocess
@@ -130,6 +131,8 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     out = ensure_writable(opts.out) if write else None
     model, train, test, dataset, pre = prepare(opts, device)
     calib = calibration_set(train, opts.nsamples, opts.seed)
+    chosen = calibration_indices(train, opts.nsamples, opts.seed)  # the same images for every method: a digest
+    calib_digest = hashlib.sha1(f"{len(train)}:{chosen.tolist()}".encode()).hexdigest()[:12]
     eval_seconds = 0.0
     if opts.evaluate and dense_acc is None:
         t0 = time.perf_counter()
@@ -150,7 +153,7 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     check_finite(state, "the pruned model")  # never write a checkpoint with NaN
     result = {
         "model": opts.model, "weights": opts.weights, "dataset": dataset, "data_source": train.source,
-        "data_storage": train.storage, "preprocess": pre.as_dict(),
+        "data_storage": train.storage, "preprocess": pre.as_dict(), "calibration_digest": calib_digest,
         "method": opts.method, "pattern": str(pattern), "target_sparsity": pattern.target,
         "dense_acc": dense_acc, "pruned_acc": pruned_acc, "eval_samples": len(test),
         "eval_seconds": eval_seconds, "eval_split": f"holdout {opts.holdout}" if opts.holdout else "test",
@@ -168,6 +171,17 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     return result
 
 
+def _preprocess_line(r: dict) -> str:
+    p = r.get("preprocess")
+    if not p:
+        return ""
+    geo = (f"shorter side {p['resize']} ({p['interpolation']}), center crop {p['crop']}, " if p.get("crop")
+           else "images at their size, ")
+    mean = ", ".join(f"{v:.4g}" for v in p["mean"])
+    std = ", ".join(f"{v:.4g}" for v in p["std"])
+    return f"\n  preprocessing: {geo}mean ({mean}), std ({std}) from {p['source']}"
+
+
 def format_report(r: dict) -> str:
     """A short table: per-layer results, then the totals."""
     lines = [f"{'layer':<28} {'shape':<18} {'sparsity':>8} {'rel.err':>9} {'sec':>6}  note"]
@@ -183,10 +197,10 @@ def format_report(r: dict) -> str:
                f"({100 * (r['pruned_acc'] - r['dense_acc']):+.2f}) on {r['eval_samples']} test images\n")
     passes = ""
     if r.get("peak_stored_mb") is not None:
-        mode = " (--low-memory)" if r.get("low_memory") else ""
+        mode = f" (memory policy: {r['memory_policy']})" if r.get("memory_policy") else ""
         passes = (f"  {r['forward_passes']:.3g} forward pass(es) over the calibration set, at most "
                   f"{r['peak_stored_mb']:.0f} MB of its activations held{mode}\n")
     lines.append(f"\n{r['model']} {r['method']} {r['pattern']}: sparsity {r['sparsity']:.3f} of the pruned layers, "
                  f"{r['total_sparsity']:.3f} of all weights; {r['seconds']:.1f} s pruning, "
-                 f"{r['nsamples']} calibration images\n{acc}{passes}  data: {r['data_source']}")
+                 f"{r['nsamples']} calibration images\n{acc}{passes}  data: {r['data_source']}{_preprocess_line(r)}")
     return "\n".join(lines)

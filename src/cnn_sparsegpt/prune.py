@@ -37,6 +37,7 @@ class PruneReport:
     total_sparsity: float = 0.0  # over all Conv2d/Linear weights
     forward_passes: float = 0.0  # full calibration passes spent (the fx path needs 1; low_memory a few)
     peak_stored_mb: float | None = None  # most activations of the calibration set held at once (fx path)
+    memory_policy: str = ""  # default or low-memory, and why (chosen by free memory unless asked)
     timings: dict = field(default_factory=dict)  # seconds per phase
     bn_recalibrated: bool = False
 
@@ -63,12 +64,19 @@ def _as_batches(calibration, device: torch.device, batch_size: int) -> list[torc
     return batches
 
 
-def forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
-    """Names of the Conv2d/Linear layers in the order the forward pass calls them."""
+def forward_order(model: nn.Module, example: torch.Tensor, input_bytes: dict | None = None) -> list[str]:
+    """Names of the Conv2d/Linear layers in the order the forward pass calls them; `input_bytes`, when
+    given, is filled with each one's input size in bytes for `example`."""
     names = {m: n for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
     order: list[str] = []
-    hooks = [m.register_forward_pre_hook(lambda mod, _i: order.append(names[mod]) if names[mod] not in order else None)
-             for m in names]
+
+    def hook(mod, inp):
+        if names[mod] not in order:
+            order.append(names[mod])
+            if input_bytes is not None:
+                input_bytes[names[mod]] = inp[0].numel() * inp[0].element_size()
+
+    hooks = [m.register_forward_pre_hook(hook) for m in names]
     try:
         with torch.no_grad():
             model(example)
@@ -76,6 +84,35 @@ def forward_order(model: nn.Module, example: torch.Tensor) -> list[str]:
         for h in hooks:
             h.remove()
     return order
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for activations: the GPU's free memory, or the OS's MemAvailable (Linux); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_policy(largest_input: int, nsamples: int, device: torch.device, free: int | None = None) -> tuple[bool, str]:
+    """(low_memory, why) for `low_memory=None`: the default executor holds about two activations of the
+    calibration set (a block's input for the skip, and the current layer's), low_memory about one. Take
+    the default while two of the largest fit in half of the free memory (the rest is for Hessians,
+    unfolded patches and the allocator's slack)."""
+    need = 2 * largest_input * nsamples
+    free = available_memory(device) if free is None else free
+    if free is None:
+        return False, "default (free memory unknown)"
+    gb = 2**30
+    if need <= free / 2:
+        return False, f"default (2 activations = {need / gb:.1f} GB of {free / gb:.1f} GB free)"
+    return True, f"low-memory (2 activations = {need / gb:.1f} GB would exceed half of {free / gb:.1f} GB free)"
 
 
 def choose_layers(model: nn.Module, order: list[str], ignore: Iterable[str] = (),
@@ -231,13 +268,14 @@ class _Pruner:
 def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsity: float | None = None,
                 nm: str | None = None, *, percdamp: float = 0.01, blocksize: int = 128, ignore: Iterable[str] = (),
                 skip_first_last: bool = True, recalibrate_bn: bool = True, batch_size: int = 128,
-                progress: bool = True, use_fx: bool = True, low_memory: bool = False) -> PruneReport:
+                progress: bool = True, use_fx: bool = True, low_memory: bool | None = None) -> PruneReport:
     """Prune `model` in place, one-shot, and return a report with per-layer results and masks.
 
     calibration: a tensor of inputs (N, ...) or an iterable of batches (tensors or (x, y) pairs).
     Give the pattern as `sparsity` (unstructured, in [0, 1)) or `nm` ('2:4'); a Pattern works too.
     low_memory: keep about one activation of the calibration set alive instead of two, by recomputing
-    inside residual blocks (a few forward passes instead of one; same result).
+    inside residual blocks (a few forward passes instead of one; same result). None (default) chooses by
+    the free memory of the device (see `memory_policy`); the choice is in the report.
     """
     if method not in METHODS:
         raise UserError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
@@ -247,7 +285,12 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
     was_training = model.training
     model.eval()
     t_start = time.perf_counter()
-    order = forward_order(model, batches[0][:1])
+    input_bytes: dict[str, int] = {}
+    order = forward_order(model, batches[0][:1], input_bytes)
+    if low_memory is None:
+        low_memory, policy = memory_policy(max(input_bytes.values(), default=0), sum(len(x) for x in batches), device)
+    else:
+        policy = "low-memory" if low_memory else "default"
     plan = choose_layers(model, order, ignore, skip_first_last)
     run = _Pruner(model, plan, method, pattern, percdamp, blocksize, progress)
     passes = None
@@ -278,7 +321,7 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
     n_pruned = sum(r.mask.numel() for r in pruned)
     report = PruneReport(method, str(pattern), sum(len(x) for x in batches), layers,
                          seconds=time.perf_counter() - t_start, forward_passes=passes, timings=run.t,
-                         peak_stored_mb=run.peak_stored_mb,
+                         peak_stored_mb=run.peak_stored_mb, memory_policy=policy,
                          bn_recalibrated=recalibrate_bn and bool(_bn_modules(model)))
     report.sparsity = sum((~r.mask).sum().item() for r in pruned) / n_pruned if n_pruned else 0.0
     report.total_sparsity = weight_sparsity(model)

@@ -1,0 +1,160 @@
+"""ImageNet-style folders: streaming, preprocessing equal to torchvision's, class order, model zoo and files."""
+import dataclasses
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import cnn_sparsegpt.folder as folder
+from cnn_sparsegpt import UserError, calibration_set, create_model, load_dataset, load_state_dict
+from cnn_sparsegpt.cli import main
+from cnn_sparsegpt.models import head_classes
+from cnn_sparsegpt.preprocess import from_model, imagenet, resolve
+from cnn_sparsegpt.synthetic import make_imagefolder
+
+
+@pytest.fixture(scope="module")
+def inet(tmp_path_factory):
+    return make_imagefolder(tmp_path_factory.mktemp("inet"), classes=4, train_per_class=6, val_per_class=3,
+                            min_side=40, max_side=300)
+
+
+def test_streamed_matches_torchvision_preprocessing_bit_for_bit(inet):
+    torchvision = pytest.importorskip("torchvision")
+    val = load_dataset(str(inet), False, preprocess=imagenet(), streaming="on")
+    assert val.storage == "streamed" and len(val) == 12
+    x, y = next(val.batches(12, "cpu"))
+    ref = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.transforms()  # resize 256, crop 224, bilinear
+    expected = torch.stack([ref(Image.open(f).convert("RGB")) for f in val.files])
+    assert x.shape == (12, 3, 224, 224) and torch.equal(x, expected)
+    # the in-memory path serves the same tensors
+    mem = load_dataset(str(inet), False, preprocess=imagenet(), streaming="off")
+    assert mem.storage == "memory" and torch.equal(next(mem.batches(12, "cpu"))[0], expected)
+    assert torch.equal(y, mem.labels)
+
+
+def test_torchvision_v2_and_timm_presets_from_metadata():
+    p = from_model("torchvision:resnet50")  # DEFAULT = IMAGENET1K_V2: resize 232, crop 224
+    assert (p.resize, p.crop, p.interpolation) == (232, 224, "bilinear") and p.mean == (0.485, 0.456, 0.406)
+    pytest.importorskip("timm")
+    t = from_model("timm:resnet50")
+    assert t.crop == 224 and t.resize == int(224 / 0.95) and t.interpolation == "bicubic"
+
+
+def test_auto_resolution_order():
+    assert resolve("auto", "resnet18_cifar", "cifar10").std == (0.2470, 0.2435, 0.2616)
+    assert resolve("auto", "torchvision:resnet18", "cifar10").crop is None  # 32x32 datasets keep their convention
+    assert resolve("auto", "torchvision:resnet50", "/x").crop == 224
+    meta = {"normalization": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}
+    assert resolve("auto", "torchvision:resnet50", "/x", meta).mean == (0.5, 0.5, 0.5)  # checkpoint first
+    p = resolve("imagenet", "x", "/x", image_size=160, crop_pct=0.8)
+    assert (p.crop, p.resize) == (160, 200)
+    with pytest.raises(UserError, match="--crop-pct"):
+        resolve("imagenet", "x", "/x", crop_pct=1.5)
+
+
+def test_calibration_decodes_only_what_it_draws(inet, monkeypatch):
+    calls = []
+    real = folder._decode
+    monkeypatch.setattr(folder, "_decode", lambda data, pre, size=None: calls.append(data) or real(data, pre, size))
+    train = dataclasses.replace(load_dataset(str(inet), True, preprocess=imagenet(), streaming="on"), workers=0)
+    assert calls == [] and len(train) == 24  # listing the folder decodes nothing
+    a = calibration_set(train, 5, seed=1)
+    assert len(calls) == 5 and a.shape == (5, 3, 224, 224)
+    assert torch.equal(a, calibration_set(train, 5, seed=1))  # the same images for every method
+    assert not torch.equal(a, calibration_set(train, 5, seed=2))
+
+
+def test_class_order_is_sorted_wnids(inet, tmp_path):
+    train = load_dataset(str(inet), True, preprocess=imagenet(), streaming="on")
+    wnids = sorted(p.name for p in (inet / "train").iterdir())
+    assert train.classes == wnids
+    assert all(f.split("/")[-2] == wnids[label] for f, label in zip(train.files, train.labels.tolist()))
+    val = load_dataset(str(inet), False, preprocess=imagenet(), streaming="on")
+    assert val.classes == wnids and sorted(set(val.labels.tolist())) == [0, 1, 2, 3]
+    odd = make_imagefolder(tmp_path / "odd", classes=2, train_per_class=1, val_per_class=1)
+    (odd / "val" / "n99999999").mkdir()
+    Image.new("RGB", (50, 40)).save(odd / "val" / "n99999999" / "a.JPEG")
+    with pytest.raises(UserError, match="val/ has classes that train/ lacks"):
+        load_dataset(str(odd), False, preprocess=imagenet(), streaming="on")
+
+
+def test_streaming_needs_a_fixed_size_and_a_folder(inet, tmp_path):
+    with pytest.raises(UserError, match="needs one image size"):
+        load_dataset(str(inet), True, streaming="on")  # no crop: images of many sizes
+    with pytest.raises(UserError, match="cannot be streamed"):
+        (tmp_path / "a.tar.gz").write_bytes(b"")
+        load_dataset(str(tmp_path / "a.tar.gz"), True, preprocess=imagenet(), streaming="on")
+
+
+def test_auto_streams_by_decoded_size(inet, monkeypatch):
+    assert load_dataset(str(inet), True, preprocess=imagenet()).storage == "memory"  # 24 x 150 KB
+    monkeypatch.setattr(folder, "STREAM_ABOVE_BYTES", 1000)
+    assert load_dataset(str(inet), True, preprocess=imagenet()).storage == "streamed"
+
+
+def test_checkpoint_formats_and_head(tmp_path):
+    model = create_model("torchvision:resnet18", num_classes=4)
+    state = model.state_dict()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 3}, tmp_path / "w.pth")
+    loaded = load_state_dict(tmp_path / "w.pth")
+    assert loaded.keys() == state.keys() and head_classes("torchvision:resnet18", loaded) == 4
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "w.safetensors"))
+    assert all(torch.equal(load_state_dict(tmp_path / "w.safetensors")[k], v) for k, v in state.items())
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(UserError, match="not a valid safetensors"):
+        load_state_dict(tmp_path / "bad.safetensors")
+
+
+def _prune(capsys, args):
+    code = main(["-q", "prune"] + args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_prunes_a_pretrained_style_model_on_a_streamed_folder(inet, tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "resnet18.safetensors"
+    save_file({k: v.contiguous() for k, v in create_model("torchvision:resnet18", 4).state_dict().items()},
+              str(weights))
+    reports = {}
+    for method in ("magnitude", "sparsegpt"):
+        out = tmp_path / method
+        code, stdout, err = _prune(capsys, ["--model", "torchvision:resnet18", "--weights", str(weights), "--dataset",
+                                            str(inet), "--streaming", "on", "--workers", "0", "--image-size", "64",
+                                            "--nsamples", "8", "--nm", "2:4", "--method", method, "--out", str(out),
+                                            "--save-safetensors", "--batch-size", "4"])
+        assert code == 0, err
+        assert "center crop 64" in stdout and "torchvision ResNet18_Weights.IMAGENET1K_V1 metadata" in stdout
+        reports[method] = json.loads((out / "report.json").read_text())
+        assert (out / "model.safetensors").is_file()
+    r = reports["sparsegpt"]
+    assert r["data_storage"] == "streamed" and r["eval_samples"] == 12 and r["sparsity"] == 0.5
+    assert r["preprocess"]["crop"] == 64 and r["preprocess"]["resize"] == int(64 / 0.875)
+    assert reports["magnitude"]["calibration_digest"] == r["calibration_digest"]
+    assert r["memory_policy"].startswith("default")
+
+
+def test_cli_class_count_must_fit_the_head(inet, tmp_path, capsys):
+    weights = tmp_path / "w.pt"
+    torch.save(create_model("torchvision:resnet18", 1000).state_dict(), weights)
+    code, _, err = _prune(capsys, ["--model", "torchvision:resnet18", "--weights", str(weights), "--dataset",
+                                   str(inet), "--sparsity", "0.5", "--out", str(tmp_path / "o")])
+    assert code == 2 and "head has 1000 outputs but" in err and "has 4 classes" in err
+
+
+def test_timm_model_prunes(inet, tmp_path, capsys):
+    pytest.importorskip("timm")
+    code, _, err = _prune(capsys, ["--model", "timm:resnet18", "--dataset", str(inet), "--image-size", "64",
+                                   "--nsamples", "8", "--nm", "2:4", "--no-evaluate", "--out", str(tmp_path / "o")])
+    assert code == 0, err
+    r = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert r["sparsity"] == 0.5 and r["preprocess"]["interpolation"] == "bicubic"
+    code, _, err = _prune(capsys, ["--model", "timm:no_such_net", "--dataset", str(inet), "--sparsity", "0.5"])
+    assert code == 2 and "unknown timm model" in err
