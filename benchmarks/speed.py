@@ -1,7 +1,9 @@
-"""Speed benchmark: the per-layer solver against a naive column-by-column update, and a whole
-ResNet-18 prune split into phases against the floor measured in the same run.
+"""Speed benchmark: the per-layer solver against a naive column-by-column update, and a whole-model
+prune (ResNet-18 on CIFAR, or ResNet-50 at 224) split into phases against the floor measured in the
+same run.
 
     python benchmarks/speed.py --weights ../shared/checkpoints/resnet18_cifar10.pt --data-dir ../shared/data
+    python benchmarks/speed.py --arch resnet50 --skip-solver --json experiments/speed_resnet50.json
 
 Writes a JSON of the raw numbers (--json) and prints a markdown table.
 """
@@ -80,7 +82,17 @@ def solver_table(device, shapes=((512, 4608), (128, 12544))):
     return rows
 
 
-def _setup(weights, data_dir, nsamples, device):
+ARCHS = {  # what the whole-model rows prune
+    "resnet18_cifar": "ResNet-18 (CIFAR, 32x32, shared checkpoint, JPEG CIFAR-10 calibration images)",
+    "resnet50": "torchvision ResNet-50 at 224x224 (random weights and inputs: time and memory do not depend on them)",
+}
+
+
+def _setup(arch, weights, data_dir, nsamples, device):
+    if arch == "resnet50":
+        model = create_model("torchvision:resnet50", num_classes=1000).to(device).eval()
+        calib = torch.randn(nsamples, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        return model, calib.to(device)
     model = create_model("resnet18_cifar")
     model.load_state_dict(load_state_dict(weights))
     model.to(device).eval()
@@ -88,34 +100,37 @@ def _setup(weights, data_dir, nsamples, device):
     return model, calibration_set(train, nsamples, seed=0).to(device)
 
 
-def measure_floor(weights, data_dir, nsamples, device, batch_size=128):
+def measure_floor(arch, weights, data_dir, nsamples, device, batch_size=128):
     """The floor, as bare torch ops: one forward over the calibration set, the Hessian products of every
-    pruned layer on its (dense) inputs, one Cholesky factorization per pruned layer."""
-    model, calib = _setup(weights, data_dir, nsamples, device)
+    pruned layer on its (dense) inputs, one Cholesky factorization per pruned layer. The Hessians are
+    accumulated by hooks during one more forward pass, batch by batch, and only the products are timed."""
+    model, calib = _setup(arch, weights, data_dir, nsamples, device)
     batches = calib.split(batch_size)
     with torch.no_grad():
         model(batches[0][:8])
         t_forward, _ = timed(lambda: [model(x) for x in batches], device)
         plan = choose_layers(model, forward_order(model, calib[:1]))
-        names = [name for name, reason in plan.items() if not reason]
         mods = dict(model.named_modules())
-        t_hessian = t_chol = 0.0
-        for name in names:
-            captured = []
-            h = mods[name].register_forward_pre_hook(lambda m, i: captured.append(i[0]))
-            for x in batches:
-                model(x)
+        pruners = {name: LayerPruner(mods[name], name) for name, reason in plan.items() if not reason}
+        t_hessian = 0.0
+
+        def accumulate(module, inp):  # the same blocked symmetric product on the same chunks as the pruner's
+            nonlocal t_hessian
+            p = pruners[names[module]]
+            for chunk in inp[0].split(p.chunk_images(inp[0])):
+                t, _ = timed(lambda chunk=chunk: accumulate_xxt_(p.H, p.columns(chunk)), device)
+                t_hessian += t
+
+        names = {mods[name]: name for name in pruners}
+        hooks = [mods[name].register_forward_pre_hook(accumulate) for name in pruners]
+        for x in batches:
+            model(x)
+        for h in hooks:
             h.remove()
-            p = LayerPruner(mods[name], name)
-            H = torch.zeros(1, p.d, p.d, device=device)
-            for inp in captured:  # unfold is part of the floor (the patches must exist); the product is
-                # the same blocked symmetric one on the same chunks as the pruner's, so the floor is not
-                # inflated by a plain GEMM or by a less cache-friendly chunk size
-                for chunk in inp.split(p.chunk_images(inp)):
-                    t, _ = timed(lambda chunk=chunk: accumulate_xxt_(H, p.columns(chunk)), device)
-                    t_hessian += t
-            captured.clear()  # free the layer inputs before the next layer
-            H = H[0] + 0.01 * torch.diag(H[0]).mean() * torch.eye(p.d, device=device)
+        t_chol = 0.0
+        for p in pruners.values():
+            H = p.H[0] + 0.01 * torch.diag(p.H[0]).mean() * torch.eye(p.d, device=device)
+            p.free()
             t, _ = timed(lambda: torch.linalg.cholesky(H.flip(0, 1)), device)
             t_chol += t
     floor = {"forward": t_forward, "hessian": t_hessian, "cholesky": t_chol}
@@ -123,11 +138,13 @@ def measure_floor(weights, data_dir, nsamples, device, batch_size=128):
     return floor
 
 
-def measure_prune(weights, data_dir, nsamples, device, low_memory):
+def measure_prune(arch, weights, data_dir, nsamples, device, low_memory):
     """One whole-model prune, run in a fresh process so that its peak RSS is its own."""
-    model, calib = _setup(weights, data_dir, nsamples, device)
+    model, calib = _setup(arch, weights, data_dir, nsamples, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    input_bytes = {}
+    forward_order(model, calib[:1], input_bytes)
     with PeakRSS() as mem:
         before = mem.peak
         t_total, rep = timed(lambda: prune_model(model, calib, "sparsegpt", nm="2:4", progress=False,
@@ -138,14 +155,15 @@ def measure_prune(weights, data_dir, nsamples, device, low_memory):
               "bn_recalibration": t["bn_recalibration"]}
     d = max(math.prod(x.shape[1:]) for x in rep.layers if not x.skipped)  # the widest pruned layer
     model_bytes = sum(v.numel() * v.element_size() for v in model.state_dict().values())
-    act_bytes = nsamples * 64 * 32 * 32 * 4  # the largest activation of the calibration set (layer1)
+    act_bytes = nsamples * max(input_bytes.values())  # the largest layer input over the calibration set
     memory = {"rss_before_mb": before / 2**20, "rss_peak_mb": mem.peak / 2**20,
               "rss_increase_mb": (mem.peak - before) / 2**20, "model_mb": model_bytes / 2**20,
+              "calibration_mb": calib.numel() * calib.element_size() / 2**20,
               "largest_layer_inputs_mb": act_bytes / 2**20, "two_largest_hessians_mb": 2 * d * d * 4 / 2**20,
               "peak_stored_mb": rep.peak_stored_mb,
               "peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
-    return {"low_memory": low_memory, "phases": phases, "forward_passes": rep.forward_passes, "memory": memory,
-            "sparsity": rep.sparsity}
+    return {"low_memory": low_memory, "memory_policy": rep.memory_policy, "phases": phases,
+            "forward_passes": rep.forward_passes, "memory": memory, "sparsity": rep.sparsity}
 
 
 def in_fresh_process(fn, *args):
@@ -169,6 +187,7 @@ def main():
     p.add_argument("--weights", default="../shared/checkpoints/resnet18_cifar10.pt")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--nsamples", type=int, default=1024)
+    p.add_argument("--arch", choices=sorted(ARCHS), default="resnet18_cifar", help="the whole-model rows' network")
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-model", action="store_true", help="only the per-layer solver table")
     p.add_argument("--skip-solver", action="store_true", help="only the whole-model prune")
@@ -185,29 +204,32 @@ def main():
         print(f"| {r['shape']} | {r['pattern']} | {r['ours_s']:.2f} | {r['ours_cholesky_s']:.2f} | "
               f"{r['naive_s']:.2f} | {r['naive_cholesky_s']:.2f} | {r['speedup']:.1f}x | {r['update_speedup']:.0f}x |")
     if not args.skip_model:
-        runs = [in_fresh_process(measure_prune, args.weights, args.data_dir, args.nsamples, device, low)
-                for low in (False, True)]
-        fl = in_fresh_process(measure_floor, args.weights, args.data_dir, args.nsamples, device)
-        result["model"] = {"floor": fl, "runs": runs}
-        print(f"\nResNet-18, {args.nsamples} calibration images, SparseGPT 2:4, BN recalibration on")
-        print("| phase (seconds) | default | --low-memory |\n|---|---|---|")
+        runs = [in_fresh_process(measure_prune, args.arch, args.weights, args.data_dir, args.nsamples, device, low)
+                for low in (None, True)]
+        fl = in_fresh_process(measure_floor, args.arch, args.weights, args.data_dir, args.nsamples, device)
+        result["model"] = {"arch": args.arch, "description": ARCHS[args.arch], "floor": fl, "runs": runs}
+        print(f"\n{ARCHS[args.arch]}: {args.nsamples} calibration images, SparseGPT 2:4, BN recalibration on")
+        print("| phase (seconds) | default (memory policy by free memory) | --low-memory |\n|---|---|---|")
         for k in runs[0]["phases"]:
             print(f"| {k} | {runs[0]['phases'][k]:.1f} | {runs[1]['phases'][k]:.1f} |")
         print(f"| floor: forward {fl['forward']:.1f} + Hessian products {fl['hessian']:.1f} + "
               f"Cholesky {fl['cholesky']:.1f} | {fl['total']:.1f} | |")
+
         def row(label, cells):
             print(f"| {label} | " + " | ".join(cells) + " |")
 
         row("total / floor", [f"{r['phases']['total'] / fl['total']:.2f}x" for r in runs])
+        row("memory policy", [r["memory_policy"].split(" (")[0] for r in runs])
         row("forward passes", [f"{r['forward_passes']:.2f}" for r in runs])
+        row("peak RSS (MB)", [f"{r['memory']['rss_peak_mb']:.0f}" for r in runs])
         row("peak RSS above start (MB)", [f"{r['memory']['rss_increase_mb']:.0f}" for r in runs])
         row("activations held at peak (MB)", [f"{r['memory']['peak_stored_mb']:.0f}" for r in runs])
         if device.type == "cuda":
             row("peak GPU memory (MB)", [f"{r['memory']['peak_gpu_mb']:.0f}" for r in runs])
         mem = runs[0]["memory"]
         print(f"\nRSS at start {mem['rss_before_mb']:.0f} MB (torch, data, model); model {mem['model_mb']:.0f} MB, "
-              f"largest layer's calibration inputs {mem['largest_layer_inputs_mb']:.0f} MB, two largest Hessians "
-              f"{mem['two_largest_hessians_mb']:.0f} MB")
+              f"calibration images {mem['calibration_mb']:.0f} MB, largest layer's calibration inputs "
+              f"{mem['largest_layer_inputs_mb']:.0f} MB, two largest Hessians {mem['two_largest_hessians_mb']:.0f} MB")
     atomic_write_json(result, args.json)
     print(f"\nwrote {args.json}")
 
