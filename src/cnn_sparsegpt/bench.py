@@ -11,11 +11,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import PruneOptions, read_yaml_mapping
+from .config import RECIPE_KEYS, PruneOptions, check_options, read_yaml_mapping, recipe_label
 from .utils import UserError, atomic_write_json, atomic_write_text
 
 KEY = ("model", "checkpoint", "dataset", "method", "pattern", "nsamples", "seed", "bn_recalibration", "eval_samples",
-       "holdout", "percdamp")
+       "holdout", "percdamp", "recipe")
 COLUMNS = KEY + (
     "data_source", "target_sparsity", "sparsity", "total_sparsity", "layers_pruned", "layers_skipped",
     "dense_acc", "pruned_acc", "drop", "prune_seconds", "eval_seconds", "peak_rss_mb", "peak_gpu_mb",
@@ -45,7 +45,8 @@ class BenchConfig:
     percdamp: float = 0.01
     eval_samples: int = 0  # 0 = the whole test split
     holdout: int = 0  # > 0: evaluate on that many held-out training images instead (for choosing settings)
-    low_memory: bool = False  # same results, about half the activation memory, ~2.5 forward passes
+    low_memory: bool | None = None  # None: by free memory; same results either way
+    recipes: list = field(default_factory=lambda: [{}])  # option sets beyond uniform SparseGPT, e.g. {allocation: dp}
 
 
 def load_bench_config(path: str) -> BenchConfig:
@@ -63,6 +64,10 @@ def load_bench_config(path: str) -> BenchConfig:
     for key in data:
         if key not in known:
             raise UserError(f"{path}: unknown key '{key}'; valid keys: models, {', '.join(sorted(known - {'models'}))}")
+    for i, r in enumerate(data.get("recipes", [{}])):
+        if not isinstance(r, dict) or set(r) - set(RECIPE_KEYS):
+            raise UserError(f"{path}: recipes[{i}] must be a mapping of {', '.join(RECIPE_KEYS)}, got {r!r}")
+        check_options(PruneOptions, r, f"{path}: recipes[{i}]")
     cfg = BenchConfig(**{k: v for k, v in data.items()})
     if not models or not isinstance(models, list):
         raise UserError(f"{path}: 'models' must be a non-empty list of {{model: NAME, weights: PATH, ...}}")
@@ -91,7 +96,7 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def _key(row: dict) -> tuple:
-    return tuple(str(row[k]) for k in KEY)
+    return tuple(str(row.get(k) or "") if k == "recipe" else str(row[k]) for k in KEY)
 
 
 def append_row(path: Path, row: dict) -> None:
@@ -135,9 +140,11 @@ class PeakRSS:
 
 def grid(cfg: BenchConfig):
     for m in cfg.models:
-        for method, pattern, bn, n, seed in itertools.product(m.methods, m.patterns, cfg.bn_recalibration,
-                                                              cfg.nsamples, cfg.seeds):
-            yield m, method, pattern, bn, n, seed
+        for method, pattern, bn, n, seed, recipe in itertools.product(m.methods, m.patterns, cfg.bn_recalibration,
+                                                                      cfg.nsamples, cfg.seeds, cfg.recipes):
+            if ":" in pattern and recipe.get("allocation", "uniform") != "uniform":
+                continue  # N:M is uniform by definition
+            yield m, method, pattern, bn, n, seed, recipe
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
@@ -149,15 +156,17 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
              for r in read_rows(csv_path) if r.get("dense_acc")}
     runs = list(grid(cfg))
     new_rows = []
-    for i, (m, method, pattern, bn, n, seed) in enumerate(runs, 1):
+    for i, (m, method, pattern, bn, n, seed, recipe) in enumerate(runs, 1):
         opts = PruneOptions(model=m.model, weights=m.weights, dataset=m.dataset, data_dir=cfg.data_dir,
                             method=method, nsamples=n, seed=seed, bn_recalibration=bn, device=cfg.device,
                             percdamp=cfg.percdamp, eval_samples=cfg.eval_samples, holdout=cfg.holdout,
-                            ignore=list(m.ignore), low_memory=cfg.low_memory, **_pattern_options(pattern))
+                            ignore=list(m.ignore), low_memory=cfg.low_memory, **_pattern_options(pattern), **recipe)
         key_row = {"model": m.model, "checkpoint": m.weights or "", "dataset": m.dataset or "",
                    "method": method, "pattern": pattern, "nsamples": n, "seed": seed, "bn_recalibration": bn,
-                   "eval_samples": cfg.eval_samples, "holdout": cfg.holdout, "percdamp": cfg.percdamp}
-        label = f"[{i}/{len(runs)}] {m.model} {method} {pattern} n={n} bn={'on' if bn else 'off'} seed={seed}"
+                   "eval_samples": cfg.eval_samples, "holdout": cfg.holdout, "percdamp": cfg.percdamp,
+                   "recipe": recipe_label(opts)}
+        label = (f"[{i}/{len(runs)}] {m.model} {method} {pattern} n={n} bn={'on' if bn else 'off'} seed={seed}"
+                 f"{' ' + key_row['recipe'] if key_row['recipe'] else ''}")
         if _key(key_row) in done:
             print(f"{label}: already in {csv_path}, skipped", flush=True)
             continue

@@ -45,6 +45,17 @@ def _add_prune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prune-all", action="store_true", help="also prune the first conv and the last linear")
     _bool_flag(p, "bn-recalibration", "re-estimate BatchNorm statistics after pruning (default)",
                "keep the dense model's BatchNorm statistics")
+    p.add_argument("--allocation", choices=["uniform", "owl", "dp"],
+                   help="per-layer sparsities for --sparsity (the overall fraction stays S): uniform (default, "
+                   "SparseGPT as published), owl (outlier-weighted, S ± --owl-lambda, one cheap dense pass) or dp "
+                   "(per-layer error database + knapsack; a few times a uniform prune)")
+    p.add_argument("--budget", choices=["params", "flops"],
+                   help="what --sparsity counts under a non-uniform allocation: weights (default) or multiply-adds")
+    p.add_argument("--owl-lambda", type=float, help="owl: layer sparsities within S ± this (default 0.1)")
+    _bool_flag(p, "bn-aware", "weigh each output row's saliency by its BatchNorm's (gamma/sigma)^2, as if folded "
+               "(unstructured sparsegpt and magnitude)", "plain saliency (default)")
+    _bool_flag(p, "stat-correction", "after pruning, give layers with a bias and BatchNorms the dense network's "
+               "per-channel output mean and variance on the calibration images", "no correction (default)")
     p.add_argument("--device", help="auto (CUDA if present), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--seed", type=int, help="seed of the calibration sample (default 0)")
     p.add_argument("--batch-size", type=int, help="calibration and evaluation batch size (default 128)")

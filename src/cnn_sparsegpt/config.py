@@ -30,6 +30,11 @@ class PruneOptions:
     ignore: list = field(default_factory=list)  # layer names or regexes kept dense
     prune_all: bool = False  # also prune the first conv and the last linear
     bn_recalibration: bool = True  # re-estimate BatchNorm statistics on the pruned network
+    allocation: str = "uniform"  # uniform | owl | dp: per-layer sparsities under one budget (unstructured)
+    budget: str = "params"  # params | flops: what --sparsity counts when the allocation is not uniform
+    owl_lambda: float = 0.1  # owl: layer sparsities within S ± λ
+    bn_aware: bool = False  # weigh each output row's saliency by a following BatchNorm's (γ/σ)²
+    stat_correction: bool = False  # give the pruned network the dense per-channel output statistics
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # calibration sample
     batch_size: int = 128  # calibration / evaluation batch size
@@ -99,3 +104,13 @@ def merge_options(cls, file_values: dict, cli_values: dict):
         values.pop("nm", None)
     values.update(cli_values)
     return cls(**check_options(cls, values, "options"))
+
+
+RECIPE_KEYS = ("allocation", "budget", "owl_lambda", "bn_aware", "stat_correction")  # beyond uniform SparseGPT
+
+
+def recipe_label(opts: PruneOptions) -> str:
+    """The options beyond uniform SparseGPT that differ from their defaults, e.g. 'allocation=dp,bn_aware=True'
+    ('' for the published method)."""
+    default = PruneOptions()
+    return ",".join(f"{k}={getattr(opts, k)}" for k in RECIPE_KEYS if getattr(opts, k) != getattr(default, k))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import PruneOptions
+from .config import PruneOptions, recipe_label
 from .data import calibration_indices, calibration_set, load_dataset
 from .masks import Pattern
 from .models import check_model_name, create_model, head_classes, model_entry
@@ -143,7 +143,8 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     report = prune_model(model, calib, opts.method, pattern, percdamp=opts.percdamp, blocksize=opts.blocksize,
                          ignore=opts.ignore, skip_first_last=not opts.prune_all,
                          recalibrate_bn=opts.bn_recalibration, batch_size=opts.batch_size, progress=progress,
-                         low_memory=opts.low_memory)
+                         low_memory=opts.low_memory, allocation=opts.allocation, budget=opts.budget,
+                         owl_lambda=opts.owl_lambda, bn_aware=opts.bn_aware, stat_correction=opts.stat_correction)
     pruned_acc = None
     if opts.evaluate:
         t0 = time.perf_counter()
@@ -159,7 +160,7 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
         "eval_seconds": eval_seconds, "eval_split": f"holdout {opts.holdout}" if opts.holdout else "test",
         "percdamp": opts.percdamp, "blocksize": opts.blocksize, "seed": opts.seed,
         "bn_recalibration": opts.bn_recalibration, "low_memory": opts.low_memory, "prune_all": opts.prune_all,
-        "ignore": list(opts.ignore),
+        "ignore": list(opts.ignore), "recipe": recipe_label(opts),
         "peak_gpu_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     } | report.as_dict() | run_metadata(device)
     if write:

@@ -20,9 +20,12 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from .allocation import allocate
 from .graph import PRUNABLE, GraphExecutor, GraphStop
 from .masks import Pattern
+from .saliency import bn_row_scales
 from .solver import METHODS, LayerPruner, LayerResult
+from .statcorr import StatCorrection
 from .utils import UserError
 
 
@@ -38,6 +41,9 @@ class PruneReport:
     forward_passes: float = 0.0  # full calibration passes spent (the fx path needs 1; low_memory a few)
     peak_stored_mb: float | None = None  # most activations of the calibration set held at once (fx path)
     memory_policy: str = ""  # default or low-memory, and why (chosen by free memory unless asked)
+    allocation: dict = field(default_factory=dict)  # kind, budget and (dp) the error database; layers hold sparsities
+    bn_aware: bool = False  # rows' saliency weighted by a following BatchNorm's (γ/σ)²
+    stat_corrected: list = field(default_factory=list)  # layers and BatchNorms given the dense output statistics
     timings: dict = field(default_factory=dict)  # seconds per phase
     bn_recalibrated: bool = False
 
@@ -64,19 +70,26 @@ def _as_batches(calibration, device: torch.device, batch_size: int) -> list[torc
     return batches
 
 
-def forward_order(model: nn.Module, example: torch.Tensor, input_bytes: dict | None = None) -> list[str]:
-    """Names of the Conv2d/Linear layers in the order the forward pass calls them; `input_bytes`, when
-    given, is filled with each one's input size in bytes for `example`."""
+def forward_order(model: nn.Module, example: torch.Tensor, input_bytes: dict | None = None,
+                  positions: dict | None = None) -> list[str]:
+    """Names of the Conv2d/Linear layers in the order the forward pass calls them. When given,
+    `input_bytes` gets each one's input size in bytes for `example`, and `positions` the number of
+    output positions per example its weight is applied at (H·W for a conv; 1 for a Linear on vectors),
+    so that its multiply-adds per image are weight.numel() · positions."""
     names = {m: n for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
     order: list[str] = []
 
-    def hook(mod, inp):
-        if names[mod] not in order:
-            order.append(names[mod])
+    def hook(mod, inp, out):  # Conv2d/Linear are leaves: they finish in the order they are called
+        name = names[mod]
+        if name not in order:
+            order.append(name)
             if input_bytes is not None:
-                input_bytes[names[mod]] = inp[0].numel() * inp[0].element_size()
+                input_bytes[name] = inp[0].numel() * inp[0].element_size()
+            if positions is not None:
+                rows = mod.weight.shape[0]
+                positions[name] = out.numel() // (rows * max(len(example), 1))
 
-    hooks = [m.register_forward_pre_hook(hook) for m in names]
+    hooks = [m.register_forward_hook(hook) for m in names]
     try:
         with torch.no_grad():
             model(example)
@@ -165,8 +178,12 @@ class _Stop(Exception):
 class _Pruner:
     """Holds the run's settings and the per-layer results; the two executors call `prune_layer`."""
 
-    def __init__(self, model, plan, method, pattern, percdamp, blocksize, progress):
+    def __init__(self, model, plan, method, pattern, percdamp, blocksize, progress, patterns=None, row_scales=None,
+                 statcorr=None):
         self.model, self.plan, self.method, self.pattern = model, plan, method, pattern
+        self.patterns = patterns or {}  # per-layer patterns of a non-uniform allocation
+        self.row_scales = row_scales or {}  # BN-aware saliency
+        self.statcorr = statcorr
         self.percdamp, self.blocksize = percdamp, blocksize
         self.modules = dict(model.named_modules())
         self.results: dict[str, LayerResult] = {}
@@ -189,7 +206,10 @@ class _Pruner:
             pruner.add_batch(x)
         self.sync()
         t1 = time.perf_counter()
-        res = pruner.prune(self.method, self.pattern, self.percdamp, self.blocksize, stats=self.t, graphs=self.graphs)
+        res = pruner.prune(self.method, self.patterns.get(name, self.pattern), self.percdamp, self.blocksize,
+                           stats=self.t, graphs=self.graphs, row_scale=self.row_scales.get(name))
+        if self.statcorr is not None and not res.skipped:
+            self.statcorr.layer(name, module, pruner)
         self.sync()
         self.t["hessian"] += t1 - t0 - (self.forward_clock() - f0)
         self.t["solve"] += time.perf_counter() - t1  # includes "cholesky"
@@ -216,6 +236,8 @@ class _Pruner:
                     done.add(name)
                     f0, t0 = self.forward_clock(), time.perf_counter()
                     _recalibrate([self.modules[name]], self.modules[name], inputs)
+                    if self.statcorr is not None:
+                        self.statcorr.batchnorm(name, self.modules[name])
                     self.t["bn_recalibration"] += time.perf_counter() - t0 - (self.forward_clock() - f0)
             return barrier
 
@@ -259,6 +281,10 @@ class _Pruner:
         if recalibrate_bn and _bn_modules(self.model):
             t0 = time.perf_counter()
             _recalibrate(_bn_modules(self.model), self.model, batches)
+            if self.statcorr is not None:
+                names = {m: n for n, m in self.model.named_modules()}
+                for bn in _bn_modules(self.model):
+                    self.statcorr.batchnorm(names[bn], bn)
             self.t["bn_recalibration"] += time.perf_counter() - t0
             passes += 1
         return passes
@@ -268,7 +294,9 @@ class _Pruner:
 def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsity: float | None = None,
                 nm: str | None = None, *, percdamp: float = 0.01, blocksize: int = 128, ignore: Iterable[str] = (),
                 skip_first_last: bool = True, recalibrate_bn: bool = True, batch_size: int = 128,
-                progress: bool = True, use_fx: bool = True, low_memory: bool | None = None) -> PruneReport:
+                progress: bool = True, use_fx: bool = True, low_memory: bool | None = None,
+                allocation: str = "uniform", budget: str = "params", owl_lambda: float = 0.1, bn_aware: bool = False,
+                stat_correction: bool = False) -> PruneReport:
     """Prune `model` in place, one-shot, and return a report with per-layer results and masks.
 
     calibration: a tensor of inputs (N, ...) or an iterable of batches (tensors or (x, y) pairs).
@@ -276,6 +304,10 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
     low_memory: keep about one activation of the calibration set alive instead of two, by recomputing
     inside residual blocks (a few forward passes instead of one; same result). None (default) chooses by
     the free memory of the device (see `memory_policy`); the choice is in the report.
+    allocation: uniform | owl | dp, per-layer sparsities with `sparsity` as the overall fraction of the
+    budget (`params` or `flops`) removed (allocation.py); unstructured only. bn_aware: weigh each row's
+    saliency by a following BatchNorm's (γ/σ)² (saliency.py). stat_correction: match the dense network's
+    per-channel output statistics after pruning (statcorr.py).
     """
     if method not in METHODS:
         raise UserError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
@@ -286,13 +318,27 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
     model.eval()
     t_start = time.perf_counter()
     input_bytes: dict[str, int] = {}
-    order = forward_order(model, batches[0][:1], input_bytes)
+    positions: dict[str, int] = {}
+    order = forward_order(model, batches[0][:1], input_bytes, positions)
     if low_memory is None:
         low_memory, policy = memory_policy(max(input_bytes.values(), default=0), sum(len(x) for x in batches), device)
     else:
         policy = "low-memory" if low_memory else "default"
     plan = choose_layers(model, order, ignore, skip_first_last)
-    run = _Pruner(model, plan, method, pattern, percdamp, blocksize, progress)
+    names = [n for n in order if not plan[n]]
+    if pattern.is_nm and allocation != "uniform":
+        raise UserError(f"--allocation {allocation} chooses unstructured sparsities per layer; N:M is uniform by "
+                        "definition: use --sparsity with it")
+    t0 = time.perf_counter()
+    row_scales = bn_row_scales(model) if bn_aware else {}
+    bn_names = [n for n, m in model.named_modules() if m in set(_bn_modules(model))] if recalibrate_bn else []
+    statcorr = StatCorrection(model, batches, names, bn_names) if stat_correction else None
+    alloc = allocate(allocation, model, batches, names, pattern.target, method, budget, positions, percdamp,
+                     row_scales, owl_lambda, progress) if not pattern.is_nm else {"sparsity": {}}
+    patterns = {n: Pattern(sparsity=v) for n, v in alloc["sparsity"].items()} if allocation != "uniform" else {}
+    t_alloc = time.perf_counter() - t0
+    run = _Pruner(model, plan, method, pattern, percdamp, blocksize, progress, patterns, row_scales, statcorr)
+    run.t["allocation_and_dense_pass"] = t_alloc
     passes = None
     if use_fx:
         try:
@@ -322,6 +368,9 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
     report = PruneReport(method, str(pattern), sum(len(x) for x in batches), layers,
                          seconds=time.perf_counter() - t_start, forward_passes=passes, timings=run.t,
                          peak_stored_mb=run.peak_stored_mb, memory_policy=policy,
+                         allocation={k: v for k, v in alloc.items() if k != "sparsity"} | {"kind": allocation,
+                                                                                           "budget": budget},
+                         bn_aware=bool(row_scales), stat_corrected=statcorr.corrected if statcorr else [],
                          bn_recalibrated=recalibrate_bn and bool(_bn_modules(model)))
     report.sparsity = sum((~r.mask).sum().item() for r in pruned) / n_pruned if n_pruned else 0.0
     report.total_sparsity = weight_sparsity(model)

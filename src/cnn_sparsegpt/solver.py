@@ -20,33 +20,44 @@ from .masks import Pattern, conv_column_perm, nm_prune_mask, pattern_prune_mask,
 METHODS = ("sparsegpt", "magnitude", "wanda")
 
 
+def sparsegpt_factor(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, float]:
+    """Ũ with H + damp·I = ŨŨᵀ for a batch H (G, d, d), dead inputs' diagonal set to 1 (H itself is
+    restored). One factor serves every solve of the same H (e.g. an allocation's sparsity levels)."""
+    diag = torch.diagonal(H, dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag.masked_fill_(dead, 1)  # H is changed only here, and restored at once (no copy of H)
+    try:
+        return upper_cholesky(H, percdamp)  # SparseGPT's factor of H⁻¹ is U = Ũ⁻¹
+    finally:
+        diag.masked_fill_(dead, 0)
+
+
 def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp: float = 0.01,
                     blocksize: int = 128, stats: dict | None = None, cuda_graph: bool = True,
-                    graphs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+                    graphs: dict | None = None, factor: tuple | None = None,
+                    row_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """SparseGPT on one matrix W (rows, d) with Hessian H (d, d), or a batch of them (G, rows, d), (G, d, d).
 
     Returns (pruned W, pruned mask, damping used). Columns are visited left to right; N:M groups are m
     consecutive columns (see masks.py). A batch (a grouped conv's groups) is solved in one pass.
     On CUDA the column loop of a block is a CUDA graph; pass the same `graphs` dict to every layer of a
-    model so that layers whose blocks have the same shape share one.
+    model so that layers whose blocks have the same shape share one. `factor`: a `sparsegpt_factor(H)`
+    already computed. `row_scale` (G, rows): weights of each output row in the unstructured saliency
+    (e.g. a following BatchNorm's (γ/σ)², so rows are compared as if it were folded in).
     """
     if W.ndim == 2:
-        Q, pruned, damp = sparsegpt_solve(W[None], H[None], pattern, percdamp, blocksize, stats, cuda_graph, graphs)
+        Q, pruned, damp = sparsegpt_solve(W[None], H[None], pattern, percdamp, blocksize, stats, cuda_graph, graphs,
+                                          factor, None if row_scale is None else row_scale[None])
         return Q[0], pruned[0], damp
     W = W.clone()
     G, rows, d = W.shape
-    diag = torch.diagonal(H, dim1=-2, dim2=-1)
     # Inputs that were always zero (a dead channel, a kernel tap that only ever saw padding): their weights
     # are decoupled from the rest and cost nothing to remove, so unstructured masks take them first. They
     # are not zeroed beyond the layer's count: the mask stays the whole truth, and at another input size
     # (where a tap sees pixels) the model keeps them.
-    dead = diag == 0
+    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0
     t0 = time.perf_counter()
-    diag.masked_fill_(dead, 1)  # H is changed only here, and restored at once (no copy of H)
-    try:
-        Ut, damp = upper_cholesky(H, percdamp)  # H + damp·I = ŨŨᵀ; SparseGPT's factor of H⁻¹ is U = Ũ⁻¹
-    finally:
-        diag.masked_fill_(dead, 0)
+    Ut, damp = factor if factor is not None else sparsegpt_factor(H, percdamp)
     if stats is not None:  # for the speed benchmark: factorization time apart from the updates
         if Ut.is_cuda:
             torch.cuda.synchronize(Ut.device)
@@ -76,6 +87,8 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
         else:  # adaptive mask: the block's share of the layer's count, chosen by OBS saliency w²/[H⁻¹]²
             k = quota(pattern.sparsity, group_start + rows * i1, group_start + rows * i2)  # carried over groups
             scores = (W1 ** 2 / torch.diagonal(Hinv1, dim1=-2, dim2=-1)[:, None, :] ** 2)
+            if row_scale is not None:
+                scores.mul_(row_scale[:, :, None])
             mask1 = topk_prune_mask(scores.masked_fill_(dead[:, None, i1:i2], 0), k)
         if graph is not None and i2 - i1 == blocksize:
             graph(W1, Err1, mask1, Hinv1)
@@ -161,21 +174,24 @@ class LayerResult:
 class LayerPruner:
     """Accumulates H = 2XXᵀ/N for one Conv2d or Linear, then prunes its weight in place."""
 
-    def __init__(self, layer: nn.Module, name: str = ""):
+    def __init__(self, layer: nn.Module, name: str = "", hessian: bool = True):
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise TypeError(f"{name}: only Conv2d and Linear are supported, got {type(layer).__name__}")
         self.layer, self.name = layer, name
         W = layer.weight
         self.groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
         self.d = W[0].numel()
-        self.H = torch.zeros(self.groups, self.d, self.d, device=W.device, dtype=torch.float32)
+        # hessian=False: only the column sums (x̄, and diag(H) through colsq), for statistics of a dense pass
+        self.H = torch.zeros(self.groups, self.d, self.d, device=W.device, dtype=torch.float32) if hessian else None
+        self.colsq = None if hessian else torch.zeros(self.groups, self.d, device=W.device, dtype=torch.float64)
         self.nsamples = 0
+        self.colsum = torch.zeros(self.groups, self.d, device=W.device, dtype=torch.float64)  # Σ of input columns
 
     def columns(self, inp: torch.Tensor) -> torch.Tensor:
         """The layer's input as (groups, d, T): one column per output position, rows in the solver's order
         (the order of `weight_matrix`)."""
         layer = self.layer
-        inp = inp.to(self.H.dtype)
+        inp = inp.to(torch.float32)
         if isinstance(layer, nn.Linear):
             return inp.reshape(-1, self.d).t().unsqueeze(0)
         padding = layer.padding
@@ -207,8 +223,22 @@ class LayerPruner:
             X = self.columns(chunk)
             T = X.shape[-1]
             total = self.nsamples + T
-            accumulate_xxt_(self.H, X, beta=self.nsamples / total, alpha=2 / total)
+            if self.H is not None:
+                accumulate_xxt_(self.H, X, beta=self.nsamples / total, alpha=2 / total)
+            else:
+                self.colsq += X.square().sum(-1, dtype=torch.float64)
+            self.colsum += X.sum(-1, dtype=torch.float64)
             self.nsamples = total
+
+    def hessian_diagonal(self) -> torch.Tensor:
+        """diag(H) = 2·mean(x_j²) per input column (G, d), from H or from the column sums."""
+        if self.H is not None:
+            return torch.diagonal(self.H, dim1=-2, dim2=-1)
+        return (2 * self.colsq / max(self.nsamples, 1)).float()
+
+    def input_mean(self) -> torch.Tensor:
+        """The mean input column (G, d): the layer's mean output per channel is W·x̄ + b (conv: over positions)."""
+        return (self.colsum / max(self.nsamples, 1)).float()
 
     def weight_matrix(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight as (groups, rows, d) in the solver's column order, and that order as an index into the
@@ -226,7 +256,10 @@ class LayerPruner:
 
     @torch.no_grad()
     def prune(self, method: str, pattern: Pattern, percdamp: float = 0.01, blocksize: int = 128,
-              stats: dict | None = None, graphs: dict | None = None) -> LayerResult:
+              stats: dict | None = None, graphs: dict | None = None,
+              row_scale: torch.Tensor | None = None) -> LayerResult:
+        """Prune the layer's weight in place. row_scale (out_channels,): how much each output row counts when
+        rows are compared in an unstructured mask (sparsegpt, magnitude); Wanda and N:M compare within rows."""
         t0 = time.perf_counter()
         weight = self.layer.weight
         res = LayerResult(self.name, list(weight.shape), method, str(pattern))
@@ -244,10 +277,12 @@ class LayerPruner:
                 warnings.warn(f"{self.name}: calibration inputs are all zero; magnitude-pruned instead", RuntimeWarning)
                 res.reason = "all-zero calibration inputs: magnitude-pruned instead"
             method = "magnitude"
+        scale = None if row_scale is None else row_scale.to(Wg).reshape(self.groups, -1)
         if method == "sparsegpt":
-            Q, pruned, res.percdamp = sparsegpt_solve(Wg, Hg, pattern, percdamp, blocksize, stats, graphs=graphs)
+            Q, pruned, res.percdamp = sparsegpt_solve(Wg, Hg, pattern, percdamp, blocksize, stats, graphs=graphs,
+                                                      row_scale=scale)
         else:
-            scores = Wg.abs()
+            scores = Wg.abs() if scale is None else Wg.abs() * scale.sqrt()[:, :, None]
             if method == "wanda":  # |W|·‖X_j‖₂, compared within each output row
                 scores = scores * torch.diagonal(Hg, dim1=-2, dim2=-1).clamp_min(0).sqrt()[:, None, :]
             pruned = pattern_prune_mask(scores, pattern, per_row=method == "wanda")
@@ -264,4 +299,4 @@ class LayerPruner:
         return res
 
     def free(self) -> None:
-        self.H = None
+        self.H = self.colsum = self.colsq = None

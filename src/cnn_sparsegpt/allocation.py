@@ -1,0 +1,173 @@
+"""Non-uniform layer sparsity: how much of each layer to prune under one overall budget.
+
+- `uniform`: every layer at S (SparseGPT as published).
+- `owl`: outlier-weighted layer sparsity (Yin et al., 2024). A layer whose Wanda scores |W|·‖X_j‖ hold
+  many outliers (more than OWL_M times their mean) is pruned less, within S ± λ. One dense pass that
+  only sums squares of the inputs.
+- `dp`: a database of each layer's reconstruction error ‖(W − Ŵ)X‖²/‖WX‖² at a grid of sparsities, on
+  the dense network's Hessians (one factorization per layer serves every level), then a knapsack
+  dynamic programme that minimizes the summed error under the budget (OBC; SPDY).
+
+The budget counts weights (`params`) or multiply-adds at the calibration input size (`flops`); the
+chosen sparsities are shifted together at the end so that the budget is met exactly, and the overall
+fraction of the pruned layers' weights removed is `S` for `params`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .masks import Pattern, pattern_prune_mask
+from .solver import LayerPruner, sparsegpt_factor, sparsegpt_solve
+from .utils import UserError
+
+ALLOCATIONS = ("uniform", "owl", "dp")
+BUDGETS = ("params", "flops")
+GRID = tuple(sorted({0.0} | {round(1 - 0.8 ** k, 4) for k in range(1, 40) if 1 - 0.8 ** k <= 0.98}))
+OWL_M = 5.0  # a score is an outlier above OWL_M times its layer's mean score (the OWL paper's M)
+MAX_SPARSITY = 0.99
+UNITS = 2000  # resolution of the knapsack's budget axis
+
+
+def match_budget(s: torch.Tensor, size: torch.Tensor, target: float, hi: float = MAX_SPARSITY) -> torch.Tensor:
+    """Shift all sparsities by one δ (clipped to [0, hi]) so that Σ s·size = target·Σ size (bisection)."""
+    s, size = s.double(), size.double()
+    goal = target * size.sum()
+    lo_d, hi_d = -1.0, 1.0
+    for _ in range(60):
+        mid = (lo_d + hi_d) / 2
+        if ((s + mid).clamp(0, hi) * size).sum() < goal:
+            lo_d = mid
+        else:
+            hi_d = mid
+    return (s + hi_d).clamp(0, hi)
+
+
+def knapsack(errors: torch.Tensor, costs: torch.Tensor, need: int) -> list[int]:
+    """Choose one level per layer minimizing Σ errors[l, k] subject to Σ costs[l, k] >= need.
+
+    errors, costs: (L, K); costs are non-negative integers. Returns the chosen level of each layer."""
+    L, K = errors.shape
+    inf = float("inf")
+    best = torch.full((need + 1,), inf, dtype=torch.float64)
+    best[0] = 0.0
+    idx = torch.arange(need + 1)
+    choices, sources = [], []
+    for layer in range(L):
+        cand = torch.full((K, need + 1), inf, dtype=torch.float64)
+        src = torch.zeros((K, need + 1), dtype=torch.long)
+        for k in range(K):
+            c = int(costs[layer, k])
+            tgt = (idx + c).clamp(max=need)  # "at least need": every overshoot lands on need
+            vals = best + float(errors[layer, k])
+            cand[k].scatter_reduce_(0, tgt, vals, reduce="amin")
+            src[k] = (idx - c).clamp(min=0)
+            lo = max(need - c, 0)  # the capped entry: its best source among all that reach it
+            src[k, need] = lo + int(torch.argmin(best[lo:]))
+        best, choice = cand.min(0)
+        choices.append(choice)
+        sources.append(src)
+    if not torch.isfinite(best[need]):
+        raise UserError("the sparsity budget cannot be met by the allocation grid")
+    picked, b = [], need
+    for layer in reversed(range(L)):
+        k = int(choices[layer][b])
+        picked.append(k)
+        b = int(sources[layer][k, b])
+    return picked[::-1]
+
+
+@torch.no_grad()
+def dense_statistics(model: nn.Module, batches: list, names: list[str], hessian: bool) -> dict[str, LayerPruner]:
+    """One forward pass of the dense network: each named layer's input statistics (H, or column sums)."""
+    modules = dict(model.named_modules())
+    stats = {n: LayerPruner(modules[n], n, hessian=hessian) for n in names}
+    by_module = {modules[n]: stats[n] for n in names}
+
+    def hook(mod, inp):
+        by_module[mod].add_batch(inp[0])
+
+    hooks = [modules[n].register_forward_pre_hook(hook) for n in names]
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+def _owl(stats: dict[str, LayerPruner], sparsity: float, lam: float) -> torch.Tensor:
+    ratios = []
+    for p in stats.values():
+        Wg, _ = p.weight_matrix()
+        scores = Wg.abs() * p.hessian_diagonal().clamp_min(0).sqrt()[:, None, :]
+        ratios.append((scores > OWL_M * scores.mean()).double().mean())
+    D = torch.stack(ratios)
+    spread = (D.max() - D.min()).clamp_min(1e-12)
+    return sparsity + lam * (1 - 2 * (D - D.min()) / spread)  # most outliers: S - λ; fewest: S + λ
+
+
+def layer_error_curve(p: LayerPruner, method: str, grid, percdamp: float, row_scale=None) -> torch.Tensor:
+    """‖(W − Ŵ)X‖²/‖WX‖² of the layer pruned by `method` at each sparsity of `grid` (dense H; one factor)."""
+    Wg, _ = p.weight_matrix()
+    H = p.H
+    den = (torch.bmm(Wg, H) * Wg).sum().clamp_min(1e-30)
+    scale = None if row_scale is None else row_scale.to(Wg).reshape(p.groups, -1)
+    factor = sparsegpt_factor(H, percdamp) if method == "sparsegpt" else None
+    errors = []
+    for s in grid:
+        if s == 0:
+            errors.append(torch.zeros((), dtype=torch.float64))
+            continue
+        if method == "sparsegpt":
+            Q, _, _ = sparsegpt_solve(Wg, H, Pattern(sparsity=s), percdamp, factor=factor, row_scale=scale)
+        else:
+            scores = Wg.abs()
+            if method == "wanda":
+                scores = scores * torch.diagonal(H, dim1=-2, dim2=-1).clamp_min(0).sqrt()[:, None, :]
+            elif scale is not None:
+                scores = scores * scale.sqrt()[:, :, None]
+            Q = Wg.masked_fill(pattern_prune_mask(scores, Pattern(sparsity=s), per_row=method == "wanda"), 0)
+        delta = Wg - Q
+        errors.append(((torch.bmm(delta, H) * delta).sum() / den).double().cpu())
+    return torch.stack(errors)
+
+
+@torch.no_grad()
+def allocate(kind: str, model: nn.Module, batches: list, names: list[str], sparsity: float, method: str,
+             budget: str = "params", positions: dict | None = None, percdamp: float = 0.01,
+             row_scales: dict | None = None, owl_lambda: float = 0.1, progress: bool = False) -> dict:
+    """Per-layer sparsities {name: s} for the pruned layers `names` (in forward order), and the
+    allocation's details for the report."""
+    if kind not in ALLOCATIONS:
+        raise UserError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got '{kind}'")
+    if budget not in BUDGETS:
+        raise UserError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
+    if kind == "uniform" or not names:
+        return {"sparsity": {n: sparsity for n in names}}
+    modules = dict(model.named_modules())
+    params = torch.tensor([modules[n].weight.numel() for n in names], dtype=torch.float64)
+    size = params * torch.tensor([float((positions or {}).get(n, 1)) for n in names]) if budget == "flops" else params
+    stats = dense_statistics(model, batches, names, hessian=kind == "dp")
+    info = {"kind": kind, "budget": budget}
+    if kind == "owl":
+        if not 0 <= owl_lambda < 1:
+            raise UserError(f"--owl-lambda must be in [0, 1), got {owl_lambda}")
+        s = _owl(stats, sparsity, owl_lambda)
+        info["owl_lambda"] = owl_lambda
+    else:
+        grid = torch.tensor(GRID, dtype=torch.float64)
+        curves = []
+        for n in tqdm(names, desc="allocation: error database", unit="layer", disable=not progress, leave=False):
+            curves.append(layer_error_curve(stats[n], method, GRID, percdamp, (row_scales or {}).get(n)))
+            stats[n].free()
+        errors = torch.stack(curves)
+        costs = torch.round(grid[None, :] * size[:, None] / size.sum() * UNITS).long()
+        picked = knapsack(errors, costs, int(round(sparsity * UNITS)))
+        s = grid[picked]
+        info |= {"grid": list(GRID), "errors": {n: curves[i].tolist() for i, n in enumerate(names)}}
+    s = match_budget(s, size, sparsity)
+    info["sparsity"] = {n: float(v) for n, v in zip(names, s)}
+    return info
