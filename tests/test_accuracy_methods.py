@@ -137,3 +137,13 @@ def test_stat_correction_of_batchnorm_outputs():
         h.remove()
     for stat in (lambda y: y.mean((0, 2, 3)), lambda y: y.var((0, 2, 3), unbiased=False)):
         torch.testing.assert_close(stat(outs["pruned"]), stat(outs["dense"]), rtol=0.02, atol=0.02)
+
+
+def test_dp_kl_measure_scales_each_curve_to_its_output_kl():
+    rep = prune_model(make(), calib(), "sparsegpt", sparsity=0.8, allocation="dp", dp_measure="kl", progress=False)
+    kl = rep.allocation["kl_at_sparsity"]
+    assert rep.allocation["dp_measure"] == "kl" and set(kl) == set(rep.allocation["errors"])
+    assert all(v >= 0 for v in kl.values())
+    pruned = [r for r in rep.layers if not r.skipped]
+    n = sum(r.mask.numel() for r in pruned)
+    assert abs(sum(int((~r.mask).sum()) for r in pruned) - 0.8 * n) <= len(pruned)

@@ -24,6 +24,7 @@ from .utils import UserError
 
 ALLOCATIONS = ("uniform", "owl", "dp")
 BUDGETS = ("params", "flops")
+DP_MEASURES = ("layer", "kl")  # the database's error: layer reconstruction error, or it scaled to output KL
 GRID = tuple(sorted({0.0} | {round(1 - 0.8 ** k, 4) for k in range(1, 40) if 1 - 0.8 ** k <= 0.98}))
 OWL_M = 5.0  # a score is an outlier above OWL_M times its layer's mean score (the OWL paper's M)
 MAX_SPARSITY = 0.99
@@ -124,21 +125,56 @@ def layer_error_curve(p: LayerPruner, method: str, grid, percdamp: float, row_sc
         if method == "sparsegpt":
             Q, _, _ = sparsegpt_solve(Wg, H, Pattern(sparsity=s), percdamp, factor=factor, row_scale=scale)
         else:
-            scores = Wg.abs()
-            if method == "wanda":
-                scores = scores * torch.diagonal(H, dim1=-2, dim2=-1).clamp_min(0).sqrt()[:, None, :]
-            elif scale is not None:
-                scores = scores * scale.sqrt()[:, :, None]
-            Q = Wg.masked_fill(pattern_prune_mask(scores, Pattern(sparsity=s), per_row=method == "wanda"), 0)
+            Q = Wg.masked_fill(pattern_prune_mask(_scores(Wg, H, method, scale), Pattern(sparsity=s),
+                                                  per_row=method == "wanda"), 0)
         delta = Wg - Q
         errors.append(((torch.bmm(delta, H) * delta).sum() / den).double().cpu())
     return torch.stack(errors)
 
 
 @torch.no_grad()
+def _kl_sensitivity(model: nn.Module, batches: list, names: list[str], stats: dict, method: str, sparsity: float,
+                    percdamp: float, row_scales: dict, images: int = 256, progress: bool = False) -> tuple:
+    """KL(dense ‖ network with only layer l pruned at `sparsity`) on the first `images` calibration images,
+    for every layer (how much a layer's error costs at the network's output; one forward per layer), and
+    the layer's reconstruction error at that sparsity."""
+    x = torch.cat(batches)[:images]
+    dense = torch.log_softmax(model(x).double(), -1)
+    modules = dict(model.named_modules())
+    kl, rel = [], []
+    for n in tqdm(names, desc="allocation: sensitivity", unit="layer", disable=not progress, leave=False):
+        p, w = stats[n], modules[n].weight
+        saved = w.detach().clone()
+        Wg, perm = p.weight_matrix()
+        scale = (row_scales or {}).get(n)
+        scale = None if scale is None else scale.to(Wg).reshape(p.groups, -1)
+        if method == "sparsegpt":
+            Q, _, _ = sparsegpt_solve(Wg, p.H, Pattern(sparsity=sparsity), percdamp, row_scale=scale)
+        else:
+            Q = Wg.masked_fill(pattern_prune_mask(_scores(Wg, p.H, method, scale), Pattern(sparsity=sparsity),
+                                                  per_row=method == "wanda"), 0)
+        w.data.copy_(Q[:, :, torch.argsort(perm)].reshape(w.shape).to(w.dtype))
+        pruned = torch.log_softmax(model(x).double(), -1)
+        w.data.copy_(saved)
+        kl.append((dense.exp() * (dense - pruned)).sum(-1).mean().clamp_min(0).cpu())
+        delta = Wg - Q
+        rel.append(((torch.bmm(delta, p.H) * delta).sum() / (torch.bmm(Wg, p.H) * Wg).sum().clamp_min(1e-30))
+                   .double().cpu())
+    return torch.stack(kl), torch.stack(rel)
+
+
+def _scores(Wg, H, method, scale):
+    scores = Wg.abs()
+    if method == "wanda":
+        return scores * torch.diagonal(H, dim1=-2, dim2=-1).clamp_min(0).sqrt()[:, None, :]
+    return scores if scale is None else scores * scale.sqrt()[:, :, None]
+
+
+@torch.no_grad()
 def allocate(kind: str, model: nn.Module, batches: list, names: list[str], sparsity: float, method: str,
              budget: str = "params", positions: dict | None = None, percdamp: float = 0.01,
-             row_scales: dict | None = None, owl_lambda: float = 0.1, progress: bool = False) -> dict:
+             row_scales: dict | None = None, owl_lambda: float = 0.1, dp_measure: str = "layer",
+             progress: bool = False) -> dict:
     """Per-layer sparsities {name: s} for the pruned layers `names` (in forward order), and the
     allocation's details for the report."""
     if kind not in ALLOCATIONS:
@@ -158,12 +194,22 @@ def allocate(kind: str, model: nn.Module, batches: list, names: list[str], spars
         s = _owl(stats, sparsity, owl_lambda)
         info["owl_lambda"] = owl_lambda
     else:
+        if dp_measure not in DP_MEASURES:
+            raise UserError(f"--dp-measure must be one of {', '.join(DP_MEASURES)}, got '{dp_measure}'")
         grid = torch.tensor(GRID, dtype=torch.float64)
-        curves = []
-        for n in tqdm(names, desc="allocation: error database", unit="layer", disable=not progress, leave=False):
-            curves.append(layer_error_curve(stats[n], method, GRID, percdamp, (row_scales or {}).get(n)))
-            stats[n].free()
+        curves = [layer_error_curve(stats[n], method, GRID, percdamp, (row_scales or {}).get(n))
+                  for n in tqdm(names, desc="allocation: error database", unit="layer", disable=not progress,
+                                leave=False)]
         errors = torch.stack(curves)
+        if dp_measure == "kl":  # each layer's curve scaled to its output KL at S: error at the network's output
+            kl = _kl_sensitivity(model, batches, names, stats, method, sparsity, percdamp, row_scales,
+                                 progress=progress)
+            kl, rel = kl
+            errors = errors * (kl / rel.clamp_min(1e-12))[:, None]
+            info["kl_at_sparsity"] = {n: float(v) for n, v in zip(names, kl)}
+        info["dp_measure"] = dp_measure
+        for n in names:
+            stats[n].free()
         costs = torch.round(grid[None, :] * size[:, None] / size.sum() * UNITS).long()
         picked = knapsack(errors, costs, int(round(sparsity * UNITS)))
         s = grid[picked]

@@ -52,6 +52,10 @@ def _add_prune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", choices=["params", "flops"],
                    help="what --sparsity counts under a non-uniform allocation: weights (default) or multiply-adds")
     p.add_argument("--owl-lambda", type=float, help="owl: layer sparsities within S ± this (default 0.1)")
+    p.add_argument("--dp-measure", choices=["layer", "kl"],
+                   help="dp: each layer's error is its reconstruction error (layer, default), or that scaled so "
+                   "that at S it equals the network's output KL with only that layer pruned (kl: one forward "
+                   "of 256 images per layer)")
     _bool_flag(p, "bn-aware", "weigh each output row's saliency by its BatchNorm's (gamma/sigma)^2, as if folded "
                "(unstructured sparsegpt and magnitude)", "plain saliency (default)")
     _bool_flag(p, "stat-correction", "after pruning, give layers with a bias and BatchNorms the dense network's "

@@ -33,6 +33,7 @@ class PruneOptions:
     allocation: str = "uniform"  # uniform | owl | dp: per-layer sparsities under one budget (unstructured)
     budget: str = "params"  # params | flops: what --sparsity counts when the allocation is not uniform
     owl_lambda: float = 0.1  # owl: layer sparsities within S ± λ
+    dp_measure: str = "layer"  # dp: layer reconstruction error, or it scaled to each layer's output KL ("kl")
     bn_aware: bool = False  # weigh each output row's saliency by a following BatchNorm's (γ/σ)²
     stat_correction: bool = False  # give the pruned network the dense per-channel output statistics
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -106,7 +107,7 @@ def merge_options(cls, file_values: dict, cli_values: dict):
     return cls(**check_options(cls, values, "options"))
 
 
-RECIPE_KEYS = ("allocation", "budget", "owl_lambda", "bn_aware", "stat_correction")  # beyond uniform SparseGPT
+RECIPE_KEYS = ("allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction")  # beyond uniform
 
 
 def recipe_label(opts: PruneOptions) -> str:

@@ -144,7 +144,8 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
                          ignore=opts.ignore, skip_first_last=not opts.prune_all,
                          recalibrate_bn=opts.bn_recalibration, batch_size=opts.batch_size, progress=progress,
                          low_memory=opts.low_memory, allocation=opts.allocation, budget=opts.budget,
-                         owl_lambda=opts.owl_lambda, bn_aware=opts.bn_aware, stat_correction=opts.stat_correction)
+                         owl_lambda=opts.owl_lambda, dp_measure=opts.dp_measure, bn_aware=opts.bn_aware,
+                         stat_correction=opts.stat_correction)
     pruned_acc = None
     if opts.evaluate:
         t0 = time.perf_counter()

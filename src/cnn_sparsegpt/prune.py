@@ -295,8 +295,8 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
                 nm: str | None = None, *, percdamp: float = 0.01, blocksize: int = 128, ignore: Iterable[str] = (),
                 skip_first_last: bool = True, recalibrate_bn: bool = True, batch_size: int = 128,
                 progress: bool = True, use_fx: bool = True, low_memory: bool | None = None,
-                allocation: str = "uniform", budget: str = "params", owl_lambda: float = 0.1, bn_aware: bool = False,
-                stat_correction: bool = False) -> PruneReport:
+                allocation: str = "uniform", budget: str = "params", owl_lambda: float = 0.1, dp_measure: str = "layer",
+                bn_aware: bool = False, stat_correction: bool = False) -> PruneReport:
     """Prune `model` in place, one-shot, and return a report with per-layer results and masks.
 
     calibration: a tensor of inputs (N, ...) or an iterable of batches (tensors or (x, y) pairs).
@@ -334,7 +334,7 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
     bn_names = [n for n, m in model.named_modules() if m in set(_bn_modules(model))] if recalibrate_bn else []
     statcorr = StatCorrection(model, batches, names, bn_names) if stat_correction else None
     alloc = allocate(allocation, model, batches, names, pattern.target, method, budget, positions, percdamp,
-                     row_scales, owl_lambda, progress) if not pattern.is_nm else {"sparsity": {}}
+                     row_scales, owl_lambda, dp_measure, progress) if not pattern.is_nm else {"sparsity": {}}
     patterns = {n: Pattern(sparsity=v) for n, v in alloc["sparsity"].items()} if allocation != "uniform" else {}
     t_alloc = time.perf_counter() - t0
     run = _Pruner(model, plan, method, pattern, percdamp, blocksize, progress, patterns, row_scales, statcorr)
