@@ -197,3 +197,32 @@ class GraphExecutor:
         for m in mods:
             m.inplace = False
         return mods
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for activations: the GPU's free memory, or the OS's MemAvailable (Linux); None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def memory_policy(largest_input: int, nsamples: int, device: torch.device, free: int | None = None) -> tuple[bool, str]:
+    """(low_memory, why) for `low_memory=None`: the default executor holds about two activations of the
+    calibration set (a block's input for the skip, and the current layer's), low_memory about one. Take
+    the default while two of the largest fit in half of the free memory (the rest is for Hessians,
+    unfolded patches and the allocator's slack)."""
+    need = 2 * largest_input * nsamples
+    free = available_memory(device) if free is None else free
+    if free is None:
+        return False, "default (free memory unknown)"
+    gb = 2**30
+    if need <= free / 2:
+        return False, f"default (2 activations = {need / gb:.1f} GB of {free / gb:.1f} GB free)"
+    return True, f"low-memory (2 activations = {need / gb:.1f} GB would exceed half of {free / gb:.1f} GB free)"

@@ -9,7 +9,6 @@ one (truncated) forward pass per layer.
 """
 from __future__ import annotations
 
-import re
 import time
 import warnings
 from collections.abc import Iterable
@@ -21,7 +20,8 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from .allocation import allocate
-from .graph import PRUNABLE, GraphExecutor, GraphStop
+from .graph import PRUNABLE, GraphExecutor, GraphStop, memory_policy
+from .layer_plan import choose_layers, forward_order
 from .masks import Pattern
 from .saliency import bn_row_scales
 from .solver import METHODS, LayerPruner, LayerResult
@@ -68,87 +68,6 @@ def _as_batches(calibration, device: torch.device, batch_size: int) -> list[torc
     if not batches or sum(len(x) for x in batches) == 0:
         raise UserError("the calibration set is empty: give at least one image")
     return batches
-
-
-def forward_order(model: nn.Module, example: torch.Tensor, input_bytes: dict | None = None,
-                  positions: dict | None = None) -> list[str]:
-    """Names of the Conv2d/Linear layers in the order the forward pass calls them. When given,
-    `input_bytes` gets each one's input size in bytes for `example`, and `positions` the number of
-    output positions per example its weight is applied at (H·W for a conv; 1 for a Linear on vectors),
-    so that its multiply-adds per image are weight.numel() · positions."""
-    names = {m: n for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
-    order: list[str] = []
-
-    def hook(mod, inp, out):  # Conv2d/Linear are leaves: they finish in the order they are called
-        name = names[mod]
-        if name not in order:
-            order.append(name)
-            if input_bytes is not None:
-                input_bytes[name] = inp[0].numel() * inp[0].element_size()
-            if positions is not None:
-                rows = mod.weight.shape[0]
-                positions[name] = out.numel() // (rows * max(len(example), 1))
-
-    hooks = [m.register_forward_hook(hook) for m in names]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
-    return order
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes free for activations: the GPU's free memory, or the OS's MemAvailable (Linux); None if unknown."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def memory_policy(largest_input: int, nsamples: int, device: torch.device, free: int | None = None) -> tuple[bool, str]:
-    """(low_memory, why) for `low_memory=None`: the default executor holds about two activations of the
-    calibration set (a block's input for the skip, and the current layer's), low_memory about one. Take
-    the default while two of the largest fit in half of the free memory (the rest is for Hessians,
-    unfolded patches and the allocator's slack)."""
-    need = 2 * largest_input * nsamples
-    free = available_memory(device) if free is None else free
-    if free is None:
-        return False, "default (free memory unknown)"
-    gb = 2**30
-    if need <= free / 2:
-        return False, f"default (2 activations = {need / gb:.1f} GB of {free / gb:.1f} GB free)"
-    return True, f"low-memory (2 activations = {need / gb:.1f} GB would exceed half of {free / gb:.1f} GB free)"
-
-
-def choose_layers(model: nn.Module, order: list[str], ignore: Iterable[str] = (),
-                  skip_first_last: bool = True) -> dict[str, str]:
-    """Layer name → reason it stays dense ('' = prune it), for every Conv2d/Linear in forward order."""
-    patterns = [re.compile(p) for p in ignore]
-    modules = dict(model.named_modules())
-    convs = [n for n in order if isinstance(modules[n], nn.Conv2d)]
-    linears = [n for n in order if isinstance(modules[n], nn.Linear)]
-    plan = {}
-    for name in order:
-        reason = ""
-        if any(p.fullmatch(name) or p.pattern == name for p in patterns):
-            reason = "in the ignore list"
-        elif skip_first_last and convs and name == convs[0]:
-            reason = "first conv (kept dense by convention; --prune-all includes it)"
-        elif skip_first_last and linears and name == linears[-1]:
-            reason = "last linear (kept dense by convention; --prune-all includes it)"
-        plan[name] = reason
-    unused = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE) and n not in plan]
-    for name in unused:
-        plan[name] = "not called in the forward pass"
-    return plan
 
 
 def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:

@@ -1,0 +1,63 @@
+"""Which layers a prune visits: the Conv2d/Linear layers in forward order, with their sizes, and the
+reason each one stays dense ('' = prune it)."""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .graph import PRUNABLE
+
+
+def forward_order(model: nn.Module, example: torch.Tensor, input_bytes: dict | None = None,
+                  positions: dict | None = None) -> list[str]:
+    """Names of the Conv2d/Linear layers in the order the forward pass calls them. When given,
+    `input_bytes` gets each one's input size in bytes for `example`, and `positions` the number of
+    output positions per example its weight is applied at (H·W for a conv; 1 for a Linear on vectors),
+    so that its multiply-adds per image are weight.numel() · positions."""
+    names = {m: n for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
+    order: list[str] = []
+
+    def hook(mod, inp, out):  # Conv2d/Linear are leaves: they finish in the order they are called
+        name = names[mod]
+        if name not in order:
+            order.append(name)
+            if input_bytes is not None:
+                input_bytes[name] = inp[0].numel() * inp[0].element_size()
+            if positions is not None:
+                rows = mod.weight.shape[0]
+                positions[name] = out.numel() // (rows * max(len(example), 1))
+
+    hooks = [m.register_forward_hook(hook) for m in names]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    return order
+
+
+def choose_layers(model: nn.Module, order: list[str], ignore: Iterable[str] = (),
+                  skip_first_last: bool = True) -> dict[str, str]:
+    """Layer name → reason it stays dense ('' = prune it), for every Conv2d/Linear in forward order."""
+    patterns = [re.compile(p) for p in ignore]
+    modules = dict(model.named_modules())
+    convs = [n for n in order if isinstance(modules[n], nn.Conv2d)]
+    linears = [n for n in order if isinstance(modules[n], nn.Linear)]
+    plan = {}
+    for name in order:
+        reason = ""
+        if any(p.fullmatch(name) or p.pattern == name for p in patterns):
+            reason = "in the ignore list"
+        elif skip_first_last and convs and name == convs[0]:
+            reason = "first conv (kept dense by convention; --prune-all includes it)"
+        elif skip_first_last and linears and name == linears[-1]:
+            reason = "last linear (kept dense by convention; --prune-all includes it)"
+        plan[name] = reason
+    unused = [n for n, m in model.named_modules() if isinstance(m, PRUNABLE) and n not in plan]
+    for name in unused:
+        plan[name] = "not called in the forward pass"
+    return plan
