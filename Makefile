@@ -8,7 +8,7 @@ CIFAR_CKPT ?= checkpoints/cifar_cnn.pt
 RESNET_CKPT ?= $(if $(wildcard ../shared/checkpoints/resnet18_cifar10.pt),../shared/checkpoints/resnet18_cifar10.pt,checkpoints/resnet18_cifar10.pt)
 CLI = $(PYTHON) -m cnn_sparsegpt.cli
 
-.PHONY: quickstart install install-test test test-all checkpoints bench ablation plot results speed
+.PHONY: quickstart install install-test test test-all checkpoints bench ablation accuracy plot results speed
 
 quickstart: install $(MNIST_CKPT)
 	$(CLI) bench --config configs/bench_quickstart.yaml --data-dir $(DATA)
@@ -47,7 +47,13 @@ plot:
 
 results:
 	$(PYTHON) -m cnn_sparsegpt.results --csv experiments/results.csv --out docs/RESULTS.md --preamble docs/results_preamble.md \
-		--holdout-csv experiments/holdout.csv --postscript docs/results_holdout.md
+		--holdout-csv experiments/holdout.csv --postscript docs/results_holdout.md \
+		--recipes-csv experiments/accuracy_holdout.csv experiments/accuracy_test.csv --recipes-text docs/results_recipes.md
+
+accuracy: install
+	$(CLI) bench --config configs/bench_accuracy_holdout.yaml --data-dir $(DATA)
+	$(CLI) bench --config configs/bench_accuracy_test.yaml --data-dir $(DATA)
+	$(CLI) plot --csv experiments/accuracy_test.csv --out experiments/plots
 
 speed: install
 	$(PYTHON) benchmarks/speed.py --data-dir $(DATA) --weights $(RESNET_CKPT)

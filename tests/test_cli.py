@@ -142,3 +142,27 @@ def test_plot_from_csv(mnist_ckpt, data_dir, tmp_path):
                          "--plots", str(out)]) == 0
     text = (tmp_path / "R.md").read_text()
     assert "| sparsegpt |" in text and "42.58" in text
+
+
+def test_bench_recipes_plots_and_results(mnist_ckpt, data_dir, tmp_path):
+    cfg_path = _bench_config(tmp_path, mnist_ckpt, data_dir, ["0.6", "2:4"])
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["recipes"] = [{}, {"allocation": "owl", "owl_lambda": 0.2}, {"stat_correction": True}]
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["-q", "bench", "--config", str(cfg_path)]) == 0
+    rows = read_rows(tmp_path / "res.csv")
+    # 2 methods x (0.6 with 3 recipes + 2:4 with the 2 uniform ones: N:M takes no allocation)
+    assert len(rows) == 2 * (3 + 2)
+    assert {r["recipe"] for r in rows} == {"", "allocation=owl,owl_lambda=0.2", "stat_correction=True"}
+    out = tmp_path / "plots"
+    assert main(["plot", "--csv", str(tmp_path / "res.csv"), "--out", str(out)]) == 0
+    assert (out / "mnist_cnn_0.6_layer_sparsity.png").is_file()
+    from cnn_sparsegpt.results import main as results_main
+
+    assert results_main(["--csv", str(tmp_path / "res.csv"), "--out", str(tmp_path / "R.md"), "--plots", str(out),
+                         "--recipes-csv", str(tmp_path / "res.csv")]) == 0
+    text = (tmp_path / "R.md").read_text()
+    assert "## Beyond uniform SparseGPT" in text and "| allocation=owl,owl_lambda=0.2 |" in text
+    cfg["recipes"] = [{"allocaton": "dp"}]  # a typo is refused before any run
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["-q", "bench", "--config", str(cfg_path)]) == 2

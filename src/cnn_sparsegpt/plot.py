@@ -13,7 +13,8 @@ METHOD_STYLE = {"magnitude": ("tab:red", "o"), "wanda": ("tab:orange", "s"), "sp
 
 def _main_rows(rows: list[dict]) -> list[dict]:
     """The headline setting per model: test split, default damping, BN recalibration on, largest calibration size."""
-    rows = [r for r in rows if r.get("holdout", "0") == "0" and float(r.get("percdamp") or 0.01) == 0.01]
+    rows = [r for r in rows if r.get("holdout", "0") == "0" and float(r.get("percdamp") or 0.01) == 0.01
+            and not r.get("recipe")]  # the methods as published; recipes are plotted apart
     best_n = defaultdict(int)
     for r in rows:
         best_n[r["model"]] = max(best_n[r["model"]], int(r["nsamples"]))
@@ -96,10 +97,7 @@ def plot_layer_errors(report_paths: list[Path], out: Path, name: str) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4))
     title = ""
     for p in report_paths:
-        try:
-            rep = json.loads(Path(p).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read report {p}: {e}") from None
+        rep = _read_report(p)
         layers = [x for x in rep["layers"] if not x["skipped"]]
         color, marker = METHOD_STYLE.get(rep["method"], (None, "x"))
         ax.plot(range(len(layers)), [x["error"] for x in layers], marker=marker, color=color, label=rep["method"])
@@ -116,14 +114,46 @@ def plot_layer_errors(report_paths: list[Path], out: Path, name: str) -> Path:
     return path
 
 
+def _read_report(p) -> dict:
+    try:
+        return json.loads(Path(p).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read report {p}: {e}") from None
+
+
+def plot_layer_sparsity(report_paths: list[Path], out: Path, name: str) -> Path:
+    """Per-layer sparsity chosen by non-uniform allocations (one line per run of the same model and level)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for p in report_paths:
+        rep = _read_report(p)
+        layers = [x for x in rep["layers"] if not x["skipped"]]
+        label = f"{rep['method']} {rep.get('recipe') or 'uniform'}"
+        ax.plot(range(len(layers)), [x["sparsity"] for x in layers], marker=".", label=label)
+        ax.set_xticks(range(len(layers)), [x["name"] for x in layers], rotation=90, fontsize=6)
+        ax.set_title(f"{rep['model']}: per-layer sparsity at {rep['pattern']} overall", fontsize=9)
+    ax.set(ylabel="fraction of the layer's weights pruned", ylim=(0, 1))
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    path = out / f"{name}_layer_sparsity.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def make_plots(csv_path: str | Path, out: str | Path = "experiments/plots") -> list[Path]:
     rows = read_rows(Path(csv_path))
     if not rows:
         raise UserError(f"no benchmark rows in {csv_path}: run `cnn-sparsegpt bench` first")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    allocated = [r for r in rows if "allocation=" in (r.get("recipe") or "") and Path(r["report"]).is_file()]
     rows = _main_rows(rows)
     written = plot_accuracy_vs_sparsity(rows, out)
+    for model, pattern in sorted({(r["model"], r["pattern"]) for r in allocated}):
+        reps = [Path(r["report"]) for r in allocated if (r["model"], r["pattern"]) == (model, pattern)]
+        written.append(plot_layer_sparsity(reps, out, f"{model}_{pattern}"))
     bars = plot_nm_bars(rows, out)
     written += [bars] if bars else []
     for model in sorted({r["model"] for r in rows}):  # per-layer errors at 2:4, all methods

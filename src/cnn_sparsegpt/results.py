@@ -126,8 +126,25 @@ def holdout_table(path: Path) -> str:
     return "\n".join(lines)
 
 
+def recipe_table(rows: list[dict]) -> str:
+    """Runs with options beyond uniform SparseGPT (allocation, BN-aware, statistics correction), next to
+    the published methods at the same level: one block per (model, pattern, evaluation split)."""
+    groups = defaultdict(list)
+    for r in rows:
+        split = f"held-out {r['holdout']}" if r.get("holdout", "0") != "0" else "test"
+        groups[(r["model"], r["pattern"], split)].append(r)
+    lines = ["| model | level | evaluated on | method | recipe | top-1 (change) | pruning s |",
+             "|---|---|---|---|---|---|---|"]
+    for (model, pattern, split), rs in sorted(groups.items()):
+        for r in sorted(rs, key=lambda r: (r["method"], r.get("recipe") or "")):
+            lines.append(f"| {model} | {pattern} | {split} | {r['method']} | {r.get('recipe') or 'uniform'} | "
+                         f"{100 * float(r['pruned_acc']):.2f} ({-100 * float(r['drop']):+.2f}) | "
+                         f"{float(r['prune_seconds']):.0f} |")
+    return "\n".join(lines)
+
+
 def results_markdown(csv_path: Path, plots: Path | None, preamble: str = "", holdout: Path | None = None,
-                     postscript: str = "") -> str:
+                     postscript: str = "", recipes: list[Path] = (), recipes_text: str = "") -> str:
     all_rows = read_rows(csv_path)
     rows = _main_rows(all_rows)
     if not rows:
@@ -158,6 +175,13 @@ def results_markdown(csv_path: Path, plots: Path | None, preamble: str = "", hol
     held = holdout_table(holdout) if holdout is not None else ""
     if held:
         parts += [f"## Held-out checks ({holdout})", "", held, "", postscript]
+    recipe_rows = [r for path in recipes for r in read_rows(path)]
+    if recipe_rows:
+        parts += ["## Beyond uniform SparseGPT", "", recipes_text,
+                  f"Rows from {', '.join(str(p) for p in recipes)} (`cnn-sparsegpt bench` with `recipes:`).", "",
+                  recipe_table(recipe_rows), ""]
+        for png in sorted(plots.glob("*_layer_sparsity.png")) if plots is not None and plots.is_dir() else []:
+            parts += [f"![{png.stem}](../{png})", ""]
     parts += ["## Checkpoints", "", checkpoints_table(rows), ""]
     return "\n".join(parts) + "\n"
 
@@ -171,13 +195,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preamble", help="markdown file inserted after the title")
     p.add_argument("--holdout-csv", help="CSV of runs evaluated on held-out training images")
     p.add_argument("--postscript", help="markdown file inserted after the held-out table")
+    p.add_argument("--recipes-csv", nargs="+", default=[], help="CSVs of runs with recipes beyond uniform SparseGPT")
+    p.add_argument("--recipes-text", help="markdown file inserted before the recipes table")
     args = p.parse_args(argv)
     try:
         if args.out:
             pre = Path(args.preamble).read_text() if args.preamble else ""
             post = Path(args.postscript).read_text() if args.postscript else ""
             held = Path(args.holdout_csv) if args.holdout_csv else None
-            atomic_write_text(results_markdown(Path(args.csv), Path(args.plots), pre, held, post), args.out)
+            text = Path(args.recipes_text).read_text() if args.recipes_text else ""
+            atomic_write_text(results_markdown(Path(args.csv), Path(args.plots), pre, held, post,
+                                               [Path(c) for c in args.recipes_csv], text), args.out)
             print(f"wrote {args.out}")
             return 0
         rows = _main_rows(read_rows(Path(args.csv)))
