@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .graph import run_hooked
 from .masks import Pattern, pattern_prune_mask
 from .solver import LayerPruner, sparsegpt_factor, sparsegpt_solve
 from .utils import UserError
@@ -89,13 +90,7 @@ def dense_statistics(model: nn.Module, batches: list, names: list[str], hessian:
     def hook(mod, inp):
         by_module[mod].add_batch(inp[0])
 
-    hooks = [modules[n].register_forward_pre_hook(hook) for n in names]
-    try:
-        for x in batches:
-            model(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(model, batches, [modules[n].register_forward_pre_hook(hook) for n in names])
     return stats
 
 

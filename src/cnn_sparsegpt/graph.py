@@ -226,3 +226,14 @@ def memory_policy(largest_input: int, nsamples: int, device: torch.device, free:
     if need <= free / 2:
         return False, f"default (2 activations = {need / gb:.1f} GB of {free / gb:.1f} GB free)"
     return True, f"low-memory (2 activations = {need / gb:.1f} GB would exceed half of {free / gb:.1f} GB free)"
+
+
+@torch.no_grad()
+def run_hooked(model: nn.Module, batches, handles: list) -> None:
+    """Run `model` over `batches` for what its hooks record; the hooks are removed afterwards, always."""
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()

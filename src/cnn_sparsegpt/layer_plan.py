@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .graph import PRUNABLE
+from .graph import PRUNABLE, run_hooked
 
 
 def forward_order(model: nn.Module, example: torch.Tensor, input_bytes: dict | None = None,
@@ -30,13 +30,7 @@ def forward_order(model: nn.Module, example: torch.Tensor, input_bytes: dict | N
                 rows = mod.weight.shape[0]
                 positions[name] = out.numel() // (rows * max(len(example), 1))
 
-    hooks = [m.register_forward_hook(hook) for m in names]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_hooked(model, [example], [m.register_forward_hook(hook) for m in names])
     return order
 
 

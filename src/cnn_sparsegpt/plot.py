@@ -53,11 +53,7 @@ def plot_accuracy_vs_sparsity(rows: list[dict], out: Path) -> list[Path]:
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
         ax.legend()
-        path = out / f"{model}_accuracy_vs_sparsity.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, out / f"{model}_accuracy_vs_sparsity.png"))
     return written
 
 
@@ -84,11 +80,7 @@ def plot_nm_bars(rows: list[dict], out: Path) -> Path | None:
            ylabel="pruned − dense top-1 (percentage points)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    path = out / "nm_bars.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "nm_bars.png")
 
 
 def plot_layer_errors(report_paths: list[Path], out: Path, name: str) -> Path:
@@ -107,7 +99,10 @@ def plot_layer_errors(report_paths: list[Path], out: Path, name: str) -> Path:
     ax.title.set_fontsize(9)
     ax.legend()
     ax.grid(alpha=0.3)
-    path = out / f"{name}_layer_errors.png"
+    return _save(plt, fig, out / f"{name}_layer_errors.png")
+
+
+def _save(plt, fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -135,11 +130,7 @@ def plot_layer_sparsity(report_paths: list[Path], out: Path, name: str) -> Path:
     ax.set(ylabel="fraction of the layer's weights pruned", ylim=(0, 1))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    path = out / f"{name}_layer_sparsity.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / f"{name}_layer_sparsity.png")
 
 
 def make_plots(csv_path: str | Path, out: str | Path = "experiments/plots") -> list[Path]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .graph import run_hooked
+
 
 def _channel_moments(y: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     y = y.movedim(channel_dim, -1).reshape(-1, y.shape[channel_dim]).double()
@@ -36,12 +38,7 @@ class StatCorrection:
                 acc = self.sums.setdefault(name, [0.0, 0.0, 0])
                 acc[0], acc[1], acc[2] = acc[0] + s, acc[1] + sq, acc[2] + n
             hooks.append(m.register_forward_hook(hook))
-        try:
-            for x in batches:
-                model(x)
-        finally:
-            for h in hooks:
-                h.remove()
+        run_hooked(model, batches, hooks)
         self.corrected: list[str] = []
 
     def _target(self, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
