@@ -207,7 +207,8 @@ def calibration_indices(data, nsamples: int, seed: int = 0) -> torch.Tensor:
     return torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:nsamples]
 
 
-def calibration_set(data, nsamples: int, seed: int = 0) -> torch.Tensor:
-    """N random training images (normalized, unaugmented); only these are decoded from a streamed folder."""
-    idx = calibration_indices(data, nsamples, seed)
+def calibration_set(data, nsamples: int, seed: int = 0, indices: torch.Tensor | None = None) -> torch.Tensor:
+    """N random training images (normalized, unaugmented); only these are decoded from a streamed folder.
+    `indices`: the choice of `calibration_indices`, when the caller already has it."""
+    idx = calibration_indices(data, nsamples, seed) if indices is None else indices
     return torch.cat([x for x, _ in data.batches(min(len(idx), 256), "cpu", indices=idx)])

@@ -130,8 +130,8 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
         raise UserError(f"--percdamp must be >= 0, got {opts.percdamp}")
     out = ensure_writable(opts.out) if write else None
     model, train, test, dataset, pre = prepare(opts, device)
-    calib = calibration_set(train, opts.nsamples, opts.seed)
     chosen = calibration_indices(train, opts.nsamples, opts.seed)  # the same images for every method: a digest
+    calib = calibration_set(train, opts.nsamples, indices=chosen)
     calib_digest = hashlib.sha1(f"{len(train)}:{chosen.tolist()}".encode()).hexdigest()[:12]
     eval_seconds = 0.0
     if opts.evaluate and dense_acc is None:
