@@ -7,7 +7,13 @@ import torch
 from PIL import Image
 
 import cnn_sparsegpt.folder as folder
-from cnn_sparsegpt import UserError, calibration_set, create_model, load_dataset, load_state_dict
+from cnn_sparsegpt import (
+    UserError,
+    calibration_set,
+    create_model,
+    load_dataset,
+    load_state_dict,
+)
 from cnn_sparsegpt.cli import main
 from cnn_sparsegpt.models import head_classes
 from cnn_sparsegpt.preprocess import from_model, imagenet, resolve

@@ -11,7 +11,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import RECIPE_KEYS, PruneOptions, check_options, read_yaml_mapping, recipe_label
+from .config import (
+    RECIPE_KEYS,
+    PruneOptions,
+    check_options,
+    read_yaml_mapping,
+    recipe_label,
+)
 from .utils import UserError, atomic_write_json, atomic_write_text
 
 KEY = ("model", "checkpoint", "dataset", "method", "pattern", "nsamples", "seed", "bn_recalibration", "eval_samples",

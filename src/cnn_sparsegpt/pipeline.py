@@ -22,12 +22,12 @@ from .utils import (
     UserError,
     atomic_save,
     atomic_write_json,
-    save_safetensors,
     check_finite,
     ensure_writable,
     load_state_dict,
     resolve_device,
     run_metadata,
+    save_safetensors,
 )
 
 

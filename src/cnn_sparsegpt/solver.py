@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .linalg import accumulate_xxt_, upper_cholesky
-from .masks import Pattern, conv_column_perm, nm_prune_mask, pattern_prune_mask, quota, topk_prune_mask
+from .masks import (
+    Pattern,
+    conv_column_perm,
+    nm_prune_mask,
+    pattern_prune_mask,
+    quota,
+    topk_prune_mask,
+)
 
 METHODS = ("sparsegpt", "magnitude", "wanda")
 
