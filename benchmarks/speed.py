@@ -191,6 +191,7 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--skip-model", action="store_true", help="only the per-layer solver table")
     p.add_argument("--skip-solver", action="store_true", help="only the whole-model prune")
+    p.add_argument("--default-only", action="store_true", help="whole model: no --low-memory run")
     p.add_argument("--solver-shapes", default="512x4608,128x12544", help="rows x columns, comma separated")
     p.add_argument("--json", default="experiments/speed.json")
     args = p.parse_args()
@@ -205,13 +206,14 @@ def main():
               f"{r['naive_s']:.2f} | {r['naive_cholesky_s']:.2f} | {r['speedup']:.1f}x | {r['update_speedup']:.0f}x |")
     if not args.skip_model:
         runs = [in_fresh_process(measure_prune, args.arch, args.weights, args.data_dir, args.nsamples, device, low)
-                for low in (None, True)]
+                for low in ((None,) if args.default_only else (None, True))]
         fl = in_fresh_process(measure_floor, args.arch, args.weights, args.data_dir, args.nsamples, device)
         result["model"] = {"arch": args.arch, "description": ARCHS[args.arch], "floor": fl, "runs": runs}
         print(f"\n{ARCHS[args.arch]}: {args.nsamples} calibration images, SparseGPT 2:4, BN recalibration on")
-        print("| phase (seconds) | default (memory policy by free memory) | --low-memory |\n|---|---|---|")
+        print("| phase (seconds) | default (memory policy by free memory) | --low-memory |\n|---|---|---|"
+              if len(runs) == 2 else "| phase (seconds) | default (memory policy by free memory) |\n|---|---|")
         for k in runs[0]["phases"]:
-            print(f"| {k} | {runs[0]['phases'][k]:.1f} | {runs[1]['phases'][k]:.1f} |")
+            print(f"| {k} | " + " | ".join(f"{r['phases'][k]:.1f}" for r in runs) + " |")
         print(f"| floor: forward {fl['forward']:.1f} + Hessian products {fl['hessian']:.1f} + "
               f"Cholesky {fl['cholesky']:.1f} | {fl['total']:.1f} | |")
 

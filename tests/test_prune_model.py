@@ -294,3 +294,17 @@ def test_every_pruned_layer_gets_its_count(name, method):
         n_all = sum(m.weight.numel() for m in modules.values() if isinstance(m, (nn.Conv2d, nn.Linear)))
         zeros_all = sum(int((m.weight == 0).sum()) for m in modules.values() if isinstance(m, (nn.Conv2d, nn.Linear)))
         assert rep.total_sparsity == pytest.approx(zeros_all / n_all) and rep.total_sparsity >= rep.sparsity * n_pruned / n_all
+
+
+@pytest.mark.parametrize("shape", [(8, 6, 5, 5), (8, 6)])
+def test_bn_statistics_equal_train_mode_recalibration(shape):
+    from cnn_sparsegpt.prune import _bn_statistics_, _recalibrate
+
+    bn = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1]).eval()
+    xs = [torch.randn(*shape, generator=torch.Generator().manual_seed(s)) * 3 + 1 for s in range(3)]
+    ref = copy.deepcopy(bn)
+    _recalibrate([ref], ref, xs)
+    _bn_statistics_(bn, iter(xs))
+    torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+    assert int(bn.num_batches_tracked) == 3

@@ -202,7 +202,9 @@ def format_report(r: dict) -> str:
         mode = f" (memory policy: {r['memory_policy']})" if r.get("memory_policy") else ""
         passes = (f"  {r['forward_passes']:.3g} forward pass(es) over the calibration set, at most "
                   f"{r['peak_stored_mb']:.0f} MB of its activations held{mode}\n")
+    recipe = f"  options beyond uniform {r['method']}: {r['recipe']}\n" if r.get("recipe") else ""
     lines.append(f"\n{r['model']} {r['method']} {r['pattern']}: sparsity {r['sparsity']:.3f} of the pruned layers, "
                  f"{r['total_sparsity']:.3f} of all weights; {r['seconds']:.1f} s pruning, "
-                 f"{r['nsamples']} calibration images\n{acc}{passes}  data: {r['data_source']}{_preprocess_line(r)}")
+                 f"{r['nsamples']} calibration images\n{recipe}{acc}{passes}  data: {r['data_source']}"
+                 f"{_preprocess_line(r)}")
     return "\n".join(lines)

@@ -90,6 +90,21 @@ def _recalibrate(bns: list, run: Callable, inputs: Iterable[torch.Tensor]) -> No
         bn.eval()
 
 
+@torch.no_grad()
+def _bn_statistics_(bn: nn.modules.batchnorm._BatchNorm, inputs: Iterable[torch.Tensor]) -> None:
+    """Set `bn`'s running statistics to what `_recalibrate` gives (the average over batches of each batch's
+    mean and unbiased variance, as train mode with momentum=None), without computing its output."""
+    means, variances = [], []
+    for x in inputs:
+        var, mean = torch.var_mean(x, dim=[0] + list(range(2, x.ndim)), correction=1)
+        means.append(mean)
+        variances.append(var)
+    if means:
+        bn.running_mean.copy_(torch.stack(means).mean(0))
+        bn.running_var.copy_(torch.stack(variances).mean(0))
+        bn.num_batches_tracked.fill_(len(means))
+
+
 class _Stop(Exception):
     pass
 
@@ -119,7 +134,7 @@ class _Pruner:
 
     def prune_layer(self, name: str, inputs: Iterable[torch.Tensor]) -> None:
         module = self.modules[name]
-        pruner = LayerPruner(module, name)
+        pruner = LayerPruner(module, name, track_mean=self.statcorr is not None)
         f0, t0 = self.forward_clock(), time.perf_counter()
         for x in inputs:  # with the fx executor, computing these is forward time, not Hessian time
             pruner.add_batch(x)
@@ -154,7 +169,7 @@ class _Pruner:
                 if name not in done:
                     done.add(name)
                     f0, t0 = self.forward_clock(), time.perf_counter()
-                    _recalibrate([self.modules[name]], self.modules[name], inputs)
+                    _bn_statistics_(self.modules[name], inputs)
                     if self.statcorr is not None:
                         self.statcorr.batchnorm(name, self.modules[name])
                     self.t["bn_recalibration"] += time.perf_counter() - t0 - (self.forward_clock() - f0)

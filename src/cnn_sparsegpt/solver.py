@@ -181,7 +181,7 @@ class LayerResult:
 class LayerPruner:
     """Accumulates H = 2XXᵀ/N for one Conv2d or Linear, then prunes its weight in place."""
 
-    def __init__(self, layer: nn.Module, name: str = "", hessian: bool = True):
+    def __init__(self, layer: nn.Module, name: str = "", hessian: bool = True, track_mean: bool = False):
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise TypeError(f"{name}: only Conv2d and Linear are supported, got {type(layer).__name__}")
         self.layer, self.name = layer, name
@@ -192,7 +192,8 @@ class LayerPruner:
         self.H = torch.zeros(self.groups, self.d, self.d, device=W.device, dtype=torch.float32) if hessian else None
         self.colsq = None if hessian else torch.zeros(self.groups, self.d, device=W.device, dtype=torch.float64)
         self.nsamples = 0
-        self.colsum = torch.zeros(self.groups, self.d, device=W.device, dtype=torch.float64)  # Σ of input columns
+        # Σ of the input columns, for x̄ (statistics correction); off by default: a pass over X per chunk
+        self.colsum = torch.zeros(self.groups, self.d, device=W.device, dtype=torch.float64) if track_mean else None
 
     def columns(self, inp: torch.Tensor) -> torch.Tensor:
         """The layer's input as (groups, d, T): one column per output position, rows in the solver's order
@@ -233,8 +234,9 @@ class LayerPruner:
             if self.H is not None:
                 accumulate_xxt_(self.H, X, beta=self.nsamples / total, alpha=2 / total)
             else:
-                self.colsq += X.square().sum(-1, dtype=torch.float64)
-            self.colsum += X.sum(-1, dtype=torch.float64)
+                self.colsq += X.square().sum(-1).double()
+            if self.colsum is not None:
+                self.colsum += X.sum(-1).double()
             self.nsamples = total
 
     def hessian_diagonal(self) -> torch.Tensor:
