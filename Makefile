@@ -53,7 +53,7 @@ results:
 accuracy: install
 	$(CLI) bench --config configs/bench_accuracy_holdout.yaml --data-dir $(DATA)
 	$(CLI) bench --config configs/bench_accuracy_test.yaml --data-dir $(DATA)
-	$(CLI) plot --csv experiments/accuracy_test.csv --out experiments/plots
+	$(CLI) plot --csv experiments/accuracy_test.csv --out experiments/plots/accuracy
 
 speed: install
 	$(PYTHON) benchmarks/speed.py --data-dir $(DATA) --weights $(RESNET_CKPT)

@@ -180,7 +180,7 @@ def results_markdown(csv_path: Path, plots: Path | None, preamble: str = "", hol
         parts += ["## Beyond uniform SparseGPT", "", recipes_text,
                   f"Rows from {', '.join(str(p) for p in recipes)} (`cnn-sparsegpt bench` with `recipes:`).", "",
                   recipe_table(recipe_rows), ""]
-        for png in sorted(plots.glob("*_layer_sparsity.png")) if plots is not None and plots.is_dir() else []:
+        for png in sorted(plots.rglob("*_layer_sparsity.png")) if plots is not None and plots.is_dir() else []:
             parts += [f"![{png.stem}](../{png})", ""]
     parts += ["## Checkpoints", "", checkpoints_table(rows), ""]
     return "\n".join(parts) + "\n"
