@@ -19,8 +19,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .graph import run_hooked
-from .masks import Pattern, pattern_prune_mask
-from .solver import LayerPruner, sparsegpt_factor, sparsegpt_solve
+from .masks import Pattern
+from .solver import LayerPruner, prune_matrix, relative_error, sparsegpt_factor
 from .utils import UserError
 
 ALLOCATIONS = ("uniform", "owl", "dp")
@@ -105,25 +105,22 @@ def _owl(stats: dict[str, LayerPruner], sparsity: float, lam: float) -> torch.Te
     return sparsity + lam * (1 - 2 * (D - D.min()) / spread)  # most outliers: S - λ; fewest: S + λ
 
 
+def _row_scale(p: LayerPruner, row_scales: dict | None, n: str):
+    scale = (row_scales or {}).get(n)
+    return None if scale is None else scale.to(p.H).reshape(p.groups, -1)
+
+
 def layer_error_curve(p: LayerPruner, method: str, grid, percdamp: float, row_scale=None) -> torch.Tensor:
     """‖(W − Ŵ)X‖²/‖WX‖² of the layer pruned by `method` at each sparsity of `grid` (dense H; one factor)."""
     Wg, _ = p.weight_matrix()
-    H = p.H
-    den = (torch.bmm(Wg, H) * Wg).sum().clamp_min(1e-30)
-    scale = None if row_scale is None else row_scale.to(Wg).reshape(p.groups, -1)
-    factor = sparsegpt_factor(H, percdamp) if method == "sparsegpt" else None
+    factor = sparsegpt_factor(p.H, percdamp) if method == "sparsegpt" else None
     errors = []
     for s in grid:
         if s == 0:
             errors.append(torch.zeros((), dtype=torch.float64))
             continue
-        if method == "sparsegpt":
-            Q, _, _ = sparsegpt_solve(Wg, H, Pattern(sparsity=s), percdamp, factor=factor, row_scale=scale)
-        else:
-            Q = Wg.masked_fill(pattern_prune_mask(_scores(Wg, H, method, scale), Pattern(sparsity=s),
-                                                  per_row=method == "wanda"), 0)
-        delta = Wg - Q
-        errors.append(((torch.bmm(delta, H) * delta).sum() / den).double().cpu())
+        Q, _, _ = prune_matrix(Wg, p.H, method, Pattern(sparsity=s), percdamp, row_scale=row_scale, factor=factor)
+        errors.append(relative_error(Wg, Q, p.H).cpu())
     return torch.stack(errors)
 
 
@@ -141,28 +138,14 @@ def _kl_sensitivity(model: nn.Module, batches: list, names: list[str], stats: di
         p, w = stats[n], modules[n].weight
         saved = w.detach().clone()
         Wg, perm = p.weight_matrix()
-        scale = (row_scales or {}).get(n)
-        scale = None if scale is None else scale.to(Wg).reshape(p.groups, -1)
-        if method == "sparsegpt":
-            Q, _, _ = sparsegpt_solve(Wg, p.H, Pattern(sparsity=sparsity), percdamp, row_scale=scale)
-        else:
-            Q = Wg.masked_fill(pattern_prune_mask(_scores(Wg, p.H, method, scale), Pattern(sparsity=sparsity),
-                                                  per_row=method == "wanda"), 0)
+        Q, _, _ = prune_matrix(Wg, p.H, method, Pattern(sparsity=sparsity), percdamp,
+                               row_scale=_row_scale(p, row_scales, n))
         w.data.copy_(Q[:, :, torch.argsort(perm)].reshape(w.shape).to(w.dtype))
         pruned = torch.log_softmax(model(x).double(), -1)
         w.data.copy_(saved)
         kl.append((dense.exp() * (dense - pruned)).sum(-1).mean().clamp_min(0).cpu())
-        delta = Wg - Q
-        rel.append(((torch.bmm(delta, p.H) * delta).sum() / (torch.bmm(Wg, p.H) * Wg).sum().clamp_min(1e-30))
-                   .double().cpu())
+        rel.append(relative_error(Wg, Q, p.H).cpu())
     return torch.stack(kl), torch.stack(rel)
-
-
-def _scores(Wg, H, method, scale):
-    scores = Wg.abs()
-    if method == "wanda":
-        return scores * torch.diagonal(H, dim1=-2, dim2=-1).clamp_min(0).sqrt()[:, None, :]
-    return scores if scale is None else scores * scale.sqrt()[:, :, None]
 
 
 @torch.no_grad()
@@ -192,7 +175,7 @@ def allocate(kind: str, model: nn.Module, batches: list, names: list[str], spars
         if dp_measure not in DP_MEASURES:
             raise UserError(f"--dp-measure must be one of {', '.join(DP_MEASURES)}, got '{dp_measure}'")
         grid = torch.tensor(GRID, dtype=torch.float64)
-        curves = [layer_error_curve(stats[n], method, GRID, percdamp, (row_scales or {}).get(n))
+        curves = [layer_error_curve(stats[n], method, GRID, percdamp, _row_scale(stats[n], row_scales, n))
                   for n in tqdm(names, desc="allocation: error database", unit="layer", disable=not progress,
                                 leave=False)]
         errors = torch.stack(curves)

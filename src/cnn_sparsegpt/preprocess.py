@@ -61,7 +61,8 @@ def normalize(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
     return (x.to(torch.float32) / 255).sub_(m).div_(s)
 
 
-def imagenet(resize: int = 256, crop: int = 224, interpolation: str = "bilinear", source: str = "imagenet") -> Preprocess:
+def imagenet(resize: int = 256, crop: int = 224, interpolation: str = "bilinear",
+             source: str = "imagenet") -> Preprocess:
     return Preprocess(IMAGENET_MEAN, IMAGENET_STD, resize, crop, interpolation, source)
 
 
@@ -100,7 +101,8 @@ def from_checkpoint(meta: dict) -> Preprocess | None:
     """A checkpoint's .json: 'preprocess' (this class's fields), or the 'normalization' our `train` writes."""
     if isinstance(meta.get("preprocess"), dict):
         p = meta["preprocess"]
-        fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in p.items() if k in Preprocess.__dataclass_fields__}
+        fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in p.items()
+                  if k in Preprocess.__dataclass_fields__}
         return replace(Preprocess(**fields), source="checkpoint .json")
     norm = meta.get("normalization", meta)
     if isinstance(norm, dict) and "mean" in norm and "std" in norm:

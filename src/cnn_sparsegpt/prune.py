@@ -265,7 +265,8 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
                         "definition: use --sparsity with it")
     t0 = time.perf_counter()
     row_scales = bn_row_scales(model) if bn_aware else {}
-    bn_names = [n for n, m in model.named_modules() if m in set(_bn_modules(model))] if recalibrate_bn else []
+    bns = set(_bn_modules(model))
+    bn_names = [n for n, m in model.named_modules() if m in bns] if recalibrate_bn else []
     statcorr = StatCorrection(model, batches, names, bn_names) if stat_correction else None
     alloc = allocate(allocation, model, batches, names, pattern.target, method, budget, positions, percdamp,
                      row_scales, owl_lambda, dp_measure, progress) if not pattern.is_nm else {"sparsity": {}}

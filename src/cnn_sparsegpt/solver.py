@@ -124,6 +124,31 @@ def _solve_block(W1, Err1, mask1, Hinv1, pattern: Pattern) -> None:
         W1[:, :, i:].addcmul_(err1[:, :, None], Hinv1[:, i:i + 1, i:], value=-1)
 
 
+def prune_matrix(Wg: torch.Tensor, H: torch.Tensor, method: str, pattern: Pattern, percdamp: float = 0.01,
+                 blocksize: int = 128, row_scale: torch.Tensor | None = None, factor: tuple | None = None,
+                 stats: dict | None = None, graphs: dict | None = None) -> tuple:
+    """Weights (G, rows, d) pruned by `method` with Hessian H (G, d, d): (Ŵ, pruned mask, damping or None).
+    The one place where the methods differ; row_scale weighs rows in unstructured masks (see sparsegpt_solve)."""
+    if method == "sparsegpt":
+        return sparsegpt_solve(Wg, H, pattern, percdamp, blocksize, stats, graphs=graphs, factor=factor,
+                               row_scale=row_scale)
+    scores = Wg.abs() if row_scale is None else Wg.abs() * row_scale.sqrt()[:, :, None]
+    if method == "wanda":  # |W|·‖X_j‖₂, compared within each output row
+        scores = scores * torch.diagonal(H, dim1=-2, dim2=-1).clamp_min(0).sqrt()[:, None, :]
+    pruned = pattern_prune_mask(scores, pattern, per_row=method == "wanda")
+    return Wg.masked_fill(pruned, 0), pruned, None
+
+
+def relative_error(Wg: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """‖(W − Ŵ)X‖² / ‖WX‖² on the inputs behind H (0 for a layer whose inputs were all zero)."""
+    delta = Wg - Q
+    num = (torch.bmm(delta, H) * delta).sum().double()
+    den = (torch.bmm(Wg, H) * Wg).sum().double()
+    if den > 0:
+        return num / den
+    return torch.zeros((), dtype=torch.float64) if num == 0 else torch.tensor(math.inf, dtype=torch.float64)
+
+
 class _BlockGraph:
     """`_solve_block` recorded once as a CUDA graph and replayed for every full block of a layer. On a GPU
     the column loop is bound by launching its ~400 small kernels per block, not by their work; a replay
@@ -287,19 +312,9 @@ class LayerPruner:
                 res.reason = "all-zero calibration inputs: magnitude-pruned instead"
             method = "magnitude"
         scale = None if row_scale is None else row_scale.to(Wg).reshape(self.groups, -1)
-        if method == "sparsegpt":
-            Q, pruned, res.percdamp = sparsegpt_solve(Wg, Hg, pattern, percdamp, blocksize, stats, graphs=graphs,
-                                                      row_scale=scale)
-        else:
-            scores = Wg.abs() if scale is None else Wg.abs() * scale.sqrt()[:, :, None]
-            if method == "wanda":  # |W|·‖X_j‖₂, compared within each output row
-                scores = scores * torch.diagonal(Hg, dim1=-2, dim2=-1).clamp_min(0).sqrt()[:, None, :]
-            pruned = pattern_prune_mask(scores, pattern, per_row=method == "wanda")
-            Q = Wg.masked_fill(pruned, 0)
-        delta = Wg - Q
-        num = (torch.bmm(delta, Hg) * delta).sum()
-        den = (torch.bmm(Wg, Hg) * Wg).sum()
-        res.error = float(num / den) if den > 0 else (0.0 if num == 0 else math.inf)
+        Q, pruned, res.percdamp = prune_matrix(Wg, Hg, method, pattern, percdamp, blocksize, scale, stats=stats,
+                                               graphs=graphs)
+        res.error = float(relative_error(Wg, Q, Hg))
         inv = torch.argsort(perm)
         weight.data.copy_(Q[:, :, inv].reshape(weight.shape).to(weight.dtype))
         res.mask = (~pruned)[:, :, inv].reshape(weight.shape)
