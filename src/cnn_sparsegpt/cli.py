@@ -60,6 +60,10 @@ def _add_prune_flags(p: argparse.ArgumentParser) -> None:
                "(unstructured sparsegpt and magnitude)", "plain saliency (default)")
     _bool_flag(p, "stat-correction", "after pruning, give layers with a bias and BatchNorms the dense network's "
                "per-channel output mean and variance on the calibration images", "no correction (default)")
+    p.add_argument("--refine", choices=["none", "cg", "admm"],
+                   help="after each layer's solve: none (default, as published), cg (re-solve the kept weights on "
+                   "the final mask by conjugate gradient: lower layer error, about one more solve's time) or admm "
+                   "(also move the mask layer-wide by ADMM, then cg; any method; several times slower on wide layers)")
     p.add_argument("--device", help="auto (CUDA if present), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--seed", type=int, help="seed of the calibration sample (default 0)")
     p.add_argument("--batch-size", type=int, help="calibration and evaluation batch size (default 128)")

@@ -36,6 +36,7 @@ class PruneOptions:
     dp_measure: str = "layer"  # dp: layer reconstruction error, or it scaled to each layer's output KL ("kl")
     bn_aware: bool = False  # weigh each output row's saliency by a following BatchNorm's (γ/σ)²
     stat_correction: bool = False  # give the pruned network the dense per-channel output statistics
+    refine: str = "none"  # none | cg | admm: re-solve each pruned layer (cg: kept weights; admm: mask too)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # calibration sample
     batch_size: int = 128  # calibration / evaluation batch size
@@ -107,7 +108,8 @@ def merge_options(cls, file_values: dict, cli_values: dict):
     return cls(**check_options(cls, values, "options"))
 
 
-RECIPE_KEYS = ("allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction")  # beyond uniform
+RECIPE_KEYS = ("allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction",
+               "refine")  # beyond uniform
 
 
 def recipe_label(opts: PruneOptions) -> str:

@@ -24,6 +24,7 @@ from .graph import PRUNABLE, GraphExecutor, GraphStop, memory_policy
 from .layer_plan import choose_layers, forward_order
 from .masks import Pattern
 from .saliency import bn_row_scales
+from .refine import REFINE
 from .solver import METHODS, LayerPruner, LayerResult
 from .statcorr import StatCorrection
 from .utils import UserError
@@ -43,6 +44,7 @@ class PruneReport:
     memory_policy: str = ""  # default or low-memory, and why (chosen by free memory unless asked)
     allocation: dict = field(default_factory=dict)  # kind, budget and (dp) the error database; layers hold sparsities
     bn_aware: bool = False  # rows' saliency weighted by a following BatchNorm's (γ/σ)²
+    refine: str = "none"  # the layer solve's refinement (refine.py)
     stat_corrected: list = field(default_factory=list)  # layers and BatchNorms given the dense output statistics
     timings: dict = field(default_factory=dict)  # seconds per phase
     bn_recalibrated: bool = False
@@ -113,11 +115,11 @@ class _Pruner:
     """Holds the run's settings and the per-layer results; the two executors call `prune_layer`."""
 
     def __init__(self, model, plan, method, pattern, percdamp, blocksize, progress, patterns=None, row_scales=None,
-                 statcorr=None):
+                 statcorr=None, refine="none"):
         self.model, self.plan, self.method, self.pattern = model, plan, method, pattern
         self.patterns = patterns or {}  # per-layer patterns of a non-uniform allocation
         self.row_scales = row_scales or {}  # BN-aware saliency
-        self.statcorr = statcorr
+        self.statcorr, self.refine = statcorr, refine
         self.percdamp, self.blocksize = percdamp, blocksize
         self.modules = dict(model.named_modules())
         self.results: dict[str, LayerResult] = {}
@@ -141,7 +143,8 @@ class _Pruner:
         self.sync()
         t1 = time.perf_counter()
         res = pruner.prune(self.method, self.patterns.get(name, self.pattern), self.percdamp, self.blocksize,
-                           stats=self.t, graphs=self.graphs, row_scale=self.row_scales.get(name))
+                           stats=self.t, graphs=self.graphs, row_scale=self.row_scales.get(name),
+                           refine=self.refine)
         if self.statcorr is not None and not res.skipped:
             self.statcorr.layer(name, module, pruner)
         self.sync()
@@ -230,7 +233,7 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
                 skip_first_last: bool = True, recalibrate_bn: bool = True, batch_size: int = 128,
                 progress: bool = True, use_fx: bool = True, low_memory: bool | None = None,
                 allocation: str = "uniform", budget: str = "params", owl_lambda: float = 0.1, dp_measure: str = "layer",
-                bn_aware: bool = False, stat_correction: bool = False) -> PruneReport:
+                bn_aware: bool = False, stat_correction: bool = False, refine: str = "none") -> PruneReport:
     """Prune `model` in place, one-shot, and return a report with per-layer results and masks.
 
     calibration: a tensor of inputs (N, ...) or an iterable of batches (tensors or (x, y) pairs).
@@ -241,10 +244,13 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
     allocation: uniform | owl | dp, per-layer sparsities with `sparsity` as the overall fraction of the
     budget (`params` or `flops`) removed (allocation.py); unstructured only. bn_aware: weigh each row's
     saliency by a following BatchNorm's (γ/σ)² (saliency.py). stat_correction: match the dense network's
-    per-channel output statistics after pruning (statcorr.py).
+    per-channel output statistics after pruning (statcorr.py). refine: none | cg | admm, a better layer solve
+    after the method's (refine.py).
     """
     if method not in METHODS:
         raise UserError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+    if refine not in REFINE:
+        raise UserError(f"unknown refinement '{refine}'; choose from {', '.join(REFINE)}")
     pattern = sparsity if isinstance(sparsity, Pattern) else Pattern.parse(sparsity, nm)
     device = next(model.parameters()).device
     batches = _as_batches(calibration, device, batch_size)
@@ -272,7 +278,8 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
                      row_scales, owl_lambda, dp_measure, progress) if not pattern.is_nm else {"sparsity": {}}
     patterns = {n: Pattern(sparsity=v) for n, v in alloc["sparsity"].items()} if allocation != "uniform" else {}
     t_alloc = time.perf_counter() - t0
-    run = _Pruner(model, plan, method, pattern, percdamp, blocksize, progress, patterns, row_scales, statcorr)
+    run = _Pruner(model, plan, method, pattern, percdamp, blocksize, progress, patterns, row_scales, statcorr,
+                  refine)
     run.t["allocation_and_dense_pass"] = t_alloc
     passes = None
     if use_fx:
@@ -305,7 +312,7 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
                          peak_stored_mb=run.peak_stored_mb, memory_policy=policy,
                          allocation={k: v for k, v in alloc.items() if k != "sparsity"} | {"kind": allocation,
                                                                                            "budget": budget},
-                         bn_aware=bool(row_scales), stat_corrected=statcorr.corrected if statcorr else [],
+                         bn_aware=bool(row_scales), refine=refine, stat_corrected=statcorr.corrected if statcorr else [],
                          bn_recalibrated=recalibrate_bn and bool(_bn_modules(model)))
     report.sparsity = sum((~r.mask).sum().item() for r in pruned) / n_pruned if n_pruned else 0.0
     report.total_sparsity = weight_sparsity(model)

@@ -23,6 +23,7 @@ from .masks import (
     quota,
     topk_prune_mask,
 )
+from .refine import refine as refine_solve
 
 METHODS = ("sparsegpt", "magnitude", "wanda")
 
@@ -291,9 +292,10 @@ class LayerPruner:
     @torch.no_grad()
     def prune(self, method: str, pattern: Pattern, percdamp: float = 0.01, blocksize: int = 128,
               stats: dict | None = None, graphs: dict | None = None,
-              row_scale: torch.Tensor | None = None) -> LayerResult:
+              row_scale: torch.Tensor | None = None, refine: str = "none") -> LayerResult:
         """Prune the layer's weight in place. row_scale (out_channels,): how much each output row counts when
-        rows are compared in an unstructured mask (sparsegpt, magnitude); Wanda and N:M compare within rows."""
+        rows are compared in an unstructured mask (sparsegpt, magnitude); Wanda and N:M compare within rows.
+        refine: none | cg | admm, a better solve after the method's (refine.py)."""
         t0 = time.perf_counter()
         weight = self.layer.weight
         res = LayerResult(self.name, list(weight.shape), method, str(pattern))
@@ -314,6 +316,7 @@ class LayerPruner:
         scale = None if row_scale is None else row_scale.to(Wg).reshape(self.groups, -1)
         Q, pruned, res.percdamp = prune_matrix(Wg, Hg, method, pattern, percdamp, blocksize, scale, stats=stats,
                                                graphs=graphs)
+        Q, pruned = refine_solve(refine, Wg, Q, pruned, Hg, pattern, percdamp)
         res.error = float(relative_error(Wg, Q, Hg))
         inv = torch.argsort(perm)
         weight.data.copy_(Q[:, :, inv].reshape(weight.shape).to(weight.dtype))

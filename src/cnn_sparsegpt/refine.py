@@ -1,0 +1,118 @@
+"""A better layer solve than SparseGPT's single left-to-right sweep (`--refine cg|admm`).
+
+SparseGPT fixes each column once: weights left of a pruned column never see its error again, and the
+mask of each 128-column block gets exactly the layer's fraction. Two refinements of a solved layer:
+
+- `cg`: keep the mask, re-solve the kept weights. For a fixed mask the layer problem
+  min ‖(W − Ŵ)X‖² splits into one least-squares problem per output row (H_SS ŵ_S = (H w)_S, S its kept
+  columns); preconditioned conjugate gradient solves all rows at once, one (rows × d) · (d × d) product
+  per step.
+- `admm`: also move the mask, layer-wide (no per-block quota). ADMM on min ‖(W − D)X‖² s.t. D = Z,
+  Z sparse (as ALPS does): a ridge step for D, a projection of D + V onto the pattern for Z, a dual
+  step for V, with the penalty ρ raised as the support settles; then `cg` on the final mask. It starts
+  from SparseGPT's solution, and the better of the two (by the damped layer error) is kept.
+
+Both use SparseGPT's damped H, so they do not fit the calibration samples any closer than it does.
+"""
+from __future__ import annotations
+
+import torch
+
+from .masks import Pattern, nm_prune_mask, quota, topk_prune_mask
+
+REFINE = ("none", "cg", "admm")
+
+
+def _damped(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    Hd = H.clone()
+    diag = torch.diagonal(Hd, dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag.add_(percdamp * diag.mean(-1, keepdim=True))
+    diag.masked_fill_(dead, 1)  # a dead input's weight is free: any value gives the same output
+    return Hd
+
+
+def _objective(W: torch.Tensor, Q: torch.Tensor, Hd: torch.Tensor) -> torch.Tensor:
+    delta = W - Q
+    return (torch.bmm(delta, Hd) * delta).sum().double()
+
+
+def cg_on_mask(W: torch.Tensor, Q: torch.Tensor, pruned: torch.Tensor, Hd: torch.Tensor,
+               steps: int = 30) -> torch.Tensor:
+    """Kept weights of Q (G, rows, d) re-solved for min (w − ŵ)ᵀ Hd (w − ŵ) per row on the kept support,
+    by preconditioned CG started at Q; pruned weights stay exactly 0."""
+    keep = (~pruned).to(W.dtype)
+    X = Q * keep
+    R = torch.bmm(W - X, Hd) * keep  # the negative gradient on the support
+    dinv = 1 / torch.diagonal(Hd, dim1=-2, dim2=-1)[:, None, :]
+    Z = R * dinv
+    P = Z.clone()
+    rz = (R * Z).sum(-1, keepdim=True)
+    for _ in range(steps):
+        AP = torch.bmm(P, Hd) * keep
+        pAp = (P * AP).sum(-1, keepdim=True)
+        alpha = torch.where(pAp > 0, rz / pAp.clamp_min(1e-30), torch.zeros_like(pAp))
+        X.addcmul_(alpha, P)
+        R.addcmul_(alpha, AP, value=-1)
+        Z = R * dinv
+        rz_new = (R * Z).sum(-1, keepdim=True)
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz))
+        P = Z + beta * P
+        rz = rz_new
+    return X
+
+
+def project(V: torch.Tensor, pattern: Pattern, scale: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """Pruned mask of the pattern nearest to V (G, rows, d) in the norm weighted by `scale` (G, 1, d):
+    the smallest |v|·scale pruned, layer-wide (unstructured) or in each group of m (N:M)."""
+    scores = V.abs() * scale
+    if pattern.is_nm:
+        return nm_prune_mask(scores, pattern.n, pattern.m)
+    span = V.shape[-1] * V.shape[-2]
+    return topk_prune_mask(scores, quota(pattern.sparsity, start, start + span))
+
+
+def admm(W: torch.Tensor, Q: torch.Tensor, pruned: torch.Tensor, Hd: torch.Tensor, pattern: Pattern,
+         scale: torch.Tensor, steps: int = 60, rho0: float = 0.1, growth: float = 1.15
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ADMM for the layer-wide mask, started at a solved layer (Q, pruned); returns (Ŵ, pruned) on its final
+    mask, re-solved by CG. `scale` (G, 1, d): each input's norm, so that weights are compared by their effect
+    on the output (a dead input's weights go first). ρ is relative to the mean diagonal of H and grows
+    by `growth` per step on average, so that D and Z meet within `steps`."""
+    G, rows, d = W.shape
+    mean = torch.diagonal(Hd, dim1=-2, dim2=-1).mean(-1)[:, None, None]
+    start = torch.arange(G) * (rows * d)  # the layer's weights counted group by group (see masks.quota)
+    WH = torch.bmm(W, Hd)
+    Z, V, mask = Q.clone(), torch.zeros_like(W), pruned
+    rho, factored = rho0, None
+    eye = torch.eye(d, dtype=W.dtype, device=W.device)
+    for k in range(steps):
+        if factored is None or factored[0] != rho:  # a new factor only when ρ moves (every third step)
+            factored = (rho, torch.linalg.cholesky(Hd + rho * mean * eye))
+        L = factored[1]
+        # D (H + ρI) = WH + ρ(Z − V), rows as vectors: solve with the symmetric factor
+        rhs = WH + rho * mean * (Z - V)
+        D = torch.cholesky_solve(rhs.transpose(-1, -2), L).transpose(-1, -2)
+        mask = project(D + V, pattern, scale, start)
+        Z = (D + V).masked_fill(mask, 0)
+        V.add_(D - Z)
+        if k % 3 == 2:
+            rho *= growth ** 3
+    return cg_on_mask(W, Z, mask, Hd), mask
+
+
+def refine(kind: str, W: torch.Tensor, Q: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor,
+           pattern: Pattern, percdamp: float = 0.01, steps: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one entry point: (Ŵ, pruned) after `kind` ('none', 'cg', 'admm') on a solved layer (G, rows, d)."""
+    if kind == "none":
+        return Q, pruned
+    if kind not in REFINE:
+        raise ValueError(f"unknown refinement '{kind}'; choose from {', '.join(REFINE)}")
+    Hd = _damped(H, percdamp)
+    best = (cg_on_mask(W, Q, pruned, Hd, steps), pruned)
+    if kind == "admm":
+        scale = torch.diagonal(H, dim1=-2, dim2=-1).clamp_min(0).sqrt()[:, None, :]
+        cand = admm(W, Q, pruned, Hd, pattern, scale)
+        if _objective(W, cand[0], Hd) < _objective(W, best[0], Hd):
+            best = cand
+    return best
