@@ -64,6 +64,9 @@ def _add_prune_flags(p: argparse.ArgumentParser) -> None:
                    help="after each layer's solve: none (default, as published), cg (re-solve the kept weights on "
                    "the final mask by conjugate gradient: lower layer error, about one more solve's time) or admm "
                    "(also move the mask layer-wide by ADMM, then cg; any method; several times slower on wide layers)")
+    _bool_flag(p, "dense-target", "fit each layer to the dense network's output on the pruned network's inputs "
+               "(min |W X_dense - W' X_pruned|^2: corrects upstream error; about half a dense pass more per layer)",
+               "fit W X_pruned, as published (default)")
     p.add_argument("--device", help="auto (CUDA if present), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--seed", type=int, help="seed of the calibration sample (default 0)")
     p.add_argument("--batch-size", type=int, help="calibration and evaluation batch size (default 128)")

@@ -145,7 +145,8 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
                          recalibrate_bn=opts.bn_recalibration, batch_size=opts.batch_size, progress=progress,
                          low_memory=opts.low_memory, allocation=opts.allocation, budget=opts.budget,
                          owl_lambda=opts.owl_lambda, dp_measure=opts.dp_measure, bn_aware=opts.bn_aware,
-                         stat_correction=opts.stat_correction, refine=opts.refine)
+                         stat_correction=opts.stat_correction, refine=opts.refine,
+                         dense_target=opts.dense_target)
     pruned_acc = None
     if opts.evaluate:
         t0 = time.perf_counter()

@@ -9,6 +9,7 @@ one (truncated) forward pass per layer.
 """
 from __future__ import annotations
 
+import itertools
 import time
 import warnings
 from collections.abc import Iterable
@@ -20,6 +21,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from .allocation import allocate
+from .dense_target import DenseInputs
 from .graph import PRUNABLE, GraphExecutor, GraphStop, memory_policy
 from .layer_plan import choose_layers, forward_order
 from .masks import Pattern
@@ -45,6 +47,7 @@ class PruneReport:
     allocation: dict = field(default_factory=dict)  # kind, budget and (dp) the error database; layers hold sparsities
     bn_aware: bool = False  # rows' saliency weighted by a following BatchNorm's (γ/σ)²
     refine: str = "none"  # the layer solve's refinement (refine.py)
+    dense_target: bool = False  # layers fit to the dense network's outputs (dense_target.py)
     stat_corrected: list = field(default_factory=list)  # layers and BatchNorms given the dense output statistics
     timings: dict = field(default_factory=dict)  # seconds per phase
     bn_recalibrated: bool = False
@@ -115,11 +118,12 @@ class _Pruner:
     """Holds the run's settings and the per-layer results; the two executors call `prune_layer`."""
 
     def __init__(self, model, plan, method, pattern, percdamp, blocksize, progress, patterns=None, row_scales=None,
-                 statcorr=None, refine="none"):
+                 statcorr=None, refine="none", dense=None):
         self.model, self.plan, self.method, self.pattern = model, plan, method, pattern
         self.patterns = patterns or {}  # per-layer patterns of a non-uniform allocation
         self.row_scales = row_scales or {}  # BN-aware saliency
         self.statcorr, self.refine = statcorr, refine
+        self.dense: DenseInputs | None = dense  # the dense network's layer inputs (asymmetric target)
         self.percdamp, self.blocksize = percdamp, blocksize
         self.modules = dict(model.named_modules())
         self.results: dict[str, LayerResult] = {}
@@ -136,10 +140,15 @@ class _Pruner:
 
     def prune_layer(self, name: str, inputs: Iterable[torch.Tensor]) -> None:
         module = self.modules[name]
-        pruner = LayerPruner(module, name, track_mean=self.statcorr is not None)
+        pruner = LayerPruner(module, name, track_mean=self.statcorr is not None, dense_target=self.dense is not None)
         f0, t0 = self.forward_clock(), time.perf_counter()
+        d0 = self.dense.seconds if self.dense else 0.0
+        dense = self.dense.stream(name) if self.dense else itertools.repeat(None)
         for x in inputs:  # with the fx executor, computing these is forward time, not Hessian time
-            pruner.add_batch(x)
+            pruner.add_batch(x, next(dense))
+        dense_seconds = self.dense.seconds - d0 if self.dense else 0.0
+        if self.dense:
+            self.t["dense_target"] = self.t.get("dense_target", 0.0) + dense_seconds
         self.sync()
         t1 = time.perf_counter()
         res = pruner.prune(self.method, self.patterns.get(name, self.pattern), self.percdamp, self.blocksize,
@@ -148,7 +157,7 @@ class _Pruner:
         if self.statcorr is not None and not res.skipped:
             self.statcorr.layer(name, module, pruner)
         self.sync()
-        self.t["hessian"] += t1 - t0 - (self.forward_clock() - f0)
+        self.t["hessian"] += t1 - t0 - (self.forward_clock() - f0) - dense_seconds
         self.t["solve"] += time.perf_counter() - t1  # includes "cholesky"
         res.seconds = time.perf_counter() - t0
         pruner.free()
@@ -233,7 +242,8 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
                 skip_first_last: bool = True, recalibrate_bn: bool = True, batch_size: int = 128,
                 progress: bool = True, use_fx: bool = True, low_memory: bool | None = None,
                 allocation: str = "uniform", budget: str = "params", owl_lambda: float = 0.1, dp_measure: str = "layer",
-                bn_aware: bool = False, stat_correction: bool = False, refine: str = "none") -> PruneReport:
+                bn_aware: bool = False, stat_correction: bool = False, refine: str = "none",
+                dense_target: bool = False) -> PruneReport:
     """Prune `model` in place, one-shot, and return a report with per-layer results and masks.
 
     calibration: a tensor of inputs (N, ...) or an iterable of batches (tensors or (x, y) pairs).
@@ -245,7 +255,8 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
     budget (`params` or `flops`) removed (allocation.py); unstructured only. bn_aware: weigh each row's
     saliency by a following BatchNorm's (γ/σ)² (saliency.py). stat_correction: match the dense network's
     per-channel output statistics after pruning (statcorr.py). refine: none | cg | admm, a better layer solve
-    after the method's (refine.py).
+    after the method's (refine.py). dense_target: fit each layer to the dense network's output on its pruned
+    inputs (dense_target.py; about half a dense forward pass more per layer).
     """
     if method not in METHODS:
         raise UserError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
@@ -278,8 +289,9 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
                      row_scales, owl_lambda, dp_measure, progress) if not pattern.is_nm else {"sparsity": {}}
     patterns = {n: Pattern(sparsity=v) for n, v in alloc["sparsity"].items()} if allocation != "uniform" else {}
     t_alloc = time.perf_counter() - t0
+    dense = DenseInputs(model, batches) if dense_target else None
     run = _Pruner(model, plan, method, pattern, percdamp, blocksize, progress, patterns, row_scales, statcorr,
-                  refine)
+                  refine, dense)
     run.t["allocation_and_dense_pass"] = t_alloc
     passes = None
     if use_fx:
@@ -296,6 +308,8 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
     if passes is None:
         passes = run.run_hooks(batches, order, recalibrate_bn)
     run.bar.close()
+    if dense is not None:
+        dense.free()
     model.train(was_training)
     modules = dict(model.named_modules())
     layers = []
@@ -312,7 +326,8 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
                          peak_stored_mb=run.peak_stored_mb, memory_policy=policy,
                          allocation={k: v for k, v in alloc.items() if k != "sparsity"} | {"kind": allocation,
                                                                                            "budget": budget},
-                         bn_aware=bool(row_scales), refine=refine, stat_corrected=statcorr.corrected if statcorr else [],
+                         bn_aware=bool(row_scales), refine=refine, dense_target=dense_target,
+                         stat_corrected=statcorr.corrected if statcorr else [],
                          bn_recalibrated=recalibrate_bn and bool(_bn_modules(model)))
     report.sparsity = sum((~r.mask).sum().item() for r in pruned) / n_pruned if n_pruned else 0.0
     report.total_sparsity = weight_sparsity(model)

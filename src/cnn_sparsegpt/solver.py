@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dense_target import dense_target_weights
 from .linalg import accumulate_xxt_, upper_cholesky
 from .masks import (
     Pattern,
@@ -207,7 +208,8 @@ class LayerResult:
 class LayerPruner:
     """Accumulates H = 2XXᵀ/N for one Conv2d or Linear, then prunes its weight in place."""
 
-    def __init__(self, layer: nn.Module, name: str = "", hessian: bool = True, track_mean: bool = False):
+    def __init__(self, layer: nn.Module, name: str = "", hessian: bool = True, track_mean: bool = False,
+                 dense_target: bool = False):
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise TypeError(f"{name}: only Conv2d and Linear are supported, got {type(layer).__name__}")
         self.layer, self.name = layer, name
@@ -220,6 +222,8 @@ class LayerPruner:
         self.nsamples = 0
         # Σ of the input columns, for x̄ (statistics correction); off by default: a pass over X per chunk
         self.colsum = torch.zeros(self.groups, self.d, device=W.device, dtype=torch.float64) if track_mean else None
+        # C = 2·X_d·X_pᵀ/N with the dense network's inputs X_d, for the asymmetric target (dense_target.py)
+        self.C = torch.zeros_like(self.H) if dense_target else None
 
     def columns(self, inp: torch.Tensor) -> torch.Tensor:
         """The layer's input as (groups, d, T): one column per output position, rows in the solver's order
@@ -251,12 +255,18 @@ class LayerPruner:
         columns = max(1, per_image // (4 * self.d * self.groups))  # patches per image
         return max(1, chunk_bytes // max(per_image, 1), -(-min_columns // columns))
 
-    def add_batch(self, inp: torch.Tensor) -> None:
-        """Fold a batch of layer inputs into H, a few images at a time so the unfolded patches stay small."""
-        for chunk in inp.split(self.chunk_images(inp)):
+    def add_batch(self, inp: torch.Tensor, dense: torch.Tensor | None = None) -> None:
+        """Fold a batch of layer inputs into H, a few images at a time so the unfolded patches stay small.
+        dense: the same images' inputs in the dense network (with dense_target)."""
+        step = self.chunk_images(inp)
+        dense_chunks = dense.split(step) if self.C is not None else None
+        for i, chunk in enumerate(inp.split(step)):
             X = self.columns(chunk)
             T = X.shape[-1]
             total = self.nsamples + T
+            if self.C is not None:
+                Xd = self.columns(dense_chunks[i])
+                self.C.baddbmm_(Xd, X.transpose(1, 2), beta=self.nsamples / total, alpha=2 / total)
             if self.H is not None:
                 accumulate_xxt_(self.H, X, beta=self.nsamples / total, alpha=2 / total)
             else:
@@ -308,11 +318,14 @@ class LayerPruner:
             raise ValueError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
         Wg, perm = self.weight_matrix()
         Hg = self.H  # already in the solver's column order (see columns)
-        if self.nsamples == 0 or not torch.any(torch.diagonal(Hg, dim1=1, dim2=2) > 0):
+        live = self.nsamples > 0 and bool(torch.any(torch.diagonal(Hg, dim1=1, dim2=2) > 0))
+        if not live:
             if method != "magnitude":
                 warnings.warn(f"{self.name}: calibration inputs are all zero; magnitude-pruned instead", RuntimeWarning)
                 res.reason = "all-zero calibration inputs: magnitude-pruned instead"
             method = "magnitude"
+        if self.C is not None and live:
+            Wg = dense_target_weights(Wg, Hg, self.C, percdamp)  # the error is measured against W* from here on
         scale = None if row_scale is None else row_scale.to(Wg).reshape(self.groups, -1)
         Q, pruned, res.percdamp = prune_matrix(Wg, Hg, method, pattern, percdamp, blocksize, scale, stats=stats,
                                                graphs=graphs)
@@ -326,4 +339,4 @@ class LayerPruner:
         return res
 
     def free(self) -> None:
-        self.H = self.colsum = self.colsq = None
+        self.H = self.colsum = self.colsq = self.C = None

@@ -1,0 +1,56 @@
+"""The asymmetric target (dense_target.py): fit W·X_dense with Ŵ·X_pruned."""
+import copy
+
+import torch
+from torch import nn
+
+from cnn_sparsegpt import prune_model
+from cnn_sparsegpt.dense_target import DenseInputs, dense_target_weights
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(),
+                         nn.Linear(48, 10))
+
+
+def test_unchanged_inputs_keep_the_weights():
+    X = torch.randn(1, 32, 500)
+    H = 2 * X @ X.transpose(1, 2) / 500
+    W = torch.randn(1, 8, 32)
+    torch.testing.assert_close(dense_target_weights(W, H, H.clone(), 0.01), W, rtol=0, atol=1e-6)
+
+
+def test_first_pruned_layer_is_as_before_and_later_layers_fit_the_dense_outputs():
+    model, x = _mlp(), torch.randn(512, 16)
+    dense = copy.deepcopy(model)
+    runs = {}
+    for dt in (False, True):
+        m = copy.deepcopy(model)
+        runs[dt] = (m, prune_model(m, x, "sparsegpt", 0.8, skip_first_last=False, dense_target=dt, progress=False))
+        assert runs[dt][1].dense_target is dt
+    # the first layer sees the dense inputs either way: the same weights
+    assert torch.equal(runs[False][0][0].weight, runs[True][0][0].weight)
+    # later layers: the asymmetric error ‖W X_d − Ŵ X_p‖² is smaller with the dense target
+    Xd = DenseInputs(dense, [x])
+    for i in (2, 4):
+        errs = {}
+        for dt, (m, _) in runs.items():
+            xp = m[:i](x)
+            xd = next(Xd.stream(str(i)))
+            errs[dt] = (dense[i](xd) - m[i](xp)).square().sum().item()
+        assert errs[True] < errs[False]
+    # and so is the network's output error
+    out = {dt: (dense(x) - m(x)).square().mean().item() for dt, (m, _) in runs.items()}
+    assert out[True] < out[False]
+
+
+def test_dense_inputs_ignore_later_changes_to_the_model():
+    model, x = _mlp(), torch.randn(64, 16)
+    di = DenseInputs(model, list(x.split(32)))
+    expected = model[:2](x)
+    with torch.no_grad():
+        model[0].weight.zero_()
+    got = torch.cat(list(di.stream("2")))
+    torch.testing.assert_close(got, expected)
+    assert di.seconds > 0
