@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import dist
 from .config import (
     RECIPE_KEYS,
     PruneOptions,
@@ -174,7 +175,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
         label = (f"[{i}/{len(runs)}] {m.model} {method} {pattern} n={n} bn={'on' if bn else 'off'} seed={seed}"
                  f"{' ' + key_row['recipe'] if key_row['recipe'] else ''}")
         if _key(key_row) in done:
-            print(f"{label}: already in {csv_path}, skipped", flush=True)
+            if dist.is_main():
+                print(f"{label}: already in {csv_path}, skipped", flush=True)
             continue
         t0 = time.perf_counter()
         dense_key = (m.model, m.weights or "", str(cfg.eval_samples), str(cfg.holdout))
@@ -183,7 +185,6 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
         dense[dense_key] = r["dense_acc"]
         name = hashlib.sha1(repr(_key(key_row)).encode()).hexdigest()[:12]
         report_path = reports / f"{m.model}-{method}-{pattern.replace(':', 'of')}-{name}.json"
-        atomic_write_json(r, report_path)
         row = key_row | {
             "data_source": r["data_source"], "target_sparsity": r["target_sparsity"], "sparsity": r["sparsity"],
             "total_sparsity": r["total_sparsity"], "layers_pruned": sum(not x["skipped"] for x in r["layers"]),
@@ -193,8 +194,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
             "peak_gpu_mb": (r["peak_gpu_memory"] or 0) / 2**20, "forward_passes": r["forward_passes"],
             "report": str(report_path), "git_commit": r["git_commit"],
             "torch_version": r["torch_version"], "device": r["device"], "date": r["date"]}
-        append_row(csv_path, row)
         new_rows.append(row)
+        if not dist.is_main():  # torchrun: rank 0 writes and prints
+            continue
+        atomic_write_json(r, report_path)
+        append_row(csv_path, row)
         print(f"{label}: top-1 {100 * r['dense_acc']:.2f}% -> {100 * r['pruned_acc']:.2f}%, sparsity "
               f"{r['sparsity']:.3f}, {r['seconds']:.1f} s pruning ({time.perf_counter() - t0:.0f} s in all)",
               flush=True)
@@ -220,5 +224,6 @@ def _cmd_bench(args) -> int:
     ensure_writable(Path(cfg.csv).parent)
     t0 = time.perf_counter()
     run_bench(cfg, progress=not args.quiet)
-    print(f"bench done in {time.perf_counter() - t0:.0f} s; results in {cfg.csv}")
+    if dist.is_main():
+        print(f"bench done in {time.perf_counter() - t0:.0f} s; results in {cfg.csv}")
     return 0

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 
+from . import dist
 from .utils import UserError
 
 
@@ -90,6 +92,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if not opts.model:
         raise UserError("--model is required (or 'model:' in the --config file)")
     result = run_prune(opts, progress=not args.quiet)
+    if not dist.is_main():  # torchrun: rank 0 reports
+        return 0
     print(format_report(result))
     extra = ", model.safetensors" if opts.save_safetensors else ""
     print(f"wrote {opts.out}/model.pt{extra}, masks.pt, report.json")
@@ -189,13 +193,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings.showwarning = _warning_line
     try:
+        if dist.launched() and args.command not in ("prune", "bench"):
+            raise UserError(f"`{args.command}` runs in one process: start it without torchrun")
         return args.func(args)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        where = f"[rank {os.environ.get('RANK', '?')}] " if dist.launched() else ""
+        print(f"error: {where}{e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        dist.close()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import dist
 from .config import PruneOptions, recipe_label
 from .data import calibration_indices, calibration_set, load_dataset
 from .masks import Pattern
@@ -121,7 +122,10 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     if opts.method not in METHODS:
         raise UserError(f"unknown method '{opts.method}'; choose from {', '.join(METHODS)}")
     pattern = Pattern.parse(opts.sparsity, opts.nm)
-    device = resolve_device(opts.device)
+    device = dist.init(opts.device) if dist.launched() else resolve_device(opts.device)
+    dist.check_same(json.dumps(dataclasses.asdict(opts), sort_keys=True, default=str), "arguments")
+    progress = progress and dist.is_main()
+    write = write and dist.is_main()  # one rank writes model.pt, masks.pt, report.json
     for name, value, low in (("nsamples", opts.nsamples, 1), ("blocksize", opts.blocksize, 1),
                              ("batch_size", opts.batch_size, 1), ("eval_samples", opts.eval_samples, 0)):
         if value < low:

@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
+from . import dist
 from .allocation import allocate
 from .dense_target import DenseInputs
 from .graph import PRUNABLE, GraphExecutor, GraphStop, memory_policy
@@ -50,6 +51,7 @@ class PruneReport:
     dense_target: bool = False  # layers fit to the dense network's outputs (dense_target.py)
     stat_corrected: list = field(default_factory=list)  # layers and BatchNorms given the dense output statistics
     timings: dict = field(default_factory=dict)  # seconds per phase
+    world_size: int = 1  # processes that shared the calibration set (torchrun)
     bn_recalibrated: bool = False
 
     @property
@@ -98,16 +100,20 @@ def _recalibrate(bns: list, run: Callable, inputs: Iterable[torch.Tensor]) -> No
 @torch.no_grad()
 def _bn_statistics_(bn: nn.modules.batchnorm._BatchNorm, inputs: Iterable[torch.Tensor]) -> None:
     """Set `bn`'s running statistics to what `_recalibrate` gives (the average over batches of each batch's
-    mean and unbiased variance, as train mode with momentum=None), without computing its output."""
-    means, variances = [], []
+    mean and unbiased variance, as train mode with momentum=None), without computing its output. The
+    batch statistics are summed in float64 (over all ranks under torchrun), so their order hardly matters."""
+    c = bn.running_mean.numel()
+    sums = torch.zeros(2 * c + 1, dtype=torch.float64, device=bn.running_mean.device)
     for x in inputs:
         var, mean = torch.var_mean(x, dim=[0] + list(range(2, x.ndim)), correction=1)
-        means.append(mean)
-        variances.append(var)
-    if means:
-        bn.running_mean.copy_(torch.stack(means).mean(0))
-        bn.running_var.copy_(torch.stack(variances).mean(0))
-        bn.num_batches_tracked.fill_(len(means))
+        sums[:c] += mean
+        sums[c:2 * c] += var
+        sums[-1] += 1
+    dist.all_sum_(sums, "adding BatchNorm statistics")
+    if sums[-1] > 0:
+        bn.running_mean.copy_(sums[:c] / sums[-1])
+        bn.running_var.copy_(sums[c:2 * c] / sums[-1])
+        bn.num_batches_tracked.fill_(int(sums[-1].item()))
 
 
 class _Stop(Exception):
@@ -149,13 +155,17 @@ class _Pruner:
         dense_seconds = self.dense.seconds - d0 if self.dense else 0.0
         if self.dense:
             self.t["dense_target"] = self.t.get("dense_target", 0.0) + dense_seconds
+        dist.reduce_statistics_(pruner)  # all ranks' inputs (torchrun); nothing without it
         self.sync()
         t1 = time.perf_counter()
-        res = pruner.prune(self.method, self.patterns.get(name, self.pattern), self.percdamp, self.blocksize,
-                           stats=self.t, graphs=self.graphs, row_scale=self.row_scales.get(name),
-                           refine=self.refine)
-        if self.statcorr is not None and not res.skipped:
-            self.statcorr.layer(name, module, pruner)
+        res = None
+        if dist.is_main():  # one rank solves; the others receive its weights
+            res = pruner.prune(self.method, self.patterns.get(name, self.pattern), self.percdamp, self.blocksize,
+                               stats=self.t, graphs=self.graphs, row_scale=self.row_scales.get(name),
+                               refine=self.refine)
+            if self.statcorr is not None and not res.skipped:
+                self.statcorr.layer(name, module, pruner)
+        res = dist.broadcast_layer(module, res)
         self.sync()
         self.t["hessian"] += t1 - t0 - (self.forward_clock() - f0) - dense_seconds
         self.t["solve"] += time.perf_counter() - t1  # includes "cholesky"
@@ -227,6 +237,8 @@ class _Pruner:
         if recalibrate_bn and _bn_modules(self.model):
             t0 = time.perf_counter()
             _recalibrate(_bn_modules(self.model), self.model, batches)
+            for bn in _bn_modules(self.model):
+                dist.combine_batchnorm_(bn)
             if self.statcorr is not None:
                 names = {m: n for n, m in self.model.named_modules()}
                 for bn in _bn_modules(self.model):
@@ -265,6 +277,13 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
     pattern = sparsity if isinstance(sparsity, Pattern) else Pattern.parse(sparsity, nm)
     device = next(model.parameters()).device
     batches = _as_batches(calibration, device, batch_size)
+    nsamples = sum(len(x) for x in batches)
+    if dist.active():  # torchrun: this rank's share of the batches (dist.py)
+        if allocation != "uniform" or stat_correction:
+            raise UserError("--allocation owl/dp and --stat-correction need the whole calibration set in one "
+                            "process: run them without torchrun")
+        batches = dist.shard(batches)
+        dist.broadcast_module_(model)
     was_training = model.training
     model.eval()
     t_start = time.perf_counter()
@@ -321,14 +340,14 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
         layers.append(res)
     pruned = [r for r in layers if not r.skipped]
     n_pruned = sum(r.mask.numel() for r in pruned)
-    report = PruneReport(method, str(pattern), sum(len(x) for x in batches), layers,
+    report = PruneReport(method, str(pattern), nsamples, layers,
                          seconds=time.perf_counter() - t_start, forward_passes=passes, timings=run.t,
                          peak_stored_mb=run.peak_stored_mb, memory_policy=policy,
                          allocation={k: v for k, v in alloc.items() if k != "sparsity"} | {"kind": allocation,
                                                                                            "budget": budget},
                          bn_aware=bool(row_scales), refine=refine, dense_target=dense_target,
                          stat_corrected=statcorr.corrected if statcorr else [],
-                         bn_recalibrated=recalibrate_bn and bool(_bn_modules(model)))
+                         bn_recalibrated=recalibrate_bn and bool(_bn_modules(model)), world_size=dist.world())
     report.sparsity = sum((~r.mask).sum().item() for r in pruned) / n_pruned if n_pruned else 0.0
     report.total_sparsity = weight_sparsity(model)
     return report

@@ -206,7 +206,13 @@ class LayerResult:
 
 
 class LayerPruner:
-    """Accumulates H = 2XXᵀ/N for one Conv2d or Linear, then prunes its weight in place."""
+    """Accumulates H = 2XXᵀ/N for one Conv2d or Linear, then prunes its weight in place.
+
+    The sum ΣXXᵀ is kept in float64 as a sum of float32 products of chunks of a few images: the float64 sum
+    of such terms hardly depends on their order, so H rounded to float32 comes out the same however the
+    samples were split (into batches, or over torchrun ranks, see dist.py), and the masks with it. The
+    float64 sum and the chunk buffer take no more memory than the factorization that follows.
+    """
 
     def __init__(self, layer: nn.Module, name: str = "", hessian: bool = True, track_mean: bool = False,
                  dense_target: bool = False):
@@ -217,13 +223,44 @@ class LayerPruner:
         self.groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
         self.d = W[0].numel()
         # hessian=False: only the column sums (x̄, and diag(H) through colsq), for statistics of a dense pass
-        self.H = torch.zeros(self.groups, self.d, self.d, device=W.device, dtype=torch.float32) if hessian else None
+        shape = (self.groups, self.d, self.d)
+        self.S = torch.zeros(shape, device=W.device, dtype=torch.float64) if hessian else None  # ΣXXᵀ
+        self._H = None  # 2·S/N in float32, made from S on first use (see `H`)
+        self._chunk = None  # float32 buffer of one chunk's product
         self.colsq = None if hessian else torch.zeros(self.groups, self.d, device=W.device, dtype=torch.float64)
         self.nsamples = 0
         # Σ of the input columns, for x̄ (statistics correction); off by default: a pass over X per chunk
         self.colsum = torch.zeros(self.groups, self.d, device=W.device, dtype=torch.float64) if track_mean else None
         # C = 2·X_d·X_pᵀ/N with the dense network's inputs X_d, for the asymmetric target (dense_target.py)
-        self.C = torch.zeros_like(self.H) if dense_target else None
+        self.SC = torch.zeros(shape, device=W.device, dtype=torch.float64) if dense_target else None  # ΣX_dX_pᵀ
+        self._C = None
+
+    def _finish(self, S: torch.Tensor | None) -> torch.Tensor | None:
+        """2·S/N as float32 (one rounding), through the chunk buffer: no float64 temporary."""
+        if S is None:
+            return None
+        S.mul_(2 / max(self.nsamples, 1))
+        out = self._chunk if self._chunk is not None else torch.empty(S.shape, device=S.device)
+        self._chunk = None
+        return out.copy_(S)
+
+    @property
+    def H(self) -> torch.Tensor | None:
+        """H = 2XXᵀ/N (G, d, d) in float32; reading it ends the accumulation."""
+        if self._H is None and self.S is not None:
+            self._H, self.S = self._finish(self.S), None
+        return self._H
+
+    @H.setter
+    def H(self, value: torch.Tensor | None) -> None:
+        self._H, self.S = value, None
+
+    @property
+    def C(self) -> torch.Tensor | None:
+        """C = 2·X_d·X_pᵀ/N, for the asymmetric target (dense_target.py)."""
+        if self._C is None and self.SC is not None:
+            self._C, self.SC = self._finish(self.SC), None
+        return self._C
 
     def columns(self, inp: torch.Tensor) -> torch.Tensor:
         """The layer's input as (groups, d, T): one column per output position, rows in the solver's order
@@ -258,26 +295,28 @@ class LayerPruner:
     def add_batch(self, inp: torch.Tensor, dense: torch.Tensor | None = None) -> None:
         """Fold a batch of layer inputs into H, a few images at a time so the unfolded patches stay small.
         dense: the same images' inputs in the dense network (with dense_target)."""
+        if self._H is not None:
+            raise RuntimeError(f"{self.name}: H was already read; no more batches can be added")
         step = self.chunk_images(inp)
-        dense_chunks = dense.split(step) if self.C is not None else None
+        dense_chunks = dense.split(step) if self.SC is not None else None
         for i, chunk in enumerate(inp.split(step)):
             X = self.columns(chunk)
-            T = X.shape[-1]
-            total = self.nsamples + T
-            if self.C is not None:
-                Xd = self.columns(dense_chunks[i])
-                self.C.baddbmm_(Xd, X.transpose(1, 2), beta=self.nsamples / total, alpha=2 / total)
-            if self.H is not None:
-                accumulate_xxt_(self.H, X, beta=self.nsamples / total, alpha=2 / total)
+            if self.S is not None and self._chunk is None:
+                self._chunk = torch.empty(self.S.shape, device=X.device)
+            if self.SC is not None:
+                torch.bmm(self.columns(dense_chunks[i]), X.transpose(1, 2), out=self._chunk)
+                self.SC.add_(self._chunk)
+            if self.S is not None:
+                self.S.add_(accumulate_xxt_(self._chunk, X, beta=0.0))
             else:
                 self.colsq += X.square().sum(-1).double()
             if self.colsum is not None:
                 self.colsum += X.sum(-1).double()
-            self.nsamples = total
+            self.nsamples += X.shape[-1]
 
     def hessian_diagonal(self) -> torch.Tensor:
         """diag(H) = 2·mean(x_j²) per input column (G, d), from H or from the column sums."""
-        if self.H is not None:
+        if self.S is not None or self._H is not None:
             return torch.diagonal(self.H, dim1=-2, dim2=-1)
         return (2 * self.colsq / max(self.nsamples, 1)).float()
 
@@ -339,4 +378,4 @@ class LayerPruner:
         return res
 
     def free(self) -> None:
-        self.H = self.colsum = self.colsq = self.C = None
+        self.S = self.SC = self._H = self._C = self._chunk = self.colsum = self.colsq = None

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import dist
 from .data import ImageSet, Loader
 from .utils import UserError
 
@@ -29,16 +30,21 @@ class TrainConfig:
 @torch.no_grad()
 def evaluate(model: nn.Module, data, device: torch.device | str = "cpu", batch_size: int = 500,
              progress: bool = True, desc: str = "evaluate") -> float:
-    """Top-1 accuracy as a fraction in [0, 1], over an ImageSet or a streamed FolderSet."""
+    """Top-1 accuracy as a fraction in [0, 1], over an ImageSet or a streamed FolderSet. Under torchrun each
+    process evaluates every world-th image and the counts are added."""
     was_training = model.training
     model.eval()
     correct = 0
+    if dist.world() > 1:
+        data = data.subset(torch.arange(dist.rank(), len(data), dist.world()))
+    n = len(data)
     total = -(-len(data) // batch_size)
     for x, y in tqdm(data.batches(batch_size, device), total=total, desc=desc, unit="batch", disable=not progress,
                      leave=False):
         correct += (model(x).argmax(1) == y).sum().item()
     model.train(was_training)
-    return correct / max(len(data), 1)
+    correct, n = dist.sum_counts(correct, n)
+    return correct / max(n, 1)
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -1,0 +1,190 @@
+"""Data-parallel calibration on PyTorch's own engine: `torchrun ... -m cnn_sparsegpt prune ...`.
+
+Each process (rank) takes a fixed share of the calibration batches a single process would use and runs
+it through the same executor. At each layer the ranks' unnormalized Hessian sums and counts are
+all-reduced in float64, rank 0 solves, and the pruned weight and mask are broadcast, so every rank goes
+on with identical weights; BatchNorm statistics (sums of the per-batch statistics and batch counts) and
+evaluation counts are reduced the same way. The result differs from one process's only by float
+rounding. Without torchrun (WORLD_SIZE unset or 1) every function here is a no-op.
+
+The state is torch.distributed's own process group: nothing here is global.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import warnings
+
+import torch
+import torch.distributed as td
+from torch import nn
+
+from .utils import UserError
+
+
+def launched() -> bool:
+    """Started by torchrun (or another launcher that sets WORLD_SIZE) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    return td.is_available() and td.is_initialized() and td.get_world_size() > 1
+
+
+def world() -> int:
+    return td.get_world_size() if active() else 1
+
+
+def rank() -> int:
+    return td.get_rank() if active() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def timeout_seconds() -> float:
+    """How long a collective waits for the other ranks before failing (CNN_SPARSEGPT_DIST_TIMEOUT, default 600 s:
+    the longest single-layer solve must fit in it)."""
+    return float(os.environ.get("CNN_SPARSEGPT_DIST_TIMEOUT", "600"))
+
+
+def init(device: str = "auto") -> torch.device:
+    """Join the process group torchrun describes and return this rank's device: cuda:LOCAL_RANK with NCCL
+    when CUDA is asked for (or `auto` and there is a GPU per local rank), else the CPU with gloo."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.startswith("cuda"):
+        if gpus < local_world:
+            raise UserError(f"--device {device} with {local_world} processes on this machine needs {local_world} "
+                            f"GPUs; {gpus} found. Start fewer processes (--nproc_per_node) or use --device cpu")
+        dev = torch.device("cuda", local_rank)
+    elif device == "auto" and gpus >= local_world:
+        dev = torch.device("cuda", local_rank)
+    elif device in ("auto", "cpu"):
+        if device == "auto" and 0 < gpus < local_world and local_rank == 0:
+            warnings.warn(f"{local_world} processes but {gpus} GPUs: running on the CPU", RuntimeWarning)
+        dev = torch.device("cpu")
+    else:
+        raise UserError(f"unknown --device '{device}': use auto, cpu, cuda or cuda:N")
+    if not td.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        td.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                              timeout=datetime.timedelta(seconds=timeout_seconds()))
+    return dev
+
+
+def close() -> None:
+    if td.is_available() and td.is_initialized():
+        td.destroy_process_group()
+
+
+def _collective(what: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # a timeout or a peer that died: say so, naming this rank, instead of a backend trace
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"rank {rank()} of {world()}: {what} failed ({first[:300]}). Another rank probably stopped "
+                        "first: see its own error above") from e
+
+
+def all_sum_(t: torch.Tensor, what: str = "all-reduce") -> torch.Tensor:
+    if active():
+        _collective(what, td.all_reduce, t, op=td.ReduceOp.SUM)
+    return t
+
+
+def shard(batches: list) -> list:
+    """This rank's share: a contiguous run of whole batches (whole, so that per-batch BatchNorm statistics are
+    the ones a single process computes)."""
+    if not active():
+        return batches
+    if world() > len(batches):
+        raise UserError(f"{world()} processes but only {len(batches)} calibration batches: every process needs at "
+                        "least one. Use fewer processes, more --nsamples or a smaller --batch-size")
+    bounds = torch.arange(len(batches)).tensor_split(world())[rank()]
+    return [batches[i] for i in bounds.tolist()]
+
+
+def check_same(text: str, what: str) -> None:
+    """Fail on every rank, clearly, if the ranks were given different `what` (e.g. arguments)."""
+    if not active():
+        return
+    digest = hashlib.sha1(text.encode()).hexdigest()[:12]
+    seen = [None] * world()
+    _collective(f"comparing {what}", td.all_gather_object, seen, digest)
+    if len(set(seen)) > 1:
+        groups = {}
+        for r, h in enumerate(seen):
+            groups.setdefault(h, []).append(r)
+        raise UserError(f"the processes were started with different {what} (ranks grouped by them: "
+                        f"{sorted(groups.values())}): start every rank with the same command")
+
+
+def reduce_statistics_(pruner) -> None:
+    """Turn a LayerPruner's per-rank sums (ΣXXᵀ, ΣX_dX_pᵀ and column sums, all float64) and sample count into
+    those of all ranks' inputs, before H is formed from them: the same H as one process's up to the order of
+    float64 additions (see LayerPruner)."""
+    if not active():
+        return
+    n = torch.tensor([float(pruner.nsamples)], dtype=torch.float64, device=_device(pruner))
+    all_sum_(n, f"{pruner.name}: adding sample counts")
+    for attr in ("S", "SC", "colsum", "colsq"):
+        if getattr(pruner, attr) is not None:
+            all_sum_(getattr(pruner, attr), f"{pruner.name}: adding its input statistics")
+    pruner.nsamples = int(n.item())
+
+
+def _device(pruner) -> torch.device:
+    return pruner.layer.weight.device
+
+
+def broadcast_layer(module: nn.Module, result):
+    """Rank 0's pruned weight (and bias) and its LayerResult (mask included), on every rank."""
+    if not active():
+        return result
+    if is_main() and result.mask is not None:
+        result.mask = result.mask.cpu()  # pickled: a device tensor would arrive on rank 0's device
+    box = [result if is_main() else None]
+    _collective(f"receiving the pruned {getattr(result, 'name', 'layer')}", td.broadcast_object_list, box, src=0)
+    for p in (module.weight, getattr(module, "bias", None)):
+        if isinstance(p, torch.Tensor):
+            _collective("receiving pruned weights", td.broadcast, p.data, src=0)
+    return box[0]
+
+
+def broadcast_module_(model: nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank: the ranks must start from the same model (a randomly
+    initialized one differs from process to process)."""
+    if not active():
+        return
+    for t in list(model.parameters()) + list(model.buffers()):
+        _collective("receiving the model from rank 0", td.broadcast, t.data, src=0)
+
+
+def combine_batchnorm_(bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Each rank's running statistics are means over its batches (num_batches_tracked of them): weight them by
+    their counts, so the result is the mean over all batches, as one process gets."""
+    if not active():
+        return
+    k = bn.num_batches_tracked.double().reshape(1)
+    stats = torch.cat([bn.running_mean.double() * k, bn.running_var.double() * k, k])
+    all_sum_(stats, "adding BatchNorm statistics")
+    c = bn.running_mean.numel()
+    total = stats[-1].clamp_min(1)
+    bn.running_mean.copy_(stats[:c] / total)
+    bn.running_var.copy_(stats[c:2 * c] / total)
+    bn.num_batches_tracked.fill_(int(stats[-1].item()))
+
+
+def sum_counts(*values: float) -> list[float]:
+    """Plain numbers added over ranks (e.g. correct predictions and images)."""
+    if not active():
+        return list(values)
+    device = torch.device("cuda", torch.cuda.current_device()) if td.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    all_sum_(t, "adding counts")
+    return t.tolist()
