@@ -68,12 +68,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--json", default="experiments/gpu/semi_structured.json")
+    p.add_argument("--backend", choices=["default", "cutlass"], default="default",
+                   help="PyTorch's default 2:4 backend (cuSPARSELt where built in) or CUTLASS")
     args = p.parse_args()
+    if args.backend == "cutlass":
+        torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS = True
     import torchvision
 
     dev = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
     out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "dtype": "float16",
+           "backend": args.backend,
            "batch": args.batch, "layers": [], "end_to_end": {}}
     # ResNet-50's 1×1 conv shapes (in, out, spatial side at 224 px) and the fc
     shapes = [(64, 256, 56), (256, 64, 56), (128, 512, 28), (512, 128, 28), (256, 1024, 14), (1024, 256, 14),
@@ -88,6 +93,10 @@ def main() -> None:
             torch.testing.assert_close(F.linear(x, ws), F.linear(x, w), rtol=1e-2, atol=1e-1)
             row["dense_ms"], row["sparse_ms"] = timed(lambda: F.linear(x, w)), timed(lambda: F.linear(x, ws))
             row["speedup"] = row["dense_ms"] / row["sparse_ms"]
+            # the sparse operand first (W·Xᵀ, no transposed activation): the kernels' own orientation
+            xt = x.t().contiguous()
+            row["dense_first_ms"] = timed(lambda: torch.mm(w, xt))
+            row["sparse_first_ms"] = timed(lambda: torch.mm(ws, xt))
         except Exception as e:  # a shape or a build without the sparse kernels: say so
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         out["layers"].append(row)
