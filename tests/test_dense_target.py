@@ -54,3 +54,20 @@ def test_dense_inputs_ignore_later_changes_to_the_model():
     got = torch.cat(list(di.stream("2")))
     torch.testing.assert_close(got, expected)
     assert di.seconds > 0
+
+
+def test_reconstruct_keeps_masks_and_moves_towards_the_dense_outputs():
+    model, x = _mlp(), torch.randn(512, 16)
+    dense = copy.deepcopy(model)
+    plain, rec = copy.deepcopy(model), copy.deepcopy(model)
+    prune_model(plain, x, "magnitude", 0.8, skip_first_last=False, progress=False)
+    rep = prune_model(rec, x, "magnitude", 0.8, skip_first_last=False, progress=False, reconstruct=5)
+    assert rep.reconstruct["epochs"] == 5 and rep.reconstruct["loss"][-1] < rep.reconstruct["loss"][0]
+    assert "reconstruct" in rep.timings
+    for name, mask in rep.masks.items():  # the same masks as the plain prune, pruned weights exactly zero
+        w = dict(rec.named_parameters())[name]
+        assert torch.equal(w[~mask], torch.zeros_like(w[~mask]))
+        assert torch.equal(mask, dict(plain.named_parameters())[name] != 0)
+    assert all(p.requires_grad for p in rec.parameters())  # left as it was found
+    err = {k: (dense(x) - m(x)).square().mean().item() for k, m in (("plain", plain), ("rec", rec))}
+    assert err["rec"] < err["plain"]

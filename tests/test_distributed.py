@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from cnn_sparsegpt import dist, prune_model
-from cnn_sparsegpt.solver import LayerPruner
+from cnn_sparsegpt.layer import LayerPruner
 from cnn_sparsegpt.utils import UserError
 
 

@@ -1,9 +1,10 @@
 """cnn-sparsegpt: one-shot SparseGPT pruning of convolutional networks."""
 from .data import ImageSet, Loader, calibration_set, load_dataset
+from .layer import LayerPruner, LayerResult
 from .masks import Pattern, nm_prune_mask, topk_prune_mask
 from .models import create_model, list_models, register_model
 from .prune import PruneReport, prune_model
-from .solver import METHODS, LayerPruner, LayerResult, sparsegpt_solve
+from .solver import METHODS, sparsegpt_solve
 from .train import TrainConfig, evaluate, train_model
 from .utils import UserError, load_state_dict
 

@@ -19,8 +19,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .graph import run_hooked
+from .layer import LayerPruner
 from .masks import Pattern
-from .solver import LayerPruner, prune_matrix, relative_error, sparsegpt_factor
+from .solver import prune_matrix, relative_error, sparsegpt_factor
 from .utils import UserError
 
 ALLOCATIONS = ("uniform", "owl", "dp")

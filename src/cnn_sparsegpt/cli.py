@@ -69,6 +69,10 @@ def _add_prune_flags(p: argparse.ArgumentParser) -> None:
     _bool_flag(p, "dense-target", "fit each layer to the dense network's output on the pruned network's inputs "
                "(min |W X_dense - W' X_pruned|^2: corrects upstream error; about half a dense pass more per layer)",
                "fit W X_pruned, as published (default)")
+    p.add_argument("--reconstruct", type=int, metavar="EPOCHS",
+                   help="after the prune, EPOCHS passes of Adam (lr 1e-4) over the calibration images that move the "
+                   "kept weights towards the dense network's layer outputs, masks fixed (global AdaPrune; label-free; "
+                   "not one-shot any more). Default 0")
     p.add_argument("--device", help="auto (CUDA if present), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--seed", type=int, help="seed of the calibration sample (default 0)")
     p.add_argument("--batch-size", type=int, help="calibration and evaluation batch size (default 128)")

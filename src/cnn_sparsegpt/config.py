@@ -38,6 +38,7 @@ class PruneOptions:
     stat_correction: bool = False  # give the pruned network the dense per-channel output statistics
     refine: str = "none"  # none | cg | admm: re-solve each pruned layer (cg: kept weights; admm: mask too)
     dense_target: bool = False  # fit each layer to the dense network's output, not W on the pruned inputs
+    reconstruct: int = 0  # epochs of global reconstruction after the prune (masks fixed; 0 = one-shot only)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # calibration sample
     batch_size: int = 128  # calibration / evaluation batch size
@@ -110,7 +111,7 @@ def merge_options(cls, file_values: dict, cli_values: dict):
 
 
 RECIPE_KEYS = ("allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction",
-               "refine", "dense_target")  # beyond uniform
+               "refine", "dense_target", "reconstruct")  # beyond uniform
 
 
 def recipe_label(opts: PruneOptions) -> str:

@@ -130,6 +130,8 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
                              ("batch_size", opts.batch_size, 1), ("eval_samples", opts.eval_samples, 0)):
         if value < low:
             raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    if opts.reconstruct < 0:
+        raise UserError(f"--reconstruct must be >= 0 epochs, got {opts.reconstruct}")
     if opts.percdamp < 0:
         raise UserError(f"--percdamp must be >= 0, got {opts.percdamp}")
     out = ensure_writable(opts.out) if write else None
@@ -150,7 +152,7 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
                          low_memory=opts.low_memory, allocation=opts.allocation, budget=opts.budget,
                          owl_lambda=opts.owl_lambda, dp_measure=opts.dp_measure, bn_aware=opts.bn_aware,
                          stat_correction=opts.stat_correction, refine=opts.refine,
-                         dense_target=opts.dense_target)
+                         dense_target=opts.dense_target, reconstruct=opts.reconstruct)
     pruned_acc = None
     if opts.evaluate:
         t0 = time.perf_counter()

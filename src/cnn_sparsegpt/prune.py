@@ -14,7 +14,6 @@ import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import fx, nn
@@ -22,13 +21,16 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .allocation import allocate
+from .batchnorm import bn_modules, bn_statistics_, recalibrate
 from .dense_target import DenseInputs
 from .graph import PRUNABLE, GraphExecutor, GraphStop, memory_policy
+from .layer import LayerPruner, LayerResult
 from .layer_plan import choose_layers, forward_order
 from .masks import Pattern
-from .saliency import bn_row_scales
+from .reconstruct import reconstruct as reconstruct_model
 from .refine import REFINE
-from .solver import METHODS, LayerPruner, LayerResult
+from .saliency import bn_row_scales
+from .solver import METHODS
 from .statcorr import StatCorrection
 from .utils import UserError
 
@@ -49,6 +51,7 @@ class PruneReport:
     bn_aware: bool = False  # rows' saliency weighted by a following BatchNorm's (γ/σ)²
     refine: str = "none"  # the layer solve's refinement (refine.py)
     dense_target: bool = False  # layers fit to the dense network's outputs (dense_target.py)
+    reconstruct: dict = field(default_factory=dict)  # epochs and loss per epoch of the global reconstruction
     stat_corrected: list = field(default_factory=list)  # layers and BatchNorms given the dense output statistics
     timings: dict = field(default_factory=dict)  # seconds per phase
     world_size: int = 1  # processes that shared the calibration set (torchrun)
@@ -75,45 +78,6 @@ def _as_batches(calibration, device: torch.device, batch_size: int) -> list[torc
     if not batches or sum(len(x) for x in batches) == 0:
         raise UserError("the calibration set is empty: give at least one image")
     return batches
-
-
-def _bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-
-
-@torch.no_grad()
-def _recalibrate(bns: list, run: Callable, inputs: Iterable[torch.Tensor]) -> None:
-    """Reset the running statistics of `bns` and re-estimate them as a cumulative average over what
-    `run(x)` feeds them for each input (one BN on its inputs, or the whole model on the calibration set)."""
-    momenta = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
-    for x in inputs:
-        run(x)  # outputs are dropped at once: only the statistics are wanted
-    for bn, momentum in zip(bns, momenta):
-        bn.momentum = momentum
-        bn.eval()
-
-
-@torch.no_grad()
-def _bn_statistics_(bn: nn.modules.batchnorm._BatchNorm, inputs: Iterable[torch.Tensor]) -> None:
-    """Set `bn`'s running statistics to what `_recalibrate` gives (the average over batches of each batch's
-    mean and unbiased variance, as train mode with momentum=None), without computing its output. The
-    batch statistics are summed in float64 (over all ranks under torchrun), so their order hardly matters."""
-    c = bn.running_mean.numel()
-    sums = torch.zeros(2 * c + 1, dtype=torch.float64, device=bn.running_mean.device)
-    for x in inputs:
-        var, mean = torch.var_mean(x, dim=[0] + list(range(2, x.ndim)), correction=1)
-        sums[:c] += mean
-        sums[c:2 * c] += var
-        sums[-1] += 1
-    dist.all_sum_(sums, "adding BatchNorm statistics")
-    if sums[-1] > 0:
-        bn.running_mean.copy_(sums[:c] / sums[-1])
-        bn.running_var.copy_(sums[c:2 * c] / sums[-1])
-        bn.num_batches_tracked.fill_(int(sums[-1].item()))
 
 
 class _Stop(Exception):
@@ -191,7 +155,7 @@ class _Pruner:
                 if name not in done:
                     done.add(name)
                     f0, t0 = self.forward_clock(), time.perf_counter()
-                    _bn_statistics_(self.modules[name], inputs)
+                    bn_statistics_(self.modules[name], inputs)
                     if self.statcorr is not None:
                         self.statcorr.batchnorm(name, self.modules[name])
                     self.t["bn_recalibration"] += time.perf_counter() - t0 - (self.forward_clock() - f0)
@@ -199,7 +163,7 @@ class _Pruner:
 
         barriers = {name: prune(name) for name, reason in self.plan.items() if not reason}
         if recalibrate_bn:
-            bns = set(_bn_modules(self.model))
+            bns = set(bn_modules(self.model))
             barriers |= {name: recalibrate(name) for name, m in self.modules.items() if m in bns}
         ex = GraphExecutor(gm, batches, barriers, low_memory, self.sync)
         self.forward_clock = lambda: ex.forward_seconds
@@ -234,14 +198,14 @@ class _Pruner:
             passes += 1
             self.prune_layer(name, captured)
             captured.clear()  # free the layer inputs before the next layer
-        if recalibrate_bn and _bn_modules(self.model):
+        if recalibrate_bn and bn_modules(self.model):
             t0 = time.perf_counter()
-            _recalibrate(_bn_modules(self.model), self.model, batches)
-            for bn in _bn_modules(self.model):
+            recalibrate(bn_modules(self.model), self.model, batches)
+            for bn in bn_modules(self.model):
                 dist.combine_batchnorm_(bn)
             if self.statcorr is not None:
                 names = {m: n for n, m in self.model.named_modules()}
-                for bn in _bn_modules(self.model):
+                for bn in bn_modules(self.model):
                     self.statcorr.batchnorm(names[bn], bn)
             self.t["bn_recalibration"] += time.perf_counter() - t0
             passes += 1
@@ -255,7 +219,7 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
                 progress: bool = True, use_fx: bool = True, low_memory: bool | None = None,
                 allocation: str = "uniform", budget: str = "params", owl_lambda: float = 0.1, dp_measure: str = "layer",
                 bn_aware: bool = False, stat_correction: bool = False, refine: str = "none",
-                dense_target: bool = False) -> PruneReport:
+                dense_target: bool = False, reconstruct: int = 0) -> PruneReport:
     """Prune `model` in place, one-shot, and return a report with per-layer results and masks.
 
     calibration: a tensor of inputs (N, ...) or an iterable of batches (tensors or (x, y) pairs).
@@ -268,7 +232,8 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
     saliency by a following BatchNorm's (γ/σ)² (saliency.py). stat_correction: match the dense network's
     per-channel output statistics after pruning (statcorr.py). refine: none | cg | admm, a better layer solve
     after the method's (refine.py). dense_target: fit each layer to the dense network's output on its pruned
-    inputs (dense_target.py; about half a dense forward pass more per layer).
+    inputs (dense_target.py; about half a dense forward pass more per layer). reconstruct: epochs of Adam on the
+    kept weights towards the dense layer outputs after the prune (reconstruct.py; no longer one-shot).
     """
     if method not in METHODS:
         raise UserError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
@@ -279,9 +244,9 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
     batches = _as_batches(calibration, device, batch_size)
     nsamples = sum(len(x) for x in batches)
     if dist.active():  # torchrun: this rank's share of the batches (dist.py)
-        if allocation != "uniform" or stat_correction:
-            raise UserError("--allocation owl/dp and --stat-correction need the whole calibration set in one "
-                            "process: run them without torchrun")
+        if allocation != "uniform" or stat_correction or reconstruct:
+            raise UserError("--allocation owl/dp, --stat-correction and --reconstruct need the whole calibration "
+                            "set in one process: run them without torchrun")
         batches = dist.shard(batches)
         dist.broadcast_module_(model)
     was_training = model.training
@@ -301,16 +266,16 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
                         "definition: use --sparsity with it")
     t0 = time.perf_counter()
     row_scales = bn_row_scales(model) if bn_aware else {}
-    bns = set(_bn_modules(model))
+    bns = set(bn_modules(model))
     bn_names = [n for n, m in model.named_modules() if m in bns] if recalibrate_bn else []
     statcorr = StatCorrection(model, batches, names, bn_names) if stat_correction else None
     alloc = allocate(allocation, model, batches, names, pattern.target, method, budget, positions, percdamp,
                      row_scales, owl_lambda, dp_measure, progress) if not pattern.is_nm else {"sparsity": {}}
     patterns = {n: Pattern(sparsity=v) for n, v in alloc["sparsity"].items()} if allocation != "uniform" else {}
     t_alloc = time.perf_counter() - t0
-    dense = DenseInputs(model, batches) if dense_target else None
+    dense = DenseInputs(model, batches) if dense_target or reconstruct else None  # the frozen dense model
     run = _Pruner(model, plan, method, pattern, percdamp, blocksize, progress, patterns, row_scales, statcorr,
-                  refine, dense)
+                  refine, dense if dense_target else None)
     run.t["allocation_and_dense_pass"] = t_alloc
     passes = None
     if use_fx:
@@ -327,6 +292,14 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
     if passes is None:
         passes = run.run_hooks(batches, order, recalibrate_bn)
     run.bar.close()
+    losses = []
+    if reconstruct:
+        t0 = time.perf_counter()
+        masks = {f"{n}.weight": r.mask for n, r in run.results.items() if not r.skipped}
+        losses = reconstruct_model(model, dense.model, batches, masks, reconstruct, progress=progress)
+        if recalibrate_bn and bn_modules(model):
+            recalibrate(bn_modules(model), model, batches)
+        run.t["reconstruct"] = time.perf_counter() - t0
     if dense is not None:
         dense.free()
     model.train(was_training)
@@ -346,8 +319,9 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
                          allocation={k: v for k, v in alloc.items() if k != "sparsity"} | {"kind": allocation,
                                                                                            "budget": budget},
                          bn_aware=bool(row_scales), refine=refine, dense_target=dense_target,
+                         reconstruct={"epochs": reconstruct, "loss": losses} if reconstruct else {},
                          stat_corrected=statcorr.corrected if statcorr else [],
-                         bn_recalibrated=recalibrate_bn and bool(_bn_modules(model)), world_size=dist.world())
+                         bn_recalibrated=recalibrate_bn and bool(bn_modules(model)), world_size=dist.world())
     report.sparsity = sum((~r.mask).sum().item() for r in pruned) / n_pruned if n_pruned else 0.0
     report.total_sparsity = weight_sparsity(model)
     return report

@@ -127,20 +127,31 @@ def holdout_table(path: Path) -> str:
 
 
 def recipe_table(rows: list[dict]) -> str:
-    """Runs with options beyond uniform SparseGPT (allocation, BN-aware, statistics correction), next to
-    the published methods at the same level: one block per (model, pattern, evaluation split)."""
+    """Runs with options beyond uniform SparseGPT next to the published methods at the same level, as an
+    ablation: one table per (model, evaluation split, device kind), a row per (level, method), a column per
+    recipe in the order the CSVs first list them. Cells: top-1 (change) and pruning seconds."""
     groups = defaultdict(list)
     for r in rows:
         split = f"held-out {r['holdout']}" if r.get("holdout", "0") != "0" else "test"
-        groups[(r["model"], r["pattern"], split)].append(r)
-    lines = ["| model | level | evaluated on | method | recipe | top-1 (change) | pruning s |",
-             "|---|---|---|---|---|---|---|"]
-    for (model, pattern, split), rs in sorted(groups.items()):
-        for r in sorted(rs, key=lambda r: (r["method"], r.get("recipe") or "")):
-            lines.append(f"| {model} | {pattern} | {split} | {r['method']} | {r.get('recipe') or 'uniform'} | "
-                         f"{100 * float(r['pruned_acc']):.2f} ({-100 * float(r['drop']):+.2f}) | "
-                         f"{float(r['prune_seconds']):.0f} |")
-    return "\n".join(lines)
+        device = "GPU" if str(r.get("device", "")).startswith("cuda") else "CPU"
+        groups[(r["model"], split, device)].append(r)
+    out = []
+    for (model, split, device), rs in sorted(groups.items()):
+        recipes = list(dict.fromkeys(r.get("recipe") or "" for r in rs))
+        recipes.sort(key=lambda x: x != "")  # uniform first, then as listed
+        cells = {(r["pattern"], r["method"], r.get("recipe") or ""): r for r in rs}
+        out += [f"**{model}, {split} ({device}, {rs[0].get('device', '')})**", "",
+                "| level | method | " + " | ".join(x or "uniform" for x in recipes) + " |",
+                "|---|---|" + "---|" * len(recipes)]
+        for pattern, method in sorted({(p, m) for p, m, _ in cells}):
+            row = []
+            for x in recipes:
+                r = cells.get((pattern, method, x))
+                row.append(f"{100 * float(r['pruned_acc']):.2f} ({-100 * float(r['drop']):+.2f}) · "
+                           f"{float(r['prune_seconds']):.0f} s" if r else "")
+            out.append(f"| {pattern} | {method} | " + " | ".join(row) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def results_markdown(csv_path: Path, plots: Path | None, preamble: str = "", holdout: Path | None = None,

@@ -1,0 +1,214 @@
+"""One Conv2d or Linear layer: its calibration statistics (H = 2XXᵀ/N) and its pruning, in place.
+
+Conv2d is a matrix product over unfolded patches, so both layer types become W (rows, d) times
+X (d, T) and share one solver (solver.py). Grouped convs get one Hessian per group.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dense_target import dense_target_weights
+from .linalg import accumulate_xxt_
+from .masks import Pattern, conv_column_perm
+from .refine import refine as refine_solve
+from .solver import METHODS, prune_matrix, relative_error
+
+
+@dataclass
+class LayerResult:
+    name: str
+    shape: list[int]
+    method: str
+    pattern: str
+    sparsity: float = 0.0  # fraction pruned in this layer
+    skipped: bool = False
+    reason: str = ""
+    error: float | None = None  # ‖WX − ŴX‖² / ‖WX‖² on the calibration inputs
+    seconds: float = 0.0
+    percdamp: float | None = None  # damping actually used (SparseGPT)
+    mask: torch.Tensor | None = field(default=None, repr=False)  # True = kept, weight's shape
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "mask"}
+
+
+class LayerPruner:
+    """Accumulates H = 2XXᵀ/N for one Conv2d or Linear, then prunes its weight in place.
+
+    The sum ΣXXᵀ is kept in float64 as a sum of float32 products of chunks of a few images: the float64 sum
+    of such terms hardly depends on their order, so H rounded to float32 comes out the same however the
+    samples were split (into batches, or over torchrun ranks, see dist.py), and the masks with it. The
+    float64 sum and the chunk buffer take no more memory than the factorization that follows.
+    """
+
+    def __init__(self, layer: nn.Module, name: str = "", hessian: bool = True, track_mean: bool = False,
+                 dense_target: bool = False):
+        if not isinstance(layer, (nn.Conv2d, nn.Linear)):
+            raise TypeError(f"{name}: only Conv2d and Linear are supported, got {type(layer).__name__}")
+        self.layer, self.name = layer, name
+        W = layer.weight
+        self.groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
+        self.d = W[0].numel()
+        # hessian=False: only the column sums (x̄, and diag(H) through colsq), for statistics of a dense pass
+        shape = (self.groups, self.d, self.d)
+        self.S = torch.zeros(shape, device=W.device, dtype=torch.float64) if hessian else None  # ΣXXᵀ
+        self._H = None  # 2·S/N in float32, made from S on first use (see `H`)
+        self._chunk = None  # float32 buffer of one chunk's product
+        self.colsq = None if hessian else torch.zeros(self.groups, self.d, device=W.device, dtype=torch.float64)
+        self.nsamples = 0
+        # Σ of the input columns, for x̄ (statistics correction); off by default: a pass over X per chunk
+        self.colsum = torch.zeros(self.groups, self.d, device=W.device, dtype=torch.float64) if track_mean else None
+        # C = 2·X_d·X_pᵀ/N with the dense network's inputs X_d, for the asymmetric target (dense_target.py)
+        self.SC = torch.zeros(shape, device=W.device, dtype=torch.float64) if dense_target else None  # ΣX_dX_pᵀ
+        self._C = None
+
+    def _finish(self, S: torch.Tensor | None) -> torch.Tensor | None:
+        """2·S/N as float32 (one rounding), through the chunk buffer: no float64 temporary."""
+        if S is None:
+            return None
+        S.mul_(2 / max(self.nsamples, 1))
+        out = self._chunk if self._chunk is not None else torch.empty(S.shape, device=S.device)
+        self._chunk = None
+        return out.copy_(S)
+
+    @property
+    def H(self) -> torch.Tensor | None:
+        """H = 2XXᵀ/N (G, d, d) in float32; reading it ends the accumulation."""
+        if self._H is None and self.S is not None:
+            self._H, self.S = self._finish(self.S), None
+        return self._H
+
+    @H.setter
+    def H(self, value: torch.Tensor | None) -> None:
+        self._H, self.S = value, None
+
+    @property
+    def C(self) -> torch.Tensor | None:
+        """C = 2·X_d·X_pᵀ/N, for the asymmetric target (dense_target.py)."""
+        if self._C is None and self.SC is not None:
+            self._C, self.SC = self._finish(self.SC), None
+        return self._C
+
+    def columns(self, inp: torch.Tensor) -> torch.Tensor:
+        """The layer's input as (groups, d, T): one column per output position, rows in the solver's order
+        (the order of `weight_matrix`)."""
+        layer = self.layer
+        inp = inp.to(torch.float32)
+        if isinstance(layer, nn.Linear):
+            return inp.reshape(-1, self.d).t().unsqueeze(0)
+        padding = layer.padding
+        if isinstance(padding, str) or layer.padding_mode != "zeros":  # 'same', reflect, replicate, circular
+            mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+            inp = F.pad(inp, layer._reversed_padding_repeated_twice, mode=mode)
+            padding = 0
+        X = F.unfold(inp, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
+        B, _, L = X.shape
+        kk = layer.kernel_size[0] * layer.kernel_size[1]
+        # unfold's rows are (in, kh, kw); the solver's are (kh, kw, in) so that N:M groups are contiguous.
+        # The reshape below copies anyway, so the reordering is free and H needs no permuted copy.
+        X = X.view(B, self.groups, self.d // kk, kk, L).permute(1, 3, 2, 0, 4)
+        return X.reshape(self.groups, self.d, B * L)
+
+    def chunk_images(self, inp: torch.Tensor, chunk_bytes: int = 8 * 2**20, min_columns: int = 4096) -> int:
+        """Images per Hessian update: about 8 MB of unfolded patches (small enough to stay in cache and
+        out of the peak memory), but at least 4096 patches, below which the product on a wide layer
+        (d = 4608) loses efficiency."""
+        layer, per_image = self.layer, inp[0].numel() * 4  # bytes of patches per image
+        if isinstance(layer, nn.Conv2d):  # unfold multiplies the input by about kh·kw / (sh·sw)
+            per_image = per_image * layer.kernel_size[0] * layer.kernel_size[1] // (layer.stride[0] * layer.stride[1])
+        columns = max(1, per_image // (4 * self.d * self.groups))  # patches per image
+        return max(1, chunk_bytes // max(per_image, 1), -(-min_columns // columns))
+
+    def add_batch(self, inp: torch.Tensor, dense: torch.Tensor | None = None) -> None:
+        """Fold a batch of layer inputs into H, a few images at a time so the unfolded patches stay small.
+        dense: the same images' inputs in the dense network (with dense_target)."""
+        if self._H is not None:
+            raise RuntimeError(f"{self.name}: H was already read; no more batches can be added")
+        step = self.chunk_images(inp)
+        dense_chunks = dense.split(step) if self.SC is not None else None
+        for i, chunk in enumerate(inp.split(step)):
+            X = self.columns(chunk)
+            if self.S is not None and self._chunk is None:
+                self._chunk = torch.empty(self.S.shape, device=X.device)
+            if self.SC is not None:
+                torch.bmm(self.columns(dense_chunks[i]), X.transpose(1, 2), out=self._chunk)
+                self.SC.add_(self._chunk)
+            if self.S is not None:
+                self.S.add_(accumulate_xxt_(self._chunk, X, beta=0.0))
+            else:
+                self.colsq += X.square().sum(-1).double()
+            if self.colsum is not None:
+                self.colsum += X.sum(-1).double()
+            self.nsamples += X.shape[-1]
+
+    def hessian_diagonal(self) -> torch.Tensor:
+        """diag(H) = 2·mean(x_j²) per input column (G, d), from H or from the column sums."""
+        if self.S is not None or self._H is not None:
+            return torch.diagonal(self.H, dim1=-2, dim2=-1)
+        return (2 * self.colsq / max(self.nsamples, 1)).float()
+
+    def input_mean(self) -> torch.Tensor:
+        """The mean input column (G, d): the layer's mean output per channel is W·x̄ + b (conv: over positions)."""
+        return (self.colsum / max(self.nsamples, 1)).float()
+
+    def weight_matrix(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight as (groups, rows, d) in the solver's column order, and that order as an index into the
+        flattened weight's columns."""
+        W = self.layer.weight.data.float()
+        perm = conv_column_perm(W.shape, W.device)
+        Wg = W.reshape(self.groups, W.shape[0] // self.groups, -1)[:, :, perm]
+        return Wg, perm
+
+    def skip_reason(self, pattern: Pattern) -> str:
+        cin = self.layer.weight.shape[1]
+        if pattern.is_nm and cin % pattern.m:
+            return f"{cin} input channels per group not divisible by M={pattern.m}"
+        return ""
+
+    @torch.no_grad()
+    def prune(self, method: str, pattern: Pattern, percdamp: float = 0.01, blocksize: int = 128,
+              stats: dict | None = None, graphs: dict | None = None,
+              row_scale: torch.Tensor | None = None, refine: str = "none") -> LayerResult:
+        """Prune the layer's weight in place. row_scale (out_channels,): how much each output row counts when
+        rows are compared in an unstructured mask (sparsegpt, magnitude); Wanda and N:M compare within rows.
+        refine: none | cg | admm, a better solve after the method's (refine.py)."""
+        t0 = time.perf_counter()
+        weight = self.layer.weight
+        res = LayerResult(self.name, list(weight.shape), method, str(pattern))
+        res.reason = self.skip_reason(pattern)
+        if res.reason:
+            res.skipped = True
+            res.mask = torch.ones_like(weight, dtype=torch.bool)
+            return res
+        if method not in METHODS:
+            raise ValueError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+        Wg, perm = self.weight_matrix()
+        Hg = self.H  # already in the solver's column order (see columns)
+        live = self.nsamples > 0 and bool(torch.any(torch.diagonal(Hg, dim1=1, dim2=2) > 0))
+        if not live:
+            if method != "magnitude":
+                warnings.warn(f"{self.name}: calibration inputs are all zero; magnitude-pruned instead", RuntimeWarning)
+                res.reason = "all-zero calibration inputs: magnitude-pruned instead"
+            method = "magnitude"
+        if self.C is not None and live:
+            Wg = dense_target_weights(Wg, Hg, self.C, percdamp)  # the error is measured against W* from here on
+        scale = None if row_scale is None else row_scale.to(Wg).reshape(self.groups, -1)
+        Q, pruned, res.percdamp = prune_matrix(Wg, Hg, method, pattern, percdamp, blocksize, scale, stats=stats,
+                                               graphs=graphs)
+        Q, pruned = refine_solve(refine, Wg, Q, pruned, Hg, pattern, percdamp)
+        res.error = float(relative_error(Wg, Q, Hg))
+        inv = torch.argsort(perm)
+        weight.data.copy_(Q[:, :, inv].reshape(weight.shape).to(weight.dtype))
+        res.mask = (~pruned)[:, :, inv].reshape(weight.shape)
+        res.sparsity = 1.0 - res.mask.float().mean().item()
+        res.seconds = time.perf_counter() - t0
+        return res
+
+    def free(self) -> None:
+        self.S = self.SC = self._H = self._C = self._chunk = self.colsum = self.colsq = None
