@@ -164,6 +164,7 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
         "model": opts.model, "weights": opts.weights, "dataset": dataset, "data_source": train.source,
         "data_storage": train.storage, "preprocess": pre.as_dict(), "calibration_digest": calib_digest,
         "method": opts.method, "pattern": str(pattern), "target_sparsity": pattern.target,
+        "input_shape": list(calib.shape[1:]),
         "dense_acc": dense_acc, "pruned_acc": pruned_acc, "eval_samples": len(test),
         "eval_seconds": eval_seconds, "eval_split": f"holdout {opts.holdout}" if opts.holdout else "test",
         "percdamp": opts.percdamp, "blocksize": opts.blocksize, "seed": opts.seed,

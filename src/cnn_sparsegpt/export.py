@@ -1,0 +1,134 @@
+"""`cnn-sparsegpt export RUN_DIR`: a pruned run as a deployable file. BatchNorm is folded into the convs
+before it (a deployed network runs the folded weights), then the model goes to ONNX (checked in
+onnxruntime against PyTorch) and/or safetensors, with a JSON report per layer: multiply-adds, non-zeros,
+and whether its 2:4 pattern survived folding in the layout sparse tensor cores use (groups of 4 along
+input channels, at each kernel position).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from .layer_plan import forward_order
+from .masks import conv_column_perm
+from .models import create_model, head_classes
+from .utils import UserError, atomic_write_json, load_state_dict, save_safetensors
+
+OPSET = 17
+_SHAPES = {"mnist": [1, 28, 28], "cifar10": [3, 32, 32]}
+
+
+def load_run(run_dir: str | Path) -> tuple[nn.Module, dict, dict]:
+    """The pruned model of a `prune` output folder (eval mode), its report and its masks."""
+    run = Path(run_dir)
+    for f in ("model.pt", "report.json"):
+        if not (run / f).is_file():
+            raise UserError(f"{run} has no {f}: give the --out folder of a `cnn-sparsegpt prune` run")
+    report = json.loads((run / "report.json").read_text())
+    state = load_state_dict(run / "model.pt")
+    model = create_model(report["model"], num_classes=head_classes(report["model"], state) or 10)
+    model.load_state_dict(state)
+    masks = torch.load(run / "masks.pt", map_location="cpu") if (run / "masks.pt").is_file() else {}
+    return model.eval(), report, masks
+
+
+def input_shape(report: dict) -> list[int]:
+    """(C, H, W) of one input: recorded by `prune`, else the dataset's convention or the preprocessing's crop."""
+    if report.get("input_shape"):
+        return list(report["input_shape"])
+    crop = (report.get("preprocess") or {}).get("crop")
+    if crop:
+        return [3, crop, crop]
+    if report.get("dataset") in _SHAPES:
+        return _SHAPES[report["dataset"]]
+    raise UserError("this run does not record its input shape: give --input-shape C H W")
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of `model` with every BatchNorm that directly follows a conv folded into it (torch.fx)."""
+    from torch.fx.experimental.optimization import fuse
+
+    try:
+        return fuse(fx.symbolic_trace(model).eval(), inplace=False)
+    except Exception as e:
+        raise UserError(f"cannot fold BatchNorm: torch.fx cannot trace {type(model).__name__} ({e})") from e
+
+
+def nm_ok(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
+    """At most n non-zeros in every group of m consecutive input channels (at each kernel position)."""
+    if weight.ndim == 4:
+        if weight.shape[1] % m:
+            return False
+        w = weight.reshape(weight.shape[0], -1)[:, conv_column_perm(weight.shape)]
+    else:
+        if weight.shape[1] % m:
+            return False
+        w = weight
+    return bool(((w.reshape(w.shape[0], -1, m) != 0).sum(-1) <= n).all())
+
+
+def layer_table(folded: nn.Module, example: torch.Tensor, masks: dict) -> list[dict]:
+    positions: dict[str, int] = {}
+    order = forward_order(folded, example, positions=positions)
+    modules = dict(folded.named_modules())
+    rows = []
+    for name in order:
+        m = modules[name]
+        w = m.weight.detach()
+        nnz = int((w != 0).sum())
+        was_24 = f"{name}.weight" in masks and nm_ok(masks[f"{name}.weight"].float())  # mask: True = kept
+        row = {"name": name, "shape": list(w.shape), "macs": int(w.numel() * positions.get(name, 1)),
+               "nonzero_macs": nnz * positions.get(name, 1), "sparsity": 1 - nnz / w.numel(),
+               "two_four": nm_ok(w)}
+        dense_conv = not isinstance(m, nn.Conv2d) or m.groups == 1
+        row["sparse_tensor_core_candidate"] = row["two_four"] and dense_conv and row["sparsity"] > 0.4
+        if was_24 and not row["two_four"]:
+            raise UserError(f"{name}: 2:4 before folding BatchNorm but not after (please report this)")
+        rows.append(row)
+    return rows
+
+
+@torch.no_grad()
+def export_run(run_dir: str | Path, onnx_path: str | Path | None = None, safetensors_path: str | Path | None = None,
+               shape: list[int] | None = None, opset: int = OPSET, atol: float = 1e-4) -> dict:
+    """Fold, export and check; returns (and writes beside the first output) the export report."""
+    if onnx_path is None and safetensors_path is None:
+        raise UserError("nothing to export: give --onnx PATH and/or --safetensors PATH")
+    model, report, masks = load_run(run_dir)
+    shape = shape or input_shape(report)
+    folded = fold_batchnorm(model)
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
+    reference = model(x)
+    out = {"run": str(run_dir), "model": report["model"], "pattern": report.get("pattern"),
+           "input_shape": shape, "batchnorm_folded": sum(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                        for m in model.modules()),
+           "folded_max_abs_diff": float((folded(x) - reference).abs().max()),
+           "layers": layer_table(folded, x[:1], masks)}
+    if safetensors_path is not None:
+        save_safetensors({k: v.contiguous() for k, v in folded.state_dict().items()}, safetensors_path)
+        out["safetensors"] = str(safetensors_path)
+    if onnx_path is not None:
+        out |= _onnx(folded, x, reference, Path(onnx_path), opset, atol)
+    first = Path(onnx_path or safetensors_path)
+    atomic_write_json(out, first.with_suffix(".export.json"))
+    return out
+
+
+def _onnx(folded: nn.Module, x: torch.Tensor, reference: torch.Tensor, path: Path, opset: int, atol: float) -> dict:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise UserError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'cnn-sparsegpt[export]'") \
+            from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(folded, (x,), str(path), opset_version=opset, input_names=["images"], output_names=["logits"],
+                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+    diff = float((got - reference).abs().max())
+    if not diff <= atol:
+        raise UserError(f"the ONNX model's outputs differ from PyTorch's by {diff:.2e} (> {atol:g})")
+    return {"onnx": str(path), "opset": opset, "onnxruntime": ort.__version__, "onnx_max_abs_diff": diff}

@@ -1,0 +1,63 @@
+"""`cnn-sparsegpt export`: BatchNorm folded, 2:4 kept along input channels, ONNX equal to PyTorch."""
+import json
+
+import pytest
+import torch
+
+from cnn_sparsegpt import create_model, prune_model
+from cnn_sparsegpt.cli import main
+from cnn_sparsegpt.export import fold_batchnorm, nm_ok
+from cnn_sparsegpt.utils import atomic_save, atomic_write_json
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A prune output folder: resnet20_cifar (21 BatchNorms) at 2:4 on random weights and inputs."""
+    d = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    model = create_model("resnet20_cifar", num_classes=10).eval()
+    for bn in model.modules():  # BatchNorms that do something when folded
+        if isinstance(bn, torch.nn.BatchNorm2d):
+            bn.weight.data.uniform_(0.5, 2)
+            bn.running_var.uniform_(0.5, 2)
+    rep = prune_model(model, torch.randn(64, 3, 32, 32), "sparsegpt", nm="2:4", progress=False)
+    atomic_save(model.state_dict(), d / "model.pt")
+    atomic_save(rep.masks, d / "masks.pt")
+    atomic_write_json({"model": "resnet20_cifar", "dataset": "cifar10", "pattern": "2:4",
+                       "input_shape": [3, 32, 32]}, d / "report.json")
+    return d
+
+
+def test_export_onnx_and_safetensors(run_dir, capsys):
+    pytest.importorskip("onnxruntime")
+    from safetensors.torch import load_file
+
+    assert main(["export", str(run_dir), "--onnx", str(run_dir / "m.onnx"), "--safetensors",
+                 str(run_dir / "m.safetensors")]) == 0
+    assert "21 BatchNorms folded" in capsys.readouterr().out
+    out = json.loads((run_dir / "m.export.json").read_text())
+    assert out["opset"] == 17 and out["onnx_max_abs_diff"] <= 1e-4
+    pruned = [r for r in out["layers"] if r["sparsity"] > 0]
+    assert len(pruned) == len(torch.load(run_dir / "masks.pt")) == 20 and all(r["two_four"] and r["sparse_tensor_core_candidate"] for r in pruned)
+    assert all(r["nonzero_macs"] * 2 == r["macs"] for r in pruned)
+    state = load_file(str(run_dir / "m.safetensors"))
+    assert not any("bn" in k and "running" in k for k in state)  # folded away
+    for k, w in state.items():
+        if k.endswith("weight") and w.ndim == 4 and w.shape[1] % 4 == 0 and k != "conv1.weight":
+            assert nm_ok(w), k
+
+
+def test_folding_keeps_outputs_and_zeros(run_dir):
+    from cnn_sparsegpt.export import load_run
+    model, _, masks = load_run(run_dir)
+    folded = fold_batchnorm(model)
+    x = torch.randn(8, 3, 32, 32)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    fw = dict(folded.named_parameters())
+    for name, mask in masks.items():
+        assert torch.equal(fw[name] == 0, ~mask), name  # a per-channel scale keeps every zero a zero
+
+
+def test_export_errors(tmp_path, capsys):
+    assert main(["export", str(tmp_path), "--onnx", str(tmp_path / "m.onnx")]) == 2
+    assert "has no model.pt" in capsys.readouterr().err
