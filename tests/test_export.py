@@ -38,7 +38,8 @@ def test_export_onnx_and_safetensors(run_dir, capsys):
     out = json.loads((run_dir / "m.export.json").read_text())
     assert out["opset"] == 17 and out["onnx_max_abs_diff"] <= 1e-4
     pruned = [r for r in out["layers"] if r["sparsity"] > 0]
-    assert len(pruned) == len(torch.load(run_dir / "masks.pt")) == 20 and all(r["two_four"] and r["sparse_tensor_core_candidate"] for r in pruned)
+    assert len(pruned) == len(torch.load(run_dir / "masks.pt")) == 20
+    assert all(r["two_four"] and r["sparse_tensor_core_candidate"] for r in pruned)
     assert all(r["nonzero_macs"] * 2 == r["macs"] for r in pruned)
     state = load_file(str(run_dir / "m.safetensors"))
     assert not any("bn" in k and "running" in k for k in state)  # folded away
