@@ -73,6 +73,14 @@ def _add_prune_flags(p: argparse.ArgumentParser) -> None:
                    help="after the prune, EPOCHS passes of Adam (lr 1e-4) over the calibration images that move the "
                    "kept weights towards the dense network's layer outputs, masks fixed (global AdaPrune; label-free; "
                    "not one-shot any more). Default 0")
+    p.add_argument("--wbits", type=int, choices=[8, 4, 3, 2],
+                   help="also quantize the kept weights: an asymmetric grid of 2^B levels per output channel, fitted "
+                   "on the weights before pruning; writes quant.pt (integer codes, scales, zero points) beside the "
+                   "dequantized model.pt. Default: float weights")
+    p.add_argument("--quant", choices=["gptq", "rtn"],
+                   help="with --wbits: round inside SparseGPT's column loop and compensate the error in the remaining "
+                   "columns (gptq, default; --sparsity 0 gives GPTQ alone), or round to nearest after pruning (rtn, "
+                   "the baseline; the only choice for magnitude and wanda)")
     p.add_argument("--device", help="auto (CUDA if present), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--seed", type=int, help="seed of the calibration sample (default 0)")
     p.add_argument("--batch-size", type=int, help="calibration and evaluation batch size (default 128)")
@@ -99,7 +107,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if not dist.is_main():  # torchrun: rank 0 reports
         return 0
     print(format_report(result))
-    extra = ", model.safetensors" if opts.save_safetensors else ""
+    extra = (", model.safetensors" if opts.save_safetensors else "") + (", quant.pt" if opts.wbits else "")
     print(f"wrote {opts.out}/model.pt{extra}, masks.pt, report.json")
     return 0
 

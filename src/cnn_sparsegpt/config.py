@@ -39,6 +39,8 @@ class PruneOptions:
     refine: str = "none"  # none | cg | admm: re-solve each pruned layer (cg: kept weights; admm: mask too)
     dense_target: bool = False  # fit each layer to the dense network's output, not W on the pruned inputs
     reconstruct: int = 0  # epochs of global reconstruction after the prune (masks fixed; 0 = one-shot only)
+    wbits: int | None = None  # 8 | 4 | 3 | 2: kept weights quantized per output channel (None = float)
+    quant: str = "gptq"  # gptq: rounded inside SparseGPT's loop, errors compensated; rtn: rounded after
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0  # calibration sample
     batch_size: int = 128  # calibration / evaluation batch size
@@ -111,7 +113,7 @@ def merge_options(cls, file_values: dict, cli_values: dict):
 
 
 RECIPE_KEYS = ("allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction",
-               "refine", "dense_target", "reconstruct")  # beyond uniform
+               "refine", "dense_target", "reconstruct", "wbits", "quant")  # beyond uniform
 
 
 def recipe_label(opts: PruneOptions) -> str:

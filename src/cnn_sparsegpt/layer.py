@@ -16,6 +16,7 @@ from torch import nn
 from .dense_target import dense_target_weights
 from .linalg import accumulate_xxt_
 from .masks import Pattern, conv_column_perm
+from .quant import fit_grid, layer_codes
 from .refine import refine as refine_solve
 from .solver import METHODS, prune_matrix, relative_error
 
@@ -33,9 +34,11 @@ class LayerResult:
     seconds: float = 0.0
     percdamp: float | None = None  # damping actually used (SparseGPT)
     mask: torch.Tensor | None = field(default=None, repr=False)  # True = kept, weight's shape
+    quant: dict | None = field(default=None, repr=False)  # codes, scale, zero, bits (with --wbits)
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "mask"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("mask", "quant")} | (
+            {"wbits": self.quant["bits"]} if self.quant else {})
 
 
 class LayerPruner:
@@ -174,10 +177,12 @@ class LayerPruner:
     @torch.no_grad()
     def prune(self, method: str, pattern: Pattern, percdamp: float = 0.01, blocksize: int = 128,
               stats: dict | None = None, graphs: dict | None = None,
-              row_scale: torch.Tensor | None = None, refine: str = "none") -> LayerResult:
+              row_scale: torch.Tensor | None = None, refine: str = "none", wbits: int | None = None,
+              quant: str = "gptq") -> LayerResult:
         """Prune the layer's weight in place. row_scale (out_channels,): how much each output row counts when
         rows are compared in an unstructured mask (sparsegpt, magnitude); Wanda and N:M compare within rows.
-        refine: none | cg | admm, a better solve after the method's (refine.py)."""
+        refine: none | cg | admm, a better solve after the method's (refine.py). wbits: kept weights on a
+        per-row grid of 2^wbits levels, rounded inside SparseGPT's loop (quant 'gptq') or after it ('rtn')."""
         t0 = time.perf_counter()
         weight = self.layer.weight
         res = LayerResult(self.name, list(weight.shape), method, str(pattern))
@@ -199,13 +204,18 @@ class LayerPruner:
         if self.C is not None and live:
             Wg = dense_target_weights(Wg, Hg, self.C, percdamp)  # the error is measured against W* from here on
         scale = None if row_scale is None else row_scale.to(Wg).reshape(self.groups, -1)
+        grid = fit_grid(Wg, wbits) if wbits else None
         Q, pruned, res.percdamp = prune_matrix(Wg, Hg, method, pattern, percdamp, blocksize, scale, stats=stats,
-                                               graphs=graphs)
+                                               graphs=graphs, grid=grid, quant=quant)
         Q, pruned = refine_solve(refine, Wg, Q, pruned, Hg, pattern, percdamp)
         res.error = float(relative_error(Wg, Q, Hg))
         inv = torch.argsort(perm)
         weight.data.copy_(Q[:, :, inv].reshape(weight.shape).to(weight.dtype))
         res.mask = (~pruned)[:, :, inv].reshape(weight.shape)
+        if grid is not None:  # integer codes in the weight's own layout, one scale and zero point per output channel
+            codes = layer_codes(Q, grid)
+            res.quant = codes | {"codes": codes["codes"][:, :, inv].reshape(weight.shape).cpu(),
+                                 "scale": codes["scale"].reshape(-1).cpu(), "zero": codes["zero"].reshape(-1).cpu()}
         res.sparsity = 1.0 - res.mask.float().mean().item()
         res.seconds = time.perf_counter() - t0
         return res

@@ -152,7 +152,8 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
                          low_memory=opts.low_memory, allocation=opts.allocation, budget=opts.budget,
                          owl_lambda=opts.owl_lambda, dp_measure=opts.dp_measure, bn_aware=opts.bn_aware,
                          stat_correction=opts.stat_correction, refine=opts.refine,
-                         dense_target=opts.dense_target, reconstruct=opts.reconstruct)
+                         dense_target=opts.dense_target, reconstruct=opts.reconstruct, wbits=opts.wbits,
+                         quant=opts.quant)
     pruned_acc = None
     if opts.evaluate:
         t0 = time.perf_counter()
@@ -177,6 +178,8 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
         if opts.save_safetensors:
             save_safetensors(state, out / "model.safetensors")
         atomic_save(report.masks, out / "masks.pt")
+        if report.quantized:
+            atomic_save(report.quantized, out / "quant.pt")
         atomic_write_json(result, out / "report.json")
     return result
 

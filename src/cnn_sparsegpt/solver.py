@@ -17,6 +17,7 @@ from .masks import (
     quota,
     topk_prune_mask,
 )
+from .quant import Grid, round_to_nearest
 
 METHODS = ("sparsegpt", "magnitude", "wanda")
 
@@ -36,7 +37,8 @@ def sparsegpt_factor(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Ten
 def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp: float = 0.01,
                     blocksize: int = 128, stats: dict | None = None, cuda_graph: bool = True,
                     graphs: dict | None = None, factor: tuple | None = None,
-                    row_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+                    row_scale: torch.Tensor | None = None, grid: Grid | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """SparseGPT on one matrix W (rows, d) with Hessian H (d, d), or a batch of them (G, rows, d), (G, d, d).
 
     Returns (pruned W, pruned mask, damping used). Columns are visited left to right; N:M groups are m
@@ -44,11 +46,13 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
     On CUDA the column loop of a block is a CUDA graph; pass the same `graphs` dict to every layer of a
     model so that layers whose blocks have the same shape share one. `factor`: a `sparsegpt_factor(H)`
     already computed. `row_scale` (G, rows): weights of each output row in the unstructured saliency
-    (e.g. a following BatchNorm's (γ/σ)², so rows are compared as if it were folded in).
+    (e.g. a following BatchNorm's (γ/σ)², so rows are compared as if it were folded in). `grid`: round every
+    kept weight to its row's grid in the column loop, its error pushed on like a pruned weight's (GPTQ).
     """
     if W.ndim == 2:
+        grid = None if grid is None else Grid(grid.scale[None], grid.zero[None], grid.bits)
         Q, pruned, damp = sparsegpt_solve(W[None], H[None], pattern, percdamp, blocksize, stats, cuda_graph, graphs,
-                                          factor, None if row_scale is None else row_scale[None])
+                                          factor, None if row_scale is None else row_scale[None], grid)
         return Q[0], pruned[0], damp
     W = W.clone()
     G, rows, d = W.shape
@@ -67,7 +71,7 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
         blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
     pruned = torch.zeros_like(W, dtype=torch.bool)
     graph = None
-    if cuda_graph and W.is_cuda and d >= 2 * blocksize:
+    if cuda_graph and W.is_cuda and d >= 2 * blocksize and grid is None:
         graphs = {} if graphs is None else graphs
         graph = graphs.setdefault((G, rows, blocksize, str(pattern), W.device), _BlockGraph(_solve_block, pattern))
     # The lazy update owed to the columns right of finished blocks is -E·U (E = their errors). With
@@ -94,7 +98,7 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
         if graph is not None and i2 - i1 == blocksize:
             graph(W1, Err1, mask1, Hinv1)
         else:
-            _solve_block(W1, Err1, mask1, Hinv1, pattern)
+            _solve_block(W1, Err1, mask1, Hinv1, pattern, grid)
         W[:, :, i1:i2] = W1.masked_fill_(mask1, 0)  # kept columns never moved after their turn; pruned are exact 0
         pruned[:, :, i1:i2] = mask1
         if i2 < d:
@@ -103,34 +107,50 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
     return W, pruned, damp
 
 
-def _solve_block(W1, Err1, mask1, Hinv1, pattern: Pattern) -> None:
-    """The column-by-column part of one block, in place: W1 updated, Err1 filled, mask1 chosen (N:M)."""
+def _solve_block(W1, Err1, mask1, Hinv1, pattern: Pattern, grid: Grid | None = None) -> None:
+    """The column-by-column part of one block, in place: W1 updated, Err1 filled, mask1 chosen (N:M), and with
+    a grid, kept weights rounded to it."""
     n, m = pattern.n, pattern.m
     dinv = torch.diagonal(Hinv1, dim1=-2, dim2=-1)[:, None, :]
     dinv2, inv_dinv = dinv ** 2, 1 / dinv
+    if grid is not None:
+        scale, zero = grid.scale[..., 0], grid.zero[..., 0]
     # Per column, three kernels: the error of zeroing the pruned weights (w·mask / [H⁻¹]ᵢᵢ, written
     # straight into Err1) and its rank-1 update of the block's remaining columns.
     for i in range(W1.shape[-1]):
         if pattern.is_nm and i % m == 0:
             mask1[:, :, i:i + m] = nm_prune_mask(W1[:, :, i:i + m] ** 2 / dinv2[:, :, i:i + m], n, m)
-        err1 = torch.mul(W1[:, :, i], mask1[:, :, i], out=Err1[:, :, i])
+        if grid is None:
+            err1 = torch.mul(W1[:, :, i], mask1[:, :, i], out=Err1[:, :, i])
+        else:  # target of column i: its grid point, or 0 if pruned
+            q = torch.clamp(torch.round(W1[:, :, i] / scale) + zero, 0, grid.maxq).sub_(zero).mul_(scale)
+            q.masked_fill_(mask1[:, :, i], 0)
+            err1 = torch.sub(W1[:, :, i], q, out=Err1[:, :, i])
         err1.mul_(inv_dinv[:, :, i])
         W1[:, :, i:].addcmul_(err1[:, :, None], Hinv1[:, i:i + 1, i:], value=-1)
+        if grid is not None:
+            W1[:, :, i] = q  # exactly on the grid (the update leaves it there up to rounding)
 
 
 def prune_matrix(Wg: torch.Tensor, H: torch.Tensor, method: str, pattern: Pattern, percdamp: float = 0.01,
                  blocksize: int = 128, row_scale: torch.Tensor | None = None, factor: tuple | None = None,
-                 stats: dict | None = None, graphs: dict | None = None) -> tuple:
+                 stats: dict | None = None, graphs: dict | None = None, grid: Grid | None = None,
+                 quant: str = "gptq") -> tuple:
     """Weights (G, rows, d) pruned by `method` with Hessian H (G, d, d): (Ŵ, pruned mask, damping or None).
-    The one place where the methods differ; row_scale weighs rows in unstructured masks (see sparsegpt_solve)."""
+    The one place where the methods differ; row_scale weighs rows in unstructured masks (see sparsegpt_solve).
+    With a grid, kept weights end on it: inside SparseGPT's loop (quant 'gptq'), else rounded after (RTN)."""
     if method == "sparsegpt":
-        return sparsegpt_solve(Wg, H, pattern, percdamp, blocksize, stats, graphs=graphs, factor=factor,
-                               row_scale=row_scale)
+        Q, pruned, damp = sparsegpt_solve(Wg, H, pattern, percdamp, blocksize, stats, graphs=graphs, factor=factor,
+                                          row_scale=row_scale, grid=grid if quant == "gptq" else None)
+        if grid is not None and quant != "gptq":
+            Q = round_to_nearest(Q, pruned, grid)
+        return Q, pruned, damp
     scores = Wg.abs() if row_scale is None else Wg.abs() * row_scale.sqrt()[:, :, None]
     if method == "wanda":  # |W|·‖X_j‖₂, compared within each output row
         scores = scores * torch.diagonal(H, dim1=-2, dim2=-1).clamp_min(0).sqrt()[:, None, :]
     pruned = pattern_prune_mask(scores, pattern, per_row=method == "wanda")
-    return Wg.masked_fill(pruned, 0), pruned, None
+    Q = Wg.masked_fill(pruned, 0)
+    return (Q if grid is None else round_to_nearest(Q, pruned, grid)), pruned, None
 
 
 def relative_error(Wg: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
