@@ -1,4 +1,4 @@
-"""The `cnn-sparsegpt` command: prune, train, bench, plot, export."""
+"""The `cnn-sparsegpt` command: prune, train, bench, plot, export, finetune."""
 from __future__ import annotations
 
 import argparse
@@ -171,6 +171,36 @@ def _add_train_parser(sub) -> None:
     p.set_defaults(func=_cmd_train)
 
 
+def _add_finetune_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="train a pruned run for a few epochs with its masks kept exactly")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a `prune` run (model.pt, masks.pt)")
+    p.add_argument("--epochs", type=int, default=1, help="epochs over the training set (default 1)")
+    p.add_argument("--lr", type=float, default=0.01, help="peak learning rate of the cosine schedule (default 0.01)")
+    p.add_argument("--batch-size", type=int, default=128, help="default 128")
+    p.add_argument("--data-dir", help="data root (default $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--out", help="output folder (default RUN_DIR/finetune): model.pt, masks.pt, report.json")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
+    p.set_defaults(func=_cmd_finetune)
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune_run
+    from .train import TrainConfig
+
+    if args.epochs < 1:
+        raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule="cosine",
+                      max_steps=args.max_steps)
+    r = finetune_run(args.run_dir, cfg, args.out, args.data_dir, args.device, progress=not args.quiet)
+    f = r["finetune"]
+    dense = f"dense {100 * r['dense_acc']:.2f}%, " if r.get("dense_acc") is not None else ""
+    print(f"{r['model']} {r['pattern']}: top-1 {dense}pruned {100 * f['pruned_acc_before']:.2f}% -> fine-tuned "
+          f"{100 * r['pruned_acc']:.2f}% after {f['epochs']} epoch(s), {f['seconds']:.0f} s; masks kept")
+    print(f"wrote {args.out or str(args.run_dir) + '/finetune'}/model.pt, masks.pt, report.json")
+    return 0
+
+
 def _add_export_parser(sub) -> None:
     p = sub.add_parser("export", help="fold BatchNorm into the convs of a pruned run and write ONNX and/or safetensors")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a `prune` run (model.pt, report.json)")
@@ -216,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_train_parser(sub)
     _add_export_parser(sub)
+    _add_finetune_parser(sub)
     try:
         from .bench import add_bench_parser
         from .plot import add_plot_parser

@@ -6,7 +6,6 @@ input channels, at each kernel position).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -14,25 +13,11 @@ from torch import fx, nn
 
 from .layer_plan import forward_order
 from .masks import conv_column_perm
-from .models import create_model, head_classes
-from .utils import UserError, atomic_write_json, load_state_dict, save_safetensors
+from .pipeline import load_run
+from .utils import UserError, atomic_write_json, save_safetensors
 
 OPSET = 17
 _SHAPES = {"mnist": [1, 28, 28], "cifar10": [3, 32, 32]}
-
-
-def load_run(run_dir: str | Path) -> tuple[nn.Module, dict, dict]:
-    """The pruned model of a `prune` output folder (eval mode), its report and its masks."""
-    run = Path(run_dir)
-    for f in ("model.pt", "report.json"):
-        if not (run / f).is_file():
-            raise UserError(f"{run} has no {f}: give the --out folder of a `cnn-sparsegpt prune` run")
-    report = json.loads((run / "report.json").read_text())
-    state = load_state_dict(run / "model.pt")
-    model = create_model(report["model"], num_classes=head_classes(report["model"], state) or 10)
-    model.load_state_dict(state)
-    masks = torch.load(run / "masks.pt", map_location="cpu") if (run / "masks.pt").is_file() else {}
-    return model.eval(), report, masks
 
 
 def input_shape(report: dict) -> list[int]:

@@ -219,3 +219,17 @@ def format_report(r: dict) -> str:
                  f"{r['nsamples']} calibration images\n{recipe}{acc}{passes}  data: {r['data_source']}"
                  f"{_preprocess_line(r)}")
     return "\n".join(lines)
+
+
+def load_run(run_dir: str | Path) -> tuple[nn.Module, dict, dict]:
+    """The pruned model of a `prune` output folder (eval mode), its report and its masks."""
+    run = Path(run_dir)
+    for f in ("model.pt", "report.json"):
+        if not (run / f).is_file():
+            raise UserError(f"{run} has no {f}: give the --out folder of a `cnn-sparsegpt prune` run")
+    report = json.loads((run / "report.json").read_text())
+    state = load_state_dict(run / "model.pt")
+    model = create_model(report["model"], num_classes=head_classes(report["model"], state) or 10)
+    model.load_state_dict(state)
+    masks = torch.load(run / "masks.pt", map_location="cpu") if (run / "masks.pt").is_file() else {}
+    return model.eval(), report, masks

@@ -56,8 +56,11 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def train_model(model: nn.Module, train_set: ImageSet, test_set: ImageSet, cfg: TrainConfig,
-                device: torch.device | str = "cpu", progress: bool = True) -> dict:
+                device: torch.device | str = "cpu", progress: bool = True,
+                masks: dict[str, torch.Tensor] | None = None) -> dict:
     """Train in place; the weights of the best epoch (by test accuracy) are loaded back at the end.
+    masks (parameter name → True = kept): pruned weights are zeroed before training and after every step,
+    so the sparsity pattern is kept exactly (fine-tuning a pruned model).
 
     Returns {'test_acc', 'best_epoch', 'history', 'seconds', 'state_dict'}.
     """
@@ -80,6 +83,15 @@ def train_model(model: nn.Module, train_set: ImageSet, test_set: ImageSet, cfg: 
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.25)
     else:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(total, 1))))
+    params = dict(model.named_parameters())
+    keep = {n: m.to(device) for n, m in (masks or {}).items()}
+
+    def apply_masks():
+        with torch.no_grad():
+            for n, m in keep.items():
+                params[n].mul_(m)
+
+    apply_masks()
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     best, best_state, best_epoch, history, step = -1.0, None, 0, [], 0
     t0 = time.perf_counter()
@@ -92,6 +104,7 @@ def train_model(model: nn.Module, train_set: ImageSet, test_set: ImageSet, cfg: 
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            apply_masks()
             sched.step()
             step += 1
             running = 0.9 * running + 0.1 * loss.item() if step > 1 else loss.item()

@@ -1,0 +1,42 @@
+"""Fine-tuning that keeps the masks: the train loop with masks, and `cnn-sparsegpt finetune`."""
+import json
+
+import torch
+
+from cnn_sparsegpt import create_model, load_dataset
+from cnn_sparsegpt.cli import main
+from cnn_sparsegpt.train import TrainConfig, train_model
+
+from .test_cli import mnist_ckpt, prune_args  # noqa: F401  (fixture)
+
+
+def test_pruned_weights_stay_zero_at_every_step(data_dir):
+    torch.manual_seed(0)
+    model = create_model("mnist_cnn")
+    masks = {n: torch.rand_like(p) > 0.9 for n, p in model.named_parameters() if p.ndim > 1}
+    params = dict(model.named_parameters())
+    seen = []
+
+    def check(_m, _inp):  # every forward after the first follows an optimizer step
+        seen.append(all(bool((params[n][~m] == 0).all()) for n, m in masks.items()))
+
+    model.register_forward_pre_hook(check)
+    train = load_dataset("mnist", True, data_dir)
+    train = train.subset(torch.arange(512))
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05, schedule="cosine")
+    train_model(model, train, train.subset(torch.arange(64)), cfg, "cpu", progress=False, masks=masks)
+    assert len(seen) >= 8 and all(seen)
+
+
+def test_finetune_command(mnist_ckpt, data_dir, tmp_path, capsys):  # noqa: F811
+    run = tmp_path / "run"
+    assert main(prune_args(mnist_ckpt, data_dir, run, "--sparsity", "0.9")) == 0
+    capsys.readouterr()
+    assert main(["-q", "finetune", str(run), "--data-dir", str(data_dir), "--max-steps", "5", "--batch-size", "32"]) == 0
+    assert "masks kept" in capsys.readouterr().out
+    report = json.loads((run / "finetune" / "report.json").read_text())
+    assert report["finetune"]["epochs"] == 1 and "pruned_acc_before" in report["finetune"]
+    state, masks = torch.load(run / "finetune" / "model.pt"), torch.load(run / "finetune" / "masks.pt")
+    for name, keep in masks.items():
+        assert torch.equal(state[name][~keep], torch.zeros(int((~keep).sum())))
+    assert main(["finetune", str(tmp_path / "nothing")]) == 2
