@@ -32,7 +32,8 @@ def test_finetune_command(mnist_ckpt, data_dir, tmp_path, capsys):  # noqa: F811
     run = tmp_path / "run"
     assert main(prune_args(mnist_ckpt, data_dir, run, "--sparsity", "0.9")) == 0
     capsys.readouterr()
-    assert main(["-q", "finetune", str(run), "--data-dir", str(data_dir), "--max-steps", "5", "--batch-size", "32"]) == 0
+    assert main(["-q", "finetune", str(run), "--data-dir", str(data_dir), "--max-steps", "5",
+                 "--batch-size", "32"]) == 0
     assert "masks kept" in capsys.readouterr().out
     report = json.loads((run / "finetune" / "report.json").read_text())
     assert report["finetune"]["epochs"] == 1 and "pruned_acc_before" in report["finetune"]
