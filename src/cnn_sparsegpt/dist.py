@@ -130,16 +130,12 @@ def reduce_statistics_(pruner) -> None:
     float64 additions (see LayerPruner)."""
     if not active():
         return
-    n = torch.tensor([float(pruner.nsamples)], dtype=torch.float64, device=_device(pruner))
+    n = torch.tensor([float(pruner.nsamples)], dtype=torch.float64, device=pruner.layer.weight.device)
     all_sum_(n, f"{pruner.name}: adding sample counts")
     for attr in ("S", "SC", "colsum", "colsq"):
         if getattr(pruner, attr) is not None:
             all_sum_(getattr(pruner, attr), f"{pruner.name}: adding its input statistics")
     pruner.nsamples = int(n.item())
-
-
-def _device(pruner) -> torch.device:
-    return pruner.layer.weight.device
 
 
 def broadcast_layer(module: nn.Module, result):
