@@ -9,7 +9,6 @@ OUT=${3:-experiments/dist_resnet18.json}
 N=${4:-2}
 TMP=$(mktemp -d)
 ARGS="prune --model resnet18_cifar --weights $WEIGHTS --data-dir $DATA --nm 2:4 --device cpu --no-evaluate"
-OMP_NUM_THREADS=1 python -m cnn_sparsegpt -q $ARGS --out "$TMP/p1" > /dev/null  # also warms the decoded-image cache
 OMP_NUM_THREADS=1 python -m cnn_sparsegpt -q $ARGS --out "$TMP/p1" > /dev/null
 OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node="$N" -m cnn_sparsegpt -q $ARGS --out "$TMP/pN" > /dev/null
 python - "$TMP" "$OUT" <<'PY'
