@@ -20,6 +20,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from .linalg import damped
+
 
 class _Stop(Exception):
     pass
@@ -61,10 +63,7 @@ class DenseInputs:
 
 def dense_target_weights(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, percdamp: float) -> torch.Tensor:
     """W* = W + W·(C − H)·(H + λI)⁻¹ for a batch (G, rows, d), H and C (G, d, d); λ = percdamp · mean diag(H)."""
-    A = H.clone()
-    diag = torch.diagonal(A, dim1=-2, dim2=-1)
-    dead = diag == 0
-    diag.add_(percdamp * diag.mean(-1, keepdim=True)).masked_fill_(dead, 1)
+    A = damped(H, percdamp)
     L, info = torch.linalg.cholesky_ex(A)
     del A
     if info.any():  # damping too small for this H: keep the symmetric target rather than fail the prune

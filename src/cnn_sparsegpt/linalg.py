@@ -59,6 +59,16 @@ def _damped_flipped_cholesky(H: torch.Tensor, percdamp: float, finish) -> tuple[
     raise torch.linalg.LinAlgError(f"Hessian not positive definite even with percdamp={pd / 10:g}")
 
 
+def damped(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """A copy of H (G, d, d) with percdamp · mean diag(H) added to its diagonal, and dead inputs' (zero)
+    diagonal entries set to 1: their weights are free, so any value keeps the system positive definite."""
+    Hd = H.clone()
+    diag = torch.diagonal(Hd, dim1=-2, dim2=-1)
+    dead = diag == 0
+    diag.add_(percdamp * diag.mean(-1, keepdim=True)).masked_fill_(dead, 1)
+    return Hd
+
+
 def upper_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float]:
     """Upper-triangular Ũ with H + damp·I = ŨŨᵀ for a batch (G, d, d): Ũ = J L J. The factor SparseGPT
     needs is U = Ũ⁻¹ (H⁻¹ = UᵀU), but only its diagonal blocks explicitly: the solver applies the rest by

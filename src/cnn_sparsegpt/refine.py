@@ -18,18 +18,10 @@ from __future__ import annotations
 
 import torch
 
+from .linalg import damped
 from .masks import Pattern, nm_prune_mask, quota, topk_prune_mask
 
 REFINE = ("none", "cg", "admm")
-
-
-def _damped(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    Hd = H.clone()
-    diag = torch.diagonal(Hd, dim1=-2, dim2=-1)
-    dead = diag == 0
-    diag.add_(percdamp * diag.mean(-1, keepdim=True))
-    diag.masked_fill_(dead, 1)  # a dead input's weight is free: any value gives the same output
-    return Hd
 
 
 def _objective(W: torch.Tensor, Q: torch.Tensor, Hd: torch.Tensor) -> torch.Tensor:
@@ -108,7 +100,7 @@ def refine(kind: str, W: torch.Tensor, Q: torch.Tensor, pruned: torch.Tensor, H:
         return Q, pruned
     if kind not in REFINE:
         raise ValueError(f"unknown refinement '{kind}'; choose from {', '.join(REFINE)}")
-    Hd = _damped(H, percdamp)
+    Hd = damped(H, percdamp)
     best = (cg_on_mask(W, Q, pruned, Hd, steps), pruned)
     if kind == "admm":
         scale = torch.diagonal(H, dim1=-2, dim2=-1).clamp_min(0).sqrt()[:, None, :]

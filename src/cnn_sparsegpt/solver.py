@@ -113,8 +113,7 @@ def _solve_block(W1, Err1, mask1, Hinv1, pattern: Pattern, grid: Grid | None = N
     n, m = pattern.n, pattern.m
     dinv = torch.diagonal(Hinv1, dim1=-2, dim2=-1)[:, None, :]
     dinv2, inv_dinv = dinv ** 2, 1 / dinv
-    if grid is not None:
-        scale, zero = grid.scale[..., 0], grid.zero[..., 0]
+    column_grid = None if grid is None else Grid(grid.scale[..., 0], grid.zero[..., 0], grid.bits)  # (G, rows)
     # Per column, three kernels: the error of zeroing the pruned weights (w·mask / [H⁻¹]ᵢᵢ, written
     # straight into Err1) and its rank-1 update of the block's remaining columns.
     for i in range(W1.shape[-1]):
@@ -123,8 +122,7 @@ def _solve_block(W1, Err1, mask1, Hinv1, pattern: Pattern, grid: Grid | None = N
         if grid is None:
             err1 = torch.mul(W1[:, :, i], mask1[:, :, i], out=Err1[:, :, i])
         else:  # target of column i: its grid point, or 0 if pruned
-            q = torch.clamp(torch.round(W1[:, :, i] / scale) + zero, 0, grid.maxq).sub_(zero).mul_(scale)
-            q.masked_fill_(mask1[:, :, i], 0)
+            q = column_grid.quantize(W1[:, :, i]).masked_fill_(mask1[:, :, i], 0)
             err1 = torch.sub(W1[:, :, i], q, out=Err1[:, :, i])
         err1.mul_(inv_dinv[:, :, i])
         W1[:, :, i:].addcmul_(err1[:, :, None], Hinv1[:, i:i + 1, i:], value=-1)
