@@ -147,6 +147,7 @@ def test_plot_from_csv(mnist_ckpt, data_dir, tmp_path):
 def test_bench_recipes_plots_and_results(mnist_ckpt, data_dir, tmp_path):
     cfg_path = _bench_config(tmp_path, mnist_ckpt, data_dir, ["0.6", "2:4"])
     cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["recipe"] = "published"
     cfg["recipes"] = [{}, {"allocation": "owl", "owl_lambda": 0.2}, {"stat_correction": True}]
     cfg_path.write_text(yaml.safe_dump(cfg))
     assert main(["-q", "bench", "--config", str(cfg_path)]) == 0

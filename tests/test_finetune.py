@@ -41,3 +41,23 @@ def test_finetune_command(mnist_ckpt, data_dir, tmp_path, capsys):  # noqa: F811
     for name, keep in masks.items():
         assert torch.equal(state[name][~keep], torch.zeros(int((~keep).sum())))
     assert main(["finetune", str(tmp_path / "nothing")]) == 2
+
+
+def test_finetune_quantized_run_stays_on_its_grids(mnist_ckpt, data_dir, tmp_path, capsys):  # noqa: F811
+    run = tmp_path / "run"
+    assert main(prune_args(mnist_ckpt, data_dir, run, "--nm", "2:4", "--wbits", "4")) == 0
+    before = torch.load(run / "model.pt")
+    assert main(["-q", "finetune", str(run), "--data-dir", str(data_dir), "--max-steps", "5",
+                 "--batch-size", "32", "--lr", "0.05"]) == 0
+    assert "weights on their grids" in capsys.readouterr().out
+    out = run / "finetune"
+    state, masks, quant = (torch.load(out / f) for f in ("model.pt", "masks.pt", "quant.pt"))
+    assert set(quant) == set(masks) and not any(".parametrizations." in k for k in state)
+    moved = 0
+    for name, q in quant.items():
+        shape = (-1,) + (1,) * (state[name].ndim - 1)
+        scale, zero = q["scale"].reshape(shape), q["zero"].float().reshape(shape)
+        assert torch.equal(state[name], scale * (q["codes"].float() - zero))  # the codes rebuild the weights
+        assert torch.equal(state[name][~masks[name]], torch.zeros(int((~masks[name]).sum())))
+        moved += int((state[name] != before[name]).sum())
+    assert moved > 0  # training did move weights (between grid points)

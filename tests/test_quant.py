@@ -52,3 +52,15 @@ def test_refine_with_wbits_is_refused():
     with pytest.raises(UserError, match="off their quantization grids"):
         prune_model(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2)), torch.randn(16, 8),
                     sparsity=0.5, wbits=4, refine="cg", progress=False)
+
+
+def test_mse_clipping_rounds_with_less_error_and_keeps_zero_on_the_grid():
+    torch.manual_seed(0)
+    W = torch.randn(1, 32, 288)
+    W[0, :, 0] *= 8  # one outlier per row: min/max grids waste their levels on it
+    for bits in (4, 3):
+        minmax, mse = fit_grid(W, bits, "minmax"), fit_grid(W, bits, "mse")
+        e_minmax = (minmax.quantize(W) - W).square().sum(-1)
+        e_mse = (mse.quantize(W) - W).square().sum(-1)
+        assert bool((e_mse <= e_minmax).all()) and e_mse.sum() < 0.9 * e_minmax.sum()
+        assert torch.equal(mse.quantize(torch.zeros(1, 32, 1)), torch.zeros(1, 32, 1))

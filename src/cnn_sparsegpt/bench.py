@@ -14,6 +14,7 @@ from pathlib import Path
 from . import dist
 from .config import (
     RECIPE_KEYS,
+    RECIPES,
     PruneOptions,
     check_options,
     read_yaml_mapping,
@@ -53,6 +54,7 @@ class BenchConfig:
     eval_samples: int = 0  # 0 = the whole test split
     holdout: int = 0  # > 0: evaluate on that many held-out training images instead (for choosing settings)
     low_memory: bool | None = None  # None: by free memory; same results either way
+    recipe: str = "recommended"  # recommended | published: the base every entry of `recipes` starts from
     recipes: list = field(default_factory=lambda: [{}])  # option sets beyond uniform SparseGPT, e.g. {allocation: dp}
 
 
@@ -76,6 +78,8 @@ def load_bench_config(path: str) -> BenchConfig:
             raise UserError(f"{path}: recipes[{i}] must be a mapping of {', '.join(RECIPE_KEYS)}, got {r!r}")
         check_options(PruneOptions, r, f"{path}: recipes[{i}]")
     cfg = BenchConfig(**{k: v for k, v in data.items()})
+    if cfg.recipe not in RECIPES:
+        raise UserError(f"{path}: 'recipe' must be one of {', '.join(RECIPES)}, got {cfg.recipe!r}")
     if not models or not isinstance(models, list):
         raise UserError(f"{path}: 'models' must be a non-empty list of {{model: NAME, weights: PATH, ...}}")
     for i, m in enumerate(models):
@@ -167,7 +171,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
         opts = PruneOptions(model=m.model, weights=m.weights, dataset=m.dataset, data_dir=cfg.data_dir,
                             method=method, nsamples=n, seed=seed, bn_recalibration=bn, device=cfg.device,
                             percdamp=cfg.percdamp, eval_samples=cfg.eval_samples, holdout=cfg.holdout,
-                            ignore=list(m.ignore), low_memory=cfg.low_memory, **_pattern_options(pattern), **recipe)
+                            ignore=list(m.ignore), low_memory=cfg.low_memory, **_pattern_options(pattern),
+                            **({"recipe": cfg.recipe} | recipe))
         key_row = {"model": m.model, "checkpoint": m.weights or "", "dataset": m.dataset or "",
                    "method": method, "pattern": pattern, "nsamples": n, "seed": seed, "bn_recalibration": bn,
                    "eval_samples": cfg.eval_samples, "holdout": cfg.holdout, "percdamp": cfg.percdamp,

@@ -62,13 +62,18 @@ def _add_prune_flags(p: argparse.ArgumentParser) -> None:
                "(unstructured sparsegpt and magnitude)", "plain saliency (default)")
     _bool_flag(p, "stat-correction", "after pruning, give layers with a bias and BatchNorms the dense network's "
                "per-channel output mean and variance on the calibration images", "no correction (default)")
+    p.add_argument("--recipe", choices=["recommended", "published"],
+                   help="what --refine and --dense-target default to: recommended (default: --dense-target "
+                   "--refine cg, chosen on held-out images, see docs/RESULTS.md) or published (SparseGPT's layer "
+                   "solve exactly as in the paper: --no-dense-target --refine none). Flags given explicitly win")
     p.add_argument("--refine", choices=["none", "cg", "admm"],
-                   help="after each layer's solve: none (default, as published), cg (re-solve the kept weights on "
-                   "the final mask by conjugate gradient: lower layer error, about one more solve's time) or admm "
-                   "(also move the mask layer-wide by ADMM, then cg; any method; several times slower on wide layers)")
+                   help="after each layer's solve: none (as published), cg (re-solve the kept weights on the final "
+                   "mask by conjugate gradient: lower layer error, about one more solve's time; the recommended "
+                   "recipe's, except with --wbits) or admm (also move the mask layer-wide by ADMM, then cg; any "
+                   "method; several times slower on wide layers)")
     _bool_flag(p, "dense-target", "fit each layer to the dense network's output on the pruned network's inputs "
-               "(min |W X_dense - W' X_pruned|^2: corrects upstream error; about half a dense pass more per layer)",
-               "fit W X_pruned, as published (default)")
+               "(min |W X_dense - W' X_pruned|^2: corrects upstream error; the recommended recipe's)",
+               "fit W X_pruned, as published")
     p.add_argument("--reconstruct", type=int, metavar="EPOCHS",
                    help="after the prune, EPOCHS passes of Adam (lr 1e-4) over the calibration images that move the "
                    "kept weights towards the dense network's layer outputs, masks fixed (global AdaPrune; label-free; "
@@ -81,6 +86,9 @@ def _add_prune_flags(p: argparse.ArgumentParser) -> None:
                    help="with --wbits: round inside SparseGPT's column loop and compensate the error in the remaining "
                    "columns (gptq, default; --sparsity 0 gives GPTQ alone), or round to nearest after pruning (rtn, "
                    "the baseline; the only choice for magnitude and wanda)")
+    p.add_argument("--quant-clip", choices=["minmax", "mse"],
+                   help="with --wbits: each output channel's grid spans its weights (minmax, default) or the range, "
+                   "shrunk towards 0 by up to 40%%, that rounds the channel with the least squared error (mse)")
     p.add_argument("--device", help="auto (CUDA if present), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--seed", type=int, help="seed of the calibration sample (default 0)")
     p.add_argument("--batch-size", type=int, help="calibration and evaluation batch size (default 128)")
@@ -172,7 +180,8 @@ def _add_train_parser(sub) -> None:
 
 
 def _add_finetune_parser(sub) -> None:
-    p = sub.add_parser("finetune", help="train a pruned run for a few epochs with its masks kept exactly")
+    p = sub.add_parser("finetune", help="train a pruned run for a few epochs with its masks kept exactly (and a "
+                       "quantized run's weights on their grids, by a straight-through estimator)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a `prune` run (model.pt, masks.pt)")
     p.add_argument("--epochs", type=int, default=1, help="epochs over the training set (default 1)")
     p.add_argument("--lr", type=float, default=0.01, help="peak learning rate of the cosine schedule (default 0.01)")
@@ -196,8 +205,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     f = r["finetune"]
     dense = f"dense {100 * r['dense_acc']:.2f}%, " if r.get("dense_acc") is not None else ""
     print(f"{r['model']} {r['pattern']}: top-1 {dense}pruned {100 * f['pruned_acc_before']:.2f}% -> fine-tuned "
-          f"{100 * r['pruned_acc']:.2f}% after {f['epochs']} epoch(s), {f['seconds']:.0f} s; masks kept")
-    print(f"wrote {args.out or str(args.run_dir) + '/finetune'}/model.pt, masks.pt, report.json")
+          f"{100 * r['pruned_acc']:.2f}% after {f['epochs']} epoch(s), {f['seconds']:.0f} s; masks kept{', weights on their grids' if f.get('on_grids') else ''}")
+    extra = ", quant.pt" if f.get("on_grids") else ""
+    print(f"wrote {args.out or str(args.run_dir) + '/finetune'}/model.pt, masks.pt{extra}, report.json")
     return 0
 
 

@@ -1,13 +1,18 @@
 """`cnn-sparsegpt finetune RUN_DIR`: a few epochs of the `train` loop on a pruned run, masks kept exactly
-(pruned weights zeroed before training and after every optimizer step), written as a new run folder."""
+(pruned weights zeroed before training and after every optimizer step), written as a new run folder. A quantized
+run (quant.pt) is fine-tuned through its grids with a straight-through estimator (quant.OnGrid): the weights stay
+on the grids they were quantized on, and quant.pt is written anew."""
 from __future__ import annotations
 
 import shutil
 import time
 from pathlib import Path
 
+import torch
+
 from .data import load_dataset
 from .pipeline import load_run
+from .quant import attach_grids, detach_grids
 from .preprocess import Preprocess
 from .train import TrainConfig, evaluate, train_model
 from .utils import UserError, atomic_save, atomic_write_json, ensure_writable, resolve_device, run_metadata
@@ -16,10 +21,8 @@ from .utils import UserError, atomic_save, atomic_write_json, ensure_writable, r
 def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None = None, data_dir: str | None = None,
                  device: str = "auto", progress: bool = True) -> dict:
     run = Path(run_dir)
-    if (run / "quant.pt").is_file():
-        raise UserError(f"{run} is quantized (--wbits): fine-tuning that keeps weights on their grids is not "
-                        "supported yet; fine-tune the float run, then prune with --wbits again")
     model, report, masks = load_run(run)
+    quantized = torch.load(run / "quant.pt", map_location="cpu") if (run / "quant.pt").is_file() else {}
     if not masks:
         raise UserError(f"{run} has no masks.pt: nothing to keep")
     out = ensure_writable(out or run / "finetune")
@@ -30,16 +33,20 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
     model.to(dev)
     before = evaluate(model, test, dev, cfg.batch_size, progress, "pruned accuracy")
     t0 = time.perf_counter()
-    result = train_model(model, train, test, cfg, dev, progress, masks=masks)
+    latent = attach_grids(model, quantized)  # the optimizer moves the float weights under the grids
+    result = train_model(model, train, test, cfg, dev, progress, masks={latent.get(n, n): m for n, m in masks.items()})
+    quantized = detach_grids(model, quantized)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for name, keep in masks.items():  # the promise, checked once more on what is written
         if bool((state[name][~keep] != 0).any()):
             raise RuntimeError(f"{name}: a pruned weight became non-zero during fine-tuning")
     summary = report | {"finetune": {"from": str(run), "epochs": cfg.epochs, "lr": cfg.lr, "schedule": cfg.schedule,
-                                     "batch_size": cfg.batch_size, "seconds": time.perf_counter() - t0,
+                                     "batch_size": cfg.batch_size, "on_grids": bool(quantized), "seconds": time.perf_counter() - t0,
                                      "pruned_acc_before": before, "history": result["history"]},
                         "pruned_acc": result["test_acc"]} | run_metadata(dev)
     atomic_save(state, out / "model.pt")
+    if quantized:
+        atomic_save(quantized, out / "quant.pt")
     shutil.copyfile(run / "masks.pt", out / "masks.pt")
     atomic_write_json(summary, out / "report.json")
     return summary

@@ -178,7 +178,7 @@ class LayerPruner:
     def prune(self, method: str, pattern: Pattern, percdamp: float = 0.01, blocksize: int = 128,
               stats: dict | None = None, graphs: dict | None = None,
               row_scale: torch.Tensor | None = None, refine: str = "none", wbits: int | None = None,
-              quant: str = "gptq") -> LayerResult:
+              quant: str = "gptq", quant_clip: str = "minmax") -> LayerResult:
         """Prune the layer's weight in place. row_scale (out_channels,): how much each output row counts when
         rows are compared in an unstructured mask (sparsegpt, magnitude); Wanda and N:M compare within rows.
         refine: none | cg | admm, a better solve after the method's (refine.py). wbits: kept weights on a
@@ -204,7 +204,7 @@ class LayerPruner:
         if self.C is not None and live:
             Wg = dense_target_weights(Wg, Hg, self.C, percdamp)  # the error is measured against W* from here on
         scale = None if row_scale is None else row_scale.to(Wg).reshape(self.groups, -1)
-        grid = fit_grid(Wg, wbits) if wbits else None
+        grid = fit_grid(Wg, wbits, quant_clip) if wbits else None
         Q, pruned, res.percdamp = prune_matrix(Wg, Hg, method, pattern, percdamp, blocksize, scale, stats=stats,
                                                graphs=graphs, grid=grid, quant=quant)
         Q, pruned = refine_solve(refine, Wg, Q, pruned, Hg, pattern, percdamp)

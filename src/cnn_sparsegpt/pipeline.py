@@ -153,7 +153,7 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
                          owl_lambda=opts.owl_lambda, dp_measure=opts.dp_measure, bn_aware=opts.bn_aware,
                          stat_correction=opts.stat_correction, refine=opts.refine,
                          dense_target=opts.dense_target, reconstruct=opts.reconstruct, wbits=opts.wbits,
-                         quant=opts.quant)
+                         quant=opts.quant, quant_clip=opts.quant_clip)
     pruned_acc = None
     if opts.evaluate:
         t0 = time.perf_counter()

@@ -6,15 +6,23 @@ from collections import defaultdict
 from pathlib import Path
 
 from .bench import read_rows
+from .config import PruneOptions, recipe_label
 from .utils import UserError
 
 METHOD_STYLE = {"magnitude": ("tab:red", "o"), "wanda": ("tab:orange", "s"), "sparsegpt": ("tab:blue", "^")}
 
 
 def _main_rows(rows: list[dict]) -> list[dict]:
-    """The headline setting per model: test split, default damping, BN recalibration on, largest calibration size."""
-    rows = [r for r in rows if r.get("holdout", "0") == "0" and float(r.get("percdamp") or 0.01) == 0.01
-            and not r.get("recipe")]  # the methods as published; recipes are plotted apart
+    """The headline setting per model: test split, default damping, BN recalibration on, largest calibration size,
+    and one recipe: the methods as published where the CSV has them, else the recommended recipe (other recipes
+    are compared in the recipe tables)."""
+    rows = [r for r in rows if r.get("holdout", "0") == "0" and float(r.get("percdamp") or 0.01) == 0.01]
+    recommended = recipe_label(PruneOptions())
+    headline = {}
+    for r in rows:
+        if (r.get("recipe") or "") in ("", recommended) and headline.get(r["model"]) != "":
+            headline[r["model"]] = r.get("recipe") or ""
+    rows = [r for r in rows if r["model"] in headline and (r.get("recipe") or "") == headline[r["model"]]]
     best_n = defaultdict(int)
     for r in rows:
         best_n[r["model"]] = max(best_n[r["model"]], int(r["nsamples"]))

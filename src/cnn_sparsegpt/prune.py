@@ -27,7 +27,7 @@ from .graph import PRUNABLE, GraphExecutor, GraphStop, memory_policy
 from .layer import LayerPruner, LayerResult
 from .layer_plan import choose_layers, forward_order
 from .masks import Pattern
-from .quant import BITS, QUANT
+from .quant import BITS, CLIP, QUANT
 from .reconstruct import reconstruct as reconstruct_model
 from .refine import REFINE
 from .saliency import bn_row_scales
@@ -55,6 +55,7 @@ class PruneReport:
     reconstruct: dict = field(default_factory=dict)  # epochs and loss per epoch of the global reconstruction
     wbits: int | None = None  # weight bits (quant.py); None = float weights
     quant: str = ""  # gptq (in the solver's loop) or rtn (after it), with wbits
+    quant_clip: str = ""  # minmax or mse grids, with wbits
     stat_corrected: list = field(default_factory=list)  # layers and BatchNorms given the dense output statistics
     timings: dict = field(default_factory=dict)  # seconds per phase
     world_size: int = 1  # processes that shared the calibration set (torchrun)
@@ -96,12 +97,12 @@ class _Pruner:
     """Holds the run's settings and the per-layer results; the two executors call `prune_layer`."""
 
     def __init__(self, model, plan, method, pattern, percdamp, blocksize, progress, patterns=None, row_scales=None,
-                 statcorr=None, refine="none", dense=None, wbits=None, quant="gptq"):
+                 statcorr=None, refine="none", dense=None, wbits=None, quant="gptq", quant_clip="minmax"):
         self.model, self.plan, self.method, self.pattern = model, plan, method, pattern
         self.patterns = patterns or {}  # per-layer patterns of a non-uniform allocation
         self.row_scales = row_scales or {}  # BN-aware saliency
         self.statcorr, self.refine = statcorr, refine
-        self.wbits, self.quant = wbits, quant  # joint quantization (quant.py)
+        self.wbits, self.quant, self.quant_clip = wbits, quant, quant_clip  # joint quantization (quant.py)
         self.dense: DenseInputs | None = dense  # the dense network's layer inputs (asymmetric target)
         self.percdamp, self.blocksize = percdamp, blocksize
         self.modules = dict(model.named_modules())
@@ -135,7 +136,8 @@ class _Pruner:
         if dist.is_main():  # one rank solves; the others receive its weights
             res = pruner.prune(self.method, self.patterns.get(name, self.pattern), self.percdamp, self.blocksize,
                                stats=self.t, graphs=self.graphs, row_scale=self.row_scales.get(name),
-                               refine=self.refine, wbits=self.wbits, quant=self.quant)
+                               refine=self.refine, wbits=self.wbits, quant=self.quant,
+                               quant_clip=self.quant_clip)
             if self.statcorr is not None and not res.skipped:
                 self.statcorr.layer(name, module, pruner)
         res = dist.broadcast_layer(module, res)
@@ -229,7 +231,7 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
                 allocation: str = "uniform", budget: str = "params", owl_lambda: float = 0.1, dp_measure: str = "layer",
                 bn_aware: bool = False, stat_correction: bool = False, refine: str = "none",
                 dense_target: bool = False, reconstruct: int = 0, wbits: int | None = None,
-                quant: str = "gptq") -> PruneReport:
+                quant: str = "gptq", quant_clip: str = "minmax") -> PruneReport:
     """Prune `model` in place, one-shot, and return a report with per-layer results and masks.
 
     calibration: a tensor of inputs (N, ...) or an iterable of batches (tensors or (x, y) pairs).
@@ -245,16 +247,18 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
     inputs (dense_target.py; about half a dense forward pass more per layer). reconstruct: epochs of Adam on the
     kept weights towards the dense layer outputs after the prune (reconstruct.py; no longer one-shot).
     wbits: kept weights on per-channel grids of 2^wbits levels, rounded inside SparseGPT's loop (quant 'gptq')
-    or to nearest after the prune ('rtn'); the codes are in the report's `quantized` (quant.py).
+    or to nearest after the prune ('rtn'); the codes are in the report's `quantized` (quant.py). quant_clip:
+    each channel's grid spans its weights (minmax) or the clipped range of least squared rounding error (mse).
     """
     if method not in METHODS:
         raise UserError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
     if refine not in REFINE:
         raise UserError(f"unknown refinement '{refine}'; choose from {', '.join(REFINE)}")
     if wbits is not None:
-        if wbits not in BITS or quant not in QUANT:
-            raise UserError(f"--wbits must be one of {', '.join(map(str, BITS))} and --quant one of "
-                            f"{', '.join(QUANT)}; got {wbits} and {quant}")
+        if wbits not in BITS or quant not in QUANT or quant_clip not in CLIP:
+            raise UserError(f"--wbits must be one of {', '.join(map(str, BITS))}, --quant one of "
+                            f"{', '.join(QUANT)} and --quant-clip one of {', '.join(CLIP)}; got {wbits}, {quant} "
+                            f"and {quant_clip}")
         if refine != "none" or reconstruct:
             raise UserError("--refine and --reconstruct move the kept weights off their quantization grids: "
                             "not combinable with --wbits yet")
@@ -294,7 +298,7 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
     t_alloc = time.perf_counter() - t0
     dense = DenseInputs(model, batches) if dense_target or reconstruct else None  # the frozen dense model
     run = _Pruner(model, plan, method, pattern, percdamp, blocksize, progress, patterns, row_scales, statcorr,
-                  refine, dense if dense_target else None, wbits, quant)
+                  refine, dense if dense_target else None, wbits, quant, quant_clip)
     run.t["allocation_and_dense_pass"] = t_alloc
     passes = None
     if use_fx:
@@ -338,7 +342,7 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
                          allocation={k: v for k, v in alloc.items() if k != "sparsity"} | {"kind": allocation,
                                                                                            "budget": budget},
                          bn_aware=bool(row_scales), refine=refine, dense_target=dense_target, wbits=wbits,
-                         quant=quant if wbits else "",
+                         quant=quant if wbits else "", quant_clip=quant_clip if wbits else "",
                          reconstruct={"epochs": reconstruct, "loss": losses} if reconstruct else {},
                          stat_corrected=statcorr.corrected if statcorr else [],
                          bn_recalibrated=recalibrate_bn and bool(bn_modules(model)), world_size=dist.world())

@@ -169,7 +169,9 @@ def results_markdown(csv_path: Path, plots: Path | None, preamble: str = "", hol
     if any("JPEG" in r["data_source"] for r in rows):
         parts += [f"**Data:** CIFAR-10 results use the {JPEG_NOTE}.", ""]
     for model in models:
-        parts += [f"## {model}", "", model_table(rows, model), ""]
+        label = next(r.get("recipe") or "" for r in rows if r["model"] == model)
+        how = f"every method with `{label}` (the recommended recipe)" if label else "the methods as published"
+        parts += [f"## {model}", "", f"Rows: {how}.", "", model_table(rows, model), ""]
         if plots is not None and (plots / f"{model}_accuracy_vs_sparsity.png").is_file():
             parts += [f"![{model}](../{plots}/{model}_accuracy_vs_sparsity.png)", ""]
     parts += ["## Against the original research repo (2:4)", "",
