@@ -71,3 +71,35 @@ def test_reconstruct_keeps_masks_and_moves_towards_the_dense_outputs():
     assert all(p.requires_grad for p in rec.parameters())  # left as it was found
     err = {k: (dense(x) - m(x)).square().mean().item() for k, m in (("plain", plain), ("rec", rec))}
     assert err["rec"] < err["plain"]
+
+
+def test_dense_graph_in_step_serves_the_same_inputs_as_truncated_passes():
+    from cnn_sparsegpt import create_model
+
+    torch.manual_seed(0)
+    model, x = create_model("resnet18_cifar").eval(), torch.randn(8, 3, 32, 32)
+    names = ["layer1.0.conv1", "layer2.0.conv2", "layer2.0.downsample.0", "layer4.1.conv2", "fc"]
+    truncated, stepped = DenseInputs(model, list(x.split(4))), DenseInputs(model, list(x.split(4)))
+    assert stepped.follow_graph(names)
+    for name in names:  # in graph order, as the pruned run asks for them
+        for a, b in zip(truncated.stream(name), stepped.stream(name), strict=True):
+            torch.testing.assert_close(a, b)
+    stepped.free()
+
+
+def test_dense_target_prune_is_the_same_with_either_way_of_serving_dense_inputs():
+    from cnn_sparsegpt import create_model
+
+    torch.manual_seed(0)
+    model, x = create_model("resnet20_cifar"), torch.randn(64, 3, 32, 32)
+    results = []
+    for low_memory in (False, True):  # low memory: truncated passes for the dense inputs
+        m = copy.deepcopy(model)
+        results.append(prune_model(m, x, "sparsegpt", 0.7, dense_target=True, low_memory=low_memory,
+                                   progress=False, recalibrate_bn=False))
+    passes = [r.timings["dense_target"] for r in results]
+    assert all(p > 0 for p in passes)
+    for a, b in zip(*(r.layers for r in results)):
+        assert a.name == b.name and (a.error is None) == (b.error is None)
+        if a.error is not None:
+            assert abs(a.error - b.error) <= 1e-3 * max(a.error, 1e-6)

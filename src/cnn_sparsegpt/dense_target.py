@@ -8,8 +8,10 @@ inputs in the dense network) is, up to a constant, the symmetric one for the wei
 so the solver and the refinements run unchanged on W*. The inverse is damped as a ridge towards W,
 W* = W + W·(C − H)·(H + λI)⁻¹, so that a layer whose inputs did not change (C = H) keeps W exactly.
 
-The dense inputs come from a frozen copy of the dense model, one batch at a time, by a forward pass cut
-short at the layer: about half a pass per pruned layer on average, and one batch of them in memory.
+The dense inputs come from a frozen copy of the dense model. Where the pruned network runs as a traced graph
+(and not in low-memory mode), the dense copy's graph runs in step with it: one dense pass in all, for one more
+set of stored activations. Otherwise each layer's dense inputs come from forward passes cut short at the layer,
+one batch at a time: about half a pass per pruned layer on average, and one batch of them in memory.
 """
 from __future__ import annotations
 
@@ -18,8 +20,9 @@ import time
 from collections.abc import Iterator
 
 import torch
-from torch import nn
+from torch import fx, nn
 
+from .graph import GraphExecutor
 from .linalg import damped
 
 
@@ -35,9 +38,38 @@ class DenseInputs:
         self.modules = dict(self.model.named_modules())
         self.batches = batches
         self.seconds = 0.0  # spent in the dense forward passes
+        self._graph = None  # the dense graph's run, advanced in step with the pruned one (follow_graph)
+        self._captured: dict[str, list] = {}
+
+    def follow_graph(self, names: list[str]) -> bool:
+        """Serve the inputs of `names` (in the order the pruned graph reaches them) from one run of the dense
+        copy's traced graph; False if it cannot be traced (then every layer gets truncated passes)."""
+        try:
+            gm = fx.symbolic_trace(self.model)
+        except Exception:
+            return False
+
+        def capture(name):
+            def barrier(inputs):
+                if name not in self._captured:  # a module called twice is pruned at its first call
+                    self._captured[name] = list(inputs)
+            return barrier
+
+        self._executor = GraphExecutor(gm, self.batches, {n: capture(n) for n in names})
+        self._graph = self._executor.steps()
+        return True
 
     @torch.no_grad()
     def stream(self, name: str) -> Iterator[torch.Tensor]:
+        if self._graph is not None:
+            f0 = self._executor.forward_seconds
+            while self._captured.get(name) is None:
+                next(self._graph)
+            self.seconds += self._executor.forward_seconds - f0
+            inputs, self._captured[name] = self._captured[name], []  # [] marks it served
+            while inputs:
+                yield inputs.pop(0)
+            return
         captured = []
 
         def grab(_m, inp):
@@ -58,7 +90,10 @@ class DenseInputs:
             handle.remove()
 
     def free(self) -> None:
-        self.model = self.modules = None
+        if self._graph is not None:
+            self._graph.close()
+        self.model = self.modules = self._graph = self._executor = None
+        self._captured.clear()
 
 
 def dense_target_weights(W: torch.Tensor, H: torch.Tensor, C: torch.Tensor, percdamp: float) -> torch.Tensor:

@@ -56,6 +56,13 @@ class GraphExecutor:
     def run(self) -> float:
         """Run up to the last barrier; return the forward passes spent (Conv/Linear evaluations per batch,
         over those of one plain pass)."""
+        for _ in self.steps():
+            pass
+        return self.passes()
+
+    def steps(self):
+        """The run as a generator that yields after each barrier, so that another graph can be advanced in
+        step with it (the dense network beside the pruned one, dense_target.py)."""
         nb = len(self.batches)
         inplace = self._disable_inplace() if self.low_memory else []
         try:
@@ -72,12 +79,16 @@ class GraphExecutor:
                     continue
                 if node in self.barriers:
                     self.barriers[node](self._stream(node.args[0]))
+                    yield node
                 if self._keep(node, t):
                     self._store(node, t)
         finally:
             for mod in inplace:
                 mod.inplace = True
             self.stored.clear()
+
+    def passes(self) -> float:
+        nb = len(self.batches)
         layers = sum(1 for n in self.nodes[:self.last + 1] if n in self.layers and self._needed_by(n))
         return self.layer_calls / (layers * nb) if layers else 1.0
 
