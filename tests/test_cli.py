@@ -167,3 +167,17 @@ def test_bench_recipes_plots_and_results(mnist_ckpt, data_dir, tmp_path):
     cfg["recipes"] = [{"allocaton": "dp"}]  # a typo is refused before any run
     cfg_path.write_text(yaml.safe_dump(cfg))
     assert main(["-q", "bench", "--config", str(cfg_path)]) == 2
+
+
+def test_seed_and_finetune_tables(tmp_path):
+    from cnn_sparsegpt.results import finetune_table, seed_table
+
+    rows = [{"model": "m", "method": "sparsegpt", "pattern": "0.9", "recipe": "", "drop": d} for d in ("0.02", "0.04")]
+    assert "| m | sparsegpt | 0.9 | as published | 2 | -3.00 (-4.00, -2.00) |" in seed_table(rows)
+    report = {"model": "m", "pattern": "0.9", "recipe": "refine=cg,dense_target=True", "wbits": None,
+              "dense_acc": 0.99, "pruned_acc": 0.985, "device": "cpu",
+              "finetune": {"pruned_acc_before": 0.9, "epochs": 1, "seconds": 12.3}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(report))
+    assert "| m | 0.9 | refine=cg,dense_target=True | float | 99.00 | 90.00 | 98.50 | 1 | 12 | cpu |" in \
+        finetune_table([path])

@@ -135,6 +135,7 @@ def test_cli_prunes_a_pretrained_style_model_on_a_streamed_folder(inet, tmp_path
         code, stdout, err = _prune(capsys, ["--model", "torchvision:resnet18", "--weights", str(weights), "--dataset",
                                             str(inet), "--streaming", "on", "--workers", "0", "--image-size", "64",
                                             "--nsamples", "8", "--nm", "2:4", "--method", method, "--out", str(out),
+                                            "--recipe", "published",  # the data path is under test, not the solve
                                             "--save-safetensors", "--batch-size", "4"])
         assert code == 0, err
         assert "center crop 64" in stdout and "torchvision ResNet18_Weights.IMAGENET1K_V1 metadata" in stdout
@@ -158,7 +159,8 @@ def test_cli_class_count_must_fit_the_head(inet, tmp_path, capsys):
 def test_timm_model_prunes(inet, tmp_path, capsys):
     pytest.importorskip("timm")
     code, _, err = _prune(capsys, ["--model", "timm:resnet18", "--dataset", str(inet), "--image-size", "64",
-                                   "--nsamples", "8", "--nm", "2:4", "--no-evaluate", "--out", str(tmp_path / "o")])
+                                   "--nsamples", "8", "--nm", "2:4", "--no-evaluate", "--out", str(tmp_path / "o"),
+                                   "--recipe", "published"])
     assert code == 0, err
     r = json.loads((tmp_path / "o" / "report.json").read_text())
     assert r["sparsity"] == 0.5 and r["preprocess"]["interpolation"] == "bicubic"

@@ -246,7 +246,9 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
     saliency by a following BatchNorm's (γ/σ)² (saliency.py). stat_correction: match the dense network's
     per-channel output statistics after pruning (statcorr.py). refine: none | cg | admm, a better layer solve
     after the method's (refine.py). dense_target: fit each layer to the dense network's output on its pruned
-    inputs (dense_target.py; about half a dense forward pass more per layer). reconstruct: epochs of Adam on the
+    inputs (dense_target.py; one more forward pass of a frozen dense copy, or about half a pass per layer in
+    low-memory and untraceable runs). The CLI's default recipe sets dense_target and refine='cg' (config.RECIPES);
+    this function's defaults are the published method's. reconstruct: epochs of Adam on the
     kept weights towards the dense layer outputs after the prune (reconstruct.py; no longer one-shot).
     wbits: kept weights on per-channel grids of 2^wbits levels, rounded inside SparseGPT's loop (quant 'gptq')
     or to nearest after the prune ('rtn'); the codes are in the report's `quantized` (quant.py). quant_clip:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -155,7 +156,8 @@ def recipe_table(rows: list[dict]) -> str:
 
 
 def results_markdown(csv_path: Path, plots: Path | None, preamble: str = "", holdout: Path | None = None,
-                     postscript: str = "", recipes: list[Path] = (), recipes_text: str = "") -> str:
+                     postscript: str = "", recipes: list[Path] = (), recipes_text: str = "",
+                     seeds: Path | None = None, finetune: list[Path] = ()) -> str:
     all_rows = read_rows(csv_path)
     rows = _main_rows(all_rows)
     if not rows:
@@ -195,8 +197,42 @@ def results_markdown(csv_path: Path, plots: Path | None, preamble: str = "", hol
                   recipe_table(recipe_rows), ""]
         for png in sorted(plots.rglob("*_layer_sparsity.png")) if plots is not None and plots.is_dir() else []:
             parts += [f"![{png.stem}](../{png})", ""]
+    seed_rows = read_rows(seeds) if seeds is not None else []
+    if seed_rows:
+        parts += ["## Seed-to-seed variation", "", f"Rows from {seeds} (the calibration sample's seed; test split).",
+                  "", seed_table(seed_rows), ""]
+    if finetune:
+        parts += ["## Fine-tuning with the masks kept", "",
+                  "`cnn-sparsegpt finetune RUN_DIR --epochs 1` (lr 0.01, cosine) on a `prune` run; test split; "
+                  f"reports {', '.join(str(p) for p in finetune)}.", "", finetune_table(finetune), ""]
     parts += ["## Checkpoints", "", checkpoints_table(rows), ""]
     return "\n".join(parts) + "\n"
+
+def seed_table(rows: list[dict]) -> str:
+    """Seed-to-seed spread (the calibration sample): per (model, method, level, recipe), the mean, lowest and
+    highest top-1 change over the seeds run."""
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["model"], r["method"], r["pattern"], r.get("recipe") or "")].append(-100 * float(r["drop"]))
+    lines = ["| model | method | level | recipe | seeds | change from dense: mean (lowest, highest) |",
+             "|---|---|---|---|---|---|"]
+    for (model, method, pattern, recipe), d in sorted(groups.items()):
+        lines.append(f"| {model} | {method} | {pattern} | {recipe or 'as published'} | {len(d)} | "
+                     f"{sum(d) / len(d):+.2f} ({min(d):+.2f}, {max(d):+.2f}) |")
+    return "\n".join(lines)
+
+
+def finetune_table(paths: list[Path]) -> str:
+    """One row per `finetune` report: dense, pruned and fine-tuned top-1 and the training time."""
+    lines = ["| model | pattern | recipe | bits | dense | pruned | after fine-tuning | epochs | seconds | device |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        r = json.loads(Path(path).read_text())
+        f = r["finetune"]
+        lines.append(f"| {r['model']} | {r['pattern']} | {r.get('recipe') or 'as published'} | "
+                     f"{r.get('wbits') or 'float'} | {100 * r['dense_acc']:.2f} | {100 * f['pruned_acc_before']:.2f} | "
+                     f"{100 * r['pruned_acc']:.2f} | {f['epochs']} | {f['seconds']:.0f} | {r.get('device', '')} |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--postscript", help="markdown file inserted after the held-out table")
     p.add_argument("--recipes-csv", nargs="+", default=[], help="CSVs of runs with recipes beyond uniform SparseGPT")
     p.add_argument("--recipes-text", help="markdown file inserted before the recipes table")
+    p.add_argument("--seeds-csv", help="CSV of runs repeated over calibration seeds")
+    p.add_argument("--finetune-json", nargs="+", default=[], help="report.json files of `finetune` runs")
     args = p.parse_args(argv)
     try:
         if args.out:
@@ -218,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
             held = Path(args.holdout_csv) if args.holdout_csv else None
             text = Path(args.recipes_text).read_text() if args.recipes_text else ""
             atomic_write_text(results_markdown(Path(args.csv), Path(args.plots), pre, held, post,
-                                               [Path(c) for c in args.recipes_csv], text), args.out)
+                                               [Path(c) for c in args.recipes_csv], text,
+                                               Path(args.seeds_csv) if args.seeds_csv else None,
+                                               [Path(f) for f in args.finetune_json]), args.out)
             print(f"wrote {args.out}")
             return 0
         rows = _main_rows(read_rows(Path(args.csv)))
