@@ -103,3 +103,13 @@ def test_dense_target_prune_is_the_same_with_either_way_of_serving_dense_inputs(
         assert a.name == b.name and (a.error is None) == (b.error is None)
         if a.error is not None:
             assert abs(a.error - b.error) <= 1e-3 * max(a.error, 1e-6)
+
+
+def test_memory_policy_counts_the_dense_copy():
+    from cnn_sparsegpt.graph import memory_policy
+
+    gb = 2**30
+    low, why = memory_policy(gb // 1024, 1024, torch.device("cpu"), free=5 * gb)  # 2 GB of activations
+    assert not low and why.startswith("default (2 activations")
+    low, why = memory_policy(gb // 1024, 1024, torch.device("cpu"), free=5 * gb, copies=2)  # 4 GB > 2.5 GB
+    assert low and "4 activations" in why

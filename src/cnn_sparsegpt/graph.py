@@ -224,19 +224,22 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def memory_policy(largest_input: int, nsamples: int, device: torch.device, free: int | None = None) -> tuple[bool, str]:
+def memory_policy(largest_input: int, nsamples: int, device: torch.device, free: int | None = None,
+                  copies: int = 1) -> tuple[bool, str]:
     """(low_memory, why) for `low_memory=None`: the default executor holds about two activations of the
-    calibration set (a block's input for the skip, and the current layer's), low_memory about one. Take
-    the default while two of the largest fit in half of the free memory (the rest is for Hessians,
-    unfolded patches and the allocator's slack)."""
-    need = 2 * largest_input * nsamples
+    calibration set (a block's input for the skip, and the current layer's), low_memory about one; `copies`
+    networks run side by side (2 with the dense target's dense copy in step). Take the default while those
+    activations fit in half of the free memory (the rest is for Hessians, unfolded patches and the
+    allocator's slack)."""
+    n = 2 * copies
+    need = n * largest_input * nsamples
     free = available_memory(device) if free is None else free
     if free is None:
         return False, "default (free memory unknown)"
     gb = 2**30
     if need <= free / 2:
-        return False, f"default (2 activations = {need / gb:.1f} GB of {free / gb:.1f} GB free)"
-    return True, f"low-memory (2 activations = {need / gb:.1f} GB would exceed half of {free / gb:.1f} GB free)"
+        return False, f"default ({n} activations = {need / gb:.1f} GB of {free / gb:.1f} GB free)"
+    return True, f"low-memory ({n} activations = {need / gb:.1f} GB would exceed half of {free / gb:.1f} GB free)"
 
 
 @torch.no_grad()

@@ -283,7 +283,8 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
     positions: dict[str, int] = {}
     order = forward_order(model, batches[0][:1], input_bytes, positions)
     if low_memory is None:
-        low_memory, policy = memory_policy(max(input_bytes.values(), default=0), sum(len(x) for x in batches), device)
+        low_memory, policy = memory_policy(max(input_bytes.values(), default=0), sum(len(x) for x in batches), device,
+                                           copies=2 if dense_target else 1)
     else:
         policy = "low-memory" if low_memory else "default"
     plan = choose_layers(model, order, ignore, skip_first_last)
