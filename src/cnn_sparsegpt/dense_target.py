@@ -22,12 +22,8 @@ from collections.abc import Iterator
 import torch
 from torch import fx, nn
 
-from .graph import GraphExecutor
+from .graph import GraphExecutor, inputs_of
 from .linalg import damped
-
-
-class _Stop(Exception):
-    pass
 
 
 class DenseInputs:
@@ -70,24 +66,14 @@ class DenseInputs:
             while inputs:
                 yield inputs.pop(0)
             return
-        captured = []
-
-        def grab(_m, inp):
-            captured.append(inp[0])
-            raise _Stop
-
-        handle = self.modules[name].register_forward_pre_hook(grab)
-        try:
-            for x in self.batches:
-                t0 = time.perf_counter()
-                try:
-                    self.model(x)
-                except _Stop:
-                    pass
-                self.seconds += time.perf_counter() - t0
-                yield captured.pop()
-        finally:
-            handle.remove()
+        inputs = inputs_of(self.model, self.modules[name], self.batches)
+        while True:
+            t0 = time.perf_counter()
+            x = next(inputs, None)
+            self.seconds += time.perf_counter() - t0
+            if x is None:
+                return
+            yield x
 
     def free(self) -> None:
         if self._graph is not None:

@@ -41,7 +41,8 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
         if bool((state[name][~keep] != 0).any()):
             raise RuntimeError(f"{name}: a pruned weight became non-zero during fine-tuning")
     summary = report | {"finetune": {"from": str(run), "epochs": cfg.epochs, "lr": cfg.lr, "schedule": cfg.schedule,
-                                     "batch_size": cfg.batch_size, "on_grids": bool(quantized), "seconds": time.perf_counter() - t0,
+                                     "batch_size": cfg.batch_size, "on_grids": bool(quantized),
+                                     "seconds": time.perf_counter() - t0,
                                      "pruned_acc_before": before, "history": result["history"]},
                         "pruned_acc": result["test_acc"]} | run_metadata(dev)
     atomic_save(state, out / "model.pt")

@@ -242,6 +242,32 @@ def memory_policy(largest_input: int, nsamples: int, device: torch.device, free:
     return True, f"low-memory ({n} activations = {need / gb:.1f} GB would exceed half of {free / gb:.1f} GB free)"
 
 
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def inputs_of(model: nn.Module, module: nn.Module, batches: Iterable[torch.Tensor]):
+    """module's input for each batch in turn, from forward passes of model cut short at module (for models
+    that cannot run as a traced graph: half a pass per layer on average)."""
+    captured = []
+
+    def grab(_m, inp):
+        captured.append(inp[0])
+        raise _Stop
+
+    handle = module.register_forward_pre_hook(grab)
+    try:
+        for x in batches:
+            try:
+                model(x)
+            except _Stop:
+                pass
+            yield captured.pop()
+    finally:
+        handle.remove()
+
+
 @torch.no_grad()
 def run_hooked(model: nn.Module, batches, handles: list) -> None:
     """Run `model` over `batches` for what its hooks record; the hooks are removed afterwards, always."""

@@ -23,7 +23,7 @@ from . import dist
 from .allocation import allocate
 from .batchnorm import bn_modules, bn_statistics_, recalibrate
 from .dense_target import DenseInputs
-from .graph import PRUNABLE, GraphExecutor, GraphStop, memory_policy
+from .graph import PRUNABLE, GraphExecutor, GraphStop, inputs_of, memory_policy
 from .layer import LayerPruner, LayerResult
 from .layer_plan import choose_layers, forward_order
 from .masks import Pattern
@@ -87,10 +87,6 @@ def _as_batches(calibration, device: torch.device, batch_size: int) -> list[torc
     if not batches or sum(len(x) for x in batches) == 0:
         raise UserError("the calibration set is empty: give at least one image")
     return batches
-
-
-class _Stop(Exception):
-    pass
 
 
 class _Pruner:
@@ -191,22 +187,8 @@ class _Pruner:
         for name in order:
             if self.plan[name]:
                 continue
-            module, captured = self.modules[name], []
-
-            def grab(_m, inp):
-                captured.append(inp[0])
-                raise _Stop
-
-            handle = module.register_forward_pre_hook(grab)
             t0 = time.perf_counter()
-            try:
-                for x in batches:
-                    try:
-                        self.model(x)
-                    except _Stop:
-                        pass
-            finally:
-                handle.remove()
+            captured = list(inputs_of(self.model, self.modules[name], batches))
             self.t["forward"] += time.perf_counter() - t0
             passes += 1
             self.prune_layer(name, captured)
