@@ -181,3 +181,20 @@ def test_seed_and_finetune_tables(tmp_path):
     path.write_text(json.dumps(report))
     assert "| m | 0.9 | refine=cg,dense_target=True | float | 99.00 | 90.00 | 98.50 | 1 | 12 | cpu |" in \
         finetune_table([path])
+
+
+def test_recipe_defaults_and_labels():
+    from cnn_sparsegpt.config import PruneOptions, recipe_label
+    from cnn_sparsegpt.utils import UserError
+
+    default = PruneOptions()
+    assert (default.refine, default.dense_target) == ("cg", True)
+    assert recipe_label(default) == "refine=cg,dense_target=True"
+    published = PruneOptions(recipe="published")
+    assert (published.refine, published.dense_target, recipe_label(published)) == ("none", False, "")
+    assert recipe_label(PruneOptions(recipe="published", allocation="dp")) == "allocation=dp"  # as before the change
+    assert PruneOptions(refine="admm").refine == "admm"  # given explicitly: wins over the recipe
+    quantized = PruneOptions(wbits=4)  # cg would move kept weights off their grids: left out
+    assert (quantized.refine, quantized.dense_target) == ("none", True)
+    with pytest.raises(UserError, match="recipe must be one of"):
+        PruneOptions(recipe="best")
