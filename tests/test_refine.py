@@ -81,3 +81,23 @@ def test_refine_in_the_layer_pruner_and_grouped_conv():
         assert torch.equal(c.weight == 0, ~res.mask)
         errors[kind] = res.error
     assert errors["admm"] <= errors["cg"] <= errors["none"]
+
+
+def test_too_few_samples_per_input_leave_the_refits_out():
+    import copy
+
+    from torch import nn
+
+    from cnn_sparsegpt import prune_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    x = torch.randn(300, 256)  # 300 samples: 1.2 per input of the first layer, 9.4 of the second
+    plain, refit = copy.deepcopy(model), copy.deepcopy(model)
+    prune_model(plain, x, "sparsegpt", 0.7, skip_first_last=False, progress=False)
+    rep = prune_model(refit, x, "sparsegpt", 0.7, skip_first_last=False, progress=False, refine="cg",
+                      dense_target=True)
+    layers = {r.name: r for r in rep.layers}
+    assert "left out" in layers["0"].reason and not layers["2"].reason
+    assert torch.equal(plain[0].weight, refit[0].weight)  # the under-sampled layer: SparseGPT's own solve
+    assert not torch.equal(plain[2].weight, refit[2].weight)
