@@ -37,6 +37,7 @@ def test_finetune_command(mnist_ckpt, data_dir, tmp_path, capsys):  # noqa: F811
     assert "masks kept" in capsys.readouterr().out
     report = json.loads((run / "finetune" / "report.json").read_text())
     assert report["finetune"]["epochs"] == 1 and "pruned_acc_before" in report["finetune"]
+    assert "bn_recalibrated" in report["finetune"]
     state, masks = torch.load(run / "finetune" / "model.pt"), torch.load(run / "finetune" / "masks.pt")
     for name, keep in masks.items():
         assert torch.equal(state[name][~keep], torch.zeros(int((~keep).sum())))
