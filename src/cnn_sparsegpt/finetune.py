@@ -50,7 +50,8 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
     for name, keep in masks.items():  # the promise, checked once more on what is written
         if bool((state[name][~keep] != 0).any()):
             raise RuntimeError(f"{name}: a pruned weight became non-zero during fine-tuning")
-    summary = report | {"finetune": {"from": str(run), "epochs": cfg.epochs, "lr": cfg.lr, "schedule": cfg.schedule,
+    summary = report | {"finetune": {"from": str(run), "epochs": cfg.epochs, "max_steps": cfg.max_steps,
+                                     "lr": cfg.lr, "schedule": cfg.schedule,
                                      "batch_size": cfg.batch_size, "on_grids": bool(quantized),
                                      "bn_recalibrated": bool(bns), "acc_before_bn_recalibration": acc_trained,
                                      "seconds": time.perf_counter() - t0,
