@@ -34,7 +34,8 @@ class DenseInputs:
         self.modules = dict(self.model.named_modules())
         self.batches = batches
         self.seconds = 0.0  # spent in the dense forward passes
-        self._graph = None  # the dense graph's run, advanced in step with the pruned one (follow_graph)
+        self._executor: GraphExecutor | None = None  # the dense copy's traced graph (follow_graph)
+        self._graph = None  # its run, a generator advanced in step with the pruned one
         self._captured: dict[str, list] = {}
 
     def follow_graph(self, names: list[str]) -> bool:
