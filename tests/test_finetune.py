@@ -62,3 +62,36 @@ def test_finetune_quantized_run_stays_on_its_grids(mnist_ckpt, data_dir, tmp_pat
         assert torch.equal(state[name][~masks[name]], torch.zeros(int((~masks[name]).sum())))
         moved += int((state[name] != before[name]).sum())
     assert moved > 0  # training did move weights (between grid points)
+
+
+def test_finetune_holdout_picks_on_training_images(mnist_ckpt, data_dir, tmp_path, capsys):  # noqa: F811
+    run = tmp_path / "run"
+    assert main(prune_args(mnist_ckpt, data_dir, run, "--sparsity", "0.9")) == 0
+    capsys.readouterr()
+    assert main(["-q", "finetune", str(run), "--data-dir", str(data_dir), "--max-steps", "3", "--batch-size", "32",
+                 "--holdout", "500", "--warmup", "0.5", "--out", str(tmp_path / "ft")]) == 0
+    assert "held-out (500 training images)" in capsys.readouterr().out
+    f = json.loads((tmp_path / "ft" / "report.json").read_text())["finetune"]
+    assert f["best_epoch_chosen_on"] == "holdout 500" and f["warmup"] == 0.5
+    assert 0 <= f["holdout_acc_before"] <= 1 and 0 <= f["holdout_acc"] <= 1
+    assert main(["finetune", str(run), "--holdout", "-3"]) == 2
+    assert main(["finetune", str(run), "--warmup", "1.5"]) == 2
+
+
+def test_cosine_warmup_ramps_then_decays(monkeypatch):
+    model = torch.nn.Linear(2, 2)
+    seen = []
+    opt_step = torch.optim.SGD.step
+
+    def record(self, *a, **k):
+        seen.append(self.param_groups[0]["lr"])
+        return opt_step(self, *a, **k)
+
+    from cnn_sparsegpt.data import ImageSet
+    data = ImageSet(torch.zeros(40, 1, 1, 2, dtype=torch.uint8), torch.zeros(40, dtype=torch.long), (0.0,), (1.0,),
+                    "zeros")
+    monkeypatch.setattr(torch.optim.SGD, "step", record)
+    train_model(torch.nn.Sequential(torch.nn.Flatten(), model), data, data,
+                TrainConfig(epochs=1, batch_size=4, lr=1.0, schedule="cosine", warmup=0.3), progress=False)
+    assert len(seen) == 10 and seen[0] < seen[1] < seen[2] <= 1.0  # three ramp steps, then the cosine
+    assert seen[3] == 1.0 and all(a >= b for a, b in zip(seen[3:], seen[4:]))

@@ -189,6 +189,13 @@ def _add_finetune_parser(sub) -> None:
     p.add_argument("--data-dir", help="data root (default $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", help="output folder (default RUN_DIR/finetune): model.pt, masks.pt, report.json")
+    p.add_argument("--warmup", type=float, default=0.0,
+                   help="fraction of the steps over which the lr ramps up linearly before the cosine decay "
+                   "(default 0)")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="train on all but N training images and pick the best epoch on those N (the split of "
+                   "`prune --holdout`); the test split is then measured once. Use it to choose --lr/--epochs "
+                   "(default 0: the best epoch is picked on the test split)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
     p.set_defaults(func=_cmd_finetune)
 
@@ -199,10 +206,16 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
+    if not 0 <= args.warmup < 1:
+        raise UserError(f"--warmup is a fraction of the steps in [0, 1), got {args.warmup}")
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule="cosine",
-                      max_steps=args.max_steps)
-    r = finetune_run(args.run_dir, cfg, args.out, args.data_dir, args.device, progress=not args.quiet)
+                      max_steps=args.max_steps, warmup=args.warmup)
+    r = finetune_run(args.run_dir, cfg, args.out, args.data_dir, args.device, progress=not args.quiet,
+                     holdout=args.holdout)
     f = r["finetune"]
+    if f.get("holdout_acc") is not None:
+        print(f"held-out ({args.holdout} training images): {100 * f['holdout_acc_before']:.2f}% -> "
+              f"{100 * f['holdout_acc']:.2f}%")
     dense = f"dense {100 * r['dense_acc']:.2f}%, " if r.get("dense_acc") is not None else ""
     print(f"{r['model']} {r['pattern']}: top-1 {dense}pruned {100 * f['pruned_acc_before']:.2f}% -> fine-tuned "
           f"{100 * r['pruned_acc']:.2f}% after {f['epochs']} epoch(s), {f['seconds']:.0f} s; masks kept"

@@ -193,6 +193,16 @@ class Loader:
             yield x, self.data.labels[idx].to(self.device, non_blocking=True)
 
 
+def holdout_split(train, n: int):
+    """(the rest, n held-out images) of a training set: a fixed split (seed 12345), the same for `prune
+    --holdout` and `finetune --holdout`, so that settings can be chosen on images that neither fits on."""
+    if not 0 < n < len(train):
+        raise UserError(f"--holdout must be between 1 and {len(train) - 1}, got {n}")
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(12345))
+    held, rest = perm[-n:], perm[:-n]
+    return train.subset(rest), train.subset(held, source=f"{train.source}; {n} held-out training images")
+
+
 def calibration_indices(data, nsamples: int, seed: int = 0) -> torch.Tensor:
     """Which training images calibrate: a seeded random choice over the whole set (its file list, for a
     streamed folder), the same for every method given the seed."""

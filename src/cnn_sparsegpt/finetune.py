@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .batchnorm import bn_modules, recalibrate
-from .data import calibration_set, load_dataset
+from .data import calibration_set, holdout_split, load_dataset
 from .pipeline import load_run
 from .quant import attach_grids, detach_grids
 from .preprocess import Preprocess
@@ -20,7 +20,10 @@ from .utils import UserError, atomic_save, atomic_write_json, ensure_writable, r
 
 
 def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None = None, data_dir: str | None = None,
-                 device: str = "auto", progress: bool = True) -> dict:
+                 device: str = "auto", progress: bool = True, holdout: int = 0) -> dict:
+    """holdout > 0: train on the rest of the training set, pick the best epoch on those held-out images (the same
+    split as `prune --holdout`) and measure the test split once at the end, so lr and epochs can be chosen
+    honestly; 0: the best epoch is picked on the test split."""
     run = Path(run_dir)
     model, report, masks = load_run(run)
     quantized = torch.load(run / "quant.pt", map_location="cpu") if (run / "quant.pt").is_file() else {}
@@ -31,13 +34,21 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
     pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in report["preprocess"].items()})
     train = load_dataset(report["dataset"], True, data_dir, pre)
     test = load_dataset(report["dataset"], False, data_dir, pre)
+    held = None
+    if holdout:
+        train, held = holdout_split(train, holdout)
     model.to(dev)
     before = evaluate(model, test, dev, cfg.batch_size, progress, "pruned accuracy")
+    held_before = evaluate(model, held, dev, cfg.batch_size, progress, "held-out accuracy") if held else None
     t0 = time.perf_counter()
     latent = attach_grids(model, quantized)  # the optimizer moves the float weights under the grids
-    result = train_model(model, train, test, cfg, dev, progress, masks={latent.get(n, n): m for n, m in masks.items()})
+    result = train_model(model, train, held or test, cfg, dev, progress,
+                         masks={latent.get(n, n): m for n, m in masks.items()})
     quantized = detach_grids(model, quantized)
-    acc_trained = result["test_acc"]
+    seconds = time.perf_counter() - t0
+    acc_trained = evaluate(model, test, dev, cfg.batch_size, progress, "fine-tuned accuracy") if held \
+        else result["test_acc"]
+    held_after = result["test_acc"] if held else None
     bns = bn_modules(model)
     if bns:  # running averages over augmented batches (lr ≈ 0 cost the CIFAR CNN 1.2 points): re-estimate them on
         # clean training images, as the prune did (its calibration sample)
@@ -45,18 +56,24 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
         model.eval()
         with torch.no_grad():
             recalibrate(bns, model, (b.to(dev) for b in x.split(cfg.batch_size)))
-        result["test_acc"] = evaluate(model, test, dev, cfg.batch_size, progress, "fine-tuned accuracy")
+        if held:
+            held_after = evaluate(model, held, dev, cfg.batch_size, progress, "held-out accuracy")
+        acc_final = evaluate(model, test, dev, cfg.batch_size, progress, "fine-tuned accuracy")
+    else:
+        acc_final = acc_trained
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for name, keep in masks.items():  # the promise, checked once more on what is written
         if bool((state[name][~keep] != 0).any()):
             raise RuntimeError(f"{name}: a pruned weight became non-zero during fine-tuning")
     summary = report | {"finetune": {"from": str(run), "epochs": cfg.epochs, "max_steps": cfg.max_steps,
-                                     "lr": cfg.lr, "schedule": cfg.schedule,
+                                     "lr": cfg.lr, "schedule": cfg.schedule, "warmup": cfg.warmup,
                                      "batch_size": cfg.batch_size, "on_grids": bool(quantized),
+                                     "best_epoch_chosen_on": f"holdout {holdout}" if held else "test",
+                                     "holdout_acc_before": held_before, "holdout_acc": held_after,
                                      "bn_recalibrated": bool(bns), "acc_before_bn_recalibration": acc_trained,
-                                     "seconds": time.perf_counter() - t0,
+                                     "seconds": seconds,
                                      "pruned_acc_before": before, "history": result["history"]},
-                        "pruned_acc": result["test_acc"]} | run_metadata(dev)
+                        "pruned_acc": acc_final} | run_metadata(dev)
     atomic_save(state, out / "model.pt")
     if quantized:
         atomic_save(quantized, out / "quant.pt")

@@ -12,7 +12,7 @@ from torch import nn
 
 from . import dist
 from .config import PruneOptions, recipe_label
-from .data import calibration_indices, calibration_set, load_dataset
+from .data import calibration_indices, calibration_set, holdout_split, load_dataset
 from .masks import Pattern
 from .models import check_model_name, create_model, head_classes, model_entry
 from .preprocess import resolve as resolve_preprocess
@@ -104,13 +104,8 @@ def prepare(opts: PruneOptions, device: torch.device):
         import warnings
 
         warnings.warn("no --weights given: pruning a randomly initialized model", RuntimeWarning)
-    if opts.holdout:  # a fixed split of the training set, disjoint from the calibration images
-        if not 0 < opts.holdout < len(train):
-            raise UserError(f"--holdout must be between 1 and {len(train) - 1}, got {opts.holdout}")
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(12345))
-        held, rest = perm[-opts.holdout:], perm[:-opts.holdout]
-        test = train.subset(held, source=f"{train.source}; {opts.holdout} held-out training images")
-        train = train.subset(rest)
+    if opts.holdout:  # disjoint from the calibration images, which are drawn from the rest
+        train, test = holdout_split(train, opts.holdout)
     if opts.eval_samples:  # a fixed random subset: files are often sorted by class
         test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:opts.eval_samples])
     return model.to(device).eval(), train, test, dataset, pre

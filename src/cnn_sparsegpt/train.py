@@ -25,6 +25,7 @@ class TrainConfig:
     schedule: str = "onecycle"  # onecycle | cosine
     seed: int = 0
     max_steps: int = 0  # stop after this many steps (0 = no limit; for smoke tests)
+    warmup: float = 0.0  # cosine schedule: fraction of the steps over which lr ramps up linearly from 0
 
 
 @torch.no_grad()
@@ -58,7 +59,8 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def train_model(model: nn.Module, train_set: ImageSet, test_set: ImageSet, cfg: TrainConfig,
                 device: torch.device | str = "cpu", progress: bool = True,
                 masks: dict[str, torch.Tensor] | None = None) -> dict:
-    """Train in place; the weights of the best epoch (by test accuracy) are loaded back at the end.
+    """Train in place; the weights of the best epoch (by accuracy on test_set, which is held-out training images
+    when settings are being chosen) are loaded back at the end.
     masks (parameter name → True = kept): pruned weights are zeroed before training and after every step,
     so the sparsity pattern is kept exactly (fine-tuning a pruned model).
 
@@ -82,7 +84,10 @@ def train_model(model: nn.Module, train_set: ImageSet, test_set: ImageSet, cfg: 
     if cfg.schedule == "onecycle":
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(total, 1), pct_start=0.25)
     else:
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(total, 1))))
+        ramp = int(cfg.warmup * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: (s + 1) / (ramp + 1) if s < ramp
+            else 0.5 * (1 + math.cos(math.pi * (s - ramp) / max(total - ramp, 1))))
     params = dict(model.named_parameters())
     keep = {n: m.to(device) for n, m in (masks or {}).items()}
 
