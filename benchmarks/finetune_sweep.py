@@ -1,0 +1,65 @@
+"""Choose fine-tuning settings honestly: for each (lr, warm-up) fine-tune a pruned run with `finetune --holdout N`
+(train on all but N training images, best epoch on those N), choose the setting with the best held-out accuracy,
+and report the test accuracy of that one (each run measures the test split once, at its end; the choice never
+looks at it). Every run's numbers are kept in the JSON, which is rewritten after each run.
+
+    python benchmarks/finetune_sweep.py RUN_DIR --data-dir ../shared/data --lrs 0.01 0.05 --warmups 0 0.1 \\
+        --holdout 5000 --out experiments/finetune_sweep/NAME.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import tempfile
+from pathlib import Path
+
+from cnn_sparsegpt.finetune import finetune_run
+from cnn_sparsegpt.train import TrainConfig
+from cnn_sparsegpt.utils import atomic_write_json, git_commit
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir")
+    p.add_argument("--data-dir")
+    p.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1])
+    p.add_argument("--warmups", type=float, nargs="+", default=[0.0, 0.1])
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--holdout", type=int, default=5000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-steps", type=int, default=0, help="per run (smoke tests)")
+    p.add_argument("--commit", default=git_commit(), help="commit of the code (default: git's; a copy without .git)")
+    p.add_argument("--out", required=True, help="JSON file")
+    args = p.parse_args()
+    out = Path(args.out)
+    done = json.loads(out.read_text()) if out.is_file() else {}
+    runs = done.get("runs", [])
+    seen = {(r["lr"], r["warmup"]) for r in runs}
+    summary = {"run_dir": args.run_dir, "commit": args.commit, "epochs": args.epochs, "holdout": args.holdout,
+               "chosen_on": f"accuracy on {args.holdout} held-out training images", "runs": runs}
+    for lr, warmup in itertools.product(args.lrs, args.warmups):
+        if (lr, warmup) in seen:  # an interrupted sweep goes on where it stopped
+            continue
+        cfg = TrainConfig(epochs=args.epochs, lr=lr, batch_size=args.batch_size, schedule="cosine", warmup=warmup,
+                          max_steps=args.max_steps)
+        with tempfile.TemporaryDirectory() as tmp:
+            r = finetune_run(args.run_dir, cfg, tmp, args.data_dir, args.device, progress=False,
+                             holdout=args.holdout)
+        f = r["finetune"]
+        runs.append({"lr": lr, "warmup": warmup, "holdout_acc_before": f["holdout_acc_before"],
+                     "holdout_acc": f["holdout_acc"], "test_acc_before": f["pruned_acc_before"],
+                     "test_acc": r["pruned_acc"], "dense_test_acc": r.get("dense_acc"), "seconds": f["seconds"],
+                     "device": r.get("device"), "model": r["model"], "pattern": r.get("pattern"),
+                     "recipe": r.get("recipe")})
+        best = max(runs, key=lambda x: x["holdout_acc"])
+        summary["chosen"] = {"lr": best["lr"], "warmup": best["warmup"], "test_acc": best["test_acc"]}
+        atomic_write_json(summary, out)
+        print(f"lr {lr} warm-up {warmup}: held-out {100 * f['holdout_acc_before']:.2f} -> "
+              f"{100 * f['holdout_acc']:.2f}, test {100 * r['pruned_acc']:.2f} ({f['seconds']:.0f} s)", flush=True)
+    print(f"chosen on held-out images: {summary.get('chosen')}")
+
+
+if __name__ == "__main__":
+    main()
