@@ -25,6 +25,8 @@ def main() -> None:
     p.add_argument("--data-dir")
     p.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1])
     p.add_argument("--warmups", type=float, nargs="+", default=[0.0, 0.1])
+    p.add_argument("--distills", type=float, nargs="+", default=[0.0], help="distillation weights (0 = off)")
+    p.add_argument("--teacher", help="dense checkpoint for distillation (default: the run's --weights)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--holdout", type=int, default=5000)
     p.add_argument("--batch-size", type=int, default=128)
@@ -36,27 +38,28 @@ def main() -> None:
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.is_file() else {}
     runs = done.get("runs", [])
-    seen = {(r["lr"], r["warmup"]) for r in runs}
+    seen = {(r["lr"], r["warmup"], r.get("distill", 0.0)) for r in runs}
     summary = {"run_dir": args.run_dir, "commit": args.commit, "epochs": args.epochs, "holdout": args.holdout,
                "chosen_on": f"accuracy on {args.holdout} held-out training images", "runs": runs}
-    for lr, warmup in itertools.product(args.lrs, args.warmups):
-        if (lr, warmup) in seen:  # an interrupted sweep goes on where it stopped
+    for lr, warmup, distill in itertools.product(args.lrs, args.warmups, args.distills):
+        if (lr, warmup, distill) in seen:  # an interrupted sweep goes on where it stopped
             continue
         cfg = TrainConfig(epochs=args.epochs, lr=lr, batch_size=args.batch_size, schedule="cosine", warmup=warmup,
-                          max_steps=args.max_steps)
+                          max_steps=args.max_steps, distill=distill)
         with tempfile.TemporaryDirectory() as tmp:
             r = finetune_run(args.run_dir, cfg, tmp, args.data_dir, args.device, progress=False,
-                             holdout=args.holdout)
+                             holdout=args.holdout, teacher_weights=args.teacher)
         f = r["finetune"]
-        runs.append({"lr": lr, "warmup": warmup, "holdout_acc_before": f["holdout_acc_before"],
+        runs.append({"lr": lr, "warmup": warmup, "distill": distill, "commit": args.commit, "holdout_acc_before": f["holdout_acc_before"],
                      "holdout_acc": f["holdout_acc"], "test_acc_before": f["pruned_acc_before"],
                      "test_acc": r["pruned_acc"], "dense_test_acc": r.get("dense_acc"), "seconds": f["seconds"],
                      "device": r.get("device"), "model": r["model"], "pattern": r.get("pattern"),
                      "recipe": r.get("recipe")})
         best = max(runs, key=lambda x: x["holdout_acc"])
-        summary["chosen"] = {"lr": best["lr"], "warmup": best["warmup"], "test_acc": best["test_acc"]}
+        summary["chosen"] = {"lr": best["lr"], "warmup": best["warmup"], "distill": best.get("distill", 0.0),
+                             "test_acc": best["test_acc"]}
         atomic_write_json(summary, out)
-        print(f"lr {lr} warm-up {warmup}: held-out {100 * f['holdout_acc_before']:.2f} -> "
+        print(f"lr {lr} warm-up {warmup} distill {distill}: held-out {100 * f['holdout_acc_before']:.2f} -> "
               f"{100 * f['holdout_acc']:.2f}, test {100 * r['pruned_acc']:.2f} ({f['seconds']:.0f} s)", flush=True)
     print(f"chosen on held-out images: {summary.get('chosen')}")
 

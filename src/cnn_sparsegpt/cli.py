@@ -196,6 +196,12 @@ def _add_finetune_parser(sub) -> None:
                    help="train on all but N training images and pick the best epoch on those N (the split of "
                    "`prune --holdout`); the test split is then measured once. Use it to choose --lr/--epochs "
                    "(default 0: the best epoch is picked on the test split)")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="weight in [0, 1] of knowledge distillation from the dense model the run was pruned from "
+                   "(its outputs as soft targets); default 0 (off)")
+    p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature (default 4)")
+    p.add_argument("--teacher", help="dense checkpoint for --distill (default: the run's --weights, as report.json "
+                   "names it)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
     p.set_defaults(func=_cmd_finetune)
 
@@ -208,10 +214,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
     if not 0 <= args.warmup < 1:
         raise UserError(f"--warmup is a fraction of the steps in [0, 1), got {args.warmup}")
+    if not 0 <= args.distill <= 1 or args.temperature <= 0:
+        raise UserError(f"--distill is a weight in [0, 1] and --temperature > 0, got {args.distill}, "
+                        f"{args.temperature}")
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule="cosine",
-                      max_steps=args.max_steps, warmup=args.warmup)
+                      max_steps=args.max_steps, warmup=args.warmup, distill=args.distill,
+                      temperature=args.temperature)
     r = finetune_run(args.run_dir, cfg, args.out, args.data_dir, args.device, progress=not args.quiet,
-                     holdout=args.holdout)
+                     holdout=args.holdout, teacher_weights=args.teacher)
     f = r["finetune"]
     if f.get("holdout_acc") is not None:
         print(f"held-out ({args.holdout} training images): {100 * f['holdout_acc_before']:.2f}% -> "

@@ -12,7 +12,7 @@ import torch
 
 from .batchnorm import bn_modules, recalibrate
 from .data import calibration_set, holdout_split, load_dataset
-from .pipeline import load_run
+from .pipeline import load_dense, load_run
 from .quant import attach_grids, detach_grids
 from .preprocess import Preprocess
 from .train import TrainConfig, evaluate, train_model
@@ -20,15 +20,18 @@ from .utils import UserError, atomic_save, atomic_write_json, ensure_writable, r
 
 
 def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None = None, data_dir: str | None = None,
-                 device: str = "auto", progress: bool = True, holdout: int = 0) -> dict:
+                 device: str = "auto", progress: bool = True, holdout: int = 0,
+                 teacher_weights: str | None = None) -> dict:
     """holdout > 0: train on the rest of the training set, pick the best epoch on those held-out images (the same
     split as `prune --holdout`) and measure the test split once at the end, so lr and epochs can be chosen
-    honestly; 0: the best epoch is picked on the test split."""
+    honestly; 0: the best epoch is picked on the test split. cfg.distill > 0: the dense model the run was pruned
+    from (its checkpoint as report.json names it, or teacher_weights) is the teacher."""
     run = Path(run_dir)
     model, report, masks = load_run(run)
     quantized = torch.load(run / "quant.pt", map_location="cpu") if (run / "quant.pt").is_file() else {}
     if not masks:
         raise UserError(f"{run} has no masks.pt: nothing to keep")
+    teacher = load_dense(report, teacher_weights) if cfg.distill > 0 else None
     out = ensure_writable(out or run / "finetune")
     dev = resolve_device(device)
     pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in report["preprocess"].items()})
@@ -43,7 +46,7 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
     t0 = time.perf_counter()
     latent = attach_grids(model, quantized)  # the optimizer moves the float weights under the grids
     result = train_model(model, train, held or test, cfg, dev, progress,
-                         masks={latent.get(n, n): m for n, m in masks.items()})
+                         masks={latent.get(n, n): m for n, m in masks.items()}, teacher=teacher)
     quantized = detach_grids(model, quantized)
     seconds = time.perf_counter() - t0
     acc_trained = evaluate(model, test, dev, cfg.batch_size, progress, "fine-tuned accuracy") if held \
@@ -67,6 +70,7 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
             raise RuntimeError(f"{name}: a pruned weight became non-zero during fine-tuning")
     summary = report | {"finetune": {"from": str(run), "epochs": cfg.epochs, "max_steps": cfg.max_steps,
                                      "lr": cfg.lr, "schedule": cfg.schedule, "warmup": cfg.warmup,
+                                     "distill": cfg.distill, "temperature": cfg.temperature if teacher else None,
                                      "batch_size": cfg.batch_size, "on_grids": bool(quantized),
                                      "best_epoch_chosen_on": f"holdout {holdout}" if held else "test",
                                      "holdout_acc_before": held_before, "holdout_acc": held_after,

@@ -228,3 +228,14 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, dict, dict]:
     model.load_state_dict(state)
     masks = torch.load(run / "masks.pt", map_location="cpu") if (run / "masks.pt").is_file() else {}
     return model.eval(), report, masks
+
+
+def load_dense(report: dict, weights: str | Path | None = None) -> nn.Module:
+    """The dense model a run was pruned from (eval mode): its checkpoint as the report names it, or `weights`."""
+    path = Path(weights or report.get("weights") or "")
+    if not path.is_file():
+        raise UserError(f"the dense checkpoint '{path}' (the run's --weights) is not here: name it with --teacher")
+    state = load_state_dict(path)
+    model = create_model(report["model"], num_classes=head_classes(report["model"], state) or 10)
+    load_weights(model, path, report["model"], state)
+    return model.eval()

@@ -157,7 +157,7 @@ def recipe_table(rows: list[dict]) -> str:
 
 def results_markdown(csv_path: Path, plots: Path | None, preamble: str = "", holdout: Path | None = None,
                      postscript: str = "", recipes: list[Path] = (), recipes_text: str = "",
-                     seeds: Path | None = None, finetune: list[Path] = ()) -> str:
+                     seeds: Path | None = None, finetune: list[Path] = (), sweeps: list[Path] = ()) -> str:
     all_rows = read_rows(csv_path)
     rows = _main_rows(all_rows)
     if not rows:
@@ -205,6 +205,11 @@ def results_markdown(csv_path: Path, plots: Path | None, preamble: str = "", hol
         parts += ["## Fine-tuning with the masks kept", "",
                   "`cnn-sparsegpt finetune RUN_DIR --epochs 1` (lr 0.01, cosine) on a `prune` run; test split; "
                   f"reports {', '.join(str(p) for p in finetune)}.", "", finetune_table(finetune), ""]
+    if sweeps:
+        parts += ["### Fine-tuning settings chosen on held-out images", "",
+                  "`benchmarks/finetune_sweep.py`: each (lr, warm-up, distillation weight) fine-tuned with `finetune --holdout 5000`; the "
+                  "one with the best held-out accuracy is chosen, and its test accuracy (measured once, at the end "
+                  f"of its run) is reported. Files: {', '.join(str(p) for p in sweeps)}.", "", sweep_table(sweeps), ""]
     parts += ["## Checkpoints", "", checkpoints_table(rows), ""]
     return "\n".join(parts) + "\n"
 
@@ -235,6 +240,25 @@ def finetune_table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def sweep_table(paths: list[Path]) -> str:
+    """One row per benchmarks/finetune_sweep.py JSON: the setting chosen on held-out images and its accuracies."""
+    lines = ["| model | pattern | epochs | settings tried | chosen lr, warm-up, distillation | held-out: before → after | "
+             "test: before → after | dense (test) | seconds per run | device | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        s = json.loads(Path(path).read_text())
+        c = s["chosen"]
+        key = (c["lr"], c["warmup"], c.get("distill", 0.0))
+        r = next(x for x in s["runs"] if (x["lr"], x["warmup"], x.get("distill", 0.0)) == key)
+        dense = f"{100 * r['dense_test_acc']:.2f}" if r.get("dense_test_acc") is not None else "–"
+        pattern = "dense (control)" if float(r["pattern"]) == 0 and ":" not in r["pattern"] else r["pattern"]
+        lines.append(f"| {r['model']} | {pattern} | {s['epochs']} | {len(s['runs'])} | {c['lr']}, {c['warmup']}, {c.get('distill', 0.0)} | "
+                     f"{100 * r['holdout_acc_before']:.2f} → {100 * r['holdout_acc']:.2f} | "
+                     f"{100 * r['test_acc_before']:.2f} → {100 * r['test_acc']:.2f} | {dense} | "
+                     f"{r['seconds']:.0f} | {r['device']} | {s['commit']} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cnn_sparsegpt.results", description=__doc__)
     p.add_argument("--csv", default="experiments/results.csv")
@@ -248,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipes-text", help="markdown file inserted before the recipes table")
     p.add_argument("--seeds-csv", help="CSV of runs repeated over calibration seeds")
     p.add_argument("--finetune-json", nargs="+", default=[], help="report.json files of `finetune` runs")
+    p.add_argument("--sweep-json", nargs="+", default=[], help="JSONs of benchmarks/finetune_sweep.py")
     args = p.parse_args(argv)
     try:
         if args.out:
@@ -258,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write_text(results_markdown(Path(args.csv), Path(args.plots), pre, held, post,
                                                [Path(c) for c in args.recipes_csv], text,
                                                Path(args.seeds_csv) if args.seeds_csv else None,
-                                               [Path(f) for f in args.finetune_json]), args.out)
+                                               [Path(f) for f in args.finetune_json],
+                                               [Path(f) for f in args.sweep_json]), args.out)
             print(f"wrote {args.out}")
             return 0
         rows = _main_rows(read_rows(Path(args.csv)))

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -26,6 +27,8 @@ class TrainConfig:
     seed: int = 0
     max_steps: int = 0  # stop after this many steps (0 = no limit; for smoke tests)
     warmup: float = 0.0  # cosine schedule: fraction of the steps over which lr ramps up linearly from 0
+    distill: float = 0.0  # weight of a teacher's softened outputs in the loss (knowledge distillation; 0 = off)
+    temperature: float = 4.0  # softens teacher and student alike in the distillation term
 
 
 @torch.no_grad()
@@ -58,11 +61,12 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def train_model(model: nn.Module, train_set: ImageSet, test_set: ImageSet, cfg: TrainConfig,
                 device: torch.device | str = "cpu", progress: bool = True,
-                masks: dict[str, torch.Tensor] | None = None) -> dict:
+                masks: dict[str, torch.Tensor] | None = None, teacher: nn.Module | None = None) -> dict:
     """Train in place; the weights of the best epoch (by accuracy on test_set, which is held-out training images
     when settings are being chosen) are loaded back at the end.
     masks (parameter name → True = kept): pruned weights are zeroed before training and after every step,
-    so the sparsity pattern is kept exactly (fine-tuning a pruned model).
+    so the sparsity pattern is kept exactly (fine-tuning a pruned model). teacher (with cfg.distill > 0): its
+    outputs on the same augmented batch are soft targets (Hinton et al. 2015), e.g. the dense model for its pruned copy.
 
     Returns {'test_acc', 'best_epoch', 'history', 'seconds', 'state_dict'}.
     """
@@ -97,7 +101,19 @@ def train_model(model: nn.Module, train_set: ImageSet, test_set: ImageSet, cfg: 
                 params[n].mul_(m)
 
     apply_masks()
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    if teacher is not None and cfg.distill > 0:
+        teacher.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format).eval()
+        a, t = cfg.distill, cfg.temperature
+
+        def loss_fn(out, x, y):  # t² keeps the soft term's gradients on the scale of the hard one's
+            with torch.no_grad():
+                soft = F.log_softmax(teacher(x) / t, 1)
+            kd = F.kl_div(F.log_softmax(out / t, 1), soft, reduction="batchmean", log_target=True)
+            return (1 - a) * ce(out, y) + a * t * t * kd
+    else:
+        def loss_fn(out, x, y):
+            return ce(out, y)
     best, best_state, best_epoch, history, step = -1.0, None, 0, [], 0
     t0 = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
@@ -105,7 +121,7 @@ def train_model(model: nn.Module, train_set: ImageSet, test_set: ImageSet, cfg: 
         bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress, leave=False)
         running = 0.0
         for x, y in bar:
-            loss = loss_fn(model(x), y)
+            loss = loss_fn(model(x), x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
