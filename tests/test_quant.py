@@ -64,3 +64,18 @@ def test_mse_clipping_rounds_with_less_error_and_keeps_zero_on_the_grid():
         e_mse = (mse.quantize(W) - W).square().sum(-1)
         assert bool((e_mse <= e_minmax).all()) and e_mse.sum() < 0.9 * e_minmax.sum()
         assert torch.equal(mse.quantize(torch.zeros(1, 32, 1)), torch.zeros(1, 32, 1))
+
+
+def test_a_layer_that_nm_cannot_prune_is_still_quantized():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 64, 10))
+    rep = prune_model(model, torch.randn(32, 3, 8, 8), "sparsegpt", nm="2:4", wbits=4, skip_first_last=False,
+                      progress=False)
+    first = next(r for r in rep.layers if r.name == "0")
+    assert first.skipped and "quantized to 4 bits" in first.reason and first.sparsity == 0
+    assert "0.weight" in rep.quantized and "0.weight" not in rep.masks  # on its grid, not pruned
+    q, w = rep.quantized["0.weight"], model[0].weight.detach()
+    rebuilt = q["scale"].view(-1, 1, 1, 1) * (q["codes"].float() - q["zero"].float().view(-1, 1, 1, 1))
+    torch.testing.assert_close(rebuilt, w, rtol=0, atol=1e-6)
+    assert abs(rep.sparsity - 0.5) < 1e-6  # the totals count the pruned layers only

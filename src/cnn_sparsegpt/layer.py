@@ -195,9 +195,13 @@ class LayerPruner:
         res = LayerResult(self.name, list(weight.shape), method, str(pattern))
         res.reason = self.skip_reason(pattern)
         if res.reason:
-            res.skipped = True
+            res.skipped = True  # not pruned: left out of the sparsity totals and of masks.pt
             res.mask = torch.ones_like(weight, dtype=torch.bool)
-            return res
+            if not wbits:
+                return res
+            # a deployed model should not carry one float layer among quantized ones: GPTQ alone here
+            res.reason += f"; not pruned, quantized to {wbits} bits"
+            pattern = Pattern(sparsity=0.0)
         if method not in METHODS:
             raise ValueError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
         Wg, perm = self.weight_matrix()
