@@ -186,14 +186,14 @@ def test_seed_and_finetune_tables(tmp_path):
 def test_sweep_table_reports_the_setting_chosen_on_held_out_images(tmp_path):
     from cnn_sparsegpt.results import sweep_table
 
-    run = {"model": "m", "pattern": "0.9", "device": "cpu", "seconds": 3.0, "dense_test_acc": 0.8,
+    run = {"model": "m", "pattern": "0.9", "device": "cpu", "seconds": 3.0, "dense_test_acc": 0.8, "commit": "abc",
            "holdout_acc_before": 0.5, "test_acc_before": 0.5}
-    sweep = {"commit": "abc", "epochs": 1, "chosen": {"lr": 0.1, "warmup": 0.0, "test_acc": 0.6},
+    sweep = {"epochs": 1, "chosen": {"lr": 0.1, "warmup": 0.0, "test_acc": 0.6},
              "runs": [run | {"lr": 0.01, "warmup": 0.0, "holdout_acc": 0.6, "test_acc": 0.7},
                       run | {"lr": 0.1, "warmup": 0.0, "holdout_acc": 0.7, "test_acc": 0.6}]}
     path = tmp_path / "s.json"
     path.write_text(json.dumps(sweep))
-    assert "| m | 0.9 | 1 | 2 | 0.1, 0.0, 0.0 | 50.00 → 70.00 | 50.00 → 60.00 | 80.00 | 3 | cpu | abc |" in \
+    assert "| m | 0.9 | 1 | 2 | 0.1, 0.0, 0.0, 128 | 50.00 → 70.00 | 50.00 → 60.00 | 80.00 | 3 | cpu | abc |" in \
         sweep_table([path])
 
 
