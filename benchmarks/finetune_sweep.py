@@ -19,6 +19,10 @@ from cnn_sparsegpt.train import TrainConfig
 from cnn_sparsegpt.utils import atomic_write_json, git_commit
 
 
+def _rate(text: str) -> float | None:
+    return None if text == "own" else float(text)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir")
@@ -30,6 +34,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--holdout", type=int, default=5000)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128])
+    p.add_argument("--dropouts", type=_rate, nargs="+", default=[None], help="dropout rates; 'own' = the model's")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-steps", type=int, default=0, help="per run (smoke tests)")
     p.add_argument("--commit", default=git_commit(), help="commit of the code (default: git's; a copy without .git)")
@@ -38,29 +43,32 @@ def main() -> None:
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.is_file() else {}
     runs = done.get("runs", [])
-    seen = {(r["lr"], r["warmup"], r.get("distill", 0.0), r.get("batch_size", 128)) for r in runs}
+    seen = {(r["lr"], r["warmup"], r.get("distill", 0.0), r.get("batch_size", 128), r.get("dropout")) for r in runs}
     summary = {"run_dir": args.run_dir, "epochs": args.epochs, "holdout": args.holdout,
                "chosen_on": f"accuracy on {args.holdout} held-out training images", "runs": runs}
-    for lr, warmup, distill, bs in itertools.product(args.lrs, args.warmups, args.distills, args.batch_sizes):
-        if (lr, warmup, distill, bs) in seen:  # an interrupted sweep goes on where it stopped
+    grid = itertools.product(args.lrs, args.warmups, args.distills, args.batch_sizes, args.dropouts)
+    for lr, warmup, distill, bs, dropout in grid:
+        if (lr, warmup, distill, bs, dropout) in seen:  # an interrupted sweep goes on where it stopped
             continue
         cfg = TrainConfig(epochs=args.epochs, lr=lr, batch_size=bs, schedule="cosine", warmup=warmup,
                           max_steps=args.max_steps, distill=distill)
         with tempfile.TemporaryDirectory() as tmp:
             r = finetune_run(args.run_dir, cfg, tmp, args.data_dir, args.device, progress=False,
-                             holdout=args.holdout, teacher_weights=args.teacher)
+                             holdout=args.holdout, teacher_weights=args.teacher, dropout=dropout)
         f = r["finetune"]
-        runs.append({"lr": lr, "warmup": warmup, "distill": distill, "batch_size": bs, "commit": args.commit, "holdout_acc_before": f["holdout_acc_before"],
+        runs.append({"lr": lr, "warmup": warmup, "distill": distill, "batch_size": bs, "dropout": dropout,
+                     "commit": args.commit, "holdout_acc_before": f["holdout_acc_before"],
                      "holdout_acc": f["holdout_acc"], "test_acc_before": f["pruned_acc_before"],
                      "test_acc": r["pruned_acc"], "dense_test_acc": r.get("dense_acc"), "seconds": f["seconds"],
                      "device": r.get("device"), "model": r["model"], "pattern": r.get("pattern"),
                      "recipe": r.get("recipe")})
         best = max(runs, key=lambda x: x["holdout_acc"])
         summary["chosen"] = {"lr": best["lr"], "warmup": best["warmup"], "distill": best.get("distill", 0.0),
-                             "batch_size": best.get("batch_size", 128),
+                             "batch_size": best.get("batch_size", 128), "dropout": best.get("dropout"),
                              "test_acc": best["test_acc"]}
         atomic_write_json(summary, out)
-        print(f"lr {lr} warm-up {warmup} distill {distill} batch {bs}: held-out {100 * f['holdout_acc_before']:.2f} -> "
+        print(f"lr {lr} warm-up {warmup} distill {distill} batch {bs} dropout {dropout}: "
+              f"held-out {100 * f['holdout_acc_before']:.2f} -> "
               f"{100 * f['holdout_acc']:.2f}, test {100 * r['pruned_acc']:.2f} ({f['seconds']:.0f} s)", flush=True)
     print(f"chosen on held-out images: {summary.get('chosen')}")
 

@@ -193,7 +193,7 @@ def test_sweep_table_reports_the_setting_chosen_on_held_out_images(tmp_path):
                       run | {"lr": 0.1, "warmup": 0.0, "holdout_acc": 0.7, "test_acc": 0.6}]}
     path = tmp_path / "s.json"
     path.write_text(json.dumps(sweep))
-    assert "| m | 0.9 | 1 | 2 | 0.1, 0.0, 0.0, 128 | 50.00 → 70.00 | 50.00 → 60.00 | 80.00 | 3 | cpu | abc |" in \
+    assert "| m | 0.9 | 1 | 2 | 0.1, 0.0, 0.0, 128, own | 50.00 → 70.00 | 50.00 → 60.00 | 80.00 | 3 | cpu | abc |" in \
         sweep_table([path])
 
 

@@ -77,9 +77,10 @@ def test_finetune_holdout_picks_on_training_images(mnist_ckpt, data_dir, tmp_pat
     assert main(["finetune", str(run), "--holdout", "-3"]) == 2
     assert main(["finetune", str(run), "--distill", "0.5", "--teacher", str(tmp_path / "missing.pt")]) == 2
     assert main(["-q", "finetune", str(run), "--data-dir", str(data_dir), "--max-steps", "3", "--batch-size", "32",
-                 "--distill", "0.7", "--out", str(tmp_path / "kd")]) == 0  # the teacher: the run's own --weights
-    f = json.loads((tmp_path / "kd" / "report.json").read_text())["finetune"]
-    assert f["distill"] == 0.7 and f["temperature"] == 4.0
+                 "--distill", "0.7", "--dropout", "0", "--out", str(tmp_path / "kd")]) == 0  # teacher: the run's
+    f = json.loads((tmp_path / "kd" / "report.json").read_text())["finetune"]  # own --weights
+    assert f["distill"] == 0.7 and f["temperature"] == 4.0 and f["dropout"] == 0.0
+    assert main(["finetune", str(run), "--dropout", "1.5"]) == 2
     assert main(["finetune", str(run), "--warmup", "1.5"]) == 2
 
 

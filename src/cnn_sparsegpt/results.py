@@ -207,7 +207,8 @@ def results_markdown(csv_path: Path, plots: Path | None, preamble: str = "", hol
                   f"reports {', '.join(str(p) for p in finetune)}.", "", finetune_table(finetune), ""]
     if sweeps:
         parts += ["### Fine-tuning settings chosen on held-out images", "",
-                  "`benchmarks/finetune_sweep.py`: each (lr, warm-up, distillation weight, batch size) fine-tuned with `finetune --holdout 5000`; the "
+                  "`benchmarks/finetune_sweep.py`: each (lr, warm-up, distillation weight, batch size, dropout rate; "
+                  "own = the model's) fine-tuned with `finetune --holdout 5000`; the "
                   "one with the best held-out accuracy is chosen, and its test accuracy (measured once, at the end "
                   f"of its run) is reported. Files: {', '.join(str(p) for p in sweeps)}.", "", sweep_table(sweeps), ""]
     parts += ["## Checkpoints", "", checkpoints_table(rows), ""]
@@ -242,19 +243,21 @@ def finetune_table(paths: list[Path]) -> str:
 
 def sweep_table(paths: list[Path]) -> str:
     """One row per benchmarks/finetune_sweep.py JSON: the setting chosen on held-out images and its accuracies."""
-    lines = ["| model | pattern | epochs | settings tried | chosen lr, warm-up, distillation, batch | held-out: before → after | "
-             "test: before → after | dense (test) | seconds per run | device | commit |",
+    lines = ["| model | pattern | epochs | settings tried | chosen lr, warm-up, distillation, batch, dropout | "
+             "held-out: before → after | test: before → after | dense (test) | seconds per run | device | commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         s = json.loads(Path(path).read_text())
         c = s["chosen"]
+
         def key(x):
-            return x["lr"], x["warmup"], x.get("distill", 0.0), x.get("batch_size", 128)
+            return x["lr"], x["warmup"], x.get("distill", 0.0), x.get("batch_size", 128), x.get("dropout")
         r = next(x for x in s["runs"] if key(x) == key(c))
         dense = f"{100 * r['dense_test_acc']:.2f}" if r.get("dense_test_acc") is not None else "–"
         pattern = "dense (control)" if float(r["pattern"]) == 0 and ":" not in r["pattern"] else r["pattern"]
-        lines.append(f"| {r['model']} | {pattern} | {s['epochs']} | {len(s['runs'])} | {c['lr']}, {c['warmup']}, {c.get('distill', 0.0)}, "
-                     f"{c.get('batch_size', 128)} | "
+        lines.append(f"| {r['model']} | {pattern} | {s['epochs']} | {len(s['runs'])} | {c['lr']}, {c['warmup']}, "
+                     f"{c.get('distill', 0.0)}, "
+                     f"{c.get('batch_size', 128)}, {'own' if c.get('dropout') is None else c['dropout']} | "
                      f"{100 * r['holdout_acc_before']:.2f} → {100 * r['holdout_acc']:.2f} | "
                      f"{100 * r['test_acc_before']:.2f} → {100 * r['test_acc']:.2f} | {dense} | "
                      f"{r['seconds']:.0f} | {r['device']} | {r.get('commit') or s.get('commit', '')} |")
