@@ -5,6 +5,7 @@
 #   bash benchmarks/cpu_session6_dropout.sh DATA_DIR
 set -euo pipefail
 DATA=${1:-../shared/data}
-S="python3 benchmarks/finetune_sweep.py --data-dir $DATA --device cpu --holdout 5000 --warmups 0 --dropouts 0"
-$S runs/ft_cifar_cnn_90 --lrs 0.01 0.03 0.1 --out experiments/finetune_sweep/cifar_cnn_90.json
-$S runs/cifar_cnn_dense --lrs 0.03 --out experiments/finetune_sweep/cifar_cnn_dense.json
+O="--data-dir $DATA --device cpu --holdout 5000 --warmups 0 --dropouts 0"
+python3 benchmarks/finetune_sweep.py runs/ft_cifar_cnn_90 $O --lrs 0.01 0.03 0.1 \
+    --out experiments/finetune_sweep/cifar_cnn_90.json
+python3 benchmarks/finetune_sweep.py runs/cifar_cnn_dense $O --lrs 0.03 --out experiments/finetune_sweep/cifar_cnn_dense.json
