@@ -49,7 +49,7 @@ def test_finetune_quantized_run_stays_on_its_grids(mnist_ckpt, data_dir, tmp_pat
     assert main(prune_args(mnist_ckpt, data_dir, run, "--nm", "2:4", "--wbits", "4")) == 0
     before = torch.load(run / "model.pt")
     assert main(["-q", "finetune", str(run), "--data-dir", str(data_dir), "--max-steps", "5",
-                 "--batch-size", "32", "--lr", "0.05"]) == 0
+                 "--batch-size", "32", "--lr", "0.5"]) == 0  # large steps: some weights must cross grid points
     assert "weights on their grids" in capsys.readouterr().out
     out = run / "finetune"
     state, masks, quant = (torch.load(out / f) for f in ("model.pt", "masks.pt", "quant.pt"))
@@ -72,14 +72,14 @@ def test_finetune_holdout_picks_on_training_images(mnist_ckpt, data_dir, tmp_pat
                  "--holdout", "500", "--warmup", "0.5", "--out", str(tmp_path / "ft")]) == 0
     assert "held-out (500 training images)" in capsys.readouterr().out
     f = json.loads((tmp_path / "ft" / "report.json").read_text())["finetune"]
-    assert f["best_epoch_chosen_on"] == "holdout 500" and f["warmup"] == 0.5
+    assert f["best_epoch_chosen_on"] == "holdout 500" and f["warmup"] == 0.5 and f["dropout"] == 0.0  # default
     assert 0 <= f["holdout_acc_before"] <= 1 and 0 <= f["holdout_acc"] <= 1
     assert main(["finetune", str(run), "--holdout", "-3"]) == 2
     assert main(["finetune", str(run), "--distill", "0.5", "--teacher", str(tmp_path / "missing.pt")]) == 2
     assert main(["-q", "finetune", str(run), "--data-dir", str(data_dir), "--max-steps", "3", "--batch-size", "32",
-                 "--distill", "0.7", "--dropout", "0", "--out", str(tmp_path / "kd")]) == 0  # teacher: the run's
-    f = json.loads((tmp_path / "kd" / "report.json").read_text())["finetune"]  # own --weights
-    assert f["distill"] == 0.7 and f["temperature"] == 4.0 and f["dropout"] == 0.0
+                 "--distill", "0.7", "--dropout", "own", "--out", str(tmp_path / "kd")]) == 0  # teacher: the
+    f = json.loads((tmp_path / "kd" / "report.json").read_text())["finetune"]  # run's own --weights
+    assert f["distill"] == 0.7 and f["temperature"] == 4.0 and f["dropout"] is None
     assert main(["finetune", str(run), "--dropout", "1.5"]) == 2
     assert main(["finetune", str(run), "--warmup", "1.5"]) == 2
 
@@ -101,3 +101,18 @@ def test_cosine_warmup_ramps_then_decays(monkeypatch):
                 TrainConfig(epochs=1, batch_size=4, lr=1.0, schedule="cosine", warmup=0.3), progress=False)
     assert len(seen) == 10 and seen[0] < seen[1] < seen[2] <= 1.0  # three ramp steps, then the cosine
     assert seen[3] == 1.0 and all(a >= b for a, b in zip(seen[3:], seen[4:]))
+
+
+def test_a_diverging_run_stops_with_a_clear_error():
+    import pytest
+
+    from cnn_sparsegpt.data import ImageSet
+    from cnn_sparsegpt.utils import UserError
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 255, (64, 1, 4, 4), dtype=torch.uint8, generator=g),
+                    torch.randint(0, 3, (64,), generator=g), (0.5,), (0.25,), "random")
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 3))
+    with pytest.raises(UserError, match="diverged .* lower --lr"):
+        train_model(model, data, data, TrainConfig(epochs=3, batch_size=8, lr=1e30, schedule="cosine"),
+                    progress=False)

@@ -204,10 +204,20 @@ def _add_finetune_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature (default 4)")
     p.add_argument("--teacher", help="dense checkpoint for --distill (default: the run's --weights, as report.json "
                    "names it)")
-    p.add_argument("--dropout", type=float, help="rate of every dropout layer while fine-tuning (default: the "
-                   "model's own; 0 helped the 90%%-sparse CIFAR CNN, see README)")
+    p.add_argument("--dropout", type=_dropout_rate, default=0.0,
+                   help="rate of every dropout layer while fine-tuning, or 'own' to keep the model's (default 0: "
+                   "on held-out images, one epoch, it gained 1.2 points for the 90%%-sparse CIFAR CNN, 0.02 for MNIST's)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
     p.set_defaults(func=_cmd_finetune)
+
+
+def _dropout_rate(text: str) -> float | None:
+    if text == "own":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a rate in [0, 1) or 'own', got '{text}'") from None
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:

@@ -93,7 +93,9 @@ class OnGrid(nn.Module):
         return Grid(self.scale, self.zero, self.bits)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return w + (self.grid().quantize(w) - w).detach()
+        # q + (w − w): exactly q in value, w's gradient. (w + (q − w) is not exactly q once w has drifted far
+        # outside its grid's range, and the baked-in weights then left the grid.)
+        return self.grid().quantize(w).detach() + (w - w.detach())
 
 
 def attach_grids(model: nn.Module, quantized: dict[str, dict]) -> dict[str, str]:

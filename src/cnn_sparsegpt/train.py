@@ -128,7 +128,10 @@ def train_model(model: nn.Module, train_set: ImageSet, test_set: ImageSet, cfg: 
             apply_masks()
             sched.step()
             step += 1
-            running = 0.9 * running + 0.1 * loss.item() if step > 1 else loss.item()
+            value = loss.item()
+            if not math.isfinite(value):
+                raise UserError(f"training diverged at step {step} (loss {value}): lower --lr")
+            running = 0.9 * running + 0.1 * value if step > 1 else value
             bar.set_postfix(loss=f"{running:.3f}")
             if step >= total:
                 break
