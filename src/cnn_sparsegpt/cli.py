@@ -206,7 +206,8 @@ def _add_finetune_parser(sub) -> None:
                    "names it)")
     p.add_argument("--dropout", type=_dropout_rate, default=0.0,
                    help="rate of every dropout layer while fine-tuning, or 'own' to keep the model's (default 0: "
-                   "on held-out images, one epoch, it gained 1.2 points for the 90%%-sparse CIFAR CNN, 0.02 for MNIST's)")
+                   "on held-out images, one epoch, it gained 1.2 points for the 90%%-sparse CIFAR CNN, 0.02 for "
+                   "MNIST's)")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
     p.set_defaults(func=_cmd_finetune)
 
