@@ -63,7 +63,8 @@ def test_auto_resolution_order():
 def test_calibration_decodes_only_what_it_draws(inet, monkeypatch):
     calls = []
     real = folder._decode
-    monkeypatch.setattr(folder, "_decode", lambda data, pre, size=None: calls.append(data) or real(data, pre, size))
+    monkeypatch.setattr(folder, "_decode",
+                        lambda data, pre, size=None, **kw: calls.append(data) or real(data, pre, size, **kw))
     train = dataclasses.replace(load_dataset(str(inet), True, preprocess=imagenet(), streaming="on"), workers=0)
     assert calls == [] and len(train) == 24  # listing the folder decodes nothing
     a = calibration_set(train, 5, seed=1)
@@ -166,3 +167,38 @@ def test_timm_model_prunes(inet, tmp_path, capsys):
     assert r["sparsity"] == 0.5 and r["preprocess"]["interpolation"] == "bicubic"
     code, _, err = _prune(capsys, ["--model", "timm:no_such_net", "--dataset", str(inet), "--sparsity", "0.5"])
     assert code == 2 and "unknown timm model" in err
+
+
+def test_streamed_training_batches_are_shuffled_and_augmented_each_epoch(inet):
+    train = dataclasses.replace(load_dataset(str(inet), True, preprocess=imagenet(64, 48), streaming="on"),
+                                workers=0)
+    assert train.augment == "resized-crop-flip"
+    torch.manual_seed(0)
+    loader = train.loader(8, "cpu", seed=0)
+    assert len(loader) == 3
+    epochs = [[(x, y) for x, y in loader] for _ in range(2)]
+    for batches in epochs:
+        assert all(x.shape[1:] == (3, 48, 48) and x.dtype == torch.float32 for x, _ in batches)
+        assert sorted(torch.cat([y for _, y in batches]).tolist()) == sorted(train.labels.tolist())
+    first = torch.cat([y for _, y in epochs[0]])
+    assert not torch.equal(first, train.labels) or not torch.equal(first, torch.cat([y for _, y in epochs[1]]))
+    plain = torch.cat([x for x, _ in train.batches(8, "cpu")])  # evaluation geometry: the center crop, no flips
+    assert not torch.equal(torch.cat([x for x, _ in epochs[0]]).sort(0)[0], plain.sort(0)[0])
+
+
+def test_finetune_streams_a_large_folder(inet, tmp_path, capsys):
+    weights = tmp_path / "r18.pt"
+    torch.save(create_model("torchvision:resnet18", 4).state_dict(), weights)
+    run = tmp_path / "run"
+    code, _, err = _prune(capsys, ["--model", "torchvision:resnet18", "--weights", str(weights), "--dataset",
+                                   str(inet), "--streaming", "on", "--workers", "0", "--image-size", "48",
+                                   "--nsamples", "8", "--sparsity", "0.5", "--recipe", "published",
+                                   "--batch-size", "4", "--out", str(run)])
+    assert code == 0, err
+    assert main(["-q", "finetune", str(run), "--streaming", "on", "--workers", "0", "--batch-size", "4",
+                 "--max-steps", "3", "--holdout", "4", "--out", str(tmp_path / "ft")]) == 0
+    report = json.loads((tmp_path / "ft" / "report.json").read_text())
+    assert report["finetune"]["best_epoch_chosen_on"] == "holdout 4"
+    state, masks = torch.load(tmp_path / "ft" / "model.pt"), torch.load(tmp_path / "ft" / "masks.pt")
+    for name, keep in masks.items():
+        assert torch.equal(state[name][~keep], torch.zeros(int((~keep).sum())))

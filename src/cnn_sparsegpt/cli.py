@@ -208,6 +208,10 @@ def _add_finetune_parser(sub) -> None:
                    help="rate of every dropout layer while fine-tuning, or 'own' to keep the model's (default 0: "
                    "on held-out images, one epoch, it gained 1.2 points for the 90%%-sparse CIFAR CNN, 0.02 for "
                    "MNIST's)")
+    p.add_argument("--streaming", choices=["auto", "on", "off"], default="auto",
+                   help="image folders: stream from the files (training images get random resized crops and "
+                   "flips), decode all into memory once, or choose by size (auto, default; as for prune)")
+    p.add_argument("--workers", type=int, help="image-decoding processes when streaming (default min(8, cores))")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
     p.set_defaults(func=_cmd_finetune)
 
@@ -238,7 +242,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                       max_steps=args.max_steps, warmup=args.warmup, distill=args.distill,
                       temperature=args.temperature)
     r = finetune_run(args.run_dir, cfg, args.out, args.data_dir, args.device, progress=not args.quiet,
-                     holdout=args.holdout, teacher_weights=args.teacher, dropout=args.dropout)
+                     holdout=args.holdout, teacher_weights=args.teacher, dropout=args.dropout,
+                     streaming=args.streaming, workers=args.workers)
     f = r["finetune"]
     if f.get("holdout_acc") is not None:
         print(f"held-out ({args.holdout} training images): {100 * f['holdout_acc_before']:.2f}% -> "

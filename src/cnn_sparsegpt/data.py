@@ -50,6 +50,11 @@ class ImageSet:
         """(normalized float images, labels) on `device`; kw: shuffle, augment, seed, channels_last."""
         return iter(Loader(self, batch_size, device=device, indices=indices, **kw))
 
+    def loader(self, batch_size: int, device, seed: int = 0, channels_last: bool = False) -> Loader:
+        """Training batches: shuffled and augmented, one seeded generator across epochs."""
+        return Loader(self, batch_size, shuffle=True, augment=True, seed=seed, device=device,
+                      channels_last=channels_last)
+
 
 def data_root(data_dir: str | os.PathLike | None = None) -> Path:
     """--data-dir, else $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data."""
@@ -149,6 +154,15 @@ def load_dataset(name: str, train: bool, data_dir: str | os.PathLike | None = No
     split = "train" if train else "test/val"
     return ImageSet(d["images"], d["labels"], pre.mean, pre.std, f"ImageFolder {path} ({split}, in memory)",
                     classes=list(d["classes"]))
+
+
+def load_splits(name: str, data_dir: str | os.PathLike | None = None, preprocess: Preprocess | None = None,
+                streaming: str = "auto", workers: int | None = None):
+    """(training, evaluation) splits of a dataset (load_dataset); workers: decoding processes of streamed sets."""
+    splits = [load_dataset(name, train, data_dir, preprocess, streaming) for train in (True, False)]
+    if workers is not None:
+        splits = [replace(d, workers=workers) if isinstance(d, FolderSet) else d for d in splits]
+    return tuple(splits)
 
 
 class Loader:

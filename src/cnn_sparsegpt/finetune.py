@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .batchnorm import bn_modules, recalibrate
-from .data import calibration_set, holdout_split, load_dataset
+from .data import calibration_set, holdout_split, load_splits
 from .pipeline import load_dense, load_run
 from .quant import attach_grids, detach_grids
 from .preprocess import Preprocess
@@ -22,12 +22,14 @@ from .utils import UserError, atomic_save, atomic_write_json, ensure_writable, r
 
 def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None = None, data_dir: str | None = None,
                  device: str = "auto", progress: bool = True, holdout: int = 0,
-                 teacher_weights: str | None = None, dropout: float | None = None) -> dict:
+                 teacher_weights: str | None = None, dropout: float | None = None, streaming: str = "auto",
+                 workers: int | None = None) -> dict:
     """holdout > 0: train on the rest of the training set, pick the best epoch on those held-out images (the same
     split as `prune --holdout`) and measure the test split once at the end, so lr and epochs can be chosen
     honestly; 0: the best epoch is picked on the test split. cfg.distill > 0: the dense model the run was pruned
     from (its checkpoint as report.json names it, or teacher_weights) is the teacher. dropout: the rate of every
-    dropout layer while fine-tuning (None = the model's own)."""
+    dropout layer while fine-tuning (None = the model's own). streaming, workers: as for `prune` (a large
+    image folder is streamed, with random resized crops and flips for training)."""
     run = Path(run_dir)
     model, report, masks = load_run(run)
     if dropout is not None:  # a net with 90% of its weights gone has little to spare: the CIFAR CNN's dropout
@@ -42,8 +44,7 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
     out = ensure_writable(out or run / "finetune")
     dev = resolve_device(device)
     pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in report["preprocess"].items()})
-    train = load_dataset(report["dataset"], True, data_dir, pre)
-    test = load_dataset(report["dataset"], False, data_dir, pre)
+    train, test = load_splits(report["dataset"], data_dir, pre, streaming, workers)
     held = None
     if holdout:
         train, held = holdout_split(train, holdout)

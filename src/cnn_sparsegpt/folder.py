@@ -58,14 +58,16 @@ def class_index(splits: dict) -> list[str]:
     return classes
 
 
-def _decode(data: bytes | str, pre: Preprocess, size=None) -> torch.Tensor:
-    """Bytes or a file path -> uint8 (C, H, W) after the preprocessing's resize and crop. Without a crop,
-    an image is resized to `size` when it differs (so that a batch has one shape)."""
+def _decode(data: bytes | str, pre: Preprocess, size=None, augment: bool = False) -> torch.Tensor:
+    """Bytes or a file path -> uint8 (C, H, W) after the preprocessing's resize and crop (augment: its
+    training geometry instead). Without a crop, an image is resized to `size` when it differs (so that a
+    batch has one shape)."""
     import torch.nn.functional as F
     from PIL import Image
 
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
-        x = pre.geometry(img.convert("RGB"))
+        img = img.convert("RGB")
+        x = pre.train_geometry(img) if augment else pre.geometry(img)
     if size is not None and not pre.crop and tuple(x.shape[1:]) != tuple(size):
         x = F.interpolate(x[None].float(), size=tuple(size), mode="bilinear", antialias=True)[0]
         x = x.round().clamp(0, 255).to(torch.uint8)
@@ -137,15 +139,15 @@ def should_stream(path: Path, pre: Preprocess, mode: str) -> bool:
 
 
 class _Files(Dataset):
-    def __init__(self, files, labels, pre: Preprocess):
-        self.files, self.labels, self.pre = files, labels, pre
+    def __init__(self, files, labels, pre: Preprocess, augment: bool = False):
+        self.files, self.labels, self.pre, self.augment = files, labels, pre, augment
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i):
         try:
-            return _decode(self.files[i], self.pre), self.labels[i]
+            return _decode(self.files[i], self.pre, augment=self.augment), self.labels[i]
         except OSError as e:
             raise UserError(f"cannot read image {self.files[i]}: {e}") from None
 
@@ -159,7 +161,7 @@ class FolderSet:
     preprocess: Preprocess
     source: str
     workers: int = min(8, os.cpu_count() or 1)  # decoding processes
-    augment: str = "none"
+    augment: str = "none"  # 'resized-crop-flip' for a training split (Preprocess.train_geometry)
     storage: str = "streamed"
 
     def __len__(self) -> int:
@@ -177,22 +179,48 @@ class FolderSet:
     def std(self) -> tuple:
         return self.preprocess.std
 
+    def loader(self, batch_size: int, device, seed: int = 0, channels_last: bool = False) -> _Epochs:
+        """Training batches, shuffled and augmented anew each epoch (see data.Loader for in-memory sets)."""
+        return _Epochs(self, batch_size, device, seed, channels_last)
+
     def subset(self, idx: torch.Tensor, source: str | None = None) -> FolderSet:
         return replace(self, files=[self.files[i] for i in idx.tolist()], labels=self.labels[idx],
                        source=source or self.source)
 
-    def batches(self, batch_size: int, device, indices: torch.Tensor | None = None, **_ignored):
-        """(normalized float images, labels) on `device`, in file order (or `indices`' order)."""
+    def batches(self, batch_size: int, device, indices: torch.Tensor | None = None, shuffle: bool = False,
+                augment: bool = False, seed: int = 0, channels_last: bool = False):
+        """(normalized float images, labels) on `device`, in file order (or `indices`' order; shuffle: a
+        seeded permutation of it; augment: the training geometry, for a training split)."""
         data = self if indices is None else self.subset(indices)
-        ds = _Files(data.files, data.labels.tolist(), self.preprocess)
+        if shuffle:
+            data = data.subset(torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)))
+        ds = _Files(data.files, data.labels.tolist(), self.preprocess, augment and self.augment != "none")
         workers = min(self.workers, max(0, len(ds) // batch_size))  # no processes for a batch or two
         loader = DataLoader(ds, batch_size=batch_size, num_workers=workers, pin_memory=False,
                             persistent_workers=False, prefetch_factor=2 if workers else None)
         try:
             for x, y in loader:
-                yield normalize(x.to(device, non_blocking=True), self.mean, self.std), y.to(device)
+                x = normalize(x.to(device, non_blocking=True), self.mean, self.std)
+                yield x.contiguous(memory_format=torch.channels_last) if channels_last else x, y.to(device)
         except UserError as e:  # raised in a worker: keep the one line that says which file, not its traceback
             raise UserError(str(e).strip().splitlines()[-1].split("UserError: ")[-1]) from None
+
+
+class _Epochs:
+    """One pass over a streamed training split per iteration, each with its own seeded order."""
+
+    def __init__(self, data: FolderSet, batch_size: int, device, seed: int, channels_last: bool):
+        self.data, self.batch_size, self.device, self.seed, self.channels_last = data, batch_size, device, seed, \
+            channels_last
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return -(-len(self.data) // self.batch_size)
+
+    def __iter__(self):
+        self.epoch += 1
+        return self.data.batches(self.batch_size, self.device, shuffle=True, augment=True,
+                                 seed=self.seed + self.epoch, channels_last=self.channels_last)
 
 
 def load_folder_streamed(path: Path, train: bool, pre: Preprocess) -> FolderSet:
@@ -205,4 +233,5 @@ def load_folder_streamed(path: Path, train: bool, pre: Preprocess) -> FolderSet:
     items = splits[split]
     lookup = {c: i for i, c in enumerate(classes)}
     labels = torch.tensor([lookup[c] for c, _ in items], dtype=torch.long)
-    return FolderSet([f for _, f in items], labels, classes, pre, f"ImageFolder {path} ({split}, streamed)")
+    return FolderSet([f for _, f in items], labels, classes, pre, f"ImageFolder {path} ({split}, streamed)",
+                     augment="resized-crop-flip" if train else "none")

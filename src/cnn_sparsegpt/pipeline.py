@@ -12,7 +12,7 @@ from torch import nn
 
 from . import dist
 from .config import PruneOptions, recipe_label
-from .data import calibration_indices, calibration_set, holdout_split, load_dataset
+from .data import calibration_indices, calibration_set, holdout_split, load_splits
 from .masks import Pattern
 from .models import check_model_name, create_model, head_classes, model_entry
 from .preprocess import resolve as resolve_preprocess
@@ -86,11 +86,7 @@ def prepare(opts: PruneOptions, device: torch.device):
         meta = read_metadata(opts.weights)
     pre = resolve_preprocess(opts.preprocess, opts.model, dataset, meta, opts.image_size, opts.crop_pct,
                              entry.dataset if entry else None)
-    train = load_dataset(dataset, True, opts.data_dir, pre, opts.streaming)
-    test = load_dataset(dataset, False, opts.data_dir, pre, opts.streaming)
-    if opts.workers is not None:
-        train, test = (dataclasses.replace(d, workers=opts.workers) if hasattr(d, "workers") else d
-                       for d in (train, test))
+    train, test = load_splits(dataset, opts.data_dir, pre, opts.streaming, opts.workers)
     classes = _data_classes(train)
     head = head_classes(opts.model, state) if state is not None else None
     model = create_model(opts.model, num_classes=head or max(classes, 2))

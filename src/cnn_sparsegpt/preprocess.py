@@ -52,6 +52,16 @@ class Preprocess:
             img = TF.center_crop(img, [self.crop])
         return TF.pil_to_tensor(img)
 
+    def train_geometry(self, img):
+        """PIL image -> uint8 tensor (C, crop, crop) for training: a random crop of 8-100% of the area and
+        aspect 3/4-4/3, resized to the crop size, flipped half the time (the ImageNet recipe of torchvision's
+        references). Draws from torch's generator (seeded per DataLoader worker)."""
+        from torchvision import transforms as T
+
+        interp = T.InterpolationMode(self.interpolation)
+        img = T.RandomResizedCrop(self.crop, interpolation=interp, antialias=True)(img)
+        return T.functional.pil_to_tensor(T.RandomHorizontalFlip()(img))
+
 
 def normalize(x: torch.Tensor, mean: tuple, std: tuple) -> torch.Tensor:
     """uint8 (B, C, H, W) -> float32, as torchvision's convert_image_dtype then normalize (bit for bit)."""

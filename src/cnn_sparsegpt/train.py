@@ -11,7 +11,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import dist
-from .data import ImageSet, Loader
+from .data import ImageSet
+from .folder import FolderSet
 from .utils import UserError
 
 
@@ -59,7 +60,7 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def train_model(model: nn.Module, train_set: ImageSet, test_set: ImageSet, cfg: TrainConfig,
+def train_model(model: nn.Module, train_set: ImageSet | FolderSet, test_set: ImageSet | FolderSet, cfg: TrainConfig,
                 device: torch.device | str = "cpu", progress: bool = True,
                 masks: dict[str, torch.Tensor] | None = None, teacher: nn.Module | None = None) -> dict:
     """Train in place; the weights of the best epoch (by accuracy on test_set, which is held-out training images
@@ -70,17 +71,13 @@ def train_model(model: nn.Module, train_set: ImageSet, test_set: ImageSet, cfg: 
 
     Returns {'test_acc', 'best_epoch', 'history', 'seconds', 'state_dict'}.
     """
-    if not isinstance(train_set, ImageSet):
-        raise UserError("`train` serves the training set from memory, and this image folder is too large for "
-                        "that (it is streamed): train a model of this size with your own training script")
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
     channels_last = device.type == "cpu"  # faster convolutions on CPU
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    loader = Loader(train_set, cfg.batch_size, shuffle=True, augment=True, seed=cfg.seed, device=device,
-                    channels_last=channels_last)
+    loader = train_set.loader(cfg.batch_size, device, seed=cfg.seed, channels_last=channels_last)
     opt = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
     total = cfg.epochs * len(loader)
     if cfg.max_steps:
