@@ -123,7 +123,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .data import load_dataset
+    from .data import load_splits
     from .models import check_model_name, create_model, model_entry
     from .train import TrainConfig, train_model
     from .utils import atomic_save, atomic_write_json, ensure_writable, resolve_device, run_metadata
@@ -141,7 +141,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out = Path(args.out)
     ensure_writable(out.parent)
-    train, test = load_dataset(dataset, True, args.data_dir), load_dataset(dataset, False, args.data_dir)
+    train, test = load_splits(dataset, args.data_dir)
     model = create_model(args.model, num_classes=max(train.num_classes, 2))
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
                       seed=args.seed, max_steps=args.max_steps, label_smoothing=args.label_smoothing,
