@@ -1,4 +1,5 @@
 """Fine-tuning that keeps the masks: the train loop with masks, and `cnn-sparsegpt finetune`."""
+import importlib.util
 import json
 
 import torch
@@ -42,6 +43,8 @@ def test_finetune_command(mnist_ckpt, data_dir, tmp_path, capsys):  # noqa: F811
     for name, keep in masks.items():
         assert torch.equal(state[name][~keep], torch.zeros(int((~keep).sum())))
     assert main(["finetune", str(tmp_path / "nothing")]) == 2
+    if importlib.util.find_spec("onnxruntime"):  # the deployment path: prune -> finetune -> export
+        assert main(["-q", "export", str(run / "finetune"), "--onnx", str(tmp_path / "ft.onnx")]) == 0
 
 
 def test_finetune_quantized_run_stays_on_its_grids(mnist_ckpt, data_dir, tmp_path, capsys):  # noqa: F811
