@@ -176,10 +176,10 @@ def test_seed_and_finetune_tables(tmp_path):
     assert "| m | sparsegpt | 0.9 | as published | 2 | -3.00 (-4.00, -2.00) |" in seed_table(rows)
     report = {"model": "m", "pattern": "0.9", "recipe": "refine=cg,dense_target=True", "wbits": None,
               "dense_acc": 0.99, "pruned_acc": 0.985, "device": "cpu",
-              "finetune": {"pruned_acc_before": 0.9, "epochs": 1, "seconds": 12.3}}
+              "finetune": {"pruned_acc_before": 0.9, "epochs": 1, "seconds": 12.3, "lr": 0.01}}
     path = tmp_path / "r.json"
     path.write_text(json.dumps(report))
-    assert "| m | 0.9 | refine=cg,dense_target=True | float | 99.00 | 90.00 | 98.50 | 1 | 12 | cpu |" in \
+    assert "| m | 0.9 | refine=cg,dense_target=True | float | 99.00 | 90.00 | 98.50 | 1 | 0.01 | 12 | cpu |" in \
         finetune_table([path])
 
 

@@ -203,7 +203,7 @@ def results_markdown(csv_path: Path, plots: Path | None, preamble: str = "", hol
                   "", seed_table(seed_rows), ""]
     if finetune:
         parts += ["## Fine-tuning with the masks kept", "",
-                  "`cnn-sparsegpt finetune RUN_DIR --epochs 1` (lr 0.01, cosine) on a `prune` run; test split; "
+                  "`cnn-sparsegpt finetune RUN_DIR --epochs 1 --lr LR` (cosine) on a `prune` run; test split; "
                   f"reports {', '.join(str(p) for p in finetune)}.", "", finetune_table(finetune), ""]
     if sweeps:
         parts += ["### Fine-tuning settings chosen on held-out images", "",
@@ -230,14 +230,16 @@ def seed_table(rows: list[dict]) -> str:
 
 def finetune_table(paths: list[Path]) -> str:
     """One row per `finetune` report: dense, pruned and fine-tuned top-1 and the training time."""
-    lines = ["| model | pattern | recipe | bits | dense | pruned | after fine-tuning | epochs | seconds | device |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | pattern | recipe | bits | dense | pruned | after fine-tuning | epochs | lr | seconds "
+             "| device |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         r = json.loads(Path(path).read_text())
         f = r["finetune"]
         lines.append(f"| {r['model']} | {r['pattern']} | {r.get('recipe') or 'as published'} | "
                      f"{r.get('wbits') or 'float'} | {100 * r['dense_acc']:.2f} | {100 * f['pruned_acc_before']:.2f} | "
-                     f"{100 * r['pruned_acc']:.2f} | {f['epochs']} | {f['seconds']:.0f} | {r.get('device', '')} |")
+                     f"{100 * r['pruned_acc']:.2f} | {f['epochs']} | {f.get('lr', '')} | {f['seconds']:.0f} | "
+                     f"{r.get('device', '')} |")
     return "\n".join(lines)
 
 
