@@ -181,6 +181,8 @@ def test_seed_and_finetune_tables(tmp_path):
     path.write_text(json.dumps(report))
     assert "| m | 0.9 | refine=cg,dense_target=True | float | 99.00 | 90.00 | 98.50 | 1 | 0.01 | 12 | cpu |" in \
         finetune_table([path])
+    path.write_text(json.dumps(report | {"dense_acc": None}))  # a prune run with --no-evaluate
+    assert "| float | – | 90.00 | 98.50 |" in finetune_table([path])
 
 
 def test_sweep_table_reports_the_setting_chosen_on_held_out_images(tmp_path):

@@ -228,6 +228,10 @@ def seed_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}"  # – : not measured (e.g. a prune run with --no-evaluate)
+
+
 def finetune_table(paths: list[Path]) -> str:
     """One row per `finetune` report: dense, pruned and fine-tuned top-1 and the training time."""
     lines = ["| model | pattern | recipe | bits | dense | pruned | after fine-tuning | epochs | lr | seconds "
@@ -237,7 +241,7 @@ def finetune_table(paths: list[Path]) -> str:
         r = json.loads(Path(path).read_text())
         f = r["finetune"]
         lines.append(f"| {r['model']} | {r['pattern']} | {r.get('recipe') or 'as published'} | "
-                     f"{r.get('wbits') or 'float'} | {100 * r['dense_acc']:.2f} | {100 * f['pruned_acc_before']:.2f} | "
+                     f"{r.get('wbits') or 'float'} | {_pct(r.get('dense_acc'))} | {100 * f['pruned_acc_before']:.2f} | "
                      f"{100 * r['pruned_acc']:.2f} | {f['epochs']} | {f.get('lr', '')} | {f['seconds']:.0f} | "
                      f"{r.get('device', '')} |")
     return "\n".join(lines)
@@ -255,7 +259,7 @@ def sweep_table(paths: list[Path]) -> str:
         def key(x):
             return x["lr"], x["warmup"], x.get("distill", 0.0), x.get("batch_size", 128), x.get("dropout")
         r = next(x for x in s["runs"] if key(x) == key(c))
-        dense = f"{100 * r['dense_test_acc']:.2f}" if r.get("dense_test_acc") is not None else "–"
+        dense = _pct(r.get("dense_test_acc"))
         pattern = "dense (control)" if float(r["pattern"]) == 0 and ":" not in r["pattern"] else r["pattern"]
         lines.append(f"| {r['model']} | {pattern} | {s['epochs']} | {len(s['runs'])} | {c['lr']}, {c['warmup']}, "
                      f"{c.get('distill', 0.0)}, "
