@@ -14,13 +14,11 @@ import json
 import tempfile
 from pathlib import Path
 
+from cnn_sparsegpt.cli import dropout_rate
 from cnn_sparsegpt.finetune import finetune_run
+from cnn_sparsegpt.results import sweep_setting
 from cnn_sparsegpt.train import TrainConfig
 from cnn_sparsegpt.utils import atomic_write_json, git_commit
-
-
-def _rate(text: str) -> float | None:
-    return None if text == "own" else float(text)
 
 
 def main() -> None:
@@ -34,7 +32,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--holdout", type=int, default=5000)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[128])
-    p.add_argument("--dropouts", type=_rate, nargs="+", default=[None], help="dropout rates; 'own' = the model's")
+    p.add_argument("--dropouts", type=dropout_rate, nargs="+", default=[None],
+                   help="dropout rates; 'own' = the model's")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-steps", type=int, default=0, help="per run (smoke tests)")
     p.add_argument("--commit", default=git_commit(), help="commit of the code (default: git's; a copy without .git)")
@@ -43,9 +42,10 @@ def main() -> None:
     out = Path(args.out)
     done = json.loads(out.read_text()) if out.is_file() else {}
     runs = done.get("runs", [])
-    seen = {(r["lr"], r["warmup"], r.get("distill", 0.0), r.get("batch_size", 128), r.get("dropout")) for r in runs}
+    seen = {sweep_setting(r) for r in runs}
     summary = {"run_dir": args.run_dir, "epochs": args.epochs, "holdout": args.holdout,
-               "chosen_on": f"accuracy on {args.holdout} held-out training images", "runs": runs}
+               "chosen_on": f"accuracy on {args.holdout} held-out training images", "runs": runs,
+               "chosen": done.get("chosen")}  # a resumed sweep with nothing left to run keeps its choice
     grid = itertools.product(args.lrs, args.warmups, args.distills, args.batch_sizes, args.dropouts)
     for lr, warmup, distill, bs, dropout in grid:
         if (lr, warmup, distill, bs, dropout) in seen:  # an interrupted sweep goes on where it stopped

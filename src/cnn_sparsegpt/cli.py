@@ -204,7 +204,7 @@ def _add_finetune_parser(sub) -> None:
     p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature (default 4)")
     p.add_argument("--teacher", help="dense checkpoint for --distill (default: the run's --weights, as report.json "
                    "names it)")
-    p.add_argument("--dropout", type=_dropout_rate, default=0.0,
+    p.add_argument("--dropout", type=dropout_rate, default=0.0,
                    help="rate of every dropout layer while fine-tuning, or 'own' to keep the model's (default 0: "
                    "on held-out images, one epoch, it gained 1.2 points for the 90%%-sparse CIFAR CNN, 0.02 for "
                    "MNIST's)")
@@ -216,7 +216,8 @@ def _add_finetune_parser(sub) -> None:
     p.set_defaults(func=_cmd_finetune)
 
 
-def _dropout_rate(text: str) -> float | None:
+def dropout_rate(text: str) -> float | None:
+    """A --dropout value: a rate, or 'own' (None) for the model's own rates."""
     if text == "own":
         return None
     try:

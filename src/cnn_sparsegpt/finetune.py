@@ -57,9 +57,8 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
                          masks={latent.get(n, n): m for n, m in masks.items()}, teacher=teacher)
     quantized = detach_grids(model, quantized)
     seconds = time.perf_counter() - t0
-    acc_trained = evaluate(model, test, dev, cfg.batch_size, progress, "fine-tuned accuracy") if held \
-        else result["test_acc"]
-    held_after = result["test_acc"] if held else None
+    acc_trained = result["test_acc"]  # on the split the epoch was chosen on (held-out images with holdout)
+    held_after = acc_trained if held else None
     bns = bn_modules(model)
     if bns:  # running averages over augmented batches (lr ≈ 0 cost the CIFAR CNN 1.2 points): re-estimate them on
         # clean training images, as the prune did (its calibration sample)
@@ -69,9 +68,9 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
             recalibrate(bns, model, (b.to(dev) for b in x.split(cfg.batch_size)))
         if held:
             held_after = evaluate(model, held, dev, cfg.batch_size, progress, "held-out accuracy")
-        acc_final = evaluate(model, test, dev, cfg.batch_size, progress, "fine-tuned accuracy")
-    else:
-        acc_final = acc_trained
+    # the test split, once; without holdout and BatchNorm the training loop has measured it already
+    acc_final = evaluate(model, test, dev, cfg.batch_size, progress, "fine-tuned accuracy") if held or bns \
+        else acc_trained
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for name, keep in masks.items():  # the promise, checked once more on what is written
         if bool((state[name][~keep] != 0).any()):
@@ -83,7 +82,8 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
                                      "batch_size": cfg.batch_size, "on_grids": bool(quantized),
                                      "best_epoch_chosen_on": f"holdout {holdout}" if held else "test",
                                      "holdout_acc_before": held_before, "holdout_acc": held_after,
-                                     "bn_recalibrated": bool(bns), "acc_before_bn_recalibration": acc_trained,
+                                     "bn_recalibrated": bool(bns),
+                                     "acc_before_bn_recalibration": acc_trained,  # on best_epoch_chosen_on
                                      "seconds": seconds,
                                      "pruned_acc_before": before, "history": result["history"]},
                         "pruned_acc": acc_final} | run_metadata(dev)

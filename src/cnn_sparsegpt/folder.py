@@ -210,9 +210,8 @@ class _Epochs:
     """One pass over a streamed training split per iteration, each with its own seeded order."""
 
     def __init__(self, data: FolderSet, batch_size: int, device, seed: int, channels_last: bool):
-        self.data, self.batch_size, self.device, self.seed, self.channels_last = data, batch_size, device, seed, \
-            channels_last
-        self.epoch = 0
+        self.data, self.batch_size, self.device = data, batch_size, device
+        self.seed, self.channels_last, self.epoch = seed, channels_last, 0
 
     def __len__(self) -> int:
         return -(-len(self.data) // self.batch_size)

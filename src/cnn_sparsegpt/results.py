@@ -247,6 +247,12 @@ def finetune_table(paths: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def sweep_setting(run: dict) -> tuple:
+    """(lr, warm-up, distillation, batch size, dropout) of a benchmarks/finetune_sweep.py run or choice; the
+    defaults fill in rows written before a setting was swept."""
+    return run["lr"], run["warmup"], run.get("distill", 0.0), run.get("batch_size", 128), run.get("dropout")
+
+
 def sweep_table(paths: list[Path]) -> str:
     """One row per benchmarks/finetune_sweep.py JSON: the setting chosen on held-out images and its accuracies."""
     lines = ["| model | pattern | epochs | settings tried | chosen lr, warm-up, distillation, batch, dropout | "
@@ -255,10 +261,7 @@ def sweep_table(paths: list[Path]) -> str:
     for path in paths:
         s = json.loads(Path(path).read_text())
         c = s["chosen"]
-
-        def key(x):
-            return x["lr"], x["warmup"], x.get("distill", 0.0), x.get("batch_size", 128), x.get("dropout")
-        r = next(x for x in s["runs"] if key(x) == key(c))
+        r = next(x for x in s["runs"] if sweep_setting(x) == sweep_setting(c))
         dense = _pct(r.get("dense_test_acc"))
         pattern = "dense (control)" if float(r["pattern"]) == 0 and ":" not in r["pattern"] else r["pattern"]
         lines.append(f"| {r['model']} | {pattern} | {s['epochs']} | {len(s['runs'])} | {c['lr']}, {c['warmup']}, "
