@@ -1,5 +1,10 @@
-"""BatchNorm re-estimation on the pruned network: as train mode does it (`recalibrate`, one whole forward per
-batch), or from a BatchNorm's inputs alone (`bn_statistics_`, used by the graph executor)."""
+"""BatchNorm re-estimation on the pruned network: as train mode runs it (`recalibrate`, one whole forward per
+batch), or from a BatchNorm's inputs alone (`bn_statistics_`, used by the graph executor).
+
+Both set the running statistics to the mean and unbiased variance of the BatchNorm's input over every position
+of every calibration image (pooled), not to an average of per-batch statistics: pooled moments are sums, so they
+do not depend on how the images were batched or split over torchrun processes.
+"""
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -15,36 +20,68 @@ def bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
 
 
+class PooledMoments:
+    """Per-channel count, mean and unbiased variance of everything `add` is given, from float64 sums of each
+    batch's float32 moments (Chan et al.'s pairwise combination): Σn_b, Σn_b·m_b, Σn_b·m_b², Σ(n_b − 1)·v_b."""
+
+    def __init__(self, channels: int, device: torch.device):
+        self.sums = torch.zeros(4 * channels + 1, dtype=torch.float64, device=device)  # and the batch count
+        self.rows = self.sums[:-1].view(4, channels)
+
+    def add(self, x: torch.Tensor) -> None:
+        dims = [0] + list(range(2, x.ndim))
+        n = x.numel() // x.shape[1]
+        if n == 0:
+            return
+        var, mean = torch.var_mean(x.detach(), dim=dims, correction=1 if n > 1 else 0)
+        mean = mean.double()
+        self.rows[0] += n
+        self.rows[1] += n * mean
+        self.rows[2] += n * mean.square()
+        self.rows[3] += (n - 1) * var.double()
+        self.sums[-1] += 1
+
+    def set_running_stats_(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        """Write the pooled moments of all ranks into `bn` (a collective under torchrun)."""
+        dist.all_sum_(self.sums, "adding BatchNorm statistics")
+        n, s1, s2, m2 = self.rows
+        if n[0] == 0:
+            return
+        mean = s1 / n
+        var = (m2 + s2 - n * mean.square()).clamp_min(0) / (n - 1).clamp_min(1)
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        bn.num_batches_tracked.fill_(int(self.sums[-1].item()))
+
+
 @torch.no_grad()
 def recalibrate(bns: list, run: Callable, inputs: Iterable[torch.Tensor]) -> None:
-    """Reset the running statistics of `bns` and re-estimate them as a cumulative average over what
-    `run(x)` feeds them for each input (one BN on its inputs, or the whole model on the calibration set)."""
-    momenta = [bn.momentum for bn in bns]
+    """Re-estimate the running statistics of `bns` from what `run(x)` feeds them for each input (one BN on its
+    inputs, or the whole model on the calibration set), in train mode: each BatchNorm normalizes a batch by that
+    batch's statistics, as in training, and its running statistics become the pooled moments of its inputs."""
+    moments = [PooledMoments(bn.running_mean.numel(), bn.running_mean.device) for bn in bns]
+    hooks = [bn.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])) for bn, acc in zip(bns, moments)]
+    modes = [bn.training for bn in bns]
     for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
         bn.train()
-    for x in inputs:
-        run(x)  # outputs are dropped at once: only the statistics are wanted
-    for bn, momentum in zip(bns, momenta):
-        bn.momentum = momentum
+    try:
+        for x in inputs:
+            run(x)  # outputs are dropped at once: only the statistics are wanted
+    finally:
+        for h in hooks:
+            h.remove()
+        for bn, mode in zip(bns, modes):
+            bn.train(mode)
+    for bn, acc in zip(bns, moments):
+        acc.set_running_stats_(bn)
         bn.eval()
 
 
 @torch.no_grad()
 def bn_statistics_(bn: nn.modules.batchnorm._BatchNorm, inputs: Iterable[torch.Tensor]) -> None:
-    """Set `bn`'s running statistics to what `recalibrate` gives (the average over batches of each batch's
-    mean and unbiased variance, as train mode with momentum=None), without computing its output. The
-    batch statistics are summed in float64 (over all ranks under torchrun), so their order hardly matters."""
-    c = bn.running_mean.numel()
-    sums = torch.zeros(2 * c + 1, dtype=torch.float64, device=bn.running_mean.device)
+    """Set `bn`'s running statistics to the pooled moments of `inputs` (what `recalibrate` gives) without
+    computing its output; summed over all ranks under torchrun."""
+    acc = PooledMoments(bn.running_mean.numel(), bn.running_mean.device)
     for x in inputs:
-        var, mean = torch.var_mean(x, dim=[0] + list(range(2, x.ndim)), correction=1)
-        sums[:c] += mean
-        sums[c:2 * c] += var
-        sums[-1] += 1
-    dist.all_sum_(sums, "adding BatchNorm statistics")
-    if sums[-1] > 0:
-        bn.running_mean.copy_(sums[:c] / sums[-1])
-        bn.running_var.copy_(sums[c:2 * c] / sums[-1])
-        bn.num_batches_tracked.fill_(int(sums[-1].item()))
+        acc.add(x)
+    acc.set_running_stats_(bn)

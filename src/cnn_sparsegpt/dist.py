@@ -1,11 +1,11 @@
 """Data-parallel calibration on PyTorch's own engine: `torchrun ... -m cnn_sparsegpt prune ...`.
 
-Each process (rank) takes a fixed share of the calibration batches a single process would use and runs
-it through the same executor. At each layer the ranks' unnormalized Hessian sums and counts are
-all-reduced in float64, rank 0 solves, and the pruned weight and mask are broadcast, so every rank goes
-on with identical weights; BatchNorm statistics (sums of the per-batch statistics and batch counts) and
-evaluation counts are reduced the same way. The result differs from one process's only by float
-rounding. Without torchrun (WORLD_SIZE unset or 1) every function here is a no-op.
+Each process (rank) takes a contiguous share of the calibration images (`shard`) and runs it through the same
+executor. At each layer the ranks' unnormalized Hessian sums and counts are all-reduced in float64, rank 0
+solves, and the pruned weight and mask are broadcast, so every rank goes on with identical weights; BatchNorm
+statistics (pooled moments, batchnorm.py) and evaluation counts are reduced the same way. What is and is not
+identical to a single process is stated in the README ("Several processes"). Without torchrun (WORLD_SIZE unset
+or 1) every function here is a no-op.
 
 The state is torch.distributed's own process group: nothing here is global.
 """
@@ -98,15 +98,30 @@ def all_sum_(t: torch.Tensor, what: str = "all-reduce") -> torch.Tensor:
 
 
 def shard(batches: list) -> list:
-    """This rank's share: a contiguous run of whole batches (whole, so that per-batch BatchNorm statistics are
-    the ones a single process computes)."""
+    """This rank's share of the calibration images, contiguous and in order. With at least one batch per rank the
+    shares are runs of whole batches: every per-batch computation (the forward passes, the chunked Hessian products)
+    is then the one a single process does, and the sums differ only in the order of their float64 additions.
+    With fewer batches than ranks, the images are split evenly and batches are cut: the float32 products of the
+    chunks around the cuts round differently, so the result equals one process's up to float rounding."""
     if not active():
         return batches
-    if world() > len(batches):
-        raise UserError(f"{world()} processes but only {len(batches)} calibration batches: every process needs at "
-                        "least one. Use fewer processes, more --nsamples or a smaller --batch-size")
-    bounds = torch.arange(len(batches)).tensor_split(world())[rank()]
-    return [batches[i] for i in bounds.tolist()]
+    n = sum(len(x) for x in batches)
+    if world() > n:
+        raise UserError(f"{world()} processes but only {n} calibration images: every process needs at least one. "
+                        "Use fewer processes or more --nsamples")
+    if len(batches) >= world():
+        bounds = torch.arange(len(batches)).tensor_split(world())[rank()]
+        return [batches[i] for i in bounds.tolist()]
+    sizes = [len(x) for x in torch.arange(n).tensor_split(world())]
+    start = sum(sizes[:rank()])
+    stop = start + sizes[rank()]
+    share, offset = [], 0
+    for x in batches:  # the parts of the batches that fall in [start, stop)
+        a, b = max(start - offset, 0), min(stop - offset, len(x))
+        if a < b:
+            share.append(x[a:b])
+        offset += len(x)
+    return share
 
 
 def check_same(text: str, what: str) -> None:
@@ -125,14 +140,14 @@ def check_same(text: str, what: str) -> None:
 
 
 def reduce_statistics_(pruner) -> None:
-    """Turn a LayerPruner's per-rank sums (ΣXXᵀ, ΣX_dX_pᵀ and column sums, all float64) and sample count into
+    """Turn a LayerPruner's per-rank sums (ΣXXᵀ, Σ(X_d−X_p)X_pᵀ and column sums, all float64) and sample count into
     those of all ranks' inputs, before H is formed from them: the same H as one process's up to the order of
     float64 additions (see LayerPruner)."""
     if not active():
         return
     n = torch.tensor([float(pruner.nsamples)], dtype=torch.float64, device=pruner.layer.weight.device)
     all_sum_(n, f"{pruner.name}: adding sample counts")
-    for attr in ("S", "SC", "colsum", "colsq"):
+    for attr in ("S", "SD", "colsum", "colsq"):
         if getattr(pruner, attr) is not None:
             all_sum_(getattr(pruner, attr), f"{pruner.name}: adding its input statistics")
     pruner.nsamples = int(n.item())
@@ -159,21 +174,6 @@ def broadcast_module_(model: nn.Module) -> None:
         return
     for t in list(model.parameters()) + list(model.buffers()):
         _collective("receiving the model from rank 0", td.broadcast, t.data, src=0)
-
-
-def combine_batchnorm_(bn: nn.modules.batchnorm._BatchNorm) -> None:
-    """Each rank's running statistics are means over its batches (num_batches_tracked of them): weight them by
-    their counts, so the result is the mean over all batches, as one process gets."""
-    if not active():
-        return
-    k = bn.num_batches_tracked.double().reshape(1)
-    stats = torch.cat([bn.running_mean.double() * k, bn.running_var.double() * k, k])
-    all_sum_(stats, "adding BatchNorm statistics")
-    c = bn.running_mean.numel()
-    total = stats[-1].clamp_min(1)
-    bn.running_mean.copy_(stats[:c] / total)
-    bn.running_var.copy_(stats[c:2 * c] / total)
-    bn.num_batches_tracked.fill_(int(stats[-1].item()))
 
 
 def sum_counts(*values: float) -> list[float]:

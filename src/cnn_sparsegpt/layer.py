@@ -74,9 +74,11 @@ class LayerPruner:
         self.nsamples = 0
         # Σ of the input columns, for x̄ (statistics correction); off by default: a pass over X per chunk
         self.colsum = torch.zeros(self.groups, self.d, device=W.device, dtype=torch.float64) if track_mean else None
-        # C = 2·X_d·X_pᵀ/N with the dense network's inputs X_d, for the asymmetric target (dense_target.py)
-        self.SC = torch.zeros(shape, device=W.device, dtype=torch.float64) if dense_target else None  # ΣX_dX_pᵀ
-        self._C = None
+        # D = C − H = 2·(X_d − X_p)·X_pᵀ/N with the dense network's inputs X_d, for the asymmetric target
+        # (dense_target.py). Summed as the difference itself, not as C then minus H: where the inputs did not change
+        # (X_d = X_p) it is exactly 0, not the rounding noise of two products, which the solve would amplify
+        self.SD = torch.zeros(shape, device=W.device, dtype=torch.float64) if dense_target else None  # Σ(X_d−X_p)X_pᵀ
+        self._D = None
 
     def _finish(self, S: torch.Tensor | None) -> torch.Tensor | None:
         """2·S/N as float32 (one rounding), through the chunk buffer: no float64 temporary."""
@@ -99,11 +101,11 @@ class LayerPruner:
         self._H, self.S = value, None
 
     @property
-    def C(self) -> torch.Tensor | None:
-        """C = 2·X_d·X_pᵀ/N, for the asymmetric target (dense_target.py)."""
-        if self._C is None and self.SC is not None:
-            self._C, self.SC = self._finish(self.SC), None
-        return self._C
+    def D(self) -> torch.Tensor | None:
+        """D = C − H = 2·(X_d − X_p)·X_pᵀ/N, for the asymmetric target (dense_target.py)."""
+        if self._D is None and self.SD is not None:
+            self._D, self.SD = self._finish(self.SD), None
+        return self._D
 
     def columns(self, inp: torch.Tensor) -> torch.Tensor:
         """The layer's input as (groups, d, T): one column per output position, rows in the solver's order
@@ -141,14 +143,14 @@ class LayerPruner:
         if self._H is not None:
             raise RuntimeError(f"{self.name}: H was already read; no more batches can be added")
         step = self.chunk_images(inp)
-        dense_chunks = dense.split(step) if self.SC is not None else None
+        dense_chunks = dense.split(step) if self.SD is not None else None
         for i, chunk in enumerate(inp.split(step)):
             X = self.columns(chunk)
             if self.S is not None and self._chunk is None:
                 self._chunk = torch.empty(self.S.shape, device=X.device)
-            if self.SC is not None:
-                torch.bmm(self.columns(dense_chunks[i]), X.transpose(1, 2), out=self._chunk)
-                self.SC.add_(self._chunk)
+            if self.SD is not None:
+                torch.bmm(self.columns(dense_chunks[i] - chunk), X.transpose(1, 2), out=self._chunk)
+                self.SD.add_(self._chunk)
             if self.S is not None:
                 self.S.add_(accumulate_xxt_(self._chunk, X, beta=0.0))
             else:
@@ -213,11 +215,11 @@ class LayerPruner:
                 res.reason = "all-zero calibration inputs: magnitude-pruned instead"
             method = "magnitude"
         refit = self.nsamples >= MIN_SAMPLES_PER_INPUT * Wg.shape[-1]
-        if not refit and (self.C is not None or refine != "none"):
+        if not refit and (self.D is not None or refine != "none"):
             res.reason = (f"{self.nsamples} calibration samples for {Wg.shape[-1]} inputs (< {MIN_SAMPLES_PER_INPUT} "
                           "per input): dense target and refinement left out, they would fit the calibration set")
-        if self.C is not None and live and refit:
-            Wg = dense_target_weights(Wg, Hg, self.C, percdamp)  # the error is measured against W* from here on
+        if self.D is not None and live and refit:
+            Wg = dense_target_weights(Wg, Hg, self.D, percdamp)  # the error is measured against W* from here on
         scale = None if row_scale is None else row_scale.to(Wg).reshape(self.groups, -1)
         grid = fit_grid(Wg, wbits, quant_clip) if wbits else None
         Q, pruned, res.percdamp = prune_matrix(Wg, Hg, method, pattern, percdamp, blocksize, scale, stats=stats,
@@ -236,4 +238,4 @@ class LayerPruner:
         return res
 
     def free(self) -> None:
-        self.S = self.SC = self._H = self._C = self._chunk = self.colsum = self.colsq = None
+        self.S = self.SD = self._H = self._D = self._chunk = self.colsum = self.colsq = None

@@ -195,9 +195,7 @@ class _Pruner:
             captured.clear()  # free the layer inputs before the next layer
         if recalibrate_bn and bn_modules(self.model):
             t0 = time.perf_counter()
-            recalibrate(bn_modules(self.model), self.model, batches)
-            for bn in bn_modules(self.model):
-                dist.combine_batchnorm_(bn)
+            recalibrate(bn_modules(self.model), self.model, batches)  # summed over ranks under torchrun
             if self.statcorr is not None:
                 names = {m: n for n, m in self.model.named_modules()}
                 for bn in bn_modules(self.model):
