@@ -40,7 +40,7 @@ def main() -> None:
             rows.append({"recipe": name, "layer": key, "mask_agreement": (mask == b["masks"][key]).float().mean().item(),
                          "weight_rel_diff": ((wa - wb).norm() / wa.norm()).item()})
             print(rows[-1])
-    atomic_write_json({"nsamples": args.nsamples, "threads": [1, 2], "rows": rows} | run_metadata(torch.device("cpu")),
+    atomic_write_json({"nsamples": args.nsamples, "thread_counts": [1, 2], "rows": rows} | run_metadata(torch.device("cpu")),
                       args.out)
 
 
