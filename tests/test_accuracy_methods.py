@@ -147,3 +147,29 @@ def test_dp_kl_measure_scales_each_curve_to_its_output_kl():
     pruned = [r for r in rep.layers if not r.skipped]
     n = sum(r.mask.numel() for r in pruned)
     assert abs(sum(int((~r.mask).sum()) for r in pruned) - 0.8 * n) <= len(pruned)
+
+
+@pytest.mark.parametrize("use_fx", [True, False])
+@pytest.mark.parametrize("method", ["magnitude", "wanda"])
+def test_methods_without_a_hessian_accumulate_none(method, use_fx, monkeypatch):
+    """Magnitude needs nothing from the inputs and Wanda only ‖X_j‖²: as published (no re-fit reads H) no d×d
+    Hessian is accumulated, and the reported error, measured on the layers' outputs, is the Hessian's."""
+    import cnn_sparsegpt.layer as layer
+
+    reference = make()
+    ref = prune_model(reference, calib(), method, 0.5, skip_first_last=False, progress=False, use_fx=use_fx,
+                      refine="cg")  # cg reads H: the Hessian path, same masks on the first layer
+    real = layer.accumulate_xxt_
+    monkeypatch.setattr(layer, "accumulate_xxt_", lambda *a, **k: (_ for _ in ()).throw(AssertionError("H built")))
+    model = make()
+    rep = prune_model(model, calib(), method, 0.5, skip_first_last=False, progress=False, use_fx=use_fx)
+    monkeypatch.setattr(layer, "accumulate_xxt_", real)
+    assert all(r.error_from == "outputs" and r.error >= 0 for r in rep.layers)
+    first = rep.layers[0]
+    assert first.name == "stem" and torch.equal(first.mask, ref.layers[0].mask)
+    h = layer.LayerPruner(make().stem, "stem")
+    h.add_batch(calib())
+    Wg, _ = h.weight_matrix()
+    Q = layer.LayerPruner(model.stem, "stem").weight_matrix()[0]
+    from cnn_sparsegpt.solver import relative_error
+    assert first.error == pytest.approx(float(relative_error(Wg, Q, h.H)), rel=1e-4)

@@ -235,7 +235,9 @@ def _case_split_batch(rank):
     model, x = _model(), _inputs()
     rep = prune_model(model, x, "sparsegpt", 0.6, batch_size=64, skip_first_last=False, progress=False,
                       **RECOMMENDED)
-    return {"state": model.state_dict(), "masks": rep.masks, "n": rep.nsamples, "share": len(dist.shard([x]))}
+    mag = prune_model(_model(), x, "magnitude", 0.6, skip_first_last=False, progress=False)  # errors from outputs
+    return {"state": model.state_dict(), "masks": rep.masks, "n": rep.nsamples, "share": len(dist.shard([x])),
+            "magnitude_errors": [r.error for r in mag.layers]}
 
 
 CASES["recipe"] = _case_recipe
@@ -264,6 +266,9 @@ def test_fewer_batches_than_processes_split_the_images(tmp_path):
                       **RECOMMENDED)
     ranks = _spawn("split_batch", tmp_path)
     assert [r["share"] for r in ranks] == [1, 1] and all(r["n"] == 48 for r in ranks)
+    mag = prune_model(_model(), x, "magnitude", 0.6, skip_first_last=False, progress=False)
+    for r in ranks:  # summed over both ranks' outputs
+        assert r["magnitude_errors"] == pytest.approx([layer.error for layer in mag.layers], rel=1e-4)
     for r in ranks:
         agree = [(r["masks"][k] == m).float().mean().item() for k, m in rep.masks.items()]
         assert min(agree) > 0.9  # equal up to float rounding of the products around the cut

@@ -78,7 +78,7 @@ class GraphExecutor:
                             self._hold(x, +1)
                     continue
                 if node in self.barriers:
-                    self.barriers[node](self._stream(node.args[0]))
+                    self.barriers[node](_Replayable(self, node.args[0]))
                     yield node
                 if self._keep(node, t):
                     self._store(node, t)
@@ -208,6 +208,16 @@ class GraphExecutor:
         for m in mods:
             m.inplace = False
         return mods
+
+
+class _Replayable:
+    """A barrier's input batches, computed (or read from storage) anew each time they are iterated."""
+
+    def __init__(self, executor: GraphExecutor, node: fx.Node):
+        self.executor, self.node = executor, node
+
+    def __iter__(self):
+        return self.executor._stream(self.node)
 
 
 def available_memory(device: torch.device) -> int | None:

@@ -5,14 +5,18 @@ X (d, T) and share one solver (solver.py). Grouped convs get one Hessian per gro
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dist
 from .dense_target import dense_target_weights
 from .linalg import accumulate_xxt_
 from .masks import Pattern, conv_column_perm
@@ -38,6 +42,7 @@ class LayerResult:
     skipped: bool = False
     reason: str = ""
     error: float | None = None  # ‖WX − ŴX‖² / ‖WX‖² on the calibration inputs
+    error_from: str = "hessian"  # hessian: tr(ΔW·H·ΔWᵀ); outputs: the layer run on its inputs (no Hessian needed)
     seconds: float = 0.0
     percdamp: float | None = None  # damping actually used (SparseGPT)
     mask: torch.Tensor | None = field(default=None, repr=False)  # True = kept, weight's shape
@@ -165,6 +170,13 @@ class LayerPruner:
             return torch.diagonal(self.H, dim1=-2, dim2=-1)
         return (2 * self.colsq / max(self.nsamples, 1)).float()
 
+    def function(self, weight: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The layer's map x ↦ weight ∗ x without its bias (its own padding, stride, groups)."""
+        if isinstance(self.layer, nn.Linear):
+            return lambda x: F.linear(x, weight)
+        return lambda x: self.layer._conv_forward(x, weight, None)
+
+
     def input_mean(self) -> torch.Tensor:
         """The mean input column (G, d): the layer's mean output per channel is W·x̄ + b (conv: over positions)."""
         return (self.colsum / max(self.nsamples, 1)).float()
@@ -207,8 +219,11 @@ class LayerPruner:
         if method not in METHODS:
             raise ValueError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
         Wg, perm = self.weight_matrix()
-        Hg = self.H  # already in the solver's column order (see columns)
-        live = self.nsamples > 0 and bool(torch.any(torch.diagonal(Hg, dim1=1, dim2=2) > 0))
+        Hg = self.H  # already in the solver's column order (see columns); None without a Hessian
+        diagonal = self.hessian_diagonal()
+        live = self.nsamples > 0 and bool(torch.any(diagonal > 0))
+        if Hg is None and method == "magnitude":  # magnitude needs no inputs at all: none were given
+            live = True
         if not live:
             if method != "magnitude":
                 warnings.warn(f"{self.name}: calibration inputs are all zero; magnitude-pruned instead", RuntimeWarning)
@@ -223,9 +238,12 @@ class LayerPruner:
         scale = None if row_scale is None else row_scale.to(Wg).reshape(self.groups, -1)
         grid = fit_grid(Wg, wbits, quant_clip) if wbits else None
         Q, pruned, res.percdamp = prune_matrix(Wg, Hg, method, pattern, percdamp, blocksize, scale, stats=stats,
-                                               graphs=graphs, grid=grid, quant=quant)
+                                               graphs=graphs, grid=grid, quant=quant, diagonal=diagonal)
         Q, pruned = refine_solve(refine if refit else "none", Wg, Q, pruned, Hg, pattern, percdamp)
-        res.error = float(relative_error(Wg, Q, Hg))
+        if Hg is not None:
+            res.error = float(relative_error(Wg, Q, Hg))
+        else:  # measured afterwards on the layer's outputs (output_error)
+            res.error_from = "outputs"
         inv = torch.argsort(perm)
         weight.data.copy_(Q[:, :, inv].reshape(weight.shape).to(weight.dtype))
         res.mask = (~pruned)[:, :, inv].reshape(weight.shape)
@@ -239,3 +257,18 @@ class LayerPruner:
 
     def free(self) -> None:
         self.S = self.SD = self._H = self._D = self._chunk = self.colsum = self.colsq = None
+
+
+@torch.no_grad()
+def output_error(pruner: LayerPruner, dense_weight: torch.Tensor, inputs: Iterable[torch.Tensor]) -> float:
+    """‖(W − Ŵ)X‖² / ‖WX‖² from the layer's outputs on `inputs` (summed over torchrun ranks): the reported error of
+    a layer pruned without a Hessian, for two runs of the layer instead of a d×d product per sample."""
+    weight = pruner.layer.weight.detach()
+    delta, dense = pruner.function(dense_weight - weight), pruner.function(dense_weight)
+    sums = torch.zeros(2, dtype=torch.float64, device=weight.device)
+    for x in inputs:
+        x = x.to(weight.dtype)
+        sums[0] += delta(x).double().square().sum()
+        sums[1] += dense(x).double().square().sum()
+    num, den = dist.all_sum_(sums, f"{pruner.name}: adding its output error").tolist()
+    return num / den if den > 0 else (0.0 if num == 0 else math.inf)

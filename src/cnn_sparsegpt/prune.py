@@ -24,14 +24,14 @@ from .allocation import allocate
 from .batchnorm import bn_modules, bn_statistics_, recalibrate
 from .dense_target import DenseInputs
 from .graph import PRUNABLE, GraphExecutor, GraphStop, inputs_of, memory_policy
-from .layer import LayerPruner, LayerResult
+from .layer import LayerPruner, LayerResult, output_error
 from .layer_plan import choose_layers, forward_order
 from .masks import Pattern
 from .quant import BITS, CLIP, QUANT
 from .reconstruct import reconstruct as reconstruct_model
 from .refine import REFINE
 from .saliency import bn_row_scales
-from .solver import METHODS
+from .solver import METHODS, NEEDS
 from .statcorr import StatCorrection
 from .utils import UserError
 
@@ -114,20 +114,33 @@ class _Pruner:
         if next(self.model.parameters()).is_cuda:
             torch.cuda.synchronize()
 
+    def needs(self, name: str) -> str:
+        """What layer `name` needs from its inputs: the Hessian, or only what the method's mask needs (NEEDS), when
+        no re-fit, statistics correction or GPTQ rounding reads H."""
+        if self.dense is not None or self.refine != "none" or self.statcorr is not None:
+            return "hessian"
+        return NEEDS[self.method]
+
     def prune_layer(self, name: str, inputs: Iterable[torch.Tensor]) -> None:
+        """inputs: the layer's input batches; iterated twice when the layer is pruned without a Hessian (the mask's
+        statistics, then the reported error from the layer's outputs)."""
         module = self.modules[name]
-        pruner = LayerPruner(module, name, track_mean=self.statcorr is not None, dense_target=self.dense is not None)
+        needs = self.needs(name)
+        pruner = LayerPruner(module, name, hessian=needs == "hessian", track_mean=self.statcorr is not None,
+                             dense_target=self.dense is not None)
         f0, t0 = self.forward_clock(), time.perf_counter()
         d0 = self.dense.seconds if self.dense else 0.0
         dense = self.dense.stream(name) if self.dense else itertools.repeat(None)
-        for x in inputs:  # with the fx executor, computing these is forward time, not Hessian time
-            pruner.add_batch(x, next(dense))
+        if needs != "nothing":
+            for x in inputs:  # with the fx executor, computing these is forward time, not Hessian time
+                pruner.add_batch(x, next(dense))
         dense_seconds = self.dense.seconds - d0 if self.dense else 0.0
         if self.dense:
             self.t["dense_target"] = self.t.get("dense_target", 0.0) + dense_seconds
         dist.reduce_statistics_(pruner)  # all ranks' inputs (torchrun); nothing without it
         self.sync()
         t1 = time.perf_counter()
+        dense_weight = module.weight.detach().clone() if needs != "hessian" else None
         res = None
         if dist.is_main():  # one rank solves; the others receive its weights
             res = pruner.prune(self.method, self.patterns.get(name, self.pattern), self.percdamp, self.blocksize,
@@ -140,6 +153,11 @@ class _Pruner:
         self.sync()
         self.t["hessian"] += t1 - t0 - (self.forward_clock() - f0) - dense_seconds
         self.t["solve"] += time.perf_counter() - t1  # includes "cholesky"
+        if res.error_from == "outputs":  # every rank runs the layer on its share of the inputs
+            f1, t2 = self.forward_clock(), time.perf_counter()
+            res.error = output_error(pruner, dense_weight, inputs)
+            self.t["output_error"] = self.t.get("output_error", 0.0) + time.perf_counter() - t2 - (
+                self.forward_clock() - f1)
         res.seconds = time.perf_counter() - t0
         pruner.free()
         self.results[name] = res

@@ -19,7 +19,10 @@ from .masks import (
 )
 from .quant import Grid, round_to_nearest
 
-METHODS = ("sparsegpt", "magnitude", "wanda")
+# What each method's mask needs from the calibration inputs: the Hessian H, only its diagonal (‖X_j‖²), or
+# nothing. A layer is given no d×d Hessian when neither its method nor a re-fit needs one (prune.py).
+NEEDS = {"sparsegpt": "hessian", "magnitude": "nothing", "wanda": "diagonal"}
+METHODS = tuple(NEEDS)
 
 
 def sparsegpt_factor(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, float]:
@@ -133,8 +136,9 @@ def _solve_block(W1, Err1, mask1, Hinv1, pattern: Pattern, grid: Grid | None = N
 def prune_matrix(Wg: torch.Tensor, H: torch.Tensor, method: str, pattern: Pattern, percdamp: float = 0.01,
                  blocksize: int = 128, row_scale: torch.Tensor | None = None, factor: tuple | None = None,
                  stats: dict | None = None, graphs: dict | None = None, grid: Grid | None = None,
-                 quant: str = "gptq") -> tuple:
+                 quant: str = "gptq", diagonal: torch.Tensor | None = None) -> tuple:
     """Weights (G, rows, d) pruned by `method` with Hessian H (G, d, d): (Ŵ, pruned mask, damping or None).
+    Methods that need only diag(H) (NEEDS) take it as `diagonal` (G, d) when H is None.
     The one place where the methods differ; row_scale weighs rows in unstructured masks (see sparsegpt_solve).
     With a grid, kept weights end on it: inside SparseGPT's loop (quant 'gptq'), else rounded after (RTN)."""
     if method == "sparsegpt":
@@ -145,7 +149,8 @@ def prune_matrix(Wg: torch.Tensor, H: torch.Tensor, method: str, pattern: Patter
         return Q, pruned, damp
     scores = Wg.abs() if row_scale is None else Wg.abs() * row_scale.sqrt()[:, :, None]
     if method == "wanda":  # |W|·‖X_j‖₂, compared within each output row
-        scores = scores * torch.diagonal(H, dim1=-2, dim2=-1).clamp_min(0).sqrt()[:, None, :]
+        diagonal = torch.diagonal(H, dim1=-2, dim2=-1) if H is not None else diagonal
+        scores = scores * diagonal.clamp_min(0).sqrt()[:, None, :]
     pruned = pattern_prune_mask(scores, pattern, per_row=method == "wanda")
     Q = Wg.masked_fill(pruned, 0)
     return (Q if grid is None else round_to_nearest(Q, pruned, grid)), pruned, None
