@@ -48,6 +48,20 @@ def test_torchvision_v2_and_timm_presets_from_metadata():
     assert t.crop == 224 and t.resize == int(224 / 0.95) and t.interpolation == "bicubic"
 
 
+def test_torchvision_weight_version_from_the_file_name():
+    """The classic ResNet-50 file is IMAGENET1K_V1 (resize 256), not DEFAULT's V2 (232): matched by file name or
+    hash; an unknown name assumes DEFAULT and says so, with how to choose."""
+    v1 = resolve("auto", "torchvision:resnet50", "/x", weights_file="/models/resnet50-0676ba61.pth")
+    assert (v1.resize, v1.crop) == (256, 224) and "IMAGENET1K_V1" in v1.source and "assumed" not in v1.source
+    renamed = from_model("torchvision:resnet50", "my_copy_of_resnet50-0676ba61.pt")
+    assert renamed.resize == 256
+    v2 = from_model("torchvision:resnet50", "resnet50-11ad3fa6.pth")
+    assert v2.resize == 232 and "assumed" not in v2.source
+    unknown = from_model("torchvision:resnet50", "finetuned.pt")
+    assert unknown.resize == 232 and "DEFAULT assumed" in unknown.source and "--preprocess imagenet" in unknown.source
+    assert from_model("torchvision:mobilenet_v3_large", "mobilenet_v3_large-8738ca79.pth").resize == 256
+
+
 def test_auto_resolution_order():
     assert resolve("auto", "resnet18_cifar", "cifar10").std == (0.2470, 0.2435, 0.2616)
     assert resolve("auto", "torchvision:resnet18", "cifar10").crop is None  # 32x32 datasets keep their convention

@@ -85,7 +85,7 @@ def prepare(opts: PruneOptions, device: torch.device):
         check_finite(state, f"checkpoint {opts.weights}")
         meta = read_metadata(opts.weights)
     pre = resolve_preprocess(opts.preprocess, opts.model, dataset, meta, opts.image_size, opts.crop_pct,
-                             entry.dataset if entry else None)
+                             entry.dataset if entry else None, opts.weights)
     train, test = load_splits(dataset, opts.data_dir, pre, opts.streaming, opts.workers)
     classes = _data_classes(train)
     head = head_classes(opts.model, state) if state is not None else None

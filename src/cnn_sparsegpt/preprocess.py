@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 
@@ -76,22 +77,45 @@ def imagenet(resize: int = 256, crop: int = 224, interpolation: str = "bilinear"
     return Preprocess(IMAGENET_MEAN, IMAGENET_STD, resize, crop, interpolation, source)
 
 
-def from_model(model_name: str) -> Preprocess | None:
+def torchvision_weights(name: str, weights_file: str | None = None):
+    """The member of torchvision's weight enum for model `name` that a weights file is (its file name, or the hash
+    in it, as in the member's download URL: resnet50-0676ba61.pth is IMAGENET1K_V1), and whether it matched;
+    DEFAULT when nothing matches. None for a name torchvision has no weights for."""
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (ValueError, KeyError):
+        return None, False
+    if weights_file:
+        given = Path(weights_file).name
+        for member in enum:
+            file = member.url.rsplit("/", 1)[-1]
+            digest = Path(file).stem.rsplit("-", 1)[-1]
+            if given == file or (len(digest) >= 8 and f"-{digest}" in Path(given).stem):
+                return member, True
+    return enum.DEFAULT, False
+
+
+def from_model(model_name: str, weights_file: str | None = None) -> Preprocess | None:
     """The eval preprocessing a torchvision or timm model's pretrained weights were made for (metadata only:
-    nothing is downloaded), or None for other models."""
+    nothing is downloaded), or None for other models. torchvision: the weight version whose file `weights_file`
+    is, else DEFAULT (and the source says it was assumed)."""
     kind, _, name = model_name.partition(":")
     if kind == "torchvision":
-        import torchvision
-
-        try:
-            weights = torchvision.models.get_model_weights(name).DEFAULT
-        except (ValueError, KeyError):
+        weights, matched = torchvision_weights(name, weights_file)
+        if weights is None:
             return None
         t = weights.transforms()
         if not hasattr(t, "crop_size"):  # not an image classifier's preset
             return None
+        source = f"torchvision {weights} metadata"
+        if not matched:
+            versions = ", ".join(m.name for m in type(weights))
+            source += (f" (DEFAULT assumed: the weights file name matches none of {versions}; if your weights are "
+                       "another version, give --preprocess imagenet or --image-size/--crop-pct)")
         return Preprocess(tuple(t.mean), tuple(t.std), t.resize_size[0], t.crop_size[0], t.interpolation.value,
-                          f"torchvision {weights} metadata")
+                          source)
     if kind == "timm":
         from .models.registry import timm_module
 
@@ -121,9 +145,11 @@ def from_checkpoint(meta: dict) -> Preprocess | None:
 
 
 def resolve(preset: str, model_name: str, dataset: str, meta: dict | None = None, image_size: int | None = None,
-            crop_pct: float | None = None, model_dataset: str | None = None) -> Preprocess:
+            crop_pct: float | None = None, model_dataset: str | None = None,
+            weights_file: str | None = None) -> Preprocess:
     """The preprocessing of one run. dataset: 'mnist', 'cifar10' or a folder path; model_dataset: the dataset
-    a registry model is built for (its input size and convention), None for torchvision/timm models."""
+    a registry model is built for (its input size and convention), None for torchvision/timm models;
+    weights_file: the checkpoint, whose name tells a torchvision weight version."""
     if preset not in PRESETS:
         raise UserError(f"--preprocess must be one of {', '.join(PRESETS)}, got '{preset}'")
     small = dataset in DATASET_NORMALIZATION
@@ -139,7 +165,7 @@ def resolve(preset: str, model_name: str, dataset: str, meta: dict | None = None
         if p is None and not small and model_dataset in DATASET_NORMALIZATION:  # a 32x32 registry model
             p = Preprocess(*DATASET_NORMALIZATION[model_dataset], source=f"{model_dataset} convention ({model_name})")
         if p is None and not small:  # built-in 32x32 datasets keep their convention for any architecture
-            p = from_model(model_name)
+            p = from_model(model_name, weights_file)
             if p is None:
                 p = imagenet(source="imagenet (the usual convention for image folders)")
         if p is None:
