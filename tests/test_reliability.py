@@ -179,3 +179,70 @@ def test_no_nan_reaches_a_checkpoint(capsys, tmp_path, data_dir, mnist_ckpt, mon
     out = tmp_path / "o"
     assert_error(capsys, prune_args(mnist_ckpt, data_dir, out, "--sparsity", "0.5"), "pruned model has NaN")
     assert not (out / "model.pt").exists()
+
+
+def _jpeg_folder(root, truncated: str | None = None):
+    """An ImageFolder with 2 classes of 3 images per split; `truncated`: 'val' cuts one of its JPEGs short."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(3):
+                px = torch.randint(0, 256, (20, 24, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(px).save(root / split / cls / f"{i}.jpg", quality=90)
+    if truncated:
+        bad = root / truncated / "b" / "1.jpg"
+        bad.write_bytes(bad.read_bytes()[:300])
+    return root
+
+
+def test_truncated_jpeg_in_a_decoded_folder(capsys, tmp_path):
+    folder = _jpeg_folder(tmp_path / "imgs", truncated="val")
+    assert_error(capsys, ["-q", "prune", "--model", "torchvision:mobilenet_v3_small", "--dataset", str(folder),
+                          "--streaming", "off", "--sparsity", "0.5", "--out", str(tmp_path / "o")],
+                 "cannot read image", "val/b/1.jpg")
+
+
+@pytest.fixture
+def pruned_run(tmp_path, data_dir, mnist_ckpt):
+    out = tmp_path / "run"
+    assert main(prune_args(mnist_ckpt, data_dir, out, "--sparsity", "0.5", "--recipe", "published",
+                           "--nsamples", "16")) == 0
+    return out
+
+
+def test_run_folder_readers_give_one_line_errors(capsys, tmp_path, pruned_run):
+    masks = pruned_run / "masks.pt"
+    masks.write_bytes(masks.read_bytes()[:200])
+    assert_error(capsys, ["finetune", str(pruned_run), "--max-steps", "1"], "cannot read mask file", "truncated")
+    report = pruned_run / "report.json"
+    report.write_text(report.read_text()[:100])
+    assert_error(capsys, ["export", str(pruned_run), "--safetensors", str(tmp_path / "m.safetensors")],
+                 "report.json is not valid JSON")
+    assert_error(capsys, ["export", str(tmp_path / "nowhere"), "--safetensors", str(tmp_path / "m.safetensors")],
+                 "run folder not found")
+
+
+def test_finetune_arguments_are_checked_first(capsys, pruned_run):
+    assert_error(capsys, ["finetune", str(pruned_run), "--lr", "-1"], "--lr must be positive, got -1")
+    assert_error(capsys, ["finetune", str(pruned_run), "--batch-size", "0"], "--batch-size must be at least 1")
+    assert_error(capsys, ["finetune", str(pruned_run), "--holdout", "-5"], "--holdout must be >= 0")
+
+
+def test_export_to_a_folder_that_cannot_be_made(capsys, tmp_path, pruned_run, monkeypatch):
+    import cnn_sparsegpt.export as export
+
+    monkeypatch.setattr(export, "load_run", lambda *a: pytest.fail("work before the output path was checked"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert_error(capsys, ["export", str(pruned_run), "--onnx", str(blocker / "x" / "y.onnx")], "not writable")
+
+
+def test_unsupported_combination_fails_before_any_work(capsys, tmp_path, data_dir, mnist_ckpt, monkeypatch):
+    import cnn_sparsegpt.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "prepare", lambda *a: pytest.fail("data loaded before the options were checked"))
+    assert_error(capsys, prune_args(mnist_ckpt, data_dir, tmp_path / "o", "--nm", "2:4", "--allocation", "dp"),
+                 "N:M is uniform")

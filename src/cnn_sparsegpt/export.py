@@ -14,7 +14,7 @@ from torch import fx, nn
 from .layer_plan import forward_order
 from .masks import conv_column_perm
 from .pipeline import load_run
-from .utils import UserError, atomic_write_json, save_safetensors
+from .utils import UserError, atomic_write_json, ensure_writable, save_safetensors
 
 OPSET = 17
 _SHAPES = {"mnist": [1, 28, 28], "cifar10": [3, 32, 32]}
@@ -82,6 +82,9 @@ def export_run(run_dir: str | Path, onnx_path: str | Path | None = None, safeten
     """Fold, export and check; returns (and writes beside the first output) the export report."""
     if onnx_path is None and safetensors_path is None:
         raise UserError("nothing to export: give --onnx PATH and/or --safetensors PATH")
+    for path in (onnx_path, safetensors_path):  # before any work: a folder that cannot be made is one clear error
+        if path is not None:
+            ensure_writable(Path(path).parent)
     model, report, masks = load_run(run_dir)
     shape = shape or input_shape(report)
     folded = fold_batchnorm(model)

@@ -17,7 +17,15 @@ from .pipeline import load_dense, load_run
 from .quant import attach_grids, detach_grids
 from .preprocess import Preprocess
 from .train import TrainConfig, evaluate, train_model
-from .utils import UserError, atomic_save, atomic_write_json, ensure_writable, resolve_device, run_metadata
+from .utils import (
+    UserError,
+    atomic_save,
+    atomic_write_json,
+    ensure_writable,
+    load_tensors,
+    resolve_device,
+    run_metadata,
+)
 
 
 def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None = None, data_dir: str | None = None,
@@ -30,6 +38,14 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
     from (its checkpoint as report.json names it, or teacher_weights) is the teacher. dropout: the rate of every
     dropout layer while fine-tuning (None = the model's own). streaming, workers: as for `prune` (a large
     image folder is streamed, with random resized crops and flips for training)."""
+    for name, value, ok, want in (("lr", cfg.lr, cfg.lr > 0, "positive"),
+                                  ("batch-size", cfg.batch_size, cfg.batch_size >= 1, "at least 1"),
+                                  ("epochs", cfg.epochs, cfg.epochs >= 1, "at least 1"),
+                                  ("max-steps", cfg.max_steps, cfg.max_steps >= 0, ">= 0"),
+                                  ("holdout", holdout, holdout >= 0, ">= 0"),
+                                  ("workers", workers, workers is None or workers >= 1, "at least 1")):
+        if not ok:  # checked before any loading, as prune checks its own
+            raise UserError(f"--{name} must be {want}, got {value}")
     run = Path(run_dir)
     model, report, masks = load_run(run)
     if dropout is not None:  # a net with 90% of its weights gone has little to spare: the CIFAR CNN's dropout
@@ -37,7 +53,7 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
         for m in model.modules():
             if isinstance(m, nn.modules.dropout._DropoutNd):
                 m.p = dropout
-    quantized = torch.load(run / "quant.pt", map_location="cpu") if (run / "quant.pt").is_file() else {}
+    quantized = load_tensors(run / "quant.pt", "quantization file") if (run / "quant.pt").is_file() else {}
     if not masks:
         raise UserError(f"{run} has no masks.pt: nothing to keep")
     teacher = load_dense(report, teacher_weights) if cfg.distill > 0 else None

@@ -58,16 +58,19 @@ def class_index(splits: dict) -> list[str]:
     return classes
 
 
-def _decode(data: bytes | str, pre: Preprocess, size=None, augment: bool = False) -> torch.Tensor:
+def _decode(data: bytes | str, pre: Preprocess, size=None, augment: bool = False, name: str = "") -> torch.Tensor:
     """Bytes or a file path -> uint8 (C, H, W) after the preprocessing's resize and crop (augment: its
     training geometry instead). Without a crop, an image is resized to `size` when it differs (so that a
-    batch has one shape)."""
+    batch has one shape). A file that does not decode (truncated, not an image) is a UserError naming it."""
     import torch.nn.functional as F
     from PIL import Image
 
-    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
-        img = img.convert("RGB")
-        x = pre.train_geometry(img) if augment else pre.geometry(img)
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            img = img.convert("RGB")
+            x = pre.train_geometry(img) if augment else pre.geometry(img)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL: truncated or unknown files, bad headers
+        raise UserError(f"cannot read image {name or data}: {e}. Remove or replace the file") from None
     if size is not None and not pre.crop and tuple(x.shape[1:]) != tuple(size):
         x = F.interpolate(x[None].float(), size=tuple(size), mode="bilinear", antialias=True)[0]
         x = x.round().clamp(0, 255).to(torch.uint8)
@@ -102,15 +105,18 @@ def decode_all(path: Path, pre: Preprocess) -> dict[str, dict]:
     classes = class_index({s: [(c, n) for c, n, _ in v] for s, v in splits.items()})
     out, size = {}, None
     bar = tqdm(total=sum(len(v) for v in splits.values()), desc=f"decoding {path.name}", unit="img")
-    for split, items in splits.items():
-        imgs = []
-        for _, _, data in items:
-            imgs.append(_decode(data, pre, size))
-            size = size or imgs[-1].shape[1:]  # without a crop, every image is served at the first one's size
-            bar.update(1)
-        labels = torch.tensor([classes.index(c) for c, _, _ in items], dtype=torch.long)
-        out[split] = {"images": torch.stack(imgs), "labels": labels, "classes": classes}
-    bar.close()
+    try:
+        for split, items in splits.items():
+            imgs = []
+            for cls, name, data in items:
+                where = str(data) if not isinstance(data, bytes) else f"{path}:{split}/{cls}/{name}"
+                imgs.append(_decode(data, pre, size, name=where))
+                size = size or imgs[-1].shape[1:]  # without a crop, every image is served at the first one's size
+                bar.update(1)
+            labels = torch.tensor([classes.index(c) for c, _, _ in items], dtype=torch.long)
+            out[split] = {"images": torch.stack(imgs), "labels": labels, "classes": classes}
+    finally:  # an error message starts on its own line
+        bar.close()
     return out
 
 
@@ -146,10 +152,7 @@ class _Files(Dataset):
         return len(self.files)
 
     def __getitem__(self, i):
-        try:
-            return _decode(self.files[i], self.pre, augment=self.augment), self.labels[i]
-        except OSError as e:
-            raise UserError(f"cannot read image {self.files[i]}: {e}") from None
+        return _decode(self.files[i], self.pre, augment=self.augment, name=str(self.files[i])), self.labels[i]
 
 
 @dataclass

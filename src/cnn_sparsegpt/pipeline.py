@@ -16,8 +16,7 @@ from .data import calibration_indices, calibration_set, holdout_split, load_spli
 from .masks import Pattern
 from .models import check_model_name, create_model, head_classes, model_entry
 from .preprocess import resolve as resolve_preprocess
-from .prune import prune_model
-from .solver import METHODS
+from .prune import check_combination, prune_model
 from .train import evaluate
 from .utils import (
     UserError,
@@ -26,6 +25,8 @@ from .utils import (
     check_finite,
     ensure_writable,
     load_state_dict,
+    load_tensors,
+    read_json,
     resolve_device,
     run_metadata,
     save_safetensors,
@@ -110,10 +111,11 @@ def prepare(opts: PruneOptions, device: torch.device):
 def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None = None,
               write: bool = True) -> dict:
     """Run one prune and (when `write`) save model.pt, masks.pt and report.json under opts.out."""
-    if opts.method not in METHODS:
-        raise UserError(f"unknown method '{opts.method}'; choose from {', '.join(METHODS)}")
     pattern = Pattern.parse(opts.sparsity, opts.nm)
     device = dist.init(opts.device) if dist.launched() else resolve_device(opts.device)
+    check_combination(opts.method, pattern, allocation=opts.allocation, refine=opts.refine, wbits=opts.wbits,
+                      quant=opts.quant, quant_clip=opts.quant_clip, reconstruct=opts.reconstruct,
+                      stat_correction=opts.stat_correction)
     dist.check_same(json.dumps(dataclasses.asdict(opts), sort_keys=True, default=str), "arguments")
     progress = progress and dist.is_main()
     write = write and dist.is_main()  # one rank writes model.pt, masks.pt, report.json
@@ -213,16 +215,26 @@ def format_report(r: dict) -> str:
 
 
 def load_run(run_dir: str | Path) -> tuple[nn.Module, dict, dict]:
-    """The pruned model of a `prune` output folder (eval mode), its report and its masks."""
+    """The pruned model of a `prune` (or `finetune`) output folder (eval mode), its report and its masks; every
+    missing, truncated or malformed file is one UserError that names it."""
     run = Path(run_dir)
+    if not run.is_dir():
+        raise UserError(f"run folder not found: {run} (give the --out folder of a `cnn-sparsegpt prune` run)")
     for f in ("model.pt", "report.json"):
         if not (run / f).is_file():
             raise UserError(f"{run} has no {f}: give the --out folder of a `cnn-sparsegpt prune` run")
-    report = json.loads((run / "report.json").read_text())
+    report = read_json(run / "report.json", "run report")
+    if not isinstance(report.get("model"), str):
+        raise UserError(f"{run / 'report.json'} names no model: it is not the report of a `cnn-sparsegpt prune` run")
+    check_model_name(report["model"])
     state = load_state_dict(run / "model.pt")
     model = create_model(report["model"], num_classes=head_classes(report["model"], state) or 10)
-    model.load_state_dict(state)
-    masks = torch.load(run / "masks.pt", map_location="cpu") if (run / "masks.pt").is_file() else {}
+    load_weights(model, run / "model.pt", report["model"], state)
+    masks = load_tensors(run / "masks.pt", "mask file") if (run / "masks.pt").is_file() else {}
+    if not isinstance(masks, dict) or any(k not in state or not isinstance(m, torch.Tensor) or m.shape != state[k].shape
+                                          for k, m in masks.items()):
+        raise UserError(f"{run / 'masks.pt'} does not match model.pt (a parameter name → bool tensor of its shape "
+                        "each)")
     return model.eval(), report, masks
 
 

@@ -223,6 +223,30 @@ class _Pruner:
         return passes
 
 
+def check_combination(method: str, pattern: Pattern, *, allocation: str = "uniform", refine: str = "none",
+                      wbits: int | None = None, quant: str = "gptq", quant_clip: str = "minmax", reconstruct: int = 0,
+                      stat_correction: bool = False) -> None:
+    """Every choice known and every combination supported, before any work (loading data, measuring accuracy)."""
+    if method not in METHODS:
+        raise UserError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
+    if refine not in REFINE:
+        raise UserError(f"unknown refinement '{refine}'; choose from {', '.join(REFINE)}")
+    if wbits is not None:
+        if wbits not in BITS or quant not in QUANT or quant_clip not in CLIP:
+            raise UserError(f"--wbits must be one of {', '.join(map(str, BITS))}, --quant one of "
+                            f"{', '.join(QUANT)} and --quant-clip one of {', '.join(CLIP)}; got {wbits}, {quant} "
+                            f"and {quant_clip}")
+        if refine != "none" or reconstruct:
+            raise UserError("--refine and --reconstruct move the kept weights off their quantization grids: "
+                            "not combinable with --wbits yet")
+    if pattern.is_nm and allocation != "uniform":
+        raise UserError(f"--allocation {allocation} chooses unstructured sparsities per layer; N:M is uniform by "
+                        "definition: use --sparsity with it")
+    if dist.active() and (allocation != "uniform" or stat_correction or reconstruct):
+        raise UserError("--allocation owl/dp, --stat-correction and --reconstruct need the whole calibration "
+                        "set in one process: run them without torchrun")
+
+
 @torch.no_grad()
 def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsity: float | None = None,
                 nm: str | None = None, *, percdamp: float = 0.01, blocksize: int = 128, ignore: Iterable[str] = (),
@@ -252,26 +276,13 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
     or to nearest after the prune ('rtn'); the codes are in the report's `quantized` (quant.py). quant_clip:
     each channel's grid spans its weights (minmax) or the clipped range of least squared rounding error (mse).
     """
-    if method not in METHODS:
-        raise UserError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
-    if refine not in REFINE:
-        raise UserError(f"unknown refinement '{refine}'; choose from {', '.join(REFINE)}")
-    if wbits is not None:
-        if wbits not in BITS or quant not in QUANT or quant_clip not in CLIP:
-            raise UserError(f"--wbits must be one of {', '.join(map(str, BITS))}, --quant one of "
-                            f"{', '.join(QUANT)} and --quant-clip one of {', '.join(CLIP)}; got {wbits}, {quant} "
-                            f"and {quant_clip}")
-        if refine != "none" or reconstruct:
-            raise UserError("--refine and --reconstruct move the kept weights off their quantization grids: "
-                            "not combinable with --wbits yet")
     pattern = sparsity if isinstance(sparsity, Pattern) else Pattern.parse(sparsity, nm)
+    check_combination(method, pattern, allocation=allocation, refine=refine, wbits=wbits, quant=quant,
+                      quant_clip=quant_clip, reconstruct=reconstruct, stat_correction=stat_correction)
     device = next(model.parameters()).device
     batches = _as_batches(calibration, device, batch_size)
     nsamples = sum(len(x) for x in batches)
     if dist.active():  # torchrun: this rank's share of the batches (dist.py)
-        if allocation != "uniform" or stat_correction or reconstruct:
-            raise UserError("--allocation owl/dp, --stat-correction and --reconstruct need the whole calibration "
-                            "set in one process: run them without torchrun")
         batches = dist.shard(batches)
         dist.broadcast_module_(model)
     was_training = model.training
@@ -287,9 +298,6 @@ def prune_model(model: nn.Module, calibration, method: str = "sparsegpt", sparsi
         policy = "low-memory" if low_memory else "default"
     plan = choose_layers(model, order, ignore, skip_first_last)
     names = [n for n in order if not plan[n]]
-    if pattern.is_nm and allocation != "uniform":
-        raise UserError(f"--allocation {allocation} chooses unstructured sparsities per layer; N:M is uniform by "
-                        "definition: use --sparsity with it")
     t0 = time.perf_counter()
     row_scales = bn_row_scales(model) if bn_aware else {}
     bns = set(bn_modules(model))

@@ -110,7 +110,32 @@ def _load_safetensors(path: Path) -> dict:
         raise UserError(f"cannot read checkpoint {path}: not a valid safetensors file ({str(e)[:160]})") from None
 
 
-def _load_pickled(path: Path):
+def load_tensors(path: str | os.PathLike, what: str = "file"):
+    """A torch file of tensors (and plain containers) loaded with weights_only=True, every failure one UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    return _load_pickled(path, what)
+
+
+def read_json(path: str | os.PathLike, what: str = "file") -> dict:
+    """A JSON object from a file, every failure (missing, unreadable, malformed, not an object) one UserError."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{what} not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {what} {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{what} {path} is not valid JSON ({e.msg} at line {e.lineno}): the file is truncated or "
+                        "was edited") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{what} {path} does not hold a JSON object")
+    return data
+
+
+def _load_pickled(path: Path, what: str = "checkpoint"):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -118,14 +143,14 @@ def _load_pickled(path: Path):
         if zipfile.is_zipfile(path):
             what = re.search(r"GLOBAL ([\w.]+)", str(e))
             raise UserError(
-                f"refused to load {path}: it is not a plain tensor checkpoint and could run code when loaded "
+                f"refused to load {path}: it is not a plain tensor {what} and could run code when loaded "
                 f"({'it references ' + what[1] if what else 'it holds pickled Python objects'}). "
                 "Save the model's state_dict() instead.") from None
-        raise UserError(f"cannot read checkpoint {path}: the file is truncated or corrupt, or not a torch "
-                        "checkpoint") from None
+        raise UserError(f"cannot read {what} {path}: the file is truncated or corrupt, or not a torch "
+                        "file") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path}: the file is truncated or corrupt ({msg[:160]})") from None
+        raise UserError(f"cannot read {what} {path}: the file is truncated or corrupt ({msg[:160]})") from None
 
 
 def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
