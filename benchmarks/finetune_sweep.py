@@ -61,7 +61,7 @@ def main() -> None:
                      "holdout_acc": f["holdout_acc"], "test_acc_before": f["pruned_acc_before"],
                      "test_acc": r["pruned_acc"], "dense_test_acc": r.get("dense_acc"), "seconds": f["seconds"],
                      "device": r.get("device"), "model": r["model"], "pattern": r.get("pattern"),
-                     "recipe": r.get("recipe")})
+                     "recipe": r.get("recipe_label")})
         best = max(runs, key=lambda x: x["holdout_acc"])
         summary["chosen"] = {"lr": best["lr"], "warmup": best["warmup"], "distill": best.get("distill", 0.0),
                              "batch_size": best.get("batch_size", 128), "dropout": best.get("dropout"),

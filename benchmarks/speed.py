@@ -19,7 +19,15 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from cnn_sparsegpt import LayerPruner, Pattern, calibration_set, create_model, load_dataset, prune_model
+from cnn_sparsegpt import (
+    PUBLISHED,
+    LayerPruner,
+    Pattern,
+    calibration_set,
+    create_model,
+    load_dataset,
+    prune_model,
+)
 from cnn_sparsegpt.bench import PeakRSS
 from cnn_sparsegpt.linalg import accumulate_xxt_, inverse_cholesky
 from cnn_sparsegpt.prune import choose_layers, forward_order
@@ -147,7 +155,7 @@ def measure_prune(arch, weights, data_dir, nsamples, device, low_memory):
     forward_order(model, calib[:1], input_bytes)
     with PeakRSS() as mem:
         before = mem.peak
-        t_total, rep = timed(lambda: prune_model(model, calib, "sparsegpt", nm="2:4", progress=False,
+        t_total, rep = timed(lambda: prune_model(model, calib, PUBLISHED, method="sparsegpt", nm="2:4", progress=False,
                                                  low_memory=low_memory), device)
     t = rep.timings
     phases = {"total": t_total, "calibration forwards": t["forward"], "hessian": t["hessian"],

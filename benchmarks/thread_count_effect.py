@@ -12,7 +12,7 @@ import argparse
 
 import torch
 
-from cnn_sparsegpt import prune_model
+from cnn_sparsegpt import PUBLISHED, prune_model
 from cnn_sparsegpt.models import create_model
 from cnn_sparsegpt.utils import atomic_write_json, run_metadata
 
@@ -22,7 +22,7 @@ def prune_once(threads: int, nsamples: int, recipe: dict) -> dict:
     torch.manual_seed(0)
     model = create_model("mnist_cnn", num_classes=10).eval()
     x = torch.randn(nsamples, 1, 28, 28, generator=torch.Generator().manual_seed(0)).clamp(-0.5, 3)
-    rep = prune_model(model, x, "sparsegpt", nm="2:4", progress=False, **recipe)
+    rep = prune_model(model, x, PUBLISHED, method="sparsegpt", nm="2:4", progress=False, **recipe)
     return {"state": model.state_dict(), "masks": rep.masks}
 
 

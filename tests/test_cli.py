@@ -58,7 +58,7 @@ def test_prune_from_yaml_with_flag_override(mnist_ckpt, data_dir, tmp_path):
     assert main(["-q", "prune", "--config", str(cfg), "--data-dir", str(data_dir), "--sparsity", "0.7"]) == 0
     report = json.loads((tmp_path / "from_yaml" / "report.json").read_text())
     assert report["method"] == "magnitude" and report["pattern"] == "0.7" and abs(report["sparsity"] - 0.7) < 1e-3
-    assert report["low_memory"] and report["peak_stored_mb"] > 0
+    assert report["config"]["low_memory"] and report["peak_stored_mb"] > 0
 
 
 def test_shipped_configs_are_valid():
@@ -73,7 +73,7 @@ def test_shipped_configs_are_valid():
         if name.startswith("bench_"):
             assert load_bench_config(path).models
         else:
-            assert PruneOptions(**load_yaml(path, PruneOptions)).model
+            assert PruneOptions.build(load_yaml(path)).model
 
 
 def test_entry_point_help_and_error():
@@ -200,17 +200,28 @@ def test_sweep_table_reports_the_setting_chosen_on_held_out_images(tmp_path):
 
 
 def test_recipe_defaults_and_labels():
-    from cnn_sparsegpt.config import PruneOptions, recipe_label
+    from dataclasses import replace
+
+    from cnn_sparsegpt.config import PUBLISHED, RECOMMENDED, PruneOptions, recipe_label
     from cnn_sparsegpt.utils import UserError
 
-    default = PruneOptions()
-    assert (default.refine, default.dense_target) == ("cg", True)
+    default = PruneOptions.build().config.resolved()
+    assert default == RECOMMENDED.resolved() and (default.refine, default.dense_target) == ("cg", True)
     assert recipe_label(default) == "refine=cg,dense_target=True"
-    published = PruneOptions(recipe="published")
+    published = PruneOptions.build(recipe="published").config
     assert (published.refine, published.dense_target, recipe_label(published)) == ("none", False, "")
-    assert recipe_label(PruneOptions(recipe="published", allocation="dp")) == "allocation=dp"  # as before the change
-    assert PruneOptions(refine="admm").refine == "admm"  # given explicitly: wins over the recipe
-    quantized = PruneOptions(wbits=4)  # cg would move kept weights off their grids: left out
-    assert (quantized.refine, quantized.dense_target) == ("none", True)
+    assert recipe_label(replace(PUBLISHED, allocation="dp")) == "allocation=dp"  # as before the change
+    assert PruneOptions.build(refine="admm").config.refine == "admm"  # given explicitly: wins over the recipe
+    quantized = PruneOptions.build(wbits=4).config.resolved()  # cg would move kept weights off their grids
+    assert (quantized.refine, quantized.dense_target, quantized.quant) == ("none", True, "gptq")
+    assert replace(PUBLISHED, method="magnitude", wbits=4).resolved().quant == "rtn"  # what runs, not 'gptq'
     with pytest.raises(UserError, match="recipe must be one of"):
-        PruneOptions(recipe="best")
+        PruneOptions.build(recipe="best")
+    for bad, fragment in (({"wbits": 4, "refine": "cg"}, "off their quantization grids"),
+                          ({"method": "wanda", "bn_aware": True, "sparsity": 0.5}, "bn_aware"),
+                          ({"method": "magnitude", "wbits": 4, "quant": "gptq"}, "round to nearest"),
+                          ({"nm": "2:4", "allocation": "dp"}, "N:M is uniform"),
+                          ({"percdamp": -1.0}, "percdamp must be >= 0"),
+                          ({"method": "obs"}, "unknown method 'obs'")):
+        with pytest.raises(UserError, match=fragment):
+            replace(RECOMMENDED, **bad)

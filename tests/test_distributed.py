@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from cnn_sparsegpt import dist, prune_model
+from cnn_sparsegpt import PUBLISHED, dist, prune_model
 from cnn_sparsegpt.layer import LayerPruner
 from cnn_sparsegpt.utils import UserError
 
@@ -66,12 +66,13 @@ def _spawn(case, tmp_path, world=2, env=None):
 
 def _case_prune(rank):
     model, x = _model(), _inputs()
-    rep = prune_model(model, x, "sparsegpt", 0.6, batch_size=8, skip_first_last=False, progress=False)
+    rep = prune_model(model, x, PUBLISHED, method="sparsegpt", sparsity=0.6, batch_size=8, prune_all=True,
+                      progress=False, process_group=dist.process_group())
     pruner = LayerPruner(_model().conv1, "conv1")  # the reduced Hessian of the dense conv1 inputs
     stem = _model().stem
-    for b in dist.shard(list(x.split(8))):
+    for b in dist.shard(list(x.split(8)), dist.process_group()):
         pruner.add_batch(stem(b))
-    dist.reduce_statistics_(pruner)
+    dist.reduce_statistics_(pruner, dist.process_group())
     return {"state": model.state_dict(), "masks": rep.masks, "world": rep.world_size, "n": rep.nsamples,
             "H": pruner.H, "count": pruner.nsamples}
 
@@ -92,7 +93,7 @@ def _case_cli(rank):
 
 def _case_checks(rank):
     errors = []
-    for call in (lambda: dist.check_same(f"args of rank {rank}", "arguments"), lambda: dist.shard([torch.zeros(1, 3)])):
+    for call in (lambda: dist.check_same(f"args of rank {rank}", "arguments"), lambda: dist.shard([torch.zeros(1, 3)], dist.process_group())):
         try:
             call()
         except UserError as e:
@@ -104,13 +105,15 @@ def _case_hang(rank):
     if rank == 1:  # a rank that stopped taking part (stuck, or failed without exiting)
         time.sleep(15)
         return None
-    return prune_model(_model(), _inputs(), "sparsegpt", 0.6, batch_size=8, progress=False)
+    return prune_model(_model(), _inputs(), PUBLISHED, method="sparsegpt", sparsity=0.6, batch_size=8,
+                       progress=False, process_group=dist.process_group())
 
 
 def _case_raise(rank):
     if rank == 1:
         raise ValueError("bad input on rank 1")
-    return prune_model(_model(), _inputs(), "sparsegpt", 0.6, batch_size=8, progress=False)
+    return prune_model(_model(), _inputs(), PUBLISHED, method="sparsegpt", sparsity=0.6, batch_size=8,
+                       progress=False, process_group=dist.process_group())
 
 
 CASES = {"prune": _case_prune, "cli": _case_cli, "checks": _case_checks, "hang": _case_hang, "raise": _case_raise}
@@ -119,7 +122,8 @@ CASES = {"prune": _case_prune, "cli": _case_cli, "checks": _case_checks, "hang":
 def test_two_processes_equal_one(tmp_path):
     torch.set_num_threads(1)
     model, x = _model(), _inputs()
-    rep = prune_model(model, x, "sparsegpt", 0.6, batch_size=8, skip_first_last=False, progress=False)
+    rep = prune_model(model, x, PUBLISHED, method="sparsegpt", sparsity=0.6, batch_size=8, prune_all=True,
+                      progress=False)
     ref = LayerPruner(_model().conv1, "conv1")
     for b in x.split(8):
         ref.add_batch(_model().stem(b))
@@ -178,7 +182,8 @@ def _case_resnet18(rank):
     torch.manual_seed(0)
     model = create_model("resnet18_cifar", num_classes=10).eval()
     x = torch.randn(32, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    rep = prune_model(model, x, "sparsegpt", nm="2:4", batch_size=8, progress=False)
+    rep = prune_model(model, x, PUBLISHED, method="sparsegpt", nm="2:4", batch_size=8,
+                      progress=False, process_group=dist.process_group())
     return {"state": model.state_dict(), "masks": rep.masks}
 
 
@@ -215,7 +220,7 @@ def _mnist_inputs():
     return torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(2)).clamp(-0.5, 3)
 
 
-RECOMMENDED = {"dense_target": True, "refine": "cg"}
+RECIPE = {"dense_target": True, "refine": "cg"}  # the recommended recipe, over PUBLISHED's other defaults
 
 
 def _case_recipe(rank):
@@ -225,7 +230,8 @@ def _case_recipe(rank):
     for key, make, x, kw in (("mnist", _mnist_cnn, _mnist_inputs(), {"nm": "2:4", "ignore": ["6"]}),
                              ("tiny", _model, _inputs(), {"sparsity": 0.6})):
         model = make()
-        rep = prune_model(model, x, "sparsegpt", batch_size=16, progress=False, **kw, **RECOMMENDED)
+        rep = prune_model(model, x, PUBLISHED, method="sparsegpt", batch_size=16,
+                          progress=False, process_group=dist.process_group(), **kw, **RECIPE)
         out[key] = {"state": model.state_dict(), "masks": rep.masks}
     return out
 
@@ -233,10 +239,12 @@ def _case_recipe(rank):
 def _case_split_batch(rank):
     """One calibration batch for two processes: the images are split, not the batches."""
     model, x = _model(), _inputs()
-    rep = prune_model(model, x, "sparsegpt", 0.6, batch_size=64, skip_first_last=False, progress=False,
-                      **RECOMMENDED)
-    mag = prune_model(_model(), x, "magnitude", 0.6, skip_first_last=False, progress=False)  # errors from outputs
-    return {"state": model.state_dict(), "masks": rep.masks, "n": rep.nsamples, "share": len(dist.shard([x])),
+    rep = prune_model(model, x, PUBLISHED, method="sparsegpt", sparsity=0.6, batch_size=64, prune_all=True,
+                      progress=False, process_group=dist.process_group(),
+                      **RECIPE)
+    mag = prune_model(_model(), x, PUBLISHED, method="magnitude", sparsity=0.6, prune_all=True,
+                      progress=False, process_group=dist.process_group())  # errors from outputs
+    return {"state": model.state_dict(), "masks": rep.masks, "n": rep.nsamples, "share": len(dist.shard([x], dist.process_group())),
             "magnitude_errors": [r.error for r in mag.layers]}
 
 
@@ -262,11 +270,12 @@ def test_recommended_recipe_two_processes_equal_one(tmp_path):
 def test_fewer_batches_than_processes_split_the_images(tmp_path):
     torch.set_num_threads(1)
     model, x = _model(), _inputs()
-    rep = prune_model(model, x, "sparsegpt", 0.6, batch_size=64, skip_first_last=False, progress=False,
-                      **RECOMMENDED)
+    rep = prune_model(model, x, PUBLISHED, method="sparsegpt", sparsity=0.6, batch_size=64, prune_all=True,
+                      progress=False,
+                      **RECIPE)
     ranks = _spawn("split_batch", tmp_path)
     assert [r["share"] for r in ranks] == [1, 1] and all(r["n"] == 48 for r in ranks)
-    mag = prune_model(_model(), x, "magnitude", 0.6, skip_first_last=False, progress=False)
+    mag = prune_model(_model(), x, PUBLISHED, method="magnitude", sparsity=0.6, prune_all=True, progress=False)
     for r in ranks:  # summed over both ranks' outputs
         assert r["magnitude_errors"] == pytest.approx([layer.error for layer in mag.layers], rel=1e-4)
     for r in ranks:

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from cnn_sparsegpt import create_model, prune_model
+from cnn_sparsegpt import PUBLISHED, create_model, prune_model
 from cnn_sparsegpt.cli import main
 from cnn_sparsegpt.export import fold_batchnorm, nm_ok
 from cnn_sparsegpt.utils import atomic_save, atomic_write_json
@@ -20,7 +20,7 @@ def run_dir(tmp_path_factory):
         if isinstance(bn, torch.nn.BatchNorm2d):
             bn.weight.data.uniform_(0.5, 2)
             bn.running_var.uniform_(0.5, 2)
-    rep = prune_model(model, torch.randn(64, 3, 32, 32), "sparsegpt", nm="2:4", progress=False)
+    rep = prune_model(model, torch.randn(64, 3, 32, 32), PUBLISHED, method="sparsegpt", nm="2:4", progress=False)
     atomic_save(model.state_dict(), d / "model.pt")
     atomic_save(rep.masks, d / "masks.pt")
     atomic_write_json({"model": "resnet20_cifar", "dataset": "cifar10", "pattern": "2:4",

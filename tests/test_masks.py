@@ -1,11 +1,15 @@
 """Mask builders and pattern parsing: exact counts, exact sparsity, idempotence (property tests)."""
+from dataclasses import replace
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cnn_sparsegpt import LayerPruner, Pattern, UserError, nm_prune_mask, topk_prune_mask
+from cnn_sparsegpt import PUBLISHED, LayerPruner, Pattern, UserError
+from cnn_sparsegpt.masks import nm_prune_mask, topk_prune_mask
 from cnn_sparsegpt.masks import pattern_prune_mask
+
 
 nm_pairs = st.integers(2, 8).flatmap(lambda m: st.tuples(st.integers(1, m - 1), st.just(m)))
 
@@ -48,7 +52,7 @@ def test_pruning_is_idempotent(cin, cout, k, pattern, method, seed):
     for step in range(2):
         p = LayerPruner(conv, "c")
         p.add_batch(x)
-        res = p.prune(method, pattern)
+        res = p.prune(replace(PUBLISHED, method=method), pattern)
         if step == 0:
             first = conv.weight.detach().clone()
     # pruned weights are already zero, so they are chosen again and their OBS error (hence update) is zero

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cnn_sparsegpt import prune_model
+from cnn_sparsegpt import PUBLISHED, prune_model
 from cnn_sparsegpt.prune import forward_order
 
 
@@ -62,7 +62,7 @@ def calib(n=64, seed=1):
 def test_order_and_default_skips():
     model = make()
     assert forward_order(model, calib(1)) == ["stem", "block.conv1", "block.conv2", "block.down.0", "fc1", "fc"]
-    rep = prune_model(model, calib(), "sparsegpt", nm="2:4", progress=False)
+    rep = prune_model(model, calib(), PUBLISHED, method="sparsegpt", nm="2:4", progress=False)
     by = {r.name: r for r in rep.layers}
     assert by["stem"].skipped and "first conv" in by["stem"].reason
     assert by["fc"].skipped and "last linear" in by["fc"].reason
@@ -77,7 +77,7 @@ def test_order_and_default_skips():
 
 def test_ignore_and_prune_all():
     model = make()
-    rep = prune_model(model, calib(), "magnitude", sparsity=0.5, ignore=["block\\.conv.*"], skip_first_last=False,
+    rep = prune_model(model, calib(), PUBLISHED, method="magnitude", sparsity=0.5, ignore=["block\\.conv.*"], prune_all=True,
                       progress=False)
     by = {r.name: r for r in rep.layers}
     assert not by["stem"].skipped and not by["fc"].skipped
@@ -86,10 +86,10 @@ def test_ignore_and_prune_all():
 
 def test_fx_and_hook_paths_agree_without_bn_recalibration():
     a, b = make(), make()
-    ra = prune_model(a, calib(), "sparsegpt", sparsity=0.6, recalibrate_bn=False, progress=False)
+    ra = prune_model(a, calib(), PUBLISHED, method="sparsegpt", sparsity=0.6, bn_recalibration=False, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        rb = prune_model(b, calib(), "sparsegpt", sparsity=0.6, recalibrate_bn=False, progress=False, use_fx=False)
+        rb = prune_model(b, calib(), PUBLISHED, method="sparsegpt", sparsity=0.6, bn_recalibration=False, progress=False, use_fx=False)
     assert rb.forward_passes == 4  # one (truncated) pass per pruned layer
     for x, y in zip(ra.layers, rb.layers):
         assert x.skipped == y.skipped
@@ -102,7 +102,7 @@ def test_fx_and_hook_paths_agree_without_bn_recalibration():
 def test_untraceable_model_falls_back():
     model = make(Untraceable)
     with pytest.warns(RuntimeWarning, match="cannot trace"):
-        rep = prune_model(model, calib(), "sparsegpt", nm="2:4", progress=False)
+        rep = prune_model(model, calib(), PUBLISHED, method="sparsegpt", nm="2:4", progress=False)
     assert rep.forward_passes == 5  # 4 layers + the BatchNorm recalibration pass
     assert rep.sparsity == 0.5 and rep.bn_recalibrated
 
@@ -110,12 +110,12 @@ def test_untraceable_model_falls_back():
 def test_sequential_inputs_come_from_pruned_layers():
     """Layer 2's Hessian must see layer 1's pruned output: pruning both at once from dense inputs differs."""
     model = make()
-    rep = prune_model(copy.deepcopy(model), calib(), "sparsegpt", sparsity=0.7, recalibrate_bn=False, progress=False)
+    rep = prune_model(copy.deepcopy(model), calib(), PUBLISHED, method="sparsegpt", sparsity=0.7, bn_recalibration=False, progress=False)
     only_first = copy.deepcopy(model)
-    prune_model(only_first, calib(), "sparsegpt", sparsity=0.7, ignore=["block.conv2", "block.down.0", "fc1"],
-                recalibrate_bn=False, progress=False)
-    seq = prune_model(only_first, calib(), "sparsegpt", sparsity=0.7,
-                      ignore=["block.conv1", "block.down.0", "fc1"], recalibrate_bn=False, progress=False)
+    prune_model(only_first, calib(), PUBLISHED, method="sparsegpt", sparsity=0.7, ignore=["block.conv2", "block.down.0", "fc1"],
+                bn_recalibration=False, progress=False)
+    seq = prune_model(only_first, calib(), PUBLISHED, method="sparsegpt", sparsity=0.7,
+                      ignore=["block.conv1", "block.down.0", "fc1"], bn_recalibration=False, progress=False)
     by_all = {r.name: r for r in rep.layers}
     by_seq = {r.name: r for r in seq.layers}
     assert torch.equal(by_all["block.conv2"].mask, by_seq["block.conv2"].mask)
@@ -125,7 +125,7 @@ def test_bn_recalibration():
     model = make()
     before = model.block.bn2.running_mean.clone()
     momentum = model.block.bn2.momentum
-    prune_model(model, calib(), "magnitude", sparsity=0.8, progress=False)
+    prune_model(model, calib(), PUBLISHED, method="magnitude", sparsity=0.8, progress=False)
     assert not torch.allclose(model.block.bn2.running_mean, before)
     assert model.block.bn2.momentum == momentum and not model.training
     # the statistics are those of the pruned network on the calibration data
@@ -137,7 +137,7 @@ def test_bn_recalibration():
     torch.testing.assert_close(model.block.bn2.running_mean, feats["x"].mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
 
     off = make()
-    prune_model(off, calib(), "magnitude", sparsity=0.8, recalibrate_bn=False, progress=False)
+    prune_model(off, calib(), PUBLISHED, method="magnitude", sparsity=0.8, bn_recalibration=False, progress=False)
     assert torch.equal(off.block.bn2.running_mean, before)
 
 
@@ -149,7 +149,7 @@ def test_sparsegpt_beats_magnitude_on_output():
     errs = {}
     for method in ("magnitude", "sparsegpt"):
         m = make()
-        prune_model(m, calib(128), method, sparsity=0.7, recalibrate_bn=False, progress=False)
+        prune_model(m, calib(128), PUBLISHED, method=method, sparsity=0.7, bn_recalibration=False, progress=False)
         with torch.no_grad():
             errs[method] = (m(x) - ref).pow(2).mean().item()
     assert errs["sparsegpt"] < errs["magnitude"]
@@ -159,7 +159,7 @@ def test_batches_of_pairs_and_determinism():
     loader = [(calib(32, s), torch.zeros(32)) for s in (1, 2)]
     masks = []
     for _ in range(2):
-        rep = prune_model(make(), loader, "sparsegpt", nm="2:4", progress=False)
+        rep = prune_model(make(), loader, PUBLISHED, method="sparsegpt", nm="2:4", progress=False)
         masks.append(rep.masks)
     assert rep.nsamples == 64
     assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
@@ -169,8 +169,8 @@ def test_batches_of_pairs_and_determinism():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     cpu, gpu = make(), make().cuda()
-    rc = prune_model(cpu, calib(), "sparsegpt", nm="2:4", progress=False)
-    rg = prune_model(gpu, calib().cuda(), "sparsegpt", nm="2:4", progress=False)
+    rc = prune_model(cpu, calib(), PUBLISHED, method="sparsegpt", nm="2:4", progress=False)
+    rg = prune_model(gpu, calib().cuda(), PUBLISHED, method="sparsegpt", nm="2:4", progress=False)
     assert all(p.is_cuda for p in gpu.parameters())
     agree = [(rc.masks[k] == rg.masks[k]).float().mean().item() for k in rc.masks]
     assert min(agree) > 0.98  # float32 on different hardware may flip near-ties
@@ -202,8 +202,8 @@ class InPlaceNet(nn.Module):
 @pytest.mark.parametrize("cls", [TinyResNet, InPlaceNet])
 def test_low_memory_matches_default(cls):
     a, b = make(cls), make(cls)
-    ra = prune_model(a, calib(), "sparsegpt", nm="2:4", batch_size=16, progress=False)
-    rb = prune_model(b, calib(), "sparsegpt", nm="2:4", batch_size=16, progress=False, low_memory=True)
+    ra = prune_model(a, calib(), PUBLISHED, method="sparsegpt", nm="2:4", batch_size=16, progress=False)
+    rb = prune_model(b, calib(), PUBLISHED, method="sparsegpt", nm="2:4", batch_size=16, progress=False, low_memory=True)
     assert ra.forward_passes == 1 and rb.forward_passes > 1
     assert rb.peak_stored_mb < ra.peak_stored_mb
     assert ra.masks.keys() == rb.masks.keys()
@@ -221,7 +221,7 @@ def test_low_memory_keeps_one_activation_in_residual_blocks():
     peaks = {}
     for low in (False, True):
         model = create_model("resnet18_cifar").eval()
-        rep = prune_model(model, x, "magnitude", sparsity=0.5, batch_size=8, progress=False, low_memory=low)
+        rep = prune_model(model, x, PUBLISHED, method="magnitude", sparsity=0.5, batch_size=8, progress=False, low_memory=low)
         peaks[low] = rep.peak_stored_mb
     assert peaks[False] >= 2 * act_mb
     assert peaks[True] <= 1.3 * act_mb + x.numel() * 4 / 2**20  # + the calibration batches themselves
@@ -236,7 +236,7 @@ def test_low_memory_matches_default_on_torchvision(name):
     for low in (False, True):
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)(num_classes=10).eval()
-        reports.append(prune_model(model, x, "sparsegpt", nm="2:4", batch_size=4, progress=False, low_memory=low))
+        reports.append(prune_model(model, x, PUBLISHED, method="sparsegpt", nm="2:4", batch_size=4, progress=False, low_memory=low))
         states.append(model.state_dict())
     assert reports[0].forward_passes == 1 and reports[1].forward_passes >= 1
     assert all(torch.equal(reports[0].masks[k], reports[1].masks[k]) for k in reports[0].masks)
@@ -257,7 +257,7 @@ class LongChain(nn.Module):
 
 
 def test_low_memory_recomputes_long_chains():
-    reports = [prune_model(LongChain(), torch.randn(32, 8), "sparsegpt", sparsity=0.5, progress=False,
+    reports = [prune_model(LongChain(), torch.randn(32, 8), PUBLISHED, method="sparsegpt", sparsity=0.5, progress=False,
                            low_memory=low) for low in (False, True)]
     assert all(r.forward_passes == 1 and r.sparsity == 0.5 for r in reports)
 
@@ -272,7 +272,7 @@ def test_every_pruned_layer_gets_its_count(name, method):
     for sparsity, nm in ((0.5, None), (0.7, None), (None, "2:4")):
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)(num_classes=10).eval()
-        rep = prune_model(model, x, method, sparsity=sparsity, nm=nm, batch_size=4, progress=False)
+        rep = prune_model(model, x, PUBLISHED, method=method, sparsity=sparsity, nm=nm, batch_size=4, progress=False)
         modules = dict(model.named_modules())
         pruned = [r for r in rep.layers if not r.skipped]
         assert pruned

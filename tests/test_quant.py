@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from cnn_sparsegpt import Pattern, prune_model
+from cnn_sparsegpt import PUBLISHED, Pattern, prune_model
 from cnn_sparsegpt.quant import fit_grid
 from cnn_sparsegpt.solver import prune_matrix, relative_error
 
@@ -36,8 +36,8 @@ def test_prune_model_writes_codes_that_rebuild_the_weights():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
                           nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 10))
-    rep = prune_model(model, torch.randn(32, 3, 8, 8), "sparsegpt", nm="2:4", wbits=4, progress=False)
-    assert rep.wbits == 4 and rep.quant == "gptq" and set(rep.quantized) == set(rep.masks)
+    rep = prune_model(model, torch.randn(32, 3, 8, 8), PUBLISHED, method="sparsegpt", nm="2:4", wbits=4, progress=False)
+    assert rep.config.wbits == 4 and rep.config.quant == "gptq" and set(rep.quantized) == set(rep.masks)
     params = dict(model.named_parameters())
     for name, q in rep.quantized.items():
         shape = (-1,) + (1,) * (params[name].ndim - 1)
@@ -70,7 +70,7 @@ def test_a_layer_that_nm_cannot_prune_is_still_quantized():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
                           nn.Flatten(), nn.Linear(8 * 64, 10))
-    rep = prune_model(model, torch.randn(32, 3, 8, 8), "sparsegpt", nm="2:4", wbits=4, skip_first_last=False,
+    rep = prune_model(model, torch.randn(32, 3, 8, 8), PUBLISHED, method="sparsegpt", nm="2:4", wbits=4, prune_all=True,
                       progress=False)
     first = next(r for r in rep.layers if r.name == "0")
     assert first.skipped and "quantized to 4 bits" in first.reason and first.sparsity == 0

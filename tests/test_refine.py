@@ -1,12 +1,15 @@
 """The refined layer solve (refine.py): exact on its mask, and a lower layer error than SparseGPT's."""
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from cnn_sparsegpt import Pattern, sparsegpt_solve
+from cnn_sparsegpt import PUBLISHED, Pattern, sparsegpt_solve
 from cnn_sparsegpt.linalg import damped as _damped
 from cnn_sparsegpt.refine import cg_on_mask, refine
 from cnn_sparsegpt.solver import relative_error
+
 
 from .test_solver import correlated_inputs, reference_obs
 
@@ -76,7 +79,7 @@ def test_refine_in_the_layer_pruner_and_grouped_conv():
         c.load_state_dict(conv.state_dict())
         p = LayerPruner(c, "c")
         p.add_batch(x)
-        res = p.prune("sparsegpt", Pattern(sparsity=0.6), refine=kind)
+        res = p.prune(replace(PUBLISHED, method="sparsegpt", refine=kind), Pattern(sparsity=0.6))
         assert res.sparsity == pytest.approx(0.6, abs=1 / 288)
         assert torch.equal(c.weight == 0, ~res.mask)
         errors[kind] = res.error
@@ -88,14 +91,14 @@ def test_too_few_samples_per_input_leave_the_refits_out():
 
     from torch import nn
 
-    from cnn_sparsegpt import prune_model
+    from cnn_sparsegpt import PUBLISHED, prune_model
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 32), nn.ReLU(), nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
     x = torch.randn(300, 256)  # 300 samples: 1.2 per input of the first layer, 9.4 of the second
     plain, refit = copy.deepcopy(model), copy.deepcopy(model)
-    prune_model(plain, x, "sparsegpt", 0.7, skip_first_last=False, progress=False)
-    rep = prune_model(refit, x, "sparsegpt", 0.7, skip_first_last=False, progress=False, refine="cg",
+    prune_model(plain, x, PUBLISHED, method="sparsegpt", sparsity=0.7, prune_all=True, progress=False)
+    rep = prune_model(refit, x, PUBLISHED, method="sparsegpt", sparsity=0.7, prune_all=True, progress=False, refine="cg",
                       dense_target=True)
     layers = {r.name: r for r in rep.layers}
     assert "left out" in layers["0"].reason and not layers["2"].reason

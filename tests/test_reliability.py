@@ -36,7 +36,7 @@ def assert_error(capsys, args, *fragments):
     (["--sparsity", "0.5", "--method", "obs"], "unknown method 'obs'; choose from sparsegpt, magnitude, wanda"),
     (["--sparsity", "0.5", "--device", "cuda"], "no CUDA GPU"),
     (["--sparsity", "0.5", "--device", "tpu"], "unknown device"),
-    (["--sparsity", "0.5", "--nsamples", "0"], "--nsamples must be at least 1"),
+    (["--sparsity", "0.5", "--nsamples", "0"], "nsamples must be at least 1"),
 ])
 def test_bad_pattern_method_device(capsys, tmp_path, flags, fragment):
     if "cuda" in flags and torch.cuda.is_available():

@@ -1,10 +1,13 @@
 """The per-layer solver against an independent float64 OBS reference, and its masks and invariants."""
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnn_sparsegpt import LayerPruner, Pattern, sparsegpt_solve
+from cnn_sparsegpt import PUBLISHED, LayerPruner, Pattern, sparsegpt_solve
+
 
 
 def correlated_inputs(d, T, seed=0):
@@ -84,7 +87,7 @@ def test_grouped_conv_gets_the_layer_count(method, cin, cout, groups, k, sparsit
     conv = nn.Conv2d(cin, cout, k, padding=k // 2, groups=groups)
     p = LayerPruner(conv, "c")
     p.add_batch(torch.randn(4, cin, 7, 7))
-    res = p.prune(method, Pattern(sparsity=sparsity), blocksize=4)
+    res = p.prune(replace(PUBLISHED, method=method, blocksize=4), Pattern(sparsity=sparsity))
     n = conv.weight.numel()
     assert abs(int((~res.mask).sum()) - sparsity * n) <= 1
     assert int((conv.weight == 0).sum()) == int((~res.mask).sum()) and abs(res.sparsity - sparsity) <= 1 / n + 1e-6
@@ -97,7 +100,7 @@ def test_nm_layout_conv_groups_along_input_channels():
     conv = nn.Conv2d(8, 6, 3, padding=1)
     p = LayerPruner(conv, "c")
     p.add_batch(torch.randn(4, 8, 6, 6))
-    res = p.prune("sparsegpt", Pattern(n=2, m=4))
+    res = p.prune(replace(PUBLISHED, method="sparsegpt"), Pattern(n=2, m=4))
     # (out, in, kh, kw): at each kernel tap, every group of 4 consecutive input channels keeps exactly 2
     kept = res.mask.permute(0, 2, 3, 1).reshape(6, 3, 3, 2, 4).sum(-1)
     assert torch.all(kept == 2)
@@ -110,7 +113,7 @@ def test_bias_dtype_device_preserved(method):
     bias = lin.bias.detach().clone()
     p = LayerPruner(lin, "l")
     p.add_batch(torch.randn(32, 16, dtype=torch.float64))
-    res = p.prune(method, Pattern(sparsity=0.5))
+    res = p.prune(replace(PUBLISHED, method=method), Pattern(sparsity=0.5))
     assert torch.equal(lin.bias, bias)
     assert lin.weight.dtype == torch.float64 and lin.weight.device.type == "cpu"
     assert res.mask.dtype == torch.bool and res.mask.shape == lin.weight.shape
@@ -130,7 +133,7 @@ def test_error_ordering_sparsegpt_wanda_magnitude(pattern):
         torch.nn.init.normal_(lin.weight, generator=torch.Generator().manual_seed(5))
         p = LayerPruner(lin, "l")
         p.add_batch(X.t())
-        errors[method] = p.prune(method, pattern).error
+        errors[method] = p.prune(replace(PUBLISHED, method=method), pattern).error
     assert errors["sparsegpt"] < errors["wanda"] <= errors["magnitude"]
 
 
@@ -157,7 +160,7 @@ def test_pruned_conv_equals_matmul_over_unfolded_patches(kw):
     x = torch.randn(3, 8, 9, 9)
     p = LayerPruner(conv, "c")
     p.add_batch(x)
-    p.prune("sparsegpt", Pattern(sparsity=0.5))
+    p.prune(replace(PUBLISHED, method="sparsegpt"), Pattern(sparsity=0.5))
     via_unfold, direct = _conv_via_unfold(conv, x)
     torch.testing.assert_close(via_unfold, direct, rtol=1e-4, atol=1e-4)
     assert 0.45 < (conv.weight == 0).float().mean().item() < 0.55
@@ -170,7 +173,7 @@ def test_dead_input_channels():
     x[:, 1] = 0  # channel 1 never fires
     p = LayerPruner(conv, "c")
     p.add_batch(x)
-    res = p.prune("sparsegpt", Pattern(sparsity=0.5))
+    res = p.prune(replace(PUBLISHED, method="sparsegpt"), Pattern(sparsity=0.5))
     assert torch.all(conv.weight[:, 1] == 0)  # weights of a dead input cost nothing to remove
     assert torch.isfinite(conv.weight).all() and res.error is not None and res.error < 1
 
@@ -180,7 +183,7 @@ def test_all_zero_inputs_fall_back_to_magnitude():
     p = LayerPruner(lin, "l")
     p.add_batch(torch.zeros(10, 8))
     with pytest.warns(RuntimeWarning, match="all zero"):
-        res = p.prune("sparsegpt", Pattern(n=2, m=4))
+        res = p.prune(replace(PUBLISHED, method="sparsegpt"), Pattern(n=2, m=4))
     assert "magnitude" in res.reason and res.sparsity == 0.5
 
 
@@ -189,7 +192,7 @@ def test_singular_hessian_retries_damping():
     p = LayerPruner(lin, "l")
     p.add_batch(torch.ones(10, 6))  # rank one: percdamp=0 cannot factor
     with pytest.warns(RuntimeWarning, match="Cholesky failed"):
-        res = p.prune("sparsegpt", Pattern(sparsity=0.5), percdamp=0.0)
+        res = p.prune(replace(PUBLISHED, method="sparsegpt", percdamp=0.0), Pattern(sparsity=0.5))
     assert res.percdamp > 0 and torch.isfinite(lin.weight).all()
 
 
@@ -198,7 +201,7 @@ def test_nm_skip_when_channels_not_divisible():
     p = LayerPruner(conv, "stem")
     p.add_batch(torch.randn(2, 3, 8, 8))
     w = conv.weight.detach().clone()
-    res = p.prune("sparsegpt", Pattern(n=2, m=4))
+    res = p.prune(replace(PUBLISHED, method="sparsegpt"), Pattern(n=2, m=4))
     assert res.skipped and "not divisible" in res.reason and torch.equal(conv.weight, w)
 
 
@@ -209,7 +212,7 @@ def test_deterministic():
         lin = nn.Linear(32, 8)
         p = LayerPruner(lin, "l")
         p.add_batch(correlated_inputs(32, 100).t())
-        masks.append(p.prune("sparsegpt", Pattern(sparsity=0.6)).mask)
+        masks.append(p.prune(replace(PUBLISHED, method="sparsegpt"), Pattern(sparsity=0.6)).mask)
     assert torch.equal(*masks)
 
 

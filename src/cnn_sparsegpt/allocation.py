@@ -24,7 +24,7 @@ from .masks import Pattern
 from .solver import prune_matrix, relative_error, sparsegpt_factor
 from .utils import UserError
 
-ALLOCATIONS = ("uniform", "owl", "dp")
+ALLOCATIONS = ("uniform", "owl", "dp")  # the functions: ALLOCATORS, below
 BUDGETS = ("params", "flops")
 DP_MEASURES = ("layer", "kl")  # the database's error: layer reconstruction error, or it scaled to output KL
 GRID = tuple(sorted({0.0} | {round(1 - 0.8 ** k, 4) for k in range(1, 40) if 1 - 0.8 ** k <= 0.98}))
@@ -150,49 +150,51 @@ def _kl_sensitivity(model: nn.Module, batches: list, names: list[str], stats: di
 
 
 @torch.no_grad()
-def allocate(kind: str, model: nn.Module, batches: list, names: list[str], sparsity: float, method: str,
-             budget: str = "params", positions: dict | None = None, percdamp: float = 0.01,
-             row_scales: dict | None = None, owl_lambda: float = 0.1, dp_measure: str = "layer",
-             progress: bool = False) -> dict:
-    """Per-layer sparsities {name: s} for the pruned layers `names` (in forward order), and the
-    allocation's details for the report."""
-    if kind not in ALLOCATIONS:
-        raise UserError(f"--allocation must be one of {', '.join(ALLOCATIONS)}, got '{kind}'")
-    if budget not in BUDGETS:
-        raise UserError(f"--budget must be one of {', '.join(BUDGETS)}, got '{budget}'")
-    if kind == "uniform" or not names:
+def allocate(config, model: nn.Module, batches: list, names: list[str], positions: dict | None = None,
+             row_scales: dict | None = None, progress: bool = False) -> dict:
+    """Per-layer sparsities {name: s} for the pruned layers `names` (in forward order) under `config.allocation`
+    and its budget, and the allocation's details for the report. config: a PruneConfig (checked)."""
+    sparsity = config.pattern.target
+    if config.allocation == "uniform" or not names:
         return {"sparsity": {n: sparsity for n in names}}
     modules = dict(model.named_modules())
     params = torch.tensor([modules[n].weight.numel() for n in names], dtype=torch.float64)
-    size = params * torch.tensor([float((positions or {}).get(n, 1)) for n in names]) if budget == "flops" else params
-    stats = dense_statistics(model, batches, names, hessian=kind == "dp")
-    info = {"kind": kind, "budget": budget}
-    if kind == "owl":
-        if not 0 <= owl_lambda < 1:
-            raise UserError(f"--owl-lambda must be in [0, 1), got {owl_lambda}")
-        s = _owl(stats, sparsity, owl_lambda)
-        info["owl_lambda"] = owl_lambda
-    else:
-        if dp_measure not in DP_MEASURES:
-            raise UserError(f"--dp-measure must be one of {', '.join(DP_MEASURES)}, got '{dp_measure}'")
-        grid = torch.tensor(GRID, dtype=torch.float64)
-        curves = [layer_error_curve(stats[n], method, GRID, percdamp, _row_scale(stats[n], row_scales, n))
-                  for n in tqdm(names, desc="allocation: error database", unit="layer", disable=not progress,
-                                leave=False)]
-        errors = torch.stack(curves)
-        if dp_measure == "kl":  # each layer's curve scaled to its output KL at S: error at the network's output
-            kl = _kl_sensitivity(model, batches, names, stats, method, sparsity, percdamp, row_scales,
-                                 progress=progress)
-            kl, rel = kl
-            errors = errors * (kl / rel.clamp_min(1e-12))[:, None]
-            info["kl_at_sparsity"] = {n: float(v) for n, v in zip(names, kl)}
-        info["dp_measure"] = dp_measure
-        for n in names:
-            stats[n].free()
-        costs = torch.round(grid[None, :] * size[:, None] / size.sum() * UNITS).long()
-        picked = knapsack(errors, costs, int(round(sparsity * UNITS)))
-        s = grid[picked]
-        info |= {"grid": list(GRID), "errors": {n: curves[i].tolist() for i, n in enumerate(names)}}
+    size = params * torch.tensor([float((positions or {}).get(n, 1)) for n in names]) \
+        if config.budget == "flops" else params
+    stats = dense_statistics(model, batches, names, hessian=config.allocation == "dp")
+    info = {"kind": config.allocation, "budget": config.budget}
+    s = ALLOCATORS[config.allocation](config, model, batches, names, stats, size, row_scales, info, progress)
     s = match_budget(s, size, sparsity)
     info["sparsity"] = {n: float(v) for n, v in zip(names, s)}
     return info
+
+
+def _owl_allocation(config, model, batches, names, stats, size, row_scales, info, progress) -> torch.Tensor:
+    info["owl_lambda"] = config.owl_lambda
+    return _owl(stats, config.pattern.target, config.owl_lambda)
+
+
+def _dp_allocation(config, model, batches, names, stats, size, row_scales, info, progress) -> torch.Tensor:
+    sparsity, method, percdamp = config.pattern.target, config.method, config.percdamp
+    grid = torch.tensor(GRID, dtype=torch.float64)
+    curves = [layer_error_curve(stats[n], method, GRID, percdamp, _row_scale(stats[n], row_scales, n))
+              for n in tqdm(names, desc="allocation: error database", unit="layer", disable=not progress,
+                            leave=False)]
+    errors = torch.stack(curves)
+    if config.dp_measure == "kl":  # each layer's curve scaled to its output KL at S: error at the network's output
+        kl, rel = _kl_sensitivity(model, batches, names, stats, method, sparsity, percdamp, row_scales,
+                                  progress=progress)
+        errors = errors * (kl / rel.clamp_min(1e-12))[:, None]
+        info["kl_at_sparsity"] = {n: float(v) for n, v in zip(names, kl)}
+    info["dp_measure"] = config.dp_measure
+    for n in names:
+        stats[n].free()
+    costs = torch.round(grid[None, :] * size[:, None] / size.sum() * UNITS).long()
+    picked = knapsack(errors, costs, int(round(sparsity * UNITS)))
+    info |= {"grid": list(GRID), "errors": {n: curves[i].tolist() for i, n in enumerate(names)}}
+    return grid[picked]
+
+
+# Each allocation's function (config, model, batches, names, dense statistics, layer sizes, row scales, report
+# info, progress) -> per-layer sparsities before the budget is matched exactly; uniform needs none.
+ALLOCATORS = {"owl": _owl_allocation, "dp": _dp_allocation}

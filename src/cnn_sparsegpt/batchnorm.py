@@ -41,9 +41,9 @@ class PooledMoments:
         self.rows[3] += (n - 1) * var.double()
         self.sums[-1] += 1
 
-    def set_running_stats_(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
-        """Write the pooled moments of all ranks into `bn` (a collective under torchrun)."""
-        dist.all_sum_(self.sums, "adding BatchNorm statistics")
+    def set_running_stats_(self, bn: nn.modules.batchnorm._BatchNorm, group=None) -> None:
+        """Write the pooled moments of all processes of `group` into `bn` (a collective with a group)."""
+        dist.all_sum_(self.sums, "adding BatchNorm statistics", group)
         n, s1, s2, m2 = self.rows
         if n[0] == 0:
             return
@@ -55,7 +55,7 @@ class PooledMoments:
 
 
 @torch.no_grad()
-def recalibrate(bns: list, run: Callable, inputs: Iterable[torch.Tensor]) -> None:
+def recalibrate(bns: list, run: Callable, inputs: Iterable[torch.Tensor], group=None) -> None:
     """Re-estimate the running statistics of `bns` from what `run(x)` feeds them for each input (one BN on its
     inputs, or the whole model on the calibration set), in train mode: each BatchNorm normalizes a batch by that
     batch's statistics, as in training, and its running statistics become the pooled moments of its inputs."""
@@ -73,15 +73,15 @@ def recalibrate(bns: list, run: Callable, inputs: Iterable[torch.Tensor]) -> Non
         for bn, mode in zip(bns, modes):
             bn.train(mode)
     for bn, acc in zip(bns, moments):
-        acc.set_running_stats_(bn)
+        acc.set_running_stats_(bn, group)
         bn.eval()
 
 
 @torch.no_grad()
-def bn_statistics_(bn: nn.modules.batchnorm._BatchNorm, inputs: Iterable[torch.Tensor]) -> None:
+def bn_statistics_(bn: nn.modules.batchnorm._BatchNorm, inputs: Iterable[torch.Tensor], group=None) -> None:
     """Set `bn`'s running statistics to the pooled moments of `inputs` (what `recalibrate` gives) without
-    computing its output; summed over all ranks under torchrun."""
+    computing its output; summed over the processes of `group` (torchrun)."""
     acc = PooledMoments(bn.running_mean.numel(), bn.running_mean.device)
     for x in inputs:
         acc.add(x)
-    acc.set_running_stats_(bn)
+    acc.set_running_stats_(bn, group)

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from . import dist
 from .config import (
+    PRESETS,
     RECIPE_KEYS,
-    RECIPES,
     PruneOptions,
     check_options,
     read_yaml_mapping,
@@ -74,12 +74,12 @@ def load_bench_config(path: str) -> BenchConfig:
         if key not in known:
             raise UserError(f"{path}: unknown key '{key}'; valid keys: models, {', '.join(sorted(known - {'models'}))}")
     for i, r in enumerate(data.get("recipes", [{}])):
-        if not isinstance(r, dict) or set(r) - set(RECIPE_KEYS):
-            raise UserError(f"{path}: recipes[{i}] must be a mapping of {', '.join(RECIPE_KEYS)}, got {r!r}")
+        if not isinstance(r, dict) or set(r) - set(RECIPE_KEYS + ("recipe",)):
+            raise UserError(f"{path}: recipes[{i}] must be a mapping of recipe, {', '.join(RECIPE_KEYS)}, got {r!r}")
         check_options(PruneOptions, r, f"{path}: recipes[{i}]")
     cfg = BenchConfig(**{k: v for k, v in data.items()})
-    if cfg.recipe not in RECIPES:
-        raise UserError(f"{path}: 'recipe' must be one of {', '.join(RECIPES)}, got {cfg.recipe!r}")
+    if cfg.recipe not in PRESETS:
+        raise UserError(f"{path}: 'recipe' must be one of {', '.join(PRESETS)}, got {cfg.recipe!r}")
     if not models or not isinstance(models, list):
         raise UserError(f"{path}: 'models' must be a non-empty list of {{model: NAME, weights: PATH, ...}}")
     for i, m in enumerate(models):
@@ -153,8 +153,6 @@ def grid(cfg: BenchConfig):
     for m in cfg.models:
         for method, pattern, bn, n, seed, recipe in itertools.product(m.methods, m.patterns, cfg.bn_recalibration,
                                                                       cfg.nsamples, cfg.seeds, cfg.recipes):
-            if ":" in pattern and recipe.get("allocation", "uniform") != "uniform":
-                continue  # N:M is uniform by definition
             yield m, method, pattern, bn, n, seed, recipe
 
 
@@ -168,19 +166,24 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
     runs = list(grid(cfg))
     new_rows = []
     for i, (m, method, pattern, bn, n, seed, recipe) in enumerate(runs, 1):
-        opts = PruneOptions(model=m.model, weights=m.weights, dataset=m.dataset, data_dir=cfg.data_dir,
-                            method=method, nsamples=n, seed=seed, bn_recalibration=bn, device=cfg.device,
-                            percdamp=cfg.percdamp, eval_samples=cfg.eval_samples, holdout=cfg.holdout,
-                            ignore=list(m.ignore), low_memory=cfg.low_memory, **_pattern_options(pattern),
-                            **({"recipe": cfg.recipe} | recipe))
+        label = f"[{i}/{len(runs)}] {m.model} {method} {pattern} n={n} bn={'on' if bn else 'off'} seed={seed}"
+        try:
+            opts = PruneOptions.build(dict(model=m.model, weights=m.weights, dataset=m.dataset, data_dir=cfg.data_dir,
+                                           method=method, nsamples=n, seed=seed, bn_recalibration=bn,
+                                           device=cfg.device, percdamp=cfg.percdamp, eval_samples=cfg.eval_samples,
+                                           holdout=cfg.holdout, ignore=list(m.ignore), low_memory=cfg.low_memory,
+                                           **_pattern_options(pattern), **({"recipe": cfg.recipe} | recipe)))
+        except UserError as e:  # a combination of the grid that cannot run (e.g. bn_aware with wanda)
+            if dist.is_main(dist.process_group()):
+                print(f"{label} {recipe}: skipped, {e}", flush=True)
+            continue
         key_row = {"model": m.model, "checkpoint": m.weights or "", "dataset": m.dataset or "",
                    "method": method, "pattern": pattern, "nsamples": n, "seed": seed, "bn_recalibration": bn,
                    "eval_samples": cfg.eval_samples, "holdout": cfg.holdout, "percdamp": cfg.percdamp,
-                   "recipe": recipe_label(opts)}
-        label = (f"[{i}/{len(runs)}] {m.model} {method} {pattern} n={n} bn={'on' if bn else 'off'} seed={seed}"
-                 f"{' ' + key_row['recipe'] if key_row['recipe'] else ''}")
+                   "recipe": recipe_label(opts.config)}
+        label += f"{' ' + key_row['recipe'] if key_row['recipe'] else ''}"
         if _key(key_row) in done:
-            if dist.is_main():
+            if dist.is_main(dist.process_group()):
                 print(f"{label}: already in {csv_path}, skipped", flush=True)
             continue
         t0 = time.perf_counter()
@@ -200,7 +203,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
             "report": str(report_path), "git_commit": r["git_commit"],
             "torch_version": r["torch_version"], "device": r["device"], "date": r["date"]}
         new_rows.append(row)
-        if not dist.is_main():  # torchrun: rank 0 writes and prints
+        if not dist.is_main(dist.process_group()):  # torchrun: rank 0 writes and prints
             continue
         atomic_write_json(r, report_path)
         append_row(csv_path, row)
@@ -229,6 +232,6 @@ def _cmd_bench(args) -> int:
     ensure_writable(Path(cfg.csv).parent)
     t0 = time.perf_counter()
     run_bench(cfg, progress=not args.quiet)
-    if dist.is_main():
+    if dist.is_main(dist.process_group()):
         print(f"bench done in {time.perf_counter() - t0:.0f} s; results in {cfg.csv}")
     return 0

@@ -16,106 +16,47 @@ def _bool_flag(p, name: str, help_on: str, help_off: str) -> None:
 
 
 def _add_prune_flags(p: argparse.ArgumentParser) -> None:
-    from .models import list_models
-    from .solver import METHODS
+    """One flag per field of PruneOptions and PruneConfig (config.py): names, help, choices and defaults come from
+    the dataclasses, and every value is checked by them (one clear error), not by argparse."""
+    import typing
+
+    from .config import PruneConfig, PruneOptions, field_default, option_fields
 
     p.add_argument("--config", help="YAML file with any of the options below (flags override it)")
-    p.add_argument("--model", help=f"model: {', '.join(list_models())}, torchvision:NAME or timm:NAME "
-                   "(timm needs pip install 'cnn-sparsegpt[timm]')")
-    p.add_argument("--weights", help="checkpoint to prune: .pt/.pth (state_dict, also inside 'state_dict'/'model'; "
-                   "loaded with weights_only=True) or .safetensors; the number of classes comes from its head")
-    p.add_argument("--dataset", help="mnist, cifar10, or an ImageFolder folder/.tar.gz with train/ and val/ (or "
-                   "test/) subfolders of <class>/<image> (default: the model's)")
-    p.add_argument("--data-dir", help="data root (default: $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data)")
-    p.add_argument("--preprocess", choices=["auto", "imagenet", "cifar", "none"],
-                   help="auto (default): from the checkpoint's .json, else the model's pretrained metadata "
-                   "(torchvision weights, timm pretrained_cfg), else the dataset's convention; imagenet: shorter "
-                   "side 256, center crop 224, ImageNet mean/std; cifar: CIFAR-10 mean/std; none: pixels in [0, 1]")
-    p.add_argument("--image-size", type=int, help="center-crop size in pixels (overrides the preprocessing's)")
-    p.add_argument("--crop-pct", type=float, help="crop size / resized shorter side, e.g. 0.875 (224 of 256)")
-    p.add_argument("--streaming", choices=["auto", "on", "off"],
-                   help="image folders: stream from the files with worker processes (on), decode all into memory "
-                   "once (off), or choose by decoded size, streaming above 2 GiB (auto, default)")
-    p.add_argument("--workers", type=int, help="image-decoding processes when streaming (default min(8, cores))")
-    p.add_argument("--method", help=f"{' | '.join(METHODS)} (default sparsegpt)")
-    p.add_argument("--sparsity", type=float, help="unstructured: fraction of weights pruned per layer, in [0, 1)")
-    p.add_argument("--nm", help="N:M semi-structured: keep N of every M input channels, e.g. 2:4 or 4:8")
-    p.add_argument("--nsamples", type=int, help="calibration images from the training set (default 1024)")
-    p.add_argument("--percdamp", type=float, help="Hessian damping relative to its mean diagonal (default 0.01)")
-    p.add_argument("--blocksize", type=int, help="columns per lazy-update block (default 128)")
-    p.add_argument("--ignore", nargs="+", help="layer names or regexes to keep dense")
-    p.add_argument("--prune-all", action="store_true", help="also prune the first conv and the last linear")
-    _bool_flag(p, "bn-recalibration", "re-estimate BatchNorm statistics after pruning (default)",
-               "keep the dense model's BatchNorm statistics")
-    p.add_argument("--allocation", choices=["uniform", "owl", "dp"],
-                   help="per-layer sparsities for --sparsity (the overall fraction stays S): uniform (default, "
-                   "SparseGPT as published), owl (outlier-weighted, S ± --owl-lambda, one cheap dense pass) or dp "
-                   "(per-layer error database + knapsack; a few times a uniform prune)")
-    p.add_argument("--budget", choices=["params", "flops"],
-                   help="what --sparsity counts under a non-uniform allocation: weights (default) or multiply-adds")
-    p.add_argument("--owl-lambda", type=float, help="owl: layer sparsities within S ± this (default 0.1)")
-    p.add_argument("--dp-measure", choices=["layer", "kl"],
-                   help="dp: each layer's error is its reconstruction error (layer, default), or that scaled so "
-                   "that at S it equals the network's output KL with only that layer pruned (kl: one forward "
-                   "of 256 images per layer)")
-    _bool_flag(p, "bn-aware", "weigh each output row's saliency by its BatchNorm's (gamma/sigma)^2, as if folded "
-               "(unstructured sparsegpt and magnitude)", "plain saliency (default)")
-    _bool_flag(p, "stat-correction", "after pruning, give layers with a bias and BatchNorms the dense network's "
-               "per-channel output mean and variance on the calibration images", "no correction (default)")
-    p.add_argument("--recipe", choices=["recommended", "published"],
-                   help="what --refine and --dense-target default to: recommended (default: --dense-target "
-                   "--refine cg, chosen on held-out images, see docs/RESULTS.md) or published (SparseGPT's layer "
-                   "solve exactly as in the paper: --no-dense-target --refine none). Flags given explicitly win")
-    p.add_argument("--refine", choices=["none", "cg", "admm"],
-                   help="after each layer's solve: none (as published), cg (re-solve the kept weights on the final "
-                   "mask by conjugate gradient: lower layer error, about one more solve's time; the recommended "
-                   "recipe's, except with --wbits) or admm (also move the mask layer-wide by ADMM, then cg; any "
-                   "method; several times slower on wide layers)")
-    _bool_flag(p, "dense-target", "fit each layer to the dense network's output on the pruned network's inputs "
-               "(min |W X_dense - W' X_pruned|^2: corrects upstream error; the recommended recipe's)",
-               "fit W X_pruned, as published")
-    p.add_argument("--reconstruct", type=int, metavar="EPOCHS",
-                   help="after the prune, EPOCHS passes of Adam (lr 1e-4) over the calibration images that move the "
-                   "kept weights towards the dense network's layer outputs, masks fixed (global AdaPrune; label-free; "
-                   "not one-shot any more). Default 0")
-    p.add_argument("--wbits", type=int, choices=[8, 4, 3, 2],
-                   help="also quantize the kept weights: an asymmetric grid of 2^B levels per output channel, fitted "
-                   "on the weights before pruning; writes quant.pt (integer codes, scales, zero points) beside the "
-                   "dequantized model.pt. Default: float weights")
-    p.add_argument("--quant", choices=["gptq", "rtn"],
-                   help="with --wbits: round inside SparseGPT's column loop and compensate the error in the remaining "
-                   "columns (gptq, default; --sparsity 0 gives GPTQ alone), or round to nearest after pruning (rtn, "
-                   "the baseline; the only choice for magnitude and wanda)")
-    p.add_argument("--quant-clip", choices=["minmax", "mse"],
-                   help="with --wbits: each output channel's grid spans its weights (minmax, default) or the range, "
-                   "shrunk towards 0 by up to 40%%, that rounds the channel with the least squared error (mse)")
-    p.add_argument("--device", help="auto (CUDA if present), cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--seed", type=int, help="seed of the calibration sample (default 0)")
-    p.add_argument("--batch-size", type=int, help="calibration and evaluation batch size (default 128)")
-    _bool_flag(p, "low-memory", "hold about one activation of the calibration set at a time instead of two, "
-               "recomputing inside residual blocks (~2.5 forward passes instead of 1; same result). Default: "
-               "chosen by free memory (low-memory when two activations exceed half of it), named in the report",
-               "one forward pass, two activations of the calibration set alive")
-    _bool_flag(p, "evaluate", "measure dense and pruned top-1 on the test split (default)", "skip evaluation")
-    p.add_argument("--eval-samples", type=int, help="evaluate on a fixed random subset of N test images (default: all)")
-    p.add_argument("--holdout", type=int, help="evaluate on N held-out training images (not used for calibration) "
-                   "instead of the test split: choose settings on these, not on the test set")
+    hints = typing.get_type_hints(PruneOptions) | typing.get_type_hints(PruneConfig)
+    for name, f in option_fields().items():
+        if name == "out":
+            continue  # added by the command
+        flag, meta, hint = name.replace("_", "-"), f.metadata, hints[name]
+        default = field_default(f)
+        choices = f" ({' | '.join(map(str, meta['choices']))})" if meta.get("choices") else ""
+        help = f"{meta['help']}{choices}; default {default if default not in ('', (), None) else 'not set'}"
+        metavar = "{" + ",".join(map(str, meta["choices"])) + "}" if meta.get("choices") else None
+        if bool in typing.get_args(hint) or hint is bool:
+            _bool_flag(p, flag, help.replace("%", "%%"), f"the opposite of --{flag}")
+            continue
+        args = typing.get_args(hint)
+        kind = next((t for t in (int, float, str) if hint is t or t in args), str)
+        if hint is tuple:
+            p.add_argument(f"--{flag}", nargs="+", help=help.replace("%", "%%"))
+        else:
+            p.add_argument(f"--{flag}", type=kind, metavar=metavar, help=help.replace("%", "%%"))
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from .config import PruneOptions, load_yaml, merge_options
+    from .config import load_yaml, merge_options
     from .pipeline import format_report, run_prune
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "quiet")}
-    file_values = load_yaml(args.config, PruneOptions) if getattr(args, "config", None) else {}
-    opts = merge_options(PruneOptions, file_values, given)
+    file_values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    opts = merge_options(file_values, given)
     if not opts.model:
         raise UserError("--model is required (or 'model:' in the --config file)")
     result = run_prune(opts, progress=not args.quiet)
-    if not dist.is_main():  # torchrun: rank 0 reports
+    if not dist.is_main(dist.process_group()):  # torchrun: rank 0 reports
         return 0
     print(format_report(result))
-    extra = (", model.safetensors" if opts.save_safetensors else "") + (", quant.pt" if opts.wbits else "")
+    extra = (", model.safetensors" if opts.save_safetensors else "") + (", quant.pt" if opts.config.wbits else "")
     print(f"wrote {opts.out}/model.pt{extra}, masks.pt, report.json")
     return 0
 
@@ -296,8 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a trained model one-shot and write model.pt, masks.pt, report.json",
                        argument_default=argparse.SUPPRESS)
     _add_prune_flags(p)
-    _bool_flag(p, "save-safetensors", "also write model.safetensors (needs the safetensors package)",
-               "write model.pt only (default)")
     p.add_argument("--out", help="output folder (default runs/prune)")
     p.set_defaults(func=_cmd_prune)
 

@@ -1,76 +1,38 @@
-"""Run settings as dataclasses, loadable from YAML with every key and type checked."""
+"""The settings of a prune, in one frozen, self-checking object (`PruneConfig`), and the options of one `prune`
+run around it (`PruneOptions`: model, data, output). The CLI flags, the YAML keys and the Python API are all
+built from these two dataclasses: each field's default, help, choices and range live here and nowhere else.
+
+    from cnn_sparsegpt import prune_model, RECOMMENDED, PUBLISHED
+    prune_model(model, images, RECOMMENDED, nm="2:4")          # the default recipe; keywords override fields
+    prune_model(model, images, PUBLISHED, method="magnitude", sparsity=0.5)
+"""
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
 
+from .allocation import ALLOCATIONS, BUDGETS, DP_MEASURES
+from .masks import Pattern
+from .quant import BITS, CLIP, QUANT
+from .refine import REFINE
+from .solver import METHODS
 from .utils import UserError
 
 
-@dataclass
-class PruneOptions:
-    model: str = ""  # registry name (see `cnn-sparsegpt prune --help`), torchvision:NAME or timm:NAME
-    weights: str | None = None  # .pt/.pth/.safetensors state dict; none = random weights (a warning)
-    dataset: str | None = None  # mnist | cifar10 | ImageFolder path; default: the model's own
-    data_dir: str | None = None  # data root; default $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data
-    preprocess: str = "auto"  # auto | imagenet | cifar | none (auto: checkpoint .json, then model, then dataset)
-    image_size: int | None = None  # center-crop size in pixels (overrides the preprocessing's)
-    crop_pct: float | None = None  # crop / resize of the shorter side, e.g. 0.875 = 224 of 256
-    streaming: str = "auto"  # auto | on | off: stream an image folder from its files instead of decoding it all
-    workers: int | None = None  # image-decoding processes for streamed folders (default min(8, cores))
-    method: str = "sparsegpt"  # sparsegpt | magnitude | wanda
-    sparsity: float | None = None  # unstructured fraction pruned, in [0, 1)
-    nm: str | None = None  # N:M, N kept of every M input channels, e.g. 2:4
-    nsamples: int = 1024  # calibration images drawn from the training set
-    percdamp: float = 0.01  # damping, relative to the mean diagonal of H
-    blocksize: int = 128  # columns per lazy-update block
-    ignore: list = field(default_factory=list)  # layer names or regexes kept dense
-    prune_all: bool = False  # also prune the first conv and the last linear
-    bn_recalibration: bool = True  # re-estimate BatchNorm statistics on the pruned network
-    allocation: str = "uniform"  # uniform | owl | dp: per-layer sparsities under one budget (unstructured)
-    budget: str = "params"  # params | flops: what --sparsity counts when the allocation is not uniform
-    owl_lambda: float = 0.1  # owl: layer sparsities within S ± λ
-    dp_measure: str = "layer"  # dp: layer reconstruction error, or it scaled to each layer's output KL ("kl")
-    bn_aware: bool = False  # weigh each output row's saliency by a following BatchNorm's (γ/σ)²
-    stat_correction: bool = False  # give the pruned network the dense per-channel output statistics
-    recipe: str = "recommended"  # recommended | published: what refine and dense_target default to (RECIPES)
-    refine: str | None = None  # none | cg | admm: re-solve each pruned layer (cg: kept weights; admm: mask too)
-    dense_target: bool | None = None  # fit each layer to the dense network's output, not W on the pruned inputs
-    reconstruct: int = 0  # epochs of global reconstruction after the prune (masks fixed; 0 = one-shot only)
-    wbits: int | None = None  # 8 | 4 | 3 | 2: kept weights quantized per output channel (None = float)
-    quant: str = "gptq"  # gptq: rounded inside SparseGPT's loop, errors compensated; rtn: rounded after
-    quant_clip: str = "minmax"  # minmax | mse: each channel's grid spans its weights, or the range of least error
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    seed: int = 0  # calibration sample
-    batch_size: int = 128  # calibration / evaluation batch size
-    low_memory: bool | None = None  # None: by free memory; True: ~1 activation alive instead of 2, ~2.5 passes
-    evaluate: bool = True  # measure dense and pruned top-1 on the test split
-    eval_samples: int = 0  # evaluate on a fixed random subset of N test images (0 = all)
-    holdout: int = 0  # evaluate on N held-out training images instead of the test split (to choose settings)
-    save_safetensors: bool = False  # also write model.safetensors (needs the safetensors package)
-    out: str = "runs/prune"  # output folder
-
-    def __post_init__(self):
-        if self.recipe not in RECIPES:
-            raise UserError(f"recipe must be one of {', '.join(RECIPES)}, got {self.recipe!r}")
-        if self.wbits and self.refine is None:
-            self.refine = "none"  # a re-solve would move the kept weights off their quantization grids
-        for key, value in RECIPES[self.recipe].items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+def opt(default, help: str, choices: tuple | None = None, check=None, want: str = ""):
+    """A field with what the CLI and the checks need: help text, choices, and a range check (value -> bool) with
+    what it wants, e.g. 'at least 1'."""
+    meta = {"help": help, "choices": choices, "check": check, "want": want}
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
-# The settings beyond SparseGPT's layer solve that `recipe` starts from; any of them given explicitly wins.
-# recommended: chosen on held-out images (docs/RESULTS.md, "Beyond uniform SparseGPT"): on every model and level
-# measured, the dense target with a cg re-solve gained over the published solve (ResNet-18 90%: -8.50 -> -1.93,
-# ResNet-20 70%: -4.51 -> -1.68, 2:4 -1.67 -> -0.72), and it works with every method, N:M and torchrun.
-RECIPES = {
-    "recommended": {"refine": "cg", "dense_target": True},
-    "published": {"refine": "none", "dense_target": False},  # SparseGPT as in the paper
-}
+def _auto(text: str) -> str:
+    return f"auto (default): {text}"
 
 
 def _type_ok(value, hint) -> bool:
@@ -83,23 +45,207 @@ def _type_ok(value, hint) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
-    if hint is list:
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if hint in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
     return isinstance(value, hint)
+
+
+def _want(hint) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def check_fields(obj, where: str, skip: tuple = ()) -> None:
+    """Types, choices and ranges of a dataclass instance's fields, each failure one line naming the field."""
+    hints = typing.get_type_hints(type(obj))
+    prefix = f"{where}: " if where else ""
+    for f in fields(obj):
+        if f.name in skip or f.name in ("sparsity", "nm"):  # the pattern is parsed, with its own messages
+            continue
+        value, meta = getattr(obj, f.name), f.metadata
+        if not _type_ok(value, hints[f.name]):
+            raise UserError(f"{prefix}'{f.name}' must be {_want(hints[f.name])}, got {value!r}")
+        choices = meta.get("choices")
+        if choices and value is not None and value not in choices:
+            raise UserError(f"{prefix}unknown {f.name} '{value}'; choose from {', '.join(map(str, choices))}")
+        if meta.get("check") and value is not None and not meta["check"](value):
+            raise UserError(f"{prefix}{f.name} must be {meta['want']}, got {value}")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """What a prune does to a model. The defaults are the recommended recipe (RECOMMENDED); PUBLISHED is
+    SparseGPT's layer solve as in the paper. 'auto' fields are resolved by `resolved()` (the report holds that)."""
+    method: str = opt("sparsegpt", "how each layer's mask is chosen: sparsegpt (OBS, with weight updates), "
+                      "magnitude or wanda", METHODS)
+    sparsity: float | None = opt(None, "unstructured: fraction of weights pruned per layer, in [0, 1)")
+    nm: str | None = opt(None, "N:M semi-structured: keep N of every M input channels, e.g. 2:4")
+    percdamp: float = opt(0.01, "Hessian damping relative to its mean diagonal", check=lambda v: v >= 0, want=">= 0")
+    blocksize: int = opt(128, "columns per lazy-update block of SparseGPT", check=lambda v: v >= 1,
+                         want="at least 1")
+    ignore: tuple = opt((), "layer names or regexes to keep dense")
+    prune_all: bool = opt(False, "also prune the first conv and the last linear (kept dense by default)")
+    bn_recalibration: bool = opt(True, "re-estimate BatchNorm statistics on the pruned network")
+    batch_size: int = opt(128, "calibration (and evaluation) batch size", check=lambda v: v >= 1, want="at least 1")
+    low_memory: bool | None = opt(None, "hold about one activation of the calibration set at a time instead of two, "
+                                  "recomputing inside residual blocks (~2.5 forward passes instead of 1; same "
+                                  "result). Default: chosen by free memory, named in the report")
+    allocation: str = opt("uniform", "per-layer sparsities for an unstructured sparsity (the overall fraction stays "
+                          "S): uniform (as published), owl (outlier-weighted, S ± owl_lambda) or dp (per-layer error "
+                          "database + knapsack; a few times a uniform prune)", ALLOCATIONS)
+    budget: str = opt("params", "what sparsity counts under a non-uniform allocation: weights or multiply-adds",
+                      BUDGETS)
+    owl_lambda: float = opt(0.1, "owl: layer sparsities within S ± this", check=lambda v: 0 <= v < 1,
+                            want="in [0, 1)")
+    dp_measure: str = opt("layer", "dp: each layer's error is its reconstruction error (layer), or that scaled so "
+                          "that at S it equals the network's output KL with only that layer pruned (kl)", DP_MEASURES)
+    bn_aware: bool = opt(False, "weigh each output row's saliency by its BatchNorm's (gamma/sigma)^2, as if folded "
+                         "(unstructured sparsegpt and magnitude)")
+    stat_correction: bool = opt(False, "after pruning, give layers with a bias and BatchNorms the dense network's "
+                                "per-channel output mean and variance on the calibration images")
+    refine: str = opt("auto", "after each layer's solve: none (as published), cg (re-solve the kept weights on the "
+                      "final mask by conjugate gradient), admm (also move the mask layer-wide, then cg; several times "
+                      "slower on wide layers) or " + _auto("cg, none with wbits, whose grids a re-solve would leave"),
+                      ("auto",) + REFINE)
+    dense_target: bool = opt(True, "fit each layer to the dense network's output on the pruned network's inputs "
+                             "(min |W X_dense - W' X_pruned|^2: corrects upstream error); off: fit W X_pruned, as "
+                             "published")
+    reconstruct: int = opt(0, "after the prune, epochs of Adam (lr 1e-4) over the calibration images that move the "
+                           "kept weights towards the dense network's layer outputs, masks fixed (not one-shot any "
+                           "more)", check=lambda v: v >= 0, want=">= 0")
+    wbits: int | None = opt(None, "also quantize the kept weights: an asymmetric grid of 2^B levels per output "
+                            "channel (writes quant.pt beside the dequantized model.pt). Default: float weights",
+                            BITS)
+    quant: str = opt("auto", "with wbits: gptq (round inside SparseGPT's column loop, errors compensated), rtn "
+                     "(round to nearest after pruning) or " + _auto("gptq for sparsegpt, rtn for the other methods"),
+                     ("auto",) + QUANT)
+    quant_clip: str = opt("minmax", "with wbits: each channel's grid spans its weights (minmax) or the range, shrunk "
+                          "towards 0 by up to 40%, of least squared rounding error (mse)", CLIP)
+
+    def __post_init__(self):
+        if isinstance(self.ignore, (list, str)):
+            object.__setattr__(self, "ignore", tuple([self.ignore] if isinstance(self.ignore, str) else self.ignore))
+        check_fields(self, "")
+        if self.sparsity is not None or self.nm is not None:
+            Pattern.parse(self.sparsity, self.nm)  # one of the two, well formed
+        self._check_combinations()
+
+    def _check_combinations(self) -> None:
+        """Every combination that cannot run is refused here, the one place, in the config's own terms."""
+        r = self.resolved()
+        if r.wbits is not None and r.refine != "none":
+            raise UserError(f"refine='{r.refine}' moves the kept weights off their quantization grids: not combinable "
+                            "with wbits (leave refine at 'auto' or 'none')")
+        if r.wbits is not None and r.reconstruct:
+            raise UserError("reconstruct moves the kept weights off their quantization grids: not combinable with "
+                            "wbits")
+        if r.quant == "gptq" and r.method != "sparsegpt":
+            raise UserError(f"quant='gptq' rounds inside SparseGPT's column loop: method '{r.method}' can only round "
+                            "to nearest (quant='rtn', or 'auto')")
+        if r.nm is not None and r.allocation != "uniform":
+            raise UserError(f"allocation='{r.allocation}' chooses unstructured sparsities per layer; N:M is uniform "
+                            "by definition: use sparsity with it")
+        if r.bn_aware and (r.method == "wanda" or r.nm is not None):
+            raise UserError("bn_aware weighs rows against each other in an unstructured mask; "
+                            f"{'wanda' if r.method == 'wanda' else 'N:M'} compares weights within each row, where it "
+                            "would change nothing")
+
+    @property
+    def pattern(self) -> Pattern:
+        return Pattern.parse(self.sparsity, self.nm)
+
+    def resolved(self) -> PruneConfig:
+        """The 'auto' fields replaced by what runs: the config a report records."""
+        refine = self.refine if self.refine != "auto" else ("none" if self.wbits is not None else "cg")
+        quant = self.quant if self.quant != "auto" else ("gptq" if self.method == "sparsegpt" else "rtn")
+        if (refine, quant) == (self.refine, self.quant):
+            return self
+        return replace(self, refine=refine, quant=quant)
+
+    def as_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+
+RECOMMENDED = PruneConfig()  # chosen on held-out images: docs/RESULTS.md, "Beyond uniform SparseGPT"
+PUBLISHED = PruneConfig(refine="none", dense_target=False)  # SparseGPT (and magnitude, Wanda) as published
+PRESETS = {"recommended": RECOMMENDED, "published": PUBLISHED}
+PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """One `prune` run: where the model and data come from, what is measured and written, and the PruneConfig.
+    YAML files and flags give the fields of both flat (`PruneOptions.build`)."""
+    model: str = opt("", "model: a registry name, torchvision:NAME or timm:NAME (timm needs the [timm] extra)")
+    weights: str | None = opt(None, "checkpoint to prune: .pt/.pth (state_dict, also inside 'state_dict'/'model'; "
+                              "loaded with weights_only=True) or .safetensors; the number of classes comes from its "
+                              "head. None: random weights (a warning)")
+    dataset: str | None = opt(None, "mnist, cifar10, or an ImageFolder folder/.tar.gz with train/ and val/ (or test/) "
+                              "subfolders of <class>/<image> (default: the model's)")
+    data_dir: str | None = opt(None, "data root (default: $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data)")
+    preprocess: str = opt("auto", "auto: from the checkpoint's .json, else the model's pretrained metadata "
+                          "(torchvision weights, timm pretrained_cfg), else the dataset's convention; imagenet: "
+                          "shorter side 256, center crop 224, ImageNet mean/std; cifar: CIFAR-10 mean/std; none: "
+                          "pixels in [0, 1]", ("auto", "imagenet", "cifar", "none"))
+    image_size: int | None = opt(None, "center-crop size in pixels (overrides the preprocessing's)")
+    crop_pct: float | None = opt(None, "crop size / resized shorter side, e.g. 0.875 (224 of 256)")
+    streaming: str = opt("auto", "image folders: stream from the files with worker processes (on), decode all into "
+                         "memory once (off), or choose by decoded size, streaming above 2 GiB (auto)",
+                         ("auto", "on", "off"))
+    workers: int | None = opt(None, "image-decoding processes when streaming (default min(8, cores); 0: decode in "
+                              "this process)", check=lambda v: v >= 0, want=">= 0")
+    nsamples: int = opt(1024, "calibration images drawn from the training set", check=lambda v: v >= 1,
+                        want="at least 1")
+    seed: int = opt(0, "seed of the calibration sample")
+    device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
+    evaluate: bool = opt(True, "measure dense and pruned top-1 on the test split")
+    eval_samples: int = opt(0, "evaluate on a fixed random subset of N test images (0 = all)", check=lambda v: v >= 0,
+                            want=">= 0")
+    holdout: int = opt(0, "evaluate on N held-out training images (not used for calibration) instead of the test "
+                       "split: choose settings on these, not on the test set", check=lambda v: v >= 0, want=">= 0")
+    save_safetensors: bool = opt(False, "also write model.safetensors (needs the safetensors package)")
+    out: str = opt("runs/prune", "output folder")
+    recipe: str = opt("recommended", "what the settings of the prune start from: recommended (dense target + cg "
+                      "re-solve, chosen on held-out images, see docs/RESULTS.md) or published (SparseGPT's layer "
+                      "solve exactly as in the paper). Settings given explicitly win", tuple(PRESETS))
+    config: PruneConfig = field(default=RECOMMENDED, metadata={"help": ""})
+
+    def __post_init__(self):
+        check_fields(self, "", skip=("config",))
+
+    @classmethod
+    def build(cls, values: dict | None = None, where: str = "options", **kw) -> PruneOptions:
+        """From flat keys (a YAML file's, the given flags): the run's own fields, and the PruneConfig from the recipe
+        named by `recipe` with the prune keys given replacing its fields."""
+        values = check_options(cls, dict(values or {}) | kw, where)
+        run = {k: v for k, v in values.items() if k not in PRUNE_KEYS}
+        prune = {k: v for k, v in values.items() if k in PRUNE_KEYS}
+        recipe = run.get("recipe", "recommended")
+        if recipe not in PRESETS:
+            raise UserError(f"recipe must be one of {', '.join(PRESETS)}, got {recipe!r}")
+        return cls(**run, config=replace(PRESETS[recipe], **prune))
+
+
+def option_fields() -> dict:
+    """Every flat key of a prune run (YAML key and flag) → its dataclass field, run options first."""
+    run = {f.name: f for f in fields(PruneOptions) if f.name != "config"}
+    return run | {f.name: f for f in fields(PruneConfig)}
 
 
 def check_options(cls, values: dict, where: str) -> dict:
     """Reject unknown keys and wrong types with one line that names the key and what it should be."""
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in fields(cls)]
+    if cls is PruneOptions:
+        known = option_fields()
+        hints = typing.get_type_hints(PruneOptions) | typing.get_type_hints(PruneConfig)
+    else:
+        known = {f.name: f for f in fields(cls)}
+        hints = typing.get_type_hints(cls)
     for key, value in values.items():
-        if key not in hints:
+        if key not in known:
             raise UserError(f"{where}: unknown key '{key}'; valid keys: {', '.join(known)}")
         if key in ("sparsity", "nm") and value is not None:
             continue  # parsed (with its own messages) by Pattern.parse
         if not _type_ok(value, hints[key]):
-            want = str(hints[key]).replace("typing.", "").replace("<class '", "").replace("'>", "")
-            raise UserError(f"{where}: '{key}' must be {want}, got {value!r}")
+            raise UserError(f"{where}: '{key}' must be {_want(hints[key])}, got {value!r}")
     return values
 
 
@@ -119,28 +265,34 @@ def read_yaml_mapping(path: str | Path) -> dict:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
-def load_yaml(path: str | Path, cls) -> dict:
-    return check_options(cls, read_yaml_mapping(path), str(path))
+def load_yaml(path: str | Path, cls=None) -> dict:
+    """A YAML file of flat prune-run keys, checked (unknown keys and wrong types name the file)."""
+    return check_options(cls or PruneOptions, read_yaml_mapping(path), str(path))
 
 
-def merge_options(cls, file_values: dict, cli_values: dict):
-    """Defaults, then the YAML file, then the flags given on the command line."""
+def merge_options(file_values: dict, cli_values: dict) -> PruneOptions:
+    """Defaults (the recipe's), then the YAML file, then the flags given on the command line."""
     values = dict(file_values)
     if "sparsity" in cli_values or "nm" in cli_values:  # a pattern flag replaces the file's pattern
         values.pop("sparsity", None)
         values.pop("nm", None)
     values.update(cli_values)
-    return cls(**check_options(cls, values, "options"))
+    return PruneOptions.build(values)
 
 
-RECIPE_KEYS = ("recipe", "allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction",
-               "refine", "dense_target", "reconstruct", "wbits", "quant", "quant_clip")  # beyond uniform
+# The settings beyond SparseGPT's layer solve; a results file labels each run by those that differ from the
+# published method's (recipe_label), so a label means the same in every file whatever the defaults become.
+RECIPE_KEYS = ("allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction", "refine",
+               "dense_target", "reconstruct", "wbits", "quant", "quant_clip")
 
 
-def recipe_label(opts: PruneOptions) -> str:
-    """The options beyond uniform SparseGPT that differ from the published method's, e.g.
-    'refine=cg,dense_target=True' ('' for SparseGPT as published). Pinned to the published settings, not to
-    PruneOptions' defaults, so that a label means the same in every results file whatever the defaults become."""
-    published = PruneOptions(recipe="published")
-    return ",".join(f"{k}={getattr(opts, k)}" for k in RECIPE_KEYS
-                    if k != "recipe" and getattr(opts, k) != getattr(published, k))
+def recipe_label(config: PruneConfig) -> str:
+    """e.g. 'refine=cg,dense_target=True' ('' for the method as published), from the resolved settings."""
+    r = config.resolved()
+    published = replace(PUBLISHED, method=config.method, wbits=config.wbits).resolved()
+    return ",".join(f"{k}={getattr(r, k)}" for k in RECIPE_KEYS
+                    if (r.wbits is not None if k == "wbits" else getattr(r, k) != getattr(published, k)))
+
+
+def field_default(f) -> object:
+    return f.default if f.default is not MISSING else f.default_factory()

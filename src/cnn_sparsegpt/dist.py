@@ -4,10 +4,9 @@ Each process (rank) takes a contiguous share of the calibration images (`shard`)
 executor. At each layer the ranks' unnormalized Hessian sums and counts are all-reduced in float64, rank 0
 solves, and the pruned weight and mask are broadcast, so every rank goes on with identical weights; BatchNorm
 statistics (pooled moments, batchnorm.py) and evaluation counts are reduced the same way. What is and is not
-identical to a single process is stated in the README ("Several processes"). Without torchrun (WORLD_SIZE unset
-or 1) every function here is a no-op.
-
-The state is torch.distributed's own process group: nothing here is global.
+identical to a single process is stated in the README ("Several processes"). Every function takes the process group
+explicitly and is a no-op without one: the library distributes only when `prune_model(process_group=...)` is given
+(the CLI gives torchrun's, `process_group()`), never because a process group happens to exist.
 """
 from __future__ import annotations
 
@@ -28,20 +27,28 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def active() -> bool:
-    return td.is_available() and td.is_initialized() and td.get_world_size() > 1
+def process_group():
+    """The processes torchrun started, as a process group to hand to `prune_model(process_group=...)`, or None
+    outside torchrun (or with one process). Only the CLI asks for it: the library never distributes on its own."""
+    if td.is_available() and td.is_initialized() and td.get_world_size() > 1:
+        return td.group.WORLD
+    return None
 
 
-def world() -> int:
-    return td.get_world_size() if active() else 1
+def active(group=None) -> bool:
+    return group is not None and td.get_world_size(group) > 1
 
 
-def rank() -> int:
-    return td.get_rank() if active() else 0
+def world(group=None) -> int:
+    return td.get_world_size(group) if active(group) else 1
 
 
-def is_main() -> bool:
-    return rank() == 0
+def rank(group=None) -> int:
+    return td.get_rank(group) if active(group) else 0
+
+
+def is_main(group=None) -> bool:
+    return rank(group) == 0
 
 
 def timeout_seconds() -> float:
@@ -87,34 +94,36 @@ def _collective(what: str, fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except Exception as e:  # a timeout or a peer that died: say so, naming this rank, instead of a backend trace
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"rank {rank()} of {world()}: {what} failed ({first[:300]}). Another rank probably stopped "
+        where = f"rank {td.get_rank()} of {td.get_world_size()}" if td.is_initialized() else "this process"
+        raise UserError(f"{where}: {what} failed ({first[:300]}). Another rank probably stopped "
                         "first: see its own error above") from e
 
 
-def all_sum_(t: torch.Tensor, what: str = "all-reduce") -> torch.Tensor:
-    if active():
-        _collective(what, td.all_reduce, t, op=td.ReduceOp.SUM)
+def all_sum_(t: torch.Tensor, what: str = "all-reduce", group=None) -> torch.Tensor:
+    """t summed over the processes of `group` in place (nothing without one)."""
+    if active(group):
+        _collective(what, td.all_reduce, t, op=td.ReduceOp.SUM, group=group)
     return t
 
 
-def shard(batches: list) -> list:
+def shard(batches: list, group=None) -> list:
     """This rank's share of the calibration images, contiguous and in order. With at least one batch per rank the
     shares are runs of whole batches: every per-batch computation (the forward passes, the chunked Hessian products)
     is then the one a single process does, and the sums differ only in the order of their float64 additions.
     With fewer batches than ranks, the images are split evenly and batches are cut: the float32 products of the
     chunks around the cuts round differently, so the result equals one process's up to float rounding."""
-    if not active():
+    if not active(group):
         return batches
-    n = sum(len(x) for x in batches)
-    if world() > n:
-        raise UserError(f"{world()} processes but only {n} calibration images: every process needs at least one. "
+    n, w, r = sum(len(x) for x in batches), world(group), rank(group)
+    if w > n:
+        raise UserError(f"{w} processes but only {n} calibration images: every process needs at least one. "
                         "Use fewer processes or more --nsamples")
-    if len(batches) >= world():
-        bounds = torch.arange(len(batches)).tensor_split(world())[rank()]
+    if len(batches) >= w:
+        bounds = torch.arange(len(batches)).tensor_split(w)[r]
         return [batches[i] for i in bounds.tolist()]
-    sizes = [len(x) for x in torch.arange(n).tensor_split(world())]
-    start = sum(sizes[:rank()])
-    stop = start + sizes[rank()]
+    sizes = [len(x) for x in torch.arange(n).tensor_split(w)]
+    start = sum(sizes[:r])
+    stop = start + sizes[r]
     share, offset = [], 0
     for x in batches:  # the parts of the batches that fall in [start, stop)
         a, b = max(start - offset, 0), min(stop - offset, len(x))
@@ -125,11 +134,12 @@ def shard(batches: list) -> list:
 
 
 def check_same(text: str, what: str) -> None:
-    """Fail on every rank, clearly, if the ranks were given different `what` (e.g. arguments)."""
-    if not active():
+    """Fail on every rank, clearly, if the processes torchrun started were given different `what` (arguments)."""
+    group = process_group()
+    if group is None:
         return
     digest = hashlib.sha1(text.encode()).hexdigest()[:12]
-    seen = [None] * world()
+    seen = [None] * world(group)
     _collective(f"comparing {what}", td.all_gather_object, seen, digest)
     if len(set(seen)) > 1:
         groups = {}
@@ -139,48 +149,52 @@ def check_same(text: str, what: str) -> None:
                         f"{sorted(groups.values())}): start every rank with the same command")
 
 
-def reduce_statistics_(pruner) -> None:
+def reduce_statistics_(pruner, group=None) -> None:
     """Turn a LayerPruner's per-rank sums (ΣXXᵀ, Σ(X_d−X_p)X_pᵀ and column sums, all float64) and sample count into
     those of all ranks' inputs, before H is formed from them: the same H as one process's up to the order of
     float64 additions (see LayerPruner)."""
-    if not active():
+    if not active(group):
         return
     n = torch.tensor([float(pruner.nsamples)], dtype=torch.float64, device=pruner.layer.weight.device)
-    all_sum_(n, f"{pruner.name}: adding sample counts")
+    all_sum_(n, f"{pruner.name}: adding sample counts", group)
     for attr in ("S", "SD", "colsum", "colsq"):
         if getattr(pruner, attr) is not None:
-            all_sum_(getattr(pruner, attr), f"{pruner.name}: adding its input statistics")
+            all_sum_(getattr(pruner, attr), f"{pruner.name}: adding its input statistics", group)
     pruner.nsamples = int(n.item())
 
 
-def broadcast_layer(module: nn.Module, result):
+def broadcast_layer(module: nn.Module, result, group=None):
     """Rank 0's pruned weight (and bias) and its LayerResult (mask included), on every rank."""
-    if not active():
+    if not active(group):
         return result
-    if is_main() and result.mask is not None:
+    main = is_main(group)
+    if main and result.mask is not None:
         result.mask = result.mask.cpu()  # pickled: a device tensor would arrive on rank 0's device
-    box = [result if is_main() else None]
-    _collective(f"receiving the pruned {getattr(result, 'name', 'layer')}", td.broadcast_object_list, box, src=0)
+    box = [result if main else None]
+    src = td.get_global_rank(group, 0)
+    _collective(f"receiving the pruned {getattr(result, 'name', 'layer')}", td.broadcast_object_list, box, src=src,
+                group=group)
     for p in (module.weight, getattr(module, "bias", None)):
         if isinstance(p, torch.Tensor):
-            _collective("receiving pruned weights", td.broadcast, p.data, src=0)
+            _collective("receiving pruned weights", td.broadcast, p.data, src=src, group=group)
     return box[0]
 
 
-def broadcast_module_(model: nn.Module) -> None:
+def broadcast_module_(model: nn.Module, group=None) -> None:
     """Rank 0's parameters and buffers on every rank: the ranks must start from the same model (a randomly
     initialized one differs from process to process)."""
-    if not active():
+    if not active(group):
         return
+    src = td.get_global_rank(group, 0)
     for t in list(model.parameters()) + list(model.buffers()):
-        _collective("receiving the model from rank 0", td.broadcast, t.data, src=0)
+        _collective("receiving the model from rank 0", td.broadcast, t.data, src=src, group=group)
 
 
-def sum_counts(*values: float) -> list[float]:
-    """Plain numbers added over ranks (e.g. correct predictions and images)."""
-    if not active():
+def sum_counts(*values: float, group=None) -> list[float]:
+    """Plain numbers added over the processes of `group` (e.g. correct predictions and images)."""
+    if not active(group):
         return list(values)
-    device = torch.device("cuda", torch.cuda.current_device()) if td.get_backend() == "nccl" else "cpu"
+    device = torch.device("cuda", torch.cuda.current_device()) if td.get_backend(group) == "nccl" else "cpu"
     t = torch.tensor(values, dtype=torch.float64, device=device)
-    all_sum_(t, "adding counts")
+    all_sum_(t, "adding counts", group)
     return t.tolist()

@@ -43,7 +43,7 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
                                   ("epochs", cfg.epochs, cfg.epochs >= 1, "at least 1"),
                                   ("max-steps", cfg.max_steps, cfg.max_steps >= 0, ">= 0"),
                                   ("holdout", holdout, holdout >= 0, ">= 0"),
-                                  ("workers", workers, workers is None or workers >= 1, "at least 1")):
+                                  ("workers", workers, workers is None or workers >= 0, ">= 0")):
         if not ok:  # checked before any loading, as prune checks its own
             raise UserError(f"--{name} must be {want}, got {value}")
     run = Path(run_dir)

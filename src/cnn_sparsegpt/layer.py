@@ -22,7 +22,7 @@ from .linalg import accumulate_xxt_
 from .masks import Pattern, conv_column_perm
 from .quant import fit_grid, layer_codes
 from .refine import refine as refine_solve
-from .solver import METHODS, prune_matrix, relative_error
+from .solver import prune_matrix, relative_error
 
 
 # The re-fits beyond SparseGPT's own solve (the dense target, --refine) need at least this many calibration
@@ -196,14 +196,16 @@ class LayerPruner:
         return ""
 
     @torch.no_grad()
-    def prune(self, method: str, pattern: Pattern, percdamp: float = 0.01, blocksize: int = 128,
-              stats: dict | None = None, graphs: dict | None = None,
-              row_scale: torch.Tensor | None = None, refine: str = "none", wbits: int | None = None,
-              quant: str = "gptq", quant_clip: str = "minmax") -> LayerResult:
-        """Prune the layer's weight in place. row_scale (out_channels,): how much each output row counts when
-        rows are compared in an unstructured mask (sparsegpt, magnitude); Wanda and N:M compare within rows.
-        refine: none | cg | admm, a better solve after the method's (refine.py). wbits: kept weights on a
-        per-row grid of 2^wbits levels, rounded inside SparseGPT's loop (quant 'gptq') or after it ('rtn')."""
+    def prune(self, config, pattern: Pattern | None = None, stats: dict | None = None, graphs: dict | None = None,
+              row_scale: torch.Tensor | None = None) -> LayerResult:
+        """Prune the layer's weight in place as `config` (a PruneConfig) says: its method, damping, refinement
+        (refine.py) and quantization (wbits: kept weights on a per-row grid of 2^wbits levels, rounded inside
+        SparseGPT's loop with quant 'gptq' or after it with 'rtn'). pattern: this layer's, when an allocation
+        gives it one (default: config's). row_scale (out_channels,): how much each output row counts when rows are
+        compared in an unstructured mask (sparsegpt, magnitude); Wanda and N:M compare within rows."""
+        config = config.resolved()
+        method, percdamp, refine, wbits = config.method, config.percdamp, config.refine, config.wbits
+        pattern = pattern or config.pattern
         t0 = time.perf_counter()
         weight = self.layer.weight
         res = LayerResult(self.name, list(weight.shape), method, str(pattern))
@@ -216,8 +218,6 @@ class LayerPruner:
             # a deployed model should not carry one float layer among quantized ones: GPTQ alone here
             res.reason += f"; not pruned, quantized to {wbits} bits"
             pattern = Pattern(sparsity=0.0)
-        if method not in METHODS:
-            raise ValueError(f"unknown method '{method}'; choose from {', '.join(METHODS)}")
         Wg, perm = self.weight_matrix()
         Hg = self.H  # already in the solver's column order (see columns); None without a Hessian
         diagonal = self.hessian_diagonal()
@@ -236,9 +236,9 @@ class LayerPruner:
         if self.D is not None and live and refit:
             Wg = dense_target_weights(Wg, Hg, self.D, percdamp)  # the error is measured against W* from here on
         scale = None if row_scale is None else row_scale.to(Wg).reshape(self.groups, -1)
-        grid = fit_grid(Wg, wbits, quant_clip) if wbits else None
-        Q, pruned, res.percdamp = prune_matrix(Wg, Hg, method, pattern, percdamp, blocksize, scale, stats=stats,
-                                               graphs=graphs, grid=grid, quant=quant, diagonal=diagonal)
+        grid = fit_grid(Wg, wbits, config.quant_clip) if wbits else None
+        Q, pruned, res.percdamp = prune_matrix(Wg, Hg, method, pattern, percdamp, config.blocksize, scale, stats=stats,
+                                               graphs=graphs, grid=grid, quant=config.quant, diagonal=diagonal)
         Q, pruned = refine_solve(refine if refit else "none", Wg, Q, pruned, Hg, pattern, percdamp)
         if Hg is not None:
             res.error = float(relative_error(Wg, Q, Hg))
@@ -260,8 +260,9 @@ class LayerPruner:
 
 
 @torch.no_grad()
-def output_error(pruner: LayerPruner, dense_weight: torch.Tensor, inputs: Iterable[torch.Tensor]) -> float:
-    """‖(W − Ŵ)X‖² / ‖WX‖² from the layer's outputs on `inputs` (summed over torchrun ranks): the reported error of
+def output_error(pruner: LayerPruner, dense_weight: torch.Tensor, inputs: Iterable[torch.Tensor],
+                 group=None) -> float:
+    """‖(W − Ŵ)X‖² / ‖WX‖² from the layer's outputs on `inputs` (summed over `group`'s processes): the error of
     a layer pruned without a Hessian, for two runs of the layer instead of a d×d product per sample."""
     weight = pruner.layer.weight.detach()
     delta, dense = pruner.function(dense_weight - weight), pruner.function(dense_weight)
@@ -270,5 +271,5 @@ def output_error(pruner: LayerPruner, dense_weight: torch.Tensor, inputs: Iterab
         x = x.to(weight.dtype)
         sums[0] += delta(x).double().square().sum()
         sums[1] += dense(x).double().square().sum()
-    num, den = dist.all_sum_(sums, f"{pruner.name}: adding its output error").tolist()
+    num, den = dist.all_sum_(sums, f"{pruner.name}: adding its output error", group).tolist()
     return num / den if den > 0 else (0.0 if num == 0 else math.inf)

@@ -16,7 +16,8 @@ from .data import calibration_indices, calibration_set, holdout_split, load_spli
 from .masks import Pattern
 from .models import check_model_name, create_model, head_classes, model_entry
 from .preprocess import resolve as resolve_preprocess
-from .prune import check_combination, prune_model
+from .prune import prune_model
+from .report import REPORT_SCHEMA, read_report
 from .train import evaluate
 from .utils import (
     UserError,
@@ -26,7 +27,6 @@ from .utils import (
     ensure_writable,
     load_state_dict,
     load_tensors,
-    read_json,
     resolve_device,
     run_metadata,
     save_safetensors,
@@ -110,23 +110,19 @@ def prepare(opts: PruneOptions, device: torch.device):
 
 def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None = None,
               write: bool = True) -> dict:
-    """Run one prune and (when `write`) save model.pt, masks.pt and report.json under opts.out."""
-    pattern = Pattern.parse(opts.sparsity, opts.nm)
+    """Run one prune and (when `write`) save model.pt, masks.pt and report.json under opts.out. Under torchrun
+    (the processes it started) the calibration set is shared by them and rank 0 writes."""
+    config = opts.config.resolved()
+    if config.sparsity is None and config.nm is None:
+        Pattern.parse(None, None)  # the one message for a missing pattern
     device = dist.init(opts.device) if dist.launched() else resolve_device(opts.device)
-    check_combination(opts.method, pattern, allocation=opts.allocation, refine=opts.refine, wbits=opts.wbits,
-                      quant=opts.quant, quant_clip=opts.quant_clip, reconstruct=opts.reconstruct,
-                      stat_correction=opts.stat_correction)
+    group = dist.process_group()
     dist.check_same(json.dumps(dataclasses.asdict(opts), sort_keys=True, default=str), "arguments")
-    progress = progress and dist.is_main()
-    write = write and dist.is_main()  # one rank writes model.pt, masks.pt, report.json
-    for name, value, low in (("nsamples", opts.nsamples, 1), ("blocksize", opts.blocksize, 1),
-                             ("batch_size", opts.batch_size, 1), ("eval_samples", opts.eval_samples, 0)):
-        if value < low:
-            raise UserError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
-    if opts.reconstruct < 0:
-        raise UserError(f"--reconstruct must be >= 0 epochs, got {opts.reconstruct}")
-    if opts.percdamp < 0:
-        raise UserError(f"--percdamp must be >= 0, got {opts.percdamp}")
+    if dist.active(group) and (config.allocation != "uniform" or config.stat_correction or config.reconstruct):
+        raise UserError("--allocation owl/dp, --stat-correction and --reconstruct need the whole calibration set in "
+                        "one process: run them without torchrun")
+    progress = progress and dist.is_main(group)
+    write = write and dist.is_main(group)  # one rank writes model.pt, masks.pt, report.json
     out = ensure_writable(opts.out) if write else None
     model, train, test, dataset, pre = prepare(opts, device)
     chosen = calibration_indices(train, opts.nsamples, opts.seed)  # the same images for every method: a digest
@@ -135,35 +131,27 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     eval_seconds = 0.0
     if opts.evaluate and dense_acc is None:
         t0 = time.perf_counter()
-        dense_acc = evaluate(model, test, device, opts.batch_size, progress, "dense accuracy")
+        dense_acc = evaluate(model, test, device, config.batch_size, progress, "dense accuracy", group)
         eval_seconds += time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    report = prune_model(model, calib, opts.method, pattern, percdamp=opts.percdamp, blocksize=opts.blocksize,
-                         ignore=opts.ignore, skip_first_last=not opts.prune_all,
-                         recalibrate_bn=opts.bn_recalibration, batch_size=opts.batch_size, progress=progress,
-                         low_memory=opts.low_memory, allocation=opts.allocation, budget=opts.budget,
-                         owl_lambda=opts.owl_lambda, dp_measure=opts.dp_measure, bn_aware=opts.bn_aware,
-                         stat_correction=opts.stat_correction, refine=opts.refine,
-                         dense_target=opts.dense_target, reconstruct=opts.reconstruct, wbits=opts.wbits,
-                         quant=opts.quant, quant_clip=opts.quant_clip)
+    report = prune_model(model, calib, config, progress=progress, process_group=group)
     pruned_acc = None
     if opts.evaluate:
         t0 = time.perf_counter()
-        pruned_acc = evaluate(model, test, device, opts.batch_size, progress, "pruned accuracy")
+        pruned_acc = evaluate(model, test, device, config.batch_size, progress, "pruned accuracy", group)
         eval_seconds += time.perf_counter() - t0
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     check_finite(state, "the pruned model")  # never write a checkpoint with NaN
     result = {
+        "schema": REPORT_SCHEMA,
         "model": opts.model, "weights": opts.weights, "dataset": dataset, "data_source": train.source,
         "data_storage": train.storage, "preprocess": pre.as_dict(), "calibration_digest": calib_digest,
-        "method": opts.method, "pattern": str(pattern), "target_sparsity": pattern.target,
-        "input_shape": list(calib.shape[1:]),
+        "seed": opts.seed, "input_shape": list(calib.shape[1:]),
+        "method": config.method, "pattern": str(config.pattern), "target_sparsity": config.pattern.target,
+        "recipe": opts.recipe, "recipe_label": recipe_label(config),
         "dense_acc": dense_acc, "pruned_acc": pruned_acc, "eval_samples": len(test),
         "eval_seconds": eval_seconds, "eval_split": f"holdout {opts.holdout}" if opts.holdout else "test",
-        "percdamp": opts.percdamp, "blocksize": opts.blocksize, "seed": opts.seed,
-        "bn_recalibration": opts.bn_recalibration, "low_memory": opts.low_memory, "prune_all": opts.prune_all,
-        "ignore": list(opts.ignore), "recipe": recipe_label(opts),
         "peak_gpu_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     } | report.as_dict() | run_metadata(device)
     if write:
@@ -206,7 +194,7 @@ def format_report(r: dict) -> str:
         mode = f" (memory policy: {r['memory_policy']})" if r.get("memory_policy") else ""
         passes = (f"  {r['forward_passes']:.3g} forward pass(es) over the calibration set, at most "
                   f"{r['peak_stored_mb']:.0f} MB of its activations held{mode}\n")
-    recipe = f"  options beyond uniform {r['method']}: {r['recipe']}\n" if r.get("recipe") else ""
+    recipe = f"  options beyond uniform {r['method']}: {r['recipe_label']}\n" if r.get("recipe_label") else ""
     lines.append(f"\n{r['model']} {r['method']} {r['pattern']}: sparsity {r['sparsity']:.3f} of the pruned layers, "
                  f"{r['total_sparsity']:.3f} of all weights; {r['seconds']:.1f} s pruning, "
                  f"{r['nsamples']} calibration images\n{recipe}{acc}{passes}  data: {r['data_source']}"
@@ -223,9 +211,7 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, dict, dict]:
     for f in ("model.pt", "report.json"):
         if not (run / f).is_file():
             raise UserError(f"{run} has no {f}: give the --out folder of a `cnn-sparsegpt prune` run")
-    report = read_json(run / "report.json", "run report")
-    if not isinstance(report.get("model"), str):
-        raise UserError(f"{run / 'report.json'} names no model: it is not the report of a `cnn-sparsegpt prune` run")
+    report = read_report(run / "report.json")
     check_model_name(report["model"])
     state = load_state_dict(run / "model.pt")
     model = create_model(report["model"], num_classes=head_classes(report["model"], state) or 10)

@@ -1,12 +1,12 @@
 """`cnn-sparsegpt plot`: figures from the benchmark CSV (and per-layer errors from one run's JSON report)."""
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 from .bench import read_rows
-from .config import PruneOptions, recipe_label
+from .config import RECOMMENDED, recipe_label
+from .report import read_report
 from .utils import UserError
 
 METHOD_STYLE = {"magnitude": ("tab:red", "o"), "wanda": ("tab:orange", "s"), "sparsegpt": ("tab:blue", "^")}
@@ -17,7 +17,7 @@ def _main_rows(rows: list[dict]) -> list[dict]:
     and one recipe: the methods as published where the CSV has them, else the recommended recipe (other recipes
     are compared in the recipe tables)."""
     rows = [r for r in rows if r.get("holdout", "0") == "0" and float(r.get("percdamp") or 0.01) == 0.01]
-    recommended = recipe_label(PruneOptions())
+    recommended = recipe_label(RECOMMENDED)
     headline = {}
     for r in rows:
         if (r.get("recipe") or "") in ("", recommended) and headline.get(r["model"]) != "":
@@ -97,7 +97,7 @@ def plot_layer_errors(report_paths: list[Path], out: Path, name: str) -> Path:
     fig, ax = plt.subplots(figsize=(8, 4))
     title = ""
     for p in report_paths:
-        rep = _read_report(p)
+        rep = read_report(p)
         layers = [x for x in rep["layers"] if not x["skipped"]]
         color, marker = METHOD_STYLE.get(rep["method"], (None, "x"))
         ax.plot(range(len(layers)), [x["error"] for x in layers], marker=marker, color=color, label=rep["method"])
@@ -117,21 +117,14 @@ def _save(plt, fig, path: Path) -> Path:
     return path
 
 
-def _read_report(p) -> dict:
-    try:
-        return json.loads(Path(p).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"cannot read report {p}: {e}") from None
-
-
 def plot_layer_sparsity(report_paths: list[Path], out: Path, name: str) -> Path:
     """Per-layer sparsity chosen by non-uniform allocations (one line per run of the same model and level)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     for p in report_paths:
-        rep = _read_report(p)
+        rep = read_report(p)
         layers = [x for x in rep["layers"] if not x["skipped"]]
-        label = f"{rep['method']} {rep.get('recipe') or 'uniform'}"
+        label = f"{rep['method']} {rep.get('recipe_label') or 'uniform'}"
         ax.plot(range(len(layers)), [x["sparsity"] for x in layers], marker=".", label=label)
         ax.set_xticks(range(len(layers)), [x["name"] for x in layers], rotation=90, fontsize=6)
         ax.set_title(f"{rep['model']}: per-layer sparsity at {rep['pattern']} overall", fontsize=9)

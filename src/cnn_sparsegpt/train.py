@@ -34,21 +34,22 @@ class TrainConfig:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, device: torch.device | str = "cpu", batch_size: int = 500,
-             progress: bool = True, desc: str = "evaluate") -> float:
-    """Top-1 accuracy as a fraction in [0, 1], over an ImageSet or a streamed FolderSet. Under torchrun each
-    process evaluates every world-th image and the counts are added."""
+             progress: bool = True, desc: str = "evaluate", process_group=None) -> float:
+    """Top-1 accuracy as a fraction in [0, 1], over an ImageSet or a streamed FolderSet. With a process group
+    (torchrun) each process evaluates every world-th image and the counts are added."""
     was_training = model.training
     model.eval()
     correct = 0
-    if dist.world() > 1:
-        data = data.subset(torch.arange(dist.rank(), len(data), dist.world()))
+    world = dist.world(process_group)
+    if world > 1:
+        data = data.subset(torch.arange(dist.rank(process_group), len(data), world))
     n = len(data)
     total = -(-len(data) // batch_size)
     for x, y in tqdm(data.batches(batch_size, device), total=total, desc=desc, unit="batch", disable=not progress,
                      leave=False):
         correct += (model(x).argmax(1) == y).sum().item()
     model.train(was_training)
-    correct, n = dist.sum_counts(correct, n)
+    correct, n = dist.sum_counts(correct, n, group=process_group)
     return correct / max(n, 1)
 
 
