@@ -6,13 +6,13 @@ PIP ?= $(PYTHON) -m pip
 MNIST_CKPT ?= checkpoints/mnist_cnn.pt
 CIFAR_CKPT ?= checkpoints/cifar_cnn.pt
 RESNET_CKPT ?= $(if $(wildcard ../shared/checkpoints/resnet18_cifar10.pt),../shared/checkpoints/resnet18_cifar10.pt,checkpoints/resnet18_cifar10.pt)
-CLI = $(PYTHON) -m cnn_sparsegpt.cli
+CLI = $(PYTHON) -m cnn_sparsegpt
 
 .PHONY: quickstart install install-test test test-all checkpoints bench ablation accuracy plot results speed
 
 quickstart: install $(MNIST_CKPT)
 	$(CLI) bench --config configs/bench_quickstart.yaml --data-dir $(DATA)
-	$(PYTHON) -m cnn_sparsegpt.results --csv experiments/quickstart.csv --models mnist_cnn
+	$(PYTHON) -m cnn_sparsegpt.commands.results --csv experiments/quickstart.csv --models mnist_cnn
 
 install:
 	$(PIP) install -q -e .
@@ -46,7 +46,7 @@ plot:
 	$(CLI) plot --csv experiments/results.csv --out experiments/plots
 
 results:
-	$(PYTHON) -m cnn_sparsegpt.results --csv experiments/results.csv --out docs/RESULTS.md --preamble docs/results_preamble.md \
+	$(PYTHON) -m cnn_sparsegpt.commands.results --csv experiments/results.csv --out docs/RESULTS.md --preamble docs/results_preamble.md \
 		--holdout-csv experiments/holdout.csv --postscript docs/results_holdout.md \
 		--recipes-csv experiments/accuracy_holdout.csv experiments/accuracy_test.csv experiments/gpu/session4/accuracy_holdout_gpu.csv experiments/gpu/session4/accuracy_test_gpu.csv --recipes-text docs/results_recipes.md \
 		--seeds-csv experiments/seeds_test.csv $(if $(wildcard experiments/finetune/*.json),--finetune-json $(wildcard experiments/finetune/*.json)) \

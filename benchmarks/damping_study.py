@@ -12,13 +12,13 @@ import json
 
 import torch
 
-from cnn_sparsegpt.config import PruneOptions
-from cnn_sparsegpt.data import calibration_set
-from cnn_sparsegpt.layer import LayerPruner
-from cnn_sparsegpt.masks import Pattern
-from cnn_sparsegpt.pipeline import prepare
-from cnn_sparsegpt.refine import refine
-from cnn_sparsegpt.solver import relative_error, sparsegpt_solve
+from cnn_sparsegpt.commands.options import PruneOptions
+from cnn_sparsegpt.data.datasets import calibration_set
+from cnn_sparsegpt.pruning.layer import LayerPruner
+from cnn_sparsegpt.kernels.masks import Pattern
+from cnn_sparsegpt.commands.pipeline import prepare
+from cnn_sparsegpt.kernels.refine import refine
+from cnn_sparsegpt.kernels.solver import relative_error, sparsegpt_solve
 from cnn_sparsegpt.utils import git_commit
 
 LAYERS = ["layer1.0.conv2", "layer2.1.conv1", "layer3.0.conv2", "layer4.0.conv1", "layer4.1.conv2"]

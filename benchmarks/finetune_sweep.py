@@ -14,10 +14,10 @@ import json
 import tempfile
 from pathlib import Path
 
-from cnn_sparsegpt.cli import dropout_rate
-from cnn_sparsegpt.finetune import finetune_run
-from cnn_sparsegpt.results import sweep_setting
-from cnn_sparsegpt.train import TrainConfig
+from cnn_sparsegpt.commands.cli import dropout_rate
+from cnn_sparsegpt.commands.finetune import finetune_run
+from cnn_sparsegpt.commands.results import sweep_setting
+from cnn_sparsegpt.commands.train import TrainConfig
 from cnn_sparsegpt.utils import atomic_write_json, git_commit
 
 

@@ -28,10 +28,10 @@ from cnn_sparsegpt import (
     load_dataset,
     prune_model,
 )
-from cnn_sparsegpt.bench import PeakRSS
-from cnn_sparsegpt.linalg import accumulate_xxt_, inverse_cholesky
-from cnn_sparsegpt.prune import choose_layers, forward_order
-from cnn_sparsegpt.solver import sparsegpt_solve
+from cnn_sparsegpt.commands.bench import PeakRSS
+from cnn_sparsegpt.kernels.linalg import accumulate_xxt_, inverse_cholesky
+from cnn_sparsegpt.pruning.prune import choose_layers, forward_order
+from cnn_sparsegpt.kernels.solver import sparsegpt_solve
 from cnn_sparsegpt.utils import atomic_write_json, load_state_dict, resolve_device, run_metadata
 
 
@@ -58,10 +58,10 @@ def naive_sparsegpt(W, H, pattern, percdamp=0.01, stats=None):
     d = W.shape[1]
     scores = W ** 2 / torch.diag(Hinv)[None] ** 2
     if pattern.is_nm:
-        from cnn_sparsegpt.masks import nm_prune_mask
+        from cnn_sparsegpt.kernels.masks import nm_prune_mask
         mask = nm_prune_mask(scores, pattern.n, pattern.m)
     else:
-        from cnn_sparsegpt.masks import topk_prune_mask
+        from cnn_sparsegpt.kernels.masks import topk_prune_mask
         mask = topk_prune_mask(scores, round(pattern.sparsity * scores.numel()))
     for i in range(d):
         w = W[:, i]

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from cnn_sparsegpt.cli import main as cli
+from cnn_sparsegpt.commands.cli import main as cli
 from cnn_sparsegpt.models import create_model
-from cnn_sparsegpt.synthetic import make_imagefolder
+from cnn_sparsegpt.data.synthetic import make_imagefolder
 from cnn_sparsegpt.utils import atomic_write_json, run_metadata
 
 MODELS = ("torchvision:resnet50", "torchvision:mobilenet_v3_large", "torchvision:efficientnet_b0",

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from cnn_sparsegpt import PUBLISHED, UserError, prune_model
-from cnn_sparsegpt.allocation import GRID, knapsack, match_budget
-from cnn_sparsegpt.saliency import bn_row_scales
+from cnn_sparsegpt.pruning.allocation import GRID, knapsack, match_budget
+from cnn_sparsegpt.pruning.saliency import bn_row_scales
 
 from .test_prune_model import TinyResNet, calib, make
 
@@ -53,7 +53,7 @@ def test_allocation_keeps_the_overall_budget(allocation, method):
 def test_flops_budget_counts_multiply_adds():
     model = make()
     rep = prune_model(model, calib(), PUBLISHED, method="magnitude", sparsity=0.6, allocation="owl", budget="flops", progress=False)
-    from cnn_sparsegpt.prune import forward_order
+    from cnn_sparsegpt.pruning.prune import forward_order
     positions = {}
     forward_order(make(), calib(1), positions=positions)
     pruned = [r for r in rep.layers if not r.skipped]
@@ -154,7 +154,7 @@ def test_dp_kl_measure_scales_each_curve_to_its_output_kl():
 def test_methods_without_a_hessian_accumulate_none(method, use_fx, monkeypatch):
     """Magnitude needs nothing from the inputs and Wanda only ‖X_j‖²: as published (no re-fit reads H) no d×d
     Hessian is accumulated, and the reported error, measured on the layers' outputs, is the Hessian's."""
-    import cnn_sparsegpt.layer as layer
+    import cnn_sparsegpt.pruning.layer as layer
 
     reference = make()
     ref = prune_model(reference, calib(), PUBLISHED, method=method, sparsity=0.5, prune_all=True, progress=False, use_fx=use_fx,
@@ -171,5 +171,5 @@ def test_methods_without_a_hessian_accumulate_none(method, use_fx, monkeypatch):
     h.add_batch(calib())
     Wg, _ = h.weight_matrix()
     Q = layer.LayerPruner(model.stem, "stem").weight_matrix()[0]
-    from cnn_sparsegpt.solver import relative_error
+    from cnn_sparsegpt.kernels.solver import relative_error
     assert first.error == pytest.approx(float(relative_error(Wg, Q, h.H)), rel=1e-4)

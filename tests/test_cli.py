@@ -12,8 +12,8 @@ import torch.nn.utils.prune
 import yaml
 
 from cnn_sparsegpt import create_model
-from cnn_sparsegpt.bench import KEY, read_rows
-from cnn_sparsegpt.cli import main
+from cnn_sparsegpt.commands.bench import KEY, read_rows
+from cnn_sparsegpt.commands.cli import main
 
 
 @pytest.fixture
@@ -62,8 +62,8 @@ def test_prune_from_yaml_with_flag_override(mnist_ckpt, data_dir, tmp_path):
 
 
 def test_shipped_configs_are_valid():
-    from cnn_sparsegpt.bench import load_bench_config
-    from cnn_sparsegpt.config import PruneOptions, load_yaml
+    from cnn_sparsegpt.commands.bench import load_bench_config
+    from cnn_sparsegpt.commands.options import PruneOptions, load_yaml
 
     root = os.path.join(os.path.dirname(__file__), "..", "configs")
     names = sorted(os.listdir(root))
@@ -108,7 +108,7 @@ def _bench_config(tmp_path, ckpt, data_dir, patterns):
 
 def test_bench_killed_and_restarted_has_each_row_once(mnist_ckpt, data_dir, tmp_path):
     cfg = _bench_config(tmp_path, mnist_ckpt, data_dir, ["0.5", "2:4", "0.8"])
-    cmd = [sys.executable, "-m", "cnn_sparsegpt.cli", "-q", "bench", "--config", str(cfg)]
+    cmd = [sys.executable, "-m", "cnn_sparsegpt.commands.cli", "-q", "bench", "--config", str(cfg)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     csv_path = tmp_path / "res.csv"
     deadline = time.time() + 120
@@ -136,7 +136,7 @@ def test_plot_from_csv(mnist_ckpt, data_dir, tmp_path):
     assert main(["plot", "--csv", str(tmp_path / "res.csv"), "--out", str(out)]) == 0
     pngs = sorted(p.name for p in out.glob("*.png"))
     assert pngs == ["mnist_cnn_2of4_layer_errors.png", "mnist_cnn_accuracy_vs_sparsity.png", "nm_bars.png"]
-    from cnn_sparsegpt.results import main as results_main
+    from cnn_sparsegpt.commands.results import main as results_main
 
     assert results_main(["--csv", str(tmp_path / "res.csv"), "--out", str(tmp_path / "R.md"),
                          "--plots", str(out)]) == 0
@@ -158,7 +158,7 @@ def test_bench_recipes_plots_and_results(mnist_ckpt, data_dir, tmp_path):
     out = tmp_path / "plots"
     assert main(["plot", "--csv", str(tmp_path / "res.csv"), "--out", str(out)]) == 0
     assert (out / "mnist_cnn_0.6_layer_sparsity.png").is_file()
-    from cnn_sparsegpt.results import main as results_main
+    from cnn_sparsegpt.commands.results import main as results_main
 
     assert results_main(["--csv", str(tmp_path / "res.csv"), "--out", str(tmp_path / "R.md"), "--plots", str(out),
                          "--recipes-csv", str(tmp_path / "res.csv")]) == 0
@@ -170,7 +170,7 @@ def test_bench_recipes_plots_and_results(mnist_ckpt, data_dir, tmp_path):
 
 
 def test_seed_and_finetune_tables(tmp_path):
-    from cnn_sparsegpt.results import finetune_table, seed_table
+    from cnn_sparsegpt.commands.results import finetune_table, seed_table
 
     rows = [{"model": "m", "method": "sparsegpt", "pattern": "0.9", "recipe": "", "drop": d} for d in ("0.02", "0.04")]
     assert "| m | sparsegpt | 0.9 | as published | 2 | -3.00 (-4.00, -2.00) |" in seed_table(rows)
@@ -186,7 +186,7 @@ def test_seed_and_finetune_tables(tmp_path):
 
 
 def test_sweep_table_reports_the_setting_chosen_on_held_out_images(tmp_path):
-    from cnn_sparsegpt.results import sweep_table
+    from cnn_sparsegpt.commands.results import sweep_table
 
     run = {"model": "m", "pattern": "0.9", "device": "cpu", "seconds": 3.0, "dense_test_acc": 0.8, "commit": "abc",
            "holdout_acc_before": 0.5, "test_acc_before": 0.5}
@@ -202,7 +202,8 @@ def test_sweep_table_reports_the_setting_chosen_on_held_out_images(tmp_path):
 def test_recipe_defaults_and_labels():
     from dataclasses import replace
 
-    from cnn_sparsegpt.config import PUBLISHED, RECOMMENDED, PruneOptions, recipe_label
+    from cnn_sparsegpt.commands.options import PruneOptions
+    from cnn_sparsegpt.pruning.config import PUBLISHED, RECOMMENDED, recipe_label
     from cnn_sparsegpt.utils import UserError
 
     default = PruneOptions.build().config.resolved()

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from cnn_sparsegpt import PUBLISHED, prune_model
-from cnn_sparsegpt.dense_target import DenseInputs, dense_target_weights
+from cnn_sparsegpt.pruning.dense_target import DenseInputs, dense_target_weights
 
 
 def _mlp(seed=0):
@@ -24,7 +24,7 @@ def test_unchanged_inputs_keep_the_weights():
 def test_unchanged_conv_inputs_give_an_exactly_zero_correction():
     """D = C − H is summed from (X_d − X_p)·X_pᵀ: exactly 0 where the inputs did not change, not the rounding noise
     of two differently computed products (which the re-fit and cg amplified, thread-count dependent)."""
-    from cnn_sparsegpt.layer import LayerPruner
+    from cnn_sparsegpt.pruning.layer import LayerPruner
 
     torch.manual_seed(0)
     conv = nn.Conv2d(16, 32, 3, padding=1)
@@ -120,7 +120,7 @@ def test_dense_target_prune_is_the_same_with_either_way_of_serving_dense_inputs(
 
 
 def test_memory_policy_counts_the_dense_copy():
-    from cnn_sparsegpt.graph import memory_policy
+    from cnn_sparsegpt.pruning.graph import memory_policy
 
     gb = 2**30
     low, why = memory_policy(gb // 1024, 1024, torch.device("cpu"), free=5 * gb)  # 2 GB of activations

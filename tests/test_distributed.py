@@ -8,8 +8,9 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from cnn_sparsegpt import PUBLISHED, dist, prune_model
-from cnn_sparsegpt.layer import LayerPruner
+from cnn_sparsegpt.pruning import dist
+from cnn_sparsegpt import PUBLISHED, prune_model
+from cnn_sparsegpt.pruning.layer import LayerPruner
 from cnn_sparsegpt.utils import UserError
 
 
@@ -78,7 +79,7 @@ def _case_prune(rank):
 
 
 def _case_cli(rank):
-    from cnn_sparsegpt import cli, pipeline
+    from cnn_sparsegpt.commands import cli, pipeline
 
     written = []
     for name in ("atomic_save", "atomic_write_json"):

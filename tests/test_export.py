@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from cnn_sparsegpt import PUBLISHED, create_model, prune_model
-from cnn_sparsegpt.cli import main
-from cnn_sparsegpt.export import fold_batchnorm, nm_ok
+from cnn_sparsegpt.commands.cli import main
+from cnn_sparsegpt.commands.export import fold_batchnorm, nm_ok
 from cnn_sparsegpt.utils import atomic_save, atomic_write_json
 
 
@@ -49,7 +49,7 @@ def test_export_onnx_and_safetensors(run_dir, capsys):
 
 
 def test_folding_keeps_outputs_and_zeros(run_dir):
-    from cnn_sparsegpt.export import load_run
+    from cnn_sparsegpt.commands.export import load_run
     model, _, masks = load_run(run_dir)
     folded = fold_batchnorm(model)
     x = torch.randn(8, 3, 32, 32)

@@ -5,8 +5,8 @@ import json
 import torch
 
 from cnn_sparsegpt import create_model, load_dataset
-from cnn_sparsegpt.cli import main
-from cnn_sparsegpt.train import TrainConfig, train_model
+from cnn_sparsegpt.commands.cli import main
+from cnn_sparsegpt.commands.train import TrainConfig, train_model
 
 from .test_cli import mnist_ckpt, prune_args  # noqa: F401  (fixture)
 
@@ -96,7 +96,7 @@ def test_cosine_warmup_ramps_then_decays(monkeypatch):
         seen.append(self.param_groups[0]["lr"])
         return opt_step(self, *a, **k)
 
-    from cnn_sparsegpt.data import ImageSet
+    from cnn_sparsegpt.data.datasets import ImageSet
     data = ImageSet(torch.zeros(40, 1, 1, 2, dtype=torch.uint8), torch.zeros(40, dtype=torch.long), (0.0,), (1.0,),
                     "zeros")
     monkeypatch.setattr(torch.optim.SGD, "step", record)
@@ -109,7 +109,7 @@ def test_cosine_warmup_ramps_then_decays(monkeypatch):
 def test_a_diverging_run_stops_with_a_clear_error():
     import pytest
 
-    from cnn_sparsegpt.data import ImageSet
+    from cnn_sparsegpt.data.datasets import ImageSet
     from cnn_sparsegpt.utils import UserError
 
     g = torch.Generator().manual_seed(0)

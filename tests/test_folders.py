@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-import cnn_sparsegpt.folder as folder
+import cnn_sparsegpt.data.folders as folder
 from cnn_sparsegpt import (
     UserError,
     calibration_set,
@@ -14,10 +14,10 @@ from cnn_sparsegpt import (
     load_dataset,
     load_state_dict,
 )
-from cnn_sparsegpt.cli import main
+from cnn_sparsegpt.commands.cli import main
 from cnn_sparsegpt.models import head_classes
-from cnn_sparsegpt.preprocess import from_model, imagenet, resolve
-from cnn_sparsegpt.synthetic import make_imagefolder
+from cnn_sparsegpt.data.preprocess import from_model, imagenet, resolve
+from cnn_sparsegpt.data.synthetic import make_imagefolder
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cnn_sparsegpt import PUBLISHED, LayerPruner, Pattern, UserError
-from cnn_sparsegpt.masks import nm_prune_mask, topk_prune_mask
-from cnn_sparsegpt.masks import pattern_prune_mask
+from cnn_sparsegpt.kernels.masks import nm_prune_mask, topk_prune_mask
+from cnn_sparsegpt.kernels.masks import pattern_prune_mask
 
 
 nm_pairs = st.integers(2, 8).flatmap(lambda m: st.tuples(st.integers(1, m - 1), st.just(m)))

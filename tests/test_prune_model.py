@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from cnn_sparsegpt import PUBLISHED, prune_model
-from cnn_sparsegpt.prune import forward_order
+from cnn_sparsegpt.pruning.prune import forward_order
 
 
 class Block(nn.Module):
@@ -298,8 +298,8 @@ def test_every_pruned_layer_gets_its_count(name, method):
 
 @pytest.mark.parametrize("shape", [(8, 6, 5, 5), (8, 6)])
 def test_bn_statistics_equal_train_mode_recalibration(shape):
-    from cnn_sparsegpt.batchnorm import bn_statistics_ as _bn_statistics_
-    from cnn_sparsegpt.batchnorm import recalibrate as _recalibrate
+    from cnn_sparsegpt.pruning.batchnorm import bn_statistics_ as _bn_statistics_
+    from cnn_sparsegpt.pruning.batchnorm import recalibrate as _recalibrate
 
     bn = (nn.BatchNorm2d if len(shape) == 4 else nn.BatchNorm1d)(shape[1]).eval()
     xs = [torch.randn(*shape, generator=torch.Generator().manual_seed(s)) * 3 + 1 for s in range(3)]

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from cnn_sparsegpt import PUBLISHED, Pattern, prune_model
-from cnn_sparsegpt.quant import fit_grid
-from cnn_sparsegpt.solver import prune_matrix, relative_error
+from cnn_sparsegpt.kernels.quant import fit_grid
+from cnn_sparsegpt.kernels.solver import prune_matrix, relative_error
 
 from .test_refine import _conv_problem
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 from cnn_sparsegpt import PUBLISHED, Pattern, sparsegpt_solve
-from cnn_sparsegpt.linalg import damped as _damped
-from cnn_sparsegpt.refine import cg_on_mask, refine
-from cnn_sparsegpt.solver import relative_error
+from cnn_sparsegpt.kernels.linalg import damped as _damped
+from cnn_sparsegpt.kernels.refine import cg_on_mask, refine
+from cnn_sparsegpt.kernels.solver import relative_error
 
 
 from .test_solver import correlated_inputs, reference_obs

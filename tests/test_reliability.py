@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from cnn_sparsegpt import create_model
-from cnn_sparsegpt.cli import main
+from cnn_sparsegpt.commands.cli import main
 from cnn_sparsegpt.utils import atomic_save, atomic_write_text
 
 from .test_cli import mnist_ckpt, prune_args
@@ -165,7 +165,7 @@ def test_atomic_writes_keep_old_file_on_failure(tmp_path, monkeypatch):
 
 
 def test_no_nan_reaches_a_checkpoint(capsys, tmp_path, data_dir, mnist_ckpt, monkeypatch):
-    import cnn_sparsegpt.pipeline as pipeline
+    import cnn_sparsegpt.commands.pipeline as pipeline
 
     real = pipeline.prune_model
 
@@ -232,7 +232,7 @@ def test_finetune_arguments_are_checked_first(capsys, pruned_run):
 
 
 def test_export_to_a_folder_that_cannot_be_made(capsys, tmp_path, pruned_run, monkeypatch):
-    import cnn_sparsegpt.export as export
+    import cnn_sparsegpt.commands.export as export
 
     monkeypatch.setattr(export, "load_run", lambda *a: pytest.fail("work before the output path was checked"))
     blocker = tmp_path / "file"
@@ -241,7 +241,7 @@ def test_export_to_a_folder_that_cannot_be_made(capsys, tmp_path, pruned_run, mo
 
 
 def test_unsupported_combination_fails_before_any_work(capsys, tmp_path, data_dir, mnist_ckpt, monkeypatch):
-    import cnn_sparsegpt.pipeline as pipeline
+    import cnn_sparsegpt.commands.pipeline as pipeline
 
     monkeypatch.setattr(pipeline, "prepare", lambda *a: pytest.fail("data loaded before the options were checked"))
     assert_error(capsys, prune_args(mnist_ckpt, data_dir, tmp_path / "o", "--nm", "2:4", "--allocation", "dp"),

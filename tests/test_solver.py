@@ -231,7 +231,7 @@ def test_hessian_is_running_mean_of_2xxt(cin, groups):
 
 
 def test_inverse_cholesky_factor():
-    from cnn_sparsegpt.linalg import _lower_triangular_inverse_, _reverse_, inverse_cholesky
+    from cnn_sparsegpt.kernels.linalg import _lower_triangular_inverse_, _reverse_, inverse_cholesky
 
     X = correlated_inputs(300, 900)
     H = (2 * X @ X.t() / 900)[None]

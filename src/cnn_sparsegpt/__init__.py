@@ -1,12 +1,11 @@
 """cnn-sparsegpt: one-shot SparseGPT pruning of convolutional networks."""
-from .config import PUBLISHED, RECOMMENDED, PruneConfig
+from .commands.train import TrainConfig, evaluate, train_model
 from .data import ImageSet, Loader, calibration_set, load_dataset
-from .layer import LayerPruner, LayerResult
-from .masks import Pattern
+from .kernels.masks import Pattern
+from .kernels.solver import METHODS, sparsegpt_solve
 from .models import create_model, list_models, register_model
-from .prune import PruneReport, prune_model
-from .solver import METHODS, sparsegpt_solve
-from .train import TrainConfig, evaluate, train_model
+from .pruning import PUBLISHED, RECOMMENDED, PruneConfig, PruneReport, prune_model
+from .pruning.layer import LayerPruner, LayerResult
 from .utils import UserError, load_state_dict
 
 __all__ = [

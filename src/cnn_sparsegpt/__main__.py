@@ -3,7 +3,7 @@ import sys
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from .cli import main
+from .commands.cli import main
 
 if __name__ == "__main__":
     sys.exit(record(main)())

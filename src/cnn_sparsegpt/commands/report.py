@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .utils import UserError, read_json
+from ..utils import UserError, read_json
 
 REPORT_SCHEMA = 2
 # the PruneConfig fields a schema-1 report kept flat beside its results (the rest had the defaults of the time)

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from .layer_plan import forward_order
-from .masks import conv_column_perm
+from ..pruning.layer_plan import forward_order
+from ..kernels.masks import conv_column_perm
 from .pipeline import load_run
-from .utils import UserError, atomic_write_json, ensure_writable, save_safetensors
+from ..utils import UserError, atomic_write_json, ensure_writable, save_safetensors
 
 OPSET = 17
 _SHAPES = {"mnist": [1, 28, 28], "cifar10": [3, 32, 32]}

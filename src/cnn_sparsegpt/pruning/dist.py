@@ -19,7 +19,7 @@ import torch
 import torch.distributed as td
 from torch import nn
 
-from .utils import UserError
+from ..utils import UserError
 
 
 def launched() -> bool:

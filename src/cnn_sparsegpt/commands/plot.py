@@ -5,9 +5,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from .bench import read_rows
-from .config import RECOMMENDED, recipe_label
+from ..pruning.config import RECOMMENDED, recipe_label
 from .report import read_report
-from .utils import UserError
+from ..utils import UserError
 
 METHOD_STYLE = {"magnitude": ("tab:red", "o"), "wanda": ("tab:orange", "s"), "sparsegpt": ("tab:blue", "^")}
 

@@ -11,16 +11,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import dist
-from .config import (
-    PRESETS,
-    RECIPE_KEYS,
-    PruneOptions,
-    check_options,
-    read_yaml_mapping,
-    recipe_label,
-)
-from .utils import UserError, atomic_write_json, atomic_write_text
+from ..pruning import dist
+from ..pruning.config import PRESETS, RECIPE_KEYS, recipe_label
+from ..utils import UserError, atomic_write_json, atomic_write_text
+from .options import PruneOptions, check_options, read_yaml_mapping
 
 KEY = ("model", "checkpoint", "dataset", "method", "pattern", "nsamples", "seed", "bn_recalibration", "eval_samples",
        "holdout", "percdamp", "recipe")
@@ -223,7 +217,7 @@ def add_bench_parser(sub) -> None:
 
 
 def _cmd_bench(args) -> int:
-    from .utils import ensure_writable
+    from ..utils import ensure_writable
 
     cfg = load_bench_config(args.config)
     for name in ("csv", "data_dir", "device"):

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import dist
-from .data import ImageSet
-from .folder import FolderSet
-from .utils import UserError
+from ..pruning import dist
+from ..data.datasets import ImageSet
+from ..data.folders import FolderSet
+from ..utils import UserError
 
 
 @dataclass

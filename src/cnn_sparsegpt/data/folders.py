@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from .preprocess import Preprocess, normalize
-from .utils import UserError
+from ..utils import UserError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 EVAL_SPLITS = ("test", "val")

@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from .graph import GraphExecutor, inputs_of
-from .linalg import damped
+from ..kernels.linalg import damped
 
 
 class DenseInputs:

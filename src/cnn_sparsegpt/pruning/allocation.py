@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from .graph import run_hooked
 from .layer import LayerPruner
-from .masks import Pattern
-from .solver import prune_matrix, relative_error, sparsegpt_factor
-from .utils import UserError
+from ..kernels.masks import Pattern
+from ..kernels.solver import prune_matrix, relative_error, sparsegpt_factor
+from ..utils import UserError
 
 ALLOCATIONS = ("uniform", "owl", "dp")  # the functions: ALLOCATORS, below
 BUDGETS = ("params", "flops")

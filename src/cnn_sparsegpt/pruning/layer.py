@@ -18,11 +18,11 @@ from torch import nn
 
 from . import dist
 from .dense_target import dense_target_weights
-from .linalg import accumulate_xxt_
-from .masks import Pattern, conv_column_perm
-from .quant import fit_grid, layer_codes
-from .refine import refine as refine_solve
-from .solver import prune_matrix, relative_error
+from ..kernels.linalg import accumulate_xxt_
+from ..kernels.masks import Pattern, conv_column_perm
+from ..kernels.quant import fit_grid, layer_codes
+from ..kernels.refine import refine as refine_solve
+from ..kernels.solver import prune_matrix, relative_error
 
 
 # The re-fits beyond SparseGPT's own solve (the dense target, --refine) need at least this many calibration

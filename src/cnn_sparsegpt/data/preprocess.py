@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .utils import UserError
+from ..utils import UserError
 
 PRESETS = ("auto", "imagenet", "cifar", "none")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -117,7 +117,7 @@ def from_model(model_name: str, weights_file: str | None = None) -> Preprocess |
         return Preprocess(tuple(t.mean), tuple(t.std), t.resize_size[0], t.crop_size[0], t.interpolation.value,
                           source)
     if kind == "timm":
-        from .models.registry import timm_module
+        from ..models.registry import timm_module
 
         cfg = timm_module().get_pretrained_cfg(name)
         if cfg is None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .utils import UserError
+from ..utils import UserError
 
 
 @dataclass(frozen=True)

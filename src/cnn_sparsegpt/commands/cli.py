@@ -6,8 +6,8 @@ import os
 import sys
 import warnings
 
-from . import dist
-from .utils import UserError
+from ..pruning import dist
+from ..utils import UserError
 
 
 def _bool_flag(p, name: str, help_on: str, help_off: str) -> None:
@@ -20,7 +20,8 @@ def _add_prune_flags(p: argparse.ArgumentParser) -> None:
     the dataclasses, and every value is checked by them (one clear error), not by argparse."""
     import typing
 
-    from .config import PruneConfig, PruneOptions, field_default, option_fields
+    from ..pruning.config import PruneConfig
+    from .options import PruneOptions, field_default, option_fields
 
     p.add_argument("--config", help="YAML file with any of the options below (flags override it)")
     hints = typing.get_type_hints(PruneOptions) | typing.get_type_hints(PruneConfig)
@@ -44,7 +45,7 @@ def _add_prune_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_prune(args: argparse.Namespace) -> int:
-    from .config import load_yaml, merge_options
+    from .options import load_yaml, merge_options
     from .pipeline import format_report, run_prune
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "quiet")}
@@ -64,10 +65,10 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .data import load_splits
-    from .models import check_model_name, create_model, model_entry
+    from ..data.datasets import load_splits
+    from ..models import check_model_name, create_model, model_entry
     from .train import TrainConfig, train_model
-    from .utils import atomic_save, atomic_write_json, ensure_writable, resolve_device, run_metadata
+    from ..utils import atomic_save, atomic_write_json, ensure_writable, resolve_device, run_metadata
 
     check_model_name(args.model)  # fail fast on an unknown model
     entry = model_entry(args.model)
@@ -100,9 +101,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _add_train_parser(sub) -> None:
-    from .models import list_models
+    from ..models import list_models
 
-    d = __import__("cnn_sparsegpt.train", fromlist=["TrainConfig"]).TrainConfig()
+    d = __import__("cnn_sparsegpt.commands.train", fromlist=["TrainConfig"]).TrainConfig()
     p = sub.add_parser("train", help="train a baseline model and write its checkpoint (+ .json metadata)")
     p.add_argument("--model", required=True, help=f"model: {', '.join(list_models())}, torchvision:NAME or timm:NAME")
     p.add_argument("--dataset", help="mnist, cifar10, or an ImageFolder folder/.tar.gz (default: the model's)")

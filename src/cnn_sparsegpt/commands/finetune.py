@@ -11,13 +11,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .batchnorm import bn_modules, recalibrate
-from .data import calibration_set, holdout_split, load_splits
+from ..pruning.batchnorm import bn_modules, recalibrate
+from ..data.datasets import calibration_set, holdout_split, load_splits
 from .pipeline import load_dense, load_run
-from .quant import attach_grids, detach_grids
-from .preprocess import Preprocess
+from ..kernels.quant import attach_grids, detach_grids
+from ..data.preprocess import Preprocess
 from .train import TrainConfig, evaluate, train_model
-from .utils import (
+from ..utils import (
     UserError,
     atomic_save,
     atomic_write_json,

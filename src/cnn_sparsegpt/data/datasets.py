@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .folder import FolderSet, decode_all, load_folder_streamed, should_stream
+from .folders import FolderSet, decode_all, load_folder_streamed, should_stream
 from .preprocess import DATASET_NORMALIZATION as NORMALIZATION
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, normalize
-from .utils import UserError, atomic_save
+from ..utils import UserError, atomic_save
 
 DATASETS = ("mnist", "cifar10")
 JPEG_NOTE = "CIFAR-10 JPEG re-encoding (cifar10-jpeg): accuracies are close to, not equal to, canonical CIFAR-10"

@@ -10,16 +10,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import dist
-from .config import PruneOptions, recipe_label
-from .data import calibration_indices, calibration_set, holdout_split, load_splits
-from .masks import Pattern
-from .models import check_model_name, create_model, head_classes, model_entry
-from .preprocess import resolve as resolve_preprocess
-from .prune import prune_model
+from ..pruning import dist
+from ..pruning.config import recipe_label
+from .options import PruneOptions
+from ..data.datasets import calibration_indices, calibration_set, holdout_split, load_splits
+from ..kernels.masks import Pattern
+from ..models import check_model_name, create_model, head_classes, model_entry
+from ..data.preprocess import resolve as resolve_preprocess
+from ..pruning.prune import prune_model
 from .report import REPORT_SCHEMA, read_report
 from .train import evaluate
-from .utils import (
+from ..utils import (
     UserError,
     atomic_save,
     atomic_write_json,

@@ -8,9 +8,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from .bench import read_rows
-from .data import JPEG_NOTE
+from ..data.datasets import JPEG_NOTE
 from .plot import _main_rows
-from .utils import UserError, atomic_write_text
+from ..utils import UserError, atomic_write_text
 
 OLD_REPO_2OF4 = {  # the original research repo's published 2:4 table: dense, magnitude, its SparseGPT (%)
     "resnet18_cifar": (85.22, 20.75, 42.58), "vgg16_cifar": (85.74, 31.15, 68.31),
@@ -274,7 +274,7 @@ def sweep_table(paths: list[Path]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cnn_sparsegpt.results", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m cnn_sparsegpt.commands.results", description=__doc__)
     p.add_argument("--csv", default="experiments/results.csv")
     p.add_argument("--models", nargs="+", help="only these models (printed table)")
     p.add_argument("--out", help="write the full markdown page here instead of printing tables")

@@ -27,12 +27,12 @@ from .dense_target import DenseInputs
 from .graph import PRUNABLE, GraphExecutor, GraphStop, inputs_of, memory_policy
 from .layer import LayerPruner, LayerResult, output_error
 from .layer_plan import choose_layers, forward_order
-from .masks import Pattern
+from ..kernels.masks import Pattern
 from .reconstruct import reconstruct as reconstruct_model
 from .saliency import bn_row_scales
-from .solver import NEEDS
+from ..kernels.solver import NEEDS
 from .statcorr import StatCorrection
-from .utils import UserError
+from ..utils import UserError
 
 
 @dataclass

@@ -1,6 +1,6 @@
-"""The settings of a prune, in one frozen, self-checking object (`PruneConfig`), and the options of one `prune`
-run around it (`PruneOptions`: model, data, output). The CLI flags, the YAML keys and the Python API are all
-built from these two dataclasses: each field's default, help, choices and range live here and nowhere else.
+"""The settings of a prune, in one frozen, self-checking object (`PruneConfig`): each field's default, help,
+choices and range live here and nowhere else. The CLI flags and YAML keys are built from its fields (and from
+those of `commands.options.PruneOptions`, the run around it: model, data, output).
 
     from cnn_sparsegpt import prune_model, RECOMMENDED, PUBLISHED
     prune_model(model, images, RECOMMENDED, nm="2:4")          # the default recipe; keywords override fields
@@ -9,17 +9,14 @@ built from these two dataclasses: each field's default, help, choices and range 
 from __future__ import annotations
 
 import typing
-from dataclasses import MISSING, dataclass, field, fields, replace
-from pathlib import Path
-
-import yaml
+from dataclasses import dataclass, field, fields, replace
 
 from .allocation import ALLOCATIONS, BUDGETS, DP_MEASURES
-from .masks import Pattern
-from .quant import BITS, CLIP, QUANT
-from .refine import REFINE
-from .solver import METHODS
-from .utils import UserError
+from ..kernels.masks import Pattern
+from ..kernels.quant import BITS, CLIP, QUANT
+from ..kernels.refine import REFINE
+from ..kernels.solver import METHODS
+from ..utils import UserError
 
 
 def opt(default, help: str, choices: tuple | None = None, check=None, want: str = ""):
@@ -35,10 +32,10 @@ def _auto(text: str) -> str:
     return f"auto (default): {text}"
 
 
-def _type_ok(value, hint) -> bool:
+def type_ok(value, hint) -> bool:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
+        return any(type_ok(value, h) for h in typing.get_args(hint))
     if hint is type(None):
         return value is None
     if hint is float:
@@ -50,7 +47,7 @@ def _type_ok(value, hint) -> bool:
     return isinstance(value, hint)
 
 
-def _want(hint) -> str:
+def type_name(hint) -> str:
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
 
 
@@ -62,8 +59,8 @@ def check_fields(obj, where: str, skip: tuple = ()) -> None:
         if f.name in skip or f.name in ("sparsity", "nm"):  # the pattern is parsed, with its own messages
             continue
         value, meta = getattr(obj, f.name), f.metadata
-        if not _type_ok(value, hints[f.name]):
-            raise UserError(f"{prefix}'{f.name}' must be {_want(hints[f.name])}, got {value!r}")
+        if not type_ok(value, hints[f.name]):
+            raise UserError(f"{prefix}'{f.name}' must be {type_name(hints[f.name])}, got {value!r}")
         choices = meta.get("choices")
         if choices and value is not None and value not in choices:
             raise UserError(f"{prefix}unknown {f.name} '{value}'; choose from {', '.join(map(str, choices))}")
@@ -171,115 +168,6 @@ PRESETS = {"recommended": RECOMMENDED, "published": PUBLISHED}
 PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 
 
-@dataclass(frozen=True)
-class PruneOptions:
-    """One `prune` run: where the model and data come from, what is measured and written, and the PruneConfig.
-    YAML files and flags give the fields of both flat (`PruneOptions.build`)."""
-    model: str = opt("", "model: a registry name, torchvision:NAME or timm:NAME (timm needs the [timm] extra)")
-    weights: str | None = opt(None, "checkpoint to prune: .pt/.pth (state_dict, also inside 'state_dict'/'model'; "
-                              "loaded with weights_only=True) or .safetensors; the number of classes comes from its "
-                              "head. None: random weights (a warning)")
-    dataset: str | None = opt(None, "mnist, cifar10, or an ImageFolder folder/.tar.gz with train/ and val/ (or test/) "
-                              "subfolders of <class>/<image> (default: the model's)")
-    data_dir: str | None = opt(None, "data root (default: $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data)")
-    preprocess: str = opt("auto", "auto: from the checkpoint's .json, else the model's pretrained metadata "
-                          "(torchvision weights, timm pretrained_cfg), else the dataset's convention; imagenet: "
-                          "shorter side 256, center crop 224, ImageNet mean/std; cifar: CIFAR-10 mean/std; none: "
-                          "pixels in [0, 1]", ("auto", "imagenet", "cifar", "none"))
-    image_size: int | None = opt(None, "center-crop size in pixels (overrides the preprocessing's)")
-    crop_pct: float | None = opt(None, "crop size / resized shorter side, e.g. 0.875 (224 of 256)")
-    streaming: str = opt("auto", "image folders: stream from the files with worker processes (on), decode all into "
-                         "memory once (off), or choose by decoded size, streaming above 2 GiB (auto)",
-                         ("auto", "on", "off"))
-    workers: int | None = opt(None, "image-decoding processes when streaming (default min(8, cores); 0: decode in "
-                              "this process)", check=lambda v: v >= 0, want=">= 0")
-    nsamples: int = opt(1024, "calibration images drawn from the training set", check=lambda v: v >= 1,
-                        want="at least 1")
-    seed: int = opt(0, "seed of the calibration sample")
-    device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
-    evaluate: bool = opt(True, "measure dense and pruned top-1 on the test split")
-    eval_samples: int = opt(0, "evaluate on a fixed random subset of N test images (0 = all)", check=lambda v: v >= 0,
-                            want=">= 0")
-    holdout: int = opt(0, "evaluate on N held-out training images (not used for calibration) instead of the test "
-                       "split: choose settings on these, not on the test set", check=lambda v: v >= 0, want=">= 0")
-    save_safetensors: bool = opt(False, "also write model.safetensors (needs the safetensors package)")
-    out: str = opt("runs/prune", "output folder")
-    recipe: str = opt("recommended", "what the settings of the prune start from: recommended (dense target + cg "
-                      "re-solve, chosen on held-out images, see docs/RESULTS.md) or published (SparseGPT's layer "
-                      "solve exactly as in the paper). Settings given explicitly win", tuple(PRESETS))
-    config: PruneConfig = field(default=RECOMMENDED, metadata={"help": ""})
-
-    def __post_init__(self):
-        check_fields(self, "", skip=("config",))
-
-    @classmethod
-    def build(cls, values: dict | None = None, where: str = "options", **kw) -> PruneOptions:
-        """From flat keys (a YAML file's, the given flags): the run's own fields, and the PruneConfig from the recipe
-        named by `recipe` with the prune keys given replacing its fields."""
-        values = check_options(cls, dict(values or {}) | kw, where)
-        run = {k: v for k, v in values.items() if k not in PRUNE_KEYS}
-        prune = {k: v for k, v in values.items() if k in PRUNE_KEYS}
-        recipe = run.get("recipe", "recommended")
-        if recipe not in PRESETS:
-            raise UserError(f"recipe must be one of {', '.join(PRESETS)}, got {recipe!r}")
-        return cls(**run, config=replace(PRESETS[recipe], **prune))
-
-
-def option_fields() -> dict:
-    """Every flat key of a prune run (YAML key and flag) → its dataclass field, run options first."""
-    run = {f.name: f for f in fields(PruneOptions) if f.name != "config"}
-    return run | {f.name: f for f in fields(PruneConfig)}
-
-
-def check_options(cls, values: dict, where: str) -> dict:
-    """Reject unknown keys and wrong types with one line that names the key and what it should be."""
-    if cls is PruneOptions:
-        known = option_fields()
-        hints = typing.get_type_hints(PruneOptions) | typing.get_type_hints(PruneConfig)
-    else:
-        known = {f.name: f for f in fields(cls)}
-        hints = typing.get_type_hints(cls)
-    for key, value in values.items():
-        if key not in known:
-            raise UserError(f"{where}: unknown key '{key}'; valid keys: {', '.join(known)}")
-        if key in ("sparsity", "nm") and value is not None:
-            continue  # parsed (with its own messages) by Pattern.parse
-        if not _type_ok(value, hints[key]):
-            raise UserError(f"{where}: '{key}' must be {_want(hints[key])}, got {value!r}")
-    return values
-
-
-def read_yaml_mapping(path: str | Path) -> dict:
-    """A YAML file that must hold a mapping; every failure is one clear UserError."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"config file not found: {path}") from None
-    except yaml.YAMLError as e:
-        raise UserError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: the config must be a mapping of key: value")
-    return {str(k).replace("-", "_"): v for k, v in data.items()}
-
-
-def load_yaml(path: str | Path, cls=None) -> dict:
-    """A YAML file of flat prune-run keys, checked (unknown keys and wrong types name the file)."""
-    return check_options(cls or PruneOptions, read_yaml_mapping(path), str(path))
-
-
-def merge_options(file_values: dict, cli_values: dict) -> PruneOptions:
-    """Defaults (the recipe's), then the YAML file, then the flags given on the command line."""
-    values = dict(file_values)
-    if "sparsity" in cli_values or "nm" in cli_values:  # a pattern flag replaces the file's pattern
-        values.pop("sparsity", None)
-        values.pop("nm", None)
-    values.update(cli_values)
-    return PruneOptions.build(values)
-
-
 # The settings beyond SparseGPT's layer solve; a results file labels each run by those that differ from the
 # published method's (recipe_label), so a label means the same in every file whatever the defaults become.
 RECIPE_KEYS = ("allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction", "refine",
@@ -292,7 +180,3 @@ def recipe_label(config: PruneConfig) -> str:
     published = replace(PUBLISHED, method=config.method, wbits=config.wbits).resolved()
     return ",".join(f"{k}={getattr(r, k)}" for k in RECIPE_KEYS
                     if (r.wbits is not None if k == "wbits" else getattr(r, k) != getattr(published, k)))
-
-
-def field_default(f) -> object:
-    return f.default if f.default is not MISSING else f.default_factory()
