@@ -2,7 +2,7 @@
 # GPU checks and timings for the refined solve (issue 11), torch.distributed (issue 13) and 2:4 sparse
 # tensor cores (issue 14), as run for docs/PERFORMANCE.md. Needs a CUDA device. ResNet-18 runs use random
 # weights (timings only: the trained checkpoint does not travel to the lent machine).
-#   bash benchmarks/gpu_session4.sh DATA_DIR OUT_DIR
+#   bash benchmarks/gpu_refine_torchrun_semistructured.sh DATA_DIR OUT_DIR
 set -uo pipefail
 DATA=${1:-../shared/data}
 OUT=${2:-experiments/gpu}

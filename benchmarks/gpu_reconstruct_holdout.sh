@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Third GPU call of session 4: --reconstruct on held-out ResNet-20 images, the epochs chosen there (the
 # better mean top-1 over its rows), then that setting once on the test split, appended to the GPU CSVs.
-#   bash benchmarks/gpu_session4c.sh DATA_DIR OUT_DIR
+#   bash benchmarks/gpu_reconstruct_holdout.sh DATA_DIR OUT_DIR
 set -euo pipefail
 DATA=${1:-../shared/data}
-OUT=${2:-experiments/gpu/session4}
+OUT=${2:-experiments/gpu/h100}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-cp experiments/gpu/session4/accuracy_holdout_gpu.csv experiments/gpu/session4/accuracy_test_gpu.csv "$OUT/" 2>/dev/null || true
+cp experiments/gpu/h100/accuracy_holdout_gpu.csv experiments/gpu/h100/accuracy_test_gpu.csv "$OUT/" 2>/dev/null || true
 python3 -m cnn_sparsegpt -q bench --config configs/bench_reconstruct_holdout.yaml --data-dir "$DATA" --device cuda \
     --csv "$OUT/accuracy_holdout_gpu.csv" | grep "top-1"
 EPOCHS=$(python3 - "$OUT/accuracy_holdout_gpu.csv" <<'PY'
@@ -31,8 +31,8 @@ models:
 recipes:
   - {reconstruct: EPOCHS}
   - {dense_target: true, refine: admm, reconstruct: EPOCHS}
-csv: experiments/gpu/session4/accuracy_test_gpu.csv
-reports: experiments/gpu/session4/test_reports
+csv: experiments/gpu/h100/accuracy_test_gpu.csv
+reports: experiments/gpu/h100/test_reports
 YAML
 python3 -m cnn_sparsegpt -q bench --config /tmp/test.yaml --data-dir "$DATA" --device cuda \
     --csv "$OUT/accuracy_test_gpu.csv" | grep "top-1"

@@ -2,7 +2,7 @@
 # Session 6, on the CPU: the CIFAR CNN at 90% fine-tuned for one epoch with its dropout switched off
 # (`finetune --dropout 0`), appended to the GPU sweep (the held-out choice is over all settings tried), and the
 # dense control given the same. Two threads, about 3 minutes per run on the 2-core development machine.
-#   bash benchmarks/cpu_session6_dropout.sh DATA_DIR
+#   bash benchmarks/finetune_dropout_cifar_cnn.sh DATA_DIR
 set -euo pipefail
 DATA=${1:-../shared/data}
 O="--data-dir $DATA --device cpu --holdout 5000 --warmups 0 --dropouts 0"

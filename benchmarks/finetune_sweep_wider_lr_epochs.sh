@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Second part of session 6's GPU call: widen the lr grid where the best was at its edge (ResNet-18, ResNet-20), and
 # three epochs instead of one for the CIFAR CNN (pruned and its dense control) and ResNet-18. Appends to the JSONs
-# of benchmarks/gpu_session6.sh when PREV holds them.
-#   bash benchmarks/gpu_session6b.sh DATA_DIR RUNS_DIR OUT_DIR [PREV]
+# of benchmarks/finetune_sweep_lr_warmup.sh when PREV holds them.
+#   bash benchmarks/finetune_sweep_wider_lr_epochs.sh DATA_DIR RUNS_DIR OUT_DIR [PREV]
 set -euo pipefail
 DATA=$1
 RUNS=$2

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Second GPU call of session 4: held-out ResNet-20 rows for --dense-target / --refine
 # (configs/bench_dense_target_holdout.yaml) and the 2:4 kernels with the CUTLASS backend.
-#   bash benchmarks/gpu_session4b.sh DATA_DIR OUT_DIR
+#   bash benchmarks/gpu_dense_target_holdout.sh DATA_DIR OUT_DIR
 set -uo pipefail
 DATA=${1:-../shared/data}
-OUT=${2:-experiments/gpu/session4}
+OUT=${2:-experiments/gpu/h100}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 python3 -m cnn_sparsegpt -q bench --config configs/bench_dense_target_holdout.yaml --data-dir "$DATA" --device cuda \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fourth part of session 6's GPU call: smaller batches (more steps in the one epoch) for the CIFAR CNN at 90% and
-# ResNet-18 at 90%, appended to the sweeps of gpu_session6.sh (the held-out choice is over all settings tried).
-#   bash benchmarks/gpu_session6d.sh DATA_DIR RUNS_DIR OUT_DIR PREV
+# ResNet-18 at 90%, appended to the sweeps of finetune_sweep_lr_warmup.sh (the held-out choice is over all settings tried).
+#   bash benchmarks/finetune_sweep_batch_size.sh DATA_DIR RUNS_DIR OUT_DIR PREV
 set -euo pipefail
 DATA=$1
 RUNS=$2

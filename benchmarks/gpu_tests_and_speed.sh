@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks and timings, as run for docs/PERFORMANCE.md: the gpu-marked tests, the speed benchmark on
 # CUDA, and one `prune` from the command line. Needs a CUDA device.
-#   bash benchmarks/gpu.sh DATA_DIR WEIGHTS OUT_DIR
+#   bash benchmarks/gpu_tests_and_speed.sh DATA_DIR WEIGHTS OUT_DIR
 set -euo pipefail
 DATA=${1:-../shared/data}
 WEIGHTS=${2:-../shared/checkpoints/resnet18_cifar10.pt}

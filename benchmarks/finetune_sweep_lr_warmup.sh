@@ -7,7 +7,7 @@
 #       --no-evaluate --out runs/resnet18_90        (likewise resnet20_cifar -> runs/resnet20_90;
 #   the CIFAR CNN 90% run is runs/ft_cifar_cnn_90 of experiments/finetune/cifar_cnn_90.json; the dense control is
 #   --sparsity 0 --method magnitude --recipe published --no-bn-recalibration -> runs/cifar_cnn_dense)
-#   bash benchmarks/gpu_session6.sh DATA_DIR RUNS_DIR OUT_DIR
+#   bash benchmarks/finetune_sweep_lr_warmup.sh DATA_DIR RUNS_DIR OUT_DIR
 set -euo pipefail
 DATA=$1
 RUNS=$2

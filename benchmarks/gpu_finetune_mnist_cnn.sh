@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Fourth GPU call of session 4: the fine-tuning goal on MNIST (issue 14): train mnist_cnn as `make checkpoints`
 # does, prune it to 90% (SparseGPT, defaults), fine-tune one epoch with the masks kept.
-#   bash benchmarks/gpu_session4d.sh DATA_DIR OUT_DIR
+#   bash benchmarks/gpu_finetune_mnist_cnn.sh DATA_DIR OUT_DIR
 set -euo pipefail
 DATA=${1:-../shared/data}
-OUT=${2:-experiments/gpu/session4}
+OUT=${2:-experiments/gpu/h100}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 python3 -m cnn_sparsegpt -q train --model mnist_cnn --data-dir "$DATA" --epochs 3 --device cuda --out /tmp/mnist_cnn.pt

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Third part of session 6's GPU call: knowledge distillation from the dense model (`finetune --distill`) added to
-# the one-epoch sweeps of the CIFAR CNN and ResNet-20 at 90% (appended to the JSONs of gpu_session6.sh, so the
+# the one-epoch sweeps of the CIFAR CNN and ResNet-20 at 90% (appended to the JSONs of finetune_sweep_lr_warmup.sh, so the
 # held-out choice is over all settings tried). ResNet-18 is left out: its dense checkpoint (45 MB) and the data
 # do not travel together to the lent machine.
-#   bash benchmarks/gpu_session6c.sh DATA_DIR RUNS_DIR OUT_DIR PREV TEACHERS
+#   bash benchmarks/finetune_sweep_distill.sh DATA_DIR RUNS_DIR OUT_DIR PREV TEACHERS
 set -euo pipefail
 DATA=$1
 RUNS=$2

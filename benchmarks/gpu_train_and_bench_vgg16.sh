@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train VGG-16 (BN) on CIFAR-10 and run its benchmark grid (configs/bench_vgg16.yaml), on a CUDA
 # machine. Writes checkpoints/vgg16_cifar.pt (+ .json) and OUT_DIR/results_vgg16.csv + reports.tar.
-#   bash benchmarks/gpu_vgg16.sh DATA_DIR OUT_DIR [EPOCHS]
+#   bash benchmarks/gpu_train_and_bench_vgg16.sh DATA_DIR OUT_DIR [EPOCHS]
 set -euo pipefail
 DATA=${1:-../shared/data}
 OUT=${2:-experiments}
