@@ -106,6 +106,7 @@ def _bench_config(tmp_path, ckpt, data_dir, patterns):
     return path
 
 
+@pytest.mark.slow  # > 6 s on 2 cores
 def test_bench_killed_and_restarted_has_each_row_once(mnist_ckpt, data_dir, tmp_path):
     cfg = _bench_config(tmp_path, mnist_ckpt, data_dir, ["0.5", "2:4", "0.8"])
     cmd = [sys.executable, "-m", "cnn_sparsegpt.commands.cli", "-q", "bench", "--config", str(cfg)]

@@ -163,6 +163,7 @@ def test_bad_launches_are_clear_errors(tmp_path):
         assert "2 processes but only 1 calibration images" in errors[1]
 
 
+@pytest.mark.slow  # > 6 s on 2 cores
 def test_a_stuck_rank_times_out_with_a_message(tmp_path):
     t0 = time.perf_counter()
     with pytest.raises(Exception, match="rank 0 of 2: .*Another rank probably stopped first"):
@@ -191,6 +192,7 @@ def _case_resnet18(rank):
 CASES["resnet18"] = _case_resnet18
 
 
+@pytest.mark.slow  # > 6 s on 2 cores
 def test_resnet18_two_processes(tmp_path):
     """resnet18_cifar at 2:4 on 32 images. SparseGPT's column-by-column choices cascade, so a 1-ulp change of H
     flips a share of a layer's mask (float32 running means of H, as before, gave 73% agreement here); with

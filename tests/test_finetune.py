@@ -2,6 +2,7 @@
 import importlib.util
 import json
 
+import pytest
 import torch
 
 from cnn_sparsegpt import create_model, load_dataset
@@ -67,6 +68,7 @@ def test_finetune_quantized_run_stays_on_its_grids(mnist_ckpt, data_dir, tmp_pat
     assert moved > 0  # training did move weights (between grid points)
 
 
+@pytest.mark.slow  # > 6 s on 2 cores
 def test_finetune_holdout_picks_on_training_images(mnist_ckpt, data_dir, tmp_path, capsys):  # noqa: F811
     run = tmp_path / "run"
     assert main(prune_args(mnist_ckpt, data_dir, run, "--sparsity", "0.9")) == 0
@@ -107,7 +109,6 @@ def test_cosine_warmup_ramps_then_decays(monkeypatch):
 
 
 def test_a_diverging_run_stops_with_a_clear_error():
-    import pytest
 
     from cnn_sparsegpt.data.datasets import ImageSet
     from cnn_sparsegpt.utils import UserError

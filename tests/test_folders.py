@@ -137,6 +137,7 @@ def _prune(capsys, args):
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow  # > 6 s on 2 cores
 def test_cli_prunes_a_pretrained_style_model_on_a_streamed_folder(inet, tmp_path, capsys):
     pytest.importorskip("safetensors")
     from safetensors.torch import save_file

@@ -44,6 +44,7 @@ def test_torchvision_model_by_name():
         create_model("nope")
 
 
+@pytest.mark.slow  # > 6 s on 2 cores
 def test_resnet18_checkpoint_accuracy():
     if not RESNET_CKPT.is_file() or not (DATA / "cifar10-jpeg.tar.gz").is_file():
         pytest.skip("shared checkpoint or CIFAR-10 copy missing")

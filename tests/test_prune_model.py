@@ -213,6 +213,7 @@ def test_low_memory_matches_default(cls):
     assert all(m.inplace for m in b.modules() if isinstance(m, nn.ReLU))  # restored after the run
 
 
+@pytest.mark.slow  # > 6 s on 2 cores
 def test_low_memory_keeps_one_activation_in_residual_blocks():
     """Block input + current layer input (two activations) by default; about one with low_memory."""
     from cnn_sparsegpt import create_model
