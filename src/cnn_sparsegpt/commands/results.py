@@ -7,10 +7,11 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from .bench import read_rows
 from ..data.datasets import JPEG_NOTE
-from .plot import _main_rows
 from ..utils import UserError, atomic_write_text
+from .bench import read_rows
+from .plot import _main_rows
+from .report import read_report
 
 OLD_REPO_2OF4 = {  # the original research repo's published 2:4 table: dense, magnitude, its SparseGPT (%)
     "resnet18_cifar": (85.22, 20.75, 42.58), "vgg16_cifar": (85.74, 31.15, 68.31),
@@ -238,10 +239,10 @@ def finetune_table(paths: list[Path]) -> str:
              "| device |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
-        r = json.loads(Path(path).read_text())
+        r = read_report(path)  # any schema: the recipe's label and the bits as the run recorded them
         f = r["finetune"]
-        lines.append(f"| {r['model']} | {r['pattern']} | {r.get('recipe') or 'as published'} | "
-                     f"{r.get('wbits') or 'float'} | {_pct(r.get('dense_acc'))} | {100 * f['pruned_acc_before']:.2f} | "
+        lines.append(f"| {r['model']} | {r['pattern']} | {r.get('recipe_label') or 'as published'} | "
+                     f"{r['config'].get('wbits') or 'float'} | {_pct(r.get('dense_acc'))} | {100 * f['pruned_acc_before']:.2f} | "
                      f"{100 * r['pruned_acc']:.2f} | {f['epochs']} | {f.get('lr', '')} | {f['seconds']:.0f} | "
                      f"{r.get('device', '')} |")
     return "\n".join(lines)
