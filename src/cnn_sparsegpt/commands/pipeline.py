@@ -18,6 +18,7 @@ from ..kernels.masks import Pattern
 from ..models import check_model_name, create_model, head_classes, model_entry
 from ..data.preprocess import resolve as resolve_preprocess
 from ..pruning.prune import prune_model
+from ..pruning.structured import apply_structure
 from .report import REPORT_SCHEMA, read_report
 from .train import evaluate
 from ..utils import (
@@ -114,7 +115,7 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     """Run one prune and (when `write`) save model.pt, masks.pt and report.json under opts.out. Under torchrun
     (the processes it started) the calibration set is shared by them and rank 0 writes."""
     config = opts.config.resolved()
-    if config.sparsity is None and config.nm is None:
+    if not config.has_target:
         Pattern.parse(None, None)  # the one message for a missing pattern
     device = dist.init(opts.device) if dist.launched() else resolve_device(opts.device)
     group = dist.process_group()
@@ -149,7 +150,8 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
         "model": opts.model, "weights": opts.weights, "dataset": dataset, "data_source": train.source,
         "data_storage": train.storage, "preprocess": pre.as_dict(), "calibration_digest": calib_digest,
         "seed": opts.seed, "input_shape": list(calib.shape[1:]),
-        "method": config.method, "pattern": str(config.pattern), "target_sparsity": config.pattern.target,
+        "method": config.method, "pattern": report.pattern,
+        "target_sparsity": config.pattern.target if config.structure == "none" else None,
         "recipe": opts.recipe, "recipe_label": recipe_label(config),
         "dense_acc": dense_acc, "pruned_acc": pruned_acc, "eval_samples": len(test),
         "eval_seconds": eval_seconds, "eval_split": f"holdout {opts.holdout}" if opts.holdout else "test",
@@ -196,6 +198,12 @@ def format_report(r: dict) -> str:
         passes = (f"  {r['forward_passes']:.3g} forward pass(es) over the calibration set, at most "
                   f"{r['peak_stored_mb']:.0f} MB of its activations held{mode}\n")
     recipe = f"  options beyond uniform {r['method']}: {r['recipe_label']}\n" if r.get("recipe_label") else ""
+    st = r.get("structure") or {}
+    if st:
+        (md, mk), (pd, pk) = st["macs"], st["params"]
+        lines.append(f"\n{r['model']} channels: {mk / 1e6:.1f} of {md / 1e6:.1f} M multiply-adds per image kept "
+                     f"({mk / md:.1%}), {pk / 1e6:.2f} of {pd / 1e6:.2f} M weights ({pk / pd:.1%}); "
+                     f"{r['seconds']:.1f} s pruning, {r['nsamples']} calibration images")
     lines.append(f"\n{r['model']} {r['method']} {r['pattern']}: sparsity {r['sparsity']:.3f} of the pruned layers, "
                  f"{r['total_sparsity']:.3f} of all weights; {r['seconds']:.1f} s pruning, "
                  f"{r['nsamples']} calibration images\n{recipe}{acc}{passes}  data: {r['data_source']}"
@@ -216,6 +224,8 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, dict, dict]:
     check_model_name(report["model"])
     state = load_state_dict(run / "model.pt")
     model = create_model(report["model"], num_classes=head_classes(report["model"], state) or 10)
+    if report.get("structure", {}).get("spec"):  # a structured run: the smaller shapes first
+        apply_structure(model, report["structure"]["spec"])
     load_weights(model, run / "model.pt", report["model"], state)
     masks = load_tensors(run / "masks.pt", "mask file") if (run / "masks.pt").is_file() else {}
     if not isinstance(masks, dict) or any(k not in state or not isinstance(m, torch.Tensor) or m.shape != state[k].shape

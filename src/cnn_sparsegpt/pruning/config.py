@@ -115,6 +115,17 @@ class PruneConfig:
     quant: str = opt("auto", "with wbits: gptq (round inside SparseGPT's column loop, errors compensated), rtn "
                      "(round to nearest after pruning) or " + _auto("gptq for sparsegpt, rtn for the other methods"),
                      ("auto",) + QUANT)
+    structure: str = opt("none", "none: remove single weights (sparsity or nm); channels: remove whole channels "
+                         "(with their BatchNorm entries and every consumer's inputs) chosen and re-fitted by block "
+                         "OBS, for a physically smaller, faster network; needs keep_macs or keep_params (refine "
+                         "applies to weight masks only; dense_target re-fits each layer of the smaller network to the "
+                         "dense outputs)", ("none", "channels"))
+    keep_macs: float | None = opt(None, "channels: fraction of the multiply-adds per image to keep, in (0, 1]",
+                                  check=lambda v: 0 < v <= 1, want="in (0, 1]")
+    keep_params: float | None = opt(None, "channels: fraction of the Conv2d/Linear weights to keep, in (0, 1]",
+                                    check=lambda v: 0 < v <= 1, want="in (0, 1]")
+    round_to: int = opt(8, "channels: kept channel counts are multiples of this (efficient kernels)",
+                        check=lambda v: v >= 1, want="at least 1")
     quant_clip: str = opt("minmax", "with wbits: each channel's grid spans its weights (minmax) or the range, shrunk "
                           "towards 0 by up to 40%, of least squared rounding error (mse)", CLIP)
 
@@ -122,13 +133,22 @@ class PruneConfig:
         if isinstance(self.ignore, (list, str)):
             object.__setattr__(self, "ignore", tuple([self.ignore] if isinstance(self.ignore, str) else self.ignore))
         check_fields(self, "")
-        if self.sparsity is not None or self.nm is not None:
+        if self.structure == "none" and (self.sparsity is not None or self.nm is not None):
             Pattern.parse(self.sparsity, self.nm)  # one of the two, well formed
         self._check_combinations()
 
     def _check_combinations(self) -> None:
         """Every combination that cannot run is refused here, the one place, in the config's own terms."""
         r = self.resolved()
+        if r.structure == "channels":
+            if (r.keep_macs is None) == (r.keep_params is None):
+                raise UserError("structure='channels' needs exactly one of keep_macs (e.g. 0.5) and keep_params")
+            if r.sparsity is not None or r.nm is not None or r.wbits is not None or r.allocation != "uniform" \
+                    or r.reconstruct or r.stat_correction or r.bn_aware:
+                raise UserError("structure='channels' removes whole channels: not combinable with sparsity, nm, "
+                                "wbits, allocation, reconstruct, stat_correction or bn_aware yet")
+        elif r.keep_macs is not None or r.keep_params is not None:
+            raise UserError("keep_macs and keep_params are targets of structure='channels': give that too")
         if r.wbits is not None and r.refine != "none":
             raise UserError(f"refine='{r.refine}' moves the kept weights off their quantization grids: not combinable "
                             "with wbits (leave refine at 'auto' or 'none')")
@@ -150,10 +170,17 @@ class PruneConfig:
     def pattern(self) -> Pattern:
         return Pattern.parse(self.sparsity, self.nm)
 
+    @property
+    def has_target(self) -> bool:
+        """A pattern, or a structured target: enough to prune."""
+        return self.sparsity is not None or self.nm is not None or self.structure != "none"
+
     def resolved(self) -> PruneConfig:
         """The 'auto' fields replaced by what runs: the config a report records."""
         refine = self.refine if self.refine != "auto" else ("none" if self.wbits is not None else "cg")
         quant = self.quant if self.quant != "auto" else ("gptq" if self.method == "sparsegpt" else "rtn")
+        if self.structure == "channels":  # refine re-solves weight masks; channels are re-fitted by OBS
+            refine = "none"
         if (refine, quant) == (self.refine, self.quant):
             return self
         return replace(self, refine=refine, quant=quant)

@@ -9,6 +9,7 @@ one (truncated) forward pass per layer.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 import warnings
@@ -32,6 +33,7 @@ from .reconstruct import reconstruct as reconstruct_model
 from .saliency import bn_row_scales
 from ..kernels.solver import NEEDS
 from .statcorr import StatCorrection
+from .structured import prune_channels
 from ..utils import UserError
 
 
@@ -53,6 +55,7 @@ class PruneReport:
     timings: dict = field(default_factory=dict)  # seconds per phase
     world_size: int = 1  # processes that shared the calibration set (torchrun)
     bn_recalibrated: bool = False  # BatchNorm statistics re-estimated (the config asked and the model has some)
+    structure: dict = field(default_factory=dict)  # structure='channels': targets, MACs/params, groups, new shapes
 
     @property
     def method(self) -> str:
@@ -60,7 +63,7 @@ class PruneReport:
 
     @property
     def pattern(self) -> str:
-        return str(self.config.pattern)
+        return "channels" if self.config.structure == "channels" else str(self.config.pattern)
 
     @property
     def quantized(self) -> dict[str, dict]:
@@ -237,9 +240,12 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     config and what each layer got.
     """
     config = replace(config or RECOMMENDED, **overrides) if overrides else (config or RECOMMENDED)
-    if config.sparsity is None and config.nm is None:
-        raise UserError("the config has no pattern: give sparsity (e.g. 0.5) or nm (e.g. '2:4')")
+    if not config.has_target:
+        raise UserError("the config has no pattern: give sparsity (e.g. 0.5) or nm (e.g. '2:4'), or structure="
+                        "'channels' with keep_macs")
     config = config.resolved()
+    if config.structure == "channels":
+        return _prune_structured(model, calibration, config, progress, process_group)
     if dist.active(process_group) and (config.allocation != "uniform" or config.stat_correction
                                        or config.reconstruct):
         raise UserError("allocation owl/dp, stat_correction and reconstruct need the whole calibration set in one "
@@ -327,6 +333,31 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     report.sparsity = sum((~r.mask).sum().item() for r in pruned) / n_pruned if n_pruned else 0.0
     report.total_sparsity = weight_sparsity(model)
     return report
+
+
+def _prune_structured(model: nn.Module, calibration, config: PruneConfig, progress: bool,
+                      process_group) -> PruneReport:
+    """structure='channels': the model comes back physically smaller (structured.py)."""
+    if dist.active(process_group):
+        raise UserError("structure='channels' needs the whole calibration set in one process: run it without "
+                        "torchrun")
+    device = next(model.parameters()).device
+    batches = _as_batches(calibration, device, config.batch_size)
+    was_training = model.training
+    model.eval()
+    t0 = time.perf_counter()
+    positions: dict[str, int] = {}
+    forward_order(model, batches[0][:1], positions=positions)
+    structure = prune_channels(model, batches, config, positions, progress)
+    model.train(was_training)
+    layers = [LayerResult(r["name"], r["shape_after"], config.method, "channels", skipped=True,
+                          reason="" if r["shape_before"] == r["shape_after"] else
+                          f"channels: {'x'.join(map(str, r['shape_before']))} -> {'x'.join(map(str, r['shape_after']))}")
+              for r in structure.layers]
+    return PruneReport(config, sum(len(x) for x in batches), layers, seconds=time.perf_counter() - t0,
+                       timings=structure.timings, structure=dataclasses.asdict(structure),
+                       bn_recalibrated=config.bn_recalibration and bool(bn_modules(model)),
+                       total_sparsity=weight_sparsity(model))
 
 
 def weight_sparsity(model: nn.Module) -> float:

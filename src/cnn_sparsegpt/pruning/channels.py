@@ -1,0 +1,247 @@
+"""Which channels of a network must be removed together (dependency groups), found on its torch.fx graph.
+
+Every Conv2d (groups=1) and Linear output channel is a *slot*. The graph is walked once with the tensors' shapes
+(ShapeProp on one example), and each tensor's channel dimension is described as a list of slots, one per channel:
+BatchNorm, activations, pooling and dropout pass it through; a residual add (or a product with a same-width
+tensor, as in squeeze-excitation) ties the slots of its operands; a concat along channels joins the lists; a
+depthwise conv passes its input's slots to its output; a flatten repeats each slot over the positions it spans,
+so a Linear after it sees a block of columns per channel. Tied slots form a *unit*: one channel to remove from
+every producer that writes it (its weight rows, its BatchNorm entries, the depthwise filters on its path) and from
+every consumer that reads it (its weight columns). Units that reach the model's output, come from its input or
+pass through an operation this walk does not know are fixed, with the reason.
+
+A `Group` collects the units of producers tied together (e.g. all the convs that write one ResNet stage's residual
+stream): its units are removed independently, each in every member at once.
+
+This is the project's own walk rather than Torch-Pruning's DependencyGraph: it runs on the same fx graph the pruner
+executes (no second tracing engine, no extra dependency) and hands the solver exactly what it needs (the consumer
+columns of each unit), and it refuses what it does not understand instead of guessing.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..utils import UserError
+
+FIXED = -1  # a channel that cannot be removed
+
+# modules and functions that keep each channel where it is (elementwise or per-channel, spatial only)
+_PASS_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish,
+                 nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Mish, nn.Dropout, nn.Dropout2d, nn.Identity,
+                 nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Hardtanh,
+                 nn.Softplus, nn.PReLU)
+_PASS_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.relu, torch.nn.functional.relu6,
+                   torch.nn.functional.gelu, torch.nn.functional.silu, torch.nn.functional.hardswish,
+                   torch.nn.functional.hardsigmoid, torch.nn.functional.sigmoid, torch.nn.functional.dropout,
+                   torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.max_pool2d,
+                   torch.nn.functional.avg_pool2d, torch.nn.functional.hardtanh, torch.nn.functional.leaky_relu,
+                   torch.nn.functional.elu}
+_PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "relu_", "sigmoid_"}
+_TIE_FUNCTIONS = {operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub, operator.iadd,
+                  operator.imul}
+_TIE_METHODS = {"add", "mul", "sub", "add_", "mul_"}
+
+
+@dataclass
+class Unit:
+    """One removable channel: the producer rows and the consumer columns it owns."""
+    rows: dict = field(default_factory=dict)  # producer module name -> output channel index
+    columns: dict = field(default_factory=dict)  # consumer module name -> list of input column indices
+    entries: dict = field(default_factory=dict)  # per-channel module on the path (BatchNorm, depthwise conv,
+    # PReLU) -> list of its channel indices
+    fixed: str = ""  # why it cannot be removed ('' = it can)
+
+
+@dataclass
+class Group:
+    producers: list  # module names whose output channels are tied
+    units: list  # of Unit, in the first producer's channel order
+    reason: str = ""  # why the whole group is fixed ('' = prunable)
+
+    @property
+    def removable(self) -> list[int]:
+        return [i for i, u in enumerate(self.units) if not u.fixed]
+
+
+class _Slots:
+    """Union-find over slots, with the reason a slot is fixed."""
+
+    def __init__(self):
+        self.parent: list[int] = []
+        self.owner: list[tuple[str, int]] = []  # (producer, channel)
+        self.fixed: dict[int, str] = {}
+
+    def new(self, producer: str, n: int) -> list[int]:
+        start = len(self.parent)
+        self.parent += list(range(start, start + n))
+        self.owner += [(producer, i) for i in range(n)]
+        return list(range(start, start + n))
+
+    def find(self, a: int) -> int:
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a: int, b: int) -> None:
+        if a == FIXED or b == FIXED:
+            self.fix(b if a == FIXED else a, "tied to a channel that cannot be removed")
+            return
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+            if rb in self.fixed:
+                self.fixed.setdefault(ra, self.fixed.pop(rb))
+
+    def fix(self, a: int, reason: str) -> None:
+        if a != FIXED:
+            self.fixed.setdefault(self.find(a), reason)
+
+
+def _channels(node: fx.Node) -> int | None:
+    meta = node.meta.get("tensor_meta")
+    shape = getattr(meta, "shape", None)
+    return int(shape[1]) if shape is not None and len(shape) >= 2 else None
+
+
+def channel_groups(model: nn.Module, example: torch.Tensor, exclude: set[str] = frozenset()) -> list[Group]:
+    """The dependency groups of `model` (eval mode, one example batch for the shapes). exclude: producers whose
+    output channels stay (their units are fixed)."""
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:
+        raise UserError(f"structured pruning needs a torch.fx trace of the model; {type(model).__name__} cannot be "
+                        f"traced ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example)
+    modules = dict(gm.named_modules())
+    slots = _Slots()
+    of: dict[fx.Node, list[int]] = {}  # node -> slot of each channel (FIXED where none)
+    consumers: dict[str, list[int]] = {}  # consumer module -> slot of each input column
+    per_channel: dict[str, list[int]] = {}  # BatchNorm / depthwise conv / PReLU -> slot of each of its channels
+
+    def fixed_list(node):
+        c = _channels(node)
+        return [FIXED] * c if c else []
+
+    def fix_all(values, reason):
+        for s in values:
+            slots.fix(s, reason)
+
+    for node in gm.graph.nodes:
+        args = [a for a in node.all_input_nodes if a in of]
+        if node.op == "placeholder" or node.op == "get_attr":
+            of[node] = fixed_list(node)
+        elif node.op == "output":
+            for a in args:
+                fix_all(of[a], "reaches the model's output")
+        elif node.op == "call_module":
+            m = modules[node.target]
+            x = of[node.args[0]] if node.args and node.args[0] in of else []
+            if isinstance(m, nn.Conv2d) and m.groups == 1 or isinstance(m, nn.Linear):
+                if isinstance(m, nn.Linear) and node.args[0].meta["tensor_meta"].shape.__len__() != 2:
+                    fix_all(x, f"read by {node.target}, a Linear over a non-flat tensor")
+                    x = [FIXED] * m.in_features
+                consumers[node.target] = x
+                out = slots.new(node.target, m.weight.shape[0])
+                if node.target in exclude:
+                    fix_all(out, f"{node.target} keeps its outputs")
+                of[node] = out
+            elif isinstance(m, nn.Conv2d) and m.groups == m.in_channels == len(x) and m.out_channels % m.groups == 0:
+                k = m.out_channels // m.groups  # depthwise: each input channel owns k output channels
+                of[node] = [s for s in x for _ in range(k)]
+                per_channel[node.target] = list(of[node])
+                if k != 1:
+                    fix_all(x, f"{node.target}: a depthwise conv with channel multiplier {k}")
+            elif isinstance(m, _PASS_MODULES):
+                of[node] = list(x)
+                if any(p.numel() == len(x) and len(x) > 1 for p in m.parameters(recurse=False)) or \
+                        isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    per_channel[node.target] = list(x)
+            else:
+                fix_all(x, f"read by {node.target} ({type(m).__name__}), which structured pruning does not know")
+                of[node] = fixed_list(node)
+        elif node.op in ("call_function", "call_method"):
+            fn = node.target
+            name = fn if isinstance(fn, str) else getattr(fn, "__name__", str(fn))
+            tensors = [a for a in node.args if isinstance(a, fx.Node) and a in of and _channels(a)]
+            c_out = _channels(node)
+            if c_out is None and not tensors:
+                of[node] = []
+            elif (fn in _PASS_FUNCTIONS or fn in _PASS_METHODS or name == "stochastic_depth") and tensors:
+                of[node] = list(of[tensors[0]])
+            elif fn in _TIE_FUNCTIONS or fn in _TIE_METHODS:
+                full = [of[t] for t in tensors if len(of[t]) == c_out]
+                for other in full[1:]:
+                    for a, b in zip(full[0], other):
+                        slots.union(a, b)
+                of[node] = list(full[0]) if full else fixed_list(node)
+            elif fn in (torch.cat, torch.concat) and (node.kwargs.get("dim", node.args[1] if len(node.args) > 1
+                                                                    else 0) in (1, -3)):
+                parts = node.args[0]
+                of[node] = [s for p in parts for s in of.get(p, [FIXED] * (_channels(p) or 0))]
+            elif fn in (torch.flatten, "flatten", "view", "reshape") and tensors and c_out is not None \
+                    and len(node.meta["tensor_meta"].shape) == 2:
+                x = of[tensors[0]]
+                shape = tensors[0].meta["tensor_meta"].shape
+                per = int(torch.tensor(shape[2:]).prod()) if len(shape) > 2 else 1
+                if c_out != len(x) * per:
+                    fix_all(x, f"reshaped by {name} in a way structured pruning does not follow")
+                    of[node] = [FIXED] * c_out
+                else:
+                    of[node] = [s for s in x for _ in range(per)]
+            elif fn in (torch.mean, "mean", torch.sum, "sum", torch.amax, "amax") and tensors and c_out == len(
+                    of[tensors[0]]):
+                of[node] = list(of[tensors[0]])  # a reduction over positions
+            elif name in ("size", "dim", "getattr") or fn is getattr:
+                of[node] = []
+            else:
+                for t in tensors:
+                    fix_all(of[t], f"read by {name}, which structured pruning does not know")
+                of[node] = fixed_list(node)
+        else:
+            of[node] = fixed_list(node)
+
+    # units: classes of tied slots; groups: producers whose slots share classes
+    units: dict[int, Unit] = {}
+    for s, (producer, ch) in enumerate(slots.owner):
+        r = slots.find(s)
+        units.setdefault(r, Unit()).rows[producer] = ch
+    for consumer, cols in consumers.items():
+        for j, s in enumerate(cols):
+            if s != FIXED:
+                units[slots.find(s)].columns.setdefault(consumer, []).append(j)
+    for module, chans in per_channel.items():
+        for j, s in enumerate(chans):
+            if s != FIXED:
+                units[slots.find(s)].entries.setdefault(module, []).append(j)
+    for r, reason in slots.fixed.items():
+        units[slots.find(r)].fixed = reason
+    parent = {}
+
+    def top(p):
+        while parent.setdefault(p, p) != p:
+            p = parent[p]
+        return p
+
+    for u in units.values():
+        names = list(u.rows)
+        for other in names[1:]:
+            parent[top(other)] = top(names[0])
+    by_group: dict[str, list[Unit]] = {}
+    for u in units.values():
+        by_group.setdefault(top(next(iter(u.rows))), []).append(u)
+    groups = []
+    for members in by_group.values():
+        producers = sorted({p for u in members for p in u.rows}, key=list(modules).index)
+        first = producers[0]
+        members.sort(key=lambda u: u.rows.get(first, 1 << 30))
+        reason = "" if any(not u.fixed for u in members) else members[0].fixed
+        groups.append(Group(producers, members, reason))
+    groups.sort(key=lambda g: list(modules).index(g.producers[0]))
+    return groups

@@ -1,0 +1,391 @@
+"""One-shot structured (channel) pruning with OBS reconstruction: a physically smaller network.
+
+1. Dependency groups (channels.py): the units (channels) that go together.
+2. One pass of the calibration set through the dense network gives each consumer's Hessian H = XXᵀ/N.
+3. Per group, units are removed greedily by their block-OBS cost summed over the group's consumers, each
+   consumer's cost relative to its dense output energy tr(W H Wᵀ) (so layers compare), with the exact H⁻¹ update
+   after each removal (kernels/block_obs.py): a cost curve per group.
+4. The global target (multiply-adds or parameters kept) is met by a greedy over the groups' curves: each step
+   removes `round_to` more units from the group whose next step costs least per multiply-add (or parameter) saved,
+   so channel counts stay multiples of `round_to` and no group is removed entirely.
+5. Each consumer's kept weights are re-fitted to its dense output (least squares on H without the removed columns);
+   producers lose their rows, BatchNorms and depthwise convs their entries; the modules are sliced in place.
+6. With dense_target (the recommended recipe), every layer from the first changed one on is re-fitted in forward
+   order to its dense counterpart's output on the smaller network's inputs (refit_to_dense_outputs), and BatchNorm
+   statistics are re-estimated on the smaller network.
+
+The result loads without this project (model.pt's shapes are the new ones; `structure_spec`/`apply_structure`
+rebuild the shapes on a fresh model for the run-folder readers).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..kernels.block_obs import block_costs, damped_inverse, refit_without, remove_block_
+from ..kernels.linalg import damped
+from ..utils import UserError
+from .allocation import dense_statistics
+from .batchnorm import bn_modules, recalibrate
+from .channels import Group, channel_groups
+from .graph import inputs_of
+from .layer import LayerPruner
+
+
+@dataclass
+class StructureReport:
+    """What channel pruning did."""
+    target: dict  # {"macs": fraction} or {"params": fraction}
+    macs: tuple = (0, 0)  # per image: dense, kept
+    params: tuple = (0, 0)  # weights of the Conv2d/Linear layers: dense, kept
+    groups: list = field(default_factory=list)  # per group: producers, channels before/after, cost
+    layers: list = field(default_factory=list)  # per Conv2d/Linear: name, shape before/after
+    spec: dict = field(default_factory=dict)  # module -> its new shape attributes (apply_structure)
+    timings: dict = field(default_factory=dict)
+
+
+def _blocks(pruner: LayerPruner, unit_columns: list[list[int]]) -> torch.Tensor:
+    """Each unit's columns in the consumer's solver order: a conv's input channel c owns c at every tap
+    ((kh, kw, in) order); a Linear's columns are its own."""
+    layer = pruner.layer
+    if isinstance(layer, nn.Conv2d):
+        kk = layer.kernel_size[0] * layer.kernel_size[1]
+        cin = layer.in_channels
+        return torch.tensor([[t * cin + c for t in range(kk) for c in cols] for cols in unit_columns])
+    return torch.tensor(unit_columns)
+
+
+def _sizes(model: nn.Module, positions: dict) -> dict:
+    """Per Conv2d/Linear: (out, in per group, kernel taps, positions, groups) of the dense model."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out[name] = [m.out_channels, m.in_channels // m.groups, m.kernel_size[0] * m.kernel_size[1],
+                         positions.get(name, 1), m.groups]
+        elif isinstance(m, nn.Linear):
+            out[name] = [m.out_features, m.in_features, 1, positions.get(name, 1), 1]
+    return out
+
+
+class _Counter:
+    """Multiply-adds (or parameters) of the model as a function of the units removed per group."""
+
+    def __init__(self, model: nn.Module, groups: list[Group], positions: dict, what: str):
+        self.sizes = _sizes(model, positions)
+        self.what = what
+        self.out_per_unit: dict[tuple, list] = {}  # (group index) -> [(layer, 'out'|'in'|'dw', amount)]
+        for g, group in enumerate(groups):
+            u = group.units[group.removable[0]] if group.removable else None
+            if u is None:
+                continue
+            effects = [(p, "out", 1) for p in u.rows] + [(c, "in", len(cols)) for c, cols in u.columns.items()]
+            effects += [(e, "dw", len(ix)) for e, ix in u.entries.items() if e in self.sizes]
+            self.out_per_unit[g] = effects
+
+    def total(self, removed: dict[int, int]) -> float:
+        s = {k: list(v) for k, v in self.sizes.items()}
+        for g, k in removed.items():
+            for layer, kind, amount in self.out_per_unit.get(g, []):
+                if kind == "out":
+                    s[layer][0] -= k * amount
+                elif kind == "in":
+                    s[layer][1] -= k * amount
+                else:  # a depthwise conv loses output channels and groups together
+                    s[layer][0] -= k * amount
+                    s[layer][4] -= k * amount
+        total = 0.0
+        for out, inp, kk, pos, groups in s.values():
+            total += out * inp * kk * (pos if self.what == "macs" else 1)
+        return total
+
+
+def _cost_curve(group: Group, stats: dict, percdamp: float, max_remove: int) -> tuple[list[int], list[float]]:
+    """Greedy removal order of the group's removable units and the cumulative relative cost after each."""
+    units = group.removable
+    consumers = sorted({c for i in units for c in group.units[i].columns})
+    if not consumers:  # nothing reads these channels: free to remove
+        return units[:max_remove], [0.0] * min(max_remove, len(units))
+    state = []
+    for c in consumers:
+        p = stats[c]
+        Wg, _ = p.weight_matrix()
+        W = Wg[0].double().clone()
+        H = p.H[0].double() / 2  # LayerPruner's H is 2XXᵀ/N
+        norm = float((W @ H * W).sum()) or 1.0
+        Hinv = damped_inverse(H, percdamp)
+        blocks = _blocks(p, [group.units[i].columns.get(c, []) for i in units])
+        state.append((W, Hinv, blocks.to(W.device), norm))
+    alive = torch.ones(len(units), dtype=torch.bool)
+    order, curve, total = [], [], 0.0
+    for _ in range(min(max_remove, len(units))):
+        costs = torch.zeros(len(units), dtype=torch.float64)
+        idx = alive.nonzero().flatten()
+        for W, Hinv, blocks, norm in state:
+            costs[idx] += block_costs(W, Hinv, blocks[idx]).cpu() / norm
+        best = int(idx[torch.argmin(costs[idx])])
+        total += float(costs[best])
+        order.append(units[best])
+        curve.append(total)
+        alive[best] = False
+        for W, Hinv, blocks, norm in state:
+            remove_block_(W, Hinv, blocks[best])
+    return order, curve
+
+
+def _allocate(groups, curves, counter: _Counter, target: float, round_to: int) -> dict[int, int]:
+    """Units removed per group: greedy steps of round_to units (the first one aligning the count to a multiple) by
+    least cost per unit of budget saved, until the budget is met."""
+    removed = {g: 0 for g in curves}
+    dense = counter.total({})
+    goal = target * dense
+    now = dense
+    while now > goal:
+        best, best_rate, best_total = None, math.inf, None
+        for g, (order, curve) in curves.items():
+            n, k = len(groups[g].units), removed[g]
+            step = (n - k) % round_to or round_to
+            if k + step > len(order) or n - k - step < round_to:
+                continue
+            trial = removed | {g: k + step}
+            saved = now - counter.total(trial)
+            if saved <= 0:
+                continue
+            rate = (curve[k + step - 1] - (curve[k - 1] if k else 0.0)) / saved
+            if rate < best_rate:
+                best, best_rate, best_total = g, rate, now - saved
+        if best is None:
+            raise UserError(f"cannot remove enough channels to keep {target:.0%} of the {counter.what}: the smallest "
+                            f"reachable is {now / dense:.1%} (each group keeps at least {round_to} channels)")
+        step = (len(groups[best].units) - removed[best]) % round_to or round_to
+        removed[best] += step
+        now = best_total
+    return removed
+
+
+def _slice_(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
+    p = getattr(module, name, None)
+    if isinstance(p, torch.Tensor):
+        new = p.data.index_select(dim, keep.to(p.device)).clone()
+        if isinstance(p, nn.Parameter):
+            setattr(module, name, nn.Parameter(new, requires_grad=p.requires_grad))
+        else:
+            module.register_buffer(name, new)
+
+
+def spec_of(module: nn.Module) -> dict:
+    """The attributes that decide a module's parameter shapes."""
+    if isinstance(module, nn.Conv2d):
+        return {"in": module.in_channels, "out": module.out_channels, "groups": module.groups}
+    if isinstance(module, nn.Linear):
+        return {"in": module.in_features, "out": module.out_features}
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return {"features": module.num_features}
+    if isinstance(module, nn.PReLU):
+        return {"parameters": module.num_parameters}
+    return {}
+
+
+def apply_structure(model: nn.Module, spec: dict) -> nn.Module:
+    """Give a freshly built model the shapes a structured prune left (report's `structure.spec`), so that the run's
+    model.pt loads into it. The values are placeholders until the state dict is loaded."""
+    modules = dict(model.named_modules())
+    for name, s in spec.items():
+        m = modules.get(name)
+        if m is None:
+            raise UserError(f"the run's structure names a module '{name}' the model does not have")
+        if isinstance(m, nn.Conv2d):
+            m.in_channels, m.out_channels, m.groups = s["in"], s["out"], s["groups"]
+            m.weight = nn.Parameter(torch.empty(s["out"], s["in"] // s["groups"], *m.kernel_size))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(s["out"]))
+        elif isinstance(m, nn.Linear):
+            m.in_features, m.out_features = s["in"], s["out"]
+            m.weight = nn.Parameter(torch.empty(s["out"], s["in"]))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(s["out"]))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.num_features = n = s["features"]
+            for p in ("weight", "bias"):
+                if getattr(m, p) is not None:
+                    setattr(m, p, nn.Parameter(torch.empty(n)))
+            for b in ("running_mean", "running_var"):
+                if getattr(m, b) is not None:
+                    m.register_buffer(b, torch.empty(n))
+        elif isinstance(m, nn.PReLU):
+            m.num_parameters = s["parameters"]
+            m.weight = nn.Parameter(torch.empty(s["parameters"]))
+    return model
+
+
+def removal_plan(groups: list[Group], gone: dict[int, set]) -> tuple[dict, dict, dict]:
+    """For the units `gone` ({group index: unit indices}): the input columns each consumer loses, the output rows
+    each producer loses, and the entries each per-channel module (BatchNorm, depthwise conv) loses."""
+    drop_cols: dict[str, list[int]] = {}
+    drop_rows: dict[str, list[int]] = {}
+    drop_entries: dict[str, list[int]] = {}
+    for g, units in gone.items():
+        for i in units:
+            u = groups[g].units[i]
+            for c, cols in u.columns.items():
+                drop_cols.setdefault(c, []).extend(cols)
+            for p, ch in u.rows.items():
+                drop_rows.setdefault(p, []).append(ch)
+            for e, ix in u.entries.items():
+                drop_entries.setdefault(e, []).extend(ix)
+    return drop_cols, drop_rows, drop_entries
+
+
+def _kept(n: int, dropped) -> torch.Tensor:
+    return torch.tensor(sorted(set(range(n)) - set(dropped)), dtype=torch.long)
+
+
+def slice_channels_(model: nn.Module, drop_cols: dict, drop_rows: dict, drop_entries: dict) -> None:
+    """Make the modules physically smaller, in place: consumers lose input columns, producers output rows (and
+    biases), BatchNorms, depthwise convs and PReLUs their entries; the shape attributes follow."""
+    modules = dict(model.named_modules())
+    for name, cols in drop_cols.items():
+        m = modules[name]
+        keep = _kept(m.weight.shape[1], cols)
+        _slice_(m, "weight", 1, keep)
+        if isinstance(m, nn.Conv2d):
+            m.in_channels = len(keep)
+        else:
+            m.in_features = len(keep)
+    for name, rows in drop_rows.items():
+        m = modules[name]
+        keep = _kept(m.weight.shape[0], rows)
+        _slice_(m, "weight", 0, keep)
+        _slice_(m, "bias", 0, keep)
+        if isinstance(m, nn.Conv2d):
+            m.out_channels = len(keep)
+        else:
+            m.out_features = len(keep)
+    for name, ix in drop_entries.items():
+        m = modules[name]
+        n = m.weight.shape[0] if getattr(m, "weight", None) is not None else m.running_mean.shape[0]
+        keep = _kept(n, ix)
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            _slice_(m, attr, 0, keep)
+        if isinstance(m, nn.Conv2d):  # depthwise
+            m.in_channels = m.out_channels = m.groups = len(keep)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.num_features = len(keep)
+        elif isinstance(m, nn.PReLU):
+            m.num_parameters = len(keep)
+
+
+@torch.no_grad()
+def refit_to_dense_outputs(model: nn.Module, dense: nn.Module, batches: list[torch.Tensor], names: list[str],
+                           kept_rows: dict[str, torch.Tensor], percdamp: float, bn_recalibration: bool,
+                           progress: bool = False) -> None:
+    """Sequential re-fit (the dense target, for layers whose inputs lost channels): in forward order, each layer's
+    weights are solved for min ‖Y_dense − Ŵ·X_pruned‖², Y_dense its dense counterpart's output (kept rows, bias
+    excluded) and X_pruned its inputs in the smaller network, whose BatchNorm statistics are re-estimated before
+    each layer so that later layers see the network as it will run. H = X_pXₚᵀ and C = Y_dX_pᵀ are sums over the
+    calibration images; Ŵ = C (H + λI)⁻¹."""
+    modules, dense_modules = dict(model.named_modules()), dict(dense.named_modules())
+    bns = bn_modules(model)
+    for name in tqdm(names, desc="channels: re-fit to the dense outputs", unit="layer", disable=not progress,
+                     leave=False):
+        if bn_recalibration and bns:
+            recalibrate(bns, model, batches)
+        layer, dlayer = modules[name], dense_modules[name]
+        p = LayerPruner(layer, name)
+        rows = kept_rows.get(name)
+        fn = LayerPruner(dlayer, name).function(dlayer.weight if rows is None else dlayer.weight[rows.to(
+            dlayer.weight.device)])
+        C = torch.zeros(layer.weight.shape[0], p.d, dtype=torch.float64, device=layer.weight.device)
+        for xp, xd in zip(inputs_of(model, layer, batches), inputs_of(dense, dlayer, batches)):
+            p.add_batch(xp)
+            Y = fn(xd.to(layer.weight.dtype))  # (B, rows, ...) without bias
+            Y = Y.movedim(1, -1).reshape(-1, Y.shape[1]) if Y.ndim > 2 else Y
+            X = p.columns(xp)[0]  # (d, T), T in the same (image, position) order as Y's rows
+            C += (Y.t().double() @ X.t().double())
+        H = p.H[0].double() / 2 * p.nsamples  # ΣXXᵀ
+        A = damped(H[None], percdamp)[0]
+        W = torch.cholesky_solve(C.t(), torch.linalg.cholesky(A)).t()  # C A⁻¹ (A symmetric)
+        _, perm = p.weight_matrix()
+        layer.weight.data.copy_(W[:, torch.argsort(perm)].reshape(layer.weight.shape).to(layer.weight.dtype))
+        p.free()
+
+
+@torch.no_grad()
+def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positions: dict,
+                   progress: bool = False) -> StructureReport:
+    """Prune whole channels of `model` in place to config.keep_macs (or keep_params) of its multiply-adds
+    (parameters), as the module docstring describes. The first conv's input and the classifier's output stay."""
+    t0 = time.perf_counter()
+    what, target = ("macs", config.keep_macs) if config.keep_macs is not None else ("params", config.keep_params)
+    groups = channel_groups(model, batches[0][:1])
+    exclude_reasons = [g.reason for g in groups if g.reason]
+    prunable = [g for g, group in enumerate(groups) if group.removable]
+    if not prunable:
+        raise UserError("no channel of this model can be removed: " + (exclude_reasons[0] if exclude_reasons else
+                                                                        "it has no Conv2d/Linear producers"))
+    consumers = sorted({c for g in prunable for i in groups[g].removable for c in groups[g].units[i].columns})
+    t1 = time.perf_counter()
+    stats = dense_statistics(model, batches, consumers, hessian=True)
+    timings = {"groups": t1 - t0, "hessians": time.perf_counter() - t1}
+    t1 = time.perf_counter()
+    curves = {}
+    for g in tqdm(prunable, desc="channels: OBS cost curves", unit="group", disable=not progress, leave=False):
+        n = len(groups[g].units)
+        max_remove = min(len(groups[g].removable), max(0, n - config.round_to))
+        if max_remove > 0:
+            curves[g] = _cost_curve(groups[g], stats, config.percdamp, max_remove)
+    timings["cost_curves"] = time.perf_counter() - t1
+    counter = _Counter(model, groups, positions, what)
+    params_counter = _Counter(model, groups, positions, "params")
+    macs_counter = _Counter(model, groups, positions, "macs")
+    removed = _allocate(groups, curves, counter, target, config.round_to)
+    t1 = time.perf_counter()
+    gone = {g: set(curves[g][0][:k]) for g, k in removed.items() if k}
+    modules = dict(model.named_modules())
+    drop_cols, drop_rows, drop_entries = removal_plan(groups, gone)
+    before = {n: list(m.weight.shape) for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    dense = copy.deepcopy(model) if config.dense_target else None
+    for c, cols in drop_cols.items():  # re-fit each consumer's kept weights to its dense output
+        p = stats[c]
+        Wg, perm = p.weight_matrix()
+        blocks = _blocks(p, [sorted(set(cols))]).flatten()
+        W = refit_without(Wg[0].double(), p.H[0].double(), blocks.to(Wg.device), config.percdamp)
+        layer = p.layer
+        layer.weight.data.copy_(W[:, torch.argsort(perm)].reshape(layer.weight.shape).to(layer.weight.dtype))
+    for s in stats.values():
+        s.free()
+    slice_channels_(model, drop_cols, drop_rows, drop_entries)
+    timings["refit_and_slice"] = time.perf_counter() - t1
+    if dense is not None:  # the consumers' one-pass re-fit assumed dense inputs: fit the network as it now runs
+        t1 = time.perf_counter()
+        order = [n for n in positions if isinstance(modules[n], nn.Linear) or  # forward order
+                 (isinstance(modules[n], nn.Conv2d) and modules[n].groups == 1)]
+        first = next((i for i, n in enumerate(order) if n in drop_cols), len(order))
+        kept_rows = {n: _kept(before[n][0], r) for n, r in drop_rows.items()}
+        refit_to_dense_outputs(model, dense, batches, order[first:], kept_rows, config.percdamp,
+                               config.bn_recalibration, progress)
+        timings["dense_refit"] = time.perf_counter() - t1
+        del dense
+    t1 = time.perf_counter()
+    bns = bn_modules(model)
+    if config.bn_recalibration and bns:
+        recalibrate(bns, model, batches)
+    timings["bn_recalibration"] = time.perf_counter() - t1
+    changed = set(drop_cols) | set(drop_rows) | set(drop_entries)
+    after = {n: list(m.weight.shape) for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    return StructureReport(
+        target={what: target},
+        macs=(macs_counter.total({}), macs_counter.total(removed)),
+        params=(params_counter.total({}), params_counter.total(removed)),
+        groups=[{"producers": groups[g].producers, "channels": len(groups[g].units),
+                 "kept": len(groups[g].units) - removed.get(g, 0),
+                 "relative_cost": curves[g][1][removed[g] - 1] if removed.get(g) else 0.0,
+                 "fixed": groups[g].reason} for g in range(len(groups))],
+        layers=[{"name": n, "shape_before": before[n], "shape_after": after[n]} for n in before],
+        spec={n: spec_of(modules[n]) for n in sorted(changed, key=list(modules).index)},
+        timings=timings)
