@@ -30,7 +30,7 @@ class BenchModel:
     weights: str | None = None  # checkpoint; its path is part of each row's key
     dataset: str | None = None
     methods: list = field(default_factory=lambda: ["magnitude", "wanda", "sparsegpt"])
-    patterns: list = field(default_factory=lambda: ["0.5", "2:4"])  # sparsity levels or N:M strings
+    patterns: list = field(default_factory=lambda: ["0.5", "2:4"])  # sparsity levels, N:M, or keep_macs=F (channels)
     ignore: list = field(default_factory=list)  # layer names or regexes kept dense
 
 
@@ -90,6 +90,12 @@ def load_bench_config(path: str) -> BenchConfig:
 
 
 def _pattern_options(pattern: str) -> dict:
+    """A grid pattern: '0.5' (sparsity), '2:4' (N:M) or 'keep_macs=0.5' / 'keep_params=0.5' (channels)."""
+    if "=" in pattern:
+        key, _, value = pattern.partition("=")
+        if key not in ("keep_macs", "keep_params"):
+            raise UserError(f"unknown pattern '{pattern}': use a sparsity (0.5), N:M (2:4), keep_macs=F or keep_params=F")
+        return {"structure": "channels", key: float(value)}
     return {"nm": pattern} if ":" in pattern else {"sparsity": float(pattern)}
 
 
@@ -186,7 +192,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
             r = run_prune(opts, progress=progress, dense_acc=dense.get(dense_key), write=False)
         dense[dense_key] = r["dense_acc"]
         name = hashlib.sha1(repr(_key(key_row)).encode()).hexdigest()[:12]
-        report_path = reports / f"{m.model}-{method}-{pattern.replace(':', 'of')}-{name}.json"
+        report_path = reports / f"{m.model}-{method}-{pattern.replace(':', 'of').replace('=', '-')}-{name}.json"
         row = key_row | {
             "data_source": r["data_source"], "target_sparsity": r["target_sparsity"], "sparsity": r["sparsity"],
             "total_sparsity": r["total_sparsity"], "layers_pruned": sum(not x["skipped"] for x in r["layers"]),

@@ -54,7 +54,7 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
             if isinstance(m, nn.modules.dropout._DropoutNd):
                 m.p = dropout
     quantized = load_tensors(run / "quant.pt", "quantization file") if (run / "quant.pt").is_file() else {}
-    if not masks:
+    if not masks and not (report.get("structure") or {}).get("spec"):  # a channel-pruned run has no masks
         raise UserError(f"{run} has no masks.pt: nothing to keep")
     teacher = load_dense(report, teacher_weights) if cfg.distill > 0 else None
     out = ensure_writable(out or run / "finetune")

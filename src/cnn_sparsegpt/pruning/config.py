@@ -198,7 +198,8 @@ PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 # The settings beyond SparseGPT's layer solve; a results file labels each run by those that differ from the
 # published method's (recipe_label), so a label means the same in every file whatever the defaults become.
 RECIPE_KEYS = ("allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction", "refine",
-               "dense_target", "reconstruct", "wbits", "quant", "quant_clip")
+               "dense_target", "reconstruct", "wbits", "quant", "quant_clip", "structure", "keep_macs", "keep_params",
+               "round_to")
 
 
 def recipe_label(config: PruneConfig) -> str:

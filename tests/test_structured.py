@@ -1,0 +1,209 @@
+"""Structured (channel) pruning: dependency groups, block OBS against a float64 reference, the smaller network
+against the masked one, and the run folder of a structured prune (reload, export)."""
+import copy
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from cnn_sparsegpt import PUBLISHED, UserError, prune_model
+from cnn_sparsegpt.kernels.block_obs import block_costs, damped_inverse, refit_without, remove_block_
+from cnn_sparsegpt.pruning.channels import channel_groups
+from cnn_sparsegpt.pruning.structured import apply_structure, removal_plan, slice_channels_, spec_of
+
+from .test_prune_model import TinyResNet, calib, make
+
+
+def _producers(groups):
+    return {tuple(g.producers) for g in groups if g.removable}
+
+
+def test_groups_of_a_residual_network():
+    groups = channel_groups(make(TinyResNet), calib(1))
+    by_first = {g.producers[0]: g for g in groups}
+    # the stem's channels and the block's skip path are one residual stream; the classifier's outputs stay
+    assert ("block.conv1",) in _producers(groups)
+    assert by_first["fc"].reason == "reaches the model's output" and not by_first["fc"].removable
+    for g in groups:
+        for u in g.units:
+            assert u.fixed or u.rows  # every removable unit has a producer row
+
+
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(12)
+        self.c = nn.Conv2d(12, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
+        y = nn.functional.adaptive_avg_pool2d(self.c(y), 4)
+        return self.fc(torch.flatten(y, 1))
+
+
+def test_concat_and_flatten_map_channels_to_columns():
+    groups = channel_groups(Concat().eval(), torch.randn(1, 3, 8, 8))
+    by_first = {g.producers[0]: g for g in groups}
+    b = by_first["b"]  # its channel j is channel 8 + j of the concat: column 8 + j of c and entry 8 + j of bn
+    assert [u.columns["c"] for u in b.units] == [[8 + j] for j in range(4)]
+    assert [u.entries["bn"] for u in b.units] == [[8 + j] for j in range(4)]
+    c = by_first["c"]  # flatten: each channel of c owns its 16 positions in fc's columns
+    assert c.units[2].columns["fc"] == list(range(32, 48))
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "efficientnet_b0"])
+def test_groups_of_torchvision_models(name):
+    model = getattr(torchvision.models, name)(num_classes=10).eval()
+    groups = channel_groups(model, torch.randn(1, 3, 64, 64))
+    removable = [g for g in groups if g.removable]
+    assert len(removable) >= 10
+    # squeeze-excitation ties a depthwise stage's channels to the SE expansion conv's outputs: one group
+    assert any(len(g.producers) >= 2 for g in removable)
+    dw = [u for g in removable for u in g.units if any("block" in e or "features" in e for e in u.entries)]
+    assert dw  # the depthwise convs and BatchNorms on a channel's path lose their entries with it
+
+
+def test_convnext_is_refused_with_the_reason():
+    model = torchvision.models.convnext_tiny(num_classes=10).eval()
+    groups = channel_groups(model, torch.randn(1, 3, 32, 32))
+    assert not any(g.removable for g in groups)
+    assert any("permute" in u.fixed for g in groups for u in g.units)
+
+
+def test_untraceable_model_is_a_clear_error():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 8, 3)
+
+        def forward(self, x):
+            return self.c(x) if x.sum() > 0 else -self.c(x)
+
+    with pytest.raises(UserError, match="cannot be traced"):
+        channel_groups(Branchy(), torch.randn(1, 3, 8, 8))
+
+
+def _reference_block_obs(W, H, blocks, k):
+    """Float64 brute force: the greedy removal of k blocks, each step trying every block with a full re-solve."""
+    removed = []
+    for _ in range(k):
+        best = None
+        for i in range(len(blocks)):
+            if i in removed:
+                continue
+            cols = torch.cat([blocks[j] for j in removed + [i]])
+            Q = refit_without(W, H, cols, 0.0)
+            err = float(((W - Q) @ H * (W - Q)).sum())
+            if best is None or err < best[0]:
+                best = (err, i, Q)
+        removed.append(best[1])
+    return removed, best[0], best[2]
+
+
+def test_block_obs_agrees_with_a_float64_reference():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(24, 400, generator=g, dtype=torch.float64)
+    X[1] += 0.8 * X[0]  # correlated inputs: the update matters
+    H = X @ X.t() / 400
+    W = torch.randn(5, 24, generator=g, dtype=torch.float64)
+    blocks = torch.arange(24).reshape(8, 3)  # 8 channels of 3 taps
+    ref_order, ref_err, ref_Q = _reference_block_obs(W, H, list(blocks), 3)
+    Wk, Hinv = W.clone(), damped_inverse(H, 0.0)
+    order, total = [], 0.0
+    alive = list(range(8))
+    for _ in range(3):
+        costs = block_costs(Wk, Hinv, blocks[alive])
+        j = alive[int(torch.argmin(costs))]
+        total += float(costs.min())
+        order.append(j)
+        alive.remove(j)
+        remove_block_(Wk, Hinv, blocks[j])
+    assert order == ref_order
+    assert total == pytest.approx(ref_err, rel=1e-9)
+    torch.testing.assert_close(Wk, ref_Q, rtol=1e-9, atol=1e-9)  # the sequential updates are the joint re-fit
+
+
+def test_smaller_network_equals_the_masked_one():
+    """Without reconstruction, slicing a unit away is the same function as zeroing its producer rows (and its
+    BatchNorm's affine entries) and its consumer columns."""
+    model = make(TinyResNet)
+    groups = channel_groups(model, calib(1))
+    gone = {g: set(group.removable[:3]) for g, group in enumerate(groups) if len(group.removable) > 4}
+    drop_cols, drop_rows, drop_entries = removal_plan(groups, gone)
+    masked = copy.deepcopy(model)
+    mods = dict(masked.named_modules())
+    with torch.no_grad():
+        for name, rows in drop_rows.items():
+            mods[name].weight[rows] = 0
+            if mods[name].bias is not None:
+                mods[name].bias[rows] = 0
+        for name, ix in drop_entries.items():
+            if isinstance(mods[name], nn.BatchNorm2d):
+                mods[name].weight[ix] = 0
+                mods[name].bias[ix] = 0
+        for name, cols in drop_cols.items():
+            mods[name].weight[:, cols] = 0
+    slice_channels_(model, drop_cols, drop_rows, drop_entries)
+    x = calib(16)
+    torch.testing.assert_close(model(x), masked(x), rtol=1e-5, atol=1e-5)
+    assert model.block.conv1.out_channels < 16 and model.block.conv1.weight.shape[0] == model.block.conv1.out_channels
+
+
+def test_channel_prune_meets_its_target_and_rebuilds_from_the_spec():
+    model, x = make(TinyResNet), calib(64)
+    dense_out = model(x)
+    rep = prune_model(model, x, structure="channels", keep_macs=0.6, round_to=4, progress=False)
+    macs_dense, macs_kept = rep.structure["macs"]
+    assert macs_kept <= 0.6 * macs_dense and rep.pattern == "channels" and rep.masks == {}
+    assert all(ch["kept"] % 4 == 0 or ch["kept"] == ch["channels"] for ch in rep.structure["groups"])
+    out = model(x)
+    assert out.shape == dense_out.shape  # the classifier's outputs are all there
+    fresh = apply_structure(make(TinyResNet), rep.structure["spec"])
+    fresh.load_state_dict(model.state_dict())  # the new shapes, exactly
+    torch.testing.assert_close(fresh.eval()(x), out)
+    assert rep.structure["spec"] == {n: spec_of(m) for n, m in dict(model.named_modules()).items()
+                                     if n in rep.structure["spec"]}
+
+
+def test_structured_options_are_checked():
+    with pytest.raises(UserError, match="exactly one of keep_macs"):
+        prune_model(make(TinyResNet), calib(), structure="channels")
+    with pytest.raises(UserError, match="not combinable"):
+        prune_model(make(TinyResNet), calib(), structure="channels", keep_macs=0.5, sparsity=0.5)
+    with pytest.raises(UserError, match="give that too"):
+        prune_model(make(TinyResNet), calib(), PUBLISHED, sparsity=0.5, keep_macs=0.5)
+    with pytest.raises(UserError, match="cannot remove enough"):
+        prune_model(make(TinyResNet), calib(), structure="channels", keep_macs=0.01, progress=False)
+
+
+def _structured_mnist_run(tmp_path, data_dir):
+    from cnn_sparsegpt.commands.cli import main
+    from cnn_sparsegpt.models import create_model
+
+    ckpt = tmp_path / "mnist_cnn.pt"
+    torch.manual_seed(0)
+    torch.save(create_model("mnist_cnn").state_dict(), ckpt)
+    run = tmp_path / "run"
+    assert main(["-q", "prune", "--model", "mnist_cnn", "--weights", str(ckpt), "--data-dir", str(data_dir),
+                 "--structure", "channels", "--keep-params", "0.5", "--nsamples", "32", "--eval-samples", "64",
+                 "--out", str(run)]) == 0
+    return run, main
+
+
+def test_structured_run_folder_exports(tmp_path, data_dir):
+    pytest.importorskip("onnxruntime")
+    run, main = _structured_mnist_run(tmp_path, data_dir)
+    state = torch.load(run / "model.pt", weights_only=True)
+    assert state["6.weight"].shape[0] < 128 and state["9.weight"].shape[1] == state["6.weight"].shape[0]
+    assert state["6.weight"].shape[1] == state["2.weight"].shape[0] * 196  # physically smaller, consistent
+    assert main(["-q", "export", str(run), "--onnx", str(tmp_path / "m.onnx")]) == 0
+
+
+@pytest.mark.slow
+def test_structured_run_folder_finetunes(tmp_path, data_dir):
+    run, main = _structured_mnist_run(tmp_path, data_dir)
+    assert main(["-q", "finetune", str(run), "--max-steps", "2", "--data-dir", str(data_dir)]) == 0
