@@ -207,3 +207,20 @@ def test_structured_run_folder_exports(tmp_path, data_dir):
 def test_structured_run_folder_finetunes(tmp_path, data_dir):
     run, main = _structured_mnist_run(tmp_path, data_dir)
     assert main(["-q", "finetune", str(run), "--max-steps", "2", "--data-dir", str(data_dir)]) == 0
+
+
+def test_latency_times_dense_and_pruned_side_by_side(tmp_path, data_dir, capsys):
+    pytest.importorskip("onnxruntime")
+    import json
+
+    run, main = _structured_mnist_run(tmp_path, data_dir)
+    for runtime in ("onnxruntime", "torch"):
+        out = tmp_path / f"{runtime}.json"
+        assert main(["latency", str(run), "--runtime", runtime, "--batch-sizes", "1", "2", "--warmup", "1",
+                     "--runs", "2", "--rounds", "1", "--out", str(out)]) == 0
+        r = json.loads(out.read_text())
+        assert [row["batch"] for row in r["rows"]] == [1, 2] and r["runtime"] == runtime
+        assert all(row["dense_s"] > 0 and row["pruned_s"] > 0 and len(row["calls"]["dense"]) == 2 for row in r["rows"])
+    assert "speed-up" in capsys.readouterr().out
+    assert main(["latency", str(run), "--runtime", "tensorrt"]) == 2
+    assert "tensorrt" in capsys.readouterr().err

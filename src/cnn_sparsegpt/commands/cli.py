@@ -1,4 +1,4 @@
-"""The `cnn-sparsegpt` command: prune, train, bench, plot, export, finetune."""
+"""The `cnn-sparsegpt` command: prune, train, bench, plot, export, finetune, latency."""
 from __future__ import annotations
 
 import argparse
@@ -246,11 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune_parser(sub)
     try:
         from .bench import add_bench_parser
+        from .latency import add_latency_parser
         from .plot import add_plot_parser
     except ImportError:  # pragma: no cover
         pass
     else:
         add_bench_parser(sub)
+        add_latency_parser(sub)
         add_plot_parser(sub)
     return parser
 

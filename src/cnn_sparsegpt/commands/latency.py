@@ -1,0 +1,142 @@
+"""`cnn-sparsegpt latency RUN_DIR`: the pruned model against the dense one it came from, timed side by side in one
+process on a real runtime (ONNX Runtime on the CPU by default, or PyTorch eager), at each batch size.
+
+Both models are BatchNorm-folded as `export` folds them. Dense and pruned alternate in rounds (so that a noisy
+machine slows both alike); each round times `runs` calls after `warmup` untimed ones; the figure is the median
+call. Results go to RUN_DIR/latency.json (raw per-call seconds included) and are printed.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..utils import UserError, atomic_write_json, run_metadata
+from .export import fold_batchnorm, input_shape
+from .pipeline import load_dense, load_run
+
+
+class _Torch:
+    """PyTorch eager, inference mode, on the CPU."""
+    name = "torch"
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, threads: int | None):
+        self.model = fold_batchnorm(model).eval()
+
+    def __call__(self, x: torch.Tensor) -> None:
+        with torch.inference_mode():
+            self.model(x)
+
+
+class _OnnxRuntime:
+    """ONNX Runtime's CPU execution provider, on the model `export` writes (opset 17, folded BatchNorm)."""
+    name = "onnxruntime"
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, threads: int | None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError("--runtime onnxruntime needs onnxruntime (and onnx, onnxscript): "
+                            "pip install 'cnn-sparsegpt[export]'") from None
+        folded = fold_batchnorm(model).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "m.onnx"
+            torch.onnx.export(folded, (example,), str(path), opset_version=17, input_names=["images"],
+                              output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                              dynamo=False)
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> None:
+        self.session.run(None, {"images": x.numpy()})
+
+
+class _TensorRT:
+    name = "tensorrt"
+
+    def __init__(self, model, example, threads):
+        raise UserError("--runtime tensorrt is not built yet: it needs a CUDA GPU and the tensorrt package; use "
+                        "onnxruntime or torch")
+
+
+RUNTIMES = {r.name: r for r in (_OnnxRuntime, _Torch, _TensorRT)}
+
+
+def _time(fn, x: torch.Tensor, warmup: int, runs: int) -> list[float]:
+    for _ in range(warmup):
+        fn(x)
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn(x)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def measure_latency(run_dir: str | Path, runtime: str = "onnxruntime", batch_sizes=(1, 32), warmup: int = 5,
+                    runs: int = 20, rounds: int = 3, threads: int | None = None, teacher: str | None = None,
+                    out: str | Path | None = None) -> dict:
+    """Median seconds per call of the dense and the pruned model of a run, at each batch size; the speed-up is
+    dense / pruned. Written to `out` (default RUN_DIR/latency.json)."""
+    if runtime not in RUNTIMES:
+        raise UserError(f"unknown runtime '{runtime}'; choose from {', '.join(RUNTIMES)}")
+    for name, value in (("warmup", warmup), ("runs", runs), ("rounds", rounds)):
+        if value < (0 if name == "warmup" else 1):
+            raise UserError(f"--{name} must be {'>= 0' if name == 'warmup' else 'at least 1'}, got {value}")
+    if not batch_sizes or any(b < 1 for b in batch_sizes):
+        raise UserError(f"--batch-sizes must be positive, got {list(batch_sizes)}")
+    out = Path(out) if out else Path(run_dir) / "latency.json"
+    pruned, report, _ = load_run(run_dir)
+    dense = load_dense(report, teacher)
+    shape = input_shape(report)
+    if threads:
+        torch.set_num_threads(threads)
+    example = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    models = {"dense": RUNTIMES[runtime](dense, example, threads), "pruned": RUNTIMES[runtime](pruned, example,
+                                                                                              threads)}
+    rows = []
+    for b in batch_sizes:
+        x = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b))
+        calls = {k: [] for k in models}
+        for _ in range(rounds):  # alternate: a noisy machine slows both alike
+            for k, fn in models.items():
+                calls[k] += _time(fn, x, warmup, runs)
+        med = {k: statistics.median(v) for k, v in calls.items()}
+        rows.append({"batch": b, "dense_s": med["dense"], "pruned_s": med["pruned"],
+                     "speedup": med["dense"] / med["pruned"], "calls": calls})
+    result = {"run": str(run_dir), "model": report["model"], "pattern": report.get("pattern"), "runtime": runtime,
+              "input_shape": shape, "warmup": warmup, "runs": runs, "rounds": rounds, "threads": threads,
+              "macs": (report.get("structure") or {}).get("macs"), "rows": rows} | run_metadata(torch.device("cpu"))
+    atomic_write_json(result, out)
+    return result
+
+
+def add_latency_parser(sub) -> None:
+    p = sub.add_parser("latency", help="time a pruned run against its dense model on a real runtime (side by side)")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a `prune` run")
+    p.add_argument("--runtime", default="onnxruntime", help=f"{' | '.join(RUNTIMES)} (default onnxruntime, CPU)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="default 1 32")
+    p.add_argument("--warmup", type=int, default=5, help="untimed calls before each timed round (default 5)")
+    p.add_argument("--runs", type=int, default=20, help="timed calls per model per round (default 20)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, alternating dense and pruned (default 3)")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: the runtime's)")
+    p.add_argument("--teacher", help="the dense checkpoint (default: the run's --weights, as report.json names it)")
+    p.add_argument("--out", help="JSON to write (default RUN_DIR/latency.json)")
+    p.set_defaults(func=_cmd_latency)
+
+
+def _cmd_latency(args) -> int:
+    r = measure_latency(args.run_dir, args.runtime, args.batch_sizes, args.warmup, args.runs, args.rounds,
+                        args.threads, args.teacher, args.out)
+    print(f"{r['model']} {r['pattern']} on {r['runtime']} (median of {r['runs'] * r['rounds']} calls):")
+    for row in r["rows"]:
+        print(f"  batch {row['batch']:>4}: dense {1000 * row['dense_s']:.2f} ms, pruned {1000 * row['pruned_s']:.2f} "
+              f"ms, speed-up {row['speedup']:.2f}x")
+    print(f"wrote {args.out or Path(args.run_dir) / 'latency.json'}")
+    return 0
