@@ -198,6 +198,8 @@ def test_structured_run_folder_exports(tmp_path, data_dir):
     pytest.importorskip("onnxruntime")
     run, main = _structured_mnist_run(tmp_path, data_dir)
     state = torch.load(run / "model.pt", weights_only=True)
+    program = torch.export.load(str(run / "model.pt2")).module()  # loads with torch alone
+    assert program(torch.randn(3, 1, 28, 28)).shape == (3, 10)
     assert state["6.weight"].shape[0] < 128 and state["9.weight"].shape[1] == state["6.weight"].shape[0]
     assert state["6.weight"].shape[1] == state["2.weight"].shape[0] * 196  # physically smaller, consistent
     assert main(["-q", "export", str(run), "--onnx", str(tmp_path / "m.onnx")]) == 0

@@ -17,7 +17,7 @@ class UserError(Exception):
     """A mistake in the user's input. The CLI prints its message as one line and exits with status 2."""
 
 
-def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+def atomic_file(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Write through a temporary file in the same folder, then rename: readers never see a half file."""
     path = Path(path)
     try:
@@ -40,7 +40,7 @@ def _atomic(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save, atomically."""
-    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+    return atomic_file(path, lambda tmp: torch.save(obj, tmp))
 
 
 def save_safetensors(state: dict, path: str | os.PathLike) -> Path:
@@ -50,14 +50,14 @@ def save_safetensors(state: dict, path: str | os.PathLike) -> Path:
     except ImportError:
         raise UserError("--save-safetensors needs the safetensors package: pip install safetensors") from None
     state = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    return _atomic(path, lambda tmp: save_file(state, tmp))
+    return atomic_file(path, lambda tmp: save_file(state, tmp))
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> Path:
     def write(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
-    return _atomic(path, write)
+    return atomic_file(path, write)
 
 
 def atomic_write_json(obj: Any, path: str | os.PathLike) -> Path:

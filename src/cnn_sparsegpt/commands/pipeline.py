@@ -23,6 +23,7 @@ from .report import REPORT_SCHEMA, read_report
 from .train import evaluate
 from ..utils import (
     UserError,
+    atomic_file,
     atomic_save,
     atomic_write_json,
     check_finite,
@@ -164,8 +165,26 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
         atomic_save(report.masks, out / "masks.pt")
         if report.quantized:
             atomic_save(report.quantized, out / "quant.pt")
+        if config.structure != "none":  # the smaller network, loadable with torch alone (no pickled code)
+            result["exported_program"] = save_exported_program(model, calib[:2], out / "model.pt2")
         atomic_write_json(result, out / "report.json")
     return result
+
+
+def save_exported_program(model: nn.Module, example: torch.Tensor, path: Path) -> str:
+    """model as a torch.export program with a dynamic batch (torch.export.load(path).module() runs it); the file
+    name, or why it could not be written (a warning: model.pt is there either way)."""
+    import warnings
+
+    try:
+        program = torch.export.export(model.eval(), (example.cpu(),),
+                                      dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
+        atomic_file(path, lambda tmp: torch.export.save(program, tmp))
+    except Exception as e:  # an op torch.export cannot capture: say so, keep the state dict
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        warnings.warn(f"no model.pt2: torch.export failed ({first})", RuntimeWarning)
+        return f"not written: {first}"
+    return path.name
 
 
 def _preprocess_line(r: dict) -> str:
