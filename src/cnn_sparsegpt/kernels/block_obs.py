@@ -27,6 +27,16 @@ def block_costs(W: torch.Tensor, Hinv: torch.Tensor, blocks: torch.Tensor) -> to
     return (WB * torch.cholesky_solve(WB, L)).sum((1, 2))
 
 
+def joint_costs(W: torch.Tensor, Hinv: torch.Tensor, base: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    """ΔE of removing the columns `base` together with each candidate block: base (m,), candidates (P, b) ->
+    (P,). Only (m + b)-sized submatrices of H⁻¹ are read, so a greedy can grow a set without updating H⁻¹."""
+    cols = torch.cat([base.expand(len(candidates), -1), candidates], 1)  # (P, m + b)
+    M = Hinv[cols[:, :, None], cols[:, None, :]]
+    WB = W[:, cols].permute(1, 2, 0)
+    L = torch.linalg.cholesky(M)
+    return (WB * torch.cholesky_solve(WB, L)).sum((1, 2))
+
+
 def remove_block_(W: torch.Tensor, Hinv: torch.Tensor, block: torch.Tensor) -> None:
     """Remove one block in place: W's kept columns take the optimal update, its block becomes 0, and Hinv becomes
     the inverse Hessian of the remaining columns (its block's rows and columns 0)."""

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..kernels.block_obs import block_costs, damped_inverse, refit_without, remove_block_
+from ..kernels.block_obs import block_costs, damped_inverse, joint_costs, refit_without, remove_block_
 from ..kernels.linalg import damped
 from ..utils import UserError
 from .allocation import dense_statistics
@@ -112,10 +112,16 @@ class _Counter:
 MAX_OBS_COLUMNS = 4608
 
 
-def _cost_curve(group: Group, stats: dict, percdamp: float, max_remove: int) -> tuple[list[int], list[float]]:
-    """Greedy removal order of the group's removable units and the cumulative relative cost after each."""
+def _cost_curve(group: Group, stats: dict, percdamp: float, max_remove: int,
+                round_to: int) -> tuple[list[int], list[float]]:
+    """Greedy removal order of the group's removable units and the cumulative relative cost after each. Units go
+    in the chunks the allocation steps through (round_to at a time, the first chunk aligning the kept count to a
+    multiple of round_to): the chunk's cheapest units by their OBS cost, removed together with one exact joint
+    update (a rank-(chunk·taps) downdate of H⁻¹, 1/round_to of the updates one by one would cost). Within a chunk
+    the curve is interpolated; the allocation only reads chunk ends."""
     units = group.removable
     consumers = sorted({c for i in units for c in group.units[i].columns})
+    n = len(group.units)
     if not consumers:  # nothing reads these channels: free to remove
         return units[:max_remove], [0.0] * min(max_remove, len(units))
     state = []
@@ -133,19 +139,35 @@ def _cost_curve(group: Group, stats: dict, percdamp: float, max_remove: int) -> 
         state.append((W, Hinv, blocks, norm))
     alive = torch.ones(len(units), dtype=torch.bool)
     order, curve, total = [], [], 0.0
-    for _ in range(min(max_remove, len(units))):
-        costs = torch.zeros(len(units), dtype=torch.float64)
+    while len(order) < min(max_remove, len(units)):
+        step = min((n - len(order)) % round_to or round_to, min(max_remove, len(units)) - len(order))
         idx = alive.nonzero().flatten()
+        costs = torch.zeros(len(units), dtype=torch.float64)
         for W, Hinv, blocks, norm in state:
             costs[idx] += (Hinv[idx] if W is None else block_costs(W, Hinv, blocks[idx])).cpu() / norm
-        best = int(idx[torch.argmin(costs[idx])])
-        total += float(costs[best])
-        order.append(units[best])
-        curve.append(total)
-        alive[best] = False
+        # the chunk: a greedy on the joint cost of the set so far plus each candidate, over the cheapest units
+        pool = idx[torch.argsort(costs[idx])[:2 * step]]
+        chosen = pool[:0]
+        joint = 0.0
+        for _ in range(step):
+            cand = pool[~torch.isin(pool, chosen)]
+            grow = torch.zeros(len(cand), dtype=torch.float64)
+            for W, Hinv, blocks, norm in state:
+                if W is None:
+                    grow += (Hinv[chosen].sum() + Hinv[cand]).cpu() / norm
+                else:
+                    grow += joint_costs(W, Hinv, blocks[chosen].flatten(), blocks[cand]).cpu() / norm
+            k = int(torch.argmin(grow))
+            chosen = torch.cat([chosen, cand[k:k + 1]])
+            joint = float(grow[k])
         for W, Hinv, blocks, norm in state:
             if W is not None:
-                remove_block_(W, Hinv, blocks[best])
+                remove_block_(W, Hinv, blocks[chosen].flatten())
+        for j, i in enumerate(chosen.tolist(), 1):
+            order.append(units[i])
+            curve.append(total + joint * j / len(chosen))
+        total += joint
+        alive[chosen] = False
     return order, curve
 
 
@@ -358,7 +380,7 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
         n = len(groups[g].units)
         max_remove = min(len(groups[g].removable), max(0, n - config.round_to))
         if max_remove > 0:
-            curves[g] = _cost_curve(groups[g], stats, config.percdamp, max_remove)
+            curves[g] = _cost_curve(groups[g], stats, config.percdamp, max_remove, config.round_to)
     timings["cost_curves"] = time.perf_counter() - t1
     counter = _Counter(model, groups, positions, what)
     params_counter = _Counter(model, groups, positions, "params")
