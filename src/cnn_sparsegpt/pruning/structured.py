@@ -25,16 +25,17 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import fx, nn
 from tqdm.auto import tqdm
 
 from ..kernels.block_obs import block_costs, damped_inverse, joint_costs, refit_without, remove_block_
 from ..kernels.linalg import damped
 from ..utils import UserError
 from .allocation import dense_statistics
-from .batchnorm import bn_modules, recalibrate
+from .batchnorm import bn_modules, bn_statistics_, recalibrate
 from .channels import Group, channel_groups
-from .graph import inputs_of
+from .dense_target import DenseInputs
+from .graph import GraphExecutor
 from .layer import LayerPruner
 
 
@@ -324,37 +325,53 @@ def slice_channels_(model: nn.Module, drop_cols: dict, drop_rows: dict, drop_ent
 
 @torch.no_grad()
 def refit_to_dense_outputs(model: nn.Module, dense: nn.Module, batches: list[torch.Tensor], names: list[str],
-                           kept_rows: dict[str, torch.Tensor], percdamp: float, bn_recalibration: bool,
-                           progress: bool = False) -> None:
-    """Sequential re-fit (the dense target, for layers whose inputs lost channels): in forward order, each layer's
-    weights are solved for min ‖Y_dense − Ŵ·X_pruned‖², Y_dense its dense counterpart's output (kept rows, bias
-    excluded) and X_pruned its inputs in the smaller network, whose BatchNorm statistics are re-estimated before
-    each layer so that later layers see the network as it will run. H = X_pXₚᵀ and C = Y_dX_pᵀ are sums over the
-    calibration images; Ŵ = C (H + λI)⁻¹."""
-    modules, dense_modules = dict(model.named_modules()), dict(dense.named_modules())
-    bns = bn_modules(model)
-    for name in tqdm(names, desc="channels: re-fit to the dense outputs", unit="layer", disable=not progress,
-                     leave=False):
-        if bn_recalibration and bns:
-            recalibrate(bns, model, batches)
-        layer, dlayer = modules[name], dense_modules[name]
-        p = LayerPruner(layer, name)
-        rows = kept_rows.get(name)
-        fn = LayerPruner(dlayer, name).function(dlayer.weight if rows is None else dlayer.weight[rows.to(
-            dlayer.weight.device)])
-        C = torch.zeros(layer.weight.shape[0], p.d, dtype=torch.float64, device=layer.weight.device)
-        for xp, xd in zip(inputs_of(model, layer, batches), inputs_of(dense, dlayer, batches)):
-            p.add_batch(xp)
-            Y = fn(xd.to(layer.weight.dtype))  # (B, rows, ...) without bias
-            Y = Y.movedim(1, -1).reshape(-1, Y.shape[1]) if Y.ndim > 2 else Y
-            X = p.columns(xp)[0]  # (d, T), T in the same (image, position) order as Y's rows
-            C += (Y.t().double() @ X.t().double())
-        H = p.H[0].double() / 2 * p.nsamples  # ΣXXᵀ
-        A = damped(H[None], percdamp)[0]
-        W = torch.cholesky_solve(C.t(), torch.linalg.cholesky(A)).t()  # C A⁻¹ (A symmetric)
-        _, perm = p.weight_matrix()
-        layer.weight.data.copy_(W[:, torch.argsort(perm)].reshape(layer.weight.shape).to(layer.weight.dtype))
-        p.free()
+                           kept_rows: dict[str, torch.Tensor], percdamp: float, bn_recalibration: bool) -> None:
+    """Sequential re-fit (the dense target, for layers whose inputs lost channels), in one pass of the traced graph:
+    when the pass reaches layer `name`, its weights are solved for min ‖Y_dense − Ŵ·X_pruned‖², Y_dense its dense
+    counterpart's output (kept rows, bias excluded; the dense copy's graph runs in step) and X_pruned its inputs in
+    the smaller network, whose BatchNorm statistics are re-estimated as the pass reaches them, so later layers see
+    the network as it will run. Ŵ = C (H + λI)⁻¹ with H = ΣX_pX_pᵀ, C = ΣY_dX_pᵀ over the calibration images."""
+    modules = dict(model.named_modules())
+    targets = DenseInputs(dense, batches)
+    targets.follow_graph(names)
+    dense_modules = targets.modules
+    done = set()
+
+    def refit(name):
+        def barrier(inputs):
+            if name in done:  # a module called twice is re-fitted at its first call
+                return
+            done.add(name)
+            layer, dlayer = modules[name], dense_modules[name]
+            p = LayerPruner(layer, name)
+            rows = kept_rows.get(name)
+            fn = p.function(dlayer.weight if rows is None else dlayer.weight[rows.to(dlayer.weight.device)])
+            C = torch.zeros(layer.weight.shape[0], p.d, dtype=torch.float64, device=layer.weight.device)
+            for xp, xd in zip(inputs, targets.stream(name)):
+                p.add_batch(xp)
+                Y = fn(xd.to(layer.weight.dtype))  # (B, rows, ...) without bias
+                Y = Y.movedim(1, -1).reshape(-1, Y.shape[1]) if Y.ndim > 2 else Y
+                X = p.columns(xp)[0]  # (d, T), T in the (image, position) order of Y's rows
+                C += Y.t().double() @ X.t().double()
+            A = damped((p.H[0].double() / 2 * p.nsamples)[None], percdamp)[0]  # ΣXXᵀ + λI
+            W = torch.cholesky_solve(C.t(), torch.linalg.cholesky(A)).t()  # C A⁻¹ (A symmetric)
+            _, perm = p.weight_matrix()
+            layer.weight.data.copy_(W[:, torch.argsort(perm)].reshape(layer.weight.shape).to(layer.weight.dtype))
+            p.free()
+        return barrier
+
+    def statistics(name):
+        def barrier(inputs):
+            if name not in done:
+                done.add(name)
+                bn_statistics_(modules[name], inputs)
+        return barrier
+
+    barriers = {n: refit(n) for n in names}
+    if bn_recalibration:
+        barriers |= {n: statistics(n) for n, m in modules.items() if m in set(bn_modules(model))}
+    GraphExecutor(fx.symbolic_trace(model), batches, barriers).run()
+    targets.free()
 
 
 @torch.no_grad()
@@ -410,12 +427,11 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
         first = next((i for i, n in enumerate(order) if n in drop_cols), len(order))
         kept_rows = {n: _kept(before[n][0], r) for n, r in drop_rows.items()}
         refit_to_dense_outputs(model, dense, batches, order[first:], kept_rows, config.percdamp,
-                               config.bn_recalibration, progress)
+                               config.bn_recalibration)
         timings["dense_refit"] = time.perf_counter() - t1
-        del dense
     t1 = time.perf_counter()
     bns = bn_modules(model)
-    if config.bn_recalibration and bns:
+    if config.bn_recalibration and bns and dense is None:  # the re-fit's pass re-estimated them already
         recalibrate(bns, model, batches)
     timings["bn_recalibration"] = time.perf_counter() - t1
     changed = set(drop_cols) | set(drop_rows) | set(drop_entries)
