@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Channel pruning on the shared CIFAR checkpoints (this 2-core CPU): the test split once per setting (nothing was
+# tuned on it: the defaults are the recommended recipe, round_to 8), ONNX Runtime latency of the 50% ResNet-18
+# against its dense model, then the same levels against Torch-Pruning's importances on 5,000 held-out images.
+# Each run's report.json and latency.json are copied to OUT_DIR.
+#   bash benchmarks/channels_goals.sh DATA_DIR OUT_DIR
+set -euo pipefail
+DATA=${1:-../shared/data}
+OUT=${2:-experiments/channels}
+RUNS=${RUNS:-runs/channels}
+mkdir -p "$OUT" "$RUNS"
+CK=../shared/checkpoints
+prune() {  # MODEL KEEP NAME
+    python3 -m cnn_sparsegpt -q prune --model "$1" --weights "$CK/${1%_cifar}_cifar10.pt" --data-dir "$DATA" \
+        --structure channels --keep-macs "$2" --out "$RUNS/$3" | grep "top-1\|multiply-adds"
+    cp "$RUNS/$3/report.json" "$OUT/$3.report.json"
+}
+prune resnet18_cifar 0.5 resnet18_keep50
+python3 -m cnn_sparsegpt latency "$RUNS/resnet18_keep50" --out "$OUT/resnet18_keep50.latency.json"
+prune resnet18_cifar 0.7 resnet18_keep70
+prune resnet20_cifar 0.7 resnet20_keep70
+python3 benchmarks/channels_vs_torch_pruning.py --model resnet20_cifar --weights $CK/resnet20_cifar10.pt \
+    --data-dir "$DATA" --keep-macs 0.7 0.5 0.35 --out "$OUT/resnet20_vs_torch_pruning.json"
+python3 benchmarks/channels_vs_torch_pruning.py --model resnet18_cifar --weights $CK/resnet18_cifar10.pt \
+    --data-dir "$DATA" --keep-macs 0.7 0.5 0.35 --out "$OUT/resnet18_vs_torch_pruning.json"
