@@ -292,23 +292,15 @@ def slice_channels_(model: nn.Module, drop_cols: dict, drop_rows: dict, drop_ent
     """Make the modules physically smaller, in place: consumers lose input columns, producers output rows (and
     biases), BatchNorms, depthwise convs and PReLUs their entries; the shape attributes follow."""
     modules = dict(model.named_modules())
-    for name, cols in drop_cols.items():
-        m = modules[name]
-        keep = _kept(m.weight.shape[1], cols)
-        _slice_(m, "weight", 1, keep)
-        if isinstance(m, nn.Conv2d):
-            m.in_channels = len(keep)
-        else:
-            m.in_features = len(keep)
-    for name, rows in drop_rows.items():
-        m = modules[name]
-        keep = _kept(m.weight.shape[0], rows)
-        _slice_(m, "weight", 0, keep)
-        _slice_(m, "bias", 0, keep)
-        if isinstance(m, nn.Conv2d):
-            m.out_channels = len(keep)
-        else:
-            m.out_features = len(keep)
+    for drops, dim, attrs in ((drop_cols, 1, ("in_channels", "in_features")),
+                              (drop_rows, 0, ("out_channels", "out_features"))):
+        for name, ix in drops.items():
+            m = modules[name]
+            keep = _kept(m.weight.shape[dim], ix)
+            _slice_(m, "weight", dim, keep)
+            if dim == 0:
+                _slice_(m, "bias", 0, keep)
+            setattr(m, attrs[0] if isinstance(m, nn.Conv2d) else attrs[1], len(keep))
     for name, ix in drop_entries.items():
         m = modules[name]
         n = m.weight.shape[0] if getattr(m, "weight", None) is not None else m.running_mean.shape[0]
