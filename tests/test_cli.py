@@ -227,3 +227,28 @@ def test_recipe_defaults_and_labels():
                           ({"method": "obs"}, "unknown method 'obs'")):
         with pytest.raises(UserError, match=fragment):
             replace(RECOMMENDED, **bad)
+
+def test_reports_round_trip_and_old_reports_load(tmp_path):
+    """report.json: PruneReport.to_json/from_json round trip; a schema-1 report (flat options, `recipe` the label)
+    is upgraded on reading; a newer schema is refused with a clear message."""
+    from cnn_sparsegpt import PUBLISHED, PruneReport, prune_model
+    from cnn_sparsegpt.commands.report import read_report
+    from cnn_sparsegpt.utils import UserError
+
+    from .test_prune_model import calib, make
+
+    rep = prune_model(make(), calib(), PUBLISHED, method="sparsegpt", nm="2:4", progress=False)
+    back = PruneReport.from_json(json.loads(json.dumps(rep.to_json(), default=str)))
+    assert back.config == rep.config and [r.name for r in back.layers] == [r.name for r in rep.layers]
+    assert [r.error for r in back.layers] == [r.error for r in rep.layers] and back.sparsity == rep.sparsity
+    old = {"model": "mnist_cnn", "method": "sparsegpt", "pattern": "2:4", "recipe": "refine=cg,dense_target=True",
+           "refine": "cg", "dense_target": True, "percdamp": 0.01, "bn_recalibration": True, "layers": [],
+           "target_sparsity": 0.5}
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    r = read_report(tmp_path / "old.json")
+    assert r["schema"] == 2 and r["recipe_label"] == "refine=cg,dense_target=True"
+    assert r["config"] == {"method": "sparsegpt", "percdamp": 0.01, "bn_recalibration": True, "refine": "cg",
+                           "dense_target": True, "nm": "2:4"}
+    (tmp_path / "new.json").write_text(json.dumps(old | {"schema": 99}))
+    with pytest.raises(UserError, match="report schema 99"):
+        read_report(tmp_path / "new.json")

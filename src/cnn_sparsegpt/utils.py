@@ -17,12 +17,12 @@ class UserError(Exception):
     """A mistake in the user's input. The CLI prints its message as one line and exits with status 2."""
 
 
-def atomic_file(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+def atomic_file(path: str | os.PathLike, write: Callable[[str], None], suffix: str = ".tmp") -> Path:
     """Write through a temporary file in the same folder, then rename: readers never see a half file."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     except OSError as e:
         raise UserError(f"cannot write to {path.parent}: {e.strerror or e}. Choose a writable folder.") from None
     os.close(fd)

@@ -179,7 +179,7 @@ def save_exported_program(model: nn.Module, example: torch.Tensor, path: Path) -
     try:
         program = torch.export.export(model.eval(), (example.cpu(),),
                                       dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
-        atomic_file(path, lambda tmp: torch.export.save(program, tmp))
+        atomic_file(path, lambda tmp: torch.export.save(program, tmp), suffix=".tmp.pt2")  # torch wants .pt2
     except Exception as e:  # an op torch.export cannot capture: say so, keep the state dict
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         warnings.warn(f"no model.pt2: torch.export failed ({first})", RuntimeWarning)

@@ -79,6 +79,19 @@ class PruneReport:
         d = {k: v for k, v in self.__dict__.items() if k not in ("layers", "config")}
         return d | {"config": self.config.as_dict(), "layers": [r.as_dict() for r in self.layers]}
 
+    to_json = as_dict  # the JSON object report.json holds these under (commands/report.py adds the run's own keys)
+
+    @classmethod
+    def from_json(cls, data: dict) -> PruneReport:
+        """A report read back from report.json (any schema, commands.report.upgrade first): config and per-layer
+        results; masks and integer codes live in masks.pt and quant.pt, not here."""
+        known = {f.name for f in dataclasses.fields(PruneConfig)}
+        config = PruneConfig(**{k: v for k, v in data["config"].items() if k in known})
+        layer_keys = {f.name for f in dataclasses.fields(LayerResult)} - {"mask", "quant"}
+        layers = [LayerResult(**{k: v for k, v in r.items() if k in layer_keys}) for r in data.get("layers", [])]
+        own = {f.name for f in dataclasses.fields(cls)} - {"config", "layers", "nsamples"}
+        return cls(config, data.get("nsamples", 0), layers, **{k: data[k] for k in own if k in data})
+
 
 def _as_batches(calibration, device: torch.device, batch_size: int) -> list[torch.Tensor]:
     if isinstance(calibration, torch.Tensor):
