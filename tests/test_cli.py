@@ -252,3 +252,13 @@ def test_reports_round_trip_and_old_reports_load(tmp_path):
     (tmp_path / "new.json").write_text(json.dumps(old | {"schema": 99}))
     with pytest.raises(UserError, match="report schema 99"):
         read_report(tmp_path / "new.json")
+
+
+def test_bench_patterns_include_channel_targets():
+    from cnn_sparsegpt.commands.bench import _pattern_options
+    from cnn_sparsegpt.utils import UserError
+
+    assert _pattern_options("0.5") == {"sparsity": 0.5} and _pattern_options("2:4") == {"nm": "2:4"}
+    assert _pattern_options("keep_macs=0.5") == {"structure": "channels", "keep_macs": 0.5}
+    with pytest.raises(UserError, match="unknown pattern"):
+        _pattern_options("keep_flops=0.5")
