@@ -1,5 +1,5 @@
 """Fill docs/CHANNELS.md's tables from experiments/channels/ (what benchmarks/channels_goals.sh wrote): the text
-between `<!-- NAME -->` and `<!-- /NAME -->` is replaced for NAME in test, latency, torch_pruning.
+between `<!-- NAME -->` and `<!-- /NAME -->` is replaced for NAME in test, latency, finetune, torch_pruning.
 
     python benchmarks/channels_tables.py --doc docs/CHANNELS.md --dir experiments/channels
 """
@@ -34,6 +34,17 @@ def latency_rows(d: Path) -> str:
     return "\n".join(lines)
 
 
+def finetune_rows(d: Path) -> str:
+    lines = ["| run | dense | one-shot | after fine-tuning | epochs | lr | seconds | commit |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in sorted(d.glob("*.finetune.json")):
+        r = json.loads(p.read_text())
+        f = r["finetune"]
+        lines.append(f"| {p.name.split('.')[0]} | {100 * r['dense_acc']:.2f} | {100 * f['pruned_acc_before']:.2f} | "
+                     f"{100 * r['pruned_acc']:.2f} | {f['epochs']} | {f['lr']} | {f['seconds']:.0f} | {r['git_commit']} |")
+    return "\n".join(lines)
+
+
 def torch_pruning_rows(d: Path) -> str:
     lines = []
     for p in sorted(d.glob("*_vs_torch_pruning.json")):
@@ -54,7 +65,8 @@ def main() -> None:
     args = ap.parse_args()
     d, doc = Path(args.dir), Path(args.doc)
     text = doc.read_text()
-    for name, fn in (("test", test_rows), ("latency", latency_rows), ("torch_pruning", torch_pruning_rows)):
+    for name, fn in (("test", test_rows), ("latency", latency_rows), ("finetune", finetune_rows),
+                     ("torch_pruning", torch_pruning_rows)):
         text = re.sub(rf"<!-- {name} -->.*?<!-- /{name} -->", lambda m: f"<!-- {name} -->\n{fn(d)}\n<!-- /{name} -->",
                       text, flags=re.S)
     doc.write_text(text)
