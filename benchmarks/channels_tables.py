@@ -12,7 +12,8 @@ from pathlib import Path
 
 
 def test_rows(d: Path) -> str:
-    lines = ["| model (dense top-1) | target | multiply-adds kept | weights kept | top-1 | drop | prune time | commit |",
+    lines = ["| model (dense top-1) | target | multiply-adds kept | weights kept | top-1 | drop | prune time "
+             "| commit |",
              "|---|---|---|---|---|---|---|---|"]
     for p in sorted(d.glob("*.report.json")):
         r = json.loads(p.read_text())
@@ -25,7 +26,8 @@ def test_rows(d: Path) -> str:
 
 
 def latency_rows(d: Path) -> str:
-    lines = ["| run | runtime | batch | dense (ms) | pruned (ms) | speed-up | commit |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | runtime | batch | dense (ms) | pruned (ms) | speed-up | commit |",
+             "|---|---|---|---|---|---|---|"]
     for p in sorted(d.glob("*.latency.json")):
         r = json.loads(p.read_text())
         for row in r["rows"]:
@@ -41,7 +43,8 @@ def finetune_rows(d: Path) -> str:
         r = json.loads(p.read_text())
         f = r["finetune"]
         lines.append(f"| {p.name.split('.')[0]} | {100 * r['dense_acc']:.2f} | {100 * f['pruned_acc_before']:.2f} | "
-                     f"{100 * r['pruned_acc']:.2f} | {f['epochs']} | {f['lr']} | {f['seconds']:.0f} | {r['git_commit']} |")
+                     f"{100 * r['pruned_acc']:.2f} | {f['epochs']} | {f['lr']} | {f['seconds']:.0f} | "
+                     f"{r['git_commit']} |")
     return "\n".join(lines)
 
 

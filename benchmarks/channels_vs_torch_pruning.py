@@ -3,8 +3,9 @@
 by one function (Torch-Pruning's count_ops_and_params, on every pruned model), the same 5,000 held-out training
 images to measure on (settings are chosen there; the test split is not read).
 
-Torch-Pruning (pip install 'cnn-sparsegpt[baselines]') prunes with global ranking (any channel count) at the channel ratio that
-meets the budget (bisection); its label-free importances are run: L1 and L2 magnitude, BatchNorm scale and LAMP.
+Torch-Pruning (pip install 'cnn-sparsegpt[baselines]') prunes with global ranking (any channel count) at the
+channel ratio that meets the budget (bisection); its label-free importances are run: L1 and L2 magnitude,
+BatchNorm scale and LAMP.
 Ours: `prune_model(structure="channels", keep_macs=...)` with the recommended recipe.
 
     python benchmarks/channels_vs_torch_pruning.py --model resnet20_cifar \\

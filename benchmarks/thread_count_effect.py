@@ -37,11 +37,12 @@ def main() -> None:
         a, b = prune_once(1, args.nsamples, recipe), prune_once(2, args.nsamples, recipe)
         for key, mask in a["masks"].items():
             wa, wb = a["state"][key], b["state"][key]
-            rows.append({"recipe": name, "layer": key, "mask_agreement": (mask == b["masks"][key]).float().mean().item(),
+            agreement = (mask == b["masks"][key]).float().mean().item()
+            rows.append({"recipe": name, "layer": key, "mask_agreement": agreement,
                          "weight_rel_diff": ((wa - wb).norm() / wa.norm()).item()})
             print(rows[-1])
-    atomic_write_json({"nsamples": args.nsamples, "thread_counts": [1, 2], "rows": rows} | run_metadata(torch.device("cpu")),
-                      args.out)
+    meta = run_metadata(torch.device("cpu"))
+    atomic_write_json({"nsamples": args.nsamples, "thread_counts": [1, 2], "rows": rows} | meta, args.out)
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ def test_allocation_keeps_the_overall_budget(allocation, method):
 
 def test_flops_budget_counts_multiply_adds():
     model = make()
-    rep = prune_model(model, calib(), PUBLISHED, method="magnitude", sparsity=0.6, allocation="owl", budget="flops", progress=False)
+    rep = prune_model(model, calib(), PUBLISHED, method="magnitude", sparsity=0.6, allocation="owl", budget="flops",
+                      progress=False)
     from cnn_sparsegpt.pruning.prune import forward_order
     positions = {}
     forward_order(make(), calib(1), positions=positions)
@@ -65,7 +66,8 @@ def test_flops_budget_counts_multiply_adds():
 def test_dp_lowers_the_summed_layer_error_of_the_database():
     """The DP's choice costs no more database error than uniform at the same budget."""
     model = make()
-    rep = prune_model(copy.deepcopy(model), calib(), PUBLISHED, method="sparsegpt", sparsity=0.8, allocation="dp", progress=False)
+    rep = prune_model(copy.deepcopy(model), calib(), PUBLISHED, method="sparsegpt", sparsity=0.8, allocation="dp",
+                      progress=False)
     errors = {n: torch.tensor(e) for n, e in rep.allocation["errors"].items()}
     grid = torch.tensor(GRID)
 
@@ -94,7 +96,8 @@ def test_bn_row_scales_and_bn_aware_masks():
     # a row whose BN multiplies it by ~0 is worth ~nothing: BN-aware magnitude prunes it first
     with torch.no_grad():
         model.block.bn1.weight[0] = 1e-4
-    rep = prune_model(model, calib(), PUBLISHED, method="magnitude", sparsity=0.5, bn_aware=True, bn_recalibration=False, progress=False)
+    rep = prune_model(model, calib(), PUBLISHED, method="magnitude", sparsity=0.5, bn_aware=True,
+                      bn_recalibration=False, progress=False)
     mask = {r.name: r.mask for r in rep.layers}["block.conv1"]
     assert not mask[0].any() and rep.config.bn_aware
 
@@ -140,7 +143,8 @@ def test_stat_correction_of_batchnorm_outputs():
 
 
 def test_dp_kl_measure_scales_each_curve_to_its_output_kl():
-    rep = prune_model(make(), calib(), PUBLISHED, method="sparsegpt", sparsity=0.8, allocation="dp", dp_measure="kl", progress=False)
+    rep = prune_model(make(), calib(), PUBLISHED, method="sparsegpt", sparsity=0.8, allocation="dp", dp_measure="kl",
+                      progress=False)
     kl = rep.allocation["kl_at_sparsity"]
     assert rep.allocation["dp_measure"] == "kl" and set(kl) == set(rep.allocation["errors"])
     assert all(v >= 0 for v in kl.values())
@@ -157,12 +161,14 @@ def test_methods_without_a_hessian_accumulate_none(method, use_fx, monkeypatch):
     import cnn_sparsegpt.pruning.layer as layer
 
     reference = make()
-    ref = prune_model(reference, calib(), PUBLISHED, method=method, sparsity=0.5, prune_all=True, progress=False, use_fx=use_fx,
+    ref = prune_model(reference, calib(), PUBLISHED, method=method, sparsity=0.5, prune_all=True, progress=False,
+                      use_fx=use_fx,
                       refine="cg")  # cg reads H: the Hessian path, same masks on the first layer
     real = layer.accumulate_xxt_
     monkeypatch.setattr(layer, "accumulate_xxt_", lambda *a, **k: (_ for _ in ()).throw(AssertionError("H built")))
     model = make()
-    rep = prune_model(model, calib(), PUBLISHED, method=method, sparsity=0.5, prune_all=True, progress=False, use_fx=use_fx)
+    rep = prune_model(model, calib(), PUBLISHED, method=method, sparsity=0.5, prune_all=True, progress=False,
+                      use_fx=use_fx)
     monkeypatch.setattr(layer, "accumulate_xxt_", real)
     assert all(r.error_from == "outputs" and r.error >= 0 for r in rep.layers)
     first = rep.layers[0]

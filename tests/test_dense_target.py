@@ -41,7 +41,8 @@ def test_first_pruned_layer_is_as_before_and_later_layers_fit_the_dense_outputs(
     runs = {}
     for dt in (False, True):
         m = copy.deepcopy(model)
-        runs[dt] = (m, prune_model(m, x, PUBLISHED, method="sparsegpt", sparsity=0.8, prune_all=True, dense_target=dt, progress=False))
+        runs[dt] = (m, prune_model(m, x, PUBLISHED, method="sparsegpt", sparsity=0.8, prune_all=True,
+                                   dense_target=dt, progress=False))
         assert runs[dt][1].config.dense_target is dt
     # the first layer sees the dense inputs either way: the same weights
     assert torch.equal(runs[False][0][0].weight, runs[True][0][0].weight)
@@ -75,7 +76,8 @@ def test_reconstruct_keeps_masks_and_moves_towards_the_dense_outputs():
     dense = copy.deepcopy(model)
     plain, rec = copy.deepcopy(model), copy.deepcopy(model)
     prune_model(plain, x, PUBLISHED, method="magnitude", sparsity=0.8, prune_all=True, progress=False)
-    rep = prune_model(rec, x, PUBLISHED, method="magnitude", sparsity=0.8, prune_all=True, progress=False, reconstruct=5)
+    rep = prune_model(rec, x, PUBLISHED, method="magnitude", sparsity=0.8, prune_all=True, progress=False,
+                      reconstruct=5)
     assert rep.reconstruct["epochs"] == 5 and rep.reconstruct["loss"][-1] < rep.reconstruct["loss"][0]
     assert "reconstruct" in rep.timings
     for name, mask in rep.masks.items():  # the same masks as the plain prune, pruned weights exactly zero
@@ -109,7 +111,8 @@ def test_dense_target_prune_is_the_same_with_either_way_of_serving_dense_inputs(
     results = []
     for low_memory in (False, True):  # low memory: truncated passes for the dense inputs
         m = copy.deepcopy(model)
-        results.append(prune_model(m, x, PUBLISHED, method="sparsegpt", sparsity=0.7, dense_target=True, low_memory=low_memory,
+        results.append(prune_model(m, x, PUBLISHED, method="sparsegpt", sparsity=0.7, dense_target=True,
+                                   low_memory=low_memory,
                                    progress=False, bn_recalibration=False))
     passes = [r.timings["dense_target"] for r in results]
     assert all(p > 0 for p in passes)

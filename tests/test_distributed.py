@@ -94,7 +94,8 @@ def _case_cli(rank):
 
 def _case_checks(rank):
     errors = []
-    for call in (lambda: dist.check_same(f"args of rank {rank}", "arguments"), lambda: dist.shard([torch.zeros(1, 3)], dist.process_group())):
+    for call in (lambda: dist.check_same(f"args of rank {rank}", "arguments"),
+                 lambda: dist.shard([torch.zeros(1, 3)], dist.process_group())):
         try:
             call()
         except UserError as e:
@@ -247,7 +248,8 @@ def _case_split_batch(rank):
                       **RECIPE)
     mag = prune_model(_model(), x, PUBLISHED, method="magnitude", sparsity=0.6, prune_all=True,
                       progress=False, process_group=dist.process_group())  # errors from outputs
-    return {"state": model.state_dict(), "masks": rep.masks, "n": rep.nsamples, "share": len(dist.shard([x], dist.process_group())),
+    return {"state": model.state_dict(), "masks": rep.masks, "n": rep.nsamples,
+            "share": len(dist.shard([x], dist.process_group())),
             "magnitude_errors": [r.error for r in mag.layers]}
 
 

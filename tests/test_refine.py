@@ -98,7 +98,8 @@ def test_too_few_samples_per_input_leave_the_refits_out():
     x = torch.randn(300, 256)  # 300 samples: 1.2 per input of the first layer, 9.4 of the second
     plain, refit = copy.deepcopy(model), copy.deepcopy(model)
     prune_model(plain, x, PUBLISHED, method="sparsegpt", sparsity=0.7, prune_all=True, progress=False)
-    rep = prune_model(refit, x, PUBLISHED, method="sparsegpt", sparsity=0.7, prune_all=True, progress=False, refine="cg",
+    rep = prune_model(refit, x, PUBLISHED, method="sparsegpt", sparsity=0.7, prune_all=True, progress=False,
+                      refine="cg",
                       dense_target=True)
     layers = {r.name: r for r in rep.layers}
     assert "left out" in layers["0"].reason and not layers["2"].reason

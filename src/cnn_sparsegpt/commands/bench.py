@@ -94,7 +94,8 @@ def _pattern_options(pattern: str) -> dict:
     if "=" in pattern:
         key, _, value = pattern.partition("=")
         if key not in ("keep_macs", "keep_params"):
-            raise UserError(f"unknown pattern '{pattern}': use a sparsity (0.5), N:M (2:4), keep_macs=F or keep_params=F")
+            raise UserError(f"unknown pattern '{pattern}': use a sparsity (0.5), N:M (2:4), keep_macs=F or "
+                            "keep_params=F")
         return {"structure": "channels", key: float(value)}
     return {"nm": pattern} if ":" in pattern else {"sparsity": float(pattern)}
 

@@ -193,7 +193,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
               f"{100 * f['holdout_acc']:.2f}%")
     dense = f"dense {100 * r['dense_acc']:.2f}%, " if r.get("dense_acc") is not None else ""
     print(f"{r['model']} {r['pattern']}: top-1 {dense}pruned {100 * f['pruned_acc_before']:.2f}% -> fine-tuned "
-          f"{100 * r['pruned_acc']:.2f}% after {f['epochs']} epoch(s), {f['seconds']:.0f} s; masks kept"
+          f"{100 * r['pruned_acc']:.2f}% after {f['epochs']} epoch(s), {f['seconds']:.0f} s; "
+          f"{'channels' if (r.get('structure') or {}).get('spec') else 'masks'} kept"
           f"{', weights on their grids' if f.get('on_grids') else ''}")
     extra = ", quant.pt" if f.get("on_grids") else ""
     print(f"wrote {args.out or str(args.run_dir) + '/finetune'}/model.pt, masks.pt{extra}, report.json")

@@ -242,7 +242,8 @@ def finetune_table(paths: list[Path]) -> str:
         r = read_report(path)  # any schema: the recipe's label and the bits as the run recorded them
         f = r["finetune"]
         lines.append(f"| {r['model']} | {r['pattern']} | {r.get('recipe_label') or 'as published'} | "
-                     f"{r['config'].get('wbits') or 'float'} | {_pct(r.get('dense_acc'))} | {100 * f['pruned_acc_before']:.2f} | "
+                     f"{r['config'].get('wbits') or 'float'} | {_pct(r.get('dense_acc'))} | "
+                     f"{100 * f['pruned_acc_before']:.2f} | "
                      f"{100 * r['pruned_acc']:.2f} | {f['epochs']} | {f.get('lr', '')} | {f['seconds']:.0f} | "
                      f"{r.get('device', '')} |")
     return "\n".join(lines)

@@ -4,7 +4,8 @@ k×k taps, or the positions a flattened channel spans) and the optimal update of
 
 For W (rows, d), H = XXᵀ/N (d, d) and a block B of columns, removing W[:, B] and re-fitting the rest costs
     ΔE_B = tr(W_B (H⁻¹_BB)⁻¹ W_Bᵀ)      (the output error ‖(W − Ŵ)X‖²/N it adds)
-with the update  W ← W − W_B (H⁻¹_BB)⁻¹ H⁻¹_B,:  and  H⁻¹ ← H⁻¹ − H⁻¹_:,B (H⁻¹_BB)⁻¹ H⁻¹_B,: .
+with the update  W ← W − W_B (H⁻¹_BB)⁻¹ H⁻¹_B,:
+and the downdate H⁻¹ ← H⁻¹ − H⁻¹_:,B (H⁻¹_BB)⁻¹ H⁻¹_B,: .
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ def remove_block_(W: torch.Tensor, Hinv: torch.Tensor, block: torch.Tensor) -> N
 
 
 def refit_without(W: torch.Tensor, H: torch.Tensor, removed: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """The least-squares weights once the columns `removed` are gone: argmin ‖(W − Ŵ)X‖² with Ŵ[:, removed] = 0,
+    """The least-squares weights once the columns `removed` are gone: argmin ‖(W − Ŵ)X‖², Ŵ[:, removed] = 0,
     i.e. Ŵ_R = W_R + W_S H_SR H_RR⁻¹ (H damped as in the solve). The same as removing the blocks one by one with
     remove_block_, in any order."""
     d = W.shape[1]

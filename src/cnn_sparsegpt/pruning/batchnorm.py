@@ -22,7 +22,8 @@ def bn_modules(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 class PooledMoments:
     """Per-channel count, mean and unbiased variance of everything `add` is given, from float64 sums of each
-    batch's float32 moments (Chan et al.'s pairwise combination): Σn_b, Σn_b·m_b, Σn_b·m_b², Σ(n_b − 1)·v_b."""
+    batch's float32 moments (Chan et al.'s pairwise combination):
+    Σn_b, Σn_b·m_b, Σn_b·m_b², Σ(n_b − 1)·v_b."""
 
     def __init__(self, channels: int, device: torch.device):
         self.sums = torch.zeros(4 * channels + 1, dtype=torch.float64, device=device)  # and the batch count

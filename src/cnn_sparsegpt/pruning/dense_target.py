@@ -85,7 +85,8 @@ class DenseInputs:
 
 
 def dense_target_weights(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """W* = W + W·D·(H + λI)⁻¹ for a batch (G, rows, d), H and D = C − H (G, d, d); λ = percdamp · mean diag(H)."""
+    """W* = W + W·D·(H + λI)⁻¹ for a batch (G, rows, d), H and D = C − H (G, d, d);
+    λ = percdamp · mean diag(H)."""
     A = damped(H, percdamp)
     L, info = torch.linalg.cholesky_ex(A)
     del A

@@ -150,7 +150,7 @@ def check_same(text: str, what: str) -> None:
 
 
 def reduce_statistics_(pruner, group=None) -> None:
-    """Turn a LayerPruner's per-rank sums (ΣXXᵀ, Σ(X_d−X_p)X_pᵀ and column sums, all float64) and sample count into
+    """Turn a LayerPruner's per-rank sums (ΣXXᵀ, Σ(X_d−X_p)X_pᵀ, column sums; all float64) and sample count into
     those of all ranks' inputs, before H is formed from them: the same H as one process's up to the order of
     float64 additions (see LayerPruner)."""
     if not active(group):

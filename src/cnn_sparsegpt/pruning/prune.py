@@ -365,7 +365,7 @@ def _prune_structured(model: nn.Module, calibration, config: PruneConfig, progre
     model.train(was_training)
     layers = [LayerResult(r["name"], r["shape_after"], config.method, "channels", skipped=True,
                           reason="" if r["shape_before"] == r["shape_after"] else
-                          f"channels: {'x'.join(map(str, r['shape_before']))} -> {'x'.join(map(str, r['shape_after']))}")
+                          "channels: " + " -> ".join("x".join(map(str, r[k])) for k in ("shape_before", "shape_after")))
               for r in structure.layers]
     return PruneReport(config, sum(len(x) for x in batches), layers, seconds=time.perf_counter() - t0,
                        timings=structure.timings, structure=dataclasses.asdict(structure),
