@@ -226,3 +226,20 @@ def test_latency_times_dense_and_pruned_side_by_side(tmp_path, data_dir, capsys)
     assert "speed-up" in capsys.readouterr().out
     assert main(["latency", str(run), "--runtime", "tensorrt"]) == 2
     assert "tensorrt" in capsys.readouterr().err
+
+
+def test_mobilenet_v3_prunes_to_a_smaller_network_that_rebuilds():
+    """Depthwise convs, squeeze-excitation products and hardswish on the paths: sliced consistently."""
+    torch.manual_seed(0)
+    model = torchvision.models.mobilenet_v3_small(num_classes=10)
+    x = torch.randn(32, 3, 64, 64)
+    with torch.no_grad():
+        model.train()(x)  # non-trivial BatchNorm statistics
+    model.eval()
+    rep = prune_model(model, x, structure="channels", keep_macs=0.6, batch_size=16, progress=False)
+    macs_dense, macs_kept = rep.structure["macs"]
+    assert macs_kept <= 0.6 * macs_dense
+    out = model(x)
+    fresh = apply_structure(torchvision.models.mobilenet_v3_small(num_classes=10), rep.structure["spec"])
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), out)
