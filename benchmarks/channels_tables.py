@@ -11,54 +11,52 @@ import re
 from pathlib import Path
 
 
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows])
+
+
 def test_rows(d: Path) -> str:
-    lines = ["| model (dense top-1) | target | multiply-adds kept | weights kept | top-1 | drop | prune time "
-             "| commit |",
-             "|---|---|---|---|---|---|---|---|"]
+    rows = []
     for p in sorted(d.glob("*.report.json")):
         r = json.loads(p.read_text())
         (md, mk), (pd, pk) = r["structure"]["macs"], r["structure"]["params"]
         target = ", ".join(f"keep_{k} {v}" for k, v in r["structure"]["target"].items())
-        lines.append(f"| {r['model']} ({100 * r['dense_acc']:.2f}) | {target} | {mk / md:.1%} | {pk / pd:.1%} | "
-                     f"{100 * r['pruned_acc']:.2f} | {100 * (r['pruned_acc'] - r['dense_acc']):+.2f} | "
-                     f"{r['seconds']:.0f} s | {r['git_commit']} |")
-    return "\n".join(lines)
+        rows.append([f"{r['model']} ({100 * r['dense_acc']:.2f})", target, f"{mk / md:.1%}", f"{pk / pd:.1%}",
+                     f"{100 * r['pruned_acc']:.2f}", f"{100 * (r['pruned_acc'] - r['dense_acc']):+.2f}",
+                     f"{r['seconds']:.0f} s", r["git_commit"]])
+    return _table(["model (dense top-1)", "target", "multiply-adds kept", "weights kept", "top-1", "drop",
+                   "prune time", "commit"], rows)
 
 
 def latency_rows(d: Path) -> str:
-    lines = ["| run | runtime | batch | dense (ms) | pruned (ms) | speed-up | commit |",
-             "|---|---|---|---|---|---|---|"]
+    rows = []
     for p in sorted(d.glob("*.latency.json")):
         r = json.loads(p.read_text())
-        for row in r["rows"]:
-            lines.append(f"| {p.name.split('.')[0]} | {r['runtime']} | {row['batch']} | {1000 * row['dense_s']:.2f} | "
-                         f"{1000 * row['pruned_s']:.2f} | {row['speedup']:.2f}x | {r['git_commit']} |")
-    return "\n".join(lines)
+        rows += [[p.name.split(".")[0], r["runtime"], row["batch"], f"{1000 * row['dense_s']:.2f}",
+                  f"{1000 * row['pruned_s']:.2f}", f"{row['speedup']:.2f}x", r["git_commit"]] for row in r["rows"]]
+    return _table(["run", "runtime", "batch", "dense (ms)", "pruned (ms)", "speed-up", "commit"], rows)
 
 
 def finetune_rows(d: Path) -> str:
-    lines = ["| run | dense | one-shot | after fine-tuning | epochs | lr | seconds | commit |",
-             "|---|---|---|---|---|---|---|---|"]
+    rows = []
     for p in sorted(d.glob("*.finetune.json")):
         r = json.loads(p.read_text())
         f = r["finetune"]
-        lines.append(f"| {p.name.split('.')[0]} | {100 * r['dense_acc']:.2f} | {100 * f['pruned_acc_before']:.2f} | "
-                     f"{100 * r['pruned_acc']:.2f} | {f['epochs']} | {f['lr']} | {f['seconds']:.0f} | "
-                     f"{r['git_commit']} |")
-    return "\n".join(lines)
+        rows.append([p.name.split(".")[0], f"{100 * r['dense_acc']:.2f}", f"{100 * f['pruned_acc_before']:.2f}",
+                     f"{100 * r['pruned_acc']:.2f}", f["epochs"], f["lr"], f"{f['seconds']:.0f}", r["git_commit"]])
+    return _table(["run", "dense", "one-shot", "after fine-tuning", "epochs", "lr", "seconds", "commit"], rows)
 
 
 def torch_pruning_rows(d: Path) -> str:
-    lines = []
+    parts = []
     for p in sorted(d.glob("*_vs_torch_pruning.json")):
         r = json.loads(p.read_text())
-        lines += [f"{r['model']}, dense {100 * r['dense_holdout_acc']:.2f}% held-out (commit {r['git_commit']}):", "",
-                  "| target | method | multiply-adds kept | held-out top-1 | seconds |", "|---|---|---|---|---|"]
-        for row in r["rows"]:
-            lines.append(f"| {row['keep_macs']} | {row['method']} | {row['macs_kept']:.1%} | "
-                         f"{100 * row['holdout_acc']:.2f} | {row['seconds']:.0f} |")
-        lines.append("")
-    return "\n".join(lines).rstrip()
+        rows = [[row["keep_macs"], row["method"], f"{row['macs_kept']:.1%}", f"{100 * row['holdout_acc']:.2f}",
+                 f"{row['seconds']:.0f}"] for row in r["rows"]]
+        parts.append(f"{r['model']}, dense {100 * r['dense_holdout_acc']:.2f}% held-out (commit {r['git_commit']}):\n\n"
+                     + _table(["target", "method", "multiply-adds kept", "held-out top-1", "seconds"], rows))
+    return "\n\n".join(parts)
 
 
 def main() -> None:

@@ -14,7 +14,6 @@ from ..pruning import dist
 from ..pruning.config import recipe_label
 from .options import PruneOptions
 from ..data.datasets import calibration_indices, calibration_set, holdout_split, load_splits
-from ..kernels.masks import Pattern
 from ..models import check_model_name, create_model, head_classes, model_entry
 from ..data.preprocess import resolve as resolve_preprocess
 from ..pruning.prune import prune_model
@@ -116,14 +115,10 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     """Run one prune and (when `write`) save model.pt, masks.pt and report.json under opts.out. Under torchrun
     (the processes it started) the calibration set is shared by them and rank 0 writes."""
     config = opts.config.resolved()
-    if not config.has_target:
-        Pattern.parse(None, None)  # the one message for a missing pattern
     device = dist.init(opts.device) if dist.launched() else resolve_device(opts.device)
     group = dist.process_group()
     dist.check_same(json.dumps(dataclasses.asdict(opts), sort_keys=True, default=str), "arguments")
-    if dist.active(group) and (config.allocation != "uniform" or config.stat_correction or config.reconstruct):
-        raise UserError("--allocation owl/dp, --stat-correction and --reconstruct need the whole calibration set in "
-                        "one process: run them without torchrun")
+    config.check_runnable(dist.active(group))  # prune_model's own checks, before any data is loaded
     progress = progress and dist.is_main(group)
     write = write and dist.is_main(group)  # one rank writes model.pt, masks.pt, report.json
     out = ensure_writable(opts.out) if write else None

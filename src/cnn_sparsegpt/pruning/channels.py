@@ -109,9 +109,8 @@ def _channels(node: fx.Node) -> int | None:
     return int(shape[1]) if shape is not None and len(shape) >= 2 else None
 
 
-def channel_groups(model: nn.Module, example: torch.Tensor, exclude: set[str] = frozenset()) -> list[Group]:
-    """The dependency groups of `model` (eval mode, one example batch for the shapes). exclude: producers whose
-    output channels stay (their units are fixed)."""
+def channel_groups(model: nn.Module, example: torch.Tensor) -> list[Group]:
+    """The dependency groups of `model` (eval mode, one example batch for the shapes)."""
     try:
         gm = fx.symbolic_trace(model)
     except Exception as e:
@@ -144,14 +143,11 @@ def channel_groups(model: nn.Module, example: torch.Tensor, exclude: set[str] = 
             m = modules[node.target]
             x = of[node.args[0]] if node.args and node.args[0] in of else []
             if isinstance(m, nn.Conv2d) and m.groups == 1 or isinstance(m, nn.Linear):
-                if isinstance(m, nn.Linear) and node.args[0].meta["tensor_meta"].shape.__len__() != 2:
+                if isinstance(m, nn.Linear) and len(node.args[0].meta["tensor_meta"].shape) != 2:
                     fix_all(x, f"read by {node.target}, a Linear over a non-flat tensor")
                     x = [FIXED] * m.in_features
                 consumers[node.target] = x
-                out = slots.new(node.target, m.weight.shape[0])
-                if node.target in exclude:
-                    fix_all(out, f"{node.target} keeps its outputs")
-                of[node] = out
+                of[node] = slots.new(node.target, m.weight.shape[0])
             elif isinstance(m, nn.Conv2d) and m.groups == m.in_channels == len(x) and m.out_channels % m.groups == 0:
                 k = m.out_channels // m.groups  # depthwise: each input channel owns k output channels
                 of[node] = [s for s in x for _ in range(k)]

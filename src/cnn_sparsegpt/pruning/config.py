@@ -175,6 +175,20 @@ class PruneConfig:
         """A pattern, or a structured target: enough to prune."""
         return self.sparsity is not None or self.nm is not None or self.structure != "none"
 
+    def check_runnable(self, distributed: bool = False) -> None:
+        """What a prune needs beyond well-formed fields, checked before any work: a target, and one process for
+        the steps that read the whole calibration set at once (distributed: under a process group)."""
+        if not self.has_target:
+            raise UserError("give exactly one of sparsity (e.g. 0.5) and nm (e.g. 2:4), or structure='channels' "
+                            "with keep_macs or keep_params")
+        whole = [name for name, on in (("structure='channels'", self.structure != "none"),
+                                       ("allocation owl/dp", self.allocation != "uniform"),
+                                       ("stat_correction", self.stat_correction),
+                                       ("reconstruct", bool(self.reconstruct))) if on]
+        if distributed and whole:
+            raise UserError(f"{', '.join(whole)}: these need the whole calibration set in one process: run them "
+                            "without torchrun")
+
     def resolved(self) -> PruneConfig:
         """The 'auto' fields replaced by what runs: the config a report records."""
         refine = self.refine if self.refine != "auto" else ("none" if self.wbits is not None else "cg")

@@ -129,9 +129,9 @@ class _Pruner:
         if next(self.model.parameters()).is_cuda:
             torch.cuda.synchronize()
 
-    def needs(self, name: str) -> str:
-        """What layer `name` needs from its inputs: the Hessian, or only what the method's mask needs (NEEDS), when
-        no re-fit, statistics correction or GPTQ rounding reads H."""
+    def needs(self) -> str:
+        """What a layer needs from its inputs: the Hessian, or only what the method's mask needs (NEEDS) when no
+        re-fit or statistics correction reads H (GPTQ rounding does, but only SparseGPT has it, which needs H)."""
         if self.dense is not None or self.config.refine != "none" or self.statcorr is not None:
             return "hessian"
         return NEEDS[self.config.method]
@@ -140,7 +140,7 @@ class _Pruner:
         """inputs: the layer's input batches; iterated twice when the layer is pruned without a Hessian (the mask's
         statistics, then the reported error from the layer's outputs)."""
         module = self.modules[name]
-        needs = self.needs(name)
+        needs = self.needs()
         pruner = LayerPruner(module, name, hessian=needs == "hessian", track_mean=self.statcorr is not None,
                              dense_target=self.dense is not None)
         f0, t0 = self.forward_clock(), time.perf_counter()
@@ -253,16 +253,10 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     config and what each layer got.
     """
     config = replace(config or RECOMMENDED, **overrides) if overrides else (config or RECOMMENDED)
-    if not config.has_target:
-        raise UserError("the config has no pattern: give sparsity (e.g. 0.5) or nm (e.g. '2:4'), or structure="
-                        "'channels' with keep_macs")
+    config.check_runnable(dist.active(process_group))
     config = config.resolved()
     if config.structure == "channels":
-        return _prune_structured(model, calibration, config, progress, process_group)
-    if dist.active(process_group) and (config.allocation != "uniform" or config.stat_correction
-                                       or config.reconstruct):
-        raise UserError("allocation owl/dp, stat_correction and reconstruct need the whole calibration set in one "
-                        "process: run them without torchrun")
+        return _prune_structured(model, calibration, config, progress)
     pattern = config.pattern
     device = next(model.parameters()).device
     batches = _as_batches(calibration, device, config.batch_size)
@@ -348,12 +342,9 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     return report
 
 
-def _prune_structured(model: nn.Module, calibration, config: PruneConfig, progress: bool,
-                      process_group) -> PruneReport:
-    """structure='channels': the model comes back physically smaller (structured.py)."""
-    if dist.active(process_group):
-        raise UserError("structure='channels' needs the whole calibration set in one process: run it without "
-                        "torchrun")
+def _prune_structured(model: nn.Module, calibration, config: PruneConfig, progress: bool) -> PruneReport:
+    """structure='channels' (one process, checked by check_runnable): the model comes back physically smaller
+    (structured.py)."""
     device = next(model.parameters()).device
     batches = _as_batches(calibration, device, config.batch_size)
     was_training = model.training

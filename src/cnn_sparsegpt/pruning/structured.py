@@ -3,8 +3,8 @@
 1. Dependency groups (channels.py): the units (channels) that go together.
 2. One pass of the calibration set through the dense network gives each consumer's Hessian H = XXᵀ/N.
 3. Per group, units are removed greedily by their block-OBS cost summed over the group's consumers, each
-   consumer's cost relative to its dense output energy tr(W H Wᵀ) (so layers compare), with the exact H⁻¹ update
-   after each removal (kernels/block_obs.py): a cost curve per group.
+   consumer's cost relative to its dense output energy tr(W H Wᵀ) (so layers compare), in chunks of round_to with
+   an exact joint H⁻¹ downdate after each chunk (kernels/block_obs.py): a cost curve per group.
 4. The global target (multiply-adds or parameters kept) is met by a greedy over the groups' curves: each step
    removes `round_to` more units from the group whose next step costs least per multiply-add (or parameter) saved,
    so channel counts stay multiples of `round_to` and no group is removed entirely.
@@ -14,12 +14,11 @@
    order to its dense counterpart's output on the smaller network's inputs (refit_to_dense_outputs), and BatchNorm
    statistics are re-estimated on the smaller network.
 
-The result loads without this project (model.pt's shapes are the new ones; `structure_spec`/`apply_structure`
-rebuild the shapes on a fresh model for the run-folder readers).
+The result loads without this project (model.pt's shapes are the new ones); `spec_of`/`apply_structure` rebuild
+the shapes on a fresh model for the run-folder readers.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -80,7 +79,7 @@ class _Counter:
     def __init__(self, model: nn.Module, groups: list[Group], positions: dict, what: str):
         self.sizes = _sizes(model, positions)
         self.what = what
-        self.out_per_unit: dict[tuple, list] = {}  # (group index) -> [(layer, 'out'|'in'|'dw', amount)]
+        self.out_per_unit: dict[int, list] = {}  # group index -> [(layer, 'out'|'in'|'dw', amount)]
         for g, group in enumerate(groups):
             u = group.units[group.removable[0]] if group.removable else None
             if u is None:
@@ -141,7 +140,7 @@ def _cost_curve(group: Group, stats: dict, percdamp: float, max_remove: int,
     alive = torch.ones(len(units), dtype=torch.bool)
     order, curve, total = [], [], 0.0
     while len(order) < min(max_remove, len(units)):
-        step = min((n - len(order)) % round_to or round_to, min(max_remove, len(units)) - len(order))
+        step = min(_step(n, len(order), round_to), min(max_remove, len(units)) - len(order))
         idx = alive.nonzero().flatten()
         costs = torch.zeros(len(units), dtype=torch.float64)
         for W, Hinv, blocks, norm in state:
@@ -181,6 +180,11 @@ def _own_costs(W: torch.Tensor, H: torch.Tensor, blocks: torch.Tensor) -> torch.
     return out
 
 
+def _step(n: int, removed: int, round_to: int) -> int:
+    """Units the next step removes from a group of n: round_to, or fewer to align the kept count to a multiple."""
+    return (n - removed) % round_to or round_to
+
+
 def _allocate(groups, curves, counter: _Counter, target: float, round_to: int) -> dict[int, int]:
     """Units removed per group: greedy steps of round_to units (the first one aligning the count to a multiple) by
     least cost per unit of budget saved, until the budget is met."""
@@ -192,7 +196,7 @@ def _allocate(groups, curves, counter: _Counter, target: float, round_to: int) -
         best, best_rate, best_total = None, math.inf, None
         for g, (order, curve) in curves.items():
             n, k = len(groups[g].units), removed[g]
-            step = (n - k) % round_to or round_to
+            step = _step(n, k, round_to)
             if k + step > len(order) or n - k - step < round_to:
                 continue
             trial = removed | {g: k + step}
@@ -205,8 +209,7 @@ def _allocate(groups, curves, counter: _Counter, target: float, round_to: int) -
         if best is None:
             raise UserError(f"cannot remove enough channels to keep {target:.0%} of the {counter.what}: the smallest "
                             f"reachable is {now / dense:.1%} (each group keeps at least {round_to} channels)")
-        step = (len(groups[best].units) - removed[best]) % round_to or round_to
-        removed[best] += step
+        removed[best] += _step(len(groups[best].units), removed[best], round_to)
         now = best_total
     return removed
 
@@ -316,15 +319,15 @@ def slice_channels_(model: nn.Module, drop_cols: dict, drop_rows: dict, drop_ent
 
 
 @torch.no_grad()
-def refit_to_dense_outputs(model: nn.Module, dense: nn.Module, batches: list[torch.Tensor], names: list[str],
+def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list[torch.Tensor], names: list[str],
                            kept_rows: dict[str, torch.Tensor], percdamp: float, bn_recalibration: bool) -> None:
     """Sequential re-fit (the dense target, for layers whose inputs lost channels), in one pass of the traced graph:
     when the pass reaches layer `name`, its weights are solved for min ‖Y_dense − Ŵ·X_pruned‖², Y_dense its dense
     counterpart's output (kept rows, bias excluded; the dense copy's graph runs in step) and X_pruned its inputs in
     the smaller network, whose BatchNorm statistics are re-estimated as the pass reaches them, so later layers see
-    the network as it will run. Ŵ = C (H + λI)⁻¹ with H = ΣX_pX_pᵀ, C = ΣY_dX_pᵀ over the calibration images."""
+    the network as it will run. Ŵ = C (H + λI)⁻¹ with H = ΣX_pX_pᵀ, C = ΣY_dX_pᵀ over the calibration images.
+    targets: the dense model's frozen copy (made before the model was sliced)."""
     modules = dict(model.named_modules())
-    targets = DenseInputs(dense, batches)
     targets.follow_graph(names)
     dense_modules = targets.modules
     done = set()
@@ -361,7 +364,8 @@ def refit_to_dense_outputs(model: nn.Module, dense: nn.Module, batches: list[tor
 
     barriers = {n: refit(n) for n in names}
     if bn_recalibration:
-        barriers |= {n: statistics(n) for n, m in modules.items() if m in set(bn_modules(model))}
+        bns = set(bn_modules(model))
+        barriers |= {n: statistics(n) for n, m in modules.items() if m in bns}
     GraphExecutor(fx.symbolic_trace(model), batches, barriers).run()
     targets.free()
 
@@ -391,16 +395,14 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
         if max_remove > 0:
             curves[g] = _cost_curve(groups[g], stats, config.percdamp, max_remove, config.round_to)
     timings["cost_curves"] = time.perf_counter() - t1
-    counter = _Counter(model, groups, positions, what)
-    params_counter = _Counter(model, groups, positions, "params")
-    macs_counter = _Counter(model, groups, positions, "macs")
-    removed = _allocate(groups, curves, counter, target, config.round_to)
+    counters = {kind: _Counter(model, groups, positions, kind) for kind in ("macs", "params")}
+    removed = _allocate(groups, curves, counters[what], target, config.round_to)
     t1 = time.perf_counter()
     gone = {g: set(curves[g][0][:k]) for g, k in removed.items() if k}
     modules = dict(model.named_modules())
     drop_cols, drop_rows, drop_entries = removal_plan(groups, gone)
     before = {n: list(m.weight.shape) for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    dense = copy.deepcopy(model) if config.dense_target else None
+    dense = DenseInputs(model, batches) if config.dense_target else None  # a frozen copy of the dense model
     for c, cols in drop_cols.items():  # re-fit each consumer's kept weights to its dense output
         p = stats[c]
         Wg, perm = p.weight_matrix()
@@ -430,8 +432,8 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
     after = {n: list(m.weight.shape) for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))}
     return StructureReport(
         target={what: target},
-        macs=(macs_counter.total({}), macs_counter.total(removed)),
-        params=(params_counter.total({}), params_counter.total(removed)),
+        macs=(counters["macs"].total({}), counters["macs"].total(removed)),
+        params=(counters["params"].total({}), counters["params"].total(removed)),
         groups=[{"producers": groups[g].producers, "channels": len(groups[g].units),
                  "kept": len(groups[g].units) - removed.get(g, 0),
                  "relative_cost": curves[g][1][removed[g] - 1] if removed.get(g) else 0.0,
