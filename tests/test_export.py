@@ -6,7 +6,8 @@ import torch
 
 from cnn_sparsegpt import PUBLISHED, create_model, prune_model
 from cnn_sparsegpt.commands.cli import main
-from cnn_sparsegpt.commands.export import fold_batchnorm, nm_ok
+from cnn_sparsegpt.commands.export import nm_ok
+from cnn_sparsegpt.deploy import fold_batchnorm
 from cnn_sparsegpt.utils import atomic_save, atomic_write_json
 
 

@@ -202,11 +202,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _add_export_parser(sub) -> None:
-    p = sub.add_parser("export", help="fold BatchNorm into the convs of a pruned run and write ONNX and/or safetensors")
+    p = sub.add_parser("export", help="fold BatchNorm into the convs of a pruned run and write ONNX, safetensors and/or a compressed file")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a `prune` run (model.pt, report.json)")
     p.add_argument("--onnx", metavar="PATH", help="write an ONNX model (checked in onnxruntime against PyTorch "
                    "within 1e-4; needs the extra: pip install 'cnn-sparsegpt[export]')")
     p.add_argument("--safetensors", metavar="PATH", help="write the folded weights as safetensors")
+    p.add_argument("--compressed", metavar="PATH", help="write the folded weights compressed (.safetensors: "
+                   "bitmasks of the non-zeros, their values or, for a --wbits run, their integer codes packed to "
+                   "the bit width); cnn_sparsegpt.load_compressed(PATH) restores them bit for bit")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     p.add_argument("--input-shape", type=int, nargs=3, metavar=("C", "H", "W"),
                    help="one input's shape (default: what the run recorded, else the dataset's)")
@@ -216,7 +219,8 @@ def _add_export_parser(sub) -> None:
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_run
 
-    out = export_run(args.run_dir, args.onnx, args.safetensors, args.input_shape, args.opset)
+    out = export_run(args.run_dir, args.onnx, args.safetensors, args.input_shape, args.opset,
+                     compressed_path=args.compressed)
     layers = out["layers"]
     cand = [r["name"] for r in layers if r["sparse_tensor_core_candidate"]]
     macs, nz = sum(r["macs"] for r in layers), sum(r["nonzero_macs"] for r in layers)
@@ -228,6 +232,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
             extra = f" (opset {out['opset']}, onnxruntime max |diff| {out['onnx_max_abs_diff']:.1e})" if key == "onnx" \
                 else ""
             print(f"wrote {out[key]}{extra}")
+    if "compressed" in out:
+        sizes = out["sizes"]
+        print(f"wrote {out['compressed']}: {sizes['compressed_bytes'] / 1e6:.2f} MB, "
+              f"{sizes['compressed_fraction']:.1%} of the fp32 state dict ({sizes['state_dict_bytes'] / 1e6:.2f} MB)")
     return 0
 
 

@@ -1,20 +1,25 @@
 """`cnn-sparsegpt export RUN_DIR`: a pruned run as a deployable file. BatchNorm is folded into the convs
 before it (a deployed network runs the folded weights), then the model goes to ONNX (checked in
-onnxruntime against PyTorch) and/or safetensors, with a JSON report per layer: multiply-adds, non-zeros,
-and whether its 2:4 pattern survived folding in the layout sparse tensor cores use (groups of 4 along
-input channels, at each kernel position).
+onnxruntime against PyTorch), safetensors and/or a compressed file (deploy.compressed: bitmasks, packed
+integer codes), with a JSON report per layer: multiply-adds, non-zeros, and whether its 2:4 pattern survived
+folding in the layout sparse tensor cores use (groups of 4 along input channels, at each kernel position).
+
+A quantized run's folded weights are its integer codes times the folded scales (each channel's scale times
+its BatchNorm factor): every output (ONNX, safetensors, compressed) carries exactly those weights.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from ..pruning.layer_plan import forward_order
+from ..deploy.compressed import QuantGrid, dequantize, quant_codes, save_compressed
+from ..deploy.fold import fold_batchnorm, fold_factors
 from ..kernels.masks import conv_column_perm
+from ..pruning.layer_plan import forward_order
 from .pipeline import load_run
-from ..utils import UserError, atomic_write_json, ensure_writable, save_safetensors
+from ..utils import UserError, atomic_write_json, ensure_writable, load_tensors, save_safetensors
 
 OPSET = 17
 _SHAPES = {"mnist": [1, 28, 28], "cifar10": [3, 32, 32]}
@@ -30,16 +35,6 @@ def input_shape(report: dict) -> list[int]:
     if report.get("dataset") in _SHAPES:
         return _SHAPES[report["dataset"]]
     raise UserError("this run does not record its input shape: give --input-shape C H W")
-
-
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of `model` with every BatchNorm that directly follows a conv folded into it (torch.fx)."""
-    from torch.fx.experimental.optimization import fuse
-
-    try:
-        return fuse(fx.symbolic_trace(model).eval(), inplace=False)
-    except Exception as e:
-        raise UserError(f"cannot fold BatchNorm: torch.fx cannot trace {type(model).__name__} ({e})") from e
 
 
 def nm_ok(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
@@ -77,31 +72,63 @@ def layer_table(folded: nn.Module, example: torch.Tensor, masks: dict) -> list[d
 
 
 @torch.no_grad()
+def folded_grids(model: nn.Module, folded: nn.Module, quantized: dict) -> dict[str, QuantGrid]:
+    """A quantized run's grids in the folded model (scales times the fold's factors); the folded weights are set
+    to their codes on those grids (within float rounding of what folding computed)."""
+    factors = fold_factors(model, list(quantized))
+    params = dict(folded.named_parameters())
+    grids = {}
+    for name, q in quantized.items():
+        w = model.get_parameter(name).detach()
+        own = QuantGrid(q["scale"].reshape(-1).float(), q["zero"].reshape(-1).to(torch.uint8), int(q["bits"]))
+        codes = quant_codes(w, own, name)
+        grids[name] = QuantGrid(own.scale * factors[name], own.zero, own.bits)
+        params[name].copy_(dequantize(codes, grids[name]))
+    return grids
+
+
+def state_bytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+@torch.no_grad()
 def export_run(run_dir: str | Path, onnx_path: str | Path | None = None, safetensors_path: str | Path | None = None,
-               shape: list[int] | None = None, opset: int = OPSET, atol: float = 1e-4) -> dict:
+               shape: list[int] | None = None, opset: int = OPSET, atol: float = 1e-4,
+               compressed_path: str | Path | None = None) -> dict:
     """Fold, export and check; returns (and writes beside the first output) the export report."""
-    if onnx_path is None and safetensors_path is None:
-        raise UserError("nothing to export: give --onnx PATH and/or --safetensors PATH")
-    for path in (onnx_path, safetensors_path):  # before any work: a folder that cannot be made is one clear error
-        if path is not None:
-            ensure_writable(Path(path).parent)
+    outputs = [p for p in (onnx_path, safetensors_path, compressed_path) if p is not None]
+    if not outputs:
+        raise UserError("nothing to export: give --onnx PATH, --safetensors PATH and/or --compressed PATH")
+    for path in outputs:  # before any work: a folder that cannot be made is one clear error
+        ensure_writable(Path(path).parent)
     model, report, masks = load_run(run_dir)
+    quant_file = Path(run_dir) / "quant.pt"
+    quantized = load_tensors(quant_file, "quantization file") if quant_file.is_file() else {}
     shape = shape or input_shape(report)
     folded = fold_batchnorm(model)
+    grids = folded_grids(model, folded, quantized)
+    for p in folded.parameters():  # -0.0 (a zero times a negative factor) as +0.0: one bit pattern for zero
+        p.add_(0.0)
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
     reference = model(x)
     out = {"run": str(run_dir), "model": report["model"], "pattern": report.get("pattern"),
            "input_shape": shape, "batchnorm_folded": sum(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                                         for m in model.modules()),
-           "folded_max_abs_diff": float((folded(x) - reference).abs().max()),
+           "quantized_layers": len(grids), "folded_max_abs_diff": float((folded(x) - reference).abs().max()),
            "layers": layer_table(folded, x[:1], masks)}
+    state = {k: v.contiguous() for k, v in folded.state_dict().items()}
+    out["sizes"] = {"state_dict_bytes": state_bytes(model.state_dict()), "folded_bytes": state_bytes(state)}
     if safetensors_path is not None:
-        save_safetensors({k: v.contiguous() for k, v in folded.state_dict().items()}, safetensors_path)
+        save_safetensors(state, safetensors_path)
         out["safetensors"] = str(safetensors_path)
+    if compressed_path is not None:
+        packed = save_compressed(state, compressed_path, grids)
+        out["compressed"] = str(compressed_path)
+        out["sizes"] |= {"compressed_bytes": packed["bytes"], "encodings": packed["encodings"],
+                         "compressed_fraction": packed["bytes"] / out["sizes"]["state_dict_bytes"]}
     if onnx_path is not None:
         out |= _onnx(folded, x, reference, Path(onnx_path), opset, atol)
-    first = Path(onnx_path or safetensors_path)
-    atomic_write_json(out, first.with_suffix(".export.json"))
+    atomic_write_json(out, Path(outputs[0]).with_suffix(".export.json"))
     return out
 
 

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..utils import UserError, atomic_write_json, run_metadata
-from .export import fold_batchnorm, input_shape
+from ..deploy.fold import fold_batchnorm
+from .export import input_shape
 from .pipeline import load_dense, load_run
 
 
