@@ -10,7 +10,7 @@ from torch import nn
 from cnn_sparsegpt import PUBLISHED, UserError, prune_model
 from cnn_sparsegpt.kernels.block_obs import block_costs, damped_inverse, refit_without, remove_block_
 from cnn_sparsegpt.pruning.channels import channel_groups
-from cnn_sparsegpt.pruning.structured import apply_structure, removal_plan, slice_channels_, spec_of
+from cnn_sparsegpt.pruning.slicing import apply_structure, removal_plan, slice_channels_, spec_of
 
 from .test_prune_model import TinyResNet, calib, make
 

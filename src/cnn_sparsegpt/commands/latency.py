@@ -7,77 +7,14 @@ call. Results go to RUN_DIR/latency.json (raw per-call seconds included) and are
 """
 from __future__ import annotations
 
-import statistics
-import tempfile
-import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
+from ..deploy.runtimes import RUNTIMES, runtime as runtime_class, side_by_side
 from ..utils import UserError, atomic_write_json, run_metadata
-from ..deploy.fold import fold_batchnorm
 from .export import input_shape
 from .pipeline import load_dense, load_run
-
-
-class _Torch:
-    """PyTorch eager, inference mode, on the CPU."""
-    name = "torch"
-
-    def __init__(self, model: nn.Module, example: torch.Tensor, threads: int | None):
-        self.model = fold_batchnorm(model).eval()
-
-    def __call__(self, x: torch.Tensor) -> None:
-        with torch.inference_mode():
-            self.model(x)
-
-
-class _OnnxRuntime:
-    """ONNX Runtime's CPU execution provider, on the model `export` writes (opset 17, folded BatchNorm)."""
-    name = "onnxruntime"
-
-    def __init__(self, model: nn.Module, example: torch.Tensor, threads: int | None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise UserError("--runtime onnxruntime needs onnxruntime (and onnx, onnxscript): "
-                            "pip install 'cnn-sparsegpt[export]'") from None
-        folded = fold_batchnorm(model).eval()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "m.onnx"
-            torch.onnx.export(folded, (example,), str(path), opset_version=17, input_names=["images"],
-                              output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                              dynamo=False)
-            options = ort.SessionOptions()
-            if threads:
-                options.intra_op_num_threads = threads
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-    def __call__(self, x: torch.Tensor) -> None:
-        self.session.run(None, {"images": x.numpy()})
-
-
-class _TensorRT:
-    name = "tensorrt"
-
-    def __init__(self, model, example, threads):
-        raise UserError("--runtime tensorrt is not built yet: it needs a CUDA GPU and the tensorrt package; use "
-                        "onnxruntime or torch")
-
-
-RUNTIMES = {r.name: r for r in (_OnnxRuntime, _Torch, _TensorRT)}
-
-
-def _time(fn, x: torch.Tensor, warmup: int, runs: int) -> list[float]:
-    for _ in range(warmup):
-        fn(x)
-    out = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn(x)
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def measure_latency(run_dir: str | Path, runtime: str = "onnxruntime", batch_sizes=(1, 32), warmup: int = 5,
@@ -85,8 +22,7 @@ def measure_latency(run_dir: str | Path, runtime: str = "onnxruntime", batch_siz
                     out: str | Path | None = None) -> dict:
     """Median seconds per call of the dense and the pruned model of a run, at each batch size; the speed-up is
     dense / pruned. Written to `out` (default RUN_DIR/latency.json)."""
-    if runtime not in RUNTIMES:
-        raise UserError(f"unknown runtime '{runtime}'; choose from {', '.join(RUNTIMES)}")
+    make = runtime_class(runtime)
     for name, value in (("warmup", warmup), ("runs", runs), ("rounds", rounds)):
         if value < (0 if name == "warmup" else 1):
             raise UserError(f"--{name} must be {'>= 0' if name == 'warmup' else 'at least 1'}, got {value}")
@@ -99,16 +35,11 @@ def measure_latency(run_dir: str | Path, runtime: str = "onnxruntime", batch_siz
     if threads:
         torch.set_num_threads(threads)
     example = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
-    models = {"dense": RUNTIMES[runtime](dense, example, threads), "pruned": RUNTIMES[runtime](pruned, example,
-                                                                                              threads)}
+    models = {"dense": make(dense, example, threads), "pruned": make(pruned, example, threads)}
     rows = []
     for b in batch_sizes:
         x = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b))
-        calls = {k: [] for k in models}
-        for _ in range(rounds):  # alternate: a noisy machine slows both alike
-            for k, fn in models.items():
-                calls[k] += _time(fn, x, warmup, runs)
-        med = {k: statistics.median(v) for k, v in calls.items()}
+        calls, med = side_by_side(models, x, warmup, runs, rounds)
         rows.append({"batch": b, "dense_s": med["dense"], "pruned_s": med["pruned"],
                      "speedup": med["dense"] / med["pruned"], "calls": calls})
     result = {"run": str(run_dir), "model": report["model"], "pattern": report.get("pattern"), "runtime": runtime,

@@ -17,7 +17,7 @@ from ..data.datasets import calibration_indices, calibration_set, holdout_split,
 from ..models import check_model_name, create_model, head_classes, model_entry
 from ..data.preprocess import resolve as resolve_preprocess
 from ..pruning.prune import prune_model
-from ..pruning.structured import apply_structure
+from ..pruning.slicing import apply_structure
 from .report import REPORT_SCHEMA, read_report
 from .train import evaluate
 from ..utils import (

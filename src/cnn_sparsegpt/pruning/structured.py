@@ -19,7 +19,6 @@ the shapes on a fresh model for the run-folder readers.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -32,10 +31,12 @@ from ..kernels.linalg import damped
 from ..utils import UserError
 from .allocation import dense_statistics
 from .batchnorm import bn_modules, bn_statistics_, recalibrate
+from .channel_budget import Counter, allocate, step_size
 from .channels import Group, channel_groups
 from .dense_target import DenseInputs
 from .graph import GraphExecutor
 from .layer import LayerPruner
+from .slicing import kept_indices, removal_plan, slice_channels_, spec_of
 
 
 @dataclass
@@ -59,50 +60,6 @@ def _blocks(pruner: LayerPruner, unit_columns: list[list[int]]) -> torch.Tensor:
         cin = layer.in_channels
         return torch.tensor([[t * cin + c for t in range(kk) for c in cols] for cols in unit_columns])
     return torch.tensor(unit_columns)
-
-
-def _sizes(model: nn.Module, positions: dict) -> dict:
-    """Per Conv2d/Linear: (out, in per group, kernel taps, positions, groups) of the dense model."""
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            out[name] = [m.out_channels, m.in_channels // m.groups, m.kernel_size[0] * m.kernel_size[1],
-                         positions.get(name, 1), m.groups]
-        elif isinstance(m, nn.Linear):
-            out[name] = [m.out_features, m.in_features, 1, positions.get(name, 1), 1]
-    return out
-
-
-class _Counter:
-    """Multiply-adds (or parameters) of the model as a function of the units removed per group."""
-
-    def __init__(self, model: nn.Module, groups: list[Group], positions: dict, what: str):
-        self.sizes = _sizes(model, positions)
-        self.what = what
-        self.out_per_unit: dict[int, list] = {}  # group index -> [(layer, 'out'|'in'|'dw', amount)]
-        for g, group in enumerate(groups):
-            u = group.units[group.removable[0]] if group.removable else None
-            if u is None:
-                continue
-            effects = [(p, "out", 1) for p in u.rows] + [(c, "in", len(cols)) for c, cols in u.columns.items()]
-            effects += [(e, "dw", len(ix)) for e, ix in u.entries.items() if e in self.sizes]
-            self.out_per_unit[g] = effects
-
-    def total(self, removed: dict[int, int]) -> float:
-        s = {k: list(v) for k, v in self.sizes.items()}
-        for g, k in removed.items():
-            for layer, kind, amount in self.out_per_unit.get(g, []):
-                if kind == "out":
-                    s[layer][0] -= k * amount
-                elif kind == "in":
-                    s[layer][1] -= k * amount
-                else:  # a depthwise conv loses output channels and groups together
-                    s[layer][0] -= k * amount
-                    s[layer][4] -= k * amount
-        total = 0.0
-        for out, inp, kk, pos, groups in s.values():
-            total += out * inp * kk * (pos if self.what == "macs" else 1)
-        return total
 
 
 # Consumers wider than this (inputs) are costed without OBS updates: a block's cost is its own output energy
@@ -140,7 +97,7 @@ def _cost_curve(group: Group, stats: dict, percdamp: float, max_remove: int,
     alive = torch.ones(len(units), dtype=torch.bool)
     order, curve, total = [], [], 0.0
     while len(order) < min(max_remove, len(units)):
-        step = min(_step(n, len(order), round_to), min(max_remove, len(units)) - len(order))
+        step = min(step_size(n, len(order), round_to), min(max_remove, len(units)) - len(order))
         idx = alive.nonzero().flatten()
         costs = torch.zeros(len(units), dtype=torch.float64)
         for W, Hinv, blocks, norm in state:
@@ -178,144 +135,6 @@ def _own_costs(W: torch.Tensor, H: torch.Tensor, blocks: torch.Tensor) -> torch.
         WB = W[:, b]
         out[i] = (WB @ H[b][:, b] * WB).sum()
     return out
-
-
-def _step(n: int, removed: int, round_to: int) -> int:
-    """Units the next step removes from a group of n: round_to, or fewer to align the kept count to a multiple."""
-    return (n - removed) % round_to or round_to
-
-
-def _allocate(groups, curves, counter: _Counter, target: float, round_to: int) -> dict[int, int]:
-    """Units removed per group: greedy steps of round_to units (the first one aligning the count to a multiple) by
-    least cost per unit of budget saved, until the budget is met."""
-    removed = {g: 0 for g in curves}
-    dense = counter.total({})
-    goal = target * dense
-    now = dense
-    while now > goal:
-        best, best_rate, best_total = None, math.inf, None
-        for g, (order, curve) in curves.items():
-            n, k = len(groups[g].units), removed[g]
-            step = _step(n, k, round_to)
-            if k + step > len(order) or n - k - step < round_to:
-                continue
-            trial = removed | {g: k + step}
-            saved = now - counter.total(trial)
-            if saved <= 0:
-                continue
-            rate = (curve[k + step - 1] - (curve[k - 1] if k else 0.0)) / saved
-            if rate < best_rate:
-                best, best_rate, best_total = g, rate, now - saved
-        if best is None:
-            raise UserError(f"cannot remove enough channels to keep {target:.0%} of the {counter.what}: the smallest "
-                            f"reachable is {now / dense:.1%} (each group keeps at least {round_to} channels)")
-        removed[best] += _step(len(groups[best].units), removed[best], round_to)
-        now = best_total
-    return removed
-
-
-def _slice_(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
-    p = getattr(module, name, None)
-    if isinstance(p, torch.Tensor):
-        new = p.data.index_select(dim, keep.to(p.device)).clone()
-        if isinstance(p, nn.Parameter):
-            setattr(module, name, nn.Parameter(new, requires_grad=p.requires_grad))
-        else:
-            module.register_buffer(name, new)
-
-
-def spec_of(module: nn.Module) -> dict:
-    """The attributes that decide a module's parameter shapes."""
-    if isinstance(module, nn.Conv2d):
-        return {"in": module.in_channels, "out": module.out_channels, "groups": module.groups}
-    if isinstance(module, nn.Linear):
-        return {"in": module.in_features, "out": module.out_features}
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return {"features": module.num_features}
-    if isinstance(module, nn.PReLU):
-        return {"parameters": module.num_parameters}
-    return {}
-
-
-def apply_structure(model: nn.Module, spec: dict) -> nn.Module:
-    """Give a freshly built model the shapes a structured prune left (report's `structure.spec`), so that the run's
-    model.pt loads into it. The values are placeholders until the state dict is loaded."""
-    modules = dict(model.named_modules())
-    for name, s in spec.items():
-        m = modules.get(name)
-        if m is None:
-            raise UserError(f"the run's structure names a module '{name}' the model does not have")
-        if isinstance(m, nn.Conv2d):
-            m.in_channels, m.out_channels, m.groups = s["in"], s["out"], s["groups"]
-            m.weight = nn.Parameter(torch.empty(s["out"], s["in"] // s["groups"], *m.kernel_size))
-            if m.bias is not None:
-                m.bias = nn.Parameter(torch.empty(s["out"]))
-        elif isinstance(m, nn.Linear):
-            m.in_features, m.out_features = s["in"], s["out"]
-            m.weight = nn.Parameter(torch.empty(s["out"], s["in"]))
-            if m.bias is not None:
-                m.bias = nn.Parameter(torch.empty(s["out"]))
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.num_features = n = s["features"]
-            for p in ("weight", "bias"):
-                if getattr(m, p) is not None:
-                    setattr(m, p, nn.Parameter(torch.empty(n)))
-            for b in ("running_mean", "running_var"):
-                if getattr(m, b) is not None:
-                    m.register_buffer(b, torch.empty(n))
-        elif isinstance(m, nn.PReLU):
-            m.num_parameters = s["parameters"]
-            m.weight = nn.Parameter(torch.empty(s["parameters"]))
-    return model
-
-
-def removal_plan(groups: list[Group], gone: dict[int, set]) -> tuple[dict, dict, dict]:
-    """For the units `gone` ({group index: unit indices}): the input columns each consumer loses, the output rows
-    each producer loses, and the entries each per-channel module (BatchNorm, depthwise conv) loses."""
-    drop_cols: dict[str, list[int]] = {}
-    drop_rows: dict[str, list[int]] = {}
-    drop_entries: dict[str, list[int]] = {}
-    for g, units in gone.items():
-        for i in units:
-            u = groups[g].units[i]
-            for c, cols in u.columns.items():
-                drop_cols.setdefault(c, []).extend(cols)
-            for p, ch in u.rows.items():
-                drop_rows.setdefault(p, []).append(ch)
-            for e, ix in u.entries.items():
-                drop_entries.setdefault(e, []).extend(ix)
-    return drop_cols, drop_rows, drop_entries
-
-
-def _kept(n: int, dropped) -> torch.Tensor:
-    return torch.tensor(sorted(set(range(n)) - set(dropped)), dtype=torch.long)
-
-
-def slice_channels_(model: nn.Module, drop_cols: dict, drop_rows: dict, drop_entries: dict) -> None:
-    """Make the modules physically smaller, in place: consumers lose input columns, producers output rows (and
-    biases), BatchNorms, depthwise convs and PReLUs their entries; the shape attributes follow."""
-    modules = dict(model.named_modules())
-    for drops, dim, attrs in ((drop_cols, 1, ("in_channels", "in_features")),
-                              (drop_rows, 0, ("out_channels", "out_features"))):
-        for name, ix in drops.items():
-            m = modules[name]
-            keep = _kept(m.weight.shape[dim], ix)
-            _slice_(m, "weight", dim, keep)
-            if dim == 0:
-                _slice_(m, "bias", 0, keep)
-            setattr(m, attrs[0] if isinstance(m, nn.Conv2d) else attrs[1], len(keep))
-    for name, ix in drop_entries.items():
-        m = modules[name]
-        n = m.weight.shape[0] if getattr(m, "weight", None) is not None else m.running_mean.shape[0]
-        keep = _kept(n, ix)
-        for attr in ("weight", "bias", "running_mean", "running_var"):
-            _slice_(m, attr, 0, keep)
-        if isinstance(m, nn.Conv2d):  # depthwise
-            m.in_channels = m.out_channels = m.groups = len(keep)
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.num_features = len(keep)
-        elif isinstance(m, nn.PReLU):
-            m.num_parameters = len(keep)
 
 
 @torch.no_grad()
@@ -395,8 +214,8 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
         if max_remove > 0:
             curves[g] = _cost_curve(groups[g], stats, config.percdamp, max_remove, config.round_to)
     timings["cost_curves"] = time.perf_counter() - t1
-    counters = {kind: _Counter(model, groups, positions, kind) for kind in ("macs", "params")}
-    removed = _allocate(groups, curves, counters[what], target, config.round_to)
+    counters = {kind: Counter(model, groups, positions, kind) for kind in ("macs", "params")}
+    removed = allocate(groups, curves, counters[what], target, config.round_to)
     t1 = time.perf_counter()
     gone = {g: set(curves[g][0][:k]) for g, k in removed.items() if k}
     modules = dict(model.named_modules())
@@ -419,7 +238,7 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
         order = [n for n in positions if isinstance(modules[n], nn.Linear) or  # forward order
                  (isinstance(modules[n], nn.Conv2d) and modules[n].groups == 1)]
         first = next((i for i, n in enumerate(order) if n in drop_cols), len(order))
-        kept_rows = {n: _kept(before[n][0], r) for n, r in drop_rows.items()}
+        kept_rows = {n: kept_indices(before[n][0], r) for n, r in drop_rows.items()}
         refit_to_dense_outputs(model, dense, batches, order[first:], kept_rows, config.percdamp,
                                config.bn_recalibration)
         timings["dense_refit"] = time.perf_counter() - t1

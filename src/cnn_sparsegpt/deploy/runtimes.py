@@ -1,0 +1,90 @@
+"""The runtimes a model is timed on (ONNX Runtime on the CPU, PyTorch eager; TensorRT is not built yet) and the
+side-by-side timing rule: models alternate in rounds (a noisy machine slows all alike), each round times `runs`
+calls after `warmup` untimed ones, and the figure is the median call."""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..utils import UserError
+from .fold import fold_batchnorm
+
+
+class TorchEager:
+    """PyTorch eager, inference mode, on the CPU."""
+    name = "torch"
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, threads: int | None):
+        self.model = fold_batchnorm(model).eval()
+
+    def __call__(self, x: torch.Tensor) -> None:
+        with torch.inference_mode():
+            self.model(x)
+
+
+class OnnxRuntime:
+    """ONNX Runtime's CPU execution provider, on the model `export` writes (opset 17, folded BatchNorm)."""
+    name = "onnxruntime"
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, threads: int | None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError("the onnxruntime runtime needs onnxruntime (and onnx, onnxscript): "
+                            "pip install 'cnn-sparsegpt[export]'") from None
+        folded = fold_batchnorm(model).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "m.onnx"
+            torch.onnx.export(folded, (example,), str(path), opset_version=17, input_names=["images"],
+                              output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                              dynamo=False)
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, x: torch.Tensor) -> None:
+        self.session.run(None, {"images": x.numpy()})
+
+
+class TensorRT:
+    name = "tensorrt"
+
+    def __init__(self, model, example, threads):
+        raise UserError("the tensorrt runtime is not built yet: it needs a CUDA GPU and the tensorrt package; use "
+                        "onnxruntime or torch")
+
+
+RUNTIMES = {r.name: r for r in (OnnxRuntime, TorchEager, TensorRT)}
+
+
+def runtime(name: str):
+    if name not in RUNTIMES:
+        raise UserError(f"unknown runtime '{name}'; choose from {', '.join(RUNTIMES)}")
+    return RUNTIMES[name]
+
+
+def time_calls(fn, x: torch.Tensor, warmup: int, runs: int) -> list[float]:
+    """Seconds of each of `runs` calls fn(x), after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn(x)
+    out = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn(x)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def side_by_side(models: dict, x: torch.Tensor, warmup: int, runs: int, rounds: int) -> tuple[dict, dict]:
+    """Per model (name → callable): every call's seconds and the median, the models alternating in rounds."""
+    calls = {k: [] for k in models}
+    for _ in range(rounds):
+        for k, fn in models.items():
+            calls[k] += time_calls(fn, x, warmup, runs)
+    return calls, {k: statistics.median(v) for k, v in calls.items()}

@@ -1,0 +1,106 @@
+"""What a channel prune spends and saves: the model's multiply-adds, parameters or predicted latency as a function
+of the channels removed per group, and the greedy allocation that meets a global target with it."""
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from ..utils import UserError
+from .channels import Group
+
+
+def layer_sizes(model: nn.Module, positions: dict) -> dict[str, list[int]]:
+    """Per Conv2d/Linear: [out, in per group, kernel taps, positions, groups] of the dense model."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out[name] = [m.out_channels, m.in_channels // m.groups, m.kernel_size[0] * m.kernel_size[1],
+                         positions.get(name, 1), m.groups]
+        elif isinstance(m, nn.Linear):
+            out[name] = [m.out_features, m.in_features, 1, positions.get(name, 1), 1]
+    return out
+
+
+def macs_of(size: list[int]) -> int:
+    out, inp, kk, pos, _ = size
+    return out * inp * kk * pos
+
+
+class Counter:
+    """Multiply-adds ('macs') or parameters ('params') of the model as a function of the units removed per group;
+    subclasses price a layer's shape differently (LatencyCounter: seconds on a runtime)."""
+
+    def __init__(self, model: nn.Module, groups: list[Group], positions: dict, what: str):
+        self.sizes = layer_sizes(model, positions)
+        self.what = what
+        self.effects: dict[int, list] = {}  # group index -> [(layer, 'out'|'in'|'dw', amount per unit)]
+        for g, group in enumerate(groups):
+            if not group.removable:
+                continue
+            u = group.units[group.removable[0]]
+            effects = [(p, "out", 1) for p in u.rows] + [(c, "in", len(cols)) for c, cols in u.columns.items()]
+            effects += [(e, "dw", len(ix)) for e, ix in u.entries.items() if e in self.sizes]
+            self.effects[g] = effects
+
+    def varying(self) -> dict[str, set]:
+        """Per layer, which of its dimensions ('out', 'in') some group can shrink (a depthwise conv: both)."""
+        out: dict[str, set] = {}
+        for effects in self.effects.values():
+            for layer, kind, _ in effects:
+                out.setdefault(layer, set()).update({"out", "in"} if kind == "dw" else {kind})
+        return out
+
+    def shapes(self, removed: dict[int, int]) -> dict[str, list[int]]:
+        s = {k: list(v) for k, v in self.sizes.items()}
+        for g, k in removed.items():
+            for layer, kind, amount in self.effects.get(g, []):
+                if kind == "out":
+                    s[layer][0] -= k * amount
+                elif kind == "in":
+                    s[layer][1] -= k * amount
+                else:  # a depthwise conv loses output channels and groups together
+                    s[layer][0] -= k * amount
+                    s[layer][4] -= k * amount
+        return s
+
+    def cost(self, name: str, size: list[int]) -> float:
+        out, inp, kk, pos, _ = size
+        return out * inp * kk * (pos if self.what == "macs" else 1)
+
+    def total(self, removed: dict[int, int]) -> float:
+        return sum(self.cost(name, size) for name, size in self.shapes(removed).items())
+
+
+def step_size(n: int, removed: int, round_to: int) -> int:
+    """Units the next step removes from a group of n: round_to, or fewer to align the kept count to a multiple."""
+    return (n - removed) % round_to or round_to
+
+
+def allocate(groups, curves, counter: Counter, target: float, round_to: int) -> dict[int, int]:
+    """Units removed per group: greedy steps of round_to units (the first one aligning the count to a multiple) by
+    least cost per unit of budget saved, until counter.total is at most `target` of the dense model's."""
+    removed = {g: 0 for g in curves}
+    dense = counter.total({})
+    goal = target * dense
+    now = dense
+    while now > goal:
+        best, best_rate, best_total = None, math.inf, None
+        for g, (order, curve) in curves.items():
+            n, k = len(groups[g].units), removed[g]
+            step = step_size(n, k, round_to)
+            if k + step > len(order) or n - k - step < round_to:
+                continue
+            trial = removed | {g: k + step}
+            saved = now - counter.total(trial)
+            if saved <= 0:
+                continue
+            rate = (curve[k + step - 1] - (curve[k - 1] if k else 0.0)) / saved
+            if rate < best_rate:
+                best, best_rate, best_total = g, rate, now - saved
+        if best is None:
+            raise UserError(f"cannot remove enough channels to keep {target:.0%} of the {counter.what}: the smallest "
+                            f"reachable is {now / dense:.1%} (each group keeps at least {round_to} channels)")
+        removed[best] += step_size(len(groups[best].units), removed[best], round_to)
+        now = best_total
+    return removed

@@ -1,0 +1,114 @@
+"""Making a network physically smaller: which rows, columns and entries a channel removal takes from each
+module, slicing them out in place, and rebuilding the new shapes on a fresh model (run folders)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..utils import UserError
+from .channels import Group
+
+
+def _slice_(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
+    p = getattr(module, name, None)
+    if isinstance(p, torch.Tensor):
+        new = p.data.index_select(dim, keep.to(p.device)).clone()
+        if isinstance(p, nn.Parameter):
+            setattr(module, name, nn.Parameter(new, requires_grad=p.requires_grad))
+        else:
+            module.register_buffer(name, new)
+
+
+def spec_of(module: nn.Module) -> dict:
+    """The attributes that decide a module's parameter shapes."""
+    if isinstance(module, nn.Conv2d):
+        return {"in": module.in_channels, "out": module.out_channels, "groups": module.groups}
+    if isinstance(module, nn.Linear):
+        return {"in": module.in_features, "out": module.out_features}
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return {"features": module.num_features}
+    if isinstance(module, nn.PReLU):
+        return {"parameters": module.num_parameters}
+    return {}
+
+
+def apply_structure(model: nn.Module, spec: dict) -> nn.Module:
+    """Give a freshly built model the shapes a structured prune left (report's `structure.spec`), so that the run's
+    model.pt loads into it. The values are placeholders until the state dict is loaded."""
+    modules = dict(model.named_modules())
+    for name, s in spec.items():
+        m = modules.get(name)
+        if m is None:
+            raise UserError(f"the run's structure names a module '{name}' the model does not have")
+        if isinstance(m, nn.Conv2d):
+            m.in_channels, m.out_channels, m.groups = s["in"], s["out"], s["groups"]
+            m.weight = nn.Parameter(torch.empty(s["out"], s["in"] // s["groups"], *m.kernel_size))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(s["out"]))
+        elif isinstance(m, nn.Linear):
+            m.in_features, m.out_features = s["in"], s["out"]
+            m.weight = nn.Parameter(torch.empty(s["out"], s["in"]))
+            if m.bias is not None:
+                m.bias = nn.Parameter(torch.empty(s["out"]))
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.num_features = n = s["features"]
+            for p in ("weight", "bias"):
+                if getattr(m, p) is not None:
+                    setattr(m, p, nn.Parameter(torch.empty(n)))
+            for b in ("running_mean", "running_var"):
+                if getattr(m, b) is not None:
+                    m.register_buffer(b, torch.empty(n))
+        elif isinstance(m, nn.PReLU):
+            m.num_parameters = s["parameters"]
+            m.weight = nn.Parameter(torch.empty(s["parameters"]))
+    return model
+
+
+def removal_plan(groups: list[Group], gone: dict[int, set]) -> tuple[dict, dict, dict]:
+    """For the units `gone` ({group index: unit indices}): the input columns each consumer loses, the output rows
+    each producer loses, and the entries each per-channel module (BatchNorm, depthwise conv) loses."""
+    drop_cols: dict[str, list[int]] = {}
+    drop_rows: dict[str, list[int]] = {}
+    drop_entries: dict[str, list[int]] = {}
+    for g, units in gone.items():
+        for i in units:
+            u = groups[g].units[i]
+            for c, cols in u.columns.items():
+                drop_cols.setdefault(c, []).extend(cols)
+            for p, ch in u.rows.items():
+                drop_rows.setdefault(p, []).append(ch)
+            for e, ix in u.entries.items():
+                drop_entries.setdefault(e, []).extend(ix)
+    return drop_cols, drop_rows, drop_entries
+
+
+def kept_indices(n: int, dropped) -> torch.Tensor:
+    """The indices of range(n) not in `dropped`, sorted."""
+    return torch.tensor(sorted(set(range(n)) - set(dropped)), dtype=torch.long)
+
+
+def slice_channels_(model: nn.Module, drop_cols: dict, drop_rows: dict, drop_entries: dict) -> None:
+    """Make the modules physically smaller, in place: consumers lose input columns, producers output rows (and
+    biases), BatchNorms, depthwise convs and PReLUs their entries; the shape attributes follow."""
+    modules = dict(model.named_modules())
+    for drops, dim, attrs in ((drop_cols, 1, ("in_channels", "in_features")),
+                              (drop_rows, 0, ("out_channels", "out_features"))):
+        for name, ix in drops.items():
+            m = modules[name]
+            keep = kept_indices(m.weight.shape[dim], ix)
+            _slice_(m, "weight", dim, keep)
+            if dim == 0:
+                _slice_(m, "bias", 0, keep)
+            setattr(m, attrs[0] if isinstance(m, nn.Conv2d) else attrs[1], len(keep))
+    for name, ix in drop_entries.items():
+        m = modules[name]
+        n = m.weight.shape[0] if getattr(m, "weight", None) is not None else m.running_mean.shape[0]
+        keep = kept_indices(n, ix)
+        for attr in ("weight", "bias", "running_mean", "running_var"):
+            _slice_(m, attr, 0, keep)
+        if isinstance(m, nn.Conv2d):  # depthwise
+            m.in_channels = m.out_channels = m.groups = len(keep)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.num_features = len(keep)
+        elif isinstance(m, nn.PReLU):
+            m.num_parameters = len(keep)
