@@ -14,6 +14,7 @@ from pathlib import Path
 from ..pruning import dist
 from ..pruning.config import PRESETS, RECIPE_KEYS, recipe_label
 from ..utils import UserError, atomic_write_json, atomic_write_text
+from ..deploy.runtimes import RUNTIMES
 from .options import PruneOptions, check_options, read_yaml_mapping
 
 KEY = ("model", "checkpoint", "dataset", "method", "pattern", "nsamples", "seed", "bn_recalibration", "eval_samples",
@@ -21,7 +22,9 @@ KEY = ("model", "checkpoint", "dataset", "method", "pattern", "nsamples", "seed"
 COLUMNS = KEY + (
     "data_source", "target_sparsity", "sparsity", "total_sparsity", "layers_pruned", "layers_skipped",
     "dense_acc", "pruned_acc", "drop", "prune_seconds", "eval_seconds", "peak_rss_mb", "peak_gpu_mb",
-    "forward_passes", "report", "git_commit", "torch_version", "device", "date")
+    "forward_passes", "macs_kept", "latency_runtime", "speedup_b1", "speedup_b32", "report", "git_commit",
+    "torch_version", "device", "date")
+LATENCY_BATCHES = (1, 32)  # the speedup_bN columns
 
 
 @dataclass
@@ -30,7 +33,8 @@ class BenchModel:
     weights: str | None = None  # checkpoint; its path is part of each row's key
     dataset: str | None = None
     methods: list = field(default_factory=lambda: ["magnitude", "wanda", "sparsegpt"])
-    patterns: list = field(default_factory=lambda: ["0.5", "2:4"])  # sparsity levels, N:M, or keep_macs=F (channels)
+    # sparsity levels, N:M, or channel targets: keep_macs=F, keep_params=F, target_speedup=S
+    patterns: list = field(default_factory=lambda: ["0.5", "2:4"])
     ignore: list = field(default_factory=list)  # layer names or regexes kept dense
 
 
@@ -50,6 +54,7 @@ class BenchConfig:
     low_memory: bool | None = None  # None: by free memory; same results either way
     recipe: str = "recommended"  # recommended | published: the base every entry of `recipes` starts from
     recipes: list = field(default_factory=lambda: [{}])  # option sets beyond uniform SparseGPT, e.g. {allocation: dp}
+    latency: str | None = None  # a runtime (onnxruntime, torch): time dense and pruned side by side, batch 1 and 32
 
 
 def load_bench_config(path: str) -> BenchConfig:
@@ -72,6 +77,8 @@ def load_bench_config(path: str) -> BenchConfig:
             raise UserError(f"{path}: recipes[{i}] must be a mapping of recipe, {', '.join(RECIPE_KEYS)}, got {r!r}")
         check_options(PruneOptions, r, f"{path}: recipes[{i}]")
     cfg = BenchConfig(**{k: v for k, v in data.items()})
+    if cfg.latency is not None and cfg.latency not in RUNTIMES:
+        raise UserError(f"{path}: 'latency' must be a runtime, one of {', '.join(RUNTIMES)}, got {cfg.latency!r}")
     if cfg.recipe not in PRESETS:
         raise UserError(f"{path}: 'recipe' must be one of {', '.join(PRESETS)}, got {cfg.recipe!r}")
     if not models or not isinstance(models, list):
@@ -89,14 +96,21 @@ def load_bench_config(path: str) -> BenchConfig:
     return cfg
 
 
+CHANNEL_TARGETS = ("keep_macs", "keep_params", "target_speedup")
+
+
 def _pattern_options(pattern: str) -> dict:
-    """A grid pattern: '0.5' (sparsity), '2:4' (N:M) or 'keep_macs=0.5' / 'keep_params=0.5' (channels)."""
+    """A grid pattern: '0.5' (sparsity), '2:4' (N:M) or 'keep_macs=0.5' / 'keep_params=0.5' /
+    'target_speedup=2' (channels)."""
     if "=" in pattern:
         key, _, value = pattern.partition("=")
-        if key not in ("keep_macs", "keep_params"):
-            raise UserError(f"unknown pattern '{pattern}': use a sparsity (0.5), N:M (2:4), keep_macs=F or "
-                            "keep_params=F")
-        return {"structure": "channels", key: float(value)}
+        if key not in CHANNEL_TARGETS:
+            raise UserError(f"unknown pattern '{pattern}': use a sparsity (0.5), N:M (2:4), keep_macs=F, "
+                            "keep_params=F or target_speedup=S")
+        try:
+            return {"structure": "channels", key: float(value)}
+        except ValueError:
+            raise UserError(f"pattern '{pattern}': {value!r} is not a number") from None
     return {"nm": pattern} if ":" in pattern else {"sparsity": float(pattern)}
 
 
@@ -190,8 +204,11 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
         t0 = time.perf_counter()
         dense_key = (m.model, m.weights or "", str(cfg.eval_samples), str(cfg.holdout))
         with PeakRSS() as mem:
-            r = run_prune(opts, progress=progress, dense_acc=dense.get(dense_key), write=False)
+            r, pruned = run_prune(opts, progress=progress, dense_acc=dense.get(dense_key), write=False,
+                                  return_model=True)
         dense[dense_key] = r["dense_acc"]
+        timing = _latency_columns(cfg.latency, r, pruned) if cfg.latency and dist.is_main(dist.process_group()) \
+            else {}
         name = hashlib.sha1(repr(_key(key_row)).encode()).hexdigest()[:12]
         report_path = reports / f"{m.model}-{method}-{pattern.replace(':', 'of').replace('=', '-')}-{name}.json"
         row = key_row | {
@@ -201,7 +218,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
             "pruned_acc": r["pruned_acc"], "drop": r["dense_acc"] - r["pruned_acc"], "prune_seconds": r["seconds"],
             "eval_seconds": r["eval_seconds"], "peak_rss_mb": mem.peak / 2**20,
             "peak_gpu_mb": (r["peak_gpu_memory"] or 0) / 2**20, "forward_passes": r["forward_passes"],
-            "report": str(report_path), "git_commit": r["git_commit"],
+            "macs_kept": _macs_kept(r), **timing, "report": str(report_path), "git_commit": r["git_commit"],
             "torch_version": r["torch_version"], "device": r["device"], "date": r["date"]}
         new_rows.append(row)
         if not dist.is_main(dist.process_group()):  # torchrun: rank 0 writes and prints
@@ -212,6 +229,24 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
               f"{r['sparsity']:.3f}, {r['seconds']:.1f} s pruning ({time.perf_counter() - t0:.0f} s in all)",
               flush=True)
     return new_rows
+
+
+def _macs_kept(r: dict) -> float | str:
+    """Fraction of the dense multiply-adds per image a run keeps: its channels, else its weights' non-zeros."""
+    st = r.get("structure") or {}
+    if st.get("macs"):
+        return st["macs"][1] / st["macs"][0]
+    return ""
+
+
+def _latency_columns(runtime: str, r: dict, pruned) -> dict:
+    """speedup_b1/b32: the run's pruned model against its dense checkpoint, side by side (commands.latency)."""
+    from .latency import compare_latency
+    from .pipeline import load_dense
+
+    rows = compare_latency(load_dense(r), pruned, r["input_shape"], runtime, LATENCY_BATCHES)
+    r["latency"] = {"runtime": runtime, "rows": [{k: v for k, v in row.items() if k != "calls"} for row in rows]}
+    return {"latency_runtime": runtime} | {f"speedup_b{row['batch']}": row["speedup"] for row in rows}
 
 
 def add_bench_parser(sub) -> None:

@@ -17,12 +17,29 @@ from .export import input_shape
 from .pipeline import load_dense, load_run
 
 
+def compare_latency(dense, pruned, shape, runtime: str = "onnxruntime", batch_sizes=(1, 32), warmup: int = 5,
+                    runs: int = 20, rounds: int = 3, threads: int | None = None) -> list[dict]:
+    """Per batch size: median seconds per call of the dense and the pruned model side by side, and dense/pruned."""
+    make = runtime_class(runtime)
+    if threads:
+        torch.set_num_threads(threads)
+    example = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+    models = {"dense": make(dense.cpu(), example, threads), "pruned": make(pruned.cpu(), example, threads)}
+    rows = []
+    for b in batch_sizes:
+        x = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b))
+        calls, med = side_by_side(models, x, warmup, runs, rounds)
+        rows.append({"batch": b, "dense_s": med["dense"], "pruned_s": med["pruned"],
+                     "speedup": med["dense"] / med["pruned"], "calls": calls})
+    return rows
+
+
 def measure_latency(run_dir: str | Path, runtime: str = "onnxruntime", batch_sizes=(1, 32), warmup: int = 5,
                     runs: int = 20, rounds: int = 3, threads: int | None = None, teacher: str | None = None,
                     out: str | Path | None = None) -> dict:
     """Median seconds per call of the dense and the pruned model of a run, at each batch size; the speed-up is
     dense / pruned. Written to `out` (default RUN_DIR/latency.json)."""
-    make = runtime_class(runtime)
+    runtime_class(runtime)  # an unknown runtime before loading anything
     for name, value in (("warmup", warmup), ("runs", runs), ("rounds", rounds)):
         if value < (0 if name == "warmup" else 1):
             raise UserError(f"--{name} must be {'>= 0' if name == 'warmup' else 'at least 1'}, got {value}")
@@ -32,16 +49,7 @@ def measure_latency(run_dir: str | Path, runtime: str = "onnxruntime", batch_siz
     pruned, report, _ = load_run(run_dir)
     dense = load_dense(report, teacher)
     shape = input_shape(report)
-    if threads:
-        torch.set_num_threads(threads)
-    example = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
-    models = {"dense": make(dense, example, threads), "pruned": make(pruned, example, threads)}
-    rows = []
-    for b in batch_sizes:
-        x = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b))
-        calls, med = side_by_side(models, x, warmup, runs, rounds)
-        rows.append({"batch": b, "dense_s": med["dense"], "pruned_s": med["pruned"],
-                     "speedup": med["dense"] / med["pruned"], "calls": calls})
+    rows = compare_latency(dense, pruned, shape, runtime, batch_sizes, warmup, runs, rounds, threads)
     result = {"run": str(run_dir), "model": report["model"], "pattern": report.get("pattern"), "runtime": runtime,
               "input_shape": shape, "warmup": warmup, "runs": runs, "rounds": rounds, "threads": threads,
               "macs": (report.get("structure") or {}).get("macs"), "rows": rows} | run_metadata(torch.device("cpu"))

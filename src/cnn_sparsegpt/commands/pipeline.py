@@ -111,9 +111,10 @@ def prepare(opts: PruneOptions, device: torch.device):
 
 
 def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None = None,
-              write: bool = True) -> dict:
-    """Run one prune and (when `write`) save model.pt, masks.pt and report.json under opts.out. Under torchrun
-    (the processes it started) the calibration set is shared by them and rank 0 writes."""
+              write: bool = True, return_model: bool = False):
+    """Run one prune and (when `write`) save model.pt, masks.pt and report.json under opts.out; returns the report
+    (and the pruned model with `return_model`). Under torchrun (the processes it started) the calibration set is
+    shared by them and rank 0 writes."""
     config = opts.config.resolved()
     device = dist.init(opts.device) if dist.launched() else resolve_device(opts.device)
     group = dist.process_group()
@@ -163,7 +164,7 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
         if config.structure != "none":  # the smaller network, loadable with torch alone (no pickled code)
             result["exported_program"] = save_exported_program(model, calib[:2], out / "model.pt2")
         atomic_write_json(result, out / "report.json")
-    return result
+    return (result, model) if return_model else result
 
 
 def save_exported_program(model: nn.Module, example: torch.Tensor, path: Path) -> str:

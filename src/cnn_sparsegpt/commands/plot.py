@@ -91,6 +91,32 @@ def plot_nm_bars(rows: list[dict], out: Path) -> Path | None:
     return _save(plt, fig, out / "nm_bars.png")
 
 
+def plot_accuracy_vs_speedup(rows: list[dict], out: Path) -> list[Path]:
+    """Per model: top-1 against the speed-up measured side by side (bench's `latency`), batch 1 and 32, one point
+    per run labelled by its pattern (dense weights with zeros sit at 1x whatever their sparsity)."""
+    plt = _pyplot()
+    written = []
+    timed = [r for r in rows if r.get("speedup_b1")]
+    for model in sorted({r["model"] for r in timed}):
+        mrows = [r for r in timed if r["model"] == model]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        dense = float(mrows[0]["dense_acc"]) * 100
+        ax.axhline(dense, color="gray", ls="--", label=f"dense ({dense:.2f}%)")
+        for batch, marker in (("1", "o"), ("32", "s")):
+            pts = [(float(r[f"speedup_b{batch}"]), float(r["pruned_acc"]) * 100, r["pattern"]) for r in mrows
+                   if r.get(f"speedup_b{batch}")]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"batch {batch}")
+            for x, y, label in pts:
+                ax.annotate(label, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set(title=f"{model}: top-1 against measured speed-up ({mrows[0].get('latency_runtime')}, one-shot)",
+               xlabel="speed-up over the dense model (side by side, median call)", ylabel="top-1 accuracy (%)")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        written.append(_save(plt, fig, out / f"{model}_accuracy_vs_speedup.png"))
+    return written
+
+
 def plot_layer_errors(report_paths: list[Path], out: Path, name: str) -> Path:
     """Per-layer relative reconstruction error of one or more runs of the same model and pattern."""
     plt = _pyplot()
@@ -141,8 +167,9 @@ def make_plots(csv_path: str | Path, out: str | Path = "experiments/plots") -> l
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     allocated = [r for r in rows if "allocation=" in (r.get("recipe") or "") and Path(r["report"]).is_file()]
+    written = plot_accuracy_vs_speedup(rows, out)
     rows = _main_rows(rows)
-    written = plot_accuracy_vs_sparsity(rows, out)
+    written += plot_accuracy_vs_sparsity(rows, out)
     for model, pattern in sorted({(r["model"], r["pattern"]) for r in allocated}):
         reps = [Path(r["report"]) for r in allocated if (r["model"], r["pattern"]) == (model, pattern)]
         written.append(plot_layer_sparsity(reps, out, f"{model}_{pattern}"))

@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 
 from .allocation import ALLOCATIONS, BUDGETS, DP_MEASURES
+from ..deploy.runtimes import RUNTIMES
 from ..kernels.masks import Pattern
 from ..kernels.quant import BITS, CLIP, QUANT
 from ..kernels.refine import REFINE
@@ -124,6 +125,15 @@ class PruneConfig:
                                   check=lambda v: 0 < v <= 1, want="in (0, 1]")
     keep_params: float | None = opt(None, "channels: fraction of the Conv2d/Linear weights to keep, in (0, 1]",
                                     check=lambda v: 0 < v <= 1, want="in (0, 1]")
+    target_speedup: float | None = opt(None, "channels: instead of keep_macs, the measured speed-up to reach (e.g. "
+                                       "2.0): each layer is timed at a few widths on speedup_runtime (a cached table), "
+                                       "channels are allocated by seconds saved, and the smaller network is timed "
+                                       "against the dense one until within 3% (a few tries)",
+                                       check=lambda v: v > 1, want="above 1")
+    speedup_runtime: str = opt("onnxruntime", "target_speedup: the runtime timed (onnxruntime on the CPU, or torch "
+                               "eager)", tuple(RUNTIMES))
+    speedup_batch: int = opt(1, "target_speedup: images per call when timing", check=lambda v: v >= 1,
+                             want="at least 1")
     round_to: int = opt(8, "channels: kept channel counts are multiples of this (efficient kernels)",
                         check=lambda v: v >= 1, want="at least 1")
     quant_clip: str = opt("minmax", "with wbits: each channel's grid spans its weights (minmax) or the range, shrunk "
@@ -141,14 +151,16 @@ class PruneConfig:
         """Every combination that cannot run is refused here, the one place, in the config's own terms."""
         r = self.resolved()
         if r.structure == "channels":
-            if (r.keep_macs is None) == (r.keep_params is None):
-                raise UserError("structure='channels' needs exactly one of keep_macs (e.g. 0.5) and keep_params")
+            if sum(v is not None for v in (r.keep_macs, r.keep_params, r.target_speedup)) != 1:
+                raise UserError("structure='channels' needs exactly one of keep_macs (e.g. 0.5), keep_params and "
+                                "target_speedup (e.g. 2.0)")
             if r.sparsity is not None or r.nm is not None or r.wbits is not None or r.allocation != "uniform" \
                     or r.reconstruct or r.stat_correction or r.bn_aware:
                 raise UserError("structure='channels' removes whole channels: not combinable with sparsity, nm, "
                                 "wbits, allocation, reconstruct, stat_correction or bn_aware yet")
-        elif r.keep_macs is not None or r.keep_params is not None:
-            raise UserError("keep_macs and keep_params are targets of structure='channels': give that too")
+        elif r.keep_macs is not None or r.keep_params is not None or r.target_speedup is not None:
+            raise UserError("keep_macs, keep_params and target_speedup are targets of structure='channels': give "
+                            "that too")
         if r.wbits is not None and r.refine != "none":
             raise UserError(f"refine='{r.refine}' moves the kept weights off their quantization grids: not combinable "
                             "with wbits (leave refine at 'auto' or 'none')")
@@ -213,7 +225,7 @@ PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 # published method's (recipe_label), so a label means the same in every file whatever the defaults become.
 RECIPE_KEYS = ("allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction", "refine",
                "dense_target", "reconstruct", "wbits", "quant", "quant_clip", "structure", "keep_macs", "keep_params",
-               "round_to")
+               "target_speedup", "round_to")
 
 
 def recipe_label(config: PruneConfig) -> str:

@@ -36,6 +36,7 @@ from .channels import Group, channel_groups
 from .dense_target import DenseInputs
 from .graph import GraphExecutor
 from .layer import LayerPruner
+from .speedup import speedup_allocation
 from .slicing import kept_indices, removal_plan, slice_channels_, spec_of
 
 
@@ -49,6 +50,7 @@ class StructureReport:
     layers: list = field(default_factory=list)  # per Conv2d/Linear: name, shape before/after
     spec: dict = field(default_factory=dict)  # module -> its new shape attributes (apply_structure)
     timings: dict = field(default_factory=dict)
+    latency: dict | None = None  # target_speedup: the layer table and the measured tries (speedup.py)
 
 
 def _blocks(pruner: LayerPruner, unit_columns: list[list[int]]) -> torch.Tensor:
@@ -195,7 +197,8 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
     """Prune whole channels of `model` in place to config.keep_macs (or keep_params) of its multiply-adds
     (parameters), as the module docstring describes. The first conv's input and the classifier's output stay."""
     t0 = time.perf_counter()
-    what, target = ("macs", config.keep_macs) if config.keep_macs is not None else ("params", config.keep_params)
+    what, target = next((k, v) for k, v in (("macs", config.keep_macs), ("params", config.keep_params),
+                                             ("speedup", config.target_speedup)) if v is not None)
     groups = channel_groups(model, batches[0][:1])
     exclude_reasons = [g.reason for g in groups if g.reason]
     prunable = [g for g, group in enumerate(groups) if group.removable]
@@ -215,7 +218,13 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
             curves[g] = _cost_curve(groups[g], stats, config.percdamp, max_remove, config.round_to)
     timings["cost_curves"] = time.perf_counter() - t1
     counters = {kind: Counter(model, groups, positions, kind) for kind in ("macs", "params")}
-    removed = allocate(groups, curves, counters[what], target, config.round_to)
+    latency = None
+    if what == "speedup":
+        t1 = time.perf_counter()
+        removed, latency = speedup_allocation(model, groups, curves, positions, config, batches[0][:1], progress)
+        timings["latency_search"] = time.perf_counter() - t1
+    else:
+        removed = allocate(groups, curves, counters[what], target, config.round_to)
     t1 = time.perf_counter()
     gone = {g: set(curves[g][0][:k]) for g, k in removed.items() if k}
     modules = dict(model.named_modules())
@@ -259,4 +268,4 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
                  "fixed": groups[g].reason} for g in range(len(groups))],
         layers=[{"name": n, "shape_before": before[n], "shape_after": after[n]} for n in before],
         spec={n: spec_of(modules[n]) for n in sorted(changed, key=list(modules).index)},
-        timings=timings)
+        timings=timings, latency=latency)
