@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -170,6 +171,27 @@ def test_bench_recipes_plots_and_results(mnist_ckpt, data_dir, tmp_path):
     assert main(["-q", "bench", "--config", str(cfg_path)]) == 2
 
 
+def test_bench_latency_columns_and_speed_plot(mnist_ckpt, data_dir, tmp_path):
+    cfg_path = _bench_config(tmp_path, mnist_ckpt, data_dir, ["keep_params=0.5", "0.5"])
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["models"][0]["methods"] = ["sparsegpt"]
+    cfg["latency"] = "torch"  # eager: the harness, not the runtime, is under test here
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["-q", "bench", "--config", str(cfg_path)]) == 0
+    rows = {r["pattern"]: r for r in read_rows(tmp_path / "res.csv")}
+    assert float(rows["keep_params=0.5"]["macs_kept"]) < 1 and rows["0.5"]["macs_kept"] == ""
+    assert all(float(r["speedup_b1"]) > 0 and float(r["speedup_b32"]) > 0 and r["latency_runtime"] == "torch"
+               for r in rows.values())
+    report = json.loads(Path(rows["keep_params=0.5"]["report"]).read_text())
+    assert [row["batch"] for row in report["latency"]["rows"]] == [1, 32]
+    out = tmp_path / "plots"
+    assert main(["plot", "--csv", str(tmp_path / "res.csv"), "--out", str(out)]) == 0
+    assert (out / "mnist_cnn_accuracy_vs_speedup.png").is_file()
+    cfg["latency"] = "tensorflow"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["-q", "bench", "--config", str(cfg_path)]) == 2
+
+
 def test_seed_and_finetune_tables(tmp_path):
     from cnn_sparsegpt.commands.results import finetune_table, seed_table
 
@@ -260,5 +282,8 @@ def test_bench_patterns_include_channel_targets():
 
     assert _pattern_options("0.5") == {"sparsity": 0.5} and _pattern_options("2:4") == {"nm": "2:4"}
     assert _pattern_options("keep_macs=0.5") == {"structure": "channels", "keep_macs": 0.5}
+    assert _pattern_options("target_speedup=2") == {"structure": "channels", "target_speedup": 2.0}
     with pytest.raises(UserError, match="unknown pattern"):
         _pattern_options("keep_flops=0.5")
+    with pytest.raises(UserError, match="not a number"):
+        _pattern_options("keep_macs=half")

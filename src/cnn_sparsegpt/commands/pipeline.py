@@ -219,6 +219,10 @@ def format_report(r: dict) -> str:
         lines.append(f"\n{r['model']} channels: {mk / 1e6:.1f} of {md / 1e6:.1f} M multiply-adds per image kept "
                      f"({mk / md:.1%}), {pk / 1e6:.2f} of {pd / 1e6:.2f} M weights ({pk / pd:.1%}); "
                      f"{r['seconds']:.1f} s pruning, {r['nsamples']} calibration images")
+        if st.get("latency"):
+            lat = st["latency"]
+            lines.append(f"  measured speed-up {lat['measured_speedup']:.2f}x on {lat['runtime']} at batch "
+                         f"{lat['batch']} (target {lat['target_speedup']:g}x, {len(lat['tries'])} tries)")
     lines.append(f"\n{r['model']} {r['method']} {r['pattern']}: sparsity {r['sparsity']:.3f} of the pruned layers, "
                  f"{r['total_sparsity']:.3f} of all weights; {r['seconds']:.1f} s pruning, "
                  f"{r['nsamples']} calibration images\n{recipe}{acc}{passes}  data: {r['data_source']}"

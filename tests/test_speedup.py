@@ -1,0 +1,99 @@
+"""target_speedup: the layer latency table (interpolation, call overhead, cache) and the search that corrects the
+predicted target by the measured one. Timing is replaced by a deterministic cost model (seconds = multiply-adds
+per call, a fixed per-call cost): no test here depends on how fast this machine is."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from cnn_sparsegpt import UserError, prune_model
+from cnn_sparsegpt.deploy import layer_latency
+from cnn_sparsegpt.deploy.layer_latency import LayerLatency
+from cnn_sparsegpt.pruning import speedup
+
+from .test_prune_model import TinyResNet, calib, make
+
+CALL = 1e-5  # seconds a call costs on the fake runtime whatever it computes
+PER_MAC = 1e-9
+
+
+class FakeRuntime:
+    """Seconds per call from the model's multiply-adds (Conv2d/Linear) on the example's shape."""
+    calls = 0
+
+    def __init__(self, model, example, threads):
+        macs = 0
+
+        def count(m, args, out):
+            nonlocal macs
+            w = m.weight
+            macs += w.numel() * (out[0, 0].numel() if out.ndim == 4 else 1)
+
+        hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        with torch.no_grad():
+            model(example[:1])
+        for h in hooks:
+            h.remove()
+        self.seconds = CALL + PER_MAC * macs
+        FakeRuntime.calls += 1
+
+    def __call__(self, x):
+        pass
+
+
+@pytest.fixture
+def fake_runtime(monkeypatch, tmp_path):
+    monkeypatch.setenv("CNN_SPARSEGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(layer_latency, "runtime_class", lambda name: FakeRuntime)
+    monkeypatch.setattr(layer_latency, "time_calls", lambda fn, x, warmup, runs: [fn.seconds] * runs)
+    monkeypatch.setattr(speedup, "runtime_class", lambda name: FakeRuntime)
+    monkeypatch.setattr(speedup, "side_by_side", lambda models, x, **kw: (None, {k: m.seconds for k, m in
+                                                                                models.items()}))
+    FakeRuntime.calls = 0
+    return tmp_path / "cache" / "layer_latency.json"
+
+
+def test_layer_latency_interpolates_between_widths():
+    t = LayerLatency([0.25, 0.5, 1.0], [1.0, 2.0, 4.0])
+    assert t.at(0.1) == 1.0 and t.at(0.5) == 2.0 and t.at(0.75) == pytest.approx(3.0) and t.at(1.0) == 4.0
+
+
+def test_table_takes_off_the_call_cost_and_is_cached(fake_runtime):
+    model = make(TinyResNet)
+    varying = {"block.conv1": {"out"}, "fc1": {"in"}}
+    table = layer_latency.layer_latency_table(model, calib(2), varying, "onnxruntime", 1)
+    conv = model.block.conv1
+    dense_macs = conv.weight.numel() * 4 * 4  # 8x8 inputs, stride 2
+    assert set(table) == {"block.conv1", "fc1"}
+    # the call cost, measured on a 1x1 conv of one pixel (1 multiply-add), is taken off
+    assert table["block.conv1"].at(1.0) == pytest.approx(PER_MAC * (dense_macs - 1), rel=1e-6)
+    assert table["block.conv1"].macs_fractions[-1] == 1.0 and len(table["block.conv1"].seconds) == 8
+    assert fake_runtime.is_file() and len(json.loads(fake_runtime.read_text())) == 1 + 2 * 8
+    calls = FakeRuntime.calls
+    again = layer_latency.layer_latency_table(model, calib(2), varying, "onnxruntime", 1)
+    assert FakeRuntime.calls == calls and vars(again["fc1"]) == vars(table["fc1"])  # all from the cache
+
+
+def test_target_speedup_is_met_as_measured(fake_runtime):
+    model = make(TinyResNet)
+    rep = prune_model(model, calib(64), structure="channels", target_speedup=1.6, round_to=2, progress=False)
+    lat = rep.structure["latency"]
+    assert lat["target_speedup"] == 1.6 and abs(lat["measured_speedup"] / 1.6 - 1) <= speedup.TOLERANCE + 0.1
+    assert lat["tries"] and all(t["measured_speedup"] > 1 for t in lat["tries"])
+    assert rep.structure["target"] == {"speedup": 1.6}
+    macs_dense, macs_kept = rep.structure["macs"]
+    assert macs_kept < macs_dense / 1.2  # fewer multiply-adds ...
+    assert model(calib(4)).shape == (4, 5)  # ... and the smaller network runs
+
+
+def test_target_speedup_options_are_checked(fake_runtime):
+    with pytest.raises(UserError, match="exactly one of keep_macs"):
+        prune_model(make(TinyResNet), calib(), structure="channels", keep_macs=0.5, target_speedup=2.0)
+    with pytest.raises(UserError, match="target_speedup must be above 1"):
+        prune_model(make(TinyResNet), calib(), structure="channels", target_speedup=0.5)
+    with pytest.raises(UserError, match="give that too"):
+        prune_model(make(TinyResNet), calib(), sparsity=0.5, target_speedup=2.0)
+    with pytest.raises(UserError, match="out of reach"):
+        prune_model(make(TinyResNet), calib(64), structure="channels", target_speedup=50.0, round_to=2,
+                    progress=False)
