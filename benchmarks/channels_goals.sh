@@ -19,6 +19,13 @@ prune resnet18_cifar 0.5 resnet18_keep50
 python3 -m cnn_sparsegpt latency "$RUNS/resnet18_keep50" --out "$OUT/resnet18_keep50.latency.json"
 prune resnet18_cifar 0.7 resnet18_keep70
 prune resnet20_cifar 0.7 resnet20_keep70
+# allocation by measured latency: the search's own timing is in the report, then an independent measurement
+python3 -m cnn_sparsegpt -q prune --model resnet18_cifar --weights $CK/resnet18_cifar10.pt --data-dir "$DATA" \
+    --structure channels --target-speedup 2.0 --out "$RUNS/resnet18_speedup2" | grep "top-1\|speed-up"
+cp "$RUNS/resnet18_speedup2/report.json" "$OUT/resnet18_speedup2.report.json"
+python3 -m cnn_sparsegpt latency "$RUNS/resnet18_speedup2" --out "$OUT/resnet18_speedup2.latency.json"
+python3 benchmarks/target_speedup.py --model torchvision:resnet50 --image-size 224 --target 2.0 \
+    --json "$OUT/resnet50_target_speedup.json"
 python3 benchmarks/channels_vs_torch_pruning.py --model resnet20_cifar --weights $CK/resnet20_cifar10.pt \
     --data-dir "$DATA" --keep-macs 0.7 0.5 0.35 --out "$OUT/resnet20_vs_torch_pruning.json"
 python3 benchmarks/channels_vs_torch_pruning.py --model resnet18_cifar --weights $CK/resnet18_cifar10.pt \

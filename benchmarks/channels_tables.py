@@ -21,7 +21,11 @@ def test_rows(d: Path) -> str:
     for p in sorted(d.glob("*.report.json")):
         r = json.loads(p.read_text())
         (md, mk), (pd, pk) = r["structure"]["macs"], r["structure"]["params"]
-        target = ", ".join(f"keep_{k} {v}" for k, v in r["structure"]["target"].items())
+        names = {"macs": "keep_macs", "params": "keep_params", "speedup": "target_speedup"}
+        target = ", ".join(f"{names[k]} {v}" for k, v in r["structure"]["target"].items())
+        if r["structure"].get("latency"):
+            lat = r["structure"]["latency"]
+            target += f" ({lat['measured_speedup']:.2f}x measured, batch {lat['batch']})"
         rows.append([f"{r['model']} ({100 * r['dense_acc']:.2f})", target, f"{mk / md:.1%}", f"{pk / pd:.1%}",
                      f"{100 * r['pruned_acc']:.2f}", f"{100 * (r['pruned_acc'] - r['dense_acc']):+.2f}",
                      f"{r['seconds']:.0f} s", r["git_commit"]])

@@ -67,11 +67,18 @@ def test_groups_of_torchvision_models(name):
     assert dw  # the depthwise convs and BatchNorms on a channel's path lose their entries with it
 
 
-def test_convnext_is_refused_with_the_reason():
+def test_convnext_prunes_its_mlp_channels_and_keeps_the_layer_normed_stream():
+    """Channels-last blocks: permutes followed, each block's MLP hidden (Linear -> GELU -> Linear over NHWC) is a
+    group; the residual stream is normalized across channels by LayerNorms, so it stays, with that reason."""
     model = torchvision.models.convnext_tiny(num_classes=10).eval()
     groups = channel_groups(model, torch.randn(1, 3, 32, 32))
-    assert not any(g.removable for g in groups)
-    assert any("permute" in u.fixed for g in groups for u in g.units)
+    removable = [g for g in groups if g.removable]
+    assert len(removable) == 18  # 3 + 3 + 9 + 3 blocks
+    for g in removable:
+        assert len(g.producers) == 1 and g.producers[0].endswith("block.3")
+        assert list(g.units[0].columns) == [g.producers[0][:-1] + "5"] and g.units[0].columns[g.producers[0][:-1]
+                                                                                             + "5"] == [0]
+    assert any("LayerNorm over channels" in u.fixed for g in groups for u in g.units)
 
 
 def test_untraceable_model_is_a_clear_error():

@@ -5,7 +5,9 @@ Every Conv2d (groups=1) and Linear output channel is a *slot*. The graph is walk
 BatchNorm, activations, pooling and dropout pass it through; a residual add (or a product with a same-width
 tensor, as in squeeze-excitation) ties the slots of its operands; a concat along channels joins the lists; a
 depthwise conv passes its input's slots to its output; a flatten repeats each slot over the positions it spans,
-so a Linear after it sees a block of columns per channel. Tied slots form a *unit*: one channel to remove from
+so a Linear after it sees a block of columns per channel; a permute moves the channel dimension (ConvNeXt's
+channels-last blocks), a Linear over a channels-last tensor reads and writes channels like a 1x1 conv, and a
+LayerNorm over channels fixes them (it normalizes them together: removing one changes the others). Tied slots form a *unit*: one channel to remove from
 every producer that writes it (its weight rows, its BatchNorm entries, the depthwise filters on its path) and from
 every consumer that reads it (its weight columns). Units that reach the model's output, come from its input or
 pass through an operation this walk does not know are fixed, with the reason.
@@ -103,10 +105,17 @@ class _Slots:
             self.fixed.setdefault(self.find(a), reason)
 
 
-def _channels(node: fx.Node) -> int | None:
-    meta = node.meta.get("tensor_meta")
+def _shape(node) -> tuple | None:
+    meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     shape = getattr(meta, "shape", None)
-    return int(shape[1]) if shape is not None and len(shape) >= 2 else None
+    return tuple(shape) if shape is not None else None
+
+
+def _permutation(node: fx.Node) -> list[int] | None:
+    dims = list(node.args[1:]) if node.op == "call_method" else list(node.args[1:2]) or [node.kwargs.get("dims")]
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = list(dims[0])
+    return dims if all(isinstance(d, int) for d in dims) else None
 
 
 def channel_groups(model: nn.Module, example: torch.Tensor) -> list[Group]:
@@ -123,10 +132,20 @@ def channel_groups(model: nn.Module, example: torch.Tensor) -> list[Group]:
     of: dict[fx.Node, list[int]] = {}  # node -> slot of each channel (FIXED where none)
     consumers: dict[str, list[int]] = {}  # consumer module -> slot of each input column
     per_channel: dict[str, list[int]] = {}  # BatchNorm / depthwise conv / PReLU -> slot of each of its channels
+    cdim: dict[fx.Node, int] = {}  # where a tensor's channels are: 1 (NCHW), or the last dim (channel-last)
+
+    def _channels(node) -> int | None:
+        shape = _shape(node)
+        d = cdim.get(node, 1)
+        return int(shape[d]) if shape is not None and len(shape) >= 2 and d < len(shape) else None
 
     def fixed_list(node):
         c = _channels(node)
         return [FIXED] * c if c else []
+
+    def normalized_together(node, x, target):
+        fix_all(x, f"normalized together by {target} (a LayerNorm over channels: removing one changes the others)")
+        return list(x)
 
     def fix_all(values, reason):
         for s in values:
@@ -142,10 +161,14 @@ def channel_groups(model: nn.Module, example: torch.Tensor) -> list[Group]:
         elif node.op == "call_module":
             m = modules[node.target]
             x = of[node.args[0]] if node.args and node.args[0] in of else []
+            in_dims = len(_shape(node.args[0]) or ()) if node.args else 0
+            cdim[node] = cdim.get(node.args[0], 1) if node.args else 1
             if isinstance(m, nn.Conv2d) and m.groups == 1 or isinstance(m, nn.Linear):
-                if isinstance(m, nn.Linear) and len(node.args[0].meta["tensor_meta"].shape) != 2:
-                    fix_all(x, f"read by {node.target}, a Linear over a non-flat tensor")
-                    x = [FIXED] * m.in_features
+                if isinstance(m, nn.Linear) and in_dims != 2:
+                    if cdim[node] != in_dims - 1:  # a Linear reads the last dim: channels-last tensors only
+                        fix_all(x, f"read by {node.target}, a Linear over a tensor whose last dim is not channels")
+                        x = [FIXED] * m.in_features
+                    cdim[node] = in_dims - 1
                 consumers[node.target] = x
                 of[node] = slots.new(node.target, m.weight.shape[0])
             elif isinstance(m, nn.Conv2d) and m.groups == m.in_channels == len(x) and m.out_channels % m.groups == 0:
@@ -154,6 +177,9 @@ def channel_groups(model: nn.Module, example: torch.Tensor) -> list[Group]:
                 per_channel[node.target] = list(of[node])
                 if k != 1:
                     fix_all(x, f"{node.target}: a depthwise conv with channel multiplier {k}")
+            elif isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (len(x),) and \
+                    cdim[node] == in_dims - 1:
+                of[node] = normalized_together(node, x, node.target)
             elif isinstance(m, _PASS_MODULES):
                 of[node] = list(x)
                 if any(p.numel() == len(x) and len(x) > 1 for p in m.parameters(recurse=False)) or \
@@ -166,9 +192,23 @@ def channel_groups(model: nn.Module, example: torch.Tensor) -> list[Group]:
             fn = node.target
             name = fn if isinstance(fn, str) else getattr(fn, "__name__", str(fn))
             tensors = [a for a in node.args if isinstance(a, fx.Node) and a in of and _channels(a)]
+            cd = cdim[node] = cdim.get(tensors[0], 1) if tensors else 1
             c_out = _channels(node)
             if c_out is None and not tensors:
                 of[node] = []
+            elif fn in (torch.permute, "permute") and tensors and _permutation(node) is not None:
+                dims = [d % len(_shape(tensors[0])) for d in _permutation(node)]
+                cdim[node] = dims.index(cd)  # the channels move with their dim
+                of[node] = list(of[tensors[0]])
+            elif fn is torch.nn.functional.layer_norm and tensors and cd == len(_shape(tensors[0])) - 1 and \
+                    tuple(node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]) == (c_out,):
+                of[node] = normalized_together(node, of[tensors[0]], "layer_norm")
+            elif cd != 1 and fn not in _PASS_FUNCTIONS and fn not in _PASS_METHODS and fn not in _TIE_FUNCTIONS \
+                    and fn not in _TIE_METHODS and name != "stochastic_depth":
+                for t in tensors:  # reshapes and reductions below assume channels at dim 1
+                    fix_all(of[t], f"read by {name} on a channels-last tensor, which structured pruning does not "
+                                   "follow")
+                of[node] = fixed_list(node)
             elif (fn in _PASS_FUNCTIONS or fn in _PASS_METHODS or name == "stochastic_depth") and tensors:
                 of[node] = list(of[tensors[0]])
             elif fn in _TIE_FUNCTIONS or fn in _TIE_METHODS:

@@ -166,7 +166,10 @@ def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list
             for xp, xd in zip(inputs, targets.stream(name)):
                 p.add_batch(xp)
                 Y = fn(xd.to(layer.weight.dtype))  # (B, rows, ...) without bias
-                Y = Y.movedim(1, -1).reshape(-1, Y.shape[1]) if Y.ndim > 2 else Y
+                if isinstance(layer, nn.Linear):  # (..., rows): a Linear over channels-last inputs too
+                    Y = Y.reshape(-1, Y.shape[-1])
+                elif Y.ndim > 2:
+                    Y = Y.movedim(1, -1).reshape(-1, Y.shape[1])
                 X = p.columns(xp)[0]  # (d, T), T in the (image, position) order of Y's rows
                 C += Y.t().double() @ X.t().double()
             A = damped((p.H[0].double() / 2 * p.nsamples)[None], percdamp)[0]  # ΣXXᵀ + λI
