@@ -16,7 +16,7 @@ from ..deploy.runtimes import RUNTIMES
 from ..kernels.masks import Pattern
 from ..kernels.quant import BITS, CLIP, QUANT
 from ..kernels.refine import REFINE
-from ..kernels.solver import METHODS
+from ..kernels.solver import METHODS, SOLVERS
 from ..utils import UserError
 
 
@@ -77,6 +77,14 @@ class PruneConfig:
                       "magnitude or wanda", METHODS)
     sparsity: float | None = opt(None, "unstructured: fraction of weights pruned per layer, in [0, 1)")
     nm: str | None = opt(None, "N:M semi-structured: keep N of every M input channels, e.g. 2:4")
+    solver: str = opt("sparsegpt", "method sparsegpt's OBS solver: sparsegpt (one column sweep for all rows, lazy "
+                      "updates), exact (OBC's ExactOBS: each row's cheapest weight removed one at a time with exact "
+                      "inverse-Hessian updates; rows·d³ work) or auto (exact where a layer's rows·d³ is under "
+                      "kernels.solver.EXACT_BUDGET, sparsegpt elsewhere and with wbits)", SOLVERS)
+    hessians: str = opt("pruned", "where each layer's Hessian comes from: pruned (its inputs in the network "
+                        "pruned so far, SparseGPT's sequential scheme) or dense (its inputs in the dense network, "
+                        "OBC's one-pass scheme; the layer then fits the dense outputs on dense inputs, so "
+                        "dense_target changes nothing)", ("pruned", "dense"))
     percdamp: float = opt(0.01, "Hessian damping relative to its mean diagonal", check=lambda v: v >= 0, want=">= 0")
     blocksize: int = opt(128, "columns per lazy-update block of SparseGPT", check=lambda v: v >= 1,
                          want="at least 1")
@@ -161,6 +169,14 @@ class PruneConfig:
         elif r.keep_macs is not None or r.keep_params is not None or r.target_speedup is not None:
             raise UserError("keep_macs, keep_params and target_speedup are targets of structure='channels': give "
                             "that too")
+        if r.solver != "sparsegpt" and r.method != "sparsegpt":
+            raise UserError(f"solver='{r.solver}' is an OBS solver of method sparsegpt, not of '{r.method}'")
+        if r.solver == "exact" and r.wbits is not None:
+            raise UserError("solver='exact' does not quantize: use solver 'sparsegpt' or 'auto' (SparseGPT for the "
+                            "quantized layers) with wbits")
+        if r.structure == "channels" and (r.solver != "sparsegpt" or r.hessians != "pruned"):
+            raise UserError("solver and hessians choose how weight masks are solved; structure='channels' chooses "
+                            "channels by block OBS on dense Hessians already")
         if r.wbits is not None and r.refine != "none":
             raise UserError(f"refine='{r.refine}' moves the kept weights off their quantization grids: not combinable "
                             "with wbits (leave refine at 'auto' or 'none')")
@@ -223,7 +239,7 @@ PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 
 # The settings beyond SparseGPT's layer solve; a results file labels each run by those that differ from the
 # published method's (recipe_label), so a label means the same in every file whatever the defaults become.
-RECIPE_KEYS = ("allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction", "refine",
+RECIPE_KEYS = ("solver", "hessians", "allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction", "refine",
                "dense_target", "reconstruct", "wbits", "quant", "quant_clip", "structure", "keep_macs", "keep_params",
                "target_speedup", "round_to")
 

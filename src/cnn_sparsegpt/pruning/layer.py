@@ -22,7 +22,7 @@ from ..kernels.linalg import accumulate_xxt_
 from ..kernels.masks import Pattern, conv_column_perm
 from ..kernels.quant import fit_grid, layer_codes
 from ..kernels.refine import refine as refine_solve
-from ..kernels.solver import prune_matrix, relative_error
+from ..kernels.solver import choose_solver, prune_matrix, relative_error
 
 
 # The re-fits beyond SparseGPT's own solve (the dense target, --refine) need at least this many calibration
@@ -45,6 +45,7 @@ class LayerResult:
     error_from: str = "hessian"  # hessian: tr(ΔW·H·ΔWᵀ); outputs: the layer run on its inputs (no Hessian needed)
     seconds: float = 0.0
     percdamp: float | None = None  # damping actually used (SparseGPT)
+    solver: str | None = None  # sparsegpt or exact, for method sparsegpt
     mask: torch.Tensor | None = field(default=None, repr=False)  # True = kept, weight's shape
     quant: dict | None = field(default=None, repr=False)  # codes, scale, zero, bits (with --wbits)
 
@@ -237,8 +238,11 @@ class LayerPruner:
             Wg = dense_target_weights(Wg, Hg, self.D, percdamp)  # the error is measured against W* from here on
         scale = None if row_scale is None else row_scale.to(Wg).reshape(self.groups, -1)
         grid = fit_grid(Wg, wbits, config.quant_clip) if wbits else None
+        if method == "sparsegpt":
+            res.solver = choose_solver(config.solver, Wg.shape[0] * Wg.shape[1], Wg.shape[-1], grid is not None)
         Q, pruned, res.percdamp = prune_matrix(Wg, Hg, method, pattern, percdamp, config.blocksize, scale, stats=stats,
-                                               graphs=graphs, grid=grid, quant=config.quant, diagonal=diagonal)
+                                               graphs=graphs, grid=grid, quant=config.quant, diagonal=diagonal,
+                                               solver=res.solver or "sparsegpt")
         Q, pruned = refine_solve(refine if refit else "none", Wg, Q, pruned, Hg, pattern, percdamp)
         if Hg is not None:
             res.error = float(relative_error(Wg, Q, Hg))

@@ -141,14 +141,18 @@ class _Pruner:
         statistics, then the reported error from the layer's outputs)."""
         module = self.modules[name]
         needs = self.needs()
+        dense_hessians = self.config.hessians == "dense"  # OBC's scheme: the layer sees only the dense network
         pruner = LayerPruner(module, name, hessian=needs == "hessian", track_mean=self.statcorr is not None,
-                             dense_target=self.dense is not None)
+                             dense_target=self.dense is not None and not dense_hessians)
         f0, t0 = self.forward_clock(), time.perf_counter()
         d0 = self.dense.seconds if self.dense else 0.0
         dense = self.dense.stream(name) if self.dense else itertools.repeat(None)
         if needs != "nothing":
             for x in inputs:  # with the fx executor, computing these is forward time, not Hessian time
-                pruner.add_batch(x, next(dense))
+                if dense_hessians:
+                    pruner.add_batch(next(dense))
+                else:
+                    pruner.add_batch(x, next(dense))
         dense_seconds = self.dense.seconds - d0 if self.dense else 0.0
         if self.dense:
             self.t["dense_target"] = self.t.get("dense_target", 0.0) + dense_seconds
@@ -273,7 +277,7 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     low_memory = config.low_memory
     if low_memory is None:
         low_memory, policy = memory_policy(max(input_bytes.values(), default=0), sum(len(x) for x in batches), device,
-                                           copies=2 if config.dense_target else 1)
+                                           copies=2 if config.dense_target or config.hessians == "dense" else 1)
     else:
         policy = "low-memory" if low_memory else "default"
     plan = choose_layers(model, order, config.ignore, not config.prune_all)
@@ -288,9 +292,10 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     patterns = {n: Pattern(sparsity=v) for n, v in alloc["sparsity"].items()} if config.allocation != "uniform" \
         else {}
     t_alloc = time.perf_counter() - t0
-    dense = DenseInputs(model, batches) if config.dense_target or config.reconstruct else None  # the frozen copy
+    dense_hessians = config.hessians == "dense"
+    dense = DenseInputs(model, batches) if config.dense_target or config.reconstruct or dense_hessians else None
     run = _Pruner(model, plan, config, progress, patterns, row_scales, statcorr,
-                  dense if config.dense_target else None, process_group)
+                  dense if config.dense_target or dense_hessians else None, process_group)
     run.t["allocation_and_dense_pass"] = t_alloc
     passes = None
     if use_fx:

@@ -1,0 +1,124 @@
+"""ExactOBS (Frantar, Singh & Alistarh, "Optimal Brain Compression", 2022): each output row of W (rows, d) loses
+its weights one at a time, always the one whose removal costs least,
+    j = argmin_j  w_j² / [H⁻¹]_jj      (the output error it adds),
+with the exact OBS update of the row's other weights and of the row's own inverse Hessian:
+    w ← w − (w_j / [H⁻¹]_jj) H⁻¹_:,j          H⁻¹ ← H⁻¹ − H⁻¹_:,j H⁻¹_j,: / [H⁻¹]_jj .
+Rows are independent; a batch of rows is processed at once, each with its own H⁻¹ (kept implicitly, see _greedy).
+
+Unstructured: every row is run to the end and its error after each removal recorded (OBC's error database); the
+layer's k removals are then the k cheapest across rows (losses made non-decreasing along each row, so that each
+row's share is a prefix of its own order), and each row takes the weights it had at its count (kept along the
+way: one pass, not two). N:M: a weight is eligible while its group of m consecutive columns still has more than n;
+the row stops after d·(m−n)/m removals.
+
+SparseGPT approximates this (one order of columns for all rows, lazy updates); this is the exact greedy and costs
+rows·d³ flops per layer: affordable for compact networks (ResNet-20: d ≤ 576), not for wide ones (cost_flops).
+"""
+from __future__ import annotations
+
+import torch
+
+from .linalg import damped
+from .masks import Pattern
+
+MEMORY = 256 * 2**20  # bytes of row-batch state (H⁻¹ copies and weight history) at a time
+
+
+def cost_flops(rows: int, d: int) -> float:
+    """Multiply-adds of the exact solve of a (rows, d) layer: d rank-one updates of a d×d inverse per row."""
+    return float(rows) * d ** 3
+
+
+@torch.no_grad()
+def exact_obs_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp: float = 0.01,
+                    row_scale: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W (G, rows, d), H (G, d, d) -> (Ŵ, pruned mask, per-row loss curves (G, rows, steps) in removal order).
+    row_scale (G, rows): each row's losses weighed by it when rows compete for the layer's removals."""
+    G, rows, d = W.shape
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(damped(H.double(), percdamp))).to(dtype)
+    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0  # never-active inputs: free to remove, first
+    steps = d - d * pattern.n // pattern.m if pattern.is_nm else d
+    Q = torch.empty_like(W)
+    pruned = torch.zeros_like(W, dtype=torch.bool)
+    losses = torch.zeros(G, rows, steps, dtype=torch.float64, device=W.device)
+    per_row = d * (steps + (d + 1 if not pattern.is_nm else 0)) * torch.finfo(dtype).bits // 8
+    batch = max(1, min(rows, MEMORY // per_row))
+    for g in range(G):
+        history, orders = [], []
+        for r0 in range(0, rows, batch):
+            w = W[g, r0:r0 + batch].to(dtype, copy=True)
+            hist, order, loss = _greedy(w, Hinv[g], dead[g], pattern, steps, keep_history=not pattern.is_nm)
+            losses[g, r0:r0 + batch] = loss
+            if pattern.is_nm:
+                Q[g, r0:r0 + batch] = w.to(W.dtype)
+                pruned[g, r0:r0 + batch].scatter_(1, order, True)
+            else:
+                history.append(hist)
+                orders.append(order)
+        if pattern.is_nm:
+            continue
+        curve = losses[g] * (row_scale[g][:, None].double() if row_scale is not None else 1.0)
+        counts = _row_counts(curve, round(pattern.target * rows * d))
+        for b, (hist, order) in enumerate(zip(history, orders)):
+            r0 = b * batch
+            c = counts[r0:r0 + len(order)]
+            Q[g, r0:r0 + len(order)] = hist[torch.arange(len(order), device=W.device), c].to(W.dtype)
+            taken = torch.arange(d, device=W.device)[None, :] < c[:, None]  # the first c of each row's order
+            pruned[g, r0:r0 + len(order)].scatter_(1, order, taken)
+    return Q, pruned, losses
+
+
+def _row_counts(curve: torch.Tensor, k: int) -> torch.Tensor:
+    """How many removals each row takes so that the layer's k removals are the cheapest: incremental losses made
+    non-decreasing along each row (a prefix per row), then the k smallest overall (stable: earlier steps first)."""
+    rows, steps = curve.shape
+    flat = torch.cummax(curve, dim=1).values.flatten()
+    chosen = torch.sort(flat, stable=True).indices[:k]
+    return torch.bincount(chosen // steps, minlength=rows)
+
+
+def _greedy(w: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, pattern: Pattern, steps: int,
+            keep_history: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """The greedy on a batch of rows w (B, d), in place (w ends with every step done). Returns the weights after
+    each number of removals (B, d+1, d) when keep_history, the removal order (B, steps) and each step's loss.
+
+    Each row's H⁻¹ is kept implicitly as H⁻¹₀ − Σ_i v_i v_iᵀ (v_i = H⁻¹_:,j/√[H⁻¹]_jj of its i-th removal): a step
+    reads one column, H⁻¹₀[:, j] − V (V[:, j]), and updates the diagonal, instead of rewriting a d×d matrix per row;
+    the removed column comes out exactly 0 of the update, as in the explicit form."""
+    B, d = w.shape
+    V = torch.empty(B, steps, d, dtype=w.dtype, device=w.device)
+    diag = torch.diagonal(Hinv).expand(B, d).clone()
+    alive = torch.ones(B, d, dtype=torch.bool, device=w.device)
+    ar = torch.arange(B, device=w.device)
+    hist = torch.empty(B, d + 1, d, dtype=w.dtype, device=w.device) if keep_history else None
+    if hist is not None:
+        hist[:, 0] = w
+    order = torch.empty(B, steps, dtype=torch.long, device=w.device)
+    loss = torch.empty(B, steps, dtype=torch.float64, device=w.device)
+    quota = None
+    if pattern.is_nm:
+        quota = torch.full((B, d // pattern.m), pattern.m - pattern.n, device=w.device)  # removals left per group
+    inf = torch.tensor(torch.inf, dtype=w.dtype, device=w.device)
+    for k in range(steps):
+        score = torch.where(dead[None, :], torch.zeros_like(w), w.square() / diag)
+        eligible = alive if quota is None else alive & (quota > 0).repeat_interleave(pattern.m, 1)
+        j = torch.argmin(torch.where(eligible, score, inf), 1)
+        order[:, k] = j
+        loss[:, k] = score[ar, j].double()  # = ‖(w − ŵ)X‖²/N added (H = 2XXᵀ/N)
+        col = Hinv[:, j].t()  # (B, d): H⁻¹₀[:, j] per row, minus the removals so far
+        if k:
+            col = col - torch.bmm(V[ar, :k, j][:, None, :], V[:, :k]).squeeze(1)
+        hjj = col[ar, j]
+        w.sub_(col * (w[ar, j] / hjj)[:, None])
+        w[ar, j] = 0
+        v = col / hjj.sqrt()[:, None]
+        V[:, k] = v
+        diag.sub_(v.square())
+        alive[ar, j] = False
+        diag[~alive] = 1  # removed: masked out of the argmin; keeps the division finite
+        if quota is not None:
+            quota[ar, j // pattern.m] -= 1
+        if hist is not None:
+            hist[:, k + 1] = w
+    return hist, order, loss
