@@ -1,5 +1,6 @@
 """Fill docs/CHANNELS.md's tables from experiments/channels/ (what benchmarks/channels_goals.sh wrote): the text
-between `<!-- NAME -->` and `<!-- /NAME -->` is replaced for NAME in test, latency, finetune, torch_pruning.
+between `<!-- NAME -->` and `<!-- /NAME -->` is replaced for NAME in test, latency, finetune, torch_pruning,
+target_speedup.
 
     python benchmarks/channels_tables.py --doc docs/CHANNELS.md --dir experiments/channels
 """
@@ -63,6 +64,19 @@ def torch_pruning_rows(d: Path) -> str:
     return "\n\n".join(parts)
 
 
+def target_speedup_rows(d: Path) -> str:
+    """benchmarks/target_speedup.py's runs: the search's tries, then the independent measurement."""
+    rows = []
+    for p in sorted(d.glob("*_target_speedup.json")):
+        r = json.loads(p.read_text())
+        tries = ", ".join(f"{t['predicted_speedup']:.2f}→{t['measured_speedup']:.2f}x" for t in r["search"]["tries"])
+        again = ", ".join(f"{row['speedup']:.2f}x (batch {row['batch']})" for row in r["measured_after"])
+        rows.append([r["model"], "×".join(map(str, r["input_shape"][1:])), f"{r['target_speedup']:g}x", tries, again,
+                     f"{r['macs'][1] / r['macs'][0]:.1%}", f"{r['prune_seconds']:.0f} s", r["git_commit"]])
+    return _table(["model (random weights)", "input", "target", "search: predicted→measured", "measured again",
+                   "multiply-adds kept", "prune time", "commit"], rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--doc", default="docs/CHANNELS.md")
@@ -71,7 +85,7 @@ def main() -> None:
     d, doc = Path(args.dir), Path(args.doc)
     text = doc.read_text()
     for name, fn in (("test", test_rows), ("latency", latency_rows), ("finetune", finetune_rows),
-                     ("torch_pruning", torch_pruning_rows)):
+                     ("torch_pruning", torch_pruning_rows), ("target_speedup", target_speedup_rows)):
         text = re.sub(rf"<!-- {name} -->.*?<!-- /{name} -->", lambda m: f"<!-- {name} -->\n{fn(d)}\n<!-- /{name} -->",
                       text, flags=re.S)
     doc.write_text(text)

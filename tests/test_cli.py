@@ -231,7 +231,8 @@ def test_recipe_defaults_and_labels():
 
     default = PruneOptions.build().config.resolved()
     assert default == RECOMMENDED.resolved() and (default.refine, default.dense_target) == ("cg", True)
-    assert recipe_label(default) == "refine=cg,dense_target=True"
+    assert recipe_label(default) == "solver=auto,refine=cg,dense_target=True"
+    assert recipe_label(replace(RECOMMENDED, method="magnitude")) == "refine=cg,dense_target=True"  # as before
     published = PruneOptions.build(recipe="published").config
     assert (published.refine, published.dense_target, recipe_label(published)) == ("none", False, "")
     assert recipe_label(replace(PUBLISHED, allocation="dp")) == "allocation=dp"  # as before the change

@@ -82,3 +82,17 @@ def test_float32_batches_match_float64(pattern):
     Q32, p32, _ = exact_obs_solve(W[None].float(), H[None].float(), pattern, 0.01)
     assert (p64 == p32).float().mean() > 0.95
     assert int(p32.sum()) == int(p64.sum())
+
+
+def test_error_curve_is_the_solves_error_at_each_level():
+    """One greedy pass gives every level's error (OBC's database): equal to solving at that level."""
+    from cnn_sparsegpt.kernels.exact_obs import exact_error_curve
+    from cnn_sparsegpt.kernels.solver import relative_error
+
+    W, H = _problem(rows=5, d=16, seed=3)
+    levels = [0.0, 0.3, 0.6, 0.9]
+    curve = exact_error_curve(W[None], H[None], levels, 0.01, dtype=torch.float64)
+    Hd = damped(H[None], 0.01)
+    for s, e in zip(levels, curve):
+        Q, _, _ = exact_obs_solve(W[None], H[None], Pattern(sparsity=s), 0.01, dtype=torch.float64)
+        torch.testing.assert_close(e, relative_error(W[None], Q, Hd), rtol=1e-6, atol=1e-12)

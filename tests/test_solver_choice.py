@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from cnn_sparsegpt import PUBLISHED, UserError, prune_model
+from cnn_sparsegpt import PUBLISHED, PruneConfig, UserError, prune_model
 from cnn_sparsegpt.kernels import solver as solver_module
 
 from .test_prune_model import TinyResNet, calib, make
@@ -48,6 +48,7 @@ def test_dense_hessians_prune_each_layer_as_in_the_dense_network():
 
 
 def test_solver_options_are_checked():
+    assert PruneConfig(method="magnitude").resolved().solver == "sparsegpt"  # auto: nothing to choose there
     with pytest.raises(UserError, match="OBS solver of method sparsegpt"):
         prune_model(make(TinyResNet), calib(), method="magnitude", solver="exact", sparsity=0.5)
     with pytest.raises(UserError, match="does not quantize"):

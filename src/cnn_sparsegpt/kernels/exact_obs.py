@@ -69,6 +69,29 @@ def exact_obs_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
     return Q, pruned, losses
 
 
+@torch.no_grad()
+def exact_error_curve(W: torch.Tensor, H: torch.Tensor, sparsities, percdamp: float = 0.01,
+                      row_scale: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """‖(W − Ŵ)X‖²/‖WX‖² of the exact unstructured solve at each sparsity, from ONE greedy pass per row: its
+    recorded losses are OBC's error database (each level's rows take the cheapest prefixes, _row_counts).
+    W (G, rows, d), H (G, d, d) -> (len(sparsities),) float64."""
+    G, rows, d = W.shape
+    Hd = damped(H.double(), percdamp)  # the losses are on the damped H: so is the norm
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(Hd)).to(dtype)
+    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0
+    curves = torch.cat([_greedy(W[g].to(dtype, copy=True), Hinv[g], dead[g], Pattern(sparsity=0.5), d,
+                                keep_history=False)[2] for g in range(G)])  # (G·rows, d)
+    weights = curves * (row_scale.reshape(-1, 1).double() if row_scale is not None else 1.0)
+    cumulative = torch.cat([torch.zeros(len(curves), 1, dtype=torch.float64, device=curves.device),
+                            curves.cumsum(1)], 1)
+    norm = float(torch.einsum("grd,gde,gre->", W.double(), Hd, W.double())) or 1.0
+    out = []
+    for s in sparsities:
+        counts = _row_counts(weights, round(float(s) * G * rows * d))
+        out.append(cumulative[torch.arange(len(curves)), counts].sum() / norm)
+    return torch.stack(out).cpu()
+
+
 def _row_counts(curve: torch.Tensor, k: int) -> torch.Tensor:
     """How many removals each row takes so that the layer's k removals are the cheapest: incremental losses made
     non-decreasing along each row (a prefix per row), then the k smallest overall (stable: earlier steps first)."""

@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 from .graph import run_hooked
 from .layer import LayerPruner
 from ..kernels.masks import Pattern
-from ..kernels.solver import prune_matrix, relative_error, sparsegpt_factor
+from ..kernels.exact_obs import exact_error_curve
+from ..kernels.solver import choose_solver, prune_matrix, relative_error, sparsegpt_factor
 from ..utils import UserError
 
 ALLOCATIONS = ("uniform", "owl", "dp")  # the functions: ALLOCATORS, below
@@ -111,9 +112,13 @@ def _row_scale(p: LayerPruner, row_scales: dict | None, n: str):
     return None if scale is None else scale.to(p.H).reshape(p.groups, -1)
 
 
-def layer_error_curve(p: LayerPruner, method: str, grid, percdamp: float, row_scale=None) -> torch.Tensor:
-    """‖(W − Ŵ)X‖²/‖WX‖² of the layer pruned by `method` at each sparsity of `grid` (dense H; one factor)."""
+def layer_error_curve(p: LayerPruner, method: str, grid, percdamp: float, row_scale=None,
+                      solver: str = "sparsegpt") -> torch.Tensor:
+    """‖(W − Ŵ)X‖²/‖WX‖² of the layer pruned by `method` at each sparsity of `grid` (dense H; one factor). With
+    solver 'exact' (or 'auto' where the layer is affordable): from one exact greedy pass, OBC's database."""
     Wg, _ = p.weight_matrix()
+    if method == "sparsegpt" and choose_solver(solver, Wg.shape[0] * Wg.shape[1], Wg.shape[-1], False) == "exact":
+        return exact_error_curve(Wg, p.H, grid, percdamp, row_scale)
     factor = sparsegpt_factor(p.H, percdamp) if method == "sparsegpt" else None
     errors = []
     for s in grid:
@@ -177,7 +182,7 @@ def _owl_allocation(config, model, batches, names, stats, size, row_scales, info
 def _dp_allocation(config, model, batches, names, stats, size, row_scales, info, progress) -> torch.Tensor:
     sparsity, method, percdamp = config.pattern.target, config.method, config.percdamp
     grid = torch.tensor(GRID, dtype=torch.float64)
-    curves = [layer_error_curve(stats[n], method, GRID, percdamp, _row_scale(stats[n], row_scales, n))
+    curves = [layer_error_curve(stats[n], method, GRID, percdamp, _row_scale(stats[n], row_scales, n), config.solver)
               for n in tqdm(names, desc="allocation: error database", unit="layer", disable=not progress,
                             leave=False)]
     errors = torch.stack(curves)

@@ -77,7 +77,7 @@ class PruneConfig:
                       "magnitude or wanda", METHODS)
     sparsity: float | None = opt(None, "unstructured: fraction of weights pruned per layer, in [0, 1)")
     nm: str | None = opt(None, "N:M semi-structured: keep N of every M input channels, e.g. 2:4")
-    solver: str = opt("sparsegpt", "method sparsegpt's OBS solver: sparsegpt (one column sweep for all rows, lazy "
+    solver: str = opt("auto", "method sparsegpt's OBS solver: sparsegpt (one column sweep for all rows, lazy "
                       "updates), exact (OBC's ExactOBS: each row's cheapest weight removed one at a time with exact "
                       "inverse-Hessian updates; rows·d³ work) or auto (exact where a layer's rows·d³ is under "
                       "kernels.solver.EXACT_BUDGET, sparsegpt elsewhere and with wbits)", SOLVERS)
@@ -169,12 +169,12 @@ class PruneConfig:
         elif r.keep_macs is not None or r.keep_params is not None or r.target_speedup is not None:
             raise UserError("keep_macs, keep_params and target_speedup are targets of structure='channels': give "
                             "that too")
-        if r.solver != "sparsegpt" and r.method != "sparsegpt":
-            raise UserError(f"solver='{r.solver}' is an OBS solver of method sparsegpt, not of '{r.method}'")
+        if self.solver == "exact" and r.method != "sparsegpt":
+            raise UserError(f"solver='exact' is an OBS solver of method sparsegpt, not of '{r.method}'")
         if r.solver == "exact" and r.wbits is not None:
             raise UserError("solver='exact' does not quantize: use solver 'sparsegpt' or 'auto' (SparseGPT for the "
                             "quantized layers) with wbits")
-        if r.structure == "channels" and (r.solver != "sparsegpt" or r.hessians != "pruned"):
+        if r.structure == "channels" and (self.solver == "exact" or r.hessians != "pruned"):
             raise UserError("solver and hessians choose how weight masks are solved; structure='channels' chooses "
                             "channels by block OBS on dense Hessians already")
         if r.wbits is not None and r.refine != "none":
@@ -221,18 +221,21 @@ class PruneConfig:
         """The 'auto' fields replaced by what runs: the config a report records."""
         refine = self.refine if self.refine != "auto" else ("none" if self.wbits is not None else "cg")
         quant = self.quant if self.quant != "auto" else ("gptq" if self.method == "sparsegpt" else "rtn")
+        solver = self.solver
         if self.structure == "channels":  # refine re-solves weight masks; channels are re-fitted by OBS
             refine = "none"
-        if (refine, quant) == (self.refine, self.quant):
+        if self.solver == "auto" and (self.method != "sparsegpt" or self.structure == "channels"):
+            solver = "sparsegpt"  # no OBS weight solve to choose: what runs, and a stable recipe label
+        if (refine, quant, solver) == (self.refine, self.quant, self.solver):
             return self
-        return replace(self, refine=refine, quant=quant)
+        return replace(self, refine=refine, quant=quant, solver=solver)
 
     def as_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
 
 RECOMMENDED = PruneConfig()  # chosen on held-out images: docs/RESULTS.md, "Beyond uniform SparseGPT"
-PUBLISHED = PruneConfig(refine="none", dense_target=False)  # SparseGPT (and magnitude, Wanda) as published
+PUBLISHED = PruneConfig(solver="sparsegpt", refine="none", dense_target=False)  # SparseGPT (magnitude, Wanda) as published
 PRESETS = {"recommended": RECOMMENDED, "published": PUBLISHED}
 PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 
