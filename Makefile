@@ -48,7 +48,7 @@ plot:
 results:
 	$(PYTHON) -m cnn_sparsegpt.commands.results --csv experiments/results.csv --out docs/RESULTS.md --preamble docs/results_preamble.md \
 		--holdout-csv experiments/holdout.csv --postscript docs/results_holdout.md \
-		--recipes-csv experiments/accuracy_holdout.csv experiments/accuracy_test.csv experiments/gpu/h100/accuracy_holdout_gpu.csv experiments/gpu/h100/accuracy_test_gpu.csv --recipes-text docs/results_recipes.md \
+		--recipes-csv experiments/accuracy_holdout.csv experiments/accuracy_test.csv experiments/gpu/h100/accuracy_holdout_gpu.csv experiments/gpu/h100/accuracy_test_gpu.csv experiments/solver_hessians_holdout.csv experiments/exact_test.csv --recipes-text docs/results_recipes.md \
 		--seeds-csv experiments/seeds_test.csv $(if $(wildcard experiments/finetune/*.json),--finetune-json $(wildcard experiments/finetune/*.json)) \
 		$(if $(wildcard experiments/finetune_sweep/*.json),--sweep-json $(wildcard experiments/finetune_sweep/*.json))
 
