@@ -9,10 +9,11 @@ so the solver and the refinements run unchanged on W*. The inverse is damped as 
 W* = W + W·(C − H)·(H + λI)⁻¹, so that a layer whose inputs did not change (C = H) keeps W exactly. C − H =
 2·(X_d − X_p)·X_pᵀ/N is summed as such (layer.py): exactly 0 there, not the difference of two rounded products.
 
-The dense inputs come from a frozen copy of the dense model. Where the pruned network runs as a traced graph
-(and not in low-memory mode), the dense copy's graph runs in step with it: one dense pass in all, for one more
-set of stored activations. Otherwise each layer's dense inputs come from forward passes cut short at the layer,
-one batch at a time: about half a pass per pruned layer on average, and one batch of them in memory.
+The dense inputs come from a frozen copy of the dense model. Where the pruned network runs as a traced graph,
+the dense copy's graph runs in step with it under the same memory policy: in default mode one dense pass in all
+for one more set of stored activations; in low-memory mode the same recomputation the pruned side does (before,
+low-memory runs cut a forward pass short at every layer: half a pass per layer, 798 of 1006 s of a ResNet-50
+prune). For untraceable models each layer's dense inputs come from forward passes cut short at the layer.
 """
 from __future__ import annotations
 
@@ -39,9 +40,10 @@ class DenseInputs:
         self._graph = None  # its run, a generator advanced in step with the pruned one
         self._captured: dict[str, list] = {}
 
-    def follow_graph(self, names: list[str]) -> bool:
+    def follow_graph(self, names: list[str], low_memory: bool = False) -> bool:
         """Serve the inputs of `names` (in the order the pruned graph reaches them) from one run of the dense
-        copy's traced graph; False if it cannot be traced (then every layer gets truncated passes)."""
+        copy's traced graph, under the pruned side's memory policy (low_memory: the same recomputation instead
+        of stored activations); False if it cannot be traced (then every layer gets truncated passes)."""
         try:
             gm = fx.symbolic_trace(self.model)
         except Exception:
@@ -53,7 +55,7 @@ class DenseInputs:
                     self._captured[name] = list(inputs)
             return barrier
 
-        self._executor = GraphExecutor(gm, self.batches, {n: capture(n) for n in names})
+        self._executor = GraphExecutor(gm, self.batches, {n: capture(n) for n in names}, low_memory)
         self._graph = self._executor.steps()
         return True
 

@@ -207,8 +207,8 @@ class _Pruner:
         if recalibrate_bn:
             bns = set(bn_modules(self.model))
             barriers |= {name: recalibrate(name) for name, m in self.modules.items() if m in bns}
-        if self.dense is not None and not low_memory:  # low memory: no room for the dense activations too
-            self.dense.follow_graph([name for name, reason in self.plan.items() if not reason])
+        if self.dense is not None:  # in step with this graph, under the same memory policy
+            self.dense.follow_graph([name for name, reason in self.plan.items() if not reason], low_memory)
         ex = GraphExecutor(gm, batches, barriers, low_memory, self.sync)
         self.forward_clock = lambda: ex.forward_seconds
         passes = ex.run()
