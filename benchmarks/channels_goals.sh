@@ -30,6 +30,10 @@ python3 benchmarks/channels_vs_torch_pruning.py --model resnet20_cifar --weights
     --data-dir "$DATA" --keep-macs 0.7 0.5 0.35 --out "$OUT/resnet20_vs_torch_pruning.json"
 python3 benchmarks/channels_vs_torch_pruning.py --model resnet18_cifar --weights $CK/resnet18_cifar10.pt \
     --data-dir "$DATA" --keep-macs 0.7 0.5 0.35 --out "$OUT/resnet18_vs_torch_pruning.json"
+for m in resnet20 resnet18; do  # Torch-Pruning's gradient importances (labels, a backward pass per image)
+    python3 benchmarks/channels_vs_torch_pruning.py --model ${m}_cifar --weights $CK/${m}_cifar10.pt \
+        --data-dir "$DATA" --skip-ours --importances taylor hessian --out "$OUT/${m}_gradients_vs_torch_pruning.json"
+done
 # one epoch of fine-tuning with the defaults (chosen on held-out images for the unstructured runs) on the 50% run
 python3 -m cnn_sparsegpt -q finetune "$RUNS/resnet18_keep50" --epochs 1 --data-dir "$DATA" | tail -2
 cp "$RUNS/resnet18_keep50/finetune/report.json" "$OUT/resnet18_keep50.finetune.json"

@@ -1,6 +1,7 @@
 """The dense target in low-memory runs, side by side in one process: the dense copy's inputs served by its traced
 graph under the low-memory policy (now) against forward passes cut short at every layer (before). Same model,
-images and recipe (the default); random weights unless --weights.
+images and recipe (the default); random weights unless --weights. For scale, the same prune as published
+(SparseGPT's solve, no dense target, no refinement) and the default recipe with SparseGPT's solver everywhere.
 
     python benchmarks/low_memory_dense_target.py --arch torchvision:resnet50 --image-size 224 --nsamples 256 \\
         --json experiments/low_memory_dense_target.json
@@ -13,7 +14,7 @@ import time
 
 import torch
 
-from cnn_sparsegpt import create_model, prune_model
+from cnn_sparsegpt import PUBLISHED, create_model, prune_model
 from cnn_sparsegpt.pruning.dense_target import DenseInputs
 from cnn_sparsegpt.utils import atomic_write_json, load_state_dict, run_metadata
 
@@ -46,6 +47,14 @@ def main() -> None:
         print(way, f"{rows[way]['seconds']:.1f} s, dense target {rep.timings.get('dense_target', 0):.1f} s",
               flush=True)
     DenseInputs.follow_graph = follow
+    for way, config, extra in (("published", PUBLISHED, {}), ("default, solver sparsegpt", None,
+                                                              {"solver": "sparsegpt"})):
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        rep = prune_model(m, x, config, nm=args.nm, low_memory=True, progress=False, **extra)
+        rows[way] = {"seconds": time.perf_counter() - t0, "timings": rep.timings, "forward_passes":
+                     rep.forward_passes}
+        print(way, f"{rows[way]['seconds']:.1f} s", flush=True)
     a, b = masks.values()
     agree = sum(int((a[k] == b[k]).sum()) for k in a) / sum(a[k].numel() for k in a)
     out = {"arch": args.arch, "image_size": args.image_size, "nsamples": args.nsamples, "pattern": args.nm,
