@@ -202,7 +202,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _add_export_parser(sub) -> None:
-    p = sub.add_parser("export", help="fold BatchNorm into the convs of a pruned run and write ONNX, safetensors and/or a compressed file")
+    p = sub.add_parser("export", help="fold BatchNorm into the convs of a pruned run and write ONNX, safetensors "
+                       "and/or a compressed file")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a `prune` run (model.pt, report.json)")
     p.add_argument("--onnx", metavar="PATH", help="write an ONNX model (checked in onnxruntime against PyTorch "
                    "within 1e-4; needs the extra: pip install 'cnn-sparsegpt[export]')")

@@ -7,10 +7,11 @@ tensor, as in squeeze-excitation) ties the slots of its operands; a concat along
 depthwise conv passes its input's slots to its output; a flatten repeats each slot over the positions it spans,
 so a Linear after it sees a block of columns per channel; a permute moves the channel dimension (ConvNeXt's
 channels-last blocks), a Linear over a channels-last tensor reads and writes channels like a 1x1 conv, and a
-LayerNorm over channels fixes them (it normalizes them together: removing one changes the others). Tied slots form a *unit*: one channel to remove from
-every producer that writes it (its weight rows, its BatchNorm entries, the depthwise filters on its path) and from
-every consumer that reads it (its weight columns). Units that reach the model's output, come from its input or
-pass through an operation this walk does not know are fixed, with the reason.
+LayerNorm over channels fixes them (it normalizes them together: removing one changes the others). Tied slots
+form a *unit*: one channel to remove from every producer that writes it (its weight rows, its BatchNorm entries,
+the depthwise filters on its path) and from every consumer that reads it (its weight columns). Units that reach
+the model's output, come from its input or pass through an operation this walk does not know are fixed, with the
+reason.
 
 A `Group` collects the units of producers tied together (e.g. all the convs that write one ResNet stage's residual
 stream): its units are removed independently, each in every member at once.
