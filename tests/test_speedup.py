@@ -94,6 +94,8 @@ def test_target_speedup_options_are_checked(fake_runtime):
         prune_model(make(TinyResNet), calib(), structure="channels", target_speedup=0.5)
     with pytest.raises(UserError, match="give that too"):
         prune_model(make(TinyResNet), calib(), sparsity=0.5, target_speedup=2.0)
+    with pytest.raises(UserError, match="tensorrt runtime is not built"):  # before any work
+        prune_model(make(TinyResNet), calib(), structure="channels", target_speedup=2.0, speedup_runtime="tensorrt")
     with pytest.raises(UserError, match="out of reach"):
         prune_model(make(TinyResNet), calib(64), structure="channels", target_speedup=50.0, round_to=2,
                     progress=False)

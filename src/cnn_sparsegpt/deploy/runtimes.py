@@ -3,6 +3,7 @@ side-by-side timing rule: models alternate in rounds (a noisy machine slows all 
 calls after `warmup` untimed ones, and the figure is the median call."""
 from __future__ import annotations
 
+import importlib.util
 import statistics
 import tempfile
 import time
@@ -19,6 +20,10 @@ class TorchEager:
     """PyTorch eager, inference mode, on the CPU."""
     name = "torch"
 
+    @staticmethod
+    def check() -> None:
+        pass
+
     def __init__(self, model: nn.Module, example: torch.Tensor, threads: int | None):
         self.model = fold_batchnorm(model).eval()
 
@@ -31,12 +36,16 @@ class OnnxRuntime:
     """ONNX Runtime's CPU execution provider, on the model `export` writes (opset 17, folded BatchNorm)."""
     name = "onnxruntime"
 
-    def __init__(self, model: nn.Module, example: torch.Tensor, threads: int | None):
-        try:
-            import onnxruntime as ort
-        except ImportError:
+    @staticmethod
+    def check() -> None:
+        if any(importlib.util.find_spec(p) is None for p in ("onnx", "onnxruntime")):  # the exporter needs onnx
             raise UserError("the onnxruntime runtime needs onnxruntime (and onnx, onnxscript): "
-                            "pip install 'cnn-sparsegpt[export]'") from None
+                            "pip install 'cnn-sparsegpt[export]'")
+
+    def __init__(self, model: nn.Module, example: torch.Tensor, threads: int | None):
+        self.check()
+        import onnxruntime as ort
+
         folded = fold_batchnorm(model).eval()
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "m.onnx"
@@ -55,17 +64,23 @@ class OnnxRuntime:
 class TensorRT:
     name = "tensorrt"
 
-    def __init__(self, model, example, threads):
+    @staticmethod
+    def check() -> None:
         raise UserError("the tensorrt runtime is not built yet: it needs a CUDA GPU and the tensorrt package; use "
                         "onnxruntime or torch")
+
+    def __init__(self, model, example, threads):
+        self.check()
 
 
 RUNTIMES = {r.name: r for r in (OnnxRuntime, TorchEager, TensorRT)}
 
 
 def runtime(name: str):
+    """The runtime class of that name, checked to be usable here (its package installed) before any work."""
     if name not in RUNTIMES:
         raise UserError(f"unknown runtime '{name}'; choose from {', '.join(RUNTIMES)}")
+    RUNTIMES[name].check()
     return RUNTIMES[name]
 
 

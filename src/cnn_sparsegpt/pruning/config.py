@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 
 from .allocation import ALLOCATIONS, BUDGETS, DP_MEASURES
-from ..deploy.runtimes import RUNTIMES
+from ..deploy.runtimes import RUNTIMES, runtime
 from ..kernels.masks import Pattern
 from ..kernels.quant import BITS, CLIP, QUANT
 from ..kernels.refine import REFINE
@@ -213,6 +213,8 @@ class PruneConfig:
                                        ("allocation owl/dp", self.allocation != "uniform"),
                                        ("stat_correction", self.stat_correction),
                                        ("reconstruct", bool(self.reconstruct))) if on]
+        if self.target_speedup is not None:  # the runtime it times on, before hours of Hessians
+            runtime(self.speedup_runtime)
         if distributed and whole:
             raise UserError(f"{', '.join(whole)}: these need the whole calibration set in one process: run them "
                             "without torchrun")
