@@ -28,7 +28,7 @@ class FakeRuntime:
         def count(m, args, out):
             nonlocal macs
             w = m.weight
-            macs += w.numel() * (out[0, 0].numel() if out.ndim == 4 else 1)
+            macs += w.numel() * (out[0].numel() // w.shape[0])  # per output position, channels first or last
 
         hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         with torch.no_grad():
@@ -73,6 +73,21 @@ def test_table_takes_off_the_call_cost_and_is_cached(fake_runtime):
     calls = FakeRuntime.calls
     again = layer_latency.layer_latency_table(model, calib(2), varying, "onnxruntime", 1)
     assert FakeRuntime.calls == calls and vars(again["fc1"]) == vars(table["fc1"])  # all from the cache
+
+
+def test_table_times_a_linear_over_channels_last_inputs(fake_runtime):
+    """A Linear over (B, H, W, C), as in ConvNeXt's blocks, is timed on inputs whose last dim is its own width."""
+    class ChannelsLast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 12, 3, padding=1), nn.Linear(12, 16)
+
+        def forward(self, x):
+            return self.fc(self.conv(x).permute(0, 2, 3, 1))
+
+    table = layer_latency.layer_latency_table(ChannelsLast(), calib(2), {"fc": {"in"}}, "onnxruntime", 1)
+    linear_macs = 12 * 16 * 8 * 8  # per image: every one of the 8x8 positions
+    assert table["fc"].at(1.0) == pytest.approx(PER_MAC * (linear_macs - 1), rel=1e-6)
 
 
 def test_target_speedup_is_met_as_measured(fake_runtime):

@@ -128,9 +128,9 @@ def layer_latency_table(model: nn.Module, example: torch.Tensor, varying: dict[s
         points = {}
         for f in fractions:
             layer, macs = _scaled(modules[name], f, varying[name])
-            shape = shapes[name]
-            shape = (batch, layer.in_features) + tuple(shape[2:]) if isinstance(layer, nn.Linear) else \
-                (batch, layer.in_channels) + tuple(shape[2:])
+            shape = shapes[name]  # a Linear reads its last dim (channels-last too), a conv dim 1
+            shape = (batch, *shape[1:-1], layer.in_features) if isinstance(layer, nn.Linear) else \
+                (batch, layer.in_channels, *shape[2:])
             points[round(macs, 6)] = max(0.0, timed(layer, shape) - overhead)
         xs = sorted(points)
         ys = [points[x] for x in xs]
