@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..deploy.compressed import QuantGrid, dequantize, quant_codes, save_compressed
+from ..deploy.compressed import QuantGrid, dequantize, nbytes, quant_codes, save_compressed
 from ..deploy.fold import fold_batchnorm, fold_factors
 from ..kernels.masks import conv_column_perm
 from ..pruning.layer_plan import forward_order
@@ -87,10 +87,6 @@ def folded_grids(model: nn.Module, folded: nn.Module, quantized: dict) -> dict[s
     return grids
 
 
-def state_bytes(state: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
-
-
 @torch.no_grad()
 def export_run(run_dir: str | Path, onnx_path: str | Path | None = None, safetensors_path: str | Path | None = None,
                shape: list[int] | None = None, opset: int = OPSET, atol: float = 1e-4,
@@ -117,7 +113,7 @@ def export_run(run_dir: str | Path, onnx_path: str | Path | None = None, safeten
            "quantized_layers": len(grids), "folded_max_abs_diff": float((folded(x) - reference).abs().max()),
            "layers": layer_table(folded, x[:1], masks)}
     state = {k: v.contiguous() for k, v in folded.state_dict().items()}
-    out["sizes"] = {"state_dict_bytes": state_bytes(model.state_dict()), "folded_bytes": state_bytes(state)}
+    out["sizes"] = {"state_dict_bytes": nbytes(model.state_dict()), "folded_bytes": nbytes(state)}
     if safetensors_path is not None:
         save_safetensors(state, safetensors_path)
         out["safetensors"] = str(safetensors_path)

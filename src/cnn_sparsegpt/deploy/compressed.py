@@ -33,6 +33,11 @@ class QuantGrid:
     bits: int
 
 
+def nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes of the tensors' elements."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned integers < 2^bits (any shape) as a dense little-endian bit stream in uint8 bytes."""
     v = values.reshape(-1).to(torch.int32)
@@ -73,7 +78,7 @@ def _encode(name: str, t: torch.Tensor, grid: QuantGrid | None) -> tuple[dict, d
     n = t.numel()
     if grid is not None:
         codes = quant_codes(t, grid, name)
-        kept = codes.reshape(n) != grid.zero.to(torch.int32).repeat_interleave(max(n // max(t.shape[0], 1), 1))
+        kept = (codes.reshape(t.shape[0], -1) != grid.zero.to(torch.int32)[:, None]).reshape(n)  # code ≠ 0.0's
         nnz = int(kept.sum())
         parts = {"scale": grid.scale.float().clone(), "zero": grid.zero.to(torch.uint8).clone()}
         meta |= {"bits": grid.bits, "nonzero": nnz}
@@ -134,7 +139,7 @@ def save_compressed(state: dict[str, torch.Tensor], path: str | os.PathLike,
         if _SEP in name:
             raise UserError(f"state dict key '{name}' contains '{_SEP}'")
         meta, parts = _encode(name, t, grids.get(name))
-        meta["bytes"] = sum(p.numel() * p.element_size() for p in parts.values())
+        meta["bytes"] = nbytes(parts)
         entries[name] = meta
         tensors |= {f"{name}{_SEP}{part}" if part else name: p for part, p in parts.items()}
     header = {"format": FORMAT, "version": str(VERSION), "entries": json.dumps(entries)}

@@ -36,8 +36,7 @@ def exact_obs_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
     """W (G, rows, d), H (G, d, d) -> (Ŵ, pruned mask, per-row loss curves (G, rows, steps) in removal order).
     row_scale (G, rows): each row's losses weighed by it when rows compete for the layer's removals."""
     G, rows, d = W.shape
-    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(damped(H.double(), percdamp))).to(dtype)
-    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0  # never-active inputs: free to remove, first
+    _, Hinv, dead = _inverse(H, percdamp, dtype)
     steps = d - d * pattern.n // pattern.m if pattern.is_nm else d
     Q = torch.empty_like(W)
     pruned = torch.zeros_like(W, dtype=torch.bool)
@@ -76,9 +75,7 @@ def exact_error_curve(W: torch.Tensor, H: torch.Tensor, sparsities, percdamp: fl
     recorded losses are OBC's error database (each level's rows take the cheapest prefixes, _row_counts).
     W (G, rows, d), H (G, d, d) -> (len(sparsities),) float64."""
     G, rows, d = W.shape
-    Hd = damped(H.double(), percdamp)  # the losses are on the damped H: so is the norm
-    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(Hd)).to(dtype)
-    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0
+    Hd, Hinv, dead = _inverse(H, percdamp, dtype)  # the losses are on the damped H: so is the norm
     curves = torch.cat([_greedy(W[g].to(dtype, copy=True), Hinv[g], dead[g], Pattern(sparsity=0.5), d,
                                 keep_history=False)[2] for g in range(G)])  # (G·rows, d)
     weights = curves * (row_scale.reshape(-1, 1).double() if row_scale is not None else 1.0)
@@ -90,6 +87,13 @@ def exact_error_curve(W: torch.Tensor, H: torch.Tensor, sparsities, percdamp: fl
         counts = _row_counts(weights, round(float(s) * G * rows * d))
         out.append(cumulative[torch.arange(len(curves)), counts].sum() / norm)
     return torch.stack(out).cpu()
+
+
+def _inverse(H: torch.Tensor, percdamp: float, dtype: torch.dtype) -> tuple:
+    """The damped H (float64), its inverse in the solver's dtype, and the never-active inputs (free to remove,
+    first), for a batch H (G, d, d)."""
+    Hd = damped(H.double(), percdamp)
+    return Hd, torch.cholesky_inverse(torch.linalg.cholesky(Hd)).to(dtype), torch.diagonal(H, dim1=-2, dim2=-1) == 0
 
 
 def _row_counts(curve: torch.Tensor, k: int) -> torch.Tensor:

@@ -77,6 +77,11 @@ def step_size(n: int, removed: int, round_to: int) -> int:
     return (n - removed) % round_to or round_to
 
 
+def chosen_units(curves: dict, removed: dict[int, int]) -> dict[int, set]:
+    """The units an allocation removes: the first `removed[g]` of each group's cost-curve order."""
+    return {g: set(curves[g][0][:k]) for g, k in removed.items() if k}
+
+
 def allocate(groups, curves, counter: Counter, target: float, round_to: int) -> dict[int, int]:
     """Units removed per group: greedy steps of round_to units (the first one aligning the count to a multiple) by
     least cost per unit of budget saved, until counter.total is at most `target` of the dense model's."""

@@ -14,6 +14,7 @@ constant: every try times dense and pruned side by side, so a slow moment of a s
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from torch import nn
 from ..deploy.layer_latency import LayerLatency, layer_latency_table
 from ..deploy.runtimes import runtime as runtime_class, side_by_side
 from ..utils import UserError
-from .channel_budget import Counter, allocate, macs_of
+from .channel_budget import Counter, allocate, chosen_units, macs_of
 from .slicing import removal_plan, slice_channels_
 
 TOLERANCE = 0.03  # relative distance of the measured speed-up to the target that ends the search
@@ -45,8 +46,6 @@ def next_goal(tries: list[tuple[float, float]], target: float) -> float:
     """The next predicted-latency fraction to try, from (goal, measured speed-up) pairs (the speed-up falls as the
     goal grows): log-log interpolation between the closest tries on either side of the target, else a secant
     through the last two (at most a factor 2 per step), else the measured ratio's correction."""
-    import math
-
     fast = [t for t in tries if t[1] > target]  # goals too small
     slow = [t for t in tries if t[1] < target]
     if fast and slow:
@@ -67,8 +66,7 @@ def next_goal(tries: list[tuple[float, float]], target: float) -> float:
 
 def _sliced(model: nn.Module, groups, curves, removed: dict[int, int]) -> nn.Module:
     small = copy.deepcopy(model)
-    gone = {g: set(curves[g][0][:k]) for g, k in removed.items() if k}
-    slice_channels_(small, *removal_plan(groups, gone))
+    slice_channels_(small, *removal_plan(groups, chosen_units(curves, removed)))
     return small
 
 

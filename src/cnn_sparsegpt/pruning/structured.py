@@ -31,7 +31,7 @@ from ..kernels.linalg import damped
 from ..utils import UserError
 from .allocation import dense_statistics
 from .batchnorm import bn_modules, bn_statistics_, recalibrate
-from .channel_budget import Counter, allocate, step_size
+from .channel_budget import Counter, allocate, chosen_units, step_size
 from .channels import Group, channel_groups
 from .dense_target import DenseInputs
 from .graph import GraphExecutor
@@ -229,9 +229,8 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
     else:
         removed = allocate(groups, curves, counters[what], target, config.round_to)
     t1 = time.perf_counter()
-    gone = {g: set(curves[g][0][:k]) for g, k in removed.items() if k}
     modules = dict(model.named_modules())
-    drop_cols, drop_rows, drop_entries = removal_plan(groups, gone)
+    drop_cols, drop_rows, drop_entries = removal_plan(groups, chosen_units(curves, removed))
     before = {n: list(m.weight.shape) for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))}
     dense = DenseInputs(model, batches) if config.dense_target else None  # a frozen copy of the dense model
     for c, cols in drop_cols.items():  # re-fit each consumer's kept weights to its dense output
