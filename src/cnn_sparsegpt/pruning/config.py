@@ -12,6 +12,7 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 
 from .allocation import ALLOCATIONS, BUDGETS, DP_MEASURES
+from .channel_costs import CHANNEL_COSTS
 from ..deploy.runtimes import RUNTIMES, runtime
 from ..kernels.masks import Pattern
 from ..kernels.quant import BITS, CLIP, QUANT
@@ -144,6 +145,10 @@ class PruneConfig:
                              want="at least 1")
     round_to: int = opt(8, "channels: kept channel counts are multiples of this (efficient kernels)",
                         check=lambda v: v >= 1, want="at least 1")
+    channel_costs: str = opt("layer", "channels: what the allocation compares across groups: layer (each group's "
+                             "block-OBS error at its consumers, relative to their output energy) or kl (the same "
+                             "removal order, its cost measured as the network's output KL on 256 calibration images "
+                             "at up to 8 points per group: one forward pass each)", CHANNEL_COSTS)
     quant_clip: str = opt("minmax", "with wbits: each channel's grid spans its weights (minmax) or the range, shrunk "
                           "towards 0 by up to 40%, of least squared rounding error (mse)", CLIP)
 
@@ -246,7 +251,7 @@ PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 # published method's (recipe_label), so a label means the same in every file whatever the defaults become.
 RECIPE_KEYS = ("solver", "hessians", "allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction",
                "refine", "dense_target", "reconstruct", "wbits", "quant", "quant_clip", "structure", "keep_macs", "keep_params",
-               "target_speedup", "round_to")
+               "target_speedup", "round_to", "channel_costs")
 
 
 def recipe_label(config: PruneConfig) -> str:

@@ -26,12 +26,13 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from ..kernels.block_obs import block_costs, damped_inverse, joint_costs, refit_without, remove_block_
+from ..kernels.block_obs import block_costs, damped_inverse, joint_costs, remove_block_
 from ..kernels.linalg import damped
 from ..utils import UserError
 from .allocation import dense_statistics
 from .batchnorm import bn_modules, bn_statistics_, recalibrate
 from .channel_budget import Counter, allocate, chosen_units, step_size
+from .channel_costs import consumer_weight, measured_curves
 from .channels import Group, channel_groups
 from .dense_target import DenseInputs
 from .graph import GraphExecutor
@@ -220,6 +221,11 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
         if max_remove > 0:
             curves[g] = _cost_curve(groups[g], stats, config.percdamp, max_remove, config.round_to)
     timings["cost_curves"] = time.perf_counter() - t1
+    if config.channel_costs == "kl":
+        t1 = time.perf_counter()
+        curves = measured_curves(model, groups, curves, stats, _blocks, batches, config.percdamp, config.round_to,
+                                 config.batch_size, MAX_OBS_COLUMNS, progress)
+        timings["output_costs"] = time.perf_counter() - t1
     counters = {kind: Counter(model, groups, positions, kind) for kind in ("macs", "params")}
     latency = None
     if what == "speedup":
@@ -235,11 +241,7 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
     dense = DenseInputs(model, batches) if config.dense_target else None  # a frozen copy of the dense model
     for c, cols in drop_cols.items():  # re-fit each consumer's kept weights to its dense output
         p = stats[c]
-        Wg, perm = p.weight_matrix()
-        blocks = _blocks(p, [sorted(set(cols))]).flatten()
-        W = refit_without(Wg[0].double(), p.H[0].double(), blocks.to(Wg.device), config.percdamp)
-        layer = p.layer
-        layer.weight.data.copy_(W[:, torch.argsort(perm)].reshape(layer.weight.shape).to(layer.weight.dtype))
+        p.layer.weight.data.copy_(consumer_weight(p, _blocks(p, [sorted(set(cols))]).flatten(), config.percdamp))
     for s in stats.values():
         s.free()
     slice_channels_(model, drop_cols, drop_rows, drop_entries)
@@ -266,7 +268,7 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
         params=(counters["params"].total({}), counters["params"].total(removed)),
         groups=[{"producers": groups[g].producers, "channels": len(groups[g].units),
                  "kept": len(groups[g].units) - removed.get(g, 0),
-                 "relative_cost": curves[g][1][removed[g] - 1] if removed.get(g) else 0.0,
+                 "cost": curves[g][1][removed[g] - 1] if removed.get(g) else 0.0,
                  "fixed": groups[g].reason} for g in range(len(groups))],
         layers=[{"name": n, "shape_before": before[n], "shape_after": after[n]} for n in before],
         spec={n: spec_of(modules[n]) for n in sorted(changed, key=list(modules).index)},

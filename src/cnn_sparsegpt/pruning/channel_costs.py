@@ -1,0 +1,98 @@
+"""What removing a group's channels costs, as the allocation compares it across groups.
+
+- `layer`: each group's block-OBS cost curve as it is (structured._cost_curve): the consumers' added output
+  error, each relative to its dense output energy. Cheap, but a unit of relative error in an early 16-channel
+  layer and in the classifier's input are not worth the same at the network's output.
+- `kl`: the same removal order, with the cost measured where it matters: KL(dense ‖ network with only that group's
+  first k units removed, its consumers re-fitted by OBS) on the first calibration images, at up to LEVELS points of
+  each curve; between measured points the layer curve's shape is followed (SPDY's and OBC's database idea, with
+  the output error instead of a proxy). One forward pass per measured point.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..kernels.block_obs import refit_without
+from .channel_budget import step_size
+
+CHANNEL_COSTS = ("layer", "kl")
+LEVELS = 8  # measured points per group; more buys little (the curve between them follows the layer costs)
+IMAGES = 256  # calibration images the KL is measured on (the first ones)
+
+
+def consumer_weight(pruner, blocks: torch.Tensor, percdamp: float, refit: bool = True) -> torch.Tensor:
+    """The consumer's weight, in its layer's shape, with the columns `blocks` (solver order) removed and the rest
+    re-fitted to its dense output (least squares on its dense Hessian), or only zeroed (refit=False)."""
+    Wg, perm = pruner.weight_matrix()
+    W = Wg[0].double()
+    if refit:
+        W = refit_without(W, pruner.H[0].double(), blocks.to(W.device), percdamp)
+    else:
+        W = W.clone()
+        W[:, blocks] = 0
+    return W[:, torch.argsort(perm)].reshape(pruner.layer.weight.shape).to(pruner.layer.weight.dtype)
+
+
+def _chunk_ends(n: int, total: int, round_to: int) -> list[int]:
+    """Units removed after each allocation step (the steps structured._cost_curve and allocate take)."""
+    ends, k = [], 0
+    while k < total:
+        k = min(k + step_size(n, k, round_to), total)
+        ends.append(k)
+    return ends
+
+
+def _log_probs(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
+    out = torch.cat([model(x[i:i + batch]).double() for i in range(0, len(x), batch)])
+    return torch.log_softmax(out.flatten(1), -1)
+
+
+@torch.no_grad()
+def measured_curves(model: nn.Module, groups: list, curves: dict, stats: dict, blocks_of, batches: list,
+                    percdamp: float, round_to: int, batch_size: int, max_columns: int,
+                    progress: bool = False) -> dict:
+    """The curves with their costs replaced by the output KL (`kl` above), same removal orders.
+    blocks_of(pruner, unit_columns) -> each unit's column indices in the consumer's solver order."""
+    x = torch.cat(batches)[:IMAGES]
+    dense = _log_probs(model, x, batch_size)
+    out = {}
+    for g, (order, layer_curve) in tqdm(curves.items(), desc="channels: output costs", unit="group",
+                                        disable=not progress, leave=False):
+        ends = _chunk_ends(len(groups[g].units), len(order), round_to)
+        m = min(LEVELS, len(ends))
+        picks = sorted({ends[round(i * (len(ends) - 1) / max(1, m - 1))] for i in range(m)})
+        consumers = sorted({c for u in order for c in groups[g].units[u].columns})
+        measured = {0: 0.0}
+        for k in picks:
+            saved = {}
+            for c in consumers:
+                p = stats[c]
+                cols = sorted({col for u in order[:k] for col in groups[g].units[u].columns.get(c, [])})
+                if not cols:
+                    continue
+                saved[c] = p.layer.weight.detach().clone()
+                blocks = blocks_of(p, [cols]).flatten()
+                p.layer.weight.data.copy_(consumer_weight(p, blocks, percdamp, refit=p.d <= max_columns))
+            pruned = _log_probs(model, x, batch_size)
+            for c, w in saved.items():
+                stats[c].layer.weight.data.copy_(w)
+            measured[k] = float((dense.exp() * (dense - pruned)).sum(-1).mean().clamp_min(0))
+        out[g] = (order, _follow(layer_curve, measured))
+    return out
+
+
+def _follow(layer_curve: list[float], measured: dict[int, float]) -> list[float]:
+    """Per unit count 1..len(layer_curve): the measured cost, between measured points interpolated along the layer
+    curve (linearly in units where it is flat), made non-decreasing (a noisy KL must not make removal free)."""
+    points = sorted(measured.items())
+    layer = [0.0] + list(layer_curve)
+    out, best = [], 0.0
+    for k in range(1, len(layer_curve) + 1):
+        (a, ma), (b, mb) = next((p, q) for p, q in zip(points, points[1:]) if p[0] < k <= q[0])
+        span = layer[b] - layer[a]
+        t = (layer[k] - layer[a]) / span if span > 0 else (k - a) / (b - a)
+        best = max(best, ma + (mb - ma) * t)
+        out.append(best)
+    return out
