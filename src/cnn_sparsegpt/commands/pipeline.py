@@ -206,7 +206,8 @@ def format_report(r: dict) -> str:
     acc = ""
     if r.get("dense_acc") is not None and r.get("pruned_acc") is not None:
         acc = (f"  top-1 dense {100 * r['dense_acc']:.2f}% -> pruned {100 * r['pruned_acc']:.2f}% "
-               f"({100 * (r['pruned_acc'] - r['dense_acc']):+.2f}) on {r['eval_samples']} test images\n")
+               f"({100 * (r['pruned_acc'] - r['dense_acc']):+.2f}) on {r['eval_samples']} "
+               f"{'held-out training' if str(r.get('eval_split', 'test')).startswith('holdout') else 'test'} images\n")
     passes = ""
     if r.get("peak_stored_mb") is not None:
         mode = f" (memory policy: {r['memory_policy']})" if r.get("memory_policy") else ""

@@ -145,7 +145,7 @@ class PruneConfig:
                              want="at least 1")
     round_to: int = opt(8, "channels: kept channel counts are multiples of this (efficient kernels)",
                         check=lambda v: v >= 1, want="at least 1")
-    channel_costs: str = opt("layer", "channels: what the allocation compares across groups: layer (each group's "
+    channel_costs: str = opt("kl", "channels: what the allocation compares across groups: layer (each group's "
                              "block-OBS error at its consumers, relative to their output energy) or kl (the same "
                              "removal order, its cost measured as the network's output KL on 256 calibration images "
                              "at up to 8 points per group: one forward pass each)", CHANNEL_COSTS)

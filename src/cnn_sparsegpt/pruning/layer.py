@@ -20,6 +20,7 @@ from . import dist
 from .dense_target import dense_target_weights
 from ..kernels.linalg import accumulate_xxt_
 from ..kernels.masks import Pattern, conv_column_perm
+from ..kernels.shifted_gram import cheaper, conv_gram
 from ..kernels.quant import fit_grid, layer_codes
 from ..kernels.refine import refine as refine_solve
 from ..kernels.solver import choose_solver, prune_matrix, relative_error
@@ -52,6 +53,9 @@ class LayerResult:
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("mask", "quant")} | (
             {"wbits": self.quant["bits"]} if self.quant else {})
+
+
+SHIFTED_CHUNK_BYTES = 16 * 2**20  # padded input per shifted-correlation product: a few MB, as the im2col chunks
 
 
 class LayerPruner:
@@ -143,11 +147,33 @@ class LayerPruner:
         columns = max(1, per_image // (4 * self.d * self.groups))  # patches per image
         return max(1, chunk_bytes // max(per_image, 1), -(-min_columns // columns))
 
+    def shifted(self, inp: torch.Tensor) -> bool:
+        """Whether H comes from shifted correlations of the input (kernels/shifted_gram.py) instead of im2col
+        columns: a plain stride-1 conv where that takes clearly fewer flops (3×3 convs at 8² and more)."""
+        layer = self.layer
+        return (isinstance(layer, nn.Conv2d) and self.groups == 1 and layer.stride == (1, 1)
+                and layer.dilation == (1, 1) and not isinstance(layer.padding, str) and layer.padding_mode == "zeros"
+                and self.S is not None and self.colsum is None and inp.ndim == 4
+                and cheaper(layer.kernel_size, layer.padding, tuple(inp.shape[-2:])))
+
+    def _add_shifted(self, inp: torch.Tensor, dense: torch.Tensor | None) -> None:
+        layer, (H, W) = self.layer, inp.shape[-2:]
+        (kh, kw), (ph, pw) = layer.kernel_size, layer.padding
+        step = max(1, SHIFTED_CHUNK_BYTES // (4 * inp.shape[1] * (H + 2 * ph + kh) * (W + 2 * pw + kw)))
+        dense_chunks = dense.split(step) if self.SD is not None else None
+        for i, chunk in enumerate(inp.split(step)):
+            if self.SD is not None:
+                self.SD[0].add_(conv_gram(chunk, layer.kernel_size, layer.padding, y=dense_chunks[i] - chunk))
+            self.S[0].add_(conv_gram(chunk, layer.kernel_size, layer.padding))
+            self.nsamples += len(chunk) * (H + 2 * ph - kh + 1) * (W + 2 * pw - kw + 1)
+
     def add_batch(self, inp: torch.Tensor, dense: torch.Tensor | None = None) -> None:
         """Fold a batch of layer inputs into H, a few images at a time so the unfolded patches stay small.
         dense: the same images' inputs in the dense network (with dense_target)."""
         if self._H is not None:
             raise RuntimeError(f"{self.name}: H was already read; no more batches can be added")
+        if self.shifted(inp):
+            return self._add_shifted(inp, dense)
         step = self.chunk_images(inp)
         dense_chunks = dense.split(step) if self.SD is not None else None
         for i, chunk in enumerate(inp.split(step)):

@@ -1,0 +1,65 @@
+"""Channel costs measured at the network's output (channel_costs='kl'): the interpolation between measured points,
+the measured points against a direct computation, and a prune that uses them."""
+import copy
+
+import pytest
+import torch
+
+from cnn_sparsegpt import prune_model
+from cnn_sparsegpt.pruning.allocation import dense_statistics
+from cnn_sparsegpt.pruning.channel_costs import _follow, consumer_weight, measured_curves
+from cnn_sparsegpt.pruning.channels import channel_groups
+from cnn_sparsegpt.pruning.structured import MAX_OBS_COLUMNS, _blocks, _cost_curve
+
+from .test_prune_model import TinyResNet, calib, make
+
+
+def test_follow_hits_measured_points_and_never_decreases():
+    layer = [1.0, 2.0, 2.0, 4.0, 8.0, 9.0]
+    out = _follow(layer, {0: 0.0, 2: 10.0, 6: 5.0})
+    assert out[1] == 10.0 and out[0] == 5.0  # halfway along the layer curve to the first measured point
+    assert all(b >= a for a, b in zip(out, out[1:])) and out[-1] == 10.0  # a lower later KL does not count
+    flat = _follow([0.0, 0.0, 0.0, 0.0], {0: 0.0, 4: 8.0})  # flat layer curve: linear in units
+    assert flat == [2.0, 4.0, 6.0, 8.0]
+
+
+@torch.no_grad()
+def test_measured_points_are_the_output_kl_of_that_removal_alone():
+    model, x = make(TinyResNet), calib(64)
+    groups = channel_groups(model, x[:1])
+    prunable = [g for g, group in enumerate(groups) if len(group.removable) > 4]
+    consumers = sorted({c for g in prunable for i in groups[g].removable for c in groups[g].units[i].columns})
+    stats = dense_statistics(model, [x], consumers, hessian=True)
+    curves = {g: _cost_curve(groups[g], stats, 0.01, len(groups[g].units) - 4, 4) for g in prunable}
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    measured = measured_curves(model, groups, curves, stats, _blocks, [x], 0.01, 4, 32, MAX_OBS_COLUMNS)
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())  # weights restored
+    g = prunable[0]
+    order, costs = measured[g]
+    assert order == curves[g][0] and all(b >= a for a, b in zip(costs, costs[1:]))
+    k = len(order)  # the last point is always measured
+    ref = copy.deepcopy(model)
+    mods = dict(ref.named_modules())
+    for c in sorted({c for u in order for c in groups[g].units[u].columns}):
+        cols = sorted({col for u in order[:k] for col in groups[g].units[u].columns.get(c, [])})
+        mods[c].weight.copy_(consumer_weight(stats[c], _blocks(stats[c], [cols]).flatten(), 0.01))
+    dense, pruned = torch.log_softmax(model(x).double(), -1), torch.log_softmax(ref(x).double(), -1)
+    kl = float((dense.exp() * (dense - pruned)).sum(-1).mean())
+    assert kl > 0 and costs[-1] == pytest.approx(max([kl] + costs[:-1]), rel=1e-6)  # non-decreasing: max so far
+
+
+def test_kl_costs_prune_to_the_target():
+    model, x = make(TinyResNet), calib(64)
+    classes = model(x).shape[1]
+    rep = prune_model(model, x, structure="channels", keep_macs=0.6, round_to=4, channel_costs="kl", progress=False)
+    macs_dense, macs_kept = rep.structure["macs"]
+    assert macs_kept <= 0.6 * macs_dense and "output_costs" in rep.structure["timings"]
+    assert model(x).shape == (64, classes)
+
+
+def test_layer_costs_still_prune_to_the_target():
+    model, x = make(TinyResNet), calib(64)
+    rep = prune_model(model, x, structure="channels", keep_macs=0.6, round_to=4, channel_costs="layer",
+                      progress=False)
+    assert rep.structure["macs"][1] <= 0.6 * rep.structure["macs"][0]
+    assert "output_costs" not in rep.structure["timings"]
