@@ -30,6 +30,7 @@ from cnn_sparsegpt import (
 )
 from cnn_sparsegpt.commands.bench import PeakRSS
 from cnn_sparsegpt.kernels.linalg import accumulate_xxt_, inverse_cholesky
+from cnn_sparsegpt.kernels.shifted_gram import offsets
 from cnn_sparsegpt.pruning.prune import choose_layers, forward_order
 from cnn_sparsegpt.kernels.solver import sparsegpt_solve
 from cnn_sparsegpt.utils import atomic_write_json, load_state_dict, resolve_device, run_metadata
@@ -122,10 +123,24 @@ def measure_floor(arch, weights, data_dir, nsamples, device, batch_size=128):
         pruners = {name: LayerPruner(mods[name], name) for name, reason in plan.items() if not reason}
         t_hessian = 0.0
 
+        flops = {"im2col": 0.0, "pruner": 0.0}  # Hessian flops of the im2col products and of the pruner's path
+        shifted = {}
+
         def accumulate(module, inp):  # the same blocked symmetric product on the same chunks as the pruner's
             nonlocal t_hessian
             p = pruners[names[module]]
-            for chunk in inp[0].split(p.chunk_images(inp[0])):
+            x = inp[0]
+            im2col = p.d ** 2 * p.columns(x[:1]).shape[-1] * len(x)  # d²·T: the symmetric half
+            flops["im2col"] += im2col
+            if names[module] not in shifted:  # asked of a fresh pruner: p's H was read, which ends its accumulation
+                shifted[names[module]] = LayerPruner(module, names[module]).shifted(x)
+            if shifted[names[module]]:  # one C×C GEMM per offset over the padded input (border corrections left out)
+                (kh, kw), (ph, pw) = module.kernel_size, module.padding
+                flops["pruner"] += (offsets(module.kernel_size) * 2 * x.shape[1] ** 2 * len(x)
+                                    * (x.shape[2] + 2 * ph + kh - 1) * (x.shape[3] + 2 * pw + kw - 1))
+            else:
+                flops["pruner"] += im2col
+            for chunk in x.split(p.chunk_images(x)):
                 t, _ = timed(lambda chunk=chunk: accumulate_xxt_(p.H, p.columns(chunk)), device)
                 t_hessian += t
 
@@ -143,6 +158,13 @@ def measure_floor(arch, weights, data_dir, nsamples, device, batch_size=128):
             t_chol += t
     floor = {"forward": t_forward, "hessian": t_hessian, "cholesky": t_chol}
     floor["total"] = sum(floor.values())
+    a = torch.randn(4096, 4096, device=device)
+    gemm = 2 * 4096 ** 3 / min(timed(lambda: a @ a, device)[0] for _ in range(3))
+    # the limits of issue 22: forward + Hessian flops at the GEMM rate + Cholesky, per formulation
+    floor |= {"gemm_gflops": gemm / 1e9, "hessian_tflop_im2col": flops["im2col"] / 1e12,
+              "hessian_tflop_pruner": flops["pruner"] / 1e12,
+              "limit_im2col": t_forward + flops["im2col"] / gemm + t_chol,
+              "limit_pruner": t_forward + flops["pruner"] / gemm + t_chol}
     return floor
 
 
@@ -229,6 +251,11 @@ def main():
             print(f"| {label} | " + " | ".join(cells) + " |")
 
         row("total / floor", [f"{r['phases']['total'] / fl['total']:.2f}x" for r in runs])
+        print(f"| limit, im2col: forward + {fl['hessian_tflop_im2col']:.2f} Tflop at {fl['gemm_gflops']:.0f} GFLOP/s + "
+              f"Cholesky | {fl['limit_im2col']:.1f} | |")
+        print(f"| limit, the pruner's Hessian path: {fl['hessian_tflop_pruner']:.2f} Tflop | {fl['limit_pruner']:.1f} | |")
+        row("total / im2col limit", [f"{r['phases']['total'] / fl['limit_im2col']:.2f}x" for r in runs])
+        row("total / own limit", [f"{r['phases']['total'] / fl['limit_pruner']:.2f}x" for r in runs])
         row("memory policy", [r["memory_policy"].split(" (")[0] for r in runs])
         row("forward passes", [f"{r['forward_passes']:.2f}" for r in runs])
         row("peak RSS (MB)", [f"{r['memory']['rss_peak_mb']:.0f}" for r in runs])
