@@ -24,11 +24,11 @@ def _layout(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]) 
     return z.transpose(0, 1).contiguous()
 
 
-def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int],
-              y: torch.Tensor | None = None) -> torch.Tensor:
+def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int], y: torch.Tensor | None = None,
+              out: torch.Tensor | None = None, beta: float = 0.0) -> torch.Tensor:
     """Σ over images and output positions of y_col x_colᵀ (y = x when None: the symmetric X Xᵀ) for a stride-1,
     dilation-1, zero-padded conv, rows and columns in the solver's (k_h, k_w, in) order: (k_h·k_w·C, k_h·k_w·C)
-    float32, the same matrix as unfold(y) @ unfold(x)ᵀ."""
+    float32, the same matrix as unfold(y) @ unfold(x)ᵀ. With `out`: written there (beta 0) or added to it (beta 1)."""
     (kh, kw), (ph, pw) = kernel, padding
     B, C, H, W = x.shape
     Wq = W + 2 * pw + kw - 1
@@ -48,7 +48,8 @@ def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]
         return memo[key]
 
     taps = kh * kw
-    out = torch.empty(taps * C, taps * C, device=x.device)
+    if out is None:
+        out, beta = torch.empty(taps * C, taps * C, device=x.device), 0.0
     full: dict[tuple[int, int], torch.Tensor] = {}
     for t in range(taps):
         a, b = divmod(t, kw)
@@ -57,8 +58,7 @@ def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]
             if (dr, dc) not in full:  # the whole correlation at offset δ: one GEMM on shifted views
                 s = dr * Wq + dc
                 full[dr, dc] = fy[:, max(0, -s):N - max(0, s)] @ fx[:, max(0, s):N - max(0, -s)].t()
-            block = out[t * C:(t + 1) * C, t2 * C:(t2 + 1) * C]
-            block.copy_(full[dr, dc])
+            block = full[dr, dc].clone()
             # where both y[u, v] and x[u+δr, v+δc] are real (not padding): rows [rlo, rhi), columns [clo, chi)
             rlo, rhi = max(ph, ph - dr), min(ph + H, ph + H - dr)
             clo, chi = max(pw, pw - dc), min(pw + W, pw + W - dc)
@@ -71,10 +71,13 @@ def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]
             for c0, c1 in ((clo, min(chi, b)), (max(clo, b + Wo), chi)):
                 if c0 < c1 and i0 < i1:
                     block -= strip(i0, i1, c0, c1, dr, dc)
+            if y is None and t2 == t:  # exactly symmetric, as accumulate_xxt_ makes it (a GEMM's XXᵀ need not be)
+                block = block.triu() + block.triu(1).t()
+            targets = [(out[t * C:(t + 1) * C, t2 * C:(t2 + 1) * C], block)]
             if y is None and t2 != t:
-                out[t2 * C:(t2 + 1) * C, t * C:(t + 1) * C] = block.t()
-            elif y is None:  # exactly symmetric, as accumulate_xxt_ makes it (a GEMM's XXᵀ need not be)
-                block.copy_(block.triu() + block.triu(1).t())
+                targets.append((out[t2 * C:(t2 + 1) * C, t * C:(t + 1) * C], block.t()))
+            for where, value in targets:
+                where.copy_(value) if beta == 0 else where.add_(value)
     return out
 
 

@@ -55,16 +55,16 @@ class LayerResult:
             {"wbits": self.quant["bits"]} if self.quant else {})
 
 
-SHIFTED_CHUNK_BYTES = 16 * 2**20  # padded input per shifted-correlation product: a few MB, as the im2col chunks
+SHIFTED_CHUNK_BYTES = 64 * 2**20  # padded input per shifted-correlation product (a 128-image batch up to 8x8x256)
 
 
 class LayerPruner:
     """Accumulates H = 2XXᵀ/N for one Conv2d or Linear, then prunes its weight in place.
 
-    The sum ΣXXᵀ is kept in float64 as a sum of float32 products of chunks of a few images: the float64 sum
-    of such terms hardly depends on their order, so H rounded to float32 comes out the same however the
-    samples were split (into batches, or over torchrun ranks, see dist.py), and the masks with it. The
-    float64 sum and the chunk buffer take no more memory than the factorization that follows.
+    The sum ΣXXᵀ is kept in float64 as a sum of float32 products of whole batches (each batch's chunks summed
+    in float32 first: adding every chunk's product to the float64 sum cost up to 20% of the accumulation on wide
+    layers). The float64 sum of such terms hardly depends on their order, so H rounded to float32 comes out the
+    same however whole batches are split over torchrun ranks (dist.py), and the masks with it.
     """
 
     def __init__(self, layer: nn.Module, name: str = "", hessian: bool = True, track_mean: bool = False,
@@ -79,7 +79,9 @@ class LayerPruner:
         shape = (self.groups, self.d, self.d)
         self.S = torch.zeros(shape, device=W.device, dtype=torch.float64) if hessian else None  # ΣXXᵀ
         self._H = None  # 2·S/N in float32, made from S on first use (see `H`)
-        self._chunk = None  # float32 buffer of one chunk's product
+        self._chunk = None  # float32 partial sum of S not yet in S (then the buffer H is made in)
+        self._chunk_d = None  # the same for SD
+        self._pending = 0  # chunks in the partial sums
         self.colsq = None if hessian else torch.zeros(self.groups, self.d, device=W.device, dtype=torch.float64)
         self.nsamples = 0
         # Σ of the input columns, for x̄ (statistics correction); off by default: a pass over X per chunk
@@ -90,10 +92,29 @@ class LayerPruner:
         self.SD = torch.zeros(shape, device=W.device, dtype=torch.float64) if dense_target else None  # Σ(X_d−X_p)X_pᵀ
         self._D = None
 
+    def flush(self) -> None:
+        """Add the float32 partial sums to the float64 sums (before those are read or reduced over ranks)."""
+        if self._pending:
+            if self.S is not None:
+                self.S.add_(self._chunk)
+            if self.SD is not None:
+                self.SD.add_(self._chunk_d)
+            self._pending = 0
+
+    def _buffers(self, device) -> float:
+        """The partial-sum buffers, allocated on first use; the beta that starts (0) or continues (1) a sum."""
+        if self.S is not None and self._chunk is None:
+            self._chunk = torch.empty(self.S.shape, device=device)
+        if self.SD is not None and self._chunk_d is None:
+            self._chunk_d = torch.empty(self.SD.shape, device=device)
+        return 0.0 if self._pending == 0 else 1.0
+
     def _finish(self, S: torch.Tensor | None) -> torch.Tensor | None:
         """2·S/N as float32 (one rounding), through the chunk buffer: no float64 temporary."""
         if S is None:
             return None
+        self.flush()
+        self._chunk_d = None
         S.mul_(2 / max(self.nsamples, 1))
         out = self._chunk if self._chunk is not None else torch.empty(S.shape, device=S.device)
         self._chunk = None
@@ -162,10 +183,14 @@ class LayerPruner:
         step = max(1, SHIFTED_CHUNK_BYTES // (4 * inp.shape[1] * (H + 2 * ph + kh) * (W + 2 * pw + kw)))
         dense_chunks = dense.split(step) if self.SD is not None else None
         for i, chunk in enumerate(inp.split(step)):
+            beta = self._buffers(chunk.device)
             if self.SD is not None:
-                self.SD[0].add_(conv_gram(chunk, layer.kernel_size, layer.padding, y=dense_chunks[i] - chunk))
-            self.S[0].add_(conv_gram(chunk, layer.kernel_size, layer.padding))
+                conv_gram(chunk, layer.kernel_size, layer.padding, y=dense_chunks[i] - chunk, out=self._chunk_d[0],
+                          beta=beta)
+            conv_gram(chunk, layer.kernel_size, layer.padding, out=self._chunk[0], beta=beta)
             self.nsamples += len(chunk) * (H + 2 * ph - kh + 1) * (W + 2 * pw - kw + 1)
+            self._pending += 1
+        self.flush()  # a batch's product, whatever its chunks: the same terms however batches go to ranks
 
     def add_batch(self, inp: torch.Tensor, dense: torch.Tensor | None = None) -> None:
         """Fold a batch of layer inputs into H, a few images at a time so the unfolded patches stay small.
@@ -178,18 +203,18 @@ class LayerPruner:
         dense_chunks = dense.split(step) if self.SD is not None else None
         for i, chunk in enumerate(inp.split(step)):
             X = self.columns(chunk)
-            if self.S is not None and self._chunk is None:
-                self._chunk = torch.empty(self.S.shape, device=X.device)
+            beta = self._buffers(X.device)
             if self.SD is not None:
-                torch.bmm(self.columns(dense_chunks[i] - chunk), X.transpose(1, 2), out=self._chunk)
-                self.SD.add_(self._chunk)
+                self._chunk_d.baddbmm_(self.columns(dense_chunks[i] - chunk), X.transpose(1, 2), beta=beta)
             if self.S is not None:
-                self.S.add_(accumulate_xxt_(self._chunk, X, beta=0.0))
+                accumulate_xxt_(self._chunk, X, beta=beta)
             else:
                 self.colsq += X.square().sum(-1).double()
             if self.colsum is not None:
                 self.colsum += X.sum(-1).double()
             self.nsamples += X.shape[-1]
+            self._pending += 1
+        self.flush()
 
     def hessian_diagonal(self) -> torch.Tensor:
         """diag(H) = 2·mean(x_j²) per input column (G, d), from H or from the column sums."""
@@ -286,7 +311,8 @@ class LayerPruner:
         return res
 
     def free(self) -> None:
-        self.S = self.SD = self._H = self._D = self._chunk = self.colsum = self.colsq = None
+        self.S = self.SD = self._H = self._D = self._chunk = self._chunk_d = self.colsum = self.colsq = None
+        self._pending = 0
 
 
 @torch.no_grad()
