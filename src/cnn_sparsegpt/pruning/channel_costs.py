@@ -54,31 +54,36 @@ def measured_curves(model: nn.Module, groups: list, curves: dict, stats: dict, b
                     percdamp: float, round_to: int, batch_size: int, max_columns: int,
                     progress: bool = False) -> dict:
     """The curves with their costs replaced by the output KL (`kl` above), same removal orders.
-    blocks_of(pruner, unit_columns) -> each unit's column indices in the consumer's solver order."""
+    blocks_of(pruner, unit_columns) -> each unit's column indices in the consumer's solver order. (Measuring each
+    group with the others' first allocation in place, and allocating again, was worse on ResNet-20's held-out
+    images: -2.86 against -2.34 points at keep_macs 0.7.)"""
     x = torch.cat(batches)[:IMAGES]
     dense = _log_probs(model, x, batch_size)
+
+    def kl_with(removed: dict) -> float:  # removed {group: units}: the consumers re-fitted, the KL measured
+        cols: dict[str, set] = {}
+        for g, k in removed.items():
+            for u in curves[g][0][:k]:
+                for c, cc in groups[g].units[u].columns.items():
+                    cols.setdefault(c, set()).update(cc)
+        saved = {}
+        for c, cc in cols.items():
+            p = stats[c]
+            saved[c] = p.layer.weight.detach().clone()
+            blocks = blocks_of(p, [sorted(cc)]).flatten()
+            p.layer.weight.data.copy_(consumer_weight(p, blocks, percdamp, refit=p.d <= max_columns))
+        pruned = _log_probs(model, x, batch_size)
+        for c, w in saved.items():
+            stats[c].layer.weight.data.copy_(w)
+        return float((dense.exp() * (dense - pruned)).sum(-1).mean().clamp_min(0))
+
     out = {}
     for g, (order, layer_curve) in tqdm(curves.items(), desc="channels: output costs", unit="group",
                                         disable=not progress, leave=False):
         ends = _chunk_ends(len(groups[g].units), len(order), round_to)
         m = min(LEVELS, len(ends))
         picks = sorted({ends[round(i * (len(ends) - 1) / max(1, m - 1))] for i in range(m)})
-        consumers = sorted({c for u in order for c in groups[g].units[u].columns})
-        measured = {0: 0.0}
-        for k in picks:
-            saved = {}
-            for c in consumers:
-                p = stats[c]
-                cols = sorted({col for u in order[:k] for col in groups[g].units[u].columns.get(c, [])})
-                if not cols:
-                    continue
-                saved[c] = p.layer.weight.detach().clone()
-                blocks = blocks_of(p, [cols]).flatten()
-                p.layer.weight.data.copy_(consumer_weight(p, blocks, percdamp, refit=p.d <= max_columns))
-            pruned = _log_probs(model, x, batch_size)
-            for c, w in saved.items():
-                stats[c].layer.weight.data.copy_(w)
-            measured[k] = float((dense.exp() * (dense - pruned)).sum(-1).mean().clamp_min(0))
+        measured = {0: 0.0} | {k: kl_with({g: k}) for k in picks}
         out[g] = (order, _follow(layer_curve, measured))
     return out
 
