@@ -32,7 +32,7 @@ def test_measured_points_are_the_output_kl_of_that_removal_alone():
     stats = dense_statistics(model, [x], consumers, hessian=True)
     curves = {g: _cost_curve(groups[g], stats, 0.01, len(groups[g].units) - 4, 4) for g in prunable}
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    measured = measured_curves(model, groups, curves, stats, _blocks, [x], 0.01, 4, 32, MAX_OBS_COLUMNS)
+    measured = measured_curves(model, groups, curves, stats, _blocks, [x], 0.01, 4, 32, MAX_OBS_COLUMNS, 1e6)
     assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())  # weights restored
     g = prunable[0]
     order, costs = measured[g]

@@ -4,9 +4,10 @@
   error, each relative to its dense output energy. Cheap, but a unit of relative error in an early 16-channel
   layer and in the classifier's input are not worth the same at the network's output.
 - `kl`: the same removal order, with the cost measured where it matters: KL(dense ‖ network with only that group's
-  first k units removed, its consumers re-fitted by OBS) on the first calibration images, at up to LEVELS points of
-  each curve; between measured points the layer curve's shape is followed (SPDY's and OBC's database idea, with
-  the output error instead of a proxy). One forward pass per measured point.
+  first k units removed, its consumers re-fitted by OBS) on the first calibration images (256, fewer for networks
+  above ResNet-18's multiply-adds), at up to LEVELS points of each curve; between measured points the layer curve's
+  shape is followed (SPDY's and OBC's database idea, with the output error instead of a proxy). One forward pass
+  per measured point.
 """
 from __future__ import annotations
 
@@ -19,7 +20,10 @@ from .channel_budget import step_size
 
 CHANNEL_COSTS = ("layer", "kl")
 LEVELS = 8  # measured points per group; more buys little (the curve between them follows the layer costs)
-IMAGES = 256  # calibration images the KL is measured on (the first ones)
+IMAGES = 256  # calibration images the KL is measured on (the first ones), at most
+POINT_MACS = 1.5e11  # multiply-adds per measured point: 256 images of ResNet-18 at 32x32 (~100 s for its 12 groups
+# here); a bigger network is measured on fewer images (ResNet-50 at 224x224: 36), at least MIN_IMAGES
+MIN_IMAGES = 32
 
 
 def consumer_weight(pruner, blocks: torch.Tensor, percdamp: float, refit: bool = True) -> torch.Tensor:
@@ -51,13 +55,13 @@ def _log_probs(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
 
 @torch.no_grad()
 def measured_curves(model: nn.Module, groups: list, curves: dict, stats: dict, blocks_of, batches: list,
-                    percdamp: float, round_to: int, batch_size: int, max_columns: int,
+                    percdamp: float, round_to: int, batch_size: int, max_columns: int, macs_per_image: float,
                     progress: bool = False) -> dict:
     """The curves with their costs replaced by the output KL (`kl` above), same removal orders.
     blocks_of(pruner, unit_columns) -> each unit's column indices in the consumer's solver order. (Measuring each
     group with the others' first allocation in place, and allocating again, was worse on ResNet-20's held-out
     images: -2.86 against -2.34 points at keep_macs 0.7.)"""
-    x = torch.cat(batches)[:IMAGES]
+    x = torch.cat(batches)[:max(MIN_IMAGES, min(IMAGES, int(POINT_MACS / max(macs_per_image, 1.0))))]
     dense = _log_probs(model, x, batch_size)
 
     def kl_with(removed: dict) -> float:  # removed {group: units}: the consumers re-fitted, the KL measured

@@ -221,12 +221,12 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
         if max_remove > 0:
             curves[g] = _cost_curve(groups[g], stats, config.percdamp, max_remove, config.round_to)
     timings["cost_curves"] = time.perf_counter() - t1
+    counters = {kind: Counter(model, groups, positions, kind) for kind in ("macs", "params")}
     if config.channel_costs == "kl":
         t1 = time.perf_counter()
         curves = measured_curves(model, groups, curves, stats, _blocks, batches, config.percdamp, config.round_to,
-                                 config.batch_size, MAX_OBS_COLUMNS, progress)
+                                 config.batch_size, MAX_OBS_COLUMNS, counters["macs"].total({}), progress)
         timings["output_costs"] = time.perf_counter() - t1
-    counters = {kind: Counter(model, groups, positions, kind) for kind in ("macs", "params")}
     latency = None
     if what == "speedup":
         t1 = time.perf_counter()
