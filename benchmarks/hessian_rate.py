@@ -1,6 +1,6 @@
-"""Where the Hessian accumulation's time goes on one conv layer (issue 22, item 1): the unfold into solver-order
-columns, the X·Xᵀ product, and the whole LayerPruner.add_batch, against this machine's fp32 GEMM rate (a 4096²
-matmul), all in one process.
+"""Where the Hessian accumulation's time goes on one conv layer (issue 22, items 1 and 2): the unfold into
+solver-order columns, the X·Xᵀ product, and the whole LayerPruner.add_batch (its own path: shifted correlations
+where cheaper, and im2col forced), against this machine's fp32 GEMM rate (a 4096² matmul), all in one process.
 
     python benchmarks/hessian_rate.py --json experiments/hessian_rate.json
 """
@@ -12,6 +12,7 @@ import time
 import torch
 from torch import nn
 
+from cnn_sparsegpt.kernels.shifted_gram import offsets
 from cnn_sparsegpt.pruning.layer import LayerPruner
 from cnn_sparsegpt.utils import atomic_write_json, run_metadata
 
@@ -41,10 +42,13 @@ def main() -> None:
         d, T = p_.d, args.images * size * size
         flops = d * d * T  # the symmetric product: half of 2·d²·T
 
-        def whole():
+        def whole(path=None):  # path None: the pruner's choice; "im2col": forced
             q = LayerPruner(conv, "conv")
+            if path == "im2col":
+                q.shifted = lambda inp: False
             for b in batches:
                 q.add_batch(b)
+            q.flush()
 
         def unfold_only():
             for b in batches:
@@ -57,11 +61,15 @@ def main() -> None:
             for X in cols:
                 torch.matmul(X[0], X[0].t())
 
+        shifted = LayerPruner(conv, "conv").shifted(batches[0])
         r = {"in_channels": cin, "size": size, "d": d, "columns": T, "whole_s": best_of(whole),
+             "im2col_whole_s": best_of(lambda: whole("im2col")), "path": "shifted" if shifted else "im2col",
+             "shifted_flops": offsets((3, 3)) * 2 * cin ** 2 * args.images * (size + 4) ** 2,
              "unfold_s": best_of(unfold_only), "product_full_s": best_of(product_only),
              "chunk_images": p_.chunk_images(batches[0])}
         r["whole_gflops"] = flops / r["whole_s"] / 1e9
-        r["limit_s"] = flops / gemm
+        r["limit_s"] = flops / gemm  # im2col's symmetric product at the GEMM rate
+        r["shifted_limit_s"] = r["shifted_flops"] / gemm  # the shifted products (border corrections left out)
         r["whole_over_limit"] = r["whole_s"] / r["limit_s"]
         rows.append(r)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)

@@ -242,7 +242,8 @@ class PruneConfig:
 
 
 RECOMMENDED = PruneConfig()  # chosen on held-out images: docs/RESULTS.md, "Beyond uniform SparseGPT"
-PUBLISHED = PruneConfig(solver="sparsegpt", refine="none", dense_target=False)  # the methods as published
+# the methods as published (channels: priced by the consumers' errors alone, this project's first channel recipe)
+PUBLISHED = PruneConfig(solver="sparsegpt", refine="none", dense_target=False, channel_costs="layer")
 PRESETS = {"recommended": RECOMMENDED, "published": PUBLISHED}
 PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 
