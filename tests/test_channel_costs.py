@@ -63,3 +63,24 @@ def test_layer_costs_still_prune_to_the_target():
                       progress=False)
     assert rep.structure["macs"][1] <= 0.6 * rep.structure["macs"][0]
     assert "output_costs" not in rep.structure["timings"]
+
+
+class DictOut(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = make(TinyResNet)
+
+    def forward(self, x):
+        return {"logits": self.net(x)}
+
+
+def test_a_model_without_one_output_tensor_falls_back_to_layer_costs():
+    model, x = DictOut().eval(), calib(16)
+    groups = channel_groups(model, x[:1])
+    prunable = [g for g, group in enumerate(groups) if len(group.removable) > 4]
+    consumers = sorted({c for g in prunable for i in groups[g].removable for c in groups[g].units[i].columns})
+    stats = dense_statistics(model, [x], consumers, hessian=True)
+    curves = {g: _cost_curve(groups[g], stats, 0.01, len(groups[g].units) - 4, 4) for g in prunable}
+    with pytest.warns(RuntimeWarning, match="layer costs"):
+        out = measured_curves(model, groups, curves, stats, _blocks, [x], 0.01, 4, 32, MAX_OBS_COLUMNS, 1e6)
+    assert out is curves

@@ -11,6 +11,8 @@
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -62,6 +64,10 @@ def measured_curves(model: nn.Module, groups: list, curves: dict, stats: dict, b
     group with the others' first allocation in place, and allocating again, was worse on ResNet-20's held-out
     images: -2.86 against -2.34 points at keep_macs 0.7.)"""
     x = torch.cat(batches)[:max(MIN_IMAGES, min(IMAGES, int(POINT_MACS / max(macs_per_image, 1.0))))]
+    if not isinstance(model(x[:1]), torch.Tensor):  # e.g. a detector's dict of outputs: no class scores to compare
+        warnings.warn("channel_costs='kl' needs a model whose output is one tensor of scores; this one's is not, so "
+                      "the groups are compared by their layer costs", RuntimeWarning)
+        return curves
     dense = _log_probs(model, x, batch_size)
 
     def kl_with(removed: dict) -> float:  # removed {group: units}: the consumers re-fitted, the KL measured
