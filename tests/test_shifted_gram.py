@@ -39,23 +39,46 @@ def test_offsets_and_the_cost_rule():
     assert not cheaper((3, 3), (1, 1), (4, 4)) and not cheaper((1, 1), (0, 0), (32, 32))
 
 
+def _accumulated(conv, x, xd, dense_target, shifted=None, rhs_outputs=None, monkeypatch=None):
+    with monkeypatch.context() as m:
+        if shifted is not None:
+            m.setattr(LayerPruner, "shifted", lambda self, inp: shifted)
+        if rhs_outputs is not None:
+            m.setattr(LayerPruner, "rhs_from_outputs", lambda self: rhs_outputs)
+        p = LayerPruner(conv, "c", dense_target=dense_target)
+        for b, bd in zip(x.split(7), xd.split(7)):
+            p.add_batch(b, bd)
+        return p.nsamples, p.H, p.R
+
+
 @pytest.mark.parametrize("dense_target", [False, True])
 def test_layer_pruner_takes_the_shifted_path_with_the_same_hessian(dense_target, monkeypatch):
     conv = nn.Conv2d(8, 6, 3, padding=1, bias=False)
     g = torch.Generator().manual_seed(1)
     x, xd = torch.randn(20, 8, 12, 12, generator=g), torch.randn(20, 8, 12, 12, generator=g)
-    fast = LayerPruner(conv, "c", dense_target=dense_target)
-    assert fast.shifted(x)
-    for b, bd in zip(x.split(7), xd.split(7)):
-        fast.add_batch(b, bd)
-    monkeypatch.setattr(LayerPruner, "shifted", lambda self, inp: False)
-    slow = LayerPruner(conv, "c", dense_target=dense_target)
-    for b, bd in zip(x.split(7), xd.split(7)):
-        slow.add_batch(b, bd)
-    assert fast.nsamples == slow.nsamples == 20 * 12 * 12
-    torch.testing.assert_close(fast.H, slow.H, rtol=1e-5, atol=1e-5 * float(slow.H.abs().max()))
-    if dense_target:
-        torch.testing.assert_close(fast.D, slow.D, rtol=1e-5, atol=1e-5 * float(slow.D.abs().max()))
+    assert LayerPruner(conv, "c").shifted(x)
+    runs = [_accumulated(conv, x, xd, dense_target, shifted, rhs, monkeypatch)
+            for shifted, rhs in ((None, False), (False, False), (None, True))]  # shifted / im2col / R from outputs
+    assert all(n == 20 * 12 * 12 for n, _, _ in runs)
+    ref = runs[1]
+    for n, H, R in runs:
+        torch.testing.assert_close(H, ref[1], rtol=1e-5, atol=1e-5 * float(ref[1].abs().max()))
+        if dense_target:
+            torch.testing.assert_close(R, ref[2], rtol=1e-4, atol=1e-5 * float(ref[2].abs().max()))
+        else:
+            assert R is None
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(8, 4, 3, stride=2, padding=1, groups=2), nn.Linear(24, 5)])
+def test_dense_target_rhs_from_outputs_equals_w_times_d(layer, monkeypatch):
+    """R = W·D summed from the outputs (a forward and a weight-gradient conv) against W·Σ(X_d − X_p)X_pᵀ."""
+    g = torch.Generator().manual_seed(2)
+    shape = (12, 8, 9, 9) if isinstance(layer, nn.Conv2d) else (12, 3, 24)
+    x, xd = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    _, _, fast = _accumulated(layer, x, xd, True, rhs_outputs=True, monkeypatch=monkeypatch)
+    _, _, slow = _accumulated(layer, x, xd, True, rhs_outputs=False, monkeypatch=monkeypatch)
+    assert fast.shape == slow.shape
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5 * float(slow.abs().max()))
 
 
 def test_strided_grouped_and_1x1_convs_keep_im2col():

@@ -6,8 +6,9 @@ error made upstream is never corrected. The asymmetric target ‖W·X_d − Ŵ·
 inputs in the dense network) is, up to a constant, the symmetric one for the weights
     W* = W·C·H⁻¹,  C = 2·X_d·X_pᵀ/N,  H = 2·X_p·X_pᵀ/N,
 so the solver and the refinements run unchanged on W*. The inverse is damped as a ridge towards W,
-W* = W + W·(C − H)·(H + λI)⁻¹, so that a layer whose inputs did not change (C = H) keeps W exactly. C − H =
-2·(X_d − X_p)·X_pᵀ/N is summed as such (layer.py): exactly 0 there, not the difference of two rounded products.
+W* = W + W·(C − H)·(H + λI)⁻¹, so that a layer whose inputs did not change (C = H) keeps W exactly. R = W·(C − H) =
+2·W·(X_d − X_p)·X_pᵀ/N is summed as such (layer.py; from the layer's outputs where it has fewer rows than d/2):
+exactly 0 there, not the difference of two rounded products.
 
 The dense inputs come from a frozen copy of the dense model. Where the pruned network runs as a traced graph,
 the dense copy's graph runs in step with it under the same memory policy: in default mode one dense pass in all
@@ -86,13 +87,12 @@ class DenseInputs:
         self._captured.clear()
 
 
-def dense_target_weights(W: torch.Tensor, H: torch.Tensor, D: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """W* = W + W·D·(H + λI)⁻¹ for a batch (G, rows, d), H and D = C − H (G, d, d);
+def dense_target_weights(W: torch.Tensor, H: torch.Tensor, R: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """W* = W + R·(H + λI)⁻¹ for a batch (G, rows, d), H (G, d, d) and R = W·D = W·(C − H) (G, rows, d);
     λ = percdamp · mean diag(H)."""
     A = damped(H, percdamp)
     L, info = torch.linalg.cholesky_ex(A)
     del A
     if info.any():  # damping too small for this H: keep the symmetric target rather than fail the prune
         return W
-    R = torch.bmm(W, D)  # (G, rows, d); rows as vectors: Y·(H + λI) = R
-    return W + torch.cholesky_solve(R.transpose(-1, -2), L).transpose(-1, -2)
+    return W + torch.cholesky_solve(R.transpose(-1, -2), L).transpose(-1, -2)  # rows as vectors: Y·(H + λI) = R

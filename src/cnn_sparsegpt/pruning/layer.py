@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.grad import conv2d_weight
 
 from . import dist
 from .dense_target import dense_target_weights
@@ -86,18 +87,35 @@ class LayerPruner:
         self.nsamples = 0
         # Σ of the input columns, for x̄ (statistics correction); off by default: a pass over X per chunk
         self.colsum = torch.zeros(self.groups, self.d, device=W.device, dtype=torch.float64) if track_mean else None
-        # D = C − H = 2·(X_d − X_p)·X_pᵀ/N with the dense network's inputs X_d, for the asymmetric target
-        # (dense_target.py). Summed as the difference itself, not as C then minus H: where the inputs did not change
-        # (X_d = X_p) it is exactly 0, not the rounding noise of two products, which the solve would amplify
-        self.SD = torch.zeros(shape, device=W.device, dtype=torch.float64) if dense_target else None  # Σ(X_d−X_p)X_pᵀ
-        self._D = None
+        # R = W·D, D = C − H = 2·(X_d − X_p)·X_pᵀ/N with the dense network's inputs X_d, for the asymmetric target
+        # (dense_target.py). Summed from the difference itself, not as C then minus H: where the inputs did not change
+        # (X_d = X_p) it is exactly 0, not the rounding noise of two products, which the solve would amplify. Where
+        # the layer has fewer than d/2 rows (a 3x3 conv: 9x fewer), R is summed from the outputs as
+        # (W·(X_d − X_p))·X_pᵀ, a forward conv and a weight-gradient conv (2·rows·d per column instead of d²);
+        # otherwise SD holds Σ(X_d − X_p)X_pᵀ and R = W·D at the end
+        self.rhs_outputs = dense_target and self.rhs_from_outputs()
+        rhs_shape = (self.groups, W.shape[0] // self.groups, self.d) if self.rhs_outputs else shape
+        self.SD = torch.zeros(rhs_shape, device=W.device, dtype=torch.float64) if dense_target else None
+        self._R = None
+
+    def rhs_from_outputs(self) -> bool:
+        """Whether the dense target's R is summed from the layer's outputs (see __init__): fewer rows than d/2, and a
+        Linear or a zero-padded conv (whose weight gradient torch computes)."""
+        layer = self.layer
+        if isinstance(layer, nn.Conv2d) and (isinstance(layer.padding, str) or layer.padding_mode != "zeros"):
+            return False
+        return 2 * (layer.weight.shape[0] // self.groups) < self.d
+
+    @property
+    def _cross_in_chunks(self) -> bool:  # Σ(X_d − X_p)X_pᵀ summed with the chunks' columns
+        return self.SD is not None and not self.rhs_outputs
 
     def flush(self) -> None:
         """Add the float32 partial sums to the float64 sums (before those are read or reduced over ranks)."""
         if self._pending:
             if self.S is not None:
                 self.S.add_(self._chunk)
-            if self.SD is not None:
+            if self._cross_in_chunks:
                 self.SD.add_(self._chunk_d)
             self._pending = 0
 
@@ -105,19 +123,21 @@ class LayerPruner:
         """The partial-sum buffers, allocated on first use; the beta that starts (0) or continues (1) a sum."""
         if self.S is not None and self._chunk is None:
             self._chunk = torch.empty(self.S.shape, device=device)
-        if self.SD is not None and self._chunk_d is None:
+        if self._cross_in_chunks and self._chunk_d is None:
             self._chunk_d = torch.empty(self.SD.shape, device=device)
         return 0.0 if self._pending == 0 else 1.0
 
     def _finish(self, S: torch.Tensor | None) -> torch.Tensor | None:
-        """2·S/N as float32 (one rounding), through the chunk buffer: no float64 temporary."""
+        """2·S/N as float32 (one rounding), through the chunk buffer when it fits: no float64 temporary."""
         if S is None:
             return None
         self.flush()
         self._chunk_d = None
         S.mul_(2 / max(self.nsamples, 1))
-        out = self._chunk if self._chunk is not None else torch.empty(S.shape, device=S.device)
-        self._chunk = None
+        fits = self._chunk is not None and self._chunk.shape == S.shape
+        out = self._chunk if fits else torch.empty(S.shape, device=S.device)
+        if fits:
+            self._chunk = None
         return out.copy_(S)
 
     @property
@@ -132,11 +152,25 @@ class LayerPruner:
         self._H, self.S = value, None
 
     @property
-    def D(self) -> torch.Tensor | None:
-        """D = C − H = 2·(X_d − X_p)·X_pᵀ/N, for the asymmetric target (dense_target.py)."""
-        if self._D is None and self.SD is not None:
-            self._D, self.SD = self._finish(self.SD), None
-        return self._D
+    def R(self) -> torch.Tensor | None:
+        """R = W·D = 2·W·(X_d − X_p)·X_pᵀ/N (G, rows, d) in the solver's column order, for the asymmetric target
+        (dense_target.py); W is the layer's weight as it is now (before it is pruned)."""
+        if self._R is None and self.SD is not None:
+            D, self.SD = self._finish(self.SD), None
+            self._R = D if self.rhs_outputs else torch.bmm(self.weight_matrix()[0], D)
+        return self._R
+
+    def _rhs_product(self, x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+        """W·(X_d − X_p)·X_pᵀ of one batch (G, rows, d), from the outputs: the forward map of the input difference,
+        then the weight gradient it gives with the pruned inputs."""
+        layer, W = self.layer, self.layer.weight.detach().float()
+        x, dx = x.float(), (dense - x).float()
+        if isinstance(layer, nn.Linear):  # (..., in): a Linear over channels-last inputs too
+            dy = F.linear(dx, W).reshape(-1, W.shape[0])
+            return (dy.t() @ x.reshape(-1, self.d))[None]
+        dy = F.conv2d(dx, W, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+        g = conv2d_weight(x, W.shape, dy, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return g.reshape(self.groups, W.shape[0] // self.groups, -1)[:, :, conv_column_perm(W.shape, W.device)]
 
     def columns(self, inp: torch.Tensor) -> torch.Tensor:
         """The layer's input as (groups, d, T): one column per output position, rows in the solver's order
@@ -181,10 +215,10 @@ class LayerPruner:
         layer, (H, W) = self.layer, inp.shape[-2:]
         (kh, kw), (ph, pw) = layer.kernel_size, layer.padding
         step = max(1, SHIFTED_CHUNK_BYTES // (4 * inp.shape[1] * (H + 2 * ph + kh) * (W + 2 * pw + kw)))
-        dense_chunks = dense.split(step) if self.SD is not None else None
+        dense_chunks = dense.split(step) if self._cross_in_chunks else None
         for i, chunk in enumerate(inp.split(step)):
             beta = self._buffers(chunk.device)
-            if self.SD is not None:
+            if self._cross_in_chunks:
                 conv_gram(chunk, layer.kernel_size, layer.padding, y=dense_chunks[i] - chunk, out=self._chunk_d[0],
                           beta=beta)
             conv_gram(chunk, layer.kernel_size, layer.padding, out=self._chunk[0], beta=beta)
@@ -197,14 +231,16 @@ class LayerPruner:
         dense: the same images' inputs in the dense network (with dense_target)."""
         if self._H is not None:
             raise RuntimeError(f"{self.name}: H was already read; no more batches can be added")
+        if self.rhs_outputs:
+            self.SD.add_(self._rhs_product(inp, dense))
         if self.shifted(inp):
             return self._add_shifted(inp, dense)
         step = self.chunk_images(inp)
-        dense_chunks = dense.split(step) if self.SD is not None else None
+        dense_chunks = dense.split(step) if self._cross_in_chunks else None
         for i, chunk in enumerate(inp.split(step)):
             X = self.columns(chunk)
             beta = self._buffers(X.device)
-            if self.SD is not None:
+            if self._cross_in_chunks:
                 self._chunk_d.baddbmm_(self.columns(dense_chunks[i] - chunk), X.transpose(1, 2), beta=beta)
             if self.S is not None:
                 accumulate_xxt_(self._chunk, X, beta=beta)
@@ -282,11 +318,11 @@ class LayerPruner:
                 res.reason = "all-zero calibration inputs: magnitude-pruned instead"
             method = "magnitude"
         refit = self.nsamples >= MIN_SAMPLES_PER_INPUT * Wg.shape[-1]
-        if not refit and (self.D is not None or refine != "none"):
+        if not refit and (self.SD is not None or self._R is not None or refine != "none"):
             res.reason = (f"{self.nsamples} calibration samples for {Wg.shape[-1]} inputs (< {MIN_SAMPLES_PER_INPUT} "
                           "per input): dense target and refinement left out, they would fit the calibration set")
-        if self.D is not None and live and refit:
-            Wg = dense_target_weights(Wg, Hg, self.D, percdamp)  # the error is measured against W* from here on
+        if self.SD is not None and live and refit:
+            Wg = dense_target_weights(Wg, Hg, self.R, percdamp)  # the error is measured against W* from here on
         scale = None if row_scale is None else row_scale.to(Wg).reshape(self.groups, -1)
         grid = fit_grid(Wg, wbits, config.quant_clip) if wbits else None
         if method == "sparsegpt":
@@ -311,7 +347,7 @@ class LayerPruner:
         return res
 
     def free(self) -> None:
-        self.S = self.SD = self._H = self._D = self._chunk = self._chunk_d = self.colsum = self.colsq = None
+        self.S = self.SD = self._H = self._R = self._chunk = self._chunk_d = self.colsum = self.colsq = None
         self._pending = 0
 
 

@@ -1,0 +1,56 @@
+"""What the recommended recipe costs over the published prune (issue 22, item 3), side by side in one process:
+the same model, calibration images and pattern pruned as published (SparseGPT's solve), with the default recipe
+(exact solver where affordable, dense target, cg re-solve), and with the default recipe on SparseGPT's solver
+everywhere; each phase's seconds from the reports. Random weights unless --weights; random images unless
+--data-dir (then the model's training images, as `prune` draws them).
+
+    python benchmarks/recipe_overhead.py --weights ../shared/checkpoints/resnet18_cifar10.pt \\
+        --data-dir ../shared/data --json experiments/recipe_overhead.json
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+
+from cnn_sparsegpt import PUBLISHED, RECOMMENDED, calibration_set, create_model, load_dataset, prune_model
+from cnn_sparsegpt.utils import atomic_write_json, load_state_dict, run_metadata
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="resnet18_cifar")
+    p.add_argument("--weights")
+    p.add_argument("--data-dir")
+    p.add_argument("--nsamples", type=int, default=1024)
+    p.add_argument("--nm", default="2:4")
+    p.add_argument("--low-memory", action="store_true")
+    p.add_argument("--json", required=True)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    model = create_model(args.arch, num_classes=10).eval()
+    if args.weights:
+        model.load_state_dict(load_state_dict(args.weights))
+    if args.data_dir:
+        x = calibration_set(load_dataset("cifar10", train=True, data_dir=args.data_dir), args.nsamples)
+    else:
+        x = torch.randn(args.nsamples, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    rows = {}
+    for name, config, extra in (("published", PUBLISHED, {}), ("default", RECOMMENDED, {}),
+                                ("default, solver sparsegpt", RECOMMENDED, {"solver": "sparsegpt"})):
+        m = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        rep = prune_model(m, x, config, nm=args.nm, low_memory=args.low_memory, progress=False, **extra)
+        rows[name] = {"seconds": time.perf_counter() - t0, "timings": rep.timings}
+        print(name, f"{rows[name]['seconds']:.1f} s", {k: round(v, 1) for k, v in rep.timings.items()}, flush=True)
+    base = rows["published"]["seconds"]
+    out = {"arch": args.arch, "nsamples": args.nsamples, "pattern": args.nm, "low_memory": args.low_memory,
+           "rows": rows, "ratios": {k: r["seconds"] / base for k, r in rows.items()}} | run_metadata(torch.device("cpu"))
+    atomic_write_json(out, args.json)
+    print({k: f"{v:.2f}x" for k, v in out["ratios"].items()})
+
+
+if __name__ == "__main__":
+    main()
