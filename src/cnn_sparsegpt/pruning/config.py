@@ -260,4 +260,8 @@ def recipe_label(config: PruneConfig) -> str:
     r = config.resolved()
     published = replace(PUBLISHED, method=config.method, wbits=config.wbits).resolved()
     return ",".join(f"{k}={getattr(r, k)}" for k in RECIPE_KEYS
-                    if (r.wbits is not None if k == "wbits" else getattr(r, k) != getattr(published, k)))
+                    if (r.wbits is not None if k == "wbits" else getattr(r, k) != getattr(published, k))
+                    and (r.structure == "channels" or k not in CHANNEL_ONLY))
+
+
+CHANNEL_ONLY = ("channel_costs", "round_to")  # settings that change nothing without structure='channels'
