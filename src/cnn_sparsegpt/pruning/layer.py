@@ -318,10 +318,11 @@ class LayerPruner:
                 res.reason = "all-zero calibration inputs: magnitude-pruned instead"
             method = "magnitude"
         refit = self.nsamples >= MIN_SAMPLES_PER_INPUT * Wg.shape[-1]
-        if not refit and (self.SD is not None or self._R is not None or refine != "none"):
+        dense_target = self.SD is not None or self._R is not None
+        if not refit and (dense_target or refine != "none"):
             res.reason = (f"{self.nsamples} calibration samples for {Wg.shape[-1]} inputs (< {MIN_SAMPLES_PER_INPUT} "
                           "per input): dense target and refinement left out, they would fit the calibration set")
-        if self.SD is not None and live and refit:
+        if dense_target and live and refit:
             Wg = dense_target_weights(Wg, Hg, self.R, percdamp)  # the error is measured against W* from here on
         scale = None if row_scale is None else row_scale.to(Wg).reshape(self.groups, -1)
         grid = fit_grid(Wg, wbits, config.quant_clip) if wbits else None
