@@ -84,3 +84,13 @@ def test_a_model_without_one_output_tensor_falls_back_to_layer_costs():
     with pytest.warns(RuntimeWarning, match="layer costs"):
         out = measured_curves(model, groups, curves, stats, _blocks, [x], 0.01, 4, 32, MAX_OBS_COLUMNS, 1e6)
     assert out is curves
+
+
+def test_labels_name_the_channel_costs_only_for_channel_runs():
+    from cnn_sparsegpt.pruning.config import PUBLISHED, RECOMMENDED, recipe_label
+
+    assert PUBLISHED.channel_costs == "layer" and RECOMMENDED.channel_costs == "kl"
+    assert "channel_costs=kl" in recipe_label(RECOMMENDED.__class__(structure="channels", keep_macs=0.5))
+    assert "channel_costs" not in recipe_label(RECOMMENDED.__class__(structure="channels", keep_macs=0.5,
+                                                                     channel_costs="layer"))
+    assert "channel_costs" not in recipe_label(RECOMMENDED.__class__(sparsity=0.5))
