@@ -82,7 +82,6 @@ class LayerPruner:
         self._H = None  # 2·S/N in float32, made from S on first use (see `H`)
         self._chunk = None  # float32 partial sum of S not yet in S (then the buffer H is made in)
         self._chunk_d = None  # the same for SD
-        self._pending = 0  # chunks in the partial sums
         self.colsq = None if hessian else torch.zeros(self.groups, self.d, device=W.device, dtype=torch.float64)
         self.nsamples = 0
         # Σ of the input columns, for x̄ (statistics correction); off by default: a pass over X per chunk
@@ -110,28 +109,25 @@ class LayerPruner:
     def _cross_in_chunks(self) -> bool:  # Σ(X_d − X_p)X_pᵀ summed with the chunks' columns
         return self.SD is not None and not self.rhs_outputs
 
-    def flush(self) -> None:
-        """Add the float32 partial sums to the float64 sums (before those are read or reduced over ranks)."""
-        if self._pending:
-            if self.S is not None:
-                self.S.add_(self._chunk)
-            if self._cross_in_chunks:
-                self.SD.add_(self._chunk_d)
-            self._pending = 0
-
-    def _buffers(self, device) -> float:
-        """The partial-sum buffers, allocated on first use; the beta that starts (0) or continues (1) a sum."""
+    def _buffers(self, device) -> None:
+        """The float32 buffers a batch's chunk products are summed in, allocated on first use."""
         if self.S is not None and self._chunk is None:
             self._chunk = torch.empty(self.S.shape, device=device)
         if self._cross_in_chunks and self._chunk_d is None:
             self._chunk_d = torch.empty(self.SD.shape, device=device)
-        return 0.0 if self._pending == 0 else 1.0
+
+    def _add_batch_sums(self) -> None:
+        """Add a batch's float32 sums to the float64 ones: one term per batch, whatever its chunks, so the same terms
+        however whole batches go to torchrun ranks."""
+        if self.S is not None:
+            self.S.add_(self._chunk)
+        if self._cross_in_chunks:
+            self.SD.add_(self._chunk_d)
 
     def _finish(self, S: torch.Tensor | None) -> torch.Tensor | None:
         """2·S/N as float32 (one rounding), through the chunk buffer when it fits: no float64 temporary."""
         if S is None:
             return None
-        self.flush()
         self._chunk_d = None
         S.mul_(2 / max(self.nsamples, 1))
         fits = self._chunk is not None and self._chunk.shape == S.shape
@@ -216,30 +212,33 @@ class LayerPruner:
         (kh, kw), (ph, pw) = layer.kernel_size, layer.padding
         step = max(1, SHIFTED_CHUNK_BYTES // (4 * inp.shape[1] * (H + 2 * ph + kh) * (W + 2 * pw + kw)))
         dense_chunks = dense.split(step) if self._cross_in_chunks else None
+        self._buffers(inp.device)
         for i, chunk in enumerate(inp.split(step)):
-            beta = self._buffers(chunk.device)
+            beta = 0.0 if i == 0 else 1.0  # start the batch's sums, then add to them
             if self._cross_in_chunks:
                 conv_gram(chunk, layer.kernel_size, layer.padding, y=dense_chunks[i] - chunk, out=self._chunk_d[0],
                           beta=beta)
             conv_gram(chunk, layer.kernel_size, layer.padding, out=self._chunk[0], beta=beta)
             self.nsamples += len(chunk) * (H + 2 * ph - kh + 1) * (W + 2 * pw - kw + 1)
-            self._pending += 1
-        self.flush()  # a batch's product, whatever its chunks: the same terms however batches go to ranks
+        self._add_batch_sums()
 
     def add_batch(self, inp: torch.Tensor, dense: torch.Tensor | None = None) -> None:
         """Fold a batch of layer inputs into H, a few images at a time so the unfolded patches stay small.
         dense: the same images' inputs in the dense network (with dense_target)."""
         if self._H is not None:
             raise RuntimeError(f"{self.name}: H was already read; no more batches can be added")
+        if not len(inp):
+            return
         if self.rhs_outputs:
             self.SD.add_(self._rhs_product(inp, dense))
         if self.shifted(inp):
             return self._add_shifted(inp, dense)
         step = self.chunk_images(inp)
         dense_chunks = dense.split(step) if self._cross_in_chunks else None
+        self._buffers(inp.device)
         for i, chunk in enumerate(inp.split(step)):
             X = self.columns(chunk)
-            beta = self._buffers(X.device)
+            beta = 0.0 if i == 0 else 1.0  # start the batch's sums, then add to them
             if self._cross_in_chunks:
                 self._chunk_d.baddbmm_(self.columns(dense_chunks[i] - chunk), X.transpose(1, 2), beta=beta)
             if self.S is not None:
@@ -249,8 +248,7 @@ class LayerPruner:
             if self.colsum is not None:
                 self.colsum += X.sum(-1).double()
             self.nsamples += X.shape[-1]
-            self._pending += 1
-        self.flush()
+        self._add_batch_sums()
 
     def hessian_diagonal(self) -> torch.Tensor:
         """diag(H) = 2·mean(x_j²) per input column (G, d), from H or from the column sums."""
@@ -349,7 +347,6 @@ class LayerPruner:
 
     def free(self) -> None:
         self.S = self.SD = self._H = self._R = self._chunk = self._chunk_d = self.colsum = self.colsq = None
-        self._pending = 0
 
 
 @torch.no_grad()
