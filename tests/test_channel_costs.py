@@ -7,9 +7,9 @@ import torch
 
 from cnn_sparsegpt import prune_model
 from cnn_sparsegpt.pruning.allocation import dense_statistics
-from cnn_sparsegpt.pruning.channel_costs import _follow, consumer_weight, measured_curves
+from cnn_sparsegpt.pruning.channel_costs import _follow, consumer_weight, measured_curves, unit_blocks
 from cnn_sparsegpt.pruning.channels import channel_groups
-from cnn_sparsegpt.pruning.structured import MAX_OBS_COLUMNS, _blocks, _cost_curve
+from cnn_sparsegpt.pruning.structured import _cost_curve
 
 from .test_prune_model import TinyResNet, calib, make
 
@@ -32,7 +32,7 @@ def test_measured_points_are_the_output_kl_of_that_removal_alone():
     stats = dense_statistics(model, [x], consumers, hessian=True)
     curves = {g: _cost_curve(groups[g], stats, 0.01, len(groups[g].units) - 4, 4) for g in prunable}
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    measured = measured_curves(model, groups, curves, stats, _blocks, [x], 0.01, 4, 32, MAX_OBS_COLUMNS, 1e6)
+    measured = measured_curves(model, groups, curves, stats, [x], 0.01, 4, 32, 1e6)
     assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())  # weights restored
     g = prunable[0]
     order, costs = measured[g]
@@ -42,7 +42,7 @@ def test_measured_points_are_the_output_kl_of_that_removal_alone():
     mods = dict(ref.named_modules())
     for c in sorted({c for u in order for c in groups[g].units[u].columns}):
         cols = sorted({col for u in order[:k] for col in groups[g].units[u].columns.get(c, [])})
-        mods[c].weight.copy_(consumer_weight(stats[c], _blocks(stats[c], [cols]).flatten(), 0.01))
+        mods[c].weight.copy_(consumer_weight(stats[c], unit_blocks(stats[c], [cols]).flatten(), 0.01))
     dense, pruned = torch.log_softmax(model(x).double(), -1), torch.log_softmax(ref(x).double(), -1)
     kl = float((dense.exp() * (dense - pruned)).sum(-1).mean())
     assert kl > 0 and costs[-1] == pytest.approx(max([kl] + costs[:-1]), rel=1e-6)  # non-decreasing: max so far
@@ -82,7 +82,7 @@ def test_a_model_without_one_output_tensor_falls_back_to_layer_costs():
     stats = dense_statistics(model, [x], consumers, hessian=True)
     curves = {g: _cost_curve(groups[g], stats, 0.01, len(groups[g].units) - 4, 4) for g in prunable}
     with pytest.warns(RuntimeWarning, match="layer costs"):
-        out = measured_curves(model, groups, curves, stats, _blocks, [x], 0.01, 4, 32, MAX_OBS_COLUMNS, 1e6)
+        out = measured_curves(model, groups, curves, stats, [x], 0.01, 4, 32, 1e6)
     assert out is curves
 
 

@@ -3,8 +3,10 @@
 1. Dependency groups (channels.py): the units (channels) that go together.
 2. One pass of the calibration set through the dense network gives each consumer's Hessian H = XXᵀ/N.
 3. Per group, units are removed greedily by their block-OBS cost summed over the group's consumers, each
-   consumer's cost relative to its dense output energy tr(W H Wᵀ) (so layers compare), in chunks of round_to with
-   an exact joint H⁻¹ downdate after each chunk (kernels/block_obs.py): a cost curve per group.
+   consumer's cost relative to its dense output energy tr(W H Wᵀ), in chunks of round_to with an exact joint H⁻¹
+   downdate after each chunk (kernels/block_obs.py): a removal order and cost curve per group. With
+   channel_costs='kl' (the default) the curve's costs are then measured as the network's output KL
+   (channel_costs.py), so that groups compare.
 4. The global target (multiply-adds or parameters kept) is met by a greedy over the groups' curves: each step
    removes `round_to` more units from the group whose next step costs least per multiply-add (or parameter) saved,
    so channel counts stay multiples of `round_to` and no group is removed entirely.
@@ -32,7 +34,7 @@ from ..utils import UserError
 from .allocation import dense_statistics
 from .batchnorm import bn_modules, bn_statistics_, recalibrate
 from .channel_budget import Counter, allocate, chosen_units, step_size
-from .channel_costs import consumer_weight, measured_curves
+from .channel_costs import MAX_OBS_COLUMNS, consumer_weight, measured_curves, unit_blocks
 from .channels import Group, channel_groups
 from .dense_target import DenseInputs
 from .graph import GraphExecutor
@@ -54,24 +56,6 @@ class StructureReport:
     latency: dict | None = None  # target_speedup: the layer table and the measured tries (speedup.py)
 
 
-def _blocks(pruner: LayerPruner, unit_columns: list[list[int]]) -> torch.Tensor:
-    """Each unit's columns in the consumer's solver order: a conv's input channel c owns c at every tap
-    ((kh, kw, in) order); a Linear's columns are its own."""
-    layer = pruner.layer
-    if isinstance(layer, nn.Conv2d):
-        kk = layer.kernel_size[0] * layer.kernel_size[1]
-        cin = layer.in_channels
-        return torch.tensor([[t * cin + c for t in range(kk) for c in cols] for cols in unit_columns])
-    return torch.tensor(unit_columns)
-
-
-# Consumers wider than this (inputs) are costed without OBS updates: a block's cost is its own output energy
-# tr(W_B H_BB W_Bᵀ) (no d×d inverse, no rank-b updates), as for a flattened feature map read by a wide Linear
-# (the MNIST CNN's 12544 inputs: a float64 inverse of 1.2 GB and 196-column updates per step). Their kept weights
-# are still re-fitted exactly at the end.
-MAX_OBS_COLUMNS = 4608
-
-
 def _cost_curve(group: Group, stats: dict, percdamp: float, max_remove: int,
                 round_to: int) -> tuple[list[int], list[float]]:
     """Greedy removal order of the group's removable units and the cumulative relative cost after each. Units go
@@ -91,7 +75,7 @@ def _cost_curve(group: Group, stats: dict, percdamp: float, max_remove: int,
         W = Wg[0].double().clone()
         H = p.H[0].double() / 2  # LayerPruner's H is 2XXᵀ/N
         norm = float((W @ H * W).sum()) or 1.0
-        blocks = _blocks(p, [group.units[i].columns.get(c, []) for i in units]).to(W.device)
+        blocks = unit_blocks(p, [group.units[i].columns.get(c, []) for i in units]).to(W.device)
         if W.shape[1] > MAX_OBS_COLUMNS:  # no updates: each block's own output energy, fixed
             state.append((None, _own_costs(W, H, blocks), blocks, norm))
             continue
@@ -224,8 +208,8 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
     counters = {kind: Counter(model, groups, positions, kind) for kind in ("macs", "params")}
     if config.channel_costs == "kl":
         t1 = time.perf_counter()
-        curves = measured_curves(model, groups, curves, stats, _blocks, batches, config.percdamp, config.round_to,
-                                 config.batch_size, MAX_OBS_COLUMNS, counters["macs"].total({}), progress)
+        curves = measured_curves(model, groups, curves, stats, batches, config.percdamp, config.round_to,
+                                 config.batch_size, counters["macs"].total({}), progress)
         timings["output_costs"] = time.perf_counter() - t1
     latency = None
     if what == "speedup":
@@ -241,7 +225,8 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
     dense = DenseInputs(model, batches) if config.dense_target else None  # a frozen copy of the dense model
     for c, cols in drop_cols.items():  # re-fit each consumer's kept weights to its dense output
         p = stats[c]
-        p.layer.weight.data.copy_(consumer_weight(p, _blocks(p, [sorted(set(cols))]).flatten(), config.percdamp))
+        blocks = unit_blocks(p, [sorted(set(cols))]).flatten()
+        p.layer.weight.data.copy_(consumer_weight(p, blocks, config.percdamp))
     for s in stats.values():
         s.free()
     slice_channels_(model, drop_cols, drop_rows, drop_entries)
