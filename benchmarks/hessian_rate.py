@@ -12,7 +12,7 @@ import time
 import torch
 from torch import nn
 
-from cnn_sparsegpt.kernels.shifted_gram import offsets
+from cnn_sparsegpt.kernels.shifted_gram import flops as gram_flops
 from cnn_sparsegpt.pruning.layer import LayerPruner
 from cnn_sparsegpt.utils import atomic_write_json, run_metadata
 
@@ -48,7 +48,6 @@ def main() -> None:
                 q.shifted = lambda inp: False
             for b in batches:
                 q.add_batch(b)
-            q.flush()
 
         def unfold_only():
             for b in batches:
@@ -64,7 +63,7 @@ def main() -> None:
         shifted = LayerPruner(conv, "conv").shifted(batches[0])
         r = {"in_channels": cin, "size": size, "d": d, "columns": T, "whole_s": best_of(whole),
              "im2col_whole_s": best_of(lambda: whole("im2col")), "path": "shifted" if shifted else "im2col",
-             "shifted_flops": offsets((3, 3)) * 2 * cin ** 2 * args.images * (size + 4) ** 2,
+             "shifted_flops": gram_flops((3, 3), (1, 1), (size, size), cin, args.images)[0],
              "unfold_s": best_of(unfold_only), "product_full_s": best_of(product_only),
              "chunk_images": p_.chunk_images(batches[0])}
         r["whole_gflops"] = flops / r["whole_s"] / 1e9

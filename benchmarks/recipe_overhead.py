@@ -47,7 +47,8 @@ def main() -> None:
         print(name, f"{rows[name]['seconds']:.1f} s", {k: round(v, 1) for k, v in rep.timings.items()}, flush=True)
     base = rows["published"]["seconds"]
     out = {"arch": args.arch, "nsamples": args.nsamples, "pattern": args.nm, "low_memory": args.low_memory,
-           "rows": rows, "ratios": {k: r["seconds"] / base for k, r in rows.items()}} | run_metadata(torch.device("cpu"))
+           "rows": rows, "ratios": {k: r["seconds"] / base for k, r in rows.items()}} | \
+        run_metadata(torch.device("cpu"))
     atomic_write_json(out, args.json)
     print({k: f"{v:.2f}x" for k, v in out["ratios"].items()})
 

@@ -30,7 +30,7 @@ from cnn_sparsegpt import (
 )
 from cnn_sparsegpt.commands.bench import PeakRSS
 from cnn_sparsegpt.kernels.linalg import accumulate_xxt_, inverse_cholesky
-from cnn_sparsegpt.kernels.shifted_gram import offsets
+from cnn_sparsegpt.kernels.shifted_gram import flops as gram_flops
 from cnn_sparsegpt.pruning.prune import choose_layers, forward_order
 from cnn_sparsegpt.kernels.solver import sparsegpt_solve
 from cnn_sparsegpt.utils import atomic_write_json, load_state_dict, resolve_device, run_metadata
@@ -134,10 +134,8 @@ def measure_floor(arch, weights, data_dir, nsamples, device, batch_size=128):
             flops["im2col"] += im2col
             if names[module] not in shifted:  # asked of a fresh pruner: p's H was read, which ends its accumulation
                 shifted[names[module]] = LayerPruner(module, names[module]).shifted(x)
-            if shifted[names[module]]:  # one C×C GEMM per offset over the padded input (border corrections left out)
-                (kh, kw), (ph, pw) = module.kernel_size, module.padding
-                flops["pruner"] += (offsets(module.kernel_size) * 2 * x.shape[1] ** 2 * len(x)
-                                    * (x.shape[2] + 2 * ph + kh - 1) * (x.shape[3] + 2 * pw + kw - 1))
+            if shifted[names[module]]:
+                flops["pruner"] += gram_flops(module.kernel_size, module.padding, x.shape[2:], x.shape[1], len(x))[0]
             else:
                 flops["pruner"] += im2col
             for chunk in x.split(p.chunk_images(x)):
@@ -253,7 +251,8 @@ def main():
         row("total / floor", [f"{r['phases']['total'] / fl['total']:.2f}x" for r in runs])
         print(f"| limit, im2col: forward + {fl['hessian_tflop_im2col']:.2f} Tflop at {fl['gemm_gflops']:.0f} GFLOP/s + "
               f"Cholesky | {fl['limit_im2col']:.1f} | |")
-        print(f"| limit, the pruner's Hessian path: {fl['hessian_tflop_pruner']:.2f} Tflop | {fl['limit_pruner']:.1f} | |")
+        print(f"| limit, the pruner's Hessian path: {fl['hessian_tflop_pruner']:.2f} Tflop | "
+              f"{fl['limit_pruner']:.1f} | |")
         row("total / im2col limit", [f"{r['phases']['total'] / fl['limit_im2col']:.2f}x" for r in runs])
         row("total / own limit", [f"{r['phases']['total'] / fl['limit_pruner']:.2f}x" for r in runs])
         row("memory policy", [r["memory_policy"].split(" (")[0] for r in runs])

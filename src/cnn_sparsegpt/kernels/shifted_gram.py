@@ -87,15 +87,23 @@ def offsets(kernel: tuple[int, int], symmetric: bool = True) -> int:
     return kw + (kh - 1) * (2 * kw - 1) if symmetric else (2 * kh - 1) * (2 * kw - 1)
 
 
-def cheaper(kernel: tuple[int, int], padding: tuple[int, int], size: tuple[int, int]) -> bool:
-    """Whether the shifted product of XXᵀ takes clearly fewer flops than im2col's (whose symmetric product computes
-    half of (k²C)² per output position, but copies the input k² times first): one full C×C GEMM per offset over the
-    padded input against (k²)²/2 blocks over the output positions. Measured on this project's 2-core CPU (ResNet-18's
-    3×3 convs, 64–512 channels at 32²–4²): 3.2×, 2.3×, 1.3× faster at 32², 16², 8², 2.2× slower at 4², where the
-    padding makes the input 4× the output positions; 0.75 keeps the margin."""
+def flops(kernel: tuple[int, int], padding: tuple[int, int], size: tuple[int, int], channels: int = 1,
+          images: int = 1) -> tuple[int, int]:
+    """Multiply-adds of XXᵀ for a stride-1 conv's input (images, channels, *size): (shifted, im2col). Shifted: one
+    full C×C GEMM per offset over the padded input (border corrections left out); im2col: the symmetric product,
+    half of (k²C)² per output position (its k² copies of the input left out)."""
     (kh, kw), (ph, pw), (H, W) = kernel, padding, size
-    if kh * kw == 1:  # a 1×1 conv's columns are its input: nothing to save
-        return False
     shifted = offsets(kernel) * 2 * (H + 2 * ph + kh - 1) * (W + 2 * pw + kw - 1)
     im2col = (kh * kw) ** 2 * (H + 2 * ph - kh + 1) * (W + 2 * pw - kw + 1)
+    return shifted * channels ** 2 * images, im2col * channels ** 2 * images
+
+
+def cheaper(kernel: tuple[int, int], padding: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Whether the shifted product of XXᵀ takes clearly fewer flops than im2col's (which also copies the input k²
+    times first). Measured on this project's 2-core CPU (ResNet-18's 3×3 convs, 64–512 channels at 32²–4²): 3.2×,
+    2.3×, 1.3× faster at 32², 16², 8², 2.2× slower at 4², where the padding makes the input 4× the output positions;
+    0.75 keeps the margin."""
+    if kernel[0] * kernel[1] == 1:  # a 1×1 conv's columns are its input: nothing to save
+        return False
+    shifted, im2col = flops(kernel, padding, size)
     return shifted <= 0.75 * im2col

@@ -251,8 +251,9 @@ PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 # The settings beyond SparseGPT's layer solve; a results file labels each run by those that differ from the
 # published method's (recipe_label), so a label means the same in every file whatever the defaults become.
 RECIPE_KEYS = ("solver", "hessians", "allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction",
-               "refine", "dense_target", "reconstruct", "wbits", "quant", "quant_clip", "structure", "keep_macs", "keep_params",
-               "target_speedup", "round_to", "channel_costs")
+               "refine", "dense_target", "reconstruct", "wbits", "quant", "quant_clip", "structure", "keep_macs",
+               "keep_params", "target_speedup", "round_to", "channel_costs")
+CHANNEL_ONLY = ("channel_costs", "round_to")  # settings that change nothing without structure='channels'
 
 
 def recipe_label(config: PruneConfig) -> str:
@@ -263,5 +264,3 @@ def recipe_label(config: PruneConfig) -> str:
                     if (r.wbits is not None if k == "wbits" else getattr(r, k) != getattr(published, k))
                     and (r.structure == "channels" or k not in CHANNEL_ONLY))
 
-
-CHANNEL_ONLY = ("channel_costs", "round_to")  # settings that change nothing without structure='channels'
