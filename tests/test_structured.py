@@ -160,6 +160,63 @@ def test_smaller_network_equals_the_masked_one():
     assert model.block.conv1.out_channels < 16 and model.block.conv1.weight.shape[0] == model.block.conv1.out_channels
 
 
+class ConvBNLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 5, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(5)
+        self.fc = nn.Linear(5, 4)
+
+    def forward(self, x):
+        y = self.bn(self.conv2(torch.relu(self.conv1(x))))
+        return self.fc(torch.relu(y).mean((2, 3)))
+
+
+def _least_squares_with_intercept(X, Y):
+    """[W b] minimising ‖Y − W X − b‖² (float64, no damping): X (d, T), Y (rows, T)."""
+    A = torch.cat([X, torch.ones(1, X.shape[1], dtype=X.dtype)])
+    sol = torch.linalg.lstsq(A.t(), Y.t()).solution.t()
+    return sol[:, :-1], sol[:, -1]
+
+
+def test_dense_target_refit_fits_an_intercept_into_the_bias_or_the_batchnorm():
+    """The sequential re-fit of a smaller network's layers to the dense outputs is a least squares with an
+    intercept where the offset is free: a bias takes it, or the running mean of the BatchNorm that reads the
+    layer (statistics not re-estimated here, so its shift is visible)."""
+    from cnn_sparsegpt.pruning.dense_target import DenseInputs
+    from cnn_sparsegpt.pruning.structured import refit_to_dense_outputs
+
+    torch.manual_seed(0)
+    dense = ConvBNLinear().double().eval()
+    dense.bn.running_mean.normal_(0, 0.1)
+    dense.bn.running_var.uniform_(0.01, 0.05)
+    # images of different mean colours: the classifier's pooled inputs vary between images as much as their means
+    batches = [torch.randn(8, 3, 6, 6, dtype=torch.float64) + 2 * torch.randn(8, 3, 1, 1, dtype=torch.float64)
+               for _ in range(2)]
+    model = copy.deepcopy(dense)
+    with torch.no_grad():
+        model.conv1.weight.add_(0.3 * torch.randn_like(model.conv1.weight))  # its consumers' inputs changed
+    targets = DenseInputs(dense, batches)
+    refit_to_dense_outputs(model, targets, batches, ["conv2", "fc"], {}, percdamp=0.0, bn_recalibration=False)
+
+    x = torch.cat(batches)
+    cols = nn.functional.unfold(torch.relu(model.conv1(x)), 3, padding=1)  # (N, 6·9, positions)
+    X = cols.transpose(0, 1).reshape(cols.shape[1], -1)
+    Yd = nn.functional.unfold(torch.relu(dense.conv1(x)), 3, padding=1)
+    Y = dense.conv2.weight.flatten(1) @ Yd.transpose(0, 1).reshape(Yd.shape[1], -1)
+    close = dict(rtol=1e-3, atol=1e-4)  # a batch's Hessian terms are summed in float32 (LayerPruner)
+    W, b = _least_squares_with_intercept(X, Y)
+    assert b.abs().max() > 0.05  # an intercept that matters
+    torch.testing.assert_close(model.conv2.weight.flatten(1), W, **close)
+    torch.testing.assert_close(dense.bn.running_mean - model.bn.running_mean, b, **close)  # the BN subtracts it
+    feats = lambda m: torch.relu(m.bn(m.conv2(torch.relu(m.conv1(x))))).mean((2, 3)).t()  # noqa: E731
+    W, b = _least_squares_with_intercept(feats(model), dense.fc.weight @ feats(dense))
+    assert b.abs().max() > 0.05
+    torch.testing.assert_close(model.fc.weight, W, **close)
+    torch.testing.assert_close(model.fc.bias, dense.fc.bias + b, **close)
+
+
 def test_channel_prune_meets_its_target_and_rebuilds_from_the_spec():
     model, x = make(TinyResNet), calib(64)
     dense_out = model(x)

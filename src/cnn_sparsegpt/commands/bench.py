@@ -48,7 +48,7 @@ class BenchConfig:
     seeds: list = field(default_factory=lambda: [0])
     data_dir: str | None = None
     device: str = "auto"
-    percdamp: float = 0.01
+    percdamp: float | None = None  # None: the prune's default (0.01 for weight masks, 0.001 for channels)
     eval_samples: int = 0  # 0 = the whole test split
     holdout: int = 0  # > 0: evaluate on that many held-out training images instead (for choosing settings)
     low_memory: bool | None = None  # None: by free memory; same results either way
@@ -194,7 +194,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
             continue
         key_row = {"model": m.model, "checkpoint": m.weights or "", "dataset": m.dataset or "",
                    "method": method, "pattern": pattern, "nsamples": n, "seed": seed, "bn_recalibration": bn,
-                   "eval_samples": cfg.eval_samples, "holdout": cfg.holdout, "percdamp": cfg.percdamp,
+                   "eval_samples": cfg.eval_samples, "holdout": cfg.holdout,
+                   "percdamp": opts.config.resolved().percdamp,
                    "recipe": recipe_label(opts.config)}
         label += f"{' ' + key_row['recipe'] if key_row['recipe'] else ''}"
         if _key(key_row) in done:

@@ -39,24 +39,47 @@ def _reverse_(M: torch.Tensor, step: int = 256) -> torch.Tensor:
     return M
 
 
-def _damped_flipped_cholesky(H: torch.Tensor, percdamp: float, finish) -> tuple[torch.Tensor, float]:
-    """L with J(H + damp·I)J = LLᵀ (J reverses the order), turned into a factor by `finish(L)` in place;
-    damping is raised tenfold while the factorization fails or the factor is not finite."""
+def _with_damping(H: torch.Tensor, percdamp: float, factor) -> tuple[torch.Tensor, float]:
+    """factor(λ) with λ = damp · mean diag(H) per matrix (G, 1), damp = percdamp raised tenfold while factor returns
+    None (a failed factorization or a factor that is not finite), with a warning when it had to be raised."""
     mean_diag = torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)[:, None]
     pd = percdamp
     for _ in range(8):
-        A = H.flip(-2, -1)
-        torch.diagonal(A, dim1=-2, dim2=-1).add_(pd * mean_diag)
-        L, info = torch.linalg.cholesky_ex(A)
-        del A  # at most two d×d matrices besides H, which decides the peak memory of a wide layer
-        if not info.any():
-            F = finish(L)
-            if torch.isfinite(F).all():
-                if pd != percdamp:
-                    warnings.warn(f"Cholesky failed at percdamp={percdamp:g}; succeeded at {pd:g}", RuntimeWarning)
-                return F, pd
+        F = factor(pd * mean_diag)
+        if F is not None:
+            if pd != percdamp:
+                warnings.warn(f"Cholesky failed at percdamp={percdamp:g}; succeeded at {pd:g}", RuntimeWarning)
+            return F, pd
         pd = max(pd, 1e-4) * 10
     raise torch.linalg.LinAlgError(f"Hessian not positive definite even with percdamp={pd / 10:g}")
+
+
+def _damped_flipped_cholesky(H: torch.Tensor, percdamp: float, finish) -> tuple[torch.Tensor, float]:
+    """L with J(H + damp·I)J = LLᵀ (J reverses the order), turned into a factor by `finish(L)` in place;
+    damping is raised tenfold while the factorization fails or the factor is not finite."""
+    def factor(add):
+        A = H.flip(-2, -1)
+        torch.diagonal(A, dim1=-2, dim2=-1).add_(add)
+        L, info = torch.linalg.cholesky_ex(A)
+        del A  # at most two d×d matrices besides H, which decides the peak memory of a wide layer
+        if info.any():
+            return None
+        F = finish(L)
+        return F if torch.isfinite(F).all() else None
+    return _with_damping(H, percdamp, factor)
+
+
+def damped_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+    """Lower L with damped(H) = LLᵀ (G, d, d), the damping raised tenfold while that fails (a covariance of
+    nearly constant inputs can be singular to rounding)."""
+    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0
+
+    def factor(add):
+        A = H.clone()
+        torch.diagonal(A, dim1=-2, dim2=-1).add_(add).masked_fill_(dead, 1)
+        L, info = torch.linalg.cholesky_ex(A)
+        return None if info.any() or not torch.isfinite(L).all() else L
+    return _with_damping(H, percdamp, factor)[0]
 
 
 def damped(H: torch.Tensor, percdamp: float) -> torch.Tensor:

@@ -86,7 +86,10 @@ class PruneConfig:
                         "pruned so far, SparseGPT's sequential scheme) or dense (its inputs in the dense network, "
                         "OBC's one-pass scheme; the layer then fits the dense outputs on dense inputs, so "
                         "dense_target changes nothing)", ("pruned", "dense"))
-    percdamp: float = opt(0.01, "Hessian damping relative to its mean diagonal", check=lambda v: v >= 0, want=">= 0")
+    percdamp: float | None = opt(None, "Hessian damping relative to its mean diagonal. Default: 0.01 for weight masks "
+                                 "(SparseGPT's), 0.001 for channels (their least-squares re-fits have far more "
+                                 "calibration columns than inputs; chosen on held-out images, docs/CHANNELS.md)",
+                                 check=lambda v: v >= 0, want=">= 0")
     blocksize: int = opt(128, "columns per lazy-update block of SparseGPT", check=lambda v: v >= 1,
                          want="at least 1")
     ignore: tuple = opt((), "layer names or regexes to keep dense")
@@ -229,13 +232,14 @@ class PruneConfig:
         refine = self.refine if self.refine != "auto" else ("none" if self.wbits is not None else "cg")
         quant = self.quant if self.quant != "auto" else ("gptq" if self.method == "sparsegpt" else "rtn")
         solver = self.solver
+        percdamp = self.percdamp if self.percdamp is not None else (0.001 if self.structure == "channels" else 0.01)
         if self.structure == "channels":  # refine re-solves weight masks; channels are re-fitted by OBS
             refine = "none"
         if self.solver == "auto" and (self.method != "sparsegpt" or self.structure == "channels"):
             solver = "sparsegpt"  # no OBS weight solve to choose: what runs, and a stable recipe label
-        if (refine, quant, solver) == (self.refine, self.quant, self.solver):
+        if (refine, quant, solver, percdamp) == (self.refine, self.quant, self.solver, self.percdamp):
             return self
-        return replace(self, refine=refine, quant=quant, solver=solver)
+        return replace(self, refine=refine, quant=quant, solver=solver, percdamp=percdamp)
 
     def as_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
@@ -243,7 +247,7 @@ class PruneConfig:
 
 RECOMMENDED = PruneConfig()  # chosen on held-out images: docs/RESULTS.md, "Beyond uniform SparseGPT"
 # the methods as published (channels: priced by the consumers' errors alone, this project's first channel recipe)
-PUBLISHED = PruneConfig(solver="sparsegpt", refine="none", dense_target=False, channel_costs="layer")
+PUBLISHED = PruneConfig(solver="sparsegpt", refine="none", dense_target=False, channel_costs="layer", percdamp=0.01)
 PRESETS = {"recommended": RECOMMENDED, "published": PUBLISHED}
 PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 
