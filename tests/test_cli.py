@@ -231,8 +231,11 @@ def test_recipe_defaults_and_labels():
 
     default = PruneOptions.build().config.resolved()
     assert default == RECOMMENDED.resolved() and (default.refine, default.dense_target) == ("cg", True)
-    assert recipe_label(default) == "solver=auto,refine=cg,dense_target=True"
-    assert recipe_label(replace(RECOMMENDED, method="magnitude")) == "refine=cg,dense_target=True"  # as before
+    assert recipe_label(default) == "solver=auto,refine=cg,dense_target=True,intercept=True"
+    assert recipe_label(replace(RECOMMENDED, method="magnitude")) == "refine=cg,dense_target=True,intercept=True"
+    channels = replace(RECOMMENDED, structure="channels", keep_macs=0.5)  # damping: each kind's own default
+    assert (default.percdamp, channels.resolved().percdamp, replace(channels, percdamp=0.02).resolved().percdamp) \
+        == (0.01, 0.001, 0.02)
     published = PruneOptions.build(recipe="published").config
     assert (published.refine, published.dense_target, recipe_label(published)) == ("none", False, "")
     assert recipe_label(replace(PUBLISHED, allocation="dp")) == "allocation=dp"  # as before the change

@@ -119,6 +119,10 @@ class PruneConfig:
     dense_target: bool = opt(True, "fit each layer to the dense network's output on the pruned network's inputs "
                              "(min |W X_dense - W' X_pruned|^2: corrects upstream error); off: fit W X_pruned, as "
                              "published")
+    intercept: bool = opt(True, "fit each layer with an intercept where its output offset is free (a bias, or a "
+                          "BatchNorm that alone reads it): the solve and re-fits work on centred inputs, so no weight "
+                          "is spent on the mean output, and its change goes into the bias or the BatchNorm's running "
+                          "mean; off: as published")
     reconstruct: int = opt(0, "after the prune, epochs of Adam (lr 1e-4) over the calibration images that move the "
                            "kept weights towards the dense network's layer outputs, masks fixed (not one-shot any "
                            "more)", check=lambda v: v >= 0, want=">= 0")
@@ -247,7 +251,8 @@ class PruneConfig:
 
 RECOMMENDED = PruneConfig()  # chosen on held-out images: docs/RESULTS.md, "Beyond uniform SparseGPT"
 # the methods as published (channels: priced by the consumers' errors alone, this project's first channel recipe)
-PUBLISHED = PruneConfig(solver="sparsegpt", refine="none", dense_target=False, channel_costs="layer", percdamp=0.01)
+PUBLISHED = PruneConfig(solver="sparsegpt", refine="none", dense_target=False, intercept=False, channel_costs="layer",
+                        percdamp=0.01)
 PRESETS = {"recommended": RECOMMENDED, "published": PUBLISHED}
 PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 
@@ -255,8 +260,8 @@ PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 # The settings beyond SparseGPT's layer solve; a results file labels each run by those that differ from the
 # published method's (recipe_label), so a label means the same in every file whatever the defaults become.
 RECIPE_KEYS = ("solver", "hessians", "allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction",
-               "refine", "dense_target", "reconstruct", "wbits", "quant", "quant_clip", "structure", "keep_macs",
-               "keep_params", "target_speedup", "round_to", "channel_costs")
+               "refine", "dense_target", "intercept", "reconstruct", "wbits", "quant", "quant_clip", "structure",
+               "keep_macs", "keep_params", "target_speedup", "round_to", "channel_costs")
 CHANNEL_ONLY = ("channel_costs", "round_to")  # settings that change nothing without structure='channels'
 
 

@@ -50,9 +50,10 @@ class LayerResult:
     solver: str | None = None  # sparsegpt or exact, for method sparsegpt
     mask: torch.Tensor | None = field(default=None, repr=False)  # True = kept, weight's shape
     quant: dict | None = field(default=None, repr=False)  # codes, scale, zero, bits (with --wbits)
+    offset: torch.Tensor | None = field(default=None, repr=False)  # intercept: added to the mean output (per channel)
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("mask", "quant")} | (
+        return {k: v for k, v in self.__dict__.items() if k not in ("mask", "quant", "offset")} | (
             {"wbits": self.quant["bits"]} if self.quant else {})
 
 
@@ -86,6 +87,8 @@ class LayerPruner:
         self.nsamples = 0
         # Σ of the input columns, for x̄ (statistics correction); off by default: a pass over X per chunk
         self.colsum = torch.zeros(self.groups, self.d, device=W.device, dtype=torch.float64) if track_mean else None
+        # the same for the dense network's inputs (an intercept with the dense target: the target's mean output)
+        self.colsum_d = torch.zeros_like(self.colsum) if track_mean and dense_target else None
         # R = W·D, D = C − H = 2·(X_d − X_p)·X_pᵀ/N with the dense network's inputs X_d, for the asymmetric target
         # (dense_target.py). Summed from the difference itself, not as C then minus H: where the inputs did not change
         # (X_d = X_p) it is exactly 0, not the rounding noise of two products, which the solve would amplify. Where
@@ -188,6 +191,46 @@ class LayerPruner:
         X = X.view(B, self.groups, self.d // kk, kk, L).permute(1, 3, 2, 0, 4)
         return X.reshape(self.groups, self.d, B * L)
 
+    def column_sums(self, inp: torch.Tensor) -> torch.Tensor:
+        """Σ of `columns(inp)` over its columns (groups, d) in float64, without unfolding: for a conv, each tap's
+        sum is the batch-summed input over the window that tap sees."""
+        layer = self.layer
+        if isinstance(layer, nn.Linear):
+            return inp.reshape(-1, self.d).double().sum(0)[None]
+        padding = layer.padding
+        if isinstance(padding, str) or layer.padding_mode != "zeros":  # as in columns
+            mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+            inp, padding = F.pad(inp, layer._reversed_padding_repeated_twice, mode=mode), (0, 0)
+        x = F.pad(inp.double().sum(0), (padding[1], padding[1], padding[0], padding[0]))  # (C, H', W')
+        (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
+        ho, wo = (x.shape[1] - dh * (kh - 1) - 1) // sh + 1, (x.shape[2] - dw * (kw - 1) - 1) // sw + 1
+        taps = torch.stack([x[:, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw].sum((1, 2))
+                            for i in range(kh) for j in range(kw)])  # (kh·kw, C)
+        return taps.reshape(kh * kw, self.groups, -1).transpose(0, 1).reshape(self.groups, self.d)
+
+    def center(self, H: torch.Tensor, R: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """H and the dense target's R for a fit with an intercept (intercept.py): H − 2x̄x̄ᵀ, R − 2W(x̄_d − x̄)x̄ᵀ
+        (the covariances of the inputs; x̄_d the dense inputs' mean). An input whose spread is below float32's
+        resolution of its mean (a constant channel) becomes dead: its weight is free, its mean goes to the offset."""
+        n = max(self.nsamples, 1)
+        mean = (self.colsum / n).to(H.dtype)
+        Hc = H - 2 * mean[:, :, None] * mean[:, None, :]
+        const = torch.diagonal(Hc, dim1=-2, dim2=-1) <= 1e-5 * torch.diagonal(H, dim1=-2, dim2=-1)
+        Hc.masked_fill_(const[:, :, None] | const[:, None, :], 0)
+        if R is not None:
+            shift = (self.colsum_d / n).to(H.dtype) - mean
+            R = (R - 2 * torch.bmm(self.weight_matrix()[0].to(H.dtype), shift[:, :, None]) * mean[:, None, :])
+            R = R.masked_fill(const[:, None, :], 0)
+        return Hc, R
+
+    def output_offset(self, W: torch.Tensor, Q: torch.Tensor, dense_target: bool) -> torch.Tensor:
+        """What the pruned weights Q must add to the layer's mean output (one per output channel) to give the
+        target's: W·x̄_d (dense target) or W·x̄, minus Q·x̄. W, Q (groups, rows, d) in the solver's order."""
+        n = max(self.nsamples, 1)
+        mean = (self.colsum / n)[:, :, None]
+        target = self.colsum_d / n if dense_target else self.colsum / n
+        return (torch.bmm(W.double(), target[:, :, None]) - torch.bmm(Q.double(), mean)).flatten()
+
     def chunk_images(self, inp: torch.Tensor, chunk_bytes: int = 8 * 2**20, min_columns: int = 4096) -> int:
         """Images per Hessian update: about 8 MB of unfolded patches (small enough to stay in cache and
         out of the peak memory), but at least 4096 patches, below which the product on a wide layer
@@ -204,7 +247,7 @@ class LayerPruner:
         layer = self.layer
         return (isinstance(layer, nn.Conv2d) and self.groups == 1 and layer.stride == (1, 1)
                 and layer.dilation == (1, 1) and not isinstance(layer.padding, str) and layer.padding_mode == "zeros"
-                and self.S is not None and self.colsum is None and inp.ndim == 4
+                and self.S is not None and inp.ndim == 4
                 and cheaper(layer.kernel_size, layer.padding, tuple(inp.shape[-2:])))
 
     def _add_shifted(self, inp: torch.Tensor, dense: torch.Tensor | None) -> None:
@@ -231,6 +274,10 @@ class LayerPruner:
             return
         if self.rhs_outputs:
             self.SD.add_(self._rhs_product(inp, dense))
+        if self.colsum is not None:
+            self.colsum += self.column_sums(inp)
+        if self.colsum_d is not None:
+            self.colsum_d += self.column_sums(inp if dense is None else dense)
         if self.shifted(inp):
             return self._add_shifted(inp, dense)
         step = self.chunk_images(inp)
@@ -245,8 +292,6 @@ class LayerPruner:
                 accumulate_xxt_(self._chunk, X, beta=beta)
             else:
                 self.colsq += X.square().sum(-1).double()
-            if self.colsum is not None:
-                self.colsum += X.sum(-1).double()
             self.nsamples += X.shape[-1]
         self._add_batch_sums()
 
@@ -283,7 +328,7 @@ class LayerPruner:
 
     @torch.no_grad()
     def prune(self, config, pattern: Pattern | None = None, stats: dict | None = None, graphs: dict | None = None,
-              row_scale: torch.Tensor | None = None) -> LayerResult:
+              row_scale: torch.Tensor | None = None, intercept: bool = False) -> LayerResult:
         """Prune the layer's weight in place as `config` (a PruneConfig) says: its method, damping, refinement
         (refine.py) and quantization (wbits: kept weights on a per-row grid of 2^wbits levels, rounded inside
         SparseGPT's loop with quant 'gptq' or after it with 'rtn'). pattern: this layer's, when an allocation
@@ -320,8 +365,13 @@ class LayerPruner:
         if not refit and (dense_target or refine != "none"):
             res.reason = (f"{self.nsamples} calibration samples for {Wg.shape[-1]} inputs (< {MIN_SAMPLES_PER_INPUT} "
                           "per input): dense target and refinement left out, they would fit the calibration set")
+        intercept = intercept and live and Hg is not None and self.colsum is not None
+        R = self.R if dense_target else None
+        if intercept:  # the offset is free: fit the inputs' covariances (intercept.py); res.offset takes the mean
+            W0 = Wg
+            Hg, R = self.center(Hg, R)
         if dense_target and live and refit:
-            Wg = dense_target_weights(Wg, Hg, self.R, percdamp)  # the error is measured against W* from here on
+            Wg = dense_target_weights(Wg, Hg, R, percdamp)  # the error is measured against W* from here on
         scale = None if row_scale is None else row_scale.to(Wg).reshape(self.groups, -1)
         grid = fit_grid(Wg, wbits, config.quant_clip) if wbits else None
         if method == "sparsegpt":
@@ -334,6 +384,8 @@ class LayerPruner:
             res.error = float(relative_error(Wg, Q, Hg))
         else:  # measured afterwards on the layer's outputs (output_error)
             res.error_from = "outputs"
+        if intercept:
+            res.offset = self.output_offset(W0, Q, dense_target).cpu()
         inv = torch.argsort(perm)
         weight.data.copy_(Q[:, :, inv].reshape(weight.shape).to(weight.dtype))
         res.mask = (~pruned)[:, :, inv].reshape(weight.shape)
@@ -346,7 +398,8 @@ class LayerPruner:
         return res
 
     def free(self) -> None:
-        self.S = self.SD = self._H = self._R = self._chunk = self._chunk_d = self.colsum = self.colsq = None
+        self.S = self.SD = self._H = self._R = self._chunk = self._chunk_d = self.colsum = self.colsum_d = None
+        self.colsq = None
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ from .allocation import allocate
 from .config import RECOMMENDED, PruneConfig
 from .batchnorm import bn_modules, bn_statistics_, recalibrate
 from .dense_target import DenseInputs
+from .intercept import fold_offset_, offset_sinks
 from .graph import PRUNABLE, GraphExecutor, GraphStop, inputs_of, memory_policy
 from .layer import LayerPruner, LayerResult, output_error
 from .layer_plan import choose_layers, forward_order
@@ -109,13 +110,14 @@ class _Pruner:
     """Holds the run's settings and the per-layer results; the two executors call `prune_layer`."""
 
     def __init__(self, model, plan, config, progress, patterns=None, row_scales=None, statcorr=None, dense=None,
-                 group=None):
+                 group=None, sinks=None):
         self.model, self.plan, self.config = model, plan, config  # config: a resolved PruneConfig
         self.patterns = patterns or {}  # per-layer patterns of a non-uniform allocation
         self.row_scales = row_scales or {}  # BN-aware saliency
         self.statcorr = statcorr
         self.dense: DenseInputs | None = dense  # the dense network's layer inputs (asymmetric target)
         self.group = group  # torchrun's processes, or None
+        self.sinks = sinks or {}  # intercept: per layer, the module its output offset goes to (intercept.py)
         self.modules = dict(model.named_modules())
         self.results: dict[str, LayerResult] = {}
         self.t = {"forward": 0.0, "hessian": 0.0, "cholesky": 0.0, "solve": 0.0, "bn_recalibration": 0.0}
@@ -142,7 +144,9 @@ class _Pruner:
         module = self.modules[name]
         needs = self.needs()
         dense_hessians = self.config.hessians == "dense"  # OBC's scheme: the layer sees only the dense network
-        pruner = LayerPruner(module, name, hessian=needs == "hessian", track_mean=self.statcorr is not None,
+        sink = self.sinks.get(name) if needs == "hessian" else None
+        pruner = LayerPruner(module, name, hessian=needs == "hessian",
+                             track_mean=self.statcorr is not None or sink is not None,
                              dense_target=self.dense is not None and not dense_hessians)
         f0, t0 = self.forward_clock(), time.perf_counter()
         d0 = self.dense.seconds if self.dense else 0.0
@@ -163,10 +167,14 @@ class _Pruner:
         res = None
         if dist.is_main(self.group):  # one rank solves; the others receive its weights
             res = pruner.prune(self.config, self.patterns.get(name), stats=self.t, graphs=self.graphs,
-                               row_scale=self.row_scales.get(name))
+                               row_scale=self.row_scales.get(name), intercept=sink is not None)
+            if res.offset is not None and sink is module:  # into the bias, which is broadcast with the weight
+                fold_offset_(module, sink, res.offset)
             if self.statcorr is not None and not res.skipped:
                 self.statcorr.layer(name, module, pruner)
         res = dist.broadcast_layer(module, res, self.group)
+        if res.offset is not None and sink is not module:  # a BatchNorm's running mean, on every rank
+            fold_offset_(module, sink, res.offset)
         self.sync()
         self.t["hessian"] += t1 - t0 - (self.forward_clock() - f0) - dense_seconds
         self.t["solve"] += time.perf_counter() - t1  # includes "cholesky"
@@ -294,8 +302,9 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     t_alloc = time.perf_counter() - t0
     dense_hessians = config.hessians == "dense"
     dense = DenseInputs(model, batches) if config.dense_target or config.reconstruct or dense_hessians else None
+    sinks = offset_sinks(model, names) if config.intercept else {}
     run = _Pruner(model, plan, config, progress, patterns, row_scales, statcorr,
-                  dense if config.dense_target or dense_hessians else None, process_group)
+                  dense if config.dense_target or dense_hessians else None, process_group, sinks)
     run.t["allocation_and_dense_pass"] = t_alloc
     passes = None
     if use_fx:

@@ -38,6 +38,7 @@ from .channel_costs import MAX_OBS_COLUMNS, consumer_weight, measured_curves, un
 from .channels import Group, channel_groups
 from .dense_target import DenseInputs
 from .graph import GraphExecutor
+from .intercept import fold_offset_, offset_sinks
 from .layer import LayerPruner
 from .speedup import speedup_allocation
 from .slicing import kept_indices, removal_plan, slice_channels_, spec_of
@@ -126,13 +127,14 @@ def _own_costs(W: torch.Tensor, H: torch.Tensor, blocks: torch.Tensor) -> torch.
 
 @torch.no_grad()
 def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list[torch.Tensor], names: list[str],
-                           kept_rows: dict[str, torch.Tensor], percdamp: float, bn_recalibration: bool) -> None:
+                           kept_rows: dict[str, torch.Tensor], percdamp: float, bn_recalibration: bool,
+                           intercept: bool = True) -> None:
     """Sequential re-fit (the dense target, for layers whose inputs lost channels), in one pass of the traced graph:
     when the pass reaches layer `name`, its weights are solved for min ‖Y_dense − Ŵ·X_pruned‖², Y_dense its dense
     counterpart's output (kept rows, bias excluded; the dense copy's graph runs in step) and X_pruned its inputs in
     the smaller network, whose BatchNorm statistics are re-estimated as the pass reaches them, so later layers see
     the network as it will run. Ŵ = C (H + λI)⁻¹ with H = ΣX_pX_pᵀ, C = ΣY_dX_pᵀ over the calibration images.
-    Where an output offset is free (the layer has a bias, or only a BatchNorm reads it) the fit has an intercept:
+    With intercept, where an output offset is free (intercept.py: a bias, or a BatchNorm) the fit has an intercept:
     H and C are centred (covariances), so no weight is spent on the mean, and the offset goes into the bias or the
     BatchNorm's running mean (held-out images: ResNet-20 keep_macs 0.35 +0.3 points, docs/CHANNELS.md).
     targets: the dense model's frozen copy (made before the model was sliced)."""
@@ -140,7 +142,7 @@ def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list
     targets.follow_graph(names)
     dense_modules = targets.modules
     traced = fx.symbolic_trace(model)
-    offsets = _offset_sinks(traced, modules, names)
+    offsets = offset_sinks(model, names, traced) if intercept else {}
     done = set()
 
     def refit(name):
@@ -185,10 +187,7 @@ def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list
             layer.weight.data.copy_(W[:, torch.argsort(perm)].reshape(layer.weight.shape).to(layer.weight.dtype))
             if sink is not None:
                 offset = ((sy - W @ (sx + n * ref[:, 0].double())) / n).to(layer.weight.dtype)  # ȳ − Ŵx̄
-                if sink is layer:
-                    layer.bias.data += offset
-                else:  # a BatchNorm subtracts its running mean: the same as adding the offset before it
-                    sink.running_mean.data -= offset
+                fold_offset_(layer, sink, offset)
             p.free()
         return barrier
 
@@ -205,26 +204,6 @@ def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list
         barriers |= {n: statistics(n) for n, m in modules.items() if m in bns}
     GraphExecutor(traced, batches, barriers).run()
     targets.free()
-
-
-def _offset_sinks(traced: fx.GraphModule, modules: dict, names: list[str]) -> dict[str, nn.Module]:
-    """Per layer whose output offset is free to change: the module that takes it, the layer itself (it has a bias)
-    or the BatchNorm that alone reads its output (with running statistics). Others are fitted without an
-    intercept."""
-    calls: dict[str, list] = {}
-    for node in traced.graph.nodes:
-        if node.op == "call_module" and node.target in names:
-            calls.setdefault(node.target, []).append(node)
-    out = {}
-    for name, nodes in calls.items():
-        users = list(nodes[0].users)
-        reader = modules.get(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
-        if getattr(modules[name], "bias", None) is not None:
-            out[name] = modules[name]
-        elif len(nodes) == 1 and isinstance(reader, nn.modules.batchnorm._BatchNorm) \
-                and reader.running_mean is not None:  # (a layer called twice may feed something else too)
-            out[name] = reader
-    return out
 
 
 @torch.no_grad()
@@ -286,7 +265,7 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
         first = next((i for i, n in enumerate(order) if n in drop_cols), len(order))
         kept_rows = {n: kept_indices(before[n][0], r) for n, r in drop_rows.items()}
         refit_to_dense_outputs(model, dense, batches, order[first:], kept_rows, config.percdamp,
-                               config.bn_recalibration)
+                               config.bn_recalibration, config.intercept)
         timings["dense_refit"] = time.perf_counter() - t1
     t1 = time.perf_counter()
     bns = bn_modules(model)

@@ -1,0 +1,45 @@
+"""Where a layer's output offset is free: a bias, or a BatchNorm that alone reads the layer (its running mean).
+
+A layer followed by such a module can be fitted with an intercept: its solve works on centred inputs (the
+covariance instead of the second moment), so no weight is spent on reproducing the mean output, and the mean's
+change goes into the bias or the BatchNorm's running mean (which BatchNorm re-estimation sets anyway). Post-ReLU
+inputs have means as large as their spread, so the uncentred Hessian spends much of its weight on a direction the
+BatchNorm removes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+
+def offset_sinks(model: nn.Module, names: list[str], traced: fx.GraphModule | None = None) -> dict[str, nn.Module]:
+    """Per layer of `names` whose output offset is free: the module that takes it, the layer itself (it has a bias)
+    or the BatchNorm (with running statistics) that alone reads its output. Without a traced graph (the model
+    cannot be traced) only biases are known."""
+    modules = dict(model.named_modules())
+    out = {n: modules[n] for n in names if getattr(modules[n], "bias", None) is not None}
+    if traced is None:
+        try:
+            traced = fx.symbolic_trace(model)
+        except Exception:  # the truncated-pass fallback prunes such models; their biases still take offsets
+            return out
+    calls: dict[str, list] = {}
+    for node in traced.graph.nodes:
+        if node.op == "call_module" and node.target in names:
+            calls.setdefault(node.target, []).append(node)
+    for name, nodes in calls.items():
+        users = list(nodes[0].users)
+        reader = modules.get(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
+        if name not in out and len(nodes) == 1 and isinstance(reader, nn.modules.batchnorm._BatchNorm) \
+                and reader.running_mean is not None:  # (a layer called twice may feed something else too)
+            out[name] = reader
+    return out
+
+
+@torch.no_grad()
+def fold_offset_(layer: nn.Module, sink: nn.Module, offset: torch.Tensor) -> None:
+    """Add `offset` (one per output channel) to the layer's output through its sink."""
+    if sink is layer:
+        layer.bias.data += offset.to(layer.bias)
+    else:  # a BatchNorm subtracts its running mean: the same as adding the offset before it
+        sink.running_mean.data -= offset.to(sink.running_mean)
