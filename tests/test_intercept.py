@@ -88,3 +88,15 @@ def test_the_offset_keeps_the_mean_output_through_the_batchnorm():
 def test_the_intercept_is_a_recipe_setting():
     assert RECOMMENDED.intercept and not PUBLISHED.intercept
     assert "intercept=True" in recipe_label(RECOMMENDED) and "intercept" not in recipe_label(PUBLISHED)
+
+
+def test_weight_masks_leave_biases_alone():
+    """Without a BatchNorm after it, a layer's weight-mask solve has no intercept (its bias is not a sink there)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.rand(256, 16) + 1
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    prune_model(a, x, RECOMMENDED, sparsity=0.5, prune_all=True, progress=False)
+    prune_model(b, x, RECOMMENDED, sparsity=0.5, prune_all=True, intercept=False, progress=False)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)

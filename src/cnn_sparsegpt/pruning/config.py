@@ -119,10 +119,10 @@ class PruneConfig:
     dense_target: bool = opt(True, "fit each layer to the dense network's output on the pruned network's inputs "
                              "(min |W X_dense - W' X_pruned|^2: corrects upstream error); off: fit W X_pruned, as "
                              "published")
-    intercept: bool = opt(True, "fit each layer with an intercept where its output offset is free (a bias, or a "
-                          "BatchNorm that alone reads it): the solve and re-fits work on centred inputs, so no weight "
-                          "is spent on the mean output, and its change goes into the bias or the BatchNorm's running "
-                          "mean; off: as published")
+    intercept: bool = opt(True, "fit each layer with an intercept where its output offset is free: the solve works "
+                          "on centred inputs where a BatchNorm alone reads the layer (channel re-fits: or it has a "
+                          "bias), so no weight is spent on the mean output, and its change goes into the BatchNorm's "
+                          "running mean (or the bias); off: as published")
     reconstruct: int = opt(0, "after the prune, epochs of Adam (lr 1e-4) over the calibration images that move the "
                            "kept weights towards the dense network's layer outputs, masks fixed (not one-shot any "
                            "more)", check=lambda v: v >= 0, want=">= 0")

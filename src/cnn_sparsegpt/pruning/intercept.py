@@ -12,12 +12,15 @@ import torch
 from torch import fx, nn
 
 
-def offset_sinks(model: nn.Module, names: list[str], traced: fx.GraphModule | None = None) -> dict[str, nn.Module]:
-    """Per layer of `names` whose output offset is free: the module that takes it, the layer itself (it has a bias)
-    or the BatchNorm (with running statistics) that alone reads its output. Without a traced graph (the model
-    cannot be traced) only biases are known."""
+def offset_sinks(model: nn.Module, names: list[str], traced: fx.GraphModule | None = None,
+                 biases: bool = True) -> dict[str, nn.Module]:
+    """Per layer of `names` whose output offset is free: the module that takes it, the layer itself (it has a bias;
+    with biases=True) or the BatchNorm (with running statistics) that alone reads its output. Without a traced graph
+    (the model cannot be traced) only biases are known. The weight-mask solve uses BatchNorms only: with biases the
+    CIFAR CNN (no BatchNorm) lost 0.60 points at 70% on held-out images (docs/RESULTS.md, "The intercept"); the
+    channel re-fits, plain least squares to the dense outputs, use both."""
     modules = dict(model.named_modules())
-    out = {n: modules[n] for n in names if getattr(modules[n], "bias", None) is not None}
+    out = {n: modules[n] for n in names if biases and getattr(modules[n], "bias", None) is not None}
     if traced is None:
         try:
             traced = fx.symbolic_trace(model)

@@ -302,7 +302,7 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     t_alloc = time.perf_counter() - t0
     dense_hessians = config.hessians == "dense"
     dense = DenseInputs(model, batches) if config.dense_target or config.reconstruct or dense_hessians else None
-    sinks = offset_sinks(model, names) if config.intercept else {}
+    sinks = offset_sinks(model, names, biases=False) if config.intercept else {}
     run = _Pruner(model, plan, config, progress, patterns, row_scales, statcorr,
                   dense if config.dense_target or dense_hessians else None, process_group, sinks)
     run.t["allocation_and_dense_pass"] = t_alloc
