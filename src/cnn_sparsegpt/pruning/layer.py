@@ -275,9 +275,10 @@ class LayerPruner:
         if self.rhs_outputs:
             self.SD.add_(self._rhs_product(inp, dense))
         if self.colsum is not None:
-            self.colsum += self.column_sums(inp)
-        if self.colsum_d is not None:
-            self.colsum_d += self.column_sums(inp if dense is None else dense)
+            sums = self.column_sums(inp)
+            self.colsum += sums
+            if self.colsum_d is not None:  # (colsum_d exists only beside colsum)
+                self.colsum_d += sums if dense is None else self.column_sums(dense)
         if self.shifted(inp):
             return self._add_shifted(inp, dense)
         step = self.chunk_images(inp)

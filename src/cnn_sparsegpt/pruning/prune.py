@@ -302,22 +302,23 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     t_alloc = time.perf_counter() - t0
     dense_hessians = config.hessians == "dense"
     dense = DenseInputs(model, batches) if config.dense_target or config.reconstruct or dense_hessians else None
-    sinks = offset_sinks(model, names, biases=False) if config.intercept else {}
-    run = _Pruner(model, plan, config, progress, patterns, row_scales, statcorr,
-                  dense if config.dense_target or dense_hessians else None, process_group, sinks)
-    run.t["allocation_and_dense_pass"] = t_alloc
-    passes = None
+    gm = None
     if use_fx:
         try:
             gm = fx.symbolic_trace(model)
         except Exception as e:
             warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}); "
                           "falling back to one forward pass per layer", RuntimeWarning)
-        else:
-            try:
-                passes = run.run_fx(gm, batches, config.bn_recalibration, low_memory)
-            except GraphStop as e:
-                warnings.warn(f"cannot run the traced graph ({e}); one forward pass per layer", RuntimeWarning)
+    sinks = offset_sinks(model, names, gm, biases=False) if config.intercept else {}  # gm: traced once for both
+    run = _Pruner(model, plan, config, progress, patterns, row_scales, statcorr,
+                  dense if config.dense_target or dense_hessians else None, process_group, sinks)
+    run.t["allocation_and_dense_pass"] = t_alloc
+    passes = None
+    if gm is not None:
+        try:
+            passes = run.run_fx(gm, batches, config.bn_recalibration, low_memory)
+        except GraphStop as e:
+            warnings.warn(f"cannot run the traced graph ({e}); one forward pass per layer", RuntimeWarning)
     if passes is None:
         passes = run.run_hooks(batches, order, config.bn_recalibration)
     run.bar.close()
