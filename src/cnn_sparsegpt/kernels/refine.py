@@ -19,9 +19,14 @@ from __future__ import annotations
 import torch
 
 from .linalg import damped
+from .exact_obs import cost_flops
 from .masks import Pattern, nm_prune_mask, quota, topk_prune_mask
+from .swap import swap_refine
 
-REFINE = ("none", "cg", "admm")
+REFINE = ("none", "cg", "admm", "swap")
+
+
+SWAP_BUDGET = 2e11  # rows·d³ of a layer's swap search (its row inverses), as the exact solver's budget; cg beyond
 
 
 def _objective(W: torch.Tensor, Q: torch.Tensor, Hd: torch.Tensor) -> torch.Tensor:
@@ -101,6 +106,8 @@ def refine(kind: str, W: torch.Tensor, Q: torch.Tensor, pruned: torch.Tensor, H:
     if kind not in REFINE:
         raise ValueError(f"unknown refinement '{kind}'; choose from {', '.join(REFINE)}")
     Hd = damped(H, percdamp)
+    if kind == "swap" and cost_flops(W.shape[0] * W.shape[1], W.shape[-1]) <= SWAP_BUDGET:
+        return swap_refine(W, pruned, Hd, pattern)
     best = (cg_on_mask(W, Q, pruned, Hd, steps), pruned)
     if kind == "admm":
         scale = torch.diagonal(H, dim1=-2, dim2=-1).clamp_min(0).sqrt()[:, None, :]
