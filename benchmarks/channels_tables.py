@@ -24,6 +24,8 @@ def test_rows(d: Path) -> str:
         (md, mk), (pd, pk) = r["structure"]["macs"], r["structure"]["params"]
         names = {"macs": "keep_macs", "params": "keep_params", "speedup": "target_speedup"}
         target = ", ".join(f"{names[k]} {v}" for k, v in r["structure"]["target"].items())
+        if r["config"].get("round_to", 8) != 8:  # the default
+            target += f", round_to {r['config']['round_to']}"
         if r["structure"].get("latency"):
             lat = r["structure"]["latency"]
             target += f" ({lat['measured_speedup']:.2f}x measured, batch {lat['batch']})"
