@@ -233,6 +233,8 @@ def test_recipe_defaults_and_labels():
     assert default == RECOMMENDED.resolved() and (default.refine, default.dense_target) == ("cg", True)
     assert recipe_label(default) == "solver=auto,refine=cg,dense_target=True,intercept=True"
     assert recipe_label(replace(RECOMMENDED, method="magnitude")) == "refine=cg,dense_target=True,intercept=True"
+    # N:M masks are moved by exact swaps (refine auto → swap), unstructured ones re-solved by cg
+    assert recipe_label(replace(RECOMMENDED, nm="2:4")) == "solver=auto,refine=swap,dense_target=True,intercept=True"
     channels = replace(RECOMMENDED, structure="channels", keep_macs=0.5)  # damping: each kind's own default
     assert (default.percdamp, channels.resolved().percdamp, replace(channels, percdamp=0.02).resolved().percdamp) \
         == (0.01, 0.001, 0.02)
@@ -281,13 +283,13 @@ def test_reports_round_trip_and_old_reports_load(tmp_path):
 
 
 def test_bench_patterns_include_channel_targets():
-    from cnn_sparsegpt.commands.bench import _pattern_options
+    from cnn_sparsegpt.commands.bench import pattern_options
     from cnn_sparsegpt.utils import UserError
 
-    assert _pattern_options("0.5") == {"sparsity": 0.5} and _pattern_options("2:4") == {"nm": "2:4"}
-    assert _pattern_options("keep_macs=0.5") == {"structure": "channels", "keep_macs": 0.5}
-    assert _pattern_options("target_speedup=2") == {"structure": "channels", "target_speedup": 2.0}
+    assert pattern_options("0.5") == {"sparsity": 0.5} and pattern_options("2:4") == {"nm": "2:4"}
+    assert pattern_options("keep_macs=0.5") == {"structure": "channels", "keep_macs": 0.5}
+    assert pattern_options("target_speedup=2") == {"structure": "channels", "target_speedup": 2.0}
     with pytest.raises(UserError, match="unknown pattern"):
-        _pattern_options("keep_flops=0.5")
+        pattern_options("keep_flops=0.5")
     with pytest.raises(UserError, match="not a number"):
-        _pattern_options("keep_macs=half")
+        pattern_options("keep_macs=half")

@@ -99,7 +99,7 @@ def load_bench_config(path: str) -> BenchConfig:
 CHANNEL_TARGETS = ("keep_macs", "keep_params", "target_speedup")
 
 
-def _pattern_options(pattern: str) -> dict:
+def pattern_options(pattern: str) -> dict:
     """A grid pattern: '0.5' (sparsity), '2:4' (N:M) or 'keep_macs=0.5' / 'keep_params=0.5' /
     'target_speedup=2' (channels)."""
     if "=" in pattern:
@@ -187,7 +187,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
                                            method=method, nsamples=n, seed=seed, bn_recalibration=bn,
                                            device=cfg.device, percdamp=cfg.percdamp, eval_samples=cfg.eval_samples,
                                            holdout=cfg.holdout, ignore=list(m.ignore), low_memory=cfg.low_memory,
-                                           **_pattern_options(pattern), **({"recipe": cfg.recipe} | recipe)))
+                                           **pattern_options(pattern), **({"recipe": cfg.recipe} | recipe)))
         except UserError as e:  # a combination of the grid that cannot run (e.g. bn_aware with wanda)
             if dist.is_main(dist.process_group()):
                 print(f"{label} {recipe}: skipped, {e}", flush=True)

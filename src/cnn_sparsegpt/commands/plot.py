@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
-from .bench import read_rows
+from .bench import pattern_options, read_rows
 from ..pruning.config import RECOMMENDED, recipe_label
 from .report import read_report
 from ..utils import UserError
@@ -17,12 +18,21 @@ def _main_rows(rows: list[dict]) -> list[dict]:
     and one recipe: the methods as published where the CSV has them, else the recommended recipe (other recipes
     are compared in the recipe tables)."""
     rows = [r for r in rows if r.get("holdout", "0") == "0" and float(r.get("percdamp") or 0.01) == 0.01]
-    recommended = recipe_label(RECOMMENDED)
+
+    def kind(r: dict) -> str | None:  # published, recommended (its label depends on the method and pattern), other
+        if not r.get("recipe"):
+            return "published"
+        try:
+            config = replace(RECOMMENDED, method=r["method"], **pattern_options(r["pattern"]))
+        except (UserError, ValueError, TypeError):
+            return None
+        return "recommended" if r["recipe"] == recipe_label(config) else None
+
     headline = {}
     for r in rows:
-        if (r.get("recipe") or "") in ("", recommended) and headline.get(r["model"]) != "":
-            headline[r["model"]] = r.get("recipe") or ""
-    rows = [r for r in rows if r["model"] in headline and (r.get("recipe") or "") == headline[r["model"]]]
+        if kind(r) and headline.get(r["model"]) != "published":
+            headline[r["model"]] = kind(r)
+    rows = [r for r in rows if r["model"] in headline and kind(r) == headline[r["model"]]]
     best_n = defaultdict(int)
     for r in rows:
         best_n[r["model"]] = max(best_n[r["model"]], int(r["nsamples"]))

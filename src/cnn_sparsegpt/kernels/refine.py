@@ -12,7 +12,11 @@ mask of each 128-column block gets exactly the layer's fraction. Two refinements
   step for V, with the penalty ρ raised as the support settles; then `cg` on the final mask. It starts
   from SparseGPT's solution, and the better of the two (by the damped layer error) is kept.
 
-Both use SparseGPT's damped H, so they do not fit the calibration samples any closer than it does.
+- `swap`: also move the mask, row by row: exact OBS swaps of a kept and a pruned weight (swap.py) while one
+  lowers the row's error, then the kept weights solved exactly. Costs rows·d³ like the exact solver, so it runs
+  within the same budget and falls back to `cg` on wider layers.
+
+All use SparseGPT's damped H, so they do not fit the calibration samples any closer than it does.
 """
 from __future__ import annotations
 
@@ -98,16 +102,22 @@ def admm(W: torch.Tensor, Q: torch.Tensor, pruned: torch.Tensor, Hd: torch.Tenso
     return cg_on_mask(W, Z, mask, Hd), mask
 
 
+def effective(kind: str, W: torch.Tensor) -> str:
+    """What `kind` runs on weights W (G, rows, d): swap only within SWAP_BUDGET, cg beyond it."""
+    return "cg" if kind == "swap" and cost_flops(W.shape[0] * W.shape[1], W.shape[-1]) > SWAP_BUDGET else kind
+
+
 def refine(kind: str, W: torch.Tensor, Q: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor,
            pattern: Pattern, percdamp: float = 0.01, steps: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
-    """The one entry point: (Ŵ, pruned) after `kind` ('none', 'cg', 'admm') on a solved layer (G, rows, d)."""
+    """The one entry point: (Ŵ, pruned) after `kind` ('none', 'cg', 'admm', 'swap') on a solved layer
+    (G, rows, d)."""
     if kind == "none":
         return Q, pruned
     if kind not in REFINE:
         raise ValueError(f"unknown refinement '{kind}'; choose from {', '.join(REFINE)}")
     Hd = damped(H, percdamp)
-    if kind == "swap" and cost_flops(W.shape[0] * W.shape[1], W.shape[-1]) <= SWAP_BUDGET:
-        return swap_refine(W, pruned, Hd, pattern)
+    if effective(kind, W) == "swap":
+        return swap_refine(W, pruned, Hd, pattern, torch.diagonal(H, dim1=-2, dim2=-1) == 0)
     best = (cg_on_mask(W, Q, pruned, Hd, steps), pruned)
     if kind == "admm":
         scale = torch.diagonal(H, dim1=-2, dim2=-1).clamp_min(0).sqrt()[:, None, :]

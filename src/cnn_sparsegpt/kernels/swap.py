@@ -7,10 +7,11 @@ a kept weight j for a pruned weight i in the same row (same group of m for N:M, 
 
 (removal of j by OBS, then the gain of freeing i on the smaller support), with u = H_KK⁻¹'s column j, ŵ = H_KK⁻¹b_K,
 A = H_:K H_KK⁻¹, g = b − H_:K ŵ and S_i = H_ii − c_iᵀH_KK⁻¹c_i (i's Schur complement). Every candidate is priced at
-once (O(d²) per row); the best one is taken where it lowers E, H_KK⁻¹ and A follow by rank-one updates, and the
-search stops when no swap helps (or after `max_swaps` per row). The greedy (exact_obs.py, SparseGPT) removes
-weights one at a time and never takes one back: this moves its mask to a local minimum of the same objective.
-Costs rows·d² per swap plus one rows·d³ inverse per row batch, so the solver's budget applies (refine.py).
+once; each row takes its best swap where that lowers E, and H_KK⁻¹, A, ŵ, g and S follow by rank-one updates
+(O(d²) per swap), until no swap helps. The greedy (exact_obs.py, SparseGPT) removes weights one at a time and
+never takes one back: this moves its mask to a local minimum of the same objective (tested by brute force).
+Costs one rows·d³ inverse per row batch plus rows·d² per swap, so it runs where the exact solver's budget allows
+(refine.py). N:M keeps only the m×m blocks of A that a swap can use.
 """
 from __future__ import annotations
 
@@ -18,79 +19,99 @@ import torch
 
 from .masks import Pattern
 
-MEMORY = 256 * 2**20  # bytes of row-batch state (two d×d float64 matrices per row) at a time
+MEMORY = 256 * 2**20  # bytes of row-batch state (d×d float64 matrices per row) at a time
 TOL = 1e-9  # a swap must lower the row's error by this fraction of wᵀHw: no cycling on rounding
 
 
 @torch.no_grad()
 def swap_refine(W: torch.Tensor, pruned: torch.Tensor, Hd: torch.Tensor, pattern: Pattern,
-                max_swaps: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """W (G, rows, d) the weights the layer fits, `pruned` a mask of the pattern, Hd (G, d, d) the damped Hessian
+                dead: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """W (G, rows, d) the weights the layer fits, `pruned` a mask of the pattern, Hd (G, d, d) the damped Hessian,
+    dead (G, d) inputs that were always zero (never brought back; a kept one keeps its weight)
     -> (Ŵ, pruned): the mask after the swaps and its optimal kept weights (float64 inside)."""
     G, rows, d = W.shape
     Q = torch.empty_like(W)
     out = pruned.clone()
-    batch = max(1, min(rows, MEMORY // (2 * d * d * 8)))
-    group = None
-    if pattern.is_nm:  # i and j must share a group of m consecutive inputs
-        ids = torch.arange(d, device=W.device) // pattern.m
-        group = ids[:, None] == ids[None, :]
-    limit = max_swaps if max_swaps is not None else d
+    full = not pattern.is_nm  # unstructured: A in full; N:M: its diagonal m×m blocks
+    batch = max(1, min(rows, MEMORY // ((2 if full else 1) * d * d * 8)))
     for g in range(G):
         H = Hd[g].double()
+        gone = torch.zeros(d, dtype=torch.bool, device=W.device) if dead is None else dead[g]
         for r0 in range(0, rows, batch):
             w = W[g, r0:r0 + batch].double()
-            q, p = _search(w, out[g, r0:r0 + batch].clone(), H, group, limit)
-            Q[g, r0:r0 + batch] = q.to(W.dtype)
+            q, p = _search(w.masked_fill(gone, 0), out[g, r0:r0 + batch].clone(), H, gone, pattern)
+            Q[g, r0:r0 + batch] = torch.where(gone & ~p, w, q).to(W.dtype)
             out[g, r0:r0 + batch] = p
     return Q, out
 
 
-def _search(w: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor, group: torch.Tensor | None,
-            limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _search(w: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor, dead: torch.Tensor,
+            pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
     B, d = w.shape
+    m = pattern.m if pattern.is_nm else d  # candidates: pairs in the same block of m inputs (one block: all)
+    nb = d // m
+    out = pruned.clone()
     keep = ~pruned
-    kk = (keep[:, :, None] & keep[:, None, :]).to(H.dtype)
-    M = H * kk + torch.diag_embed(pruned.to(H.dtype))  # pruned inputs decoupled: H_KK's inverse, 1 elsewhere
-    Kinv = torch.cholesky_inverse(torch.linalg.cholesky(M)) * kk  # H_KK⁻¹, zero on pruned rows and columns
-    N = H @ Kinv  # N[i, j] = c_iᵀ u_j (A above, for every i)
+    Kinv = torch.cholesky_inverse(torch.linalg.cholesky(_decoupled(H, keep))) * _outer(keep).to(H.dtype)
+    A = H @ Kinv  # A[i, j] = c_iᵀu_j
+    S = torch.diagonal(H) - (A * H).sum(-1)
+    A = torch.diagonal(A.view(B, nb, m, nb, m), dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()  # (B, nb, m, m)
     b = w @ H
-    energy = (b * w).sum(1)
-    diagH = torch.diagonal(H)
-    ar = torch.arange(B, device=w.device)
-    active = torch.ones(B, dtype=torch.bool, device=w.device)
-    for _ in range(limit):
-        what = torch.bmm(Kinv, b[:, :, None]).squeeze(2)
-        u = torch.diagonal(Kinv, dim1=1, dim2=2)
-        u = torch.where(keep, u, torch.ones_like(u))  # pruned j are never candidates: any finite value
-        gres = b - what @ H
-        S = diagH - (N * H).sum(-1)
-        wj, uj = what[:, None, :], u[:, None, :]
-        dE = wj.square() / uj - (gres[:, :, None] + wj * N / uj).square() / (S[:, :, None] + N.square() / uj)
-        valid = pruned[:, :, None] & keep[:, None, :]
-        if group is not None:
-            valid &= group
-        dE = torch.where(valid & active[:, None, None], dE, torch.full_like(dE, torch.inf))
-        best, flat = dE.flatten(1).min(1)
-        take = best < -TOL * energy
-        if not take.any():
-            break
-        active &= take
-        r, i, j = ar[take], flat[take] // d, flat[take] % d
-        # j leaves K: H_KK⁻¹ −= u uᵀ/u_jj (its row and column become 0), N follows
-        col = Kinv[r, :, j]
-        scale = 1 / col[torch.arange(len(r)), j]
-        Kinv[r] -= scale[:, None, None] * col[:, :, None] * col[:, None, :]
-        Kinv[r, j, :] = 0
-        Kinv[r, :, j] = 0
-        N[r] -= scale[:, None, None] * (col @ H)[:, :, None] * col[:, None, :]
-        keep[r, j], pruned[r, j] = False, True
-        # i joins K: bordered inverse, z = (H_KK⁻¹ c_i, −1 at i), H_KK⁻¹ += z zᵀ/S_i
-        z = N[r, i, :] * keep[r].to(H.dtype)
-        s = diagH[i] - (z * H[i]).sum(1)
-        z[torch.arange(len(r)), i] = -1
-        Kinv[r] += z[:, :, None] * z[:, None, :] / s[:, None, None]
-        N[r] += (z @ H)[:, :, None] * z[:, None, :] / s[:, None, None]
-        keep[r, i], pruned[r, i] = True, False
     what = torch.bmm(Kinv, b[:, :, None]).squeeze(2)
-    return what.masked_fill(pruned, 0), pruned
+    g = b - what @ H
+    u = torch.diagonal(Kinv, dim1=1, dim2=2).clone()
+    floor = -TOL * (b * w).sum(1)
+    rows = torch.arange(B, device=w.device)  # the rows still searching; the state holds only those
+    for _ in range(d):
+        uj = torch.where(keep, u, torch.ones_like(u)).view(-1, nb, 1, m)  # pruned j are never candidates
+        wj = what.view(-1, nb, 1, m)
+        dE = wj.square() / uj - (g.view(-1, nb, m, 1) + wj * A / uj).square() / (S.view(-1, nb, m, 1) + A.square() / uj)
+        valid = (~keep & ~dead).view(-1, nb, m, 1) & keep.view(-1, nb, 1, m)
+        best, flat = torch.where(valid, dE, torch.full_like(dE, torch.inf)).flatten(1).min(1)
+        take = best < floor
+        out[rows] = ~keep
+        if not take.all():  # a row with no better swap never gets one (its state stays): drop it
+            if not take.any():
+                break
+            Kinv, A, S, u, what, g, keep, floor, flat, rows = (x[take] for x in (Kinv, A, S, u, what, g, keep, floor,
+                                                                                 flat, rows))
+        n = torch.arange(len(rows), device=w.device)
+        blk, rest = flat // (m * m), flat % (m * m)
+        i, j = blk * m + rest // m, blk * m + rest % m
+        state = (Kinv, A, S, u, what, g, H)
+        z = Kinv[n, :, j]  # j leaves K: H_KK⁻¹ −= z zᵀ/z_j, ŵ −= ŵ_j/z_j · z
+        _update(state, z, -1 / z[n, j], -what[n, j] / z[n, j], nb, m)
+        keep[n, j] = False
+        Kinv[n, j, :], Kinv[n, :, j], u[n, j], what[n, j] = 0, 0, 0, 0  # exactly, not to rounding
+        z = torch.bmm(Kinv, H[:, i].t()[:, :, None]).squeeze(2)  # i joins K: the bordered inverse
+        s = H[i, i] - (z * H[i]).sum(1)  # i's Schur complement on the new support
+        z[n, i] = -1  # H_KK⁻¹ += z zᵀ/s with z = (H_KK⁻¹c_i, −1), ŵ −= g_i/s · z
+        _update(state, z, 1 / s, -g[n, i] / s, nb, m)
+        keep[n, i] = True
+    else:
+        out[rows] = ~keep
+    keep = ~out
+    exact = torch.cholesky_solve((b * keep)[:, :, None], torch.linalg.cholesky(_decoupled(H, keep))).squeeze(2)
+    return exact.masked_fill(out, 0), out  # the kept weights solved afresh: no drift from the updates
+
+
+def _outer(keep: torch.Tensor) -> torch.Tensor:
+    return keep[:, :, None] & keep[:, None, :]
+
+
+def _decoupled(H: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """H with each row's pruned inputs decoupled (identity there): its inverse is H_KK⁻¹ on K."""
+    return H * _outer(keep).to(H.dtype) + torch.diag_embed((~keep).to(H.dtype))
+
+
+def _update(state: tuple, z, alpha, beta, nb: int, m: int) -> None:
+    """H_KK⁻¹ += α z zᵀ on every row, and what follows: A = H·H_KK⁻¹ (its kept blocks), S = diag(H) − diag(A Hᵀ),
+    u = diag(H_KK⁻¹); ŵ += β z and g = b − Hŵ with it."""
+    Kinv, A, S, u, what, g, H = state
+    Hz = z @ H
+    Kinv.baddbmm_((alpha[:, None] * z)[:, :, None], z[:, None, :])
+    A.add_(alpha[:, None, None, None] * Hz.view(-1, nb, m, 1) * z.view(-1, nb, 1, m))
+    S.sub_(alpha[:, None] * Hz.square())
+    u.add_(alpha[:, None] * z.square())
+    what.add_(beta[:, None] * z)
+    g.sub_(beta[:, None] * Hz)

@@ -23,7 +23,7 @@ from ..kernels.linalg import accumulate_xxt_
 from ..kernels.masks import Pattern, conv_column_perm
 from ..kernels.shifted_gram import cheaper, conv_gram
 from ..kernels.quant import fit_grid, layer_codes
-from ..kernels.refine import refine as refine_solve
+from ..kernels.refine import effective as refine_run, refine as refine_solve
 from ..kernels.solver import choose_solver, prune_matrix, relative_error
 
 
@@ -48,6 +48,7 @@ class LayerResult:
     seconds: float = 0.0
     percdamp: float | None = None  # damping actually used (SparseGPT)
     solver: str | None = None  # sparsegpt or exact, for method sparsegpt
+    refine: str | None = None  # what re-solved the layer after its solver (cg, swap, admm), None if nothing
     mask: torch.Tensor | None = field(default=None, repr=False)  # True = kept, weight's shape
     quant: dict | None = field(default=None, repr=False)  # codes, scale, zero, bits (with --wbits)
     offset: torch.Tensor | None = field(default=None, repr=False)  # intercept: added to the mean output (per channel)
@@ -380,7 +381,9 @@ class LayerPruner:
         Q, pruned, res.percdamp = prune_matrix(Wg, Hg, method, pattern, percdamp, config.blocksize, scale, stats=stats,
                                                graphs=graphs, grid=grid, quant=config.quant, diagonal=diagonal,
                                                solver=res.solver or "sparsegpt")
-        Q, pruned = refine_solve(refine if refit else "none", Wg, Q, pruned, Hg, pattern, percdamp)
+        refine = refine_run(refine if refit and Hg is not None else "none", Wg)
+        Q, pruned = refine_solve(refine, Wg, Q, pruned, Hg, pattern, percdamp)
+        res.refine = None if refine == "none" else refine
         if Hg is not None:
             res.error = float(relative_error(Wg, Q, Hg))
         else:  # measured afterwards on the layer's outputs (output_error)
