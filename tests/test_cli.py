@@ -233,8 +233,7 @@ def test_recipe_defaults_and_labels():
     assert default == RECOMMENDED.resolved() and (default.refine, default.dense_target) == ("cg", True)
     assert recipe_label(default) == "solver=auto,refine=cg,dense_target=True,intercept=True"
     assert recipe_label(replace(RECOMMENDED, method="magnitude")) == "refine=cg,dense_target=True,intercept=True"
-    # N:M masks are moved by exact swaps (refine auto → swap), unstructured ones re-solved by cg
-    assert recipe_label(replace(RECOMMENDED, nm="2:4")) == "solver=auto,refine=swap,dense_target=True,intercept=True"
+    assert recipe_label(replace(RECOMMENDED, nm="2:4")) == "solver=auto,refine=cg,dense_target=True,intercept=True"
     channels = replace(RECOMMENDED, structure="channels", keep_macs=0.5)  # damping: each kind's own default
     assert (default.percdamp, channels.resolved().percdamp, replace(channels, percdamp=0.02).resolved().percdamp) \
         == (0.01, 0.001, 0.02)

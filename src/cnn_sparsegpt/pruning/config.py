@@ -116,8 +116,7 @@ class PruneConfig:
                       "final mask by conjugate gradient), admm (also move the mask layer-wide, then cg; several times "
                       "slower on wide layers), swap (also move the mask by exact OBS swaps within each row, then solve "
                       "the kept weights exactly; where the exact solver's budget allows, cg beyond) or " +
-                      _auto("swap for N:M, cg for unstructured sparsities (chosen on held-out images, docs/RESULTS.md), "
-                            "none with wbits, whose grids a re-solve would leave"),
+                      _auto("cg, none with wbits, whose grids a re-solve would leave"),
                       ("auto",) + REFINE)
     dense_target: bool = opt(True, "fit each layer to the dense network's output on the pruned network's inputs "
                              "(min |W X_dense - W' X_pruned|^2: corrects upstream error); off: fit W X_pruned, as "
@@ -237,8 +236,7 @@ class PruneConfig:
 
     def resolved(self) -> PruneConfig:
         """The 'auto' fields replaced by what runs: the config a report records."""
-        refine = self.refine if self.refine != "auto" else \
-            ("none" if self.wbits is not None else "swap" if self.nm is not None else "cg")
+        refine = self.refine if self.refine != "auto" else ("none" if self.wbits is not None else "cg")
         quant = self.quant if self.quant != "auto" else ("gptq" if self.method == "sparsegpt" else "rtn")
         solver = self.solver
         percdamp = self.percdamp if self.percdamp is not None else (0.001 if self.structure == "channels" else 0.01)
