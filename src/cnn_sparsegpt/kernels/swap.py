@@ -47,6 +47,7 @@ def swap_refine(W: torch.Tensor, pruned: torch.Tensor, Hd: torch.Tensor, pattern
 
 def _search(w: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor, dead: torch.Tensor,
             pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
+    """The swaps of a batch of rows w (B, d) sharing H: -> (their optimal kept weights, their final masks)."""
     B, d = w.shape
     m = pattern.m if pattern.is_nm else d  # candidates: pairs in the same block of m inputs (one block: all)
     nb = d // m
