@@ -309,7 +309,6 @@ class LayerPruner:
             return lambda x: F.linear(x, weight)
         return lambda x: self.layer._conv_forward(x, weight, None)
 
-
     def input_mean(self) -> torch.Tensor:
         """The mean input column (G, d): the layer's mean output per channel is W·x̄ + b (conv: over positions)."""
         return (self.colsum / max(self.nsamples, 1)).float()
