@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .bench import pattern_options, read_rows
-from ..pruning.config import RECOMMENDED, recipe_label
+from ..pruning.config import PUBLISHED, RECOMMENDED, recipe_label
 from .report import read_report
 from ..utils import UserError
 
@@ -17,16 +17,22 @@ def _main_rows(rows: list[dict]) -> list[dict]:
     """The headline setting per model: test split, default damping, BN recalibration on, largest calibration size,
     and one recipe: the methods as published where the CSV has them, else the recommended recipe (other recipes
     are compared in the recipe tables)."""
-    rows = [r for r in rows if r.get("holdout", "0") == "0" and float(r.get("percdamp") or 0.01) == 0.01]
+    rows = [r for r in rows if r.get("holdout", "0") == "0"]
 
-    def kind(r: dict) -> str | None:  # published, recommended (its label depends on the method and pattern), other
-        if not r.get("recipe"):
-            return "published"
-        try:
-            config = replace(RECOMMENDED, method=r["method"], **pattern_options(r["pattern"]))
-        except (UserError, ValueError, TypeError):
+    def kind(r: dict) -> str | None:
+        """published or recommended, each at its default damping (the label and the damping depend on the method
+        and pattern); None for any other setting, and for channel targets (plotted against speed instead)."""
+        if "=" in r["pattern"]:
             return None
-        return "recommended" if r["recipe"] == recipe_label(config) else None
+        for name, preset in (("published", PUBLISHED), ("recommended", RECOMMENDED)):
+            try:
+                config = replace(preset, method=r["method"], **pattern_options(r["pattern"])).resolved()
+            except (UserError, ValueError, TypeError):
+                return None
+            damping = float(r.get("percdamp") or config.percdamp)
+            if (r.get("recipe") or "") == recipe_label(config) and abs(damping - config.percdamp) < 1e-12:
+                return name
+        return None
 
     headline = {}
     for r in rows:
