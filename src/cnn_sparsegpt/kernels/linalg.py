@@ -106,19 +106,39 @@ def inverse_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, fl
     return _damped_flipped_cholesky(H, percdamp, lambda L: _reverse_(_lower_triangular_inverse_(L)))
 
 
-def accumulate_xxt_(H: torch.Tensor, X: torch.Tensor, beta: float = 1.0, alpha: float = 1.0) -> torch.Tensor:
+def accumulate_xxt_(H: torch.Tensor, X: torch.Tensor, beta: float = 1.0, alpha: float = 1.0,
+                    mirror: bool = True) -> torch.Tensor:
     """H ← beta·H + alpha·XXᵀ for H (G, d, d), X (G, d, T), computing only the blocks on and above the
-    diagonal (a blocked syrk: up to half of the dominant cost of pruning a CNN) and mirroring the rest.
+    diagonal (a blocked syrk: up to half of the dominant cost of pruning a CNN), then mirroring the rest
+    (mirror=False: left for `mirror_upper_` once, after many such sums; only the upper blocks are then valid).
 
     H comes out exactly symmetric on every path and device: a GEMM's product XXᵀ is not bitwise
     symmetric with every BLAS kernel, so even the diagonal blocks take their lower half from the upper.
     """
-    d = H.shape[-1]
-    k = max(1, min(8, d // 144))
-    edges = [round(i * d / k) for i in range(k + 1)]
-    for a, b in zip(edges[:-1], edges[1:]):
+    for a, b in _block_rows(H.shape[-1]):
         H[:, a:b, a:].baddbmm_(X[:, a:b], X[:, a:].transpose(1, 2), beta=beta, alpha=alpha)
+    return mirror_upper_(H) if mirror else H
+
+
+def add_upper_(S: torch.Tensor, chunk: torch.Tensor) -> torch.Tensor:
+    """S += chunk on the blocks `accumulate_xxt_` computes (on and above the diagonal): half the traffic of a
+    full add, for sums mirrored once at the end."""
+    for a, b in _block_rows(S.shape[-1]):
+        S[:, a:b, a:] += chunk[:, a:b, a:]
+    return S
+
+
+def mirror_upper_(H: torch.Tensor) -> torch.Tensor:
+    """The lower half of H (G, d, d) set from its upper blocks, in place: H exactly symmetric."""
+    for a, b in _block_rows(H.shape[-1]):
         D = H[:, a:b, a:b]
         D.copy_(D.triu() + D.triu(1).transpose(1, 2))
         H[:, b:, a:b] = H[:, a:b, b:].transpose(1, 2)
     return H
+
+
+def _block_rows(d: int) -> list[tuple[int, int]]:
+    """The row blocks of the blocked syrk: up to 8, at least 144 rows each (smaller GEMMs lose efficiency)."""
+    k = max(1, min(8, d // 144))
+    edges = [round(i * d / k) for i in range(k + 1)]
+    return list(zip(edges[:-1], edges[1:]))

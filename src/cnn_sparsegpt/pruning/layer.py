@@ -19,7 +19,7 @@ from torch.nn.grad import conv2d_weight
 
 from . import dist
 from .dense_target import dense_target_weights
-from ..kernels.linalg import accumulate_xxt_
+from ..kernels.linalg import accumulate_xxt_, add_upper_, mirror_upper_
 from ..kernels.masks import Pattern, conv_column_perm
 from ..kernels.shifted_gram import cheaper, conv_gram
 from ..kernels.quant import fit_grid, layer_codes
@@ -123,8 +123,8 @@ class LayerPruner:
     def _add_batch_sums(self) -> None:
         """Add a batch's float32 sums to the float64 ones: one term per batch, whatever its chunks, so the same terms
         however whole batches go to torchrun ranks."""
-        if self.S is not None:
-            self.S.add_(self._chunk)
+        if self.S is not None:  # ΣXXᵀ is summed on its upper blocks only, and mirrored once when read (H)
+            add_upper_(self.S, self._chunk)
         if self._cross_in_chunks:
             self.SD.add_(self._chunk_d)
 
@@ -144,7 +144,7 @@ class LayerPruner:
     def H(self) -> torch.Tensor | None:
         """H = 2XXᵀ/N (G, d, d) in float32; reading it ends the accumulation."""
         if self._H is None and self.S is not None:
-            self._H, self.S = self._finish(self.S), None
+            self._H, self.S = self._finish(mirror_upper_(self.S)), None
         return self._H
 
     @H.setter
@@ -291,7 +291,7 @@ class LayerPruner:
             if self._cross_in_chunks:
                 self._chunk_d.baddbmm_(self.columns(dense_chunks[i] - chunk), X.transpose(1, 2), beta=beta)
             if self.S is not None:
-                accumulate_xxt_(self._chunk, X, beta=beta)
+                accumulate_xxt_(self._chunk, X, beta=beta, mirror=False)
             else:
                 self.colsq += X.square().sum(-1).double()
             self.nsamples += X.shape[-1]
