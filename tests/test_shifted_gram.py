@@ -86,3 +86,20 @@ def test_strided_grouped_and_1x1_convs_keep_im2col():
     for conv in (nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=2),
                  nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding="same"), nn.Conv2d(8, 8, 3, dilation=2)):
         assert not LayerPruner(conv, "c").shifted(x)
+
+
+@pytest.mark.parametrize("d", [100, 300, 1000])
+def test_upper_block_sums_mirrored_once_equal_the_full_product(d):
+    """The im2col path's sums: each chunk's upper blocks (accumulate_xxt_ without mirroring) added to a float64
+    sum (add_upper_), mirrored once (mirror_upper_): exactly symmetric, and XXᵀ up to float rounding."""
+    from cnn_sparsegpt.kernels.linalg import accumulate_xxt_, add_upper_, mirror_upper_
+
+    g = torch.Generator().manual_seed(d)
+    chunks = [torch.randn(1, d, 64, generator=g) for _ in range(3)]
+    S, buf = torch.zeros(1, d, d, dtype=torch.float64), torch.full((1, d, d), float("nan"))
+    for X in chunks:
+        add_upper_(S, accumulate_xxt_(buf, X, beta=0.0, mirror=False))
+    mirror_upper_(S)
+    X = torch.cat(chunks, -1).double()
+    assert torch.equal(S, S.transpose(1, 2))
+    torch.testing.assert_close(S, X @ X.transpose(1, 2), rtol=1e-5, atol=1e-3)
