@@ -82,6 +82,7 @@ def test_refine_in_the_layer_pruner_and_grouped_conv():
         res = p.prune(replace(PUBLISHED, method="sparsegpt", refine=kind), Pattern(sparsity=0.6))
         assert res.sparsity == pytest.approx(0.6, abs=1 / 288)
         assert torch.equal(c.weight == 0, ~res.mask)
+        assert res.refine == (None if kind == "none" else kind)  # the report names what re-solved the layer
         errors[kind] = res.error
     assert errors["admm"] <= errors["cg"] <= errors["none"]
     assert errors["swap"] <= errors["cg"] * (1 + 1e-5)
