@@ -152,8 +152,9 @@ class PruneConfig:
                                "eager)", tuple(RUNTIMES))
     speedup_batch: int = opt(1, "target_speedup: images per call when timing", check=lambda v: v >= 1,
                              want="at least 1")
-    round_to: int = opt(8, "channels: kept channel counts are multiples of this (efficient kernels; 16 for ONNX "
-                        "Runtime on AVX-512 CPUs, whose convolutions work on 16-channel blocks: docs/CHANNELS.md)",
+    round_to: int = opt(8, "channels: kept channel counts are multiples of this (efficient kernels; 16 for a wide "
+                        "network run by ONNX Runtime on AVX-512 CPUs, whose convolutions work on 16-channel blocks, "
+                        "too coarse for narrow ones: docs/CHANNELS.md)",
                         check=lambda v: v >= 1, want="at least 1")
     channel_costs: str = opt("kl", "channels: what the allocation compares across groups: layer (each group's "
                              "block-OBS error at its consumers, relative to their output energy) or kl (the same "
