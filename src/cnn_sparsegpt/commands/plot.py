@@ -34,11 +34,12 @@ def _main_rows(rows: list[dict]) -> list[dict]:
                 return name
         return None
 
+    kinds = [kind(r) for r in rows]
     headline = {}
-    for r in rows:
-        if kind(r) and headline.get(r["model"]) != "published":
-            headline[r["model"]] = kind(r)
-    rows = [r for r in rows if r["model"] in headline and kind(r) == headline[r["model"]]]
+    for r, k in zip(rows, kinds):
+        if k and headline.get(r["model"]) != "published":
+            headline[r["model"]] = k
+    rows = [r for r, k in zip(rows, kinds) if r["model"] in headline and k == headline[r["model"]]]
     best_n = defaultdict(int)
     for r in rows:
         best_n[r["model"]] = max(best_n[r["model"]], int(r["nsamples"]))

@@ -23,14 +23,11 @@ from __future__ import annotations
 import torch
 
 from .linalg import damped
-from .exact_obs import cost_flops
 from .masks import Pattern, nm_prune_mask, quota, topk_prune_mask
+from .solver import choose_solver
 from .swap import swap_refine
 
 REFINE = ("none", "cg", "admm", "swap")
-
-
-SWAP_BUDGET = 2e11  # rows·d³ of a layer's swap search (its row inverses), as the exact solver's budget; cg beyond
 
 
 def _objective(W: torch.Tensor, Q: torch.Tensor, Hd: torch.Tensor) -> torch.Tensor:
@@ -103,8 +100,10 @@ def admm(W: torch.Tensor, Q: torch.Tensor, pruned: torch.Tensor, Hd: torch.Tenso
 
 
 def effective(kind: str, W: torch.Tensor) -> str:
-    """What `kind` runs on weights W (G, rows, d): swap only within SWAP_BUDGET, cg beyond it."""
-    return "cg" if kind == "swap" and cost_flops(W.shape[0] * W.shape[1], W.shape[-1]) > SWAP_BUDGET else kind
+    """What `kind` runs on weights W (G, rows, d): swap where the exact solver would run (its rows·d³ row inverses
+    fit the same budget), cg beyond."""
+    exact = choose_solver("auto", W.shape[0] * W.shape[1], W.shape[-1], quantized=False) == "exact"
+    return "cg" if kind == "swap" and not exact else kind
 
 
 def refine(kind: str, W: torch.Tensor, Q: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor,

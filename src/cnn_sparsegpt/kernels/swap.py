@@ -39,7 +39,7 @@ def swap_refine(W: torch.Tensor, pruned: torch.Tensor, Hd: torch.Tensor, pattern
         gone = torch.zeros(d, dtype=torch.bool, device=W.device) if dead is None else dead[g]
         for r0 in range(0, rows, batch):
             w = W[g, r0:r0 + batch].double()
-            q, p = _search(w.masked_fill(gone, 0), out[g, r0:r0 + batch].clone(), H, gone, pattern)
+            q, p = _search(w.masked_fill(gone, 0), out[g, r0:r0 + batch], H, gone, pattern)
             Q[g, r0:r0 + batch] = torch.where(gone & ~p, w, q).to(W.dtype)
             out[g, r0:r0 + batch] = p
     return Q, out
@@ -70,8 +70,8 @@ def _search(w: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor, dead: torch.
         valid = (~keep & ~dead).view(-1, nb, m, 1) & keep.view(-1, nb, 1, m)
         best, flat = torch.where(valid, dE, torch.full_like(dE, torch.inf)).flatten(1).min(1)
         take = best < floor
-        out[rows] = ~keep
-        if not take.all():  # a row with no better swap never gets one (its state stays): drop it
+        if not take.all():  # a row with no better swap never gets one (its state stays): record it, drop it
+            out[rows[~take]] = ~keep[~take]
             if not take.any():
                 break
             Kinv, A, S, u, what, g, keep, floor, flat, rows = (x[take] for x in (Kinv, A, S, u, what, g, keep, floor,

@@ -214,7 +214,7 @@ class LayerPruner:
         (the covariances of the inputs; x̄_d the dense inputs' mean). An input whose spread is below float32's
         resolution of its mean (a constant channel) becomes dead: its weight is free, its mean goes to the offset."""
         n = max(self.nsamples, 1)
-        mean = (self.colsum / n).to(H.dtype)
+        mean = self.input_mean().to(H.dtype)
         Hc = H - 2 * mean[:, :, None] * mean[:, None, :]
         const = torch.diagonal(Hc, dim1=-2, dim2=-1) <= 1e-5 * torch.diagonal(H, dim1=-2, dim2=-1)
         Hc.masked_fill_(const[:, :, None] | const[:, None, :], 0)
