@@ -318,3 +318,10 @@ def test_bn_statistics_equal_train_mode_recalibration(shape):
     torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
     assert int(bn.num_batches_tracked) == 3
+    # both are the pooled moments of all the images: mean and unbiased variance over every position, in float64
+    # (the offset 1e3 would show a one-pass float32 E[x²] − m² as wrong in the 2nd digit)
+    xs = [x + 1e3 for x in xs]
+    _bn_statistics_(bn, iter(xs))
+    flat = torch.cat(xs).double().transpose(0, 1).reshape(shape[1], -1)
+    torch.testing.assert_close(bn.running_mean.double(), flat.mean(1), rtol=1e-6, atol=0)
+    torch.testing.assert_close(bn.running_var.double(), flat.var(1), rtol=1e-4, atol=0)
