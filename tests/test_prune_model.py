@@ -325,3 +325,16 @@ def test_bn_statistics_equal_train_mode_recalibration(shape):
     flat = torch.cat(xs).double().transpose(0, 1).reshape(shape[1], -1)
     torch.testing.assert_close(bn.running_mean.double(), flat.mean(1), rtol=1e-6, atol=0)
     torch.testing.assert_close(bn.running_var.double(), flat.var(1), rtol=1e-4, atol=0)
+
+
+def test_cpu_batches_split_wide_inputs_into_near_equal_views():
+    from cnn_sparsegpt.pruning.prune import CPU_BATCH_BYTES, cpu_batches
+
+    batches = [torch.randn(128, 3), torch.randn(5, 3)]
+    assert [len(b) for b in cpu_batches(batches, 1024)] == [128, 5]  # small inputs keep their batches
+    per_image = CPU_BATCH_BYTES // 32  # at most 32 images per batch
+    parts = cpu_batches(batches, per_image)
+    assert [len(b) for b in parts] == [32, 32, 32, 32, 5]
+    assert parts[1].untyped_storage().data_ptr() == batches[0].untyped_storage().data_ptr()  # views, no copy
+    torch.testing.assert_close(torch.cat(parts), torch.cat(batches), rtol=0, atol=0)
+    assert [len(b) for b in cpu_batches([torch.randn(3, 3)], CPU_BATCH_BYTES * 2)] == [1, 1, 1]  # at least one image

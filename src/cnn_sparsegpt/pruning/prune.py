@@ -106,6 +106,19 @@ def _as_batches(calibration, device: torch.device, batch_size: int) -> list[torc
     return batches
 
 
+CPU_BATCH_BYTES = 128 * 2**20  # the widest layer input of one calibration batch the executor runs, on a CPU
+
+
+def cpu_batches(batches: list[torch.Tensor], per_image: int) -> list[torch.Tensor]:
+    """The calibration batches split (views, no copy) so that the widest layer input of each is at most
+    CPU_BATCH_BYTES: the executor stores whole-set activations and runs node by node, and on a CPU its
+    forward slows down as batches outgrow the cache (ResNet-50 at 224², 512 images: 53 s in batches of 128, 41 s
+    in batches of 32; docs/PERFORMANCE.md). Each batch is split the same way wherever it is, so torchrun's
+    per-batch sums stay the same terms. Small inputs (CIFAR: 64×32×32 floats per image) keep their batches."""
+    most = max(1, CPU_BATCH_BYTES // max(per_image, 1))
+    return [part for b in batches for part in b.tensor_split(-(-len(b) // most))]  # near-equal parts
+
+
 class _Pruner:
     """Holds the run's settings and the per-layer results; the two executors call `prune_layer`."""
 
@@ -282,6 +295,7 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     input_bytes: dict[str, int] = {}
     positions: dict[str, int] = {}
     order = forward_order(model, batches[0][:1], input_bytes, positions)
+    fitted = cpu_batches(batches, max(input_bytes.values(), default=0)) if device.type == "cpu" else batches
     low_memory = config.low_memory
     if low_memory is None:
         low_memory, policy = memory_policy(max(input_bytes.values(), default=0), sum(len(x) for x in batches), device,
@@ -301,7 +315,7 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
         else {}
     t_alloc = time.perf_counter() - t0
     dense_hessians = config.hessians == "dense"
-    dense = DenseInputs(model, batches) if config.dense_target or config.reconstruct or dense_hessians else None
+    dense = DenseInputs(model, fitted) if config.dense_target or config.reconstruct or dense_hessians else None
     gm = None
     if use_fx:
         try:
@@ -316,11 +330,11 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     passes = None
     if gm is not None:
         try:
-            passes = run.run_fx(gm, batches, config.bn_recalibration, low_memory)
+            passes = run.run_fx(gm, fitted, config.bn_recalibration, low_memory)
         except GraphStop as e:
             warnings.warn(f"cannot run the traced graph ({e}); one forward pass per layer", RuntimeWarning)
     if passes is None:
-        passes = run.run_hooks(batches, order, config.bn_recalibration)
+        passes = run.run_hooks(fitted, order, config.bn_recalibration)
     run.bar.close()
     losses = []
     if config.reconstruct:
