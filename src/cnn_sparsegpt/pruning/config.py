@@ -95,7 +95,9 @@ class PruneConfig:
     ignore: tuple = opt((), "layer names or regexes to keep dense")
     prune_all: bool = opt(False, "also prune the first conv and the last linear (kept dense by default)")
     bn_recalibration: bool = opt(True, "re-estimate BatchNorm statistics on the pruned network")
-    batch_size: int = opt(128, "calibration (and evaluation) batch size", check=lambda v: v >= 1, want="at least 1")
+    batch_size: int = opt(128, "calibration (and evaluation) batch size; on a CPU, calibration batches are split "
+                          "further where a layer's input would exceed 128 MB (faster; the same result up to rounding)",
+                          check=lambda v: v >= 1, want="at least 1")
     low_memory: bool | None = opt(None, "hold about one activation of the calibration set at a time instead of two, "
                                   "recomputing inside residual blocks (~2.5 forward passes instead of 1; same "
                                   "result). Default: chosen by free memory, named in the report")
