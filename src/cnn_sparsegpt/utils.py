@@ -6,6 +6,7 @@ import os
 import pickle
 import re
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -137,7 +138,9 @@ def read_json(path: str | os.PathLike, what: str = "file") -> dict:
 
 def _load_pickled(path: Path, what: str = "checkpoint"):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a corrupt file's first bytes read as a pickle protocol: said below instead
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # A well-formed torch archive that the safe unpickler rejects holds Python objects besides tensors.
         if zipfile.is_zipfile(path):
@@ -148,7 +151,7 @@ def _load_pickled(path: Path, what: str = "checkpoint"):
                 "Save the model's state_dict() instead.") from None
         raise UserError(f"cannot read {what} {path}: the file is truncated or corrupt, or not a torch "
                         "file") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except Exception as e:  # garbage bytes fail inside the unpickler in many ways (IndexError, KeyError, ...)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read {what} {path}: the file is truncated or corrupt ({msg[:160]})") from None
 
