@@ -112,8 +112,8 @@ CPU_BATCH_BYTES = 128 * 2**20  # the widest layer input of one calibration batch
 def cpu_batches(batches: list[torch.Tensor], per_image: int) -> list[torch.Tensor]:
     """The calibration batches split (views, no copy) so that the widest layer input of each is at most
     CPU_BATCH_BYTES: the executor stores whole-set activations and runs node by node, and on a CPU its
-    forward slows down as batches outgrow the cache (ResNet-50 at 224², 512 images: 53 s in batches of 128, 41 s
-    in batches of 32; docs/PERFORMANCE.md). Each batch is split the same way wherever it is, so torchrun's
+    forward slows down as batches grow (ResNet-50 at 224², 512 images: 54.9 s in batches of 128, 38.3 s in
+    batches of 32; docs/PERFORMANCE.md). Each batch is split the same way wherever it is, so torchrun's
     per-batch sums stay the same terms. Small inputs (CIFAR: 64×32×32 floats per image) keep their batches."""
     most = max(1, CPU_BATCH_BYTES // max(per_image, 1))
     return [part for b in batches for part in b.tensor_split(-(-len(b) // most))]  # near-equal parts
