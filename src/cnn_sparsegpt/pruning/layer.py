@@ -213,13 +213,12 @@ class LayerPruner:
         """H and the dense target's R for a fit with an intercept (intercept.py): H − 2x̄x̄ᵀ, R − 2W(x̄_d − x̄)x̄ᵀ
         (the covariances of the inputs; x̄_d the dense inputs' mean). An input whose spread is below float32's
         resolution of its mean (a constant channel) becomes dead: its weight is free, its mean goes to the offset."""
-        n = max(self.nsamples, 1)
         mean = self.input_mean().to(H.dtype)
         Hc = H - 2 * mean[:, :, None] * mean[:, None, :]
         const = torch.diagonal(Hc, dim1=-2, dim2=-1) <= 1e-5 * torch.diagonal(H, dim1=-2, dim2=-1)
         Hc.masked_fill_(const[:, :, None] | const[:, None, :], 0)
         if R is not None:
-            shift = (self.colsum_d / n).to(H.dtype) - mean
+            shift = self.input_mean(dense=True).to(H.dtype) - mean
             R = (R - 2 * torch.bmm(self.weight_matrix()[0].to(H.dtype), shift[:, :, None]) * mean[:, None, :])
             R = R.masked_fill(const[:, None, :], 0)
         return Hc, R
@@ -309,9 +308,10 @@ class LayerPruner:
             return lambda x: F.linear(x, weight)
         return lambda x: self.layer._conv_forward(x, weight, None)
 
-    def input_mean(self) -> torch.Tensor:
-        """The mean input column (G, d): the layer's mean output per channel is W·x̄ + b (conv: over positions)."""
-        return (self.colsum / max(self.nsamples, 1)).float()
+    def input_mean(self, dense: bool = False) -> torch.Tensor:
+        """The mean input column (G, d): the layer's mean output per channel is W·x̄ + b (conv: over positions).
+        dense: of the dense network's inputs (x̄_d, with the dense target)."""
+        return ((self.colsum_d if dense else self.colsum) / max(self.nsamples, 1)).float()
 
     def weight_matrix(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight as (groups, rows, d) in the solver's column order, and that order as an index into the

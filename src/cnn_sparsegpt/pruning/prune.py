@@ -295,10 +295,11 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     input_bytes: dict[str, int] = {}
     positions: dict[str, int] = {}
     order = forward_order(model, batches[0][:1], input_bytes, positions)
-    fitted = cpu_batches(batches, max(input_bytes.values(), default=0)) if device.type == "cpu" else batches
+    widest = max(input_bytes.values(), default=0)  # bytes of the widest layer input of one image
+    fitted = cpu_batches(batches, widest) if device.type == "cpu" else batches
     low_memory = config.low_memory
     if low_memory is None:
-        low_memory, policy = memory_policy(max(input_bytes.values(), default=0), sum(len(x) for x in batches), device,
+        low_memory, policy = memory_policy(widest, sum(len(x) for x in batches), device,
                                            copies=2 if config.dense_target or config.hessians == "dense" else 1)
     else:
         policy = "low-memory" if low_memory else "default"
