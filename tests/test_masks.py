@@ -40,6 +40,20 @@ def test_unstructured_exact_sparsity(rows, cols, s, per_row, seed):
         assert torch.all(dropped_max <= kept_min)
 
 
+@settings(max_examples=60, deadline=None)
+@given(mats=st.integers(1, 3), n=st.integers(1, 60), levels=st.integers(1, 4), frac=st.floats(0, 1),
+       seed=st.integers(0, 2**16))
+def test_topk_mask_takes_exactly_k_with_ties(mats, n, levels, frac, seed):
+    """Few distinct scores (ties, as dead inputs' zeros make): exactly k per matrix, none kept below one pruned."""
+    scores = torch.randint(0, levels, (mats, 2, n), generator=torch.Generator().manual_seed(seed)).float()
+    k = round(frac * 2 * n)
+    pruned = topk_prune_mask(scores, k).flatten(1)
+    assert torch.all(pruned.sum(-1) == k)
+    kept_min = scores.flatten(1).masked_fill(pruned, float("inf")).min(-1).values
+    dropped_max = scores.flatten(1).masked_fill(~pruned, -1).max(-1).values
+    assert torch.all(dropped_max <= kept_min)
+
+
 @settings(max_examples=25, deadline=None)
 @given(cin=st.sampled_from([4, 8, 16]), cout=st.integers(1, 6), k=st.sampled_from([1, 3]),
        pattern=st.sampled_from([Pattern(sparsity=0.5), Pattern(sparsity=0.8), Pattern(n=2, m=4),
