@@ -137,7 +137,8 @@ def test_plot_from_csv(mnist_ckpt, data_dir, tmp_path):
     out = tmp_path / "plots"
     assert main(["plot", "--csv", str(tmp_path / "res.csv"), "--out", str(out)]) == 0
     pngs = sorted(p.name for p in out.glob("*.png"))
-    assert pngs == ["mnist_cnn_2of4_layer_errors.png", "mnist_cnn_accuracy_vs_sparsity.png", "nm_bars.png"]
+    assert pngs == ["mnist_cnn_0.5_layer_sparsity.png", "mnist_cnn_2of4_layer_errors.png",  # sparsegpt 0.5: dp
+                    "mnist_cnn_accuracy_vs_sparsity.png", "nm_bars.png"]
     from cnn_sparsegpt.commands.results import main as results_main
 
     assert results_main(["--csv", str(tmp_path / "res.csv"), "--out", str(tmp_path / "R.md"),
@@ -240,6 +241,17 @@ def test_recipe_defaults_and_labels():
     published = PruneOptions.build(recipe="published").config
     assert (published.refine, published.dense_target, recipe_label(published)) == ("none", False, "")
     assert recipe_label(replace(PUBLISHED, allocation="dp")) == "allocation=dp"  # as before the change
+    # allocation 'auto': dp (KL measure) where it was chosen, uniform wherever it was not measured or cannot run
+    unstructured = replace(RECOMMENDED, sparsity=0.7)
+    assert recipe_label(unstructured) == \
+        "solver=auto,allocation=dp,dp_measure=kl,refine=cg,dense_target=True,intercept=True"
+    for other in ({"sparsity": None, "nm": "2:4"}, {"method": "magnitude"}, {"method": "wanda"}, {"wbits": 4}):
+        assert replace(unstructured, **other).resolved().allocation == "uniform"
+    assert unstructured.resolved(distributed=True).allocation == "uniform"
+    unstructured.check_runnable(distributed=True)  # auto is no error under torchrun: it resolves to uniform
+    with pytest.raises(UserError, match="without torchrun"):
+        replace(unstructured, allocation="dp").check_runnable(distributed=True)
+    assert replace(PUBLISHED, sparsity=0.7).resolved().allocation == "uniform"
     assert PruneOptions.build(refine="admm").config.refine == "admm"  # given explicitly: wins over the recipe
     quantized = PruneOptions.build(wbits=4).config.resolved()  # cg would move kept weights off their grids
     assert (quantized.refine, quantized.dense_target, quantized.quant) == ("none", True, "gptq")

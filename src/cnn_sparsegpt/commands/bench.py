@@ -196,7 +196,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
                    "method": method, "pattern": pattern, "nsamples": n, "seed": seed, "bn_recalibration": bn,
                    "eval_samples": cfg.eval_samples, "holdout": cfg.holdout,
                    "percdamp": opts.config.resolved().percdamp,
-                   "recipe": recipe_label(opts.config)}
+                   "recipe": recipe_label(opts.config.resolved(dist.launched()))}  # what runs (torchrun: uniform)
         label += f"{' ' + key_row['recipe'] if key_row['recipe'] else ''}"
         if _key(key_row) in done:
             if dist.is_main(dist.process_group()):

@@ -115,11 +115,11 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     """Run one prune and (when `write`) save model.pt, masks.pt and report.json under opts.out; returns the report
     (and the pruned model with `return_model`). Under torchrun (the processes it started) the calibration set is
     shared by them and rank 0 writes."""
-    config = opts.config.resolved()
     device = dist.init(opts.device) if dist.launched() else resolve_device(opts.device)
     group = dist.process_group()
     dist.check_same(json.dumps(dataclasses.asdict(opts), sort_keys=True, default=str), "arguments")
-    config.check_runnable(dist.active(group))  # prune_model's own checks, before any data is loaded
+    opts.config.check_runnable(dist.active(group))  # prune_model's own checks, before any data is loaded
+    config = opts.config.resolved(dist.active(group))
     progress = progress and dist.is_main(group)
     write = write and dist.is_main(group)  # one rank writes model.pt, masks.pt, report.json
     out = ensure_writable(opts.out) if write else None

@@ -101,15 +101,20 @@ class PruneConfig:
     low_memory: bool | None = opt(None, "hold about one activation of the calibration set at a time instead of two, "
                                   "recomputing inside residual blocks (~2.5 forward passes instead of 1; same "
                                   "result). Default: chosen by free memory, named in the report")
-    allocation: str = opt("uniform", "per-layer sparsities for an unstructured sparsity (the overall fraction stays "
-                          "S): uniform (as published), owl (outlier-weighted, S ± owl_lambda) or dp (per-layer error "
-                          "database + knapsack; a few times a uniform prune)", ALLOCATIONS)
+    allocation: str = opt("auto", "per-layer sparsities for an unstructured sparsity (the overall fraction stays "
+                          "S): uniform (as published), owl (outlier-weighted, S ± owl_lambda), dp (per-layer error "
+                          "database + knapsack; 2-3x a uniform prune's time) or " +
+                          _auto("dp for method sparsegpt at an unstructured sparsity without wbits, in one process "
+                                "(chosen on held-out images, docs/RESULTS.md); uniform for N:M, channels, magnitude, "
+                                "wanda, wbits and under torchrun"), ("auto",) + ALLOCATIONS)
     budget: str = opt("params", "what sparsity counts under a non-uniform allocation: weights or multiply-adds",
                       BUDGETS)
     owl_lambda: float = opt(0.1, "owl: layer sparsities within S ± this", check=lambda v: 0 <= v < 1,
                             want="in [0, 1)")
-    dp_measure: str = opt("layer", "dp: each layer's error is its reconstruction error (layer), or that scaled so "
-                          "that at S it equals the network's output KL with only that layer pruned (kl)", DP_MEASURES)
+    dp_measure: str = opt("kl", "dp: each layer's error is its reconstruction error (layer), or that scaled so "
+                          "that at S it equals the network's output KL with only that layer pruned on 256 "
+                          "calibration images (kl: one forward pass per layer; better with this recipe, the layer "
+                          "measure with the published one, docs/RESULTS.md)", DP_MEASURES)
     bn_aware: bool = opt(False, "weigh each output row's saliency by its BatchNorm's (gamma/sigma)^2, as if folded "
                          "(unstructured sparsegpt and magnitude)")
     stat_correction: bool = opt(False, "after pruning, give layers with a bias and BatchNorms the dense network's "
@@ -228,7 +233,7 @@ class PruneConfig:
             raise UserError("give exactly one of sparsity (e.g. 0.5) and nm (e.g. 2:4), or structure='channels' "
                             "with keep_macs or keep_params")
         whole = [name for name, on in (("structure='channels'", self.structure != "none"),
-                                       ("allocation owl/dp", self.allocation != "uniform"),
+                                       ("allocation owl/dp", self.allocation not in ("uniform", "auto")),
                                        ("stat_correction", self.stat_correction),
                                        ("reconstruct", bool(self.reconstruct))) if on]
         if self.target_speedup is not None:  # the runtime it times on, before hours of Hessians
@@ -237,9 +242,15 @@ class PruneConfig:
             raise UserError(f"{', '.join(whole)}: these need the whole calibration set in one process: run them "
                             "without torchrun")
 
-    def resolved(self) -> PruneConfig:
-        """The 'auto' fields replaced by what runs: the config a report records."""
+    def resolved(self, distributed: bool = False) -> PruneConfig:
+        """The 'auto' fields replaced by what runs: the config a report records. distributed: under torchrun
+        (where an allocation, which reads the whole calibration set at once, cannot run)."""
         refine = self.refine if self.refine != "auto" else ("none" if self.wbits is not None else "cg")
+        allocation = self.allocation
+        if allocation == "auto":
+            dp = self.structure == "none" and self.sparsity is not None and self.nm is None \
+                and self.method == "sparsegpt" and self.wbits is None and not distributed
+            allocation = "dp" if dp else "uniform"
         quant = self.quant if self.quant != "auto" else ("gptq" if self.method == "sparsegpt" else "rtn")
         solver = self.solver
         percdamp = self.percdamp if self.percdamp is not None else (0.001 if self.structure == "channels" else 0.01)
@@ -247,9 +258,10 @@ class PruneConfig:
             refine = "none"
         if self.solver == "auto" and (self.method != "sparsegpt" or self.structure == "channels"):
             solver = "sparsegpt"  # no OBS weight solve to choose: what runs, and a stable recipe label
-        if (refine, quant, solver, percdamp) == (self.refine, self.quant, self.solver, self.percdamp):
+        if (refine, quant, solver, percdamp, allocation) == (self.refine, self.quant, self.solver, self.percdamp,
+                                                             self.allocation):
             return self
-        return replace(self, refine=refine, quant=quant, solver=solver, percdamp=percdamp)
+        return replace(self, refine=refine, quant=quant, solver=solver, percdamp=percdamp, allocation=allocation)
 
     def as_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
@@ -258,7 +270,7 @@ class PruneConfig:
 RECOMMENDED = PruneConfig()  # chosen on held-out images: docs/RESULTS.md, "Beyond uniform SparseGPT"
 # the methods as published (channels: priced by the consumers' errors alone, this project's first channel recipe)
 PUBLISHED = PruneConfig(solver="sparsegpt", refine="none", dense_target=False, intercept=False, channel_costs="layer",
-                        percdamp=0.01)
+                        percdamp=0.01, allocation="uniform", dp_measure="layer")
 PRESETS = {"recommended": RECOMMENDED, "published": PUBLISHED}
 PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 
@@ -269,6 +281,7 @@ RECIPE_KEYS = ("solver", "hessians", "allocation", "budget", "owl_lambda", "dp_m
                "refine", "dense_target", "intercept", "reconstruct", "wbits", "quant", "quant_clip", "structure",
                "keep_macs", "keep_params", "target_speedup", "round_to", "channel_costs")
 CHANNEL_ONLY = ("channel_costs", "round_to")  # settings that change nothing without structure='channels'
+DP_ONLY = ("dp_measure",)  # settings that change nothing without allocation='dp'
 
 
 def recipe_label(config: PruneConfig) -> str:
@@ -277,5 +290,6 @@ def recipe_label(config: PruneConfig) -> str:
     published = replace(PUBLISHED, method=config.method, wbits=config.wbits).resolved()
     return ",".join(f"{k}={getattr(r, k)}" for k in RECIPE_KEYS
                     if (r.wbits is not None if k == "wbits" else getattr(r, k) != getattr(published, k))
-                    and (r.structure == "channels" or k not in CHANNEL_ONLY))
+                    and (r.structure == "channels" or k not in CHANNEL_ONLY)
+                    and (r.allocation == "dp" or k not in DP_ONLY))
 
