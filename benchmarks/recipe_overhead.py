@@ -1,11 +1,13 @@
 """What the recommended recipe costs over the published prune (issue 22, item 3), side by side in one process:
 the same model, calibration images and pattern pruned as published (SparseGPT's solve), with the default recipe
-(exact solver where affordable, dense target, cg re-solve), and with the default recipe on SparseGPT's solver
-everywhere; each phase's seconds from the reports. Random weights unless --weights; random images unless
+(exact solver where affordable, dense target, cg re-solve; at an unstructured sparsity also the dp allocation),
+with the default recipe on SparseGPT's solver everywhere, and (unstructured) with the default recipe's uniform
+allocation; each phase's seconds from the reports. Random weights unless --weights; random images unless
 --data-dir (then the model's training images, as `prune` draws them).
 
     python benchmarks/recipe_overhead.py --weights ../shared/checkpoints/resnet18_cifar10.pt \\
         --data-dir ../shared/data --json experiments/recipe_overhead.json
+    python benchmarks/recipe_overhead.py ... --pattern 0.9 --json experiments/recipe_overhead_sparsity0.9.json
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ def main() -> None:
     p.add_argument("--weights")
     p.add_argument("--data-dir")
     p.add_argument("--nsamples", type=int, default=1024)
-    p.add_argument("--nm", default="2:4")
+    p.add_argument("--pattern", default="2:4", help="N:M, or an unstructured sparsity such as 0.9")
     p.add_argument("--low-memory", action="store_true")
     p.add_argument("--json", required=True)
     args = p.parse_args()
@@ -38,15 +40,19 @@ def main() -> None:
     else:
         x = torch.randn(args.nsamples, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     rows = {}
-    for name, config, extra in (("published", PUBLISHED, {}), ("default", RECOMMENDED, {}),
-                                ("default, solver sparsegpt", RECOMMENDED, {"solver": "sparsegpt"})):
+    target = {"nm": args.pattern} if ":" in args.pattern else {"sparsity": float(args.pattern)}
+    runs = [("published", PUBLISHED, {}), ("default", RECOMMENDED, {}),
+            ("default, solver sparsegpt", RECOMMENDED, {"solver": "sparsegpt"})]
+    if "sparsity" in target:
+        runs.append(("default, allocation uniform", RECOMMENDED, {"allocation": "uniform"}))
+    for name, config, extra in runs:
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
-        rep = prune_model(m, x, config, nm=args.nm, low_memory=args.low_memory, progress=False, **extra)
+        rep = prune_model(m, x, config, low_memory=args.low_memory, progress=False, **target, **extra)
         rows[name] = {"seconds": time.perf_counter() - t0, "timings": rep.timings}
         print(name, f"{rows[name]['seconds']:.1f} s", {k: round(v, 1) for k, v in rep.timings.items()}, flush=True)
     base = rows["published"]["seconds"]
-    out = {"arch": args.arch, "nsamples": args.nsamples, "pattern": args.nm, "low_memory": args.low_memory,
+    out = {"arch": args.arch, "nsamples": args.nsamples, "pattern": args.pattern, "low_memory": args.low_memory,
            "rows": rows, "ratios": {k: r["seconds"] / base for k, r in rows.items()}} | \
         run_metadata(torch.device("cpu"))
     atomic_write_json(out, args.json)

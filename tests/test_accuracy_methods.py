@@ -9,7 +9,7 @@ from cnn_sparsegpt import PUBLISHED, UserError, prune_model
 from cnn_sparsegpt.pruning.allocation import GRID, knapsack, match_budget
 from cnn_sparsegpt.pruning.saliency import bn_row_scales
 
-from .test_prune_model import TinyResNet, calib, make
+from .test_prune_model import TinyResNet, Untraceable, calib, make
 
 
 def test_knapsack_matches_brute_force():
@@ -142,8 +142,9 @@ def test_stat_correction_of_batchnorm_outputs():
         torch.testing.assert_close(stat(outs["pruned"]), stat(outs["dense"]), rtol=0.02, atol=0.02)
 
 
-def test_dp_kl_measure_scales_each_curve_to_its_output_kl():
-    rep = prune_model(make(), calib(), PUBLISHED, method="sparsegpt", sparsity=0.8, allocation="dp", dp_measure="kl",
+@pytest.mark.parametrize("cls", [TinyResNet, Untraceable])  # the KL runs from each layer on, or whole passes
+def test_dp_kl_measure_scales_each_curve_to_its_output_kl(cls):
+    rep = prune_model(make(cls), calib(), PUBLISHED, method="sparsegpt", sparsity=0.8, allocation="dp", dp_measure="kl",
                       progress=False)
     kl = rep.allocation["kl_at_sparsity"]
     assert rep.allocation["dp_measure"] == "kl" and set(kl) == set(rep.allocation["errors"])
@@ -179,3 +180,38 @@ def test_methods_without_a_hessian_accumulate_none(method, use_fx, monkeypatch):
     Q = layer.LayerPruner(model.stem, "stem").weight_matrix()[0]
     from cnn_sparsegpt.kernels.solver import relative_error
     assert first.error == pytest.approx(float(relative_error(Wg, Q, h.H)), rel=1e-4)
+
+
+@pytest.mark.parametrize("cls", ["TinyResNet", "InPlaceNet"])
+def test_each_layer_changed_matches_whole_runs(cls):
+    """The KL measure's runs from each layer on (the dense prefix once) give the outputs of whole forward passes
+    with that layer changed, also through in-place ops; the model is left as it was."""
+    from contextlib import contextmanager
+
+    from torch import fx
+
+    from cnn_sparsegpt.pruning.graph import each_layer_changed
+
+    from . import test_prune_model as tpm
+
+    model, x = tpm.make(getattr(tpm, cls)), tpm.calib()
+    before = copy.deepcopy(model.state_dict())
+    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+
+    @contextmanager
+    def halved(n):
+        w = model.get_submodule(n).weight
+        w.data.mul_(0.5)
+        try:
+            yield
+        finally:
+            w.data.mul_(2)
+
+    got = dict(each_layer_changed(fx.symbolic_trace(model), x, names, halved))
+    assert list(got) == names + [None]
+    torch.testing.assert_close(got[None], model(x))
+    for n in names:
+        with halved(n):
+            torch.testing.assert_close(got[n], model(x))
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, before[k])

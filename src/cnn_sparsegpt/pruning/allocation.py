@@ -14,11 +14,13 @@ fraction of the pruned layers' weights removed is `S` for `params`.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
-from torch import nn
+from torch import fx, nn
 from tqdm.auto import tqdm
 
-from .graph import run_hooked
+from .graph import GraphStop, each_layer_changed, run_hooked
 from .layer import LayerPruner
 from ..kernels.masks import Pattern
 from ..kernels.exact_obs import exact_error_curve
@@ -134,24 +136,63 @@ def layer_error_curve(p: LayerPruner, method: str, grid, percdamp: float, row_sc
 def _kl_sensitivity(model: nn.Module, batches: list, names: list[str], stats: dict, method: str, sparsity: float,
                     percdamp: float, row_scales: dict, images: int = 256, progress: bool = False) -> tuple:
     """KL(dense ‖ network with only layer l pruned at `sparsity`) on the first `images` calibration images,
-    for every layer (how much a layer's error costs at the network's output; one forward per layer), and
-    the layer's reconstruction error at that sparsity."""
+    for every layer (how much a layer's error costs at the network's output), and the layer's reconstruction
+    error at that sparsity. On the traced graph each layer's run starts at the layer (the dense prefix computed
+    once: about half a forward pass per layer); a model that cannot be traced runs whole for each layer."""
     x = torch.cat(batches)[:images]
-    dense = torch.log_softmax(model(x).double(), -1)
     modules = dict(model.named_modules())
-    kl, rel = [], []
-    for n in tqdm(names, desc="allocation: sensitivity", unit="layer", disable=not progress, leave=False):
-        p, w = stats[n], modules[n].weight
-        saved = w.detach().clone()
+    bar = tqdm(total=2 * len(names), desc="allocation: sensitivity", unit="step", disable=not progress, leave=False)
+    rel, pruned_w = {}, {}
+    for n in names:
+        p = stats[n]
         Wg, perm = p.weight_matrix()
         Q, _, _ = prune_matrix(Wg, p.H, method, Pattern(sparsity=sparsity), percdamp,
                                row_scale=_row_scale(p, row_scales, n))
-        w.data.copy_(Q[:, :, torch.argsort(perm)].reshape(w.shape).to(w.dtype))
-        pruned = torch.log_softmax(model(x).double(), -1)
-        w.data.copy_(saved)
-        kl.append((dense.exp() * (dense - pruned)).sum(-1).mean().clamp_min(0).cpu())
-        rel.append(relative_error(Wg, Q, p.H).cpu())
-    return torch.stack(kl), torch.stack(rel)
+        pruned_w[n] = Q[:, :, torch.argsort(perm)].reshape(modules[n].weight.shape).to(modules[n].weight.dtype)
+        rel[n] = relative_error(Wg, Q, p.H).cpu()
+        bar.update()
+
+    @contextmanager
+    def pruned(n):
+        w = modules[n].weight
+        saved = w.detach().clone()
+        w.data.copy_(pruned_w[n])
+        try:
+            yield
+        finally:
+            w.data.copy_(saved)
+
+    def log_probs(outputs) -> dict:
+        out = {}
+        for n, y in outputs:
+            out[n] = torch.log_softmax(y.double(), -1)
+            bar.update(n is not None)
+        return out
+
+    logp = None
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # not traceable (data-dependent control flow, ...): the whole network for each layer
+        gm = None
+    if gm is not None:
+        try:
+            logp = log_probs(each_layer_changed(gm, x, names, pruned))
+        except GraphStop:
+            bar.reset()
+            bar.update(len(names))
+    if logp is None:
+        logp = log_probs(_whole_runs(model, x, names, pruned))
+    bar.close()
+    dense = logp[None]
+    kl = [(dense.exp() * (dense - logp[n])).sum(-1).mean().clamp_min(0).cpu() for n in names]
+    return torch.stack(kl), torch.stack([rel[n] for n in names])
+
+
+def _whole_runs(model, x, names, change):
+    for n in names:
+        with change(n):
+            yield n, model(x)
+    yield None, model(x)
 
 
 @torch.no_grad()

@@ -64,7 +64,7 @@ class GraphExecutor:
         """The run as a generator that yields after each barrier, so that another graph can be advanced in
         step with it (the dense network beside the pruned one, dense_target.py)."""
         nb = len(self.batches)
-        inplace = self._disable_inplace() if self.low_memory else []
+        inplace = self._disable_inplace(self.gm) if self.low_memory else []
         try:
             for t, node in enumerate(self.nodes[:self.last + 1]):
                 if node.op == "placeholder":
@@ -185,29 +185,98 @@ class GraphExecutor:
         return known(node)
 
     def _call(self, node: fx.Node, args, kwargs):
-        if node.op == "call_module":
-            return self.gm.get_submodule(node.target)(*args, **kwargs)
-        if node.op == "get_attr":
-            return _fetch_attr(self.gm, node.target)
-        if node.op == "call_function":
-            fn = node.target
-            if self.low_memory:  # a recomputed input must not have been changed in place
-                fn = _INPLACE_FUNCTIONS.get(fn, fn)
-                if kwargs.get("inplace"):
-                    kwargs = dict(kwargs, inplace=False)
-            return fn(*args, **kwargs)
-        if node.op == "call_method":
-            name = node.target
-            if self.low_memory and name.endswith("_") and not name.startswith("_") and hasattr(args[0], name[:-1]):
-                name = name[:-1]
-            return getattr(args[0], name)(*args[1:], **kwargs)
-        raise GraphStop(f"unsupported graph node {node.op}")
+        return call_node(self.gm, node, args, kwargs, self.low_memory)
 
-    def _disable_inplace(self) -> list:
-        mods = [m for m in self.gm.modules() if getattr(m, "inplace", None) is True]
+    @staticmethod
+    def _disable_inplace(gm: nn.Module) -> list:
+        mods = [m for m in gm.modules() if getattr(m, "inplace", None) is True]
         for m in mods:
             m.inplace = False
         return mods
+
+
+def call_node(gm: fx.GraphModule, node: fx.Node, args, kwargs, out_of_place: bool = False):
+    """One node's output from its evaluated args. out_of_place: in-place functions and methods run out of place
+    (modules are made so by `_disable_inplace`), for inputs that are read again after this node."""
+    if node.op == "call_module":
+        return gm.get_submodule(node.target)(*args, **kwargs)
+    if node.op == "get_attr":
+        return _fetch_attr(gm, node.target)
+    if node.op == "call_function":
+        fn = node.target
+        if out_of_place:
+            fn = _INPLACE_FUNCTIONS.get(fn, fn)
+            if kwargs.get("inplace"):
+                kwargs = dict(kwargs, inplace=False)
+        return fn(*args, **kwargs)
+    if node.op == "call_method":
+        name = node.target
+        if out_of_place and name.endswith("_") and not name.startswith("_") and hasattr(args[0], name[:-1]):
+            name = name[:-1]
+        return getattr(args[0], name)(*args[1:], **kwargs)
+    raise GraphStop(f"unsupported graph node {node.op}")
+
+
+@torch.no_grad()
+def each_layer_changed(gm: fx.GraphModule, x: torch.Tensor, names: list[str], change):
+    """The graph's output on x with one module changed at a time: yields (name, output) for each of `names` in
+    graph order, then (None, the unchanged output). change(name) is a context manager that applies the change.
+    The nodes before a module's first call are computed once, by the unchanged pass; only those from its call on
+    run again for it (about half a forward pass per module instead of a whole one)."""
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    last = {n: max((index[u] for u in n.users), default=-1) for n in nodes}
+    first = {}
+    for n in nodes:
+        if n.op == "call_module" and n.target in names:
+            first.setdefault(n.target, n)
+    starts = {n: t for t, n in first.items()}
+    env: dict[fx.Node, object] = {}
+    inplace = GraphExecutor._disable_inplace(gm)  # values of the unchanged pass are read by every later run
+    try:
+        for i, node in enumerate(nodes):
+            if node in starts:
+                with change(starts[node]):
+                    yield starts[node], _run_from(gm, nodes, i, env, last, x)
+            if node.op == "output":
+                yield None, fx.node.map_arg(node.args[0], env.__getitem__)
+                return
+            env[node] = _evaluate(gm, node, env.__getitem__, x)
+            for a in node.all_input_nodes:
+                if last[a] <= i:
+                    env.pop(a, None)
+    finally:
+        for mod in inplace:
+            mod.inplace = True
+
+
+def _evaluate(gm, node, lookup, x):
+    if node.op == "placeholder":
+        if node is not next(iter(gm.graph.nodes)):
+            if not node.args:
+                raise GraphStop("forward takes more than one required input")
+            return node.args[0]
+        return x
+    args, kwargs = fx.node.map_arg(node.args, lookup), fx.node.map_arg(node.kwargs, lookup)
+    return call_node(gm, node, args, kwargs, out_of_place=True)
+
+
+def _run_from(gm, nodes, start, env, last, x):
+    """The graph's output computed from node `start` on, reading earlier nodes' values from env (unchanged)."""
+    local: dict[fx.Node, object] = {}
+
+    def lookup(n):
+        return local[n] if n in local else env[n]
+
+    for i in range(start, len(nodes)):
+        node = nodes[i]
+        if node.op == "output":
+            return fx.node.map_arg(node.args[0], lookup)
+        local[node] = _evaluate(gm, node, lookup, x)
+        for a in node.all_input_nodes:
+            if last[a] <= i:
+                local.pop(a, None)
+    raise GraphStop("the graph has no output")
 
 
 class _Replayable:
