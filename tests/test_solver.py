@@ -270,3 +270,28 @@ def test_cuda_graph_matches_the_loop(pattern):
         assert torch.equal(mg, ml)
         torch.testing.assert_close(Qg, Ql, rtol=1e-6, atol=1e-6)
     assert len(graphs) == 1
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_levels_solved_together_match_one_by_one(groups):
+    """sparsegpt_curve (a matrix's levels as one batch over a shared factor, each counted on its own) gives each
+    level's solve: the same errors as separate solves, up to rounding; a row scale is applied per level."""
+    from cnn_sparsegpt.kernels.solver import relative_error, sparsegpt_curve
+
+    g = torch.Generator().manual_seed(0)
+    rows, d = 12, 300  # three of SparseGPT's 128-column blocks
+    X = torch.randn(groups, d, 3 * d, generator=g)
+    X[:, : d // 2] += X[:, d // 2:]  # correlated inputs
+    X[:, 3] = 0  # a dead input
+    H = X @ X.transpose(1, 2) / X.shape[-1]
+    W = torch.randn(groups, rows, d, generator=g)
+    scale = torch.rand(groups, rows, generator=g) + 0.5
+    levels = [0.1, 0.5, 0.5, 0.9, 0.98]
+    for row_scale in (None, scale):
+        got = sparsegpt_curve(W, H, levels, 0.01, row_scale)
+        want = [relative_error(W, sparsegpt_solve(W, H, Pattern(sparsity=s), 0.01, row_scale=row_scale)[0], H)
+                for s in levels]
+        torch.testing.assert_close(got, torch.stack(want), rtol=1e-4, atol=1e-7)
+    _, pruned, _ = sparsegpt_solve(W[:1].expand(3, rows, d), H[:1], Pattern(sparsity=0.0),
+                                   sparsities=torch.tensor([0.2, 0.5, 0.75], dtype=torch.float64))
+    assert pruned.flatten(1).sum(1).tolist() == [round(s * rows * d) for s in (0.2, 0.5, 0.75)]

@@ -85,15 +85,30 @@ def topk_prune_mask(scores: torch.Tensor, k: int | torch.Tensor, per_row: bool =
         # The k-th smallest as a threshold, ties at it taken in column order: 3-5x faster than topk's
         # indices at the counts SparseGPT's blocks ask for (k ~ 0.5-0.9 of 10⁴-10⁵ scores).
         v = torch.kthvalue(flat, k, dim=-1, keepdim=True).values
-        mask = flat < v
-        tie = flat == v
-        mask |= tie & (tie.cumsum(-1) <= k - mask.sum(-1, keepdim=True))
-        return mask.reshape(scores.shape)
+        return _below(flat, v, k).reshape(scores.shape)
+    k = k.to(flat.device)
+    if not per_row and flat[..., 0].numel() <= MAX_THRESHOLDS:  # a few matrices: a threshold each
+        rows = flat.reshape(-1, flat.shape[-1])
+        ks = k.expand(flat.shape[:-1]).reshape(-1)
+        v = torch.stack([torch.kthvalue(r, int(c)).values if c > 0 else r.new_tensor(-math.inf)
+                         for r, c in zip(rows, ks.tolist())])
+        return _below(flat, v.reshape(*flat.shape[:-1], 1), k[..., None]).reshape(scores.shape)
     # Counts that differ: rank every entry (stable sort: ties go to the earlier column) and cut each at its k.
     order = torch.argsort(flat, dim=-1, stable=True)
     ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(flat.shape[-1], device=flat.device)
                                              .expand_as(order).contiguous())
-    return (ranks < k.to(flat.device)[..., None]).reshape(scores.shape)
+    return (ranks < k[..., None]).reshape(scores.shape)
+
+
+MAX_THRESHOLDS = 64  # matrices with their own count that get a k-th value each (more: one stable sort)
+
+
+def _below(flat: torch.Tensor, v: torch.Tensor, k) -> torch.Tensor:
+    """The entries below each threshold v, and the first of those equal to it (column order) up to k in all."""
+    mask = flat < v
+    tie = flat == v
+    mask |= tie & (tie.cumsum(-1) <= k - mask.sum(-1, keepdim=True))
+    return mask
 
 
 def pattern_prune_mask(scores: torch.Tensor, pattern: Pattern, per_row: bool = False) -> torch.Tensor:

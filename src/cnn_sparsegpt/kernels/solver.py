@@ -58,8 +58,8 @@ def sparsegpt_factor(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Ten
 def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp: float = 0.01,
                     blocksize: int = 128, stats: dict | None = None, cuda_graph: bool = True,
                     graphs: dict | None = None, factor: tuple | None = None,
-                    row_scale: torch.Tensor | None = None, grid: Grid | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+                    row_scale: torch.Tensor | None = None, grid: Grid | None = None,
+                    sparsities: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """SparseGPT on one matrix W (rows, d) with Hessian H (d, d), or a batch of them (G, rows, d), (G, d, d).
 
     Returns (pruned W, pruned mask, damping used). Columns are visited left to right; N:M groups are m
@@ -69,6 +69,8 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
     already computed. `row_scale` (G, rows): weights of each output row in the unstructured saliency
     (e.g. a following BatchNorm's (γ/σ)², so rows are compared as if it were folded in). `grid`: round every
     kept weight to its row's grid in the column loop, its error pushed on like a pruned weight's (GPTQ).
+    `sparsities` (G,): each matrix's own unstructured fraction, counted on its own, e.g. one W at several levels
+    in one pass (sparsegpt_levels); H and `factor` may then have a batch of 1, shared by all.
     """
     if W.ndim == 2:
         grid = None if grid is None else Grid(grid.scale[None], grid.zero[None], grid.bits)
@@ -84,6 +86,7 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
     dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0
     t0 = time.perf_counter()
     Ut, damp = factor if factor is not None else sparsegpt_factor(H, percdamp)
+    Ut = Ut.expand(G, d, d)  # a view where one factor serves a batch (levels)
     if stats is not None:  # for the speed benchmark: factorization time apart from the updates
         if Ut.is_cuda:
             torch.cuda.synchronize(Ut.device)
@@ -92,7 +95,7 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
         blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
     pruned = torch.zeros_like(W, dtype=torch.bool)
     graph = None
-    if cuda_graph and W.is_cuda and d >= 2 * blocksize and grid is None:
+    if cuda_graph and W.is_cuda and d >= 2 * blocksize and grid is None and sparsities is None:
         graphs = {} if graphs is None else graphs
         graph = graphs.setdefault((G, rows, blocksize, str(pattern), W.device), _BlockGraph(_solve_block, pattern))
     # The lazy update owed to the columns right of finished blocks is -E·U (E = their errors). With
@@ -111,7 +114,8 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
         if pattern.is_nm:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         else:  # adaptive mask: the block's share of the layer's count, chosen by OBS saliency w²/[H⁻¹]²
-            k = quota(pattern.sparsity, group_start + rows * i1, group_start + rows * i2)  # carried over groups
+            k = quota(pattern.sparsity, group_start + rows * i1, group_start + rows * i2) if sparsities is None \
+                else quota(sparsities, rows * i1, rows * i2)  # carried over a layer's groups, or each on its own
             scores = (W1 ** 2 / torch.diagonal(Hinv1, dim1=-2, dim2=-1)[:, None, :] ** 2)
             if row_scale is not None:
                 scores.mul_(row_scale[:, :, None])
@@ -126,6 +130,30 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
             Y1 = torch.bmm(Err1.sub_(P[:, :, i1:i2]), Hinv1)
             P[:, :, i2:].baddbmm_(Y1, Ut[:, i1:i2, i2:])
     return W, pruned, damp
+
+
+LEVELS_BYTES = 512 * 2**20  # float32 copies of W held at once when its levels are solved together
+
+
+def sparsegpt_curve(Wg: torch.Tensor, H: torch.Tensor, levels, percdamp: float = 0.01,
+                    row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """relative_error of SparseGPT's unstructured solve at each level (float64, (len(levels),)), one factor for
+    all. A single matrix's levels are solved together, as a batch (the column loop's per-kernel cost, most of its
+    time on CPU layers, is paid once per chunk of levels instead of once per level); a grouped conv's one by one."""
+    factor = sparsegpt_factor(H, percdamp)
+    G, rows, d = Wg.shape
+    if G > 1:
+        return torch.stack([relative_error(Wg, sparsegpt_solve(Wg, H, Pattern(sparsity=s), percdamp, factor=factor,
+                                                               row_scale=row_scale)[0], H).cpu() for s in levels])
+    chunk = max(1, LEVELS_BYTES // (4 * rows * d * torch.finfo(Wg.dtype).bits // 8))
+    out = []
+    for c in range(0, len(levels), chunk):
+        s = torch.tensor(list(levels[c:c + chunk]), dtype=torch.float64, device=Wg.device)
+        L = len(s)
+        Q, _, _ = sparsegpt_solve(Wg.expand(L, rows, d), H, Pattern(sparsity=0.0), percdamp, factor=factor,
+                                  row_scale=None if row_scale is None else row_scale.expand(L, rows), sparsities=s)
+        out += [relative_error(Wg, Q[i:i + 1], H).cpu() for i in range(L)]
+    return torch.stack(out)
 
 
 def _solve_block(W1, Err1, mask1, Hinv1, pattern: Pattern, grid: Grid | None = None) -> None:

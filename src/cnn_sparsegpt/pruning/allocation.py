@@ -14,6 +14,7 @@ fraction of the pruned layers' weights removed is `S` for `params`.
 """
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
 import torch
@@ -24,7 +25,7 @@ from .graph import GraphStop, each_layer_changed, run_hooked
 from .layer import LayerPruner
 from ..kernels.masks import Pattern
 from ..kernels.exact_obs import exact_error_curve
-from ..kernels.solver import choose_solver, prune_matrix, relative_error, sparsegpt_factor
+from ..kernels.solver import choose_solver, prune_matrix, relative_error, sparsegpt_curve
 from ..utils import UserError
 
 ALLOCATIONS = ("uniform", "owl", "dp")  # the functions: ALLOCATORS, below
@@ -121,13 +122,16 @@ def layer_error_curve(p: LayerPruner, method: str, grid, percdamp: float, row_sc
     Wg, _ = p.weight_matrix()
     if method == "sparsegpt" and choose_solver(solver, Wg.shape[0] * Wg.shape[1], Wg.shape[-1], False) == "exact":
         return exact_error_curve(Wg, p.H, grid, percdamp, row_scale)
-    factor = sparsegpt_factor(p.H, percdamp) if method == "sparsegpt" else None
+    if method == "sparsegpt":
+        levels = [s for s in grid if s > 0]
+        curve = sparsegpt_curve(Wg, p.H, levels, percdamp, row_scale).tolist()
+        return torch.tensor([0.0 if s == 0 else curve[levels.index(s)] for s in grid], dtype=torch.float64)
     errors = []
     for s in grid:
         if s == 0:
             errors.append(torch.zeros((), dtype=torch.float64))
             continue
-        Q, _, _ = prune_matrix(Wg, p.H, method, Pattern(sparsity=s), percdamp, row_scale=row_scale, factor=factor)
+        Q, _, _ = prune_matrix(Wg, p.H, method, Pattern(sparsity=s), percdamp, row_scale=row_scale)
         errors.append(relative_error(Wg, Q, p.H).cpu())
     return torch.stack(errors)
 
@@ -207,8 +211,9 @@ def allocate(config, model: nn.Module, batches: list, names: list[str], position
     params = torch.tensor([modules[n].weight.numel() for n in names], dtype=torch.float64)
     size = params * torch.tensor([float((positions or {}).get(n, 1)) for n in names]) \
         if config.budget == "flops" else params
+    t0 = time.perf_counter()
     stats = dense_statistics(model, batches, names, hessian=config.allocation == "dp")
-    info = {"kind": config.allocation, "budget": config.budget}
+    info = {"kind": config.allocation, "budget": config.budget, "seconds": {"dense_pass": time.perf_counter() - t0}}
     s = ALLOCATORS[config.allocation](config, model, batches, names, stats, size, row_scales, info, progress)
     s = match_budget(s, size, sparsity)
     info["sparsity"] = {n: float(v) for n, v in zip(names, s)}
@@ -223,15 +228,18 @@ def _owl_allocation(config, model, batches, names, stats, size, row_scales, info
 def _dp_allocation(config, model, batches, names, stats, size, row_scales, info, progress) -> torch.Tensor:
     sparsity, method, percdamp = config.pattern.target, config.method, config.percdamp
     grid = torch.tensor(GRID, dtype=torch.float64)
+    t0 = time.perf_counter()
     curves = [layer_error_curve(stats[n], method, GRID, percdamp, _row_scale(stats[n], row_scales, n), config.solver)
               for n in tqdm(names, desc="allocation: error database", unit="layer", disable=not progress,
                             leave=False)]
     errors = torch.stack(curves)
+    info["seconds"]["error_database"] = time.perf_counter() - t0
     if config.dp_measure == "kl":  # each layer's curve scaled to its output KL at S: error at the network's output
         kl, rel = _kl_sensitivity(model, batches, names, stats, method, sparsity, percdamp, row_scales,
                                   progress=progress)
         errors = errors * (kl / rel.clamp_min(1e-12))[:, None]
         info["kl_at_sparsity"] = {n: float(v) for n, v in zip(names, kl)}
+        info["seconds"]["kl_measure"] = time.perf_counter() - t0 - info["seconds"]["error_database"]
     info["dp_measure"] = config.dp_measure
     for n in names:
         stats[n].free()
