@@ -8,6 +8,8 @@ allocation; each phase's seconds from the reports. Random weights unless --weigh
     python benchmarks/recipe_overhead.py --weights ../shared/checkpoints/resnet18_cifar10.pt \\
         --data-dir ../shared/data --json experiments/recipe_overhead.json
     python benchmarks/recipe_overhead.py ... --pattern 0.9 --json experiments/recipe_overhead_sparsity0.9.json
+    python benchmarks/recipe_overhead.py --arch torchvision:resnet50 --image-size 224 --nsamples 256 --pattern 0.5 \
+        --row default --row "default, allocation uniform" --json experiments/recipe_overhead_resnet50.json
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=1024)
     p.add_argument("--pattern", default="2:4", help="N:M, or an unstructured sparsity such as 0.9")
     p.add_argument("--low-memory", action="store_true")
+    p.add_argument("--image-size", type=int, default=32, help="random images of this size (without --data-dir)")
+    p.add_argument("--row", action="append", help="a prune to run, by its name (repeat; default: all)")
     p.add_argument("--json", required=True)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -38,20 +42,22 @@ def main() -> None:
     if args.data_dir:
         x = calibration_set(load_dataset("cifar10", train=True, data_dir=args.data_dir), args.nsamples)
     else:
-        x = torch.randn(args.nsamples, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+        x = torch.randn(args.nsamples, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(1))
     rows = {}
     target = {"nm": args.pattern} if ":" in args.pattern else {"sparsity": float(args.pattern)}
     runs = [("published", PUBLISHED, {}), ("default", RECOMMENDED, {}),
             ("default, solver sparsegpt", RECOMMENDED, {"solver": "sparsegpt"})]
     if "sparsity" in target:
         runs.append(("default, allocation uniform", RECOMMENDED, {"allocation": "uniform"}))
+    if args.row:
+        runs = [r for r in runs if r[0] in args.row]
     for name, config, extra in runs:
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
         rep = prune_model(m, x, config, low_memory=args.low_memory, progress=False, **target, **extra)
         rows[name] = {"seconds": time.perf_counter() - t0, "timings": rep.timings}
         print(name, f"{rows[name]['seconds']:.1f} s", {k: round(v, 1) for k, v in rep.timings.items()}, flush=True)
-    base = rows["published"]["seconds"]
+    base = rows.get("published", next(iter(rows.values())))["seconds"]
     out = {"arch": args.arch, "nsamples": args.nsamples, "pattern": args.pattern, "low_memory": args.low_memory,
            "rows": rows, "ratios": {k: r["seconds"] / base for k, r in rows.items()}} | \
         run_metadata(torch.device("cpu"))
