@@ -287,7 +287,10 @@ def test_reports_round_trip_and_old_reports_load(tmp_path):
     r = read_report(tmp_path / "old.json")
     assert r["schema"] == 2 and r["recipe_label"] == "refine=cg,dense_target=True"
     assert r["config"] == {"method": "sparsegpt", "percdamp": 0.01, "bn_recalibration": True, "refine": "cg",
-                           "dense_target": True, "nm": "2:4"}
+                           "dense_target": True, "nm": "2:4", "allocation": "uniform", "budget": "params",
+                           "dp_measure": "layer"}  # what ran then, not today's defaults
+    (tmp_path / "old_s.json").write_text(json.dumps(old | {"pattern": "0.7", "target_sparsity": 0.7}))
+    assert PruneReport.from_json(read_report(tmp_path / "old_s.json")).config.resolved().allocation == "uniform"
     (tmp_path / "new.json").write_text(json.dumps(old | {"schema": 99}))
     with pytest.raises(UserError, match="report schema 99"):
         read_report(tmp_path / "new.json")

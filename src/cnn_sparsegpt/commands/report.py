@@ -33,9 +33,9 @@ def upgrade(report: dict, where: str = "report") -> dict:
     config = {k: r[k] for k in _SCHEMA1_CONFIG if k in r}
     pattern = str(r.get("pattern", ""))
     config |= {"nm": pattern} if ":" in pattern else {"sparsity": r.get("target_sparsity")}
-    if r.get("allocation"):
-        config["allocation"] = r["allocation"].get("kind", "uniform")
-        config["budget"] = r["allocation"].get("budget", "params")
+    alloc = r.get("allocation") or {}  # schema 1 predates the 'auto' allocation and the KL measure's default
+    config |= {"allocation": alloc.get("kind", "uniform"), "budget": alloc.get("budget", "params"),
+               "dp_measure": alloc.get("dp_measure", "layer")}
     r["config"] = config
     r["bn_recalibrated"] = r.get("bn_recalibrated", r.pop("bn_recalibration", None))
     r["schema"] = REPORT_SCHEMA

@@ -138,12 +138,15 @@ def layer_error_curve(p: LayerPruner, method: str, grid, percdamp: float, row_sc
 
 @torch.no_grad()
 def _kl_sensitivity(model: nn.Module, batches: list, names: list[str], stats: dict, method: str, sparsity: float,
-                    percdamp: float, row_scales: dict, images: int = 256, progress: bool = False) -> tuple:
+                    percdamp: float, row_scales: dict, images: int = 256, progress: bool = False,
+                    chunk: int | None = None) -> tuple:
     """KL(dense ‖ network with only layer l pruned at `sparsity`) on the first `images` calibration images,
     for every layer (how much a layer's error costs at the network's output), and the layer's reconstruction
     error at that sparsity. On the traced graph each layer's run starts at the layer (the dense prefix computed
-    once: about half a forward pass per layer); a model that cannot be traced runs whole for each layer."""
+    once: about half a forward pass per layer); a model that cannot be traced runs whole for each layer. chunk:
+    images per run (a CPU's forward slows down with batches of large activations, see prune.cpu_batches)."""
     x = torch.cat(batches)[:images]
+    xs = x.split(chunk) if chunk and chunk < len(x) else [x]
     modules = dict(model.named_modules())
     bar = tqdm(total=2 * len(names), desc="allocation: sensitivity", unit="step", disable=not progress, leave=False)
     rel, pruned_w = {}, {}
@@ -166,26 +169,22 @@ def _kl_sensitivity(model: nn.Module, batches: list, names: list[str], stats: di
         finally:
             w.data.copy_(saved)
 
-    def log_probs(outputs) -> dict:
-        out = {}
-        for n, y in outputs:
-            out[n] = torch.log_softmax(y.double(), -1)
-            bar.update(n is not None)
-        return out
-
-    logp = None
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception:  # not traceable (data-dependent control flow, ...): the whole network for each layer
-        gm = None
-    if gm is not None:
+    def runs(x):
         try:
-            logp = log_probs(each_layer_changed(gm, x, names, pruned))
+            gm = fx.symbolic_trace(model)
+        except Exception:  # not traceable (data-dependent control flow, ...): the whole network for each layer
+            return dict(_whole_runs(model, x, names, pruned))
+        try:
+            return dict(each_layer_changed(gm, x, names, pruned))
         except GraphStop:
-            bar.reset()
-            bar.update(len(names))
-    if logp is None:
-        logp = log_probs(_whole_runs(model, x, names, pruned))
+            return dict(_whole_runs(model, x, names, pruned))
+
+    logp = {}
+    for x in xs:
+        for n, y in runs(x).items():
+            logp.setdefault(n, []).append(torch.log_softmax(y.double(), -1))
+        bar.update(len(names) // len(xs))
+    logp = {n: torch.cat(v) for n, v in logp.items()}
     bar.close()
     dense = logp[None]
     kl = [(dense.exp() * (dense - logp[n])).sum(-1).mean().clamp_min(0).cpu() for n in names]
@@ -201,9 +200,10 @@ def _whole_runs(model, x, names, change):
 
 @torch.no_grad()
 def allocate(config, model: nn.Module, batches: list, names: list[str], positions: dict | None = None,
-             row_scales: dict | None = None, progress: bool = False) -> dict:
+             row_scales: dict | None = None, progress: bool = False, chunk: int | None = None) -> dict:
     """Per-layer sparsities {name: s} for the pruned layers `names` (in forward order) under `config.allocation`
-    and its budget, and the allocation's details for the report. config: a PruneConfig (checked)."""
+    and its budget, and the allocation's details for the report. config: a PruneConfig (checked). chunk: images
+    per forward pass of the network's output-level measures (None: as they come)."""
     sparsity = config.pattern.target
     if config.allocation == "uniform" or not names:
         return {"sparsity": {n: sparsity for n in names}}
@@ -214,18 +214,18 @@ def allocate(config, model: nn.Module, batches: list, names: list[str], position
     t0 = time.perf_counter()
     stats = dense_statistics(model, batches, names, hessian=config.allocation == "dp")
     info = {"kind": config.allocation, "budget": config.budget, "seconds": {"dense_pass": time.perf_counter() - t0}}
-    s = ALLOCATORS[config.allocation](config, model, batches, names, stats, size, row_scales, info, progress)
+    s = ALLOCATORS[config.allocation](config, model, batches, names, stats, size, row_scales, info, progress, chunk)
     s = match_budget(s, size, sparsity)
     info["sparsity"] = {n: float(v) for n, v in zip(names, s)}
     return info
 
 
-def _owl_allocation(config, model, batches, names, stats, size, row_scales, info, progress) -> torch.Tensor:
+def _owl_allocation(config, model, batches, names, stats, size, row_scales, info, progress, chunk) -> torch.Tensor:
     info["owl_lambda"] = config.owl_lambda
     return _owl(stats, config.pattern.target, config.owl_lambda)
 
 
-def _dp_allocation(config, model, batches, names, stats, size, row_scales, info, progress) -> torch.Tensor:
+def _dp_allocation(config, model, batches, names, stats, size, row_scales, info, progress, chunk) -> torch.Tensor:
     sparsity, method, percdamp = config.pattern.target, config.method, config.percdamp
     grid = torch.tensor(GRID, dtype=torch.float64)
     t0 = time.perf_counter()
@@ -236,7 +236,7 @@ def _dp_allocation(config, model, batches, names, stats, size, row_scales, info,
     info["seconds"]["error_database"] = time.perf_counter() - t0
     if config.dp_measure == "kl":  # each layer's curve scaled to its output KL at S: error at the network's output
         kl, rel = _kl_sensitivity(model, batches, names, stats, method, sparsity, percdamp, row_scales,
-                                  progress=progress)
+                                  progress=progress, chunk=chunk)
         errors = errors * (kl / rel.clamp_min(1e-12))[:, None]
         info["kl_at_sparsity"] = {n: float(v) for n, v in zip(names, kl)}
         info["seconds"]["kl_measure"] = time.perf_counter() - t0 - info["seconds"]["error_database"]
@@ -250,5 +250,5 @@ def _dp_allocation(config, model, batches, names, stats, size, row_scales, info,
 
 
 # Each allocation's function (config, model, batches, names, dense statistics, layer sizes, row scales, report
-# info, progress) -> per-layer sparsities before the budget is matched exactly; uniform needs none.
+# info, progress, images per forward) -> per-layer sparsities before the budget is matched exactly; uniform needs none.
 ALLOCATORS = {"owl": _owl_allocation, "dp": _dp_allocation}

@@ -310,7 +310,8 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     bns = set(bn_modules(model))
     bn_names = [n for n, m in model.named_modules() if m in bns] if config.bn_recalibration else []
     statcorr = StatCorrection(model, batches, names, bn_names) if config.stat_correction else None
-    alloc = allocate(config, model, batches, names, positions, row_scales, progress) if not pattern.is_nm \
+    chunk = max(1, CPU_BATCH_BYTES // max(widest, 1)) if device.type == "cpu" else None
+    alloc = allocate(config, model, fitted, names, positions, row_scales, progress, chunk) if not pattern.is_nm \
         else {"sparsity": {}}
     patterns = {n: Pattern(sparsity=v) for n, v in alloc["sparsity"].items()} if config.allocation != "uniform" \
         else {}
