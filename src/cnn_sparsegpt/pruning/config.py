@@ -103,7 +103,7 @@ class PruneConfig:
                                   "result). Default: chosen by free memory, named in the report")
     allocation: str = opt("auto", "per-layer sparsities for an unstructured sparsity (the overall fraction stays "
                           "S): uniform (as published), owl (outlier-weighted, S ± owl_lambda), dp (per-layer error "
-                          "database + knapsack; 2-3x a uniform prune's time) or " +
+                          "database + knapsack; 2-4x a uniform prune's time on a CPU) or " +
                           _auto("dp for method sparsegpt at an unstructured sparsity without wbits, in one process "
                                 "(chosen on held-out images, docs/RESULTS.md); uniform for N:M, channels, magnitude, "
                                 "wanda, wbits and under torchrun"), ("auto",) + ALLOCATIONS)
