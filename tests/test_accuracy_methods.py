@@ -143,6 +143,7 @@ def test_stat_correction_of_batchnorm_outputs():
 
 
 @pytest.mark.parametrize("cls", [TinyResNet, Untraceable])  # the KL runs from each layer on, or whole passes
+@pytest.mark.filterwarnings("ignore:torch.fx cannot trace")  # Untraceable: the per-layer fallback, on purpose
 def test_dp_kl_measure_scales_each_curve_to_its_output_kl(cls):
     rep = prune_model(make(cls), calib(), PUBLISHED, method="sparsegpt", sparsity=0.8, allocation="dp", dp_measure="kl",
                       progress=False)
