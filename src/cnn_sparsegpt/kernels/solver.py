@@ -70,7 +70,7 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
     (e.g. a following BatchNorm's (γ/σ)², so rows are compared as if it were folded in). `grid`: round every
     kept weight to its row's grid in the column loop, its error pushed on like a pruned weight's (GPTQ).
     `sparsities` (G,): each matrix's own unstructured fraction, counted on its own, e.g. one W at several levels
-    in one pass (sparsegpt_levels); H and `factor` may then have a batch of 1, shared by all.
+    in one pass (sparsegpt_curve); H and `factor` may then have a batch of 1, shared by all.
     """
     if W.ndim == 2:
         grid = None if grid is None else Grid(grid.scale[None], grid.zero[None], grid.bits)
@@ -138,8 +138,9 @@ LEVELS_BYTES = 512 * 2**20  # float32 copies of W held at once when its levels a
 def sparsegpt_curve(Wg: torch.Tensor, H: torch.Tensor, levels, percdamp: float = 0.01,
                     row_scale: torch.Tensor | None = None) -> torch.Tensor:
     """relative_error of SparseGPT's unstructured solve at each level (float64, (len(levels),)), one factor for
-    all. A single matrix's levels are solved together, as a batch (the column loop's per-kernel cost, most of its
-    time on CPU layers, is paid once per chunk of levels instead of once per level); a grouped conv's one by one."""
+    all. A single matrix's levels are solved together, as a batch: the column loop's per-kernel overhead is paid
+    once per chunk of levels instead of once per level (on this CPU 1.5x at 256 × 2304, 1.07x at 512 × 4608, where
+    the levels' error products dominate); a grouped conv's levels one by one."""
     factor = sparsegpt_factor(H, percdamp)
     G, rows, d = Wg.shape
     if G > 1:
