@@ -169,21 +169,24 @@ def _kl_sensitivity(model: nn.Module, batches: list, names: list[str], stats: di
         finally:
             w.data.copy_(saved)
 
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # not traceable (data-dependent control flow, ...): the whole network for each layer
+        gm = None
+
     def runs(x):
-        try:
-            gm = fx.symbolic_trace(model)
-        except Exception:  # not traceable (data-dependent control flow, ...): the whole network for each layer
-            return dict(_whole_runs(model, x, names, pruned))
-        try:
-            return dict(each_layer_changed(gm, x, names, pruned))
-        except GraphStop:
-            return dict(_whole_runs(model, x, names, pruned))
+        if gm is not None:
+            try:
+                return dict(each_layer_changed(gm, x, names, pruned))
+            except GraphStop:
+                pass
+        return dict(_whole_runs(model, x, names, pruned))
 
     logp = {}
     for x in xs:
         for n, y in runs(x).items():
             logp.setdefault(n, []).append(torch.log_softmax(y.double(), -1))
-        bar.update(len(names) // len(xs))
+        bar.update(len(names) / len(xs))
     logp = {n: torch.cat(v) for n, v in logp.items()}
     bar.close()
     dense = logp[None]

@@ -64,7 +64,7 @@ class GraphExecutor:
         """The run as a generator that yields after each barrier, so that another graph can be advanced in
         step with it (the dense network beside the pruned one, dense_target.py)."""
         nb = len(self.batches)
-        inplace = self._disable_inplace(self.gm) if self.low_memory else []
+        inplace = _disable_inplace(self.gm) if self.low_memory else []
         try:
             for t, node in enumerate(self.nodes[:self.last + 1]):
                 if node.op == "placeholder":
@@ -187,12 +187,13 @@ class GraphExecutor:
     def _call(self, node: fx.Node, args, kwargs):
         return call_node(self.gm, node, args, kwargs, self.low_memory)
 
-    @staticmethod
-    def _disable_inplace(gm: nn.Module) -> list:
-        mods = [m for m in gm.modules() if getattr(m, "inplace", None) is True]
-        for m in mods:
-            m.inplace = False
-        return mods
+
+def _disable_inplace(gm: nn.Module) -> list:
+    """Modules with inplace=True set to False; returns them, to be set back."""
+    mods = [m for m in gm.modules() if getattr(m, "inplace", None) is True]
+    for m in mods:
+        m.inplace = False
+    return mods
 
 
 def call_node(gm: fx.GraphModule, node: fx.Node, args, kwargs, out_of_place: bool = False):
@@ -232,7 +233,7 @@ def each_layer_changed(gm: fx.GraphModule, x: torch.Tensor, names: list[str], ch
             first.setdefault(n.target, n)
     starts = {n: t for t, n in first.items()}
     env: dict[fx.Node, object] = {}
-    inplace = GraphExecutor._disable_inplace(gm)  # values of the unchanged pass are read by every later run
+    inplace = _disable_inplace(gm)  # values of the unchanged pass are read by every later run
     try:
         for i, node in enumerate(nodes):
             if node in starts:
@@ -252,7 +253,7 @@ def each_layer_changed(gm: fx.GraphModule, x: torch.Tensor, names: list[str], ch
 
 def _evaluate(gm, node, lookup, x):
     if node.op == "placeholder":
-        if node is not next(iter(gm.graph.nodes)):
+        if node is not next(iter(gm.graph.nodes)):  # only the first input is given; the others keep defaults
             if not node.args:
                 raise GraphStop("forward takes more than one required input")
             return node.args[0]

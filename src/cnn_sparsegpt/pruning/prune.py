@@ -115,8 +115,13 @@ def cpu_batches(batches: list[torch.Tensor], per_image: int) -> list[torch.Tenso
     forward slows down as batches grow (ResNet-50 at 224², 512 images: 54.9 s in batches of 128, 38.3 s in
     batches of 32; docs/PERFORMANCE.md). Each batch is split the same way wherever it is, so torchrun's
     per-batch sums stay the same terms. Small inputs (CIFAR: 64×32×32 floats per image) keep their batches."""
-    most = max(1, CPU_BATCH_BYTES // max(per_image, 1))
+    most = cpu_batch_images(per_image)
     return [part for b in batches for part in b.tensor_split(-(-len(b) // most))]  # near-equal parts
+
+
+def cpu_batch_images(per_image: int) -> int:
+    """The most images a CPU batch holds: its widest layer input (per_image bytes each) within CPU_BATCH_BYTES."""
+    return max(1, CPU_BATCH_BYTES // max(per_image, 1))
 
 
 class _Pruner:
@@ -310,7 +315,7 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     bns = set(bn_modules(model))
     bn_names = [n for n, m in model.named_modules() if m in bns] if config.bn_recalibration else []
     statcorr = StatCorrection(model, batches, names, bn_names) if config.stat_correction else None
-    chunk = max(1, CPU_BATCH_BYTES // max(widest, 1)) if device.type == "cpu" else None
+    chunk = cpu_batch_images(widest) if device.type == "cpu" else None
     alloc = allocate(config, model, fitted, names, positions, row_scales, progress, chunk) if not pattern.is_nm \
         else {"sparsity": {}}
     patterns = {n: Pattern(sparsity=v) for n, v in alloc["sparsity"].items()} if config.allocation != "uniform" \
