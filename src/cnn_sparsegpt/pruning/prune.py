@@ -30,6 +30,7 @@ from .graph import PRUNABLE, GraphExecutor, GraphStop, inputs_of, memory_policy
 from .layer import LayerPruner, LayerResult, output_error
 from .layer_plan import choose_layers, forward_order
 from ..kernels.masks import Pattern
+from .permute import permute_for_nm_
 from .reconstruct import reconstruct as reconstruct_model
 from .saliency import bn_row_scales
 from ..kernels.solver import NEEDS
@@ -57,6 +58,7 @@ class PruneReport:
     world_size: int = 1  # processes that shared the calibration set (torchrun)
     bn_recalibrated: bool = False  # BatchNorm statistics re-estimated (the config asked and the model has some)
     structure: dict = field(default_factory=dict)  # structure='channels': targets, MACs/params, groups, new shapes
+    permutation: dict = field(default_factory=dict)  # permute: per group of channels, swaps and saliency kept
 
     @property
     def method(self) -> str:
@@ -310,6 +312,7 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
         policy = "low-memory" if low_memory else "default"
     plan = choose_layers(model, order, config.ignore, not config.prune_all)
     names = [n for n in order if not plan[n]]
+    permutation = permute_for_nm_(model, fitted, names, pattern, progress) if config.permute else {}
     t0 = time.perf_counter()
     row_scales = bn_row_scales(model) if config.bn_aware else {}
     bns = set(bn_modules(model))
@@ -334,6 +337,8 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     run = _Pruner(model, plan, config, progress, patterns, row_scales, statcorr,
                   dense if config.dense_target or dense_hessians else None, process_group, sinks)
     run.t["allocation_and_dense_pass"] = t_alloc
+    if permutation:
+        run.t["permutation"] = permutation["seconds"]
     passes = None
     if gm is not None:
         try:
@@ -372,7 +377,7 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
                          reconstruct={"epochs": config.reconstruct, "loss": losses} if config.reconstruct else {},
                          stat_corrected=statcorr.corrected if statcorr else [],
                          bn_recalibrated=config.bn_recalibration and bool(bn_modules(model)),
-                         world_size=dist.world(process_group))
+                         world_size=dist.world(process_group), permutation=permutation)
     report.sparsity = sum((~r.mask).sum().item() for r in pruned) / n_pruned if n_pruned else 0.0
     report.total_sparsity = weight_sparsity(model)
     return report

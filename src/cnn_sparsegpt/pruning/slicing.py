@@ -112,3 +112,36 @@ def slice_channels_(model: nn.Module, drop_cols: dict, drop_rows: dict, drop_ent
             m.num_features = len(keep)
         elif isinstance(m, nn.PReLU):
             m.num_parameters = len(keep)
+
+
+def _reorder_(module: nn.Module, dim: int, index: torch.Tensor, attrs: tuple) -> None:
+    for attr in attrs:
+        p = getattr(module, attr, None)
+        if isinstance(p, torch.Tensor) and p.dim() > dim:
+            p.data.copy_(p.data.index_select(dim, index.to(p.device)))
+
+
+def permute_channels_(model: nn.Module, group: Group, order: list[int]) -> None:
+    """Reorder a group's channels in place (the network computes the same function): the unit that was at position
+    order[j] goes to position j in every producer's rows, every per-channel module's entries and every consumer's
+    columns."""
+    modules = dict(model.named_modules())
+    units = group.units
+    moved = [(units[j], units[i]) for j, i in enumerate(order)]  # (destination, source)
+
+    def index(size: int, of) -> torch.Tensor:
+        ix = torch.arange(size)
+        for dst, src in moved:
+            ix[torch.as_tensor(of(dst))] = torch.as_tensor(of(src))
+        return ix
+
+    for p in group.producers:
+        m = modules[p]
+        _reorder_(m, 0, index(m.weight.shape[0], lambda u: [u.rows[p]]), ("weight", "bias"))
+    for e in units[0].entries:
+        m = modules[e]
+        size = m.weight.shape[0] if getattr(m, "weight", None) is not None else m.running_mean.shape[0]
+        _reorder_(m, 0, index(size, lambda u: u.entries[e]), ("weight", "bias", "running_mean", "running_var"))
+    for c in units[0].columns:
+        m = modules[c]
+        _reorder_(m, 1, index(m.weight.shape[1], lambda u: u.columns[c]), ("weight",))

@@ -1,0 +1,94 @@
+"""Channel permutations before an N:M prune (config.permute): each dependency group's channels are reordered so
+that its consumers' N:M groups hold channels whose weights an N:M mask can keep more of (kernels/nm_permute.py).
+
+The order is chosen on the dense network, before anything is pruned: a group's channels feed several consumers
+(a ResNet stage's residual stream feeds every block), and a consumer pruned already could not follow a later
+reordering. Each weight's saliency is w²·mean(x²) over the dense calibration inputs (one dense pass, column sums
+only), relative to the layer's output energy so that consumers of one group compare: chosen over the OBS cost
+w²/[H⁻¹]ₖₖ and the magnitude on held-out images (docs/RESULTS.md). The permuted network computes the
+same function; model.pt holds it in the new order (same shapes), and the report lists what moved.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..kernels.masks import Pattern
+from ..kernels.nm_permute import kept_saliency, permutation_search
+from .graph import run_hooked
+from .layer import LayerPruner
+from .channels import Group, channel_groups
+from .slicing import permute_channels_
+
+
+def _saliencies(model: nn.Module, batches: list[torch.Tensor], consumers: list[str]) -> dict[str, torch.Tensor]:
+    """Per consumer, (rows·taps, in_channels): each weight's w²·mean(x²) on the dense calibration inputs (its output
+    error alone, without OBS updates: Wanda's and OBD's diagonal measure) over the layer's output energy
+    mean(‖Wx‖²), so that the consumers of one group compare. One dense pass, column sums and outputs only."""
+    modules = dict(model.named_modules())
+    stats = {modules[c]: LayerPruner(modules[c], c, hessian=False) for c in consumers}
+    energy = {m: torch.zeros((), dtype=torch.float64) for m in stats}
+
+    def before(m, inp):
+        stats[m].add_batch(inp[0])
+
+    def after(m, inp, out):
+        out = out if m.bias is None else out - m.bias.reshape(-1, *[1] * (out.dim() - 2))
+        energy[m] += out.double().square().sum().cpu()
+
+    run_hooked(model, batches, [h for m in stats for h in (m.register_forward_pre_hook(before),
+                                                            m.register_forward_hook(after))])
+    out = {}
+    for m, p in stats.items():
+        Wg, _ = p.weight_matrix()  # (1, rows, taps·cin), columns tap-major: N:M groups along input channels
+        cost = Wg[0].double() ** 2 * p.hessian_diagonal()[0].double()  # H's diagonal: 2·mean(x²)
+        total = float(2 * energy[m] / max(p.nsamples, 1)) or 1.0
+        out[p.name] = (cost / total).reshape(-1, m.weight.shape[1]).float()  # (rows, taps, cin) -> rows·taps, cin
+    return out
+
+
+def _consumer_columns(group: Group, consumer: str, m: int) -> torch.Tensor | None:
+    """The group's columns in `consumer` by position j, if each unit owns one column and they are consecutive from
+    a multiple of M (so the consumer's N:M groups are the group's positions in fours); else None."""
+    cols = [u.columns.get(consumer, []) for u in group.units]
+    if any(len(c) != 1 for c in cols):
+        return None
+    first = cols[0][0]
+    return torch.tensor([c[0] for c in cols]) if first % m == 0 and \
+        all(c[0] == first + j for j, c in enumerate(cols)) else None
+
+
+def permute_for_nm_(model: nn.Module, batches: list[torch.Tensor], names: list[str], pattern: Pattern,
+                    progress: bool = False) -> dict:
+    """Reorder the channels of every group some pruned layer reads (names) so that the N:M masks of those layers
+    keep more saliency; returns what was done (per group: its producers, swaps, kept saliency before and after)."""
+    t0 = time.perf_counter()
+    modules = dict(model.named_modules())
+    groups = [g for g in channel_groups(model, batches[0][:1])
+              if len(g.units) > pattern.m and not g.reason and len(g.removable) == len(g.units)]
+    pruned = set(names)
+    reads = {}  # group index -> [(consumer, its columns by position)]
+    for gi, g in enumerate(groups):
+        for c in g.units[0].columns:
+            m = modules[c]
+            if c in pruned and getattr(m, "groups", 1) == 1 and m.weight.shape[1] % pattern.m == 0:
+                cols = _consumer_columns(g, c, pattern.m)
+                if cols is not None:
+                    reads.setdefault(gi, []).append((c, cols))
+    consumers = sorted({c for r in reads.values() for c, _ in r})
+    saliency = _saliencies(model, batches, consumers)
+    done = []
+    for gi in tqdm(sorted(reads), desc="N:M permutations", disable=not progress, leave=False):
+        g = groups[gi]
+        S = torch.cat([saliency[c][:, cols] for c, cols in reads[gi]])
+        order, swaps = permutation_search(S, pattern.n, pattern.m)
+        before, after = kept_saliency(S, pattern.n, pattern.m), kept_saliency(S, pattern.n, pattern.m, order)
+        if swaps:
+            permute_channels_(model, g, order.tolist())
+        done.append({"producers": g.producers, "channels": len(g.units), "consumers": [c for c, _ in reads[gi]],
+                     "swaps": swaps, "kept_before": before, "kept_after": after,
+                     "pruned_before": float(S.sum()) - before, "pruned_after": float(S.sum()) - after})
+    return {"groups": done, "seconds": time.perf_counter() - t0}
