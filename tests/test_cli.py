@@ -234,15 +234,10 @@ def test_recipe_defaults_and_labels():
     assert default == RECOMMENDED.resolved() and (default.refine, default.dense_target) == ("cg", True)
     assert recipe_label(default) == "solver=auto,refine=cg,dense_target=True,intercept=True"
     assert recipe_label(replace(RECOMMENDED, method="magnitude")) == "refine=cg,dense_target=True,intercept=True"
-    assert recipe_label(replace(RECOMMENDED, nm="2:4")) == \
-        "solver=auto,refine=cg,dense_target=True,intercept=True,permute=True"
-    # permute 'auto': on for SparseGPT at N:M in one process, where it was chosen; off wherever it was not measured
-    for other in ({"method": "magnitude"}, {"wbits": 4}, {"nm": None, "sparsity": 0.5}):
-        assert replace(RECOMMENDED, **({"nm": "2:4"} | other)).resolved().permute is False
-    assert replace(RECOMMENDED, nm="2:4").resolved(distributed=True).permute is False
-    with pytest.raises(UserError, match="without torchrun"):
+    assert recipe_label(replace(RECOMMENDED, nm="2:4")) == "solver=auto,refine=cg,dense_target=True,intercept=True"
+    assert recipe_label(replace(PUBLISHED, nm="2:4", permute=True)) == "permute=True"
+    with pytest.raises(UserError, match="without torchrun"):  # the order is chosen on the whole calibration set
         replace(RECOMMENDED, nm="2:4", permute=True).check_runnable(distributed=True)
-    assert recipe_label(replace(PUBLISHED, nm="2:4")) == ""
     channels = replace(RECOMMENDED, structure="channels", keep_macs=0.5)  # damping: each kind's own default
     assert (default.percdamp, channels.resolved().percdamp, replace(channels, percdamp=0.02).resolved().percdamp) \
         == (0.01, 0.001, 0.02)
@@ -297,7 +292,7 @@ def test_reports_round_trip_and_old_reports_load(tmp_path):
     assert r["schema"] == 2 and r["recipe_label"] == "refine=cg,dense_target=True"
     assert r["config"] == {"method": "sparsegpt", "percdamp": 0.01, "bn_recalibration": True, "refine": "cg",
                            "dense_target": True, "nm": "2:4", "allocation": "uniform", "budget": "params",
-                           "dp_measure": "layer", "permute": False}  # what ran then, not today's defaults
+                           "dp_measure": "layer"}  # what ran then, not today's defaults
     (tmp_path / "old_s.json").write_text(json.dumps(old | {"pattern": "0.7", "target_sparsity": 0.7}))
     assert PruneReport.from_json(read_report(tmp_path / "old_s.json")).config.resolved().allocation == "uniform"
     (tmp_path / "new.json").write_text(json.dumps(old | {"schema": 99}))

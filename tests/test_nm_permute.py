@@ -66,7 +66,7 @@ def test_prune_with_permutations_keeps_more_saliency_and_stays_n_m():
     model, x = make(), calib()
     with torch.no_grad():
         dense = model(x)
-    rep = prune_model(model, x, RECOMMENDED, nm="2:4", progress=False)
+    rep = prune_model(model, x, RECOMMENDED, nm="2:4", permute=True, progress=False)
     assert rep.config.permute is True and rep.permutation["groups"]
     for g in rep.permutation["groups"]:
         assert g["pruned_after"] <= g["pruned_before"] + 1e-9
@@ -77,7 +77,7 @@ def test_prune_with_permutations_keeps_more_saliency_and_stays_n_m():
                 r.mask.reshape(r.mask.shape[0], -1, 4)
             assert (groups.sum(2 if r.mask.dim() == 4 else -1) == 2).all()  # 2 of every 4 input channels
     off = make()
-    rep_off = prune_model(off, x, RECOMMENDED, nm="2:4", permute=False, progress=False)
+    rep_off = prune_model(off, x, RECOMMENDED, nm="2:4", progress=False)
     assert rep_off.permutation == {} and rep_off.config.permute is False
     with torch.no_grad():
         assert (model(x) - dense).abs().mean() < 1.0  # still the network it was, after a permutation and a prune

@@ -24,7 +24,7 @@ def upgrade(report: dict, where: str = "report") -> dict:
     """A report of any known schema as schema 2."""
     schema = report.get("schema", 1)
     if schema == REPORT_SCHEMA:
-        return _later_fields(report)
+        return report
     if not isinstance(schema, int) or schema > REPORT_SCHEMA or schema < 1:
         raise UserError(f"{where} has report schema {schema!r}; this version of cnn-sparsegpt reads schemas 1 to "
                         f"{REPORT_SCHEMA}: upgrade cnn-sparsegpt")
@@ -39,19 +39,7 @@ def upgrade(report: dict, where: str = "report") -> dict:
     r["config"] = config
     r["bn_recalibrated"] = r.get("bn_recalibrated", r.pop("bn_recalibration", None))
     r["schema"] = REPORT_SCHEMA
-    return _later_fields(r)
-
-
-# config fields that came after a report schema, with what a report without them ran (its config is resolved: a
-# field it lacks was not there to switch on)
-_LATER_FIELDS = {"permute": False}
-
-
-def _later_fields(report: dict) -> dict:
-    config = report.get("config")
-    if not isinstance(config, dict) or _LATER_FIELDS.keys() <= config.keys():
-        return report
-    return report | {"config": _LATER_FIELDS | config}
+    return r
 
 
 def read_report(path: str | Path) -> dict:

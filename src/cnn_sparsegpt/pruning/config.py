@@ -167,12 +167,11 @@ class PruneConfig:
                              "block-OBS error at its consumers, relative to their output energy) or kl (the same "
                              "removal order, its cost measured as the network's output KL on 256 calibration images "
                              "at up to 8 points per group: one forward pass each)", CHANNEL_COSTS)
-    permute: bool | None = opt(None, "N:M: first reorder each group of tied channels (producers' rows, BatchNorms, "
-                               "consumers' columns: the same function) so that each consumer's groups of M input "
-                               "channels hold weights an N:M mask can keep more of (Pool & Yu 2021; saliencies "
-                               "w²·mean(x²) from one dense pass; the saved model is in the new order). Default: on "
-                               "for method sparsegpt at N:M without wbits, in one process (chosen on held-out images, "
-                               "docs/RESULTS.md); off elsewhere (not measured)")
+    permute: bool = opt(False, "N:M: first reorder each group of tied channels (producers' rows, BatchNorms, "
+                        "consumers' columns: the same function) so that each consumer's groups of M input channels "
+                        "hold weights an N:M mask can keep more of (Pool & Yu 2021; saliencies w²·mean(x²) from one "
+                        "dense pass; the saved model is in the new order). Held-out gains did not reach the test "
+                        "split: docs/RESULTS.md")
     quant_clip: str = opt("minmax", "with wbits: each channel's grid spans its weights (minmax) or the range, shrunk "
                           "towards 0 by up to 40%, of least squared rounding error (mse)", CLIP)
 
@@ -215,7 +214,7 @@ class PruneConfig:
         if r.quant == "gptq" and r.method != "sparsegpt":
             raise UserError(f"quant='gptq' rounds inside SparseGPT's column loop: method '{r.method}' can only round "
                             "to nearest (quant='rtn', or 'auto')")
-        if self.permute and r.nm is None:
+        if r.permute and r.nm is None:
             raise UserError("permute reorders channels for an N:M mask: give nm (e.g. 2:4) with it")
         if r.nm is not None and r.allocation != "uniform":
             raise UserError(f"allocation='{r.allocation}' chooses unstructured sparsities per layer; N:M is uniform "
@@ -244,7 +243,7 @@ class PruneConfig:
                                        ("allocation owl/dp", self.allocation not in ("uniform", "auto")),
                                        ("stat_correction", self.stat_correction),
                                        ("reconstruct", bool(self.reconstruct)),
-                                       ("permute", bool(self.permute))) if on]
+                                       ("permute", self.permute)) if on]
         if self.target_speedup is not None:  # the runtime it times on, before hours of Hessians
             runtime(self.speedup_runtime)
         if distributed and whole:
@@ -267,14 +266,10 @@ class PruneConfig:
             refine = "none"
         if self.solver == "auto" and (self.method != "sparsegpt" or self.structure == "channels"):
             solver = "sparsegpt"  # no OBS weight solve to choose: what runs, and a stable recipe label
-        permute = self.permute if self.permute is not None else (
-            self.nm is not None and self.structure == "none" and self.method == "sparsegpt" and self.wbits is None
-            and not distributed)
-        if (refine, quant, solver, percdamp, allocation, permute) == (self.refine, self.quant, self.solver,
-                                                                      self.percdamp, self.allocation, self.permute):
+        if (refine, quant, solver, percdamp, allocation) == (self.refine, self.quant, self.solver, self.percdamp,
+                                                             self.allocation):
             return self
-        return replace(self, refine=refine, quant=quant, solver=solver, percdamp=percdamp, allocation=allocation,
-                       permute=permute)
+        return replace(self, refine=refine, quant=quant, solver=solver, percdamp=percdamp, allocation=allocation)
 
     def as_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
@@ -283,7 +278,7 @@ class PruneConfig:
 RECOMMENDED = PruneConfig()  # chosen on held-out images: docs/RESULTS.md, "Beyond uniform SparseGPT"
 # the methods as published (channels: priced by the consumers' errors alone, this project's first channel recipe)
 PUBLISHED = PruneConfig(solver="sparsegpt", refine="none", dense_target=False, intercept=False, channel_costs="layer",
-                        percdamp=0.01, allocation="uniform", dp_measure="layer", permute=False)
+                        percdamp=0.01, allocation="uniform", dp_measure="layer")
 PRESETS = {"recommended": RECOMMENDED, "published": PUBLISHED}
 PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 
