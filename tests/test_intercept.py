@@ -20,9 +20,17 @@ from .test_prune_model import TinyResNet
     nn.Conv2d(4, 6, 3, padding="same", padding_mode="reflect"), nn.Conv2d(4, 8, 3, padding=1, groups=2),
     nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.Linear(5, 3)])
 def test_column_sums_equal_the_unfolded_columns_summed(layer):
+    """The windowed sums (and sums of squares: diag(H) without a Hessian) equal the unfolded columns'."""
     p = LayerPruner(layer, hessian=False)
     x = torch.randn(3, 5) if isinstance(layer, nn.Linear) else torch.randn(3, 4, 9, 8)
-    torch.testing.assert_close(p.column_sums(x), p.columns(x).double().sum(-1), rtol=1e-5, atol=1e-5)
+    X = p.columns(x).double()
+    sums, n = p.column_sums(x)
+    torch.testing.assert_close(sums, X.sum(-1), rtol=1e-5, atol=1e-5)
+    assert n == X.shape[-1]
+    p.add_batch(x)
+    full = LayerPruner(layer)
+    full.add_batch(x)
+    torch.testing.assert_close(p.hessian_diagonal(), full.hessian_diagonal(), rtol=1e-5, atol=1e-6)
 
 
 class ConvBN(nn.Module):

@@ -192,22 +192,24 @@ class LayerPruner:
         X = X.view(B, self.groups, self.d // kk, kk, L).permute(1, 3, 2, 0, 4)
         return X.reshape(self.groups, self.d, B * L)
 
-    def column_sums(self, inp: torch.Tensor) -> torch.Tensor:
-        """Σ of `columns(inp)` over its columns (groups, d) in float64, without unfolding: for a conv, each tap's
-        sum is the batch-summed input over the window that tap sees."""
+    def column_sums(self, inp: torch.Tensor, square: bool = False) -> tuple[torch.Tensor, int]:
+        """Σ of `columns(inp)` over its columns (groups, d) in float64 (of their squares with `square`: diag(XXᵀ)),
+        and how many columns there are, without unfolding: for a conv, each tap's sum is the batch-summed input over
+        the window that tap sees."""
         layer = self.layer
+        inp = inp.double().square() if square else inp.double()
         if isinstance(layer, nn.Linear):
-            return inp.reshape(-1, self.d).double().sum(0)[None]
+            return inp.reshape(-1, self.d).sum(0)[None], inp.numel() // self.d
         padding = layer.padding
-        if isinstance(padding, str) or layer.padding_mode != "zeros":  # as in columns
+        if isinstance(padding, str) or layer.padding_mode != "zeros":  # as in columns (padding commutes with x²)
             mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
             inp, padding = F.pad(inp, layer._reversed_padding_repeated_twice, mode=mode), (0, 0)
-        x = F.pad(inp.double().sum(0), (padding[1], padding[1], padding[0], padding[0]))  # (C, H', W')
+        x = F.pad(inp.sum(0), (padding[1], padding[1], padding[0], padding[0]))  # (C, H', W')
         (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
         ho, wo = (x.shape[1] - dh * (kh - 1) - 1) // sh + 1, (x.shape[2] - dw * (kw - 1) - 1) // sw + 1
         taps = torch.stack([x[:, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw].sum((1, 2))
                             for i in range(kh) for j in range(kw)])  # (kh·kw, C)
-        return taps.reshape(kh * kw, self.groups, -1).transpose(0, 1).reshape(self.groups, self.d)
+        return taps.reshape(kh * kw, self.groups, -1).transpose(0, 1).reshape(self.groups, self.d), len(inp) * ho * wo
 
     def center(self, H: torch.Tensor, R: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """H and the dense target's R for a fit with an intercept (intercept.py): H − 2x̄x̄ᵀ, R − 2W(x̄_d − x̄)x̄ᵀ
@@ -275,10 +277,15 @@ class LayerPruner:
         if self.rhs_outputs:
             self.SD.add_(self._rhs_product(inp, dense))
         if self.colsum is not None:
-            sums = self.column_sums(inp)
+            sums, _ = self.column_sums(inp)
             self.colsum += sums
             if self.colsum_d is not None:  # (colsum_d exists only beside colsum)
-                self.colsum_d += sums if dense is None else self.column_sums(dense)
+                self.colsum_d += sums if dense is None else self.column_sums(dense)[0]
+        if self.colsq is not None and not self._cross_in_chunks:  # no H: diag(XXᵀ) from windowed sums of x²
+            squares, columns = self.column_sums(inp, square=True)
+            self.colsq += squares
+            self.nsamples += columns
+            return
         if self.shifted(inp):
             return self._add_shifted(inp, dense)
         step = self.chunk_images(inp)
@@ -289,10 +296,7 @@ class LayerPruner:
             beta = 0.0 if i == 0 else 1.0  # start the batch's sums, then add to them
             if self._cross_in_chunks:
                 self._chunk_d.baddbmm_(self.columns(dense_chunks[i] - chunk), X.transpose(1, 2), beta=beta)
-            if self.S is not None:
-                accumulate_xxt_(self._chunk, X, beta=beta, mirror=False)
-            else:
-                self.colsq += X.square().sum(-1).double()
+            accumulate_xxt_(self._chunk, X, beta=beta, mirror=False)
             self.nsamples += X.shape[-1]
         self._add_batch_sums()
 
