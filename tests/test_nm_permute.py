@@ -11,7 +11,7 @@ from cnn_sparsegpt.kernels.nm_permute import kept_saliency, permutation_search
 from cnn_sparsegpt.pruning.channels import channel_groups
 from cnn_sparsegpt.pruning.slicing import permute_channels_
 
-from .test_prune_model import TinyResNet, calib, make
+from .test_prune_model import TinyResNet, Untraceable, calib, make
 from .test_structured import Concat
 
 
@@ -81,3 +81,12 @@ def test_prune_with_permutations_keeps_more_saliency_and_stays_n_m():
     assert rep_off.permutation == {} and rep_off.config.permute is False
     with torch.no_grad():
         assert (model(x) - dense).abs().mean() < 1.0  # still the network it was, after a permutation and a prune
+
+
+def test_permute_needs_a_trace_and_n_m():
+    from cnn_sparsegpt import UserError
+
+    with pytest.raises(UserError, match=r"permute \(channel order for N:M\) needs a torch.fx trace"):
+        prune_model(make(Untraceable), calib(), RECOMMENDED, nm="2:4", permute=True, progress=False)
+    with pytest.raises(UserError, match="give nm"):
+        prune_model(make(), calib(), RECOMMENDED, sparsity=0.5, permute=True, progress=False)

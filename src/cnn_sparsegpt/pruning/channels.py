@@ -119,12 +119,13 @@ def _permutation(node: fx.Node) -> list[int] | None:
     return dims if all(isinstance(d, int) for d in dims) else None
 
 
-def channel_groups(model: nn.Module, example: torch.Tensor) -> list[Group]:
-    """The dependency groups of `model` (eval mode, one example batch for the shapes)."""
+def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "structured pruning") -> list[Group]:
+    """The dependency groups of `model` (eval mode, one example batch for the shapes); purpose names what needs
+    them in the error an untraceable model gets."""
     try:
         gm = fx.symbolic_trace(model)
     except Exception as e:
-        raise UserError(f"structured pruning needs a torch.fx trace of the model; {type(model).__name__} cannot be "
+        raise UserError(f"{purpose} needs a torch.fx trace of the model; {type(model).__name__} cannot be "
                         f"traced ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     with torch.no_grad():
         ShapeProp(gm).propagate(example)

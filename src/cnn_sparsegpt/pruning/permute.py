@@ -67,7 +67,7 @@ def permute_for_nm_(model: nn.Module, batches: list[torch.Tensor], names: list[s
     keep more saliency; returns what was done (per group: its producers, swaps, kept saliency before and after)."""
     t0 = time.perf_counter()
     modules = dict(model.named_modules())
-    groups = [g for g in channel_groups(model, batches[0][:1])
+    groups = [g for g in channel_groups(model, batches[0][:1], "permute (channel order for N:M)")
               if len(g.units) > pattern.m and not g.reason and len(g.removable) == len(g.units)]
     pruned = set(names)
     reads = {}  # group index -> [(consumer, its columns by position)]
