@@ -27,10 +27,10 @@ METHODS = tuple(NEEDS)
 
 # The OBS solvers of method sparsegpt: SparseGPT's column sweep, or the exact per-row greedy (exact_obs.py), or
 # the exact one where a layer's rows·d³ stays under EXACT_BUDGET (chosen when a 2e11 layer took 12 s; kept when
-# the lazy H⁻¹ update made it 5 s, so that which layers get which solver, hence results, did not move). Measured
-# on this 2-core CPU (float32, unstructured, benchmarks/exact_obs_speed.py): 64 rows × d 576 (ResNet-20's widest,
-# 1.2e10) 0.5 s, 128 × 1152 (2e11) 5 s; ResNet-18's 256 × 2304 (3e12) would take minutes per layer and 512 × 4608
-# an hour, so those go to SparseGPT.
+# the lazy H⁻¹ update made it 5 s and flat gathers 4 s, so that which layers get which solver, hence results, did
+# not move). Measured on this 2-core CPU (float32, unstructured, benchmarks/exact_obs_speed.py): 64 rows × d 576
+# (ResNet-20's widest, 1.2e10) 0.5 s, 128 × 1152 (2e11) 4 s; ResNet-18's 256 × 2304 (3e12) would take minutes per
+# layer and 512 × 4608 an hour, so those go to SparseGPT.
 SOLVERS = ("sparsegpt", "exact", "auto")
 EXACT_BUDGET = 2e11
 
