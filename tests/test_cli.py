@@ -51,6 +51,22 @@ def test_prune_end_to_end(mnist_ckpt, data_dir, tmp_path, capsys):
     torch.nn.utils.prune.custom_from_mask(model[2], "weight", masks["2.weight"])  # usable as documented
 
 
+def test_prune_with_permute_saves_the_reordered_network(mnist_ckpt, data_dir, tmp_path, capsys):
+    """--permute: the report lists what moved, and model.pt (the new order) loads into a fresh model with its
+    masks."""
+    out = tmp_path / "perm"
+    assert main(prune_args(mnist_ckpt, data_dir, out, "--nm", "2:4", "--permute")) == 0
+    assert "channels reordered for 2:4" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["permute"] is True and "permute=True" in report["recipe_label"]
+    group = report["permutation"]["groups"][0]
+    assert group["producers"] == ["0"] and group["pruned_after"] <= group["pruned_before"]
+    masks = torch.load(out / "masks.pt", weights_only=True)
+    model = create_model("mnist_cnn")
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    assert torch.all(model[2].weight[~masks["2.weight"]] == 0)
+
+
 def test_prune_from_yaml_with_flag_override(mnist_ckpt, data_dir, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml.safe_dump({"model": "mnist_cnn", "weights": str(mnist_ckpt), "method": "magnitude",
