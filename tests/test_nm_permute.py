@@ -90,3 +90,12 @@ def test_permute_needs_a_trace_and_n_m():
         prune_model(make(Untraceable), calib(), RECOMMENDED, nm="2:4", permute=True, progress=False)
     with pytest.raises(UserError, match="give nm"):
         prune_model(make(), calib(), RECOMMENDED, sparsity=0.5, permute=True, progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_permute_on_cuda_stays_on_the_device_and_n_m():
+    model, x = make().cuda(), calib().cuda()
+    rep = prune_model(model, x, RECOMMENDED, nm="2:4", permute=True, progress=False)
+    assert all(p.is_cuda for p in model.parameters()) and rep.permutation["groups"]
+    assert all(r.sparsity == 0.5 for r in rep.layers if not r.skipped)
