@@ -99,3 +99,36 @@ def test_permute_on_cuda_stays_on_the_device_and_n_m():
     rep = prune_model(model, x, RECOMMENDED, nm="2:4", permute=True, progress=False)
     assert all(p.is_cuda for p in model.parameters()) and rep.permutation["groups"]
     assert all(r.sparsity == 0.5 for r in rep.layers if not r.skipped)
+
+
+class ChannelsLastMLP(torch.nn.Module):
+    """A ConvNeXt-like block: Linear layers over NHWC inputs, with biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.up = torch.nn.Linear(8, 16)
+        self.down = torch.nn.Linear(16, 8)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.down(torch.nn.functional.gelu(self.up(self.stem(x).permute(0, 2, 3, 1))))
+        return self.fc(y.mean((1, 2)))
+
+
+def test_saliencies_leave_biases_out_of_the_output_energy():
+    """Each consumer's saliencies are over its output energy ‖Wx‖², not ‖Wx + b‖², also for channels-last Linears."""
+    from cnn_sparsegpt.pruning.permute import _saliencies
+
+    torch.manual_seed(0)
+    model, x = ChannelsLastMLP().eval(), [torch.randn(4, 3, 6, 6)]
+    before = _saliencies(model, x, ["up", "down"])
+    with torch.no_grad():
+        model.up.bias.add_(5.0)  # changes up's outputs, not its Wx; down's inputs change, so only up is compared
+    after = _saliencies(model, x, ["up"])
+    torch.testing.assert_close(after["up"], before["up"])
+    assert before["down"].shape == (8, 16)
+    with torch.no_grad():
+        ref = model(x[0])
+        assert _shuffled_groups(model, x[0]) >= 1
+        torch.testing.assert_close(model(x[0]), ref, rtol=1e-4, atol=1e-5)

@@ -36,7 +36,8 @@ def _saliencies(model: nn.Module, batches: list[torch.Tensor], consumers: list[s
         stats[m].add_batch(inp[0])
 
     def after(m, inp, out):
-        out = out if m.bias is None else out - m.bias.reshape(-1, *[1] * (out.dim() - 2))
+        if m.bias is not None:  # a Linear's outputs end with its channels (channels-last ones too), a conv's at dim 1
+            out = out - (m.bias if isinstance(m, nn.Linear) else m.bias.reshape(-1, *[1] * (out.dim() - 2)))
         energy[m] += out.double().square().sum().cpu()
 
     run_hooked(model, batches, [h for m in stats for h in (m.register_forward_pre_hook(before),
