@@ -53,7 +53,7 @@ def main() -> None:
                 rows.append({"layer": name, "shape": list(Wg.shape[1:]), "pattern": str(pattern), "cg_steps": steps,
                              "relative_error": error, "seconds": seconds})
                 print(f"{name} {pattern} cg {steps:>3}: error {error:.6f} ({seconds:.2f} s)")
-    atomic_write_json(args.json, {"rows": rows, "nsamples": args.nsamples} | run_metadata())
+    atomic_write_json({"rows": rows, "nsamples": args.nsamples} | run_metadata(torch.device("cpu")), args.json)
 
 
 if __name__ == "__main__":
