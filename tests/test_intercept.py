@@ -31,6 +31,9 @@ def test_column_sums_equal_the_unfolded_columns_summed(layer):
     full = LayerPruner(layer)
     full.add_batch(x)
     torch.testing.assert_close(p.hessian_diagonal(), full.hessian_diagonal(), rtol=1e-5, atol=1e-6)
+    with_target = LayerPruner(layer, hessian=False, dense_target=True)  # a dense target's columns, no H
+    with_target.add_batch(x, x + 0.1)
+    torch.testing.assert_close(with_target.hessian_diagonal(), full.hessian_diagonal(), rtol=1e-5, atol=1e-6)
 
 
 class ConvBN(nn.Module):

@@ -281,7 +281,7 @@ class LayerPruner:
             self.colsum += sums
             if self.colsum_d is not None:  # (colsum_d exists only beside colsum)
                 self.colsum_d += sums if dense is None else self.column_sums(dense)[0]
-        if self.colsq is not None and not self._cross_in_chunks:  # no H: diag(XXᵀ) from windowed sums of x²
+        if self.colsq is not None and not self._cross_in_chunks:  # no H, no columns: diag(XXᵀ) from sums of x²
             squares, columns = self.column_sums(inp, square=True)
             self.colsq += squares
             self.nsamples += columns
@@ -296,7 +296,10 @@ class LayerPruner:
             beta = 0.0 if i == 0 else 1.0  # start the batch's sums, then add to them
             if self._cross_in_chunks:
                 self._chunk_d.baddbmm_(self.columns(dense_chunks[i] - chunk), X.transpose(1, 2), beta=beta)
-            accumulate_xxt_(self._chunk, X, beta=beta, mirror=False)
+            if self.S is not None:
+                accumulate_xxt_(self._chunk, X, beta=beta, mirror=False)
+            else:  # no H but the cross term's columns: diag(XXᵀ) from the same columns
+                self.colsq += X.square().sum(-1).double()
             self.nsamples += X.shape[-1]
         self._add_batch_sums()
 
