@@ -62,7 +62,7 @@ def permutation_search(S: torch.Tensor, n: int, m: int, max_swaps: int | None = 
         R = MAX_ROWS
     S = S.float()
     order = torch.arange(C, device=S.device)
-    group_of = torch.arange(C, device=S.device) // m  # by column
+    position = torch.arange(C, device=S.device)  # of each column: order's inverse
     u = torch.empty(C, device=S.device)
     theta = torch.empty(R, C, device=S.device)
     members = order.view(-1, m)
@@ -74,14 +74,15 @@ def permutation_search(S: torch.Tensor, n: int, m: int, max_swaps: int | None = 
     swaps, limit = 0, max_swaps if max_swaps is not None else 4 * C
     while swaps < limit:
         gain = u[:, None] + u[None, :] + P + P.T
-        gain[group_of[:, None] == group_of[None, :]] = -float("inf")
+        group = position // m
+        gain[group[:, None] == group[None, :]] = -float("inf")
         best = int(gain.argmax())
         a, b = divmod(best, C)
         if not gain[a, b] > floor:
             break
-        pa, pb = int((order == a).nonzero()), int((order == b).nonzero())
+        pa, pb = int(position[a]), int(position[b])
         order[pa], order[pb] = b, a
-        group_of[a], group_of[b] = pb // m, pa // m
+        position[a], position[b] = pb, pa
         changed = order.view(-1, m)[[pa // m, pb // m]]  # the two groups' members now
         uu, th = _leave_one_out(S, changed, n)
         cols = changed.flatten()

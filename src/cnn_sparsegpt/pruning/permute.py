@@ -18,8 +18,7 @@ from tqdm.auto import tqdm
 
 from ..kernels.masks import Pattern
 from ..kernels.nm_permute import kept_saliency, permutation_search
-from .graph import run_hooked
-from .layer import LayerPruner
+from .allocation import dense_statistics
 from .channels import Group, channel_groups
 from .slicing import permute_channels_
 
@@ -29,25 +28,27 @@ def _saliencies(model: nn.Module, batches: list[torch.Tensor], consumers: list[s
     error alone, without OBS updates: Wanda's and OBD's diagonal measure) over the layer's output energy
     mean(‖Wx‖²), so that the consumers of one group compare. One dense pass, column sums and outputs only."""
     modules = dict(model.named_modules())
-    stats = {modules[c]: LayerPruner(modules[c], c, hessian=False) for c in consumers}
-    energy = {m: torch.zeros((), dtype=torch.float64) for m in stats}
+    energy = {c: torch.zeros((), dtype=torch.float64) for c in consumers}
 
-    def before(m, inp):
-        stats[m].add_batch(inp[0])
+    def output_energy(c):
+        def hook(m, inp, out):
+            if m.bias is not None:  # a Linear's outputs end with its channels (channels-last too), a conv's at dim 1
+                out = out - (m.bias if isinstance(m, nn.Linear) else m.bias.reshape(-1, *[1] * (out.dim() - 2)))
+            energy[c] += out.double().square().sum().cpu()
+        return hook
 
-    def after(m, inp, out):
-        if m.bias is not None:  # a Linear's outputs end with its channels (channels-last ones too), a conv's at dim 1
-            out = out - (m.bias if isinstance(m, nn.Linear) else m.bias.reshape(-1, *[1] * (out.dim() - 2)))
-        energy[m] += out.double().square().sum().cpu()
-
-    run_hooked(model, batches, [h for m in stats for h in (m.register_forward_pre_hook(before),
-                                                            m.register_forward_hook(after))])
+    handles = [modules[c].register_forward_hook(output_energy(c)) for c in consumers]
+    try:  # the same pass as the allocation's column sums, with the outputs' energy beside them
+        stats = dense_statistics(model, batches, consumers, hessian=False)
+    finally:
+        for h in handles:
+            h.remove()
     out = {}
-    for m, p in stats.items():
+    for c, p in stats.items():
         Wg, _ = p.weight_matrix()  # (1, rows, taps·cin), columns tap-major: N:M groups along input channels
         cost = Wg[0].double() ** 2 * p.hessian_diagonal()[0].double()  # H's diagonal: 2·mean(x²)
-        total = float(2 * energy[m] / max(p.nsamples, 1)) or 1.0
-        out[p.name] = (cost / total).reshape(-1, m.weight.shape[1]).float()  # (rows, taps, cin) -> rows·taps, cin
+        total = float(2 * energy[c] / max(p.nsamples, 1)) or 1.0
+        out[c] = (cost / total).reshape(-1, p.layer.weight.shape[1]).float()  # (rows, taps, cin) -> rows·taps, cin
     return out
 
 
