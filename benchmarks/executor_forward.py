@@ -5,6 +5,10 @@ images (time does not depend on them); one process, the rows one after the other
 
     python benchmarks/executor_forward.py --images 512 --batch 32 --prune --json experiments/executor_forward.json
 
+`--repeat K` alternates the plain forward and the executor K times in the one process (this shared machine's speed
+drifts by tens of percent within minutes at this size: only pairs run next to each other compare); the row then
+holds every run and the medians.
+
 Rows are appended to the JSON, each with the glibc malloc settings of the environment (MALLOC_*), so that e.g.
 `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python benchmarks/executor_forward.py ...` is told apart.
 """
@@ -14,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import time
 from pathlib import Path
 
@@ -32,6 +37,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--batch", type=int, default=32, help="images per batch (the prune's batch_size with --prune)")
     p.add_argument("--prune", action="store_true", help="also time a published 2:4 prune at this batch size")
+    p.add_argument("--repeat", type=int, default=1, help="alternate the plain forward and the executor this many times")
     p.add_argument("--json", required=True)
     args = p.parse_args()
     torch.manual_seed(0)
@@ -42,20 +48,26 @@ def main() -> None:
            "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}}
     with torch.no_grad():
         model(batches[0][:2])
-        t0 = time.perf_counter()
-        for b in batches:
-            model(b)
-        row["plain_s"] = time.perf_counter() - t0
         gm = fx.symbolic_trace(model)
         last = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)][-1]
 
         def read(inputs):
             for _ in inputs:
                 pass
-        ex = GraphExecutor(gm, batches, {last: read})
-        t0 = time.perf_counter()
-        ex.run()
-        row["executor_s"] = time.perf_counter() - t0
+        plain, executor = [], []
+        for _ in range(args.repeat):
+            t0 = time.perf_counter()
+            for b in batches:
+                model(b)
+            plain.append(time.perf_counter() - t0)
+            ex = GraphExecutor(gm, batches, {last: read})
+            t0 = time.perf_counter()
+            ex.run()
+            executor.append(time.perf_counter() - t0)
+            del ex
+        row["plain_s"], row["executor_s"] = statistics.median(plain), statistics.median(executor)
+        if args.repeat > 1:
+            row["plain_runs_s"], row["executor_runs_s"] = plain, executor
     if args.prune:
         t0 = time.perf_counter()
         rep = prune_model(model, x, PUBLISHED, method="sparsegpt", nm="2:4", progress=False, batch_size=args.batch)
