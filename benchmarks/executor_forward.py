@@ -40,6 +40,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="alternate the plain forward and the executor this many times")
     p.add_argument("--json", required=True)
     args = p.parse_args()
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     torch.manual_seed(0)
     model = create_model(args.arch, num_classes=1000).eval()
     x = torch.randn(args.images, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
