@@ -58,7 +58,7 @@ class LayerResult:
             {"wbits": self.quant["bits"]} if self.quant else {})
 
 
-SHIFTED_CHUNK_BYTES = 64 * 2**20  # padded input per shifted-correlation product (a 128-image batch up to 8x8x256)
+SHIFTED_CHUNK_BYTES = 64 * 2**20  # laid-out input per shifted-correlation product (a 128-image batch up to 8x8x256)
 
 
 class LayerPruner:
@@ -255,7 +255,7 @@ class LayerPruner:
     def _add_shifted(self, inp: torch.Tensor, dense: torch.Tensor | None) -> None:
         layer, (H, W) = self.layer, inp.shape[-2:]
         (kh, kw), (ph, pw) = layer.kernel_size, layer.padding
-        step = max(1, SHIFTED_CHUNK_BYTES // (4 * inp.shape[1] * (H + 2 * ph + kh) * (W + 2 * pw + kw)))
+        step = max(1, SHIFTED_CHUNK_BYTES // (4 * inp.shape[1] * (H + kh - 1) * (W + kw - 1)))
         dense_chunks = dense.split(step) if self._cross_in_chunks else None
         self._buffers(inp.device)
         for i, chunk in enumerate(inp.split(step)):
