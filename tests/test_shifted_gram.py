@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnn_sparsegpt.kernels.shifted_gram import cheaper, conv_gram, offsets
+from cnn_sparsegpt.kernels import shifted_gram
+from cnn_sparsegpt.kernels.shifted_gram import by_cells, cheaper, conv_gram, offsets
 from cnn_sparsegpt.pruning.layer import LayerPruner
 
 
@@ -20,13 +21,18 @@ def _im2col_gram(x, kernel, padding, y=None):
 
 @pytest.mark.parametrize("shape,kernel,padding", [
     ((3, 4, 7, 6), (3, 3), (1, 1)), ((2, 5, 6, 8), (3, 3), (0, 0)), ((2, 3, 9, 7), (5, 5), (2, 2)),
-    ((2, 3, 6, 6), (1, 3), (0, 1)), ((2, 3, 6, 7), (3, 3), (2, 1)), ((1, 2, 3, 3), (3, 3), (1, 1))])
+    ((2, 3, 6, 6), (1, 3), (0, 1)), ((2, 3, 6, 7), (3, 3), (2, 1)), ((1, 2, 3, 3), (3, 3), (1, 1)),
+    ((2, 3, 4, 4), (5, 5), (2, 2)), ((2, 3, 4, 5), (3, 3), (1, 1))])  # (5×5 at 4×4: offsets with no pixel pairs)
 @pytest.mark.parametrize("cross", [False, True])
-def test_shifted_gram_equals_the_im2col_product(shape, kernel, padding, cross):
+@pytest.mark.parametrize("cells", [False, True])
+def test_shifted_gram_equals_the_im2col_product(shape, kernel, padding, cross, cells, monkeypatch):
+    """Both ways (whole-input GEMMs less the strips outside each window, and cells) on every shape."""
+    monkeypatch.setattr(shifted_gram, "by_cells", lambda kernel, size: cells)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g)
     y = torch.randn(shape, generator=g) if cross else None
-    G, R = conv_gram(x, kernel, padding, y), _im2col_gram(x, kernel, padding, y)
+    R = _im2col_gram(x, kernel, padding, y)
+    G = conv_gram(x, kernel, padding, y, out=torch.full(R.shape, float("nan")))  # every block written, even zeros
     assert G.shape == R.shape and G.dtype == torch.float32
     torch.testing.assert_close(G.double(), R, rtol=1e-5, atol=1e-5 * float(R.abs().max()))
     if not cross:
@@ -35,8 +41,9 @@ def test_shifted_gram_equals_the_im2col_product(shape, kernel, padding, cross):
 
 def test_offsets_and_the_cost_rule():
     assert offsets((3, 3)) == 13 and offsets((3, 3), symmetric=False) == 25 and offsets((1, 1)) == 1
-    assert cheaper((3, 3), (1, 1), (32, 32)) and cheaper((3, 3), (1, 1), (8, 8))
-    assert not cheaper((3, 3), (1, 1), (4, 4)) and not cheaper((1, 1), (0, 0), (32, 32))
+    assert all(cheaper((3, 3), (1, 1), (n, n)) for n in (32, 16, 8, 7, 4, 1))
+    assert not cheaper((3, 3), (0, 0), (3, 3)) and not cheaper((1, 1), (0, 0), (32, 32))
+    assert by_cells((3, 3), (8, 8)) and by_cells((3, 3), (4, 4)) and not by_cells((3, 3), (16, 16))
 
 
 def _accumulated(conv, x, xd, dense_target, shifted=None, rhs_outputs=None, monkeypatch=None):
