@@ -83,6 +83,7 @@ def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]
     taps = kh * kw
     if out is None:
         out, beta = torch.empty(taps * C, taps * C, device=x.device), 0.0
+    buf = zx.new_empty(C, C)
     for t in range(taps):
         a, b = divmod(t, kw)
         for t2 in range(t if y is None else 0, taps):
@@ -93,13 +94,17 @@ def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]
             clo, chi = max(0, -dc), min(W, W - dc)
             i0, i1 = max(rlo, a - ph), min(rhi, a - ph + Ho)
             j0, j1 = max(clo, b - pw), min(chi, b - pw + Wo)
+            block = buf  # one reused C×C buffer: the sums below allocate nothing
             if i0 >= i1 or j0 >= j1:
-                block = zx.new_zeros(C, C)
+                block.zero_()
             elif cells:
-                rows, cols = _segments(i0, i1, row_cuts), _segments(j0, j1, col_cuts)
-                block = sum(piece(r0, r1, c0, c1, dr, dc) for r0, r1 in rows for c0, c1 in cols)
+                parts = [piece(r0, r1, c0, c1, dr, dc) for r0, r1 in _segments(i0, i1, row_cuts)
+                         for c0, c1 in _segments(j0, j1, col_cuts)]
+                block.copy_(parts[0])
+                for part in parts[1:]:
+                    block += part
             else:
-                block = full(dr, dc).clone()
+                block.copy_(full(dr, dc))
                 for r0, r1 in ((rlo, i0), (i1, rhi)):  # rows outside the window, every column
                     if r0 < r1:
                         block -= piece(r0, r1, clo, chi, dr, dc)

@@ -161,23 +161,29 @@ def _solve_block(W1, Err1, mask1, Hinv1, pattern: Pattern, grid: Grid | None = N
     """The column-by-column part of one block, in place: W1 updated, Err1 filled, mask1 chosen (N:M), and with
     a grid, kept weights rounded to it."""
     n, m = pattern.n, pattern.m
-    dinv = torch.diagonal(Hinv1, dim1=-2, dim2=-1)[:, None, :]
+    # The loop works on the block transposed, (G, columns, rows): each column contiguous, which makes its
+    # per-column kernels ~1.4x faster at 512 rows than on strided columns, with the same arithmetic per weight.
+    Wt, Et, Mt = (x.transpose(1, 2).contiguous() for x in (W1, Err1, mask1))
+    dinv = torch.diagonal(Hinv1, dim1=-2, dim2=-1)[:, :, None]  # (G, columns, 1)
     dinv2, inv_dinv = dinv ** 2, 1 / dinv
     column_grid = None if grid is None else Grid(grid.scale[..., 0], grid.zero[..., 0], grid.bits)  # (G, rows)
     # Per column, three kernels: the error of zeroing the pruned weights (w·mask / [H⁻¹]ᵢᵢ, written
     # straight into Err1) and its rank-1 update of the block's remaining columns.
-    for i in range(W1.shape[-1]):
+    for i in range(Wt.shape[1]):
         if pattern.is_nm and i % m == 0:
-            mask1[:, :, i:i + m] = nm_prune_mask(W1[:, :, i:i + m] ** 2 / dinv2[:, :, i:i + m], n, m)
+            scores = (Wt[:, i:i + m] ** 2 / dinv2[:, i:i + m]).transpose(1, 2)  # (G, rows, m)
+            Mt[:, i:i + m] = nm_prune_mask(scores, n, m).transpose(1, 2)
         if grid is None:
-            err1 = torch.mul(W1[:, :, i], mask1[:, :, i], out=Err1[:, :, i])
+            err1 = torch.mul(Wt[:, i], Mt[:, i], out=Et[:, i])
         else:  # target of column i: its grid point, or 0 if pruned
-            q = column_grid.quantize(W1[:, :, i]).masked_fill_(mask1[:, :, i], 0)
-            err1 = torch.sub(W1[:, :, i], q, out=Err1[:, :, i])
-        err1.mul_(inv_dinv[:, :, i])
-        W1[:, :, i:].addcmul_(err1[:, :, None], Hinv1[:, i:i + 1, i:], value=-1)
+            q = column_grid.quantize(Wt[:, i]).masked_fill_(Mt[:, i], 0)
+            err1 = torch.sub(Wt[:, i], q, out=Et[:, i])
+        err1.mul_(inv_dinv[:, i])
+        Wt[:, i:].addcmul_(Hinv1[:, i, i:, None], err1[:, None, :], value=-1)
         if grid is not None:
-            W1[:, :, i] = q  # exactly on the grid (the update leaves it there up to rounding)
+            Wt[:, i] = q  # exactly on the grid (the update leaves it there up to rounding)
+    for x, xt in ((W1, Wt), (Err1, Et), (mask1, Mt)):
+        x.copy_(xt.transpose(1, 2))
 
 
 def prune_matrix(Wg: torch.Tensor, H: torch.Tensor, method: str, pattern: Pattern, percdamp: float = 0.01,
