@@ -150,8 +150,8 @@ def flops(kernel: tuple[int, int], padding: tuple[int, int], size: tuple[int, in
 def cheaper(kernel: tuple[int, int], padding: tuple[int, int], size: tuple[int, int]) -> bool:
     """Whether the shifted product of XXᵀ takes clearly fewer flops than im2col's (which also copies the input k²
     times first). Measured on this project's 2-core CPU (ResNet-18's 3×3 convs, 64–512 channels at 32²–4², flop
-    ratios 0.36, 0.41, 0.26 and 0.16, the last two by cells): 2.9×, 2.9×, 1.9× and 1.4× faster; 0.6 keeps a margin
-    (an unpadded 3×3 conv on a 3×3 map: 1.1, im2col)."""
+    ratios 0.36, 0.41, 0.26 and 0.16, the last two by cells): 2.9×, 2.6×, 2.0× and 1.6× faster (benchmarks/
+    hessian_rate.py, commit 200b08c); 0.6 keeps a margin (an unpadded 3×3 conv on a 3×3 map: 1.1, im2col)."""
     if kernel[0] * kernel[1] == 1:  # a 1×1 conv's columns are its input: nothing to save
         return False
     shifted, im2col = flops(kernel, padding, size)
