@@ -84,47 +84,56 @@ def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]
     if out is None:
         out, beta = torch.empty(taps * C, taps * C, device=x.device), 0.0
     buf = zx.new_empty(C, C)
-    for t in range(taps):
+    # blocks taken offset by offset, so that the memo of products holds one offset's at a time (at 4² and 512
+    # channels, all offsets' cells would be 117 MB)
+    pairs = _tap_pairs(kernel, symmetric=y is None)
+    for k, (dr, dc, t, t2) in enumerate(pairs):
+        if k and pairs[k - 1][:2] != (dr, dc):
+            memo.clear()
         a, b = divmod(t, kw)
-        for t2 in range(t if y is None else 0, taps):
-            dr, dc = divmod(t2, kw)[0] - a, divmod(t2, kw)[1] - b
-            # where both y[u, v] and x[u+δr, v+δc] are real (not padding): rows [rlo, rhi), columns [clo, chi);
-            # of those, the tap's window: rows [i0, i1), columns [j0, j1)
-            rlo, rhi = max(0, -dr), min(H, H - dr)
-            clo, chi = max(0, -dc), min(W, W - dc)
-            i0, i1 = max(rlo, a - ph), min(rhi, a - ph + Ho)
-            j0, j1 = max(clo, b - pw), min(chi, b - pw + Wo)
-            block = buf  # one reused C×C buffer: the sums below allocate nothing
-            if i0 >= i1 or j0 >= j1:
-                block.zero_()
-            elif cells:
-                parts = [piece(r0, r1, c0, c1, dr, dc) for r0, r1 in _segments(i0, i1, row_cuts)
-                         for c0, c1 in _segments(j0, j1, col_cuts)]
-                block.copy_(parts[0])
-                for part in parts[1:]:
-                    block += part
-            else:
-                block.copy_(full(dr, dc))
-                for r0, r1 in ((rlo, i0), (i1, rhi)):  # rows outside the window, every column
-                    if r0 < r1:
-                        block -= piece(r0, r1, clo, chi, dr, dc)
-                for c0, c1 in ((clo, j0), (j1, chi)):  # columns outside the window, rows inside it
-                    if c0 < c1:
-                        block -= piece(i0, i1, c0, c1, dr, dc)
-            if y is None and t2 == t:  # exactly symmetric, as accumulate_xxt_ makes it (a GEMM's XXᵀ need not be)
-                block = block.triu() + block.triu(1).t()
-            targets = [(out[t * C:(t + 1) * C, t2 * C:(t2 + 1) * C], block)]
-            if y is None and t2 != t:
-                targets.append((out[t2 * C:(t2 + 1) * C, t * C:(t + 1) * C], block.t()))
-            for where, value in targets:
-                where.copy_(value) if beta == 0 else where.add_(value)
+        # where both y[u, v] and x[u+δr, v+δc] are real (not padding): rows [rlo, rhi), columns [clo, chi);
+        # of those, the tap's window: rows [i0, i1), columns [j0, j1)
+        rlo, rhi = max(0, -dr), min(H, H - dr)
+        clo, chi = max(0, -dc), min(W, W - dc)
+        i0, i1 = max(rlo, a - ph), min(rhi, a - ph + Ho)
+        j0, j1 = max(clo, b - pw), min(chi, b - pw + Wo)
+        block = buf  # one reused C×C buffer: the sums below allocate nothing
+        if i0 >= i1 or j0 >= j1:
+            block.zero_()
+        elif cells:
+            parts = [piece(r0, r1, c0, c1, dr, dc) for r0, r1 in _segments(i0, i1, row_cuts)
+                     for c0, c1 in _segments(j0, j1, col_cuts)]
+            block.copy_(parts[0])
+            for part in parts[1:]:
+                block += part
+        else:
+            block.copy_(full(dr, dc))
+            for r0, r1 in ((rlo, i0), (i1, rhi)):  # rows outside the window, every column
+                if r0 < r1:
+                    block -= piece(r0, r1, clo, chi, dr, dc)
+            for c0, c1 in ((clo, j0), (j1, chi)):  # columns outside the window, rows inside it
+                if c0 < c1:
+                    block -= piece(i0, i1, c0, c1, dr, dc)
+        if y is None and t2 == t:  # exactly symmetric, as accumulate_xxt_ makes it (a GEMM's XXᵀ need not be)
+            block = block.triu() + block.triu(1).t()
+        targets = [(out[t * C:(t + 1) * C, t2 * C:(t2 + 1) * C], block)]
+        if y is None and t2 != t:
+            targets.append((out[t2 * C:(t2 + 1) * C, t * C:(t + 1) * C], block.t()))
+        for where, value in targets:
+            where.copy_(value) if beta == 0 else where.add_(value)
     return out
 
 
-def _deltas(kernel: tuple[int, int], symmetric: bool = True) -> set[tuple[int, int]]:
+def _tap_pairs(kernel: tuple[int, int], symmetric: bool = True) -> list[tuple[int, int, int, int]]:
+    """(δr, δc, t, t2) for every block of the product (t ≤ t2 when symmetric), sorted by offset."""
     kh, kw = kernel
-    taps = [divmod(t, kw) for t in range(kh * kw)]
-    return {(a2 - a, b2 - b) for i, (a, b) in enumerate(taps) for (a2, b2) in taps[i if symmetric else 0:]}
+    taps = kh * kw
+    return sorted((divmod(t2, kw)[0] - divmod(t, kw)[0], divmod(t2, kw)[1] - divmod(t, kw)[1], t, t2)
+                  for t in range(taps) for t2 in range(t if symmetric else 0, taps))
+
+
+def _deltas(kernel: tuple[int, int], symmetric: bool = True) -> set[tuple[int, int]]:
+    return {pair[:2] for pair in _tap_pairs(kernel, symmetric)}
 
 
 def offsets(kernel: tuple[int, int], symmetric: bool = True) -> int:
