@@ -124,7 +124,7 @@ def measure_floor(arch, weights, data_dir, nsamples, device, batch_size=128):
         t_hessian = 0.0
 
         flops = {"im2col": 0.0, "pruner": 0.0}  # Hessian flops of the im2col products and of the pruner's path
-        shifted = {}
+        path = {}  # the pruner's way to H per layer
 
         def accumulate(module, inp):  # the same blocked symmetric product on the same chunks as the pruner's
             nonlocal t_hessian
@@ -132,12 +132,13 @@ def measure_floor(arch, weights, data_dir, nsamples, device, batch_size=128):
             x = inp[0]
             im2col = p.d ** 2 * p.columns(x[:1]).shape[-1] * len(x)  # d²·T: the symmetric half
             flops["im2col"] += im2col
-            if names[module] not in shifted:  # asked of a fresh pruner: p's H was read, which ends its accumulation
-                shifted[names[module]] = LayerPruner(module, names[module]).shifted(x)
-            if shifted[names[module]]:
+            if names[module] not in path:  # asked of a fresh pruner: p's H was read, which ends its accumulation
+                fresh = LayerPruner(module, names[module])
+                path[names[module]] = "shifted" if fresh.shifted(x) else "pointwise" if fresh.pointwise(x) else ""
+            if path[names[module]] == "shifted":
                 flops["pruner"] += gram_flops(module.kernel_size, module.padding, x.shape[2:], x.shape[1], len(x))[0]
-            else:
-                flops["pruner"] += im2col
+            else:  # pointwise: per-image products, both halves
+                flops["pruner"] += 2 * im2col if path[names[module]] == "pointwise" else im2col
             for chunk in x.split(p.chunk_images(x)):
                 t, _ = timed(lambda chunk=chunk: accumulate_xxt_(p.H, p.columns(chunk)), device)
                 t_hessian += t

@@ -76,6 +76,30 @@ def test_layer_pruner_takes_the_shifted_path_with_the_same_hessian(dense_target,
             assert R is None
 
 
+@pytest.mark.parametrize("dense_target", [False, True])
+def test_pointwise_convs_sum_h_image_by_image_with_the_same_hessian(dense_target, monkeypatch):
+    """A 1×1 conv's H from per-image views (LayerPruner.pointwise) against the copied columns' blocked product."""
+    conv = nn.Conv2d(8, 20, 1, bias=False)  # 20 rows >= d/2: the cross term is summed with the columns
+    g = torch.Generator().manual_seed(3)
+    x, xd = torch.randn(20, 8, 5, 6, generator=g), torch.randn(20, 8, 5, 6, generator=g)
+    assert LayerPruner(conv, "c").pointwise(x) and not LayerPruner(conv, "c").pointwise(x[:, :, :2, :2])
+    with monkeypatch.context() as m:
+        m.setattr(LayerPruner, "pointwise", lambda self, inp: False)
+        ref = _accumulated(conv, x, xd, dense_target, monkeypatch=monkeypatch)
+    n, H, R = _accumulated(conv, x, xd, dense_target, monkeypatch=monkeypatch)
+    assert n == ref[0] == 20 * 5 * 6 and torch.equal(H, H.transpose(-1, -2))
+    torch.testing.assert_close(H, ref[1], rtol=1e-5, atol=1e-5 * float(ref[1].abs().max()))
+    if dense_target:
+        torch.testing.assert_close(R, ref[2], rtol=1e-4, atol=1e-5 * float(ref[2].abs().max()))
+
+
+def test_strided_padded_and_grouped_1x1_convs_keep_the_columns():
+    x = torch.randn(2, 8, 16, 16)
+    for conv in (nn.Conv2d(8, 8, 1, stride=2), nn.Conv2d(8, 8, 1, padding=1), nn.Conv2d(8, 8, 1, groups=2),
+                 nn.Conv2d(8, 8, 3, padding=1)):
+        assert not LayerPruner(conv, "c").pointwise(x)
+
+
 @pytest.mark.parametrize("layer", [nn.Conv2d(8, 4, 3, stride=2, padding=1, groups=2), nn.Linear(24, 5)])
 def test_dense_target_rhs_from_outputs_equals_w_times_d(layer, monkeypatch):
     """R = W·D summed from the outputs (a forward and a weight-gradient conv) against W·Σ(X_d − X_p)X_pᵀ."""
