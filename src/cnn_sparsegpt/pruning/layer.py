@@ -58,7 +58,7 @@ class LayerResult:
             {"wbits": self.quant["bits"]} if self.quant else {})
 
 
-SHIFTED_CHUNK_BYTES = 64 * 2**20  # laid-out input per shifted-correlation product (a 128-image batch up to 8x8x256)
+SHIFTED_CHUNK_BYTES = 64 * 2**20  # laid-out input per shifted-correlation product (a whole 128-image ResNet-18 batch)
 
 
 class LayerPruner:
