@@ -195,16 +195,18 @@ class LayerPruner:
     def column_sums(self, inp: torch.Tensor, square: bool = False) -> tuple[torch.Tensor, int]:
         """Σ of `columns(inp)` over its columns (groups, d) in float64 (of their squares with `square`: diag(XXᵀ)),
         and how many columns there are, without unfolding: for a conv, each tap's sum is the batch-summed input over
-        the window that tap sees."""
+        the window that tap sees. The batch's images are summed in float32 (a pairwise sum: ~1e-7 relative), the
+        windows and the batches in float64, as H's sums are: converting the whole batch to float64 first took 25× as
+        long (128 images of 64×32²: 25 ms against 1 ms), seconds in a ResNet-18 prune."""
         layer = self.layer
-        inp = inp.double().square() if square else inp.double()
+        inp = inp.float().square() if square else inp.float()
         if isinstance(layer, nn.Linear):
-            return inp.reshape(-1, self.d).sum(0)[None], inp.numel() // self.d
+            return inp.reshape(-1, self.d).sum(0).double()[None], inp.numel() // self.d
         padding = layer.padding
         if isinstance(padding, str) or layer.padding_mode != "zeros":  # as in columns (padding commutes with x²)
             mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
             inp, padding = F.pad(inp, layer._reversed_padding_repeated_twice, mode=mode), (0, 0)
-        x = F.pad(inp.sum(0), (padding[1], padding[1], padding[0], padding[0]))  # (C, H', W')
+        x = F.pad(inp.sum(0).double(), (padding[1], padding[1], padding[0], padding[0]))  # (C, H', W')
         (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
         ho, wo = (x.shape[1] - dh * (kh - 1) - 1) // sh + 1, (x.shape[2] - dw * (kw - 1) - 1) // sw + 1
         taps = torch.stack([x[:, i * dh:i * dh + sh * (ho - 1) + 1:sh, j * dw:j * dw + sw * (wo - 1) + 1:sw].sum((1, 2))
