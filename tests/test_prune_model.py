@@ -270,6 +270,25 @@ def test_low_memory_recomputes_long_chains():
     assert all(r.forward_passes == 1 and r.sparsity == 0.5 for r in reports)
 
 
+@pytest.mark.parametrize("pattern", [{"sparsity": 0.5}, {"sparsity": 0.7}, {"nm": "2:4"}])
+def test_exact_solver_counts_and_zeros_on_depthwise_and_pointwise_convs(pattern):
+    """The exact solver without a refinement (too few samples, or --refine none): removed weights exactly 0 (its
+    later updates once gave them rounding noise back), and a depthwise conv's count carried across its 9-weight
+    groups (each group once rounded on its own: 4 of 9, 0.44 of the layer)."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                          nn.Conv2d(16, 24, 1), nn.AdaptiveAvgPool2d(1), nn.Conv2d(24, 8, 1), nn.Flatten(),
+                          nn.Linear(8, 4)).eval()
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    rep = prune_model(model, x, PUBLISHED, solver="exact", progress=False, **pattern)
+    pruned = [r for r in rep.layers if not r.skipped]
+    assert len(pruned) == (3 if "sparsity" in pattern else 2)  # 2:4 skips the depthwise conv (1 input per group)
+    for r in pruned:
+        w = dict(model.named_modules())[r.name].weight
+        assert r.solver == "exact" and torch.equal(w == 0, ~r.mask), r.name
+        if "sparsity" in pattern:
+            assert abs(int((~r.mask).sum()) - pattern["sparsity"] * w.numel()) <= 1, r.name
+
+
 @pytest.mark.parametrize("name", ["mobilenet_v2", "efficientnet_b0"])
 @pytest.mark.parametrize("method", ["sparsegpt", "magnitude", "wanda"])
 def test_every_pruned_layer_gets_its_count(name, method):
