@@ -12,8 +12,7 @@ import time
 import torch
 from torch import nn
 
-from cnn_sparsegpt.kernels.shifted_gram import by_cells
-from cnn_sparsegpt.kernels.shifted_gram import flops as gram_flops
+from cnn_sparsegpt.kernels.shifted_gram import by_cells, flops as gram_flops
 from cnn_sparsegpt.pruning.layer import LayerPruner
 from cnn_sparsegpt.utils import atomic_write_json, run_metadata
 

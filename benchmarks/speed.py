@@ -137,8 +137,10 @@ def measure_floor(arch, weights, data_dir, nsamples, device, batch_size=128):
                 path[names[module]] = "shifted" if fresh.shifted(x) else "pointwise" if fresh.pointwise(x) else ""
             if path[names[module]] == "shifted":
                 flops["pruner"] += gram_flops(module.kernel_size, module.padding, x.shape[2:], x.shape[1], len(x))[0]
-            else:  # pointwise: per-image products, both halves
-                flops["pruner"] += 2 * im2col if path[names[module]] == "pointwise" else im2col
+            elif path[names[module]] == "pointwise":  # per-image products, both halves
+                flops["pruner"] += 2 * im2col
+            else:
+                flops["pruner"] += im2col
             for chunk in x.split(p.chunk_images(x)):
                 t, _ = timed(lambda chunk=chunk: accumulate_xxt_(p.H, p.columns(chunk)), device)
                 t_hessian += t

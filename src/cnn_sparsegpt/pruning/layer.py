@@ -245,14 +245,19 @@ class LayerPruner:
         columns = max(1, per_image // (4 * self.d * self.groups))  # patches per image
         return max(1, chunk_bytes // max(per_image, 1), -(-min_columns // columns))
 
+    def _stride1_conv_hessian(self, inp: torch.Tensor) -> bool:
+        """Whether this is an ungrouped stride-1 conv, fed images (B, C, H, W), whose H is wanted: what the two
+        paths below need before their own conditions."""
+        layer = self.layer
+        return (isinstance(layer, nn.Conv2d) and self.groups == 1 and layer.stride == (1, 1) and self.S is not None
+                and inp.ndim == 4)
+
     def shifted(self, inp: torch.Tensor) -> bool:
         """Whether H comes from shifted correlations of the input (kernels/shifted_gram.py) instead of im2col
         columns: a plain stride-1 conv where that takes clearly fewer flops (3×3 convs at 8² and more)."""
         layer = self.layer
-        return (isinstance(layer, nn.Conv2d) and self.groups == 1 and layer.stride == (1, 1)
-                and layer.dilation == (1, 1) and not isinstance(layer.padding, str) and layer.padding_mode == "zeros"
-                and self.S is not None and inp.ndim == 4
-                and cheaper(layer.kernel_size, layer.padding, tuple(inp.shape[-2:])))
+        return (self._stride1_conv_hessian(inp) and layer.dilation == (1, 1) and not isinstance(layer.padding, str)
+                and layer.padding_mode == "zeros" and cheaper(layer.kernel_size, layer.padding, tuple(inp.shape[-2:])))
 
     def pointwise(self, inp: torch.Tensor) -> bool:
         """Whether H is summed image by image on the input's own memory: a 1×1 stride-1 unpadded conv, whose
@@ -261,15 +266,14 @@ class LayerPruner:
         s, 256 at 56² 0.38 → 0.26 s, 512 at 28² 0.28 → 0.20 s; thinner products (1024 at 14², 2048 at 7²) were
         as fast or slower than the copied columns' blocked product."""
         layer = self.layer
-        return (isinstance(layer, nn.Conv2d) and self.groups == 1 and layer.kernel_size == (1, 1)
-                and layer.stride == (1, 1) and layer.padding == (0, 0) and self.S is not None and inp.ndim == 4
+        return (self._stride1_conv_hessian(inp) and layer.kernel_size == (1, 1) and layer.padding == (0, 0)
                 and inp.shape[-2] * inp.shape[-1] >= inp.shape[1])
 
     def _add_pointwise(self, inp: torch.Tensor, dense: torch.Tensor | None) -> None:
         self._buffers(inp.device)
         x = inp.float().reshape(len(inp), inp.shape[1], -1)  # (B, C, H·W): a view of contiguous inputs
         if self._cross_in_chunks:
-            delta = (dense.float() - inp.float()).reshape(x.shape)
+            delta = dense.float().reshape(x.shape) - x
             self._chunk_d[0].addbmm_(delta, x.transpose(1, 2), beta=0.0)
         self._chunk[0].addbmm_(x, x.transpose(1, 2), beta=0.0)  # both halves: add_upper_ reads the upper ones
         self.nsamples += x.shape[0] * x.shape[2]
