@@ -134,3 +134,44 @@ def test_upper_block_sums_mirrored_once_equal_the_full_product(d):
     X = torch.cat(chunks, -1).double()
     assert torch.equal(S, S.transpose(1, 2))
     torch.testing.assert_close(S, X @ X.transpose(1, 2), rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("shifted, rhs_outputs", [(None, True), (None, False), (False, False)])
+def test_unchanged_batches_skip_the_cross_term_with_the_same_sums(shifted, rhs_outputs, monkeypatch):
+    """Batches whose dense inputs equal the pruned ones (no pruned layer upstream) add exactly 0 to the dense
+    target's cross term: skipped (R from the outputs, or with the chunks on the shifted and im2col paths), the same
+    R, H and input means as when computed."""
+    import cnn_sparsegpt.pruning.layer as layer_module
+
+    conv = nn.Conv2d(8, 6, 3, padding=1, bias=False)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(21, 8, 10, 10, generator=g)
+    xd = torch.cat([x[:14], torch.randn(7, 8, 10, 10, generator=g)])  # two unchanged batches of 7, one changed
+
+    def run(skip):
+        calls = []
+        with monkeypatch.context() as m:
+            if not skip:
+                m.setattr(layer_module.torch, "equal", lambda a, b: False)
+            m.setattr(layer_module, "conv_gram", lambda *a, **k: (calls.append(k.get("y") is not None),
+                                                                   conv_gram(*a, **k))[1])
+            m.setattr(LayerPruner, "_rhs_product", lambda self, *a: (calls.append(True),
+                                                                      orig_rhs(self, *a))[1])
+            if shifted is False:  # the im2col path: the cross term's columns are a second call per chunk
+                m.setattr(LayerPruner, "columns", lambda self, inp: (calls.append(True), orig_columns(self, inp))[1])
+            if shifted is not None:
+                m.setattr(LayerPruner, "shifted", lambda self, inp: shifted)
+            m.setattr(LayerPruner, "rhs_from_outputs", lambda self: rhs_outputs)
+            p = LayerPruner(conv, "c", track_mean=True, dense_target=True)
+            for b, bd in zip(x.split(7), xd.split(7)):
+                p.add_batch(b, bd)
+            means = p.input_mean(), p.input_mean(dense=True)
+            return p.H, p.R, means, sum(calls) - (3 if shifted is False else 0)  # (the 3 batches' own columns)
+
+    orig_rhs, orig_columns = LayerPruner._rhs_product, LayerPruner.columns
+    H, R, means, cross = run(skip=True)
+    H0, R0, means0, cross0 = run(skip=False)
+    assert (cross, cross0) == (1, 3)  # one cross product per changed batch, whichever way it is summed
+    assert torch.count_nonzero(R) > 0
+    for a, b in ((H, H0), (R, R0), (means[0], means0[0]), (means[1], means0[1])):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))

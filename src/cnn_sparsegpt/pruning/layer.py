@@ -120,12 +120,12 @@ class LayerPruner:
         if self._cross_in_chunks and self._chunk_d is None:
             self._chunk_d = torch.empty(self.SD.shape, device=device)
 
-    def _add_batch_sums(self) -> None:
+    def _add_batch_sums(self, cross: bool) -> None:
         """Add a batch's float32 sums to the float64 ones: one term per batch, whatever its chunks, so the same terms
-        however whole batches go to torchrun ranks."""
+        however whole batches go to torchrun ranks. cross: the batch summed a cross term in `_chunk_d`."""
         if self.S is not None:  # ΣXXᵀ is summed on its upper blocks only, and mirrored once when read (H)
             add_upper_(self.S, self._chunk)
-        if self._cross_in_chunks:
+        if cross:
             self.SD.add_(self._chunk_d)
 
     def _finish(self, S: torch.Tensor | None) -> torch.Tensor | None:
@@ -272,27 +272,27 @@ class LayerPruner:
     def _add_pointwise(self, inp: torch.Tensor, dense: torch.Tensor | None) -> None:
         self._buffers(inp.device)
         x = inp.float().reshape(len(inp), inp.shape[1], -1)  # (B, C, H·W): a view of contiguous inputs
-        if self._cross_in_chunks:
+        if dense is not None:
             delta = dense.float().reshape(x.shape) - x
             self._chunk_d[0].addbmm_(delta, x.transpose(1, 2), beta=0.0)
         self._chunk[0].addbmm_(x, x.transpose(1, 2), beta=0.0)  # both halves: add_upper_ reads the upper ones
         self.nsamples += x.shape[0] * x.shape[2]
-        self._add_batch_sums()
+        self._add_batch_sums(dense is not None)
 
     def _add_shifted(self, inp: torch.Tensor, dense: torch.Tensor | None) -> None:
         layer, (H, W) = self.layer, inp.shape[-2:]
         (kh, kw), (ph, pw) = layer.kernel_size, layer.padding
         step = max(1, SHIFTED_CHUNK_BYTES // (4 * inp.shape[1] * (H + kh - 1) * (W + kw - 1)))
-        dense_chunks = dense.split(step) if self._cross_in_chunks else None
+        dense_chunks = None if dense is None else dense.split(step)
         self._buffers(inp.device)
         for i, chunk in enumerate(inp.split(step)):
             beta = 0.0 if i == 0 else 1.0  # start the batch's sums, then add to them
-            if self._cross_in_chunks:
+            if dense is not None:
                 conv_gram(chunk, layer.kernel_size, layer.padding, y=dense_chunks[i] - chunk, out=self._chunk_d[0],
                           beta=beta)
             conv_gram(chunk, layer.kernel_size, layer.padding, out=self._chunk[0], beta=beta)
             self.nsamples += len(chunk) * (H + 2 * ph - kh + 1) * (W + 2 * pw - kw + 1)
-        self._add_batch_sums()
+        self._add_batch_sums(dense is not None)
 
     def add_batch(self, inp: torch.Tensor, dense: torch.Tensor | None = None) -> None:
         """Fold a batch of layer inputs into H, a few images at a time so the unfolded patches stay small.
@@ -301,14 +301,19 @@ class LayerPruner:
             raise RuntimeError(f"{self.name}: H was already read; no more batches can be added")
         if not len(inp):
             return
-        if self.rhs_outputs:
+        # inputs the pruning has not changed yet (no pruned layer upstream: ResNet-18's first block) add exactly 0 to
+        # the dense target's cross term: its products are skipped, with the same sums (one layer's R, ~1 s there)
+        changed = dense is not None and self.SD is not None and not torch.equal(dense, inp)
+        if self.rhs_outputs and changed:
             self.SD.add_(self._rhs_product(inp, dense))
         if self.colsum is not None:
             sums, _ = self.column_sums(inp)
             self.colsum += sums
             if self.colsum_d is not None:  # (colsum_d exists only beside colsum)
-                self.colsum_d += sums if dense is None else self.column_sums(dense)[0]
-        if self.colsq is not None and not self._cross_in_chunks:  # no H, no columns: diag(XXᵀ) from sums of x²
+                self.colsum_d += self.column_sums(dense)[0] if changed else sums
+        cross = self._cross_in_chunks and changed
+        dense = dense if cross else None  # from here on: the inputs whose cross term the chunks sum, if any
+        if self.colsq is not None and not cross:  # no H, no columns: diag(XXᵀ) from sums of x²
             squares, columns = self.column_sums(inp, square=True)
             self.colsq += squares
             self.nsamples += columns
@@ -318,19 +323,19 @@ class LayerPruner:
         if self.pointwise(inp):
             return self._add_pointwise(inp, dense)
         step = self.chunk_images(inp)
-        dense_chunks = dense.split(step) if self._cross_in_chunks else None
+        dense_chunks = None if dense is None else dense.split(step)
         self._buffers(inp.device)
         for i, chunk in enumerate(inp.split(step)):
             X = self.columns(chunk)
             beta = 0.0 if i == 0 else 1.0  # start the batch's sums, then add to them
-            if self._cross_in_chunks:
+            if dense is not None:
                 self._chunk_d.baddbmm_(self.columns(dense_chunks[i] - chunk), X.transpose(1, 2), beta=beta)
             if self.S is not None:
                 accumulate_xxt_(self._chunk, X, beta=beta, mirror=False)
             else:  # no H but the cross term's columns: diag(XXᵀ) from the same columns
                 self.colsq += X.square().sum(-1).double()
             self.nsamples += X.shape[-1]
-        self._add_batch_sums()
+        self._add_batch_sums(dense is not None)
 
     def hessian_diagonal(self) -> torch.Tensor:
         """diag(H) = 2·mean(x_j²) per input column (G, d), from H or from the column sums."""
