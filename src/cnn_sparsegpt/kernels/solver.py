@@ -30,18 +30,17 @@ METHODS = tuple(NEEDS)
 # the lazy H⁻¹ update made it 5 s and flat gathers 4 s, so that which layers get which solver, hence results, did
 # not move). Measured on this 2-core CPU (float32, unstructured, benchmarks/exact_obs_speed.py): 64 rows × d 576
 # (ResNet-20's widest, 1.2e10) 0.5 s, 128 × 1152 (2e11) 4 s; ResNet-18's 256 × 2304 (3e12) would take minutes per
-# layer and 512 × 4608 an hour, so those go to SparseGPT. N:M patterns go to SparseGPT as well: on ResNet-20's
-# held-out images it was as good as the exact solver at 2:4 and better at 4:8 (docs/RESULTS.md), and faster.
+# layer and 512 × 4608 an hour, so those go to SparseGPT.
 SOLVERS = ("sparsegpt", "exact", "auto")
 EXACT_BUDGET = 2e11
 
 
-def choose_solver(solver: str, rows: int, d: int, quantized: bool, nm: bool = False) -> str:
-    """The solver a layer of `rows` outputs and d inputs gets: 'auto' resolved by cost for unstructured masks,
-    SparseGPT for N:M ones (`nm`) and for quantized layers (GPTQ rounding lives in its column loop)."""
+def choose_solver(solver: str, rows: int, d: int, quantized: bool) -> str:
+    """The solver a layer of `rows` outputs and d inputs gets: 'auto' resolved by cost (SparseGPT for quantized
+    layers: GPTQ rounding lives in its column loop)."""
     if solver != "auto":
         return solver
-    return "exact" if not (quantized or nm) and cost_flops(rows, d) <= EXACT_BUDGET else "sparsegpt"
+    return "exact" if not quantized and cost_flops(rows, d) <= EXACT_BUDGET else "sparsegpt"
 
 
 def sparsegpt_factor(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, float]:

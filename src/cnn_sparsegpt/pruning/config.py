@@ -81,8 +81,7 @@ class PruneConfig:
     solver: str = opt("auto", "method sparsegpt's OBS solver: sparsegpt (one column sweep for all rows, lazy "
                       "updates), exact (OBC's ExactOBS: each row's cheapest weight removed one at a time with exact "
                       "inverse-Hessian updates; rows·d³ work) or auto (exact where a layer's rows·d³ is at most "
-                      f"{EXACT_BUDGET:.0e}, about 5 s of a 2-core CPU, at unstructured sparsities; sparsegpt "
-                      "elsewhere, for N:M and with wbits)", SOLVERS)
+                      f"{EXACT_BUDGET:.0e}, about 5 s of a 2-core CPU; sparsegpt elsewhere and with wbits)", SOLVERS)
     hessians: str = opt("pruned", "where each layer's Hessian comes from: pruned (its inputs in the network "
                         "pruned so far, SparseGPT's sequential scheme) or dense (its inputs in the dense network, "
                         "OBC's one-pass scheme; the layer then fits the dense outputs on dense inputs, so "

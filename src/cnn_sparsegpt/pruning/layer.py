@@ -417,8 +417,7 @@ class LayerPruner:
         scale = None if row_scale is None else row_scale.to(Wg).reshape(self.groups, -1)
         grid = fit_grid(Wg, wbits, config.quant_clip) if wbits else None
         if method == "sparsegpt":
-            res.solver = choose_solver(config.solver, Wg.shape[0] * Wg.shape[1], Wg.shape[-1], grid is not None,
-                                       pattern.is_nm)
+            res.solver = choose_solver(config.solver, Wg.shape[0] * Wg.shape[1], Wg.shape[-1], grid is not None)
         Q, pruned, res.percdamp = prune_matrix(Wg, Hg, method, pattern, percdamp, config.blocksize, scale, stats=stats,
                                                graphs=graphs, grid=grid, quant=config.quant, diagonal=diagonal,
                                                solver=res.solver or "sparsegpt")
