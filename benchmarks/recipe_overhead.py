@@ -49,8 +49,16 @@ def main() -> None:
             ("default, solver sparsegpt", RECOMMENDED, {"solver": "sparsegpt"})]
     if "sparsity" in target:
         runs.append(("default, allocation uniform", RECOMMENDED, {"allocation": "uniform"}))
+    # the recipe's parts added one at a time to the published prune (what each costs); only when asked by --row
+    steps = [("published, dense target", PUBLISHED, {"dense_target": True}),
+             ("published, dense target, intercept", PUBLISHED, {"dense_target": True, "intercept": True}),
+             ("published, dense target, intercept, cg", PUBLISHED, {"dense_target": True, "intercept": True,
+                                                                     "refine": "cg"})]
     if args.row:
-        runs = [r for r in runs if r[0] in args.row]
+        unknown = set(args.row) - {r[0] for r in runs + steps}
+        if unknown:
+            p.error(f"unknown --row {', '.join(sorted(unknown))}")
+        runs = [r for r in runs + steps if r[0] in args.row]
     for name, config, extra in runs:
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
