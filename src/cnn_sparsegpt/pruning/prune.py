@@ -27,6 +27,7 @@ from .batchnorm import bn_modules, bn_statistics_, recalibrate
 from .dense_target import DenseInputs
 from .intercept import fold_offset_, offset_sinks
 from .graph import PRUNABLE, GraphExecutor, GraphStop, inputs_of, memory_policy
+from .heap import reuse_freed_memory
 from .layer import LayerPruner, LayerResult, output_error
 from .layer_plan import choose_layers, forward_order
 from ..kernels.masks import Pattern
@@ -310,77 +311,81 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
                                            copies=2 if config.dense_target or config.hessians == "dense" else 1)
     else:
         policy = "low-memory" if low_memory else "default"
-    plan = choose_layers(model, order, config.ignore, not config.prune_all)
-    names = [n for n in order if not plan[n]]
-    permutation = permute_for_nm_(model, fitted, names, pattern, progress) if config.permute else {}
-    t0 = time.perf_counter()
-    row_scales = bn_row_scales(model) if config.bn_aware else {}
-    bns = set(bn_modules(model))
-    bn_names = [n for n, m in model.named_modules() if m in bns] if config.bn_recalibration else []
-    statcorr = StatCorrection(model, batches, names, bn_names) if config.stat_correction else None
-    chunk = cpu_batch_images(widest) if device.type == "cpu" else None
-    alloc = allocate(config, model, fitted, names, positions, row_scales, progress, chunk) if not pattern.is_nm \
-        else {"sparsity": {}}
-    patterns = {n: Pattern(sparsity=v) for n, v in alloc["sparsity"].items()} if config.allocation != "uniform" \
-        else {}
-    t_alloc = time.perf_counter() - t0
-    dense_hessians = config.hessians == "dense"
-    dense = DenseInputs(model, fitted) if config.dense_target or config.reconstruct or dense_hessians else None
-    gm = None
-    if use_fx:
-        try:
-            gm = fx.symbolic_trace(model)
-        except Exception as e:
-            warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}); "
-                          "falling back to one forward pass per layer", RuntimeWarning)
-    sinks = offset_sinks(model, names, gm, biases=False) if config.intercept else {}  # gm: traced once for both
-    run = _Pruner(model, plan, config, progress, patterns, row_scales, statcorr,
-                  dense if config.dense_target or dense_hessians else None, process_group, sinks)
-    run.t["allocation_and_dense_pass"] = t_alloc
-    if permutation:
-        run.t["permutation"] = permutation["seconds"]
-    passes = None
-    if gm is not None:
-        try:
-            passes = run.run_fx(gm, fitted, config.bn_recalibration, low_memory)
-        except GraphStop as e:
-            warnings.warn(f"cannot run the traced graph ({e}); one forward pass per layer", RuntimeWarning)
-    if passes is None:
-        passes = run.run_hooks(fitted, order, config.bn_recalibration)
-    run.bar.close()
-    losses = []
-    if config.reconstruct:
+    # the one-pass executor's activations, layer after layer: freed memory reused, not faulted in afresh (heap.py)
+    with reuse_freed_memory(device.type == "cpu" and not low_memory) as reused:
+        if reused:
+            policy += "; freed memory kept for reuse (glibc)"
+        plan = choose_layers(model, order, config.ignore, not config.prune_all)
+        names = [n for n in order if not plan[n]]
+        permutation = permute_for_nm_(model, fitted, names, pattern, progress) if config.permute else {}
         t0 = time.perf_counter()
-        masks = {f"{n}.weight": r.mask for n, r in run.results.items() if not r.skipped}
-        losses = reconstruct_model(model, dense.model, batches, masks, config.reconstruct, progress=progress)
-        if config.bn_recalibration and bn_modules(model):
-            recalibrate(bn_modules(model), model, batches)
-        run.t["reconstruct"] = time.perf_counter() - t0
-    if dense is not None:
-        dense.free()
-    model.train(was_training)
-    modules = dict(model.named_modules())
-    layers = []
-    for name, reason in plan.items():
-        res = run.results.get(name)
-        if res is None:
-            w = modules[name].weight
-            res = LayerResult(name, list(w.shape), config.method, str(pattern), skipped=True, reason=reason)
-        layers.append(res)
-    pruned = [r for r in layers if not r.skipped]
-    n_pruned = sum(r.mask.numel() for r in pruned)
-    report = PruneReport(config, nsamples, layers,
-                         seconds=time.perf_counter() - t_start, forward_passes=passes, timings=run.t,
-                         peak_stored_mb=run.peak_stored_mb, memory_policy=policy,
-                         allocation={k: v for k, v in alloc.items() if k != "sparsity"} | {
-                             "kind": config.allocation, "budget": config.budget},
-                         reconstruct={"epochs": config.reconstruct, "loss": losses} if config.reconstruct else {},
-                         stat_corrected=statcorr.corrected if statcorr else [],
-                         bn_recalibrated=config.bn_recalibration and bool(bn_modules(model)),
-                         world_size=dist.world(process_group), permutation=permutation)
-    report.sparsity = sum((~r.mask).sum().item() for r in pruned) / n_pruned if n_pruned else 0.0
-    report.total_sparsity = weight_sparsity(model)
-    return report
+        row_scales = bn_row_scales(model) if config.bn_aware else {}
+        bns = set(bn_modules(model))
+        bn_names = [n for n, m in model.named_modules() if m in bns] if config.bn_recalibration else []
+        statcorr = StatCorrection(model, batches, names, bn_names) if config.stat_correction else None
+        chunk = cpu_batch_images(widest) if device.type == "cpu" else None
+        alloc = allocate(config, model, fitted, names, positions, row_scales, progress, chunk) if not pattern.is_nm \
+            else {"sparsity": {}}
+        patterns = {n: Pattern(sparsity=v) for n, v in alloc["sparsity"].items()} if config.allocation != "uniform" \
+            else {}
+        t_alloc = time.perf_counter() - t0
+        dense_hessians = config.hessians == "dense"
+        dense = DenseInputs(model, fitted) if config.dense_target or config.reconstruct or dense_hessians else None
+        gm = None
+        if use_fx:
+            try:
+                gm = fx.symbolic_trace(model)
+            except Exception as e:
+                warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}); "
+                              "falling back to one forward pass per layer", RuntimeWarning)
+        sinks = offset_sinks(model, names, gm, biases=False) if config.intercept else {}  # gm: traced once for both
+        run = _Pruner(model, plan, config, progress, patterns, row_scales, statcorr,
+                      dense if config.dense_target or dense_hessians else None, process_group, sinks)
+        run.t["allocation_and_dense_pass"] = t_alloc
+        if permutation:
+            run.t["permutation"] = permutation["seconds"]
+        passes = None
+        if gm is not None:
+            try:
+                passes = run.run_fx(gm, fitted, config.bn_recalibration, low_memory)
+            except GraphStop as e:
+                warnings.warn(f"cannot run the traced graph ({e}); one forward pass per layer", RuntimeWarning)
+        if passes is None:
+            passes = run.run_hooks(fitted, order, config.bn_recalibration)
+        run.bar.close()
+        losses = []
+        if config.reconstruct:
+            t0 = time.perf_counter()
+            masks = {f"{n}.weight": r.mask for n, r in run.results.items() if not r.skipped}
+            losses = reconstruct_model(model, dense.model, batches, masks, config.reconstruct, progress=progress)
+            if config.bn_recalibration and bn_modules(model):
+                recalibrate(bn_modules(model), model, batches)
+            run.t["reconstruct"] = time.perf_counter() - t0
+        if dense is not None:
+            dense.free()
+        model.train(was_training)
+        modules = dict(model.named_modules())
+        layers = []
+        for name, reason in plan.items():
+            res = run.results.get(name)
+            if res is None:
+                w = modules[name].weight
+                res = LayerResult(name, list(w.shape), config.method, str(pattern), skipped=True, reason=reason)
+            layers.append(res)
+        pruned = [r for r in layers if not r.skipped]
+        n_pruned = sum(r.mask.numel() for r in pruned)
+        report = PruneReport(config, nsamples, layers,
+                             seconds=time.perf_counter() - t_start, forward_passes=passes, timings=run.t,
+                             peak_stored_mb=run.peak_stored_mb, memory_policy=policy,
+                             allocation={k: v for k, v in alloc.items() if k != "sparsity"} | {
+                                 "kind": config.allocation, "budget": config.budget},
+                             reconstruct={"epochs": config.reconstruct, "loss": losses} if config.reconstruct else {},
+                             stat_corrected=statcorr.corrected if statcorr else [],
+                             bn_recalibrated=config.bn_recalibration and bool(bn_modules(model)),
+                             world_size=dist.world(process_group), permutation=permutation)
+        report.sparsity = sum((~r.mask).sum().item() for r in pruned) / n_pruned if n_pruned else 0.0
+        report.total_sparsity = weight_sparsity(model)
+        return report
 
 
 def _prune_structured(model: nn.Module, calibration, config: PruneConfig, progress: bool) -> PruneReport:
