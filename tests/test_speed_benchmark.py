@@ -37,5 +37,5 @@ def test_whole_model_part_runs(tmp_path):
     assert default["sparsity"] == low["sparsity"] == 0.5
     assert low["memory"]["peak_stored_mb"] < default["memory"]["peak_stored_mb"]
     assert set(model["floor"]) == {"forward", "hessian", "cholesky", "total", "gemm_gflops", "hessian_tflop_im2col",
-                                   "hessian_tflop_pruner", "limit_im2col", "limit_pruner"}
+                                   "hessian_tflop_pruner", "limit_im2col", "limit_pruner", "heap_reuse"}
     assert 0 < model["floor"]["hessian_tflop_pruner"] <= model["floor"]["hessian_tflop_im2col"]
