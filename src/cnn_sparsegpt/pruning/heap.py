@@ -6,9 +6,10 @@ zeroed page by page. A prune allocates the layer outputs of the whole calibratio
 ResNet-50 at 224² (outputs of 32 images: 100 MB) a third of its forward time went to that. While a prune runs, no
 block is mapped on its own (M_MMAP_MAX 0) and the heap's top is not trimmed below 2 GB; afterwards the thresholds are
 set to where glibc's own dynamic rule ends for such a process (mmap above 32 MB, trim above 64 MB) and the unused
-heap is handed back (malloc_trim). Measured on this project's 2-core CPU (ResNet-50 at 224², 256 random images,
-SparseGPT 2:4 as published, one fresh process each, docs/PERFORMANCE.md): 45.3 → 37.8 s (forward 20.2 → 13.4 s),
-peak RSS 2.8 → 3.6 GB. Low-memory prunes leave glibc alone: there the memory matters more than the time.
+heap is handed back (malloc_trim). Measured on this project's 2-core CPU (benchmarks/heap_reuse.py, ResNet-50 at
+224², 256 random images, SparseGPT 2:4 as published, fresh processes alternating): 43.9 / 43.5 → 35.6 / 35.9 s
+(forward 18.7 → 11.9 s), peak RSS 2.8 → 3.2 GB. Low-memory prunes leave glibc alone: there the memory matters more
+than the time.
 Elsewhere than glibc (macOS, musl) nothing changes.
 """
 from __future__ import annotations
