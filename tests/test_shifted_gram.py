@@ -175,3 +175,15 @@ def test_unchanged_batches_skip_the_cross_term_with_the_same_sums(shifted, rhs_o
     assert torch.count_nonzero(R) > 0
     for a, b in ((H, H0), (R, R0), (means[0], means0[0]), (means[1], means0[1])):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(8, 6, 1), nn.Conv2d(8, 6, 1, stride=2), nn.Conv2d(8, 6, 1, groups=2),
+                                  nn.Conv2d(8, 6, 1, stride=(2, 1)), nn.Conv2d(8, 6, 1, padding="same")])
+def test_pointwise_columns_are_the_inputs_as_unfold_gives_them(conv):
+    """A 1×1 conv's columns (LayerPruner.columns) are its strided input reordered, without unfolding: the same values
+    in the same order as F.unfold's."""
+    x = torch.randn(3, 8, 7, 5, generator=torch.Generator().manual_seed(5))
+    p = LayerPruner(conv, "c")
+    X = F.unfold(x, 1, stride=conv.stride)  # (B, C, L)
+    ref = X.view(3, p.groups, 8 // p.groups, -1).permute(1, 2, 0, 3).reshape(p.groups, p.d, -1)
+    assert torch.equal(p.columns(x), ref)
