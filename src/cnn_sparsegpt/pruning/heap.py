@@ -28,7 +28,7 @@ def _glibc():
     try:
         libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version, libc.mallopt, libc.malloc_trim  # noqa: B018 (presence checks)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows' CDLL takes no None
         return None
     return libc
 
