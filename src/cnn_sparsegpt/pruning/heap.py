@@ -8,9 +8,8 @@ block is mapped on its own (M_MMAP_MAX 0) and the heap's top is not trimmed belo
 set to where glibc's own dynamic rule ends for such a process (mmap above 32 MB, trim above 64 MB) and the unused
 heap is handed back (malloc_trim). Measured on this project's 2-core CPU (benchmarks/heap_reuse.py, ResNet-50 at
 224², 256 random images, SparseGPT 2:4 as published, fresh processes alternating): 43.9 / 43.5 → 35.6 / 35.9 s
-(forward 18.7 → 11.9 s), peak RSS 2.8 → 3.2 GB. Low-memory prunes leave glibc alone: there the memory matters more
-than the time.
-Elsewhere than glibc (macOS, musl) nothing changes.
+(forward 18.7 → 11.9 s), peak RSS 2.8 → 3.2 GB. Low-memory prunes leave glibc alone (there the memory matters more
+than the time), as do prunes on a GPU; elsewhere than glibc (macOS, musl, Windows) nothing changes.
 """
 from __future__ import annotations
 
