@@ -3,9 +3,11 @@ alternating, time per phase and peak RSS (getrusage) of each.
 
     python benchmarks/heap_reuse.py --json experiments/heap_reuse_resnet18.json
     python benchmarks/heap_reuse.py --arch resnet50 --nsamples 256 --json experiments/heap_reuse_resnet50.json
+    python benchmarks/heap_reuse.py --evaluate --json experiments/heap_reuse_evaluate.json
 
 ResNet-18 on the shared checkpoint and CIFAR training images (with --data-dir), ResNet-50 at 224² on random weights
-and images; SparseGPT 2:4 as published unless --recipe recommended.
+and images; SparseGPT 2:4 as published unless --recipe recommended. --evaluate: ResNet-18's evaluation on the CIFAR-10
+test split instead of a prune (`evaluate`, which keeps freed memory the same way on a CPU).
 """
 from __future__ import annotations
 
@@ -18,9 +20,22 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 from cnn_sparsegpt import PUBLISHED, RECOMMENDED, calibration_set, create_model, load_dataset, prune_model
+from cnn_sparsegpt.commands import train as train_module
 from cnn_sparsegpt.pruning import prune as prune_module
 from cnn_sparsegpt.pruning.heap import reuse_freed_memory
 from cnn_sparsegpt.utils import atomic_write_json, load_state_dict, run_metadata
+
+
+def one_evaluation(weights: str, data_dir: str, reuse: bool) -> dict:
+    if not reuse:  # evaluate's own switch turned off: glibc's defaults throughout
+        train_module.reuse_freed_memory = lambda enabled=True: reuse_freed_memory(False)
+    model = create_model("resnet18_cifar").eval()
+    model.load_state_dict(load_state_dict(weights))
+    test = load_dataset("cifar10", False, data_dir)
+    t0 = time.perf_counter()
+    acc = train_module.evaluate(model, test, progress=False)
+    return {"reuse": reuse, "seconds": time.perf_counter() - t0, "accuracy": acc, "timings": {},
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def one_prune(arch: str, weights: str | None, data_dir: str | None, nsamples: int, recipe: str, reuse: bool) -> dict:
@@ -47,6 +62,7 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=1024)
     p.add_argument("--recipe", default="published", choices=["published", "recommended"])
     p.add_argument("--repeat", type=int, default=2, help="pairs of prunes, each pair off then on")
+    p.add_argument("--evaluate", action="store_true", help="time ResNet-18's evaluation on the test split instead")
     p.add_argument("--json", required=True)
     args = p.parse_args()
     runs = []
@@ -54,12 +70,14 @@ def main() -> None:
     for _ in range(args.repeat):
         for reuse in (False, True):
             with ProcessPoolExecutor(1, mp_context=ctx) as pool:
-                run = pool.submit(one_prune, args.arch, args.weights, args.data_dir, args.nsamples, args.recipe,
-                                  reuse).result()
+                run = (pool.submit(one_evaluation, args.weights, args.data_dir, reuse) if args.evaluate else
+                       pool.submit(one_prune, args.arch, args.weights, args.data_dir, args.nsamples, args.recipe,
+                                   reuse)).result()
             runs.append(run)
             print("reuse" if reuse else "glibc", f"{run['seconds']:.1f} s", f"{run['peak_rss_mb']:.0f} MB",
                   {k: round(v, 1) for k, v in run["timings"].items() if v}, flush=True)
-    row = {"arch": args.arch, "nsamples": args.nsamples, "recipe": args.recipe, "runs": runs} | \
+    row = {"arch": args.arch, "nsamples": args.nsamples, "recipe": args.recipe, "evaluate": args.evaluate,
+           "runs": runs} | \
         run_metadata(torch.device("cpu"))
     atomic_write_json(row, args.json)
 
