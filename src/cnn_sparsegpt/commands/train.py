@@ -47,7 +47,7 @@ def evaluate(model: nn.Module, data, device: torch.device | str = "cpu", batch_s
     n = len(data)
     total = -(-len(data) // batch_size)
     # freed activations reused, not faulted in afresh per batch (pruning/heap.py): ResNet-18 on CIFAR-10's test split
-    # 55.7 / 55.8 -> 39.3 / 37.4 s on this project's CPU (benchmarks/heap_reuse.py --evaluate)
+    # 56.2 / 55.8 -> 39.1 / 39.6 s on this project's CPU, peak RSS +11-18% (benchmarks/heap_reuse.py --evaluate)
     with reuse_freed_memory(torch.device(device).type == "cpu"):
         for x, y in tqdm(data.batches(batch_size, device), total=total, desc=desc, unit="batch",
                          disable=not progress, leave=False):
