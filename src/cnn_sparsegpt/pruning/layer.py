@@ -172,6 +172,15 @@ class LayerPruner:
         g = conv2d_weight(x, W.shape, dy, layer.stride, layer.padding, layer.dilation, layer.groups)
         return g.reshape(self.groups, W.shape[0] // self.groups, -1)[:, :, conv_column_perm(W.shape, W.device)]
 
+    def _zero_padded(self, inp: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """A conv's input and the zero padding left to apply: padding that is not plain zeros of a fixed size
+        ('same', reflect, replicate, circular) applied here, so that the columns and their sums need only zeros."""
+        layer = self.layer
+        if isinstance(layer.padding, str) or layer.padding_mode != "zeros":
+            mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+            return F.pad(inp, layer._reversed_padding_repeated_twice, mode=mode), (0, 0)
+        return inp, layer.padding
+
     def columns(self, inp: torch.Tensor) -> torch.Tensor:
         """The layer's input as (groups, d, T): one column per output position, rows in the solver's order
         (the order of `weight_matrix`)."""
@@ -179,12 +188,8 @@ class LayerPruner:
         inp = inp.to(torch.float32)
         if isinstance(layer, nn.Linear):
             return inp.reshape(-1, self.d).t().unsqueeze(0)
-        padding = layer.padding
-        if isinstance(padding, str) or layer.padding_mode != "zeros":  # 'same', reflect, replicate, circular
-            mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-            inp = F.pad(inp, layer._reversed_padding_repeated_twice, mode=mode)
-            padding = 0
-        if layer.kernel_size == (1, 1) and padding in (0, (0, 0)):  # the (strided) input itself: one copy, no unfold
+        inp, padding = self._zero_padded(inp)
+        if layer.kernel_size == (1, 1) and padding == (0, 0):  # the (strided) input itself: one copy, no unfold
             x = inp[:, :, ::layer.stride[0], ::layer.stride[1]]  # (5-8x faster than unfold on ResNet-50's 1x1 convs)
             return x.transpose(0, 1).reshape(self.groups, self.d, -1)
         X = F.unfold(inp, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
@@ -205,10 +210,7 @@ class LayerPruner:
         inp = inp.float().square() if square else inp.float()
         if isinstance(layer, nn.Linear):
             return inp.reshape(-1, self.d).sum(0).double()[None], inp.numel() // self.d
-        padding = layer.padding
-        if isinstance(padding, str) or layer.padding_mode != "zeros":  # as in columns (padding commutes with x²)
-            mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-            inp, padding = F.pad(inp, layer._reversed_padding_repeated_twice, mode=mode), (0, 0)
+        inp, padding = self._zero_padded(inp)  # as in columns (padding commutes with x²)
         x = F.pad(inp.sum(0).double(), (padding[1], padding[1], padding[0], padding[0]))  # (C, H', W')
         (kh, kw), (sh, sw), (dh, dw) = layer.kernel_size, layer.stride, layer.dilation
         ho, wo = (x.shape[1] - dh * (kh - 1) - 1) // sh + 1, (x.shape[2] - dw * (kw - 1) - 1) // sw + 1
