@@ -26,9 +26,15 @@ from cnn_sparsegpt.pruning.heap import reuse_freed_memory
 from cnn_sparsegpt.utils import atomic_write_json, load_state_dict, run_metadata
 
 
+def _glibc_defaults(reuse: bool) -> None:
+    """Without reuse: the library's own switches (in prune_model and evaluate) turned off in this worker process."""
+    if not reuse:
+        off = lambda enabled=True: reuse_freed_memory(False)  # noqa: E731
+        prune_module.reuse_freed_memory = train_module.reuse_freed_memory = off
+
+
 def one_evaluation(weights: str, data_dir: str, reuse: bool) -> dict:
-    if not reuse:  # evaluate's own switch turned off: glibc's defaults throughout
-        train_module.reuse_freed_memory = lambda enabled=True: reuse_freed_memory(False)
+    _glibc_defaults(reuse)
     model = create_model("resnet18_cifar").eval()
     model.load_state_dict(load_state_dict(weights))
     test = load_dataset("cifar10", False, data_dir)
@@ -39,8 +45,7 @@ def one_evaluation(weights: str, data_dir: str, reuse: bool) -> dict:
 
 
 def one_prune(arch: str, weights: str | None, data_dir: str | None, nsamples: int, recipe: str, reuse: bool) -> dict:
-    if not reuse:  # the prune's own switch turned off: glibc's defaults throughout
-        prune_module.reuse_freed_memory = lambda enabled=True: reuse_freed_memory(False)
+    _glibc_defaults(reuse)
     if arch == "resnet50":
         model = create_model("torchvision:resnet50", num_classes=1000).eval()
         x = torch.randn(nsamples, 3, 224, 224, generator=torch.Generator().manual_seed(0))
