@@ -3,7 +3,10 @@ must see their input for every calibration batch before their own output is defi
 BatchNorm to re-estimate). The caller gives each barrier a callback that consumes those inputs.
 
 Which node outputs are stored for the whole set is a policy:
-- default: every output, dropped batch by batch after its last use. One forward pass in all; in a residual
+- default: the nodes between two barriers run batch by batch as one segment, as a plain forward runs them, and
+  only outputs read after the segment (by the barrier, or later) are stored, dropped batch by batch after their
+  last use. The barrier's callback reads each batch of its input right after the segment made it, while it is
+  still in the CPU's caches (a BatchNorm's statistics, a layer's Hessian). One forward pass in all; in a residual
   block the block input (kept for the skip) and the current layer's input coexist: two activations.
 - low memory: only outputs read by more than one node (block inputs), and a barrier's input when storing it
   lets every other stored output go. Everything else is recomputed from the stored outputs for each
@@ -63,19 +66,49 @@ class GraphExecutor:
     def steps(self):
         """The run as a generator that yields after each barrier, so that another graph can be advanced in
         step with it (the dense network beside the pruned one, dense_target.py)."""
+        return self._recomputing_steps() if self.low_memory else self._segment_steps()
+
+    def _segment_steps(self):
+        """Default policy: the nodes from one barrier up to the next run batch-major as a segment, driven by the
+        next barrier's reading of its input (node-major, each output would leave the caches before its consumer
+        reads it: ResNet-50's forward phase was 1.34x a plain forward)."""
+        order = self.nodes[:self.last + 1]
+        ends = sorted(self.index[n] for n in self.barriers)
+        start = 0
+        try:
+            for end in ends:
+                for node in order[start:end]:
+                    if node.op == "placeholder":
+                        self._place(node)
+                segment = _Segment(self, [n for n in order[start:end]
+                                          if n.op != "placeholder" and self._needed_by(n)], end)
+                barrier = order[end]
+                self.barriers[barrier](_SegmentInput(segment, barrier.args[0]))
+                segment.finish()
+                yield barrier
+                start = end
+        finally:
+            self.stored.clear()
+
+    def _place(self, node: fx.Node) -> None:
+        """A placeholder's values: the calibration batches for the first, a constant default for the others."""
         nb = len(self.batches)
-        inplace = _disable_inplace(self.gm) if self.low_memory else []
+        if self.stored:
+            if not node.args:
+                raise GraphStop("forward takes more than one required input")
+            self.stored[node] = [node.args[0]] * nb  # a constant, not counted
+        else:
+            self.stored[node] = list(self.batches)  # a copy: entries are dropped once used up
+            for x in self.batches:
+                self._hold(x, +1)
+
+    def _recomputing_steps(self):
+        """Low-memory policy: node by node, storing only what `_keep` says and recomputing the rest."""
+        inplace = _disable_inplace(self.gm)  # recomputed nodes read inputs that later nodes read again
         try:
             for t, node in enumerate(self.nodes[:self.last + 1]):
                 if node.op == "placeholder":
-                    if self.stored:
-                        if not node.args:
-                            raise GraphStop("forward takes more than one required input")
-                        self.stored[node] = [node.args[0]] * nb  # a constant, not counted
-                    else:
-                        self.stored[node] = list(self.batches)  # a copy: entries are dropped once used up
-                        for x in self.batches:
-                            self._hold(x, +1)
+                    self._place(node)
                     continue
                 if node in self.barriers:
                     self.barriers[node](_Replayable(self, node.args[0]))
@@ -116,8 +149,8 @@ class GraphExecutor:
 
     def _keep(self, node: fx.Node, t: int) -> bool:
         needed = self._needed_by(node)
-        if not self.low_memory or len(needed) > 1:
-            return bool(needed)
+        if len(needed) > 1:
+            return True
         feeds_barrier = any(u in self.barriers and u.args and u.args[0] is node for u in needed)
         return feeds_barrier and not any(self._alive(m, t, extra=node) for m in self.stored)
 
@@ -278,6 +311,66 @@ def _run_from(gm, nodes, start, env, last, x):
             if last[a] <= i:
                 local.pop(a, None)
     raise GraphStop("the graph has no output")
+
+
+class _Segment:
+    """The nodes from one barrier up to (not including) the next, run batch by batch in graph order, as a plain
+    forward runs them: outputs read after the segment are stored, the others live for their batch only."""
+
+    def __init__(self, executor: GraphExecutor, nodes: list[fx.Node], end: int):
+        self.ex, self.nodes, self.done = executor, nodes, 0  # batches computed so far
+        index = executor.index
+        last_use = {n: max(index[u] for u in executor._needed_by(n)) for n in nodes}
+        self.keep = {n for n in nodes if last_use[n] >= end}
+        for n in self.keep:
+            executor.stored[n] = [None] * len(executor.batches)
+        self.dying = [m for m in executor.stored if max((index[u] for u in executor._needed_by(m)), default=-1) < end]
+
+    def compute(self, b: int) -> None:
+        """Batch b of every node in the segment, then drop what nothing after the segment reads."""
+        ex, stored, memo = self.ex, self.ex.stored, {}
+
+        def known(n):
+            return stored[n][b] if n in stored else memo[n]
+
+        t0 = time.perf_counter()
+        for n in self.nodes:
+            args, kwargs = fx.node.map_arg(n.args, known), fx.node.map_arg(n.kwargs, known)
+            value = ex._call(n, args, kwargs)
+            ex.layer_calls += n in ex.layers
+            if n in self.keep:
+                stored[n][b] = value
+                ex._hold(value, +1)
+            else:
+                memo[n] = value
+        del memo
+        for m in self.dying:
+            ex._hold(stored[m][b], -1)
+            stored[m][b] = None
+        ex.sync()
+        ex.forward_seconds += time.perf_counter() - t0
+        self.done = b + 1
+
+    def finish(self) -> None:
+        """The batches the barrier did not read (it may read none, or stop early)."""
+        for b in range(self.done, len(self.ex.batches)):
+            self.compute(b)
+        for m in self.dying:
+            del self.ex.stored[m]
+
+
+class _SegmentInput:
+    """A barrier's input batches: each made by its segment when first read, from storage when read again."""
+
+    def __init__(self, segment: _Segment, node: fx.Node):
+        self.segment, self.node = segment, node
+
+    def __iter__(self):
+        stored = self.segment.ex.stored
+        for b in range(len(self.segment.ex.batches)):
+            if b >= self.segment.done:
+                self.segment.compute(b)
+            yield stored[self.node][b]
 
 
 class _Replayable:
