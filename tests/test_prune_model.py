@@ -357,3 +357,56 @@ def test_cpu_batches_split_wide_inputs_into_near_equal_views():
     assert parts[1].untyped_storage().data_ptr() == batches[0].untyped_storage().data_ptr()  # views, no copy
     torch.testing.assert_close(torch.cat(parts), torch.cat(batches), rtol=0, atol=0)
     assert [len(b) for b in cpu_batches([torch.randn(3, 3)], CPU_BATCH_BYTES * 2)] == [1, 1, 1]  # at least one image
+
+
+@pytest.mark.parametrize("conv", [
+    dict(in_channels=6, out_channels=8, kernel_size=3, padding=1),  # shifted correlations
+    dict(in_channels=6, out_channels=8, kernel_size=3, stride=2, padding=1, bias=True),  # columns
+    dict(in_channels=6, out_channels=8, kernel_size=1),  # pointwise
+    dict(in_channels=6, out_channels=9, kernel_size=3, groups=3, padding="same", padding_mode="reflect"),
+])
+def test_output_moments_match_the_outputs_statistics(conv):
+    """The mean and variance of a conv's output, from ΣXXᵀ and the column sums, as float64 statistics of the outputs
+    (inputs offset so that E[y]² is 100× Var[y] for some channels: no one-pass float32 cancellation)."""
+    from cnn_sparsegpt.pruning.layer import LayerPruner
+
+    layer = nn.Conv2d(**conv)
+    p = LayerPruner(layer, "conv", track_mean=True, keep_sums=True)
+    xs = [torch.randn(4, 6, 12, 12, generator=torch.Generator().manual_seed(s)) + 3 for s in range(3)]
+    with torch.no_grad():
+        for x in xs:
+            p.add_batch(x)
+        p.H  # the solve reads H; the sums are kept past it
+        y = torch.cat([layer(x) for x in xs]).double()
+    mean, var = p.output_moments()
+    torch.testing.assert_close(mean, y.mean((0, 2, 3)), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(var, y.var((0, 2, 3), correction=0), rtol=1e-5, atol=1e-9)
+    assert p.batches == 3
+
+
+def test_batchnorms_after_pruned_convs_come_from_their_sums(monkeypatch):
+    """SparseGPT prunes: a BatchNorm that reads a pruned conv gets its statistics from the conv's sums, with no pass
+    over its input (no barrier); the others (after the dense stem) from their inputs. Both are the pooled moments
+    of the pruned network's activations."""
+    from cnn_sparsegpt.pruning import prune as prune_module
+
+    read = []
+    real = prune_module.bn_statistics_
+    monkeypatch.setattr(prune_module, "bn_statistics_", lambda bn, inputs, group=None: (
+        read.append(bn), real(bn, inputs, group)))
+    model, x = make(), calib()
+    prune_model(model, x, PUBLISHED, method="sparsegpt", nm="2:4", batch_size=16, progress=False)
+    assert read == [model.bn]  # the stem is not pruned by default
+    bns = [model.bn, model.block.bn1, model.block.bn2, model.block.down[1]]
+    feats = {bn: [] for bn in bns}
+    hooks = [bn.register_forward_pre_hook(lambda m, i: feats[m].append(i[0].double())) for bn in bns]
+    with torch.no_grad():
+        for b in x.split(16):
+            model(b)
+    for h in hooks:
+        h.remove()
+    for bn in bns:
+        y = torch.cat(feats[bn])
+        torch.testing.assert_close(bn.running_mean.double(), y.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bn.running_var.double(), y.var((0, 2, 3)), rtol=1e-5, atol=1e-6)
+        assert int(bn.num_batches_tracked) == 4

@@ -7,11 +7,12 @@ do not depend on how the images were batched or split over torchrun processes.
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable
 from typing import Callable
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from . import dist
 
@@ -60,9 +61,32 @@ class PooledMoments:
             return
         mean = s1 / n
         var = (m2 + s2 - n * mean.square()).clamp_min(0) / (n - 1).clamp_min(1)
-        bn.running_mean.copy_(mean)
-        bn.running_var.copy_(var)
-        bn.num_batches_tracked.fill_(int(self.sums[-1].item()))
+        set_statistics_(bn, mean, var, int(self.sums[-1].item()))
+
+
+def set_statistics_(bn: nn.modules.batchnorm._BatchNorm, mean: torch.Tensor, var: torch.Tensor,
+                    batches: int) -> None:
+    """bn's running statistics: a mean and an unbiased variance (as train mode keeps it), over `batches` batches."""
+    bn.running_mean.copy_(mean)
+    bn.running_var.copy_(var)
+    bn.num_batches_tracked.fill_(batches)
+
+
+def batchnorms_reading(gm: fx.GraphModule, layers) -> dict[str, str]:
+    """Per Conv2d of `layers` whose output a BatchNorm2d with running statistics reads directly, both called once in
+    the traced graph: that BatchNorm's name. Its statistics on the pruned network follow from the conv's ΣXXᵀ, column
+    sums and pruned weight (LayerPruner.output_moments), without a pass over its input."""
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or calls[node.target] != 1 or not node.args:
+            continue
+        src, bn = node.args[0], gm.get_submodule(node.target)
+        if (isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and isinstance(src, fx.Node)
+                and src.op == "call_module" and src.target in layers and calls[src.target] == 1
+                and isinstance(gm.get_submodule(src.target), nn.Conv2d)):
+            out[src.target] = node.target
+    return out
 
 
 @torch.no_grad()

@@ -155,12 +155,13 @@ def reduce_statistics_(pruner, group=None) -> None:
     float64 additions (see LayerPruner)."""
     if not active(group):
         return
-    n = torch.tensor([float(pruner.nsamples)], dtype=torch.float64, device=pruner.layer.weight.device)
+    n = torch.tensor([float(pruner.nsamples), float(pruner.batches)], dtype=torch.float64,
+                     device=pruner.layer.weight.device)
     all_sum_(n, f"{pruner.name}: adding sample counts", group)
     for attr in ("S", "SD", "colsum", "colsum_d", "colsq"):
         if getattr(pruner, attr) is not None:
             all_sum_(getattr(pruner, attr), f"{pruner.name}: adding its input statistics", group)
-    pruner.nsamples = int(n.item())
+    pruner.nsamples, pruner.batches = (int(v) for v in n.tolist())
 
 
 def broadcast_layer(module: nn.Module, result, group=None):

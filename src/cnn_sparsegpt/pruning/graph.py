@@ -40,9 +40,11 @@ def _fetch_attr(gm: fx.GraphModule, target: str):
 
 class GraphExecutor:
     def __init__(self, gm: fx.GraphModule, batches: list, barriers: dict[str, Barrier], low_memory: bool = False,
-                 sync: Callable[[], None] = lambda: None):
-        """barriers: call_module target → callback. Nodes after the last barrier are never computed."""
-        self.gm, self.batches, self.low_memory, self.sync = gm, batches, low_memory, sync
+                 sync: Callable[[], None] = lambda: None, skip: Callable[[str], bool] = lambda target: False):
+        """barriers: call_module target → callback. Nodes after the last barrier are never computed. skip(target):
+        asked when the run reaches a barrier's segment, after the barriers before it ran: True makes it an
+        ordinary node (a BatchNorm whose statistics are already known)."""
+        self.gm, self.batches, self.low_memory, self.sync, self.skip = gm, batches, low_memory, sync, skip
         self.nodes = [n for n in gm.graph.nodes if n.op != "output"]
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.barriers = {n: barriers[n.target] for n in self.nodes if n.op == "call_module" and n.target in barriers}
@@ -50,6 +52,7 @@ class GraphExecutor:
         self.layers = {n for n in self.nodes  # Conv2d/Linear calls, whose evaluations count forward passes
                        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), PRUNABLE)}
         self.stored: dict[fx.Node, list] = {}
+        self.reached = -1  # index of the last barrier run
         self.forward_seconds = 0.0  # time spent computing node outputs (not in the barrier callbacks)
         self.layer_calls = 0  # outputs of self.layers computed, batch by batch
         self.peak_stored_bytes = 0  # most bytes of stored outputs alive at once (the calibration batches included)
@@ -77,6 +80,8 @@ class GraphExecutor:
         start = 0
         try:
             for end in ends:
+                if self.skip(order[end].target):
+                    continue  # an ordinary node of the segment up to the next barrier
                 for node in order[start:end]:
                     if node.op == "placeholder":
                         self._place(node)
@@ -85,6 +90,7 @@ class GraphExecutor:
                 barrier = order[end]
                 self.barriers[barrier](_SegmentInput(segment, barrier.args[0]))
                 segment.finish()
+                self.reached = end
                 yield barrier
                 start = end
         finally:
@@ -110,8 +116,9 @@ class GraphExecutor:
                 if node.op == "placeholder":
                     self._place(node)
                     continue
-                if node in self.barriers:
+                if node in self.barriers and not self.skip(node.target):
                     self.barriers[node](_Replayable(self, node.args[0]))
+                    self.reached = t
                     yield node
                 if self._keep(node, t):
                     self._store(node, t)
@@ -121,8 +128,11 @@ class GraphExecutor:
             self.stored.clear()
 
     def passes(self) -> float:
-        nb = len(self.batches)
-        layers = sum(1 for n in self.nodes[:self.last + 1] if n in self.layers and self._needed_by(n))
+        """Layer outputs computed over those of one plain pass up to the last barrier run (a skipped last barrier's
+        input is never computed)."""
+        nb, reached = len(self.batches), self.reached
+        layers = sum(1 for n in self.nodes[:reached + 1]
+                     if n in self.layers and any(self.index[u] <= reached for u in self._needed_by(n)))
         return self.layer_calls / (layers * nb) if layers else 1.0
 
     # --- which outputs to store -------------------------------------------------------------------
