@@ -161,7 +161,8 @@ class GraphExecutor:
         needed = self._needed_by(node)
         if len(needed) > 1:
             return True
-        feeds_barrier = any(u in self.barriers and u.args and u.args[0] is node for u in needed)
+        feeds_barrier = any(u in self.barriers and not self.skip(u.target) and u.args and u.args[0] is node
+                            for u in needed)
         return feeds_barrier and not any(self._alive(m, t, extra=node) for m in self.stored)
 
     def _store(self, node: fx.Node, t: int) -> None:
