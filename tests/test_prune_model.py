@@ -250,6 +250,19 @@ def test_low_memory_matches_default_on_torchvision(name):
     assert all(torch.equal(reports[0].masks[k], reports[1].masks[k]) for k in reports[0].masks)
     for k in states[0]:
         torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-5, atol=1e-6, msg=k)
+    # BatchNorm statistics (most from the pruned convs' sums) are those of a pass over the pruned network
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    feats = {bn: [] for bn in bns}
+    hooks = [bn.register_forward_pre_hook(lambda m, i: feats[m].append(i[0].double())) for bn in bns]
+    with torch.no_grad():
+        for b in x.split(4):
+            model(b)
+    for h in hooks:
+        h.remove()
+    for bn in bns:
+        y = torch.cat(feats[bn])
+        torch.testing.assert_close(bn.running_mean.double(), y.mean((0, 2, 3)), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(bn.running_var.double(), y.var((0, 2, 3)), rtol=1e-4, atol=1e-6)
 
 
 class LongChain(nn.Module):
@@ -359,23 +372,26 @@ def test_cpu_batches_split_wide_inputs_into_near_equal_views():
     assert [len(b) for b in cpu_batches([torch.randn(3, 3)], CPU_BATCH_BYTES * 2)] == [1, 1, 1]  # at least one image
 
 
-@pytest.mark.parametrize("conv", [
-    dict(in_channels=6, out_channels=8, kernel_size=3, padding=1),  # shifted correlations
-    dict(in_channels=6, out_channels=8, kernel_size=3, stride=2, padding=1, bias=True),  # columns
-    dict(in_channels=6, out_channels=8, kernel_size=1),  # pointwise
-    dict(in_channels=6, out_channels=9, kernel_size=3, groups=3, padding="same", padding_mode="reflect"),
+@pytest.mark.parametrize("conv, size", [
+    (dict(in_channels=6, out_channels=8, kernel_size=3, padding=1), 12),  # shifted correlations
+    (dict(in_channels=6, out_channels=8, kernel_size=3, padding=1), 4),  # shifted, by cells
+    (dict(in_channels=6, out_channels=8, kernel_size=3, stride=2, padding=1, bias=True), 12),  # columns
+    (dict(in_channels=6, out_channels=8, kernel_size=1), 12),  # pointwise
+    (dict(in_channels=6, out_channels=9, kernel_size=3, groups=3, padding="same", padding_mode="reflect"), 12),
 ])
-def test_output_moments_match_the_outputs_statistics(conv):
+def test_output_moments_match_the_outputs_statistics(conv, size):
     """The mean and variance of a conv's output, from ΣXXᵀ and the column sums, as float64 statistics of the outputs
-    (inputs offset so that E[y]² is 100× Var[y] for some channels: no one-pass float32 cancellation)."""
+    on every path H takes (inputs offset by 3: outputs whose means are not small against their spread)."""
     from cnn_sparsegpt.pruning.layer import LayerPruner
 
     layer = nn.Conv2d(**conv)
     p = LayerPruner(layer, "conv", track_mean=True, keep_sums=True)
-    xs = [torch.randn(4, 6, 12, 12, generator=torch.Generator().manual_seed(s)) + 3 for s in range(3)]
+    xs = [torch.randn(4, 6, size, size, generator=torch.Generator().manual_seed(s)) + 3 for s in range(3)]
     with torch.no_grad():
         for x in xs:
             p.add_batch(x)
+    assert p.shifted(xs[0]) == (conv["kernel_size"] == 3 and conv.get("stride", 1) == 1 and "groups" not in conv)
+    with torch.no_grad():
         p.H  # the solve reads H; the sums are kept past it
         y = torch.cat([layer(x) for x in xs]).double()
     mean, var = p.output_moments()
