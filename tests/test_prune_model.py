@@ -426,3 +426,33 @@ def test_batchnorms_after_pruned_convs_come_from_their_sums(monkeypatch):
         torch.testing.assert_close(bn.running_mean.double(), y.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(bn.running_var.double(), y.var((0, 2, 3)), rtol=1e-5, atol=1e-6)
         assert int(bn.num_batches_tracked) == 4
+
+
+@pytest.mark.parametrize("shape, kernel", [((6, 8, 12, 12), 3), ((6, 8, 12, 12), 1), ((6, 8, 9, 9), 2)])
+def test_parts_of_a_batch_add_one_float64_term(shape, kernel):
+    """A calibration batch split into parts (end=False but for the last) leaves S untouched until its last part, then
+    adds what the whole batch adds up to float32 rounding: shifted, pointwise and columns paths, with the cross term."""
+    from cnn_sparsegpt.pruning.layer import LayerPruner
+
+    layer = nn.Conv2d(shape[1], 4, kernel, stride=2 if kernel == 2 else 1, padding=kernel // 2)
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    d = x + 0.1 * torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    whole, split = (LayerPruner(layer, "c", dense_target=True, track_mean=True) for _ in range(2))
+    whole.add_batch(x, d)
+    parts = list(zip(x.tensor_split(3), d.tensor_split(3)))
+    for i, (xp, dp) in enumerate(parts):
+        split.add_batch(xp, dp, end=i == len(parts) - 1)
+        if i < len(parts) - 1:
+            assert not split.S.any()  # still in float32
+    assert split.nsamples == whole.nsamples and split.batches == 3
+    torch.testing.assert_close(split.H, whole.H, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(split.R, whole.R, rtol=1e-4, atol=1e-6)
+
+
+def test_part_ends_mark_the_last_part_of_each_batch():
+    from cnn_sparsegpt.pruning.prune import cpu_batches, part_ends
+
+    batches = [torch.zeros(10, 3), torch.zeros(4, 3), torch.zeros(7, 3)]
+    parts = cpu_batches(batches, 2**27)  # 1 image per part at 128 MB per image
+    assert part_ends(batches, parts) == {9, 13, 20}
+    assert part_ends(batches, batches) == {0, 1, 2}

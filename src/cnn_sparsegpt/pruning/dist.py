@@ -155,6 +155,7 @@ def reduce_statistics_(pruner, group=None) -> None:
     float64 additions (see LayerPruner)."""
     if not active(group):
         return
+    pruner.flush()
     n = torch.tensor([float(pruner.nsamples), float(pruner.batches)], dtype=torch.float64,
                      device=pruner.layer.weight.device)
     all_sum_(n, f"{pruner.name}: adding sample counts", group)

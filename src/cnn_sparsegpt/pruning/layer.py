@@ -85,6 +85,7 @@ class LayerPruner:
         self._chunk = None  # float32 partial sum of S not yet in S (then the buffer H is made in)
         self._chunk_d = None  # the same for SD
         self.colsq = None if hessian else torch.zeros(self.groups, self.d, device=W.device, dtype=torch.float64)
+        self._open = self._open_d = False  # _chunk (_chunk_d) holds sums of parts of a batch not yet in S (SD)
         self.nsamples = 0
         self.batches = 0  # non-empty batches added (a BatchNorm's num_batches_tracked, output_moments)
         # ΣXXᵀ in float64 kept past the solve (keep_sums), for the output's moments with the pruned weight
@@ -123,6 +124,24 @@ class LayerPruner:
         if self._cross_in_chunks and self._chunk_d is None:
             self._chunk_d = torch.empty(self.SD.shape, device=device)
 
+    def _betas(self, first: bool) -> tuple[float, float]:
+        """beta for the float32 sums of S and of the cross term: 0 starts them (the first chunk of a calibration
+        batch's first part), 1 adds to them."""
+        return (0.0 if first and not self._open else 1.0), (0.0 if first and not self._open_d else 1.0)
+
+    def _close(self, cross: bool, end: bool) -> None:
+        """After a part of a calibration batch: at its end (end) the float32 sums go to the float64 ones, else they
+        stay open for the next part. cross: this part summed a cross term in `_chunk_d`."""
+        self._open, self._open_d = self.S is not None, self._open_d or cross
+        if end:
+            self.flush()
+
+    def flush(self) -> None:
+        """Add sums left open by a part with end=False to the float64 ones (reading H or R does it too)."""
+        if self._open or self._open_d:
+            self._add_batch_sums(self._open_d)
+        self._open = self._open_d = False
+
     def _add_batch_sums(self, cross: bool) -> None:
         """Add a batch's float32 sums to the float64 ones: one term per batch, whatever its chunks, so the same terms
         however whole batches go to torchrun ranks. cross: the batch summed a cross term in `_chunk_d`."""
@@ -147,6 +166,7 @@ class LayerPruner:
     def H(self) -> torch.Tensor | None:
         """H = 2XXᵀ/N (G, d, d) in float32; reading it ends the accumulation."""
         if self._H is None and self.S is not None:
+            self.flush()
             S = mirror_upper_(self.S)
             if self.keep_sums:
                 self._kept_S = S.clone()
@@ -162,6 +182,7 @@ class LayerPruner:
         """R = W·D = 2·W·(X_d − X_p)·X_pᵀ/N (G, rows, d) in the solver's column order, for the asymmetric target
         (dense_target.py); W is the layer's weight as it is now (before it is pruned)."""
         if self._R is None and self.SD is not None:
+            self.flush()
             D, self.SD = self._finish(self.SD), None
             self._R = D if self.rhs_outputs else torch.bmm(self.weight_matrix()[0], D)
         return self._R
@@ -280,34 +301,38 @@ class LayerPruner:
         return (self._stride1_conv_hessian(inp) and layer.kernel_size == (1, 1) and layer.padding == (0, 0)
                 and inp.shape[-2] * inp.shape[-1] >= inp.shape[1])
 
-    def _add_pointwise(self, inp: torch.Tensor, dense: torch.Tensor | None) -> None:
+    def _add_pointwise(self, inp: torch.Tensor, dense: torch.Tensor | None, end: bool) -> None:
         self._buffers(inp.device)
+        beta, beta_d = self._betas(True)
         x = inp.float().reshape(len(inp), inp.shape[1], -1)  # (B, C, H·W): a view of contiguous inputs
         if dense is not None:
             delta = dense.float().reshape(x.shape) - x
-            self._chunk_d[0].addbmm_(delta, x.transpose(1, 2), beta=0.0)
-        self._chunk[0].addbmm_(x, x.transpose(1, 2), beta=0.0)  # both halves: add_upper_ reads the upper ones
+            self._chunk_d[0].addbmm_(delta, x.transpose(1, 2), beta=beta_d)
+        self._chunk[0].addbmm_(x, x.transpose(1, 2), beta=beta)  # both halves: add_upper_ reads the upper ones
         self.nsamples += x.shape[0] * x.shape[2]
-        self._add_batch_sums(dense is not None)
+        self._close(dense is not None, end)
 
-    def _add_shifted(self, inp: torch.Tensor, dense: torch.Tensor | None) -> None:
+    def _add_shifted(self, inp: torch.Tensor, dense: torch.Tensor | None, end: bool) -> None:
         layer, (H, W) = self.layer, inp.shape[-2:]
         (kh, kw), (ph, pw) = layer.kernel_size, layer.padding
         step = max(1, SHIFTED_CHUNK_BYTES // (4 * inp.shape[1] * (H + kh - 1) * (W + kw - 1)))
         dense_chunks = None if dense is None else dense.split(step)
         self._buffers(inp.device)
         for i, chunk in enumerate(inp.split(step)):
-            beta = 0.0 if i == 0 else 1.0  # start the batch's sums, then add to them
+            beta, beta_d = self._betas(i == 0)  # start the batch's sums, then add to them
             if dense is not None:
                 conv_gram(chunk, layer.kernel_size, layer.padding, y=dense_chunks[i] - chunk, out=self._chunk_d[0],
-                          beta=beta)
+                          beta=beta_d)
             conv_gram(chunk, layer.kernel_size, layer.padding, out=self._chunk[0], beta=beta)
             self.nsamples += len(chunk) * (H + 2 * ph - kh + 1) * (W + 2 * pw - kw + 1)
-        self._add_batch_sums(dense is not None)
+        self._close(dense is not None, end)
 
-    def add_batch(self, inp: torch.Tensor, dense: torch.Tensor | None = None) -> None:
+    def add_batch(self, inp: torch.Tensor, dense: torch.Tensor | None = None, end: bool = True) -> None:
         """Fold a batch of layer inputs into H, a few images at a time so the unfolded patches stay small.
-        dense: the same images' inputs in the dense network (with dense_target)."""
+        dense: the same images' inputs in the dense network (with dense_target). end=False: a part of a calibration
+        batch that is not its last (the CPU's split, prune.cpu_batches): its sums stay in float32 with the next
+        part's, so that each calibration batch adds one float64 term however it was split (fewer float64 additions
+        of wide H's; the same terms on every torchrun rank)."""
         if self._H is not None:
             raise RuntimeError(f"{self.name}: H was already read; no more batches can be added")
         if not len(inp):
@@ -331,23 +356,23 @@ class LayerPruner:
             self.nsamples += columns
             return
         if self.shifted(inp):
-            return self._add_shifted(inp, dense)
+            return self._add_shifted(inp, dense, end)
         if self.pointwise(inp):
-            return self._add_pointwise(inp, dense)
+            return self._add_pointwise(inp, dense, end)
         step = self.chunk_images(inp)
         dense_chunks = None if dense is None else dense.split(step)
         self._buffers(inp.device)
         for i, chunk in enumerate(inp.split(step)):
             X = self.columns(chunk)
-            beta = 0.0 if i == 0 else 1.0  # start the batch's sums, then add to them
+            beta, beta_d = self._betas(i == 0)  # start the batch's sums, then add to them
             if dense is not None:
-                self._chunk_d.baddbmm_(self.columns(dense_chunks[i] - chunk), X.transpose(1, 2), beta=beta)
+                self._chunk_d.baddbmm_(self.columns(dense_chunks[i] - chunk), X.transpose(1, 2), beta=beta_d)
             if self.S is not None:
                 accumulate_xxt_(self._chunk, X, beta=beta, mirror=False)
             else:  # no H but the cross term's columns: diag(XXᵀ) from the same columns
                 self.colsq += X.square().sum(-1).double()
             self.nsamples += X.shape[-1]
-        self._add_batch_sums(dense is not None)
+        self._close(dense is not None, end)
 
     def hessian_diagonal(self) -> torch.Tensor:
         """diag(H) = 2·mean(x_j²) per input column (G, d), from H or from the column sums."""
@@ -372,6 +397,8 @@ class LayerPruner:
         (keep_sums and track_mean), E[y] = W·x̄ + b and Var[y] = (W·ΣXXᵀ·Wᵀ)ᵣᵣ/N − (W·x̄)², in float64. On ResNet-18's
         convs and CIFAR images within 1e-8..1e-7 of float64 statistics of the outputs, as BatchNorm's own kernel is.
         None without those sums."""
+        if self._kept_S is None:
+            self.flush()
         S = self._kept_S if self._kept_S is not None or self.S is None else mirror_upper_(self.S)
         if S is None or self.colsum is None:
             return None

@@ -122,6 +122,21 @@ def cpu_batches(batches: list[torch.Tensor], per_image: int) -> list[torch.Tenso
     return [part for b in batches for part in b.tensor_split(-(-len(b) // most))]  # near-equal parts
 
 
+def part_ends(batches: list[torch.Tensor], parts: list[torch.Tensor]) -> set[int]:
+    """Indices of the parts (cpu_batches' split of `batches`, in order) that end a calibration batch: a layer's sums
+    take one float64 term per calibration batch however it was split (LayerPruner.add_batch's end)."""
+    bounds, total = set(), 0
+    for b in batches:
+        total += len(b)
+        bounds.add(total)
+    ends, total = set(), 0
+    for i, p in enumerate(parts):
+        total += len(p)
+        if total in bounds:
+            ends.add(i)
+    return ends
+
+
 def cpu_batch_images(per_image: int) -> int:
     """The most images a CPU batch holds: its widest layer input (per_image bytes each) within CPU_BATCH_BYTES."""
     return max(1, CPU_BATCH_BYTES // max(per_image, 1))
@@ -145,6 +160,7 @@ class _Pruner:
         self.peak_stored_mb = None
         self.graphs: dict = {}  # CUDA graphs of the solver's column loop, shared by layers of the same shape
         self.batchnorm_after: dict[str, str] = {}  # layer → the BatchNorm whose statistics follow from its sums
+        self.batch_ends: set[int] | None = None  # indices of the parts that end a calibration batch (cpu_batches)
         self.done: set[str] = set()  # layers pruned, BatchNorms re-estimated (a module called twice: at its first call)
         self.forward_clock = lambda: 0.0  # seconds of forward work done so far inside the executor
         self.bar = tqdm(total=sum(1 for r in plan.values() if not r), desc=f"{config.method} {config.pattern}",
@@ -177,11 +193,12 @@ class _Pruner:
         d0 = self.dense.seconds if self.dense else 0.0
         dense = self.dense.stream(name) if self.dense else itertools.repeat(None)
         if needs != "nothing":
-            for x in inputs:  # with the fx executor, computing these is forward time, not Hessian time
+            for i, x in enumerate(inputs):  # with the fx executor, computing these is forward time, not Hessian time
+                end = self.batch_ends is None or i in self.batch_ends  # the last part of a calibration batch
                 if dense_hessians:
-                    pruner.add_batch(next(dense))
+                    pruner.add_batch(next(dense), end=end)
                 else:
-                    pruner.add_batch(x, next(dense))
+                    pruner.add_batch(x, next(dense), end=end)
         dense_seconds = self.dense.seconds - d0 if self.dense else 0.0
         if self.dense:
             self.t["dense_target"] = self.t.get("dense_target", 0.0) + dense_seconds
@@ -365,6 +382,7 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
         run = _Pruner(model, plan, config, progress, patterns, row_scales, statcorr,
                       dense if config.dense_target or dense_hessians else None, process_group, sinks)
         run.t["allocation_and_dense_pass"] = t_alloc
+        run.batch_ends = part_ends(batches, fitted)
         if permutation:
             run.t["permutation"] = permutation["seconds"]
         passes = None
