@@ -109,7 +109,7 @@ def _as_batches(calibration, device: torch.device, batch_size: int) -> list[torc
     return batches
 
 
-CPU_BATCH_BYTES = 48 * 2**20  # the widest layer input of one calibration batch the executor runs, on a CPU
+CPU_BATCH_BYTES = 128 * 2**20  # the widest layer input of one calibration batch the executor runs, on a CPU
 
 
 def cpu_batches(batches: list[torch.Tensor], per_image: int) -> list[torch.Tensor]:
