@@ -114,10 +114,12 @@ CPU_BATCH_BYTES = 128 * 2**20  # the widest layer input of one calibration batch
 
 def cpu_batches(batches: list[torch.Tensor], per_image: int) -> list[torch.Tensor]:
     """The calibration batches split (views, no copy) so that the widest layer input of each is at most
-    CPU_BATCH_BYTES: the executor stores whole-set activations and runs node by node, and on a CPU its
-    forward slows down as batches grow (ResNet-50 at 224², 512 images: 54.9 s in batches of 128, 38.3 s in
-    batches of 32; docs/PERFORMANCE.md). Each batch is split the same way wherever it is, so torchrun's
-    per-batch sums stay the same terms. Small inputs (CIFAR: 64×32×32 floats per image) keep their batches."""
+    CPU_BATCH_BYTES: on a CPU the executor's forward slows down as batches grow (ResNet-50 at 224², 512 images,
+    node by node: 54.9 s in batches of 128, 38.3 s in batches of 32; docs/PERFORMANCE.md). Since segments run
+    batch by batch, 48 MB parts made the forward faster and the Hessian sums (smaller products) slower by as much
+    (benchmarks/commit_ab.py, ResNet-50 1024 images): 128 MB kept. Each batch is split the same way wherever it is,
+    and its parts add one float64 term to a layer's sums (part_ends), so torchrun's per-batch sums stay the same
+    terms. Small inputs (CIFAR: 64×32×32 floats per image) keep their batches."""
     most = cpu_batch_images(per_image)
     return [part for b in batches for part in b.tensor_split(-(-len(b) // most))]  # near-equal parts
 
