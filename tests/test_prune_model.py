@@ -251,18 +251,22 @@ def test_low_memory_matches_default_on_torchvision(name):
     for k in states[0]:
         torch.testing.assert_close(states[0][k], states[1][k], rtol=1e-5, atol=1e-6, msg=k)
     # BatchNorm statistics (most from the pruned convs' sums) are those of a pass over the pruned network
-    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert_statistics_of_a_pass(model, x, 4, [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)], rtol=1e-4)
+
+
+def assert_statistics_of_a_pass(model, x, batch_size, bns, rtol):
+    """Each BatchNorm's running mean and variance are those of its inputs over x in the (pruned) model, in float64."""
     feats = {bn: [] for bn in bns}
     hooks = [bn.register_forward_pre_hook(lambda m, i: feats[m].append(i[0].double())) for bn in bns]
     with torch.no_grad():
-        for b in x.split(4):
+        for b in x.split(batch_size):
             model(b)
     for h in hooks:
         h.remove()
     for bn in bns:
         y = torch.cat(feats[bn])
-        torch.testing.assert_close(bn.running_mean.double(), y.mean((0, 2, 3)), rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(bn.running_var.double(), y.var((0, 2, 3)), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(bn.running_mean.double(), y.mean((0, 2, 3)), rtol=rtol, atol=1e-6)
+        torch.testing.assert_close(bn.running_var.double(), y.var((0, 2, 3)), rtol=rtol, atol=1e-6)
 
 
 class LongChain(nn.Module):
@@ -414,18 +418,8 @@ def test_batchnorms_after_pruned_convs_come_from_their_sums(monkeypatch):
     prune_model(model, x, PUBLISHED, method="sparsegpt", nm="2:4", batch_size=16, progress=False)
     assert read == [model.bn]  # the stem is not pruned by default
     bns = [model.bn, model.block.bn1, model.block.bn2, model.block.down[1]]
-    feats = {bn: [] for bn in bns}
-    hooks = [bn.register_forward_pre_hook(lambda m, i: feats[m].append(i[0].double())) for bn in bns]
-    with torch.no_grad():
-        for b in x.split(16):
-            model(b)
-    for h in hooks:
-        h.remove()
-    for bn in bns:
-        y = torch.cat(feats[bn])
-        torch.testing.assert_close(bn.running_mean.double(), y.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(bn.running_var.double(), y.var((0, 2, 3)), rtol=1e-5, atol=1e-6)
-        assert int(bn.num_batches_tracked) == 4
+    assert_statistics_of_a_pass(model, x, 16, bns, rtol=1e-5)
+    assert all(int(bn.num_batches_tracked) == 4 for bn in bns)
 
 
 @pytest.mark.parametrize("shape, kernel", [((6, 8, 12, 12), 3), ((6, 8, 12, 12), 1), ((6, 8, 9, 9), 2)])
