@@ -422,11 +422,17 @@ def test_batchnorms_after_pruned_convs_come_from_their_sums(monkeypatch):
     assert all(int(bn.num_batches_tracked) == 4 for bn in bns)
 
 
+@pytest.mark.parametrize("gather", [True, False])
 @pytest.mark.parametrize("shape, kernel", [((6, 8, 12, 12), 3), ((6, 8, 12, 12), 1), ((6, 8, 9, 9), 2)])
-def test_parts_of_a_batch_add_one_float64_term(shape, kernel):
+def test_parts_of_a_batch_add_one_float64_term(shape, kernel, gather, monkeypatch):
     """A calibration batch split into parts (end=False but for the last) leaves S untouched until its last part, then
-    adds what the whole batch adds up to float32 rounding: shifted, pointwise and columns paths, with the cross term."""
+    adds what the whole batch adds up to float32 rounding: shifted, pointwise and columns paths, with the cross term;
+    small parts gathered into one product (gather), or each summed on its own into float32 sums kept open."""
+    from cnn_sparsegpt.pruning import layer as layer_module
     from cnn_sparsegpt.pruning.layer import LayerPruner
+
+    if not gather:
+        monkeypatch.setattr(layer_module, "GATHER_BYTES", 0)
 
     layer = nn.Conv2d(shape[1], 4, kernel, stride=2 if kernel == 2 else 1, padding=kernel // 2)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
@@ -450,3 +456,20 @@ def test_part_ends_mark_the_last_part_of_each_batch():
     parts = cpu_batches(batches, 2**27)  # 1 image per part at 128 MB per image
     assert part_ends(batches, parts) == {9, 13, 20}
     assert part_ends(batches, batches) == {0, 1, 2}
+
+
+def test_gathered_parts_with_and_without_a_cross_term():
+    """Parts gathered into one product where only some inputs changed (the others' cross term is an exact 0): the
+    same H and R as the whole batch."""
+    from cnn_sparsegpt.pruning.layer import LayerPruner
+
+    layer = nn.Conv2d(8, 4, 1)
+    x = torch.randn(6, 8, 10, 10, generator=torch.Generator().manual_seed(0))
+    d = x + 0.1 * torch.randn(6, 8, 10, 10, generator=torch.Generator().manual_seed(1))
+    d[:2] = x[:2]  # the first part's inputs are unchanged
+    whole, split = (LayerPruner(layer, "c", dense_target=True) for _ in range(2))
+    whole.add_batch(x, d)
+    for i, (xp, dp) in enumerate(zip(x.tensor_split(3), d.tensor_split(3))):
+        split.add_batch(xp, dp, end=i == 2)
+    torch.testing.assert_close(split.H, whole.H, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(split.R, whole.R, rtol=1e-4, atol=1e-6)

@@ -59,6 +59,7 @@ class LayerResult:
 
 
 SHIFTED_CHUNK_BYTES = 64 * 2**20  # laid-out input per shifted-correlation product (a whole 128-image ResNet-18 batch)
+GATHER_BYTES = 32 * 2**20  # parts of a calibration batch with smaller inputs are summed together (see add_batch)
 
 
 class LayerPruner:
@@ -86,6 +87,7 @@ class LayerPruner:
         self._chunk_d = None  # the same for SD
         self.colsq = None if hessian else torch.zeros(self.groups, self.d, device=W.device, dtype=torch.float64)
         self._open = self._open_d = False  # _chunk (_chunk_d) holds sums of parts of a batch not yet in S (SD)
+        self._stash: list[tuple] = []  # small parts of a batch (inputs, dense inputs or None) not yet summed
         self.nsamples = 0
         self.batches = 0  # non-empty batches added (a BatchNorm's num_batches_tracked, output_moments)
         # ΣXXᵀ in float64 kept past the solve (keep_sums), for the output's moments with the pruned weight
@@ -138,6 +140,8 @@ class LayerPruner:
 
     def flush(self) -> None:
         """Add sums left open by a part with end=False to the float64 ones (reading H or R does it too)."""
+        if self._stash:
+            return self._products(*self._take_stash(), end=True)  # (which flushes what it sums)
         if self._open or self._open_d:
             self._add_batch_sums(self._open_d)
         self._open = self._open_d = False
@@ -355,6 +359,28 @@ class LayerPruner:
             self.colsq += squares
             self.nsamples += columns
             return
+        self._gathered(inp, dense, end)
+
+    def _gathered(self, inp: torch.Tensor, dense: torch.Tensor | None, end: bool) -> None:
+        """A part's products, or, for parts of a calibration batch whose inputs are small (the CPU splits batches by
+        their widest layer's input: ResNet-50's 14² layers get 32 images at a time), the products of several parts
+        at once, gathered up to GATHER_BYTES: fewer, larger products (the shifted path's cells and border sums, the
+        columns' GEMMs), the same sums up to rounding."""
+        if self._stash or (not end and inp.numel() * inp.element_size() < GATHER_BYTES):
+            self._stash.append((inp, dense))
+            if not end and sum(x.numel() * x.element_size() for x, _ in self._stash) < GATHER_BYTES:
+                return
+            inp, dense = self._take_stash()
+        self._products(inp, dense, end)
+
+    def _take_stash(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The gathered parts as one batch of inputs, and of dense inputs where any part has a cross term (a part
+        whose inputs did not change adds an exact 0 to it: its own inputs stand in)."""
+        parts, self._stash = self._stash, []
+        dense = None if all(d is None for _, d in parts) else torch.cat([x if d is None else d for x, d in parts])
+        return torch.cat([x for x, _ in parts]), dense
+
+    def _products(self, inp: torch.Tensor, dense: torch.Tensor | None, end: bool) -> None:
         if self.shifted(inp):
             return self._add_shifted(inp, dense, end)
         if self.pointwise(inp):
