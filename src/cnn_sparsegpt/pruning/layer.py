@@ -59,7 +59,7 @@ class LayerResult:
 
 
 SHIFTED_CHUNK_BYTES = 64 * 2**20  # laid-out input per shifted-correlation product (a whole 128-image ResNet-18 batch)
-GATHER_BYTES = 32 * 2**20  # parts of a calibration batch with smaller inputs are summed together (see add_batch)
+GATHER_BYTES = 32 * 2**20  # parts of a calibration batch with smaller inputs are summed together (_gathered)
 
 
 class LayerPruner:
