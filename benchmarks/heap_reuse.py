@@ -19,11 +19,12 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from cnn_sparsegpt import PUBLISHED, RECOMMENDED, calibration_set, create_model, load_dataset, prune_model
+from cnn_sparsegpt import PUBLISHED, RECOMMENDED, create_model, load_dataset, prune_model
 from cnn_sparsegpt.commands import train as train_module
 from cnn_sparsegpt.pruning import prune as prune_module
 from cnn_sparsegpt.pruning.heap import reuse_freed_memory
 from cnn_sparsegpt.utils import atomic_write_json, load_state_dict, run_metadata
+from speed import model_and_images  # this directory is sys.path[0] for a script
 
 
 def _glibc_defaults(reuse: bool) -> None:
@@ -46,13 +47,7 @@ def one_evaluation(weights: str, data_dir: str, reuse: bool) -> dict:
 
 def one_prune(arch: str, weights: str | None, data_dir: str | None, nsamples: int, recipe: str, reuse: bool) -> dict:
     _glibc_defaults(reuse)
-    if arch == "resnet50":
-        model = create_model("torchvision:resnet50", num_classes=1000).eval()
-        x = torch.randn(nsamples, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    else:
-        model = create_model("resnet18_cifar").eval()
-        model.load_state_dict(load_state_dict(weights))
-        x = calibration_set(load_dataset("cifar10", True, data_dir), nsamples, seed=0)
+    model, x = model_and_images(arch, weights, data_dir, nsamples, torch.device("cpu"))
     t0 = time.perf_counter()
     rep = prune_model(model, x, PUBLISHED if recipe == "published" else RECOMMENDED, nm="2:4", progress=False)
     return {"reuse": reuse, "seconds": time.perf_counter() - t0, "timings": rep.timings,

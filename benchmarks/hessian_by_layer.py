@@ -15,9 +15,10 @@ from collections import defaultdict
 import torch
 from torch import nn
 
-from cnn_sparsegpt import PUBLISHED, calibration_set, create_model, load_dataset, prune_model
+from cnn_sparsegpt import PUBLISHED, prune_model
 from cnn_sparsegpt.pruning import layer as layer_module
-from cnn_sparsegpt.utils import atomic_write_json, load_state_dict, run_metadata
+from cnn_sparsegpt.utils import atomic_write_json, run_metadata
+from speed import gemm_rate, model_and_images  # this directory is sys.path[0] for a script
 
 
 def main() -> None:
@@ -29,11 +30,7 @@ def main() -> None:
     p.add_argument("--json", required=True)
     args = p.parse_args()
 
-    a = torch.randn(4096, 4096)
-    a @ a
-    t0 = time.perf_counter()
-    a @ a
-    rate = 2 * 4096 ** 3 / (time.perf_counter() - t0)
+    rate = gemm_rate(torch.device("cpu"))
     seconds, info = defaultdict(float), {}
     add_batch = layer_module.LayerPruner.add_batch
 
@@ -54,13 +51,7 @@ def main() -> None:
 
     layer_module.LayerPruner.add_batch = timed
     try:
-        if args.arch == "resnet50":
-            model = create_model("torchvision:resnet50", num_classes=1000).eval()
-            x = torch.randn(args.nsamples, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-        else:
-            model = create_model("resnet18_cifar").eval()
-            model.load_state_dict(load_state_dict(args.weights))
-            x = calibration_set(load_dataset("cifar10", True, args.data_dir), args.nsamples, seed=0)
+        model, x = model_and_images(args.arch, args.weights, args.data_dir, args.nsamples, torch.device("cpu"))
         report = prune_model(model, x, PUBLISHED, nm="2:4", progress=False)
     finally:
         layer_module.LayerPruner.add_batch = add_batch

@@ -98,7 +98,15 @@ ARCHS = {  # what the whole-model rows prune
 }
 
 
-def _setup(arch, weights, data_dir, nsamples, device):
+def gemm_rate(device) -> float:
+    """This machine's float32 GEMM rate (flop/s): the best of three 4096² matmuls."""
+    a = torch.randn(4096, 4096, device=device)
+    return 2 * 4096 ** 3 / min(timed(lambda: a @ a, device)[0] for _ in range(3))
+
+
+def model_and_images(arch, weights, data_dir, nsamples, device):
+    """The benchmarks' prune: torchvision ResNet-50 on random 224² images (random weights), or ResNet-18 on the
+    shared checkpoint and CIFAR training images as `prune` draws them."""
     if arch == "resnet50":
         model = create_model("torchvision:resnet50", num_classes=1000).to(device).eval()
         calib = torch.randn(nsamples, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -114,7 +122,7 @@ def measure_floor(arch, weights, data_dir, nsamples, device, batch_size=128):
     """The floor, as bare torch ops: one forward over the calibration set, the Hessian products of every
     pruned layer on its (dense) inputs, one Cholesky factorization per pruned layer. The Hessians are
     accumulated by hooks during one more forward pass, batch by batch, and only the products are timed."""
-    model, calib = _setup(arch, weights, data_dir, nsamples, device)
+    model, calib = model_and_images(arch, weights, data_dir, nsamples, device)
     batches = calib.split(batch_size)
     # the allocator as the prune has it (pruning/heap.py): a plain forward gains from reused memory as much as it does
     with torch.no_grad(), reuse_freed_memory(device.type == "cpu") as reused:
@@ -161,8 +169,7 @@ def measure_floor(arch, weights, data_dir, nsamples, device, batch_size=128):
             t_chol += t
     floor = {"forward": t_forward, "hessian": t_hessian, "cholesky": t_chol}
     floor["total"] = sum(floor.values())
-    a = torch.randn(4096, 4096, device=device)
-    gemm = 2 * 4096 ** 3 / min(timed(lambda: a @ a, device)[0] for _ in range(3))
+    gemm = gemm_rate(device)
     # the limits of issue 22: forward + Hessian flops at the GEMM rate + Cholesky, per formulation
     floor |= {"gemm_gflops": gemm / 1e9, "hessian_tflop_im2col": flops["im2col"] / 1e12,
               "hessian_tflop_pruner": flops["pruner"] / 1e12,
@@ -173,7 +180,7 @@ def measure_floor(arch, weights, data_dir, nsamples, device, batch_size=128):
 
 def measure_prune(arch, weights, data_dir, nsamples, device, low_memory):
     """One whole-model prune, run in a fresh process so that its peak RSS is its own (measure_prune_twice)."""
-    model, calib = _setup(arch, weights, data_dir, nsamples, device)
+    model, calib = model_and_images(arch, weights, data_dir, nsamples, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     input_bytes = {}
