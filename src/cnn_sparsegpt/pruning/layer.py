@@ -423,10 +423,14 @@ class LayerPruner:
         (keep_sums and track_mean), E[y] = W·x̄ + b and Var[y] = (W·ΣXXᵀ·Wᵀ)ᵣᵣ/N − (W·x̄)², in float64. On ResNet-18's
         convs and CIFAR images within 1e-8..1e-7 of float64 statistics of the outputs, as BatchNorm's own kernel is.
         None without those sums."""
-        if self._kept_S is None:
+        if self._kept_S is not None:
+            S = self._kept_S
+        elif self.S is not None:  # H never read: a layer skipped before its solve, a torchrun rank that does not solve
             self.flush()
-        S = self._kept_S if self._kept_S is not None or self.S is None else mirror_upper_(self.S)
-        if S is None or self.colsum is None:
+            S = mirror_upper_(self.S)
+        else:
+            return None
+        if self.colsum is None:
             return None
         W, n = self.weight_matrix()[0].double(), max(self.nsamples, 1)
         m = torch.bmm(W, self.colsum[:, :, None]).squeeze(-1) / n  # (groups, rows)
