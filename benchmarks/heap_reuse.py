@@ -51,7 +51,8 @@ def one_prune(arch: str, weights: str | None, data_dir: str | None, nsamples: in
     t0 = time.perf_counter()
     rep = prune_model(model, x, PUBLISHED if recipe == "published" else RECOMMENDED, nm="2:4", progress=False)
     return {"reuse": reuse, "seconds": time.perf_counter() - t0, "timings": rep.timings,
-            "memory_policy": rep.memory_policy, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "memory_policy": rep.memory_policy,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main() -> None:
