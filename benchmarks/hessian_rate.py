@@ -63,7 +63,7 @@ def main() -> None:
         shifted = LayerPruner(conv, "conv").shifted(batches[0])
         r = {"in_channels": cin, "size": size, "d": d, "columns": T, "whole_s": best_of(whole),
              "im2col_whole_s": best_of(lambda: whole("im2col")),
-             "path": ("cells" if by_cells((3, 3), (size, size)) else "shifted") if shifted else "im2col",
+             "path": ("cells" if by_cells((3, 3), (size, size), cin) else "shifted") if shifted else "im2col",
              "shifted_flops": gram_flops((3, 3), (1, 1), (size, size), cin, args.images)[0],
              "unfold_s": best_of(unfold_only), "product_full_s": best_of(product_only),
              "chunk_images": p_.chunk_images(batches[0])}

@@ -22,12 +22,13 @@ def _im2col_gram(x, kernel, padding, y=None):
 @pytest.mark.parametrize("shape,kernel,padding", [
     ((3, 4, 7, 6), (3, 3), (1, 1)), ((2, 5, 6, 8), (3, 3), (0, 0)), ((2, 3, 9, 7), (5, 5), (2, 2)),
     ((2, 3, 6, 6), (1, 3), (0, 1)), ((2, 3, 6, 7), (3, 3), (2, 1)), ((1, 2, 3, 3), (3, 3), (1, 1)),
-    ((2, 3, 4, 4), (5, 5), (2, 2)), ((2, 3, 4, 5), (3, 3), (1, 1))])  # (5×5 at 4×4: offsets with no pixel pairs)
+    ((2, 3, 4, 4), (5, 5), (2, 2)), ((2, 3, 4, 5), (3, 3), (1, 1)), ((2, 3, 6, 5), (3, 1), (1, 0))])
+# (5×5 at 4×4: offsets with no pixel pairs; 3×1: cells of whole rows)
 @pytest.mark.parametrize("cross", [False, True])
 @pytest.mark.parametrize("cells", [False, True])
 def test_shifted_gram_equals_the_im2col_product(shape, kernel, padding, cross, cells, monkeypatch):
     """Both ways (whole-input GEMMs less the strips outside each window, and cells) on every shape."""
-    monkeypatch.setattr(shifted_gram, "by_cells", lambda kernel, size: cells)
+    monkeypatch.setattr(shifted_gram, "by_cells", lambda kernel, size, channels=1: cells)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g)
     y = torch.randn(shape, generator=g) if cross else None
@@ -37,6 +38,15 @@ def test_shifted_gram_equals_the_im2col_product(shape, kernel, padding, cross, c
     torch.testing.assert_close(G.double(), R, rtol=1e-5, atol=1e-5 * float(R.abs().max()))
     if not cross:
         assert torch.equal(G, G.t())  # exactly symmetric, as the im2col path makes it
+        U = conv_gram(x, kernel, padding, out=torch.full(R.shape, float("nan")), mirror=False)
+        taps, C = kernel[0] * kernel[1], shape[1]
+        for t in range(taps):  # upper tap blocks written, lower ones left alone
+            for t2 in range(taps):
+                block, ref = U[t * C:(t + 1) * C, t2 * C:(t2 + 1) * C], G[t * C:(t + 1) * C, t2 * C:(t2 + 1) * C]
+                if t2 >= t:
+                    torch.testing.assert_close(block, ref, rtol=1e-5, atol=1e-5 * float(R.abs().max()))
+                else:
+                    assert block.isnan().all()
 
 
 def test_offsets_and_the_cost_rule():
@@ -44,6 +54,7 @@ def test_offsets_and_the_cost_rule():
     assert all(cheaper((3, 3), (1, 1), (n, n)) for n in (32, 16, 8, 7, 4, 1))
     assert not cheaper((3, 3), (0, 0), (3, 3)) and not cheaper((1, 1), (0, 0), (32, 32))
     assert by_cells((3, 3), (8, 8)) and by_cells((3, 3), (4, 4)) and not by_cells((3, 3), (16, 16))
+    assert by_cells((3, 3), (16, 16), 64) and not by_cells((3, 3), (16, 16), 32) and not by_cells((3, 3), (28, 28), 128)
 
 
 def _accumulated(conv, x, xd, dense_target, shifted=None, rhs_outputs=None, monkeypatch=None):

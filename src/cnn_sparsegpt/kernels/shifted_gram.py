@@ -33,32 +33,39 @@ def _segments(lo: int, hi: int, cuts) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-def by_cells(kernel: tuple[int, int], size: tuple[int, int]) -> bool:
+def by_cells(kernel: tuple[int, int], size: tuple[int, int], channels: int = 1) -> bool:
     """Whether the product goes cell by cell (see conv_gram): where the appended zeros make the whole-input GEMMs
-    half as large again as the pixels (small maps: a 3×3 kernel at 8² and below). Measured with 3×3 convs on this
-    project's 2-core CPU, cells against whole-input GEMMs: 0.70 / 0.83 s at 512 channels 4², 1.19 / 1.53 s at 512
-    channels 7², 0.45 / 0.46 s at 256 channels 8², 0.52 / 0.36 s at 128 channels 16² (the cells' copies)."""
+    half as large again as the pixels (a 3×3 kernel at 8² and below), or 15% larger with 64 channels or more, whose
+    row-by-row cell GEMMs are large enough to run at speed. Measured with 3×3 convs on this project's 2-core CPU
+    (one batch, cells against whole-input GEMMs, commit after 2351a08): 128 channels at 16² 49 / 69 ms, 256 at 14²
+    35 / 46, 64 at 16² 20 / 24, 128 at 24² 59 / 65, 512 at 7² 33 / 58; but 32 channels at 16² 11 / 8, 128 at 28²
+    46 / 44, 64 at 32² 77 / 80 (taken whole: within noise)."""
     (kh, kw), (H, W) = kernel, size
-    return (H + kh - 1) * (W + kw - 1) > 1.5 * H * W
+    appended = (H + kh - 1) * (W + kw - 1) / (H * W)
+    return appended > 1.5 or (appended > 1.15 and channels >= 64)
 
 
 def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int], y: torch.Tensor | None = None,
-              out: torch.Tensor | None = None, beta: float = 0.0) -> torch.Tensor:
+              out: torch.Tensor | None = None, beta: float = 0.0, mirror: bool = True) -> torch.Tensor:
     """Σ over images and output positions of y_col x_colᵀ (y = x when None: the symmetric X Xᵀ) for a stride-1,
     dilation-1, zero-padded conv, rows and columns in the solver's (k_h, k_w, in) order: (k_h·k_w·C, k_h·k_w·C)
     float32, the same matrix as unfold(y) @ unfold(x)ᵀ. With `out`: written there (beta 0) or added to it (beta 1).
+    mirror=False (XXᵀ only): the tap blocks below the diagonal are left unwritten and the diagonal ones as summed,
+    for sums whose upper blocks alone are read (linalg.add_upper_, then mirror_upper_ once).
 
     Each block is the correlation at its offset over its tap's window: on large maps the whole-input GEMM at that
     offset less the strips outside the window; on small ones (`by_cells`) the sum of the cells, cut at every tap's
     window edges, that make up the window, each cell's GEMM shared by all blocks at that offset: only real pixel
-    pairs are multiplied, at the price of a copy per cell."""
+    pairs are multiplied. Cells read the input laid out (C, H, W, images), where each row of a cell is one
+    contiguous run of columns: their GEMMs read views, row by row, and nothing is copied per cell."""
     (kh, kw), (ph, pw) = kernel, padding
     B, C, H, W = x.shape
     Wq = W + kw - 1
     Ho, Wo = H + 2 * ph - kh + 1, W + 2 * pw - kw + 1
-    cells = by_cells(kernel, (H, W))
-    zx = _layout(x.float(), kernel)  # real pixel (u, v) at [:, :, u, v]
-    zy = zx if y is None else _layout(y.float(), kernel)
+    cells = by_cells(kernel, (H, W), C)
+    layout = _pixels_last if cells else lambda z: _layout(z, kernel)
+    zx = layout(x.float())  # real pixel (u, v) at [:, u, v] (cells) or [:, :, u, v]
+    zy = zx if y is None else layout(y.float())
     fx, fy = zx.view(C, -1), zy.view(C, -1)
     N = fx.shape[1]
     memo: dict[tuple, torch.Tensor] = {}
@@ -66,27 +73,33 @@ def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]
     def piece(r0, r1, c0, c1, dr, dc):  # Σ over images, u in [r0, r1), v in [c0, c1) of y[u, v] x[u+δr, v+δc]ᵀ
         key = (r0, r1, c0, c1, dr, dc)
         if key not in memo:
-            ya = zy[:, :, r0:r1, c0:c1].reshape(C, -1)
-            xa = zx[:, :, r0 + dr:r1 + dr, c0 + dc:c1 + dc].reshape(C, -1)
-            memo[key] = ya @ xa.t()
+            if cells:  # one GEMM per row on views, or one for whole rows (contiguous across rows too)
+                spans = [(r0, r1)] if c0 == 0 and c1 == W and dc == 0 else [(r, r + 1) for r in range(r0, r1)]
+                prod = None
+                for a, b in spans:
+                    ya = zy[:, a:b, c0:c1].reshape(C, -1)
+                    xa = zx[:, a + dr:b + dr, c0 + dc:c1 + dc].reshape(C, -1)
+                    prod = ya @ xa.t() if prod is None else prod.addmm_(ya, xa.t())
+                memo[key] = prod
+            else:
+                ya = zy[:, :, r0:r1, c0:c1].reshape(C, -1)
+                xa = zx[:, :, r0 + dr:r1 + dr, c0 + dc:c1 + dc].reshape(C, -1)
+                memo[key] = ya @ xa.t()
         return memo[key]
 
     def full(dr, dc):  # the whole correlation at offset δ: one GEMM on shifted views of the flattened layout
-        key = ("full", dr, dc)
-        if key not in memo:
-            s = dr * Wq + dc
-            memo[key] = fy[:, max(0, -s):N - max(0, s)] @ fx[:, max(0, s):N - max(0, -s)].t()
-        return memo[key]
+        s = dr * Wq + dc
+        return fy[:, max(0, -s):N - max(0, s)] @ fx[:, max(0, s):N - max(0, -s)].t()
 
     row_cuts = [a - ph + e for a in range(kh) for e in (0, Ho)]  # every tap's window edges
     col_cuts = [b - pw + e for b in range(kw) for e in (0, Wo)]
     taps = kh * kw
     if out is None:
         out, beta = torch.empty(taps * C, taps * C, device=x.device), 0.0
-    buf = zx.new_empty(C, C)
+    symmetric = y is None
     # blocks taken offset by offset, so that the memo of products holds one offset's at a time (at 4² and 512
     # channels, all offsets' cells would be 117 MB)
-    pairs = _tap_pairs(kernel, symmetric=y is None)
+    pairs = _tap_pairs(kernel, symmetric=symmetric)
     for k, (dr, dc, t, t2) in enumerate(pairs):
         if k and pairs[k - 1][:2] != (dr, dc):
             memo.clear()
@@ -97,31 +110,35 @@ def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]
         clo, chi = max(0, -dc), min(W, W - dc)
         i0, i1 = max(rlo, a - ph), min(rhi, a - ph + Ho)
         j0, j1 = max(clo, b - pw), min(chi, b - pw + Wo)
-        block = buf  # one reused C×C buffer: the sums below allocate nothing
         if i0 >= i1 or j0 >= j1:
-            block.zero_()
+            terms = []
         elif cells:
-            parts = [piece(r0, r1, c0, c1, dr, dc) for r0, r1 in _segments(i0, i1, row_cuts)
+            terms = [(1, piece(r0, r1, c0, c1, dr, dc)) for r0, r1 in _segments(i0, i1, row_cuts)
                      for c0, c1 in _segments(j0, j1, col_cuts)]
-            block.copy_(parts[0])
-            for part in parts[1:]:
-                block += part
         else:
-            block.copy_(full(dr, dc))
-            for r0, r1 in ((rlo, i0), (i1, rhi)):  # rows outside the window, every column
-                if r0 < r1:
-                    block -= piece(r0, r1, clo, chi, dr, dc)
-            for c0, c1 in ((clo, j0), (j1, chi)):  # columns outside the window, rows inside it
-                if c0 < c1:
-                    block -= piece(i0, i1, c0, c1, dr, dc)
-        if y is None and t2 == t:  # exactly symmetric, as accumulate_xxt_ makes it (a GEMM's XXᵀ need not be)
-            block = block.triu() + block.triu(1).t()
-        targets = [(out[t * C:(t + 1) * C, t2 * C:(t2 + 1) * C], block)]
-        if y is None and t2 != t:
-            targets.append((out[t2 * C:(t2 + 1) * C, t * C:(t + 1) * C], block.t()))
-        for where, value in targets:
-            where.copy_(value) if beta == 0 else where.add_(value)
+            if "full" not in memo:
+                memo["full"] = full(dr, dc)
+            terms = [(1, memo["full"])]
+            terms += [(-1, piece(r0, r1, clo, chi, dr, dc)) for r0, r1 in ((rlo, i0), (i1, rhi)) if r0 < r1]
+            terms += [(-1, piece(i0, i1, c0, c1, dr, dc)) for c0, c1 in ((clo, j0), (j1, chi)) if c0 < c1]
+        block = out[t * C:(t + 1) * C, t2 * C:(t2 + 1) * C]  # summed in place: no C×C temporaries
+        if beta == 0 and terms:  # (a first term is always one to add)
+            block.copy_(terms.pop(0)[1])
+        elif beta == 0:
+            block.zero_()
+        for sign, term in terms:
+            block.add_(term, alpha=sign)
+        if symmetric and mirror:
+            if t2 == t:  # exactly symmetric, as accumulate_xxt_ makes it (a GEMM's XXᵀ need not be)
+                block.copy_(block.triu() + block.triu(1).t())
+            else:
+                out[t2 * C:(t2 + 1) * C, t * C:(t + 1) * C].copy_(block.t())
     return out
+
+
+def _pixels_last(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (C, H, W, B): the cells' layout, one copy."""
+    return x.permute(1, 2, 3, 0).contiguous()
 
 
 def _tap_pairs(kernel: tuple[int, int], symmetric: bool = True) -> list[tuple[int, int, int, int]]:
@@ -148,7 +165,7 @@ def flops(kernel: tuple[int, int], padding: tuple[int, int], size: tuple[int, in
     by cells over the real pixel pairs at each offset; im2col: the symmetric product, half of (k²C)² multiply-adds
     per output position (its k² copies of the input left out)."""
     (kh, kw), (ph, pw), (H, W) = kernel, padding, size
-    if by_cells(kernel, size):
+    if by_cells(kernel, size, channels):
         shifted = 2 * sum(max(0, H - abs(dr)) * max(0, W - abs(dc)) for dr, dc in _deltas(kernel))
     else:
         shifted = offsets(kernel) * 2 * (H + kh - 1) * (W + kw - 1)

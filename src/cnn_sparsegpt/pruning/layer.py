@@ -121,8 +121,8 @@ class LayerPruner:
 
     def _buffers(self, device) -> None:
         """The float32 buffers a batch's chunk products are summed in, allocated on first use."""
-        if self.S is not None and self._chunk is None:
-            self._chunk = torch.empty(self.S.shape, device=device)
+        if self.S is not None and self._chunk is None:  # zeros: the shifted path never writes its lower tap blocks
+            self._chunk = torch.zeros(self.S.shape, device=device)
         if self._cross_in_chunks and self._chunk_d is None:
             self._chunk_d = torch.empty(self.SD.shape, device=device)
 
@@ -327,7 +327,7 @@ class LayerPruner:
             if dense is not None:
                 conv_gram(chunk, layer.kernel_size, layer.padding, y=dense_chunks[i] - chunk, out=self._chunk_d[0],
                           beta=beta_d)
-            conv_gram(chunk, layer.kernel_size, layer.padding, out=self._chunk[0], beta=beta)
+            conv_gram(chunk, layer.kernel_size, layer.padding, out=self._chunk[0], beta=beta, mirror=False)
             self.nsamples += len(chunk) * (H + 2 * ph - kh + 1) * (W + 2 * pw - kw + 1)
         self._close(dense is not None, end)
 
