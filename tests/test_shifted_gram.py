@@ -9,9 +9,9 @@ from cnn_sparsegpt.kernels.shifted_gram import by_cells, cheaper, conv_gram, off
 from cnn_sparsegpt.pruning.layer import LayerPruner
 
 
-def _im2col_gram(x, kernel, padding, y=None):
+def _im2col_gram(x, kernel, padding, y=None, stride=(1, 1)):
     def cols(z):
-        X = F.unfold(z.double(), kernel, padding=padding)
+        X = F.unfold(z.double(), kernel, padding=padding, stride=stride)
         B, _, L = X.shape
         kk = kernel[0] * kernel[1]
         return X.view(B, z.shape[1], kk, L).permute(2, 1, 0, 3).reshape(kk * z.shape[1], B * L)  # (kh, kw, in)
@@ -25,20 +25,21 @@ def _im2col_gram(x, kernel, padding, y=None):
     ((2, 3, 4, 4), (5, 5), (2, 2)), ((2, 3, 4, 5), (3, 3), (1, 1)), ((2, 3, 6, 5), (3, 1), (1, 0))])
 # (5×5 at 4×4: offsets with no pixel pairs; 3×1: cells of whole rows)
 @pytest.mark.parametrize("cross", [False, True])
-@pytest.mark.parametrize("cells", [False, True])
-def test_shifted_gram_equals_the_im2col_product(shape, kernel, padding, cross, cells, monkeypatch):
-    """Both ways (whole-input GEMMs less the strips outside each window, and cells) on every shape."""
+@pytest.mark.parametrize("cells, stride", [(False, (1, 1)), (True, (1, 1)), (True, (2, 2))])
+def test_shifted_gram_equals_the_im2col_product(shape, kernel, padding, cross, cells, stride, monkeypatch):
+    """Both ways (whole-input GEMMs less the strips outside each window, and cells) on every shape, and strided
+    (always by cells, on the input's phases)."""
     monkeypatch.setattr(shifted_gram, "by_cells", lambda kernel, size, channels=1: cells)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g)
     y = torch.randn(shape, generator=g) if cross else None
-    R = _im2col_gram(x, kernel, padding, y)
-    G = conv_gram(x, kernel, padding, y, out=torch.full(R.shape, float("nan")))  # every block written, even zeros
+    R = _im2col_gram(x, kernel, padding, y, stride)
+    G = conv_gram(x, kernel, padding, y, out=torch.full(R.shape, float("nan")), stride=stride)  # every block written
     assert G.shape == R.shape and G.dtype == torch.float32
     torch.testing.assert_close(G.double(), R, rtol=1e-5, atol=1e-5 * float(R.abs().max()))
     if not cross:
         assert torch.equal(G, G.t())  # exactly symmetric, as the im2col path makes it
-        U = conv_gram(x, kernel, padding, out=torch.full(R.shape, float("nan")), mirror=False)
+        U = conv_gram(x, kernel, padding, out=torch.full(R.shape, float("nan")), mirror=False, stride=stride)
         taps, C = kernel[0] * kernel[1], shape[1]
         for t in range(taps):  # upper tap blocks written, lower ones left alone
             for t2 in range(taps):
@@ -49,8 +50,24 @@ def test_shifted_gram_equals_the_im2col_product(shape, kernel, padding, cross, c
                     assert block.isnan().all()
 
 
+@pytest.mark.parametrize("shape,kernel,padding,stride", [
+    ((2, 3, 9, 8), (3, 3), (1, 1), (3, 3)), ((2, 3, 8, 7), (3, 3), (1, 0), (2, 1)), ((2, 3, 7, 8), (3, 3), (0, 1), (1, 2)),
+    ((2, 3, 12, 12), (7, 7), (3, 3), (2, 2)), ((2, 3, 5, 5), (3, 3), (1, 1), (2, 2))])
+def test_strided_gram_on_phases(shape, kernel, padding, stride):
+    """Other strides, mixed ones and a 7×7 stem's shape: the phases' products against im2col's."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g)
+    R = _im2col_gram(x, kernel, padding, stride=stride)
+    G = conv_gram(x, kernel, padding, out=torch.full(R.shape, float("nan")), stride=stride)
+    torch.testing.assert_close(G.double(), R, rtol=1e-5, atol=1e-5 * float(R.abs().max()))
+    assert torch.equal(G, G.t())
+
+
 def test_offsets_and_the_cost_rule():
     assert offsets((3, 3)) == 13 and offsets((3, 3), symmetric=False) == 25 and offsets((1, 1)) == 1
+    assert offsets((3, 3), padding=(1, 1), stride=(2, 2)) == 34  # phase pairs and offsets, against 45 tap pairs
+    assert cheaper((3, 3), (1, 1), (32, 32), (2, 2), 64) and cheaper((3, 3), (1, 1), (14, 14), (2, 2), 512)
+    assert not cheaper((3, 3), (1, 1), (32, 32), (2, 2), 32) and not cheaper((7, 7), (3, 3), (224, 224), (2, 2), 3)
     assert all(cheaper((3, 3), (1, 1), (n, n)) for n in (32, 16, 8, 7, 4, 1))
     assert not cheaper((3, 3), (0, 0), (3, 3)) and not cheaper((1, 1), (0, 0), (32, 32))
     assert by_cells((3, 3), (8, 8)) and by_cells((3, 3), (4, 4)) and not by_cells((3, 3), (16, 16))
@@ -70,14 +87,17 @@ def _accumulated(conv, x, xd, dense_target, shifted=None, rhs_outputs=None, monk
 
 
 @pytest.mark.parametrize("dense_target", [False, True])
-def test_layer_pruner_takes_the_shifted_path_with_the_same_hessian(dense_target, monkeypatch):
-    conv = nn.Conv2d(8, 6, 3, padding=1, bias=False)
+@pytest.mark.parametrize("channels, size, stride, outputs", [(8, 12, 1, 12 * 12), (64, 9, 2, 5 * 5)])
+def test_layer_pruner_takes_the_shifted_path_with_the_same_hessian(dense_target, channels, size, stride, outputs,
+                                                                    monkeypatch):
+    """Stride 1, and stride 2 on the input's phases (64 channels: STRIDED_CHANNELS)."""
+    conv = nn.Conv2d(channels, 6, 3, stride=stride, padding=1, bias=False)
     g = torch.Generator().manual_seed(1)
-    x, xd = torch.randn(20, 8, 12, 12, generator=g), torch.randn(20, 8, 12, 12, generator=g)
+    x, xd = (torch.randn(20, channels, size, size, generator=g) for _ in range(2))
     assert LayerPruner(conv, "c").shifted(x)
     runs = [_accumulated(conv, x, xd, dense_target, shifted, rhs, monkeypatch)
             for shifted, rhs in ((None, False), (False, False), (None, True))]  # shifted / im2col / R from outputs
-    assert all(n == 20 * 12 * 12 for n, _, _ in runs)
+    assert all(n == 20 * outputs for n, _, _ in runs)
     ref = runs[1]
     for n, H, R in runs:
         torch.testing.assert_close(H, ref[1], rtol=1e-5, atol=1e-5 * float(ref[1].abs().max()))
@@ -123,7 +143,7 @@ def test_dense_target_rhs_from_outputs_equals_w_times_d(layer, monkeypatch):
     torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5 * float(slow.abs().max()))
 
 
-def test_strided_grouped_and_1x1_convs_keep_im2col():
+def test_thin_strided_grouped_and_1x1_convs_keep_im2col():
     x = torch.randn(2, 8, 16, 16)
     for conv in (nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=2),
                  nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding="same"), nn.Conv2d(8, 8, 3, dilation=2)):

@@ -14,6 +14,8 @@ product up to float rounding (tests); the input is copied once instead of k_h·k
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -33,6 +35,15 @@ def _segments(lo: int, hi: int, cuts) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
+# A strided conv's Hessian goes by cells on its phases from this many input channels (and at most 0.9 of im2col's
+# flops: 0.65–0.83 for a 3×3 conv of stride 2). Measured on this project's 2-core CPU, 3×3 stride-2 convs, phases
+# against im2col (LayerPruner.add_batch, 512 images at 32² and below, 128 at 56²–14²): 64 channels at 32² 0.29 / 0.71
+# s, 128 at 16² 0.19 / 0.27, 256 at 8² 0.16 / 0.22, 128 at 56² 0.55 / 0.69, 256 at 28² 0.44 / 0.63, 512 at 14²
+# 0.60 / 0.70; but 32 channels at 16² 0.045 / 0.028, 16 at 32² 0.080 / 0.071 and a 7×7 stem on 3 channels 15× slower
+# (the cells' row-by-row GEMMs of thin layers are all per-call cost).
+STRIDED_CHANNELS = 64
+
+
 def by_cells(kernel: tuple[int, int], size: tuple[int, int], channels: int = 1) -> bool:
     """Whether the product goes cell by cell (see conv_gram): where the appended zeros make the whole-input GEMMs
     half as large again as the pixels (a 3×3 kernel at 8² and below), or 15% larger with 64 channels or more, whose
@@ -46,44 +57,54 @@ def by_cells(kernel: tuple[int, int], size: tuple[int, int], channels: int = 1) 
 
 
 def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int], y: torch.Tensor | None = None,
-              out: torch.Tensor | None = None, beta: float = 0.0, mirror: bool = True) -> torch.Tensor:
-    """Σ over images and output positions of y_col x_colᵀ (y = x when None: the symmetric X Xᵀ) for a stride-1,
-    dilation-1, zero-padded conv, rows and columns in the solver's (k_h, k_w, in) order: (k_h·k_w·C, k_h·k_w·C)
-    float32, the same matrix as unfold(y) @ unfold(x)ᵀ. With `out`: written there (beta 0) or added to it (beta 1).
-    mirror=False (XXᵀ only): the tap blocks below the diagonal are left unwritten and the diagonal ones as summed,
-    for sums whose upper blocks alone are read (linalg.add_upper_, then mirror_upper_ once).
+              out: torch.Tensor | None = None, beta: float = 0.0, mirror: bool = True,
+              stride: tuple[int, int] = (1, 1)) -> torch.Tensor:
+    """Σ over images and output positions of y_col x_colᵀ (y = x when None: the symmetric X Xᵀ) for a dilation-1,
+    zero-padded conv, rows and columns in the solver's (k_h, k_w, in) order: (k_h·k_w·C, k_h·k_w·C) float32, the same
+    matrix as unfold(y) @ unfold(x)ᵀ. With `out`: written there (beta 0) or added to it (beta 1). mirror=False (XXᵀ
+    only): the tap blocks below the diagonal are left unwritten and the diagonal ones as summed, for sums whose upper
+    blocks alone are read (linalg.add_upper_, then mirror_upper_ once).
 
     Each block is the correlation at its offset over its tap's window: on large maps the whole-input GEMM at that
     offset less the strips outside the window; on small ones (`by_cells`) the sum of the cells, cut at every tap's
     window edges, that make up the window, each cell's GEMM shared by all blocks at that offset: only real pixel
     pairs are multiplied. Cells read the input laid out (C, H, W, images), where each row of a cell is one
-    contiguous run of columns: their GEMMs read views, row by row, and nothing is copied per cell."""
-    (kh, kw), (ph, pw) = kernel, padding
+    contiguous run of columns: their GEMMs read views, row by row, and nothing is copied per cell. A strided conv
+    goes by cells on the input's phases (polyphase: tap a of output row i reads row s·i + a − p of phase (a − p) mod
+    s, row i + ⌊(a − p)/s⌋ there), so its blocks too are correlations at offsets, between phases: 34 distinct
+    products of C×C instead of 45 tap-pair blocks for a 3×3 conv of stride 2, and no k² copies of the input."""
+    (kh, kw), stride = kernel, tuple(stride)
     B, C, H, W = x.shape
-    Wq = W + kw - 1
-    Ho, Wo = H + 2 * ph - kh + 1, W + 2 * pw - kw + 1
-    cells = by_cells(kernel, (H, W), C)
-    layout = _pixels_last if cells else lambda z: _layout(z, kernel)
-    zx = layout(x.float())  # real pixel (u, v) at [:, u, v] (cells) or [:, :, u, v]
-    zy = zx if y is None else layout(y.float())
-    fx, fy = zx.view(C, -1), zy.view(C, -1)
-    N = fx.shape[1]
+    Ho, Wo = _out_size((H, W), kernel, padding, stride)
+    taps = _tap_planes(kernel, padding, stride)
+    cells = stride != (1, 1) or by_cells(kernel, (H, W), C)
+    if cells:  # each phase the taps read, laid out (C, H', W', images)
+        planes = {plane for plane, _, _ in taps}
+        zx = {pl: _pixels_last(x[:, :, pl[0]::stride[0], pl[1]::stride[1]].float()) for pl in planes}
+        zy = zx if y is None else {pl: _pixels_last(y[:, :, pl[0]::stride[0], pl[1]::stride[1]].float()) for pl in planes}
+    else:
+        lx = _layout(x.float(), kernel)  # real pixel (u, v) at [:, :, u, v]
+        ly = lx if y is None else _layout(y.float(), kernel)
+        fx, fy = lx.view(C, -1), ly.view(C, -1)
+        N, Wq = fx.shape[1], W + kw - 1
     memo: dict[tuple, torch.Tensor] = {}
 
-    def piece(r0, r1, c0, c1, dr, dc):  # Σ over images, u in [r0, r1), v in [c0, c1) of y[u, v] x[u+δr, v+δc]ᵀ
-        key = (r0, r1, c0, c1, dr, dc)
+    def piece(py, px, r0, r1, c0, c1, dr, dc):  # Σ over images, u in [r0, r1), v in [c0, c1) of y[u, v] x[u+δr, v+δc]ᵀ
+        key = (r0, r1, c0, c1)
         if key not in memo:
             if cells:  # one GEMM per row on views, or one for whole rows (contiguous across rows too)
-                spans = [(r0, r1)] if c0 == 0 and c1 == W and dc == 0 else [(r, r + 1) for r in range(r0, r1)]
+                wy, wx = zy[py].shape[2], zx[px].shape[2]
+                whole = c0 == 0 and c1 == wy == wx and dc == 0
+                spans = [(r0, r1)] if whole else [(r, r + 1) for r in range(r0, r1)]
                 prod = None
                 for a, b in spans:
-                    ya = zy[:, a:b, c0:c1].reshape(C, -1)
-                    xa = zx[:, a + dr:b + dr, c0 + dc:c1 + dc].reshape(C, -1)
+                    ya = zy[py][:, a:b, c0:c1].reshape(C, -1)
+                    xa = zx[px][:, a + dr:b + dr, c0 + dc:c1 + dc].reshape(C, -1)
                     prod = ya @ xa.t() if prod is None else prod.addmm_(ya, xa.t())
                 memo[key] = prod
             else:
-                ya = zy[:, :, r0:r1, c0:c1].reshape(C, -1)
-                xa = zx[:, :, r0 + dr:r1 + dr, c0 + dc:c1 + dc].reshape(C, -1)
+                ya = ly[:, :, r0:r1, c0:c1].reshape(C, -1)
+                xa = lx[:, :, r0 + dr:r1 + dr, c0 + dc:c1 + dc].reshape(C, -1)
                 memo[key] = ya @ xa.t()
         return memo[key]
 
@@ -91,36 +112,29 @@ def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]
         s = dr * Wq + dc
         return fy[:, max(0, -s):N - max(0, s)] @ fx[:, max(0, s):N - max(0, -s)].t()
 
-    row_cuts = [a - ph + e for a in range(kh) for e in (0, Ho)]  # every tap's window edges
-    col_cuts = [b - pw + e for b in range(kw) for e in (0, Wo)]
-    taps = kh * kw
     if out is None:
-        out, beta = torch.empty(taps * C, taps * C, device=x.device), 0.0
+        out, beta = torch.empty(len(taps) * C, len(taps) * C, device=x.device), 0.0
     symmetric = y is None
-    # blocks taken offset by offset, so that the memo of products holds one offset's at a time (at 4² and 512
-    # channels, all offsets' cells would be 117 MB)
-    pairs = _tap_pairs(kernel, symmetric=symmetric)
-    for k, (dr, dc, t, t2) in enumerate(pairs):
-        if k and pairs[k - 1][:2] != (dr, dc):
+    row_cuts, col_cuts = _cuts(taps, (Ho, Wo))
+    previous = None
+    # blocks taken product by product (phases and offset), so that the memo holds one product's cells at a time (at
+    # 4² and 512 channels, all offsets' cells would be 117 MB)
+    for (py, px, dr, dc), t, t2, (rlo, rhi, clo, chi), (i0, i1, j0, j1) in _blocks(taps, (H, W), (Ho, Wo), stride,
+                                                                                   symmetric):
+        if (py, px, dr, dc) != previous:
             memo.clear()
-        a, b = divmod(t, kw)
-        # where both y[u, v] and x[u+δr, v+δc] are real (not padding): rows [rlo, rhi), columns [clo, chi);
-        # of those, the tap's window: rows [i0, i1), columns [j0, j1)
-        rlo, rhi = max(0, -dr), min(H, H - dr)
-        clo, chi = max(0, -dc), min(W, W - dc)
-        i0, i1 = max(rlo, a - ph), min(rhi, a - ph + Ho)
-        j0, j1 = max(clo, b - pw), min(chi, b - pw + Wo)
+            previous = (py, px, dr, dc)
         if i0 >= i1 or j0 >= j1:
             terms = []
         elif cells:
-            terms = [(1, piece(r0, r1, c0, c1, dr, dc)) for r0, r1 in _segments(i0, i1, row_cuts)
+            terms = [(1, piece(py, px, r0, r1, c0, c1, dr, dc)) for r0, r1 in _segments(i0, i1, row_cuts)
                      for c0, c1 in _segments(j0, j1, col_cuts)]
         else:
             if "full" not in memo:
                 memo["full"] = full(dr, dc)
             terms = [(1, memo["full"])]
-            terms += [(-1, piece(r0, r1, clo, chi, dr, dc)) for r0, r1 in ((rlo, i0), (i1, rhi)) if r0 < r1]
-            terms += [(-1, piece(i0, i1, c0, c1, dr, dc)) for c0, c1 in ((clo, j0), (j1, chi)) if c0 < c1]
+            terms += [(-1, piece(py, px, r0, r1, clo, chi, dr, dc)) for r0, r1 in ((rlo, i0), (i1, rhi)) if r0 < r1]
+            terms += [(-1, piece(py, px, i0, i1, c0, c1, dr, dc)) for c0, c1 in ((clo, j0), (j1, chi)) if c0 < c1]
         block = out[t * C:(t + 1) * C, t2 * C:(t2 + 1) * C]  # summed in place: no C×C temporaries
         if beta == 0 and terms:  # (a first term is always one to add)
             block.copy_(terms.pop(0)[1])
@@ -141,44 +155,95 @@ def _pixels_last(x: torch.Tensor) -> torch.Tensor:
     return x.permute(1, 2, 3, 0).contiguous()
 
 
-def _tap_pairs(kernel: tuple[int, int], symmetric: bool = True) -> list[tuple[int, int, int, int]]:
-    """(δr, δc, t, t2) for every block of the product (t ≤ t2 when symmetric), sorted by offset."""
-    kh, kw = kernel
-    taps = kh * kw
-    return sorted((divmod(t2, kw)[0] - divmod(t, kw)[0], divmod(t2, kw)[1] - divmod(t, kw)[1], t, t2)
-                  for t in range(taps) for t2 in range(t if symmetric else 0, taps))
+def _out_size(size, kernel, padding, stride) -> tuple[int, int]:
+    return tuple((n + 2 * p - k) // s + 1 for n, k, p, s in zip(size, kernel, padding, stride))
 
 
-def _deltas(kernel: tuple[int, int], symmetric: bool = True) -> set[tuple[int, int]]:
-    return {pair[:2] for pair in _tap_pairs(kernel, symmetric)}
+def _tap_planes(kernel, padding, stride) -> list[tuple[tuple[int, int], int, int]]:
+    """For each tap t = (a, b), in the solver's order: the input phase it reads and its shift there, ((r_a, r_b), q_a,
+    q_b). Tap a of output row i reads input row s·i + a − p = s·(i + q_a) + r_a (stride 1: one phase, q_a = a − p)."""
+    (kh, kw), (ph, pw), (sh, sw) = kernel, padding, stride
+    rows, cols = [divmod(a - ph, sh) for a in range(kh)], [divmod(b - pw, sw) for b in range(kw)]
+    return [((ra, rb), qa, qb) for qa, ra in rows for qb, rb in cols]
 
 
-def offsets(kernel: tuple[int, int], symmetric: bool = True) -> int:
-    """Distinct shifts δ the product needs: 13 for a symmetric 3×3 Hessian, 25 for a cross product."""
-    return len(_deltas(kernel, symmetric))
+def _cuts(taps, out_size) -> tuple[list[int], list[int]]:
+    """Every tap's window edges (in its phase's coordinates), where cells are cut."""
+    (Ho, Wo) = out_size
+    return [qa + e for _, qa, _ in taps for e in (0, Ho)], [qb + e for _, _, qb in taps for e in (0, Wo)]
+
+
+def _blocks(taps, size, out_size, stride, symmetric: bool):
+    """Every block (t, t2) of the product (t ≤ t2 when symmetric), grouped by the product it reads, (phase of y,
+    phase of x, δr, δc): yields that key, t, t2, where both y[u, v] and x[u+δr, v+δc] are real pixels (rows [rlo,
+    rhi), columns [clo, chi)) and, of those, tap t's window (rows [i0, i1), columns [j0, j1)), in y's phase."""
+    (H, W), (Ho, Wo), (sh, sw) = size, out_size, stride
+    n = len(taps)
+    keyed = []
+    for t in range(n):
+        for t2 in range(t if symmetric else 0, n):
+            (py, qa, qb), (px, qa2, qb2) = taps[t], taps[t2]
+            keyed.append(((py, px, qa2 - qa, qb2 - qb), t, t2))
+    keyed.sort()
+    for (py, px, dr, dc), t, t2 in keyed:
+        hy, wy = len(range(py[0], H, sh)), len(range(py[1], W, sw))  # the phases' sizes
+        hx, wx = len(range(px[0], H, sh)), len(range(px[1], W, sw))
+        _, qa, qb = taps[t]
+        rlo, rhi = max(0, -dr), min(hy, hx - dr)
+        clo, chi = max(0, -dc), min(wy, wx - dc)
+        window = max(rlo, qa), min(rhi, qa + Ho), max(clo, qb), min(chi, qb + Wo)
+        yield (py, px, dr, dc), t, t2, (rlo, rhi, clo, chi), window
+
+
+def offsets(kernel: tuple[int, int], symmetric: bool = True, padding: tuple[int, int] = (0, 0),
+            stride: tuple[int, int] = (1, 1)) -> int:
+    """Distinct products of C×C the product needs: 13 for a symmetric 3×3 Hessian, 25 for a cross product, 34 for a
+    symmetric 3×3 of stride 2 (by phase pair and offset)."""
+    taps = _tap_planes(kernel, padding, stride)
+    n = len(taps)
+    return len({(taps[t][0], taps[t2][0], taps[t2][1] - taps[t][1], taps[t2][2] - taps[t][2])
+                for t in range(n) for t2 in range(t if symmetric else 0, n)})
+
+
+@functools.lru_cache(maxsize=256)
+def _cell_pixels(kernel, padding, stride, size) -> int:
+    """Pixel pairs the cells of a symmetric product multiply (each distinct cell once per product)."""
+    taps = _tap_planes(kernel, padding, stride)
+    out_size = _out_size(size, kernel, padding, stride)
+    row_cuts, col_cuts = _cuts(taps, out_size)
+    seen = set()
+    for key, _, _, _, (i0, i1, j0, j1) in _blocks(taps, size, out_size, stride, True):
+        if i0 < i1 and j0 < j1:
+            seen |= {(key, r, c) for r in _segments(i0, i1, row_cuts) for c in _segments(j0, j1, col_cuts)}
+    return sum((r1 - r0) * (c1 - c0) for _, (r0, r1), (c0, c1) in seen)
 
 
 def flops(kernel: tuple[int, int], padding: tuple[int, int], size: tuple[int, int], channels: int = 1,
-          images: int = 1) -> tuple[int, int]:
-    """Flops of XXᵀ for a stride-1 conv's input (images, channels, *size): (shifted, im2col). Shifted: one C×C GEMM
-    per offset over the input laid out with k−1 zeros appended per row and image (border corrections left out), or
-    by cells over the real pixel pairs at each offset; im2col: the symmetric product, half of (k²C)² multiply-adds
-    per output position (its k² copies of the input left out)."""
-    (kh, kw), (ph, pw), (H, W) = kernel, padding, size
-    if by_cells(kernel, size, channels):
-        shifted = 2 * sum(max(0, H - abs(dr)) * max(0, W - abs(dc)) for dr, dc in _deltas(kernel))
+          images: int = 1, stride: tuple[int, int] = (1, 1)) -> tuple[int, int]:
+    """Flops of XXᵀ for a conv's input (images, channels, *size): (shifted, im2col). Shifted: one C×C GEMM per offset
+    over the input laid out with k−1 zeros appended per row and image (border corrections left out), or by cells
+    over the real pixel pairs of each product (always for a strided conv); im2col: the symmetric product, half of
+    (k²C)² multiply-adds per output position (its k² copies of the input left out)."""
+    (kh, kw), (H, W), stride = kernel, size, tuple(stride)
+    if stride != (1, 1) or by_cells(kernel, size, channels):
+        shifted = 2 * _cell_pixels(tuple(kernel), tuple(padding), stride, tuple(size))
     else:
         shifted = offsets(kernel) * 2 * (H + kh - 1) * (W + kw - 1)
-    im2col = (kh * kw) ** 2 * (H + 2 * ph - kh + 1) * (W + 2 * pw - kw + 1)
+    Ho, Wo = _out_size(size, kernel, padding, stride)
+    im2col = (kh * kw) ** 2 * Ho * Wo
     return shifted * channels ** 2 * images, im2col * channels ** 2 * images
 
 
-def cheaper(kernel: tuple[int, int], padding: tuple[int, int], size: tuple[int, int]) -> bool:
+def cheaper(kernel: tuple[int, int], padding: tuple[int, int], size: tuple[int, int],
+            stride: tuple[int, int] = (1, 1), channels: int = 1) -> bool:
     """Whether the shifted product of XXᵀ takes clearly fewer flops than im2col's (which also copies the input k²
     times first). Measured on this project's 2-core CPU (ResNet-18's 3×3 convs, 64–512 channels at 32²–4², flop
     ratios 0.36, 0.41, 0.26 and 0.16, the last two by cells): 2.9×, 2.6×, 2.0× and 1.6× faster (benchmarks/
-    hessian_rate.py, commit 200b08c); 0.6 keeps a margin (an unpadded 3×3 conv on a 3×3 map: 1.1, im2col)."""
+    hessian_rate.py, commit 200b08c); 0.6 keeps a margin (an unpadded 3×3 conv on a 3×3 map: 1.1, im2col). A strided
+    conv by phases: see STRIDED_CHANNELS."""
     if kernel[0] * kernel[1] == 1:  # a 1×1 conv's columns are its input: nothing to save
         return False
-    shifted, im2col = flops(kernel, padding, size)
-    return shifted <= 0.6 * im2col
+    if tuple(stride) != (1, 1) and channels < STRIDED_CHANNELS:
+        return False
+    shifted, im2col = flops(kernel, padding, size, channels, stride=stride)
+    return shifted <= (0.6 if tuple(stride) == (1, 1) else 0.9) * im2col

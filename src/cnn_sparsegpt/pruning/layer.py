@@ -281,19 +281,19 @@ class LayerPruner:
         columns = max(1, per_image // (4 * self.d * self.groups))  # patches per image
         return max(1, chunk_bytes // max(per_image, 1), -(-min_columns // columns))
 
-    def _stride1_conv_hessian(self, inp: torch.Tensor) -> bool:
-        """Whether this is an ungrouped stride-1 conv, fed images (B, C, H, W), whose H is wanted: what the two
-        paths below need before their own conditions."""
-        layer = self.layer
-        return (isinstance(layer, nn.Conv2d) and self.groups == 1 and layer.stride == (1, 1) and self.S is not None
-                and inp.ndim == 4)
+    def _conv_hessian(self, inp: torch.Tensor) -> bool:
+        """Whether this is an ungrouped conv, fed images (B, C, H, W), whose H is wanted: what the two paths below
+        need before their own conditions."""
+        return isinstance(self.layer, nn.Conv2d) and self.groups == 1 and self.S is not None and inp.ndim == 4
 
     def shifted(self, inp: torch.Tensor) -> bool:
         """Whether H comes from shifted correlations of the input (kernels/shifted_gram.py) instead of im2col
-        columns: a plain stride-1 conv where that takes clearly fewer flops (3×3 convs at 8² and more)."""
+        columns: a plain conv (strided ones on the input's phases) where that takes clearly fewer flops (3×3 convs at
+        8² and more, or by cells)."""
         layer = self.layer
-        return (self._stride1_conv_hessian(inp) and layer.dilation == (1, 1) and not isinstance(layer.padding, str)
-                and layer.padding_mode == "zeros" and cheaper(layer.kernel_size, layer.padding, tuple(inp.shape[-2:])))
+        return (self._conv_hessian(inp) and layer.dilation == (1, 1) and not isinstance(layer.padding, str)
+                and layer.padding_mode == "zeros"
+                and cheaper(layer.kernel_size, layer.padding, tuple(inp.shape[-2:]), layer.stride, inp.shape[1]))
 
     def pointwise(self, inp: torch.Tensor) -> bool:
         """Whether H is summed image by image on the input's own memory: a 1×1 stride-1 unpadded conv, whose
@@ -302,8 +302,8 @@ class LayerPruner:
         s, 256 at 56² 0.38 → 0.26 s, 512 at 28² 0.28 → 0.20 s; thinner products (1024 at 14², 2048 at 7²) were
         as fast or slower than the copied columns' blocked product."""
         layer = self.layer
-        return (self._stride1_conv_hessian(inp) and layer.kernel_size == (1, 1) and layer.padding == (0, 0)
-                and inp.shape[-2] * inp.shape[-1] >= inp.shape[1])
+        return (self._conv_hessian(inp) and layer.stride == (1, 1) and layer.kernel_size == (1, 1)
+                and layer.padding == (0, 0) and inp.shape[-2] * inp.shape[-1] >= inp.shape[1])
 
     def _add_pointwise(self, inp: torch.Tensor, dense: torch.Tensor | None, end: bool) -> None:
         self._buffers(inp.device)
@@ -318,7 +318,7 @@ class LayerPruner:
 
     def _add_shifted(self, inp: torch.Tensor, dense: torch.Tensor | None, end: bool) -> None:
         layer, (H, W) = self.layer, inp.shape[-2:]
-        (kh, kw), (ph, pw) = layer.kernel_size, layer.padding
+        (kh, kw), (ph, pw), (sh, sw) = layer.kernel_size, layer.padding, layer.stride
         step = max(1, SHIFTED_CHUNK_BYTES // (4 * inp.shape[1] * (H + kh - 1) * (W + kw - 1)))
         dense_chunks = None if dense is None else dense.split(step)
         self._buffers(inp.device)
@@ -326,9 +326,10 @@ class LayerPruner:
             beta, beta_d = self._betas(i == 0)  # start the batch's sums, then add to them
             if dense is not None:
                 conv_gram(chunk, layer.kernel_size, layer.padding, y=dense_chunks[i] - chunk, out=self._chunk_d[0],
-                          beta=beta_d)
-            conv_gram(chunk, layer.kernel_size, layer.padding, out=self._chunk[0], beta=beta, mirror=False)
-            self.nsamples += len(chunk) * (H + 2 * ph - kh + 1) * (W + 2 * pw - kw + 1)
+                          beta=beta_d, stride=layer.stride)
+            conv_gram(chunk, layer.kernel_size, layer.padding, out=self._chunk[0], beta=beta, mirror=False,
+                      stride=layer.stride)
+            self.nsamples += len(chunk) * ((H + 2 * ph - kh) // sh + 1) * ((W + 2 * pw - kw) // sw + 1)
         self._close(dense is not None, end)
 
     def add_batch(self, inp: torch.Tensor, dense: torch.Tensor | None = None, end: bool = True) -> None:
