@@ -1,4 +1,4 @@
-"""The Hessian of a stride-1 convolution without im2col: its tap blocks are shifted channel correlations.
+"""The Hessian of a convolution without im2col: its tap blocks are shifted channel correlations.
 
 For a k_h×k_w conv with stride 1, the im2col column of tap t = (a, b) at output position (i, j) is X_pad[:, i+a, j+b].
 The block of Σ y_col x_colᵀ for taps t = (a, b) and t' = (a', b') is therefore
@@ -11,6 +11,9 @@ the flattened index (s = δr·W_q + δc, W_q = W + k_w − 1), no copy, and real
 block then takes off the rows and columns outside its window (at most k−1 of each, and none that are all padding:
 for a padded 3×3 conv the centre tap needs no correction, the others one row or column). Equal to the im2col
 product up to float rounding (tests); the input is copied once instead of k_h·k_w times.
+
+A strided conv's taps read the input's phases (rows r, r + s, …), each shifted: its blocks are correlations between
+two phases at an offset, summed by cells (see conv_gram).
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ def by_cells(kernel: tuple[int, int], size: tuple[int, int], channels: int = 1) 
     """Whether the product goes cell by cell (see conv_gram): where the appended zeros make the whole-input GEMMs
     half as large again as the pixels (a 3×3 kernel at 8² and below), or 15% larger with 64 channels or more, whose
     row-by-row cell GEMMs are large enough to run at speed. Measured with 3×3 convs on this project's 2-core CPU
-    (one batch, cells against whole-input GEMMs, commit after 2351a08): 128 channels at 16² 49 / 69 ms, 256 at 14²
+    (one batch, cells against whole-input GEMMs, commit 8567a89): 128 channels at 16² 49 / 69 ms, 256 at 14²
     35 / 46, 64 at 16² 20 / 24, 128 at 24² 59 / 65, 512 at 7² 33 / 58; but 32 channels at 16² 11 / 8, 128 at 28²
     46 / 44, 64 at 32² 77 / 80 (taken whole: within noise)."""
     (kh, kw), (H, W) = kernel, size
