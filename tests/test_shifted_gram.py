@@ -51,8 +51,9 @@ def test_shifted_gram_equals_the_im2col_product(shape, kernel, padding, cross, c
 
 
 @pytest.mark.parametrize("shape,kernel,padding,stride", [
-    ((2, 3, 9, 8), (3, 3), (1, 1), (3, 3)), ((2, 3, 8, 7), (3, 3), (1, 0), (2, 1)), ((2, 3, 7, 8), (3, 3), (0, 1), (1, 2)),
-    ((2, 3, 12, 12), (7, 7), (3, 3), (2, 2)), ((2, 3, 5, 5), (3, 3), (1, 1), (2, 2))])
+    ((2, 3, 9, 8), (3, 3), (1, 1), (3, 3)), ((2, 3, 8, 7), (3, 3), (1, 0), (2, 1)),
+    ((2, 3, 7, 8), (3, 3), (0, 1), (1, 2)), ((2, 3, 12, 12), (7, 7), (3, 3), (2, 2)),
+    ((2, 3, 5, 5), (3, 3), (1, 1), (2, 2))])
 def test_strided_gram_on_phases(shape, kernel, padding, stride):
     """Other strides, mixed ones and a 7×7 stem's shape: the phases' products against im2col's."""
     g = torch.Generator().manual_seed(1)

@@ -83,8 +83,11 @@ def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]
     cells = stride != (1, 1) or by_cells(kernel, (H, W), C)
     if cells:  # each phase the taps read, laid out (C, H', W', images)
         planes = {plane for plane, _, _ in taps}
-        zx = {pl: _pixels_last(x[:, :, pl[0]::stride[0], pl[1]::stride[1]].float()) for pl in planes}
-        zy = zx if y is None else {pl: _pixels_last(y[:, :, pl[0]::stride[0], pl[1]::stride[1]].float()) for pl in planes}
+
+        def phases(z):
+            return {pl: _pixels_last(z[:, :, pl[0]::stride[0], pl[1]::stride[1]].float()) for pl in planes}
+        zx = phases(x)
+        zy = zx if y is None else phases(y)
     else:
         lx = _layout(x.float(), kernel)  # real pixel (u, v) at [:, :, u, v]
         ly = lx if y is None else _layout(y.float(), kernel)

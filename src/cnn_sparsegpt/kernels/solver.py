@@ -12,7 +12,6 @@ import torch
 from .linalg import upper_cholesky
 from .masks import (
     Pattern,
-    nm_prune_mask,
     pattern_prune_mask,
     quota,
     topk_prune_mask,
