@@ -147,7 +147,7 @@ def measure_floor(arch, weights, data_dir, nsamples, device, batch_size=128):
                 path[names[module]] = "shifted" if fresh.shifted(x) else "pointwise" if fresh.pointwise(x) else ""
             if path[names[module]] == "shifted":
                 flops["pruner"] += gram_flops(module.kernel_size, module.padding, x.shape[2:], x.shape[1], len(x),
-                                              stride=module.stride)[0]
+                                              stride=module.stride, cpu=x.device.type == "cpu")[0]
             elif path[names[module]] == "pointwise":  # per-image products, both halves
                 flops["pruner"] += 2 * im2col
             else:

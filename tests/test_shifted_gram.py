@@ -29,7 +29,7 @@ def _im2col_gram(x, kernel, padding, y=None, stride=(1, 1)):
 def test_shifted_gram_equals_the_im2col_product(shape, kernel, padding, cross, cells, stride, monkeypatch):
     """Both ways (whole-input GEMMs less the strips outside each window, and cells) on every shape, and strided
     (always by cells, on the input's phases)."""
-    monkeypatch.setattr(shifted_gram, "by_cells", lambda kernel, size, channels=1: cells)
+    monkeypatch.setattr(shifted_gram, "by_cells", lambda kernel, size, channels=1, cpu=True: cells)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g)
     y = torch.randn(shape, generator=g) if cross else None
@@ -69,6 +69,9 @@ def test_offsets_and_the_cost_rule():
     assert offsets((3, 3), padding=(1, 1), stride=(2, 2)) == 34  # phase pairs and offsets, against 45 tap pairs
     assert cheaper((3, 3), (1, 1), (32, 32), (2, 2), 64) and cheaper((3, 3), (1, 1), (14, 14), (2, 2), 512)
     assert not cheaper((3, 3), (1, 1), (32, 32), (2, 2), 32) and not cheaper((7, 7), (3, 3), (224, 224), (2, 2), 3)
+    # on a GPU (not measured there): strided convs keep im2col, cells only where the appended zeros are 50% or more
+    assert not cheaper((3, 3), (1, 1), (32, 32), (2, 2), 64, cpu=False) and cheaper((3, 3), (1, 1), (16, 16), cpu=False)
+    assert not by_cells((3, 3), (16, 16), 64, cpu=False) and by_cells((3, 3), (8, 8), 64, cpu=False)
     assert all(cheaper((3, 3), (1, 1), (n, n)) for n in (32, 16, 8, 7, 4, 1))
     assert not cheaper((3, 3), (0, 0), (3, 3)) and not cheaper((1, 1), (0, 0), (32, 32))
     assert by_cells((3, 3), (8, 8)) and by_cells((3, 3), (4, 4)) and not by_cells((3, 3), (16, 16))

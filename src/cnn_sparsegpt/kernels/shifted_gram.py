@@ -47,16 +47,17 @@ def _segments(lo: int, hi: int, cuts) -> list[tuple[int, int]]:
 STRIDED_CHANNELS = 64
 
 
-def by_cells(kernel: tuple[int, int], size: tuple[int, int], channels: int = 1) -> bool:
+def by_cells(kernel: tuple[int, int], size: tuple[int, int], channels: int = 1, cpu: bool = True) -> bool:
     """Whether the product goes cell by cell (see conv_gram): where the appended zeros make the whole-input GEMMs
     half as large again as the pixels (a 3×3 kernel at 8² and below), or 15% larger with 64 channels or more, whose
     row-by-row cell GEMMs are large enough to run at speed. Measured with 3×3 convs on this project's 2-core CPU
     (one batch, cells against whole-input GEMMs, commit 8567a89): 128 channels at 16² 49 / 69 ms, 256 at 14²
     35 / 46, 64 at 16² 20 / 24, 128 at 24² 59 / 65, 512 at 7² 33 / 58; but 32 channels at 16² 11 / 8, 128 at 28²
-    46 / 44, 64 at 32² 77 / 80 (taken whole: within noise)."""
+    46 / 44, 64 at 32² 77 / 80 (taken whole: within noise). On a GPU (cpu=False) only the first rule: cells launch a
+    kernel per row, and that has not been measured there."""
     (kh, kw), (H, W) = kernel, size
     appended = (H + kh - 1) * (W + kw - 1) / (H * W)
-    return appended > 1.5 or (appended > 1.15 and channels >= 64)
+    return appended > 1.5 or (cpu and appended > 1.15 and channels >= 64)
 
 
 def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int], y: torch.Tensor | None = None,
@@ -80,7 +81,7 @@ def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]
     B, C, H, W = x.shape
     Ho, Wo = _out_size((H, W), kernel, padding, stride)
     taps = _tap_planes(kernel, padding, stride)
-    cells = stride != (1, 1) or by_cells(kernel, (H, W), C)
+    cells = stride != (1, 1) or by_cells(kernel, (H, W), C, x.device.type == "cpu")
     if cells:  # each phase the taps read, laid out (C, H', W', images)
         planes = {plane for plane, _, _ in taps}
 
@@ -225,13 +226,13 @@ def _cell_pixels(kernel, padding, stride, size) -> int:
 
 
 def flops(kernel: tuple[int, int], padding: tuple[int, int], size: tuple[int, int], channels: int = 1,
-          images: int = 1, stride: tuple[int, int] = (1, 1)) -> tuple[int, int]:
+          images: int = 1, stride: tuple[int, int] = (1, 1), cpu: bool = True) -> tuple[int, int]:
     """Flops of XXᵀ for a conv's input (images, channels, *size): (shifted, im2col). Shifted: one C×C GEMM per offset
     over the input laid out with k−1 zeros appended per row and image (border corrections left out), or by cells
     over the real pixel pairs of each product (always for a strided conv); im2col: the symmetric product, half of
     (k²C)² multiply-adds per output position (its k² copies of the input left out)."""
     (kh, kw), (H, W), stride = kernel, size, tuple(stride)
-    if stride != (1, 1) or by_cells(kernel, size, channels):
+    if stride != (1, 1) or by_cells(kernel, size, channels, cpu):
         shifted = 2 * _cell_pixels(tuple(kernel), tuple(padding), stride, tuple(size))
     else:
         shifted = offsets(kernel) * 2 * (H + kh - 1) * (W + kw - 1)
@@ -241,15 +242,16 @@ def flops(kernel: tuple[int, int], padding: tuple[int, int], size: tuple[int, in
 
 
 def cheaper(kernel: tuple[int, int], padding: tuple[int, int], size: tuple[int, int],
-            stride: tuple[int, int] = (1, 1), channels: int = 1) -> bool:
+            stride: tuple[int, int] = (1, 1), channels: int = 1, cpu: bool = True) -> bool:
     """Whether the shifted product of XXᵀ takes clearly fewer flops than im2col's (which also copies the input k²
     times first). Measured on this project's 2-core CPU (ResNet-18's 3×3 convs, 64–512 channels at 32²–4², flop
     ratios 0.36, 0.41, 0.26 and 0.16, the last two by cells): 2.9×, 2.6×, 2.0× and 1.6× faster (benchmarks/
     hessian_rate.py, commit 200b08c); 0.6 keeps a margin (an unpadded 3×3 conv on a 3×3 map: 1.1, im2col). A strided
-    conv by phases: see STRIDED_CHANNELS."""
+    conv by phases: see STRIDED_CHANNELS; on a CPU only (on a GPU, im2col's one large GEMM against the cells' many
+    small ones has not been measured)."""
     if kernel[0] * kernel[1] == 1:  # a 1×1 conv's columns are its input: nothing to save
         return False
-    if tuple(stride) != (1, 1) and channels < STRIDED_CHANNELS:
+    if tuple(stride) != (1, 1) and (channels < STRIDED_CHANNELS or not cpu):
         return False
-    shifted, im2col = flops(kernel, padding, size, channels, stride=stride)
+    shifted, im2col = flops(kernel, padding, size, channels, stride=stride, cpu=cpu)
     return shifted <= (0.6 if tuple(stride) == (1, 1) else 0.9) * im2col

@@ -293,7 +293,8 @@ class LayerPruner:
         layer = self.layer
         return (self._conv_hessian(inp) and layer.dilation == (1, 1) and not isinstance(layer.padding, str)
                 and layer.padding_mode == "zeros"
-                and cheaper(layer.kernel_size, layer.padding, tuple(inp.shape[-2:]), layer.stride, inp.shape[1]))
+                and cheaper(layer.kernel_size, layer.padding, tuple(inp.shape[-2:]), layer.stride, inp.shape[1],
+                            inp.device.type == "cpu"))
 
     def pointwise(self, inp: torch.Tensor) -> bool:
         """Whether H is summed image by image on the input's own memory: a 1×1 stride-1 unpadded conv, whose
