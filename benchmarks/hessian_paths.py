@@ -18,10 +18,10 @@ from cnn_sparsegpt.pruning.heap import reuse_freed_memory
 from cnn_sparsegpt.pruning.layer import LayerPruner
 from cnn_sparsegpt.utils import atomic_write_json, run_metadata
 
-# (input channels, map size, stride, images): ResNet-18 (CIFAR) stages' 3×3 convs, then ResNet-50's strided ones
+# (input channels, map size, stride, images): ResNet-18 (CIFAR) stages' 3×3 convs, then strided ones
 LAYERS = [(64, 32, 1, 512), (128, 16, 1, 512), (256, 8, 1, 512), (512, 4, 1, 512),
           (64, 32, 2, 512), (128, 16, 2, 512), (256, 8, 2, 512), (128, 56, 2, 128), (256, 28, 2, 128),
-          (512, 14, 2, 128)]
+          (512, 14, 2, 128), (64, 112, 2, 64), (128, 112, 2, 32)]  # (the last two: large maps, where im2col wins)
 
 
 def timed(fn, device: torch.device, repeats: int = 3) -> float:

@@ -69,6 +69,7 @@ def test_offsets_and_the_cost_rule():
     assert offsets((3, 3), padding=(1, 1), stride=(2, 2)) == 34  # phase pairs and offsets, against 45 tap pairs
     assert cheaper((3, 3), (1, 1), (32, 32), (2, 2), 64) and cheaper((3, 3), (1, 1), (14, 14), (2, 2), 512)
     assert not cheaper((3, 3), (1, 1), (32, 32), (2, 2), 32) and not cheaper((7, 7), (3, 3), (224, 224), (2, 2), 3)
+    assert not cheaper((3, 3), (1, 1), (112, 112), (2, 2), 64) and cheaper((3, 3), (1, 1), (112, 112), (2, 2), 256)  # large maps
     # on a GPU (not measured there): strided convs keep im2col, cells only where the appended zeros are 50% or more
     assert not cheaper((3, 3), (1, 1), (32, 32), (2, 2), 64, cpu=False) and cheaper((3, 3), (1, 1), (16, 16), cpu=False)
     assert not by_cells((3, 3), (16, 16), 64, cpu=False) and by_cells((3, 3), (8, 8), 64, cpu=False)

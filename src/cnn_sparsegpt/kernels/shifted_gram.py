@@ -38,13 +38,17 @@ def _segments(lo: int, hi: int, cuts) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-# A strided conv's Hessian goes by cells on its phases from this many input channels (and at most 0.9 of im2col's
-# flops: 0.65–0.83 for a 3×3 conv of stride 2). Measured on this project's 2-core CPU, 3×3 stride-2 convs, phases
-# against im2col (LayerPruner.add_batch, 512 images at 32² and below, 128 at 56²–14²): 64 channels at 32² 0.29 / 0.71
-# s, 128 at 16² 0.19 / 0.27, 256 at 8² 0.16 / 0.22, 128 at 56² 0.55 / 0.69, 256 at 28² 0.44 / 0.63, 512 at 14²
-# 0.60 / 0.70; but 32 channels at 16² 0.045 / 0.028, 16 at 32² 0.080 / 0.071 and a 7×7 stem on 3 channels 15× slower
-# (the cells' row-by-row GEMMs of thin layers are all per-call cost).
+# A strided conv's Hessian goes by cells on its phases from this many input channels, on maps of at most
+# STRIDED_PIXELS_PER_CHANNEL·C pixels (and at most 0.9 of im2col's flops: 0.65–0.83 for a 3×3 conv of stride 2): the
+# phases' C×C GEMMs run well below the GEMM rate for small C, and on large maps im2col's copies weigh less against its
+# (9C)-wide product, so its 45 blocks catch up with the phases' 34 products. Measured on this project's
+# 2-core CPU, 3×3 stride-2 convs, phases against im2col (LayerPruner.add_batch under the prune's allocator,
+# benchmarks/hessian_paths.py; seconds): 64 channels at 32² 0.25 / 0.28, at 56² 0.18 / 0.19, at 64² 0.26 / 0.26, at
+# 80² 0.21 / 0.19, at 112² 0.46 / 0.38; 128 at 16² 0.18 / 0.21, at 56² 0.55 / 0.63, at 80² 0.53 / 0.62, at 112² 0.60 /
+# 0.60; 256 at 8² 0.15 / 0.21, at 28² 0.40 / 0.53, at 112² 0.88 / 0.99; 512 at 14² 0.40 / 0.53. Thin layers lose: 32
+# channels at 16² 0.045 / 0.028, a 7×7 stem on 3 channels 15× slower (the cells' row-by-row GEMMs are per-call cost).
 STRIDED_CHANNELS = 64
+STRIDED_PIXELS_PER_CHANNEL = 49  # 56² at 64 channels, 112² at 256
 
 
 def by_cells(kernel: tuple[int, int], size: tuple[int, int], channels: int = 1, cpu: bool = True) -> bool:
@@ -251,7 +255,8 @@ def cheaper(kernel: tuple[int, int], padding: tuple[int, int], size: tuple[int, 
     small ones has not been measured)."""
     if kernel[0] * kernel[1] == 1:  # a 1×1 conv's columns are its input: nothing to save
         return False
-    if tuple(stride) != (1, 1) and (channels < STRIDED_CHANNELS or not cpu):
+    if tuple(stride) != (1, 1) and (channels < STRIDED_CHANNELS or not cpu
+                                    or size[0] * size[1] > STRIDED_PIXELS_PER_CHANNEL * channels):
         return False
     shifted, im2col = flops(kernel, padding, size, channels, stride=stride, cpu=cpu)
     return shifted <= (0.6 if tuple(stride) == (1, 1) else 0.9) * im2col
