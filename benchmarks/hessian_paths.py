@@ -21,7 +21,7 @@ from cnn_sparsegpt.utils import atomic_write_json, run_metadata
 # (input channels, map size, stride, images): ResNet-18 (CIFAR) stages' 3×3 convs, then strided ones
 LAYERS = [(64, 32, 1, 512), (128, 16, 1, 512), (256, 8, 1, 512), (512, 4, 1, 512),
           (64, 32, 2, 512), (128, 16, 2, 512), (256, 8, 2, 512), (128, 56, 2, 128), (256, 28, 2, 128),
-          (512, 14, 2, 128), (64, 112, 2, 64), (128, 112, 2, 32)]  # (the last two: large maps, where im2col wins)
+          (512, 14, 2, 128), (64, 112, 2, 64), (128, 112, 2, 32), (64, 16, 2, 512)]
 
 
 def timed(fn, device: torch.device, repeats: int = 3) -> float:
@@ -39,8 +39,8 @@ def timed(fn, device: torch.device, repeats: int = 3) -> float:
 
 
 def hessian(conv: nn.Conv2d, batches: list[torch.Tensor], path: str | None) -> torch.Tensor:
-    """H through LayerPruner with the path forced ('im2col', 'whole', 'cells'; 'phases' is cells on a strided conv), or
-    the pruner's own choice (None)."""
+    """H through LayerPruner with the path forced ('im2col', 'whole', 'cells'; 'phases_whole' and 'phases' are the last
+    two on a strided conv's phases), or the pruner's own choice (None)."""
     p = LayerPruner(conv, "conv")
     original = shifted_gram.by_cells
     if path is not None:
@@ -73,12 +73,12 @@ def measure(cin: int, size: int, stride: int, images: int, device: torch.device)
     batches = list(torch.randn(images, cin, size, size, device=device).relu().split(128))
     if not LayerPruner(conv, "conv").shifted(batches[0]):
         takes = "im2col"
-    elif stride > 1:
-        takes = "phases"
+    elif stride > 1:  # (3×3 convs of stride 2: the taps' span in a phase is 2)
+        takes = "phases" if shifted_gram.by_cells((2, 2), (-(-size // 2),) * 2, cin, phases=True) else "phases_whole"
     else:
         takes = "cells" if shifted_gram.by_cells((3, 3), (size, size), cin, device.type == "cpu") else "whole"
     row = {"in_channels": cin, "size": size, "stride": stride, "images": images, "pruner_takes": takes}
-    for path in ["im2col"] + (["whole", "cells"] if stride == 1 else ["phases"]):
+    for path in ["im2col"] + (["whole", "cells"] if stride == 1 else ["phases_whole", "phases"]):
         row[f"{path}_s"] = timed(lambda path=path: hessian(conv, batches, path), device)
     print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return row

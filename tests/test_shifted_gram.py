@@ -25,11 +25,11 @@ def _im2col_gram(x, kernel, padding, y=None, stride=(1, 1)):
     ((2, 3, 4, 4), (5, 5), (2, 2)), ((2, 3, 4, 5), (3, 3), (1, 1)), ((2, 3, 6, 5), (3, 1), (1, 0))])
 # (5×5 at 4×4: offsets with no pixel pairs; 3×1: cells of whole rows)
 @pytest.mark.parametrize("cross", [False, True])
-@pytest.mark.parametrize("cells, stride", [(False, (1, 1)), (True, (1, 1)), (True, (2, 2))])
+@pytest.mark.parametrize("cells, stride", [(False, (1, 1)), (True, (1, 1)), (False, (2, 2)), (True, (2, 2))])
 def test_shifted_gram_equals_the_im2col_product(shape, kernel, padding, cross, cells, stride, monkeypatch):
-    """Both ways (whole-input GEMMs less the strips outside each window, and cells) on every shape, and strided
-    (always by cells, on the input's phases)."""
-    monkeypatch.setattr(shifted_gram, "by_cells", lambda kernel, size, channels=1, cpu=True: cells)
+    """Both ways (whole-input GEMMs less the strips outside each window, and cells) on every shape, and both on a
+    strided conv's phases."""
+    monkeypatch.setattr(shifted_gram, "by_cells", lambda kernel, size, channels=1, cpu=True, phases=False: cells)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g)
     y = torch.randn(shape, generator=g) if cross else None
@@ -69,7 +69,8 @@ def test_offsets_and_the_cost_rule():
     assert offsets((3, 3), padding=(1, 1), stride=(2, 2)) == 34  # phase pairs and offsets, against 45 tap pairs
     assert cheaper((3, 3), (1, 1), (32, 32), (2, 2), 64) and cheaper((3, 3), (1, 1), (14, 14), (2, 2), 512)
     assert not cheaper((3, 3), (1, 1), (32, 32), (2, 2), 32) and not cheaper((7, 7), (3, 3), (224, 224), (2, 2), 3)
-    assert not cheaper((3, 3), (1, 1), (112, 112), (2, 2), 64) and cheaper((3, 3), (1, 1), (112, 112), (2, 2), 256)  # large maps
+    assert cheaper((3, 3), (1, 1), (112, 112), (2, 2), 64) and not cheaper((3, 3), (1, 1), (16, 16), (2, 2), 64)
+    assert cheaper((3, 3), (1, 1), (16, 16), (2, 2), 128) and not cheaper((2, 2), (0, 0), (32, 32), (2, 2), 256)
     # on a GPU (not measured there): strided convs keep im2col, cells only where the appended zeros are 50% or more
     assert not cheaper((3, 3), (1, 1), (32, 32), (2, 2), 64, cpu=False) and cheaper((3, 3), (1, 1), (16, 16), cpu=False)
     assert not by_cells((3, 3), (16, 16), 64, cpu=False) and by_cells((3, 3), (8, 8), 64, cpu=False)
@@ -92,10 +93,11 @@ def _accumulated(conv, x, xd, dense_target, shifted=None, rhs_outputs=None, monk
 
 
 @pytest.mark.parametrize("dense_target", [False, True])
-@pytest.mark.parametrize("channels, size, stride, outputs", [(8, 12, 1, 12 * 12), (64, 9, 2, 5 * 5)])
+@pytest.mark.parametrize("channels, size, stride, outputs", [(8, 12, 1, 12 * 12), (64, 32, 2, 16 * 16),
+                                                          (128, 9, 2, 5 * 5)])
 def test_layer_pruner_takes_the_shifted_path_with_the_same_hessian(dense_target, channels, size, stride, outputs,
                                                                     monkeypatch):
-    """Stride 1, and stride 2 on the input's phases (64 channels: STRIDED_CHANNELS)."""
+    """Stride 1, and stride 2 on the input's phases: whole-phase GEMMs (64 channels at 32²) and cells (128 at 9²)."""
     conv = nn.Conv2d(channels, 6, 3, stride=stride, padding=1, bias=False)
     g = torch.Generator().manual_seed(1)
     x, xd = (torch.randn(20, channels, size, size, generator=g) for _ in range(2))

@@ -22,12 +22,14 @@ import functools
 import torch
 
 
-def _layout(x: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
-    """(B, C, H, W) -> (C, B, H + k_h − 1, W + k_w − 1): channel-first, k−1 zero rows and columns appended. They
-    are the padding too: in the flattened index the zeros after one row (image) are the ones before the next."""
-    kh, kw = kernel
-    B, C, H, W = x.shape
-    z = x.new_zeros(C, B, H + kh - 1, W + kw - 1)
+def _layout(x: torch.Tensor, span: tuple[int, int], size: tuple[int, int] | None = None) -> torch.Tensor:
+    """(B, C, H, W) -> (C, B, H' + s_h − 1, W' + s_w − 1), (H', W') = size (default (H, W), larger for a phase
+    smaller than the largest): channel-first, zeros after the pixels, s − 1 of them at least (s: the span of the taps'
+    shifts, the kernel for stride 1). They are the padding too: in the flattened index the zeros after one row (image)
+    are the ones before the next."""
+    (sh, sw), (B, C, H, W) = span, x.shape
+    Hs, Ws = size or (H, W)
+    z = x.new_zeros(C, B, Hs + sh - 1, Ws + sw - 1)
     z[:, :, :H, :W] = x.transpose(0, 1)  # one copy (pad, then transpose, took two: ~1.7x the time)
     return z
 
@@ -38,29 +40,32 @@ def _segments(lo: int, hi: int, cuts) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
-# A strided conv's Hessian goes by cells on its phases from this many input channels, on maps of at most
-# STRIDED_PIXELS_PER_CHANNEL·C pixels (and at most 0.9 of im2col's flops: 0.65–0.83 for a 3×3 conv of stride 2): the
-# phases' C×C GEMMs run well below the GEMM rate for small C, and on large maps im2col's copies weigh less against its
-# (9C)-wide product, so its 45 blocks catch up with the phases' 34 products. Measured on this project's
-# 2-core CPU, 3×3 stride-2 convs, phases against im2col (LayerPruner.add_batch under the prune's allocator,
-# benchmarks/hessian_paths.py; seconds): 64 channels at 32² 0.25 / 0.28, at 56² 0.18 / 0.19, at 64² 0.26 / 0.26, at
-# 80² 0.21 / 0.19, at 112² 0.46 / 0.38; 128 at 16² 0.18 / 0.21, at 56² 0.55 / 0.63, at 80² 0.53 / 0.62, at 112² 0.60 /
-# 0.60; 256 at 8² 0.15 / 0.21, at 28² 0.40 / 0.53, at 112² 0.88 / 0.99; 512 at 14² 0.40 / 0.53. Thin layers lose: 32
-# channels at 16² 0.045 / 0.028, a 7×7 stem on 3 channels 15× slower (the cells' row-by-row GEMMs are per-call cost).
+# A strided conv's Hessian goes by its phases (on a CPU) from this many input channels, on phase maps of 16² and
+# more (whole-phase GEMMs) or, from twice as many channels, on smaller ones (cells); else by im2col. Measured on this
+# project's 2-core CPU, 3×3 stride-2 convs, one layer under the prune's allocator (benchmarks/hessian_paths.py),
+# seconds, im2col / whole phases / phase cells: 64 channels at 32² 0.28 / 0.23 / 0.26, at 56² 0.21 / 0.17 / 0.20, at
+# 112² 0.42 / 0.32 / 0.49, at 224² 0.40 / 0.30 / 0.65, but at 16² 0.067 / 0.068 / 0.079 and at 8² 0.019 / 0.027 /
+# 0.026; 128 at 8² 0.060 / 0.072 / 0.053, at 16² 0.22 / 0.20 / 0.18, at 56² 0.63 / 0.47 / 0.55, at 112² 0.61 / 0.47 /
+# 0.64; 256 at 8² 0.21 / 0.24 / 0.15, at 28² 0.54 / 0.46 / 0.41; 512 at 8² 0.74 / 0.86 / 0.56, at 14² 0.55 / 0.57 /
+# 0.41. Below 64 channels the phases win on some maps too (16 at 32²: 0.046 / 0.037) but not on others (32 at 16²:
+# 0.025 / 0.027 / 0.045); they are left on im2col, which also keeps ResNet-20's Hessians (16–64 channels) as they were.
 STRIDED_CHANNELS = 64
-STRIDED_PIXELS_PER_CHANNEL = 49  # 56² at 64 channels, 112² at 256
 
 
-def by_cells(kernel: tuple[int, int], size: tuple[int, int], channels: int = 1, cpu: bool = True) -> bool:
+def by_cells(kernel: tuple[int, int], size: tuple[int, int], channels: int = 1, cpu: bool = True,
+             phases: bool = False) -> bool:
     """Whether the product goes cell by cell (see conv_gram): where the appended zeros make the whole-input GEMMs
     half as large again as the pixels (a 3×3 kernel at 8² and below), or 15% larger with 64 channels or more, whose
     row-by-row cell GEMMs are large enough to run at speed. Measured with 3×3 convs on this project's 2-core CPU
     (one batch, cells against whole-input GEMMs, commit 8567a89): 128 channels at 16² 49 / 69 ms, 256 at 14²
     35 / 46, 64 at 16² 20 / 24, 128 at 24² 59 / 65, 512 at 7² 33 / 58; but 32 channels at 16² 11 / 8, 128 at 28²
     46 / 44, 64 at 32² 77 / 80 (taken whole: within noise). On a GPU (cpu=False) only the first rule: cells launch a
-    kernel per row, and that has not been measured there."""
+    kernel per row, and that has not been measured there. A strided conv's phases (`phases`, kernel = the taps'
+    span there, size = the largest phase's): cells below 16² (see STRIDED_CHANNELS)."""
     (kh, kw), (H, W) = kernel, size
     appended = (H + kh - 1) * (W + kw - 1) / (H * W)
+    if phases:
+        return appended > 1.14  # 14² phases of a 3×3 stride-2 conv: 1.148, 16²: 1.129
     return appended > 1.5 or (cpu and appended > 1.15 and channels >= 64)
 
 
@@ -81,23 +86,24 @@ def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]
     goes by cells on the input's phases (polyphase: tap a of output row i reads row s·i + a − p of phase (a − p) mod
     s, row i + ⌊(a − p)/s⌋ there), so its blocks too are correlations at offsets, between phases: 34 distinct
     products of C×C instead of 45 tap-pair blocks for a 3×3 conv of stride 2, and no k² copies of the input."""
-    (kh, kw), stride = kernel, tuple(stride)
+    stride = tuple(stride)
     B, C, H, W = x.shape
     Ho, Wo = _out_size((H, W), kernel, padding, stride)
     taps = _tap_planes(kernel, padding, stride)
-    cells = stride != (1, 1) or by_cells(kernel, (H, W), C, x.device.type == "cpu")
-    if cells:  # each phase the taps read, laid out (C, H', W', images)
-        planes = {plane for plane, _, _ in taps}
+    planes = sorted({plane for plane, _, _ in taps})
+    span, size = _span(taps), _phase_size((H, W), stride)  # (stride 1: the kernel and the input's size)
+    cells = by_cells(span, size, C, x.device.type == "cpu", phases=stride != (1, 1))
 
-        def phases(z):
-            return {pl: _pixels_last(z[:, :, pl[0]::stride[0], pl[1]::stride[1]].float()) for pl in planes}
-        zx = phases(x)
-        zy = zx if y is None else phases(y)
-    else:
-        lx = _layout(x.float(), kernel)  # real pixel (u, v) at [:, :, u, v]
-        ly = lx if y is None else _layout(y.float(), kernel)
-        fx, fy = lx.view(C, -1), ly.view(C, -1)
-        N, Wq = fx.shape[1], W + kw - 1
+    def phases(z, layout):  # each phase the taps read (stride 1: the input itself), laid out
+        return {pl: layout(z[:, :, pl[0]::stride[0], pl[1]::stride[1]].float()) for pl in planes}
+    if cells:  # (C, H', W', images)
+        zx = phases(x, _pixels_last)
+        zy = zx if y is None else phases(y, _pixels_last)
+    else:  # (C, images, H' + s − 1, W' + s − 1), every phase on the largest one's grid, flattened for shifts
+        lx = phases(x, lambda z: _layout(z, span, size))
+        ly = lx if y is None else phases(y, lambda z: _layout(z, span, size))
+        fx, fy = ({pl: z.view(C, -1) for pl, z in zs.items()} for zs in (lx, ly))
+        N, Wq = fx[planes[0]].shape[1], size[1] + span[1] - 1
     memo: dict[tuple, torch.Tensor] = {}
 
     def piece(py, px, r0, r1, c0, c1, dr, dc):  # Σ over images, u in [r0, r1), v in [c0, c1) of y[u, v] x[u+δr, v+δc]ᵀ
@@ -114,14 +120,14 @@ def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]
                     prod = ya @ xa.t() if prod is None else prod.addmm_(ya, xa.t())
                 memo[key] = prod
             else:
-                ya = ly[:, :, r0:r1, c0:c1].reshape(C, -1)
-                xa = lx[:, :, r0 + dr:r1 + dr, c0 + dc:c1 + dc].reshape(C, -1)
+                ya = ly[py][:, :, r0:r1, c0:c1].reshape(C, -1)
+                xa = lx[px][:, :, r0 + dr:r1 + dr, c0 + dc:c1 + dc].reshape(C, -1)
                 memo[key] = ya @ xa.t()
         return memo[key]
 
-    def full(dr, dc):  # the whole correlation at offset δ: one GEMM on shifted views of the flattened layout
+    def full(py, px, dr, dc):  # the whole correlation at offset δ: one GEMM on shifted views of the flattened layouts
         s = dr * Wq + dc
-        return fy[:, max(0, -s):N - max(0, s)] @ fx[:, max(0, s):N - max(0, -s)].t()
+        return fy[py][:, max(0, -s):N - max(0, s)] @ fx[px][:, max(0, s):N - max(0, -s)].t()
 
     if out is None:
         out, beta = torch.empty(len(taps) * C, len(taps) * C, device=x.device), 0.0
@@ -142,7 +148,7 @@ def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]
                      for c0, c1 in _segments(j0, j1, col_cuts)]
         else:
             if "full" not in memo:
-                memo["full"] = full(dr, dc)
+                memo["full"] = full(py, px, dr, dc)
             terms = [(1, memo["full"])]
             terms += [(-1, piece(py, px, r0, r1, clo, chi, dr, dc)) for r0, r1 in ((rlo, i0), (i1, rhi)) if r0 < r1]
             terms += [(-1, piece(py, px, i0, i1, c0, c1, dr, dc)) for c0, c1 in ((clo, j0), (j1, chi)) if c0 < c1]
@@ -168,6 +174,17 @@ def _pixels_last(x: torch.Tensor) -> torch.Tensor:
 
 def _out_size(size, kernel, padding, stride) -> tuple[int, int]:
     return tuple((n + 2 * p - k) // s + 1 for n, k, p, s in zip(size, kernel, padding, stride))
+
+
+def _span(taps) -> tuple[int, int]:
+    """How far the taps' shifts within a phase reach, rows and columns (stride 1: the kernel's size)."""
+    return (max(q for _, q, _ in taps) - min(q for _, q, _ in taps) + 1,
+            max(q for _, _, q in taps) - min(q for _, _, q in taps) + 1)
+
+
+def _phase_size(size, stride) -> tuple[int, int]:
+    """The largest phase's size (stride 1: the input's)."""
+    return tuple(-(-n // s) for n, s in zip(size, stride))
 
 
 def _tap_planes(kernel, padding, stride) -> list[tuple[tuple[int, int], int, int]]:
@@ -235,11 +252,13 @@ def flops(kernel: tuple[int, int], padding: tuple[int, int], size: tuple[int, in
     over the input laid out with k−1 zeros appended per row and image (border corrections left out), or by cells
     over the real pixel pairs of each product (always for a strided conv); im2col: the symmetric product, half of
     (k²C)² multiply-adds per output position (its k² copies of the input left out)."""
-    (kh, kw), (H, W), stride = kernel, size, tuple(stride)
-    if stride != (1, 1) or by_cells(kernel, size, channels, cpu):
+    (kh, kw), stride = kernel, tuple(stride)
+    taps = _tap_planes(kernel, padding, stride)
+    (sh, sw), (H, W) = _span(taps), _phase_size(size, stride)
+    if by_cells((sh, sw), (H, W), channels, cpu, phases=stride != (1, 1)):
         shifted = 2 * _cell_pixels(tuple(kernel), tuple(padding), stride, tuple(size))
     else:
-        shifted = offsets(kernel) * 2 * (H + kh - 1) * (W + kw - 1)
+        shifted = offsets(kernel, padding=padding, stride=stride) * 2 * (H + sh - 1) * (W + sw - 1)
     Ho, Wo = _out_size(size, kernel, padding, stride)
     im2col = (kh * kw) ** 2 * Ho * Wo
     return shifted * channels ** 2 * images, im2col * channels ** 2 * images
@@ -251,12 +270,16 @@ def cheaper(kernel: tuple[int, int], padding: tuple[int, int], size: tuple[int, 
     times first). Measured on this project's 2-core CPU (ResNet-18's 3×3 convs, 64–512 channels at 32²–4², flop
     ratios 0.36, 0.41, 0.26 and 0.16, the last two by cells): 2.9×, 2.6×, 2.0× and 1.6× faster (benchmarks/
     hessian_rate.py, commit 200b08c); 0.6 keeps a margin (an unpadded 3×3 conv on a 3×3 map: 1.1, im2col). A strided
-    conv by phases: see STRIDED_CHANNELS; on a CPU only (on a GPU, im2col's one large GEMM against the cells' many
-    small ones has not been measured)."""
+    conv: by its phases where STRIDED_CHANNELS says, and at most im2col's flops (a 2×2 conv of stride 2 is not: its
+    phases share nothing); on a CPU only (on a GPU, im2col's one large GEMM against the phases' many small ones has
+    not been measured)."""
     if kernel[0] * kernel[1] == 1:  # a 1×1 conv's columns are its input: nothing to save
         return False
-    if tuple(stride) != (1, 1) and (channels < STRIDED_CHANNELS or not cpu
-                                    or size[0] * size[1] > STRIDED_PIXELS_PER_CHANNEL * channels):
-        return False
+    strided = tuple(stride) != (1, 1)
+    if strided:
+        taps = _tap_planes(kernel, padding, stride)
+        small = by_cells(_span(taps), _phase_size(size, stride), channels, cpu, phases=True)
+        if not cpu or channels < STRIDED_CHANNELS or (small and channels < 2 * STRIDED_CHANNELS):
+            return False
     shifted, im2col = flops(kernel, padding, size, channels, stride=stride, cpu=cpu)
-    return shifted <= (0.6 if tuple(stride) == (1, 1) else 0.9) * im2col
+    return shifted <= (1.0 if strided else 0.6) * im2col
