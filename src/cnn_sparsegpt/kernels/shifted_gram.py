@@ -13,7 +13,7 @@ for a padded 3×3 conv the centre tap needs no correction, the others one row or
 product up to float rounding (tests); the input is copied once instead of k_h·k_w times.
 
 A strided conv's taps read the input's phases (rows r, r + s, …), each shifted: its blocks are correlations between
-two phases at an offset, summed by cells (see conv_gram).
+two phases at an offset, by the same two ways (see conv_gram).
 """
 from __future__ import annotations
 
@@ -83,9 +83,10 @@ def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]
     window edges, that make up the window, each cell's GEMM shared by all blocks at that offset: only real pixel
     pairs are multiplied. Cells read the input laid out (C, H, W, images), where each row of a cell is one
     contiguous run of columns: their GEMMs read views, row by row, and nothing is copied per cell. A strided conv
-    goes by cells on the input's phases (polyphase: tap a of output row i reads row s·i + a − p of phase (a − p) mod
-    s, row i + ⌊(a − p)/s⌋ there), so its blocks too are correlations at offsets, between phases: 34 distinct
-    products of C×C instead of 45 tap-pair blocks for a 3×3 conv of stride 2, and no k² copies of the input."""
+    goes by the input's phases (polyphase: tap a of output row i reads input row s·i + a − p, row i + ⌊(a − p)/s⌋ of
+    phase (a − p) mod s), so its blocks too are correlations at offsets, between phases: 34 distinct products of C×C
+    instead of 45 tap-pair blocks for a 3×3 conv of stride 2, and no k² copies of the input; both ways as above, the
+    whole-input one with every phase on the largest phase's grid."""
     stride = tuple(stride)
     B, C, H, W = x.shape
     Ho, Wo = _out_size((H, W), kernel, padding, stride)
