@@ -9,6 +9,7 @@ SparseGPT 2:4 as published. The im2col limit counts the full d²·T product (2·
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections import defaultdict
 
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from cnn_sparsegpt import PUBLISHED, prune_model
+from cnn_sparsegpt.kernels.shifted_gram import output_size
 from cnn_sparsegpt.pruning import layer as layer_module
 from cnn_sparsegpt.utils import atomic_write_json, run_metadata
 from speed import gemm_rate, model_and_images  # this directory is sys.path[0] for a script
@@ -42,8 +44,7 @@ def main() -> None:
         m = self.layer
         positions = len(inp)
         if isinstance(m, nn.Conv2d):
-            positions *= ((inp.shape[-2] + 2 * m.padding[0] - m.kernel_size[0]) // m.stride[0] + 1) * \
-                         ((inp.shape[-1] + 2 * m.padding[1] - m.kernel_size[1]) // m.stride[1] + 1)
+            positions *= math.prod(output_size(inp.shape[-2:], m.kernel_size, m.padding, m.stride))
         row = info.setdefault(self.name, {"layer": self.name, "path": path, "d": self.d, "flops_im2col": 0,
                                           "kernel": list(getattr(m, "kernel_size", [])),
                                           "stride": list(getattr(m, "stride", [])), "input": list(inp.shape[1:])})

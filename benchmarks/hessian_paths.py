@@ -8,7 +8,6 @@ ones until this has been run there (issue 22).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch import nn
@@ -17,6 +16,7 @@ from cnn_sparsegpt.kernels import shifted_gram
 from cnn_sparsegpt.pruning.heap import reuse_freed_memory
 from cnn_sparsegpt.pruning.layer import LayerPruner
 from cnn_sparsegpt.utils import atomic_write_json, run_metadata
+from speed import timed  # this directory is sys.path[0] for a script
 
 # (input channels, map size, stride, images): ResNet-18 (CIFAR) stages' 3×3 convs, then strided ones
 LAYERS = [(64, 32, 1, 512), (128, 16, 1, 512), (256, 8, 1, 512), (512, 4, 1, 512),
@@ -24,18 +24,9 @@ LAYERS = [(64, 32, 1, 512), (128, 16, 1, 512), (256, 8, 1, 512), (512, 4, 1, 512
           (512, 14, 2, 128), (64, 112, 2, 64), (128, 112, 2, 32), (64, 16, 2, 512)]
 
 
-def timed(fn, device: torch.device, repeats: int = 3) -> float:
+def best_of_three(fn, device: torch.device) -> float:
     fn()  # warm-up (lazy initialisations, the allocator)
-    best = float("inf")
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return min(timed(fn, device)[0] for _ in range(3))
 
 
 def hessian(conv: nn.Conv2d, batches: list[torch.Tensor], path: str | None) -> torch.Tensor:
@@ -73,13 +64,12 @@ def measure(cin: int, size: int, stride: int, images: int, device: torch.device)
     batches = list(torch.randn(images, cin, size, size, device=device).relu().split(128))
     if not LayerPruner(conv, "conv").shifted(batches[0]):
         takes = "im2col"
-    elif stride > 1:  # (3×3 convs of stride 2: the taps' span in a phase is 2)
-        takes = "phases" if shifted_gram.by_cells((2, 2), (-(-size // 2),) * 2, cin, phases=True) else "phases_whole"
     else:
-        takes = "cells" if shifted_gram.by_cells((3, 3), (size, size), cin, device.type == "cpu") else "whole"
+        cells = shifted_gram.takes_cells((3, 3), (1, 1), (size, size), (stride, stride), cin, device.type == "cpu")
+        takes = ("phases" if cells else "phases_whole") if stride > 1 else "cells" if cells else "whole"
     row = {"in_channels": cin, "size": size, "stride": stride, "images": images, "pruner_takes": takes}
     for path in ["im2col"] + (["whole", "cells"] if stride == 1 else ["phases_whole", "phases"]):
-        row[f"{path}_s"] = timed(lambda path=path: hessian(conv, batches, path), device)
+        row[f"{path}_s"] = best_of_three(lambda path=path: hessian(conv, batches, path), device)
     print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     return row
 

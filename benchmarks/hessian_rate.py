@@ -12,7 +12,7 @@ import time
 import torch
 from torch import nn
 
-from cnn_sparsegpt.kernels.shifted_gram import by_cells, flops as gram_flops
+from cnn_sparsegpt.kernels.shifted_gram import flops as gram_flops, takes_cells
 from cnn_sparsegpt.pruning.layer import LayerPruner
 from cnn_sparsegpt.utils import atomic_write_json, run_metadata
 
@@ -63,7 +63,8 @@ def main() -> None:
         shifted = LayerPruner(conv, "conv").shifted(batches[0])
         r = {"in_channels": cin, "size": size, "d": d, "columns": T, "whole_s": best_of(whole),
              "im2col_whole_s": best_of(lambda: whole("im2col")),
-             "path": ("cells" if by_cells((3, 3), (size, size), cin) else "shifted") if shifted else "im2col",
+             "path": ("cells" if takes_cells((3, 3), (1, 1), (size, size), channels=cin) else "shifted")
+             if shifted else "im2col",
              "shifted_flops": gram_flops((3, 3), (1, 1), (size, size), cin, args.images)[0],
              "unfold_s": best_of(unfold_only), "product_full_s": best_of(product_only),
              "chunk_images": p_.chunk_images(batches[0])}

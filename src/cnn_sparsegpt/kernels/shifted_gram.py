@@ -69,6 +69,15 @@ def by_cells(kernel: tuple[int, int], size: tuple[int, int], channels: int = 1, 
     return appended > 1.5 or (cpu and appended > 1.15 and channels >= 64)
 
 
+def takes_cells(kernel: tuple[int, int], padding: tuple[int, int], size: tuple[int, int],
+                stride: tuple[int, int] = (1, 1), channels: int = 1, cpu: bool = True) -> bool:
+    """Whether conv_gram sums this conv's products by cells (else whole-input or whole-phase GEMMs): `by_cells`
+    on the taps' span and the largest phase (stride 1: the kernel and the input)."""
+    stride = tuple(stride)
+    taps = _tap_planes(kernel, padding, stride)
+    return by_cells(_span(taps), _phase_size(size, stride), channels, cpu, phases=stride != (1, 1))
+
+
 def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int], y: torch.Tensor | None = None,
               out: torch.Tensor | None = None, beta: float = 0.0, mirror: bool = True,
               stride: tuple[int, int] = (1, 1)) -> torch.Tensor:
@@ -89,11 +98,11 @@ def conv_gram(x: torch.Tensor, kernel: tuple[int, int], padding: tuple[int, int]
     whole-input one with every phase on the largest phase's grid."""
     stride = tuple(stride)
     B, C, H, W = x.shape
-    Ho, Wo = _out_size((H, W), kernel, padding, stride)
+    Ho, Wo = output_size((H, W), kernel, padding, stride)
     taps = _tap_planes(kernel, padding, stride)
     planes = sorted({plane for plane, _, _ in taps})
     span, size = _span(taps), _phase_size((H, W), stride)  # (stride 1: the kernel and the input's size)
-    cells = by_cells(span, size, C, x.device.type == "cpu", phases=stride != (1, 1))
+    cells = takes_cells(kernel, padding, (H, W), stride, C, x.device.type == "cpu")
 
     def phases(z, layout):  # each phase the taps read (stride 1: the input itself), laid out
         return {pl: layout(z[:, :, pl[0]::stride[0], pl[1]::stride[1]].float()) for pl in planes}
@@ -173,7 +182,8 @@ def _pixels_last(x: torch.Tensor) -> torch.Tensor:
     return x.permute(1, 2, 3, 0).contiguous()
 
 
-def _out_size(size, kernel, padding, stride) -> tuple[int, int]:
+def output_size(size, kernel, padding, stride) -> tuple[int, int]:
+    """A zero-padded, dilation-1 conv's output map for an input map of `size`."""
     return tuple((n + 2 * p - k) // s + 1 for n, k, p, s in zip(size, kernel, padding, stride))
 
 
@@ -238,7 +248,7 @@ def offsets(kernel: tuple[int, int], symmetric: bool = True, padding: tuple[int,
 def _cell_pixels(kernel, padding, stride, size) -> int:
     """Pixel pairs the cells of a symmetric product multiply (each distinct cell once per product)."""
     taps = _tap_planes(kernel, padding, stride)
-    out_size = _out_size(size, kernel, padding, stride)
+    out_size = output_size(size, kernel, padding, stride)
     row_cuts, col_cuts = _cuts(taps, out_size)
     seen = set()
     for key, _, _, _, (i0, i1, j0, j1) in _blocks(taps, size, out_size, stride, True):
@@ -250,17 +260,17 @@ def _cell_pixels(kernel, padding, stride, size) -> int:
 def flops(kernel: tuple[int, int], padding: tuple[int, int], size: tuple[int, int], channels: int = 1,
           images: int = 1, stride: tuple[int, int] = (1, 1), cpu: bool = True) -> tuple[int, int]:
     """Flops of XXᵀ for a conv's input (images, channels, *size): (shifted, im2col). Shifted: one C×C GEMM per offset
-    over the input laid out with k−1 zeros appended per row and image (border corrections left out), or by cells
-    over the real pixel pairs of each product (always for a strided conv); im2col: the symmetric product, half of
+    over the input (a strided conv's phases) laid out with zeros appended per row and image (border corrections left
+    out), or by cells over the real pixel pairs of each product (takes_cells); im2col: the symmetric product, half of
     (k²C)² multiply-adds per output position (its k² copies of the input left out)."""
     (kh, kw), stride = kernel, tuple(stride)
     taps = _tap_planes(kernel, padding, stride)
     (sh, sw), (H, W) = _span(taps), _phase_size(size, stride)
-    if by_cells((sh, sw), (H, W), channels, cpu, phases=stride != (1, 1)):
+    if takes_cells(kernel, padding, size, stride, channels, cpu):
         shifted = 2 * _cell_pixels(tuple(kernel), tuple(padding), stride, tuple(size))
     else:
         shifted = offsets(kernel, padding=padding, stride=stride) * 2 * (H + sh - 1) * (W + sw - 1)
-    Ho, Wo = _out_size(size, kernel, padding, stride)
+    Ho, Wo = output_size(size, kernel, padding, stride)
     im2col = (kh * kw) ** 2 * Ho * Wo
     return shifted * channels ** 2 * images, im2col * channels ** 2 * images
 
@@ -278,8 +288,7 @@ def cheaper(kernel: tuple[int, int], padding: tuple[int, int], size: tuple[int, 
         return False
     strided = tuple(stride) != (1, 1)
     if strided:
-        taps = _tap_planes(kernel, padding, stride)
-        small = by_cells(_span(taps), _phase_size(size, stride), channels, cpu, phases=True)
+        small = takes_cells(kernel, padding, size, stride, channels, cpu)  # small phase maps
         if not cpu or channels < STRIDED_CHANNELS or (small and channels < 2 * STRIDED_CHANNELS):
             return False
     shifted, im2col = flops(kernel, padding, size, channels, stride=stride, cpu=cpu)

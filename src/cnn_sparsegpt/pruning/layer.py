@@ -21,7 +21,7 @@ from . import dist
 from .dense_target import dense_target_weights
 from ..kernels.linalg import accumulate_xxt_, add_upper_, mirror_upper_
 from ..kernels.masks import Pattern, conv_column_perm
-from ..kernels.shifted_gram import cheaper, conv_gram
+from ..kernels.shifted_gram import cheaper, conv_gram, output_size
 from ..kernels.quant import fit_grid, layer_codes
 from ..kernels.refine import effective as refine_run, refine as refine_solve
 from ..kernels.solver import choose_solver, prune_matrix, relative_error
@@ -319,7 +319,7 @@ class LayerPruner:
 
     def _add_shifted(self, inp: torch.Tensor, dense: torch.Tensor | None, end: bool) -> None:
         layer, (H, W) = self.layer, inp.shape[-2:]
-        (kh, kw), (ph, pw), (sh, sw) = layer.kernel_size, layer.padding, layer.stride
+        (kh, kw), (Ho, Wo) = layer.kernel_size, output_size((H, W), layer.kernel_size, layer.padding, layer.stride)
         step = max(1, SHIFTED_CHUNK_BYTES // (4 * inp.shape[1] * (H + kh - 1) * (W + kw - 1)))
         dense_chunks = None if dense is None else dense.split(step)
         self._buffers(inp.device)
@@ -330,7 +330,7 @@ class LayerPruner:
                           beta=beta_d, stride=layer.stride)
             conv_gram(chunk, layer.kernel_size, layer.padding, out=self._chunk[0], beta=beta, mirror=False,
                       stride=layer.stride)
-            self.nsamples += len(chunk) * ((H + 2 * ph - kh) // sh + 1) * ((W + 2 * pw - kw) // sw + 1)
+            self.nsamples += len(chunk) * Ho * Wo
         self._close(dense is not None, end)
 
     def add_batch(self, inp: torch.Tensor, dense: torch.Tensor | None = None, end: bool = True) -> None:
