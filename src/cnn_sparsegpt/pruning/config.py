@@ -128,6 +128,9 @@ class PruneConfig:
     dense_target: bool = opt(True, "fit each layer to the dense network's output on the pruned network's inputs "
                              "(min |W X_dense - W' X_pruned|^2: corrects upstream error); off: fit W X_pruned, as "
                              "published")
+    residual_target: bool = opt(False, "with dense_target: a layer whose output (through its BatchNorm) is added "
+                                "to a skip branch computed before it fits the dense sum, correcting that branch's "
+                                "error too (residual blocks' last conv or projection shortcut; traced models)")
     intercept: bool = opt(True, "fit each layer with an intercept where its output offset is free: the solve works "
                           "on centred inputs where a BatchNorm alone reads the layer (channel re-fits: or it has a "
                           "bias), so no weight is spent on the mean output, and its change goes into the BatchNorm's "
@@ -286,7 +289,8 @@ PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 # The settings beyond SparseGPT's layer solve; a results file labels each run by those that differ from the
 # published method's (recipe_label), so a label means the same in every file whatever the defaults become.
 RECIPE_KEYS = ("solver", "hessians", "allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction",
-               "refine", "dense_target", "intercept", "reconstruct", "wbits", "quant", "quant_clip", "structure",
+               "refine", "dense_target", "residual_target", "intercept", "reconstruct", "wbits", "quant", "quant_clip",
+               "structure",
                "keep_macs", "keep_params", "target_speedup", "round_to", "channel_costs", "permute")
 CHANNEL_ONLY = ("channel_costs", "round_to")  # settings that change nothing without structure='channels'
 DP_ONLY = ("dp_measure",)  # settings that change nothing without allocation='dp'

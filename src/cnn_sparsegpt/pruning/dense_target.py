@@ -41,10 +41,11 @@ class DenseInputs:
         self._graph = None  # its run, a generator advanced in step with the pruned one
         self._captured: dict[str, list] = {}
 
-    def follow_graph(self, names: list[str], low_memory: bool = False) -> bool:
+    def follow_graph(self, names: list[str], low_memory: bool = False, keep_until: list[str] = ()) -> bool:
         """Serve the inputs of `names` (in the order the pruned graph reaches them) from one run of the dense
         copy's traced graph, under the pruned side's memory policy (low_memory: the same recomputation instead
-        of stored activations); False if it cannot be traced (then every layer gets truncated passes)."""
+        of stored activations), node outputs read by `keep_until` at hand for `output`; False if it cannot be
+        traced (then every layer gets truncated passes)."""
         try:
             gm = fx.symbolic_trace(self.model)
         except Exception:
@@ -56,7 +57,8 @@ class DenseInputs:
                     self._captured[name] = list(inputs)
             return barrier
 
-        self._executor = GraphExecutor(gm, self.batches, {n: capture(n) for n in names}, low_memory)
+        self._executor = GraphExecutor(gm, self.batches, {n: capture(n) for n in names}, low_memory,
+                                       keep_until=keep_until)
         self._graph = self._executor.steps()
         return True
 
@@ -79,6 +81,11 @@ class DenseInputs:
             if x is None:
                 return
             yield x
+
+    def output(self, node: str, b: int) -> torch.Tensor | None:
+        """The dense copy's output of graph node `node` for batch b, while its graph stands at the layer last
+        served (None without a traced graph, or where its memory policy did not keep it)."""
+        return self._executor.output(node, b) if self._executor is not None else None
 
     def free(self) -> None:
         if self._graph is not None:

@@ -159,7 +159,7 @@ def reduce_statistics_(pruner, group=None) -> None:
     n = torch.tensor([float(pruner.nsamples), float(pruner.batches)], dtype=torch.float64,
                      device=pruner.layer.weight.device)
     all_sum_(n, f"{pruner.name}: adding sample counts", group)
-    for attr in ("S", "SD", "colsum", "colsum_d", "colsq"):
+    for attr in ("S", "SD", "SE", "shift_sum", "colsum", "colsum_d", "colsq"):
         if getattr(pruner, attr) is not None:
             all_sum_(getattr(pruner, attr), f"{pruner.name}: adding its input statistics", group)
     pruner.nsamples, pruner.batches = (int(v) for v in n.tolist())

@@ -40,15 +40,23 @@ def _fetch_attr(gm: fx.GraphModule, target: str):
 
 class GraphExecutor:
     def __init__(self, gm: fx.GraphModule, batches: list, barriers: dict[str, Barrier], low_memory: bool = False,
-                 sync: Callable[[], None] = lambda: None, skip: Callable[[str], bool] = lambda target: False):
+                 sync: Callable[[], None] = lambda: None, skip: Callable[[str], bool] = lambda target: False,
+                 keep_until: Iterable[str] = ()):
         """barriers: call_module target → callback. Nodes after the last barrier are never computed. skip(target):
         asked when the run reaches a barrier's segment, after the barriers before it ran: True makes it an
-        ordinary node (a BatchNorm whose statistics are already known)."""
+        ordinary node (a BatchNorm whose statistics are already known). keep_until: names of nodes after which
+        outputs read by them stay at hand for `output` (a residual sum whose operand a barrier reads), even past
+        the last barrier."""
         self.gm, self.batches, self.low_memory, self.sync, self.skip = gm, batches, low_memory, sync, skip
         self.nodes = [n for n in gm.graph.nodes if n.op != "output"]
         self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.by_name = {n.name: n for n in self.nodes}
+        self.reached_barrier = -1  # index of the barrier whose callback runs now (or ran last)
         self.barriers = {n: barriers[n.target] for n in self.nodes if n.op == "call_module" and n.target in barriers}
         self.last = max((self.index[n] for n in self.barriers), default=-1)
+        if self.last >= 0:  # (nothing to keep at hand without a barrier)
+            names = set(keep_until)
+            self.last = max([self.last] + [self.index[n] for n in self.nodes if n.name in names])
         self.layers = {n for n in self.nodes  # Conv2d/Linear calls, whose evaluations count forward passes
                        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), PRUNABLE)}
         self.stored: dict[fx.Node, list] = {}
@@ -88,6 +96,7 @@ class GraphExecutor:
                 segment = _Segment(self, [n for n in order[start:end]
                                           if n.op != "placeholder" and self._needed_by(n)], end)
                 barrier = order[end]
+                self.reached_barrier = end
                 self.barriers[barrier](_SegmentInput(segment, barrier.args[0]))
                 segment.finish()
                 self.reached = end
@@ -117,6 +126,7 @@ class GraphExecutor:
                     self._place(node)
                     continue
                 if node in self.barriers and not self.skip(node.target):
+                    self.reached_barrier = t
                     self.barriers[node](_Replayable(self, node.args[0]))
                     self.reached = t
                     yield node
@@ -134,6 +144,16 @@ class GraphExecutor:
         layers = sum(1 for n in self.nodes[:reached + 1]
                      if n in self.layers and any(self.index[u] <= reached for u in self._needed_by(n)))
         return self.layer_calls / (layers * nb) if layers else 1.0
+
+    def output(self, name: str, b: int):
+        """Node `name`'s output for batch b while the run is at a barrier after it: stored, or in low-memory mode
+        recomputed from what is stored; None where the default policy did not keep it."""
+        node = self.by_name.get(name)
+        if node is None or self.index[node] > self.reached_barrier:
+            return None
+        if node in self.stored and self.stored[node][b] is not None:
+            return self.stored[node][b]
+        return self._timed_value(node, b) if self.low_memory else None
 
     # --- which outputs to store -------------------------------------------------------------------
     def _alive(self, m: fx.Node, t: int, extra: fx.Node | None = None) -> bool:

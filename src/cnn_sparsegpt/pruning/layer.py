@@ -72,7 +72,7 @@ class LayerPruner:
     """
 
     def __init__(self, layer: nn.Module, name: str = "", hessian: bool = True, track_mean: bool = False,
-                 dense_target: bool = False, keep_sums: bool = False):
+                 dense_target: bool = False, keep_sums: bool = False, shifted_target: bool = False):
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise TypeError(f"{name}: only Conv2d and Linear are supported, got {type(layer).__name__}")
         self.layer, self.name = layer, name
@@ -105,6 +105,13 @@ class LayerPruner:
         self.rhs_outputs = dense_target and self.rhs_from_outputs()
         rhs_shape = (self.groups, W.shape[0] // self.groups, self.d) if self.rhs_outputs else shape
         self.SD = torch.zeros(rhs_shape, device=W.device, dtype=torch.float64) if dense_target else None
+        # shifted_target (residual_target.py): the target W·X_d + δ, δ given per batch in the output's units; R gains
+        # 2·δ·X_pᵀ/N, summed in SD where it is summed from the outputs, else in SE; ΣΔ per row for the intercept
+        shifted_target = shifted_target and dense_target
+        self.SE = torch.zeros((self.groups, W.shape[0] // self.groups, self.d), device=W.device, dtype=torch.float64) \
+            if shifted_target and not self.rhs_outputs else None
+        self.shift_sum = torch.zeros(W.shape[0], device=W.device, dtype=torch.float64) \
+            if shifted_target and track_mean else None
         self._R = None
 
     def rhs_from_outputs(self) -> bool:
@@ -189,17 +196,27 @@ class LayerPruner:
             self.flush()
             D, self.SD = self._finish(self.SD), None
             self._R = D if self.rhs_outputs else torch.bmm(self.weight_matrix()[0], D)
+            if self.SE is not None:
+                self._R += self._finish(self.SE)
+                self.SE = None
         return self._R
 
-    def _rhs_product(self, x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-        """W·(X_d − X_p)·X_pᵀ of one batch (G, rows, d), from the outputs: the forward map of the input difference,
-        then the weight gradient it gives with the pruned inputs."""
+    def _rhs_product(self, x: torch.Tensor, dense: torch.Tensor | None, shift: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """(W·(X_d − X_p) + δ)·X_pᵀ of one batch (G, rows, d), from the outputs: the forward map of the input
+        difference (none without dense), plus the target's shift δ, then the weight gradient it gives with the
+        pruned inputs."""
         layer, W = self.layer, self.layer.weight.detach().float()
-        x, dx = x.float(), (dense - x).float()
+        x = x.float()
         if isinstance(layer, nn.Linear):  # (..., in): a Linear over channels-last inputs too
-            dy = F.linear(dx, W).reshape(-1, W.shape[0])
-            return (dy.t() @ x.reshape(-1, self.d))[None]
-        dy = F.conv2d(dx, W, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+            dy = shift.float() if dense is None else F.linear((dense - x).float(), W)
+            if dense is not None and shift is not None:
+                dy = dy + shift
+            return (dy.reshape(-1, W.shape[0]).t() @ x.reshape(-1, self.d))[None]
+        dy = shift.float() if dense is None else \
+            F.conv2d((dense - x).float(), W, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+        if dense is not None and shift is not None:
+            dy = dy + shift
         g = conv2d_weight(x, W.shape, dy, layer.stride, layer.padding, layer.dilation, layer.groups)
         return g.reshape(self.groups, W.shape[0] // self.groups, -1)[:, :, conv_column_perm(W.shape, W.device)]
 
@@ -259,7 +276,10 @@ class LayerPruner:
         Hc.masked_fill_(const[:, :, None] | const[:, None, :], 0)
         if R is not None:
             shift = self.input_mean(dense=True).to(H.dtype) - mean
-            R = (R - 2 * torch.bmm(self.weight_matrix()[0].to(H.dtype), shift[:, :, None]) * mean[:, None, :])
+            offset = torch.bmm(self.weight_matrix()[0].to(H.dtype), shift[:, :, None])
+            if self.shift_sum is not None:  # the shifted target's mean
+                offset = offset + self.shift_mean().to(H.dtype).reshape(offset.shape)
+            R = (R - 2 * offset * mean[:, None, :])
             R = R.masked_fill(const[:, None, :], 0)
         return Hc, R
 
@@ -269,7 +289,12 @@ class LayerPruner:
         n = max(self.nsamples, 1)
         mean = (self.colsum / n)[:, :, None]
         target = self.colsum_d / n if dense_target else self.colsum / n
-        return (torch.bmm(W.double(), target[:, :, None]) - torch.bmm(Q.double(), mean)).flatten()
+        offset = (torch.bmm(W.double(), target[:, :, None]) - torch.bmm(Q.double(), mean)).flatten()
+        return offset + self.shift_mean() if dense_target and self.shift_sum is not None else offset
+
+    def shift_mean(self) -> torch.Tensor:
+        """The shifted target's mean δ per output channel (float64), over the same columns as x̄."""
+        return self.shift_sum / max(self.nsamples, 1)
 
     def chunk_images(self, inp: torch.Tensor, chunk_bytes: int = 8 * 2**20, min_columns: int = 4096) -> int:
         """Images per Hessian update: about 8 MB of unfolded patches (small enough to stay in cache and
@@ -333,12 +358,14 @@ class LayerPruner:
             self.nsamples += len(chunk) * Ho * Wo
         self._close(dense is not None, end)
 
-    def add_batch(self, inp: torch.Tensor, dense: torch.Tensor | None = None, end: bool = True) -> None:
+    def add_batch(self, inp: torch.Tensor, dense: torch.Tensor | None = None, end: bool = True,
+                  shift: torch.Tensor | None = None) -> None:
         """Fold a batch of layer inputs into H, a few images at a time so the unfolded patches stay small.
         dense: the same images' inputs in the dense network (with dense_target). end=False: a part of a calibration
         batch that is not its last (the CPU's split, prune.cpu_batches): its sums stay in float32 with the next
         part's, so that each calibration batch adds one float64 term however it was split (fewer float64 additions
-        of wide H's; the same terms on every torchrun rank)."""
+        of wide H's; the same terms on every torchrun rank). shift: δ of the shifted target W·X_d + δ (the layer's
+        output shape; shifted_target)."""
         if self._H is not None:
             raise RuntimeError(f"{self.name}: H was already read; no more batches can be added")
         if not len(inp):
@@ -347,8 +374,14 @@ class LayerPruner:
         # inputs the pruning has not changed yet (no pruned layer upstream: ResNet-18's first block) add exactly 0 to
         # the dense target's cross term: its products are skipped, with the same sums (one layer's R, ~1 s there)
         changed = dense is not None and self.SD is not None and not torch.equal(dense, inp)
-        if self.rhs_outputs and changed:
-            self.SD.add_(self._rhs_product(inp, dense))
+        shift = shift if self.SD is not None else None
+        if self.rhs_outputs and (changed or shift is not None):
+            self.SD.add_(self._rhs_product(inp, dense if changed else None, shift))
+        elif shift is not None:
+            self.SE.add_(self._rhs_product(inp, None, shift))
+        if shift is not None and self.shift_sum is not None:
+            channels = shift.dim() - 1 if isinstance(self.layer, nn.Linear) else 1
+            self.shift_sum += shift.double().sum([d for d in range(shift.dim()) if d != channels])
         if self.colsum is not None:
             sums, _ = self.column_sums(inp)
             self.colsum += sums
@@ -529,6 +562,7 @@ class LayerPruner:
 
     def free(self) -> None:
         self.S = self.SD = self._H = self._R = self._chunk = self._chunk_d = self.colsum = self.colsum_d = None
+        self.SE = self.shift_sum = None
         self.colsq = self._kept_S = None
 
 

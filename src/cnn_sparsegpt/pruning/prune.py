@@ -25,6 +25,7 @@ from .allocation import allocate
 from .config import RECOMMENDED, PruneConfig
 from .batchnorm import batchnorms_reading, bn_modules, bn_statistics_, recalibrate, set_statistics_
 from .dense_target import DenseInputs
+from .residual_target import SkipPartner, inverse_scale, skip_partners, target_shift
 from .intercept import fold_offset_, offset_sinks
 from .graph import PRUNABLE, GraphExecutor, GraphStop, inputs_of, memory_policy
 from .heap import reuse_freed_memory
@@ -165,6 +166,8 @@ class _Pruner:
         self.batch_ends: set[int] | None = None  # indices of the parts that end a calibration batch (cpu_batches)
         self.done: set[str] = set()  # layers pruned, BatchNorms re-estimated (a module called twice: at its first call)
         self.forward_clock = lambda: 0.0  # seconds of forward work done so far inside the executor
+        self.partners: dict[str, SkipPartner] = {}  # residual target: per layer, the skip operand it is summed with
+        self.outputs = lambda node, b: None  # the pruned graph's node outputs at the current barrier
         self.bar = tqdm(total=sum(1 for r in plan.values() if not r), desc=f"{config.method} {config.pattern}",
                         unit="layer", disable=not progress, leave=False)
 
@@ -188,9 +191,13 @@ class _Pruner:
         sink = self.sinks.get(name) if needs == "hessian" else None
         # the BatchNorm after the layer re-estimated from the layer's sums (not with dense Hessians: other inputs)
         bn = self.batchnorm_after.get(name) if needs == "hessian" and not dense_hessians else None
+        partner = self.partners.get(name) if self.dense is not None and not dense_hessians else None
         pruner = LayerPruner(module, name, hessian=needs == "hessian",
                              track_mean=self.statcorr is not None or sink is not None or bn is not None,
-                             dense_target=self.dense is not None and not dense_hessians, keep_sums=bn is not None)
+                             dense_target=self.dense is not None and not dense_hessians, keep_sums=bn is not None,
+                             shifted_target=partner is not None)
+        scale = None if partner is None else inverse_scale(
+            self.modules.get(partner.batchnorm), module.weight.shape[0], module.weight.device)
         f0, t0 = self.forward_clock(), time.perf_counter()
         d0 = self.dense.seconds if self.dense else 0.0
         dense = self.dense.stream(name) if self.dense else itertools.repeat(None)
@@ -200,7 +207,7 @@ class _Pruner:
                 if dense_hessians:
                     pruner.add_batch(next(dense), end=end)
                 else:
-                    pruner.add_batch(x, next(dense), end=end)
+                    pruner.add_batch(x, next(dense), end=end, shift=self._shift(partner, scale, i, module))
         dense_seconds = self.dense.seconds - d0 if self.dense else 0.0
         if self.dense:
             self.t["dense_target"] = self.t.get("dense_target", 0.0) + dense_seconds
@@ -234,6 +241,16 @@ class _Pruner:
         self.results[name] = res
         self.bar.update(1)
         self.bar.set_postfix_str(name)
+
+    def _shift(self, partner: SkipPartner | None, scale: torch.Tensor | None, i: int, module: nn.Module):
+        """δ of batch i for a layer that fits a residual sum (residual_target.py); None where either network's
+        skip operand is not at hand."""
+        if partner is None:
+            return None
+        pruned, dense = self.outputs(partner.node, i), self.dense.output(partner.node, i)
+        if pruned is None or dense is None:
+            return None
+        return target_shift(dense, pruned, scale, isinstance(module, nn.Linear))
 
     def _batchnorm_from_sums(self, name: str, pruner: LayerPruner) -> None:
         """Re-estimate BatchNorm `name` from the pruned layer before it (output_moments): the statistics a pass over
@@ -277,10 +294,16 @@ class _Pruner:
             barriers |= {name: recalibrate(name) for name, m in self.modules.items() if m in bns}
             if self.statcorr is None:  # (statistics correction reads each BatchNorm at its barrier)
                 self.batchnorm_after = batchnorms_reading(gm, {n for n, reason in self.plan.items() if not reason})
+        names = [name for name, reason in self.plan.items() if not reason]
+        if self.dense is not None and self.config.residual_target and self.config.hessians != "dense":
+            self.partners = skip_partners(gm, names)
+        sums = [p.sum for p in self.partners.values()]
         if self.dense is not None:  # in step with this graph, under the same memory policy
-            self.dense.follow_graph([name for name, reason in self.plan.items() if not reason], low_memory)
+            if not self.dense.follow_graph(names, low_memory, keep_until=sums):
+                self.partners = {}
         # a BatchNorm already re-estimated from its layer's sums is no barrier: it runs with the nodes around it
-        ex = GraphExecutor(gm, batches, barriers, low_memory, self.sync, skip=done.__contains__)
+        ex = GraphExecutor(gm, batches, barriers, low_memory, self.sync, skip=done.__contains__, keep_until=sums)
+        self.outputs = ex.output
         self.forward_clock = lambda: ex.forward_seconds
         passes = ex.run()
         self.t["forward"] += ex.forward_seconds
