@@ -126,6 +126,11 @@ def test_residual_target_fits_the_dense_sum():
         report = prune_model(m, x, RECOMMENDED, nm="2:4", residual_target=on, bn_recalibration=False,
                              solver="sparsegpt", refine="none", progress=False)  # (fast; any solver fits R)
         assert report.config.residual_target is on
+        fitted = {r.name: r.skip_fitted for r in report.layers if r.skip_fitted}
+        assert fitted == ({"layer1.0.conv2": "relu", "layer1.1.conv2": "relu_2", "layer1.2.conv2": "relu_4",
+                           "layer2.0.shortcut.0": "layer2_0_bn2", "layer2.1.conv2": "relu_8",
+                           "layer2.2.conv2": "relu_10", "layer3.0.shortcut.0": "layer3_0_bn2",
+                           "layer3.1.conv2": "relu_14", "layer3.2.conv2": "relu_16"} if on else {})
         runs[on] = m
     a, b = runs[False], runs[True]
     assert torch.equal(a.layer1[0].conv2.weight, b.layer1[0].conv2.weight)

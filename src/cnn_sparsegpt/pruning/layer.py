@@ -52,6 +52,7 @@ class LayerResult:
     mask: torch.Tensor | None = field(default=None, repr=False)  # True = kept, weight's shape
     quant: dict | None = field(default=None, repr=False)  # codes, scale, zero, bits (with --wbits)
     offset: torch.Tensor | None = field(default=None, repr=False)  # intercept: added to the mean output (per channel)
+    skip_fitted: str | None = None  # residual target: the skip operand (graph node) whose error the fit also corrects
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("mask", "quant", "offset")} | (
@@ -112,6 +113,7 @@ class LayerPruner:
             if shifted_target and not self.rhs_outputs else None
         self.shift_sum = torch.zeros(W.shape[0], device=W.device, dtype=torch.float64) \
             if shifted_target and track_mean else None
+        self.shift_batches = 0  # batches added with a shift
         self._R = None
 
     def rhs_from_outputs(self) -> bool:
@@ -375,6 +377,7 @@ class LayerPruner:
         # the dense target's cross term: its products are skipped, with the same sums (one layer's R, ~1 s there)
         changed = dense is not None and self.SD is not None and not torch.equal(dense, inp)
         shift = shift if self.SD is not None else None
+        self.shift_batches += shift is not None
         if self.rhs_outputs and (changed or shift is not None):
             self.SD.add_(self._rhs_product(inp, dense if changed else None, shift))
         elif shift is not None:

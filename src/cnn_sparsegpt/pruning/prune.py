@@ -236,6 +236,8 @@ class _Pruner:
             res.error = output_error(pruner, dense_weight, inputs, self.group)
             self.t["output_error"] = self.t.get("output_error", 0.0) + time.perf_counter() - t2 - (
                 self.forward_clock() - f1)
+        if partner is not None and pruner.shift_batches:
+            res.skip_fitted = partner.node
         res.seconds = time.perf_counter() - t0
         pruner.free()
         self.results[name] = res
