@@ -166,3 +166,13 @@ def test_residual_target_is_the_same_in_both_memory_policies(monkeypatch):
         assert len({node for node, _ in served}) == 9 and all(ok for _, ok in served)
         weights.append(m.layer3[0].shortcut[0].weight)
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-3, atol=1e-4)
+
+
+def test_a_network_without_residual_sums_says_the_option_changed_nothing():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10)).eval()
+    with pytest.warns(RuntimeWarning, match="no layer fitted a residual sum"):
+        report = prune_model(model, torch.randn(32, 3, 8, 8), RECOMMENDED, nm="2:4", residual_target=True,
+                             prune_all=True, progress=False)
+    assert not any(r.skip_fitted for r in report.layers)

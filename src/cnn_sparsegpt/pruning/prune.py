@@ -421,6 +421,9 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
         if passes is None:
             passes = run.run_hooks(fitted, order, config.bn_recalibration)
         run.bar.close()
+        if config.residual_target and not any(r.skip_fitted for r in run.results.values()):
+            warnings.warn("residual_target: no layer fitted a residual sum (none on the traced graph, the model "
+                          "could not be traced, or dense_target is off): pruned as without it", RuntimeWarning)
         losses = []
         if config.reconstruct:
             t0 = time.perf_counter()
