@@ -4,7 +4,7 @@ This CPU multiplies bfloat16 matrices (AMX) about 4-5x faster than float32 ones.
 GEMM with a float32 output, so a bfloat16 Hessian here rounds twice: the inputs to bfloat16, and each batch's
 product to bfloat16 before it is summed in float64. For a few of ResNet-18's layers (the shared checkpoint, its dense
 inputs on calibration images), this compares H from float32 products (the pruner's own path) with H from bfloat16
-products of the same im2col columns: their relative difference, the SparseGPT 2:4 and 50% solves on each (masks
+products of the same im2col columns, plain or centred (see bf16_hessian): their relative difference, the SparseGPT 2:4 and 50% solves on each (masks
 shared, and the layer error of each solution measured on the float32 H), and the time of the two products.
 
     python benchmarks/bf16_hessian.py --weights ../shared/checkpoints/resnet18_cifar10.pt --data-dir ../shared/data \
@@ -36,21 +36,30 @@ def columns(conv, x: torch.Tensor) -> torch.Tensor:
     return cols[conv_column_perm(conv.weight.shape, x.device)]
 
 
-def bf16_hessian(conv, batches: list[torch.Tensor]) -> tuple[torch.Tensor, float, float]:
+def bf16_hessian(conv, batches: list[torch.Tensor], centred: bool) -> tuple[torch.Tensor, float, float]:
     """H = 2·ΣXXᵀ/N from bfloat16 products, one rounded product per batch summed in float64; and the seconds of the
-    bfloat16 and of the float32 products of the same columns (unfolding not timed)."""
-    S, n, t16, t32 = None, 0, 0.0, 0.0
+    bfloat16 and of the float32 products of the same columns (unfolding not timed). centred: the products are of
+    X − m (m: the first batch's mean column), and ΣXXᵀ = Σ(X − m)(X − m)ᵀ + m·sᵀ + s·mᵀ − N·mmᵀ (s = ΣX) in float64,
+    so that the rounding is relative to the inputs' spread, not to their mean (post-ReLU means are as large)."""
+    S, n, t16, t32, m, colsum = None, 0, 0.0, 0.0, None, 0.0
     for x in batches:
         X = columns(conv, x)
         t0 = time.perf_counter()
         P = X @ X.t()
         t32 += time.perf_counter() - t0
+        if centred:
+            m = X.mean(1, keepdim=True) if m is None else m
+            colsum = colsum + X.double().sum(1)
+            X = X - m
         Xb = X.bfloat16()
         t0 = time.perf_counter()
         P = Xb @ Xb.t()
         t16 += time.perf_counter() - t0
         S = P.double() if S is None else S + P.double()
         n += X.shape[1]
+    if centred:
+        md = m[:, 0].double()
+        S = S + torch.outer(md, colsum) + torch.outer(colsum, md) - n * torch.outer(md, md)
     return (2 * S / n).float()[None], t16, t32
 
 
@@ -73,17 +82,21 @@ def main() -> None:
             for x in batches:
                 pruner.add_batch(x)
             H32 = pruner.H
-            H16, t16, t32 = bf16_hessian(conv, batches)
             W = pruner.weight_matrix()[0]
-            row = {"layer": name, "d": W.shape[-1], "rows": W.shape[1],
-                   "h_relative_difference": float((H16 - H32).norm() / H32.norm()),
-                   "seconds_bf16_products": t16, "seconds_fp32_products": t32}
-            for pattern in PATTERNS:
-                Q32, pruned32, _ = prune_matrix(W, H32, "sparsegpt", pattern)
-                Q16, pruned16, _ = prune_matrix(W, H16, "sparsegpt", pattern)
-                row[str(pattern)] = {"error_fp32_h": float(relative_error(W, Q32, H32)),
-                                     "error_bf16_h": float(relative_error(W, Q16, H32)),  # measured on the fp32 H
-                                     "mask_agreement": float((pruned32 == pruned16).float().mean())}
+            row = {"layer": name, "d": W.shape[-1], "rows": W.shape[1]}
+            for centred in (False, True):
+                H16, t16, t32 = bf16_hessian(conv, batches, centred)
+                key = "centred" if centred else "plain"
+                row[key] = {"h_relative_difference": float((H16 - H32).norm() / H32.norm()),
+                            "seconds_bf16_products": t16, "seconds_fp32_products": t32}
+                for pattern in PATTERNS:
+                    Q32, pruned32, pd32 = prune_matrix(W, H32, "sparsegpt", pattern)
+                    Q16, pruned16, pd16 = prune_matrix(W, H16, "sparsegpt", pattern)
+                    row[key][str(pattern)] = {
+                        "error_fp32_h": float(relative_error(W, Q32, H32)),
+                        "error_bf16_h": float(relative_error(W, Q16, H32)),  # measured on the fp32 H
+                        "percdamp_fp32_h": pd32, "percdamp_bf16_h": pd16,
+                        "mask_agreement": float((pruned32 == pruned16).float().mean())}
             print(row)
             rows.append(row)
     atomic_write_json({"rows": rows} | run_metadata(device), args.json)
