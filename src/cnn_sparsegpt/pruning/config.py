@@ -290,8 +290,7 @@ PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 # published method's (recipe_label), so a label means the same in every file whatever the defaults become.
 RECIPE_KEYS = ("solver", "hessians", "allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction",
                "refine", "dense_target", "residual_target", "intercept", "reconstruct", "wbits", "quant", "quant_clip",
-               "structure",
-               "keep_macs", "keep_params", "target_speedup", "round_to", "channel_costs", "permute")
+               "structure", "keep_macs", "keep_params", "target_speedup", "round_to", "channel_costs", "permute")
 CHANNEL_ONLY = ("channel_costs", "round_to")  # settings that change nothing without structure='channels'
 DP_ONLY = ("dp_measure",)  # settings that change nothing without allocation='dp'
 

@@ -209,16 +209,16 @@ class LayerPruner:
         difference (none without dense), plus the target's shift δ, then the weight gradient it gives with the
         pruned inputs."""
         layer, W = self.layer, self.layer.weight.detach().float()
-        x = x.float()
-        if isinstance(layer, nn.Linear):  # (..., in): a Linear over channels-last inputs too
-            dy = shift.float() if dense is None else F.linear((dense - x).float(), W)
-            if dense is not None and shift is not None:
-                dy = dy + shift
+        x, linear = x.float(), isinstance(layer, nn.Linear)  # a Linear: (..., in), channels-last inputs too
+        dy = None
+        if dense is not None:
+            dx = (dense - x).float()
+            dy = F.linear(dx, W) if linear else \
+                F.conv2d(dx, W, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+        if shift is not None:
+            dy = shift.float() if dy is None else dy + shift
+        if linear:
             return (dy.reshape(-1, W.shape[0]).t() @ x.reshape(-1, self.d))[None]
-        dy = shift.float() if dense is None else \
-            F.conv2d((dense - x).float(), W, None, layer.stride, layer.padding, layer.dilation, layer.groups)
-        if dense is not None and shift is not None:
-            dy = dy + shift
         g = conv2d_weight(x, W.shape, dy, layer.stride, layer.padding, layer.dilation, layer.groups)
         return g.reshape(self.groups, W.shape[0] // self.groups, -1)[:, :, conv_column_perm(W.shape, W.device)]
 
@@ -376,7 +376,7 @@ class LayerPruner:
         # inputs the pruning has not changed yet (no pruned layer upstream: ResNet-18's first block) add exactly 0 to
         # the dense target's cross term: its products are skipped, with the same sums (one layer's R, ~1 s there)
         changed = dense is not None and self.SD is not None and not torch.equal(dense, inp)
-        shift = shift if self.SD is not None else None
+        shift = shift if self.SD is not None and (self.rhs_outputs or self.SE is not None) else None
         self.shift_batches += shift is not None
         if self.rhs_outputs and (changed or shift is not None):
             self.SD.add_(self._rhs_product(inp, dense if changed else None, shift))
