@@ -1,14 +1,15 @@
 """Would bfloat16 products make the Hessians faster without changing the prune? A measurement, not a feature.
 
-This CPU multiplies bfloat16 matrices (AMX) about 4-5x faster than float32 ones. torch on a CPU has no bfloat16
+This CPU multiplies bfloat16 matrices (AMX) several times faster than float32 ones. torch on a CPU has no bfloat16
 GEMM with a float32 output, so a bfloat16 Hessian here rounds twice: the inputs to bfloat16, and each batch's
 product to bfloat16 before it is summed in float64. For a few of ResNet-18's layers (the shared checkpoint, its dense
 inputs on calibration images), this compares H from float32 products (the pruner's own path) with H from bfloat16
-products of the same im2col columns, plain or centred (see bf16_hessian): their relative difference, the SparseGPT 2:4 and 50% solves on each (masks
+products of the same im2col columns, plain or centred (see bf16_hessian), and where torch has a bfloat16 GEMM
+with a float32 output (CUDA) with it too: their relative difference, the SparseGPT 2:4 and 50% solves on each (masks
 shared, and the layer error of each solution measured on the float32 H), and the time of the two products.
 
     python benchmarks/bf16_hessian.py --weights ../shared/checkpoints/resnet18_cifar10.pt --data-dir ../shared/data \
-        --json experiments/bf16_hessian.json
+        --json experiments/bf16_hessian.json      (a GPU: --device cuda)
 """
 from __future__ import annotations
 
@@ -36,25 +37,46 @@ def columns(conv, x: torch.Tensor) -> torch.Tensor:
     return cols[conv_column_perm(conv.weight.shape, x.device)]
 
 
-def bf16_hessian(conv, batches: list[torch.Tensor], centred: bool) -> tuple[torch.Tensor, float, float]:
+def product(Xb: torch.Tensor, float32_output: bool) -> torch.Tensor:
+    """XXᵀ of bfloat16 columns, rounded to bfloat16, or kept in float32 where torch has that GEMM (CUDA)."""
+    return torch.mm(Xb, Xb.t(), out_dtype=torch.float32) if float32_output else Xb @ Xb.t()
+
+
+def synced(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def float32_output_supported(device: torch.device) -> bool:
+    try:
+        product(torch.ones(2, 2, dtype=torch.bfloat16, device=device), True)
+        return True
+    except (RuntimeError, NotImplementedError, TypeError):  # a CPU has no such GEMM in torch
+        return False
+
+
+def bf16_hessian(conv, batches: list[torch.Tensor], centred: bool, float32_output: bool = False
+                 ) -> tuple[torch.Tensor, float, float]:
     """H = 2·ΣXXᵀ/N from bfloat16 products, one rounded product per batch summed in float64; and the seconds of the
     bfloat16 and of the float32 products of the same columns (unfolding not timed). centred: the products are of
     X − m (m: the first batch's mean column), and ΣXXᵀ = Σ(X − m)(X − m)ᵀ + m·sᵀ + s·mᵀ − N·mmᵀ (s = ΣX) in float64,
     so that the rounding is relative to the inputs' spread, not to their mean (post-ReLU means are as large)."""
     S, n, t16, t32, m, colsum = None, 0, 0.0, 0.0, None, 0.0
+    device = batches[0].device
     for x in batches:
         X = columns(conv, x)
-        t0 = time.perf_counter()
+        t0 = synced(device)
         P = X @ X.t()
-        t32 += time.perf_counter() - t0
+        t32 += synced(device) - t0
         if centred:
             m = X.mean(1, keepdim=True) if m is None else m
             colsum = colsum + X.double().sum(1)
             X = X - m
         Xb = X.bfloat16()
-        t0 = time.perf_counter()
-        P = Xb @ Xb.t()
-        t16 += time.perf_counter() - t0
+        t0 = synced(device)
+        P = product(Xb, float32_output)
+        t16 += synced(device) - t0
         S = P.double() if S is None else S + P.double()
         n += X.shape[1]
     if centred:
@@ -68,9 +90,13 @@ def main() -> None:
     p.add_argument("--weights", required=True)
     p.add_argument("--data-dir", required=True)
     p.add_argument("--nsamples", type=int, default=1024)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--json", required=True)
     args = p.parse_args()
-    device = torch.device("cpu")
+    device = torch.device(args.device)
+    variants = [("plain", False, False), ("centred", True, False)]
+    if float32_output_supported(device):  # only the inputs round (a GPU)
+        variants += [("float32_output", False, True), ("centred_float32_output", True, True)]
     model, calib = model_and_images("resnet18", args.weights, args.data_dir, args.nsamples, device)
     modules = dict(model.named_modules())
     rows = []
@@ -84,9 +110,8 @@ def main() -> None:
             H32 = pruner.H
             W = pruner.weight_matrix()[0]
             row = {"layer": name, "d": W.shape[-1], "rows": W.shape[1]}
-            for centred in (False, True):
-                H16, t16, t32 = bf16_hessian(conv, batches, centred)
-                key = "centred" if centred else "plain"
+            for key, centred, float32_output in variants:
+                H16, t16, t32 = bf16_hessian(conv, batches, centred, float32_output)
                 row[key] = {"h_relative_difference": float((H16 - H32).norm() / H32.norm()),
                             "seconds_bf16_products": t16, "seconds_fp32_products": t32}
                 for pattern in PATTERNS:

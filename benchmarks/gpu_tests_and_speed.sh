@@ -14,5 +14,7 @@ python3 -m pytest -q -m gpu -p no:cacheprovider tests
 python3 benchmarks/speed.py --device cuda --data-dir "$DATA" --weights "$WEIGHTS" --json "$OUT/speed_gpu.json"
 # the Hessian paths on a GPU (their rules were measured on a CPU)
 python3 benchmarks/hessian_paths.py --device cuda --json "$OUT/hessian_paths_gpu.json"
+# bfloat16 Hessians with a float32 GEMM output (not on a CPU: docs/PERFORMANCE.md, "bfloat16 products")
+python3 benchmarks/bf16_hessian.py --device cuda --weights "$WEIGHTS" --data-dir "$DATA" --json "$OUT/bf16_hessian_gpu.json"
 python3 -m cnn_sparsegpt.commands.cli -q prune --model resnet18_cifar --weights "$WEIGHTS" --data-dir "$DATA" --nm 2:4 \
     --device cuda --eval-samples 1000 --out "$OUT/gpu_prune"
