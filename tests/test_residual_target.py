@@ -176,3 +176,19 @@ def test_a_network_without_residual_sums_says_the_option_changed_nothing():
         report = prune_model(model, torch.randn(32, 3, 8, 8), RECOMMENDED, nm="2:4", residual_target=True,
                              prune_all=True, progress=False)
     assert not any(r.skip_fitted for r in report.layers)
+
+
+def test_a_batchnorm_without_running_statistics_gives_no_partner():
+    """σ/γ needs the BatchNorm's running variance: a block whose BatchNorm has none is left out (it was picked
+    before, and the prune would have failed on the missing statistics)."""
+    class Block(nn.Module):
+        def __init__(self, track):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.bn = nn.BatchNorm2d(4, track_running_stats=track)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + x
+
+    assert skip_partners(fx.symbolic_trace(Block(True)), ["conv"]) == {"conv": SkipPartner("x", "bn", "add")}
+    assert skip_partners(fx.symbolic_trace(Block(False)), ["conv"]) == {}

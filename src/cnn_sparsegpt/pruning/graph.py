@@ -414,6 +414,26 @@ class _Replayable:
         return self.executor._stream(self.node)
 
 
+def module_calls(traced: fx.GraphModule, names) -> dict[str, list[fx.Node]]:
+    """Per module of `names` that the graph calls: its call_module nodes, in graph order."""
+    calls: dict[str, list[fx.Node]] = {}
+    for node in traced.graph.nodes:
+        if node.op == "call_module" and node.target in names:
+            calls.setdefault(node.target, []).append(node)
+    return calls
+
+
+def sole_batchnorm_reader(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
+    """The call of a BatchNorm with running statistics that alone reads `node`'s output, or None."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_module":
+        return None
+    reader = modules.get(users[0].target)
+    if isinstance(reader, nn.modules.batchnorm._BatchNorm) and reader.running_mean is not None:
+        return users[0]
+    return None
+
+
 def available_memory(device: torch.device) -> int | None:
     """Bytes free for activations: the GPU's free memory, or the OS's MemAvailable (Linux); None if unknown."""
     if device.type == "cuda":

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
+from .graph import module_calls, sole_batchnorm_reader
+
 
 def offset_sinks(model: nn.Module, names: list[str], traced: fx.GraphModule | None = None,
                  biases: bool = True) -> dict[str, nn.Module]:
@@ -26,16 +28,10 @@ def offset_sinks(model: nn.Module, names: list[str], traced: fx.GraphModule | No
             traced = fx.symbolic_trace(model)
         except Exception:  # the truncated-pass fallback prunes such models; their biases still take offsets
             return out
-    calls: dict[str, list] = {}
-    for node in traced.graph.nodes:
-        if node.op == "call_module" and node.target in names:
-            calls.setdefault(node.target, []).append(node)
-    for name, nodes in calls.items():
-        users = list(nodes[0].users)
-        reader = modules.get(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
-        if name not in out and len(nodes) == 1 and isinstance(reader, nn.modules.batchnorm._BatchNorm) \
-                and reader.running_mean is not None:  # (a layer called twice may feed something else too)
-            out[name] = reader
+    for name, nodes in module_calls(traced, names).items():
+        reader = sole_batchnorm_reader(nodes[0], modules)
+        if name not in out and len(nodes) == 1 and reader is not None:  # (a layer called twice may feed more)
+            out[name] = modules[reader.target]
     return out
 
 

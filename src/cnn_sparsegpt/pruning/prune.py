@@ -191,7 +191,7 @@ class _Pruner:
         sink = self.sinks.get(name) if needs == "hessian" else None
         # the BatchNorm after the layer re-estimated from the layer's sums (not with dense Hessians: other inputs)
         bn = self.batchnorm_after.get(name) if needs == "hessian" and not dense_hessians else None
-        partner = self.partners.get(name) if self.dense is not None and not dense_hessians else None
+        partner = self.partners.get(name)  # (none without the dense target or with dense Hessians: run_fx)
         pruner = LayerPruner(module, name, hessian=needs == "hessian",
                              track_mean=self.statcorr is not None or sink is not None or bn is not None,
                              dense_target=self.dense is not None and not dense_hessians, keep_sums=bn is not None,

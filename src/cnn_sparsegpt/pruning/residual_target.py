@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from .graph import module_calls, sole_batchnorm_reader
+
 _ADDS = {operator.add, operator.iadd, torch.add}
 
 
@@ -39,31 +41,24 @@ def _is_add(node: fx.Node) -> bool:
 
 
 def skip_partners(traced: fx.GraphModule, names: list[str]) -> dict[str, SkipPartner]:
-    """Per layer of `names` whose output, alone or through a BatchNorm that only it feeds, is one operand of a sum
-    whose other operand comes earlier in graph order (computed when the layer is pruned): that operand."""
+    """Per layer of `names` whose output, alone or through a BatchNorm (with running statistics) that only it feeds,
+    is one operand of a sum whose other operand comes earlier in graph order (computed when the layer is pruned):
+    that operand."""
     modules = dict(traced.named_modules())
-    nodes = list(traced.graph.nodes)
-    index = {n: i for i, n in enumerate(nodes)}
-    calls: dict[str, list] = {}
-    for node in nodes:
-        if node.op == "call_module" and node.target in names:
-            calls.setdefault(node.target, []).append(node)
+    index = {n: i for i, n in enumerate(traced.graph.nodes)}
     out = {}
-    for name, found in calls.items():
+    for name, found in module_calls(traced, names).items():
         if len(found) != 1:  # a module called twice has no one partner
             continue
-        node, bn = found[0], None
+        node = found[0]
+        reader = sole_batchnorm_reader(node, modules)
+        bn, node = (None, node) if reader is None else (reader.target, reader)
         users = list(node.users)
-        if len(users) == 1 and users[0].op == "call_module" and \
-                isinstance(modules.get(users[0].target), nn.modules.batchnorm._BatchNorm):
-            bn, node = users[0].target, users[0]
-            users = list(node.users)
-        if len(users) != 1 or not _is_add(users[0]) or users[0].kwargs:
+        if len(users) != 1 or not _is_add(users[0]) or users[0].kwargs or len(users[0].args) != 2 \
+                or not all(isinstance(a, fx.Node) for a in users[0].args):
             continue
-        operands = [a for a in users[0].args[:2] if isinstance(a, fx.Node)]
-        if len(operands) != 2 or len(users[0].args) != 2:
-            continue
-        other = operands[1] if operands[0] is node else operands[0]
+        a, b = users[0].args
+        other = b if a is node else a
         if other is node or index[other] > index[found[0]]:
             continue
         out[name] = SkipPartner(other.name, bn, users[0].name)
