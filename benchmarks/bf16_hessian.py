@@ -14,38 +14,23 @@ shared, and the layer error of each solution measured on the float32 H), and the
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-import torch.nn.functional as F
 
-from cnn_sparsegpt.kernels.masks import Pattern, conv_column_perm
+from cnn_sparsegpt.kernels.masks import Pattern
 from cnn_sparsegpt.kernels.solver import prune_matrix, relative_error
 from cnn_sparsegpt.pruning.graph import inputs_of
 from cnn_sparsegpt.pruning.layer import LayerPruner
 from cnn_sparsegpt.utils import atomic_write_json, run_metadata
-from speed import model_and_images  # this directory is sys.path[0] for a script
+from speed import model_and_images, timed  # this directory is sys.path[0] for a script
 
 LAYERS = ["layer1.0.conv2", "layer2.1.conv2", "layer3.1.conv2", "layer4.1.conv2"]
 PATTERNS = [Pattern(n=2, m=4), Pattern(sparsity=0.5)]
 
 
-def columns(conv, x: torch.Tensor) -> torch.Tensor:
-    """The im2col columns (d, T) in the solver's column order."""
-    cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
-    cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)
-    return cols[conv_column_perm(conv.weight.shape, x.device)]
-
-
 def product(Xb: torch.Tensor, float32_output: bool) -> torch.Tensor:
     """XXᵀ of bfloat16 columns, rounded to bfloat16, or kept in float32 where torch has that GEMM (CUDA)."""
     return torch.mm(Xb, Xb.t(), out_dtype=torch.float32) if float32_output else Xb @ Xb.t()
-
-
-def synced(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
 
 
 def float32_output_supported(device: torch.device) -> bool:
@@ -56,7 +41,7 @@ def float32_output_supported(device: torch.device) -> bool:
         return False
 
 
-def bf16_hessian(conv, batches: list[torch.Tensor], centred: bool, float32_output: bool = False
+def bf16_hessian(pruner: LayerPruner, batches: list[torch.Tensor], centred: bool, float32_output: bool = False
                  ) -> tuple[torch.Tensor, float, float]:
     """H = 2·ΣXXᵀ/N from bfloat16 products, one rounded product per batch summed in float64; and the seconds of the
     bfloat16 and of the float32 products of the same columns (unfolding not timed). centred: the products are of
@@ -65,18 +50,16 @@ def bf16_hessian(conv, batches: list[torch.Tensor], centred: bool, float32_outpu
     S, n, t16, t32, m, colsum = None, 0, 0.0, 0.0, None, 0.0
     device = batches[0].device
     for x in batches:
-        X = columns(conv, x)
-        t0 = synced(device)
-        P = X @ X.t()
-        t32 += synced(device) - t0
+        X = pruner.columns(x)[0]  # the im2col columns in the solver's order
+        t, _ = timed(lambda: X @ X.t(), device)
+        t32 += t
         if centred:
             m = X.mean(1, keepdim=True) if m is None else m
             colsum = colsum + X.double().sum(1)
             X = X - m
         Xb = X.bfloat16()
-        t0 = synced(device)
-        P = product(Xb, float32_output)
-        t16 += synced(device) - t0
+        t, P = timed(lambda: product(Xb, float32_output), device)
+        t16 += t
         S = P.double() if S is None else S + P.double()
         n += X.shape[1]
     if centred:
@@ -111,7 +94,7 @@ def main() -> None:
             W = pruner.weight_matrix()[0]
             row = {"layer": name, "d": W.shape[-1], "rows": W.shape[1]}
             for key, centred, float32_output in variants:
-                H16, t16, t32 = bf16_hessian(conv, batches, centred, float32_output)
+                H16, t16, t32 = bf16_hessian(pruner, batches, centred, float32_output)
                 row[key] = {"h_relative_difference": float((H16 - H32).norm() / H32.norm()),
                             "seconds_bf16_products": t16, "seconds_fp32_products": t32}
                 for pattern in PATTERNS:
