@@ -35,7 +35,8 @@ def exact_obs_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
                     row_scale: torch.Tensor | None = None, dtype: torch.dtype = torch.float32
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W (G, rows, d), H (G, d, d) -> (Ŵ, pruned mask, per-row loss curves (G, rows, steps) in removal order).
-    row_scale (G, rows): each row's losses weighed by it when rows compete for the layer's removals."""
+    H may also be (G, rows, d, d): each row's own Hessian (relu_gate.py); rows still compete for the layer's
+    removals. row_scale (G, rows): each row's losses weighed by it when rows compete for the layer's removals."""
     G, rows, d = W.shape
     _, Hinv, dead = _inverse(H, percdamp, dtype)
     steps = d - d * pattern.n // pattern.m if pattern.is_nm else d
@@ -48,7 +49,8 @@ def exact_obs_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
         history, orders = [], []
         for r0 in range(0, rows, batch):
             w = W[g, r0:r0 + batch].to(dtype, copy=True)
-            hist, order, loss = _greedy(w, Hinv[g], dead[g], pattern, steps, keep_history=not pattern.is_nm)
+            Hb, db = (Hinv[g], dead[g]) if H.dim() == 3 else (Hinv[g, r0:r0 + batch], dead[g, r0:r0 + batch])
+            hist, order, loss = _greedy(w, Hb, db, pattern, steps, keep_history=not pattern.is_nm)
             losses[g, r0:r0 + batch] = loss
             if pattern.is_nm:
                 Q[g, r0:r0 + batch] = w.to(W.dtype)
@@ -94,7 +96,7 @@ def exact_error_curve(W: torch.Tensor, H: torch.Tensor, sparsities, percdamp: fl
 
 def _inverse(H: torch.Tensor, percdamp: float, dtype: torch.dtype) -> tuple:
     """The damped H (float64), its inverse in the solver's dtype, and the never-active inputs (free to remove,
-    first), for a batch H (G, d, d)."""
+    first), for a batch H (..., d, d)."""
     Hd = damped(H.double(), percdamp)
     return Hd, torch.cholesky_inverse(torch.linalg.cholesky(Hd)).to(dtype), torch.diagonal(H, dim1=-2, dim2=-1) == 0
 
@@ -110,7 +112,8 @@ def _row_counts(curve: torch.Tensor, k: int) -> torch.Tensor:
 
 def _greedy(w: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, pattern: Pattern, steps: int,
             keep_history: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """The greedy on a batch of rows w (B, d), in place (w ends with every step done). Returns the weights after
+    """The greedy on a batch of rows w (B, d), in place (w ends with every step done), with H⁻¹ (d, d) shared or
+    (B, d, d) per row (dead inputs (d,) or (B, d) alike). Returns the weights after
     each number of removals (B, d+1, d) when keep_history, the removal order (B, steps) and each step's loss.
 
     Each row's H⁻¹ is updated lazily, BLOCK removals at a time: within a block a step reads its column as
@@ -123,7 +126,7 @@ def _greedy(w: torch.Tensor, Hinv: torch.Tensor, dead: torch.Tensor, pattern: Pa
     rows_of_Hi = Hi.view(B * d, d)  # gathers as index_select on flat views: advanced indexing was a third of the time
     V = torch.empty(B, BLOCK, d, dtype=w.dtype, device=w.device)
     strides = torch.arange(BLOCK, device=w.device) * d  # v_l[j] of row b is V's flat entry b·BLOCK·d + l·d + j
-    diag = torch.diagonal(Hinv).expand(B, d).clone()
+    diag = torch.diagonal(Hinv, dim1=-2, dim2=-1).expand(B, d).clone()
     removed = torch.zeros(B, d, dtype=w.dtype, device=w.device)  # +inf once removed: out of the argmin
     live = (~dead).to(w.dtype)  # never-active inputs cost nothing to remove
     base = torch.arange(B, device=w.device) * d  # row b's entry j of a (B, d) view is b·d + j

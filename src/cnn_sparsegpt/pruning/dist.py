@@ -162,6 +162,9 @@ def reduce_statistics_(pruner, group=None) -> None:
     for attr in ("S", "SD", "SE", "shift_sum", "colsum", "colsum_d", "colsq"):
         if getattr(pruner, attr) is not None:
             all_sum_(getattr(pruner, attr), f"{pruner.name}: adding its input statistics", group)
+    if getattr(pruner, "active", None) is not None:  # per-row sums over active outputs (relu_gate.py)
+        for t in pruner.active.tensors().values():
+            all_sum_(t, f"{pruner.name}: adding its per-row statistics", group)
     pruner.nsamples, pruner.batches = (int(v) for v in n.tolist())
 
 

@@ -19,6 +19,7 @@ from torch.nn.grad import conv2d_weight
 
 from . import dist
 from .dense_target import dense_target_weights
+from .relu_gate import ActiveSums, output_columns
 from ..kernels.linalg import accumulate_xxt_, add_upper_, mirror_upper_
 from ..kernels.masks import Pattern, conv_column_perm
 from ..kernels.shifted_gram import cheaper, conv_gram, output_size
@@ -53,6 +54,7 @@ class LayerResult:
     quant: dict | None = field(default=None, repr=False)  # codes, scale, zero, bits (with --wbits)
     offset: torch.Tensor | None = field(default=None, repr=False)  # intercept: added to the mean output (per channel)
     skip_fitted: str | None = None  # residual target: the skip operand (graph node) whose error the fit also corrects
+    inactive_weight: float | None = None  # relu_gate.py: the weight its fit gave outputs the dense ReLU zeroes
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("mask", "quant", "offset")} | (
@@ -73,7 +75,8 @@ class LayerPruner:
     """
 
     def __init__(self, layer: nn.Module, name: str = "", hessian: bool = True, track_mean: bool = False,
-                 dense_target: bool = False, keep_sums: bool = False, shifted_target: bool = False):
+                 dense_target: bool = False, keep_sums: bool = False, shifted_target: bool = False,
+                 inactive_weight: float | None = None):
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise TypeError(f"{name}: only Conv2d and Linear are supported, got {type(layer).__name__}")
         self.layer, self.name = layer, name
@@ -115,6 +118,11 @@ class LayerPruner:
             if shifted_target and track_mean else None
         self.shift_batches = 0  # batches added with a shift
         self._R = None
+        # inactive_weight (relu_gate.py): per-row sums over the outputs the dense ReLU passes
+        self.inactive_weight = inactive_weight if inactive_weight is not None and inactive_weight < 1 \
+            and hessian and self.groups == 1 else None
+        self.active = None if self.inactive_weight is None else ActiveSums(
+            W.shape[0], self.d, self.inactive_weight, W.device, dense_target, track_mean, shifted_target)
 
     def rhs_from_outputs(self) -> bool:
         """Whether the dense target's R is summed from the layer's outputs (see __init__): fewer rows than d/2, and a
@@ -268,10 +276,37 @@ class LayerPruner:
                             for i in range(kh) for j in range(kw)])  # (kh·kw, C)
         return taps.reshape(kh * kw, self.groups, -1).transpose(0, 1).reshape(self.groups, self.d), len(inp) * ho * wo
 
+    def _active_means(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The weighted input means per row (relu_gate.py), pruned and dense (rows, d), and the shift's (rows,);
+        float64."""
+        a, n = self.active, max(self.nsamples, 1)
+        m = a.mean(self.colsum, a.colsum, n)
+        md = a.mean(self.colsum_d, a.colsum_d, n) if self.colsum_d is not None else None
+        shift = a.mean(self.shift_sum, a.shift_sum, n) if self.shift_sum is not None and a.shift_sum is not None \
+            else None
+        return m, md, shift
+
+    def _center_rows(self, H: torch.Tensor, R: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`center` for per-row H (1, rows, d, d) and R (1, rows, d): each row's weighted covariances, H_r −
+        2·(Σg/N)·m_r m_rᵀ and R_r − 2·(Σg/N)·ū_r m_rᵀ, ū_r = w_r·(m_d,r − m_r) + δ̄_r (weighted means)."""
+        m, md, shift = self._active_means()
+        share = self.active.weights(max(self.nsamples, 1)) / max(self.nsamples, 1)  # Σg / N per row
+        Hc = (H[0].double() - 2 * share[:, None, None] * m[:, :, None] * m[:, None, :]).float()
+        const = torch.diagonal(Hc, dim1=-2, dim2=-1) <= 1e-5 * torch.diagonal(H[0], dim1=-2, dim2=-1)
+        Hc.masked_fill_(const[:, :, None] | const[:, None, :], 0)
+        if R is not None:
+            u = (self.weight_matrix()[0][0].double() * (md - m)).sum(-1)
+            if shift is not None:
+                u = u + shift
+            R = (R[0].double() - 2 * (share * u)[:, None] * m).float().masked_fill(const, 0)[None]
+        return Hc[None], R
+
     def center(self, H: torch.Tensor, R: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """H and the dense target's R for a fit with an intercept (intercept.py): H − 2x̄x̄ᵀ, R − 2W(x̄_d − x̄)x̄ᵀ
         (the covariances of the inputs; x̄_d the dense inputs' mean). An input whose spread is below float32's
         resolution of its mean (a constant channel) becomes dead: its weight is free, its mean goes to the offset."""
+        if H.dim() == 4:
+            return self._center_rows(H, R)
         mean = self.input_mean().to(H.dtype)
         Hc = H - 2 * mean[:, :, None] * mean[:, None, :]
         const = torch.diagonal(Hc, dim1=-2, dim2=-1) <= 1e-5 * torch.diagonal(H, dim1=-2, dim2=-1)
@@ -287,7 +322,13 @@ class LayerPruner:
 
     def output_offset(self, W: torch.Tensor, Q: torch.Tensor, dense_target: bool) -> torch.Tensor:
         """What the pruned weights Q must add to the layer's mean output (one per output channel) to give the
-        target's: W·x̄_d (dense target) or W·x̄, minus Q·x̄. W, Q (groups, rows, d) in the solver's order."""
+        target's: W·x̄_d (dense target) or W·x̄, minus Q·x̄. W, Q (groups, rows, d) in the solver's order. With the
+        per-row sums of relu_gate.py: each row's weighted means (the intercept of its weighted fit)."""
+        if self.active is not None:
+            m, md, shift = self._active_means()
+            W, Q = W[0].double(), Q[0].double()
+            offset = ((W * md).sum(-1) if dense_target else (W * m).sum(-1)) - (Q * m).sum(-1)
+            return offset + shift if dense_target and shift is not None else offset
         n = max(self.nsamples, 1)
         mean = (self.colsum / n)[:, :, None]
         target = self.colsum_d / n if dense_target else self.colsum / n
@@ -360,19 +401,43 @@ class LayerPruner:
             self.nsamples += len(chunk) * Ho * Wo
         self._close(dense is not None, end)
 
+    def gate_affordable(self, inp: torch.Tensor, budget: float) -> bool:
+        """Whether the per-row sums of relu_gate.py cost at most `budget` multiply-adds per image (rows·d² per
+        output position) on inputs like `inp`."""
+        positions = self.columns(inp[:1]).shape[-1]  # (a Linear fed (N, ..., in): the positions of one sample)
+        return self.layer.weight.shape[0] * self.d ** 2 * positions <= budget
+
+    def _add_active(self, inp: torch.Tensor, dense: torch.Tensor | None, shift: torch.Tensor | None,
+                    active: torch.Tensor | None) -> None:
+        """The per-row sums over active outputs (relu_gate.py), from the columns a few images at a time; a batch
+        without `active` (its skip operand not at hand) counts as all active."""
+        W, rows = self.weight_matrix()[0][0], self.layer.weight.shape[0]
+        linear = isinstance(self.layer, nn.Linear)
+        step = self.chunk_images(inp)  # (ActiveSums.add slices the columns again for its (rows, d, T) copy)
+        for i in range(0, len(inp), step):
+            X = self.columns(inp[i:i + step])[0]
+            a = torch.ones(rows, X.shape[1], dtype=torch.bool, device=X.device) if active is None else \
+                output_columns(active[i:i + step], rows, linear)
+            Xd = self.columns(dense[i:i + step])[0] if dense is not None and self.active.RA is not None else None
+            dy = output_columns(shift[i:i + step].float(), rows, linear) if shift is not None else None
+            self.active.add(X, a, W, Xd, dy)
+
     def add_batch(self, inp: torch.Tensor, dense: torch.Tensor | None = None, end: bool = True,
-                  shift: torch.Tensor | None = None) -> None:
+                  shift: torch.Tensor | None = None, active: torch.Tensor | None = None) -> None:
         """Fold a batch of layer inputs into H, a few images at a time so the unfolded patches stay small.
         dense: the same images' inputs in the dense network (with dense_target). end=False: a part of a calibration
         batch that is not its last (the CPU's split, prune.cpu_batches): its sums stay in float32 with the next
         part's, so that each calibration batch adds one float64 term however it was split (fewer float64 additions
         of wide H's; the same terms on every torchrun rank). shift: δ of the shifted target W·X_d + δ (the layer's
-        output shape; shifted_target)."""
+        output shape; shifted_target). active: where the dense network's ReLU after the layer passes (the output's
+        shape, bool; with inactive_weight)."""
         if self._H is not None:
             raise RuntimeError(f"{self.name}: H was already read; no more batches can be added")
         if not len(inp):
             return
         self.batches += 1
+        if self.active is not None:
+            self._add_active(inp, dense, shift if self.SD is not None else None, active)
         # inputs the pruning has not changed yet (no pruned layer upstream: ResNet-18's first block) add exactly 0 to
         # the dense target's cross term: its products are skipped, with the same sums (one layer's R, ~1 s there)
         changed = dense is not None and self.SD is not None and not torch.equal(dense, inp)
@@ -531,23 +596,33 @@ class LayerPruner:
                           "per input): dense target and refinement left out, they would fit the calibration set")
         intercept = intercept and live and Hg is not None and self.colsum is not None
         R = self.R if dense_target else None
+        if method == "sparsegpt":
+            res.solver = choose_solver(config.solver, Wg.shape[0] * Wg.shape[1], Wg.shape[-1], bool(wbits))
+        # per-row H and R (relu_gate.py) where every step below takes them: the exact solver, cg or no re-solve
+        if self.active is not None and live and refit and res.solver == "exact" and refine in ("none", "cg"):
+            n = max(self.nsamples, 1)
+            Hg, R = self.active.hessian(Hg, n), self.active.rhs(R, n)
+            res.inactive_weight = self.inactive_weight
+        else:
+            self.active = None
+        rows = per_row if Hg is not None and Hg.dim() == 4 else (lambda *ts: ts)
         if intercept:  # the offset is free: fit the inputs' covariances (intercept.py); res.offset takes the mean
             W0 = Wg
             Hg, R = self.center(Hg, R)
-        if dense_target and live and refit:
-            Wg = dense_target_weights(Wg, Hg, R, percdamp)  # the error is measured against W* from here on
+        if dense_target and live and refit:  # the error is measured against W* from here on
+            Wg = dense_target_weights(*rows(Wg, Hg, R), percdamp).reshape(Wg.shape)
         scale = None if row_scale is None else row_scale.to(Wg).reshape(self.groups, -1)
         grid = fit_grid(Wg, wbits, config.quant_clip) if wbits else None
-        if method == "sparsegpt":
-            res.solver = choose_solver(config.solver, Wg.shape[0] * Wg.shape[1], Wg.shape[-1], grid is not None)
         Q, pruned, res.percdamp = prune_matrix(Wg, Hg, method, pattern, percdamp, config.blocksize, scale, stats=stats,
                                                graphs=graphs, grid=grid, quant=config.quant, diagonal=diagonal,
                                                solver=res.solver or "sparsegpt")
         refine = refine_run(refine if refit and Hg is not None else "none", Wg)
-        Q, pruned = refine_solve(refine, Wg, Q, pruned, Hg, pattern, percdamp)
+        if refine != "none":
+            Wr, Qr, pr, Hr = rows(Wg, Q, pruned, Hg)
+            Q, pruned = (t.reshape(Wg.shape) for t in refine_solve(refine, Wr, Qr, pr, Hr, pattern, percdamp))
         res.refine = None if refine == "none" else refine
         if Hg is not None:
-            res.error = float(relative_error(Wg, Q, Hg))
+            res.error = float(relative_error(*rows(Wg, Q, Hg)))
         else:  # measured afterwards on the layer's outputs (output_error)
             res.error_from = "outputs"
         if intercept:
@@ -565,8 +640,14 @@ class LayerPruner:
 
     def free(self) -> None:
         self.S = self.SD = self._H = self._R = self._chunk = self._chunk_d = self.colsum = self.colsum_d = None
-        self.SE = self.shift_sum = None
+        self.SE = self.shift_sum = self.active = None
         self.colsq = self._kept_S = None
+
+
+def per_row(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """A layer with per-row Hessians (relu_gate.py) as a batch of one-row problems: weights and masks (1, rows, d) ->
+    (rows, 1, d), H (1, rows, d, d) -> (rows, d, d)."""
+    return tuple(t[0] if t.dim() == 4 else t[0][:, None, :] for t in tensors)
 
 
 @torch.no_grad()

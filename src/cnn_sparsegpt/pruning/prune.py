@@ -25,6 +25,7 @@ from .allocation import allocate
 from .config import RECOMMENDED, PruneConfig
 from .batchnorm import batchnorms_reading, bn_modules, bn_statistics_, recalibrate, set_statistics_
 from .dense_target import DenseInputs
+from .relu_gate import GATE_FLOPS, ReluGate, dense_active, relu_gates
 from .residual_target import SkipPartner, inverse_scale, skip_partners, target_shift
 from .intercept import fold_offset_, offset_sinks
 from .graph import PRUNABLE, GraphExecutor, GraphStop, inputs_of, memory_policy
@@ -167,6 +168,7 @@ class _Pruner:
         self.done: set[str] = set()  # layers pruned, BatchNorms re-estimated (a module called twice: at its first call)
         self.forward_clock = lambda: 0.0  # seconds of forward work done so far inside the executor
         self.partners: dict[str, SkipPartner] = {}  # residual target: per layer, the skip operand it is summed with
+        self.gates: dict[str, ReluGate] = {}  # inactive weight: per layer, how its output reaches a ReLU
         self.outputs = lambda node, b: None  # the pruned graph's node outputs at the current barrier
         self.bar = tqdm(total=sum(1 for r in plan.values() if not r), desc=f"{config.method} {config.pattern}",
                         unit="layer", disable=not progress, leave=False)
@@ -195,7 +197,8 @@ class _Pruner:
         pruner = LayerPruner(module, name, hessian=needs == "hessian",
                              track_mean=self.statcorr is not None or sink is not None or bn is not None,
                              dense_target=self.dense is not None and not dense_hessians, keep_sums=bn is not None,
-                             shifted_target=partner is not None)
+                             shifted_target=partner is not None,
+                             inactive_weight=self.config.inactive_weight if name in self.gates else None)
         scale = None if partner is None else inverse_scale(
             self.modules.get(partner.batchnorm), module.weight.shape[0], module.weight.device)
         f0, t0 = self.forward_clock(), time.perf_counter()
@@ -204,10 +207,14 @@ class _Pruner:
         if needs != "nothing":
             for i, x in enumerate(inputs):  # with the fx executor, computing these is forward time, not Hessian time
                 end = self.batch_ends is None or i in self.batch_ends  # the last part of a calibration batch
+                if i == 0 and pruner.active is not None and not pruner.gate_affordable(x, GATE_FLOPS):
+                    pruner.active = None  # per-row sums too costly here: the plain dense target
                 if dense_hessians:
                     pruner.add_batch(next(dense), end=end)
                 else:
-                    pruner.add_batch(x, next(dense), end=end, shift=self._shift(partner, scale, i, module))
+                    xd = next(dense)
+                    pruner.add_batch(x, xd, end=end, shift=self._shift(partner, scale, i, module),
+                                     active=self._active(name, i, xd) if pruner.active is not None else None)
         dense_seconds = self.dense.seconds - d0 if self.dense else 0.0
         if self.dense:
             self.t["dense_target"] = self.t.get("dense_target", 0.0) + dense_seconds
@@ -254,6 +261,16 @@ class _Pruner:
             return None
         return target_shift(dense, pruned, scale, isinstance(module, nn.Linear))
 
+    def _active(self, name: str, i: int, dense: torch.Tensor | None) -> torch.Tensor | None:
+        """Where the dense network's ReLU after layer `name` passes for batch i (relu_gate.py); None where the dense
+        skip operand is not at hand (the batch then counts as all active)."""
+        gate = self.gates[name]
+        skip = self.dense.output(gate.skip, i) if gate.skip is not None else None
+        if dense is None or (gate.skip is not None and skip is None):
+            return None
+        modules = self.dense.modules
+        return dense_active(modules[name], modules.get(gate.batchnorm), dense, skip)
+
     def _batchnorm_from_sums(self, name: str, pruner: LayerPruner) -> None:
         """Re-estimate BatchNorm `name` from the pruned layer before it (output_moments): the statistics a pass over
         its inputs would give, up to float rounding, so the executor runs it as an ordinary node (ResNet-50 at 224²,
@@ -299,7 +316,9 @@ class _Pruner:
         names = [name for name, reason in self.plan.items() if not reason]
         if self.dense is not None and self.config.residual_target and self.config.hessians != "dense":
             self.partners = skip_partners(gm, names)
-        sums = [p.sum for p in self.partners.values()]
+        if self.dense is not None and self.config.inactive_weight < 1 and self.config.hessians != "dense":
+            self.gates = relu_gates(gm, names)
+        sums = [p.sum for p in self.partners.values()] + [g.sum for g in self.gates.values() if g.sum is not None]
         if self.dense is not None:  # in step with this graph, under the same memory policy
             if not self.dense.follow_graph(names, low_memory, keep_until=sums):
                 self.partners = {}
