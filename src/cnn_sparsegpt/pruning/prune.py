@@ -25,7 +25,7 @@ from .allocation import allocate
 from .config import RECOMMENDED, PruneConfig
 from .batchnorm import batchnorms_reading, bn_modules, bn_statistics_, recalibrate, set_statistics_
 from .dense_target import DenseInputs
-from .relu_gate import GATE_FLOPS, ReluGate, dense_active, relu_gates
+from .relu_gate import GATE_FLOPS, ReluGate, applies as gate_applies, dense_active, relu_gates
 from .residual_target import SkipPartner, inverse_scale, skip_partners, target_shift
 from .intercept import fold_offset_, offset_sinks
 from .graph import PRUNABLE, GraphExecutor, GraphStop, inputs_of, memory_policy
@@ -198,7 +198,8 @@ class _Pruner:
                              track_mean=self.statcorr is not None or sink is not None or bn is not None,
                              dense_target=self.dense is not None and not dense_hessians, keep_sums=bn is not None,
                              shifted_target=partner is not None,
-                             inactive_weight=self.config.inactive_weight if name in self.gates else None)
+                             inactive_weight=self.config.inactive_weight
+                             if name in self.gates and gate_applies(self.config, module.weight) else None)
         scale = None if partner is None else inverse_scale(
             self.modules.get(partner.batchnorm), module.weight.shape[0], module.weight.device)
         f0, t0 = self.forward_clock(), time.perf_counter()

@@ -26,12 +26,14 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from ..kernels.solver import choose_solver
 from .graph import module_calls, sole_batchnorm_reader
 
 # The most multiply-adds per calibration image of one layer's per-row sums (rows·d² per output position) where the gate
 # is applied: ResNet-20's widest layers (64 rows, d 576, 8² outputs) take 1.4e9, ResNet-18's first stage (64 × 576 at
 # 32²) 2.2e10, which would be ~2 minutes per layer for 1024 images on this project's 2-core CPU: it keeps the plain one.
 GATE_FLOPS = 2e9
+GATE_BYTES = 2**30  # the per-row ΣXXᵀ (rows·d² float64) at most: decided before any input is seen
 
 _ADDS = {operator.add, operator.iadd, torch.add}
 _RELUS = {F.relu, torch.relu, torch.relu_}
@@ -88,6 +90,15 @@ def relu_gates(traced: fx.GraphModule, names: list[str]) -> dict[str, ReluGate]:
             continue
         out[name] = ReluGate(bn, other.name, user.name)
     return out
+
+
+def applies(config, weight: torch.Tensor) -> bool:
+    """Whether a layer with this weight can take per-row Hessians under `config` (a resolved PruneConfig), before
+    its inputs are seen: method sparsegpt with the exact solver (a per-row greedy) and no re-solve or cg, and the
+    per-row sums within GATE_BYTES (the cost per image is checked at the first batch: LayerPruner.gate_affordable)."""
+    rows, d = weight.shape[0], weight[0].numel()
+    return (config.inactive_weight < 1 and config.method == "sparsegpt" and config.refine in ("none", "cg")
+            and choose_solver(config.solver, rows, d, bool(config.wbits)) == "exact" and rows * d * d * 8 <= GATE_BYTES)
 
 
 @torch.no_grad()
