@@ -182,3 +182,12 @@ def test_prune_model_applies_it_where_the_exact_solver_runs():
 def test_inactive_weight_is_checked():
     with pytest.raises(UserError, match="inactive_weight"):
         PruneConfig(inactive_weight=1.5).validate()
+
+
+def test_applies_only_where_the_exact_solver_runs():
+    from cnn_sparsegpt.pruning.relu_gate import applies
+    on = PruneConfig(nm="2:4", inactive_weight=0.3).resolved()
+    assert applies(on, torch.empty(16, 16, 3, 3))
+    assert not applies(on, torch.empty(512, 512, 3, 3))  # SparseGPT's sweep there (and 87 GB of per-row sums)
+    assert not applies(PruneConfig(nm="2:4").resolved(), torch.empty(16, 16, 3, 3))  # weight 1: off
+    assert not applies(PruneConfig(nm="2:4", inactive_weight=0.3, refine="admm").resolved(), torch.empty(16, 16, 3, 3))
