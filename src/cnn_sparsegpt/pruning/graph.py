@@ -423,6 +423,13 @@ def module_calls(traced: fx.GraphModule, names) -> dict[str, list[fx.Node]]:
     return calls
 
 
+def is_add(node: fx.Node) -> bool:
+    """Whether a node adds tensors (a + b, a += b, torch.add, Tensor.add)."""
+    if node.op == "call_function":
+        return node.target in (operator.add, operator.iadd, torch.add)
+    return node.op == "call_method" and node.target in ("add", "add_")
+
+
 def sole_batchnorm_reader(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
     """The call of a BatchNorm with running statistics that alone reads `node`'s output, or None."""
     users = list(node.users)

@@ -19,7 +19,6 @@ as do layers the exact solver does not take (SparseGPT's sweep shares one H⁻¹
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..kernels.solver import choose_solver
-from .graph import module_calls, sole_batchnorm_reader
+from .graph import is_add, module_calls, sole_batchnorm_reader
 
 # The most multiply-adds per calibration image of one layer's per-row sums (rows·d² per output position) where the gate
 # is applied: ResNet-20's widest layers (64 rows, d 576, 8² outputs) take 1.4e9, ResNet-18's first stage (64 × 576 at
@@ -35,7 +34,6 @@ from .graph import module_calls, sole_batchnorm_reader
 GATE_FLOPS = 2e9
 GATE_BYTES = 2**30  # the per-row ΣXXᵀ (rows·d² float64) at most: decided before any input is seen
 
-_ADDS = {operator.add, operator.iadd, torch.add}
 _RELUS = {F.relu, torch.relu, torch.relu_}
 
 
@@ -79,9 +77,7 @@ def relu_gates(traced: fx.GraphModule, names: list[str]) -> dict[str, ReluGate]:
         if _is_relu(user, modules):
             out[name] = ReluGate(bn)
             continue
-        is_add = (user.op == "call_function" and user.target in _ADDS) or \
-            (user.op == "call_method" and user.target in ("add", "add_"))
-        if not is_add or user.kwargs or len(user.args) != 2 or not all(isinstance(a, fx.Node) for a in user.args):
+        if not is_add(user) or user.kwargs or len(user.args) != 2 or not all(isinstance(a, fx.Node) for a in user.args):
             continue
         a, b = user.args
         other = b if a is node else a

@@ -14,15 +14,12 @@ projection block the shortcut's conv fits the sum with the residual branch, comp
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
-from .graph import module_calls, sole_batchnorm_reader
-
-_ADDS = {operator.add, operator.iadd, torch.add}
+from .graph import is_add, module_calls, sole_batchnorm_reader
 
 
 @dataclass(frozen=True)
@@ -32,12 +29,6 @@ class SkipPartner:
     node: str  # fx node name of the other operand (the same name in the dense copy's trace)
     batchnorm: str | None  # module name
     sum: str  # fx node name of the sum (its operands stay at hand until it: GraphExecutor's keep_until)
-
-
-def _is_add(node: fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target in _ADDS
-    return node.op == "call_method" and node.target in ("add", "add_")
 
 
 def skip_partners(traced: fx.GraphModule, names: list[str]) -> dict[str, SkipPartner]:
@@ -54,7 +45,7 @@ def skip_partners(traced: fx.GraphModule, names: list[str]) -> dict[str, SkipPar
         reader = sole_batchnorm_reader(node, modules)
         bn, node = (None, node) if reader is None else (reader.target, reader)
         users = list(node.users)
-        if len(users) != 1 or not _is_add(users[0]) or users[0].kwargs or len(users[0].args) != 2 \
+        if len(users) != 1 or not is_add(users[0]) or users[0].kwargs or len(users[0].args) != 2 \
                 or not all(isinstance(a, fx.Node) for a in users[0].args):
             continue
         a, b = users[0].args
