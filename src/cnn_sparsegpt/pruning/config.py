@@ -133,8 +133,9 @@ class PruneConfig:
                                 "error too (residual blocks' last conv or projection shortcut; traced models)")
     inactive_weight: float = opt(1.0, "with dense_target: the weight of outputs the dense network's next ReLU "
                                  "zeroes in each layer's fit (1: all count alike; below 1, each output channel gets "
-                                 "its own Hessian, on layers the exact solver takes and whose per-row sums cost at most "
-                                 "2e9 multiply-adds per image: ResNet-20's, not ResNet-18's; traced models)",
+                                 "its own Hessian, on layers the exact solver takes and whose per-row sums cost at "
+                                 "most 2e9 multiply-adds per image: ResNet-20's, not ResNet-18's; traced models; 0.1 "
+                                 "gained 1.8 points at 90% on ResNet-20, docs/RESULTS.md)",
                                  check=lambda v: 0 <= v <= 1, want="in [0, 1]")
     intercept: bool = opt(True, "fit each layer with an intercept where its output offset is free: the solve works "
                           "on centred inputs where a BatchNorm alone reads the layer (channel re-fits: or it has a "
@@ -294,8 +295,9 @@ PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 # The settings beyond SparseGPT's layer solve; a results file labels each run by those that differ from the
 # published method's (recipe_label), so a label means the same in every file whatever the defaults become.
 RECIPE_KEYS = ("solver", "hessians", "allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction",
-               "refine", "dense_target", "residual_target", "inactive_weight", "intercept", "reconstruct", "wbits", "quant", "quant_clip",
-               "structure", "keep_macs", "keep_params", "target_speedup", "round_to", "channel_costs", "permute")
+               "refine", "dense_target", "residual_target", "inactive_weight", "intercept", "reconstruct", "wbits", "quant",
+               "quant_clip", "structure", "keep_macs", "keep_params", "target_speedup", "round_to", "channel_costs",
+               "permute")
 CHANNEL_ONLY = ("channel_costs", "round_to")  # settings that change nothing without structure='channels'
 DP_ONLY = ("dp_measure",)  # settings that change nothing without allocation='dp'
 
