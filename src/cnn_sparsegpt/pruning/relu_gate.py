@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ..kernels.solver import choose_solver
-from .graph import is_add, module_calls, sole_batchnorm_reader
+from .graph import module_calls, sole_batchnorm_reader
+from .residual_target import skip_partners
 
 # The most multiply-adds per calibration image of one layer's per-row sums (rows·d² per output position) where the gate
 # is applied: ResNet-20's widest layers (64 rows, d 576, 8² outputs) take 1.4e9, ResNet-18's first stage (64 × 576 at
@@ -61,30 +62,24 @@ def _sole_user(node: fx.Node) -> fx.Node | None:
 
 def relu_gates(traced: fx.GraphModule, names: list[str]) -> dict[str, ReluGate]:
     """Per layer of `names` called once whose output, alone or through a BatchNorm (with running statistics) that only
-    it feeds, goes only into a ReLU, or into a sum (with an operand computed earlier) that goes only into a ReLU."""
+    it feeds, goes only into a ReLU, or into a sum with an operand computed earlier (residual_target.skip_partners)
+    that goes only into a ReLU."""
     modules = dict(traced.named_modules())
-    index = {n: i for i, n in enumerate(traced.graph.nodes)}
+    nodes = {n.name: n for n in traced.graph.nodes}
+    partners = skip_partners(traced, names)
     out = {}
     for name, found in module_calls(traced, names).items():
         if len(found) != 1:
             continue
         reader = sole_batchnorm_reader(found[0], modules)
-        node = found[0] if reader is None else reader
-        bn = None if reader is None else reader.target
-        user = _sole_user(node)
-        if user is None:
+        user = _sole_user(found[0] if reader is None else reader)
+        if user is not None and _is_relu(user, modules):
+            out[name] = ReluGate(None if reader is None else reader.target)
             continue
-        if _is_relu(user, modules):
-            out[name] = ReluGate(bn)
-            continue
-        if not is_add(user) or user.kwargs or len(user.args) != 2 or not all(isinstance(a, fx.Node) for a in user.args):
-            continue
-        a, b = user.args
-        other = b if a is node else a
-        after = _sole_user(user)
-        if other is node or index[other] > index[found[0]] or after is None or not _is_relu(after, modules):
-            continue
-        out[name] = ReluGate(bn, other.name, user.name)
+        partner = partners.get(name)
+        after = None if partner is None else _sole_user(nodes[partner.sum])
+        if after is not None and _is_relu(after, modules):
+            out[name] = ReluGate(partner.batchnorm, partner.node, partner.sum)
     return out
 
 
@@ -144,17 +139,16 @@ class ActiveSums:
         ΣXXᵀ over its active columns is a GEMM over those columns, or over its inactive ones taken from the whole
         chunk's product, whichever are fewer (the gathered columns: half the flops of a masked product or less)."""
         rows, d = W.shape
-        a = active.to(X.dtype)
-        counts = active.sum(1).tolist()
+        a, counts = active.to(X.dtype), active.sum(1)
         full = None
         for r in range(rows):  # each row's active columns, or all less its inactive ones: half the columns at most
-            inactive = 2 * counts[r] > X.shape[1]
+            inactive = 2 * int(counts[r]) > X.shape[1]
             if inactive and full is None:
                 full = X @ X.t()
             Xr = X[:, (~active[r] if inactive else active[r]).nonzero().squeeze(1)]
             part = Xr @ Xr.t()
             self.SA[r] += (full - part if inactive else part).double()
-        self.count += a.sum(1).double()
+        self.count += counts.double()
         if self.RA is not None and (Xd is not None or shift is not None):
             dy = W @ (Xd - X) if Xd is not None else torch.zeros_like(a)
             if shift is not None:
