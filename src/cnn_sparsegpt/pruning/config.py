@@ -137,6 +137,10 @@ class PruneConfig:
                                  "most 2e9 multiply-adds per image: ResNet-20's, not ResNet-18's; traced models; 0.1 "
                                  "gained 1.8 points at 90% on ResNet-20, docs/RESULTS.md)",
                                  check=lambda v: 0 <= v <= 1, want="in [0, 1]")
+    refit_dense_layers: bool = opt(False, "with dense_target: also re-fit the layers kept dense (first conv, last "
+                                   "linear, the ignore list) that come after a pruned one, all weights kept: least "
+                                   "squares to the dense network's outputs on the pruned network's inputs (with the "
+                                   "intercept, a bias takes the offset); traced models")
     intercept: bool = opt(True, "fit each layer with an intercept where its output offset is free: the solve works "
                           "on centred inputs where a BatchNorm alone reads the layer (channel re-fits: or it has a "
                           "bias), so no weight is spent on the mean output, and its change goes into the BatchNorm's "
@@ -295,9 +299,9 @@ PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 # The settings beyond SparseGPT's layer solve; a results file labels each run by those that differ from the
 # published method's (recipe_label), so a label means the same in every file whatever the defaults become.
 RECIPE_KEYS = ("solver", "hessians", "allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction",
-               "refine", "dense_target", "residual_target", "inactive_weight", "intercept", "reconstruct", "wbits", "quant",
-               "quant_clip", "structure", "keep_macs", "keep_params", "target_speedup", "round_to", "channel_costs",
-               "permute")
+               "refine", "dense_target", "residual_target", "inactive_weight", "refit_dense_layers", "intercept",
+               "reconstruct", "wbits", "quant", "quant_clip", "structure", "keep_macs", "keep_params", "target_speedup",
+               "round_to", "channel_costs", "permute")
 CHANNEL_ONLY = ("channel_costs", "round_to")  # settings that change nothing without structure='channels'
 DP_ONLY = ("dp_measure",)  # settings that change nothing without allocation='dp'
 

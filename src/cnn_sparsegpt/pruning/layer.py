@@ -55,6 +55,7 @@ class LayerResult:
     offset: torch.Tensor | None = field(default=None, repr=False)  # intercept: added to the mean output (per channel)
     skip_fitted: str | None = None  # residual target: the skip operand (graph node) whose error the fit also corrects
     inactive_weight: float | None = None  # relu_gate.py: the weight its fit gave outputs the dense ReLU zeroes
+    refitted: bool = False  # a layer kept dense, re-fitted to the dense target (refit_dense_layers)
 
     def as_dict(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in ("mask", "quant", "offset")} | (
@@ -557,20 +558,23 @@ class LayerPruner:
 
     @torch.no_grad()
     def prune(self, config, pattern: Pattern | None = None, stats: dict | None = None, graphs: dict | None = None,
-              row_scale: torch.Tensor | None = None, intercept: bool = False) -> LayerResult:
+              row_scale: torch.Tensor | None = None, intercept: bool = False, keep: str = "") -> LayerResult:
         """Prune the layer's weight in place as `config` (a PruneConfig) says: its method, damping, refinement
         (refine.py) and quantization (wbits: kept weights on a per-row grid of 2^wbits levels, rounded inside
         SparseGPT's loop with quant 'gptq' or after it with 'rtn'). pattern: this layer's, when an allocation
         gives it one (default: config's). row_scale (out_channels,): how much each output row counts when rows are
-        compared in an unstructured mask (sparsegpt, magnitude); Wanda and N:M compare within rows."""
+        compared in an unstructured mask (sparsegpt, magnitude); Wanda and N:M compare within rows. keep: why the
+        layer stays dense (refit_dense_layers): every weight is kept, re-fitted to the dense target only."""
         config = config.resolved()
         method, percdamp, refine, wbits = config.method, config.percdamp, config.refine, config.wbits
         pattern = pattern or config.pattern
         t0 = time.perf_counter()
         weight = self.layer.weight
         res = LayerResult(self.name, list(weight.shape), method, str(pattern))
-        res.reason = self.skip_reason(pattern)
-        if res.reason:
+        res.reason = keep or self.skip_reason(pattern)
+        if keep:  # not pruned (left out of the sparsity totals and of masks.pt), but re-fitted below
+            res.skipped, pattern = True, Pattern(sparsity=0.0)
+        elif res.reason:
             res.skipped = True  # not pruned: left out of the sparsity totals and of masks.pt
             res.mask = torch.ones_like(weight, dtype=torch.bool)
             if not wbits:
@@ -596,10 +600,11 @@ class LayerPruner:
                           "per input): dense target and refinement left out, they would fit the calibration set")
         intercept = intercept and live and Hg is not None and self.colsum is not None
         R = self.R if dense_target else None
-        if method == "sparsegpt":
+        if method == "sparsegpt" and not keep:
             res.solver = choose_solver(config.solver, Wg.shape[0] * Wg.shape[1], Wg.shape[-1], bool(wbits))
         # per-row H and R (relu_gate.py) where every step below takes them: the exact solver, cg or no re-solve
-        if self.active is not None and live and refit and res.solver == "exact" and refine in ("none", "cg"):
+        if self.active is not None and live and refit and res.solver == "exact" and refine in ("none", "cg") \
+                and not keep:
             n = max(self.nsamples, 1)
             Hg, R = self.active.hessian(Hg, n), self.active.rhs(R, n)
             res.inactive_weight = self.inactive_weight
@@ -611,12 +616,16 @@ class LayerPruner:
             Hg, R = self.center(Hg, R)
         if dense_target and live and refit:  # the error is measured against W* from here on
             Wg = dense_target_weights(*rows(Wg, Hg, R), percdamp).reshape(Wg.shape)
+            res.refitted = bool(keep)
         scale = None if row_scale is None else row_scale.to(Wg).reshape(self.groups, -1)
-        grid = fit_grid(Wg, wbits, config.quant_clip) if wbits else None
-        Q, pruned, res.percdamp = prune_matrix(Wg, Hg, method, pattern, percdamp, config.blocksize, scale, stats=stats,
-                                               graphs=graphs, grid=grid, quant=config.quant, diagonal=diagonal,
-                                               solver=res.solver or "sparsegpt")
-        refine = refine_run(refine if refit and Hg is not None else "none", Wg)
+        grid = fit_grid(Wg, wbits, config.quant_clip) if wbits and not keep else None
+        if keep:  # W* as it is (a dense layer stays float): nothing to remove, nothing to re-solve
+            Q, pruned, refine, res.percdamp = Wg, torch.zeros_like(Wg, dtype=torch.bool), "none", percdamp
+        else:
+            Q, pruned, res.percdamp = prune_matrix(Wg, Hg, method, pattern, percdamp, config.blocksize, scale,
+                                                   stats=stats, graphs=graphs, grid=grid, quant=config.quant,
+                                                   diagonal=diagonal, solver=res.solver or "sparsegpt")
+            refine = refine_run(refine if refit and Hg is not None else "none", Wg)
         if refine != "none":
             Wr, Qr, pr, Hr = rows(Wg, Q, pruned, Hg)
             Q, pruned = (t.reshape(Wg.shape) for t in refine_solve(refine, Wr, Qr, pr, Hr, pattern, percdamp))

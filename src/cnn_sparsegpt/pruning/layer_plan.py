@@ -55,3 +55,10 @@ def choose_layers(model: nn.Module, order: list[str], ignore: Iterable[str] = ()
     for name in unused:
         plan[name] = "not called in the forward pass"
     return plan
+
+
+def refit_layers(plan: dict[str, str], order: list[str]) -> list[str]:
+    """The layers kept dense that refit_dense_layers re-fits: those called after the first pruned layer (before it
+    the pruned network's inputs are the dense network's, so the fit would give back the same weights)."""
+    first = next((i for i, n in enumerate(order) if not plan[n]), len(order))
+    return [n for n in order[first + 1:] if plan[n]]

@@ -31,7 +31,7 @@ from .intercept import fold_offset_, offset_sinks
 from .graph import PRUNABLE, GraphExecutor, GraphStop, inputs_of, memory_policy
 from .heap import reuse_freed_memory
 from .layer import LayerPruner, LayerResult, output_error
-from .layer_plan import choose_layers, forward_order
+from .layer_plan import choose_layers, forward_order, refit_layers
 from ..kernels.masks import Pattern
 from .permute import permute_for_nm_
 from .reconstruct import reconstruct as reconstruct_model
@@ -150,8 +150,9 @@ class _Pruner:
     """Holds the run's settings and the per-layer results; the two executors call `prune_layer`."""
 
     def __init__(self, model, plan, config, progress, patterns=None, row_scales=None, statcorr=None, dense=None,
-                 group=None, sinks=None):
+                 group=None, sinks=None, refits=()):
         self.model, self.plan, self.config = model, plan, config  # config: a resolved PruneConfig
+        self.refits = set(refits)  # layers kept dense whose weights are re-fitted to the dense target
         self.patterns = patterns or {}  # per-layer patterns of a non-uniform allocation
         self.row_scales = row_scales or {}  # BN-aware saliency
         self.statcorr = statcorr
@@ -170,7 +171,7 @@ class _Pruner:
         self.partners: dict[str, SkipPartner] = {}  # residual target: per layer, the skip operand it is summed with
         self.gates: dict[str, ReluGate] = {}  # inactive weight: per layer, how its output reaches a ReLU
         self.outputs = lambda node, b: None  # the pruned graph's node outputs at the current barrier
-        self.bar = tqdm(total=sum(1 for r in plan.values() if not r), desc=f"{config.method} {config.pattern}",
+        self.bar = tqdm(total=sum(1 for r in plan.values() if not r) + len(self.refits), desc=f"{config.method} {config.pattern}",
                         unit="layer", disable=not progress, leave=False)
 
     def sync(self):
@@ -226,7 +227,8 @@ class _Pruner:
         res = None
         if dist.is_main(self.group):  # one rank solves; the others receive its weights
             res = pruner.prune(self.config, self.patterns.get(name), stats=self.t, graphs=self.graphs,
-                               row_scale=self.row_scales.get(name), intercept=sink is not None)
+                               row_scale=self.row_scales.get(name), intercept=sink is not None,
+                               keep=self.plan[name] if name in self.refits else "")
             if res.offset is not None and sink is module:  # into the bias, which is broadcast with the weight
                 fold_offset_(module, sink, res.offset)
             if self.statcorr is not None and not res.skipped:
@@ -308,7 +310,8 @@ class _Pruner:
                     self.t["bn_recalibration"] += time.perf_counter() - t0 - (self.forward_clock() - f0)
             return barrier
 
-        barriers = {name: prune(name) for name, reason in self.plan.items() if not reason}
+        visited = [name for name, reason in self.plan.items() if not reason or name in self.refits]
+        barriers = {name: prune(name) for name in visited}
         if recalibrate_bn:
             bns = set(bn_modules(self.model))
             barriers |= {name: recalibrate(name) for name, m in self.modules.items() if m in bns}
@@ -321,7 +324,7 @@ class _Pruner:
             self.gates = relu_gates(gm, names)
         sums = [p.sum for p in self.partners.values()] + [g.sum for g in self.gates.values() if g.sum is not None]
         if self.dense is not None:  # in step with this graph, under the same memory policy
-            if not self.dense.follow_graph(names, low_memory, keep_until=sums):
+            if not self.dense.follow_graph(visited, low_memory, keep_until=sums):
                 self.partners = {}
         # a BatchNorm already re-estimated from its layer's sums is no barrier: it runs with the nodes around it
         ex = GraphExecutor(gm, batches, barriers, low_memory, self.sync, skip=done.__contains__, keep_until=sums)
@@ -404,6 +407,8 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
             policy += "; freed memory kept for reuse (glibc)"
         plan = choose_layers(model, order, config.ignore, not config.prune_all)
         names = [n for n in order if not plan[n]]
+        refits = refit_layers(plan, order) if config.refit_dense_layers and config.dense_target \
+            and config.hessians == "pruned" and use_fx else []
         permutation = permute_for_nm_(model, fitted, names, pattern, progress) if config.permute else {}
         t0 = time.perf_counter()
         row_scales = bn_row_scales(model) if config.bn_aware else {}
@@ -425,9 +430,11 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
             except Exception as e:
                 warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}); "
                               "falling back to one forward pass per layer", RuntimeWarning)
-        sinks = offset_sinks(model, names, gm, biases=False) if config.intercept else {}  # gm: traced once for both
+        sinks = offset_sinks(model, names, gm, biases=False) | offset_sinks(model, refits, gm) if config.intercept \
+            else {}  # gm: traced once for both; a re-fit dense layer's bias takes its offset
         run = _Pruner(model, plan, config, progress, patterns, row_scales, statcorr,
-                      dense if config.dense_target or dense_hessians else None, process_group, sinks)
+                      dense if config.dense_target or dense_hessians else None, process_group, sinks,
+                      refits if gm is not None else ())
         run.t["allocation_and_dense_pass"] = t_alloc
         run.batch_ends = part_ends(batches, fitted)
         if permutation:
