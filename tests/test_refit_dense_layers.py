@@ -97,3 +97,12 @@ def test_nothing_refitted_without_the_dense_target(overrides):
 
 def test_recipe_label_names_it():
     assert "refit_dense_layers=True" in recipe_label(PruneConfig(nm="2:4", refit_dense_layers=True))
+
+
+def test_too_few_samples_per_input_leave_the_layer_as_it_was():
+    net, images = _net_and_images()
+    before = (net.fc.weight.clone(), net.fc.bias.clone())
+    report = prune_model(net, images[:24], RECOMMENDED, progress=False, nm="2:4", refit_dense_layers=True)
+    fc = next(r for r in report.layers if r.name == "fc")
+    assert not fc.refitted and "per input" in fc.reason
+    assert torch.equal(net.fc.weight, before[0]) and torch.equal(net.fc.bias, before[1])

@@ -598,6 +598,9 @@ class LayerPruner:
         if not refit and (dense_target or refine != "none"):
             res.reason = (f"{self.nsamples} calibration samples for {Wg.shape[-1]} inputs (< {MIN_SAMPLES_PER_INPUT} "
                           "per input): dense target and refinement left out, they would fit the calibration set")
+        if keep and not (dense_target and live and refit):  # nothing to fit, or too few samples: as it was
+            res.mask = torch.ones_like(weight, dtype=torch.bool)
+            return res
         intercept = intercept and live and Hg is not None and self.colsum is not None
         R = self.R if dense_target else None
         if method == "sparsegpt" and not keep:
