@@ -606,8 +606,7 @@ class LayerPruner:
         if method == "sparsegpt" and not keep:
             res.solver = choose_solver(config.solver, Wg.shape[0] * Wg.shape[1], Wg.shape[-1], bool(wbits))
         # per-row H and R (relu_gate.py) where every step below takes them: the exact solver, cg or no re-solve
-        if self.active is not None and live and refit and res.solver == "exact" and refine in ("none", "cg") \
-                and not keep:
+        if self.active is not None and live and refit and res.solver == "exact" and refine in ("none", "cg"):
             n = max(self.nsamples, 1)
             Hg, R = self.active.hessian(Hg, n), self.active.rhs(R, n)
             res.inactive_weight = self.inactive_weight

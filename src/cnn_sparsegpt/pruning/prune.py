@@ -171,8 +171,8 @@ class _Pruner:
         self.partners: dict[str, SkipPartner] = {}  # residual target: per layer, the skip operand it is summed with
         self.gates: dict[str, ReluGate] = {}  # inactive weight: per layer, how its output reaches a ReLU
         self.outputs = lambda node, b: None  # the pruned graph's node outputs at the current barrier
-        self.bar = tqdm(total=sum(1 for r in plan.values() if not r) + len(self.refits), desc=f"{config.method} {config.pattern}",
-                        unit="layer", disable=not progress, leave=False)
+        self.bar = tqdm(total=sum(1 for r in plan.values() if not r) + len(self.refits),
+                        desc=f"{config.method} {config.pattern}", unit="layer", disable=not progress, leave=False)
 
     def sync(self):
         if next(self.model.parameters()).is_cuda:
@@ -407,8 +407,6 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
             policy += "; freed memory kept for reuse (glibc)"
         plan = choose_layers(model, order, config.ignore, not config.prune_all)
         names = [n for n in order if not plan[n]]
-        refits = refit_layers(plan, order) if config.refit_dense_layers and config.dense_target \
-            and config.hessians == "pruned" and use_fx else []
         permutation = permute_for_nm_(model, fitted, names, pattern, progress) if config.permute else {}
         t0 = time.perf_counter()
         row_scales = bn_row_scales(model) if config.bn_aware else {}
@@ -430,11 +428,13 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
             except Exception as e:
                 warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}); "
                               "falling back to one forward pass per layer", RuntimeWarning)
+        # the layers kept dense that are re-fitted: at barriers of the traced graph (BatchNorms re-estimated before)
+        refits = refit_layers(plan, order) if config.refit_dense_layers and config.dense_target \
+            and config.hessians == "pruned" and gm is not None else []
         sinks = offset_sinks(model, names, gm, biases=False) | offset_sinks(model, refits, gm) if config.intercept \
             else {}  # gm: traced once for both; a re-fit dense layer's bias takes its offset
         run = _Pruner(model, plan, config, progress, patterns, row_scales, statcorr,
-                      dense if config.dense_target or dense_hessians else None, process_group, sinks,
-                      refits if gm is not None else ())
+                      dense if config.dense_target or dense_hessians else None, process_group, sinks, refits)
         run.t["allocation_and_dense_pass"] = t_alloc
         run.batch_ends = part_ends(batches, fitted)
         if permutation:
