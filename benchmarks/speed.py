@@ -73,7 +73,7 @@ def naive_sparsegpt(W, H, pattern, percdamp=0.01, stats=None):
     return W
 
 
-def solver_table(device, shapes=((512, 4608), (128, 12544))):
+def solver_table(device, shapes=((512, 4608), (128, 12544)), column_loop="auto"):
     rows = []
     for r, d in shapes:
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -83,7 +83,7 @@ def solver_table(device, shapes=((512, 4608), (128, 12544))):
         del X
         for pattern in (Pattern(sparsity=0.5), Pattern(n=2, m=4)):
             stats, nstats = {}, {}
-            ours, _ = timed(lambda: sparsegpt_solve(W, H, pattern, stats=stats), device)
+            ours, _ = timed(lambda: sparsegpt_solve(W, H, pattern, stats=stats, column_loop=column_loop), device)
             naive, _ = timed(lambda: naive_sparsegpt(W, H, pattern, stats=nstats), device)
             rows.append({"shape": f"{r}x{d}", "pattern": str(pattern), "ours_s": ours,
                          "ours_cholesky_s": stats["cholesky"], "naive_s": naive, "naive_cholesky_s": nstats["cholesky"],
@@ -179,7 +179,7 @@ def measure_floor(arch, weights, data_dir, nsamples, device, batch_size=128):
     return floor
 
 
-def measure_prune(arch, weights, data_dir, nsamples, device, low_memory):
+def measure_prune(arch, weights, data_dir, nsamples, device, low_memory, column_loop="auto"):
     """One whole-model prune, run in a fresh process so that its peak RSS is its own (measure_prune_twice)."""
     model, calib = model_and_images(arch, weights, data_dir, nsamples, device)
     if device.type == "cuda":
@@ -189,7 +189,7 @@ def measure_prune(arch, weights, data_dir, nsamples, device, low_memory):
     with PeakRSS() as mem:
         before = mem.peak
         t_total, rep = timed(lambda: prune_model(model, calib, PUBLISHED, method="sparsegpt", nm="2:4", progress=False,
-                                                 low_memory=low_memory), device)
+                                                 low_memory=low_memory, column_loop=column_loop), device)
     t = rep.timings
     phases = {"total": t_total, "calibration forwards": t["forward"], "hessian": t["hessian"],
               "cholesky": t["cholesky"], "updates": t["solve"] - t["cholesky"],
@@ -250,19 +250,22 @@ def main():
     p.add_argument("--skip-solver", action="store_true", help="only the whole-model prune")
     p.add_argument("--default-only", action="store_true", help="whole model: no --low-memory run")
     p.add_argument("--solver-shapes", default="512x4608,128x12544", help="rows x columns, comma separated")
+    p.add_argument("--column-loop", default="auto", help="SparseGPT's column loop (prune --help), for every row")
     p.add_argument("--json", default="experiments/speed.json")
     args = p.parse_args()
     device = resolve_device(args.device)
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.solver_shapes.split(",")]
-    result = {"meta": run_metadata(device) | {"cpu": platform.processor(), "nsamples": args.nsamples}}
-    result["solver"] = [] if args.skip_solver else solver_table(device, shapes)
+    result = {"meta": run_metadata(device) | {"cpu": platform.processor(), "nsamples": args.nsamples,
+                                              "column_loop": args.column_loop}}
+    result["solver"] = [] if args.skip_solver else solver_table(device, shapes, args.column_loop)
     print("| layer | pattern | ours (s) | of which Cholesky (s) | naive (s) | of which Cholesky (s) | speed-up | "
           "speed-up of the updates |\n|---|---|---|---|---|---|---|---|")
     for r in result["solver"]:
         print(f"| {r['shape']} | {r['pattern']} | {r['ours_s']:.2f} | {r['ours_cholesky_s']:.2f} | "
               f"{r['naive_s']:.2f} | {r['naive_cholesky_s']:.2f} | {r['speedup']:.1f}x | {r['update_speedup']:.0f}x |")
     if not args.skip_model:
-        runs = [measure_prune_twice(args.arch, args.weights, args.data_dir, args.nsamples, device, low)
+        runs = [measure_prune_twice(args.arch, args.weights, args.data_dir, args.nsamples, device, low,
+                                    args.column_loop)
                 for low in ((None,) if args.default_only else (None, True))]
         fl = in_fresh_process(measure_floor, args.arch, args.weights, args.data_dir, args.nsamples, device)
         result["model"] = {"arch": args.arch, "description": ARCHS[args.arch], "floor": fl, "runs": runs}

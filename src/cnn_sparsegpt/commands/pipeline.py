@@ -118,7 +118,7 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     device = dist.init(opts.device) if dist.launched() else resolve_device(opts.device)
     group = dist.process_group()
     dist.check_same(json.dumps(dataclasses.asdict(opts), sort_keys=True, default=str), "arguments")
-    opts.config.check_runnable(dist.active(group))  # prune_model's own checks, before any data is loaded
+    opts.config.check_runnable(dist.active(group), device)  # prune_model's own checks, before any data is loaded
     config = opts.config.resolved(dist.active(group))
     progress = progress and dist.is_main(group)
     write = write and dist.is_main(group)  # one rank writes model.pt, masks.pt, report.json

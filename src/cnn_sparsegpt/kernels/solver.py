@@ -17,6 +17,7 @@ from .masks import (
     topk_prune_mask,
 )
 from .exact_obs import cost_flops, exact_obs_solve
+from .fused_block import solve_block_fused, unsupported
 from .quant import Grid, round_to_nearest
 
 # What each method's mask needs from the calibration inputs: the Hessian H, only its diagonal (‖X_j‖²), or
@@ -32,6 +33,11 @@ METHODS = tuple(NEEDS)
 # layer and 512 × 4608 an hour, so those go to SparseGPT.
 SOLVERS = ("sparsegpt", "exact", "auto")
 EXACT_BUDGET = 2e11
+# How SparseGPT's column loop over a block runs: a Python loop of torch ops (each column ~3 kernels), that loop
+# recorded once as a CUDA graph and replayed, or one fused Triton kernel per block (fused_block.py). 'auto' is
+# the CUDA graph on a GPU and the loop elsewhere: the Triton kernel is checked in Triton's interpreter on the CPU
+# but not yet timed on a GPU, so it is opt-in until it has been.
+COLUMN_LOOPS = ("auto", "loop", "cuda_graph", "triton")
 
 
 def choose_solver(solver: str, rows: int, d: int, quantized: bool) -> str:
@@ -55,7 +61,7 @@ def sparsegpt_factor(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Ten
 
 
 def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp: float = 0.01,
-                    blocksize: int = 128, stats: dict | None = None, cuda_graph: bool = True,
+                    blocksize: int = 128, stats: dict | None = None, column_loop: str = "auto",
                     graphs: dict | None = None, factor: tuple | None = None,
                     row_scale: torch.Tensor | None = None, grid: Grid | None = None,
                     sparsities: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -63,8 +69,8 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
 
     Returns (pruned W, pruned mask, damping used). Columns are visited left to right; N:M groups are m
     consecutive columns (see masks.py). A batch (a grouped conv's groups) is solved in one pass.
-    On CUDA the column loop of a block is a CUDA graph; pass the same `graphs` dict to every layer of a
-    model so that layers whose blocks have the same shape share one. `factor`: a `sparsegpt_factor(H)`
+    `column_loop` (COLUMN_LOOPS): how a block's columns are visited; on CUDA by default a CUDA graph: pass the
+    same `graphs` dict to every layer of a model so that layers whose blocks have the same shape share one. `factor`: a `sparsegpt_factor(H)`
     already computed. `row_scale` (G, rows): weights of each output row in the unstructured saliency
     (e.g. a following BatchNorm's (γ/σ)², so rows are compared as if it were folded in). `grid`: round every
     kept weight to its row's grid in the column loop, its error pushed on like a pruned weight's (GPTQ).
@@ -73,7 +79,7 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
     """
     if W.ndim == 2:
         grid = None if grid is None else Grid(grid.scale[None], grid.zero[None], grid.bits)
-        Q, pruned, damp = sparsegpt_solve(W[None], H[None], pattern, percdamp, blocksize, stats, cuda_graph, graphs,
+        Q, pruned, damp = sparsegpt_solve(W[None], H[None], pattern, percdamp, blocksize, stats, column_loop, graphs,
                                           factor, None if row_scale is None else row_scale[None], grid)
         return Q[0], pruned[0], damp
     W = W.clone()
@@ -93,8 +99,12 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
     if pattern.is_nm:  # a block must hold whole groups
         blocksize = max(pattern.m, blocksize - blocksize % pattern.m)
     pruned = torch.zeros_like(W, dtype=torch.bool)
+    fused = column_loop == "triton" and grid is None  # GPTQ's rounding stays in the loop
+    if fused and (why := unsupported(W, pattern)):
+        raise ValueError(f"column_loop 'triton' cannot run here: {why}")
     graph = None
-    if cuda_graph and W.is_cuda and d >= 2 * blocksize and grid is None and sparsities is None:
+    if column_loop in ("auto", "cuda_graph") and W.is_cuda and d >= 2 * blocksize and grid is None \
+            and sparsities is None:
         graphs = {} if graphs is None else graphs
         graph = graphs.setdefault((G, rows, blocksize, str(pattern), W.device), _BlockGraph(_solve_block, pattern))
     # The lazy update owed to the columns right of finished blocks is -E·U (E = their errors). With
@@ -119,7 +129,9 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
             if row_scale is not None:
                 scores.mul_(row_scale[:, :, None])
             mask1 = topk_prune_mask(scores.masked_fill_(dead[:, None, i1:i2], 0), k)
-        if graph is not None and i2 - i1 == blocksize:
+        if fused:
+            solve_block_fused(W1, Err1, mask1, Hinv1, pattern)
+        elif graph is not None and i2 - i1 == blocksize:
             graph(W1, Err1, mask1, Hinv1)
         else:
             _solve_block(W1, Err1, mask1, Hinv1, pattern, grid)
@@ -193,19 +205,21 @@ def _solve_block(W1, Err1, mask1, Hinv1, pattern: Pattern, grid: Grid | None = N
 def prune_matrix(Wg: torch.Tensor, H: torch.Tensor, method: str, pattern: Pattern, percdamp: float = 0.01,
                  blocksize: int = 128, row_scale: torch.Tensor | None = None, factor: tuple | None = None,
                  stats: dict | None = None, graphs: dict | None = None, grid: Grid | None = None,
-                 quant: str = "gptq", diagonal: torch.Tensor | None = None, solver: str = "sparsegpt") -> tuple:
+                 quant: str = "gptq", diagonal: torch.Tensor | None = None, solver: str = "sparsegpt",
+                 column_loop: str = "auto") -> tuple:
     """Weights (G, rows, d) pruned by `method` with Hessian H (G, d, d): (Ŵ, pruned mask, damping or None).
     Methods that need only diag(H) (NEEDS) take it as `diagonal` (G, d) when H is None.
     The one place where the methods differ; row_scale weighs rows in unstructured masks (see sparsegpt_solve).
     With a grid, kept weights end on it: inside SparseGPT's loop (quant 'gptq'), else rounded after (RTN).
-    solver: 'exact' runs ExactOBS instead of SparseGPT's sweep for method sparsegpt (choose_solver)."""
+    solver: 'exact' runs ExactOBS instead of SparseGPT's sweep for method sparsegpt (choose_solver); column_loop:
+    how SparseGPT's sweep visits a block's columns (COLUMN_LOOPS)."""
     if method == "sparsegpt" and solver == "exact":
         if grid is not None:
             raise ValueError("the exact solver does not quantize: use solver 'sparsegpt' with wbits")
         Q, pruned, _ = exact_obs_solve(Wg, H, pattern, percdamp, row_scale)
         return Q, pruned, percdamp
     if method == "sparsegpt":
-        Q, pruned, damp = sparsegpt_solve(Wg, H, pattern, percdamp, blocksize, stats, graphs=graphs, factor=factor,
+        Q, pruned, damp = sparsegpt_solve(Wg, H, pattern, percdamp, blocksize, stats, column_loop, graphs, factor,
                                           row_scale=row_scale, grid=grid if quant == "gptq" else None)
         if grid is not None and quant != "gptq":
             Q = round_to_nearest(Q, pruned, grid)

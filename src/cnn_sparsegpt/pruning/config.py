@@ -11,13 +11,16 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass, field, fields, replace
 
+import torch
+
 from .allocation import ALLOCATIONS, BUDGETS, DP_MEASURES
 from .channel_costs import CHANNEL_COSTS
 from ..deploy.runtimes import RUNTIMES, runtime
 from ..kernels.masks import Pattern
 from ..kernels.quant import BITS, CLIP, QUANT
 from ..kernels.refine import REFINE
-from ..kernels.solver import EXACT_BUDGET, METHODS, SOLVERS
+from ..kernels.fused_block import unavailable as fused_unavailable
+from ..kernels.solver import COLUMN_LOOPS, EXACT_BUDGET, METHODS, SOLVERS
 from ..utils import UserError
 
 
@@ -92,6 +95,10 @@ class PruneConfig:
                                  check=lambda v: v >= 0, want=">= 0")
     blocksize: int = opt(128, "columns per lazy-update block of SparseGPT", check=lambda v: v >= 1,
                          want="at least 1")
+    column_loop: str = opt("auto", "how SparseGPT's column loop over a block runs: loop (torch ops per column), "
+                           "cuda_graph (that loop replayed as a CUDA graph), triton (one fused kernel per block; "
+                           "CUDA and the triton package; quantized layers keep the loop) or auto (cuda_graph on a "
+                           "GPU, loop elsewhere). The masks are the same up to float rounding", COLUMN_LOOPS)
     ignore: tuple = opt((), "layer names or regexes to keep dense")
     prune_all: bool = opt(False, "also prune the first conv and the last linear (kept dense by default)")
     bn_recalibration: bool = opt(True, "re-estimate BatchNorm statistics on the pruned network")
@@ -246,9 +253,10 @@ class PruneConfig:
         """A pattern, or a structured target: enough to prune."""
         return self.sparsity is not None or self.nm is not None or self.structure != "none"
 
-    def check_runnable(self, distributed: bool = False) -> None:
-        """What a prune needs beyond well-formed fields, checked before any work: a target, and one process for
-        the steps that read the whole calibration set at once (distributed: under a process group)."""
+    def check_runnable(self, distributed: bool = False, device: torch.device | None = None) -> None:
+        """What a prune needs beyond well-formed fields, checked before any work: a target, one process for
+        the steps that read the whole calibration set at once (distributed: under a process group), and what the
+        column loop needs on `device` (the model's, where known)."""
         if not self.has_target:
             raise UserError("give exactly one of sparsity (e.g. 0.5) and nm (e.g. 2:4), or structure='channels' "
                             "with keep_macs or keep_params")
@@ -257,6 +265,8 @@ class PruneConfig:
                                        ("stat_correction", self.stat_correction),
                                        ("reconstruct", bool(self.reconstruct)),
                                        ("permute", self.permute)) if on]
+        if self.column_loop == "triton" and (why := fused_unavailable(device)):
+            raise UserError(f"column_loop triton: {why}")
         if self.target_speedup is not None:  # the runtime it times on, before hours of Hessians
             runtime(self.speedup_runtime)
         if distributed and whole:

@@ -626,7 +626,8 @@ class LayerPruner:
         else:
             Q, pruned, res.percdamp = prune_matrix(Wg, Hg, method, pattern, percdamp, config.blocksize, scale,
                                                    stats=stats, graphs=graphs, grid=grid, quant=config.quant,
-                                                   diagonal=diagonal, solver=res.solver or "sparsegpt")
+                                                   diagonal=diagonal, solver=res.solver or "sparsegpt",
+                                                   column_loop=config.column_loop)
             refine = refine_run(refine if refit and Hg is not None else "none", Wg)
         if refine != "none":
             Wr, Qr, pr, Hr = rows(Wg, Q, pruned, Hg)

@@ -376,7 +376,7 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     config and what each layer got.
     """
     config = replace(config or RECOMMENDED, **overrides) if overrides else (config or RECOMMENDED)
-    config.check_runnable(dist.active(process_group))
+    config.check_runnable(dist.active(process_group), next(model.parameters()).device)
     config = config.resolved(dist.active(process_group))
     if config.structure == "channels":
         return _prune_structured(model, calibration, config, progress)
