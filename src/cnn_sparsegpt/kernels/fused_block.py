@@ -46,8 +46,10 @@ def _kernel():
         for gi in range(0, n_groups):
             base = gi * M
             if NM:  # the group's mask, from the weights as the loop has left them
-                pick = c[None, None, :] == (base + j)[None, :, None]  # (1, MP, BC)
-                Wg = tl.sum(tl.where(pick, W[:, None, :], 0.0), axis=2)  # (ROWS, MP)
+                Wg = tl.zeros((ROWS, MP), dtype=tl.float32)
+                for k in tl.static_range(M):  # the group's columns, one masked sum each (2-D: fewer registers)
+                    Wg = tl.where(j[None, :] == k, tl.sum(tl.where(c[None, :] == base + k, W, 0.0), axis=1)[:, None],
+                                  Wg)
                 d = tl.load(Hb + (base + j) * (B + 1), mask=j < M, other=1.0)
                 S = tl.where((j < M)[None, :], Wg * Wg / (d * d)[None, :], 3.0e38)  # beyond any real score: never among the pruned
                 lower = (S[:, None, :] < S[:, :, None]) | ((S[:, None, :] == S[:, :, None])
