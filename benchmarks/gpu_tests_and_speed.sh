@@ -12,12 +12,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
 python3 -m pytest -q -m gpu -p no:cacheprovider tests
 python3 benchmarks/speed.py --device cuda --data-dir "$DATA" --weights "$WEIGHTS" --json "$OUT/speed_gpu.json"
-# SparseGPT's column loop: the torch loop, its CUDA graph and the fused Triton kernel side by side (issue 22, item 4),
-# then the whole-model phases and floor with the Triton kernel
-python3 benchmarks/column_loop_speed.py --device cuda --data-dir "$DATA" --weights "$WEIGHTS" \
-    --json "$OUT/column_loop_speed_gpu.json"
-python3 benchmarks/speed.py --device cuda --data-dir "$DATA" --weights "$WEIGHTS" --column-loop triton --skip-solver \
-    --json "$OUT/speed_gpu_triton.json"
+# SparseGPT's column loop three ways (issue 22, item 4): also on its own, benchmarks/gpu_column_loop.sh
+bash benchmarks/gpu_column_loop.sh "$DATA" "$WEIGHTS" "$OUT"
 # the Hessian paths on a GPU (their rules were measured on a CPU)
 python3 benchmarks/hessian_paths.py --device cuda --json "$OUT/hessian_paths_gpu.json"
 # bfloat16 Hessians with a float32 GEMM output (not on a CPU: docs/PERFORMANCE.md, "bfloat16 products")
