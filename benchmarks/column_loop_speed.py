@@ -14,6 +14,7 @@ import copy
 import torch
 
 from cnn_sparsegpt import PUBLISHED, Pattern, calibration_set, create_model, load_dataset, load_state_dict, prune_model
+from cnn_sparsegpt.kernels import fused_block
 from cnn_sparsegpt.kernels.fused_block import unavailable
 from cnn_sparsegpt.kernels.solver import sparsegpt_solve
 from cnn_sparsegpt.utils import atomic_write_json, resolve_device, run_metadata
@@ -26,8 +27,15 @@ def loops_here(device) -> list[str]:
     return loops + (["triton"] if unavailable(device) is None else [])
 
 
+# the fused kernel's launch shape: (rows per program, warps); the first is the library's (fused_block.ROWS, NUM_WARPS)
+TILES = ((fused_block.ROWS, fused_block.NUM_WARPS), (8, 1), (16, 1), (16, 2), (32, 4))
+
+
 def per_layer(device, shapes, loops) -> list[dict]:
+    """Each loop on each shape (the fused one at every TILES launch shape), after a warm-up call."""
     rows = []
+    runs = [(loop, None) for loop in loops if loop != "triton"] + [("triton", t) for t in TILES if "triton" in loops]
+    default = (fused_block.ROWS, fused_block.NUM_WARPS)
     for r, d in shapes:
         g = torch.Generator().manual_seed(0)
         X = torch.randn(d, 2 * d, generator=g).to(device)
@@ -35,13 +43,22 @@ def per_layer(device, shapes, loops) -> list[dict]:
         W = torch.randn(r, d, generator=g).to(device)
         for pattern in (Pattern(sparsity=0.5), Pattern(n=2, m=4)):
             ref = None
-            for loop in loops:
+            for loop, tile in runs:
+                fused_block.ROWS, fused_block.NUM_WARPS = tile or default
                 graphs = {}
-                sparsegpt_solve(W, H, pattern, column_loop=loop, graphs=graphs)  # warm-up
-                t, (Q, mask, _) = timed(lambda: sparsegpt_solve(W, H, pattern, column_loop=loop, graphs=graphs), device)
+                try:
+                    sparsegpt_solve(W, H, pattern, column_loop=loop, graphs=graphs)  # warm-up (compiles, captures)
+                    t, (Q, mask, _) = timed(lambda: sparsegpt_solve(W, H, pattern, column_loop=loop, graphs=graphs),
+                                            device)
+                except Exception as e:  # a launch shape that does not compile here: recorded, not fatal
+                    rows.append({"shape": f"{r}x{d}", "pattern": str(pattern), "column_loop": loop, "tile": tile,
+                                 "error": str(e).splitlines()[0][:200]})
+                    continue
+                finally:
+                    fused_block.ROWS, fused_block.NUM_WARPS = default
                 ref = ref if ref is not None else mask
-                rows.append({"shape": f"{r}x{d}", "pattern": str(pattern), "column_loop": loop, "seconds": t,
-                             "mask_agreement": (mask == ref).float().mean().item()})
+                rows.append({"shape": f"{r}x{d}", "pattern": str(pattern), "column_loop": loop, "tile": tile,
+                             "seconds": t, "mask_agreement": (mask == ref).float().mean().item()})
     return rows
 
 
@@ -81,11 +98,12 @@ def main():
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     result = {"meta": run_metadata(device) | {"nsamples": args.nsamples, "column_loops": loops},
               "per_layer": per_layer(device, shapes, loops)}
-    print("| layer | pattern | " + " | ".join(loops) + " |\n|---|---|" + "---|" * len(loops))
-    for i in range(0, len(result["per_layer"]), len(loops)):
-        group = result["per_layer"][i:i + len(loops)]
-        print(f"| {group[0]['shape']} | {group[0]['pattern']} | "
-              + " | ".join(f"{r['seconds']:.3f} s ({100 * r['mask_agreement']:.2f}%)" for r in group) + " |")
+    print("| layer | pattern | column loop | rows per program, warps | seconds | masks as the loop's |\n"
+          "|---|---|---|---|---|---|")
+    for r in result["per_layer"]:
+        cells = (f"{r['seconds']:.4f} | {100 * r['mask_agreement']:.2f}%" if "seconds" in r
+                 else f"failed: {r['error']} | ")
+        print(f"| {r['shape']} | {r['pattern']} | {r['column_loop']} | {r['tile'] or ''} | {cells} |")
     if not args.skip_model:
         result["model"] = whole_model(device, args.weights, args.data_dir, args.nsamples, loops)
         print("\n| ResNet-18 prune as published | column loop | total (s) | updates (s) | masks as the loop's |"

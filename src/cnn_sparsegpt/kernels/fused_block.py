@@ -23,6 +23,7 @@ import torch
 from .masks import Pattern
 
 ROWS = 16  # rows per program: a 16 × 128 float32 tile is 16 registers a thread in 4 warps
+NUM_WARPS = 4  # Triton's default; ROWS and NUM_WARPS are swept by benchmarks/column_loop_speed.py on a GPU
 
 
 @functools.cache
@@ -109,7 +110,7 @@ def solve_block_fused(W1: torch.Tensor, Err1: torch.Tensor, mask1: torch.Tensor,
     m, n = (pattern.m, pattern.n) if pattern.is_nm else (1, 0)
     _kernel()[(G, (rows + ROWS - 1) // ROWS)](
         W, E, Mk, H, rows, B, B // m, ROWS=ROWS, BC=max(16, 1 << (B - 1).bit_length()), N=n, M=m,
-        MP=max(2, 1 << (m - 1).bit_length()), NM=pattern.is_nm)
+        MP=max(2, 1 << (m - 1).bit_length()), NM=pattern.is_nm, num_warps=NUM_WARPS)
     for x, y in ((W1, W), (Err1, E), (mask1, Mk != 0)):
         if x.data_ptr() != y.data_ptr():
             x.copy_(y)
