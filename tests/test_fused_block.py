@@ -95,13 +95,13 @@ def test_fused_loop_compiles_for_gpus_without_one(capability):
 
 
 def test_triton_column_loop_elsewhere_is_one_clear_error(monkeypatch):
-    """Asked for where it cannot run (a CPU model, or no triton): a UserError before any work, from the API and
-    from the solver alike."""
+    """Asked for where it cannot run (a CPU model, or no triton): one UserError (a one-line error in the CLI), before
+    any work from the API, and from the solver itself."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model = cs.create_model("mnist_cnn")
     with pytest.raises(cs.UserError, match="column_loop triton"):
         cs.prune_model(model, torch.randn(4, 1, 28, 28), nm="2:4", column_loop="triton")
-    with pytest.raises(ValueError, match="column_loop 'triton' cannot run"):
+    with pytest.raises(cs.UserError, match="column_loop 'triton' cannot run"):
         sparsegpt_solve(torch.randn(4, 16), torch.eye(16), Pattern(n=2, m=4), column_loop="triton")
 
 

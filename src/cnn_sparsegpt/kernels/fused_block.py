@@ -52,7 +52,8 @@ def _kernel():
                     Wg = tl.where(j[None, :] == k, tl.sum(tl.where(c[None, :] == base + k, W, 0.0), axis=1)[:, None],
                                   Wg)
                 d = tl.load(Hb + (base + j) * (B + 1), mask=j < M, other=1.0)
-                S = tl.where((j < M)[None, :], Wg * Wg / (d * d)[None, :], 3.0e38)  # beyond any real score: never among the pruned
+                # padding columns score beyond any real weight: never among the pruned
+                S = tl.where((j < M)[None, :], Wg * Wg / (d * d)[None, :], 3.0e38)
                 lower = (S[:, None, :] < S[:, :, None]) | ((S[:, None, :] == S[:, :, None])
                                                            & (j[None, None, :] < j[None, :, None]))
                 rank = tl.sum(lower.to(tl.int32), axis=2)  # (ROWS, MP): how many of the group score below

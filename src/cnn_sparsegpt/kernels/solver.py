@@ -19,6 +19,7 @@ from .masks import (
 from .exact_obs import cost_flops, exact_obs_solve
 from .fused_block import solve_block_fused, unsupported
 from .quant import Grid, round_to_nearest
+from ..utils import UserError
 
 # What each method's mask needs from the calibration inputs: the Hessian H, only its diagonal (‖X_j‖²), or
 # nothing. A layer is given no d×d Hessian when neither its method nor a re-fit needs one (prune.py).
@@ -70,8 +71,8 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
     Returns (pruned W, pruned mask, damping used). Columns are visited left to right; N:M groups are m
     consecutive columns (see masks.py). A batch (a grouped conv's groups) is solved in one pass.
     `column_loop` (COLUMN_LOOPS): how a block's columns are visited; on CUDA by default a CUDA graph: pass the
-    same `graphs` dict to every layer of a model so that layers whose blocks have the same shape share one. `factor`: a `sparsegpt_factor(H)`
-    already computed. `row_scale` (G, rows): weights of each output row in the unstructured saliency
+    same `graphs` dict to every layer of a model so that layers whose blocks have the same shape share one.
+    `factor`: a `sparsegpt_factor(H)` already computed. `row_scale` (G, rows): weights of each output row in the unstructured saliency
     (e.g. a following BatchNorm's (γ/σ)², so rows are compared as if it were folded in). `grid`: round every
     kept weight to its row's grid in the column loop, its error pushed on like a pruned weight's (GPTQ).
     `sparsities` (G,): each matrix's own unstructured fraction, counted on its own, e.g. one W at several levels
@@ -101,7 +102,7 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
     pruned = torch.zeros_like(W, dtype=torch.bool)
     fused = column_loop == "triton" and grid is None  # GPTQ's rounding stays in the loop
     if fused and (why := unsupported(W, pattern)):
-        raise ValueError(f"column_loop 'triton' cannot run here: {why}")
+        raise UserError(f"column_loop 'triton' cannot run here: {why}")
     graph = None
     if column_loop in ("auto", "cuda_graph") and W.is_cuda and d >= 2 * blocksize and grid is None \
             and sparsities is None:
