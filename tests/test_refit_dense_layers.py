@@ -91,7 +91,18 @@ def test_an_ignored_layer_between_pruned_ones_is_refitted():
 def test_nothing_refitted_without_the_dense_target(overrides):
     net, images = _net_and_images()
     before = net.fc.weight.clone()
-    report = prune_model(net, images, RECOMMENDED, progress=False, nm="2:4", refit_dense_layers=True, **overrides)
+    with pytest.warns(RuntimeWarning, match="refit_dense_layers: no layer"):
+        report = prune_model(net, images, RECOMMENDED, progress=False, nm="2:4", refit_dense_layers=True, **overrides)
+    assert not any(r.refitted for r in report.layers) and torch.equal(net.fc.weight, before)
+
+
+def test_an_untraceable_model_says_nothing_was_refitted():
+    """The hook fallback re-estimates BatchNorms only at the end, so it re-fits nothing: said, not silent."""
+    net, images = _net_and_images()
+    before = net.fc.weight.clone()
+    with pytest.warns(RuntimeWarning, match="refit_dense_layers: no layer"):
+        report = prune_model(net, images, RECOMMENDED, progress=False, nm="2:4", refit_dense_layers=True,
+                             use_fx=False)
     assert not any(r.refitted for r in report.layers) and torch.equal(net.fc.weight, before)
 
 
@@ -102,7 +113,8 @@ def test_recipe_label_names_it():
 def test_too_few_samples_per_input_leave_the_layer_as_it_was():
     net, images = _net_and_images()
     before = (net.fc.weight.clone(), net.fc.bias.clone())
-    report = prune_model(net, images[:24], RECOMMENDED, progress=False, nm="2:4", refit_dense_layers=True)
+    with pytest.warns(RuntimeWarning, match="refit_dense_layers: no layer"):
+        report = prune_model(net, images[:24], RECOMMENDED, progress=False, nm="2:4", refit_dense_layers=True)
     fc = next(r for r in report.layers if r.name == "fc")
     assert not fc.refitted and "per input" in fc.reason
     assert torch.equal(net.fc.weight, before[0]) and torch.equal(net.fc.bias, before[1])

@@ -451,6 +451,10 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
         if config.residual_target and not any(r.skip_fitted for r in run.results.values()):
             warnings.warn("residual_target: no layer fitted a residual sum (none on the traced graph, the model "
                           "could not be traced, or dense_target is off): pruned as without it", RuntimeWarning)
+        if config.refit_dense_layers and not any(r.refitted for r in run.results.values()):
+            warnings.warn("refit_dense_layers: no layer kept dense was re-fitted (none after a pruned layer, too few "
+                          "calibration samples, the model could not be traced, dense_target off or hessians='dense'): "
+                          "pruned as without it", RuntimeWarning)
         losses = []
         if config.reconstruct:
             t0 = time.perf_counter()
