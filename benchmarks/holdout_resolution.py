@@ -17,6 +17,7 @@ import statistics
 from cnn_sparsegpt.utils import atomic_write_json
 
 DEFAULT = "solver=auto,refine=cg,dense_target=True,intercept=True"
+BASE = (DEFAULT, "0.01", "True")  # the default's (recipe, percdamp, BatchNorm re-estimation) in a results row
 SEEDS = ("0", "1", "2")
 
 
@@ -29,11 +30,11 @@ def comparisons(paths, pattern: str) -> list[dict]:
                     ("resnet20_cifar", pattern, "sparsegpt", "1024"):
                 runs[(r.get("recipe", ""), r.get("percdamp", ""), r.get("bn_recalibration", ""))][r["seed"]] = \
                     100 * float(r["pruned_acc"])
-        base = runs.get((DEFAULT, "0.01", "True"))
+        base = runs.get(BASE)
         if not base or not all(s in base for s in SEEDS):
             continue
         for (recipe, percdamp, bn), acc in runs.items():
-            if (recipe, percdamp, bn) != (DEFAULT, "0.01", "True") and all(s in acc for s in SEEDS):
+            if (recipe, percdamp, bn) != BASE and all(s in acc for s in SEEDS):
                 diff = [acc[s] - base[s] for s in SEEDS]
                 out.append({"file": path, "recipe": recipe, "percdamp": percdamp, "bn_recalibration": bn,
                             "per_seed": diff, "mean": statistics.mean(diff), "sd": statistics.stdev(diff)})

@@ -20,15 +20,18 @@ import torch
 
 from cnn_sparsegpt import calibration_set, evaluate, prune_model
 from cnn_sparsegpt.commands.pipeline import PruneOptions, prepare
+from cnn_sparsegpt.data.datasets import holdout_split
 from cnn_sparsegpt.pruning.batchnorm import bn_modules, recalibrate
 from cnn_sparsegpt.utils import atomic_write_json, run_metadata
 
 
 def load(weights, data_dir, holdout):
+    """The model, the training images left for calibration, the held-out ones and the test split: the images
+    decoded once, split as `prune --holdout` splits them."""
     opts = PruneOptions.build(dict(model="resnet20_cifar", weights=weights, data_dir=data_dir, nsamples=1024,
-                                   holdout=holdout, sparsity=0.5))
-    model, train, evaluated, _, _ = prepare(opts, torch.device("cpu"))
-    return model, train, evaluated
+                                   sparsity=0.5))
+    model, train, test, _, _ = prepare(opts, torch.device("cpu"))
+    return (model, *holdout_split(train, holdout), test)
 
 
 def top1(model, data) -> float:
@@ -43,8 +46,7 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--json", default="experiments/nm_loss_diagnostics.json")
     args = p.parse_args()
-    model, train, held = load(args.weights, args.data_dir, args.holdout)
-    _, _, test = load(args.weights, args.data_dir, 0)
+    model, train, held, test = load(args.weights, args.data_dir, args.holdout)
     out = {"meta": run_metadata(torch.device("cpu")) | {"holdout": args.holdout, "pattern": "2:4"},
            "dense": {"holdout": top1(model, held), "test": top1(model, test)}, "seeds": {}}
     dense_modules = dict(model.named_modules())
@@ -55,7 +57,8 @@ def main():
         row = {"dense_bn_reestimated": {"holdout": top1(m, held), "test": top1(m, test)}}
         m = copy.deepcopy(model)
         prune_model(m, calib, nm="2:4", progress=False)
-        bns = {n: b for n, b in m.named_modules() if b in bn_modules(m)}
+        kept = set(bn_modules(m))
+        bns = {n: b for n, b in m.named_modules() if b in kept}
         var = {n: b.running_var.clone() for n, b in bns.items()}
         row["variance_kappa"] = {}
         for kappa in (1.0, 0.5, 0.0):

@@ -78,12 +78,13 @@ def test_fused_loop_compiles_for_gpus_without_one(capability):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from cnn_sparsegpt.kernels.fused_block import ROWS, _kernel
+    from cnn_sparsegpt.kernels.fused_block import _kernel, constants
 
     sig = {"W_ptr": "*fp32", "E_ptr": "*fp32", "M_ptr": "*i8", "H_ptr": "*fp32", "rows": "i32", "B": "i32",
-           "n_groups": "i32"} | dict.fromkeys(("ROWS", "BC", "N", "M", "MP", "NM"), "constexpr")
-    for n, m, bc in ((0, 1, 128), (2, 4, 128), (4, 8, 128), (2, 4, 16)):
-        consts = {"ROWS": ROWS, "BC": bc, "N": n, "M": m, "MP": max(2, m), "NM": n > 0}
+           "n_groups": "i32"} | dict.fromkeys(constants(128, Pattern(sparsity=0.5)), "constexpr")
+    for B, pattern in ((128, Pattern(sparsity=0.5)), (128, Pattern(n=2, m=4)), (128, Pattern(n=4, m=8)),
+                       (16, Pattern(n=2, m=4))):
+        consts = constants(B, pattern)  # as solve_block_fused launches it
         try:
             compiled = triton.compile(ASTSource(fn=_kernel(), signature=sig, constexprs=consts),
                                       target=GPUTarget("cuda", capability, 32))

@@ -100,6 +100,14 @@ def unsupported(W1: torch.Tensor, pattern: Pattern) -> str | None:
     return unavailable(W1.device)
 
 
+def constants(B: int, pattern: Pattern) -> dict:
+    """The kernel's compile-time arguments for a block of B columns: tiles are powers of two (BC ≥ B columns, MP ≥ m
+    group members); unstructured masks run as groups of one column."""
+    m, n = (pattern.m, pattern.n) if pattern.is_nm else (1, 0)
+    return {"ROWS": ROWS, "BC": max(16, 1 << (B - 1).bit_length()), "N": n, "M": m,
+            "MP": max(2, 1 << (m - 1).bit_length()), "NM": pattern.is_nm}
+
+
 def solve_block_fused(W1: torch.Tensor, Err1: torch.Tensor, mask1: torch.Tensor, Hinv1: torch.Tensor,
                       pattern: Pattern) -> None:
     """`solver._solve_block` without a grid, in place on W1, Err1, mask1 (G, rows, B) with H⁻¹'s diagonal block
@@ -108,10 +116,8 @@ def solve_block_fused(W1: torch.Tensor, Err1: torch.Tensor, mask1: torch.Tensor,
     W, E = W1.contiguous(), Err1.contiguous()
     Mk = mask1.to(torch.int8).contiguous()
     H = Hinv1.to(W.dtype).contiguous()
-    m, n = (pattern.m, pattern.n) if pattern.is_nm else (1, 0)
-    _kernel()[(G, (rows + ROWS - 1) // ROWS)](
-        W, E, Mk, H, rows, B, B // m, ROWS=ROWS, BC=max(16, 1 << (B - 1).bit_length()), N=n, M=m,
-        MP=max(2, 1 << (m - 1).bit_length()), NM=pattern.is_nm, num_warps=NUM_WARPS)
+    const = constants(B, pattern)
+    _kernel()[(G, (rows + ROWS - 1) // ROWS)](W, E, Mk, H, rows, B, B // const["M"], **const, num_warps=NUM_WARPS)
     for x, y in ((W1, W), (Err1, E), (mask1, Mk != 0)):
         if x.data_ptr() != y.data_ptr():
             x.copy_(y)
