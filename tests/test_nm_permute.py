@@ -77,10 +77,33 @@ def test_prune_with_permutations_keeps_more_saliency_and_stays_n_m():
                 r.mask.reshape(r.mask.shape[0], -1, 4)
             assert (groups.sum(2 if r.mask.dim() == 4 else -1) == 2).all()  # 2 of every 4 input channels
     off = make()
-    rep_off = prune_model(off, x, RECOMMENDED, nm="2:4", progress=False)
+    rep_off = prune_model(off, x, RECOMMENDED, nm="2:4", permute=False, progress=False)
     assert rep_off.permutation == {} and rep_off.config.permute is False
     with torch.no_grad():
         assert (model(x) - dense).abs().mean() < 1.0  # still the network it was, after a permutation and a prune
+
+
+def test_the_default_permutes_the_groups_the_swap_takes(monkeypatch):
+    """permute None (auto): every group of a small network at N:M; a group read by a layer wider than the swap's
+    budget stays in order (and is named); an untraceable model is pruned in its own order, not refused."""
+    import cnn_sparsegpt.kernels.refine as refine
+
+    x = calib()
+    rep = prune_model(make(), x, RECOMMENDED, nm="2:4", progress=False)
+    assert rep.config.permute is None and rep.config.refine == "swap"
+    assert rep.permutation["groups"] and not rep.permutation["left_wide"]
+    assert {r.refine for r in rep.layers if not r.skipped} == {"swap"}
+    everything = prune_model(make(), x, RECOMMENDED, nm="2:4", permute=True, progress=False).permutation
+    assert [g["producers"] for g in everything["groups"]] == [g["producers"] for g in rep.permutation["groups"]]
+    widths = sorted({refine.cost_flops(r.shape[0], int(torch.tensor(r.shape[1:]).prod())) for r in rep.layers
+                     if not r.skipped})
+    monkeypatch.setattr(refine, "SWAP_BUDGET", widths[0])  # only the narrowest layers take the swap now
+    some = prune_model(make(), x, RECOMMENDED, nm="2:4", progress=False)
+    assert some.permutation["left_wide"] and len(some.permutation["groups"]) < len(everything["groups"])
+    assert {r.refine for r in some.layers if not r.skipped} == {"swap", "cg"}
+    untraced = prune_model(make(Untraceable), x, RECOMMENDED, nm="2:4", progress=False)
+    assert not untraced.permutation["groups"] and "torch.fx" in untraced.permutation["note"]
+    assert all(r.sparsity == 0.5 for r in untraced.layers if not r.skipped)
 
 
 def test_permute_needs_a_trace_and_n_m():

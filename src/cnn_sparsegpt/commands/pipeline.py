@@ -214,11 +214,15 @@ def format_report(r: dict) -> str:
         passes = (f"  {r['forward_passes']:.3g} forward pass(es) over the calibration set, at most "
                   f"{r['peak_stored_mb']:.0f} MB of its activations held{mode}\n")
     recipe = f"  options beyond uniform {r['method']}: {r['recipe_label']}\n" if r.get("recipe_label") else ""
-    groups = (r.get("permutation") or {}).get("groups") or []
+    perm = r.get("permutation") or {}
+    groups, wide = perm.get("groups") or [], perm.get("left_wide") or []
     if groups:
         before, after = sum(g["pruned_before"] for g in groups), sum(g["pruned_after"] for g in groups)
         recipe += (f"  channels reordered for {r['pattern']}: {sum(g['swaps'] for g in groups)} swaps in {len(groups)} "
-                   f"groups, saliency the masks drop {100 * (after / before - 1) if before else 0.0:+.1f}%\n")
+                   f"groups, saliency the masks drop {100 * (after / before - 1) if before else 0.0:+.1f}%"
+                   f"{f' ({len(wide)} wider groups left in order)' if wide else ''}\n")
+    if perm.get("note"):
+        recipe += f"  channel order for {r['pattern']}: {perm['note']}\n"
     st = r.get("structure") or {}
     if st:
         (md, mk), (pd, pk) = st["macs"], st["params"]

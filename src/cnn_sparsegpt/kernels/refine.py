@@ -13,8 +13,8 @@ mask of each 128-column block gets exactly the layer's fraction. Two refinements
   from SparseGPT's solution, and the better of the two (by the damped layer error) is kept.
 
 - `swap`: also move the mask, row by row: exact OBS swaps of a kept and a pruned weight (swap.py) while one
-  lowers the row's error, then the kept weights solved exactly. Costs rows·d³ like the exact solver, so it runs
-  within the same budget and falls back to `cg` on wider layers.
+  lowers the row's error, then the kept weights solved exactly. Costs rows·d³ like the exact solver, with a larger
+  constant, so it runs within SWAP_BUDGET and falls back to `cg` on wider layers.
 
 All use SparseGPT's damped H, so they do not fit the calibration samples any closer than it does.
 """
@@ -24,10 +24,21 @@ import torch
 
 from .linalg import damped
 from .masks import Pattern, nm_prune_mask, quota, topk_prune_mask
-from .solver import choose_solver
+from .exact_obs import cost_flops
 from .swap import swap_refine
 
 REFINE = ("none", "cg", "admm", "swap")
+# The widest layer (rows·d³) the swap search takes; wider ones get cg. Its cost grows faster than the exact greedy's
+# (up to d rank-one updates of each row's d×d state, in float64). Measured at 2:4 on this project's 2-core CPU
+# (experiments/permute_swap_test_reports, ResNet-18, against the default's cg on the same layers): 64 × 576 (1.2e10,
+# ResNet-20's widest) 5–6 s against 2.4–3.3 s, 128 × 576 (2.4e10) 8.1 s against 2.3 s, 128 × 1152 (2e11) 38–43 s
+# against 3.8–4.1 s: it stops where it would cost several times the rest of the layer's solve.
+SWAP_BUDGET = 2e10
+
+
+def swaps(rows: int, d: int) -> bool:
+    """Whether the swap search takes a layer of `rows` outputs (all groups) and d inputs."""
+    return cost_flops(rows, d) <= SWAP_BUDGET
 
 
 def _objective(W: torch.Tensor, Q: torch.Tensor, Hd: torch.Tensor) -> torch.Tensor:
@@ -100,10 +111,8 @@ def admm(W: torch.Tensor, Q: torch.Tensor, pruned: torch.Tensor, Hd: torch.Tenso
 
 
 def effective(kind: str, W: torch.Tensor) -> str:
-    """What `kind` runs on weights W (G, rows, d): swap where the exact solver would run (its rows·d³ row inverses
-    fit the same budget), cg beyond."""
-    exact = choose_solver("auto", W.shape[0] * W.shape[1], W.shape[-1], quantized=False) == "exact"
-    return "cg" if kind == "swap" and not exact else kind
+    """What `kind` runs on weights W (G, rows, d): swap within SWAP_BUDGET, cg beyond."""
+    return "cg" if kind == "swap" and not swaps(W.shape[0] * W.shape[1], W.shape[-1]) else kind
 
 
 def refine(kind: str, W: torch.Tensor, Q: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor,

@@ -18,7 +18,7 @@ from .channel_costs import CHANNEL_COSTS
 from ..deploy.runtimes import RUNTIMES, runtime
 from ..kernels.masks import Pattern
 from ..kernels.quant import BITS, CLIP, QUANT
-from ..kernels.refine import REFINE
+from ..kernels.refine import REFINE, SWAP_BUDGET
 from ..kernels.fused_block import unavailable as fused_unavailable
 from ..kernels.solver import COLUMN_LOOPS, EXACT_BUDGET, METHODS, SOLVERS
 from ..utils import UserError
@@ -129,8 +129,10 @@ class PruneConfig:
     refine: str = opt("auto", "after each layer's solve: none (as published), cg (re-solve the kept weights on the "
                       "final mask by conjugate gradient), admm (also move the mask layer-wide, then cg; several times "
                       "slower on wide layers), swap (also move the mask by exact OBS swaps within each row, then solve "
-                      "the kept weights exactly; where the exact solver's budget allows, cg beyond) or " +
-                      _auto("cg, none with wbits, whose grids a re-solve would leave"),
+                      f"the kept weights exactly; on layers of rows·d³ up to {SWAP_BUDGET:.0e}, cg beyond) or " +
+                      _auto("swap for method sparsegpt at N:M (with permute: chosen on ten held-out seeds, "
+                            "docs/RESULTS.md), cg elsewhere and with inactive_weight below 1, none with wbits, whose "
+                            "grids a re-solve would leave"),
                       ("auto",) + REFINE)
     dense_target: bool = opt(True, "fit each layer to the dense network's output on the pruned network's inputs "
                              "(min |W X_dense - W' X_pruned|^2: corrects upstream error); off: fit W X_pruned, as "
@@ -187,11 +189,13 @@ class PruneConfig:
                              "block-OBS error at its consumers, relative to their output energy) or kl (the same "
                              "removal order, its cost measured as the network's output KL on 256 calibration images "
                              "at up to 8 points per group: one forward pass each)", CHANNEL_COSTS)
-    permute: bool = opt(False, "N:M: first reorder each group of tied channels (producers' rows, BatchNorms, "
-                        "consumers' columns: the same function) so that each consumer's groups of M input channels "
-                        "hold weights an N:M mask can keep more of (Pool & Yu 2021; saliencies w²·mean(x²) from one "
-                        "dense pass; the saved model is in the new order). Held-out gains did not reach the test "
-                        "split: docs/RESULTS.md")
+    permute: bool | None = opt(None, "N:M: first reorder each group of tied channels (producers' rows, BatchNorms, "
+                               "consumers' columns: the same function) so that each consumer's groups of M input "
+                               "channels hold weights an N:M mask can keep more of (Pool & Yu 2021; saliencies "
+                               "w²·mean(x²) from one dense pass; the saved model is in the new order). Default (auto): "
+                               "for method sparsegpt at N:M without wbits, in one process, the groups whose pruned "
+                               "consumers all take the swap refinement (rows·d³ within its budget; with it, chosen on "
+                               "ten held-out seeds, docs/RESULTS.md); --permute: every group; --no-permute: none")
     quant_clip: str = opt("minmax", "with wbits: each channel's grid spans its weights (minmax) or the range, shrunk "
                           "towards 0 by up to 40%, of least squared rounding error (mse)", CLIP)
 
@@ -276,7 +280,13 @@ class PruneConfig:
     def resolved(self, distributed: bool = False) -> PruneConfig:
         """The 'auto' fields replaced by what runs: the config a report records. distributed: under torchrun
         (where an allocation, which reads the whole calibration set at once, cannot run)."""
-        refine = self.refine if self.refine != "auto" else ("none" if self.wbits is not None else "cg")
+        # N:M masks of OBS solves: where the ten-seed held-out study chose permute + swap (docs/RESULTS.md)
+        nm_obs = self.structure == "none" and self.nm is not None and self.method == "sparsegpt" \
+            and self.wbits is None
+        refine = self.refine if self.refine != "auto" else ("none" if self.wbits is not None else "swap" if nm_obs
+                                                            and self.inactive_weight == 1 else "cg")
+        # None stays 'auto' (the groups within the swap's budget, chosen by the driver) where it applies
+        permute = self.permute if self.permute is not None or (nm_obs and not distributed) else False
         allocation = self.allocation
         if allocation == "auto":
             dp = self.structure == "none" and self.sparsity is not None and self.nm is None \
@@ -289,10 +299,11 @@ class PruneConfig:
             refine = "none"
         if self.solver == "auto" and (self.method != "sparsegpt" or self.structure == "channels"):
             solver = "sparsegpt"  # no OBS weight solve to choose: what runs, and a stable recipe label
-        if (refine, quant, solver, percdamp, allocation) == (self.refine, self.quant, self.solver, self.percdamp,
-                                                             self.allocation):
+        if (refine, quant, solver, percdamp, allocation, permute) == (self.refine, self.quant, self.solver,
+                                                                      self.percdamp, self.allocation, self.permute):
             return self
-        return replace(self, refine=refine, quant=quant, solver=solver, percdamp=percdamp, allocation=allocation)
+        return replace(self, refine=refine, quant=quant, solver=solver, percdamp=percdamp, allocation=allocation,
+                       permute=permute)
 
     def as_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
@@ -301,7 +312,7 @@ class PruneConfig:
 RECOMMENDED = PruneConfig()  # chosen on held-out images: docs/RESULTS.md, "Beyond uniform SparseGPT"
 # the methods as published (channels: priced by the consumers' errors alone, this project's first channel recipe)
 PUBLISHED = PruneConfig(solver="sparsegpt", refine="none", dense_target=False, intercept=False, channel_costs="layer",
-                        percdamp=0.01, allocation="uniform", dp_measure="layer")
+                        percdamp=0.01, allocation="uniform", dp_measure="layer", permute=False)
 PRESETS = {"recommended": RECOMMENDED, "published": PUBLISHED}
 PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 
@@ -320,7 +331,7 @@ def recipe_label(config: PruneConfig) -> str:
     """e.g. 'refine=cg,dense_target=True' ('' for the method as published), from the resolved settings."""
     r = config.resolved()
     published = replace(PUBLISHED, method=config.method, wbits=config.wbits).resolved()
-    return ",".join(f"{k}={getattr(r, k)}" for k in RECIPE_KEYS
+    return ",".join(f"{k}={'auto' if getattr(r, k) is None else getattr(r, k)}" for k in RECIPE_KEYS
                     if (r.wbits is not None if k == "wbits" else getattr(r, k) != getattr(published, k))
                     and (r.structure == "channels" or k not in CHANNEL_ONLY)
                     and (r.allocation == "dp" or k not in DP_ONLY))

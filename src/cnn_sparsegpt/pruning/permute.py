@@ -7,6 +7,10 @@ reordering. Each weight's saliency is w²·mean(x²) over the dense calibration 
 only), relative to the layer's output energy so that consumers of one group compare: chosen over the OBS cost
 w²/[H⁻¹]ₖₖ and the magnitude on held-out images (docs/RESULTS.md). The permuted network computes the
 same function; model.pt holds it in the new order (same shapes), and the report lists what moved.
+
+By default (config.permute None: auto) only the groups whose pruned consumers all take the swap refinement are
+reordered: that pair is what held-out images chose, and a wide group's search (~channels²) costs most where neither
+was measured to gain (ResNet-18's 512-channel groups).
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from tqdm.auto import tqdm
 
 from ..kernels.masks import Pattern
 from ..kernels.nm_permute import kept_saliency, permutation_search
+from ..kernels.refine import swaps as swap_takes
+from ..utils import UserError
 from .allocation import dense_statistics
 from .channels import Group, channel_groups
 from .slicing import permute_channels_
@@ -63,14 +69,29 @@ def _consumer_columns(group: Group, consumer: str, m: int) -> torch.Tensor | Non
         all(c[0] == first + j for j, c in enumerate(cols)) else None
 
 
+def _swapped(module: nn.Module) -> bool:
+    """Whether the swap refinement takes this layer (its weight as the solver sees it: rows, in·kh·kw)."""
+    return swap_takes(module.weight.shape[0], module.weight[0].numel())
+
+
 def permute_for_nm_(model: nn.Module, batches: list[torch.Tensor], names: list[str], pattern: Pattern,
-                    progress: bool = False) -> dict:
+                    progress: bool = False, every_group: bool = True) -> dict:
     """Reorder the channels of every group some pruned layer reads (names) so that the N:M masks of those layers
-    keep more saliency; returns what was done (per group: its producers, swaps, kept saliency before and after)."""
+    keep more saliency (every_group False: only groups whose pruned consumers all take the swap refinement);
+    returns what was done (per group: its producers, swaps, kept saliency before and after)."""
     t0 = time.perf_counter()
     modules = dict(model.named_modules())
-    groups = [g for g in channel_groups(model, batches[0][:1], "permute (channel order for N:M)")
-              if len(g.units) > pattern.m and not g.reason and len(g.removable) == len(g.units)]
+    if not every_group and not any(_swapped(modules[n]) for n in names):
+        return {"groups": [], "seconds": 0.0, "every_group": False, "left_wide": [], "note": "no layer within the "
+                "swap's budget"}
+    try:
+        groups = [g for g in channel_groups(model, batches[0][:1], "permute (channel order for N:M)")
+                  if len(g.units) > pattern.m and not g.reason and len(g.removable) == len(g.units)]
+    except UserError as e:
+        if every_group:
+            raise
+        return {"groups": [], "seconds": time.perf_counter() - t0, "every_group": False, "left_wide": [],
+                "note": f"not permuted: {e}"}  # auto: an untraceable model is pruned in its own order
     pruned = set(names)
     reads = {}  # group index -> [(consumer, its columns by position)]
     for gi, g in enumerate(groups):
@@ -80,8 +101,10 @@ def permute_for_nm_(model: nn.Module, batches: list[torch.Tensor], names: list[s
                 cols = _consumer_columns(g, c, pattern.m)
                 if cols is not None:
                     reads.setdefault(gi, []).append((c, cols))
+    wide = {gi for gi, r in reads.items() if not every_group and not all(_swapped(modules[c]) for c, _ in r)}
+    reads = {gi: r for gi, r in reads.items() if gi not in wide}
     consumers = sorted({c for r in reads.values() for c, _ in r})
-    saliency = _saliencies(model, batches, consumers)
+    saliency = _saliencies(model, batches, consumers) if consumers else {}
     done = []
     for gi in tqdm(sorted(reads), desc="N:M permutations", disable=not progress, leave=False):
         g = groups[gi]
@@ -93,4 +116,5 @@ def permute_for_nm_(model: nn.Module, batches: list[torch.Tensor], names: list[s
         done.append({"producers": g.producers, "channels": len(g.units), "consumers": [c for c, _ in reads[gi]],
                      "swaps": swaps, "kept_before": before, "kept_after": after,
                      "pruned_before": float(S.sum()) - before, "pruned_after": float(S.sum()) - after})
-    return {"groups": done, "seconds": time.perf_counter() - t0}
+    return {"groups": done, "seconds": time.perf_counter() - t0, "every_group": every_group,
+            "left_wide": [groups[gi].producers for gi in sorted(wide)]}

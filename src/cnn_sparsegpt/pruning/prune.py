@@ -407,7 +407,8 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
             policy += "; freed memory kept for reuse (glibc)"
         plan = choose_layers(model, order, config.ignore, not config.prune_all)
         names = [n for n in order if not plan[n]]
-        permutation = permute_for_nm_(model, fitted, names, pattern, progress) if config.permute else {}
+        permutation = permute_for_nm_(model, fitted, names, pattern, progress, every_group=bool(config.permute)) \
+            if config.permute is not False else {}
         t0 = time.perf_counter()
         row_scales = bn_row_scales(model) if config.bn_aware else {}
         bns = set(bn_modules(model))
