@@ -250,8 +250,16 @@ def test_recipe_defaults_and_labels():
     assert default == RECOMMENDED.resolved() and (default.refine, default.dense_target) == ("cg", True)
     assert recipe_label(default) == "solver=auto,refine=cg,dense_target=True,intercept=True"
     assert recipe_label(replace(RECOMMENDED, method="magnitude")) == "refine=cg,dense_target=True,intercept=True"
-    assert recipe_label(replace(RECOMMENDED, nm="2:4")) == "solver=auto,refine=cg,dense_target=True,intercept=True"
+    # N:M with SparseGPT: permute (auto: the groups the swap takes) and the swap, the ten-seed held-out choice
+    nm = replace(RECOMMENDED, nm="2:4")
+    assert recipe_label(nm) == "solver=auto,refine=swap,dense_target=True,intercept=True,permute=auto"
+    assert recipe_label(replace(nm, method="magnitude")) == "refine=cg,dense_target=True,intercept=True"
+    assert (replace(nm, inactive_weight=0.1).resolved().refine, replace(nm, wbits=4).resolved().refine) == \
+        ("cg", "none")  # the swap has no per-row Hessians; a re-solve would leave the grids
+    assert replace(nm, wbits=4).resolved().permute is False and nm.resolved(distributed=True).permute is False
+    nm.check_runnable(distributed=True)  # auto is no error under torchrun: no permutation there
     assert recipe_label(replace(PUBLISHED, nm="2:4", permute=True)) == "permute=True"
+    assert recipe_label(replace(PUBLISHED, nm="2:4")) == ""
     with pytest.raises(UserError, match="without torchrun"):  # the order is chosen on the whole calibration set
         replace(RECOMMENDED, nm="2:4", permute=True).check_runnable(distributed=True)
     channels = replace(RECOMMENDED, structure="channels", keep_macs=0.5)  # damping: each kind's own default
