@@ -130,8 +130,8 @@ class PruneConfig:
                       "final mask by conjugate gradient), admm (also move the mask layer-wide, then cg; several times "
                       "slower on wide layers), swap (also move the mask by exact OBS swaps within each row, then solve "
                       f"the kept weights exactly; on layers of rows·d³ up to {SWAP_BUDGET:.0e}, cg beyond) or " +
-                      _auto("swap for method sparsegpt at N:M (with permute: chosen on ten held-out seeds, "
-                            "docs/RESULTS.md), cg elsewhere and with inactive_weight below 1, none with wbits, whose "
+                      _auto("swap for method sparsegpt at N:M (with permute: chosen on ten held-out seeds at 2:4 "
+                            "and 4:8, docs/RESULTS.md), cg elsewhere and with inactive_weight below 1, none with wbits, whose "
                             "grids a re-solve would leave"),
                       ("auto",) + REFINE)
     dense_target: bool = opt(True, "fit each layer to the dense network's output on the pruned network's inputs "
@@ -280,7 +280,7 @@ class PruneConfig:
     def resolved(self, distributed: bool = False) -> PruneConfig:
         """The 'auto' fields replaced by what runs: the config a report records. distributed: under torchrun
         (where an allocation, which reads the whole calibration set at once, cannot run)."""
-        # N:M masks of OBS solves: where the ten-seed held-out study chose permute + swap (docs/RESULTS.md)
+        # N:M masks of OBS solves: where ten held-out seeds chose permute + swap (2:4 and 4:8, docs/RESULTS.md)
         nm_obs = self.structure == "none" and self.nm is not None and self.method == "sparsegpt" \
             and self.wbits is None
         refine = self.refine if self.refine != "auto" else ("none" if self.wbits is not None else "swap" if nm_obs
