@@ -47,6 +47,8 @@ def main() -> None:
     target = {"nm": args.pattern} if ":" in args.pattern else {"sparsity": float(args.pattern)}
     runs = [("published", PUBLISHED, {}), ("default", RECOMMENDED, {}),
             ("default, solver sparsegpt", RECOMMENDED, {"solver": "sparsegpt"})]
+    if "nm" in target:  # the N:M default before permute + swap (docs/RESULTS.md, "The default at N:M")
+        runs.append(("default, no permute, cg", RECOMMENDED, {"permute": False, "refine": "cg"}))
     if "sparsity" in target:
         runs.append(("default, allocation uniform", RECOMMENDED, {"allocation": "uniform"}))
     # the recipe's parts added one at a time to the published prune (what each costs); only when asked by --row
