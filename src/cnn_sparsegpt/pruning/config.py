@@ -131,8 +131,8 @@ class PruneConfig:
                       "slower on wide layers), swap (also move the mask by exact OBS swaps within each row, then solve "
                       f"the kept weights exactly; on layers of rows·d³ up to {SWAP_BUDGET:.0e}, cg beyond) or " +
                       _auto("swap for method sparsegpt at N:M (with permute: chosen on ten held-out seeds at 2:4 "
-                            "and 4:8, docs/RESULTS.md), cg elsewhere and with inactive_weight below 1, none with wbits, whose "
-                            "grids a re-solve would leave"),
+                            "and 4:8, docs/RESULTS.md), cg elsewhere and with inactive_weight below 1, none with "
+                            "wbits, whose grids a re-solve would leave"),
                       ("auto",) + REFINE)
     dense_target: bool = opt(True, "fit each layer to the dense network's output on the pruned network's inputs "
                              "(min |W X_dense - W' X_pruned|^2: corrects upstream error); off: fit W X_pruned, as "
@@ -192,10 +192,11 @@ class PruneConfig:
     permute: bool | None = opt(None, "N:M: first reorder each group of tied channels (producers' rows, BatchNorms, "
                                "consumers' columns: the same function) so that each consumer's groups of M input "
                                "channels hold weights an N:M mask can keep more of (Pool & Yu 2021; saliencies "
-                               "w²·mean(x²) from one dense pass; the saved model is in the new order). Default (auto): "
-                               "for method sparsegpt at N:M without wbits, in one process, the groups whose pruned "
-                               "consumers all take the swap refinement (rows·d³ within its budget; with it, chosen on "
-                               "ten held-out seeds, docs/RESULTS.md); --permute: every group; --no-permute: none")
+                               "w²·mean(x²) from one dense pass; the saved model is in the new order). "
+                               "Default (auto): for method sparsegpt at N:M without wbits, in one process, the groups "
+                               "whose pruned consumers all take the swap refinement (rows·d³ within its budget; with "
+                               "it, chosen on ten held-out seeds, docs/RESULTS.md); --permute: every group; "
+                               "--no-permute: none")
     quant_clip: str = opt("minmax", "with wbits: each channel's grid spans its weights (minmax) or the range, shrunk "
                           "towards 0 by up to 40%, of least squared rounding error (mse)", CLIP)
 
