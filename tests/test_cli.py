@@ -14,7 +14,7 @@ import yaml
 
 from cnn_sparsegpt import create_model
 from cnn_sparsegpt.commands.bench import KEY, read_rows
-from cnn_sparsegpt.commands.cli import main
+from cnn_sparsegpt.commands.cli import build_parser, main
 
 
 @pytest.fixture
@@ -100,6 +100,10 @@ def test_entry_point_help_and_error():
                          text=True)
     assert out.returncode == 2 and out.stderr.strip().startswith("error: --nm 4:2")
     assert "Traceback" not in out.stderr
+    parser = build_parser()  # -q before or after the command; not given: progress bars on
+    assert parser.parse_args(["bench", "-q", "--config", "c.yaml"]).quiet is True
+    assert parser.parse_args(["-q", "bench", "--config", "c.yaml"]).quiet is True
+    assert parser.parse_args(["bench", "--config", "c.yaml"]).quiet is False
 
 
 def test_train_command(data_dir, tmp_path, capsys):

@@ -264,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_bench_parser(sub)
         add_latency_parser(sub)
         add_plot_parser(sub)
+    for command in sub.choices.values():  # `cnn-sparsegpt bench -q` as well as `cnn-sparsegpt -q bench`
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     return parser
 
 
