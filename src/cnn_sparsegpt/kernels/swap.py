@@ -33,7 +33,7 @@ def swap_refine(W: torch.Tensor, pruned: torch.Tensor, Hd: torch.Tensor, pattern
     Q = torch.empty_like(W)
     out = pruned.clone()
     full = not pattern.is_nm  # unstructured: A in full; N:M: its diagonal m×m blocks
-    batch = max(1, min(rows, MEMORY // ((2 if full else 1) * d * d * 8)))
+    batch = max(1, min(rows, MEMORY // ((3 if full else 2) * d * d * 8)))  # H_KK⁻¹ and H·H_KK⁻¹ at the start, A
     for g in range(G):
         H = Hd[g].double()
         gone = torch.zeros(d, dtype=torch.bool, device=W.device) if dead is None else dead[g]
@@ -47,26 +47,33 @@ def swap_refine(W: torch.Tensor, pruned: torch.Tensor, Hd: torch.Tensor, pattern
 
 def _search(w: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor, dead: torch.Tensor,
             pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
-    """The swaps of a batch of rows w (B, d) sharing H: -> (their optimal kept weights, their final masks)."""
+    """The swaps of a batch of rows w (B, d) sharing H: -> (their optimal kept weights, their final masks).
+
+    H_KK⁻¹ is never rewritten: it is the starting inverse K0 plus the rank-one terms of the swaps so far, Σ α z zᵀ,
+    and a step reads only the two columns it needs (of K0, and of K0·H for the bordered inverse), so a step costs
+    O(d·swaps) per row instead of three passes over its d×d state."""
     B, d = w.shape
     m = pattern.m if pattern.is_nm else d  # candidates: pairs in the same block of m inputs (one block: all)
     nb = d // m
     out = pruned.clone()
     keep = ~pruned
-    Kinv = torch.cholesky_inverse(torch.linalg.cholesky(_decoupled(H, keep))) * _outer(keep).to(H.dtype)
-    A = H @ Kinv  # A[i, j] = c_iᵀu_j
-    S = torch.diagonal(H) - (A * H).sum(-1)
-    A = torch.diagonal(A.view(B, nb, m, nb, m), dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()  # (B, nb, m, m)
+    K0 = torch.cholesky_inverse(torch.linalg.cholesky(_decoupled(H, keep))) * _outer(keep).to(H.dtype)
+    A0 = H @ K0  # A0[i, j] = c_iᵀu_j at the start; its row i is K0·c_i
+    S = torch.diagonal(H) - (A0 * H).sum(-1)
+    A = torch.diagonal(A0.view(B, nb, m, nb, m), dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()  # (B, nb, m, m)
     b = w @ H
-    what = torch.bmm(Kinv, b[:, :, None]).squeeze(2)
+    what = torch.bmm(K0, b[:, :, None]).squeeze(2)
     g = b - what @ H
-    u = torch.diagonal(Kinv, dim1=1, dim2=2).clone()
+    u = torch.diagonal(K0, dim1=1, dim2=2).clone()
+    Z = w.new_zeros(B, 0, d)  # the rank-one terms' vectors z and weights α: H_KK⁻¹ = K0 + Σ_k α_k z_k z_kᵀ
+    alpha = w.new_zeros(B, 0)
     floor = -TOL * (b * w).sum(1)
     rows = torch.arange(B, device=w.device)  # the rows still searching; the state holds only those
     for _ in range(d):
         uj = torch.where(keep, u, torch.ones_like(u)).view(-1, nb, 1, m)  # pruned j are never candidates
         wj = what.view(-1, nb, 1, m)
-        dE = wj.square() / uj - (g.view(-1, nb, m, 1) + wj * A / uj).square() / (S.view(-1, nb, m, 1) + A.square() / uj)
+        dE = wj.square() / uj - (g.view(-1, nb, m, 1) + wj * A / uj).square() \
+            / (S.view(-1, nb, m, 1) + A.square() / uj)
         valid = (~keep & ~dead).view(-1, nb, m, 1) & keep.view(-1, nb, 1, m)
         best, flat = torch.where(valid, dE, torch.full_like(dE, torch.inf)).flatten(1).min(1)
         take = best < floor
@@ -74,20 +81,25 @@ def _search(w: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor, dead: torch.
             out[rows[~take]] = ~keep[~take]
             if not take.any():
                 break
-            Kinv, A, S, u, what, g, keep, floor, flat, rows = (x[take] for x in (Kinv, A, S, u, what, g, keep, floor,
-                                                                                 flat, rows))
-        n = torch.arange(len(rows), device=w.device)
+            A, S, u, what, g, keep, floor, flat, rows, Z, alpha = (
+                x[take] for x in (A, S, u, what, g, keep, floor, flat, rows, Z, alpha))
+        n = torch.arange(len(rows), device=w.device)  # K0 and A0 stay whole: read at rows[n]
         blk, rest = flat // (m * m), flat % (m * m)
         i, j = blk * m + rest // m, blk * m + rest % m
-        state = (Kinv, A, S, u, what, g, H)
-        z = Kinv[n, :, j]  # j leaves K: H_KK⁻¹ −= z zᵀ/z_j, ŵ −= ŵ_j/z_j · z
-        _update(state, z, -1 / z[n, j], -what[n, j] / z[n, j], nb, m)
+        state = (A, S, u, what, g, H)
+        # j leaves K: H_KK⁻¹ −= z zᵀ/z_j with z its column, ŵ −= ŵ_j/z_j · z
+        z = (K0[rows, :, j] + torch.einsum("bk,bkd->bd", alpha * Z[n, :, j], Z)) * keep
+        a = -1 / z[n, j]
+        _update(state, z, a, -what[n, j] / z[n, j], nb, m)
+        Z, alpha = torch.cat([Z, z[:, None]], 1), torch.cat([alpha, a[:, None]], 1)
         keep[n, j] = False
-        Kinv[n, j, :], Kinv[n, :, j], u[n, j], what[n, j] = 0, 0, 0, 0  # exactly, not to rounding
-        z = torch.bmm(Kinv, H[:, i].t()[:, :, None]).squeeze(2)  # i joins K: the bordered inverse
-        s = H[i, i] - (z * H[i]).sum(1)  # i's Schur complement on the new support
-        z[n, i] = -1  # H_KK⁻¹ += z zᵀ/s with z = (H_KK⁻¹c_i, −1), ŵ −= g_i/s · z
+        u[n, j], what[n, j] = 0, 0  # exactly, not to rounding
+        c = H[i]  # i joins: the bordered inverse, z = (H_KK⁻¹c_i, −1)
+        z = (A0[rows, i] + torch.einsum("bk,bkd->bd", alpha * torch.einsum("bkd,bd->bk", Z, c), Z)) * keep
+        s = H[i, i] - (z * c).sum(1)  # i's Schur complement on the new support
+        z[n, i] = -1  # H_KK⁻¹ += z zᵀ/s, ŵ −= g_i/s · z
         _update(state, z, 1 / s, -g[n, i] / s, nb, m)
+        Z, alpha = torch.cat([Z, z[:, None]], 1), torch.cat([alpha, (1 / s)[:, None]], 1)
         keep[n, i] = True
     else:
         out[rows] = ~keep
@@ -106,11 +118,10 @@ def _decoupled(H: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 
 def _update(state: tuple, z, alpha, beta, nb: int, m: int) -> None:
-    """H_KK⁻¹ += α z zᵀ on every row, and what follows: A = H·H_KK⁻¹ (its kept blocks), S = diag(H) − diag(A Hᵀ),
+    """After H_KK⁻¹ += α z zᵀ on every row, what follows: A = H·H_KK⁻¹ (its kept blocks), S = diag(H) − diag(A Hᵀ),
     u = diag(H_KK⁻¹); ŵ += β z and g = b − Hŵ with it."""
-    Kinv, A, S, u, what, g, H = state
+    A, S, u, what, g, H = state
     Hz = z @ H
-    Kinv.baddbmm_((alpha[:, None] * z)[:, :, None], z[:, None, :])
     A.add_(alpha[:, None, None, None] * Hz.view(-1, nb, m, 1) * z.view(-1, nb, 1, m))
     S.sub_(alpha[:, None] * Hz.square())
     u.add_(alpha[:, None] * z.square())
