@@ -32,7 +32,8 @@ REFINE = ("none", "cg", "admm", "swap")
 # (up to d rank-one updates of each row's d×d state, in float64). Measured at 2:4 on this project's 2-core CPU
 # (experiments/permute_swap_test_reports, ResNet-18, against the default's cg on the same layers): 64 × 576 (1.2e10,
 # ResNet-20's widest) 5–6 s against 2.4–3.3 s, 128 × 576 (2.4e10) 8.1 s against 2.3 s, 128 × 1152 (2e11) 38–43 s
-# against 3.8–4.1 s: it stops where it would cost several times the rest of the layer's solve.
+# against 3.8–4.1 s: it stops where it would cost several times the rest of the layer's solve. (Measured before its
+# steps were made lazy, which cut ResNet-20's prune by a quarter; the budget stayed, so that results did not move.)
 SWAP_BUDGET = 2e10
 
 
