@@ -57,7 +57,7 @@ def _search(w: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor, dead: torch.
     nb = d // m
     out = pruned.clone()
     keep = ~pruned
-    K0 = torch.cholesky_inverse(torch.linalg.cholesky(_decoupled(H, keep))) * _outer(keep).to(H.dtype)
+    K0 = _masked(torch.cholesky_inverse(torch.linalg.cholesky(_decoupled(H, keep))), keep)
     A0 = H @ K0  # A0[i, j] = c_iᵀu_j at the start; its row i is K0·c_i
     S = torch.diagonal(H) - (A0 * H).sum(-1)
     A = torch.diagonal(A0.view(B, nb, m, nb, m), dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()  # (B, nb, m, m)
@@ -108,13 +108,17 @@ def _search(w: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor, dead: torch.
     return exact.masked_fill(out, 0), out  # the kept weights solved afresh: no drift from the updates
 
 
-def _outer(keep: torch.Tensor) -> torch.Tensor:
-    return keep[:, :, None] & keep[:, None, :]
+def _masked(M: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """M (d, d) or (B, d, d) with each row's pruned rows and columns zeroed (two broadcast products: no B×d×d mask)."""
+    k = keep.to(M.dtype)
+    return M * k[:, :, None] * k[:, None, :]
 
 
 def _decoupled(H: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """H with each row's pruned inputs decoupled (identity there): its inverse is H_KK⁻¹ on K."""
-    return H * _outer(keep).to(H.dtype) + torch.diag_embed((~keep).to(H.dtype))
+    M = _masked(H, keep)
+    M.diagonal(dim1=-2, dim2=-1).add_((~keep).to(H.dtype))
+    return M
 
 
 def _update(state: tuple, z, alpha, beta, nb: int, m: int) -> None:
