@@ -105,7 +105,8 @@ def _add_train_parser(sub) -> None:
 
     d = __import__("cnn_sparsegpt.commands.train", fromlist=["TrainConfig"]).TrainConfig()
     p = sub.add_parser("train", help="train a baseline model and write its checkpoint (+ .json metadata)")
-    p.add_argument("--model", required=True, help=f"model: {', '.join(list_models())}, torchvision:NAME or timm:NAME")
+    p.add_argument("--model", required=True, help=f"model: {', '.join(list_models())}, torchvision:NAME, timm:NAME, "
+                   "or your own as FILE.py:NAME (a function or class that builds it)")
     p.add_argument("--dataset", help="mnist, cifar10, or an ImageFolder folder/.tar.gz (default: the model's)")
     p.add_argument("--data-dir", help="data root (default: $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data)")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training set (default {d.epochs})")

@@ -17,7 +17,9 @@ from ..utils import UserError
 class PruneOptions:
     """One `prune` run: where the model and data come from, what is measured and written, and the PruneConfig.
     YAML files and flags give the fields of both flat (`PruneOptions.build`)."""
-    model: str = opt("", "model: a registry name, torchvision:NAME or timm:NAME (timm needs the [timm] extra)")
+    model: str = opt("", "model: a registry name, torchvision:NAME, timm:NAME (timm needs the [timm] extra), or your "
+                     "own as FILE.py:NAME or package.module:NAME (a function or nn.Module class that builds it, "
+                     "given num_classes where it takes it)")
     weights: str | None = opt(None, "checkpoint to prune: .pt/.pth (state_dict, also inside 'state_dict'/'model'; "
                               "loaded with weights_only=True) or .safetensors; the number of classes comes from its "
                               "head. None: random weights (a warning)")

@@ -1,7 +1,14 @@
-"""A small model registry: one decorated factory per model, plus any torchvision or timm classifier by name."""
+"""A small model registry: one decorated factory per model, plus any torchvision or timm classifier by name, and a
+user's own model as `FILE.py:NAME` or `package.module:NAME` (NAME a function or nn.Module class that builds it)."""
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from torch import nn
@@ -32,7 +39,73 @@ def list_models() -> list[str]:
 
 
 def model_entry(name: str) -> ModelEntry | None:
-    return _REGISTRY.get(name)
+    """The registry's entry for `name`; a user's `FILE.py:NAME` has one where its file registers NAME."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    factory = user_factory(name)
+    entry = _REGISTRY.get(getattr(factory, "__name__", ""))
+    return entry if entry is not None and entry.factory is factory else None
+
+
+def _is_user_name(name: str) -> bool:
+    source, sep, _ = name.rpartition(":")
+    return bool(sep) and source not in ("torchvision", "timm")
+
+
+def _import_user_module(source: str):
+    """The module of `FILE.py` (imported from its path, once per process) or of an importable `package.module`."""
+    if source.endswith(".py") or "/" in source or "\\" in source:
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise UserError(f"model file not found: {path} (--model FILE.py:NAME)")
+        # registered in sys.modules under a name of its own, as importlib's recipe does, so that dataclasses
+        # and pickling inside the file work; the same file is never executed twice
+        key = "cnn_sparsegpt_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+        if key in sys.modules:
+            return sys.modules[key]
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[key]
+            raise UserError(f"importing {path} failed: {type(e).__name__}: {e}") from None
+        return module
+    try:
+        return importlib.import_module(source)
+    except Exception as e:
+        raise UserError(f"cannot import '{source}' ({type(e).__name__}: {e}); give an installed module, or the "
+                        "file's path as --model FILE.py:NAME") from None
+
+
+def user_factory(name: str) -> Callable[..., nn.Module] | None:
+    """The callable a user's `FILE.py:NAME` or `package.module:NAME` names; None for the other kinds of name."""
+    if not _is_user_name(name):
+        return None
+    source, _, attr = name.rpartition(":")
+    module = _import_user_module(source)
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise UserError(f"{source} has no function or class '{attr}' that builds the model (--model {name})")
+    return factory
+
+
+def _build_user_model(name: str, num_classes: int) -> nn.Module:
+    """Call the factory with num_classes where it takes it (or **kwargs); a fixed head otherwise."""
+    factory = user_factory(name)
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # some builtins have no signature
+        params = ()
+    takes = any(p.name == "num_classes" or p.kind is p.VAR_KEYWORD for p in params)
+    try:
+        model = factory(num_classes=num_classes) if takes else factory()
+    except Exception as e:
+        raise UserError(f"building the model {name} failed: {type(e).__name__}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise UserError(f"{name} returned {type(model).__name__}, not a torch nn.Module")
+    return model
 
 
 def timm_module():
@@ -56,14 +129,19 @@ def check_model_name(name: str) -> None:
     elif kind == "timm" and arch:
         if not timm_module().is_model(arch):
             raise UserError(f"unknown timm model '{arch}'; see timm.list_models()")
+    elif _is_user_name(name):
+        user_factory(name)
     elif name not in _REGISTRY:
-        raise UserError(f"unknown model '{name}'; choose from {', '.join(list_models())}, torchvision:NAME "
-                        "or timm:NAME")
+        raise UserError(f"unknown model '{name}'; choose from {', '.join(list_models())}, torchvision:NAME, "
+                        "timm:NAME, or your own as FILE.py:NAME")
 
 
 def create_model(name: str, num_classes: int = 10) -> nn.Module:
-    """A registry model, `torchvision:NAME` or `timm:NAME` (random weights; pretrained ones come from --weights)."""
+    """A registry model, `torchvision:NAME`, `timm:NAME` or a user's `FILE.py:NAME` (random weights; pretrained
+    ones come from --weights)."""
     check_model_name(name)
+    if _is_user_name(name):
+        return _build_user_model(name, num_classes)
     kind, _, arch = name.partition(":")
     if kind == "torchvision":
         import torchvision

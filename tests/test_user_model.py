@@ -1,0 +1,107 @@
+"""A user's own model from the command line: `--model FILE.py:NAME` (a function or class that builds it)."""
+import json
+import textwrap
+
+import pytest
+import torch
+
+from cnn_sparsegpt import UserError, create_model
+from cnn_sparsegpt.commands.cli import main
+from cnn_sparsegpt.commands.pipeline import load_run
+from cnn_sparsegpt.models import check_model_name, model_entry
+
+NET = '''
+from dataclasses import dataclass
+
+from torch import nn
+
+from cnn_sparsegpt import register_model
+
+
+@dataclass
+class Widths:  # a dataclass in the file: the module is importable by name while it runs
+    hidden: int = 16
+
+
+class MyNet(nn.Sequential):
+    def __init__(self, num_classes=10, widths=Widths()):
+        super().__init__(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, widths.hidden, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths.hidden, num_classes))
+
+
+def fixed_head():
+    return MyNet(num_classes=10)
+
+
+@register_model(dataset="mnist")
+def my_registered_net(num_classes=10):
+    return MyNet(num_classes)
+
+
+def not_a_model():
+    return 3
+
+
+def broken(num_classes=10):
+    raise RuntimeError("no such layer")
+'''
+
+
+@pytest.fixture
+def net_file(tmp_path):
+    path = tmp_path / "my_net.py"
+    path.write_text(NET)
+    return path
+
+
+def test_prune_a_model_from_its_file(net_file, data_dir, tmp_path):
+    """Built with the data's classes, pruned, and its run folder loads back into the same class."""
+    name = f"{net_file}:MyNet"
+    torch.manual_seed(0)
+    ckpt = tmp_path / "my_net.pt"
+    torch.save(create_model(name).state_dict(), ckpt)
+    out = tmp_path / "run"
+    assert main(["-q", "prune", "--model", name, "--weights", str(ckpt), "--dataset", "mnist", "--data-dir",
+                 str(data_dir), "--nsamples", "32", "--eval-samples", "100", "--nm", "2:4", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == name and report["sparsity"] == 0.5
+    model, _, masks = load_run(out)
+    assert type(model).__name__ == "MyNet" and set(masks) == {"2.weight"}
+    assert torch.all(model[2].weight[~masks["2.weight"]] == 0)
+    assert main(["-q", "export", str(out), "--compressed", str(out / "c.safetensors")]) == 0  # finds the file again
+
+
+def test_the_file_is_imported_once_and_a_registered_factory_names_its_dataset(net_file):
+    a, b = create_model(f"{net_file}:MyNet", num_classes=3), create_model(f"{net_file}:MyNet", num_classes=5)
+    assert type(a) is type(b) and a[-1].out_features == 3 and b[-1].out_features == 5
+    assert create_model(f"{net_file}:fixed_head", num_classes=3)[-1].out_features == 10  # no num_classes: as built
+    assert model_entry(f"{net_file}:MyNet") is None  # so --dataset is needed
+    assert model_entry(f"{net_file}:my_registered_net").dataset == "mnist"
+
+
+@pytest.mark.parametrize("suffix, message", [
+    ("missing.py:MyNet", "model file not found"),
+    ("my_net.py:Nope", "has no function or class 'Nope'"),
+    ("my_net.py:not_a_model", "returned int, not a torch nn.Module"),
+    ("my_net.py:broken", "building the model"),
+])
+def test_bad_user_models_are_one_line_errors(net_file, suffix, message):
+    with pytest.raises(UserError, match=message):
+        create_model(f"{net_file.parent}/{suffix}")
+
+
+def test_a_file_that_fails_to_import_and_a_missing_module(tmp_path, capsys):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import not_a_module_anyone_has\n")
+    with pytest.raises(UserError, match="importing .*bad.py failed: ModuleNotFoundError"):
+        check_model_name(f"{bad}:Net")
+    with pytest.raises(UserError, match="cannot import 'not_a_package.models'"):
+        check_model_name("not_a_package.models:Net")
+    assert main(["-q", "prune", "--model", f"{bad}:Net", "--dataset", "mnist", "--nm", "2:4"]) == 2
+    err = capsys.readouterr().err
+    assert "importing" in err and "Traceback" not in err
+
+
+def test_an_unregistered_model_needs_the_dataset(net_file, capsys):
+    assert main(["-q", "prune", "--model", f"{net_file}:MyNet", "--nm", "2:4"]) == 2
+    assert "--dataset is required" in capsys.readouterr().err
