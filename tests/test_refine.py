@@ -48,6 +48,19 @@ def test_cg_reaches_the_exact_solution_on_the_mask():
         torch.testing.assert_close(R[0, r, S].double(), exact, rtol=1e-3, atol=1e-4)
 
 
+def test_an_exact_preconditioner_solves_in_one_step():
+    """`precondition` is used as given: each row's exact inverse on its support makes cg a Newton step."""
+    W, H = _problem(rows=6)
+    Q, pruned, _ = sparsegpt_solve(W, H, Pattern(n=2, m=4))
+    Hd = _damped(H, 0.01)
+    keep = (~pruned).float()
+    M = Hd * keep[0][:, :, None] * keep[0][:, None, :] + torch.diag_embed(1 - keep[0])
+    exact = torch.linalg.inv(M) * keep[0][:, :, None] * keep[0][:, None, :]  # (rows, d, d)
+    one = cg_on_mask(W, Q, pruned, Hd, steps=1, precondition=lambda R: (exact @ R[0, :, :, None]).squeeze(-1)[None])
+    torch.testing.assert_close(one, cg_on_mask(W, Q, pruned, Hd, steps=200), rtol=1e-3, atol=1e-4)
+    assert relative_error(W, cg_on_mask(W, Q, pruned, Hd, steps=1), Hd) > relative_error(W, one, Hd)
+
+
 @pytest.mark.parametrize("pattern", [Pattern(sparsity=0.7), Pattern(sparsity=0.9), Pattern(n=2, m=4)],
                          ids=str)
 @pytest.mark.parametrize("kind", ["cg", "admm", "swap"])

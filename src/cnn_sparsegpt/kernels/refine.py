@@ -20,6 +20,8 @@ All use SparseGPT's damped H, so they do not fit the calibration samples any clo
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from .linalg import damped
@@ -48,14 +50,18 @@ def _objective(W: torch.Tensor, Q: torch.Tensor, Hd: torch.Tensor) -> torch.Tens
 
 
 def cg_on_mask(W: torch.Tensor, Q: torch.Tensor, pruned: torch.Tensor, Hd: torch.Tensor,
-               steps: int = 30) -> torch.Tensor:
+               steps: int = 30, precondition: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Kept weights of Q (G, rows, d) re-solved for min (w − ŵ)ᵀ Hd (w − ŵ) per row on the kept support,
-    by preconditioned CG started at Q; pruned weights stay exactly 0."""
+    by preconditioned CG started at Q; pruned weights stay exactly 0. `precondition` maps residuals (G, rows, d)
+    to search directions, zero off the support; default Jacobi (1/diag Hd), which others tried did not beat per
+    second (benchmarks/cg_convergence.py)."""
     keep = (~pruned).to(W.dtype)
     X = Q * keep
     R = torch.bmm(W - X, Hd) * keep  # the negative gradient on the support
-    dinv = 1 / torch.diagonal(Hd, dim1=-2, dim2=-1)[:, None, :]
-    Z = R * dinv
+    if precondition is None:
+        dinv = 1 / torch.diagonal(Hd, dim1=-2, dim2=-1)[:, None, :]
+        precondition = dinv.__mul__
+    Z = precondition(R)
     P = Z.clone()
     rz = (R * Z).sum(-1, keepdim=True)
     for _ in range(steps):
@@ -64,7 +70,7 @@ def cg_on_mask(W: torch.Tensor, Q: torch.Tensor, pruned: torch.Tensor, Hd: torch
         alpha = torch.where(pAp > 0, rz / pAp.clamp_min(1e-30), torch.zeros_like(pAp))
         X.addcmul_(alpha, P)
         R.addcmul_(alpha, AP, value=-1)
-        Z = R * dinv
+        Z = precondition(R)
         rz_new = (R * Z).sum(-1, keepdim=True)
         beta = torch.where(rz > 0, rz_new / rz.clamp_min(1e-30), torch.zeros_like(rz))
         P = Z + beta * P
