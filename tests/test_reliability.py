@@ -91,6 +91,11 @@ def test_checkpoint_that_would_run_code_is_refused(capsys, tmp_path):
     assert_error(capsys, ["prune", "--model", "mnist_cnn", "--weights", str(evil), "--sparsity", "0.5",
                           "--out", str(tmp_path / "o")], "refused to load", "could run code")
     assert not marker.exists()
+    whole = tmp_path / "whole_model.pt"  # the common case: torch.save(model) instead of its state_dict
+    torch.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), whole)
+    assert_error(capsys, ["prune", "--model", "mnist_cnn", "--weights", str(whole), "--sparsity", "0.5",
+                          "--out", str(tmp_path / "o")], "not a plain tensor checkpoint", "torch.nn.modules",
+                 "state_dict()")
 
 
 @pytest.mark.parametrize("content,fragment", [

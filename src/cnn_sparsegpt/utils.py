@@ -144,11 +144,12 @@ def _load_pickled(path: Path, what: str = "checkpoint"):
     except pickle.UnpicklingError as e:
         # A well-formed torch archive that the safe unpickler rejects holds Python objects besides tensors.
         if zipfile.is_zipfile(path):
-            what = re.search(r"GLOBAL ([\w.]+)", str(e))
+            ref = re.search(r"GLOBAL ([\w.]+)", str(e))
             raise UserError(
                 f"refused to load {path}: it is not a plain tensor {what} and could run code when loaded "
-                f"({'it references ' + what[1] if what else 'it holds pickled Python objects'}). "
-                "Save the model's state_dict() instead.") from None
+                f"({'it references ' + ref[1] if ref else 'it holds pickled Python objects'}). Save the model's "
+                "state_dict() instead (a whole pickled model you trust: torch.save(torch.load(PATH, "
+                "weights_only=False).state_dict(), NEW_PATH))") from None
         raise UserError(f"cannot read {what} {path}: the file is truncated or corrupt, or not a torch "
                         "file") from None
     except Exception as e:  # garbage bytes fail inside the unpickler in many ways (IndexError, KeyError, ...)
