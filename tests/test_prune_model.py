@@ -75,6 +75,19 @@ def test_order_and_default_skips():
         assert mask.shape == w.shape and mask.dtype == torch.bool and torch.all(w[~mask] == 0)
 
 
+def test_layers_of_other_kinds_are_listed_and_left_alone():
+    """A decoder's ConvTranspose2d (or a Conv1d) is not pruned, and the report says so instead of leaving it out."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                          nn.ConvTranspose2d(16, 8, 2, stride=2), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    before = model[4].weight.clone()
+    rep = prune_model(model, calib(), PUBLISHED, nm="2:4", progress=False)
+    by = {r.name: r for r in rep.layers}
+    assert by["4"].skipped and "ConvTranspose2d is not pruned" in by["4"].reason and by["4"].shape == [16, 8, 2, 2]
+    assert torch.equal(model[4].weight, before) and "4.weight" not in rep.masks
+    assert not by["2"].skipped and not by["6"].skipped and rep.sparsity == 0.5
+
+
 def test_ignore_and_prune_all():
     model = make()
     rep = prune_model(model, calib(), PUBLISHED, method="magnitude", sparsity=0.5, ignore=["block\\.conv.*"],

@@ -62,3 +62,13 @@ def refit_layers(plan: dict[str, str], order: list[str]) -> list[str]:
     the pruned network's inputs are the dense network's, so the fit would give back the same weights)."""
     first = next((i for i, n in enumerate(order) if not plan[n]), len(order))
     return [n for n in order[first + 1:] if plan[n]]
+
+
+UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def unsupported_layers(model: nn.Module) -> dict[str, str]:
+    """Layers with weights that this pruner leaves as they are, with why: listed in the report so that a user sees
+    them (a ConvTranspose2d in a decoder, a Conv1d), not silently absent."""
+    return {n: f"{type(m).__name__} is not pruned (Conv2d and Linear layers only)" for n, m in model.named_modules()
+            if isinstance(m, UNSUPPORTED)}

@@ -31,7 +31,7 @@ from .intercept import fold_offset_, offset_sinks
 from .graph import PRUNABLE, GraphExecutor, GraphStop, inputs_of, memory_policy
 from .heap import reuse_freed_memory
 from .layer import LayerPruner, LayerResult, output_error
-from .layer_plan import choose_layers, forward_order, refit_layers
+from .layer_plan import choose_layers, forward_order, refit_layers, unsupported_layers
 from ..kernels.masks import Pattern
 from .permute import permute_for_nm_
 from .reconstruct import reconstruct as reconstruct_model
@@ -475,6 +475,8 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
                 w = modules[name].weight
                 res = LayerResult(name, list(w.shape), config.method, str(pattern), skipped=True, reason=reason)
             layers.append(res)
+        layers += [LayerResult(name, list(modules[name].weight.shape), config.method, str(pattern), skipped=True,
+                               reason=reason) for name, reason in unsupported_layers(model).items()]
         pruned = [r for r in layers if not r.skipped]
         n_pruned = sum(r.mask.numel() for r in pruned)
         report = PruneReport(config, nsamples, layers,
