@@ -30,6 +30,13 @@ def test_groups_of_a_residual_network():
             assert u.fixed or u.rows  # every removable unit has a producer row
 
 
+def test_a_grouped_conv_fixes_what_it_reads_and_says_why():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+    by_first = {g.producers[0]: g for g in channel_groups(model, calib(1))}
+    assert not by_first["0"].removable and "read by 2 (Conv2d with groups=2)" in by_first["0"].reason
+
+
 class Concat(nn.Module):
     def __init__(self):
         super().__init__()

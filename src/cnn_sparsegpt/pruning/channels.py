@@ -188,7 +188,8 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
                         isinstance(m, nn.modules.batchnorm._BatchNorm):
                     per_channel[node.target] = list(x)
             else:
-                fix_all(x, f"read by {node.target} ({type(m).__name__}), which structured pruning does not know")
+                kind = type(m).__name__ + (f" with groups={m.groups}" if getattr(m, "groups", 1) != 1 else "")
+                fix_all(x, f"read by {node.target} ({kind}), which structured pruning does not know")
                 of[node] = fixed_list(node)
         elif node.op in ("call_function", "call_method"):
             fn = node.target
