@@ -95,6 +95,10 @@ def test_a_file_that_fails_to_import_and_a_missing_module(tmp_path, capsys):
     bad.write_text("import not_a_module_anyone_has\n")
     with pytest.raises(UserError, match="importing .*bad.py failed: ModuleNotFoundError"):
         check_model_name(f"{bad}:Net")
+    script = tmp_path / "train.py"
+    script.write_text("import sys\nsys.exit(2)\n")  # as argparse does on arguments it does not know
+    with pytest.raises(UserError, match="exited .*if __name__ == '__main__'"):
+        check_model_name(f"{script}:Net")
     with pytest.raises(UserError, match="cannot import 'not_a_package.models'"):
         check_model_name("not_a_package.models:Net")
     assert main(["-q", "prune", "--model", f"{bad}:Net", "--dataset", "mnist", "--nm", "2:4"]) == 2

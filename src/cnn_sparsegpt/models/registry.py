@@ -68,6 +68,10 @@ def _import_user_module(source: str):
         sys.modules[key] = module
         try:
             spec.loader.exec_module(module)
+        except SystemExit as e:  # a training script that parses its arguments on import
+            del sys.modules[key]
+            raise UserError(f"importing {path} exited (SystemExit {e.code}): a script's code runs on import; put it "
+                            "under `if __name__ == '__main__':`") from None
         except Exception as e:
             del sys.modules[key]
             raise UserError(f"importing {path} failed: {type(e).__name__}: {e}") from None
