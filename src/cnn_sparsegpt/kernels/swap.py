@@ -11,7 +11,10 @@ once; each row takes its best swap where that lowers E, and H_KK⁻¹, A, ŵ, g 
 (O(d²) per swap), until no swap helps. The greedy (exact_obs.py, SparseGPT) removes weights one at a time and
 never takes one back: this moves its mask to a local minimum of the same objective (tested by brute force).
 Costs one rows·d³ inverse per row batch plus rows·d² per swap, so it runs where the exact solver's budget allows
-(refine.py). N:M keeps only the m×m blocks of A that a swap can use.
+(refine.py). N:M keeps only the m×m blocks of A that a swap can use, and starts and ends from the layer's H⁻¹ (every
+row prunes the same number p of inputs): with P a row's pruned inputs, H_KK⁻¹ = H⁻¹_KK − H⁻¹_KP (H⁻¹_PP)⁻¹ H⁻¹_PK,
+H_PK H_KK⁻¹ = −(H⁻¹_PP)⁻¹ H⁻¹_PK and S_P = diag((H⁻¹_PP)⁻¹), so a row factors a p×p block, not d×d; the final
+weights are OBS's ŵ = w − H⁻¹_:P (H⁻¹_PP)⁻¹ w_P (as H⁻¹b = w).
 """
 from __future__ import annotations
 
@@ -36,17 +39,18 @@ def swap_refine(W: torch.Tensor, pruned: torch.Tensor, Hd: torch.Tensor, pattern
     batch = max(1, min(rows, MEMORY // ((3 if full else 2) * d * d * 8)))  # H_KK⁻¹ and H·H_KK⁻¹ at the start, A
     for g in range(G):
         H = Hd[g].double()
+        Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H)) if pattern.is_nm else None
         gone = torch.zeros(d, dtype=torch.bool, device=W.device) if dead is None else dead[g]
         for r0 in range(0, rows, batch):
             w = W[g, r0:r0 + batch].double()
-            q, p = _search(w.masked_fill(gone, 0), out[g, r0:r0 + batch], H, gone, pattern)
+            q, p = _search(w.masked_fill(gone, 0), out[g, r0:r0 + batch], H, gone, pattern, Hinv)
             Q[g, r0:r0 + batch] = torch.where(gone & ~p, w, q).to(W.dtype)
             out[g, r0:r0 + batch] = p
     return Q, out
 
 
 def _search(w: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor, dead: torch.Tensor,
-            pattern: Pattern) -> tuple[torch.Tensor, torch.Tensor]:
+            pattern: Pattern, Hinv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The swaps of a batch of rows w (B, d) sharing H: -> (their optimal kept weights, their final masks).
 
     H_KK⁻¹ is never rewritten: it is the starting inverse K0 plus the rank-one terms of the swaps so far, Σ α z zᵀ,
@@ -57,9 +61,12 @@ def _search(w: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor, dead: torch.
     nb = d // m
     out = pruned.clone()
     keep = ~pruned
-    K0 = _masked(torch.cholesky_inverse(torch.linalg.cholesky(_decoupled(H, keep))), keep)
-    A0 = H @ K0  # A0[i, j] = c_iᵀu_j at the start; its row i is K0·c_i
-    S = torch.diagonal(H) - (A0 * H).sum(-1)
+    if Hinv is not None:  # N:M, every row prunes as many: from H⁻¹'s p×p blocks
+        K0, A0, S = _start_from_inverse(Hinv, keep)
+    else:
+        K0 = _masked(torch.cholesky_inverse(torch.linalg.cholesky(_decoupled(H, keep))), keep)
+        A0 = H @ K0  # A0[i, j] = c_iᵀu_j at the start; its row i is K0·c_i
+        S = torch.diagonal(H) - (A0 * H).sum(-1)
     A = torch.diagonal(A0.view(B, nb, m, nb, m), dim1=1, dim2=3).permute(0, 3, 1, 2).contiguous()  # (B, nb, m, m)
     b = w @ H
     what = torch.bmm(K0, b[:, :, None]).squeeze(2)
@@ -104,8 +111,46 @@ def _search(w: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor, dead: torch.
     else:
         out[rows] = ~keep
     keep = ~out
-    exact = torch.cholesky_solve((b * keep)[:, :, None], torch.linalg.cholesky(_decoupled(H, keep))).squeeze(2)
+    if Hinv is not None:
+        exact = _obs_from_inverse(w, Hinv, out)
+    else:
+        exact = torch.cholesky_solve((b * keep)[:, :, None], torch.linalg.cholesky(_decoupled(H, keep))).squeeze(2)
     return exact.masked_fill(out, 0), out  # the kept weights solved afresh: no drift from the updates
+
+
+def _split(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's pruned and kept input indices (B, p) and (B, k), ascending (every row prunes as many), and the
+    batch index (B, 1, 1) for gathers."""
+    B = keep.shape[0]
+    P = (~keep).nonzero()[:, 1].view(B, -1)
+    K = keep.nonzero()[:, 1].view(B, -1)
+    return P, K, torch.arange(B, device=keep.device)[:, None, None]
+
+
+def _start_from_inverse(Hinv: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K0 = H_KK⁻¹ (zero off K), A0 = H·K0 and S_i = H_ii − c_iᵀK0c_i for a batch of rows, from the layer's H⁻¹
+    (see the module's docstring): the same as the direct formulas up to rounding."""
+    B, d = keep.shape
+    P, K, b = _split(keep)
+    HPK = Hinv[P[:, :, None], K[:, None, :]]
+    M = torch.cholesky_inverse(torch.linalg.cholesky(Hinv[P[:, :, None], P[:, None, :]]))  # (H⁻¹_PP)⁻¹
+    APK = -torch.bmm(M, HPK)  # H_PK H_KK⁻¹
+    K0 = Hinv.new_zeros(B, d, d)
+    K0[b, K[:, :, None], K[:, None, :]] = Hinv[K[:, :, None], K[:, None, :]] + torch.bmm(HPK.transpose(1, 2), APK)
+    A0 = Hinv.new_zeros(B, d, d)
+    A0[b, P[:, :, None], K[:, None, :]] = APK
+    A0[b[:, :, 0], K, K] = 1  # a kept row of H·H_KK⁻¹ is the identity's on K
+    S = Hinv.new_zeros(B, d)
+    S[b[:, :, 0], P] = torch.diagonal(M, dim1=1, dim2=2)  # a kept input's is 0
+    return K0, A0, S
+
+
+def _obs_from_inverse(w: torch.Tensor, Hinv: torch.Tensor, pruned: torch.Tensor) -> torch.Tensor:
+    """The optimal kept weights H_KK⁻¹(Hw)_K of rows w (B, d), by OBS from H⁻¹: w − H⁻¹_:P (H⁻¹_PP)⁻¹ w_P."""
+    P, _, _ = _split(~pruned)
+    L = torch.linalg.cholesky(Hinv[P[:, :, None], P[:, None, :]])
+    y = torch.cholesky_solve(torch.gather(w, 1, P)[:, :, None], L)  # (B, p, 1)
+    return w - torch.bmm(y.transpose(1, 2), Hinv[P]).squeeze(1)
 
 
 def _masked(M: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
