@@ -30,12 +30,13 @@ from .exact_obs import cost_flops
 from .swap import swap_refine
 
 REFINE = ("none", "cg", "admm", "swap")
-# The widest layer (rows·d³) the swap search takes; wider ones get cg. Its cost grows faster than the exact greedy's
-# (up to d rank-one updates of each row's d×d state, in float64). Measured at 2:4 on this project's 2-core CPU
+# The widest layer (rows·d³) the swap search takes; wider ones get cg. Its start costs a float64 factorization and
+# products per row (rows·d³), its steps grow with the swaps taken. Measured at 2:4 on this project's 2-core CPU
 # (experiments/permute_swap_test_reports, ResNet-18, against the default's cg on the same layers): 64 × 576 (1.2e10,
 # ResNet-20's widest) 5–6 s against 2.4–3.3 s, 128 × 576 (2.4e10) 8.1 s against 2.3 s, 128 × 1152 (2e11) 38–43 s
 # against 3.8–4.1 s: it stops where it would cost several times the rest of the layer's solve. (Measured before its
-# steps were made lazy, which cut ResNet-20's prune by a quarter; the budget stayed, so that results did not move.)
+# steps were made lazy and its N:M start came from H⁻¹'s blocks, 2.5–3× faster on these layers; the budget stayed,
+# so that results did not move.)
 SWAP_BUDGET = 2e10
 
 

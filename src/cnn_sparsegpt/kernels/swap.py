@@ -10,8 +10,8 @@ A = H_:K H_KK⁻¹, g = b − H_:K ŵ and S_i = H_ii − c_iᵀH_KK⁻¹c_i (i's
 once; each row takes its best swap where that lowers E, and H_KK⁻¹, A, ŵ, g and S follow by rank-one updates
 (O(d²) per swap), until no swap helps. The greedy (exact_obs.py, SparseGPT) removes weights one at a time and
 never takes one back: this moves its mask to a local minimum of the same objective (tested by brute force).
-Costs one rows·d³ inverse per row batch plus rows·d² per swap, so it runs where the exact solver's budget allows
-(refine.py). N:M keeps only the m×m blocks of A that a swap can use, and starts and ends from the layer's H⁻¹ (every
+Costs O(rows·d³) to start (a factorization and products per row) plus O(rows·d·swaps) per swap, so it runs within
+a budget (refine.py). N:M keeps only the m×m blocks of A that a swap can use, and starts and ends from the layer's H⁻¹ (every
 row prunes the same number p of inputs): with P a row's pruned inputs, H_KK⁻¹ = H⁻¹_KK − H⁻¹_KP (H⁻¹_PP)⁻¹ H⁻¹_PK,
 H_PK H_KK⁻¹ = −(H⁻¹_PP)⁻¹ H⁻¹_PK and S_P = diag((H⁻¹_PP)⁻¹), so a row factors a p×p block, not d×d; the final
 weights are OBS's ŵ = w − H⁻¹_:P (H⁻¹_PP)⁻¹ w_P (as H⁻¹b = w).
