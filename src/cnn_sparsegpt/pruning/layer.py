@@ -672,7 +672,7 @@ def output_error(pruner: LayerPruner, dense_weight: torch.Tensor, inputs: Iterab
     sums = torch.zeros(2, dtype=torch.float64, device=weight.device)
     for x in inputs:
         x = x.to(weight.dtype)
-        sums[0] += delta(x).double().square().sum()
-        sums[1] += dense(x).double().square().sum()
+        sums[0] += torch.linalg.vector_norm(delta(x), dtype=torch.float64).square()  # no float64 copy of outputs
+        sums[1] += torch.linalg.vector_norm(dense(x), dtype=torch.float64).square()
     num, den = dist.all_sum_(sums, f"{pruner.name}: adding its output error", group).tolist()
     return num / den if den > 0 else (0.0 if num == 0 else math.inf)
