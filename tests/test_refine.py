@@ -134,6 +134,29 @@ def _optimal_on(w, keep, H):
     return q
 
 
+def test_the_nm_start_from_the_inverse_equals_the_direct_formulas():
+    """At N:M the swap's start (H_KK⁻¹, H·H_KK⁻¹, the Schur complements) and final OBS weights come from H⁻¹'s
+    blocks; they equal the d×d formulas in float64."""
+    from cnn_sparsegpt.kernels.masks import nm_prune_mask
+    from cnn_sparsegpt.kernels.swap import _obs_from_inverse, _start_from_inverse
+
+    d, rows = 24, 5
+    X = correlated_inputs(d, 96, 7).double()
+    H = X @ X.T / 96 + 0.01 * torch.eye(d, dtype=torch.float64)
+    w = torch.randn(rows, d, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    pruned = nm_prune_mask(w.abs(), 2, 4)
+    K0, A0, S = _start_from_inverse(torch.linalg.inv(H), ~pruned)
+    exact = _obs_from_inverse(w, torch.linalg.inv(H), pruned)
+    for r in range(rows):
+        K = (~pruned[r]).nonzero().squeeze(1)
+        direct = torch.zeros(d, d, dtype=torch.float64)
+        direct[K[:, None], K[None, :]] = torch.linalg.inv(H[K][:, K])
+        torch.testing.assert_close(K0[r], direct)
+        torch.testing.assert_close(A0[r], H @ direct)
+        torch.testing.assert_close(S[r], torch.diagonal(H) - ((H @ direct) * H).sum(-1))
+        torch.testing.assert_close(exact[r].masked_fill(pruned[r], 0), _optimal_on(w[r], ~pruned[r], H))
+
+
 @pytest.mark.parametrize("pattern", [Pattern(n=2, m=4), Pattern(sparsity=0.6)], ids=str)
 def test_swaps_end_in_a_local_minimum_with_optimal_weights(pattern):
     """Brute force in float64: after the swaps no single swap of a kept and a pruned weight of a row (in one group
