@@ -11,8 +11,8 @@ once; each row takes its best swap where that lowers E, and H_KK⁻¹, A, ŵ, g 
 (O(d²) per swap), until no swap helps. The greedy (exact_obs.py, SparseGPT) removes weights one at a time and
 never takes one back: this moves its mask to a local minimum of the same objective (tested by brute force).
 Costs O(rows·d³) to start (a factorization and products per row) plus O(rows·d·swaps) per swap, so it runs within
-a budget (refine.py). N:M keeps only the m×m blocks of A that a swap can use, and starts and ends from the layer's H⁻¹ (every
-row prunes the same number p of inputs): with P a row's pruned inputs, H_KK⁻¹ = H⁻¹_KK − H⁻¹_KP (H⁻¹_PP)⁻¹ H⁻¹_PK,
+a budget (refine.py). N:M keeps only the m×m blocks of A that a swap can use, and starts and ends from the layer's
+H⁻¹ (every row prunes the same number p of inputs): with P a row's pruned inputs, H_KK⁻¹ = H⁻¹_KK − H⁻¹_KP (H⁻¹_PP)⁻¹ H⁻¹_PK,
 H_PK H_KK⁻¹ = −(H⁻¹_PP)⁻¹ H⁻¹_PK and S_P = diag((H⁻¹_PP)⁻¹), so a row factors a p×p block, not d×d; the final
 weights are OBS's ŵ = w − H⁻¹_:P (H⁻¹_PP)⁻¹ w_P (as H⁻¹b = w).
 """
@@ -51,7 +51,8 @@ def swap_refine(W: torch.Tensor, pruned: torch.Tensor, Hd: torch.Tensor, pattern
 
 def _search(w: torch.Tensor, pruned: torch.Tensor, H: torch.Tensor, dead: torch.Tensor,
             pattern: Pattern, Hinv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The swaps of a batch of rows w (B, d) sharing H: -> (their optimal kept weights, their final masks).
+    """The swaps of a batch of rows w (B, d) sharing H: -> (their optimal kept weights, their final masks). Hinv
+    (N:M only): H⁻¹, whose blocks give the start and the final weights.
 
     H_KK⁻¹ is never rewritten: it is the starting inverse K0 plus the rank-one terms of the swaps so far, Σ α z zᵀ,
     and a step reads only the two columns it needs (of K0, and of K0·H for the bordered inverse), so a step costs
