@@ -59,6 +59,7 @@ def test_torchvision_weight_version_from_the_file_name():
     assert v2.resize == 232 and "assumed" not in v2.source
     unknown = from_model("torchvision:resnet50", "finetuned.pt")
     assert unknown.resize == 232 and "DEFAULT assumed" in unknown.source and "--preprocess imagenet" in unknown.source
+    assert "no weights file given" in from_model("torchvision:resnet50").source  # random weights: nothing to match
     assert from_model("torchvision:mobilenet_v3_large", "mobilenet_v3_large-8738ca79.pth").resize == 256
 
 

@@ -110,10 +110,12 @@ def from_model(model_name: str, weights_file: str | None = None) -> Preprocess |
         if not hasattr(t, "crop_size"):  # not an image classifier's preset
             return None
         source = f"torchvision {weights} metadata"
-        if not matched:
+        if not matched and weights_file:
             versions = ", ".join(m.name for m in type(weights))
             source += (f" (DEFAULT assumed: the weights file name matches none of {versions}; if your weights are "
                        "another version, give --preprocess imagenet or --image-size/--crop-pct)")
+        elif not matched:
+            source += " (DEFAULT assumed: no weights file given)"
         return Preprocess(tuple(t.mean), tuple(t.std), t.resize_size[0], t.crop_size[0], t.interpolation.value,
                           source)
     if kind == "timm":
