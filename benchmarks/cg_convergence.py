@@ -23,6 +23,7 @@ from cnn_sparsegpt.kernels.linalg import damped
 from cnn_sparsegpt.kernels.masks import Pattern
 from cnn_sparsegpt.kernels.refine import cg_on_mask
 from cnn_sparsegpt.kernels.solver import relative_error, sparsegpt_solve
+from cnn_sparsegpt.kernels.swap import _decoupled, _masked
 from cnn_sparsegpt.pruning.allocation import dense_statistics
 from cnn_sparsegpt.utils import atomic_write_json, load_state_dict, run_metadata
 
@@ -35,10 +36,8 @@ def _blocks(Hd: torch.Tensor, keep: torch.Tensor, b: int):
     G, rows, d = keep.shape
     nb = d // b
     Hb = torch.stack([Hd[:, i * b:(i + 1) * b, i * b:(i + 1) * b] for i in range(nb)], 1)  # (G, nb, b, b)
-    k = keep.reshape(G, rows, nb, b)
-    outer = k[..., :, None] * k[..., None, :]
-    M = Hb[:, None] * outer + torch.diag_embed(1 - k)  # pruned inputs decoupled, then dropped again
-    Minv = torch.linalg.inv(M) * outer
+    k = keep.reshape(G, rows, nb, b).bool()
+    Minv = _masked(torch.linalg.inv(_decoupled(Hb[:, None], k)), k)  # pruned inputs decoupled, then dropped again
     return lambda R: (Minv @ R.reshape(G, rows, nb, b, 1)).reshape(G, rows, d)
 
 

@@ -9,6 +9,7 @@ from cnn_sparsegpt import PUBLISHED, Pattern, sparsegpt_solve
 from cnn_sparsegpt.kernels.linalg import damped as _damped
 from cnn_sparsegpt.kernels.refine import cg_on_mask, refine
 from cnn_sparsegpt.kernels.solver import relative_error
+from cnn_sparsegpt.kernels.swap import _decoupled, _masked
 
 
 from .test_solver import correlated_inputs, reference_obs
@@ -53,9 +54,7 @@ def test_an_exact_preconditioner_solves_in_one_step():
     W, H = _problem(rows=6)
     Q, pruned, _ = sparsegpt_solve(W, H, Pattern(n=2, m=4))
     Hd = _damped(H, 0.01)
-    keep = (~pruned).float()
-    M = Hd * keep[0][:, :, None] * keep[0][:, None, :] + torch.diag_embed(1 - keep[0])
-    exact = torch.linalg.inv(M) * keep[0][:, :, None] * keep[0][:, None, :]  # (rows, d, d)
+    exact = _masked(torch.linalg.inv(_decoupled(Hd[0], ~pruned[0])), ~pruned[0])  # each row's H_KK⁻¹ (rows, d, d)
     one = cg_on_mask(W, Q, pruned, Hd, steps=1, precondition=lambda R: (exact @ R[0, :, :, None]).squeeze(-1)[None])
     torch.testing.assert_close(one, cg_on_mask(W, Q, pruned, Hd, steps=200), rtol=1e-3, atol=1e-4)
     assert relative_error(W, cg_on_mask(W, Q, pruned, Hd, steps=1), Hd) > relative_error(W, one, Hd)

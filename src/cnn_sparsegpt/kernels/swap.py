@@ -155,9 +155,10 @@ def _obs_from_inverse(w: torch.Tensor, Hinv: torch.Tensor, pruned: torch.Tensor)
 
 
 def _masked(M: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """M (d, d) or (B, d, d) with each row's pruned rows and columns zeroed (two broadcast products: no B×d×d mask)."""
+    """M (..., d, d) with each row's pruned rows and columns zeroed, keep (..., d) broadcast against M's leading dims
+    (two broadcast products: no B×d×d mask)."""
     k = keep.to(M.dtype)
-    return M * k[:, :, None] * k[:, None, :]
+    return M * k[..., :, None] * k[..., None, :]
 
 
 def _decoupled(H: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
