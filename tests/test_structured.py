@@ -30,11 +30,35 @@ def test_groups_of_a_residual_network():
             assert u.fixed or u.rows  # every removable unit has a producer row
 
 
-def test_a_grouped_conv_fixes_what_it_reads_and_says_why():
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2),
-                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+def test_a_grouped_conv_ties_channel_j_of_each_group():
+    """Its groups keep equal widths: a unit is channel j of every group, on its input and on its output."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1, groups=2),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 3))
     by_first = {g.producers[0]: g for g in channel_groups(model, calib(1))}
-    assert not by_first["0"].removable and "read by 2 (Conv2d with groups=2)" in by_first["0"].reason
+    a, b = by_first["0"], by_first["2"]
+    assert a.width == 2 and [u.rows["0"] for u in a.units] == [[j, 4 + j] for j in range(4)]
+    assert [u.columns["2"] for u in a.units] == [[j] for j in range(4)]  # the weight's column j, in each group
+    assert b.width == 2 and [u.rows["2"] for u in b.units] == [[j, 3 + j] for j in range(3)]
+    assert [u.columns["6"] for u in b.units] == [[j, 3 + j] for j in range(3)]
+    assert len(a.removable) == 4 and len(b.removable) == 3
+    assert a.unit_step(8) == 4 and a.unit_step(1) == 1  # round_to counts channels: 4 units of 2
+
+
+class GroupedBottleneck(nn.Module):
+    """A ResNeXt block: 1x1, a 3x3 conv in 4 groups, 1x1, on a residual stream."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv1, self.bn1 = nn.Conv2d(16, 24, 1, bias=False), nn.BatchNorm2d(24)
+        self.conv2, self.bn2 = nn.Conv2d(24, 24, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(24)
+        self.conv3, self.bn3 = nn.Conv2d(24, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        y = torch.relu(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x))))))
+        return self.fc(torch.relu(x + self.bn3(self.conv3(y))).mean((2, 3)))
 
 
 class Concat(nn.Module):
@@ -141,10 +165,11 @@ def test_block_obs_agrees_with_a_float64_reference():
     torch.testing.assert_close(Wk, ref_Q, rtol=1e-9, atol=1e-9)  # the sequential updates are the joint re-fit
 
 
-def test_smaller_network_equals_the_masked_one():
+@pytest.mark.parametrize("arch", [TinyResNet, GroupedBottleneck])
+def test_smaller_network_equals_the_masked_one(arch):
     """Without reconstruction, slicing a unit away is the same function as zeroing its producer rows (and its
-    BatchNorm's affine entries) and its consumer columns."""
-    model = make(TinyResNet)
+    BatchNorm's affine entries) and its consumer columns; a grouped conv keeps its groups, each narrower."""
+    model = make(arch)
     groups = channel_groups(model, calib(1))
     gone = {g: set(group.removable[:3]) for g, group in enumerate(groups) if len(group.removable) > 4}
     drop_cols, drop_rows, drop_entries = removal_plan(groups, gone)
@@ -164,7 +189,11 @@ def test_smaller_network_equals_the_masked_one():
     slice_channels_(model, drop_cols, drop_rows, drop_entries)
     x = calib(16)
     torch.testing.assert_close(model(x), masked(x), rtol=1e-5, atol=1e-5)
-    assert model.block.conv1.out_channels < 16 and model.block.conv1.weight.shape[0] == model.block.conv1.out_channels
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert any(m.out_channels < 16 for m in convs) and all(m.weight.shape[0] == m.out_channels for m in convs)
+    if arch is GroupedBottleneck:
+        assert model.conv2.groups == 4 and model.conv2.in_channels == model.conv2.out_channels == 12  # 3 units of 4
+        assert model.conv2.weight.shape[1] == 3 and model.conv1.out_channels == model.conv3.in_channels == 12
 
 
 class ConvBNLinear(nn.Module):

@@ -39,7 +39,8 @@ class Counter:
             if not group.removable:
                 continue
             u = group.units[group.removable[0]]
-            effects = [(p, "out", 1) for p in u.rows] + [(c, "in", len(cols)) for c, cols in u.columns.items()]
+            effects = [(p, "out", len(ch)) for p, ch in u.rows.items()]
+            effects += [(c, "in", len(cols)) for c, cols in u.columns.items()]  # a grouped conv's: per group
             effects += [(e, "dw", len(ix)) for e, ix in u.entries.items() if e in self.sizes]
             self.effects[g] = effects
 
@@ -92,9 +93,9 @@ def allocate(groups, curves, counter: Counter, target: float, round_to: int) -> 
     while now > goal:
         best, best_rate, best_total = None, math.inf, None
         for g, (order, curve) in curves.items():
-            n, k = len(groups[g].units), removed[g]
-            step = step_size(n, k, round_to)
-            if k + step > len(order) or n - k - step < round_to:
+            n, k, r = len(groups[g].units), removed[g], groups[g].unit_step(round_to)
+            step = step_size(n, k, r)
+            if k + step > len(order) or n - k - step < r:
                 continue
             trial = removed | {g: k + step}
             saved = now - counter.total(trial)
@@ -106,6 +107,6 @@ def allocate(groups, curves, counter: Counter, target: float, round_to: int) -> 
         if best is None:
             raise UserError(f"cannot remove enough channels to keep {target:.0%} of the {counter.what}: the smallest "
                             f"reachable is {now / dense:.1%} (each group keeps at least {round_to} channels)")
-        removed[best] += step_size(len(groups[best].units), removed[best], round_to)
+        removed[best] += step_size(len(groups[best].units), removed[best], groups[best].unit_step(round_to))
         now = best_total
     return removed

@@ -34,7 +34,7 @@ def unit_blocks(pruner, unit_columns: list[list[int]]) -> torch.Tensor:
     layer = pruner.layer
     if isinstance(layer, nn.Conv2d):
         kk = layer.kernel_size[0] * layer.kernel_size[1]
-        cin = layer.in_channels
+        cin = layer.weight.shape[1]  # a grouped conv: one group's inputs (each group's columns in its own H)
         return torch.tensor([[t * cin + c for t in range(kk) for c in cols] for cols in unit_columns])
     return torch.tensor(unit_columns)
 
@@ -49,14 +49,15 @@ MAX_OBS_COLUMNS = 4608
 def consumer_weight(pruner, blocks: torch.Tensor, percdamp: float, refit: bool = True) -> torch.Tensor:
     """The consumer's weight, in its layer's shape, with the columns `blocks` (solver order) removed and the rest
     re-fitted to its dense output (least squares on its dense Hessian), or only zeroed (refit=False)."""
-    Wg, perm = pruner.weight_matrix()
-    W = Wg[0].double()
+    Wg, perm = pruner.weight_matrix()  # (groups, rows, d): a grouped conv loses the same columns in each group
+    W = Wg.double()
     if refit:
-        W = refit_without(W, pruner.H[0].double(), blocks.to(W.device), percdamp)
+        b = blocks.to(W.device)
+        W = torch.stack([refit_without(w, h, b, percdamp) for w, h in zip(W, pruner.H.double())])
     else:
         W = W.clone()
-        W[:, blocks] = 0
-    return W[:, torch.argsort(perm)].reshape(pruner.layer.weight.shape).to(pruner.layer.weight.dtype)
+        W[:, :, blocks] = 0
+    return W[:, :, torch.argsort(perm)].reshape(pruner.layer.weight.shape).to(pruner.layer.weight.dtype)
 
 
 def _chunk_ends(n: int, total: int, round_to: int) -> list[int]:
@@ -106,7 +107,7 @@ def measured_curves(model: nn.Module, groups: list, curves: dict, stats: dict, b
     out = {}
     for g, (order, layer_curve) in tqdm(curves.items(), desc="channels: output costs", unit="group",
                                         disable=not progress, leave=False):
-        ends = _chunk_ends(len(groups[g].units), len(order), round_to)
+        ends = _chunk_ends(len(groups[g].units), len(order), groups[g].unit_step(round_to))
         m = min(LEVELS, len(ends))
         picks = sorted({ends[round(i * (len(ends) - 1) / max(1, m - 1))] for i in range(m)})
         measured = {0: 0.0} | {k: kl_with({g: k}) for k in picks}

@@ -1,17 +1,18 @@
 """Which channels of a network must be removed together (dependency groups), found on its torch.fx graph.
 
-Every Conv2d (groups=1) and Linear output channel is a *slot*. The graph is walked once with the tensors' shapes
-(ShapeProp on one example), and each tensor's channel dimension is described as a list of slots, one per channel:
-BatchNorm, activations, pooling and dropout pass it through; a residual add (or a product with a same-width
-tensor, as in squeeze-excitation) ties the slots of its operands; a concat along channels joins the lists; a
-depthwise conv passes its input's slots to its output; a flatten repeats each slot over the positions it spans,
-so a Linear after it sees a block of columns per channel; a permute moves the channel dimension (ConvNeXt's
-channels-last blocks), a Linear over a channels-last tensor reads and writes channels like a 1x1 conv, and a
-LayerNorm over channels fixes them (it normalizes them together: removing one changes the others). Tied slots
-form a *unit*: one channel to remove from every producer that writes it (its weight rows, its BatchNorm entries,
-the depthwise filters on its path) and from every consumer that reads it (its weight columns). Units that reach
-the model's output, come from its input or pass through an operation this walk does not know are fixed, with the
-reason.
+Every Conv2d (but a depthwise one) and Linear output channel is a *slot*. The graph is walked once with the
+tensors' shapes (ShapeProp on one example), and each tensor's channel dimension is described as a list of slots, one
+per channel: BatchNorm, activations, pooling and dropout pass it through; a residual add (or a product with a
+same-width tensor, as in squeeze-excitation) ties the slots of its operands; a concat along channels joins the lists;
+a depthwise conv passes its input's slots to its output; a grouped conv ties channel j of each of its groups, on its
+input and on its output, so that every group loses as many (its groups keep equal widths); a flatten repeats each
+slot over the positions it spans, so a Linear after it sees a block of columns per channel; a permute moves the
+channel dimension (ConvNeXt's channels-last blocks), a Linear over a channels-last tensor reads and writes channels
+like a 1x1 conv, and a LayerNorm over channels fixes them (it normalizes them together: removing one changes the
+others). Tied slots form a *unit*: one channel (one per conv group, where tied by a grouped conv) to remove from every
+producer that writes it (its weight rows, its BatchNorm entries, the depthwise filters on its path) and from every
+consumer that reads it (its weight columns). Units that reach the model's output, come from its input or pass
+through an operation this walk does not know are fixed, with the reason.
 
 A `Group` collects the units of producers tied together (e.g. all the convs that write one ResNet stage's residual
 stream): its units are removed independently, each in every member at once.
@@ -22,6 +23,7 @@ columns of each unit), and it refuses what it does not understand instead of gue
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass, field
 
@@ -53,7 +55,8 @@ _TIE_METHODS = {"add", "mul", "sub", "add_", "mul_"}
 @dataclass
 class Unit:
     """One removable channel: the producer rows and the consumer columns it owns."""
-    rows: dict = field(default_factory=dict)  # producer module name -> output channel index
+    rows: dict = field(default_factory=dict)  # producer module name -> its output channel indices, ascending (one,
+    # or one per conv group where a grouped conv ties them)
     columns: dict = field(default_factory=dict)  # consumer module name -> list of input column indices
     entries: dict = field(default_factory=dict)  # per-channel module on the path (BatchNorm, depthwise conv,
     # PReLU) -> list of its channel indices
@@ -69,6 +72,15 @@ class Group:
     @property
     def removable(self) -> list[int]:
         return [i for i, u in enumerate(self.units) if not u.fixed]
+
+    @property
+    def width(self) -> int:
+        """Channels a unit takes from a producer: 1, or the groups of the grouped conv that tied them."""
+        return max((len(ch) for u in self.units for ch in u.rows.values()), default=1)
+
+    def unit_step(self, round_to: int) -> int:
+        """Units per allocation step that keep the producers' channel counts multiples of round_to."""
+        return round_to // math.gcd(round_to, self.width)
 
 
 class _Slots:
@@ -104,6 +116,17 @@ class _Slots:
     def fix(self, a: int, reason: str) -> None:
         if a != FIXED:
             self.fixed.setdefault(self.find(a), reason)
+
+
+def _tie_groups(slots: _Slots, x: list[int], groups: int) -> list[int]:
+    """Tie channel j of every conv group of a grouped conv's input or output (x: its slots, groups × per group), so
+    that each group loses as many channels (a grouped conv's groups have equal widths); returns the first group's
+    slots, one per weight column (input) or unit (output)."""
+    per = len(x) // groups
+    for j in range(per):
+        for g in range(1, groups):
+            slots.union(x[j], x[g * per + j])
+    return x[:per]
 
 
 def _shape(node) -> tuple | None:
@@ -149,6 +172,14 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
         fix_all(x, f"normalized together by {target} (a LayerNorm over channels: removing one changes the others)")
         return list(x)
 
+    def flattened(x_node, node, name):  # (N, C, ...) -> (N, C·positions): each channel owns its positions
+        x, shape, c_out = of[x_node], _shape(x_node), _channels(node)
+        per = int(torch.tensor(shape[2:]).prod()) if len(shape) > 2 else 1
+        if c_out != len(x) * per:
+            fix_all(x, f"reshaped by {name} in a way structured pruning does not follow")
+            return [FIXED] * c_out
+        return [s for s in x for _ in range(per)]
+
     def fix_all(values, reason):
         for s in values:
             slots.fix(s, reason)
@@ -179,9 +210,16 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
                 per_channel[node.target] = list(of[node])
                 if k != 1:
                     fix_all(x, f"{node.target}: a depthwise conv with channel multiplier {k}")
+            elif isinstance(m, nn.Conv2d) and m.groups > 1 and len(x) == m.in_channels:
+                consumers[node.target] = _tie_groups(slots, x, m.groups)
+                of[node] = slots.new(node.target, m.out_channels)
+                _tie_groups(slots, of[node], m.groups)
             elif isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (len(x),) and \
                     cdim[node] == in_dims - 1:
                 of[node] = normalized_together(node, x, node.target)
+            elif isinstance(m, nn.Flatten) and node.args[0] in of and len(_shape(node) or ()) == 2 and \
+                    cdim[node] == 1:
+                of[node] = flattened(node.args[0], node, node.target)
             elif isinstance(m, _PASS_MODULES):
                 of[node] = list(x)
                 if any(p.numel() == len(x) and len(x) > 1 for p in m.parameters(recurse=False)) or \
@@ -226,14 +264,7 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
                 of[node] = [s for p in parts for s in of.get(p, [FIXED] * (_channels(p) or 0))]
             elif fn in (torch.flatten, "flatten", "view", "reshape") and tensors and c_out is not None \
                     and len(node.meta["tensor_meta"].shape) == 2:
-                x = of[tensors[0]]
-                shape = tensors[0].meta["tensor_meta"].shape
-                per = int(torch.tensor(shape[2:]).prod()) if len(shape) > 2 else 1
-                if c_out != len(x) * per:
-                    fix_all(x, f"reshaped by {name} in a way structured pruning does not follow")
-                    of[node] = [FIXED] * c_out
-                else:
-                    of[node] = [s for s in x for _ in range(per)]
+                of[node] = flattened(tensors[0], node, name)
             elif fn in (torch.mean, "mean", torch.sum, "sum", torch.amax, "amax") and tensors and c_out == len(
                     of[tensors[0]]):
                 of[node] = list(of[tensors[0]])  # a reduction over positions
@@ -250,7 +281,7 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
     units: dict[int, Unit] = {}
     for s, (producer, ch) in enumerate(slots.owner):
         r = slots.find(s)
-        units.setdefault(r, Unit()).rows[producer] = ch
+        units.setdefault(r, Unit()).rows.setdefault(producer, []).append(ch)
     for consumer, cols in consumers.items():
         for j, s in enumerate(cols):
             if s != FIXED:
@@ -279,7 +310,7 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
     for members in by_group.values():
         producers = sorted({p for u in members for p in u.rows}, key=list(modules).index)
         first = producers[0]
-        members.sort(key=lambda u: u.rows.get(first, 1 << 30))
+        members.sort(key=lambda u: u.rows.get(first, [1 << 30])[0])
         reason = "" if any(not u.fixed for u in members) else members[0].fixed
         groups.append(Group(producers, members, reason))
     groups.sort(key=lambda g: list(modules).index(g.producers[0]))

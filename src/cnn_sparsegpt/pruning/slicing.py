@@ -76,7 +76,7 @@ def removal_plan(groups: list[Group], gone: dict[int, set]) -> tuple[dict, dict,
             for c, cols in u.columns.items():
                 drop_cols.setdefault(c, []).extend(cols)
             for p, ch in u.rows.items():
-                drop_rows.setdefault(p, []).append(ch)
+                drop_rows.setdefault(p, []).extend(ch)
             for e, ix in u.entries.items():
                 drop_entries.setdefault(e, []).extend(ix)
     return drop_cols, drop_rows, drop_entries
@@ -99,7 +99,10 @@ def slice_channels_(model: nn.Module, drop_cols: dict, drop_rows: dict, drop_ent
             _slice_(m, "weight", dim, keep)
             if dim == 0:
                 _slice_(m, "bias", 0, keep)
-            setattr(m, attrs[0] if isinstance(m, nn.Conv2d) else attrs[1], len(keep))
+            if isinstance(m, nn.Conv2d):  # a grouped conv's weight holds one group's inputs
+                setattr(m, attrs[0], len(keep) * (m.groups if dim == 1 else 1))
+            else:
+                setattr(m, attrs[1], len(keep))
     for name, ix in drop_entries.items():
         m = modules[name]
         n = m.weight.shape[0] if getattr(m, "weight", None) is not None else m.running_mean.shape[0]
@@ -137,7 +140,7 @@ def permute_channels_(model: nn.Module, group: Group, order: list[int]) -> None:
 
     for p in group.producers:
         m = modules[p]
-        _reorder_(m, 0, index(m.weight.shape[0], lambda u: [u.rows[p]]), ("weight", "bias"))
+        _reorder_(m, 0, index(m.weight.shape[0], lambda u: u.rows[p]), ("weight", "bias"))
     for e in units[0].entries:
         m = modules[e]
         size = m.weight.shape[0] if getattr(m, "weight", None) is not None else m.running_mean.shape[0]

@@ -73,15 +73,14 @@ def _cost_curve(group: Group, stats: dict, percdamp: float, max_remove: int,
     for c in consumers:
         p = stats[c]
         Wg, _ = p.weight_matrix()
-        W = Wg[0].double().clone()
-        H = p.H[0].double() / 2  # LayerPruner's H is 2XXᵀ/N
-        norm = float((W @ H * W).sum()) or 1.0
-        blocks = unit_blocks(p, [group.units[i].columns.get(c, []) for i in units]).to(W.device)
-        if W.shape[1] > MAX_OBS_COLUMNS:  # no updates: each block's own output energy, fixed
-            state.append((None, _own_costs(W, H, blocks), blocks, norm))
-            continue
-        Hinv = damped_inverse(H, percdamp)
-        state.append((W, Hinv, blocks, norm))
+        Ws, Hs = Wg.double(), p.H.double() / 2  # (groups, rows, d), (groups, d, d); LayerPruner's H is 2XXᵀ/N
+        norm = float((torch.bmm(Ws, Hs) * Ws).sum()) or 1.0  # the consumer's output energy, all its conv groups
+        blocks = unit_blocks(p, [group.units[i].columns.get(c, []) for i in units]).to(Ws.device)
+        for W, H in zip(Ws, Hs):  # a grouped conv loses the same columns in each group, each with its own H
+            if W.shape[1] > MAX_OBS_COLUMNS:  # no updates: each block's own output energy, fixed
+                state.append((None, _own_costs(W, H, blocks), blocks, norm))
+            else:
+                state.append((W.clone(), damped_inverse(H, percdamp), blocks, norm))
     alive = torch.ones(len(units), dtype=torch.bool)
     order, curve, total = [], [], 0.0
     while len(order) < min(max_remove, len(units)):
@@ -155,38 +154,40 @@ def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list
             p = LayerPruner(layer, name, hessian=sink is None)
             rows = kept_rows.get(name)
             fn = p.function(dlayer.weight if rows is None else dlayer.weight[rows.to(dlayer.weight.device)])
-            dev, d = layer.weight.device, p.d
-            C = torch.zeros(layer.weight.shape[0], d, dtype=torch.float64, device=dev)
-            sy = torch.zeros(layer.weight.shape[0], dtype=torch.float64, device=dev)  # ΣY_d
+            dev, d, G = layer.weight.device, p.d, p.groups  # a grouped conv: one fit per conv group
+            per = layer.weight.shape[0] // G
+            C = torch.zeros(G, per, d, dtype=torch.float64, device=dev)
+            sy = torch.zeros(G, per, dtype=torch.float64, device=dev)  # ΣY_d
             if sink is not None:  # Σ of the columns minus a reference (the first batch's mean), in float64
-                S, sx, n, ref, chunk = torch.zeros(d, d, dtype=torch.float64, device=dev), 0.0, 0, None, None
+                S, sx, n, ref, chunk = torch.zeros(G, d, d, dtype=torch.float64, device=dev), 0.0, 0, None, None
             for xp, xd in zip(inputs, targets.stream(name)):
                 Y = fn(xd.to(layer.weight.dtype))  # (B, rows, ...) without bias
                 if isinstance(layer, nn.Linear):  # (..., rows): a Linear over channels-last inputs too
                     Y = Y.reshape(-1, Y.shape[-1])
                 elif Y.ndim > 2:
                     Y = Y.movedim(1, -1).reshape(-1, Y.shape[1])
-                X = p.columns(xp)[0]  # (d, T), T in the (image, position) order of Y's rows
+                Y = Y.t().reshape(G, per, -1).double()  # (groups, rows, T)
+                X = p.columns(xp)  # (groups, d, T), T in the (image, position) order of Y's columns
                 if sink is None:
                     p.add_batch(xp)
                 else:  # products of shifted columns: an input's spread survives however large its mean
-                    ref = X.mean(1, keepdim=True) if ref is None else ref
+                    ref = X.mean(2, keepdim=True) if ref is None else ref
                     X = X - ref
-                    chunk = accumulate_xxt_(torch.empty(1, d, d, device=dev) if chunk is None else chunk, X[None],
-                                            beta=0)
-                    S += chunk[0]
-                    sx, n = sx + X.sum(1).double(), n + X.shape[1]
-                C += Y.t().double() @ X.t().double()
-                sy += Y.double().sum(0)
+                    chunk = accumulate_xxt_(torch.empty(G, d, d, device=dev) if chunk is None else chunk, X, beta=0)
+                    S += chunk
+                    sx, n = sx + X.sum(2).double(), n + X.shape[2]
+                C += torch.bmm(Y, X.transpose(1, 2).double())
+                sy += Y.sum(2)
             if sink is None:
-                S, n = p.S[0], p.nsamples  # ΣXXᵀ over n columns, float64 (p.H would round it to float32)
+                S, n = p.S, p.nsamples  # ΣXXᵀ over n columns, float64 (p.H would round it to float32)
             else:  # centred: Σ(X − x̄)(X − x̄)ᵀ and Σ(Y − ȳ)(X − x̄)ᵀ
-                S, C = S - torch.outer(sx, sx) / n, C - torch.outer(sy, sx) / n
-            W = torch.cholesky_solve(C.t(), damped_cholesky(S[None], percdamp)[0]).t()  # C (S + λI)⁻¹
+                S, C = S - sx[:, :, None] * sx[:, None, :] / n, C - sy[:, :, None] * sx[:, None, :] / n
+            W = torch.cholesky_solve(C.transpose(1, 2), damped_cholesky(S, percdamp)).transpose(1, 2)  # C (S + λI)⁻¹
             _, perm = p.weight_matrix()
-            layer.weight.data.copy_(W[:, torch.argsort(perm)].reshape(layer.weight.shape).to(layer.weight.dtype))
+            layer.weight.data.copy_(W[:, :, torch.argsort(perm)].reshape(layer.weight.shape).to(layer.weight.dtype))
             if sink is not None:
-                offset = ((sy - W @ (sx + n * ref[:, 0].double())) / n).to(layer.weight.dtype)  # ȳ − Ŵx̄
+                x_sum = (sx + n * ref[:, :, 0].double())[:, :, None]
+                offset = ((sy - torch.bmm(W, x_sum)[:, :, 0]) / n).flatten().to(layer.weight.dtype)  # ȳ − Ŵx̄
                 fold_offset_(layer, sink, offset)
             p.free()
         return barrier
@@ -227,10 +228,10 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
     t1 = time.perf_counter()
     curves = {}
     for g in tqdm(prunable, desc="channels: OBS cost curves", unit="group", disable=not progress, leave=False):
-        n = len(groups[g].units)
-        max_remove = min(len(groups[g].removable), max(0, n - config.round_to))
+        n, r = len(groups[g].units), groups[g].unit_step(config.round_to)
+        max_remove = min(len(groups[g].removable), max(0, n - r))
         if max_remove > 0:
-            curves[g] = _cost_curve(groups[g], stats, config.percdamp, max_remove, config.round_to)
+            curves[g] = _cost_curve(groups[g], stats, config.percdamp, max_remove, r)
     timings["cost_curves"] = time.perf_counter() - t1
     counters = {kind: Counter(model, groups, positions, kind) for kind in ("macs", "params")}
     if config.channel_costs == "kl":
@@ -261,7 +262,7 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
     if dense is not None:  # the consumers' one-pass re-fit assumed dense inputs: fit the network as it now runs
         t1 = time.perf_counter()
         order = [n for n in positions if isinstance(modules[n], nn.Linear) or  # forward order
-                 (isinstance(modules[n], nn.Conv2d) and modules[n].groups == 1)]
+                 (isinstance(modules[n], nn.Conv2d) and (modules[n].groups == 1 or before[n][1] > 1))]  # not depthwise
         first = next((i for i, n in enumerate(order) if n in drop_cols), len(order))
         kept_rows = {n: kept_indices(before[n][0], r) for n, r in drop_rows.items()}
         refit_to_dense_outputs(model, dense, batches, order[first:], kept_rows, config.percdamp,
@@ -278,8 +279,8 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
         target={what: target},
         macs=(counters["macs"].total({}), counters["macs"].total(removed)),
         params=(counters["params"].total({}), counters["params"].total(removed)),
-        groups=[{"producers": groups[g].producers, "channels": len(groups[g].units),
-                 "kept": len(groups[g].units) - removed.get(g, 0),
+        groups=[{"producers": groups[g].producers, "channels": len(groups[g].units) * groups[g].width,
+                 "kept": (len(groups[g].units) - removed.get(g, 0)) * groups[g].width, "per_unit": groups[g].width,
                  "cost": curves[g][1][removed[g] - 1] if removed.get(g) else 0.0,
                  "fixed": groups[g].reason} for g in range(len(groups))],
         layers=[{"name": n, "shape_before": before[n], "shape_after": after[n]} for n in before],
