@@ -165,6 +165,38 @@ def test_block_obs_agrees_with_a_float64_reference():
     torch.testing.assert_close(Wk, ref_Q, rtol=1e-9, atol=1e-9)  # the sequential updates are the joint re-fit
 
 
+def test_grouped_consumer_costs_agree_with_a_float64_reference():
+    """A unit read by a grouped conv is column j of every group; its cost is the sum of each group's OBS error on
+    that group's own H, relative to the conv's whole output energy: the greedy order and curve match brute force."""
+    from cnn_sparsegpt.pruning.allocation import dense_statistics
+    from cnn_sparsegpt.pruning.structured import _cost_curve
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1, groups=2)).eval()
+    x = calib(32)
+    group = next(g for g in channel_groups(model, x[:1]) if g.producers == ["0"])
+    stats = dense_statistics(model, [x], ["2"], hessian=True)
+    order, curve = _cost_curve(group, stats, 0.0, 3, 1)
+    Wg, _ = stats["2"].weight_matrix()
+    Ws, Hs = Wg.double(), stats["2"].H.double() / 2
+    norm = float((torch.bmm(Ws, Hs) * Ws).sum())
+
+    def error(units):  # every group re-fitted without the units' 9 taps each
+        cols, total = torch.tensor([t * 4 + j for j in units for t in range(9)]), 0.0
+        for W, H in zip(Ws, Hs):
+            D = W - refit_without(W, H, cols, 0.0)
+            total += float((D @ H * D).sum())
+        return total / norm
+
+    ref, gone = [], []
+    for _ in range(3):
+        errs = {j: error(gone + [j]) for j in range(4) if j not in gone}
+        gone.append(min(errs, key=errs.get))
+        ref.append(errs[gone[-1]])
+    assert order == gone
+    assert curve == pytest.approx(ref, rel=1e-6)
+
+
 @pytest.mark.parametrize("arch", [TinyResNet, GroupedBottleneck])
 def test_smaller_network_equals_the_masked_one(arch):
     """Without reconstruction, slicing a unit away is the same function as zeroing its producer rows (and its
@@ -253,6 +285,35 @@ def test_dense_target_refit_fits_an_intercept_into_the_bias_or_the_batchnorm():
     torch.testing.assert_close(model.fc.bias, dense.fc.bias + b, **close)
 
 
+def test_dense_target_refit_of_a_grouped_conv_is_one_fit_per_group():
+    from cnn_sparsegpt.pruning.dense_target import DenseInputs
+    from cnn_sparsegpt.pruning.structured import refit_to_dense_outputs
+
+    torch.manual_seed(0)
+    dense = ConvBNLinear().double().eval()
+    dense.conv2 = nn.Conv2d(6, 4, 3, padding=1, groups=2, bias=False).double()
+    dense.bn, dense.fc = nn.BatchNorm2d(4).double().eval(), nn.Linear(4, 4).double()
+    dense.bn.running_mean.normal_(0, 0.1)
+    batches = [torch.randn(8, 3, 6, 6, dtype=torch.float64) + 2 * torch.randn(8, 3, 1, 1, dtype=torch.float64)
+               for _ in range(2)]
+    model = copy.deepcopy(dense)
+    with torch.no_grad():
+        model.conv1.weight.add_(0.3 * torch.randn_like(model.conv1.weight))
+    refit_to_dense_outputs(model, DenseInputs(dense, batches), batches, ["conv2"], {}, percdamp=0.0,
+                           bn_recalibration=False)
+    x = torch.cat(batches)
+    for g in range(2):  # group g: inputs 3g..3g+2, outputs 2g, 2g+1
+        cols = nn.functional.unfold(torch.relu(model.conv1(x))[:, 3 * g:3 * g + 3], 3, padding=1)
+        X = cols.transpose(0, 1).reshape(cols.shape[1], -1)
+        Yd = nn.functional.unfold(torch.relu(dense.conv1(x))[:, 3 * g:3 * g + 3], 3, padding=1)
+        Y = dense.conv2.weight[2 * g:2 * g + 2].flatten(1) @ Yd.transpose(0, 1).reshape(Yd.shape[1], -1)
+        W, b = _least_squares_with_intercept(X, Y)
+        assert b.abs().max() > 0.05  # an intercept that matters
+        close = dict(rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(model.conv2.weight[2 * g:2 * g + 2].flatten(1), W, **close)
+        torch.testing.assert_close((dense.bn.running_mean - model.bn.running_mean)[2 * g:2 * g + 2], b, **close)
+
+
 def test_channel_prune_meets_its_target_and_rebuilds_from_the_spec():
     model, x = make(TinyResNet), calib(64)
     dense_out = model(x)
@@ -267,6 +328,32 @@ def test_channel_prune_meets_its_target_and_rebuilds_from_the_spec():
     torch.testing.assert_close(fresh.eval()(x), out)
     assert rep.structure["spec"] == {n: spec_of(m) for n, m in dict(model.named_modules()).items()
                                      if n in rep.structure["spec"]}
+
+
+def test_grouped_convs_prune_end_to_end_and_rebuild():
+    """A ResNeXt block (channel costs by KL, dense-target re-fits) and torchvision's RegNet-Y (grouped convs beside
+    squeeze-excitation): the groups stay, each narrower, and the smaller network rebuilds from the spec."""
+    model, x = make(GroupedBottleneck), calib(64)
+    rep = prune_model(model, x, structure="channels", keep_macs=0.6, round_to=4, progress=False)
+    assert rep.structure["macs"][1] <= 0.6 * rep.structure["macs"][0]
+    assert model.conv2.groups == 4 and model.conv2.out_channels < 24 and model.conv2.out_channels % 4 == 0
+    fresh = apply_structure(make(GroupedBottleneck), rep.structure["spec"])
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), model(x))
+
+    torch.manual_seed(0)
+    model = torchvision.models.regnet_y_400mf(num_classes=10)
+    x = torch.randn(16, 3, 32, 32)
+    groups = channel_groups(model.eval(), x[:1])
+    channels = sum(len(g.units) * g.width for g in groups)
+    assert sum(len(g.removable) * g.width for g in groups) >= 0.99 * channels  # only the classifier's outputs stay
+    with torch.no_grad():
+        model.train()(x)
+    rep = prune_model(model.eval(), x, structure="channels", keep_macs=0.6, batch_size=16, progress=False)
+    assert rep.structure["macs"][1] <= 0.6 * rep.structure["macs"][0]
+    fresh = apply_structure(torchvision.models.regnet_y_400mf(num_classes=10), rep.structure["spec"])
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), model(x))
 
 
 def test_structured_options_are_checked():
