@@ -1,9 +1,12 @@
 """--target-speedup on a network's speed alone: random weights and random calibration images (the accuracy of a
 random model means nothing), the prune's own search, then an independent side-by-side measurement of the result
-at batch 1 and 32 on the same runtime.
+at batch 1 and 32 on the same runtime. With --keep-macs F instead, a multiply-add budget (no search) measured the
+same way.
 
     python benchmarks/target_speedup.py --model torchvision:resnet50 --image-size 224 --target 2.0 \\
         --json experiments/channels/resnet50_target_speedup.json
+    python benchmarks/target_speedup.py --model torchvision:regnet_y_400mf --keep-macs 0.5 \\
+        --json experiments/channels/regnet_y_400mf_keep_macs.json
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ def main() -> None:
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--nsamples", type=int, default=32, help="random calibration images")
     p.add_argument("--target", type=float, default=2.0)
+    p.add_argument("--keep-macs", type=float, help="a multiply-add budget instead of --target")
     p.add_argument("--runtime", default="onnxruntime")
     p.add_argument("--json", required=True)
     args = p.parse_args()
@@ -34,19 +38,24 @@ def main() -> None:
     shape = (3, args.image_size, args.image_size)
     calibration = torch.randn(args.nsamples, *shape, generator=torch.Generator().manual_seed(1))
     t0 = time.perf_counter()
-    rep = prune_model(model, calibration, structure="channels", target_speedup=args.target,
-                      speedup_runtime=args.runtime, batch_size=16)
+    budget = {"keep_macs": args.keep_macs} if args.keep_macs else {"target_speedup": args.target,
+                                                                    "speedup_runtime": args.runtime}
+    rep = prune_model(model, calibration, structure="channels", batch_size=16, **budget)
     seconds = time.perf_counter() - t0
     rows = compare_latency(dense, model, shape, args.runtime, (1, 32), warmup=3, runs=10, rounds=3)
     st = rep.structure
-    out = {"model": args.model, "input_shape": list(shape), "target_speedup": args.target, "runtime": args.runtime,
-           "search": {k: v for k, v in st["latency"].items() if k != "table"}, "table": st["latency"]["table"],
-           "macs": st["macs"], "params": st["params"], "prune_seconds": seconds, "timings": rep.timings,
-           "measured_after": [{k: v for k, v in r.items() if k != "calls"} for r in rows]} | run_metadata(
-               torch.device("cpu"))
+    search = {} if args.keep_macs else {
+        "search": {k: v for k, v in st["latency"].items() if k != "table"}, "table": st["latency"]["table"]}
+    out = {"model": args.model, "input_shape": list(shape), "runtime": args.runtime} | budget | search | {
+        "macs": st["macs"], "params": st["params"], "prune_seconds": seconds, "timings": rep.timings,
+        "groups": st["groups"], "layers": st["layers"],
+        "measured_after": [{k: v for k, v in r.items() if k != "calls"} for r in rows]} | run_metadata(
+            torch.device("cpu"))
     atomic_write_json(out, args.json)
-    print(f"{args.model}: search measured {st['latency']['measured_speedup']:.2f}x (target {args.target:g}); "
-          f"measured again: " + ", ".join(f"batch {r['batch']} {r['speedup']:.2f}x" for r in rows) +
+    found = f"keep_macs {args.keep_macs:g}" if args.keep_macs else \
+        f"search measured {st['latency']['measured_speedup']:.2f}x (target {args.target:g})"
+    print(f"{args.model}: {found}; measured again: " + ", ".join(f"batch {r['batch']} {r['speedup']:.2f}x"
+                                                                 for r in rows) +
           f"; {st['macs'][1] / st['macs'][0]:.1%} of the multiply-adds; {seconds:.0f} s pruning")
 
 

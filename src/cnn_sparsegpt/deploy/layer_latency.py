@@ -63,8 +63,9 @@ def _scaled(m: nn.Module, f: float, varying: set) -> tuple[nn.Module, float]:
         i, o, g = c, c, c
     elif m.groups == 1:
         i, o, g = width(m.in_channels, "in"), width(m.out_channels, "out"), 1
-    else:  # grouped convs keep their width here (channel pruning leaves them alone)
-        i, o, g = m.in_channels, m.out_channels, m.groups
+    else:  # a grouped conv keeps its groups, each narrower (channel pruning takes channel j of every group)
+        g = m.groups
+        i, o = g * width(m.in_channels // g, "in"), g * width(m.out_channels // g, "out")
     layer = nn.Conv2d(i, o, m.kernel_size, m.stride, m.padding, m.dilation, g, m.bias is not None, m.padding_mode)
     return layer, (o * i / g) / (m.out_channels * m.in_channels / m.groups)
 
