@@ -21,14 +21,16 @@ MODELS = ("torchvision:resnet50", "torchvision:resnext50_32x4d", "torchvision:re
 
 
 def removable(model: torch.nn.Module, image_size: int) -> dict:
-    groups = channel_groups(model.eval(), torch.randn(1, 3, image_size, image_size))
-    total = removed = 0
+    model.eval()
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.Linear) or
+              isinstance(m, torch.nn.Conv2d) and not (m.groups > 1 and m.groups == m.in_channels)]
+    total = sum(m.weight.shape[0] for m in layers)  # every output channel of a Conv2d (not depthwise) or Linear
+    groups = channel_groups(model, torch.randn(1, 3, image_size, image_size))
+    removed = 0
     reasons: Counter = Counter()
     for g in groups:
-        width = max((len(ch) if isinstance(ch, list) else 1 for u in g.units for ch in u.rows.values()), default=1)
         for u in g.units:
-            n = width * len(u.rows)  # channels of every producer that writes this unit
-            total += n
+            n = sum(len(ch) if isinstance(ch, list) else 1 for ch in u.rows.values())  # its producers' channels
             if u.fixed:
                 reasons[u.fixed] += n
             else:
