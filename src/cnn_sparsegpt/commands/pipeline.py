@@ -13,7 +13,7 @@ from torch import nn
 from ..pruning import dist
 from ..pruning.config import recipe_label
 from .options import PruneOptions
-from ..data.datasets import calibration_indices, calibration_set, holdout_split, load_splits
+from ..data.datasets import DATASET_CHOICES, calibration_indices, calibration_set, holdout_split, load_splits
 from ..models import check_model_name, create_model, head_classes, model_entry
 from ..data.preprocess import resolve as resolve_preprocess
 from ..pruning.prune import prune_model
@@ -81,7 +81,7 @@ def prepare(opts: PruneOptions, device: torch.device):
     entry = model_entry(opts.model)
     dataset = opts.dataset or (entry.dataset if entry else None)
     if dataset is None:
-        raise UserError(f"--dataset is required for model '{opts.model}'")
+        raise UserError(f"--dataset is required for model '{opts.model}': give {DATASET_CHOICES}")
     state, meta = None, {}
     if opts.weights:  # a bad checkpoint is reported before minutes of data loading
         state = load_state_dict(opts.weights)

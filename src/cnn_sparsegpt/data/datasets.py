@@ -21,6 +21,9 @@ from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, normalize
 from ..utils import UserError, atomic_save
 
 DATASETS = ("mnist", "cifar10")
+# what --dataset takes, for the messages that ask for one
+DATASET_CHOICES = f"{', '.join(DATASETS)}, or the path of an ImageFolder folder or .tar.gz with train/ and val/ (or " \
+    "test/) subfolders"
 JPEG_NOTE = "CIFAR-10 JPEG re-encoding (cifar10-jpeg): accuracies are close to, not equal to, canonical CIFAR-10"
 
 
@@ -145,8 +148,7 @@ def load_dataset(name: str, train: bool, data_dir: str | os.PathLike | None = No
         return replace(data, mean=preprocess.mean, std=preprocess.std) if preprocess is not None else data
     path = Path(name).expanduser()
     if not path.exists():
-        raise UserError(f"unknown dataset '{name}': use {', '.join(DATASETS)}, or the path of an ImageFolder "
-                        "folder or .tar.gz with train/ and test/ subfolders")
+        raise UserError(f"unknown dataset '{name}': use {DATASET_CHOICES}")
     pre = preprocess or Preprocess(IMAGENET_MEAN, IMAGENET_STD, source="imagenet statistics, images at their size")
     if should_stream(path, pre, streaming):
         return load_folder_streamed(path, train, pre)
