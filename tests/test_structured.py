@@ -410,7 +410,9 @@ def test_latency_times_dense_and_pruned_side_by_side(tmp_path, data_dir, capsys)
         r = json.loads(out.read_text())
         assert [row["batch"] for row in r["rows"]] == [1, 2] and r["runtime"] == runtime
         assert all(row["dense_s"] > 0 and row["pruned_s"] > 0 and len(row["calls"]["dense"]) == 2 for row in r["rows"])
-    assert "speed-up" in capsys.readouterr().out
+    printed = capsys.readouterr().out  # the prune's summary too: multiply-adds kept, no weight-sparsity line
+    assert "speed-up" in printed and "M multiply-adds per image kept" in printed
+    assert "of the pruned layers" not in printed
     assert main(["latency", str(run), "--runtime", "tensorrt"]) == 2
     assert "tensorrt" in capsys.readouterr().err
 

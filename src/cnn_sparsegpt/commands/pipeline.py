@@ -233,10 +233,10 @@ def format_report(r: dict) -> str:
             lat = st["latency"]
             lines.append(f"  measured speed-up {lat['measured_speedup']:.2f}x on {lat['runtime']} at batch "
                          f"{lat['batch']} (target {lat['target_speedup']:g}x, {len(lat['tries'])} tries)")
-    lines.append(f"\n{r['model']} {r['method']} {r['pattern']}: sparsity {r['sparsity']:.3f} of the pruned layers, "
-                 f"{r['total_sparsity']:.3f} of all weights; {r['seconds']:.1f} s pruning, "
-                 f"{r['nsamples']} calibration images\n{recipe}{acc}{passes}  data: {r['data_source']}"
-                 f"{_preprocess_line(r)}")
+    head = "" if st else (  # a channel prune's summary is the line above: its layers have no weight sparsity
+        f"\n{r['model']} {r['method']} {r['pattern']}: sparsity {r['sparsity']:.3f} of the pruned layers, "
+        f"{r['total_sparsity']:.3f} of all weights; {r['seconds']:.1f} s pruning, {r['nsamples']} calibration images\n")
+    lines.append(f"{head}{recipe}{acc}{passes}  data: {r['data_source']}{_preprocess_line(r)}")
     return "\n".join(lines)
 
 
