@@ -90,11 +90,13 @@ def test_table_times_a_linear_over_channels_last_inputs(fake_runtime):
     assert table["fc"].at(1.0) == pytest.approx(PER_MAC * (linear_macs - 1), rel=1e-6)
 
 
-def test_a_grouped_conv_is_timed_with_its_groups_each_narrower():
+def test_grouped_and_depthwise_convs_are_timed_with_their_groups_narrower():
     layer, macs = layer_latency._scaled(nn.Conv2d(32, 64, 3, groups=4), 0.5, {"in", "out"})
     assert (layer.in_channels, layer.out_channels, layer.groups) == (16, 32, 4) and macs == pytest.approx(0.25)
     layer, macs = layer_latency._scaled(nn.Conv2d(32, 64, 3, groups=4), 0.5, {"out"})
     assert (layer.in_channels, layer.out_channels, layer.groups) == (32, 32, 4) and macs == pytest.approx(0.5)
+    layer, macs = layer_latency._scaled(nn.Conv2d(8, 16, 3, groups=8), 0.5, {"in", "out"})  # depthwise, multiplier 2
+    assert (layer.in_channels, layer.out_channels, layer.groups) == (4, 8, 4) and macs == pytest.approx(0.5)
 
 
 def test_target_speedup_is_met_as_measured(fake_runtime):

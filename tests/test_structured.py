@@ -44,6 +44,38 @@ def test_a_grouped_conv_ties_channel_j_of_each_group():
     assert a.unit_step(8) == 4 and a.unit_step(1) == 1  # round_to counts channels: 4 units of 2
 
 
+class DepthwiseMultiplier(nn.Module):
+    """A depthwise conv with channel multiplier 2: each input channel owns two outputs (and their BatchNorm
+    entries), and goes with them."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.dw, self.bn1 = nn.Conv2d(8, 16, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(16)
+        self.pw = nn.Conv2d(16, 12, 1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.dw(torch.relu(self.bn0(self.stem(x))))))
+        return self.fc(torch.relu(self.pw(y)).mean((2, 3)))
+
+
+def test_a_depthwise_conv_with_a_channel_multiplier_goes_with_its_input():
+    model = make(DepthwiseMultiplier)
+    by_first = {g.producers[0]: g for g in channel_groups(model, calib(1))}
+    stem = by_first["stem"]
+    assert len(stem.removable) == 8 and stem.units[3].entries == {"bn0": [3], "dw": [6, 7], "bn1": [6, 7]}
+    assert stem.units[3].columns == {"pw": [6, 7]}
+    x = calib(64)
+    rep = prune_model(model, x, structure="channels", keep_macs=0.7, round_to=2, progress=False)
+    assert rep.structure["macs"][1] <= 0.7 * rep.structure["macs"][0]
+    dw = model.dw
+    assert dw.groups == dw.in_channels == model.stem.out_channels and dw.out_channels == 2 * dw.in_channels
+    fresh = apply_structure(make(DepthwiseMultiplier), rep.structure["spec"])
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), model(x))
+
+
 class GroupedBottleneck(nn.Module):
     """A ResNeXt block: 1x1, a 3x3 conv in 4 groups, 1x1, on a residual stream."""
 
@@ -197,7 +229,7 @@ def test_grouped_consumer_costs_agree_with_a_float64_reference():
     assert curve == pytest.approx(ref, rel=1e-6)
 
 
-@pytest.mark.parametrize("arch", [TinyResNet, GroupedBottleneck])
+@pytest.mark.parametrize("arch", [TinyResNet, GroupedBottleneck, DepthwiseMultiplier])
 def test_smaller_network_equals_the_masked_one(arch):
     """Without reconstruction, slicing a unit away is the same function as zeroing its producer rows (and its
     BatchNorm's affine entries) and its consumer columns; a grouped conv keeps its groups, each narrower."""

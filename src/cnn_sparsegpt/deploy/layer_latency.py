@@ -57,10 +57,10 @@ def _scaled(m: nn.Module, f: float, varying: set) -> tuple[nn.Module, float]:
     if isinstance(m, nn.Linear):
         i, o = width(m.in_features, "in"), width(m.out_features, "out")
         return nn.Linear(i, o, bias=m.bias is not None), i * o / (m.in_features * m.out_features)
-    depthwise = m.groups == m.in_channels == m.out_channels and m.groups > 1
-    if depthwise:
+    depthwise = m.groups == m.in_channels and m.groups > 1
+    if depthwise:  # an input channel goes with its out/in outputs (the channel multiplier)
         c = width(m.in_channels, "in")
-        i, o, g = c, c, c
+        i, o, g = c, c * (m.out_channels // m.in_channels), c
     elif m.groups == 1:
         i, o, g = width(m.in_channels, "in"), width(m.out_channels, "out"), 1
     else:  # a grouped conv keeps its groups, each narrower (channel pruning takes channel j of every group)

@@ -60,9 +60,9 @@ class Counter:
                     s[layer][0] -= k * amount
                 elif kind == "in":
                     s[layer][1] -= k * amount
-                else:  # a depthwise conv loses output channels and groups together
+                else:  # a depthwise conv loses output channels and groups together (amount: its channel multiplier)
                     s[layer][0] -= k * amount
-                    s[layer][4] -= k * amount
+                    s[layer][4] -= k
         return s
 
     def cost(self, name: str, size: list[int]) -> float:

@@ -4,15 +4,16 @@ Every Conv2d (but a depthwise one) and Linear output channel is a *slot*. The gr
 tensors' shapes (ShapeProp on one example), and each tensor's channel dimension is described as a list of slots, one
 per channel: BatchNorm, activations, pooling and dropout pass it through; a residual add (or a product with a
 same-width tensor, as in squeeze-excitation) ties the slots of its operands; a concat along channels joins the lists;
-a depthwise conv passes its input's slots to its output; a grouped conv ties channel j of each of its groups, on its
-input and on its output, so that every group loses as many (its groups keep equal widths); a flatten repeats each
-slot over the positions it spans, so a Linear after it sees a block of columns per channel; a permute moves the
-channel dimension (ConvNeXt's channels-last blocks), a Linear over a channels-last tensor reads and writes channels
-like a 1x1 conv, and a LayerNorm over channels fixes them (it normalizes them together: removing one changes the
-others). Tied slots form a *unit*: one channel (one per conv group, where tied by a grouped conv) to remove from every
-producer that writes it (its weight rows, its BatchNorm entries, the depthwise filters on its path) and from every
-consumer that reads it (its weight columns). Units that reach the model's output, come from its input or pass
-through an operation this walk does not know are fixed, with the reason.
+a depthwise conv passes its input's slots to its output (each to its k outputs, with a channel multiplier k); a
+grouped conv ties channel j of each of its groups, on its input and on its output, so that every group loses as many
+(its groups keep equal widths); a flatten repeats each slot over the positions it spans, so a Linear after it sees a
+block of columns per channel; a permute moves the channel dimension (ConvNeXt's channels-last blocks), a Linear over
+a channels-last tensor reads and writes channels like a 1x1 conv, and a LayerNorm over channels fixes them (it
+normalizes them together: removing one changes the others). Tied slots form a *unit*: one channel (one per conv
+group, where tied by a grouped conv) to remove from every producer that writes it (its weight rows, its BatchNorm
+entries, the depthwise filters on its path) and from every consumer that reads it (its weight columns). Units that
+reach the model's output, come from its input or pass through an operation this walk does not know are fixed, with
+the reason.
 
 A `Group` collects the units of producers tied together (e.g. all the convs that write one ResNet stage's residual
 stream): its units are removed independently, each in every member at once.
@@ -208,8 +209,6 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
                 k = m.out_channels // m.groups  # depthwise: each input channel owns k output channels
                 of[node] = [s for s in x for _ in range(k)]
                 per_channel[node.target] = list(of[node])
-                if k != 1:
-                    fix_all(x, f"{node.target}: a depthwise conv with channel multiplier {k}")
             elif isinstance(m, nn.Conv2d) and m.groups > 1 and len(x) == m.in_channels:
                 consumers[node.target] = _tie_groups(slots, x, m.groups)
                 of[node] = slots.new(node.target, m.out_channels)

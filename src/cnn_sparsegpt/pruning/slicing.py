@@ -109,8 +109,10 @@ def slice_channels_(model: nn.Module, drop_cols: dict, drop_rows: dict, drop_ent
         keep = kept_indices(n, ix)
         for attr in ("weight", "bias", "running_mean", "running_var"):
             _slice_(m, attr, 0, keep)
-        if isinstance(m, nn.Conv2d):  # depthwise
-            m.in_channels = m.out_channels = m.groups = len(keep)
+        if isinstance(m, nn.Conv2d):  # depthwise: an input channel goes with its `multiplier` outputs
+            multiplier = m.out_channels // m.groups
+            m.out_channels, m.in_channels = len(keep), len(keep) // multiplier
+            m.groups = m.in_channels
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.num_features = len(keep)
         elif isinstance(m, nn.PReLU):
