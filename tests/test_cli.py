@@ -167,6 +167,13 @@ def test_plot_from_csv(mnist_ckpt, data_dir, tmp_path):
     assert "| sparsegpt |" in text and "42.58" in text
 
 
+def test_file_names_from_model_names():
+    from cnn_sparsegpt.utils import file_stem
+
+    assert file_stem("torchvision:resnet50-sparsegpt-2of4") == "torchvision_resnet50-sparsegpt-2of4"
+    assert file_stem("models/my net.py:build") == "models_my_net.py_build"
+
+
 def test_bench_recipes_plots_and_results(mnist_ckpt, data_dir, tmp_path):
     cfg_path = _bench_config(tmp_path, mnist_ckpt, data_dir, ["0.6", "2:4"])
     cfg = yaml.safe_load(cfg_path.read_text())

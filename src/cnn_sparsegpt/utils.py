@@ -39,6 +39,12 @@ def atomic_file(path: str | os.PathLike, write: Callable[[str], None], suffix: s
     return path
 
 
+def file_stem(text: str) -> str:
+    """`text` as a file name on any system: each run of characters other than letters, digits, '.', '_' and '-'
+    becomes '_' (model names such as 'torchvision:resnet50' or 'models/my_net.py:build')."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save, atomically."""
     return atomic_file(path, lambda tmp: torch.save(obj, tmp))

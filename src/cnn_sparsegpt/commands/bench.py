@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..pruning import dist
 from ..pruning.config import PRESETS, RECIPE_KEYS, recipe_label
-from ..utils import UserError, atomic_write_json, atomic_write_text
+from ..utils import UserError, atomic_write_json, atomic_write_text, file_stem
 from ..deploy.runtimes import RUNTIMES
 from .options import PruneOptions, check_options, read_yaml_mapping
 
@@ -211,7 +211,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
         timing = _latency_columns(cfg.latency, r, pruned) if cfg.latency and dist.is_main(dist.process_group()) \
             else {}
         name = hashlib.sha1(repr(_key(key_row)).encode()).hexdigest()[:12]
-        report_path = reports / f"{m.model}-{method}-{pattern.replace(':', 'of').replace('=', '-')}-{name}.json"
+        stem = file_stem(f"{m.model}-{method}-{pattern.replace(':', 'of').replace('=', '-')}")
+        report_path = reports / f"{stem}-{name}.json"
         row = key_row | {
             "data_source": r["data_source"], "target_sparsity": r["target_sparsity"], "sparsity": r["sparsity"],
             "total_sparsity": r["total_sparsity"], "layers_pruned": sum(not x["skipped"] for x in r["layers"]),

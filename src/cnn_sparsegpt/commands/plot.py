@@ -8,7 +8,7 @@ from pathlib import Path
 from .bench import pattern_options, read_rows
 from ..pruning.config import PUBLISHED, RECOMMENDED, recipe_label
 from .report import read_report
-from ..utils import UserError
+from ..utils import UserError, file_stem
 
 METHOD_STYLE = {"magnitude": ("tab:red", "o"), "wanda": ("tab:orange", "s"), "sparsegpt": ("tab:blue", "^")}
 
@@ -78,7 +78,7 @@ def plot_accuracy_vs_sparsity(rows: list[dict], out: Path) -> list[Path]:
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
         ax.legend()
-        written.append(_save(plt, fig, out / f"{model}_accuracy_vs_sparsity.png"))
+        written.append(_save(plt, fig, out, f"{model}_accuracy_vs_sparsity.png"))
     return written
 
 
@@ -105,7 +105,7 @@ def plot_nm_bars(rows: list[dict], out: Path) -> Path | None:
            ylabel="pruned − dense top-1 (percentage points)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    return _save(plt, fig, out / "nm_bars.png")
+    return _save(plt, fig, out, "nm_bars.png")
 
 
 def plot_accuracy_vs_speedup(rows: list[dict], out: Path) -> list[Path]:
@@ -130,7 +130,7 @@ def plot_accuracy_vs_speedup(rows: list[dict], out: Path) -> list[Path]:
         ax.title.set_fontsize(9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        written.append(_save(plt, fig, out / f"{model}_accuracy_vs_speedup.png"))
+        written.append(_save(plt, fig, out, f"{model}_accuracy_vs_speedup.png"))
     return written
 
 
@@ -150,10 +150,11 @@ def plot_layer_errors(report_paths: list[Path], out: Path, name: str) -> Path:
     ax.title.set_fontsize(9)
     ax.legend()
     ax.grid(alpha=0.3)
-    return _save(plt, fig, out / f"{name}_layer_errors.png")
+    return _save(plt, fig, out, f"{name}_layer_errors.png")
 
 
-def _save(plt, fig, path: Path) -> Path:
+def _save(plt, fig, out: Path, name: str) -> Path:
+    path = out / file_stem(name)  # model names may hold ':' or '/'
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -174,7 +175,7 @@ def plot_layer_sparsity(report_paths: list[Path], out: Path, name: str) -> Path:
     ax.set(ylabel="fraction of the layer's weights pruned", ylim=(0, 1))
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
-    return _save(plt, fig, out / f"{name}_layer_sparsity.png")
+    return _save(plt, fig, out, f"{name}_layer_sparsity.png")
 
 
 def make_plots(csv_path: str | Path, out: str | Path = "experiments/plots") -> list[Path]:

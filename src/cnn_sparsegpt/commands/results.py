@@ -8,7 +8,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from ..data.datasets import JPEG_NOTE
-from ..utils import UserError, atomic_write_text
+from ..utils import UserError, atomic_write_text, file_stem
 from .bench import read_rows
 from .plot import _main_rows
 from .report import read_report
@@ -175,8 +175,9 @@ def results_markdown(csv_path: Path, plots: Path | None, preamble: str = "", hol
         label = next(r.get("recipe") or "" for r in rows if r["model"] == model)
         how = f"every method with `{label}` (the recommended recipe)" if label else "the methods as published"
         parts += [f"## {model}", "", f"Rows: {how}.", "", model_table(rows, model), ""]
-        if plots is not None and (plots / f"{model}_accuracy_vs_sparsity.png").is_file():
-            parts += [f"![{model}](../{plots}/{model}_accuracy_vs_sparsity.png)", ""]
+        png = file_stem(f"{model}_accuracy_vs_sparsity.png")  # the name plot.py gives it
+        if plots is not None and (plots / png).is_file():
+            parts += [f"![{model}](../{plots}/{png})", ""]
     parts += ["## Against the original research repo (2:4)", "",
               "The old repo's numbers are as it published them (canonical CIFAR-10, its own checkpoints); ours are "
               "from the CSV above, so checkpoints and (for CIFAR) data differ: compare the drops, not the levels.",
