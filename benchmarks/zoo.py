@@ -22,7 +22,7 @@ import torch
 from cnn_sparsegpt.commands.cli import main as cli
 from cnn_sparsegpt.models import create_model
 from cnn_sparsegpt.data.synthetic import make_imagefolder
-from cnn_sparsegpt.utils import atomic_write_json, run_metadata
+from cnn_sparsegpt.utils import atomic_write_json, file_stem, run_metadata
 
 MODELS = ("torchvision:resnet50", "torchvision:mobilenet_v3_large", "torchvision:efficientnet_b0",
           "torchvision:convnext_tiny", "timm:resnet50")
@@ -61,10 +61,10 @@ def main():
     data = Path(args.folder) if args.folder else make_imagefolder(work / "data", 10, 20, 5)
     rows = []
     for name in args.models:
-        weights = work / f"{name.replace(':', '_')}.pt"
+        weights = work / f"{file_stem(name)}.pt"
         torch.save(create_model(name, num_classes=10).state_dict(), weights)
         for pattern in args.patterns:
-            out = work / f"{name.replace(':', '_')}-{pattern.replace(':', 'of')}"
+            out = work / f"{file_stem(name)}-{pattern.replace(':', 'of')}"
             flag = ["--nm", pattern] if ":" in pattern else ["--sparsity", pattern]
             t0 = time.perf_counter()
             with contextlib.redirect_stdout(io.StringIO()):  # the per-layer tables: report.json has them

@@ -65,16 +65,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..data.datasets import DATASET_CHOICES, load_splits
-    from ..models import check_model_name, create_model, model_entry
+    from ..data.datasets import load_splits
+    from ..models import create_model
+    from .pipeline import dataset_for
     from .train import TrainConfig, train_model
     from ..utils import atomic_save, atomic_write_json, ensure_writable, resolve_device, run_metadata
 
-    check_model_name(args.model)  # fail fast on an unknown model
-    entry = model_entry(args.model)
-    dataset = args.dataset or (entry.dataset if entry else None)
-    if dataset is None:
-        raise UserError(f"--dataset is required for model '{args.model}': give {DATASET_CHOICES}")
+    dataset = dataset_for(args.model, args.dataset)
     for name in ("epochs", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")

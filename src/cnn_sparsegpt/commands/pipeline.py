@@ -75,13 +75,21 @@ def _data_classes(data) -> int:
     return len(data.classes) if getattr(data, "classes", None) else data.num_classes
 
 
+def dataset_for(model: str, given: str | None) -> str:
+    """The dataset a run of `model` uses: `given` (--dataset), else the registered model's own; a clear error when
+    neither names one. The model name is checked first (fail fast, before any data is loaded)."""
+    check_model_name(model)
+    entry = model_entry(model)
+    dataset = given or (entry.dataset if entry else None)
+    if dataset is None:
+        raise UserError(f"--dataset is required for model '{model}': give {DATASET_CHOICES}")
+    return dataset
+
+
 def prepare(opts: PruneOptions, device: torch.device):
     """Model (with weights), the train and test sets preprocessed as the model expects, and the dataset."""
-    check_model_name(opts.model)  # fail fast on an unknown model, before loading data
+    dataset = dataset_for(opts.model, opts.dataset)
     entry = model_entry(opts.model)
-    dataset = opts.dataset or (entry.dataset if entry else None)
-    if dataset is None:
-        raise UserError(f"--dataset is required for model '{opts.model}': give {DATASET_CHOICES}")
     state, meta = None, {}
     if opts.weights:  # a bad checkpoint is reported before minutes of data loading
         state = load_state_dict(opts.weights)
