@@ -30,7 +30,8 @@ def removable(model: torch.nn.Module, image_size: int) -> dict:
     reasons: Counter = Counter()
     for g in groups:
         for u in g.units:
-            n = sum(len(ch) if isinstance(ch, list) else 1 for ch in u.rows.values())  # its producers' channels
+            # its producers' channels (a list per producer; one int before commit ef19b5a, which the "before" file ran)
+            n = sum(len(ch) if isinstance(ch, list) else 1 for ch in u.rows.values())
             if u.fixed:
                 reasons[u.fixed] += n
             else:

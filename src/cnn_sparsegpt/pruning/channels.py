@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import fx, nn
@@ -74,7 +75,7 @@ class Group:
     def removable(self) -> list[int]:
         return [i for i, u in enumerate(self.units) if not u.fixed]
 
-    @property
+    @cached_property  # read at every allocation step; the units do not change
     def width(self) -> int:
         """Channels a unit takes from a producer: 1, or the groups of the grouped conv that tied them."""
         return max((len(ch) for u in self.units for ch in u.rows.values()), default=1)
