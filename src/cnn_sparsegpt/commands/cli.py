@@ -6,6 +6,7 @@ import os
 import sys
 import warnings
 
+from ..deploy.int8 import CALIBRATION
 from ..pruning import dist
 from ..utils import UserError
 
@@ -205,6 +206,18 @@ def _add_export_parser(sub) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a `prune` run (model.pt, report.json)")
     p.add_argument("--onnx", metavar="PATH", help="write an ONNX model (checked in onnxruntime against PyTorch "
                    "within 1e-4; needs the extra: pip install 'cnn-sparsegpt[export]')")
+    p.add_argument("--int8", metavar="PATH", help="write an INT8 ONNX model for ONNX Runtime (QDQ: int8 weights, "
+                   "one symmetric scale per output channel, zeros kept; uint8 activations whose ranges come from the "
+                   "run's calibration images), and measure its top-1 against the float model's on the run's "
+                   "evaluation images; needs the run's data (--data-dir) and the [export] extra")
+    p.add_argument("--data-dir", help="with --int8: where the run's dataset lies (as prune's --data-dir)")
+    p.add_argument("--int8-calibration", default="minmax", choices=CALIBRATION,
+                   help="with --int8: how ONNX Runtime sets the activation ranges (default minmax; percentile and "
+                        "entropy keep every calibration batch's activations in memory)")
+    p.add_argument("--int8-samples", type=int, help="with --int8: calibrate on the first N of the run's calibration "
+                   "images (default all of them)")
+    p.add_argument("--eval-samples", type=int, help="with --int8: measure top-1 on the first N of the run's "
+                   "evaluation images (default all; 0: do not measure)")
     p.add_argument("--safetensors", metavar="PATH", help="write the folded weights as safetensors")
     p.add_argument("--compressed", metavar="PATH", help="write the folded weights compressed (.safetensors: "
                    "bitmasks of the non-zeros, their values or, for a --wbits run, their integer codes packed to "
@@ -216,10 +229,12 @@ def _add_export_parser(sub) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_run
+    from .export import Int8Options, export_run
 
     out = export_run(args.run_dir, args.onnx, args.safetensors, args.input_shape, args.opset,
-                     compressed_path=args.compressed)
+                     compressed_path=args.compressed, int8_path=args.int8,
+                     int8=Int8Options(args.data_dir, args.int8_calibration, args.int8_samples, args.eval_samples,
+                                      progress=not args.quiet))
     layers = out["layers"]
     cand = [r["name"] for r in layers if r["sparse_tensor_core_candidate"]]
     macs, nz = sum(r["macs"] for r in layers), sum(r["nonzero_macs"] for r in layers)
@@ -231,6 +246,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
             extra = f" (opset {out['opset']}, onnxruntime max |diff| {out['onnx_max_abs_diff']:.1e})" if key == "onnx" \
                 else ""
             print(f"wrote {out[key]}{extra}")
+    if "int8" in out:
+        images = f"{out['int8_calibration_images']} calibration images" + \
+            ("" if out["int8_calibration_is_the_runs"] else " (not the run's own: other data or --int8-samples)")
+        top1 = f"; top-1 {100 * out['float_top1']:.2f}% float -> {100 * out['int8_top1']:.2f}% INT8 on " \
+            f"{out['int8_eval_images']} {out['int8_eval_split']} images" if "int8_top1" in out else ""
+        kept = "zeros kept" if out["int8_zeros_kept"] else "SOME ZERO WEIGHTS LOST (please report this)"
+        print(f"wrote {out['int8']} (INT8, {out['int8_calibration']} ranges from {images}; {kept}{top1})")
     if "compressed" in out:
         sizes = out["sizes"]
         print(f"wrote {out['compressed']}: {sizes['compressed_bytes'] / 1e6:.2f} MB, "

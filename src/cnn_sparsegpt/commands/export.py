@@ -1,14 +1,18 @@
 """`cnn-sparsegpt export RUN_DIR`: a pruned run as a deployable file. BatchNorm is folded into the convs
 before it (a deployed network runs the folded weights), then the model goes to ONNX (checked in
-onnxruntime against PyTorch), safetensors and/or a compressed file (deploy.compressed: bitmasks, packed
-integer codes), with a JSON report per layer: multiply-adds, non-zeros, and whether its 2:4 pattern survived
-folding in the layout sparse tensor cores use (groups of 4 along input channels, at each kernel position).
+onnxruntime against PyTorch), an INT8 ONNX model for ONNX Runtime (deploy/int8.py: activation ranges from the run's
+own calibration images, top-1 measured against the float model on the run's evaluation images), safetensors and/or a
+compressed file (deploy.compressed: bitmasks, packed integer codes), with a JSON report per layer: multiply-adds,
+non-zeros, and whether its 2:4 pattern survived folding in the layout sparse tensor cores use (groups of 4 along input
+channels, at each kernel position).
 
 A quantized run's folded weights are its integer codes times the folded scales (each channel's scale times
 its BatchNorm factor): every output (ONNX, safetensors, compressed) carries exactly those weights.
 """
 from __future__ import annotations
 
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,12 +20,13 @@ from torch import nn
 
 from ..deploy.compressed import QuantGrid, dequantize, nbytes, quant_codes, save_compressed
 from ..deploy.fold import fold_batchnorm, fold_factors
+from ..deploy.int8 import CALIBRATION, check as check_int8, onnx_top1, quantize_int8
+from ..deploy.onnx_file import OPSET, write_onnx
 from ..kernels.masks import conv_column_perm
 from ..pruning.layer_plan import forward_order
-from .pipeline import load_run
+from .pipeline import load_run, run_images
 from ..utils import UserError, atomic_write_json, ensure_writable, load_tensors, save_safetensors
 
-OPSET = 17
 _SHAPES = {"mnist": [1, 28, 28], "cifar10": [3, 32, 32]}
 
 
@@ -87,16 +92,35 @@ def folded_grids(model: nn.Module, folded: nn.Module, quantized: dict) -> dict[s
     return grids
 
 
+@dataclass(frozen=True)
+class Int8Options:
+    """What `export --int8` reads: the run's data and how much of it."""
+    data_dir: str | None = None  # where the run's dataset lies (as prune's --data-dir)
+    calibration: str = "minmax"  # ORT's activation-range method (deploy.int8.CALIBRATION)
+    samples: int | None = None  # calibration images: the first N of the run's own (default all of them)
+    eval_samples: int | None = None  # evaluation images: the first N of the run's (default all; 0: no evaluation)
+    progress: bool = True
+
+
 @torch.no_grad()
 def export_run(run_dir: str | Path, onnx_path: str | Path | None = None, safetensors_path: str | Path | None = None,
                shape: list[int] | None = None, opset: int = OPSET, atol: float = 1e-4,
-               compressed_path: str | Path | None = None) -> dict:
+               compressed_path: str | Path | None = None, int8_path: str | Path | None = None,
+               int8: Int8Options = Int8Options()) -> dict:
     """Fold, export and check; returns (and writes beside the first output) the export report."""
-    outputs = [p for p in (onnx_path, safetensors_path, compressed_path) if p is not None]
+    outputs = [p for p in (onnx_path, int8_path, safetensors_path, compressed_path) if p is not None]
     if not outputs:
-        raise UserError("nothing to export: give --onnx PATH, --safetensors PATH and/or --compressed PATH")
+        raise UserError("nothing to export: give --onnx PATH, --int8 PATH, --safetensors PATH and/or --compressed "
+                        "PATH")
     for path in outputs:  # before any work: a folder that cannot be made is one clear error
         ensure_writable(Path(path).parent)
+    if int8_path is not None:
+        check_int8()
+        if int8.calibration not in CALIBRATION:
+            raise UserError(f"unknown --int8-calibration '{int8.calibration}'; choose from {', '.join(CALIBRATION)}")
+        for name, value in (("int8-samples", int8.samples), ("eval-samples", int8.eval_samples)):
+            if value is not None and value < (1 if name == "int8-samples" else 0):
+                raise UserError(f"--{name} must be {'at least 1' if name == 'int8-samples' else '>= 0'}, got {value}")
     model, report, masks = load_run(run_dir)
     quant_file = Path(run_dir) / "quant.pt"
     quantized = load_tensors(quant_file, "quantization file") if quant_file.is_file() else {}
@@ -124,6 +148,9 @@ def export_run(run_dir: str | Path, onnx_path: str | Path | None = None, safeten
                          "compressed_fraction": packed["bytes"] / out["sizes"]["state_dict_bytes"]}
     if onnx_path is not None:
         out |= _onnx(folded, x, reference, Path(onnx_path), opset, atol)
+    if int8_path is not None:
+        out |= _int8(folded, x, reference, report, Path(int8_path), Path(onnx_path) if onnx_path else None, opset,
+                     atol, int8)
     atomic_write_json(out, Path(outputs[0]).with_suffix(".export.json"))
     return out
 
@@ -134,12 +161,31 @@ def _onnx(folded: nn.Module, x: torch.Tensor, reference: torch.Tensor, path: Pat
     except ImportError:
         raise UserError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'cnn-sparsegpt[export]'") \
             from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(folded, (x,), str(path), opset_version=opset, input_names=["images"], output_names=["logits"],
-                      dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False)
+    write_onnx(folded, x, path, opset)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
     diff = float((got - reference).abs().max())
     if not diff <= atol:
         raise UserError(f"the ONNX model's outputs differ from PyTorch's by {diff:.2e} (> {atol:g})")
     return {"onnx": str(path), "opset": opset, "onnxruntime": ort.__version__, "onnx_max_abs_diff": diff}
+
+
+def _int8(folded: nn.Module, x: torch.Tensor, reference: torch.Tensor, report: dict, path: Path,
+          float_path: Path | None, opset: int, atol: float, options: Int8Options) -> dict:
+    """The INT8 model from the float ONNX model (written to a temporary file unless --onnx wrote one), calibrated on
+    the run's calibration images; top-1 of both on the same evaluation images."""
+    if not report.get("preprocess") or not report.get("nsamples"):
+        raise UserError("this run's report.json does not record its data (preprocess, nsamples): --int8 needs the "
+                        "run's calibration images")
+    calib, test, same = run_images(report, options.data_dir, nsamples=options.samples, eval_samples=options.eval_samples)
+    with tempfile.TemporaryDirectory() as tmp:
+        if float_path is None:
+            float_path = Path(tmp) / "float.onnx"
+            _onnx(folded, x, reference, float_path, opset, atol)
+        out = quantize_int8(float_path, path, calib, options.calibration)
+        out["int8_calibration_is_the_runs"] = same and not options.samples
+        if len(test) and options.eval_samples != 0:
+            out |= {"int8_eval_images": len(test), "int8_eval_split": report.get("eval_split", "test"),
+                    "float_top1": onnx_top1(float_path, test, progress=options.progress, desc="float accuracy"),
+                    "int8_top1": onnx_top1(path, test, progress=options.progress)}
+    return out

@@ -13,9 +13,8 @@ from torch import nn
 
 from ..pruning.batchnorm import bn_modules, recalibrate
 from ..data.datasets import calibration_set, holdout_split, load_splits
-from .pipeline import load_dense, load_run
+from .pipeline import load_dense, load_run, run_preprocess
 from ..kernels.quant import attach_grids, detach_grids
-from ..data.preprocess import Preprocess
 from .train import TrainConfig, evaluate, train_model
 from ..utils import (
     UserError,
@@ -59,7 +58,7 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
     teacher = load_dense(report, teacher_weights) if cfg.distill > 0 else None
     out = ensure_writable(out or run / "finetune")
     dev = resolve_device(device)
-    pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in report["preprocess"].items()})
+    pre = run_preprocess(report)
     train, test = load_splits(report["dataset"], data_dir, pre, streaming, workers)
     held = None
     if holdout:

@@ -1,5 +1,7 @@
 """`cnn-sparsegpt latency RUN_DIR`: the pruned model against the dense one it came from, timed side by side in one
-process on a real runtime (ONNX Runtime on the CPU by default, or PyTorch eager), at each batch size.
+process on a real runtime (ONNX Runtime on the CPU by default, its INT8 models, or PyTorch eager), at each batch size;
+`--also RUNTIME` times both on more runtimes in the same rounds (e.g. the pruned INT8 model against the dense float
+one), each against the first runtime's dense model.
 
 Both models are BatchNorm-folded as `export` folds them. Dense and pruned alternate in rounds (so that a noisy
 machine slows both alike); each round times `runs` calls after `warmup` untimed ones; the figure is the median
@@ -18,28 +20,41 @@ from .pipeline import load_dense, load_run
 
 
 def compare_latency(dense, pruned, shape, runtime: str = "onnxruntime", batch_sizes=(1, 32), warmup: int = 5,
-                    runs: int = 20, rounds: int = 3, threads: int | None = None) -> list[dict]:
-    """Per batch size: median seconds per call of the dense and the pruned model side by side, and dense/pruned."""
-    make = runtime_class(runtime)
+                    runs: int = 20, rounds: int = 3, threads: int | None = None, also: tuple[str, ...] = ()
+                    ) -> list[dict]:
+    """Per batch size: median seconds per call of the dense and the pruned model side by side, and dense/pruned;
+    with `also`, the same two on each of those runtimes in the same rounds, with their speed-ups over the first
+    runtime's dense model."""
+    makes = {r: runtime_class(r) for r in (runtime, *also)}
     if threads:
         torch.set_num_threads(threads)
     example = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
-    models = {"dense": make(dense.cpu(), example, threads), "pruned": make(pruned.cpu(), example, threads)}
+    models = {}
+    for r, make in makes.items():
+        prefix = "" if r == runtime else f"{r} "
+        models |= {f"{prefix}dense": make(dense.cpu(), example, threads),
+                   f"{prefix}pruned": make(pruned.cpu(), example, threads)}
     rows = []
     for b in batch_sizes:
         x = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b))
         calls, med = side_by_side(models, x, warmup, runs, rounds)
-        rows.append({"batch": b, "dense_s": med["dense"], "pruned_s": med["pruned"],
-                     "speedup": med["dense"] / med["pruned"], "calls": calls})
+        row = {"batch": b, "dense_s": med["dense"], "pruned_s": med["pruned"], "speedup": med["dense"] / med["pruned"],
+               "calls": calls}
+        if also:
+            row["also"] = {r: {"dense_s": med[f"{r} dense"], "pruned_s": med[f"{r} pruned"],
+                               "dense_speedup": med["dense"] / med[f"{r} dense"],
+                               "pruned_speedup": med["dense"] / med[f"{r} pruned"]} for r in also if r != runtime}
+        rows.append(row)
     return rows
 
 
 def measure_latency(run_dir: str | Path, runtime: str = "onnxruntime", batch_sizes=(1, 32), warmup: int = 5,
                     runs: int = 20, rounds: int = 3, threads: int | None = None, teacher: str | None = None,
-                    out: str | Path | None = None) -> dict:
+                    out: str | Path | None = None, also: tuple[str, ...] = ()) -> dict:
     """Median seconds per call of the dense and the pruned model of a run, at each batch size; the speed-up is
     dense / pruned. Written to `out` (default RUN_DIR/latency.json)."""
-    runtime_class(runtime)  # an unknown runtime before loading anything
+    for r in (runtime, *also):  # an unknown runtime before loading anything
+        runtime_class(r)
     for name, value in (("warmup", warmup), ("runs", runs), ("rounds", rounds)):
         if value < (0 if name == "warmup" else 1):
             raise UserError(f"--{name} must be {'>= 0' if name == 'warmup' else 'at least 1'}, got {value}")
@@ -49,8 +64,10 @@ def measure_latency(run_dir: str | Path, runtime: str = "onnxruntime", batch_siz
     pruned, report, _ = load_run(run_dir)
     dense = load_dense(report, teacher)
     shape = input_shape(report)
-    rows = compare_latency(dense, pruned, shape, runtime, batch_sizes, warmup, runs, rounds, threads)
+    also = tuple(dict.fromkeys(r for r in also if r != runtime))
+    rows = compare_latency(dense, pruned, shape, runtime, batch_sizes, warmup, runs, rounds, threads, also)
     result = {"run": str(run_dir), "model": report["model"], "pattern": report.get("pattern"), "runtime": runtime,
+              "also": list(also),
               "input_shape": shape, "warmup": warmup, "runs": runs, "rounds": rounds, "threads": threads,
               "macs": (report.get("structure") or {}).get("macs"), "rows": rows} | run_metadata(torch.device("cpu"))
     atomic_write_json(result, out)
@@ -61,6 +78,9 @@ def add_latency_parser(sub) -> None:
     p = sub.add_parser("latency", help="time a pruned run against its dense model on a real runtime (side by side)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a `prune` run")
     p.add_argument("--runtime", default="onnxruntime", help=f"{' | '.join(RUNTIMES)} (default onnxruntime, CPU)")
+    p.add_argument("--also", action="append", default=[], metavar="RUNTIME",
+                   help="time dense and pruned on this runtime too, in the same rounds, each against the first "
+                        "runtime's dense model (repeatable; e.g. --also onnxruntime-int8)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32], help="default 1 32")
     p.add_argument("--warmup", type=int, default=5, help="untimed calls before each timed round (default 5)")
     p.add_argument("--runs", type=int, default=20, help="timed calls per model per round (default 20)")
@@ -73,10 +93,13 @@ def add_latency_parser(sub) -> None:
 
 def _cmd_latency(args) -> int:
     r = measure_latency(args.run_dir, args.runtime, args.batch_sizes, args.warmup, args.runs, args.rounds,
-                        args.threads, args.teacher, args.out)
+                        args.threads, args.teacher, args.out, tuple(args.also))
     print(f"{r['model']} {r['pattern']} on {r['runtime']} (median of {r['runs'] * r['rounds']} calls):")
     for row in r["rows"]:
         print(f"  batch {row['batch']:>4}: dense {1000 * row['dense_s']:.2f} ms, pruned {1000 * row['pruned_s']:.2f} "
               f"ms, speed-up {row['speedup']:.2f}x")
+        for name, a in row.get("also", {}).items():
+            print(f"  {'':>10} {name}: dense {1000 * a['dense_s']:.2f} ms ({a['dense_speedup']:.2f}x), pruned "
+                  f"{1000 * a['pruned_s']:.2f} ms ({a['pruned_speedup']:.2f}x) against {r['runtime']}'s dense")
     print(f"wrote {args.out or Path(args.run_dir) / 'latency.json'}")
     return 0

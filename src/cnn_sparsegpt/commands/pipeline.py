@@ -15,7 +15,7 @@ from ..pruning.config import recipe_label
 from .options import PruneOptions
 from ..data.datasets import DATASET_CHOICES, calibration_indices, calibration_set, holdout_split, load_splits
 from ..models import check_model_name, create_model, head_classes, model_entry
-from ..data.preprocess import resolve as resolve_preprocess
+from ..data.preprocess import Preprocess, resolve as resolve_preprocess
 from ..pruning.prune import prune_model
 from ..pruning.slicing import apply_structure
 from .report import REPORT_SCHEMA, read_report
@@ -118,6 +118,36 @@ def prepare(opts: PruneOptions, device: torch.device):
     return model.to(device).eval(), train, test, dataset, pre
 
 
+def calibration_digest(train, chosen: torch.Tensor) -> str:
+    """What report.json records of the calibration images: which of how many (the same images for every method)."""
+    return hashlib.sha1(f"{len(train)}:{chosen.tolist()}".encode()).hexdigest()[:12]
+
+
+def run_preprocess(report: dict) -> Preprocess:
+    """The preprocessing a run recorded (report.json's `preprocess`)."""
+    return Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in report["preprocess"].items()})
+
+
+def run_images(report: dict, data_dir: str | None = None, streaming: str = "auto", workers: int | None = None,
+               nsamples: int | None = None, eval_samples: int | None = None):
+    """A run's calibration images (the first `nsamples` of them) and evaluation split as `prune` drew them (its
+    dataset, preprocessing, seed, held-out split and evaluation subset, from report.json), and whether the
+    calibration images are the run's own (the digest report.json recorded)."""
+    train, test = load_splits(report["dataset"], data_dir, run_preprocess(report), streaming, workers)
+    split = str(report.get("eval_split") or "test")
+    if split.startswith("holdout"):
+        train, test = holdout_split(train, int(split.split()[1]))
+    if (report.get("eval_samples") or len(test)) < len(test):  # prepare's fixed random subset
+        test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(0))
+                           [:report["eval_samples"]])
+    if eval_samples:
+        test = test.subset(torch.arange(min(eval_samples, len(test))))
+    chosen = calibration_indices(train, int(report["nsamples"]), int(report.get("seed") or 0))
+    same = calibration_digest(train, chosen) == report.get("calibration_digest")
+    calib = calibration_set(train, len(chosen), indices=chosen[:nsamples] if nsamples else chosen)
+    return calib, test, same
+
+
 def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None = None,
               write: bool = True, return_model: bool = False):
     """Run one prune and (when `write`) save model.pt, masks.pt and report.json under opts.out; returns the report
@@ -134,7 +164,7 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     model, train, test, dataset, pre = prepare(opts, device)
     chosen = calibration_indices(train, opts.nsamples, opts.seed)  # the same images for every method: a digest
     calib = calibration_set(train, opts.nsamples, indices=chosen)
-    calib_digest = hashlib.sha1(f"{len(train)}:{chosen.tolist()}".encode()).hexdigest()[:12]
+    calib_digest = calibration_digest(train, chosen)
     eval_seconds = 0.0
     if opts.evaluate and dense_acc is None:
         t0 = time.perf_counter()

@@ -1,6 +1,6 @@
-"""The runtimes a model is timed on (ONNX Runtime on the CPU, PyTorch eager; TensorRT is not built yet) and the
-side-by-side timing rule: models alternate in rounds (a noisy machine slows all alike), each round times `runs`
-calls after `warmup` untimed ones, and the figure is the median call."""
+"""The runtimes a model is timed on (ONNX Runtime on the CPU in float32 or INT8, PyTorch eager; TensorRT is not built
+yet) and the side-by-side timing rule: models alternate in rounds (a noisy machine slows all alike), each round times
+`runs` calls after `warmup` untimed ones, and the figure is the median call."""
 from __future__ import annotations
 
 import importlib.util
@@ -14,6 +14,8 @@ from torch import nn
 
 from ..utils import UserError
 from .fold import fold_batchnorm
+from .int8 import quantize_int8
+from .onnx_file import write_onnx
 
 
 class TorchEager:
@@ -48,17 +50,28 @@ class OnnxRuntime:
 
         folded = fold_batchnorm(model).eval()
         with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "m.onnx"
-            torch.onnx.export(folded, (example,), str(path), opset_version=17, input_names=["images"],
-                              output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                              dynamo=False)
+            path = self.onnx_file(folded, example, Path(tmp))
             options = ort.SessionOptions()
             if threads:
                 options.intra_op_num_threads = threads
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
+    def onnx_file(self, folded: nn.Module, example: torch.Tensor, tmp: Path) -> Path:
+        """The model file this runtime runs, written under tmp."""
+        return write_onnx(folded, example, tmp / "m.onnx")
+
     def __call__(self, x: torch.Tensor) -> None:
         self.session.run(None, {"images": x.numpy()})
+
+
+class OnnxRuntimeInt8(OnnxRuntime):
+    """ONNX Runtime's CPU provider on the INT8 model `export --int8` writes (deploy/int8.py), for timing: its
+    activation ranges come from random images (the graph and its kernels are those of a calibrated model)."""
+    name = "onnxruntime-int8"
+
+    def onnx_file(self, folded: nn.Module, example: torch.Tensor, tmp: Path) -> Path:
+        calibration = torch.randn(8, *example.shape[1:], generator=torch.Generator().manual_seed(0))
+        return Path(quantize_int8(super().onnx_file(folded, example, tmp), tmp / "m_int8.onnx", calibration)["int8"])
 
 
 class TensorRT:
@@ -73,7 +86,7 @@ class TensorRT:
         self.check()
 
 
-RUNTIMES = {r.name: r for r in (OnnxRuntime, TorchEager, TensorRT)}
+RUNTIMES = {r.name: r for r in (OnnxRuntime, OnnxRuntimeInt8, TorchEager, TensorRT)}
 
 
 def runtime(name: str):
