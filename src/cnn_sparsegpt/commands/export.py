@@ -177,7 +177,8 @@ def _int8(folded: nn.Module, x: torch.Tensor, reference: torch.Tensor, report: d
     if not report.get("preprocess") or not report.get("nsamples"):
         raise UserError("this run's report.json does not record its data (preprocess, nsamples): --int8 needs the "
                         "run's calibration images")
-    calib, test, same = run_images(report, options.data_dir, nsamples=options.samples, eval_samples=options.eval_samples)
+    calib, test, same = run_images(report, options.data_dir, nsamples=options.samples,
+                                   eval_samples=options.eval_samples)
     with tempfile.TemporaryDirectory() as tmp:
         if float_path is None:
             float_path = Path(tmp) / "float.onnx"
