@@ -118,9 +118,9 @@ def export_run(run_dir: str | Path, onnx_path: str | Path | None = None, safeten
         check_int8()
         if int8.calibration not in CALIBRATION:
             raise UserError(f"unknown --int8-calibration '{int8.calibration}'; choose from {', '.join(CALIBRATION)}")
-        for name, value in (("int8-samples", int8.samples), ("eval-samples", int8.eval_samples)):
-            if value is not None and value < (1 if name == "int8-samples" else 0):
-                raise UserError(f"--{name} must be {'at least 1' if name == 'int8-samples' else '>= 0'}, got {value}")
+        for name, value, least in (("int8-samples", int8.samples, 1), ("eval-samples", int8.eval_samples, 0)):
+            if value is not None and value < least:
+                raise UserError(f"--{name} must be at least {least}, got {value}")
     model, report, masks = load_run(run_dir)
     quant_file = Path(run_dir) / "quant.pt"
     quantized = load_tensors(quant_file, "quantization file") if quant_file.is_file() else {}

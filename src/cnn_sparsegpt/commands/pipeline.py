@@ -86,6 +86,12 @@ def dataset_for(model: str, given: str | None) -> str:
     return dataset
 
 
+def eval_subset(test, n: int):
+    """The evaluation images `--eval-samples n` measures: a fixed random subset (files are often sorted by class),
+    the same for every run, so that `export --int8` can measure the images a prune did."""
+    return test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:n])
+
+
 def prepare(opts: PruneOptions, device: torch.device):
     """Model (with weights), the train and test sets preprocessed as the model expects, and the dataset."""
     dataset = dataset_for(opts.model, opts.dataset)
@@ -113,8 +119,8 @@ def prepare(opts: PruneOptions, device: torch.device):
         warnings.warn("no --weights given: pruning a randomly initialized model", RuntimeWarning)
     if opts.holdout:  # disjoint from the calibration images, which are drawn from the rest
         train, test = holdout_split(train, opts.holdout)
-    if opts.eval_samples:  # a fixed random subset: files are often sorted by class
-        test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:opts.eval_samples])
+    if opts.eval_samples:
+        test = eval_subset(test, opts.eval_samples)
     return model.to(device).eval(), train, test, dataset, pre
 
 
@@ -137,9 +143,8 @@ def run_images(report: dict, data_dir: str | None = None, streaming: str = "auto
     split = str(report.get("eval_split") or "test")
     if split.startswith("holdout"):
         train, test = holdout_split(train, int(split.split()[1]))
-    if (report.get("eval_samples") or len(test)) < len(test):  # prepare's fixed random subset
-        test = test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(0))
-                           [:report["eval_samples"]])
+    if (report.get("eval_samples") or len(test)) < len(test):  # the run measured a subset (--eval-samples)
+        test = eval_subset(test, report["eval_samples"])
     if eval_samples:
         test = test.subset(torch.arange(min(eval_samples, len(test))))
     chosen = calibration_indices(train, int(report["nsamples"]), int(report.get("seed") or 0))
