@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from .channel_budget import Counter, allocate, chosen_units, macs_of
 from .slicing import removal_plan, slice_channels_
 
 TOLERANCE = 0.03  # relative distance of the measured speed-up to the target that ends the search
+MISSED = 0.10  # relative distance beyond which the closest try is reported as a miss (channel steps are coarse)
 SEARCH_STEPS = 6  # tries (each: one allocation, one slicing and one side-by-side timing)
 TIMING = {"warmup": 5, "runs": 20, "rounds": 3}  # per side-by-side measurement
 
@@ -101,7 +103,16 @@ def speedup_allocation(model: nn.Module, groups, curves: dict, positions: dict, 
             break
         goal = next_goal([(t["goal"], t["measured_speedup"]) for t in tries], target)
     best = min(tries, key=lambda t: abs(t["measured_speedup"] / target - 1))
+    reached = abs(best["measured_speedup"] / target - 1) <= MISSED
+    if not reached:  # the closest try is kept (the prune goes on), but never silently
+        fastest = max(t["measured_speedup"] for t in tries)
+        why = (f"; no try was faster than the dense model ({fastest:.2f}x at best): narrower layers are not faster on "
+               "this runtime here, try another speedup_runtime or keep_macs") if fastest <= 1 else ""
+        warnings.warn(f"target_speedup {target:g}x not reached on {runtime}: the closest of {len(tries)} tries "
+                      f"measured {best['measured_speedup']:.2f}x, keeping {best['macs_kept']:.0%} of the "
+                      f"multiply-adds{why}", RuntimeWarning)
     record = {"runtime": runtime, "batch": batch, "target_speedup": target, "measured_speedup":
-              best["measured_speedup"], "tries": [{k: v for k, v in t.items() if k != "removed"} for t in tries],
+              best["measured_speedup"], "reached": reached,
+              "tries": [{k: v for k, v in t.items() if k != "removed"} for t in tries],
               "table": {n: vars(t) for n, t in table.items()}}
     return best["removed"], record
