@@ -146,3 +146,21 @@ def test_search_converges_where_measured_is_far_from_predicted():
         tries.append((g, measure(g)))
     assert abs(tries[-1][1] / 2.0 - 1) < 0.01
     assert speedup.next_goal([(1.0, 1.0)], 4.0) == 0.5  # at most a factor 2 per step without a bracket
+
+
+def test_the_cli_says_a_missed_target_in_its_warning_and_summary(fake_runtime, monkeypatch, tmp_path, data_dir,
+                                                                 capsys):
+    from cnn_sparsegpt.commands.cli import main
+    from cnn_sparsegpt.models import create_model
+
+    monkeypatch.setattr(speedup, "side_by_side", lambda models, x, **kw: (None, {"dense": 1.0, "pruned": 1.1}))
+    ckpt = tmp_path / "mnist_cnn.pt"
+    torch.manual_seed(0)
+    torch.save(create_model("mnist_cnn").state_dict(), ckpt)
+    assert main(["prune", "--model", "mnist_cnn", "--weights", str(ckpt), "--data-dir", str(data_dir), "--structure",
+                 "channels", "--target-speedup", "1.6", "--nsamples", "32", "--eval-samples", "64", "--out",
+                 str(tmp_path / "run")]) == 0
+    out, err = capsys.readouterr()
+    assert "warning: target_speedup 1.6x not reached" in err and "no try was faster" in err
+    assert "(target 1.6x, " in out and ": not reached)" in out
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["structure"]["latency"]["reached"] is False

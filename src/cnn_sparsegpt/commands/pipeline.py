@@ -275,7 +275,8 @@ def format_report(r: dict) -> str:
         if st.get("latency"):
             lat = st["latency"]
             lines.append(f"  measured speed-up {lat['measured_speedup']:.2f}x on {lat['runtime']} at batch "
-                         f"{lat['batch']} (target {lat['target_speedup']:g}x, {len(lat['tries'])} tries)")
+                         f"{lat['batch']} (target {lat['target_speedup']:g}x, {len(lat['tries'])} tries"
+                         f"{'' if lat.get('reached', True) else ': not reached'})")
     head = "" if st else (  # a channel prune's summary is the line above: its layers have no weight sparsity
         f"\n{r['model']} {r['method']} {r['pattern']}: sparsity {r['sparsity']:.3f} of the pruned layers, "
         f"{r['total_sparsity']:.3f} of all weights; {r['seconds']:.1f} s pruning, {r['nsamples']} calibration images\n")
