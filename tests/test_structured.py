@@ -435,7 +435,7 @@ def test_latency_times_dense_and_pruned_side_by_side(tmp_path, data_dir, capsys)
     import json
 
     run, main = _structured_mnist_run(tmp_path, data_dir)
-    for runtime in ("onnxruntime", "torch"):
+    for runtime in ("onnxruntime", "torch", "openvino"):
         out = tmp_path / f"{runtime}.json"
         assert main(["latency", str(run), "--runtime", runtime, "--batch-sizes", "1", "2", "--warmup", "1",
                      "--runs", "2", "--rounds", "1", "--out", str(out)]) == 0

@@ -178,7 +178,8 @@ class PruneConfig:
                                        "against the dense one until within 3% (a few tries)",
                                        check=lambda v: v > 1, want="above 1")
     speedup_runtime: str = opt("onnxruntime", "target_speedup: the runtime timed (onnxruntime on the CPU, "
-                               "onnxruntime-int8 for the model export --int8 writes, or torch eager)", tuple(RUNTIMES))
+                               "onnxruntime-int8 for the model export --int8 writes, openvino or openvino-bf16 on an "
+                               "Intel CPU, or torch eager)", tuple(RUNTIMES))
     speedup_batch: int = opt(1, "target_speedup: images per call when timing", check=lambda v: v >= 1,
                              want="at least 1")
     round_to: int = opt(8, "channels: kept channel counts are multiples of this (efficient kernels; 16 for a wide "
