@@ -4,6 +4,7 @@ noisy machine slows all alike), each round times `runs` calls after `warmup` unt
 median call."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import statistics
 import tempfile
@@ -85,6 +86,16 @@ class OnnxRuntimeInt8(OnnxRuntime):
         return Path(quantize_int8(super().onnx_file(folded, example, tmp), tmp / "m_int8.onnx", calibration)["int8"])
 
 
+@functools.cache
+def openvino_core():
+    """One OpenVINO Core for the process, never destroyed: with a Core made and dropped per model, a later
+    subprocess crashed the interpreter (a segfault) once PyTorch's DataLoader workers had streamed a folder in the
+    same process (its SIGCHLD handler stays installed); with one Core kept, it did not (standalone repro, 4 of 4)."""
+    import openvino as ov
+
+    return ov.Core()
+
+
 class OpenVino(OnnxFile):
     """OpenVINO's CPU plugin, latency hint, float32 (as ONNX Runtime computes)."""
     name = "openvino"
@@ -93,9 +104,7 @@ class OpenVino(OnnxFile):
     precision = "f32"  # OpenVINO's own default is bf16 wherever the CPU has bfloat16 kernels: openvino-bf16
 
     def load(self, path: Path, threads: int | None) -> None:
-        import openvino as ov
-
-        core = ov.Core()
+        core = openvino_core()
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": self.precision}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
