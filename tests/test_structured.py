@@ -435,6 +435,8 @@ def test_latency_times_dense_and_pruned_side_by_side(tmp_path, data_dir, capsys)
     import json
 
     run, main = _structured_mnist_run(tmp_path, data_dir)
+    # openvino here, after test_folders' streamed loading in the same session, segfaulted at the next subprocess
+    # while each model had its own OpenVINO Core (runtimes.openvino_core)
     for runtime in ("onnxruntime", "torch", "openvino"):
         out = tmp_path / f"{runtime}.json"
         assert main(["latency", str(run), "--runtime", runtime, "--batch-sizes", "1", "2", "--warmup", "1",
