@@ -122,7 +122,8 @@ class OpenVino(OnnxFile):
 
 class OpenVinoBf16(OpenVino):
     """OpenVINO's CPU plugin in bfloat16 (its default on CPUs with AMX or AVX-512 BF16): mostly 1.1-2.1x faster than
-    float32 there (docs/PERFORMANCE.md), at bfloat16's 8-bit mantissa; elsewhere OpenVINO runs float32, said by a warning."""
+    float32 there (docs/PERFORMANCE.md), at bfloat16's 8-bit mantissa; elsewhere OpenVINO runs float32, said by a
+    warning."""
     name = "openvino-bf16"
     precision = "bf16"
 
