@@ -1,7 +1,7 @@
 """The runtimes a model is timed on (ONNX Runtime on the CPU in float32 or INT8, OpenVINO on the CPU in float32 or
-bfloat16, PyTorch eager; TensorRT is not built yet) and the side-by-side timing rule: models alternate in rounds (a
-noisy machine slows all alike), each round times `runs` calls after `warmup` untimed ones, and the figure is the
-median call."""
+bfloat16, PyTorch eager; TensorRT is not built yet; each, called on a batch, returns its logits) and the
+side-by-side timing rule: models alternate in rounds (a noisy machine slows all alike), each round times `runs` calls
+after `warmup` untimed ones, and the figure is the median call."""
 from __future__ import annotations
 
 import functools
@@ -32,9 +32,9 @@ class TorchEager:
     def __init__(self, model: nn.Module, example: torch.Tensor, threads: int | None):
         self.model = fold_batchnorm(model).eval()
 
-    def __call__(self, x: torch.Tensor) -> None:
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            self.model(x)
+            return self.model(x)
 
 
 class OnnxFile:
@@ -72,8 +72,8 @@ class OnnxRuntime(OnnxFile):
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-    def __call__(self, x: torch.Tensor) -> None:
-        self.session.run(None, {"images": x.numpy()})
+    def __call__(self, x: torch.Tensor):
+        return self.session.run(None, {"images": x.numpy()})[0]
 
 
 class OnnxRuntimeInt8(OnnxRuntime):
@@ -116,8 +116,8 @@ class OpenVino(OnnxFile):
         info = [op.get_rt_info() for op in self.compiled.get_runtime_model().get_ordered_ops()]
         return {i["runtimePrecision"].astype(str) for i in info if "Convolution" in i["layerType"].astype(str)}
 
-    def __call__(self, x: torch.Tensor) -> None:
-        self.request.infer({0: x.numpy()})
+    def __call__(self, x: torch.Tensor):
+        return self.request.infer({0: x.numpy()})[0]
 
 
 class OpenVinoBf16(OpenVino):
