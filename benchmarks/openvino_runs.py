@@ -15,18 +15,11 @@ import torch
 
 from cnn_sparsegpt.commands.latency import measure_latency
 from cnn_sparsegpt.commands.pipeline import load_run, run_images
+from cnn_sparsegpt.deploy.accuracy import top1
 from cnn_sparsegpt.deploy.runtimes import runtime
 from cnn_sparsegpt.utils import atomic_write_json, run_metadata
 
 ALSO = ("onnxruntime-int8", "openvino", "openvino-bf16")
-
-
-def top1(fn, data, batch_size: int = 250) -> float:
-    """Top-1 (a fraction) of a runtime's model (called on a batch, it returns the logits) over an ImageSet."""
-    correct = 0
-    for x, y in data.batches(batch_size, "cpu"):
-        correct += int((torch.as_tensor(fn(x.contiguous())).argmax(1) == y).sum())
-    return correct / len(data)
 
 
 def main() -> None:
@@ -44,7 +37,7 @@ def main() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             for name in ("openvino", "openvino-bf16"):
-                row[f"{name}_top1"] = top1(runtime(name)(model, example, None), test)
+                row[f"{name}_top1"] = top1(runtime(name)(model, example, None), test, progress=False)
         row["latency"] = measure_latency(run, "onnxruntime", also=ALSO, out=Path(args.json).with_suffix("")
                                          .with_name(f"{Path(run).name}.latency.json"))["rows"]
         for r in row["latency"]:

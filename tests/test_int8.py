@@ -92,3 +92,32 @@ def test_latency_also_times_int8_side_by_side(mnist_ckpt, data_dir, tmp_path, ca
     assert "onnxruntime-int8: dense" in capsys.readouterr().out
     assert main(["latency", str(run), "--also", "nothing"]) == 2
     assert "unknown runtime 'nothing'" in capsys.readouterr().err
+
+
+def test_latency_top1_on_every_runtime(mnist_ckpt, data_dir, tmp_path, capsys):  # noqa: F811
+    run = tmp_path / "run"
+    assert main(prune_args(mnist_ckpt, data_dir, run, "--nm", "2:4")) == 0
+    report = json.loads((run / "report.json").read_text())
+    out = tmp_path / "lat.json"
+    capsys.readouterr()
+    assert main(["-q", "latency", str(run), "--also", "onnxruntime-int8", "--also", "torch", "--batch-sizes", "1",
+                 "--warmup", "0", "--runs", "1", "--rounds", "1", "--out", str(out), "--top1", "--data-dir",
+                 str(data_dir)]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["top1"]) == {"onnxruntime", "onnxruntime-int8", "torch"}
+    assert r["eval_images"] == report["eval_samples"] == 200 and r["eval_split"] == "test"
+    assert r["torch_top1"] == {"dense": report["dense_acc"], "pruned": report["pruned_acc"]}
+    for which in ("dense", "pruned"):  # folded, ONNX or eager: the model prune measured, up to a borderline image
+        for name in ("onnxruntime", "torch"):
+            assert r["top1"][name][which] == pytest.approx(r["torch_top1"][which], abs=0.011)
+        # INT8 calibrated on the run's own images: 8-bit rounding, not random ranges
+        assert abs(r["top1"]["onnxruntime-int8"][which] - r["torch_top1"][which]) <= 0.05
+    assert r["int8_calibration_is_the_runs"] and r["int8_calibration_images"] == report["nsamples"]
+    printed = capsys.readouterr().out
+    assert "top-1 on 200 test images" in printed and "onnxruntime-int8: dense" in printed
+    # without --top1 nothing is read or measured; bad values are one line before any work
+    assert main(["-q", "latency", str(run), "--batch-sizes", "1", "--warmup", "0", "--runs", "1", "--rounds", "1",
+                 "--out", str(out)]) == 0
+    assert "top1" not in json.loads(out.read_text())
+    assert main(["latency", str(run), "--top1", "--eval-samples", "-1"]) == 2
+    assert "--eval-samples must be at least 0" in capsys.readouterr().err

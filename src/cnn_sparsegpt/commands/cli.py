@@ -6,7 +6,6 @@ import os
 import sys
 import warnings
 
-from ..deploy.int8 import CALIBRATION
 from ..pruning import dist
 from ..utils import UserError
 
@@ -201,6 +200,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def _add_export_parser(sub) -> None:
+    from .export import add_run_data_arguments
+
     p = sub.add_parser("export", help="fold BatchNorm into the convs of a pruned run and write ONNX, safetensors "
                        "and/or a compressed file")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a `prune` run (model.pt, report.json)")
@@ -210,14 +211,7 @@ def _add_export_parser(sub) -> None:
                    "one symmetric scale per output channel, zeros kept; uint8 activations whose ranges come from the "
                    "run's calibration images), and measure its top-1 against the float model's on the run's "
                    "evaluation images; needs the run's data (--data-dir) and the [export] extra")
-    p.add_argument("--data-dir", help="with --int8: where the run's dataset lies (as prune's --data-dir)")
-    p.add_argument("--int8-calibration", default="minmax", choices=CALIBRATION,
-                   help="with --int8: how ONNX Runtime sets the activation ranges (default minmax; percentile and "
-                        "entropy keep every calibration batch's activations in memory)")
-    p.add_argument("--int8-samples", type=int, help="with --int8: calibrate on the first N of the run's calibration "
-                   "images (default all of them)")
-    p.add_argument("--eval-samples", type=int, help="with --int8: measure top-1 on the first N of the run's "
-                   "evaluation images (default all; 0: do not measure)")
+    add_run_data_arguments(p, "--int8")
     p.add_argument("--safetensors", metavar="PATH", help="write the folded weights as safetensors")
     p.add_argument("--compressed", metavar="PATH", help="write the folded weights compressed (.safetensors: "
                    "bitmasks of the non-zeros, their values or, for a --wbits run, their integer codes packed to "
@@ -229,12 +223,10 @@ def _add_export_parser(sub) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import Int8Options, export_run
+    from .export import export_run, run_data_options
 
     out = export_run(args.run_dir, args.onnx, args.safetensors, args.input_shape, args.opset,
-                     compressed_path=args.compressed, int8_path=args.int8,
-                     int8=Int8Options(args.data_dir, args.int8_calibration, args.int8_samples, args.eval_samples,
-                                      progress=not args.quiet))
+                     compressed_path=args.compressed, int8_path=args.int8, int8=run_data_options(args))
     layers = out["layers"]
     cand = [r["name"] for r in layers if r["sparse_tensor_core_candidate"]]
     macs, nz = sum(r["macs"] for r in layers), sum(r["nonzero_macs"] for r in layers)

@@ -93,20 +93,56 @@ def folded_grids(model: nn.Module, folded: nn.Module, quantized: dict) -> dict[s
 
 
 @dataclass(frozen=True)
-class Int8Options:
-    """What `export --int8` reads: the run's data and how much of it."""
+class RunData:
+    """What `export --int8` and `latency --top1` read: the run's data and how much of it."""
     data_dir: str | None = None  # where the run's dataset lies (as prune's --data-dir)
-    calibration: str = "minmax"  # ORT's activation-range method (deploy.int8.CALIBRATION)
-    samples: int | None = None  # calibration images: the first N of the run's own (default all of them)
+    calibration: str = "minmax"  # ORT's activation-range method for INT8 (deploy.int8.CALIBRATION)
+    samples: int | None = None  # INT8 calibration images: the first N of the run's own (default all of them)
     eval_samples: int | None = None  # evaluation images: the first N of the run's (default all; 0: no evaluation)
     progress: bool = True
+
+    def check(self) -> None:
+        """Bad values as one line each, before any work."""
+        if self.calibration not in CALIBRATION:
+            raise UserError(f"unknown --int8-calibration '{self.calibration}'; choose from {', '.join(CALIBRATION)}")
+        for name, value, least in (("int8-samples", self.samples, 1), ("eval-samples", self.eval_samples, 0)):
+            if value is not None and value < least:
+                raise UserError(f"--{name} must be at least {least}, got {value}")
+
+
+Int8Options = RunData  # its name before `latency --top1` read it too
+
+
+def run_data(report: dict, options: RunData, flag: str):
+    """The run's calibration images, evaluation images, and whether the former are the run's own (run_images)."""
+    if not report.get("preprocess") or not report.get("nsamples"):
+        raise UserError(f"this run's report.json does not record its data (preprocess, nsamples): {flag} needs the "
+                        "run's images")
+    return run_images(report, options.data_dir, nsamples=options.samples, eval_samples=options.eval_samples)
+
+
+def add_run_data_arguments(p, flag: str) -> None:
+    """The RunData flags of a command whose `flag` reads the run's data."""
+    p.add_argument("--data-dir", help=f"with {flag}: where the run's dataset lies (as prune's --data-dir)")
+    p.add_argument("--int8-calibration", default="minmax", choices=CALIBRATION,
+                   help=f"with {flag}: how ONNX Runtime sets INT8 activation ranges (default minmax; percentile and "
+                        "entropy keep every calibration batch's activations in memory)")
+    p.add_argument("--int8-samples", type=int, help=f"with {flag}: calibrate INT8 on the first N of the run's "
+                   "calibration images (default all of them)")
+    p.add_argument("--eval-samples", type=int, help=f"with {flag}: measure top-1 on the first N of the run's "
+                   "evaluation images (default all; 0: do not measure)")
+
+
+def run_data_options(args) -> RunData:
+    return RunData(args.data_dir, args.int8_calibration, args.int8_samples, args.eval_samples,
+                   progress=not args.quiet)
 
 
 @torch.no_grad()
 def export_run(run_dir: str | Path, onnx_path: str | Path | None = None, safetensors_path: str | Path | None = None,
                shape: list[int] | None = None, opset: int = OPSET, atol: float = 1e-4,
                compressed_path: str | Path | None = None, int8_path: str | Path | None = None,
-               int8: Int8Options = Int8Options()) -> dict:
+               int8: RunData = RunData()) -> dict:
     """Fold, export and check; returns (and writes beside the first output) the export report."""
     outputs = [p for p in (onnx_path, int8_path, safetensors_path, compressed_path) if p is not None]
     if not outputs:
@@ -116,11 +152,7 @@ def export_run(run_dir: str | Path, onnx_path: str | Path | None = None, safeten
         ensure_writable(Path(path).parent)
     if int8_path is not None:
         check_int8()
-        if int8.calibration not in CALIBRATION:
-            raise UserError(f"unknown --int8-calibration '{int8.calibration}'; choose from {', '.join(CALIBRATION)}")
-        for name, value, least in (("int8-samples", int8.samples, 1), ("eval-samples", int8.eval_samples, 0)):
-            if value is not None and value < least:
-                raise UserError(f"--{name} must be at least {least}, got {value}")
+        int8.check()
     model, report, masks = load_run(run_dir)
     quant_file = Path(run_dir) / "quant.pt"
     quantized = load_tensors(quant_file, "quantization file") if quant_file.is_file() else {}
@@ -171,14 +203,10 @@ def _onnx(folded: nn.Module, x: torch.Tensor, reference: torch.Tensor, path: Pat
 
 
 def _int8(folded: nn.Module, x: torch.Tensor, reference: torch.Tensor, report: dict, path: Path,
-          float_path: Path | None, opset: int, atol: float, options: Int8Options) -> dict:
+          float_path: Path | None, opset: int, atol: float, options: RunData) -> dict:
     """The INT8 model from the float ONNX model (written to a temporary file unless --onnx wrote one), calibrated on
     the run's calibration images; top-1 of both on the same evaluation images."""
-    if not report.get("preprocess") or not report.get("nsamples"):
-        raise UserError("this run's report.json does not record its data (preprocess, nsamples): --int8 needs the "
-                        "run's calibration images")
-    calib, test, same = run_images(report, options.data_dir, nsamples=options.samples,
-                                   eval_samples=options.eval_samples)
+    calib, test, same = run_data(report, options, "--int8")
     with tempfile.TemporaryDirectory() as tmp:
         if float_path is None:
             float_path = Path(tmp) / "float.onnx"

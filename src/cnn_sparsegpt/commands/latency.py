@@ -13,18 +13,17 @@ from pathlib import Path
 
 import torch
 
+from ..deploy.accuracy import top1
 from ..deploy.runtimes import RUNTIMES, runtime as runtime_class, side_by_side
 from ..utils import UserError, atomic_write_json, run_metadata
-from .export import input_shape
+from .export import RunData, add_run_data_arguments, input_shape, run_data, run_data_options
 from .pipeline import load_dense, load_run
 
 
-def compare_latency(dense, pruned, shape, runtime: str = "onnxruntime", batch_sizes=(1, 32), warmup: int = 5,
-                    runs: int = 20, rounds: int = 3, threads: int | None = None, also: tuple[str, ...] = ()
-                    ) -> list[dict]:
-    """Per batch size: median seconds per call of the dense and the pruned model side by side, and dense/pruned;
-    with `also`, the same two on each of those runtimes in the same rounds, with their speed-ups over the first
-    runtime's dense model."""
+def runtime_models(dense, pruned, shape, runtime: str = "onnxruntime", also: tuple[str, ...] = (),
+                   threads: int | None = None, calibration: torch.Tensor | None = None) -> dict:
+    """The dense and the pruned model on each runtime, by name: 'dense' and 'pruned' on `runtime`, 'R dense' and
+    'R pruned' on each R of `also`; `calibration`: images for a runtime that quantizes (else random ones)."""
     makes = {r: runtime_class(r) for r in (runtime, *also)}
     if threads:
         torch.set_num_threads(threads)
@@ -32,8 +31,15 @@ def compare_latency(dense, pruned, shape, runtime: str = "onnxruntime", batch_si
     models = {}
     for r, make in makes.items():
         prefix = "" if r == runtime else f"{r} "
-        models |= {f"{prefix}dense": make(dense.cpu(), example, threads),
-                   f"{prefix}pruned": make(pruned.cpu(), example, threads)}
+        models |= {f"{prefix}{which}": make(model.cpu(), example, threads, calibration)
+                   for which, model in (("dense", dense), ("pruned", pruned))}
+    return models
+
+
+def time_models(models: dict, shape, runtime: str = "onnxruntime", batch_sizes=(1, 32), warmup: int = 5,
+                runs: int = 20, rounds: int = 3, also: tuple[str, ...] = ()) -> list[dict]:
+    """Per batch size: median seconds per call of runtime_models' models side by side, dense/pruned, and with
+    `also` the same two on each of those runtimes with their speed-ups over the first runtime's dense model."""
     rows = []
     for b in batch_sizes:
         x = torch.randn(b, *shape, generator=torch.Generator().manual_seed(b))
@@ -48,11 +54,34 @@ def compare_latency(dense, pruned, shape, runtime: str = "onnxruntime", batch_si
     return rows
 
 
+def compare_latency(dense, pruned, shape, runtime: str = "onnxruntime", batch_sizes=(1, 32), warmup: int = 5,
+                    runs: int = 20, rounds: int = 3, threads: int | None = None, also: tuple[str, ...] = ()
+                    ) -> list[dict]:
+    """Per batch size: median seconds per call of the dense and the pruned model side by side, and dense/pruned;
+    with `also`, the same two on each of those runtimes in the same rounds, with their speed-ups over the first
+    runtime's dense model."""
+    models = runtime_models(dense, pruned, shape, runtime, also, threads)
+    return time_models(models, shape, runtime, batch_sizes, warmup, runs, rounds, also)
+
+
+def runtime_top1(models: dict, runtime: str, also: tuple[str, ...], test, progress: bool = True) -> dict:
+    """Top-1 (a fraction) of the dense and the pruned model on each runtime over the images `test`."""
+    out = {}
+    for r in (runtime, *also):
+        prefix = "" if r == runtime else f"{r} "
+        out[r] = {which: top1(models[prefix + which], test, progress=progress, desc=f"{r} {which} accuracy")
+                  for which in ("dense", "pruned")}
+    return out
+
+
 def measure_latency(run_dir: str | Path, runtime: str = "onnxruntime", batch_sizes=(1, 32), warmup: int = 5,
                     runs: int = 20, rounds: int = 3, threads: int | None = None, teacher: str | None = None,
-                    out: str | Path | None = None, also: tuple[str, ...] = ()) -> dict:
+                    out: str | Path | None = None, also: tuple[str, ...] = (), accuracy: RunData | None = None
+                    ) -> dict:
     """Median seconds per call of the dense and the pruned model of a run, at each batch size; the speed-up is
-    dense / pruned. Written to `out` (default RUN_DIR/latency.json)."""
+    dense / pruned. With `accuracy` (the run's data), also each runtime's top-1 of both models on the run's
+    evaluation images, an INT8 runtime calibrated on the run's calibration images. Written to `out` (default
+    RUN_DIR/latency.json)."""
     for r in (runtime, *also):  # an unknown runtime before loading anything
         runtime_class(r)
     for name, value in (("warmup", warmup), ("runs", runs), ("rounds", rounds)):
@@ -60,16 +89,26 @@ def measure_latency(run_dir: str | Path, runtime: str = "onnxruntime", batch_siz
             raise UserError(f"--{name} must be {'>= 0' if name == 'warmup' else 'at least 1'}, got {value}")
     if not batch_sizes or any(b < 1 for b in batch_sizes):
         raise UserError(f"--batch-sizes must be positive, got {list(batch_sizes)}")
+    if accuracy is not None:
+        accuracy.check()
     out = Path(out) if out else Path(run_dir) / "latency.json"
     pruned, report, _ = load_run(run_dir)
     dense = load_dense(report, teacher)
     shape = input_shape(report)
     also = tuple(dict.fromkeys(r for r in also if r != runtime))
-    rows = compare_latency(dense, pruned, shape, runtime, batch_sizes, warmup, runs, rounds, threads, also)
+    calib, test, same = run_data(report, accuracy, "--top1") if accuracy is not None else (None, None, None)
+    models = runtime_models(dense, pruned, shape, runtime, also, threads, calib)
+    rows = time_models(models, shape, runtime, batch_sizes, warmup, runs, rounds, also)
     result = {"run": str(run_dir), "model": report["model"], "pattern": report.get("pattern"), "runtime": runtime,
               "also": list(also),
               "input_shape": shape, "warmup": warmup, "runs": runs, "rounds": rounds, "threads": threads,
               "macs": (report.get("structure") or {}).get("macs"), "rows": rows} | run_metadata(torch.device("cpu"))
+    if accuracy is not None and len(test) and accuracy.eval_samples != 0:
+        result |= {"top1": runtime_top1(models, runtime, also, test, accuracy.progress), "eval_images": len(test),
+                   "eval_split": report.get("eval_split", "test"), "torch_top1": {
+                       "dense": report.get("dense_acc"), "pruned": report.get("pruned_acc")},
+                   "int8_calibration_images": len(calib), "int8_calibration": accuracy.calibration,
+                   "int8_calibration_is_the_runs": same and not accuracy.samples}
     atomic_write_json(result, out)
     return result
 
@@ -88,12 +127,18 @@ def add_latency_parser(sub) -> None:
     p.add_argument("--threads", type=int, help="intra-op threads (default: the runtime's)")
     p.add_argument("--teacher", help="the dense checkpoint (default: the run's --weights, as report.json names it)")
     p.add_argument("--out", help="JSON to write (default RUN_DIR/latency.json)")
+    p.add_argument("--top1", action="store_true",
+                   help="also measure top-1 of the dense and the pruned model on every runtime named, on the run's "
+                        "evaluation images (an INT8 runtime calibrated on the run's calibration images); needs the "
+                        "run's data (--data-dir)")
+    add_run_data_arguments(p, "--top1")
     p.set_defaults(func=_cmd_latency)
 
 
 def _cmd_latency(args) -> int:
     r = measure_latency(args.run_dir, args.runtime, args.batch_sizes, args.warmup, args.runs, args.rounds,
-                        args.threads, args.teacher, args.out, tuple(args.also))
+                        args.threads, args.teacher, args.out, tuple(args.also),
+                        run_data_options(args) if args.top1 else None)
     print(f"{r['model']} {r['pattern']} on {r['runtime']} (median of {r['runs'] * r['rounds']} calls):")
     for row in r["rows"]:
         print(f"  batch {row['batch']:>4}: dense {1000 * row['dense_s']:.2f} ms, pruned {1000 * row['pruned_s']:.2f} "
@@ -101,5 +146,11 @@ def _cmd_latency(args) -> int:
         for name, a in row.get("also", {}).items():
             print(f"  {'':>10} {name}: dense {1000 * a['dense_s']:.2f} ms ({a['dense_speedup']:.2f}x), pruned "
                   f"{1000 * a['pruned_s']:.2f} ms ({a['pruned_speedup']:.2f}x) against {r['runtime']}'s dense")
+    if "top1" in r:
+        print(f"  top-1 on {r['eval_images']} {r['eval_split']} images (PyTorch: dense "
+              f"{100 * (r['torch_top1']['dense'] or float('nan')):.2f}%, pruned "
+              f"{100 * (r['torch_top1']['pruned'] or float('nan')):.2f}%):")
+        for name, t in r["top1"].items():
+            print(f"  {name:>16}: dense {100 * t['dense']:.2f}%, pruned {100 * t['pruned']:.2f}%")
     print(f"wrote {args.out or Path(args.run_dir) / 'latency.json'}")
     return 0

@@ -15,9 +15,8 @@ import tempfile
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
-
 from ..utils import UserError
+from .accuracy import top1
 
 CALIBRATION = ("minmax", "percentile", "entropy")  # ORT's calibration methods for the activation ranges
 # images per calibration call. minmax keeps each batch's per-tensor minimum and maximum only; percentile and entropy
@@ -90,10 +89,5 @@ def onnx_top1(path: str | Path, data, batch_size: int = 256, progress: bool = Tr
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    correct, total = 0, -(-len(data) // batch_size)
-    for x, y in tqdm(data.batches(batch_size, "cpu"), total=total, desc=desc, unit="batch", disable=not progress,
-                     leave=False):
-        logits = torch.from_numpy(session.run(None, {input_name: x.contiguous().numpy()})[0])
-        correct += int((logits.argmax(1) == y).sum())
-    return correct / max(len(data), 1)
+    return top1(lambda x: session.run(None, {input_name: x.numpy()})[0], data, batch_size, progress, desc)
 

@@ -29,7 +29,8 @@ class TorchEager:
     def check() -> None:
         pass
 
-    def __init__(self, model: nn.Module, example: torch.Tensor, threads: int | None):
+    def __init__(self, model: nn.Module, example: torch.Tensor, threads: int | None,
+                 calibration: torch.Tensor | None = None):
         self.model = fold_batchnorm(model).eval()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,8 +49,10 @@ class OnnxFile:
             raise UserError(f"the {cls.name} runtime needs {' and '.join(cls.packages[1:] or cls.packages)} "
                             f"(and onnx, onnxscript): pip install 'cnn-sparsegpt[{cls.extra}]'")
 
-    def __init__(self, model: nn.Module, example: torch.Tensor, threads: int | None):
+    def __init__(self, model: nn.Module, example: torch.Tensor, threads: int | None,
+                 calibration: torch.Tensor | None = None):
         self.check()
+        self.calibration = calibration  # images for a runtime that quantizes (INT8); the others ignore them
         folded = fold_batchnorm(model).eval()
         with tempfile.TemporaryDirectory() as tmp:
             self.load(self.onnx_file(folded, example, Path(tmp)), threads)
@@ -77,12 +80,15 @@ class OnnxRuntime(OnnxFile):
 
 
 class OnnxRuntimeInt8(OnnxRuntime):
-    """ONNX Runtime's CPU provider on the INT8 model `export --int8` writes (deploy/int8.py), for timing: its
-    activation ranges come from random images (the graph and its kernels are those of a calibrated model)."""
+    """ONNX Runtime's CPU provider on the INT8 model `export --int8` writes (deploy/int8.py). Its activation ranges
+    come from the `calibration` images given (`latency --top1`: the run's own), else from random images, which
+    time the same graph and kernels as a calibrated model but say nothing of its accuracy."""
     name = "onnxruntime-int8"
 
     def onnx_file(self, folded: nn.Module, example: torch.Tensor, tmp: Path) -> Path:
-        calibration = torch.randn(8, *example.shape[1:], generator=torch.Generator().manual_seed(0))
+        calibration = self.calibration
+        if calibration is None:
+            calibration = torch.randn(8, *example.shape[1:], generator=torch.Generator().manual_seed(0))
         return Path(quantize_int8(super().onnx_file(folded, example, tmp), tmp / "m_int8.onnx", calibration)["int8"])
 
 
@@ -142,7 +148,7 @@ class TensorRT:
         raise UserError("the tensorrt runtime is not built yet: it needs a CUDA GPU and the tensorrt package; use "
                         "onnxruntime or torch")
 
-    def __init__(self, model, example, threads):
+    def __init__(self, model, example, threads, calibration=None):
         self.check()
 
 
