@@ -115,6 +115,13 @@ def test_latency_top1_on_every_runtime(mnist_ckpt, data_dir, tmp_path, capsys): 
     assert r["int8_calibration_is_the_runs"] and r["int8_calibration_images"] == report["nsamples"]
     printed = capsys.readouterr().out
     assert "top-1 on 200 test images" in printed and "onnxruntime-int8: dense" in printed
+    assert "PyTorch (prune's): dense" in printed
+    # a subset of the images: prune's figures are of others, so they are not shown; no INT8, no calibration fields
+    assert main(["-q", "latency", str(run), "--batch-sizes", "1", "--warmup", "0", "--runs", "1", "--rounds", "1",
+                 "--out", str(out), "--top1", "--data-dir", str(data_dir), "--eval-samples", "50"]) == 0
+    r = json.loads(out.read_text())
+    assert r["eval_images"] == 50 and set(r["top1"]) == {"onnxruntime"}
+    assert "torch_top1" not in r and "int8_calibration_images" not in r
     # without --top1 nothing is read or measured; bad values are one line before any work
     assert main(["-q", "latency", str(run), "--batch-sizes", "1", "--warmup", "0", "--runs", "1", "--rounds", "1",
                  "--out", str(out)]) == 0

@@ -105,10 +105,12 @@ def measure_latency(run_dir: str | Path, runtime: str = "onnxruntime", batch_siz
               "macs": (report.get("structure") or {}).get("macs"), "rows": rows} | run_metadata(torch.device("cpu"))
     if accuracy is not None and len(test) and accuracy.eval_samples != 0:
         result |= {"top1": runtime_top1(models, runtime, also, test, accuracy.progress), "eval_images": len(test),
-                   "eval_split": report.get("eval_split", "test"), "torch_top1": {
-                       "dense": report.get("dense_acc"), "pruned": report.get("pruned_acc")},
-                   "int8_calibration_images": len(calib), "int8_calibration": accuracy.calibration,
-                   "int8_calibration_is_the_runs": same and not accuracy.samples}
+                   "eval_split": report.get("eval_split", "test")}
+        if not accuracy.eval_samples and report.get("pruned_acc") is not None:  # prune's figures: the same images
+            result["torch_top1"] = {"dense": report.get("dense_acc"), "pruned": report["pruned_acc"]}
+        if any(RUNTIMES[r].name.endswith("-int8") for r in (runtime, *also)):
+            result |= {"int8_calibration_images": len(calib), "int8_calibration": accuracy.calibration,
+                       "int8_calibration_is_the_runs": same and not accuracy.samples}
     atomic_write_json(result, out)
     return result
 
@@ -147,10 +149,11 @@ def _cmd_latency(args) -> int:
             print(f"  {'':>10} {name}: dense {1000 * a['dense_s']:.2f} ms ({a['dense_speedup']:.2f}x), pruned "
                   f"{1000 * a['pruned_s']:.2f} ms ({a['pruned_speedup']:.2f}x) against {r['runtime']}'s dense")
     if "top1" in r:
-        print(f"  top-1 on {r['eval_images']} {r['eval_split']} images (PyTorch: dense "
-              f"{100 * (r['torch_top1']['dense'] or float('nan')):.2f}%, pruned "
-              f"{100 * (r['torch_top1']['pruned'] or float('nan')):.2f}%):")
-        for name, t in r["top1"].items():
-            print(f"  {name:>16}: dense {100 * t['dense']:.2f}%, pruned {100 * t['pruned']:.2f}%")
+        torch_top1 = r.get("torch_top1") or {}
+        print(f"  top-1 on {r['eval_images']} {r['eval_split']} images:")
+        for name, t in ({"PyTorch (prune's)": torch_top1} | r["top1"]).items():
+            if t.get("pruned") is not None:
+                dense = f"dense {100 * t['dense']:.2f}%, " if t.get("dense") is not None else ""
+                print(f"  {name:>17}: {dense}pruned {100 * t['pruned']:.2f}%")
     print(f"wrote {args.out or Path(args.run_dir) / 'latency.json'}")
     return 0
