@@ -63,3 +63,30 @@ def test_folding_keeps_outputs_and_zeros(run_dir):
 def test_export_errors(tmp_path, capsys):
     assert main(["export", str(tmp_path), "--onnx", str(tmp_path / "m.onnx")]) == 2
     assert "has no model.pt" in capsys.readouterr().err
+
+
+def test_python_api_exports_and_times_a_model_in_memory(tmp_path):
+    """What `export` and `latency` give, from Python: cs.export_model and cs.compare_latency on an nn.Module."""
+    pytest.importorskip("onnxruntime")
+    import cnn_sparsegpt as cs
+
+    torch.manual_seed(0)
+    dense = create_model("resnet20_cifar", num_classes=10).eval()
+    model = create_model("resnet20_cifar", num_classes=10)
+    model.load_state_dict(dense.state_dict())
+    images = torch.randn(32, 3, 32, 32)
+    rep = prune_model(model.eval(), images, PUBLISHED, nm="2:4", progress=False)
+    model.train()  # the caller's mode is kept; the export runs the model in eval mode
+    out = cs.export_model(model, (3, 32, 32), onnx=tmp_path / "m.onnx", compressed=tmp_path / "m.safetensors",
+                          int8=tmp_path / "q.onnx", masks=rep.masks, calibration=images,
+                          eval_data=(images, torch.zeros(32, dtype=torch.long)), progress=False)
+    assert model.training and out["onnx_max_abs_diff"] <= 1e-4 and out["batchnorm_folded"] == 21
+    assert sum(r["two_four"] and r["sparsity"] > 0 for r in out["layers"]) == 20
+    assert out["sizes"]["compressed_bytes"] < out["sizes"]["folded_bytes"] and out["int8_zeros_kept"]
+    assert out["int8_calibration_images"] == 32 and out["int8_eval_images"] == 32
+    assert 0 <= out["int8_top1"] <= 1 and "run" not in out
+    with pytest.raises(cs.UserError, match="needs calibration images"):
+        cs.export_model(model, (3, 32, 32), int8=tmp_path / "q2.onnx")
+    rows = cs.compare_latency(dense, model, (3, 32, 32), "onnxruntime", batch_sizes=(1,), warmup=0, runs=1,
+                              rounds=1)
+    assert rows[0]["batch"] == 1 and rows[0]["dense_s"] > 0 and rows[0]["pruned_s"] > 0

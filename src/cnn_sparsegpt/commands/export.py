@@ -11,6 +11,7 @@ its BatchNorm factor): every output (ONNX, safetensors, compressed) carries exac
 """
 from __future__ import annotations
 
+import copy
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..deploy.accuracy import image_count
 from ..deploy.compressed import QuantGrid, dequantize, nbytes, quant_codes, save_compressed
 from ..deploy.fold import fold_batchnorm, fold_factors
 from ..deploy.int8 import CALIBRATION, check as check_int8, onnx_top1, quantize_int8
@@ -139,11 +141,59 @@ def run_data_options(args) -> RunData:
 
 
 @torch.no_grad()
+def export_model(model: nn.Module, input_shape: list[int] | tuple[int, ...], onnx: str | Path | None = None,
+                 safetensors: str | Path | None = None, compressed: str | Path | None = None,
+                 int8: str | Path | None = None, *, masks: dict | None = None, quantized: dict | None = None,
+                 calibration: torch.Tensor | None = None, eval_data=None, int8_calibration: str = "minmax",
+                 opset: int = OPSET, atol: float = 1e-4, progress: bool = True) -> dict:
+    """What `export` writes, for a model in memory (e.g. after prune_model): BatchNorm folded into the convs, then
+    an ONNX model checked in ONNX Runtime within `atol`, safetensors, a compressed file (`quantized`: a --wbits
+    prune's report.quantized, packed as codes) and/or an INT8 ONNX model calibrated on the images `calibration`
+    (N, C, H, W), with the float and INT8 top-1 over `eval_data` when given (an ImageSet, an (images, labels) pair
+    of tensors, or (images, labels) batches such as a DataLoader). Returns the export
+    report (per-layer table, sizes, checks); `masks` (name → True where kept) marks what the table counts."""
+    if int8 is not None:
+        check_int8()
+        if calibration is None or not len(calibration):
+            raise UserError("an INT8 export needs calibration images (the inputs prune_model calibrated on)")
+        RunData(calibration=int8_calibration).check()
+    model = copy.deepcopy(model).cpu().eval()  # the caller's module keeps its device and mode
+    folded = fold_batchnorm(model)
+    grids = folded_grids(model, folded, quantized or {})
+    for p in folded.parameters():  # -0.0 (a zero times a negative factor) as +0.0: one bit pattern for zero
+        p.add_(0.0)
+    shape = list(input_shape)
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
+    reference = model(x)
+    out = {"input_shape": shape, "batchnorm_folded": sum(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                        for m in model.modules()),
+           "quantized_layers": len(grids), "folded_max_abs_diff": float((folded(x) - reference).abs().max()),
+           "layers": layer_table(folded, x[:1], masks or {})}
+    state = {k: v.contiguous() for k, v in folded.state_dict().items()}
+    out["sizes"] = {"state_dict_bytes": nbytes(model.state_dict()), "folded_bytes": nbytes(state)}
+    if safetensors is not None:
+        save_safetensors(state, safetensors)
+        out["safetensors"] = str(safetensors)
+    if compressed is not None:
+        packed = save_compressed(state, compressed, grids)
+        out["compressed"] = str(compressed)
+        out["sizes"] |= {"compressed_bytes": packed["bytes"], "encodings": packed["encodings"],
+                         "compressed_fraction": packed["bytes"] / out["sizes"]["state_dict_bytes"]}
+    if onnx is not None:
+        out |= _onnx(folded, x, reference, Path(onnx), opset, atol)
+    if int8 is not None:
+        out |= _int8(folded, x, reference, Path(int8), Path(onnx) if onnx else None, opset, atol, calibration,
+                     eval_data, int8_calibration, progress)
+    return out
+
+
+@torch.no_grad()
 def export_run(run_dir: str | Path, onnx_path: str | Path | None = None, safetensors_path: str | Path | None = None,
                shape: list[int] | None = None, opset: int = OPSET, atol: float = 1e-4,
                compressed_path: str | Path | None = None, int8_path: str | Path | None = None,
                int8: RunData = RunData()) -> dict:
-    """Fold, export and check; returns (and writes beside the first output) the export report."""
+    """export_model on a `prune` run's folder (INT8 on the run's own images); returns (and writes beside the first
+    output) the export report."""
     outputs = [p for p in (onnx_path, int8_path, safetensors_path, compressed_path) if p is not None]
     if not outputs:
         raise UserError("nothing to export: give --onnx PATH, --int8 PATH, --safetensors PATH and/or --compressed "
@@ -156,33 +206,16 @@ def export_run(run_dir: str | Path, onnx_path: str | Path | None = None, safeten
     model, report, masks = load_run(run_dir)
     quant_file = Path(run_dir) / "quant.pt"
     quantized = load_tensors(quant_file, "quantization file") if quant_file.is_file() else {}
-    shape = shape or input_shape(report)
-    folded = fold_batchnorm(model)
-    grids = folded_grids(model, folded, quantized)
-    for p in folded.parameters():  # -0.0 (a zero times a negative factor) as +0.0: one bit pattern for zero
-        p.add_(0.0)
-    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
-    reference = model(x)
-    out = {"run": str(run_dir), "model": report["model"], "pattern": report.get("pattern"),
-           "input_shape": shape, "batchnorm_folded": sum(isinstance(m, nn.modules.batchnorm._BatchNorm)
-                                                        for m in model.modules()),
-           "quantized_layers": len(grids), "folded_max_abs_diff": float((folded(x) - reference).abs().max()),
-           "layers": layer_table(folded, x[:1], masks)}
-    state = {k: v.contiguous() for k, v in folded.state_dict().items()}
-    out["sizes"] = {"state_dict_bytes": nbytes(model.state_dict()), "folded_bytes": nbytes(state)}
-    if safetensors_path is not None:
-        save_safetensors(state, safetensors_path)
-        out["safetensors"] = str(safetensors_path)
-    if compressed_path is not None:
-        packed = save_compressed(state, compressed_path, grids)
-        out["compressed"] = str(compressed_path)
-        out["sizes"] |= {"compressed_bytes": packed["bytes"], "encodings": packed["encodings"],
-                         "compressed_fraction": packed["bytes"] / out["sizes"]["state_dict_bytes"]}
-    if onnx_path is not None:
-        out |= _onnx(folded, x, reference, Path(onnx_path), opset, atol)
+    calib, test, same = run_data(report, int8, "--int8") if int8_path is not None else (None, None, None)
+    evaluate = int8_path is not None and len(test) and int8.eval_samples != 0
+    out = {"run": str(run_dir), "model": report["model"], "pattern": report.get("pattern")} | export_model(
+        model, shape or input_shape(report), onnx_path, safetensors_path, compressed_path, int8_path, masks=masks,
+        quantized=quantized, calibration=calib, eval_data=test if evaluate else None,
+        int8_calibration=int8.calibration, opset=opset, atol=atol, progress=int8.progress)
     if int8_path is not None:
-        out |= _int8(folded, x, reference, report, Path(int8_path), Path(onnx_path) if onnx_path else None, opset,
-                     atol, int8)
+        out["int8_calibration_is_the_runs"] = same and not int8.samples
+    if evaluate:
+        out["int8_eval_split"] = report.get("eval_split", "test")
     atomic_write_json(out, Path(outputs[0]).with_suffix(".export.json"))
     return out
 
@@ -202,19 +235,17 @@ def _onnx(folded: nn.Module, x: torch.Tensor, reference: torch.Tensor, path: Pat
     return {"onnx": str(path), "opset": opset, "onnxruntime": ort.__version__, "onnx_max_abs_diff": diff}
 
 
-def _int8(folded: nn.Module, x: torch.Tensor, reference: torch.Tensor, report: dict, path: Path,
-          float_path: Path | None, opset: int, atol: float, options: RunData) -> dict:
+def _int8(folded: nn.Module, x: torch.Tensor, reference: torch.Tensor, path: Path, float_path: Path | None,
+          opset: int, atol: float, calibration: torch.Tensor, test, method: str, progress: bool) -> dict:
     """The INT8 model from the float ONNX model (written to a temporary file unless --onnx wrote one), calibrated on
-    the run's calibration images; top-1 of both on the same evaluation images."""
-    calib, test, same = run_data(report, options, "--int8")
+    `calibration`; top-1 of both on the evaluation images `test` (None: not measured)."""
     with tempfile.TemporaryDirectory() as tmp:
         if float_path is None:
             float_path = Path(tmp) / "float.onnx"
             _onnx(folded, x, reference, float_path, opset, atol)
-        out = quantize_int8(float_path, path, calib, options.calibration)
-        out["int8_calibration_is_the_runs"] = same and not options.samples
-        if len(test) and options.eval_samples != 0:
-            out |= {"int8_eval_images": len(test), "int8_eval_split": report.get("eval_split", "test"),
-                    "float_top1": onnx_top1(float_path, test, progress=options.progress, desc="float accuracy"),
-                    "int8_top1": onnx_top1(path, test, progress=options.progress)}
+        out = quantize_int8(float_path, path, calibration, method)
+        if test is not None:
+            out |= {"int8_eval_images": image_count(test),
+                    "float_top1": onnx_top1(float_path, test, progress=progress, desc="float accuracy"),
+                    "int8_top1": onnx_top1(path, test, progress=progress)}
     return out
