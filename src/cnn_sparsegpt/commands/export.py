@@ -152,6 +152,9 @@ def export_model(model: nn.Module, input_shape: list[int] | tuple[int, ...], onn
     (N, C, H, W), with the float and INT8 top-1 over `eval_data` when given (an ImageSet, an (images, labels) pair
     of tensors, or (images, labels) batches such as a DataLoader). Returns the export
     report (per-layer table, sizes, checks); `masks` (name → True where kept) marks what the table counts."""
+    for path in (onnx, safetensors, compressed, int8):  # before any work: one clear error
+        if path is not None:
+            ensure_writable(Path(path).parent)
     if int8 is not None:
         check_int8()
         if calibration is None or not len(calibration):
