@@ -6,6 +6,9 @@ one), each against the first runtime's dense model.
 Both models are BatchNorm-folded as `export` folds them. Dense and pruned alternate in rounds (so that a noisy
 machine slows both alike); each round times `runs` calls after `warmup` untimed ones; the figure is the median
 call. Results go to RUN_DIR/latency.json (raw per-call seconds included) and are printed.
+
+`--top1` adds each runtime's top-1 of both models on the run's evaluation images (an INT8 runtime calibrated on
+the run's own images), so that speed and accuracy of what would ship are read side by side.
 """
 from __future__ import annotations
 
