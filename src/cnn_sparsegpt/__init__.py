@@ -14,7 +14,7 @@ from .utils import UserError, load_state_dict
 __all__ = [
     "METHODS", "PUBLISHED", "RECOMMENDED", "ImageSet", "LayerPruner", "LayerResult", "Loader", "Pattern",
     "PruneConfig", "PruneReport", "TrainConfig", "UserError", "calibration_set", "compare_latency", "create_model",
-    "evaluate", "export_model", "list_models", "load_compressed", "load_dataset", "load_state_dict", "prune_model", "register_model",
-    "save_compressed", "sparsegpt_solve", "train_model",
+    "evaluate", "export_model", "list_models", "load_compressed", "load_dataset", "load_state_dict", "prune_model",
+    "register_model", "save_compressed", "sparsegpt_solve", "train_model",
 ]
 __version__ = "0.1.0"

@@ -23,6 +23,11 @@ from .export import RunData, add_run_data_arguments, input_shape, run_data, run_
 from .pipeline import load_dense, load_run
 
 
+def model_key(r: str, runtime: str, which: str) -> str:
+    """The name of the `which` ('dense' or 'pruned') model on runtime r: bare on the first runtime, else 'r which'."""
+    return which if r == runtime else f"{r} {which}"
+
+
 def runtime_models(dense, pruned, shape, runtime: str = "onnxruntime", also: tuple[str, ...] = (),
                    threads: int | None = None, calibration: torch.Tensor | None = None) -> dict:
     """The dense and the pruned model on each runtime, by name: 'dense' and 'pruned' on `runtime`, 'R dense' and
@@ -33,8 +38,7 @@ def runtime_models(dense, pruned, shape, runtime: str = "onnxruntime", also: tup
     example = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
     models = {}
     for r, make in makes.items():
-        prefix = "" if r == runtime else f"{r} "
-        models |= {f"{prefix}{which}": make(model.cpu(), example, threads, calibration)
+        models |= {model_key(r, runtime, which): make(model.cpu(), example, threads, calibration)
                    for which, model in (("dense", dense), ("pruned", pruned))}
     return models
 
@@ -69,12 +73,9 @@ def compare_latency(dense, pruned, shape, runtime: str = "onnxruntime", batch_si
 
 def runtime_top1(models: dict, runtime: str, also: tuple[str, ...], test, progress: bool = True) -> dict:
     """Top-1 (a fraction) of the dense and the pruned model on each runtime over the images `test`."""
-    out = {}
-    for r in (runtime, *also):
-        prefix = "" if r == runtime else f"{r} "
-        out[r] = {which: top1(models[prefix + which], test, progress=progress, desc=f"{r} {which} accuracy")
-                  for which in ("dense", "pruned")}
-    return out
+    return {r: {which: top1(models[model_key(r, runtime, which)], test, progress=progress,
+                            desc=f"{r} {which} accuracy") for which in ("dense", "pruned")}
+            for r in (runtime, *also)}
 
 
 def measure_latency(run_dir: str | Path, runtime: str = "onnxruntime", batch_sizes=(1, 32), warmup: int = 5,
