@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from cnn_sparsegpt import PUBLISHED, UserError, prune_model
-from cnn_sparsegpt.kernels.block_obs import block_costs, damped_inverse, refit_without, remove_block_
+from cnn_sparsegpt.kernels.block_obs import BlockOBS, damped_inverse, refit_without
 from cnn_sparsegpt.pruning.channels import channel_groups
 from cnn_sparsegpt.pruning.slicing import apply_structure, removal_plan, slice_channels_, spec_of
 
@@ -182,19 +182,28 @@ def test_block_obs_agrees_with_a_float64_reference():
     W = torch.randn(5, 24, generator=g, dtype=torch.float64)
     blocks = torch.arange(24).reshape(8, 3)  # 8 channels of 3 taps
     ref_order, ref_err, ref_Q = _reference_block_obs(W, H, list(blocks), 3)
-    Wk, Hinv = W.clone(), damped_inverse(H, 0.0)
+    obs = BlockOBS(W, damped_inverse(H, 0.0))
     order, total = [], 0.0
     alive = list(range(8))
-    for _ in range(3):
-        costs = block_costs(Wk, Hinv, blocks[alive])
+    for step in range(3):
+        costs = obs.costs(blocks[alive])
         j = alive[int(torch.argmin(costs))]
         total += float(costs.min())
         order.append(j)
         alive.remove(j)
-        remove_block_(Wk, Hinv, blocks[j])
+        obs.remove(blocks[j])
+        if step == 1:  # updates applied part way, the rest pending: the same
+            obs.flush()
     assert order == ref_order
     assert total == pytest.approx(ref_err, rel=1e-9)
-    torch.testing.assert_close(Wk, ref_Q, rtol=1e-9, atol=1e-9)  # the sequential updates are the joint re-fit
+    obs.remove(blocks[alive[0]])  # pending again: the Gram reads through the factors as after a flush
+    pending = obs.gram(torch.arange(24), torch.arange(24))
+    obs.flush()
+    ref_Q = refit_without(W, H, torch.cat([blocks[j] for j in order + alive[:1]]), 0.0)
+    torch.testing.assert_close(obs.K, ref_Q.t() @ ref_Q, rtol=1e-9, atol=1e-9)  # the updates are the joint re-fit
+    torch.testing.assert_close(pending, obs.K, rtol=1e-9, atol=1e-9)
+    gone = blocks[order + alive[:1]].flatten()
+    assert obs.K[gone].abs().max() == 0 and obs.Hinv[:, gone].abs().max() == 0
 
 
 def test_grouped_consumer_costs_agree_with_a_float64_reference():

@@ -6,6 +6,9 @@ For W (rows, d), H = XXᵀ/N (d, d) and a block B of columns, removing W[:, B] a
     ΔE_B = tr(W_B (H⁻¹_BB)⁻¹ W_Bᵀ)      (the output error ‖(W − Ŵ)X‖²/N it adds)
 with the update  W ← W − W_B (H⁻¹_BB)⁻¹ H⁻¹_B,:
 and the downdate H⁻¹ ← H⁻¹ − H⁻¹_:,B (H⁻¹_BB)⁻¹ H⁻¹_B,: .
+
+A greedy that removes many blocks one chunk at a time (a channel group's cost curve) holds W and H⁻¹ in `BlockOBS`,
+which keeps the updates as low-rank factors and applies them to the d×d matrix only every FLUSH_RANK columns.
 """
 from __future__ import annotations
 
@@ -20,34 +23,85 @@ def damped_inverse(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     return torch.cholesky_inverse(torch.linalg.cholesky(A))
 
 
-def block_costs(W: torch.Tensor, Hinv: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """ΔE of removing each block alone: W (rows, d), Hinv (d, d), blocks (U, b) column indices -> (U,)."""
-    M = Hinv[blocks[:, :, None], blocks[:, None, :]]  # (U, b, b)
-    WB = W[:, blocks].permute(1, 2, 0)  # (U, b, rows)
-    L = torch.linalg.cholesky(M)
-    return (WB * torch.cholesky_solve(WB, L)).sum((1, 2))
+FLUSH_RANK = 256  # columns of pending downdates applied at once: two d×d passes per 256 removed columns
 
 
-def joint_costs(W: torch.Tensor, Hinv: torch.Tensor, base: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-    """ΔE of removing the columns `base` together with each candidate block: base (m,), candidates (P, b) ->
-    (P,). Only (m + b)-sized submatrices of H⁻¹ are read, so a greedy can grow a set without updating H⁻¹."""
-    cols = torch.cat([base.expand(len(candidates), -1), candidates], 1)  # (P, m + b)
-    M = Hinv[cols[:, :, None], cols[:, None, :]]
-    WB = W[:, cols].permute(1, 2, 0)
-    L = torch.linalg.cholesky(M)
-    return (WB * torch.cholesky_solve(WB, L)).sum((1, 2))
+class BlockOBS:
+    """The greedy's state for one consumer under block removals: H⁻¹ (d, d) and the Gram K = WᵀW (d, d) of its
+    weights W (rows, d), float64.
+
+    A cost reads W only through K: ΔE_B = tr(M⁻¹ K_BB) with M = H⁻¹_BB. Removing block B with L Lᵀ = M is the
+    rank-|B| downdate H⁻¹ −= V Vᵀ, W −= Y Vᵀ, with V = H⁻¹_:,B L⁻ᵀ and Y = W_:,B L⁻ᵀ (the module's update, factored),
+    so with W₀, K₀ = W₀ᵀW₀ and H⁻¹₀ as of the last flush and the factors stacked since,
+        H⁻¹ = H⁻¹₀ − V Vᵀ,    K = K₀ − C Vᵀ − V Cᵀ + V T Vᵀ,    C = W₀ᵀY, T = YᵀY,
+    and C, T follow from K₀ and the factors alone (W is never formed). A step reads only the submatrices it needs,
+    and the d×d matrices are rewritten once per FLUSH_RANK removed columns: on a 4096-wide Linear removed 8 channels
+    at a time, rewriting W and H⁻¹ after every chunk was almost all of the cost curve's time. Removed blocks' rows
+    and columns are zero in exact arithmetic; a flush sets them to exact zeros, and nothing reads them in between
+    (the greedy only reads blocks still alive)."""
+
+    def __init__(self, W: torch.Tensor, Hinv: torch.Tensor):
+        d = Hinv.shape[0]
+        self.Hinv, self.K = Hinv, W.t() @ W
+        self.V, self.C = Hinv.new_zeros(d, 0), Hinv.new_zeros(d, 0)
+        self.T = Hinv.new_zeros(0, 0)
+        self.removed = torch.zeros(d, dtype=torch.bool, device=Hinv.device)
+
+    def hinv(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """H⁻¹[rows][:, cols] with the pending downdates; rows (..., a), cols (..., c) -> (..., a, c)."""
+        return self.Hinv[rows[..., :, None], cols[..., None, :]] - self.V[rows] @ self.V[cols].transpose(-1, -2)
+
+    def gram(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """K[rows][:, cols] = W_rowsᵀW_cols with the pending updates; shapes as `hinv`."""
+        Vr, Vc = self.V[rows], self.V[cols].transpose(-1, -2)
+        return (self.K[rows[..., :, None], cols[..., None, :]] - self.C[rows] @ Vc - Vr @ self.C[cols].transpose(-1, -2)
+                + Vr @ self.T @ Vc)
+
+    def costs(self, blocks: torch.Tensor) -> torch.Tensor:
+        """ΔE of removing each block alone, blocks (U, b) column indices -> (U,)."""
+        return _trace_solve(self.hinv(blocks, blocks), self.gram(blocks, blocks))
+
+    def joint(self, base: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """ΔE of removing the columns `base` (m,) together with each candidate block (P, b) -> (P,). Only
+        (m + b)-sized submatrices are read, so a greedy can grow a set without updating anything."""
+        cols = torch.cat([base.expand(len(candidates), -1), candidates], 1)
+        return _trace_solve(self.hinv(cols, cols), self.gram(cols, cols))
+
+    def remove(self, block: torch.Tensor) -> None:
+        """Remove the columns `block`: W's kept columns take the optimal update, H⁻¹ becomes the inverse Hessian of
+        the remaining columns (both pending until the next flush)."""
+        HB = self.Hinv[:, block] - self.V @ self.V[block].t()  # (d, b)
+        L = torch.linalg.cholesky(HB[block])
+
+        def right(X: torch.Tensor) -> torch.Tensor:  # X L⁻ᵀ
+            return torch.linalg.solve_triangular(L, X.t(), upper=False).t()
+
+        VB = self.V[block]
+        Cn = right(self.K[:, block] - self.C @ VB.t())  # W₀ᵀ Y_new, W_:,B = W₀_:,B − Y V_Bᵀ
+        YtY = right(self.C[block].t() - self.T @ VB.t())  # Yᵀ Y_new (r, b)
+        YnYn = right(right(self.gram(block, block)).t())  # Y_newᵀ Y_new = L⁻¹ K_BB L⁻ᵀ
+        self.T = torch.cat([torch.cat([self.T, YtY], 1), torch.cat([YtY.t(), YnYn], 1)], 0)
+        self.C = torch.cat([self.C, Cn], 1)
+        self.V = torch.cat([self.V, right(HB)], 1)
+        self.removed[block] = True
+        if self.V.shape[1] >= FLUSH_RANK:
+            self.flush()
+
+    def flush(self) -> None:
+        """Apply the pending downdates to H⁻¹ and K."""
+        if self.V.shape[1]:
+            Q = (self.C - 0.5 * self.V @ self.T) @ self.V.t()  # K −= Q + Qᵀ: one d×d product, not two
+            self.K.sub_(Q).sub_(Q.t())
+            self.Hinv.sub_(self.V @ self.V.t())
+            self.V, self.C, self.T = self.V[:, :0], self.C[:, :0], self.T[:0, :0]
+        for M in (self.K, self.Hinv):
+            M[self.removed, :] = 0
+            M[:, self.removed] = 0
 
 
-def remove_block_(W: torch.Tensor, Hinv: torch.Tensor, block: torch.Tensor) -> None:
-    """Remove one block in place: W's kept columns take the optimal update, its block becomes 0, and Hinv becomes
-    the inverse Hessian of the remaining columns (its block's rows and columns 0)."""
-    M = Hinv[block[:, None], block[None, :]]
-    Minv = torch.linalg.inv(M)
-    W.sub_(W[:, block] @ Minv @ Hinv[block, :])
-    Hinv.sub_(Hinv[:, block] @ Minv @ Hinv[block, :])
-    W[:, block] = 0
-    Hinv[block, :] = 0
-    Hinv[:, block] = 0
+def _trace_solve(M: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+    """tr(M⁻¹G) = tr(W_B M⁻¹ W_Bᵀ) per block: M (U, b, b) the blocks of H⁻¹, G (U, b, b) the Grams W_BᵀW_B."""
+    return torch.diagonal(torch.cholesky_solve(G, torch.linalg.cholesky(M)), dim1=1, dim2=2).sum(1)
 
 
 def refit_without(W: torch.Tensor, H: torch.Tensor, removed: torch.Tensor, percdamp: float) -> torch.Tensor:

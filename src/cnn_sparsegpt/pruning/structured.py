@@ -28,7 +28,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from ..kernels.block_obs import block_costs, damped_inverse, joint_costs, remove_block_
+from ..kernels.block_obs import BlockOBS, damped_inverse
 from ..kernels.linalg import accumulate_xxt_, damped_cholesky
 from ..utils import UserError
 from .allocation import dense_statistics
@@ -80,15 +80,15 @@ def _cost_curve(group: Group, stats: dict, percdamp: float, max_remove: int,
             if W.shape[1] > MAX_OBS_COLUMNS:  # no updates: each block's own output energy, fixed
                 state.append((None, _own_costs(W, H, blocks), blocks, norm))
             else:
-                state.append((W.clone(), damped_inverse(H, percdamp), blocks, norm))
+                state.append((BlockOBS(W, damped_inverse(H, percdamp)), None, blocks, norm))
     alive = torch.ones(len(units), dtype=torch.bool)
     order, curve, total = [], [], 0.0
     while len(order) < min(max_remove, len(units)):
         step = min(step_size(n, len(order), round_to), min(max_remove, len(units)) - len(order))
         idx = alive.nonzero().flatten()
         costs = torch.zeros(len(units), dtype=torch.float64)
-        for W, Hinv, blocks, norm in state:
-            costs[idx] += (Hinv[idx] if W is None else block_costs(W, Hinv, blocks[idx])).cpu() / norm
+        for obs, own, blocks, norm in state:
+            costs[idx] += (own[idx] if obs is None else obs.costs(blocks[idx])).cpu() / norm
         # the chunk: a greedy on the joint cost of the set so far plus each candidate, over the cheapest units
         pool = idx[torch.argsort(costs[idx])[:2 * step]]
         chosen = pool[:0]
@@ -96,17 +96,17 @@ def _cost_curve(group: Group, stats: dict, percdamp: float, max_remove: int,
         for _ in range(step):
             cand = pool[~torch.isin(pool, chosen)]
             grow = torch.zeros(len(cand), dtype=torch.float64)
-            for W, Hinv, blocks, norm in state:
-                if W is None:
-                    grow += (Hinv[chosen].sum() + Hinv[cand]).cpu() / norm
+            for obs, own, blocks, norm in state:
+                if obs is None:
+                    grow += (own[chosen].sum() + own[cand]).cpu() / norm
                 else:
-                    grow += joint_costs(W, Hinv, blocks[chosen].flatten(), blocks[cand]).cpu() / norm
+                    grow += obs.joint(blocks[chosen].flatten(), blocks[cand]).cpu() / norm
             k = int(torch.argmin(grow))
             chosen = torch.cat([chosen, cand[k:k + 1]])
             joint = float(grow[k])
-        for W, Hinv, blocks, norm in state:
-            if W is not None:
-                remove_block_(W, Hinv, blocks[chosen].flatten())
+        for obs, _, blocks, _ in state:
+            if obs is not None:
+                obs.remove(blocks[chosen].flatten())
         for j, i in enumerate(chosen.tolist(), 1):
             order.append(units[i])
             curve.append(total + joint * j / len(chosen))
