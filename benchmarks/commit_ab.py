@@ -10,6 +10,7 @@ random weights and images; SparseGPT 2:4 as published unless --recipe recommende
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -30,15 +31,34 @@ def worker(args: argparse.Namespace) -> None:
     print("ROW " + json.dumps(row), flush=True)
 
 
-def run_one(src: Path, args: argparse.Namespace) -> dict:
+def run_worker(src: Path, cmd: list[str]) -> dict:
+    """Run `cmd` (a worker printing one 'ROW {json}' line with its package's path) against the library in `src`."""
     env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    cmd = [sys.executable, __file__, "--worker", "--arch", args.arch, "--weights", args.weights,
-           "--data-dir", args.data_dir, "--nsamples", str(args.nsamples), "--recipe", args.recipe]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     row = json.loads(next(line[4:] for line in out.splitlines() if line.startswith("ROW ")))
     if Path(row["package"]) != (src / "cnn_sparsegpt").resolve():
         raise SystemExit(f"the worker imported {row['package']}, not {src}: is another copy first on the path?")
     return row
+
+
+@contextlib.contextmanager
+def base_tree(commit: str):
+    """(the commit's full hash, its src/ in a temporary git worktree), removed afterwards."""
+    base = subprocess.run(["git", "rev-parse", commit], cwd=ROOT, check=True, capture_output=True,
+                          text=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        tree = Path(tmp) / "base"
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), base], cwd=ROOT, check=True,
+                       capture_output=True)
+        try:
+            yield base, tree / "src"
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+
+
+def run_one(src: Path, args: argparse.Namespace) -> dict:
+    return run_worker(src, [sys.executable, __file__, "--worker", "--arch", args.arch, "--weights", args.weights,
+                            "--data-dir", args.data_dir, "--nsamples", str(args.nsamples), "--recipe", args.recipe])
 
 
 def main() -> None:
@@ -60,22 +80,14 @@ def main() -> None:
     import torch
     from cnn_sparsegpt.utils import atomic_write_json, run_metadata
 
-    base = subprocess.run(["git", "rev-parse", args.base], cwd=ROOT, check=True, capture_output=True,
-                          text=True).stdout.strip()
     runs = []
-    with tempfile.TemporaryDirectory() as tmp:
-        tree = Path(tmp) / "base"
-        subprocess.run(["git", "worktree", "add", "--detach", str(tree), base], cwd=ROOT, check=True,
-                       capture_output=True)
-        try:
-            for _ in range(args.repeat):
-                for name, src in (("base", tree / "src"), ("work", ROOT / "src")):
-                    row = run_one(src, args) | {"version": name}
-                    runs.append(row)
-                    print(name, f"{row['seconds']:.1f} s", f"{row['peak_rss_mb']:.0f} MB",
-                          {k: round(v, 1) for k, v in row["timings"].items() if v}, flush=True)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
+    with base_tree(args.base) as (base, base_src):
+        for _ in range(args.repeat):
+            for name, src in (("base", base_src), ("work", ROOT / "src")):
+                row = run_one(src, args) | {"version": name}
+                runs.append(row)
+                print(name, f"{row['seconds']:.1f} s", f"{row['peak_rss_mb']:.0f} MB",
+                      {k: round(v, 1) for k, v in row["timings"].items() if v}, flush=True)
     row = {"base_commit": base, "arch": args.arch, "nsamples": args.nsamples, "recipe": args.recipe,
            "runs": runs} | run_metadata(torch.device("cpu"))
     atomic_write_json(row, args.json)
