@@ -18,9 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from commit_ab import base_tree, run_worker  # this directory is sys.path[0] for a script
+from commit_ab import base_tree, pairs, run_worker  # this directory is sys.path[0] for a script
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def worker() -> None:
@@ -67,12 +66,11 @@ def main() -> None:
 
     runs = []
     with base_tree(args.base) as (base, base_src):
-        for _ in range(args.repeat):
-            for name, src in (("base", base_src), ("work", ROOT / "src")):
-                row = run_worker(src, [sys.executable, __file__, "--worker"]) | {"version": name}
-                runs.append(row)
-                print(name, [(g["units"], round(g["seconds"], 1), g["order"]) for g in row["groups"]], flush=True)
-                atomic_write_json({"base_commit": base, "runs": runs} | run_metadata(torch.device("cpu")), args.json)
+        for name, src in pairs(base_src, args.repeat):
+            row = run_worker(src, [sys.executable, __file__, "--worker"]) | {"version": name}
+            runs.append(row)
+            print(name, [(g["units"], round(g["seconds"], 1), g["order"]) for g in row["groups"]], flush=True)
+            atomic_write_json({"base_commit": base, "runs": runs} | run_metadata(torch.device("cpu")), args.json)
 
 
 if __name__ == "__main__":

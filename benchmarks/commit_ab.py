@@ -56,6 +56,12 @@ def base_tree(commit: str):
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
 
 
+def pairs(base_src: Path, repeat: int):
+    """(version, src) of each run in turn: the base, then the working tree, `repeat` times."""
+    for _ in range(repeat):
+        yield from (("base", base_src), ("work", ROOT / "src"))
+
+
 def run_one(src: Path, args: argparse.Namespace) -> dict:
     return run_worker(src, [sys.executable, __file__, "--worker", "--arch", args.arch, "--weights", args.weights,
                             "--data-dir", args.data_dir, "--nsamples", str(args.nsamples), "--recipe", args.recipe])
@@ -82,12 +88,11 @@ def main() -> None:
 
     runs = []
     with base_tree(args.base) as (base, base_src):
-        for _ in range(args.repeat):
-            for name, src in (("base", base_src), ("work", ROOT / "src")):
-                row = run_one(src, args) | {"version": name}
-                runs.append(row)
-                print(name, f"{row['seconds']:.1f} s", f"{row['peak_rss_mb']:.0f} MB",
-                      {k: round(v, 1) for k, v in row["timings"].items() if v}, flush=True)
+        for name, src in pairs(base_src, args.repeat):
+            row = run_one(src, args) | {"version": name}
+            runs.append(row)
+            print(name, f"{row['seconds']:.1f} s", f"{row['peak_rss_mb']:.0f} MB",
+                  {k: round(v, 1) for k, v in row["timings"].items() if v}, flush=True)
     row = {"base_commit": base, "arch": args.arch, "nsamples": args.nsamples, "recipe": args.recipe,
            "runs": runs} | run_metadata(torch.device("cpu"))
     atomic_write_json(row, args.json)
