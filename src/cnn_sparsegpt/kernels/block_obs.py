@@ -7,8 +7,8 @@ For W (rows, d), H = XXᵀ/N (d, d) and a block B of columns, removing W[:, B] a
 with the update  W ← W − W_B (H⁻¹_BB)⁻¹ H⁻¹_B,:
 and the downdate H⁻¹ ← H⁻¹ − H⁻¹_:,B (H⁻¹_BB)⁻¹ H⁻¹_B,: .
 
-A greedy that removes many blocks one chunk at a time (a channel group's cost curve) holds W and H⁻¹ in `BlockOBS`,
-which keeps the updates as low-rank factors and applies them to the d×d matrix only every FLUSH_RANK columns.
+A greedy that removes many blocks one chunk at a time (a channel group's cost curve) holds H⁻¹ and WᵀW in `BlockOBS`,
+which keeps the updates as low-rank factors and applies them to the d×d matrices only every FLUSH_RANK columns.
 """
 from __future__ import annotations
 
@@ -37,8 +37,8 @@ class BlockOBS:
     and C, T follow from K₀ and the factors alone (W is never formed). A step reads only the submatrices it needs,
     and the d×d matrices are rewritten once per FLUSH_RANK removed columns: on a 4096-wide Linear removed 8 channels
     at a time, rewriting W and H⁻¹ after every chunk was almost all of the cost curve's time. Removed blocks' rows
-    and columns are zero in exact arithmetic; a flush sets them to exact zeros, and nothing reads them in between
-    (the greedy only reads blocks still alive)."""
+    and columns are zero in exact arithmetic; a flush sets them to exact zeros, and in between their rounding noise
+    reaches only their own entries (the greedy prices only blocks still alive)."""
 
     def __init__(self, W: torch.Tensor, Hinv: torch.Tensor):
         d = Hinv.shape[0]
