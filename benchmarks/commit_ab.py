@@ -6,6 +6,10 @@ peak RSS of each. This machine is shared and noisy; only such pairs say whether 
 
 The prunes are heap_reuse.py's (ResNet-18 on the shared checkpoint and CIFAR training images, ResNet-50 at 224² on
 random weights and images; SparseGPT 2:4 as published unless --recipe recommended), with the library's defaults.
+With --keep-macs F the prune is `--structure channels` to F of the multiply-adds instead, and each row also holds a
+digest of the pruned weights (equal digests: bit-identical models):
+
+    python benchmarks/commit_ab.py --base 0f1c9a7 --keep-macs 0.5 --nsamples 512 --recipe recommended --json ...
 """
 from __future__ import annotations
 
@@ -26,9 +30,33 @@ def worker(args: argparse.Namespace) -> None:
     import cnn_sparsegpt
     from heap_reuse import one_prune  # this directory is sys.path[0] for a script
 
-    row = one_prune(args.arch, args.weights, args.data_dir, args.nsamples, args.recipe, reuse=True)
+    row = (channel_prune(args) if args.keep_macs else
+           one_prune(args.arch, args.weights, args.data_dir, args.nsamples, args.recipe, reuse=True))
     row["package"] = str(Path(cnn_sparsegpt.__file__).resolve().parent)
     print("ROW " + json.dumps(row), flush=True)
+
+
+def channel_prune(args: argparse.Namespace) -> dict:
+    """One `--structure channels` prune: its phases' seconds, peak RSS and a digest of the pruned weights."""
+    import hashlib
+    import resource
+    import time
+
+    import torch
+
+    from cnn_sparsegpt import PUBLISHED, RECOMMENDED, prune_model
+    from speed import model_and_images
+
+    model, x = model_and_images(args.arch, args.weights, args.data_dir, args.nsamples, torch.device("cpu"))
+    t0 = time.perf_counter()
+    rep = prune_model(model, x, PUBLISHED if args.recipe == "published" else RECOMMENDED, structure="channels",
+                      keep_macs=args.keep_macs, progress=False)
+    seconds = time.perf_counter() - t0
+    digest = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        digest.update(name.encode() + t.detach().cpu().contiguous().numpy().tobytes())
+    return {"seconds": seconds, "timings": rep.timings, "weights_digest": digest.hexdigest()[:16],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def run_worker(src: Path, cmd: list[str]) -> dict:
@@ -64,7 +92,8 @@ def pairs(base_src: Path, repeat: int):
 
 def run_one(src: Path, args: argparse.Namespace) -> dict:
     return run_worker(src, [sys.executable, __file__, "--worker", "--arch", args.arch, "--weights", args.weights,
-                            "--data-dir", args.data_dir, "--nsamples", str(args.nsamples), "--recipe", args.recipe])
+                            "--data-dir", args.data_dir, "--nsamples", str(args.nsamples), "--recipe", args.recipe]
+                      + (["--keep-macs", str(args.keep_macs)] if args.keep_macs else []))
 
 
 def main() -> None:
@@ -76,6 +105,7 @@ def main() -> None:
     p.add_argument("--nsamples", type=int, default=1024)
     p.add_argument("--recipe", default="published", choices=["published", "recommended"])
     p.add_argument("--repeat", type=int, default=2, help="pairs of prunes, each pair base then working tree")
+    p.add_argument("--keep-macs", type=float, help="a channel prune to this fraction of the multiply-adds instead")
     p.add_argument("--json")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -92,10 +122,10 @@ def main() -> None:
             row = run_one(src, args) | {"version": name}
             runs.append(row)
             print(name, f"{row['seconds']:.1f} s", f"{row['peak_rss_mb']:.0f} MB",
-                  {k: round(v, 1) for k, v in row["timings"].items() if v}, flush=True)
-    row = {"base_commit": base, "arch": args.arch, "nsamples": args.nsamples, "recipe": args.recipe,
-           "runs": runs} | run_metadata(torch.device("cpu"))
-    atomic_write_json(row, args.json)
+                  {k: round(v, 1) for k, v in row["timings"].items() if v}, row.get("weights_digest", ""), flush=True)
+            atomic_write_json({"base_commit": base, "arch": args.arch, "nsamples": args.nsamples,
+                               "recipe": args.recipe, "keep_macs": args.keep_macs, "runs": runs}
+                              | run_metadata(torch.device("cpu")), args.json)
 
 
 if __name__ == "__main__":

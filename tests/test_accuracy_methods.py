@@ -184,36 +184,40 @@ def test_methods_without_a_hessian_accumulate_none(method, use_fx, monkeypatch):
 
 
 @pytest.mark.parametrize("cls", ["TinyResNet", "InPlaceNet"])
-def test_each_layer_changed_matches_whole_runs(cls):
-    """The KL measure's runs from each layer on (the dense prefix once) give the outputs of whole forward passes
-    with that layer changed, also through in-place ops; the model is left as it was."""
+def test_each_change_matches_whole_runs(cls):
+    """The KL measures' runs from each change's first module on (the dense prefix once, in chunks of images) give
+    the outputs of whole forward passes with that change, also through in-place ops and for a change of two
+    modules; the model is left as it was."""
     from contextlib import contextmanager
 
     from torch import fx
 
-    from cnn_sparsegpt.pruning.graph import each_layer_changed
+    from cnn_sparsegpt.pruning.graph import each_change
 
     from . import test_prune_model as tpm
 
     model, x = tpm.make(getattr(tpm, cls)), tpm.calib()
     before = copy.deepcopy(model.state_dict())
     names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    changes = {n: [n] for n in names} | {"pair": [names[-1], names[1]]}
 
     @contextmanager
-    def halved(n):
-        w = model.get_submodule(n).weight
-        w.data.mul_(0.5)
+    def halved(key):
+        ws = [model.get_submodule(n).weight for n in changes[key]]
+        for w in ws:
+            w.data.mul_(0.5)
         try:
             yield
         finally:
-            w.data.mul_(2)
+            for w in ws:
+                w.data.mul_(2)
 
-    got = dict(each_layer_changed(fx.symbolic_trace(model), x, names, halved))
-    assert list(got) == names + [None]
-    torch.testing.assert_close(got[None], model(x))
-    for n in names:
-        with halved(n):
-            torch.testing.assert_close(got[n], model(x))
+    got = dict(each_change(fx.symbolic_trace(model), list(x.split(5)), changes, halved))
+    assert list(got) == names[:2] + ["pair"] + names[2:] + [None]  # by the first module read, in graph order
+    torch.testing.assert_close(torch.cat(got[None]), model(x))
+    for key in changes:
+        with halved(key):
+            torch.testing.assert_close(torch.cat(got[key]), model(x))
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before[k])
 

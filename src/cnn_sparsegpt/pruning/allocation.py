@@ -18,11 +18,12 @@ import time
 from contextlib import contextmanager
 
 import torch
-from torch import fx, nn
+from torch import nn
 from tqdm.auto import tqdm
 
-from .graph import GraphStop, each_layer_changed, run_hooked
+from .graph import run_hooked
 from .layer import LayerPruner
+from .output_kl import output_kls
 from ..kernels.masks import Pattern
 from ..kernels.exact_obs import exact_error_curve
 from ..kernels.solver import choose_solver, prune_matrix, relative_error, sparsegpt_curve
@@ -141,12 +142,10 @@ def _kl_sensitivity(model: nn.Module, batches: list, names: list[str], stats: di
                     percdamp: float, row_scales: dict, images: int = 256, progress: bool = False,
                     chunk: int | None = None) -> tuple:
     """KL(dense ‖ network with only layer l pruned at `sparsity`) on the first `images` calibration images,
-    for every layer (how much a layer's error costs at the network's output), and the layer's reconstruction
-    error at that sparsity. On the traced graph each layer's run starts at the layer (the dense prefix computed
-    once: about half a forward pass per layer); a model that cannot be traced runs whole for each layer. chunk:
-    images per run (a CPU's forward slows down with batches of large activations, see prune.cpu_batches)."""
+    for every layer (how much a layer's error costs at the network's output; output_kl.py: on the traced graph
+    each layer's run starts at the layer, about half a forward pass per layer), and the layer's reconstruction
+    error at that sparsity. chunk: images per forward pass."""
     x = torch.cat(batches)[:images]
-    xs = x.split(chunk) if chunk and chunk < len(x) else [x]
     modules = dict(model.named_modules())
     bar = tqdm(total=2 * len(names), desc="allocation: sensitivity", unit="step", disable=not progress, leave=False)
     rel, pruned_w = {}, {}
@@ -169,36 +168,9 @@ def _kl_sensitivity(model: nn.Module, batches: list, names: list[str], stats: di
         finally:
             w.data.copy_(saved)
 
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception:  # not traceable (data-dependent control flow, ...): the whole network for each layer
-        gm = None
-
-    def runs(x):
-        if gm is not None:
-            try:
-                return dict(each_layer_changed(gm, x, names, pruned))
-            except GraphStop:
-                pass
-        return dict(_whole_runs(model, x, names, pruned))
-
-    logp = {}
-    for x in xs:
-        for n, y in runs(x).items():
-            logp.setdefault(n, []).append(torch.log_softmax(y.double(), -1))
-        bar.update(len(names) / len(xs))
-    logp = {n: torch.cat(v) for n, v in logp.items()}
+    kl = output_kls(model, x, {n: [n] for n in names}, pruned, chunk, bar)
     bar.close()
-    dense = logp[None]
-    kl = [(dense.exp() * (dense - logp[n])).sum(-1).mean().clamp_min(0).cpu() for n in names]
-    return torch.stack(kl), torch.stack([rel[n] for n in names])
-
-
-def _whole_runs(model, x, names, change):
-    for n in names:
-        with change(n):
-            yield n, model(x)
-    yield None, model(x)
+    return torch.stack([kl[n].cpu() for n in names]), torch.stack([rel[n] for n in names])
 
 
 @torch.no_grad()

@@ -6,12 +6,13 @@
 - `kl`: the same removal order, with the cost measured where it matters: KL(dense ‖ network with only that group's
   first k units removed, its consumers re-fitted by OBS) on the first calibration images (256, fewer for networks
   above ResNet-18's multiply-adds), at up to LEVELS points of each curve; between measured points the layer curve's
-  shape is followed (SPDY's and OBC's database idea, with the output error instead of a proxy). One forward pass
-  per measured point.
+  shape is followed (SPDY's and OBC's database idea, with the output error instead of a proxy). Per measured point
+  the network runs from the group's first consumer on (the dense prefix once, output_kl.py).
 """
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -19,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..kernels.block_obs import refit_without
 from .channel_budget import step_size
+from .output_kl import output_kls
 
 CHANNEL_COSTS = ("layer", "kl")
 LEVELS = 8  # measured points per group; more buys little (the curve between them follows the layer costs)
@@ -69,50 +71,49 @@ def _chunk_ends(n: int, total: int, round_to: int) -> list[int]:
     return ends
 
 
-def _log_probs(model: nn.Module, x: torch.Tensor, batch: int) -> torch.Tensor:
-    out = torch.cat([model(x[i:i + batch]).double() for i in range(0, len(x), batch)])
-    return torch.log_softmax(out.flatten(1), -1)
-
-
 @torch.no_grad()
 def measured_curves(model: nn.Module, groups: list, curves: dict, stats: dict, batches: list, percdamp: float,
                     round_to: int, batch_size: int, macs_per_image: float, progress: bool = False) -> dict:
-    """The curves with their costs replaced by the output KL (`kl` above), same removal orders. (Measuring each
-    group with the others' first allocation in place, and allocating again, was worse on ResNet-20's held-out
-    images: -2.86 against -2.34 points at keep_macs 0.7.)"""
+    """The curves with their costs replaced by the output KL (`kl` above), same removal orders; each point's run
+    starts at the group's first consumer (output_kl.py). (Measuring each group with the others' first allocation in
+    place, and allocating again, was worse on ResNet-20's held-out images: -2.86 against -2.34 points at keep_macs
+    0.7.)"""
     x = torch.cat(batches)[:max(MIN_IMAGES, min(IMAGES, int(POINT_MACS / max(macs_per_image, 1.0))))]
     if not isinstance(model(x[:1]), torch.Tensor):  # e.g. a detector's dict of outputs: no class scores to compare
         warnings.warn("channel_costs='kl' needs a model whose output is one tensor of scores; this one's is not, so "
                       "the groups are compared by their layer costs", RuntimeWarning)
         return curves
-    dense = _log_probs(model, x, batch_size)
-
-    def kl_with(removed: dict) -> float:  # removed {group: units}: the consumers re-fitted, the KL measured
-        cols: dict[str, set] = {}
-        for g, k in removed.items():
-            for u in curves[g][0][:k]:
-                for c, cc in groups[g].units[u].columns.items():
-                    cols.setdefault(c, set()).update(cc)
-        saved = {}
-        for c, cc in cols.items():
-            p = stats[c]
-            saved[c] = p.layer.weight.detach().clone()
-            blocks = unit_blocks(p, [sorted(cc)]).flatten()
-            p.layer.weight.data.copy_(consumer_weight(p, blocks, percdamp, refit=p.d <= MAX_OBS_COLUMNS))
-        pruned = _log_probs(model, x, batch_size)
-        for c, w in saved.items():
-            stats[c].layer.weight.data.copy_(w)
-        return float((dense.exp() * (dense - pruned)).sum(-1).mean().clamp_min(0))
-
-    out = {}
-    for g, (order, layer_curve) in tqdm(curves.items(), desc="channels: output costs", unit="group",
-                                        disable=not progress, leave=False):
+    points = {}  # (group, units removed) -> the consumers whose weights it changes
+    for g, (order, _) in curves.items():
         ends = _chunk_ends(len(groups[g].units), len(order), groups[g].unit_step(round_to))
         m = min(LEVELS, len(ends))
-        picks = sorted({ends[round(i * (len(ends) - 1) / max(1, m - 1))] for i in range(m)})
-        measured = {0: 0.0} | {k: kl_with({g: k}) for k in picks}
-        out[g] = (order, _follow(layer_curve, measured))
-    return out
+        consumers = sorted({c for u in order for c in groups[g].units[u].columns})
+        points |= {(g, ends[round(i * (len(ends) - 1) / max(1, m - 1))]): consumers for i in range(m)}
+
+    @contextmanager
+    def removed(point):  # the group's first k units removed: its consumers re-fitted without their columns
+        g, k = point
+        cols: dict[str, set] = {}
+        for u in curves[g][0][:k]:
+            for c, cc in groups[g].units[u].columns.items():
+                cols.setdefault(c, set()).update(cc)
+        saved = {}
+        try:
+            for c, cc in cols.items():
+                p = stats[c]
+                saved[c] = p.layer.weight.detach().clone()
+                blocks = unit_blocks(p, [sorted(cc)]).flatten()
+                p.layer.weight.data.copy_(consumer_weight(p, blocks, percdamp, refit=p.d <= MAX_OBS_COLUMNS))
+            yield
+        finally:
+            for c, w in saved.items():
+                stats[c].layer.weight.data.copy_(w)
+
+    with tqdm(total=len(points), desc="channels: output costs", unit="point", disable=not progress,
+              leave=False) as bar:
+        kl = output_kls(model, x, points, removed, batch_size, bar)
+    return {g: (order, _follow(layer_curve, {0: 0.0} | {k: float(v) for (h, k), v in kl.items() if h == g}))
+            for g, (order, layer_curve) in curves.items()}
 
 
 def _follow(layer_curve: list[float], measured: dict[int, float]) -> list[float]:

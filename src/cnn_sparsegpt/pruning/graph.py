@@ -282,34 +282,41 @@ def call_node(gm: fx.GraphModule, node: fx.Node, args, kwargs, out_of_place: boo
     raise GraphStop(f"unsupported graph node {node.op}")
 
 
+def _reads(node: fx.Node, names) -> bool:
+    """Whether the node calls one of the modules `names` or reads one of their parameters."""
+    if node.op == "call_module":
+        return node.target in names
+    return node.op == "get_attr" and any(node.target.startswith(n + ".") for n in names)
+
+
 @torch.no_grad()
-def each_layer_changed(gm: fx.GraphModule, x: torch.Tensor, names: list[str], change):
-    """The graph's output on x with one module changed at a time: yields (name, output) for each of `names` in
-    graph order, then (None, the unchanged output). change(name) is a context manager that applies the change.
-    The nodes before a module's first call are computed once, by the unchanged pass; only those from its call on
-    run again for it (about half a forward pass per module instead of a whole one)."""
+def each_change(gm: fx.GraphModule, xs: list[torch.Tensor], changes: dict, change):
+    """The graph's outputs on the chunks of images xs with one change at a time: yields (key, [output per chunk])
+    for each key of `changes` {key: names of the modules the change touches}, in graph order of the first node that
+    reads one of them, then (None, the unchanged outputs). change(key) is a context manager that applies the change,
+    once for all chunks. The nodes before that first node are computed once, by the unchanged pass; only those from
+    it on run again for the change (about half a forward pass per layer of a chain)."""
     nodes = list(gm.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     last = {n: max((index[u] for u in n.users), default=-1) for n in nodes}
-    first = {}
-    for n in nodes:
-        if n.op == "call_module" and n.target in names:
-            first.setdefault(n.target, n)
-    starts = {n: t for t, n in first.items()}
-    env: dict[fx.Node, object] = {}
+    starts: dict[int, list] = {}
+    for key, names in changes.items():  # a change no node reads runs from the input
+        starts.setdefault(next((i for i, n in enumerate(nodes) if _reads(n, set(names))), 0), []).append(key)
+    envs: list[dict[fx.Node, object]] = [{} for _ in xs]
     inplace = _disable_inplace(gm)  # values of the unchanged pass are read by every later run
     try:
         for i, node in enumerate(nodes):
-            if node in starts:
-                with change(starts[node]):
-                    yield starts[node], _run_from(gm, nodes, i, env, last, x)
+            for key in starts.get(i, []):
+                with change(key):
+                    yield key, [_run_from(gm, nodes, i, env, last, x) for env, x in zip(envs, xs)]
             if node.op == "output":
-                yield None, fx.node.map_arg(node.args[0], env.__getitem__)
+                yield None, [fx.node.map_arg(node.args[0], env.__getitem__) for env in envs]
                 return
-            env[node] = _evaluate(gm, node, env.__getitem__, x)
-            for a in node.all_input_nodes:
-                if last[a] <= i:
-                    env.pop(a, None)
+            for env, x in zip(envs, xs):
+                env[node] = _evaluate(gm, node, env.__getitem__, x)
+                for a in node.all_input_nodes:
+                    if last[a] <= i:
+                        env.pop(a, None)
     finally:
         for mod in inplace:
             mod.inplace = True

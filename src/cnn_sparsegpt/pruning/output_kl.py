@@ -1,0 +1,50 @@
+"""What a change to the network costs where it matters: KL(dense ‖ network with the change) at its output, on
+calibration images, one change at a time. allocation='dp' with dp_measure='kl' measures each layer pruned alone
+(allocation.py), channel_costs='kl' each group's first k channels removed (channel_costs.py)."""
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from .graph import GraphStop, each_change
+
+
+def output_kls(model: nn.Module, x: torch.Tensor, changes: dict, change, chunk: int | None = None,
+               bar=None) -> dict:
+    """{key: KL(dense ‖ model with change(key) applied)} on the images x, a float64 scalar per key. changes: {key:
+    the names of the modules the change touches}; change(key): a context manager that applies it (once, for every
+    chunk). On the traced graph a change runs from the first node that reads one of its modules, the unchanged
+    prefix computed once; a model that cannot be traced runs whole for each change. chunk: images per forward pass
+    (a CPU's forward slows down with batches of large activations, see prune.cpu_batches). bar: a progress bar,
+    advanced once per change."""
+    xs = list(x.split(chunk)) if chunk and chunk < len(x) else [x]
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # not traceable (data-dependent control flow, ...): the whole network for each change
+        gm = None
+    runs = None
+    if gm is not None:
+        try:
+            runs = _log_probs(each_change(gm, xs, changes, change), bar)
+        except GraphStop:  # a node the runner cannot call: start again with whole runs
+            pass
+    if runs is None:
+        runs = _log_probs(_whole_runs(model, xs, changes, change), bar)
+    dense = runs.pop(None)
+    return {key: (dense.exp() * (dense - logp)).sum(-1).mean().clamp_min(0) for key, logp in runs.items()}
+
+
+def _log_probs(runs, bar) -> dict:
+    out = {}
+    for key, ys in runs:
+        out[key] = torch.log_softmax(torch.cat(ys).double().flatten(1), -1)
+        if bar is not None and key is not None:
+            bar.update()
+    return out
+
+
+def _whole_runs(model: nn.Module, xs: list, changes: dict, change):
+    for key in changes:
+        with change(key):
+            yield key, [model(x) for x in xs]
+    yield None, [model(x) for x in xs]
