@@ -240,6 +240,26 @@ def test_grouped_consumer_costs_agree_with_a_float64_reference():
     assert curve == pytest.approx(ref, rel=1e-6)
 
 
+def test_consumers_too_wide_for_obs_cost_each_channel_its_own_output_energy(monkeypatch):
+    """Above MAX_OBS_COLUMNS inputs a consumer is not downdated: a unit costs tr(W_B H_BB W_Bᵀ) over the consumer's
+    output energy, removals add, and the greedy removes the cheapest units first."""
+    from cnn_sparsegpt.pruning import structured
+    from cnn_sparsegpt.pruning.allocation import dense_statistics
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1)).eval()
+    x = calib(32)
+    group = next(g for g in channel_groups(model, x[:1]) if g.producers == ["0"])
+    stats = dense_statistics(model, [x], ["2"], hessian=True)
+    monkeypatch.setattr(structured, "MAX_OBS_COLUMNS", 8)  # the consumer's 72 inputs count as wide
+    order, curve = structured._cost_curve(group, stats, 0.01, 5, 1)
+    W, H = stats["2"].weight_matrix()[0][0].double(), stats["2"].H[0].double() / 2
+    own = [float((W[:, c] @ H[c][:, c] * W[:, c]).sum()) / float((W @ H * W).sum())
+           for c in (torch.arange(9) * 8 + j for j in range(8))]
+    assert order == sorted(range(8), key=own.__getitem__)[:5]
+    assert curve == pytest.approx([sum(sorted(own)[:k]) for k in range(1, 6)], rel=1e-9)
+
+
 @pytest.mark.parametrize("arch", [TinyResNet, GroupedBottleneck, DepthwiseMultiplier])
 def test_smaller_network_equals_the_masked_one(arch):
     """Without reconstruction, slicing a unit away is the same function as zeroing its producer rows (and its

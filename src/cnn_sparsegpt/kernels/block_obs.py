@@ -99,6 +99,26 @@ class BlockOBS:
             M[:, self.removed] = 0
 
 
+class OwnEnergy:
+    """BlockOBS's interface without updates, for a consumer too wide for a d×d inverse: a block's cost is the output
+    energy it carries alone, tr(W_B H_BB W_Bᵀ), whatever else was removed, and costs of blocks removed together add.
+    blocks (U, b): every block the greedy may price (costs are taken once, looked up by a block's first column)."""
+
+    def __init__(self, W: torch.Tensor, H: torch.Tensor, blocks: torch.Tensor):
+        own = [float((W[:, b] @ H[b][:, b] * W[:, b]).sum()) for b in blocks]
+        self.own = dict(zip(blocks[:, 0].tolist(), own))
+        self.dtype, self.device = W.dtype, W.device
+
+    def costs(self, blocks: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([self.own[c] for c in blocks[:, 0].tolist()], dtype=self.dtype, device=self.device)
+
+    def joint(self, base: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        return self.costs(base.view(-1, candidates.shape[1])).sum() + self.costs(candidates)
+
+    def remove(self, block: torch.Tensor) -> None:
+        pass
+
+
 def _trace_solve(M: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
     """tr(M⁻¹G) = tr(W_B M⁻¹ W_Bᵀ) per block: M (U, b, b) the blocks of H⁻¹, G (U, b, b) the Grams W_BᵀW_B."""
     return torch.diagonal(torch.cholesky_solve(G, torch.linalg.cholesky(M)), dim1=1, dim2=2).sum(1)
@@ -107,7 +127,7 @@ def _trace_solve(M: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 def refit_without(W: torch.Tensor, H: torch.Tensor, removed: torch.Tensor, percdamp: float) -> torch.Tensor:
     """The least-squares weights once the columns `removed` are gone: argmin ‖(W − Ŵ)X‖², Ŵ[:, removed] = 0,
     i.e. Ŵ_R = W_R + W_S H_SR H_RR⁻¹ (H damped as in the solve). The same as removing the blocks one by one with
-    remove_block_, in any order."""
+    BlockOBS.remove, in any order."""
     d = W.shape[1]
     keep = torch.ones(d, dtype=torch.bool, device=W.device)
     keep[removed] = False

@@ -28,7 +28,7 @@ import torch
 from torch import fx, nn
 from tqdm.auto import tqdm
 
-from ..kernels.block_obs import BlockOBS, damped_inverse
+from ..kernels.block_obs import BlockOBS, OwnEnergy, damped_inverse
 from ..kernels.linalg import accumulate_xxt_, damped_cholesky
 from ..utils import UserError
 from .allocation import dense_statistics
@@ -77,18 +77,16 @@ def _cost_curve(group: Group, stats: dict, percdamp: float, max_remove: int,
         norm = float((torch.bmm(Ws, Hs) * Ws).sum()) or 1.0  # the consumer's output energy, all its conv groups
         blocks = unit_blocks(p, [group.units[i].columns.get(c, []) for i in units]).to(Ws.device)
         for W, H in zip(Ws, Hs):  # a grouped conv loses the same columns in each group, each with its own H
-            if W.shape[1] > MAX_OBS_COLUMNS:  # no updates: each block's own output energy, fixed
-                state.append((None, _own_costs(W, H, blocks), blocks, norm))
-            else:
-                state.append((BlockOBS(W, damped_inverse(H, percdamp)), None, blocks, norm))
+            wide = W.shape[1] > MAX_OBS_COLUMNS  # no updates: each block's own output energy, fixed
+            state.append((OwnEnergy(W, H, blocks) if wide else BlockOBS(W, damped_inverse(H, percdamp)), blocks, norm))
     alive = torch.ones(len(units), dtype=torch.bool)
     order, curve, total = [], [], 0.0
     while len(order) < min(max_remove, len(units)):
         step = min(step_size(n, len(order), round_to), min(max_remove, len(units)) - len(order))
         idx = alive.nonzero().flatten()
         costs = torch.zeros(len(units), dtype=torch.float64)
-        for obs, own, blocks, norm in state:
-            costs[idx] += (own[idx] if obs is None else obs.costs(blocks[idx])).cpu() / norm
+        for obs, blocks, norm in state:
+            costs[idx] += obs.costs(blocks[idx]).cpu() / norm
         # the chunk: a greedy on the joint cost of the set so far plus each candidate, over the cheapest units
         pool = idx[torch.argsort(costs[idx])[:2 * step]]
         chosen = pool[:0]
@@ -96,32 +94,19 @@ def _cost_curve(group: Group, stats: dict, percdamp: float, max_remove: int,
         for _ in range(step):
             cand = pool[~torch.isin(pool, chosen)]
             grow = torch.zeros(len(cand), dtype=torch.float64)
-            for obs, own, blocks, norm in state:
-                if obs is None:
-                    grow += (own[chosen].sum() + own[cand]).cpu() / norm
-                else:
-                    grow += obs.joint(blocks[chosen].flatten(), blocks[cand]).cpu() / norm
+            for obs, blocks, norm in state:
+                grow += obs.joint(blocks[chosen].flatten(), blocks[cand]).cpu() / norm
             k = int(torch.argmin(grow))
             chosen = torch.cat([chosen, cand[k:k + 1]])
             joint = float(grow[k])
-        for obs, _, blocks, _ in state:
-            if obs is not None:
-                obs.remove(blocks[chosen].flatten())
+        for obs, blocks, _ in state:
+            obs.remove(blocks[chosen].flatten())
         for j, i in enumerate(chosen.tolist(), 1):
             order.append(units[i])
             curve.append(total + joint * j / len(chosen))
         total += joint
         alive[chosen] = False
     return order, curve
-
-
-def _own_costs(W: torch.Tensor, H: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """tr(W_B H_BB W_Bᵀ) per block (U, b): the output energy each block carries alone."""
-    out = torch.empty(len(blocks), dtype=torch.float64, device=W.device)
-    for i, b in enumerate(blocks):
-        WB = W[:, b]
-        out[i] = (WB @ H[b][:, b] * WB).sum()
-    return out
 
 
 @torch.no_grad()
