@@ -25,8 +25,9 @@ from .output_kl import output_kls
 CHANNEL_COSTS = ("layer", "kl")
 LEVELS = 8  # measured points per group; more buys little (the curve between them follows the layer costs)
 IMAGES = 256  # calibration images the KL is measured on (the first ones), at most
-POINT_MACS = 1.5e11  # multiply-adds per measured point: 256 images of ResNet-18 at 32x32 (~100 s for its 12 groups
-# here); a bigger network is measured on fewer images (ResNet-50 at 224x224: 36), at least MIN_IMAGES
+POINT_MACS = 1.5e11  # multiply-adds of a whole pass per measured point: 256 images of ResNet-18 at 32x32 (its 93
+# points ~85 s here, each run from its group's first consumer on); a bigger network is measured on fewer images
+# (ResNet-50 at 224x224: 36), at least MIN_IMAGES
 MIN_IMAGES = 32
 
 

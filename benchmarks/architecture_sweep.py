@@ -1,0 +1,79 @@
+"""Does every torchvision classifier prune? Each model with random weights (seed 0, 10 classes) on a few random images
+is pruned 2:4 and by whole channels (`structure="channels"`, keep_macs 0.6) with the library's defaults, then run
+once: a row per (model, prune) with its status (ok, or the error's type and message), seconds, and for channels the
+multiply-adds kept. Rows are written as they come and a second run skips the ones already in the file.
+
+    python benchmarks/architecture_sweep.py --json experiments/architecture_sweep.json
+    python benchmarks/architecture_sweep.py --models alexnet resnet18 --kinds channels --json /tmp/x.json
+
+Random weights say nothing of accuracy: this finds the architectures a user's model could break on (graph patterns
+the channel dependency graph or the N:M solvers do not handle) and how long a prune takes on each at small size.
+Left out by default: the transformers (vit, swin, maxvit: no convolutions to prune in our sense) and the largest
+variants of families already swept at a smaller size (the same graph; minutes each here).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import warnings
+
+import torch
+import torchvision
+
+from cnn_sparsegpt import prune_model
+from cnn_sparsegpt.utils import atomic_write_json, git_commit, run_metadata
+
+SKIP = ("vit_", "swin", "maxvit", "regnet_y_128gf", "regnet_y_32gf", "regnet_y_16gf", "regnet_x_32gf",
+        "regnet_x_16gf", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "vgg19", "wide_resnet101")
+PRUNES = {"2:4": {"nm": "2:4"}, "channels": {"structure": "channels", "keep_macs": 0.6}}
+
+
+def one(name: str, kind: str, nsamples: int) -> dict:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+    size = 96 if name in ("inception_v3", "googlenet") else 64  # inception's stem needs more than 64 pixels
+    x = torch.randn(nsamples, 3, size, size)
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rep = prune_model(model, x, progress=False, batch_size=nsamples, **PRUNES[kind])
+            with torch.no_grad():
+                y = model(x)
+    except Exception as e:  # the row records it: the sweep is looking for exactly these
+        return {"status": "error", "error": f"{type(e).__name__}: {str(e)[:300]}",
+                "seconds": time.perf_counter() - t0}
+    row = {"status": "ok" if torch.isfinite(y).all() else "non-finite output", "seconds": time.perf_counter() - t0}
+    if kind == "channels":
+        dense, kept = rep.structure["macs"]
+        row |= {"macs_kept": kept / dense, "timings": rep.timings}
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", help="torchvision model names (default: every classifier but SKIP)")
+    p.add_argument("--kinds", nargs="+", default=list(PRUNES), choices=list(PRUNES))
+    p.add_argument("--nsamples", type=int, default=8, help="random calibration images")
+    p.add_argument("--json", required=True)
+    args = p.parse_args()
+    names = args.models or [n for n in torchvision.models.list_models(module=torchvision.models)
+                            if not any(s in n for s in SKIP)]
+    rows = json.load(open(args.json))["rows"] if os.path.exists(args.json) else []
+    done = {(r["model"], r["kind"]) for r in rows}
+    for name in names:
+        for kind in args.kinds:
+            if (name, kind) in done:
+                continue
+            row = {"model": name, "kind": kind, "nsamples": args.nsamples, "git_commit": git_commit()} | \
+                one(name, kind, args.nsamples)
+            rows.append(row)
+            print(f"{name:24s} {kind:9s} {row['status']:6s} {row['seconds']:7.1f} s", row.get("error", ""),
+                  flush=True)
+            atomic_write_json({"rows": rows} | run_metadata(torch.device("cpu")), args.json)
+
+
+if __name__ == "__main__":
+    main()
