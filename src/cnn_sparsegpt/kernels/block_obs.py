@@ -103,7 +103,7 @@ class BlockOBS:
         keep = ~self.removed
         if not bool(keep.all()):
             idx = keep.nonzero().flatten()
-            self.K, self.Hinv = self.K[idx][:, idx], self.Hinv[idx][:, idx]
+            self.K, self.Hinv = self.K[idx[:, None], idx], self.Hinv[idx[:, None], idx]  # one gather each
             moved = torch.where(keep, torch.cumsum(keep.long(), 0) - 1, -1)  # compacted index -> the new one
             self.pos = torch.where(self.pos >= 0, moved[self.pos.clamp_min(0)], -1)
         d = self.K.shape[0]
