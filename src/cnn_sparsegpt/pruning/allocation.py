@@ -144,7 +144,7 @@ def _kl_sensitivity(model: nn.Module, batches: list, names: list[str], stats: di
     """KL(dense ‖ network with only layer l pruned at `sparsity`) on the first `images` calibration images,
     for every layer (how much a layer's error costs at the network's output; output_kl.py: on the traced graph
     each layer's run starts at the layer, about half a forward pass per layer), and the layer's reconstruction
-    error at that sparsity. chunk: images per forward pass."""
+    error at that sparsity. chunk: images per forward pass (the KL is a mean over images: chunks' KLs add up)."""
     x = torch.cat(batches)[:images]
     modules = dict(model.named_modules())
     bar = tqdm(total=2 * len(names), desc="allocation: sensitivity", unit="step", disable=not progress, leave=False)
@@ -168,9 +168,14 @@ def _kl_sensitivity(model: nn.Module, batches: list, names: list[str], stats: di
         finally:
             w.data.copy_(saved)
 
-    kl = output_kls(model, x, {n: [n] for n in names}, pruned, chunk, bar)
+    xs = x.split(chunk) if chunk and chunk < len(x) else [x]
+    kl = torch.zeros(len(names), dtype=torch.float64)
+    for xc in xs:  # chunk by chunk: one chunk's activations alive at a time (256 images at 224² would be GBs)
+        part = output_kls(model, xc, {n: [n] for n in names}, pruned)
+        kl += torch.stack([part[n].cpu() for n in names]) * len(xc) / len(x)
+        bar.update(len(names) / len(xs))
     bar.close()
-    return torch.stack([kl[n].cpu() for n in names]), torch.stack([rel[n] for n in names])
+    return kl, torch.stack([rel[n] for n in names])
 
 
 @torch.no_grad()
