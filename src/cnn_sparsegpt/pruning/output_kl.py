@@ -15,8 +15,9 @@ def output_kls(model: nn.Module, x: torch.Tensor, changes: dict, change, chunk: 
     the names of the modules the change touches}; change(key): a context manager that applies it (once, for every
     chunk). On the traced graph a change runs from the first node that reads one of its modules, the unchanged
     prefix computed once; a model that cannot be traced runs whole for each change. chunk: images per forward pass
-    (a CPU's forward slows down with batches of large activations, see prune.cpu_batches). bar: a progress bar,
-    advanced once per change."""
+    (a CPU's forward slows down with batches of large activations, see prune.cpu_batches); the unchanged pass holds
+    the values of every chunk at once, so a caller with many large images calls this chunk by chunk instead (the KL
+    is a mean over images). bar: a progress bar, advanced once per change."""
     xs = list(x.split(chunk)) if chunk and chunk < len(x) else [x]
     try:
         gm = fx.symbolic_trace(model)
