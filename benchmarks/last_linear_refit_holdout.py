@@ -6,16 +6,14 @@ ResNet-20, 1024 calibration images, three seeds, top-1 on 5,000 held-out trainin
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
 from torch import nn
 
 from cnn_sparsegpt import calibration_set, evaluate, prune_model
-from cnn_sparsegpt.commands.options import PruneOptions
-from cnn_sparsegpt.commands.pipeline import prepare
 from cnn_sparsegpt.utils import atomic_write_json, run_metadata
+from holdout_study import held_out_resnet20, study_parser  # this directory is sys.path[0] for a script
 
 
 @torch.no_grad()
@@ -40,16 +38,11 @@ def refit_(linear: nn.Linear, X: torch.Tensor, T: torch.Tensor, percdamp: float)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default="../shared/checkpoints/resnet20_cifar10.pt")
-    p.add_argument("--data-dir", default=None)
+    p = study_parser(__doc__, seeds="0,1,2")
     p.add_argument("--patterns", default="0.7,0.9,2:4")
-    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--percdamp", type=float, default=0.01)
-    p.add_argument("--json", required=True)
     args = p.parse_args()
-    opts = PruneOptions.build(model="resnet20_cifar", weights=args.weights, data_dir=args.data_dir, holdout=5000)
-    dense, train, held_out, _, _ = prepare(opts, torch.device("cpu"))
+    dense, train, held_out = held_out_resnet20(args)
     name = [n for n, m in dense.named_modules() if isinstance(m, nn.Linear)][-1]
     rows = []
     for seed in map(int, args.seeds.split(",")):

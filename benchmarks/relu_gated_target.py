@@ -25,7 +25,6 @@ dense ReLU is off, unless a skip's sum decides) and also how much each active ou
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -36,13 +35,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from cnn_sparsegpt import Pattern, calibration_set, evaluate
-from cnn_sparsegpt.commands.options import PruneOptions
-from cnn_sparsegpt.commands.pipeline import prepare
 from cnn_sparsegpt.kernels.exact_obs import exact_obs_solve
 from cnn_sparsegpt.kernels.linalg import damped
 from cnn_sparsegpt.kernels.refine import cg_on_mask
 from cnn_sparsegpt.pruning.batchnorm import bn_modules, recalibrate
 from cnn_sparsegpt.utils import atomic_write_json, run_metadata
+from holdout_study import held_out_resnet20, study_parser  # this directory is sys.path[0] for a script
 
 CHUNK_BYTES = 128 * 2**20  # of the (rows, d, columns) gated copy per product
 
@@ -158,19 +156,14 @@ def prune_gated(dense: nn.Module, calib: torch.Tensor, pattern: Pattern, alpha: 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default="../shared/checkpoints/resnet20_cifar10.pt")
-    p.add_argument("--data-dir", default=None)
+    p = study_parser(__doc__, seeds="0,1,2")
     p.add_argument("--patterns", default="2:4,0.9,0.7", help="comma-separated: sparsities or N:M")
-    p.add_argument("--seeds", default="0,1,2", help="calibration seeds, comma-separated")
     p.add_argument("--alphas", default="1.0,0.3", help="weights of inactive outputs, comma-separated (1: plain)")
     p.add_argument("--weighting", choices=("relu", "fisher"), default="relu",
                    help="what weighs the positions: the dense ReLU (α where off) or the dense Fisher (mixed with α)")
     p.add_argument("--percdamp", type=float, default=0.01, help="damping, a fraction of mean(diag H)")
-    p.add_argument("--json", required=True, help="results file (rows appended; finished rows skipped)")
     args = p.parse_args()
-    opts = PruneOptions.build(model="resnet20_cifar", weights=args.weights, data_dir=args.data_dir, holdout=5000)
-    dense, train, held_out, _, _ = prepare(opts, torch.device("cpu"))
+    dense, train, held_out = held_out_resnet20(args)
     rows = json.load(open(args.json))["rows"] if os.path.exists(args.json) else []
     done = {(r["seed"], r["pattern"], r["alpha"], r.get("weighting", "relu")) for r in rows}
     names = [conv for conv, _ in layers_and_gates(dense)]

@@ -12,7 +12,6 @@ finish; rows already in the file are skipped (an interrupted run resumes).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -22,11 +21,10 @@ from unittest import mock
 import torch
 
 from cnn_sparsegpt import calibration_set, evaluate, prune_model
-from cnn_sparsegpt.commands.options import PruneOptions
-from cnn_sparsegpt.commands.pipeline import prepare
 from cnn_sparsegpt.kernels import refine
 from cnn_sparsegpt.kernels.swap import swap_refine
 from cnn_sparsegpt.utils import atomic_write_json, run_metadata
+from holdout_study import held_out_resnet20, study_parser  # this directory is sys.path[0] for a script
 
 
 def row_errors(W: torch.Tensor, Q: torch.Tensor, Hd: torch.Tensor) -> torch.Tensor:
@@ -66,17 +64,12 @@ def searched_swap(rounds: int, fraction: float, log: list):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default="../shared/checkpoints/resnet20_cifar10.pt")
-    p.add_argument("--data-dir", default=None)
+    p = study_parser(__doc__, seeds="0,1,2,3,4,5,6,7,8,9")
     p.add_argument("--pattern", default="2:4")
-    p.add_argument("--seeds", default="0,1,2,3,4,5,6,7,8,9")
     p.add_argument("--rounds", type=int, default=8, help="restarts after the swap")
     p.add_argument("--fraction", type=float, default=0.15, help="fraction of each row's groups re-drawn per restart")
-    p.add_argument("--json", required=True)
     args = p.parse_args()
-    opts = PruneOptions.build(model="resnet20_cifar", weights=args.weights, data_dir=args.data_dir, holdout=5000)
-    dense, train, held_out, _, _ = prepare(opts, torch.device("cpu"))
+    dense, train, held_out = held_out_resnet20(args)
     rows = json.load(open(args.json))["rows"] if os.path.exists(args.json) else []
     done = {(r["seed"], r["pattern"], r["rounds"], r["fraction"]) for r in rows}
     for seed in map(int, args.seeds.split(",")):

@@ -11,15 +11,13 @@ BatchNorm re-estimate see them; the default recipe beside it on the same images.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
 
 from cnn_sparsegpt import calibration_set, evaluate, prune_model
-from cnn_sparsegpt.commands.options import PruneOptions
-from cnn_sparsegpt.commands.pipeline import prepare
 from cnn_sparsegpt.utils import atomic_write_json, run_metadata
+from holdout_study import held_out_resnet20, study_parser  # this directory is sys.path[0] for a script
 
 
 @torch.no_grad()
@@ -32,16 +30,11 @@ def repeats(model: torch.nn.Module, images: torch.Tensor, temperature: float) ->
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default="../shared/checkpoints/resnet20_cifar10.pt")
-    p.add_argument("--data-dir", default=None)
+    p = study_parser(__doc__, seeds="0,1,2,3,4,5,6,7,8,9")
     p.add_argument("--pattern", default="2:4")
-    p.add_argument("--seeds", default="0,1,2,3,4,5,6,7,8,9")
     p.add_argument("--temperatures", default="2,3")
-    p.add_argument("--json", required=True)
     args = p.parse_args()
-    opts = PruneOptions.build(model="resnet20_cifar", weights=args.weights, data_dir=args.data_dir, holdout=5000)
-    dense, train, held_out, _, _ = prepare(opts, torch.device("cpu"))
+    dense, train, held_out = held_out_resnet20(args)
     key = {"nm": args.pattern} if ":" in args.pattern else {"sparsity": float(args.pattern)}
     rows = []
     for seed in map(int, args.seeds.split(",")):

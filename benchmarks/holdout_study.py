@@ -1,0 +1,27 @@
+"""What the ResNet-20 held-out studies share (relu_gated_target.py, swap_restarts_holdout.py, ...): their common
+arguments, and the shared checkpoint with 5,000 training images held out, as `prune --holdout 5000` splits them."""
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from cnn_sparsegpt.commands.options import PruneOptions
+from cnn_sparsegpt.commands.pipeline import prepare
+
+
+def study_parser(doc: str, seeds: str) -> argparse.ArgumentParser:
+    """A parser with --weights, --data-dir, --seeds (default `seeds`) and --json; the study adds its own."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default="../shared/checkpoints/resnet20_cifar10.pt")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--seeds", default=seeds, help="calibration seeds, comma-separated")
+    p.add_argument("--json", required=True, help="results file")
+    return p
+
+
+def held_out_resnet20(args: argparse.Namespace) -> tuple:
+    """(the dense model, the training images left for calibration, the 5,000 held-out ones), on the CPU."""
+    opts = PruneOptions.build(model="resnet20_cifar", weights=args.weights, data_dir=args.data_dir, holdout=5000)
+    dense, train, held_out, _, _ = prepare(opts, torch.device("cpu"))
+    return dense, train, held_out
