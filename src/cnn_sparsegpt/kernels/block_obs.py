@@ -28,7 +28,7 @@ FLUSH_RANK = 256  # columns of pending downdates applied at once: two d×d passe
 
 class BlockOBS:
     """The greedy's state for one consumer under block removals: H⁻¹ (d, d) and the Gram K = WᵀW (d, d) of its
-    weights W (rows, d), float64.
+    weights W (rows, d), float64, for the units `blocks` (U, b) (unit u owns the columns blocks[u]).
 
     A cost reads W only through K: ΔE_B = tr(M⁻¹ K_BB) with M = H⁻¹_BB. Removing block B with L Lᵀ = M is the
     rank-|B| downdate H⁻¹ −= V Vᵀ, W −= Y Vᵀ, with V = H⁻¹_:,B L⁻ᵀ and Y = W_:,B L⁻ᵀ (the module's update, factored),
@@ -39,11 +39,11 @@ class BlockOBS:
     at a time, rewriting W and H⁻¹ after every chunk was almost all of the cost curve's time. Removed blocks' rows
     and columns are zero in exact arithmetic; a flush drops them (the matrices shrink to the columns alive, `pos`
     maps a column to its place), and in between their rounding noise reaches only their own entries (the greedy
-    prices only blocks still alive)."""
+    prices only units still alive)."""
 
-    def __init__(self, W: torch.Tensor, Hinv: torch.Tensor):
+    def __init__(self, W: torch.Tensor, Hinv: torch.Tensor, blocks: torch.Tensor):
         d = Hinv.shape[0]
-        self.Hinv, self.K = Hinv, W.t() @ W
+        self.Hinv, self.K, self.blocks = Hinv, W.t() @ W, blocks.to(Hinv.device)
         self.V, self.C = Hinv.new_zeros(d, 0), Hinv.new_zeros(d, 0)
         self.T = Hinv.new_zeros(0, 0)
         self.pos = torch.arange(d, device=Hinv.device)  # a column's index in the compacted matrices (-1: removed)
@@ -61,19 +61,21 @@ class BlockOBS:
         return (self.K[r[..., :, None], c[..., None, :]] - self.C[r] @ Vc - Vr @ self.C[c].transpose(-1, -2)
                 + Vr @ self.T @ Vc)
 
-    def costs(self, blocks: torch.Tensor) -> torch.Tensor:
-        """ΔE of removing each block alone, blocks (U, b) column indices -> (U,)."""
-        return _trace_solve(self.hinv(blocks, blocks), self.gram(blocks, blocks))
+    def costs(self, units: torch.Tensor) -> torch.Tensor:
+        """ΔE of removing each unit alone, units (U,) -> (U,)."""
+        B = self.blocks[units]
+        return _trace_solve(self.hinv(B, B), self.gram(B, B))
 
     def joint(self, base: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """ΔE of removing the columns `base` (m,) together with each candidate block (P, b) -> (P,). Only
-        (m + b)-sized submatrices are read, so a greedy can grow a set without updating anything."""
-        cols = torch.cat([base.expand(len(candidates), -1), candidates], 1)
+        """ΔE of removing the units `base` (m,) together with each of the units `candidates` (P,) -> (P,). Only
+        (m + 1)·b-sized submatrices are read, so a greedy can grow a set without updating anything."""
+        cols = torch.cat([self.blocks[base].flatten().expand(len(candidates), -1), self.blocks[candidates]], 1)
         return _trace_solve(self.hinv(cols, cols), self.gram(cols, cols))
 
-    def remove(self, block: torch.Tensor) -> None:
-        """Remove the columns `block`: W's kept columns take the optimal update, H⁻¹ becomes the inverse Hessian of
+    def remove(self, units: torch.Tensor) -> None:
+        """Remove the units' columns: W's kept columns take the optimal update, H⁻¹ becomes the inverse Hessian of
         the remaining columns (both pending until the next flush)."""
+        block = self.blocks[units].flatten()
         b = self.pos[block]
         HB = self.Hinv[:, b] - self.V @ self.V[b].t()  # (d, b)
         L = torch.linalg.cholesky(HB[b])
@@ -112,22 +114,20 @@ class BlockOBS:
 
 
 class OwnEnergy:
-    """BlockOBS's interface without updates, for a consumer too wide for a d×d inverse: a block's cost is the output
-    energy it carries alone, tr(W_B H_BB W_Bᵀ), whatever else was removed, and costs of blocks removed together add.
-    blocks (U, b): every block the greedy may price (costs are taken once, looked up by a block's first column)."""
+    """BlockOBS's interface without updates, for a consumer too wide for a d×d inverse: a unit's cost is the output
+    energy its columns carry alone, tr(W_B H_BB W_Bᵀ), whatever else was removed, and costs of units removed together
+    add."""
 
     def __init__(self, W: torch.Tensor, H: torch.Tensor, blocks: torch.Tensor):
-        own = [float((W[:, b] @ H[b][:, b] * W[:, b]).sum()) for b in blocks]
-        self.own = dict(zip(blocks[:, 0].tolist(), own))
-        self.dtype, self.device = W.dtype, W.device
+        self.own = torch.stack([(W[:, b] @ H[b][:, b] * W[:, b]).sum() for b in blocks])
 
-    def costs(self, blocks: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([self.own[c] for c in blocks[:, 0].tolist()], dtype=self.dtype, device=self.device)
+    def costs(self, units: torch.Tensor) -> torch.Tensor:
+        return self.own[units]
 
     def joint(self, base: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        return self.costs(base.view(-1, candidates.shape[1])).sum() + self.costs(candidates)
+        return self.own[base].sum() + self.own[candidates]
 
-    def remove(self, block: torch.Tensor) -> None:
+    def remove(self, units: torch.Tensor) -> None:
         pass
 
 

@@ -78,15 +78,15 @@ def _cost_curve(group: Group, stats: dict, percdamp: float, max_remove: int,
         blocks = unit_blocks(p, [group.units[i].columns.get(c, []) for i in units]).to(Ws.device)
         for W, H in zip(Ws, Hs):  # a grouped conv loses the same columns in each group, each with its own H
             wide = W.shape[1] > MAX_OBS_COLUMNS  # no updates: each block's own output energy, fixed
-            state.append((OwnEnergy(W, H, blocks) if wide else BlockOBS(W, damped_inverse(H, percdamp)), blocks, norm))
+            state.append((OwnEnergy(W, H, blocks) if wide else BlockOBS(W, damped_inverse(H, percdamp), blocks), norm))
     alive = torch.ones(len(units), dtype=torch.bool)
     order, curve, total = [], [], 0.0
     while len(order) < min(max_remove, len(units)):
         step = min(step_size(n, len(order), round_to), min(max_remove, len(units)) - len(order))
         idx = alive.nonzero().flatten()
         costs = torch.zeros(len(units), dtype=torch.float64)
-        for obs, blocks, norm in state:
-            costs[idx] += obs.costs(blocks[idx]).cpu() / norm
+        for obs, norm in state:
+            costs[idx] += obs.costs(idx).cpu() / norm
         # the chunk: a greedy on the joint cost of the set so far plus each candidate, over the cheapest units
         pool = idx[torch.argsort(costs[idx])[:2 * step]]
         chosen = pool[:0]
@@ -94,13 +94,13 @@ def _cost_curve(group: Group, stats: dict, percdamp: float, max_remove: int,
         for _ in range(step):
             cand = pool[~torch.isin(pool, chosen)]
             grow = torch.zeros(len(cand), dtype=torch.float64)
-            for obs, blocks, norm in state:
-                grow += obs.joint(blocks[chosen].flatten(), blocks[cand]).cpu() / norm
+            for obs, norm in state:
+                grow += obs.joint(chosen, cand).cpu() / norm
             k = int(torch.argmin(grow))
             chosen = torch.cat([chosen, cand[k:k + 1]])
             joint = float(grow[k])
-        for obs, blocks, _ in state:
-            obs.remove(blocks[chosen].flatten())
+        for obs, _ in state:
+            obs.remove(chosen)
         for j, i in enumerate(chosen.tolist(), 1):
             order.append(units[i])
             curve.append(total + joint * j / len(chosen))
