@@ -351,6 +351,26 @@ def test_dense_target_refit_fits_an_intercept_into_the_bias_or_the_batchnorm():
     torch.testing.assert_close(model.fc.bias, dense.fc.bias + b, **close)
 
 
+def test_dense_target_refit_without_an_intercept_solves_on_the_whole_hessian():
+    """Without an offset sink (no bias, no BatchNorm, or intercept=False) the re-fit solves on ΣXXᵀ itself, whose
+    sums are kept on their upper blocks only: a 400-input layer (several blocks) gets the plain least squares."""
+    from cnn_sparsegpt.pruning.dense_target import DenseInputs
+    from cnn_sparsegpt.pruning.structured import refit_to_dense_outputs
+
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(16, 400), nn.ReLU(), nn.Linear(400, 10, bias=False)).double().eval()
+    batches = [torch.randn(600, 16, dtype=torch.float64) for _ in range(2)]
+    model = copy.deepcopy(dense)
+    with torch.no_grad():
+        model[0].weight.add_(0.3 * torch.randn_like(model[0].weight))  # the last layer's inputs changed
+    refit_to_dense_outputs(model, DenseInputs(dense, batches), batches, ["2"], {}, percdamp=0.0,
+                           bn_recalibration=False, intercept=False)
+    x = torch.cat(batches)
+    X, Y = model[1](model[0](x)).t(), dense(x).t()  # (400, N) pruned inputs, (10, N) dense outputs
+    W = torch.linalg.solve(X @ X.t(), X @ Y.t()).t()
+    torch.testing.assert_close(model[2].weight, W, rtol=1e-3, atol=1e-4)  # sums of float32 products
+
+
 def test_dense_target_refit_of_a_grouped_conv_is_one_fit_per_group():
     from cnn_sparsegpt.pruning.dense_target import DenseInputs
     from cnn_sparsegpt.pruning.structured import refit_to_dense_outputs

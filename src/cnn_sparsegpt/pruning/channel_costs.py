@@ -56,7 +56,7 @@ def consumer_weight(pruner, blocks: torch.Tensor, percdamp: float, refit: bool =
     W = Wg.double()
     if refit:
         b = blocks.to(W.device)
-        W = torch.stack([refit_without(w, h, b, percdamp) for w, h in zip(W, pruner.H.double())])
+        W = torch.stack([refit_without(w, h, b, percdamp) for w, h in zip(W, pruner.H)])
     else:
         W = W.clone()
         W[:, :, blocks] = 0

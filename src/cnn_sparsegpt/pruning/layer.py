@@ -195,6 +195,13 @@ class LayerPruner:
             self._H, self.S = self._finish(S), None
         return self._H
 
+    def sums(self) -> torch.Tensor:
+        """ΣXXᵀ (G, d, d) in float64, exactly symmetric (its lower blocks mirrored from the upper ones it is summed
+        on), for a solve that needs more than H's float32; ends the accumulation and drops the float32 buffers."""
+        self.flush()
+        self._chunk = self._chunk_d = None
+        return mirror_upper_(self.S)
+
     @H.setter
     def H(self, value: torch.Tensor | None) -> None:
         self._H, self.S = value, None

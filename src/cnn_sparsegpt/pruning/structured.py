@@ -73,12 +73,16 @@ def _cost_curve(group: Group, stats: dict, percdamp: float, max_remove: int,
     for c in consumers:
         p = stats[c]
         Wg, _ = p.weight_matrix()
-        Ws, Hs = Wg.double(), p.H.double() / 2  # (groups, rows, d), (groups, d, d); LayerPruner's H is 2XXᵀ/N
-        norm = float((torch.bmm(Ws, Hs) * Ws).sum()) or 1.0  # the consumer's output energy, all its conv groups
+        Ws = Wg.double()  # (groups, rows, d); LayerPruner's H is 2XXᵀ/N in float32, (groups, d, d)
         blocks = unit_blocks(p, [group.units[i].columns.get(c, []) for i in units]).to(Ws.device)
-        for W, H in zip(Ws, Hs):  # a grouped conv loses the same columns in each group, each with its own H
-            wide = W.shape[1] > MAX_OBS_COLUMNS  # no updates: each block's own output energy, fixed
-            state.append((OwnEnergy(W, H, blocks) if wide else BlockOBS(W, damped_inverse(H, percdamp), blocks), norm))
+        if p.d > MAX_OBS_COLUMNS:  # no updates: each block's own output energy, fixed; H read in row chunks
+            norm = float(sum(_output_energy(W, H) for W, H in zip(Ws, p.H))) or 1.0
+            state += [(OwnEnergy(W, H, blocks), norm) for W, H in zip(Ws, p.H)]
+            continue
+        Hs = p.H.double() / 2
+        norm = float((torch.bmm(Ws, Hs) * Ws).sum()) or 1.0  # the consumer's output energy, all its conv groups
+        # a grouped conv loses the same columns in each group, each with its own H
+        state += [(BlockOBS(W, damped_inverse(H, percdamp), blocks), norm) for W, H in zip(Ws, Hs)]
     alive = torch.ones(len(units), dtype=torch.bool)
     order, curve, total = [], [], 0.0
     while len(order) < min(max_remove, len(units)):
@@ -107,6 +111,11 @@ def _cost_curve(group: Group, stats: dict, percdamp: float, max_remove: int,
         total += joint
         alive[chosen] = False
     return order, curve
+
+
+def _output_energy(W: torch.Tensor, H: torch.Tensor, rows: int = 1024) -> torch.Tensor:
+    """tr(W (H/2) Wᵀ) in float64 with H (d, d) in any precision, `rows` of H at a time (no d×d float64 copy)."""
+    return sum(((W @ H[i:i + rows].double().t() / 2) * W[:, i:i + rows]).sum() for i in range(0, H.shape[0], rows))
 
 
 @torch.no_grad()
@@ -164,7 +173,7 @@ def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list
                 C += torch.bmm(Y, X.transpose(1, 2).double())
                 sy += Y.sum(2)
             if sink is None:
-                S, n = p.S, p.nsamples  # ΣXXᵀ over n columns, float64 (p.H would round it to float32)
+                S, n = p.sums(), p.nsamples  # ΣXXᵀ over n columns, float64 (p.H would round it to float32)
             else:  # centred: Σ(X − x̄)(X − x̄)ᵀ and Σ(Y − ȳ)(X − x̄)ᵀ
                 S, C = S - sx[:, :, None] * sx[:, None, :] / n, C - sy[:, :, None] * sx[:, None, :] / n
             W = torch.cholesky_solve(C.transpose(1, 2), damped_cholesky(S, percdamp)).transpose(1, 2)  # C (S + λI)⁻¹
@@ -236,19 +245,21 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
     drop_cols, drop_rows, drop_entries = removal_plan(groups, chosen_units(curves, removed))
     before = {n: list(m.weight.shape) for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))}
     dense = DenseInputs(model, batches) if config.dense_target else None  # a frozen copy of the dense model
+    order = [n for n in positions if isinstance(modules[n], nn.Linear) or  # forward order
+             (isinstance(modules[n], nn.Conv2d) and (modules[n].groups == 1 or before[n][1] > 1))]  # not depthwise
+    first = next((i for i, n in enumerate(order) if n in drop_cols), len(order))
+    refit_later = set(order[first:]) if dense is not None else set()  # the dense target's pass solves them anew
     for c, cols in drop_cols.items():  # re-fit each consumer's kept weights to its dense output
-        p = stats[c]
-        blocks = unit_blocks(p, [sorted(set(cols))]).flatten()
-        p.layer.weight.data.copy_(consumer_weight(p, blocks, config.percdamp))
+        if c not in refit_later:
+            p = stats[c]
+            blocks = unit_blocks(p, [sorted(set(cols))]).flatten()
+            p.layer.weight.data.copy_(consumer_weight(p, blocks, config.percdamp))
     for s in stats.values():
         s.free()
     slice_channels_(model, drop_cols, drop_rows, drop_entries)
     timings["refit_and_slice"] = time.perf_counter() - t1
     if dense is not None:  # the consumers' one-pass re-fit assumed dense inputs: fit the network as it now runs
         t1 = time.perf_counter()
-        order = [n for n in positions if isinstance(modules[n], nn.Linear) or  # forward order
-                 (isinstance(modules[n], nn.Conv2d) and (modules[n].groups == 1 or before[n][1] > 1))]  # not depthwise
-        first = next((i for i, n in enumerate(order) if n in drop_cols), len(order))
         kept_rows = {n: kept_indices(before[n][0], r) for n, r in drop_rows.items()}
         refit_to_dense_outputs(model, dense, batches, order[first:], kept_rows, config.percdamp,
                                config.bn_recalibration, config.intercept)
