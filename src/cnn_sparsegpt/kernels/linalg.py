@@ -78,6 +78,7 @@ def damped_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
         A = H.clone()
         torch.diagonal(A, dim1=-2, dim2=-1).add_(add).masked_fill_(dead, 1)
         L, info = torch.linalg.cholesky_ex(A)
+        del A  # H, A and L at the peak: a wide layer's d×d float64 three times, not four
         return None if info.any() or not torch.isfinite(L).all() else L
     return _with_damping(H, percdamp, factor)[0]
 

@@ -174,8 +174,11 @@ def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list
                 sy += Y.sum(2)
             if sink is None:
                 S, n = p.sums(), p.nsamples  # ΣXXᵀ over n columns, float64 (p.H would round it to float32)
-            else:  # centred: Σ(X − x̄)(X − x̄)ᵀ and Σ(Y − ȳ)(X − x̄)ᵀ
-                S, C = S - sx[:, :, None] * sx[:, None, :] / n, C - sy[:, :, None] * sx[:, None, :] / n
+            else:  # centred: Σ(X − x̄)(X − x̄)ᵀ and Σ(Y − ȳ)(X − x̄)ᵀ; S in place, rows at a time (no d×d temporary)
+                chunk = None  # the float32 buffer, before the solve's copies (a 24k-input Linear: 2.4 GB)
+                for i in range(0, d, 1024):
+                    S[:, i:i + 1024] -= sx[:, i:i + 1024, None] * sx[:, None, :] / n
+                C = C - sy[:, :, None] * sx[:, None, :] / n
             W = torch.cholesky_solve(C.transpose(1, 2), damped_cholesky(S, percdamp)).transpose(1, 2)  # C (S + λI)⁻¹
             _, perm = p.weight_matrix()
             layer.weight.data.copy_(W[:, :, torch.argsort(perm)].reshape(layer.weight.shape).to(layer.weight.dtype))
