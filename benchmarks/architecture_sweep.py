@@ -1,15 +1,17 @@
 """Does every torchvision classifier prune? Each model with random weights (seed 0, 10 classes) on a few random images
 is pruned 2:4 and by whole channels (`structure="channels"`, keep_macs 0.6) with the library's defaults, then run
 once: a row per (model, prune) with its status (ok, or the error's type and message), seconds, and for channels the
-multiply-adds kept. Rows are written as they come and a second run skips the ones already in the file.
+multiply-adds kept and why any channel group was left in place. Rows are written as they come and a second run
+skips the ones already in the file.
 
     python benchmarks/architecture_sweep.py --json experiments/architecture_sweep.json
     python benchmarks/architecture_sweep.py --models alexnet resnet18 --kinds channels --json /tmp/x.json
 
 Random weights say nothing of accuracy: this finds the architectures a user's model could break on (graph patterns
 the channel dependency graph or the N:M solvers do not handle) and how long a prune takes on each at small size.
-Left out by default: the transformers (vit, swin, maxvit: no convolutions to prune in our sense) and the largest
-variants of families already swept at a smaller size (the same graph; minutes each here).
+By default one model of each family (FAMILIES: the larger variants have the same graph patterns and take minutes
+each here); --all sweeps every torchvision classifier but the transformers (vit, swin, maxvit). Seconds are
+wall-clock on a shared machine: a rough guide, not a measurement.
 """
 from __future__ import annotations
 
@@ -25,8 +27,11 @@ import torchvision
 from cnn_sparsegpt import prune_model
 from cnn_sparsegpt.utils import atomic_write_json, git_commit, run_metadata
 
-SKIP = ("vit_", "swin", "maxvit", "regnet_y_128gf", "regnet_y_32gf", "regnet_y_16gf", "regnet_x_32gf",
-        "regnet_x_16gf", "efficientnet_b5", "efficientnet_b6", "efficientnet_b7", "vgg19", "wide_resnet101")
+FAMILIES = ("alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet",
+            "inception_v3", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "regnet_x_400mf",
+            "regnet_y_400mf", "resnet18", "resnet50", "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_0",
+            "squeezenet1_1", "vgg11_bn", "wide_resnet50_2")  # one model of each graph family (the default)
+SKIP = ("vit_", "swin", "maxvit")  # with --all: transformers, no convolutions to prune in our sense
 PRUNES = {"2:4": {"nm": "2:4"}, "channels": {"structure": "channels", "keep_macs": 0.6}}
 
 
@@ -48,19 +53,22 @@ def one(name: str, kind: str, nsamples: int) -> dict:
     row = {"status": "ok" if torch.isfinite(y).all() else "non-finite output", "seconds": time.perf_counter() - t0}
     if kind == "channels":
         dense, kept = rep.structure["macs"]
-        row |= {"macs_kept": kept / dense, "timings": rep.timings}
+        groups = rep.structure["groups"]
+        row |= {"macs_kept": kept / dense, "timings": rep.timings, "groups": len(groups),
+                "groups_fixed": sorted({g["fixed"] for g in groups if g["fixed"]})}  # channels left in place, why
     return row
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", help="torchvision model names (default: every classifier but SKIP)")
+    p.add_argument("--models", nargs="+", default=list(FAMILIES), help="torchvision model names")
+    p.add_argument("--all", action="store_true", help="every torchvision classifier but the transformers instead")
     p.add_argument("--kinds", nargs="+", default=list(PRUNES), choices=list(PRUNES))
     p.add_argument("--nsamples", type=int, default=8, help="random calibration images")
     p.add_argument("--json", required=True)
     args = p.parse_args()
-    names = args.models or [n for n in torchvision.models.list_models(module=torchvision.models)
-                            if not any(s in n for s in SKIP)]
+    names = [n for n in torchvision.models.list_models(module=torchvision.models)
+             if not any(s in n for s in SKIP)] if args.all else args.models
     rows = json.load(open(args.json))["rows"] if os.path.exists(args.json) else []
     done = {(r["model"], r["kind"]) for r in rows}
     for name in names:
