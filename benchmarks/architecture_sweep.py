@@ -24,7 +24,7 @@ import warnings
 import torch
 import torchvision
 
-from cnn_sparsegpt import prune_model
+from cnn_sparsegpt import create_model, prune_model
 from cnn_sparsegpt.utils import atomic_write_json, git_commit, run_metadata
 
 FAMILIES = ("alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet",
@@ -32,18 +32,34 @@ FAMILIES = ("alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "effic
             "regnet_y_400mf", "resnet18", "resnet50", "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_0",
             "squeezenet1_1", "vgg11_bn", "wide_resnet50_2")  # one model of each graph family (the default)
 SKIP = ("vit_", "swin", "maxvit")  # with --all: transformers, no convolutions to prune in our sense
+TIMM_FAMILIES = ("convmixer_768_32", "convnext_atto", "cs3darknet_s",
+                 "cspdarknet53", "cspresnet50", "densenet121", "dla34", "dm_nfnet_f0", "dpn68", "ecaresnet50d",
+                 "edgenext_xx_small", "efficientnet_b0", "efficientvit_b0", "fastvit_t8", "fbnetv3_b", "gernet_s",
+                 "ghostnet_100", "ghostnetv2_100", "hardcorenas_a", "hrnet_w18_small",
+                 "inception_next_tiny", "inception_resnet_v2", "inception_v4", "lambda_resnet26t", "lcnet_050",
+                 "legacy_xception", "mixnet_s", "mobilenetv3_large_100", "mobilenetv4_conv_small", "mobileone_s0",
+                 "mobilevit_xxs", "nf_resnet50", "poolformer_s12", "rdnet_tiny", "regnety_002", "regnetz_b16",
+                 "repghostnet_050", "repvgg_a0", "res2net50_26w_4s", "resnest14d", "resnet50d", "resnetv2_50",
+                 "rexnet_100", "selecsls42b", "seresnext26d_32x4d", "skresnet18", "starnet_s1", "tf_efficientnet_b0",
+                 "tresnet_m", "xception41")  # --timm: timm's graph families beyond torchvision's (a small variant each;
+# not the attention hybrids whose attention is sized for 256 pixels: bat_resnext, botnet, halonet)
+SIZES = {"inception_v3": 96, "googlenet": 96, "timm:inception_v4": 96, "timm:inception_resnet_v2": 96}  # stems
+# that need more than 64 pixels
 PRUNES = {"2:4": {"nm": "2:4"}, "channels": {"structure": "channels", "keep_macs": 0.6}}
 
 
 def one(name: str, kind: str, nsamples: int) -> dict:
     torch.manual_seed(0)
-    model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
-    size = 96 if name in ("inception_v3", "googlenet") else 64  # inception's stem needs more than 64 pixels
-    x = torch.randn(nsamples, 3, size, size)
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if name.startswith("timm:"):  # as `--model timm:NAME` builds it
+                model = create_model(name, num_classes=10).eval()
+            else:
+                model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
+            x = torch.randn(nsamples, 3, SIZES.get(name, 64), SIZES.get(name, 64))
+            t0 = time.perf_counter()
             rep = prune_model(model, x, progress=False, batch_size=nsamples, **PRUNES[kind])
             with torch.no_grad():
                 y = model(x)
@@ -63,12 +79,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(FAMILIES), help="torchvision model names")
     p.add_argument("--all", action="store_true", help="every torchvision classifier but the transformers instead")
+    p.add_argument("--timm", action="store_true", help="timm's families (TIMM_FAMILIES) instead")
     p.add_argument("--kinds", nargs="+", default=list(PRUNES), choices=list(PRUNES))
     p.add_argument("--nsamples", type=int, default=8, help="random calibration images")
     p.add_argument("--json", required=True)
     args = p.parse_args()
     names = [n for n in torchvision.models.list_models(module=torchvision.models)
              if not any(s in n for s in SKIP)] if args.all else args.models
+    names = [f"timm:{n}" for n in TIMM_FAMILIES] if args.timm else names
     rows = json.load(open(args.json))["rows"] if os.path.exists(args.json) else []
     done = {(r["model"], r["kind"]) for r in rows}
     for name in names:

@@ -34,6 +34,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..utils import UserError
+from .graph import nonstandard_layers, trace
 
 FIXED = -1  # a channel that cannot be removed
 
@@ -148,13 +149,14 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
     """The dependency groups of `model` (eval mode, one example batch for the shapes); purpose names what needs
     them in the error an untraceable model gets."""
     try:
-        gm = fx.symbolic_trace(model)
+        gm = trace(model)
     except Exception as e:
         raise UserError(f"{purpose} needs a torch.fx trace of the model; {type(model).__name__} cannot be "
                         f"traced ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     with torch.no_grad():
         ShapeProp(gm).propagate(example)
     modules = dict(gm.named_modules())
+    nonstandard = nonstandard_layers(model, example)
     slots = _Slots()
     of: dict[fx.Node, list[int]] = {}  # node -> slot of each channel (FIXED where none)
     consumers: dict[str, list[int]] = {}  # consumer module -> slot of each input column
@@ -198,7 +200,10 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
             x = of[node.args[0]] if node.args and node.args[0] in of else []
             in_dims = len(_shape(node.args[0]) or ()) if node.args else 0
             cdim[node] = cdim.get(node.args[0], 1) if node.args else 1
-            if isinstance(m, nn.Conv2d) and m.groups == 1 or isinstance(m, nn.Linear):
+            if node.target in nonstandard:
+                fix_all(x, f"read by {node.target}: {nonstandard[node.target]}")
+                of[node] = fixed_list(node)
+            elif isinstance(m, nn.Conv2d) and m.groups == 1 or isinstance(m, nn.Linear):
                 if isinstance(m, nn.Linear) and in_dims != 2:
                     if cdim[node] != in_dims - 1:  # a Linear reads the last dim: channels-last tensors only
                         fix_all(x, f"read by {node.target}, a Linear over a tensor whose last dim is not channels")

@@ -23,9 +23,9 @@ import time
 from collections.abc import Iterator
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from .graph import GraphExecutor, inputs_of
+from .graph import GraphExecutor, inputs_of, trace
 from ..kernels.linalg import damped
 
 
@@ -47,7 +47,7 @@ class DenseInputs:
         of stored activations), node outputs read by `keep_until` at hand for `output`; False if it cannot be
         traced (then every layer gets truncated passes)."""
         try:
-            gm = fx.symbolic_trace(self.model)
+            gm = trace(self.model)
         except Exception:
             return False
 

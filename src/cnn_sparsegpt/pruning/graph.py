@@ -23,8 +23,51 @@ import torch
 from torch import fx, nn
 
 PRUNABLE = (nn.Conv2d, nn.Linear)
+# called as modules in a traced graph, subclasses too: torch.fx traces into any class defined outside torch.nn, so a
+# model library's own BatchNorm (timm's BatchNormAct2d, 31 of its 50 families in benchmarks/architecture_sweep.py)
+# would become functional calls that no barrier stops at (its statistics were silently not re-estimated)
+LEAVES = (*PRUNABLE, nn.modules.batchnorm._BatchNorm)
 Barrier = Callable[[Iterable], None]  # called once with a generator of the node's input, batch by batch
 _INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.imul: operator.mul, operator.isub: operator.sub}
+
+
+class _LayerTracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, LEAVES) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """`torch.fx.symbolic_trace(model)` with every Conv2d, Linear and BatchNorm a module call (LEAVES)."""
+    tracer = _LayerTracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+@torch.no_grad()
+def nonstandard_layers(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
+    """Conv2d/Linear subclasses that do not compute what their base class computes with their stored weight, checked
+    on `example`: name → why the layer stays as it is. A prune zeroes and re-fits the stored weight as the input's
+    product with it; a layer that transforms its weight first (timm's ScaledStdConv2d: weight standardization, so a
+    zeroed weight is not zero in the product) or pads its input itself (timm's Conv2dSame) breaks that. Subclasses
+    that only re-state the base (timm's Linear) pass."""
+    found: dict[str, str] = {}
+    names = {m: n for n, m in model.named_modules() if isinstance(m, PRUNABLE)
+             and type(m).forward not in (nn.Conv2d.forward, nn.Linear.forward)}
+
+    def hook(m, inp, out):
+        base = nn.Conv2d if isinstance(m, nn.Conv2d) else nn.Linear
+        try:
+            same = base.forward(m, inp[0])
+            ok = same.shape == out.shape and torch.allclose(same, out, rtol=1e-4, atol=1e-5 * float(out.abs().max()))
+        except Exception:  # (e.g. the base's padding cannot even run on this input)
+            ok = False
+        if not ok:
+            found[names[m]] = f"{type(m).__name__} computes something else than {base.__name__} with its weight " \
+                              "(it transforms the weight or pads its input itself): left as it is"
+
+    if names:
+        run_hooked(model, [example], [m.register_forward_hook(hook) for m in names])
+    return found
 
 
 class GraphStop(Exception):
@@ -437,13 +480,15 @@ def is_add(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("add", "add_")
 
 
-def sole_batchnorm_reader(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
-    """The call of a BatchNorm with running statistics that alone reads `node`'s output, or None."""
+def sole_batchnorm_reader(node: fx.Node, modules: dict[str, nn.Module], affine: bool = False) -> fx.Node | None:
+    """The call of a BatchNorm with running statistics that alone reads `node`'s output, or None. affine: only one
+    whose output is the affine map itself (not a subclass with its own forward, such as timm's BatchNormAct2d)."""
     users = list(node.users)
     if len(users) != 1 or users[0].op != "call_module":
         return None
     reader = modules.get(users[0].target)
-    if isinstance(reader, nn.modules.batchnorm._BatchNorm) and reader.running_mean is not None:
+    if isinstance(reader, nn.modules.batchnorm._BatchNorm) and reader.running_mean is not None and \
+            (not affine or type(reader).forward is nn.modules.batchnorm._BatchNorm.forward):
         return users[0]
     return None
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import fx, nn
 
-from .graph import module_calls, sole_batchnorm_reader
+from .graph import module_calls, sole_batchnorm_reader, trace
 
 
 def offset_sinks(model: nn.Module, names: list[str], traced: fx.GraphModule | None = None,
@@ -25,7 +25,7 @@ def offset_sinks(model: nn.Module, names: list[str], traced: fx.GraphModule | No
     out = {n: modules[n] for n in names if biases and getattr(modules[n], "bias", None) is not None}
     if traced is None:
         try:
-            traced = fx.symbolic_trace(model)
+            traced = trace(model)
         except Exception:  # the truncated-pass fallback prunes such models; their biases still take offsets
             return out
     for name, nodes in module_calls(traced, names).items():

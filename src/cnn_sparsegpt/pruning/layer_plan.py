@@ -35,8 +35,9 @@ def forward_order(model: nn.Module, example: torch.Tensor, input_bytes: dict | N
 
 
 def choose_layers(model: nn.Module, order: list[str], ignore: Iterable[str] = (),
-                  skip_first_last: bool = True) -> dict[str, str]:
-    """Layer name → reason it stays dense ('' = prune it), for every Conv2d/Linear in forward order."""
+                  skip_first_last: bool = True, kept: dict[str, str] | None = None) -> dict[str, str]:
+    """Layer name → reason it stays dense ('' = prune it), for every Conv2d/Linear in forward order. kept: layers
+    that stay as they are whatever the options, with why (graph.nonstandard_layers)."""
     patterns = [re.compile(p) for p in ignore]
     modules = dict(model.named_modules())
     convs = [n for n in order if isinstance(modules[n], nn.Conv2d)]
@@ -44,7 +45,9 @@ def choose_layers(model: nn.Module, order: list[str], ignore: Iterable[str] = ()
     plan = {}
     for name in order:
         reason = ""
-        if any(p.fullmatch(name) or p.pattern == name for p in patterns):
+        if kept and name in kept:
+            reason = kept[name]
+        elif any(p.fullmatch(name) or p.pattern == name for p in patterns):
             reason = "in the ignore list"
         elif skip_first_last and convs and name == convs[0]:
             reason = "first conv (kept dense by convention; --prune-all includes it)"

@@ -4,9 +4,9 @@ calibration images, one change at a time. allocation='dp' with dp_measure='kl' m
 from __future__ import annotations
 
 import torch
-from torch import fx, nn
+from torch import nn
 
-from .graph import GraphStop, each_change
+from .graph import GraphStop, each_change, trace
 
 
 def output_kls(model: nn.Module, x: torch.Tensor, changes: dict, change, chunk: int | None = None,
@@ -20,7 +20,7 @@ def output_kls(model: nn.Module, x: torch.Tensor, changes: dict, change, chunk: 
     is a mean over images). bar: a progress bar, advanced once per change."""
     xs = list(x.split(chunk)) if chunk and chunk < len(x) else [x]
     try:
-        gm = fx.symbolic_trace(model)
+        gm = trace(model)
     except Exception:  # not traceable (data-dependent control flow, ...): the whole network for each change
         gm = None
     runs = None

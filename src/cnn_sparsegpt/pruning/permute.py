@@ -61,9 +61,10 @@ def _saliencies(model: nn.Module, batches: list[torch.Tensor], consumers: list[s
 
 def _consumer_columns(group: Group, consumer: str, m: int) -> torch.Tensor | None:
     """The group's columns in `consumer` by position j, if each unit owns one column and they are consecutive from
-    a multiple of M (so the consumer's N:M groups are the group's positions in fours); else None."""
+    a multiple of M over a multiple of M (so the consumer's N:M groups are the group's positions in fours); else
+    None (e.g. Res2Net's 26-channel splits, which share an N:M group of the concatenation with the next split)."""
     cols = [u.columns.get(consumer, []) for u in group.units]
-    if any(len(c) != 1 for c in cols):
+    if len(cols) % m or any(len(c) != 1 for c in cols):
         return None
     first = cols[0][0]
     return torch.tensor([c[0] for c in cols]) if first % m == 0 and \

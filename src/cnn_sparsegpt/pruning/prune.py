@@ -28,7 +28,7 @@ from .dense_target import DenseInputs
 from .relu_gate import GATE_FLOPS, ReluGate, applies as gate_applies, dense_active, relu_gates
 from .residual_target import SkipPartner, inverse_scale, skip_partners, target_shift
 from .intercept import fold_offset_, offset_sinks
-from .graph import PRUNABLE, GraphExecutor, GraphStop, inputs_of, memory_policy
+from .graph import PRUNABLE, GraphExecutor, GraphStop, inputs_of, memory_policy, nonstandard_layers, trace
 from .heap import reuse_freed_memory
 from .layer import LayerPruner, LayerResult, output_error
 from .layer_plan import choose_layers, forward_order, refit_layers, unsupported_layers
@@ -405,7 +405,10 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     with reuse_freed_memory(device.type == "cpu" and not low_memory) as reused:
         if reused:
             policy += "; freed memory kept for reuse (glibc)"
-        plan = choose_layers(model, order, config.ignore, not config.prune_all)
+        nonstandard = nonstandard_layers(model, batches[0][:1])
+        for name, reason in nonstandard.items():
+            warnings.warn(f"{name}: {reason}", RuntimeWarning)
+        plan = choose_layers(model, order, config.ignore, not config.prune_all, nonstandard)
         names = [n for n in order if not plan[n]]
         permutation = permute_for_nm_(model, fitted, names, pattern, progress, every_group=bool(config.permute)) \
             if config.permute is not False else {}
@@ -425,12 +428,12 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
         gm = None
         if use_fx:
             try:
-                gm = fx.symbolic_trace(model)
+                gm = trace(model)
             except Exception as e:
                 warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}); "
                               "falling back to one forward pass per layer", RuntimeWarning)
         # the layers kept dense that are re-fitted: at barriers of the traced graph (BatchNorms re-estimated before)
-        refits = refit_layers(plan, order) if config.refit_dense_layers and config.dense_target \
+        refits = [n for n in refit_layers(plan, order) if n not in nonstandard] if config.refit_dense_layers and config.dense_target \
             and config.hessians == "pruned" and gm is not None else []
         sinks = offset_sinks(model, names, gm, biases=False) | offset_sinks(model, refits, gm) if config.intercept \
             else {}  # gm: traced once for both; a re-fit dense layer's bias takes its offset
@@ -473,6 +476,9 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
             res = run.results.get(name)
             if res is None:
                 w = modules[name].weight
+                if not reason:  # planned, but no pass reached it: say so rather than report it as pruned-to-nothing
+                    reason = "not reached by the prune's pass (called in a way the traced graph does not show)"
+                    warnings.warn(f"{name}: {reason}; left as it is", RuntimeWarning)
                 res = LayerResult(name, list(w.shape), config.method, str(pattern), skipped=True, reason=reason)
             layers.append(res)
         layers += [LayerResult(name, list(modules[name].weight.shape), config.method, str(pattern), skipped=True,

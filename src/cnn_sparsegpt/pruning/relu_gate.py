@@ -71,7 +71,7 @@ def relu_gates(traced: fx.GraphModule, names: list[str]) -> dict[str, ReluGate]:
     for name, found in module_calls(traced, names).items():
         if len(found) != 1:
             continue
-        reader = sole_batchnorm_reader(found[0], modules)
+        reader = sole_batchnorm_reader(found[0], modules, affine=True)
         user = _sole_user(found[0] if reader is None else reader)
         if user is not None and _is_relu(user, modules):
             out[name] = ReluGate(None if reader is None else reader.target)

@@ -42,7 +42,7 @@ def skip_partners(traced: fx.GraphModule, names: list[str]) -> dict[str, SkipPar
         if len(found) != 1:  # a module called twice has no one partner
             continue
         node = found[0]
-        reader = sole_batchnorm_reader(node, modules)
+        reader = sole_batchnorm_reader(node, modules, affine=True)
         bn, node = (None, node) if reader is None else (reader.target, reader)
         users = list(node.users)
         if len(users) != 1 or not is_add(users[0]) or users[0].kwargs or len(users[0].args) != 2 \

@@ -4,14 +4,16 @@ saliency is weighted by its (γ/σ)², as if the BN were folded before choosing 
 from __future__ import annotations
 
 import torch
-from torch import fx, nn
+from torch import nn
+
+from .graph import trace
 
 
 def bn_row_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     """{layer name: (γ/√(running_var + ε))² per output channel} for every Conv2d/Linear whose only user
     is a BatchNorm; {} for a model torch.fx cannot trace."""
     try:
-        gm = fx.symbolic_trace(model)
+        gm = trace(model)
     except Exception:
         return {}
     modules = dict(model.named_modules())

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from torch import fx, nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from ..kernels.block_obs import BlockOBS, OwnEnergy, damped_inverse
@@ -37,7 +37,7 @@ from .channel_budget import Counter, allocate, chosen_units, step_size
 from .channel_costs import MAX_OBS_COLUMNS, consumer_weight, measured_curves, unit_blocks
 from .channels import Group, channel_groups
 from .dense_target import DenseInputs
-from .graph import GraphExecutor
+from .graph import GraphExecutor, nonstandard_layers, trace
 from .intercept import fold_offset_, offset_sinks
 from .layer import LayerPruner
 from .speedup import speedup_allocation
@@ -134,7 +134,7 @@ def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list
     modules = dict(model.named_modules())
     targets.follow_graph(names)
     dense_modules = targets.modules
-    traced = fx.symbolic_trace(model)
+    traced = trace(model)
     offsets = offset_sinks(model, names, traced) if intercept else {}
     done = set()
 
@@ -248,8 +248,9 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
     drop_cols, drop_rows, drop_entries = removal_plan(groups, chosen_units(curves, removed))
     before = {n: list(m.weight.shape) for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))}
     dense = DenseInputs(model, batches) if config.dense_target else None  # a frozen copy of the dense model
-    order = [n for n in positions if isinstance(modules[n], nn.Linear) or  # forward order
-             (isinstance(modules[n], nn.Conv2d) and (modules[n].groups == 1 or before[n][1] > 1))]  # not depthwise
+    nonstandard = nonstandard_layers(model, batches[0][:1])  # (their channels are fixed: channel_groups)
+    order = [n for n in positions if n not in nonstandard and (isinstance(modules[n], nn.Linear) or  # forward order
+             (isinstance(modules[n], nn.Conv2d) and (modules[n].groups == 1 or before[n][1] > 1)))]  # not depthwise
     first = next((i for i, n in enumerate(order) if n in drop_cols), len(order))
     refit_later = set(order[first:]) if dense is not None else set()  # the dense target's pass solves them anew
     for c, cols in drop_cols.items():  # re-fit each consumer's kept weights to its dense output

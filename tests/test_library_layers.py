@@ -1,0 +1,153 @@
+"""Layers a model library defines itself (timm's): subclasses of BatchNorm, Conv2d and Linear. torch.fx traces into
+any class defined outside torch.nn, so they must be kept as module calls (graph.trace), and a Conv2d/Linear that does
+not compute its base class's product with its stored weight must be left as it is (graph.nonstandard_layers)."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cnn_sparsegpt import PUBLISHED, prune_model
+
+
+class BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: a BatchNorm and its activation in one module."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+class StdConv(nn.Conv2d):
+    """timm's StdConv2d: the weight standardized per output channel in forward, so a zeroed weight is not zero in
+    the product."""
+
+    def forward(self, x):
+        w = F.batch_norm(self.weight.reshape(1, self.out_channels, -1), None, None, training=True, momentum=0.0,
+                         eps=1e-6).reshape_as(self.weight)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class RestatedConv(nn.Conv2d):
+    """A subclass that only re-states Conv2d's product (timm's Linear does so for TorchScript)."""
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Net(nn.Module):
+    def __init__(self, conv=nn.Conv2d, bn_act=False):
+        super().__init__()
+        self.bn_act = bn_act
+        bn = BatchNormAct if bn_act else nn.BatchNorm2d
+        self.stem, self.bn0 = nn.Conv2d(3, 16, 3, padding=1, bias=False), bn(16)
+        self.conv1, self.bn1 = conv(16, 32, 3, padding=1, bias=False), bn(32)
+        self.conv2, self.bn2 = nn.Conv2d(32, 32, 3, padding=1, bias=False), bn(32)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        for conv, bn in ((self.stem, self.bn0), (self.conv1, self.bn1), (self.conv2, self.bn2)):
+            x = bn(conv(x)) if self.bn_act else torch.relu(bn(conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    model = Net(**kw)
+    model.train()
+    with torch.no_grad():  # non-trivial BatchNorm statistics
+        for _ in range(3):
+            model(torch.randn(16, 3, 8, 8) * 2 + 0.5)
+    return model.eval()
+
+
+def calib():
+    return torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("options", [dict(nm="2:4"), dict(structure="channels", keep_macs=0.6)],
+                         ids=["2:4", "channels"])
+def test_a_batchnorm_subclass_prunes_as_batchnorm_then_relu(options):
+    """Before graph.trace, a BatchNormAct's statistics were silently not re-estimated (timm EfficientNet-B0: 0 of 49)."""
+    plain, fused = make(), make(bn_act=True)
+    fused.load_state_dict(plain.state_dict())
+    before = fused.bn2.running_var.clone()
+    reports = [prune_model(m, calib(), progress=False, **options) for m in (plain, fused)]
+    assert fused.bn2.running_var.shape != before.shape or not torch.allclose(fused.bn2.running_var, before, 0.01)
+    for (k, a), b in zip(plain.state_dict().items(), fused.state_dict().values()):
+        assert a.shape == b.shape, k
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=1e-5, msg=k)
+    if "structure" in options:  # its channels were removed, not left as read by an unknown module
+        assert reports[1].structure["macs"][1] < 0.65 * reports[1].structure["macs"][0]
+
+
+def test_a_conv_that_transforms_its_weight_is_left_as_it_is_and_reported():
+    model = make(conv=StdConv)
+    kept = model.conv1.weight.clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rep = prune_model(model, calib(), sparsity=0.5, progress=False)
+    by = {r.name: r for r in rep.layers}
+    assert by["conv1"].skipped and by["conv1"].reason.startswith("StdConv computes something else than Conv2d")
+    assert torch.equal(model.conv1.weight, kept) and not by["conv2"].skipped and by["conv2"].sparsity == 0.5
+    assert any("conv1" in str(w.message) and "StdConv" in str(w.message) for w in caught)
+
+    model = make(conv=StdConv)
+    rep = prune_model(model, calib(), structure="channels", keep_macs=0.8, progress=False)
+    assert torch.equal(model.conv1.weight, kept)  # neither sliced nor re-fitted
+    assert any("conv1: StdConv computes" in g["fixed"] for g in rep.structure["groups"])
+
+
+def test_a_subclass_that_restates_its_base_prunes_as_the_base():
+    plain, restated = make(), make(conv=RestatedConv)
+    restated.load_state_dict(plain.state_dict())
+    a, b = (prune_model(m, calib(), PUBLISHED, sparsity=0.5, progress=False) for m in (plain, restated))
+    assert torch.equal(a.masks["conv1.weight"], b.masks["conv1.weight"])
+    torch.testing.assert_close(plain.conv1.weight, restated.conv1.weight)
+
+
+class Splits(nn.Module):
+    """Res2Net's pattern: splits of a width that is not a multiple of M, concatenated into one consumer."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a, self.b = nn.Conv2d(8, 6, 3, padding=1), nn.Conv2d(8, 6, 3, padding=1)
+        self.head = nn.Conv2d(12, 8, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.head(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], 1)))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_nm_permutation_leaves_splits_that_share_an_nm_group():
+    torch.manual_seed(0)
+    model = Splits().eval()
+    rep = prune_model(model, calib(), nm="2:4", permute=True, progress=False)
+    assert all("head" not in g["consumers"] for g in rep.permutation["groups"])  # (it raised in a reshape)
+    assert not {r.name: r for r in rep.layers}["head"].skipped
+
+
+class SumBlock(nn.Module):
+    def __init__(self, bn):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 8, 3, padding=1, bias=False), bn(8)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)) + x)
+
+
+def test_targets_that_need_an_affine_batchnorm_do_not_take_a_subclass():
+    """The residual target's shift and the ReLU gate pass through the BatchNorm as an affine map: not through an
+    activation inside it (the intercept's offset, before the normalization, still goes into its running mean)."""
+    from cnn_sparsegpt.pruning.graph import trace
+    from cnn_sparsegpt.pruning.intercept import offset_sinks
+    from cnn_sparsegpt.pruning.residual_target import skip_partners
+
+    for bn, partnered in ((nn.BatchNorm2d, True), (BatchNormAct, False)):
+        model = SumBlock(bn).eval()
+        gm = trace(model)
+        assert ("conv" in skip_partners(gm, ["conv"])) == partnered
+        assert "conv" in offset_sinks(model, ["conv"], gm)
