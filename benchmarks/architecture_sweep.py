@@ -32,8 +32,8 @@ FAMILIES = ("alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "effic
             "regnet_y_400mf", "resnet18", "resnet50", "resnext50_32x4d", "shufflenet_v2_x0_5", "squeezenet1_0",
             "squeezenet1_1", "vgg11_bn", "wide_resnet50_2")  # one model of each graph family (the default)
 SKIP = ("vit_", "swin", "maxvit")  # with --all: transformers, no convolutions to prune in our sense
-TIMM_FAMILIES = ("convmixer_768_32", "convnext_atto", "cs3darknet_s",
-                 "cspdarknet53", "cspresnet50", "densenet121", "dla34", "dm_nfnet_f0", "dpn68", "ecaresnet50d",
+TIMM_FAMILIES = ("convmixer_768_32", "convnext_atto", "cs3darknet_s", "cspdarknet53", "cspresnet50", "densenet121",
+                 "dla34", "dm_nfnet_f0", "dpn68", "ecaresnet50d",
                  "edgenext_xx_small", "efficientnet_b0", "efficientvit_b0", "fastvit_t8", "fbnetv3_b", "gernet_s",
                  "ghostnet_100", "ghostnetv2_100", "hardcorenas_a", "hrnet_w18_small",
                  "inception_next_tiny", "inception_resnet_v2", "inception_v4", "lambda_resnet26t", "lcnet_050",
@@ -67,7 +67,11 @@ def one(name: str, kind: str, nsamples: int) -> dict:
         return {"status": "error", "error": f"{type(e).__name__}: {str(e)[:300]}",
                 "seconds": time.perf_counter() - t0}
     row = {"status": "ok" if torch.isfinite(y).all() else "non-finite output", "seconds": time.perf_counter() - t0}
-    if kind == "channels":
+    if kind != "channels":  # what stayed dense, and why (by reason, with how many layers)
+        left = [r.reason for r in rep.layers if r.skipped]
+        row |= {"layers_pruned": sum(not r.skipped for r in rep.layers),
+                "layers_left": {k: left.count(k) for k in sorted(set(left))}, "sparsity": rep.sparsity}
+    else:
         dense, kept = rep.structure["macs"]
         groups = rep.structure["groups"]
         row |= {"macs_kept": kept / dense, "timings": rep.timings, "groups": len(groups),
