@@ -5,13 +5,15 @@ multiply-adds kept and why any channel group was left in place. Rows are written
 skips the ones already in the file.
 
     python benchmarks/architecture_sweep.py --json experiments/architecture_sweep.json
-    python benchmarks/architecture_sweep.py --models alexnet resnet18 --kinds channels --json /tmp/x.json
+    python benchmarks/architecture_sweep.py --timm --json experiments/architecture_sweep_timm.json
+    python benchmarks/architecture_sweep.py --models alexnet timm:dla34 --kinds channels --json /tmp/x.json
 
 Random weights say nothing of accuracy: this finds the architectures a user's model could break on (graph patterns
 the channel dependency graph or the N:M solvers do not handle) and how long a prune takes on each at small size.
 By default one model of each family (FAMILIES: the larger variants have the same graph patterns and take minutes
-each here); --all sweeps every torchvision classifier but the transformers (vit, swin, maxvit). Seconds are
-wall-clock on a shared machine: a rough guide, not a measurement.
+each here); --all sweeps every torchvision classifier but the transformers (vit, swin, maxvit); --timm sweeps
+TIMM_FAMILIES, timm's graph families beyond torchvision's, built as `--model timm:NAME` builds them. 2:4 rows say
+which layers stayed dense and why. Seconds are wall-clock on a shared machine: a rough guide, not a measurement.
 """
 from __future__ import annotations
 
@@ -81,7 +83,7 @@ def one(name: str, kind: str, nsamples: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=list(FAMILIES), help="torchvision model names")
+    p.add_argument("--models", nargs="+", default=list(FAMILIES), help="torchvision model names, or timm:NAME")
     p.add_argument("--all", action="store_true", help="every torchvision classifier but the transformers instead")
     p.add_argument("--timm", action="store_true", help="timm's families (TIMM_FAMILIES) instead")
     p.add_argument("--kinds", nargs="+", default=list(PRUNES), choices=list(PRUNES))
