@@ -151,3 +151,21 @@ def test_targets_that_need_an_affine_batchnorm_do_not_take_a_subclass():
         gm = trace(model)
         assert ("conv" in skip_partners(gm, ["conv"])) == partnered
         assert "conv" in offset_sinks(model, ["conv"], gm)
+
+
+@pytest.mark.parametrize("norm", ["hook", "parametrization"])
+def test_a_weight_normed_conv_is_left_as_it_is(norm):
+    """weight_norm computes the weight from weight_g and weight_v: a pruned weight would be overwritten."""
+    model = make()
+    if norm == "hook":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (deprecated in favour of the parametrization)
+            model.conv1 = nn.utils.weight_norm(model.conv1)
+    else:
+        model.conv1 = nn.utils.parametrizations.weight_norm(model.conv1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rep = prune_model(model, calib(), sparsity=0.5, progress=False)
+    by = {r.name: r for r in rep.layers}
+    assert by["conv1"].skipped and "its weight is computed" in by["conv1"].reason
+    assert (model.conv1.weight != 0).all() and not by["conv2"].skipped

@@ -48,10 +48,13 @@ def nonstandard_layers(model: nn.Module, example: torch.Tensor) -> dict[str, str
     """Conv2d/Linear subclasses that do not compute what their base class computes with their stored weight, checked
     on `example`: name → why the layer stays as it is. A prune zeroes and re-fits the stored weight as the input's
     product with it; a layer that transforms its weight first (timm's ScaledStdConv2d: weight standardization, so a
-    zeroed weight is not zero in the product) or pads its input itself (timm's Conv2dSame) breaks that. Subclasses
-    that only re-state the base (timm's Linear) pass."""
-    found: dict[str, str] = {}
-    names = {m: n for n, m in model.named_modules() if isinstance(m, PRUNABLE)
+    zeroed weight is not zero in the product) or pads its input itself (timm's Conv2dSame) breaks that, and so does a
+    weight computed from other parameters (weight_norm), which the next forward would overwrite. Subclasses that
+    only re-state the base (timm's Linear) pass."""
+    found = {n: f"its weight is computed from other parameters ({type(m).__name__}: weight_norm or a "
+                "parametrization), so a pruned weight would not stay: left as it is"
+             for n, m in model.named_modules() if isinstance(m, PRUNABLE) and "weight" not in m._parameters}
+    names = {m: n for n, m in model.named_modules() if isinstance(m, PRUNABLE) and n not in found
              and type(m).forward not in (nn.Conv2d.forward, nn.Linear.forward)}
 
     def hook(m, inp, out):
