@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cnn_sparsegpt import PUBLISHED, prune_model
+from cnn_sparsegpt.utils import UserError
 
 
 class BatchNormAct(nn.BatchNorm2d):
@@ -96,6 +97,8 @@ def test_a_conv_that_transforms_its_weight_is_left_as_it_is_and_reported():
     rep = prune_model(model, calib(), structure="channels", keep_macs=0.8, progress=False)
     assert torch.equal(model.conv1.weight, kept)  # neither sliced nor re-fitted
     assert any("conv1: StdConv computes" in g["fixed"] for g in rep.structure["groups"])
+    with pytest.raises(UserError, match="channel groups stay in place, e.g. read by conv1: StdConv computes"):
+        prune_model(make(conv=StdConv), calib(), structure="channels", keep_macs=0.3, progress=False)
 
 
 def test_a_subclass_that_restates_its_base_prunes_as_the_base():
