@@ -172,3 +172,36 @@ def test_a_weight_normed_conv_is_left_as_it_is(norm):
     by = {r.name: r for r in rep.layers}
     assert by["conv1"].skipped and "its weight is computed" in by["conv1"].reason
     assert (model.conv1.weight != 0).all() and not by["conv2"].skipped
+
+
+class Ghost(nn.Module):
+    """GhostNet's module: a conv, a depthwise conv of its output, both concatenated, then `out[:, :keep]`."""
+
+    def __init__(self, keep):
+        super().__init__()
+        self.keep = keep
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.primary, self.cheap = nn.Conv2d(8, 16, 1), nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.head = nn.Conv2d(keep, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x1 = torch.relu(self.primary(torch.relu(self.stem(x))))
+        x = torch.cat([x1, torch.relu(self.cheap(x1))], 1)[:, :self.keep]
+        return self.fc(torch.relu(self.head(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("keep", [32, 30])
+def test_an_index_that_selects_all_channels_passes_them_through(keep):
+    """`out[:, :keep]` with keep = all channels still selects all once channels go; a real slice (30 of 32) would not
+    follow a removal (its bound is the module's own attribute), so its channels stay."""
+    from cnn_sparsegpt.pruning.channels import channel_groups
+
+    torch.manual_seed(0)
+    model = Ghost(keep).eval()
+    groups = {g.producers[0]: g for g in channel_groups(model, calib()[:1])}
+    assert bool(groups["primary"].removable) == (keep == 32)
+    if keep == 32:
+        prune_model(model, calib(), structure="channels", keep_macs=0.7, progress=False)
+        assert model.primary.out_channels < 16 and model.head.in_channels == 2 * model.primary.out_channels
+        assert model(calib()).shape == (64, 5)

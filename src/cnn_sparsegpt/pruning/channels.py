@@ -145,6 +145,14 @@ def _permutation(node: fx.Node) -> list[int] | None:
     return dims if all(isinstance(d, int) for d in dims) else None
 
 
+def _selects_all(node: fx.Node) -> bool:
+    """Whether an indexing `x[...]` selects all of x by slices from the start (GhostNet's `out[:, :self.out_chs]`
+    where out has out_chs channels): it still does once channels are removed, as a slice's end may pass the size."""
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    return all(i is Ellipsis or isinstance(i, slice) and i.start in (None, 0) and i.step in (None, 1) for i in index) \
+        and _shape(node) is not None and tuple(_shape(node)) == tuple(_shape(node.args[0]) or ())
+
+
 def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "structured pruning") -> list[Group]:
     """The dependency groups of `model` (eval mode, one example batch for the shapes); purpose names what needs
     them in the error an untraceable model gets."""
@@ -273,6 +281,8 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
             elif fn in (torch.mean, "mean", torch.sum, "sum", torch.amax, "amax") and tensors and c_out == len(
                     of[tensors[0]]):
                 of[node] = list(of[tensors[0]])  # a reduction over positions
+            elif fn is operator.getitem and tensors and _selects_all(node):
+                of[node] = list(of[tensors[0]])
             elif name in ("size", "dim", "getattr") or fn is getattr:
                 of[node] = []
             else:
