@@ -205,3 +205,30 @@ def test_an_index_that_selects_all_channels_passes_them_through(keep):
         prune_model(model, calib(), structure="channels", keep_macs=0.7, progress=False)
         assert model.primary.out_channels < 16 and model.head.in_channels == 2 * model.primary.out_channels
         assert model(calib()).shape == (64, 5)
+
+
+class MixedSum(nn.Module):
+    """MixNet's MixedConv2d (convs whose outputs are concatenated) in a residual sum: one channel group whose units
+    each belong to one part of the concatenation."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a, self.b = nn.Conv2d(8, 4, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+        self.head = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(torch.cat([self.a(x), self.b(x)], 1) + x)
+        return self.fc(torch.relu(self.head(x)).mean((2, 3)))
+
+
+def test_nm_permutation_leaves_groups_across_a_concatenation():
+    """A permutation would move a channel from one part's rows to the other's (timm MixNet: a KeyError)."""
+    torch.manual_seed(0)
+    model = MixedSum().eval()
+    dense = model(calib())
+    rep = prune_model(model, calib(), PUBLISHED, nm="2:4", permute=True, bn_recalibration=False, progress=False)
+    assert all("a" not in g["producers"] for g in rep.permutation["groups"])
+    assert torch.isfinite(model(calib())).all() and dense.shape == (64, 5)

@@ -88,7 +88,8 @@ def permute_for_nm_(model: nn.Module, batches: list[torch.Tensor], names: list[s
                 "swap's budget"}
     try:
         groups = [g for g in channel_groups(model, batches[0][:1], "permute (channel order for N:M)")
-                  if len(g.units) > pattern.m and not g.reason and len(g.removable) == len(g.units)]
+                  if len(g.units) > pattern.m and not g.reason and len(g.removable) == len(g.units)
+                  and all(len(u.rows) == len(g.producers) for u in g.units)]  # not across a concatenation's parts
     except UserError as e:
         if every_group:
             raise
