@@ -232,3 +232,28 @@ def test_nm_permutation_leaves_groups_across_a_concatenation():
     rep = prune_model(model, calib(), PUBLISHED, nm="2:4", permute=True, bn_recalibration=False, progress=False)
     assert all("a" not in g["producers"] for g in rep.permutation["groups"])
     assert torch.isfinite(model(calib())).all() and dense.shape == (64, 5)
+
+
+class PartReader(MixedSum):
+    """Inception-ResNet-v2's pattern: one part of a concatenation in a residual sum is also read on its own (by c),
+    so c reads only some units of the group."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(4, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        a = self.a(x)
+        x = torch.relu(torch.cat([a, self.b(x)], 1) + x) + self.c(torch.relu(a))
+        return self.fc(torch.relu(self.head(x)).mean((2, 3)))
+
+
+def test_a_consumer_that_reads_part_of_a_group_prices_only_that_part():
+    """Before, the OBS cost curve assumed every unit has columns in every consumer (a ValueError)."""
+    torch.manual_seed(0)
+    model = PartReader().eval()
+    rep = prune_model(model, calib(), structure="channels", keep_macs=0.7, round_to=2, progress=False)
+    assert model.stem.out_channels < 8 and model.c.in_channels == model.a.out_channels
+    assert model.a.out_channels + model.b.out_channels == model.stem.out_channels
+    assert torch.isfinite(model(calib())).all() and rep.structure["macs"][1] <= 0.7 * rep.structure["macs"][0]

@@ -89,7 +89,9 @@ def permute_for_nm_(model: nn.Module, batches: list[torch.Tensor], names: list[s
     try:
         groups = [g for g in channel_groups(model, batches[0][:1], "permute (channel order for N:M)")
                   if len(g.units) > pattern.m and not g.reason and len(g.removable) == len(g.units)
-                  and all(len(u.rows) == len(g.producers) for u in g.units)]  # not across a concatenation's parts
+                  and all(u.rows.keys() == g.units[0].rows.keys() and u.columns.keys() == g.units[0].columns.keys()
+                          and u.entries.keys() == g.units[0].entries.keys() for u in g.units)]  # (not across a
+        # concatenation's parts: a unit cannot take the place of one with other producers, readers or entries)
     except UserError as e:
         if every_group:
             raise

@@ -57,6 +57,34 @@ class StructureReport:
     latency: dict | None = None  # target_speedup: the layer table and the measured tries (speedup.py)
 
 
+class _Read:
+    """A consumer's BlockOBS (or OwnEnergy) over the units it reads, asked by the group's unit indices: a unit whose
+    channels it does not read costs it nothing (timm's Inception-ResNet-v2: a group spans a concatenation's parts,
+    and a consumer reads one part). local: each unit's index among those it reads, -1 where it reads none."""
+
+    def __init__(self, obs, local: torch.Tensor):
+        self.obs, self.local = obs, local
+
+    def costs(self, units: torch.Tensor) -> torch.Tensor:
+        ix = self.local[units]
+        out = torch.zeros(len(units), dtype=torch.float64)
+        out[ix >= 0] = self.obs.costs(ix[ix >= 0]).cpu()
+        return out
+
+    def joint(self, base: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        b, ix = self.local[base], self.local[candidates]
+        b = b[b >= 0]
+        out = torch.empty(len(candidates), dtype=torch.float64)
+        out[ix >= 0] = self.obs.joint(b, ix[ix >= 0]).cpu()  # (nothing to ask if none: joint() takes empty sets)
+        out[ix < 0] = float(self.obs.joint(b[:-1], b[-1:])[0]) if len(b) else 0.0  # the base set's cost alone
+        return out
+
+    def remove(self, units: torch.Tensor) -> None:
+        ix = self.local[units]
+        if (ix >= 0).any():
+            self.obs.remove(ix[ix >= 0])
+
+
 def _cost_curve(group: Group, stats: dict, percdamp: float, max_remove: int,
                 round_to: int) -> tuple[list[int], list[float]]:
     """Greedy removal order of the group's removable units and the cumulative relative cost after each. Units go
@@ -74,15 +102,18 @@ def _cost_curve(group: Group, stats: dict, percdamp: float, max_remove: int,
         p = stats[c]
         Wg, _ = p.weight_matrix()
         Ws = Wg.double()  # (groups, rows, d); LayerPruner's H is 2XXᵀ/N in float32, (groups, d, d)
-        blocks = unit_blocks(p, [group.units[i].columns.get(c, []) for i in units]).to(Ws.device)
+        cols = [group.units[i].columns.get(c, []) for i in units]
+        blocks = unit_blocks(p, [x for x in cols if x]).to(Ws.device)
+        reads = torch.tensor([bool(x) for x in cols])  # (a group can span a concatenation's parts: not all read)
+        local = torch.where(reads, reads.cumsum(0) - 1, -1)
         if p.d > MAX_OBS_COLUMNS:  # no updates: each block's own output energy, fixed; H read in row chunks
             norm = float(sum(_output_energy(W, H) for W, H in zip(Ws, p.H))) or 1.0
-            state += [(OwnEnergy(W, H, blocks), norm) for W, H in zip(Ws, p.H)]
+            state += [(_Read(OwnEnergy(W, H, blocks), local), norm) for W, H in zip(Ws, p.H)]
             continue
         Hs = p.H.double() / 2
         norm = float((torch.bmm(Ws, Hs) * Ws).sum()) or 1.0  # the consumer's output energy, all its conv groups
         # a grouped conv loses the same columns in each group, each with its own H
-        state += [(BlockOBS(W, damped_inverse(H, percdamp), blocks), norm) for W, H in zip(Ws, Hs)]
+        state += [(_Read(BlockOBS(W, damped_inverse(H, percdamp), blocks), local), norm) for W, H in zip(Ws, Hs)]
     alive = torch.ones(len(units), dtype=torch.bool)
     order, curve, total = [], [], 0.0
     while len(order) < min(max_remove, len(units)):
