@@ -99,6 +99,10 @@ def test_a_conv_that_transforms_its_weight_is_left_as_it_is_and_reported():
     assert any("conv1: StdConv computes" in g["fixed"] for g in rep.structure["groups"])
     with pytest.raises(UserError, match="channel groups stay in place, e.g. read by conv1: StdConv computes"):
         prune_model(make(conv=StdConv), calib(), structure="channels", keep_macs=0.3, progress=False)
+    model = make(conv=StdConv)
+    model.conv2 = StdConv(32, 32, 3, padding=1, bias=False)  # nothing left to remove: the error says why
+    with pytest.raises(UserError, match="no channel of this model can be removed: read by conv.: StdConv computes"):
+        prune_model(model, calib(), structure="channels", keep_macs=0.8, progress=False)
 
 
 def test_a_subclass_that_restates_its_base_prunes_as_the_base():

@@ -7,7 +7,7 @@ import math
 from torch import nn
 
 from ..utils import UserError
-from .channels import Group
+from .channels import OUTPUT, Group, main_reason
 
 
 def layer_sizes(model: nn.Module, positions: dict) -> dict[str, list[int]]:
@@ -105,10 +105,9 @@ def allocate(groups, curves, counter: Counter, target: float, round_to: int) -> 
             if rate < best_rate:
                 best, best_rate, best_total = g, rate, now - saved
         if best is None:
-            fixed = [g.reason for g in groups if g.reason]  # the most frequent reason but the classifier's outputs
-            told = [r for r in fixed if r != "reaches the model's output"]
-            why = f"; {len(fixed)} of {len(groups)} channel groups stay in place, e.g. " + \
-                max(told, key=told.count) if told else ""
+            fixed = sum(bool(g.reason) for g in groups)
+            why = f"; {fixed} of {len(groups)} channel groups stay in place, e.g. {main_reason(groups)}" \
+                if main_reason(groups) not in ("", OUTPUT) else ""
             raise UserError(f"cannot remove enough channels to keep {target:.0%} of the {counter.what}: the smallest "
                             f"reachable is {now / dense:.1%} (each group keeps at least {round_to} channels{why})")
         removed[best] += step_size(len(groups[best].units), removed[best], groups[best].unit_step(round_to))

@@ -145,6 +145,16 @@ def _permutation(node: fx.Node) -> list[int] | None:
     return dims if all(isinstance(d, int) for d in dims) else None
 
 
+OUTPUT = "reaches the model's output"
+
+
+def main_reason(groups: list[Group]) -> str:
+    """The most frequent reason groups stay in place, but the classifier's outputs (every model has those): what an
+    error should name. '' if none."""
+    told = [g.reason for g in groups if g.reason and g.reason != OUTPUT]
+    return max(told, key=told.count) if told else OUTPUT if any(g.reason for g in groups) else ""
+
+
 def _selects_all(node: fx.Node) -> bool:
     """Whether an indexing `x[...]` selects all of x by slices from the start (GhostNet's `out[:, :self.out_chs]`
     where out has out_chs channels): it still does once channels are removed, as a slice's end may pass the size."""
@@ -202,7 +212,7 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
             of[node] = fixed_list(node)
         elif node.op == "output":
             for a in args:
-                fix_all(of[a], "reaches the model's output")
+                fix_all(of[a], OUTPUT)
         elif node.op == "call_module":
             m = modules[node.target]
             x = of[node.args[0]] if node.args and node.args[0] in of else []

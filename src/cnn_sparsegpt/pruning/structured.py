@@ -35,7 +35,7 @@ from .allocation import dense_statistics
 from .batchnorm import bn_modules, bn_statistics_, recalibrate
 from .channel_budget import Counter, allocate, chosen_units, step_size
 from .channel_costs import MAX_OBS_COLUMNS, consumer_weight, measured_curves, unit_blocks
-from .channels import Group, channel_groups
+from .channels import Group, channel_groups, main_reason
 from .dense_target import DenseInputs
 from .graph import GraphExecutor, nonstandard_layers, trace
 from .intercept import fold_offset_, offset_sinks
@@ -244,10 +244,9 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
     what, target = next((k, v) for k, v in (("macs", config.keep_macs), ("params", config.keep_params),
                                              ("speedup", config.target_speedup)) if v is not None)
     groups = channel_groups(model, batches[0][:1])
-    exclude_reasons = [g.reason for g in groups if g.reason]
     prunable = [g for g, group in enumerate(groups) if group.removable]
     if not prunable:
-        raise UserError("no channel of this model can be removed: " + (exclude_reasons[0] if exclude_reasons else
+        raise UserError("no channel of this model can be removed: " + (main_reason(groups) or
                                                                         "it has no Conv2d/Linear producers"))
     consumers = sorted({c for g in prunable for i in groups[g].removable for c in groups[g].units[i].columns})
     t1 = time.perf_counter()
