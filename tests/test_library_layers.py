@@ -261,3 +261,31 @@ def test_a_consumer_that_reads_part_of_a_group_prices_only_that_part():
     assert model.stem.out_channels < 8 and model.c.in_channels == model.a.out_channels
     assert model.a.out_channels + model.b.out_channels == model.stem.out_channels
     assert torch.isfinite(model(calib())).all() and rep.structure["macs"][1] <= 0.7 * rep.structure["macs"][0]
+
+
+class SpaceToDepthSE(nn.Module):
+    """TResNet's stem (space-to-depth: a view of a permute) before convs whose outputs a squeeze-excite gate scales."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(12, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 16, 1)
+        self.head, self.fc = nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 5)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        x = x.view(n, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 1, 2, 4).reshape(n, c * 4, h // 2, w // 2)
+        x = torch.relu(self.stem(x))
+        y = self.conv(x)
+        x = torch.relu(x + y * torch.sigmoid(self.fc2(torch.relu(self.fc1(y.mean((2, 3), keepdim=True))))))
+        return self.fc(torch.relu(self.head(x)).mean((2, 3)))
+
+
+def test_a_conv_after_a_permuted_view_writes_channels_at_dim_1():
+    """Before, the convs after the stem took the permute's channel dim (3): the gate's product was not tied to the
+    stream, fc2 alone lost rows, and the pruned network failed in the next forward (TResNet)."""
+    torch.manual_seed(0)
+    model = SpaceToDepthSE().eval()
+    prune_model(model, calib(), structure="channels", keep_macs=0.7, round_to=4, progress=False)
+    assert model.stem.out_channels < 16 and model.fc2.out_channels == model.conv.out_channels == model.stem.out_channels
+    assert model(calib()).shape == (64, 5)

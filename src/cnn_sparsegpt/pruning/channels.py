@@ -218,6 +218,11 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
             x = of[node.args[0]] if node.args and node.args[0] in of else []
             in_dims = len(_shape(node.args[0]) or ()) if node.args else 0
             cdim[node] = cdim.get(node.args[0], 1) if node.args else 1
+            if isinstance(m, nn.Conv2d):  # reads channels at dim 1 and writes them there, whatever came before
+                if cdim[node] != 1 or len(x) != m.in_channels:  # (TResNet's space-to-depth: a view of a permute)
+                    fix_all(x, f"read by {node.target}, a conv over a tensor whose channels it does not follow")
+                    x = [FIXED] * m.in_channels
+                cdim[node] = 1
             if node.target in nonstandard:
                 fix_all(x, f"read by {node.target}: {nonstandard[node.target]}")
                 of[node] = fixed_list(node)
