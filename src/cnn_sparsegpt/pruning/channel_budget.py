@@ -7,7 +7,7 @@ import math
 from torch import nn
 
 from ..utils import UserError
-from .channels import OUTPUT, Group, main_reason
+from .channels import OUTPUT, TIED, Group, main_reason
 
 
 def layer_sizes(model: nn.Module, positions: dict) -> dict[str, list[int]]:
@@ -107,7 +107,7 @@ def allocate(groups, curves, counter: Counter, target: float, round_to: int) -> 
         if best is None:
             fixed = sum(bool(g.reason) for g in groups)
             why = f"; {fixed} of {len(groups)} channel groups stay in place, e.g. {main_reason(groups)}" \
-                if main_reason(groups) not in ("", OUTPUT) else ""
+                if main_reason(groups) not in ("", OUTPUT, TIED) else ""
             raise UserError(f"cannot remove enough channels to keep {target:.0%} of the {counter.what}: the smallest "
                             f"reachable is {now / dense:.1%} (each group keeps at least {round_to} channels{why})")
         removed[best] += step_size(len(groups[best].units), removed[best], groups[best].unit_step(round_to))

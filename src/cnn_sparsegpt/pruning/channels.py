@@ -66,6 +66,10 @@ class Unit:
     fixed: str = ""  # why it cannot be removed ('' = it can)
 
 
+OUTPUT = "reaches the model's output"
+TIED = "tied to a channel that cannot be removed"
+
+
 @dataclass
 class Group:
     producers: list  # module names whose output channels are tied
@@ -108,7 +112,7 @@ class _Slots:
 
     def union(self, a: int, b: int) -> None:
         if a == FIXED or b == FIXED:
-            self.fix(b if a == FIXED else a, "tied to a channel that cannot be removed")
+            self.fix(b if a == FIXED else a, TIED)
             return
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
@@ -145,14 +149,11 @@ def _permutation(node: fx.Node) -> list[int] | None:
     return dims if all(isinstance(d, int) for d in dims) else None
 
 
-OUTPUT = "reaches the model's output"
-
-
 def main_reason(groups: list[Group]) -> str:
-    """The most frequent reason groups stay in place, but the classifier's outputs (every model has those): what an
-    error should name. '' if none."""
-    told = [g.reason for g in groups if g.reason and g.reason != OUTPUT]
-    return max(told, key=told.count) if told else OUTPUT if any(g.reason for g in groups) else ""
+    """The most frequent reason groups stay in place, but the classifier's outputs (every model has those) and ties
+    (which follow from another reason): what an error should name. '' if none."""
+    told = [g.reason for g in groups if g.reason and g.reason not in (OUTPUT, TIED)]
+    return max(told, key=told.count) if told else next((g.reason for g in groups if g.reason), "")
 
 
 def _selects_all(node: fx.Node) -> bool:
@@ -223,9 +224,10 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
                     fix_all(x, f"read by {node.target}, a conv over a tensor whose channels it does not follow")
                     x = [FIXED] * m.in_channels
                 cdim[node] = 1
-            if node.target in nonstandard:
+            if node.target in nonstandard:  # its channels stay: a group of its own that says why (in the report)
                 fix_all(x, f"read by {node.target}: {nonstandard[node.target]}")
-                of[node] = fixed_list(node)
+                of[node] = slots.new(node.target, m.weight.shape[0])
+                fix_all(of[node], f"written by {node.target}: {nonstandard[node.target]}")
             elif isinstance(m, nn.Conv2d) and m.groups == 1 or isinstance(m, nn.Linear):
                 if isinstance(m, nn.Linear) and in_dims != 2:
                     if cdim[node] != in_dims - 1:  # a Linear reads the last dim: channels-last tensors only
