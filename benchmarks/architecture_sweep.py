@@ -95,11 +95,12 @@ def main() -> None:
     names = [f"timm:{n}" for n in TIMM_FAMILIES] if args.timm else names
     rows = json.load(open(args.json))["rows"] if os.path.exists(args.json) else []
     done = {(r["model"], r["kind"]) for r in rows}
+    commit = git_commit()  # the code this process runs (HEAD may move while it runs)
     for name in names:
         for kind in args.kinds:
             if (name, kind) in done:
                 continue
-            row = {"model": name, "kind": kind, "nsamples": args.nsamples, "git_commit": git_commit()} | \
+            row = {"model": name, "kind": kind, "nsamples": args.nsamples, "git_commit": commit} | \
                 one(name, kind, args.nsamples)
             rows.append(row)
             print(f"{name:24s} {kind:9s} {row['status']:6s} {row['seconds']:7.1f} s", row.get("error", ""),

@@ -1,6 +1,7 @@
 """Small shared helpers: the user-facing error type, atomic writes, safe checkpoint loads, devices."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -188,8 +189,11 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+@functools.cache
 def git_commit() -> str:
-    """The commit of the source tree this package runs from, or '' outside a git checkout."""
+    """The commit of the source tree this package runs from, or '' outside a git checkout: HEAD at the first call,
+    which a long run (bench, a sweep) makes when it starts, so that its rows name the code it loaded even where
+    commits land while it runs (rows of earlier runs named the HEAD of their writing)."""
     import subprocess
 
     try:

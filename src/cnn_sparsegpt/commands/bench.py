@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..pruning import dist
 from ..pruning.config import PRESETS, RECIPE_KEYS, recipe_label
-from ..utils import UserError, atomic_write_json, atomic_write_text, file_stem
+from ..utils import UserError, atomic_write_json, atomic_write_text, file_stem, git_commit
 from ..deploy.runtimes import RUNTIMES
 from .options import PruneOptions, check_options, read_yaml_mapping
 
@@ -174,6 +174,7 @@ def grid(cfg: BenchConfig):
 def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
     from .pipeline import run_prune
 
+    git_commit()  # the code this run loaded, for every row (utils.git_commit)
     csv_path, reports = Path(cfg.csv), Path(cfg.reports)
     done = {_key(r) for r in read_rows(csv_path)}
     dense = {(r["model"], r["checkpoint"], r["eval_samples"], r["holdout"]): float(r["dense_acc"])
