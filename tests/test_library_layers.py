@@ -69,7 +69,8 @@ def calib():
 @pytest.mark.parametrize("options", [dict(nm="2:4"), dict(structure="channels", keep_macs=0.6)],
                          ids=["2:4", "channels"])
 def test_a_batchnorm_subclass_prunes_as_batchnorm_then_relu(options):
-    """Before graph.trace, a BatchNormAct's statistics were silently not re-estimated (timm EfficientNet-B0: 0 of 49)."""
+    """Before graph.trace, a BatchNormAct's statistics were silently not re-estimated (timm EfficientNet-B0: none of
+    its 49)."""
     plain, fused = make(), make(bn_act=True)
     fused.load_state_dict(plain.state_dict())
     before = fused.bn2.running_var.clone()

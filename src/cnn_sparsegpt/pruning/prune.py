@@ -433,8 +433,8 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
                 warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}); "
                               "falling back to one forward pass per layer", RuntimeWarning)
         # the layers kept dense that are re-fitted: at barriers of the traced graph (BatchNorms re-estimated before)
-        refits = [n for n in refit_layers(plan, order) if n not in nonstandard] if config.refit_dense_layers and config.dense_target \
-            and config.hessians == "pruned" and gm is not None else []
+        refits = [n for n in refit_layers(plan, order) if n not in nonstandard] if config.refit_dense_layers \
+            and config.dense_target and config.hessians == "pruned" and gm is not None else []
         sinks = offset_sinks(model, names, gm, biases=False) | offset_sinks(model, refits, gm) if config.intercept \
             else {}  # gm: traced once for both; a re-fit dense layer's bias takes its offset
         run = _Pruner(model, plan, config, progress, patterns, row_scales, statcorr,

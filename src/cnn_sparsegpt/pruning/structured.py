@@ -68,15 +68,18 @@ class _Read:
     def costs(self, units: torch.Tensor) -> torch.Tensor:
         ix = self.local[units]
         out = torch.zeros(len(units), dtype=torch.float64)
-        out[ix >= 0] = self.obs.costs(ix[ix >= 0]).cpu()
+        if (ix >= 0).any():
+            out[ix >= 0] = self.obs.costs(ix[ix >= 0]).cpu()
         return out
 
     def joint(self, base: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         b, ix = self.local[base], self.local[candidates]
         b = b[b >= 0]
         out = torch.empty(len(candidates), dtype=torch.float64)
-        out[ix >= 0] = self.obs.joint(b, ix[ix >= 0]).cpu()  # (nothing to ask if none: joint() takes empty sets)
-        out[ix < 0] = float(self.obs.joint(b[:-1], b[-1:])[0]) if len(b) else 0.0  # the base set's cost alone
+        if (ix >= 0).any():
+            out[ix >= 0] = self.obs.joint(b, ix[ix >= 0]).cpu()
+        if (ix < 0).any():  # the base set's cost alone
+            out[ix < 0] = float(self.obs.joint(b[:-1], b[-1:])[0]) if len(b) else 0.0
         return out
 
     def remove(self, units: torch.Tensor) -> None:
