@@ -406,8 +406,10 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
         if reused:
             policy += "; freed memory kept for reuse (glibc)"
         nonstandard = nonstandard_layers(model, batches[0][:1])
-        for name, reason in nonstandard.items():
-            warnings.warn(f"{name}: {reason}", RuntimeWarning)
+        for reason in dict.fromkeys(nonstandard.values()):  # one line per reason (an NFNet has 57 such layers)
+            named = [n for n, r in nonstandard.items() if r == reason]
+            warnings.warn(f"{len(named)} layer{'s' * (len(named) > 1)} ({', '.join(named[:3])}"
+                          f"{', ...' * (len(named) > 3)}): {reason} (report.json lists them)", RuntimeWarning)
         plan = choose_layers(model, order, config.ignore, not config.prune_all, nonstandard)
         names = [n for n in order if not plan[n]]
         permutation = permute_for_nm_(model, fitted, names, pattern, progress, every_group=bool(config.permute)) \
