@@ -148,9 +148,7 @@ def refit_without(W: torch.Tensor, H: torch.Tensor, removed: torch.Tensor, percd
     R, S = keep.nonzero().flatten(), (~keep).nonzero().flatten()
     if len(S) == 0:
         return W.double().clone()
-    diag = torch.diagonal(H).double()
-    A = H[R[:, None], R].double()  # H_RR damped as linalg.damped damps all of H: λ from the whole diagonal
-    torch.diagonal(A).add_(percdamp * diag.mean()).masked_fill_(diag[R] == 0, 1)
+    A = damped(H, percdamp, keep=R, dtype=torch.float64)  # H_RR, damped as the whole of H is
     L = torch.linalg.cholesky(A)
     del A
     rhs = (W.double()[:, S] @ H[S[:, None], R].double()).t()  # (|R|, rows); H_SR needs no damping

@@ -83,13 +83,19 @@ def damped_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     return _with_damping(H, percdamp, factor)[0]
 
 
-def damped(H: torch.Tensor, percdamp: float) -> torch.Tensor:
+def damped(H: torch.Tensor, percdamp: float, keep: torch.Tensor | None = None,
+           dtype: torch.dtype | None = None) -> torch.Tensor:
     """A copy of H (G, d, d) with percdamp · mean diag(H) added to its diagonal, and dead inputs' (zero)
-    diagonal entries set to 1: their weights are free, so any value keeps the system positive definite."""
-    Hd = H.clone()
+    diagonal entries set to 1: their weights are free, so any value keeps the system positive definite.
+    keep: copy only these rows and columns (λ still from H's whole diagonal: a wide layer's H need not be copied
+    whole); dtype: the copy's (and λ's) precision, H's by default."""
+    dtype = dtype or H.dtype
+    lam = percdamp * torch.diagonal(H, dim1=-2, dim2=-1).to(dtype).mean(-1, keepdim=True)
+    Hd = H.clone() if keep is None else H[..., keep[:, None], keep]
+    Hd = Hd.to(dtype)
     diag = torch.diagonal(Hd, dim1=-2, dim2=-1)
     dead = diag == 0
-    diag.add_(percdamp * diag.mean(-1, keepdim=True)).masked_fill_(dead, 1)
+    diag.add_(lam).masked_fill_(dead, 1)
     return Hd
 
 

@@ -105,9 +105,9 @@ def allocate(groups, curves, counter: Counter, target: float, round_to: int) -> 
             if rate < best_rate:
                 best, best_rate, best_total = g, rate, now - saved
         if best is None:
-            fixed = sum(bool(g.reason) for g in groups)
-            why = f"; {fixed} of {len(groups)} channel groups stay in place, e.g. {main_reason(groups)}" \
-                if main_reason(groups) not in ("", OUTPUT, TIED) else ""
+            fixed, reason = sum(bool(g.reason) for g in groups), main_reason(groups)
+            why = f"; {fixed} of {len(groups)} channel groups stay in place, e.g. {reason}" \
+                if reason not in ("", OUTPUT, TIED) else ""
             raise UserError(f"cannot remove enough channels to keep {target:.0%} of the {counter.what}: the smallest "
                             f"reachable is {now / dense:.1%} (each group keeps at least {round_to} channels{why})")
         removed[best] += step_size(len(groups[best].units), removed[best], groups[best].unit_step(round_to))

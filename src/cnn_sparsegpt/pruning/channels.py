@@ -164,9 +164,11 @@ def _selects_all(node: fx.Node) -> bool:
         and _shape(node) is not None and tuple(_shape(node)) == tuple(_shape(node.args[0]) or ())
 
 
-def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "structured pruning") -> list[Group]:
+def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "structured pruning",
+                   nonstandard: dict[str, str] | None = None) -> list[Group]:
     """The dependency groups of `model` (eval mode, one example batch for the shapes); purpose names what needs
-    them in the error an untraceable model gets."""
+    them in the error an untraceable model gets; nonstandard: graph.nonstandard_layers(model, example) where the
+    caller has it already."""
     try:
         gm = trace(model)
     except Exception as e:
@@ -175,7 +177,7 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
     with torch.no_grad():
         ShapeProp(gm).propagate(example)
     modules = dict(gm.named_modules())
-    nonstandard = nonstandard_layers(model, example)
+    nonstandard = nonstandard_layers(model, example) if nonstandard is None else nonstandard
     slots = _Slots()
     of: dict[fx.Node, list[int]] = {}  # node -> slot of each channel (FIXED where none)
     consumers: dict[str, list[int]] = {}  # consumer module -> slot of each input column

@@ -77,7 +77,7 @@ def _swapped(module: nn.Module) -> bool:
 
 
 def permute_for_nm_(model: nn.Module, batches: list[torch.Tensor], names: list[str], pattern: Pattern,
-                    progress: bool = False, every_group: bool = True) -> dict:
+                    progress: bool = False, every_group: bool = True, nonstandard: dict | None = None) -> dict:
     """Reorder the channels of every group some pruned layer reads (names) so that the N:M masks of those layers
     keep more saliency (every_group False: only groups whose pruned consumers all take the swap refinement);
     returns what was done (per group: its producers, swaps, kept saliency before and after)."""
@@ -87,7 +87,7 @@ def permute_for_nm_(model: nn.Module, batches: list[torch.Tensor], names: list[s
         return {"groups": [], "seconds": 0.0, "every_group": False, "left_wide": [], "note": "no layer within the "
                 "swap's budget"}
     try:
-        groups = [g for g in channel_groups(model, batches[0][:1], "permute (channel order for N:M)")
+        groups = [g for g in channel_groups(model, batches[0][:1], "permute (channel order for N:M)", nonstandard)
                   if len(g.units) > pattern.m and not g.reason and len(g.removable) == len(g.units)
                   and all(u.rows.keys() == g.units[0].rows.keys() and u.columns.keys() == g.units[0].columns.keys()
                           and u.entries.keys() == g.units[0].entries.keys() for u in g.units)]  # (not across a

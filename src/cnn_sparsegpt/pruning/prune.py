@@ -412,7 +412,7 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
                           f"{', ...' * (len(named) > 3)}): {reason} (report.json lists them)", RuntimeWarning)
         plan = choose_layers(model, order, config.ignore, not config.prune_all, nonstandard)
         names = [n for n in order if not plan[n]]
-        permutation = permute_for_nm_(model, fitted, names, pattern, progress, every_group=bool(config.permute)) \
+        permutation = permute_for_nm_(model, fitted, names, pattern, progress, bool(config.permute), nonstandard) \
             if config.permute is not False else {}
         t0 = time.perf_counter()
         row_scales = bn_row_scales(model) if config.bn_aware else {}

@@ -246,7 +246,8 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
     t0 = time.perf_counter()
     what, target = next((k, v) for k, v in (("macs", config.keep_macs), ("params", config.keep_params),
                                              ("speedup", config.target_speedup)) if v is not None)
-    groups = channel_groups(model, batches[0][:1])
+    nonstandard = nonstandard_layers(model, batches[0][:1])  # (their channels stay in place; they are not re-fitted)
+    groups = channel_groups(model, batches[0][:1], nonstandard=nonstandard)
     prunable = [g for g, group in enumerate(groups) if group.removable]
     if not prunable:
         raise UserError("no channel of this model can be removed: " + (main_reason(groups) or
@@ -281,7 +282,6 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
     drop_cols, drop_rows, drop_entries = removal_plan(groups, chosen_units(curves, removed))
     before = {n: list(m.weight.shape) for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))}
     dense = DenseInputs(model, batches) if config.dense_target else None  # a frozen copy of the dense model
-    nonstandard = nonstandard_layers(model, batches[0][:1])  # (their channels are fixed: channel_groups)
     order = [n for n in positions if n not in nonstandard and (isinstance(modules[n], nn.Linear) or  # forward order
              (isinstance(modules[n], nn.Conv2d) and (modules[n].groups == 1 or before[n][1] > 1)))]  # not depthwise
     first = next((i for i, n in enumerate(order) if n in drop_cols), len(order))
