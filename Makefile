@@ -6,6 +6,8 @@ PIP ?= $(PYTHON) -m pip
 MNIST_CKPT ?= checkpoints/mnist_cnn.pt
 CIFAR_CKPT ?= checkpoints/cifar_cnn.pt
 RESNET_CKPT ?= $(if $(wildcard ../shared/checkpoints/resnet18_cifar10.pt),../shared/checkpoints/resnet18_cifar10.pt,checkpoints/resnet18_cifar10.pt)
+# `make results RESULTS_OUT=...` writes the doc elsewhere (tests/test_docs.py compares it with docs/RESULTS.md)
+RESULTS_OUT ?= docs/RESULTS.md
 CLI = $(PYTHON) -m cnn_sparsegpt
 
 .PHONY: quickstart install install-test test test-all checkpoints bench ablation accuracy plot results speed
@@ -46,7 +48,7 @@ plot:
 	$(CLI) plot --csv experiments/results.csv --out experiments/plots
 
 results:
-	$(PYTHON) -m cnn_sparsegpt.commands.results --csv experiments/results.csv --out docs/RESULTS.md --preamble docs/results_preamble.md \
+	$(PYTHON) -m cnn_sparsegpt.commands.results --csv experiments/results.csv --out $(RESULTS_OUT) --preamble docs/results_preamble.md \
 		--holdout-csv experiments/holdout.csv --postscript docs/results_holdout.md \
 		--recipes-csv experiments/accuracy_holdout.csv experiments/accuracy_test.csv experiments/gpu/h100/accuracy_holdout_gpu.csv experiments/gpu/h100/accuracy_test_gpu.csv experiments/solver_hessians_holdout.csv experiments/exact_test.csv --recipes-text docs/results_recipes.md \
 		--seeds-csv experiments/seeds_test.csv $(if $(wildcard experiments/finetune/*.json),--finetune-json $(wildcard experiments/finetune/*.json)) \

@@ -67,19 +67,23 @@ def old_repo_table(rows: list[dict]) -> str:
 
 
 def checkpoints_table(rows: list[dict], meta_dir: str = "experiments/checkpoints") -> str:
-    """Each checkpoint's recipe and accuracy, read from the .json its `train` command wrote: beside the
-    checkpoint, else a copy in `meta_dir` (checkpoints are not committed, their metadata is)."""
-    import json
+    """Each checkpoint's recipe and accuracy, read from the .json its `train` command wrote: the committed copy in
+    `meta_dir` (checkpoints are not committed, their metadata is: the doc must come out the same on every machine),
+    else the one beside the checkpoint. A local checkpoint that is not the committed one is named on stderr."""
+    def read(path: Path) -> dict | None:
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
 
     lines = ["| model | checkpoint | recipe | test top-1 at training | training time |", "|---|---|---|---|---|"]
     for model, ckpt in sorted({(r["model"], r["checkpoint"]) for r in rows}):
-        meta = None
-        for meta_path in (Path(f"{ckpt}.json"), Path(meta_dir) / f"{Path(ckpt).name}.json"):
-            try:
-                meta = json.loads(meta_path.read_text())
-                break
-            except (OSError, json.JSONDecodeError):
-                continue
+        committed, local = read(Path(meta_dir) / f"{Path(ckpt).name}.json"), read(Path(f"{ckpt}.json"))
+        meta = committed or local
+        if committed and local and committed.get("test_acc") != local.get("test_acc"):
+            print(f"note: {ckpt} here is not the checkpoint {meta_dir} describes ({100 * local['test_acc']:.2f}% "
+                  f"against {100 * committed['test_acc']:.2f}%); the table shows the committed one. Copy "
+                  f"{ckpt}.json there when its rows replace the CSV's", file=sys.stderr)
         if meta is None:
             lines.append(f"| {model} | {ckpt} | (no metadata) | | |")
             continue
@@ -213,8 +217,13 @@ def results_markdown(csv_path: Path, plots: Path | None, preamble: str = "", hol
                   "own = the model's) fine-tuned with `finetune --holdout 5000`; the "
                   "one with the best held-out accuracy is chosen, and its test accuracy (measured once, at the end "
                   f"of its run) is reported. Files: {', '.join(str(p) for p in sweeps)}.", "", sweep_table(sweeps), ""]
-    parts += ["## Checkpoints", "", checkpoints_table(rows), ""]
+    parts += ["## Checkpoints", "",
+              "The checkpoints of the per-model tables at the top (their dense rows). The CIFAR and MNIST CNNs are "
+              "not committed: `make checkpoints` trains them again on each machine, not to the same bits, and a "
+              "section measured with a retrained one gives its dense top-1 where it reports it.", "",
+              checkpoints_table(rows), ""]
     return "\n".join(parts) + "\n"
+
 
 def seed_table(rows: list[dict]) -> str:
     """Seed-to-seed spread (the calibration sample): per (model, method, level, recipe), the mean, lowest and
