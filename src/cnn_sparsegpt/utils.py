@@ -164,6 +164,15 @@ def _load_pickled(path: Path, what: str = "checkpoint"):
         raise UserError(f"cannot read {what} {path}: the file is truncated or corrupt ({msg[:160]})") from None
 
 
+def output_tensors(out) -> list[torch.Tensor]:
+    """The tensors of a model's output, in order: the output itself, a dict's values (torchvision's segmentation
+    models: 'out', 'aux'), a tuple's or list's items, nested ones flattened."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    items = out.values() if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else ()
+    return [t for item in items for t in output_tensors(item)]
+
+
 def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:

@@ -27,7 +27,8 @@ from ..deploy.onnx_file import OPSET, write_onnx
 from ..kernels.masks import conv_column_perm
 from ..pruning.layer_plan import forward_order
 from .pipeline import load_run, run_images
-from ..utils import UserError, atomic_write_json, ensure_writable, load_tensors, save_safetensors
+from ..utils import (UserError, atomic_write_json, ensure_writable, load_tensors, output_tensors,
+                     save_safetensors)
 
 _SHAPES = {"mnist": [1, 28, 28], "cifar10": [3, 32, 32]}
 
@@ -167,10 +168,13 @@ def export_model(model: nn.Module, input_shape: list[int] | tuple[int, ...], onn
         p.add_(0.0)
     shape = list(input_shape)
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
-    reference = model(x)
+    reference = output_tensors(model(x))  # every output (a segmentation model's dict: each of its tensors)
+    if not reference:
+        raise UserError(f"{type(model).__name__}'s output holds no tensor: there is nothing to export and check")
     out = {"input_shape": shape, "batchnorm_folded": sum(isinstance(m, nn.modules.batchnorm._BatchNorm)
                                                         for m in model.modules()),
-           "quantized_layers": len(grids), "folded_max_abs_diff": float((folded(x) - reference).abs().max()),
+           "quantized_layers": len(grids),
+           "folded_max_abs_diff": max_abs_diff(output_tensors(folded(x)), reference),
            "layers": layer_table(folded, x[:1], masks or {})}
     state = {k: v.contiguous() for k, v in folded.state_dict().items()}
     out["sizes"] = {"state_dict_bytes": nbytes(model.state_dict()), "folded_bytes": nbytes(state)}
@@ -223,7 +227,16 @@ def export_run(run_dir: str | Path, onnx_path: str | Path | None = None, safeten
     return out
 
 
-def _onnx(folded: nn.Module, x: torch.Tensor, reference: torch.Tensor, path: Path, opset: int, atol: float) -> dict:
+def max_abs_diff(got: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """The largest difference between two models' outputs (each a list of tensors, output_tensors' order)."""
+    if len(got) != len(reference) or any(g.shape != r.shape for g, r in zip(got, reference)):
+        raise UserError(f"the exported model's outputs have other shapes than PyTorch's: "
+                        f"{[list(t.shape) for t in got]} against {[list(t.shape) for t in reference]}")
+    return max(float((g - r).abs().max()) for g, r in zip(got, reference))
+
+
+def _onnx(folded: nn.Module, x: torch.Tensor, reference: list[torch.Tensor], path: Path, opset: int,
+          atol: float) -> dict:
     try:
         import onnxruntime as ort
     except ImportError:
@@ -231,14 +244,13 @@ def _onnx(folded: nn.Module, x: torch.Tensor, reference: torch.Tensor, path: Pat
             from None
     write_onnx(folded, x, path, opset)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
-    diff = float((got - reference).abs().max())
+    diff = max_abs_diff([torch.from_numpy(a) for a in session.run(None, {"images": x.numpy()})], reference)
     if not diff <= atol:
         raise UserError(f"the ONNX model's outputs differ from PyTorch's by {diff:.2e} (> {atol:g})")
     return {"onnx": str(path), "opset": opset, "onnxruntime": ort.__version__, "onnx_max_abs_diff": diff}
 
 
-def _int8(folded: nn.Module, x: torch.Tensor, reference: torch.Tensor, path: Path, float_path: Path | None,
+def _int8(folded: nn.Module, x: torch.Tensor, reference: list[torch.Tensor], path: Path, float_path: Path | None,
           opset: int, atol: float, calibration: torch.Tensor, test, method: str, progress: bool) -> dict:
     """The INT8 model from the float ONNX model (written to a temporary file unless --onnx wrote one), calibrated on
     `calibration`; top-1 of both on the evaluation images `test` (None: not measured)."""

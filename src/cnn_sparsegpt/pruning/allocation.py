@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .graph import run_hooked
 from .layer import LayerPruner
-from .output_kl import output_kls
+from .output_kl import output_kls, without_scores
 from ..kernels.masks import Pattern
 from ..kernels.exact_obs import exact_error_curve
 from ..kernels.solver import choose_solver, prune_matrix, relative_error, sparsegpt_curve
@@ -214,13 +214,17 @@ def _dp_allocation(config, model, batches, names, stats, size, row_scales, info,
                             leave=False)]
     errors = torch.stack(curves)
     info["seconds"]["error_database"] = time.perf_counter() - t0
-    if config.dp_measure == "kl":  # each layer's curve scaled to its output KL at S: error at the network's output
+    measure = config.dp_measure
+    if measure == "kl" and without_scores(model, batches[0], "allocation='dp' with dp_measure='kl'",
+                                          "each layer's own relative error is used (dp_measure='layer')"):
+        measure = "layer"
+    if measure == "kl":  # each layer's curve scaled to its output KL at S: error at the network's output
         kl, rel = _kl_sensitivity(model, batches, names, stats, method, sparsity, percdamp, row_scales,
                                   progress=progress, chunk=chunk)
         errors = errors * (kl / rel.clamp_min(1e-12))[:, None]
         info["kl_at_sparsity"] = {n: float(v) for n, v in zip(names, kl)}
         info["seconds"]["kl_measure"] = time.perf_counter() - t0 - info["seconds"]["error_database"]
-    info["dp_measure"] = config.dp_measure
+    info["dp_measure"] = measure
     for n in names:
         stats[n].free()
     costs = torch.round(grid[None, :] * size[:, None] / size.sum() * UNITS).long()

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager
 
 import torch
@@ -20,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..kernels.block_obs import refit_without
 from .channel_budget import step_size
-from .output_kl import output_kls
+from .output_kl import output_kls, without_scores
 
 CHANNEL_COSTS = ("layer", "kl")
 LEVELS = 8  # measured points per group; more buys little (the curve between them follows the layer costs)
@@ -80,9 +79,7 @@ def measured_curves(model: nn.Module, groups: list, curves: dict, stats: dict, b
     place, and allocating again, was worse on ResNet-20's held-out images: -2.86 against -2.34 points at keep_macs
     0.7.)"""
     x = torch.cat(batches)[:max(MIN_IMAGES, min(IMAGES, int(POINT_MACS / max(macs_per_image, 1.0))))]
-    if not isinstance(model(x[:1]), torch.Tensor):  # e.g. a detector's dict of outputs: no class scores to compare
-        warnings.warn("channel_costs='kl' needs a model whose output is one tensor of scores; this one's is not, so "
-                      "the groups are compared by their layer costs", RuntimeWarning)
+    if without_scores(model, x, "channel_costs='kl'", "the groups are compared by their layer costs"):
         return curves
     points = {}  # (group, units removed) -> the consumers whose weights it changes
     for g, (order, _) in curves.items():

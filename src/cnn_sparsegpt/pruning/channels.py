@@ -2,7 +2,7 @@
 
 Every Conv2d (but a depthwise one) and Linear output channel is a *slot*. The graph is walked once with the
 tensors' shapes (ShapeProp on one example), and each tensor's channel dimension is described as a list of slots, one
-per channel: BatchNorm, activations, pooling and dropout pass it through; a residual add (or a product with a
+per channel: BatchNorm, activations, pooling, resizing and dropout pass it through; a residual add (or a product with a
 same-width tensor, as in squeeze-excitation) ties the slots of its operands; a concat along channels joins the lists;
 a depthwise conv passes its input's slots to its output (each to its k outputs, with a channel multiplier k); a
 grouped conv ties channel j of each of its groups, on its input and on its output, so that every group loses as many
@@ -42,13 +42,13 @@ FIXED = -1  # a channel that cannot be removed
 _PASS_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish,
                  nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Mish, nn.Dropout, nn.Dropout2d, nn.Identity,
                  nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Hardtanh,
-                 nn.Softplus, nn.PReLU)
+                 nn.Softplus, nn.PReLU, nn.Upsample)
 _PASS_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.relu, torch.nn.functional.relu6,
                    torch.nn.functional.gelu, torch.nn.functional.silu, torch.nn.functional.hardswish,
                    torch.nn.functional.hardsigmoid, torch.nn.functional.sigmoid, torch.nn.functional.dropout,
                    torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.max_pool2d,
                    torch.nn.functional.avg_pool2d, torch.nn.functional.hardtanh, torch.nn.functional.leaky_relu,
-                   torch.nn.functional.elu}
+                   torch.nn.functional.elu, torch.nn.functional.interpolate, torch.nn.functional.upsample}
 _PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "relu_", "sigmoid_"}
 _TIE_FUNCTIONS = {operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub, operator.iadd,
                   operator.imul}

@@ -1,23 +1,31 @@
 """What a change to the network costs where it matters: KL(dense ‖ network with the change) at its output, on
 calibration images, one change at a time. allocation='dp' with dp_measure='kl' measures each layer pruned alone
-(allocation.py), channel_costs='kl' each group's first k channels removed (channel_costs.py)."""
+(allocation.py), channel_costs='kl' each group's first k channels removed (channel_costs.py).
+
+The scores compared are the model's output tensor, or its first one where it returns several (a dict's first value,
+as torchvision's segmentation models' 'out'; a tuple's or list's first item), softmax over dim 1 (the classes) at
+each image and position: a classifier's (N, classes) logits, a segmentation model's (N, classes, H, W) per pixel."""
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
 
+from ..utils import output_tensors
 from .graph import GraphStop, each_change, trace
 
 
 def output_kls(model: nn.Module, x: torch.Tensor, changes: dict, change, chunk: int | None = None,
                bar=None) -> dict:
-    """{key: KL(dense ‖ model with change(key) applied)} on the images x, a float64 scalar per key. changes: {key:
-    the names of the modules the change touches}; change(key): a context manager that applies it (once, for every
-    chunk). On the traced graph a change runs from the first node that reads one of its modules, the unchanged
-    prefix computed once; a model that cannot be traced runs whole for each change. chunk: images per forward pass
-    (a CPU's forward slows down with batches of large activations, see prune.cpu_batches); the unchanged pass holds
-    the values of every chunk at once, so a caller with many large images calls this chunk by chunk instead (the KL
-    is a mean over images). bar: a progress bar, advanced once per change."""
+    """{key: KL(dense ‖ model with change(key) applied)} on the images x, a float64 scalar per key (a mean over
+    images and positions). changes: {key: the names of the modules the change touches}; change(key): a context
+    manager that applies it (once, for every chunk). On the traced graph a change runs from the first node that
+    reads one of its modules, the unchanged prefix computed once; a model that cannot be traced runs whole for each
+    change. chunk: images per forward pass (a CPU's forward slows down with batches of large activations, see
+    prune.cpu_batches); the unchanged pass holds the values of every chunk at once, so a caller with many large
+    images calls this chunk by chunk instead (the KL is a mean over images). bar: a progress bar, advanced once per
+    change."""
     xs = list(x.split(chunk)) if chunk and chunk < len(x) else [x]
     try:
         gm = trace(model)
@@ -35,10 +43,29 @@ def output_kls(model: nn.Module, x: torch.Tensor, changes: dict, change, chunk: 
     return {key: (dense.exp() * (dense - logp)).sum(-1).mean().clamp_min(0) for key, logp in runs.items()}
 
 
+def scores(out) -> torch.Tensor | None:
+    """The output tensor whose scores are compared (see above), None if the output holds no floating tensor of at
+    least two dimensions."""
+    return next((t for t in output_tensors(out) if t.is_floating_point() and t.ndim >= 2), None)
+
+
+def without_scores(model: nn.Module, x: torch.Tensor, measure: str, instead: str) -> bool:
+    """Whether the model's output holds no scores to compare (scores() is None), after a warning that `measure`
+    uses `instead`."""
+    with torch.no_grad():
+        missing = scores(model(x[:1])) is None
+    if missing:
+        warnings.warn(f"{measure} compares the model's output scores, and this model's output holds no floating "
+                      f"tensor of at least two dimensions: {instead}", RuntimeWarning)
+    return missing
+
+
 def _log_probs(runs, bar) -> dict:
+    """Per run: log-probabilities (images, positions, classes), the classes on dim 1 of the scores."""
     out = {}
     for key, ys in runs:
-        out[key] = torch.log_softmax(torch.cat(ys).double().flatten(1), -1)
+        y = torch.cat([scores(part) for part in ys]).double()
+        out[key] = torch.log_softmax(y.reshape(*y.shape[:2], -1).transpose(1, 2), -1)
         if bar is not None and key is not None:
             bar.update()
     return out

@@ -1,0 +1,100 @@
+"""Models that predict per pixel (segmentation) or return several outputs: their scores are compared per position
+(the allocation's and the channel costs' KL), resizing passes channels through, and export checks every output."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import cnn_sparsegpt as cs
+from cnn_sparsegpt.pruning.output_kl import output_kls
+
+
+class TinySegmenter(nn.Module):
+    """torchvision's segmentation models in small: a strided backbone, a head, class scores upsampled to the input
+    size, and a dict of outputs ('out' first, an auxiliary head's 'aux')."""
+
+    def __init__(self, classes: int = 5):
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                                      nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                                  nn.Conv2d(32, classes, 1))
+        self.aux = nn.Conv2d(32, classes, 1)
+
+    def forward(self, x):
+        features = self.backbone(x)
+        size = x.shape[-2:]
+        return {"out": F.interpolate(self.head(features), size=size, mode="bilinear", align_corners=False),
+                "aux": F.interpolate(self.aux(features), size=size, mode="bilinear", align_corners=False)}
+
+
+def _model_and_images():
+    torch.manual_seed(0)
+    model = TinySegmenter().eval()
+    return model, torch.randn(64, 3, 16, 16)
+
+
+def test_output_kl_is_per_position_on_the_first_output():
+    model, x = _model_and_images()
+    with torch.no_grad():
+        dense = model(x)["out"].double().log_softmax(1)
+
+    class Halved:  # the change: the head's last conv at half its weight
+        def __init__(self, key):
+            self.w = model.head[3].weight
+
+        def __enter__(self):
+            self.saved = self.w.detach().clone()
+            self.w.data.mul_(0.5)
+
+        def __exit__(self, *exc):
+            self.w.data.copy_(self.saved)
+
+    kl = output_kls(model, x, {"half": ["head.3"]}, Halved)["half"]
+    with Halved(None), torch.no_grad():
+        changed = model(x)["out"].double().log_softmax(1)
+    by_hand = (dense.exp() * (dense - changed)).sum(1).mean()  # over images and pixels
+    assert torch.allclose(kl, by_hand, rtol=1e-9)
+
+
+def _no_fallback(caught) -> None:
+    assert not [w for w in caught if "output scores" in str(w.message)], [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("pattern", [{"sparsity": 0.5}, {"nm": "2:4"}])
+def test_a_segmentation_model_prunes_with_the_default_recipe(pattern):
+    model, x = _model_and_images()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = cs.prune_model(model, x, **pattern)
+    _no_fallback(caught)
+    assert report.sparsity == pytest.approx(0.5, abs=0.02)
+    if "sparsity" in pattern:  # the default's dp allocation measured each layer's KL on the scores
+        assert report.allocation["dp_measure"] == "kl" and len(report.allocation["kl_at_sparsity"]) > 0
+    assert model(x)["out"].shape == (64, 5, 16, 16)
+
+
+def test_a_segmentation_model_loses_channels_through_resizing(tmp_path):
+    model, x = _model_and_images()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = cs.prune_model(model, x, structure="channels", keep_macs=0.6, round_to=4)
+    _no_fallback(caught)  # the groups were priced by the output KL
+    dense_macs, kept_macs = report.structure["macs"]
+    assert kept_macs <= 0.6 * dense_macs
+    head = next(g for g in report.structure["groups"] if g["producers"] == ["head.0"])
+    assert head["kept"] < head["channels"]  # read by the head's last conv, then resized: removable
+    out = model(x)
+    assert out["out"].shape == out["aux"].shape == (64, 5, 16, 16)
+    pytest.importorskip("onnxruntime")
+    exported = cs.export_model(model, (3, 16, 16), onnx=tmp_path / "seg.onnx")
+    assert exported["onnx_max_abs_diff"] < 1e-4  # both outputs checked
+
+
+def test_a_model_without_scores_falls_back_to_layer_errors():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.Flatten(0))  # one flat vector
+    with pytest.warns(RuntimeWarning, match="output scores"):
+        report = cs.prune_model(model, torch.randn(32, 3, 12, 12), sparsity=0.5, ignore=[])
+    assert report.allocation["dp_measure"] == "layer"
