@@ -6,14 +6,17 @@ skips the ones already in the file.
 
     python benchmarks/architecture_sweep.py --json experiments/architecture_sweep.json
     python benchmarks/architecture_sweep.py --timm --json experiments/architecture_sweep_timm.json
+    python benchmarks/architecture_sweep.py --segmentation --kinds 2:4 0.5 channels \
+        --json experiments/architecture_sweep_segmentation.json
     python benchmarks/architecture_sweep.py --models alexnet timm:dla34 --kinds channels --json /tmp/x.json
 
 Random weights say nothing of accuracy: this finds the architectures a user's model could break on (graph patterns
 the channel dependency graph or the N:M solvers do not handle) and how long a prune takes on each at small size.
 By default one model of each family (FAMILIES: the larger variants have the same graph patterns and take minutes
 each here); --all sweeps every torchvision classifier but the transformers (vit, swin, maxvit); --timm sweeps
-TIMM_FAMILIES, timm's graph families beyond torchvision's, built as `--model timm:NAME` builds them. 2:4 rows say
-which layers stayed dense and why. Seconds are wall-clock on a shared machine: a rough guide, not a measurement.
+TIMM_FAMILIES, timm's graph families beyond torchvision's, built as `--model timm:NAME` builds them; --segmentation
+torchvision's segmentation models (SEGMENTATION: a dict of per-pixel scores, FCN's with its auxiliary head too).
+2:4 and 0.5 rows say which layers stayed dense and why. Seconds are wall-clock on a shared machine: a rough guide, not a measurement.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import torch
 import torchvision
 
 from cnn_sparsegpt import create_model, prune_model
-from cnn_sparsegpt.utils import atomic_write_json, git_commit, run_metadata
+from cnn_sparsegpt.utils import atomic_write_json, git_commit, output_tensors, run_metadata
 
 FAMILIES = ("alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet",
             "inception_v3", "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_large", "mobilenet_v3_small", "regnet_x_400mf",
@@ -47,7 +50,10 @@ TIMM_FAMILIES = ("convmixer_768_32", "convnext_atto", "cs3darknet_s", "cspdarkne
 # not the attention hybrids whose attention is sized for 256 pixels: bat_resnext, botnet, halonet)
 SIZES = {"inception_v3": 96, "googlenet": 96, "timm:inception_v4": 96, "timm:inception_resnet_v2": 96}  # stems
 # that need more than 64 pixels
-PRUNES = {"2:4": {"nm": "2:4"}, "channels": {"structure": "channels", "keep_macs": 0.6}}
+SEGMENTATION = {"deeplabv3_mobilenet_v3_large": {}, "deeplabv3_resnet50": {}, "fcn_resnet50": {"aux_loss": True},
+                "lraspp_mobilenet_v3_large": {}}  # --segmentation: name -> what torchvision builds it with
+PRUNES = {"2:4": {"nm": "2:4"}, "0.5": {"sparsity": 0.5},  # 0.5: the default's dp allocation measures output KLs
+          "channels": {"structure": "channels", "keep_macs": 0.6}}
 
 
 def one(name: str, kind: str, nsamples: int) -> dict:
@@ -58,17 +64,21 @@ def one(name: str, kind: str, nsamples: int) -> dict:
             warnings.simplefilter("ignore")
             if name.startswith("timm:"):  # as `--model timm:NAME` builds it
                 model = create_model(name, num_classes=10).eval()
+            elif name in SEGMENTATION:
+                model = torchvision.models.get_model(name, weights=None, weights_backbone=None, num_classes=10,
+                                                     **SEGMENTATION[name]).eval()
             else:
                 model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
             x = torch.randn(nsamples, 3, SIZES.get(name, 64), SIZES.get(name, 64))
             t0 = time.perf_counter()
             rep = prune_model(model, x, progress=False, batch_size=nsamples, **PRUNES[kind])
             with torch.no_grad():
-                y = model(x)
+                y = output_tensors(model(x))
     except Exception as e:  # the row records it: the sweep is looking for exactly these
         return {"status": "error", "error": f"{type(e).__name__}: {str(e)[:300]}",
                 "seconds": time.perf_counter() - t0}
-    row = {"status": "ok" if torch.isfinite(y).all() else "non-finite output", "seconds": time.perf_counter() - t0}
+    row = {"status": "ok" if all(torch.isfinite(t).all() for t in y) else "non-finite output",
+           "seconds": time.perf_counter() - t0}
     if kind != "channels":  # what stayed dense, and why (by reason, with how many layers)
         left = [r.reason for r in rep.layers if r.skipped]
         row |= {"layers_pruned": sum(not r.skipped for r in rep.layers),
@@ -86,13 +96,14 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(FAMILIES), help="torchvision model names, or timm:NAME")
     p.add_argument("--all", action="store_true", help="every torchvision classifier but the transformers instead")
     p.add_argument("--timm", action="store_true", help="timm's families (TIMM_FAMILIES) instead")
-    p.add_argument("--kinds", nargs="+", default=list(PRUNES), choices=list(PRUNES))
+    p.add_argument("--segmentation", action="store_true", help="torchvision's segmentation models instead")
+    p.add_argument("--kinds", nargs="+", default=["2:4", "channels"], choices=list(PRUNES))
     p.add_argument("--nsamples", type=int, default=8, help="random calibration images")
     p.add_argument("--json", required=True)
     args = p.parse_args()
     names = [n for n in torchvision.models.list_models(module=torchvision.models)
              if not any(s in n for s in SKIP)] if args.all else args.models
-    names = [f"timm:{n}" for n in TIMM_FAMILIES] if args.timm else names
+    names = [f"timm:{n}" for n in TIMM_FAMILIES] if args.timm else list(SEGMENTATION) if args.segmentation else names
     rows = json.load(open(args.json))["rows"] if os.path.exists(args.json) else []
     done = {(r["model"], r["kind"]) for r in rows}
     commit = git_commit()  # the code this process runs (HEAD may move while it runs)
