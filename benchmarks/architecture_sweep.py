@@ -16,7 +16,8 @@ By default one model of each family (FAMILIES: the larger variants have the same
 each here); --all sweeps every torchvision classifier but the transformers (vit, swin, maxvit); --timm sweeps
 TIMM_FAMILIES, timm's graph families beyond torchvision's, built as `--model timm:NAME` builds them; --segmentation
 torchvision's segmentation models (SEGMENTATION: a dict of per-pixel scores, FCN's with its auxiliary head too).
-2:4 and 0.5 rows say which layers stayed dense and why. Seconds are wall-clock on a shared machine: a rough guide, not a measurement.
+2:4 and 0.5 rows say which layers stayed dense and why. Seconds are wall-clock on a shared machine: a rough guide,
+not a measurement.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 to the dense network's logits on the calibration images (min ‖Ŵx̂ + b̂ − (Wx + b)‖², damped like a layer's Hessian).
 ResNet-20, 1024 calibration images, three seeds, top-1 on 5,000 held-out training images (the test split is not read).
 
-    python benchmarks/last_linear_refit_holdout.py --data-dir ../shared/data --json experiments/last_linear_refit_holdout.json
+    python benchmarks/last_linear_refit_holdout.py --data-dir ../shared/data \\
+        --json experiments/last_linear_refit_holdout.json
 """
 from __future__ import annotations
 

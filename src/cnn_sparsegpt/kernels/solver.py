@@ -72,9 +72,10 @@ def sparsegpt_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
     consecutive columns (see masks.py). A batch (a grouped conv's groups) is solved in one pass.
     `column_loop` (COLUMN_LOOPS): how a block's columns are visited; on CUDA by default a CUDA graph: pass the
     same `graphs` dict to every layer of a model so that layers whose blocks have the same shape share one.
-    `factor`: a `sparsegpt_factor(H)` already computed. `row_scale` (G, rows): weights of each output row in the unstructured saliency
-    (e.g. a following BatchNorm's (γ/σ)², so rows are compared as if it were folded in). `grid`: round every
-    kept weight to its row's grid in the column loop, its error pushed on like a pruned weight's (GPTQ).
+    `factor`: a `sparsegpt_factor(H)` already computed. `row_scale` (G, rows): weights of each output row in the
+    unstructured saliency (e.g. a following BatchNorm's (γ/σ)², so rows are compared as if it were folded in).
+    `grid`: round every kept weight to its row's grid in the column loop, its error pushed on like a pruned weight's
+    (GPTQ).
     `sparsities` (G,): each matrix's own unstructured fraction, counted on its own, e.g. one W at several levels
     in one pass (sparsegpt_curve); H and `factor` may then have a batch of 1, shared by all.
     """

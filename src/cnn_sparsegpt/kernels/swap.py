@@ -12,9 +12,9 @@ once; each row takes its best swap where that lowers E, and H_KK⁻¹, A, ŵ, g 
 never takes one back: this moves its mask to a local minimum of the same objective (tested by brute force).
 Costs O(rows·d³) to start (a factorization and products per row) plus O(rows·d·swaps) per swap, so it runs within
 a budget (refine.py). N:M keeps only the m×m blocks of A that a swap can use, and starts and ends from the layer's
-H⁻¹ (every row prunes the same number p of inputs): with P a row's pruned inputs, H_KK⁻¹ = H⁻¹_KK − H⁻¹_KP (H⁻¹_PP)⁻¹ H⁻¹_PK,
-H_PK H_KK⁻¹ = −(H⁻¹_PP)⁻¹ H⁻¹_PK and S_P = diag((H⁻¹_PP)⁻¹), so a row factors a p×p block, not d×d; the final
-weights are OBS's ŵ = w − H⁻¹_:P (H⁻¹_PP)⁻¹ w_P (as H⁻¹b = w).
+H⁻¹ (every row prunes the same number p of inputs): with P a row's pruned inputs,
+H_KK⁻¹ = H⁻¹_KK − H⁻¹_KP (H⁻¹_PP)⁻¹ H⁻¹_PK, H_PK H_KK⁻¹ = −(H⁻¹_PP)⁻¹ H⁻¹_PK and S_P = diag((H⁻¹_PP)⁻¹), so a row
+factors a p×p block, not d×d; the final weights are OBS's ŵ = w − H⁻¹_:P (H⁻¹_PP)⁻¹ w_P (as H⁻¹b = w).
 """
 from __future__ import annotations
 
