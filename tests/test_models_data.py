@@ -40,6 +40,8 @@ def test_torchvision_model_by_name():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
     with pytest.raises(UserError, match="unknown torchvision model"):
         create_model("torchvision:nope")
+    with pytest.raises(UserError, match="is a segmentation model: the command line prunes classifiers.*prune_model"):
+        create_model("torchvision:lraspp_mobilenet_v3_large")
     with pytest.raises(UserError, match="choose from .*mnist_cnn"):
         create_model("nope")
 

@@ -129,6 +129,13 @@ def check_model_name(name: str) -> None:
         import torchvision
 
         if arch not in torchvision.models.list_models(module=torchvision.models):
+            other = next((f"a {kind} model" for kind in ("segmentation", "detection", "video", "optical_flow")
+                          if arch in torchvision.models.list_models(module=getattr(torchvision.models, kind))), None)
+            if other:  # the CLI measures top-1 of a classifier; the library prunes segmentation models too
+                python = ("; prune it from Python with cnn_sparsegpt.prune_model(model, images, ...)"
+                          if other == "a segmentation model" else "")
+                raise UserError(f"torchvision:{arch} is {other}: the command line prunes classifiers (it measures "
+                                f"top-1){python}")
             raise UserError(f"unknown torchvision model '{arch}'; see torchvision.models.list_models()")
     elif kind == "timm" and arch:
         if not timm_module().is_model(arch):
