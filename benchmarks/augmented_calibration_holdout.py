@@ -19,7 +19,8 @@ import torch
 from cnn_sparsegpt import calibration_set, evaluate, prune_model
 from cnn_sparsegpt.data.datasets import calibration_indices
 from cnn_sparsegpt.utils import atomic_write_json, git_commit, run_metadata
-from holdout_study import held_out_resnet20, study_parser  # this directory is sys.path[0] for a script
+# this directory is sys.path[0] for a script
+from holdout_study import held_out_resnet20, pattern_arguments, study_parser
 
 
 def calibration_images(train, indices: torch.Tensor, variant: str, seed: int) -> torch.Tensor:
@@ -42,7 +43,7 @@ def main() -> None:
     args = p.parse_args()
     git_commit()  # the code this process loaded, not HEAD when the last row is written
     dense, train, held_out = held_out_resnet20(args)
-    key = {"nm": args.pattern} if ":" in args.pattern else {"sparsity": float(args.pattern)}
+    key = pattern_arguments(args.pattern)
     rows = []
     for seed in map(int, args.seeds.split(",")):
         indices = calibration_indices(train, 1024, seed)

@@ -25,3 +25,8 @@ def held_out_resnet20(args: argparse.Namespace) -> tuple:
     opts = PruneOptions.build(model="resnet20_cifar", weights=args.weights, data_dir=args.data_dir, holdout=5000)
     dense, train, held_out, _, _ = prepare(opts, torch.device("cpu"))
     return dense, train, held_out
+
+
+def pattern_arguments(pattern: str) -> dict:
+    """prune_model's keyword for a pattern given as text: '2:4' -> nm, '0.7' -> sparsity."""
+    return {"nm": pattern} if ":" in pattern else {"sparsity": float(pattern)}

@@ -14,7 +14,8 @@ from torch import nn
 
 from cnn_sparsegpt import calibration_set, evaluate, prune_model
 from cnn_sparsegpt.utils import atomic_write_json, run_metadata
-from holdout_study import held_out_resnet20, study_parser  # this directory is sys.path[0] for a script
+# this directory is sys.path[0] for a script
+from holdout_study import held_out_resnet20, pattern_arguments, study_parser
 
 
 @torch.no_grad()
@@ -51,8 +52,7 @@ def main() -> None:
         _, targets = linear_io(dense, dict(dense.named_modules())[name], calib)
         for pattern in args.patterns.split(","):
             model = copy.deepcopy(dense)
-            prune_model(model, calib, progress=False, **({"nm": pattern} if ":" in pattern else
-                                                        {"sparsity": float(pattern)}))
+            prune_model(model, calib, progress=False, **pattern_arguments(pattern))
             before = evaluate(model, held_out, "cpu", 500, False)
             linear = dict(model.named_modules())[name]
             with torch.no_grad():

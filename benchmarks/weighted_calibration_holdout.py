@@ -17,7 +17,8 @@ import torch
 
 from cnn_sparsegpt import calibration_set, evaluate, prune_model
 from cnn_sparsegpt.utils import atomic_write_json, run_metadata
-from holdout_study import held_out_resnet20, study_parser  # this directory is sys.path[0] for a script
+# this directory is sys.path[0] for a script
+from holdout_study import held_out_resnet20, pattern_arguments, study_parser
 
 
 @torch.no_grad()
@@ -35,7 +36,7 @@ def main() -> None:
     p.add_argument("--temperatures", default="2,3")
     args = p.parse_args()
     dense, train, held_out = held_out_resnet20(args)
-    key = {"nm": args.pattern} if ":" in args.pattern else {"sparsity": float(args.pattern)}
+    key = pattern_arguments(args.pattern)
     rows = []
     for seed in map(int, args.seeds.split(",")):
         calib = calibration_set(train, 1024, seed)
