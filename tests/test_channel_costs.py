@@ -66,21 +66,26 @@ def test_layer_costs_still_prune_to_the_target():
 
 
 class DictOut(torch.nn.Module):
-    def __init__(self):
+    def __init__(self, scores: bool = True):
         super().__init__()
-        self.net = make(TinyResNet)
+        self.net, self.scores = make(TinyResNet), scores
 
-    def forward(self, x):
-        return {"logits": self.net(x)}
+    def forward(self, x):  # scores in a dict (measured), or only a flat vector of them (nothing to compare)
+        return {"logits": self.net(x)} if self.scores else {"flat": self.net(x).flatten()}
 
 
-def test_a_model_without_one_output_tensor_falls_back_to_layer_costs():
-    model, x = DictOut().eval(), calib(16)
+@pytest.mark.parametrize("scores", [True, False])
+def test_a_dict_output_is_measured_and_one_without_scores_falls_back_to_layer_costs(scores):
+    model, x = DictOut(scores).eval(), calib(16)
     groups = channel_groups(model, x[:1])
     prunable = [g for g, group in enumerate(groups) if len(group.removable) > 4]
     consumers = sorted({c for g in prunable for i in groups[g].removable for c in groups[g].units[i].columns})
     stats = dense_statistics(model, [x], consumers, hessian=True)
     curves = {g: _cost_curve(groups[g], stats, 0.01, len(groups[g].units) - 4, 4) for g in prunable}
+    if scores:
+        out = measured_curves(model, groups, curves, stats, [x], 0.01, 4, 32, 1e6)
+        assert out is not curves and out.keys() == curves.keys()
+        return
     with pytest.warns(RuntimeWarning, match="layer costs"):
         out = measured_curves(model, groups, curves, stats, [x], 0.01, 4, 32, 1e6)
     assert out is curves
