@@ -11,16 +11,13 @@ training images (the test split is not read).
 """
 from __future__ import annotations
 
-import copy
-import time
-
 import torch
 
-from cnn_sparsegpt import calibration_set, evaluate, prune_model
+from cnn_sparsegpt import calibration_set
 from cnn_sparsegpt.data.datasets import calibration_indices
 from cnn_sparsegpt.utils import atomic_write_json, git_commit, run_metadata
 # this directory is sys.path[0] for a script
-from holdout_study import held_out_resnet20, pattern_arguments, study_parser
+from holdout_study import held_out_resnet20, pattern_arguments, pruned_top1, study_parser
 
 
 def calibration_images(train, indices: torch.Tensor, variant: str, seed: int) -> torch.Tensor:
@@ -49,12 +46,8 @@ def main() -> None:
         indices = calibration_indices(train, 1024, seed)
         row = {"seed": seed, "pattern": args.pattern}
         for variant in args.variants.split(","):
-            images = calibration_images(train, indices, variant, seed)
-            model = copy.deepcopy(dense)
-            t0 = time.perf_counter()
-            prune_model(model, images, progress=False, **key)
-            row[f"{variant} seconds"] = round(time.perf_counter() - t0, 1)
-            row[variant] = evaluate(model, held_out, "cpu", 500, False)
+            row[variant], seconds = pruned_top1(dense, calibration_images(train, indices, variant, seed), held_out, key)
+            row[f"{variant} seconds"] = round(seconds, 1)
         rows.append(row)
         print(row, flush=True)
         atomic_write_json({"rows": rows, **run_metadata(torch.device("cpu"))}, args.json)

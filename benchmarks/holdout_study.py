@@ -3,9 +3,12 @@ arguments, and the shared checkpoint with 5,000 training images held out, as `pr
 from __future__ import annotations
 
 import argparse
+import copy
+import time
 
 import torch
 
+from cnn_sparsegpt import evaluate, prune_model
 from cnn_sparsegpt.commands.options import PruneOptions
 from cnn_sparsegpt.commands.pipeline import prepare
 
@@ -30,3 +33,13 @@ def held_out_resnet20(args: argparse.Namespace) -> tuple:
 def pattern_arguments(pattern: str) -> dict:
     """prune_model's keyword for a pattern given as text: '2:4' -> nm, '0.7' -> sparsity."""
     return {"nm": pattern} if ":" in pattern else {"sparsity": float(pattern)}
+
+
+def pruned_top1(dense: torch.nn.Module, images: torch.Tensor, held_out, prune: dict) -> tuple[float, float]:
+    """(held-out top-1, prune seconds) of a copy of `dense` pruned on `images` with the default recipe and the
+    keywords `prune` (pattern_arguments); the dense model stays as it is."""
+    model = copy.deepcopy(dense)
+    t0 = time.perf_counter()
+    prune_model(model, images, progress=False, **prune)
+    seconds = time.perf_counter() - t0
+    return evaluate(model, held_out, "cpu", 500, False), seconds

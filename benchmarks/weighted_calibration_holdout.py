@@ -11,14 +11,12 @@ BatchNorm re-estimate see them; the default recipe beside it on the same images.
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 
-from cnn_sparsegpt import calibration_set, evaluate, prune_model
+from cnn_sparsegpt import calibration_set
 from cnn_sparsegpt.utils import atomic_write_json, run_metadata
 # this directory is sys.path[0] for a script
-from holdout_study import held_out_resnet20, pattern_arguments, study_parser
+from holdout_study import held_out_resnet20, pattern_arguments, pruned_top1, study_parser
 
 
 @torch.no_grad()
@@ -47,9 +45,7 @@ def main() -> None:
                 n = repeats(dense, calib, float(t))
                 images = calib.repeat_interleave(n, 0)
                 row[f"distinct T={t}"] = int((n > 0).sum())
-            model = copy.deepcopy(dense)
-            prune_model(model, images, progress=False, **key)
-            row["default" if t == "default" else f"weighted T={t}"] = evaluate(model, held_out, "cpu", 500, False)
+            row["default" if t == "default" else f"weighted T={t}"] = pruned_top1(dense, images, held_out, key)[0]
         rows.append(row)
         print(row, flush=True)
         atomic_write_json({"rows": rows, **run_metadata(torch.device("cpu"))}, args.json)
