@@ -24,7 +24,8 @@ from ..deploy.compressed import QuantGrid, dequantize, nbytes, quant_codes, save
 from ..deploy.fold import fold_batchnorm, fold_factors
 from ..deploy.int8 import CALIBRATION, check as check_int8, onnx_top1, quantize_int8
 from ..deploy.onnx_file import OPSET, write_onnx
-from ..kernels.masks import conv_column_perm
+from ..pruning.conv_views import VIEWABLE
+from ..pruning.graph import PRUNABLE
 from ..pruning.layer_plan import forward_order
 from .pipeline import load_run, run_images
 from ..utils import (UserError, atomic_write_json, ensure_writable, load_tensors, output_tensors,
@@ -45,33 +46,29 @@ def input_shape(report: dict) -> list[int]:
     raise UserError("this run does not record its input shape: give --input-shape C H W")
 
 
-def nm_ok(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
-    """At most n non-zeros in every group of m consecutive input channels (at each kernel position)."""
-    if weight.ndim == 4:
-        if weight.shape[1] % m:
-            return False
-        w = weight.reshape(weight.shape[0], -1)[:, conv_column_perm(weight.shape)]
-    else:
-        if weight.shape[1] % m:
-            return False
-        w = weight
-    return bool(((w.reshape(w.shape[0], -1, m) != 0).sum(-1) <= n).all())
+def nm_ok(weight: torch.Tensor, n: int = 2, m: int = 4, in_dim: int = 1) -> bool:
+    """At most n non-zeros in every group of m consecutive input channels (dim `in_dim`: 0 for a transposed conv) at
+    each kernel position."""
+    if weight.shape[in_dim] % m:
+        return False
+    return bool(((weight.movedim(in_dim, -1).reshape(-1, m) != 0).sum(-1) <= n).all())
 
 
 def layer_table(folded: nn.Module, example: torch.Tensor, masks: dict) -> list[dict]:
     positions: dict[str, int] = {}
-    order = forward_order(folded, example, positions=positions)
+    order = forward_order(folded, example, positions=positions, kinds=(*PRUNABLE, *VIEWABLE))
     modules = dict(folded.named_modules())
     rows = []
     for name in order:
         m = modules[name]
         w = m.weight.detach()
         nnz = int((w != 0).sum())
-        was_24 = f"{name}.weight" in masks and nm_ok(masks[f"{name}.weight"].float())  # mask: True = kept
+        in_dim = 0 if isinstance(m, nn.modules.conv._ConvTransposeNd) else 1
+        was_24 = f"{name}.weight" in masks and nm_ok(masks[f"{name}.weight"].float(), in_dim=in_dim)  # True = kept
         row = {"name": name, "shape": list(w.shape), "macs": int(w.numel() * positions.get(name, 1)),
                "nonzero_macs": nnz * positions.get(name, 1), "sparsity": 1 - nnz / w.numel(),
-               "two_four": nm_ok(w)}
-        dense_conv = not isinstance(m, nn.Conv2d) or m.groups == 1
+               "two_four": nm_ok(w, in_dim=in_dim)}
+        dense_conv = getattr(m, "groups", 1) == 1 and in_dim == 1  # (TensorRT's sparse kernels: no deconvolution)
         row["sparse_tensor_core_candidate"] = row["two_four"] and dense_conv and row["sparsity"] > 0.4
         if was_24 and not row["two_four"]:
             raise UserError(f"{name}: 2:4 before folding BatchNorm but not after (please report this)")

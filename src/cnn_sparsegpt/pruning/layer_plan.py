@@ -8,16 +8,17 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .conv_views import VIEWABLE, why_not
 from .graph import PRUNABLE, run_hooked
 
 
 def forward_order(model: nn.Module, example: torch.Tensor, input_bytes: dict | None = None,
-                  positions: dict | None = None) -> list[str]:
-    """Names of the Conv2d/Linear layers in the order the forward pass calls them. When given,
+                  positions: dict | None = None, kinds: tuple = PRUNABLE) -> list[str]:
+    """Names of the Conv2d/Linear layers (or other `kinds`) in the order the forward pass calls them. When given,
     `input_bytes` gets each one's input size in bytes for `example`, and `positions` the number of
-    output positions per example its weight is applied at (H·W for a conv; 1 for a Linear on vectors),
-    so that its multiply-adds per image are weight.numel() · positions."""
-    names = {m: n for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
+    positions per example its weight is applied at (output H·W for a conv, input H·W for a transposed conv; 1 for a
+    Linear on vectors), so that its multiply-adds per image are weight.numel() · positions."""
+    names = {m: n for n, m in model.named_modules() if isinstance(m, kinds)}
     order: list[str] = []
 
     def hook(mod, inp, out):  # Conv2d/Linear are leaves: they finish in the order they are called
@@ -26,19 +27,22 @@ def forward_order(model: nn.Module, example: torch.Tensor, input_bytes: dict | N
             order.append(name)
             if input_bytes is not None:
                 input_bytes[name] = inp[0].numel() * inp[0].element_size()
-            if positions is not None:
-                rows = mod.weight.shape[0]
-                positions[name] = out.numel() // (rows * max(len(example), 1))
+            if positions is not None:  # weight.shape[0]: the channels of the tensor each weight entry meets once
+                counted = inp[0] if isinstance(mod, nn.modules.conv._ConvTransposeNd) else out
+                positions[name] = counted.numel() // (mod.weight.shape[0] * max(len(example), 1))
 
     run_hooked(model, [example], [m.register_forward_hook(hook) for m in names])
     return order
 
 
 def choose_layers(model: nn.Module, order: list[str], ignore: Iterable[str] = (),
-                  skip_first_last: bool = True, kept: dict[str, str] | None = None) -> dict[str, str]:
+                  skip_first_last: bool = True, kept: dict[str, str] | None = None,
+                  aliases: dict[str, str] | None = None) -> dict[str, str]:
     """Layer name → reason it stays dense ('' = prune it), for every Conv2d/Linear in forward order. kept: layers
-    that stay as they are whatever the options, with why (graph.nonstandard_layers)."""
+    that stay as they are whatever the options, with why (graph.nonstandard_layers). aliases: the name the ignore
+    patterns see instead of a layer's own (a view conv's: its original layer's, conv_views.py)."""
     patterns = [re.compile(p) for p in ignore]
+    aliases = aliases or {}
     modules = dict(model.named_modules())
     convs = [n for n in order if isinstance(modules[n], nn.Conv2d)]
     linears = [n for n in order if isinstance(modules[n], nn.Linear)]
@@ -47,7 +51,7 @@ def choose_layers(model: nn.Module, order: list[str], ignore: Iterable[str] = ()
         reason = ""
         if kept and name in kept:
             reason = kept[name]
-        elif any(p.fullmatch(name) or p.pattern == name for p in patterns):
+        elif any(p.fullmatch(shown) or p.pattern == shown for p in patterns for shown in (aliases.get(name, name),)):
             reason = "in the ignore list"
         elif skip_first_last and convs and name == convs[0]:
             reason = "first conv (kept dense by convention; --prune-all includes it)"
@@ -67,11 +71,12 @@ def refit_layers(plan: dict[str, str], order: list[str]) -> list[str]:
     return [n for n in order[first + 1:] if plan[n]]
 
 
-UNSUPPORTED = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+UNSUPPORTED = (nn.Conv3d, nn.ConvTranspose3d)
 
 
 def unsupported_layers(model: nn.Module) -> dict[str, str]:
     """Layers with weights that this pruner leaves as they are, with why: listed in the report so that a user sees
-    them (a ConvTranspose2d in a decoder, a Conv1d), not silently absent."""
-    return {n: f"{type(m).__name__} is not pruned (Conv2d and Linear layers only)" for n, m in model.named_modules()
-            if isinstance(m, UNSUPPORTED)}
+    them (a Conv3d; a Conv1d or transposed conv that conv_views cannot stand in for), not silently absent."""
+    found = {n: f"{type(m).__name__} is not pruned (3-D convs are not supported)" for n, m in model.named_modules()
+             if isinstance(m, UNSUPPORTED)}
+    return found | {n: why_not(m) for n, m in model.named_modules() if isinstance(m, VIEWABLE) and why_not(m)}

@@ -24,6 +24,7 @@ from . import dist
 from .allocation import allocate
 from .config import RECOMMENDED, PruneConfig
 from .batchnorm import batchnorms_reading, bn_modules, bn_statistics_, recalibrate, set_statistics_
+from .conv_views import VIEWABLE, conv2d_views, original_result
 from .dense_target import DenseInputs
 from .relu_gate import GATE_FLOPS, ReluGate, applies as gate_applies, dense_active, relu_gates
 from .residual_target import SkipPartner, inverse_scale, skip_partners, target_shift
@@ -50,7 +51,7 @@ class PruneReport:
     layers: list[LayerResult]
     seconds: float = 0.0  # pruning wall time, evaluation excluded
     sparsity: float = 0.0  # achieved, over the pruned layers
-    total_sparsity: float = 0.0  # achieved, over all Conv2d/Linear weights
+    total_sparsity: float = 0.0  # achieved, over all conv and Linear weights
     forward_passes: float = 0.0  # full calibration passes spent (the fx path needs 1; low_memory a few)
     peak_stored_mb: float | None = None  # most activations of the calibration set held at once (fx path)
     memory_policy: str = ""  # default or low-memory, and why (chosen by free memory unless asked)
@@ -380,6 +381,18 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     config = config.resolved(dist.active(process_group))
     if config.structure == "channels":
         return _prune_structured(model, calibration, config, progress)
+    with conv2d_views(model) as views:  # Conv1d and transposed convs pruned as Conv2d (conv_views.py)
+        report = _prune_weights(model, calibration, config, progress, use_fx, process_group,
+                                {k: name for k, (name, _) in views.items()})
+    report.layers = [original_result(r, views) for r in report.layers]
+    report.total_sparsity = weight_sparsity(model)
+    return report
+
+
+def _prune_weights(model: nn.Module, calibration, config: PruneConfig, progress: bool, use_fx: bool, process_group,
+                   aliases: dict[str, str]) -> PruneReport:
+    """prune_model's unstructured and N:M prune, on a model whose layers are Conv2d and Linear (aliases: a view
+    conv's name → the name of the layer it stands for, for the ignore patterns)."""
     pattern = config.pattern
     device = next(model.parameters()).device
     batches = _as_batches(calibration, device, config.batch_size)
@@ -410,7 +423,7 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
             named = [n for n, r in nonstandard.items() if r == reason]
             warnings.warn(f"{len(named)} layer{'s' * (len(named) > 1)} ({', '.join(named[:3])}"
                           f"{', ...' * (len(named) > 3)}): {reason} (report.json lists them)", RuntimeWarning)
-        plan = choose_layers(model, order, config.ignore, not config.prune_all, nonstandard)
+        plan = choose_layers(model, order, config.ignore, not config.prune_all, nonstandard, aliases)
         names = [n for n in order if not plan[n]]
         permutation = permute_for_nm_(model, fitted, names, pattern, progress, bool(config.permute), nonstandard) \
             if config.permute is not False else {}
@@ -497,7 +510,6 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
                              bn_recalibrated=config.bn_recalibration and bool(bn_modules(model)),
                              world_size=dist.world(process_group), permutation=permutation)
         report.sparsity = sum((~r.mask).sum().item() for r in pruned) / n_pruned if n_pruned else 0.0
-        report.total_sparsity = weight_sparsity(model)
         return report
 
 
@@ -524,10 +536,10 @@ def _prune_structured(model: nn.Module, calibration, config: PruneConfig, progre
 
 
 def weight_sparsity(model: nn.Module) -> float:
-    """Fraction of exactly-zero weights over all Conv2d and Linear layers."""
+    """Fraction of exactly-zero weights over all conv (1-D, 2-D, transposed) and Linear layers."""
     zeros = total = 0
     for m in model.modules():
-        if isinstance(m, PRUNABLE):
+        if isinstance(m, (*PRUNABLE, *VIEWABLE)) and isinstance(m.weight, torch.Tensor):
             zeros += (m.weight == 0).sum().item()
             total += m.weight.numel()
     return zeros / total if total else 0.0

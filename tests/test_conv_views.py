@@ -1,0 +1,162 @@
+"""Conv1d and transposed convs pruned through the Conv2d they equal (pruning/conv_views.py): the view computes the
+original layer exactly, the prune's error and masks are the original layer's, and the model comes back whole."""
+import pytest
+import torch
+from torch import nn
+
+from cnn_sparsegpt import PUBLISHED, prune_model
+from cnn_sparsegpt.pruning.conv_views import ConvView, conv2d_views
+
+LAYERS = {  # name → (layer, input shape, view kind)
+    "conv1d": (lambda: nn.Conv1d(8, 12, 5, stride=2, padding=2), (4, 8, 37), "conv"),
+    "conv1d_grouped_dilated_same": (lambda: nn.Conv1d(8, 12, 3, padding="same", dilation=2, groups=4,
+                                                      padding_mode="reflect"), (4, 8, 37), "conv"),
+    "conv1d_unbatched": (lambda: nn.Conv1d(8, 12, 3), (8, 20), "conv"),
+    "transposed_2x2_stride2": (lambda: nn.ConvTranspose2d(8, 6, 2, stride=2), (4, 8, 5, 7), "pixels"),
+    "transposed_grouped_2x2": (lambda: nn.ConvTranspose2d(8, 6, 2, stride=2, groups=2), (4, 8, 5, 7), "pixels"),
+    "transposed_4x4_stride2_pad1": (lambda: nn.ConvTranspose2d(8, 6, 4, stride=2, padding=1), (4, 8, 5, 7), "zeros"),
+    "transposed_everything": (lambda: nn.ConvTranspose2d(8, 6, 3, stride=2, padding=1, output_padding=1, groups=2,
+                                                         dilation=2), (4, 8, 5, 7), "zeros"),
+    "transposed_rectangular_cropped": (lambda: nn.ConvTranspose2d(8, 6, (3, 5), stride=(2, 3), padding=(4, 0)),
+                                       (4, 8, 5, 7), "zeros"),
+    "transposed1d": (lambda: nn.ConvTranspose1d(8, 6, 4, stride=2, padding=1), (4, 8, 9), "zeros"),
+}
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_view_computes_the_layer_and_its_weight_layout_round_trips(name):
+    make, shape, kind = LAYERS[name]
+    torch.manual_seed(0)
+    layer = make()
+    view, x = ConvView(layer), torch.randn(shape)
+    assert view.kind == kind
+    with torch.no_grad():
+        assert torch.allclose(view(x), layer(x), atol=1e-5, rtol=1e-5)
+    w = layer.weight.detach()
+    assert torch.equal(view.to_original(view.to_view(w)), w)
+
+
+@pytest.mark.parametrize("name", LAYERS)
+def test_reported_error_is_the_original_layers_output_error(name):
+    """SparseGPT's error tr(ΔW·H·ΔWᵀ)/tr(W·H·Wᵀ) on the view's Hessian equals the relative output error of the
+    original layer run on the same inputs: the view's inputs, weight and Hessian are the layer's."""
+    make, shape, _ = LAYERS[name]
+    torch.manual_seed(0)
+    layer = make()
+    layer.bias = None  # (the error is of W·X)
+    dense = nn.Sequential(layer)
+    x = torch.randn(64, *(shape if "unbatched" in name else shape[1:]))
+    with torch.no_grad():
+        y = layer(x)
+    rep = prune_model(dense, x, PUBLISHED, sparsity=0.5, prune_all=True, progress=False)
+    (r,) = rep.layers
+    with torch.no_grad():
+        measured = ((layer(x) - y).square().sum() / y.square().sum()).item()
+    assert type(dense[0]) is type(make()) and r.name == "0" and r.shape == list(layer.weight.shape)
+    assert r.mask.shape == layer.weight.shape and torch.all(layer.weight[~r.mask] == 0)
+    assert r.sparsity == 0.5 and r.error == pytest.approx(measured, rel=1e-3)
+
+
+def unet():
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc1 = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+            self.enc2 = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+            self.up = nn.ConvTranspose2d(32, 16, 2, stride=2)
+            self.up2 = nn.ConvTranspose2d(32, 16, 4, stride=2, padding=1, bias=False)
+            self.dec = nn.Sequential(nn.Conv2d(48, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                     nn.Conv2d(16, 4, 1))
+
+        def forward(self, x):
+            a = self.enc1(x)
+            b = self.enc2(a)
+            return self.dec(torch.cat([a, self.up(b), self.up2(b)], 1))
+    return UNet().eval(), torch.randn(64, 3, 16, 16)
+
+
+def audio():
+    return nn.Sequential(nn.Conv1d(1, 32, 9, stride=4, padding=4), nn.BatchNorm1d(32), nn.ReLU(),
+                         nn.Conv1d(32, 64, 5, padding=2), nn.BatchNorm1d(64), nn.ReLU(),
+                         nn.Conv1d(64, 64, 5, padding=2, groups=4), nn.BatchNorm1d(64), nn.ReLU(),
+                         nn.ConvTranspose1d(64, 32, 4, stride=2, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(32, 10)).eval(), torch.randn(64, 1, 400)
+
+
+@pytest.mark.parametrize("build", [unet, audio])
+@pytest.mark.parametrize("pattern", [{"nm": "2:4"}, {"sparsity": 0.6}])
+def test_default_recipe_prunes_them_in_their_own_layout(build, pattern):
+    torch.manual_seed(0)
+    model, x = build()
+    types = [type(m) for m in model.modules()]
+    with torch.no_grad():
+        y = model(x)
+    rep = prune_model(model, x, progress=False, **pattern)
+    assert [type(m) for m in model.modules()] == types  # the original modules are back
+    modules = dict(model.named_modules())
+    viewed = {n for n, m in modules.items() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d, nn.ConvTranspose2d))}
+    pruned = {r.name for r in rep.layers if not r.skipped}
+    assert viewed - pruned == {"0"} & viewed  # every one but a first conv kept dense by convention
+    for key, mask in rep.masks.items():
+        m = modules[key.removesuffix(".weight")]
+        assert mask.shape == m.weight.shape and torch.all(m.weight[~mask] == 0)
+        if "nm" in pattern:  # 2 of every 4 along the original's input channels (a transposed conv's dim 0)
+            along = 0 if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d)) else 1
+            groups = mask.movedim(along, -1)
+            assert torch.all(groups.reshape(*groups.shape[:-1], -1, 4).sum(-1) == 2), key
+    assert rep.sparsity == pytest.approx(0.5 if "nm" in pattern else 0.6, abs=0.01)
+    with torch.no_grad():
+        assert ((model(x) - y).norm() / y.norm()).item() < 0.5
+
+
+def test_ignore_names_the_original_layer_and_fx_equals_hooks():
+    runs = []
+    for use_fx in (True, False):
+        torch.manual_seed(0)
+        model, x = unet()
+        rep = prune_model(model, x, nm="2:4", ignore=["up2"], use_fx=use_fx, permute=False, bn_recalibration=False,
+                          progress=False)
+        by = {r.name: r for r in rep.layers}
+        assert by["up2"].skipped and by["up2"].reason == "in the ignore list" and not by["up"].skipped
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*runs))
+
+
+def test_model_comes_back_whole_when_the_prune_fails():
+    torch.manual_seed(0)
+    model, _ = unet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError):
+        prune_model(model, torch.randn(8, 5, 16, 16), sparsity=0.5, progress=False)  # 5 channels: the stem fails
+    assert isinstance(model.up, nn.ConvTranspose2d) and model.state_dict().keys() == before.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_views_leave_weights_bit_identical_when_nothing_is_pruned():
+    torch.manual_seed(0)
+    model, _ = audio()
+    before = [p.detach().clone() for p in model.parameters()]
+    with conv2d_views(model) as views:
+        assert set(views) == {"0.conv", "3.conv", "6.conv", "9.conv"}
+        assert not any(isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)) for m in model.modules())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("build", [unet, audio])
+def test_export_counts_and_checks_them(build, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from cnn_sparsegpt import export_model
+    torch.manual_seed(0)
+    model, x = build()
+    rep = prune_model(model, x, nm="2:4", progress=False)
+    out = export_model(model, list(x.shape[1:]), onnx=tmp_path / "m.onnx", compressed=tmp_path / "m.safetensors",
+                       masks=rep.masks, progress=False)
+    assert out["onnx_max_abs_diff"] < 1e-4
+    rows = {r["name"]: r for r in out["layers"]}
+    for key in rep.masks:
+        name = key.removesuffix(".weight")
+        assert rows[name]["two_four"] and rows[name]["sparsity"] == 0.5
+    if build is unet:  # a transposed conv's multiply-adds: every weight once per input pixel (8x8 here)
+        assert rows["up"]["macs"] == 32 * 16 * 2 * 2 * 8 * 8 and rows["up2"]["macs"] == 32 * 16 * 4 * 4 * 8 * 8
+    else:
+        assert rows["3"]["macs"] == 64 * 32 * 5 * 100
