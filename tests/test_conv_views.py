@@ -1,5 +1,7 @@
 """Conv1d and transposed convs pruned through the Conv2d they equal (pruning/conv_views.py): the view computes the
 original layer exactly, the prune's error and masks are the original layer's, and the model comes back whole."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -160,3 +162,70 @@ def test_export_counts_and_checks_them(build, tmp_path):
         assert rows["up"]["macs"] == 32 * 16 * 2 * 2 * 8 * 8 and rows["up2"]["macs"] == 32 * 16 * 4 * 4 * 8 * 8
     else:
         assert rows["3"]["macs"] == 64 * 32 * 5 * 100
+
+
+def _one_d():
+    return nn.Sequential(nn.Conv1d(4, 32, 9, stride=2, padding=4), nn.BatchNorm1d(32), nn.ReLU(),
+                         nn.Conv1d(32, 64, 5, padding=2, bias=False), nn.BatchNorm1d(64), nn.ReLU(),
+                         nn.Conv1d(64, 64, 3, padding=1, bias=False), nn.BatchNorm1d(64), nn.ReLU(),
+                         nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(64, 10))
+
+
+def _two_d_twin(model):
+    """The same network written with Conv2d of height 1 (inputs (N, C, 1, L))."""
+    twin = nn.Sequential(nn.Conv2d(4, 32, (1, 9), stride=(1, 2), padding=(0, 4)), nn.BatchNorm2d(32), nn.ReLU(),
+                         nn.Conv2d(32, 64, (1, 5), padding=(0, 2), bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.Conv2d(64, 64, (1, 3), padding=(0, 1), bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+    twin.load_state_dict({k: v.unsqueeze(2) if v.ndim == 3 else v for k, v in model.state_dict().items()})
+    return twin.eval()
+
+
+@pytest.mark.parametrize("options", [{"nm": "2:4"}, {"sparsity": 0.6}, {"structure": "channels", "keep_macs": 0.5}])
+def test_a_1d_cnn_prunes_as_its_2d_twin(options):
+    """Every step of the default recipe (permutation, intercept into the BatchNorm, channel groups) treats a Conv1d
+    network as the Conv2d network of height 1 it equals: the same masks, kept channels and outputs (up to the
+    rounding of BatchNorm statistics measured on 3-D instead of 4-D tensors)."""
+    torch.manual_seed(0)
+    model = _one_d().train()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for _ in range(5):
+            model(torch.randn(32, 4, 128) * 2 + 0.3)
+    model.eval()
+    twin, x = _two_d_twin(model), torch.randn(256, 4, 128)
+    rep = prune_model(model, x, progress=False, **options)
+    rep_twin = prune_model(twin, x.unsqueeze(2), progress=False, **options)
+    assert [r.shape for r in rep.layers] == [r.shape[:2] + r.shape[3:] if len(r.shape) == 4 else r.shape
+                                             for r in rep_twin.layers]
+    for (key, mask), (key_twin, mask_twin) in zip(rep.masks.items(), rep_twin.masks.items()):
+        assert key == key_twin and (mask == mask_twin.squeeze(2)).float().mean() > 0.99
+    with torch.no_grad():
+        y, y_twin = model(x), twin(x.unsqueeze(2))
+    assert ((y - y_twin).norm() / y_twin.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("build", [unet, audio])
+def test_channel_prune_through_them_and_back_into_a_fresh_model(build):
+    """Whole channels go through a Conv1d and into a transposed conv (its input channels; a pixel-shuffled one's
+    outputs stay, named); the run's spec rebuilds the smaller model from a fresh one (`export`, `finetune`)."""
+    from cnn_sparsegpt.pruning.slicing import apply_structure
+    torch.manual_seed(0)
+    model, x = build()
+    fresh = copy.deepcopy(model)
+    rep = prune_model(model, x, structure="channels", keep_macs=0.6, round_to=1, progress=False)
+    dense_macs, kept_macs = rep.structure["macs"]
+    assert kept_macs <= 0.6 * dense_macs
+    modules = dict(model.named_modules())
+    for r in rep.layers:
+        assert r.shape == list(modules[r.name].weight.shape)
+    changed = {r.name for r in rep.layers if r.reason.startswith("channels:")}
+    if build is unet:
+        assert {"enc2.1", "up", "up2"} <= changed  # enc2's channels: read by both transposed convs
+        assert any(g["fixed"] == "at up, a ConvTranspose2d, whose channels structured pruning does not follow"
+                   for g in rep.structure["groups"])
+    else:
+        assert {"0", "3", "6", "9"} <= changed
+    rebuilt = apply_structure(fresh, rep.structure["spec"])
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), model(x))

@@ -34,6 +34,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..utils import UserError
+from .conv_views import ConvView
 from .graph import nonstandard_layers, trace
 
 FIXED = -1  # a channel that cannot be removed
@@ -42,13 +43,16 @@ FIXED = -1  # a channel that cannot be removed
 _PASS_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish,
                  nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Mish, nn.Dropout, nn.Dropout2d, nn.Identity,
                  nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Hardtanh,
-                 nn.Softplus, nn.PReLU, nn.Upsample)
+                 nn.Softplus, nn.PReLU, nn.Upsample, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d,
+                 nn.AdaptiveMaxPool1d, nn.Dropout1d)
 _PASS_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.relu, torch.nn.functional.relu6,
                    torch.nn.functional.gelu, torch.nn.functional.silu, torch.nn.functional.hardswish,
                    torch.nn.functional.hardsigmoid, torch.nn.functional.sigmoid, torch.nn.functional.dropout,
                    torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.max_pool2d,
                    torch.nn.functional.avg_pool2d, torch.nn.functional.hardtanh, torch.nn.functional.leaky_relu,
-                   torch.nn.functional.elu, torch.nn.functional.interpolate, torch.nn.functional.upsample}
+                   torch.nn.functional.elu, torch.nn.functional.interpolate, torch.nn.functional.upsample,
+                   torch.nn.functional.max_pool1d, torch.nn.functional.avg_pool1d,
+                   torch.nn.functional.adaptive_avg_pool1d, torch.nn.functional.adaptive_max_pool1d}
 _PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "relu_", "sigmoid_"}
 _TIE_FUNCTIONS = {operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub, operator.iadd,
                   operator.imul}
@@ -147,6 +151,13 @@ def _permutation(node: fx.Node) -> list[int] | None:
     if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
         dims = list(dims[0])
     return dims if all(isinstance(d, int) for d in dims) else None
+
+
+def _inside_view(node: fx.Node) -> str | None:
+    """The ConvView (conv_views.py) whose re-arrangement of tensors `node` is part of, if any."""
+    stack = node.meta.get("nn_module_stack") or {}
+    name, cls = next(reversed(stack.values()), (None, None))
+    return name if isinstance(cls, type) and issubclass(cls, ConvView) else None
 
 
 def main_reason(groups: list[Group]) -> str:
@@ -267,8 +278,17 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
             tensors = [a for a in node.args if isinstance(a, fx.Node) and a in of and _channels(a)]
             cd = cdim[node] = cdim.get(tensors[0], 1) if tensors else 1
             c_out = _channels(node)
+            view = _inside_view(node)
             if c_out is None and not tensors:
                 of[node] = []
+            elif view is not None:  # its re-arrangements keep channels at dim 1 (a unit height, zeros between
+                if tensors and c_out == len(of[tensors[0]]) and name != "pixel_shuffle":  # pixels) but for the
+                    of[node] = list(of[tensors[0]])                                       # pixel shuffle
+                else:
+                    for t in tensors:
+                        fix_all(of[t], f"at {view}, a {model.get_submodule(view).original}, whose channels structured "
+                                       "pruning does not follow")
+                    of[node] = fixed_list(node)
             elif fn in (torch.permute, "permute") and tensors and _permutation(node) is not None:
                 dims = [d % len(_shape(tensors[0])) for d in _permutation(node)]
                 cdim[node] = dims.index(cd)  # the channels move with their dim

@@ -11,15 +11,16 @@ original's input channels at each kernel tap).
 - ConvTranspose2d whose kernel equals its stride, without padding (a UNet decoder's 2×2 stride-2 up-sampling):
   each input pixel writes its own s×s block, so it is a 1×1 Conv2d with C_out·s² rows followed by pixel_shuffle.
 - Any other ConvTranspose2d: the gradient of a conv, i.e. a Conv2d with the kernel flipped and its in/out axes
-  swapped, run on the input with s−1 zeros inserted between pixels and padded by dilation·(k−1) − padding (more
-  positions to sum over, s² of them mostly zeros; the same result).
+  swapped, run on the input with s−1 zeros inserted between pixels and padded by dilation·(k−1) − padding (s²
+  times the positions to sum over, mostly zeros; the same result).
 - ConvTranspose1d: the 2-D case at height 1.
-A Conv1d's bias goes into the view conv; a transposed conv's stays the original's Parameter, added after the
-re-arrangement (the view's rows are not its output channels).
+The bias goes into the view conv, but for the pixel-shuffled view, whose rows are not the output channels: there it
+stays the original's Parameter, added after the re-arrangement.
 """
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -27,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .graph import run_hooked
 from .layer import LayerResult
 
 VIEWABLE = (nn.Conv1d, nn.ConvTranspose1d, nn.ConvTranspose2d)
@@ -38,6 +40,7 @@ class ConvView(nn.Module):
     def __init__(self, original: nn.Module):
         super().__init__()
         self.kind = kind_of(original)
+        self.original = type(original).__name__
         self.one_d = isinstance(original, (nn.Conv1d, nn.ConvTranspose1d))
         two = _as_2d(original) if self.one_d else original  # the 1-D layers' geometry at height 1
         self.geometry = {k: getattr(two, k) for k in ("kernel_size", "stride", "padding", "dilation", "groups")} | {
@@ -51,21 +54,20 @@ class ConvView(nn.Module):
             conv = nn.Conv2d(two.in_channels, two.out_channels * s[0] * s[1], 1, groups=two.groups, bias=False)
         else:
             conv = nn.Conv2d(two.in_channels, two.out_channels, two.kernel_size, dilation=two.dilation,
-                             groups=two.groups, bias=False)
-            k, d, p, op = two.kernel_size, two.dilation, two.padding, two.output_padding
+                             groups=two.groups, bias=original.bias is not None)
+            k, d, p, op, s = two.kernel_size, two.dilation, two.padding, two.output_padding, two.stride
             q = [d[i] * (k[i] - 1) - p[i] for i in (0, 1)]  # the zero-inserted input's padding (< 0: cropped)
-            self.pad = (q[1], q[1] + op[1], q[0], q[0] + op[0])
-            # inserts stride−1 zeros between pixels: a transposed 1×1 conv with a unit kernel per channel
-            self.register_buffer("unit", w.new_ones(two.in_channels, 1, 1, 1), persistent=False)
-            self.channels = two.in_channels
+            # after each pixel s−1 zeros (the last pixel's are cropped again by the padding after: s − 1 less)
+            self.zeros = (0, s[1] - 1, 0, 0, 0, s[0] - 1)
+            self.pad = (q[1], q[1] + op[1] - (s[1] - 1), q[0], q[0] + op[0] - (s[0] - 1))
         conv.to(device=w.device, dtype=w.dtype)
         conv.weight.data.copy_(self.to_view(w))
-        if conv.bias is not None:  # rows are the original's: the bias goes with them (a channel prune slices both)
+        if conv.bias is not None:  # rows are the original's output channels: the bias goes with them
             conv.bias.data.copy_(original.bias.detach())
         self.conv = conv
-        # a transposed conv's view rows are not its output channels: its bias (the original's Parameter) is added
+        # the pixel-shuffled view's rows are not the output channels: the bias (the original's Parameter) is added
         # after the re-arrangement
-        self.bias = original.bias if self.kind != "conv" else None
+        self.bias = original.bias if self.kind == "pixels" else None
         self.shape = list(original.weight.shape)
 
     def to_view(self, w: torch.Tensor) -> torch.Tensor:
@@ -96,10 +98,8 @@ class ConvView(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.one_d:
             x = x.unsqueeze(-2)
-        if self.kind == "zeros":
-            s = self.geometry["stride"]
-            if s != (1, 1):
-                x = F.conv_transpose2d(x, self.unit, stride=s, groups=self.channels)
+        if self.kind == "zeros":  # every op here keeps the channels at dim 1, one by one (the channel walk follows)
+            x = F.pad(x.unsqueeze(-1).unsqueeze(-3), self.zeros).flatten(-4, -3).flatten(-2, -1)
             x = F.pad(x, self.pad)
         y = self.conv(x)
         if self.kind == "pixels":
@@ -153,24 +153,80 @@ def viewable(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @contextlib.contextmanager
-def conv2d_views(model: nn.Module) -> Iterator[dict[str, tuple[str, ConvView]]]:
+def conv2d_views(model: nn.Module, example: torch.Tensor | None = None) -> Iterator[dict[str, tuple[str, ConvView]]]:
     """Replace every viewable layer of `model` by its ConvView for the block; yield {view conv's name: (original
-    name, view)}. On leaving (also on an error) the original modules are back in place with the views' weights."""
+    name, view)}. On leaving (also on an error) the original modules are back in place with the views' weights, and
+    with their new channel counts where a channel prune sliced the view conv. With `example` (one input batch),
+    each view's `positions` is the original layer's: its multiply-adds per image over its weight count (a
+    zero-inserted view applies its weight at s² times as many positions, mostly zeros)."""
     found = viewable(model)
+    positions = _positions(model, found, example) if example is not None and found else {}
     views: dict[str, tuple[str, ConvView]] = {}
     for name, m in found.items():
         view = ConvView(m)
+        view.positions = positions.get(name)
         _set(model, name, view)
         views[f"{name}.conv"] = (name, view)
     try:
         yield views
     finally:
         for name, view in views.values():
-            original = found[name]
-            original.weight.data.copy_(view.to_original(view.conv.weight.detach()))
-            if view.kind == "conv" and original.bias is not None:
-                original.bias.data.copy_(view.conv.bias.detach())
-            _set(model, name, original)
+            _put_back(found[name], view)
+            _set(model, name, found[name])
+
+
+def view_positions(views: dict[str, tuple[str, ConvView]]) -> dict[str, int]:
+    """The view convs' positions as their original layers' (see conv2d_views)."""
+    return {k: v.positions for k, (_, v) in views.items() if v.positions is not None}
+
+
+def _positions(model: nn.Module, found: dict[str, nn.Module], example: torch.Tensor) -> dict[str, int]:
+    names, out = {m: n for n, m in found.items()}, {}
+
+    def hook(m, inp, y):  # weight.shape[0]: the channels of the tensor each weight entry meets once
+        counted = inp[0] if isinstance(m, nn.modules.conv._ConvTransposeNd) else y
+        out.setdefault(names[m], counted.numel() // (m.weight.shape[0] * max(len(example), 1)))
+
+    was_training = model.training
+    try:
+        with torch.no_grad():  # eval: a BatchNorm in training mode would update its statistics
+            run_hooked(model.eval(), [example], [m.register_forward_hook(hook) for m in names])
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _put_back(original: nn.Module, view: ConvView) -> None:
+    """The view conv's weight (and a Conv1d's bias) into the original layer, in its layout; new Parameters and
+    channel counts where their shapes changed."""
+    w = view.to_original(view.conv.weight.detach())
+    if w.shape == original.weight.shape:
+        original.weight.data.copy_(w)
+    else:
+        original.weight = nn.Parameter(w.clone(), requires_grad=original.weight.requires_grad)
+        g = original.groups
+        transposed = isinstance(original, nn.modules.conv._ConvTransposeNd)
+        original.in_channels, original.out_channels = (w.shape[0], w.shape[1] * g) if transposed else \
+            (w.shape[1] * g, w.shape[0])
+    if view.kind != "pixels" and original.bias is not None:
+        b = view.conv.bias.detach()
+        if b.shape == original.bias.shape:
+            original.bias.data.copy_(b)
+        else:
+            original.bias = nn.Parameter(b.clone(), requires_grad=original.bias.requires_grad)
+
+
+def renamed(value, views: dict[str, tuple[str, ConvView]]):
+    """`value` (a report's dicts, lists and strings) with each view conv's name replaced by its layer's."""
+    if isinstance(value, dict):
+        return {renamed(k, views): renamed(v, views) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(renamed(v, views) for v in value)
+    if isinstance(value, str) and views:
+        if value in views:
+            return views[value][0]
+        return re.sub(r"(?<![\w.])(" + "|".join(map(re.escape, views)) + r")(?!\w|\.\w)", lambda m: views[m[1]][0], value)
+    return value
 
 
 def original_result(r: LayerResult, views: dict[str, tuple[str, ConvView]]) -> LayerResult:

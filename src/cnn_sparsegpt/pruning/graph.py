@@ -483,10 +483,16 @@ def is_add(node: fx.Node) -> bool:
     return node.op == "call_method" and node.target in ("add", "add_")
 
 
-def sole_batchnorm_reader(node: fx.Node, modules: dict[str, nn.Module], affine: bool = False) -> fx.Node | None:
+def sole_batchnorm_reader(node: fx.Node, modules: dict[str, nn.Module], affine: bool = False,
+                          squeezed: bool = False) -> fx.Node | None:
     """The call of a BatchNorm with running statistics that alone reads `node`'s output, or None. affine: only one
-    whose output is the affine map itself (not a subclass with its own forward, such as timm's BatchNormAct2d)."""
+    whose output is the affine map itself (not a subclass with its own forward, such as timm's BatchNormAct2d).
+    squeezed: also through a squeeze of the output's unit height (a Conv1d's view, conv_views.py), which keeps
+    each channel's values as they are."""
     users = list(node.users)
+    if squeezed and len(users) == 1 and users[0].op == "call_method" and users[0].target == "squeeze" \
+            and users[0].args[1:] in ((-2,), (2,)):
+        users = list(users[0].users)
     if len(users) != 1 or users[0].op != "call_module":
         return None
     reader = modules.get(users[0].target)

@@ -29,7 +29,7 @@ def offset_sinks(model: nn.Module, names: list[str], traced: fx.GraphModule | No
         except Exception:  # the truncated-pass fallback prunes such models; their biases still take offsets
             return out
     for name, nodes in module_calls(traced, names).items():
-        reader = sole_batchnorm_reader(nodes[0], modules)
+        reader = sole_batchnorm_reader(nodes[0], modules, squeezed=True)
         if name not in out and len(nodes) == 1 and reader is not None:  # (a layer called twice may feed more)
             out[name] = modules[reader.target]
     return out

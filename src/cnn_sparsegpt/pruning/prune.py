@@ -24,7 +24,7 @@ from . import dist
 from .allocation import allocate
 from .config import RECOMMENDED, PruneConfig
 from .batchnorm import batchnorms_reading, bn_modules, bn_statistics_, recalibrate, set_statistics_
-from .conv_views import VIEWABLE, conv2d_views, original_result
+from .conv_views import VIEWABLE, conv2d_views, original_result, renamed, view_positions
 from .dense_target import DenseInputs
 from .relu_gate import GATE_FLOPS, ReluGate, applies as gate_applies, dense_active, relu_gates
 from .residual_target import SkipPartner, inverse_scale, skip_partners, target_shift
@@ -39,6 +39,7 @@ from .reconstruct import reconstruct as reconstruct_model
 from .saliency import bn_row_scales
 from ..kernels.solver import NEEDS
 from .statcorr import StatCorrection
+from .slicing import spec_of
 from .structured import prune_channels
 from ..utils import UserError
 
@@ -379,23 +380,25 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     config = replace(config or RECOMMENDED, **overrides) if overrides else (config or RECOMMENDED)
     config.check_runnable(dist.active(process_group), next(model.parameters()).device)
     config = config.resolved(dist.active(process_group))
-    if config.structure == "channels":
-        return _prune_structured(model, calibration, config, progress)
-    with conv2d_views(model) as views:  # Conv1d and transposed convs pruned as Conv2d (conv_views.py)
-        report = _prune_weights(model, calibration, config, progress, use_fx, process_group,
-                                {k: name for k, (name, _) in views.items()})
-    report.layers = [original_result(r, views) for r in report.layers]
+    batches = _as_batches(calibration, next(model.parameters()).device, config.batch_size)
+    # Conv1d and transposed convs are pruned as the Conv2d they equal (conv_views.py)
+    with conv2d_views(model, batches[0][:1]) as views:
+        if config.structure == "channels":
+            report = _prune_structured(model, batches, config, progress, views)
+        else:
+            report = _prune_weights(model, batches, config, progress, use_fx, process_group, views)
+    report.layers = _channel_layers(report.structure, views, model, config) if report.structure else \
+        [original_result(r, views) for r in report.layers]
     report.total_sparsity = weight_sparsity(model)
     return report
 
 
-def _prune_weights(model: nn.Module, calibration, config: PruneConfig, progress: bool, use_fx: bool, process_group,
-                   aliases: dict[str, str]) -> PruneReport:
-    """prune_model's unstructured and N:M prune, on a model whose layers are Conv2d and Linear (aliases: a view
-    conv's name → the name of the layer it stands for, for the ignore patterns)."""
+def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneConfig, progress: bool, use_fx: bool,
+                   process_group, views: dict) -> PruneReport:
+    """prune_model's unstructured and N:M prune, on a model whose layers are Conv2d and Linear (views: the
+    ConvViews standing in for the others, conv_views.py)."""
     pattern = config.pattern
-    device = next(model.parameters()).device
-    batches = _as_batches(calibration, device, config.batch_size)
+    device = batches[0].device
     nsamples = sum(len(x) for x in batches)
     if dist.active(process_group):  # this process's share of the images (dist.py)
         batches = dist.shard(batches, process_group)
@@ -406,6 +409,7 @@ def _prune_weights(model: nn.Module, calibration, config: PruneConfig, progress:
     input_bytes: dict[str, int] = {}
     positions: dict[str, int] = {}
     order = forward_order(model, batches[0][:1], input_bytes, positions)
+    positions.update(view_positions(views))
     widest = max(input_bytes.values(), default=0)  # bytes of the widest layer input of one image
     fitted = cpu_batches(batches, widest) if device.type == "cpu" else batches
     low_memory = config.low_memory
@@ -423,7 +427,8 @@ def _prune_weights(model: nn.Module, calibration, config: PruneConfig, progress:
             named = [n for n, r in nonstandard.items() if r == reason]
             warnings.warn(f"{len(named)} layer{'s' * (len(named) > 1)} ({', '.join(named[:3])}"
                           f"{', ...' * (len(named) > 3)}): {reason} (report.json lists them)", RuntimeWarning)
-        plan = choose_layers(model, order, config.ignore, not config.prune_all, nonstandard, aliases)
+        plan = choose_layers(model, order, config.ignore, not config.prune_all, nonstandard,
+                             {k: name for k, (name, _) in views.items()})
         names = [n for n in order if not plan[n]]
         permutation = permute_for_nm_(model, fitted, names, pattern, progress, bool(config.permute), nonstandard) \
             if config.permute is not False else {}
@@ -513,26 +518,37 @@ def _prune_weights(model: nn.Module, calibration, config: PruneConfig, progress:
         return report
 
 
-def _prune_structured(model: nn.Module, calibration, config: PruneConfig, progress: bool) -> PruneReport:
+def _prune_structured(model: nn.Module, batches: list[torch.Tensor], config: PruneConfig, progress: bool,
+                      views: dict) -> PruneReport:
     """structure='channels' (one process, checked by check_runnable): the model comes back physically smaller
     (structured.py)."""
-    device = next(model.parameters()).device
-    batches = _as_batches(calibration, device, config.batch_size)
     was_training = model.training
     model.eval()
     t0 = time.perf_counter()
     positions: dict[str, int] = {}
     forward_order(model, batches[0][:1], positions=positions)
+    positions.update(view_positions(views))
     structure = prune_channels(model, batches, config, positions, progress)
     model.train(was_training)
-    layers = [LayerResult(r["name"], r["shape_after"], config.method, "channels", skipped=True,
-                          reason="" if r["shape_before"] == r["shape_after"] else
-                          "channels: " + " -> ".join("x".join(map(str, r[k])) for k in ("shape_before", "shape_after")))
-              for r in structure.layers]
-    return PruneReport(config, sum(len(x) for x in batches), layers, seconds=time.perf_counter() - t0,
+    return PruneReport(config, sum(len(x) for x in batches), [], seconds=time.perf_counter() - t0,
                        timings=structure.timings, structure=dataclasses.asdict(structure),
-                       bn_recalibrated=config.bn_recalibration and bool(bn_modules(model)),
-                       total_sparsity=weight_sparsity(model))
+                       bn_recalibrated=config.bn_recalibration and bool(bn_modules(model)))
+
+
+def _channel_layers(structure: dict, views: dict, model: nn.Module, config: PruneConfig) -> list[LayerResult]:
+    """A channel prune's per-layer results, named and shaped as the user's layers (a view conv's as its original's,
+    restored by now), from the structure report, which this renames likewise."""
+    weights = {n: list(m.weight.shape) for n, m in model.named_modules() if isinstance(m, VIEWABLE)}
+    for r in structure["layers"]:
+        if r["name"] in views:
+            r["name"] = views[r["name"]][0]
+            r["shape_before"], r["shape_after"] = views[f"{r['name']}.conv"][1].shape, weights[r["name"]]
+    structure.update(renamed({k: v for k, v in structure.items() if k != "layers"}, views))
+    structure["spec"] = {n: spec_of(model.get_submodule(n)) for n in structure["spec"]}
+    return [LayerResult(r["name"], r["shape_after"], config.method, "channels", skipped=True,
+                        reason="" if r["shape_before"] == r["shape_after"] else
+                        "channels: " + " -> ".join("x".join(map(str, r[k])) for k in ("shape_before", "shape_after")))
+            for r in structure["layers"]]
 
 
 def weight_sparsity(model: nn.Module) -> float:

@@ -21,7 +21,7 @@ def _slice_(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
 
 def spec_of(module: nn.Module) -> dict:
     """The attributes that decide a module's parameter shapes."""
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, nn.modules.conv._ConvNd):  # Conv2d; Conv1d and transposed convs (conv_views.py)
         return {"in": module.in_channels, "out": module.out_channels, "groups": module.groups}
     if isinstance(module, nn.Linear):
         return {"in": module.in_features, "out": module.out_features}
@@ -40,9 +40,10 @@ def apply_structure(model: nn.Module, spec: dict) -> nn.Module:
         m = modules.get(name)
         if m is None:
             raise UserError(f"the run's structure names a module '{name}' the model does not have")
-        if isinstance(m, nn.Conv2d):
+        if isinstance(m, nn.modules.conv._ConvNd):
             m.in_channels, m.out_channels, m.groups = s["in"], s["out"], s["groups"]
-            m.weight = nn.Parameter(torch.empty(s["out"], s["in"] // s["groups"], *m.kernel_size))
+            rows, cols = (s["in"], s["out"]) if m.transposed else (s["out"], s["in"])
+            m.weight = nn.Parameter(torch.empty(rows, cols // s["groups"], *m.kernel_size))
             if m.bias is not None:
                 m.bias = nn.Parameter(torch.empty(s["out"]))
         elif isinstance(m, nn.Linear):
