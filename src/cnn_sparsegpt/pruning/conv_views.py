@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import run_hooked
+from .graph import run_hooked, weight_positions
 from .layer import LayerResult
 
 VIEWABLE = (nn.Conv1d, nn.ConvTranspose1d, nn.ConvTranspose2d)
@@ -183,9 +183,8 @@ def view_positions(views: dict[str, tuple[str, ConvView]]) -> dict[str, int]:
 def _positions(model: nn.Module, found: dict[str, nn.Module], example: torch.Tensor) -> dict[str, int]:
     names, out = {m: n for n, m in found.items()}, {}
 
-    def hook(m, inp, y):  # weight.shape[0]: the channels of the tensor each weight entry meets once
-        counted = inp[0] if isinstance(m, nn.modules.conv._ConvTransposeNd) else y
-        out.setdefault(names[m], counted.numel() // (m.weight.shape[0] * max(len(example), 1)))
+    def hook(m, inp, y):
+        out.setdefault(names[m], weight_positions(m, inp[0], y, len(example)))
 
     was_training = model.training
     try:
@@ -225,7 +224,8 @@ def renamed(value, views: dict[str, tuple[str, ConvView]]):
     if isinstance(value, str) and views:
         if value in views:
             return views[value][0]
-        return re.sub(r"(?<![\w.])(" + "|".join(map(re.escape, views)) + r")(?!\w|\.\w)", lambda m: views[m[1]][0], value)
+        names = "|".join(map(re.escape, views))  # a whole name: not inside a longer one
+        return re.sub(rf"(?<![\w.])({names})(?!\w|\.\w)", lambda m: views[m[1]][0], value)
     return value
 
 

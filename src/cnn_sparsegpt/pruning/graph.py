@@ -561,6 +561,14 @@ def inputs_of(model: nn.Module, module: nn.Module, batches: Iterable[torch.Tenso
 
 
 @torch.no_grad()
+def weight_positions(layer: nn.Module, inp: torch.Tensor, out: torch.Tensor, examples: int) -> int:
+    """Positions per example a layer applies its weight at, so that its multiply-adds per example are
+    weight.numel() · positions: output H·W for a conv, input H·W for a transposed conv (each weight entry meets each
+    position of the channels its weight's dim 0 counts once), 1 for a Linear on vectors."""
+    counted = inp if isinstance(layer, nn.modules.conv._ConvTransposeNd) else out
+    return counted.numel() // (layer.weight.shape[0] * max(examples, 1))
+
+
 def run_hooked(model: nn.Module, batches, handles: list) -> None:
     """Run `model` over `batches` for what its hooks record; the hooks are removed afterwards, always."""
     try:

@@ -9,15 +9,14 @@ import torch
 from torch import nn
 
 from .conv_views import VIEWABLE, why_not
-from .graph import PRUNABLE, run_hooked
+from .graph import PRUNABLE, run_hooked, weight_positions
 
 
 def forward_order(model: nn.Module, example: torch.Tensor, input_bytes: dict | None = None,
                   positions: dict | None = None, kinds: tuple = PRUNABLE) -> list[str]:
     """Names of the Conv2d/Linear layers (or other `kinds`) in the order the forward pass calls them. When given,
     `input_bytes` gets each one's input size in bytes for `example`, and `positions` the number of
-    positions per example its weight is applied at (output H·W for a conv, input H·W for a transposed conv; 1 for a
-    Linear on vectors), so that its multiply-adds per image are weight.numel() · positions."""
+    positions per example its weight is applied at (graph.weight_positions)."""
     names = {m: n for n, m in model.named_modules() if isinstance(m, kinds)}
     order: list[str] = []
 
@@ -27,9 +26,8 @@ def forward_order(model: nn.Module, example: torch.Tensor, input_bytes: dict | N
             order.append(name)
             if input_bytes is not None:
                 input_bytes[name] = inp[0].numel() * inp[0].element_size()
-            if positions is not None:  # weight.shape[0]: the channels of the tensor each weight entry meets once
-                counted = inp[0] if isinstance(mod, nn.modules.conv._ConvTransposeNd) else out
-                positions[name] = counted.numel() // (mod.weight.shape[0] * max(len(example), 1))
+            if positions is not None:
+                positions[name] = weight_positions(mod, inp[0], out, len(example))
 
     run_hooked(model, [example], [m.register_forward_hook(hook) for m in names])
     return order
