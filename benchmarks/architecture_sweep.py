@@ -8,6 +8,8 @@ skips the ones already in the file.
     python benchmarks/architecture_sweep.py --timm --json experiments/architecture_sweep_timm.json
     python benchmarks/architecture_sweep.py --segmentation --kinds 2:4 0.5 channels \
         --json experiments/architecture_sweep_segmentation.json
+    python benchmarks/architecture_sweep.py --video --kinds 2:4 0.5 channels \
+        --json experiments/architecture_sweep_video.json
     python benchmarks/architecture_sweep.py --models alexnet timm:dla34 --kinds channels --json /tmp/x.json
 
 Random weights say nothing of accuracy: this finds the architectures a user's model could break on (graph patterns
@@ -15,7 +17,8 @@ the channel dependency graph or the N:M solvers do not handle) and how long a pr
 By default one model of each family (FAMILIES: the larger variants have the same graph patterns and take minutes
 each here); --all sweeps every torchvision classifier but the transformers (vit, swin, maxvit); --timm sweeps
 TIMM_FAMILIES, timm's graph families beyond torchvision's, built as `--model timm:NAME` builds them; --segmentation
-torchvision's segmentation models (SEGMENTATION: a dict of per-pixel scores, FCN's with its auxiliary head too).
+torchvision's segmentation models (SEGMENTATION: a dict of per-pixel scores, FCN's with its auxiliary head too);
+--video its 3-D CNN video classifiers (VIDEO: Conv3d, pruned through their Conv2d views, pruning/conv_views.py).
 2:4 and 0.5 rows say which layers stayed dense and why. Seconds are wall-clock on a shared machine: a rough guide,
 not a measurement.
 """
@@ -53,6 +56,8 @@ SIZES = {"inception_v3": 96, "googlenet": 96, "timm:inception_v4": 96, "timm:inc
 # that need more than 64 pixels
 SEGMENTATION = {"deeplabv3_mobilenet_v3_large": {}, "deeplabv3_resnet50": {}, "fcn_resnet50": {"aux_loss": True},
                 "lraspp_mobilenet_v3_large": {}}  # --segmentation: name -> what torchvision builds it with
+VIDEO = ("mc3_18", "r2plus1d_18", "r3d_18")  # --video: torchvision's 3-D CNN video classifiers (Conv3d), on random
+# clips of 8 frames of 56x56 (not s3d, whose last pooling needs 224 pixels; not the video transformers)
 PRUNES = {"2:4": {"nm": "2:4"}, "0.5": {"sparsity": 0.5},  # 0.5: the default's dp allocation measures output KLs
           "channels": {"structure": "channels", "keep_macs": 0.6}}
 
@@ -70,7 +75,8 @@ def one(name: str, kind: str, nsamples: int) -> dict:
                                                      **SEGMENTATION[name]).eval()
             else:
                 model = torchvision.models.get_model(name, weights=None, num_classes=10).eval()
-            x = torch.randn(nsamples, 3, SIZES.get(name, 64), SIZES.get(name, 64))
+            x = torch.randn(nsamples, 3, 8, 56, 56) if name in VIDEO else \
+                torch.randn(nsamples, 3, SIZES.get(name, 64), SIZES.get(name, 64))
             t0 = time.perf_counter()
             rep = prune_model(model, x, progress=False, batch_size=nsamples, **PRUNES[kind])
             with torch.no_grad():
@@ -98,13 +104,15 @@ def main() -> None:
     p.add_argument("--all", action="store_true", help="every torchvision classifier but the transformers instead")
     p.add_argument("--timm", action="store_true", help="timm's families (TIMM_FAMILIES) instead")
     p.add_argument("--segmentation", action="store_true", help="torchvision's segmentation models instead")
+    p.add_argument("--video", action="store_true", help="torchvision's 3-D CNN video classifiers instead")
     p.add_argument("--kinds", nargs="+", default=["2:4", "channels"], choices=list(PRUNES))
     p.add_argument("--nsamples", type=int, default=8, help="random calibration images")
     p.add_argument("--json", required=True)
     args = p.parse_args()
     names = [n for n in torchvision.models.list_models(module=torchvision.models)
              if not any(s in n for s in SKIP)] if args.all else args.models
-    names = [f"timm:{n}" for n in TIMM_FAMILIES] if args.timm else list(SEGMENTATION) if args.segmentation else names
+    names = [f"timm:{n}" for n in TIMM_FAMILIES] if args.timm else list(SEGMENTATION) if args.segmentation else \
+        list(VIDEO) if args.video else names
     rows = json.load(open(args.json))["rows"] if os.path.exists(args.json) else []
     done = {(r["model"], r["kind"]) for r in rows}
     commit = git_commit()  # the code this process runs (HEAD may move while it runs)

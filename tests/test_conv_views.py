@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from cnn_sparsegpt import PUBLISHED, prune_model
-from cnn_sparsegpt.pruning.conv_views import ConvView, conv2d_views
+from cnn_sparsegpt import PUBLISHED, UserError, prune_model
+from cnn_sparsegpt.pruning.conv_views import conv2d_views, view_for
 
 LAYERS = {  # name → (layer, input shape, view kind)
     "conv1d": (lambda: nn.Conv1d(8, 12, 5, stride=2, padding=2), (4, 8, 37), "conv"),
@@ -22,6 +22,12 @@ LAYERS = {  # name → (layer, input shape, view kind)
     "transposed_rectangular_cropped": (lambda: nn.ConvTranspose2d(8, 6, (3, 5), stride=(2, 3), padding=(4, 0)),
                                        (4, 8, 5, 7), "zeros"),
     "transposed1d": (lambda: nn.ConvTranspose1d(8, 6, 4, stride=2, padding=1), (4, 8, 9), "zeros"),
+    "conv3d": (lambda: nn.Conv3d(8, 12, 3, padding=1), (2, 8, 5, 6, 7), "depth"),
+    "conv3d_grouped_strided_dilated": (lambda: nn.Conv3d(8, 12, (3, 3, 1), stride=(2, 1, 2), padding=(2, 1, 0),
+                                                         dilation=(2, 1, 1), groups=4), (2, 8, 9, 6, 7), "depth"),
+    "conv3d_same_reflect": (lambda: nn.Conv3d(8, 12, (2, 3, 3), padding="same", padding_mode="reflect"),
+                            (2, 8, 5, 6, 7), "depth"),
+    "conv3d_pointwise": (lambda: nn.Conv3d(8, 12, 1), (2, 8, 5, 6, 7), "depth"),
 }
 
 
@@ -30,7 +36,7 @@ def test_view_computes_the_layer_and_its_weight_layout_round_trips(name):
     make, shape, kind = LAYERS[name]
     torch.manual_seed(0)
     layer = make()
-    view, x = ConvView(layer), torch.randn(shape)
+    view, x = view_for(layer), torch.randn(shape)
     assert view.kind == kind
     with torch.no_grad():
         assert torch.allclose(view(x), layer(x), atol=1e-5, rtol=1e-5)
@@ -85,7 +91,20 @@ def audio():
                          nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(32, 10)).eval(), torch.randn(64, 1, 400)
 
 
-@pytest.mark.parametrize("build", [unet, audio])
+def video():
+    model = nn.Sequential(nn.Conv3d(3, 16, 3, padding=1), nn.BatchNorm3d(16), nn.ReLU(),
+                          nn.Conv3d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm3d(32), nn.ReLU(),
+                          nn.Conv3d(32, 32, (1, 3, 3), padding=(0, 1, 1), groups=2), nn.BatchNorm3d(32), nn.ReLU(),
+                          nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(32, 5))
+    x = torch.randn(32, 3, 4, 8, 8)
+    for bn in model[1::3]:  # BatchNorm statistics of its inputs: the default ones would make re-estimating them
+        bn.momentum = None  # alone change the outputs more than pruning does
+    with torch.no_grad():
+        model.train()(x)
+    return model.eval(), x
+
+
+@pytest.mark.parametrize("build", [unet, audio, video])
 @pytest.mark.parametrize("pattern", [{"nm": "2:4"}, {"sparsity": 0.6}])
 def test_default_recipe_prunes_them_in_their_own_layout(build, pattern):
     torch.manual_seed(0)
@@ -96,7 +115,8 @@ def test_default_recipe_prunes_them_in_their_own_layout(build, pattern):
     rep = prune_model(model, x, progress=False, **pattern)
     assert [type(m) for m in model.modules()] == types  # the original modules are back
     modules = dict(model.named_modules())
-    viewed = {n for n, m in modules.items() if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d, nn.ConvTranspose2d))}
+    viewed = {n for n, m in modules.items()
+              if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Conv3d))}
     pruned = {r.name for r in rep.layers if not r.skipped}
     assert viewed - pruned == {"0"} & viewed  # every one but a first conv kept dense by convention
     for key, mask in rep.masks.items():
@@ -144,7 +164,7 @@ def test_views_leave_weights_bit_identical_when_nothing_is_pruned():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-@pytest.mark.parametrize("build", [unet, audio])
+@pytest.mark.parametrize("build", [unet, audio, video])
 def test_export_counts_and_checks_them(build, tmp_path):
     pytest.importorskip("onnxruntime")
     from cnn_sparsegpt import export_model
@@ -160,8 +180,10 @@ def test_export_counts_and_checks_them(build, tmp_path):
         assert rows[name]["two_four"] and rows[name]["sparsity"] == 0.5
     if build is unet:  # a transposed conv's multiply-adds: every weight once per input pixel (8x8 here)
         assert rows["up"]["macs"] == 32 * 16 * 2 * 2 * 8 * 8 and rows["up2"]["macs"] == 32 * 16 * 4 * 4 * 8 * 8
-    else:
+    elif build is audio:
         assert rows["3"]["macs"] == 64 * 32 * 5 * 100
+    else:  # 32 outputs of 16 inputs, 3x3x3 taps, at 2x4x4 positions
+        assert rows["3"]["macs"] == 32 * 16 * 27 * 2 * 4 * 4
 
 
 def _one_d():
@@ -229,3 +251,23 @@ def test_channel_prune_through_them_and_back_into_a_fresh_model(build):
     rebuilt.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model(x))
+
+
+def test_a_3d_cnn_keeps_its_channels_and_says_why():
+    torch.manual_seed(0)
+    model, x = video()
+    with pytest.raises(UserError, match="no channel of this model can be removed: at 0, a Conv3d, whose channels "
+                                        "structured pruning does not follow"):
+        prune_model(model, x, structure="channels", keep_macs=0.5, progress=False)
+    assert isinstance(model[0], nn.Conv3d)
+
+
+def test_nm_groups_of_a_3d_conv_stay_within_one_tap():
+    """A Conv3d's view reads kd taps of C channels as kd·C inputs: with C not divisible by M its N:M groups would
+    straddle two taps, so the layer stays dense (as a Conv2d with C inputs would), naming C."""
+    model = nn.Sequential(nn.Conv3d(3, 8, 3), nn.ReLU(), nn.Conv3d(8, 6, (2, 1, 1)), nn.ReLU(),
+                          nn.Conv3d(6, 8, (2, 1, 1)))
+    rep = prune_model(model, torch.randn(8, 3, 6, 6, 6), nm="2:4", progress=False)
+    by = {r.name: r for r in rep.layers}
+    assert not by["2"].skipped and by["4"].skipped
+    assert by["4"].reason == "6 input channels per group not divisible by M=4"

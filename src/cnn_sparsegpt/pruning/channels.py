@@ -153,11 +153,11 @@ def _permutation(node: fx.Node) -> list[int] | None:
     return dims if all(isinstance(d, int) for d in dims) else None
 
 
-def _inside_view(node: fx.Node) -> str | None:
-    """The ConvView (conv_views.py) whose re-arrangement of tensors `node` is part of, if any."""
+def _inside_view(node: fx.Node) -> tuple[str, type] | None:
+    """The ConvView (conv_views.py) whose re-arrangement of tensors `node` is part of, if any: its name and class."""
     stack = node.meta.get("nn_module_stack") or {}
     name, cls = next(reversed(stack.values()), (None, None))
-    return name if isinstance(cls, type) and issubclass(cls, ConvView) else None
+    return (name, cls) if isinstance(cls, type) and issubclass(cls, ConvView) else None
 
 
 def main_reason(groups: list[Group]) -> str:
@@ -281,13 +281,13 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
             view = _inside_view(node)
             if c_out is None and not tensors:
                 of[node] = []
-            elif view is not None:  # its re-arrangements keep channels at dim 1 (a unit height, zeros between
-                if tensors and c_out == len(of[tensors[0]]) and name != "pixel_shuffle":  # pixels) but for the
-                    of[node] = list(of[tensors[0]])                                       # pixel shuffle
+            elif view is not None:  # a unit height, zeros between pixels: channels stay at dim 1, one by one
+                if view[1].follows_channels and tensors and c_out == len(of[tensors[0]]):  # (not a pixel shuffle)
+                    of[node] = list(of[tensors[0]])
                 else:
                     for t in tensors:
-                        fix_all(of[t], f"at {view}, a {model.get_submodule(view).original}, whose channels structured "
-                                       "pruning does not follow")
+                        fix_all(of[t], f"at {view[0]}, a {model.get_submodule(view[0]).original}, whose channels "
+                                       "structured pruning does not follow")
                     of[node] = fixed_list(node)
             elif fn in (torch.permute, "permute") and tensors and _permutation(node) is not None:
                 dims = [d % len(_shape(tensors[0])) for d in _permutation(node)]

@@ -31,100 +31,184 @@ from torch import nn
 from .graph import run_hooked, weight_positions
 from .layer import LayerResult
 
-VIEWABLE = (nn.Conv1d, nn.ConvTranspose1d, nn.ConvTranspose2d)
+VIEWABLE = (nn.Conv1d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Conv3d)
 
 
 class ConvView(nn.Module):
-    """`original` as a Conv2d (`conv`) between two re-arrangements of tensors; see the module's docstring."""
+    """`original` as a Conv2d (`conv`) between two re-arrangements of tensors (`prepare`, `finish`); one subclass per
+    kind of view (`view_for` chooses), each with its weight layout (`to_view`, `to_original`)."""
+    kind = ""
+    rows_are_outputs = True  # the view conv's rows are the original's output channels
+    weight_rows = True  # ... and the rows (dim 0) of the original's weight (not a transposed conv's)
+    follows_channels = True  # its re-arrangements keep channels at dim 1, so the channel walk passes them through
 
-    def __init__(self, original: nn.Module):
+    def __init__(self, original: nn.Module, two: nn.Module, conv: nn.Conv2d):
+        """two: the original's geometry in 2-D (a 1-D layer's at height 1)."""
         super().__init__()
-        self.kind = kind_of(original)
         self.original = type(original).__name__
         self.one_d = isinstance(original, (nn.Conv1d, nn.ConvTranspose1d))
-        two = _as_2d(original) if self.one_d else original  # the 1-D layers' geometry at height 1
-        self.geometry = {k: getattr(two, k) for k in ("kernel_size", "stride", "padding", "dilation", "groups")} | {
-            "output_padding": getattr(two, "output_padding", (0, 0))}
-        w = two.weight.detach()
-        if self.kind == "conv":
-            conv = nn.Conv2d(two.in_channels, two.out_channels, two.kernel_size, two.stride, two.padding,
-                             two.dilation, two.groups, bias=original.bias is not None, padding_mode=two.padding_mode)
-        elif self.kind == "pixels":
-            s = two.stride
-            conv = nn.Conv2d(two.in_channels, two.out_channels * s[0] * s[1], 1, groups=two.groups, bias=False)
-        else:
-            conv = nn.Conv2d(two.in_channels, two.out_channels, two.kernel_size, dilation=two.dilation,
-                             groups=two.groups, bias=original.bias is not None)
-            k, d, p, op, s = two.kernel_size, two.dilation, two.padding, two.output_padding, two.stride
-            q = [d[i] * (k[i] - 1) - p[i] for i in (0, 1)]  # the zero-inserted input's padding (< 0: cropped)
-            # after each pixel s−1 zeros (the last pixel's are cropped again by the padding after: s − 1 less)
-            self.zeros = (0, s[1] - 1, 0, 0, 0, s[0] - 1)
-            self.pad = (q[1], q[1] + op[1] - (s[1] - 1), q[0], q[0] + op[0] - (s[0] - 1))
+        self.geometry = {k: getattr(two, k) for k in ("kernel_size", "stride", "padding", "dilation", "groups")}
+        w = original.weight.detach()
         conv.to(device=w.device, dtype=w.dtype)
         conv.weight.data.copy_(self.to_view(w))
-        if conv.bias is not None:  # rows are the original's output channels: the bias goes with them
+        if conv.bias is not None:
             conv.bias.data.copy_(original.bias.detach())
         self.conv = conv
-        # the pixel-shuffled view's rows are not the output channels: the bias (the original's Parameter) is added
-        # after the re-arrangement
-        self.bias = original.bias if self.kind == "pixels" else None
+        self.bias = None  # added after `finish` (the pixel-shuffled view's, whose rows are not the output channels)
         self.shape = list(original.weight.shape)
+        self.positions = None  # the original's (conv2d_views)
 
     def to_view(self, w: torch.Tensor) -> torch.Tensor:
         """The original's weight (or mask) in the view conv's layout."""
-        if self.one_d:
-            w = w.unsqueeze(2)
-        if self.kind == "conv":
-            return w
-        g, (kh, kw) = self.geometry["groups"], w.shape[-2:]
-        cin, og = w.shape[:2]
-        w = w.reshape(g, cin // g, og, kh, kw)
-        if self.kind == "pixels":  # row (o, a, b) reads input channel c: W[c, o, a, b]
-            return w.permute(0, 2, 3, 4, 1).reshape(g * og * kh * kw, cin // g, 1, 1)
-        return w.transpose(1, 2).reshape(g * og, cin // g, kh, kw).flip(-2, -1)
+        return self._to_view(w.unsqueeze(2) if self.one_d else w)
 
     def to_original(self, v: torch.Tensor) -> torch.Tensor:
         """The inverse of `to_view`."""
-        if self.kind != "conv":
-            g, (kh, kw) = self.geometry["groups"], self.geometry["kernel_size"]
-            og, cg = v.shape[0] // (g * (kh * kw if self.kind == "pixels" else 1)), v.shape[1]
-            if self.kind == "pixels":
-                v = v.reshape(g, og, kh, kw, cg).permute(0, 4, 1, 2, 3)
-            else:
-                v = v.flip(-2, -1).reshape(g, og, cg, kh, kw).transpose(1, 2)
-            v = v.reshape(g * cg, og, kh, kw)
+        v = self._to_original(v)
         return v.squeeze(2) if self.one_d else v
+
+    def _to_view(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+    def _to_original(self, v: torch.Tensor) -> torch.Tensor:
+        return v
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.one_d:
             x = x.unsqueeze(-2)
-        if self.kind == "zeros":  # every op here keeps the channels at dim 1, one by one (the channel walk follows)
-            x = F.pad(x.unsqueeze(-1).unsqueeze(-3), self.zeros).flatten(-4, -3).flatten(-2, -1)
-            x = F.pad(x, self.pad)
-        y = self.conv(x)
-        if self.kind == "pixels":
-            y = F.pixel_shuffle(y, self.geometry["stride"][0])
+        y = self.finish(self.conv(self.prepare(x)), x)
         if self.bias is not None:
             y = y + self.bias.view(-1, 1, 1)
         return y.squeeze(-2) if self.one_d else y
 
 
-def kind_of(m: nn.Module) -> str:
-    """conv (Conv1d), pixels (a transposed conv with kernel = stride and nothing else: a 1×1 conv, pixel_shuffle)
-    or zeros (any other transposed conv: a conv on the zero-inserted input)."""
+class HeightOneView(ConvView):
+    """Conv1d: a Conv2d of height 1 on the input with a unit height."""
+    kind = "conv"
+
+    def __init__(self, original: nn.Conv1d):
+        two = _as_2d(original)
+        super().__init__(original, two, nn.Conv2d(
+            two.in_channels, two.out_channels, two.kernel_size, two.stride, two.padding, two.dilation, two.groups,
+            bias=original.bias is not None, padding_mode=two.padding_mode))
+
+
+class PixelShuffleView(ConvView):
+    """A transposed conv whose kernel equals its stride (square), nothing else set: each input pixel writes its own
+    s×s block, a 1×1 conv with C_out·s² rows (o, a, b) reading W[c, o, a, b], then pixel_shuffle."""
+    kind = "pixels"
+    rows_are_outputs = weight_rows = False
+
+    def __init__(self, original: nn.Module):
+        two = _as_2d(original) if isinstance(original, nn.ConvTranspose1d) else original
+        s = two.stride
+        super().__init__(original, two, nn.Conv2d(two.in_channels, two.out_channels * s[0] * s[1], 1,
+                                                  groups=two.groups, bias=False))
+        self.bias = original.bias  # the original's Parameter itself (or None)
+
+    def _to_view(self, w):
+        g, (cin, og, kh, kw) = self.geometry["groups"], w.shape
+        return w.reshape(g, cin // g, og, kh, kw).permute(0, 2, 3, 4, 1).reshape(g * og * kh * kw, cin // g, 1, 1)
+
+    def _to_original(self, v):
+        g, (kh, kw) = self.geometry["groups"], self.geometry["kernel_size"]
+        og, cg = v.shape[0] // (g * kh * kw), v.shape[1]
+        return v.reshape(g, og, kh, kw, cg).permute(0, 4, 1, 2, 3).reshape(g * cg, og, kh, kw)
+
+    def finish(self, y, x):
+        return F.pixel_shuffle(y, self.geometry["stride"][0])
+
+
+class ZeroInsertedView(ConvView):
+    """Any other transposed conv: the gradient of a conv, i.e. a Conv2d with the kernel flipped and its in/out axes
+    swapped, on the input with stride−1 zeros after each pixel, padded by dilation·(k−1) − padding."""
+    kind = "zeros"
+    weight_rows = False
+
+    def __init__(self, original: nn.Module):
+        two = _as_2d(original) if isinstance(original, nn.ConvTranspose1d) else original
+        super().__init__(original, two, nn.Conv2d(two.in_channels, two.out_channels, two.kernel_size,
+                                                  dilation=two.dilation, groups=two.groups,
+                                                  bias=original.bias is not None))
+        k, d, p, op, s = two.kernel_size, two.dilation, two.padding, two.output_padding, two.stride
+        q = [d[i] * (k[i] - 1) - p[i] for i in (0, 1)]  # the zero-inserted input's padding (< 0: cropped)
+        self.zeros = (0, s[1] - 1, 0, 0, 0, s[0] - 1)
+        self.pad = (q[1], q[1] + op[1] - (s[1] - 1), q[0], q[0] + op[0] - (s[0] - 1))  # (the last pixel's zeros off)
+
+    def _to_view(self, w):
+        g, (cin, og, kh, kw) = self.geometry["groups"], w.shape
+        return w.reshape(g, cin // g, og, kh, kw).transpose(1, 2).reshape(g * og, cin // g, kh, kw).flip(-2, -1)
+
+    def _to_original(self, v):
+        g, (kh, kw) = self.geometry["groups"], self.geometry["kernel_size"]
+        og, cg = v.shape[0] // g, v.shape[1]
+        return v.flip(-2, -1).reshape(g, og, cg, kh, kw).transpose(1, 2).reshape(g * cg, og, kh, kw)
+
+    def prepare(self, x):  # every op keeps the channels at dim 1, one by one (the channel walk follows)
+        x = F.pad(x.unsqueeze(-1).unsqueeze(-3), self.zeros).flatten(-4, -3).flatten(-2, -1)
+        return F.pad(x, self.pad)
+
+
+class DepthView(ConvView):
+    """Conv3d (batched inputs): each output depth is a Conv2d over the kd input slices its kernel spans, as
+    kd·C channels (tap-major within each group, so that N:M groups are input channels at one tap), with the depth
+    positions folded into the batch. The input is copied kd times over; the channel walk does not follow it."""
+    kind = "depth"
+    follows_channels = False
+
+    def __init__(self, original: nn.Conv3d):
+        kd, g = original.kernel_size[0], original.groups
+        two = nn.Module()
+        two.kernel_size, two.stride, two.dilation = (original.kernel_size[1:], original.stride[1:],
+                                                      original.dilation[1:])
+        two.padding, two.groups = (0, 0), g
+        self.depth = {"kernel": kd, "stride": original.stride[0], "dilation": original.dilation[0],
+                      "groups": g, "per_group": original.in_channels // g}
+        super().__init__(original, two, nn.Conv2d(original.in_channels * kd, original.out_channels, two.kernel_size,
+                                                  two.stride, 0, two.dilation, g, bias=original.bias is not None))
+        self.conv.nm_channels = self.depth["per_group"]  # N:M along one tap's channels (LayerPruner.skip_reason)
+        self.pad = original._reversed_padding_repeated_twice  # int or 'same' padding, all three dims, done first
+        self.mode = "constant" if original.padding_mode == "zeros" else original.padding_mode
+
+    def _to_view(self, w):  # (O, Cg, kd, kh, kw) -> (O, kd·Cg, kh, kw)
+        return w.transpose(1, 2).flatten(1, 2)
+
+    def _to_original(self, v):
+        return v.unflatten(1, (self.depth["kernel"], -1)).transpose(1, 2)
+
+    def prepare(self, x):  # (N, C, D, H, W) -> (N·D_out, kd·C, H, W)
+        t = self.depth
+        span = t["dilation"] * (t["kernel"] - 1) + 1
+        x = F.pad(x, self.pad, mode=self.mode).unfold(2, span, t["stride"])[..., ::t["dilation"]]
+        x = x.permute(0, 2, 1, 5, 3, 4).unflatten(2, (t["groups"], t["per_group"])).transpose(3, 4)
+        return x.flatten(2, 4).flatten(0, 1)
+
+    def finish(self, y, x):  # (N·D_out, O, H', W') -> (N, O, D_out, H', W')
+        return y.unflatten(0, (x.shape[0], -1)).transpose(1, 2)
+
+
+def view_for(m: nn.Module) -> ConvView:
+    """The ConvView that stands in for `m` (a VIEWABLE layer)."""
     if isinstance(m, nn.Conv1d):
-        return "conv"
+        return HeightOneView(m)
+    if isinstance(m, nn.Conv3d):
+        return DepthView(m)
     two = _as_2d(m) if isinstance(m, nn.ConvTranspose1d) else m
     plain = two.padding == (0, 0) and two.output_padding == (0, 0) and two.dilation == (1, 1)
     square = two.stride[0] == two.stride[1]  # (pixel_shuffle takes one factor)
-    return "pixels" if plain and square and tuple(two.kernel_size) == tuple(two.stride) else "zeros"
+    return PixelShuffleView(m) if plain and square and tuple(two.kernel_size) == tuple(two.stride) \
+        else ZeroInsertedView(m)
 
 
 def _as_2d(m: nn.Module) -> nn.Module:
-    """A 1-D conv's geometry as a 2-D one of height 1 (only the attributes ConvView reads)."""
-    class Two:
-        pass
-    two = Two()
+    """A 1-D conv's geometry as a 2-D one of height 1 (only the attributes the views read)."""
+    two = nn.Module()
     for k in ("kernel_size", "stride", "dilation"):
         setattr(two, k, (1, getattr(m, k)[0]))
     two.padding = m.padding if isinstance(m.padding, str) else (0, m.padding[0])
@@ -132,7 +216,6 @@ def _as_2d(m: nn.Module) -> nn.Module:
         two.output_padding = (0, m.output_padding[0])
     for k in ("in_channels", "out_channels", "groups", "padding_mode"):
         setattr(two, k, getattr(m, k))
-    two.weight = m.weight
     return two
 
 
@@ -141,10 +224,11 @@ def why_not(m: nn.Module) -> str:
     if "weight" not in m._parameters:
         return f"its weight is computed from other parameters ({type(m).__name__}: weight_norm or a " \
                "parametrization), so a pruned weight would not stay: left as it is"
-    if type(m) not in VIEWABLE:
-        return f"{type(m).__name__} is a subclass of {type(m).__mro__[1].__name__} that may compute something " \
-               "else with its weight: left as it is"
-    return ""
+    base = next(b for b in VIEWABLE if isinstance(m, b))
+    if any(getattr(type(m), f) is not getattr(base, f) for f in ("forward", "_conv_forward") if hasattr(base, f)):
+        return f"{type(m).__name__} is a subclass of {base.__name__} with its own forward, which may compute " \
+               "something else with its weight: left as it is"
+    return ""  # (a subclass that only adds methods, as torchvision's Conv3DSimple, computes what its base does)
 
 
 def viewable(model: nn.Module) -> dict[str, nn.Module]:
@@ -163,7 +247,7 @@ def conv2d_views(model: nn.Module, example: torch.Tensor | None = None) -> Itera
     positions = _positions(model, found, example) if example is not None and found else {}
     views: dict[str, tuple[str, ConvView]] = {}
     for name, m in found.items():
-        view = ConvView(m)
+        view = view_for(m)
         view.positions = positions.get(name)
         _set(model, name, view)
         views[f"{name}.conv"] = (name, view)
@@ -207,7 +291,7 @@ def _put_back(original: nn.Module, view: ConvView) -> None:
         transposed = isinstance(original, nn.modules.conv._ConvTransposeNd)
         original.in_channels, original.out_channels = (w.shape[0], w.shape[1] * g) if transposed else \
             (w.shape[1] * g, w.shape[0])
-    if view.kind != "pixels" and original.bias is not None:
+    if view.bias is None and original.bias is not None:  # the view conv's own
         b = view.conv.bias.detach()
         if b.shape == original.bias.shape:
             original.bias.data.copy_(b)
@@ -236,11 +320,10 @@ def original_result(r: LayerResult, views: dict[str, tuple[str, ConvView]]) -> L
     if r.name not in views:
         return r
     name, view = views[r.name]
-    conv_rows = view.kind == "conv"
     return replace(r, name=name, shape=list(view.shape),
                    mask=None if r.mask is None else view.to_original(r.mask),
-                   quant=r.quant | {"codes": view.to_original(r.quant["codes"])} if r.quant and conv_rows else None,
-                   offset=r.offset if conv_rows else None)
+                   quant=r.quant | {"codes": view.to_original(r.quant["codes"])} if r.quant and view.weight_rows
+                   else None, offset=r.offset if view.rows_are_outputs else None)
 
 
 def _set(model: nn.Module, name: str, module: nn.Module) -> None:

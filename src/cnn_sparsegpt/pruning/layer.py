@@ -558,7 +558,9 @@ class LayerPruner:
         return Wg, perm
 
     def skip_reason(self, pattern: Pattern) -> str:
-        cin = self.layer.weight.shape[1]
+        # a view conv whose input channels are several taps of fewer channels (conv_views.DepthView) says how many
+        # channels its N:M groups run along: groups of M must not straddle two taps
+        cin = getattr(self.layer, "nm_channels", self.layer.weight.shape[1])
         if pattern.is_nm and cin % pattern.m:
             return f"{cin} input channels per group not divisible by M={pattern.m}"
         return ""
