@@ -1,4 +1,4 @@
-"""Conv1d and transposed convs pruned as the Conv2d they equal, for the length of a prune.
+"""Conv1d, Conv3d and transposed convs pruned as the Conv2d they equal, for the length of a prune.
 
 The pruner works on Conv2d and Linear (layer.py: a weight times unfolded patches). The other convs a user's CNN
 holds compute the same kind of product over other patches, so each is replaced during the prune by a `ConvView`:
@@ -8,12 +8,14 @@ put back in their own layout. Every option that works on a Conv2d works on them 
 original's input channels at each kernel tap).
 
 - Conv1d (an audio or sequence CNN): a Conv2d of height 1 on the input with a unit height (exact, same work).
+- Conv3d (video, volumes): each output depth a Conv2d over the kd input slices its kernel spans, read as kd·C
+  channels, with the depth positions folded into the batch (the input copied kd times over, as im2col does).
 - ConvTranspose2d whose kernel equals its stride, without padding (a UNet decoder's 2×2 stride-2 up-sampling):
   each input pixel writes its own s×s block, so it is a 1×1 Conv2d with C_out·s² rows followed by pixel_shuffle.
 - Any other ConvTranspose2d: the gradient of a conv, i.e. a Conv2d with the kernel flipped and its in/out axes
   swapped, run on the input with s−1 zeros inserted between pixels and padded by dilation·(k−1) − padding (s²
   times the positions to sum over, mostly zeros; the same result).
-- ConvTranspose1d: the 2-D case at height 1.
+- ConvTranspose1d: the 2-D case at height 1. ConvTranspose3d is not viewed (left as it is, named in the report).
 The bias goes into the view conv, but for the pixel-shuffled view, whose rows are not the output channels: there it
 stays the original's Parameter, added after the re-arrangement.
 """
@@ -280,8 +282,8 @@ def _positions(model: nn.Module, found: dict[str, nn.Module], example: torch.Ten
 
 
 def _put_back(original: nn.Module, view: ConvView) -> None:
-    """The view conv's weight (and a Conv1d's bias) into the original layer, in its layout; new Parameters and
-    channel counts where their shapes changed."""
+    """The view conv's weight (and its bias, where it holds one) into the original layer, in its layout; new
+    Parameters and channel counts where their shapes changed."""
     w = view.to_original(view.conv.weight.detach())
     if w.shape == original.weight.shape:
         original.weight.data.copy_(w)
@@ -315,8 +317,9 @@ def renamed(value, views: dict[str, tuple[str, ConvView]]):
 
 def original_result(r: LayerResult, views: dict[str, tuple[str, ConvView]]) -> LayerResult:
     """A view conv's result as the original layer's: its name, weight shape and mask. GPTQ's codes carry over where
-    the rows are the original's (Conv1d); a transposed conv's view rows are not its output channels, so its
-    quantization grid has no place in the original's layout: its weights stay on their grid, stored as floats."""
+    the view's rows are the original weight's (Conv1d, Conv3d); a transposed conv's are not (its weight's dim 0 is
+    its input channels), so its quantization grid has no place in its layout: its weights stay on their grid, stored
+    as floats."""
     if r.name not in views:
         return r
     name, view = views[r.name]
