@@ -44,7 +44,8 @@ _PASS_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU
                  nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Mish, nn.Dropout, nn.Dropout2d, nn.Identity,
                  nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Hardtanh,
                  nn.Softplus, nn.PReLU, nn.Upsample, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d,
-                 nn.AdaptiveMaxPool1d, nn.Dropout1d)
+                 nn.AdaptiveMaxPool1d, nn.Dropout1d, nn.BatchNorm3d, nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d,
+                 nn.AdaptiveMaxPool3d, nn.Dropout3d)
 _PASS_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.relu, torch.nn.functional.relu6,
                    torch.nn.functional.gelu, torch.nn.functional.silu, torch.nn.functional.hardswish,
                    torch.nn.functional.hardsigmoid, torch.nn.functional.sigmoid, torch.nn.functional.dropout,
@@ -52,7 +53,9 @@ _PASS_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.re
                    torch.nn.functional.avg_pool2d, torch.nn.functional.hardtanh, torch.nn.functional.leaky_relu,
                    torch.nn.functional.elu, torch.nn.functional.interpolate, torch.nn.functional.upsample,
                    torch.nn.functional.max_pool1d, torch.nn.functional.avg_pool1d,
-                   torch.nn.functional.adaptive_avg_pool1d, torch.nn.functional.adaptive_max_pool1d}
+                   torch.nn.functional.adaptive_avg_pool1d, torch.nn.functional.adaptive_max_pool1d,
+                   torch.nn.functional.max_pool3d, torch.nn.functional.avg_pool3d,
+                   torch.nn.functional.adaptive_avg_pool3d}
 _PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "relu_", "sigmoid_"}
 _TIE_FUNCTIONS = {operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub, operator.iadd,
                   operator.imul}
@@ -232,6 +235,10 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
             x = of[node.args[0]] if node.args and node.args[0] in of else []
             in_dims = len(_shape(node.args[0]) or ()) if node.args else 0
             cdim[node] = cdim.get(node.args[0], 1) if node.args else 1
+            owner = node.target.rpartition(".")[0]
+            holder = model.get_submodule(owner) if owner else None
+            if isinstance(m, nn.Conv2d) and isinstance(holder, ConvView):
+                x = holder.view_columns(x)  # a ConvView's conv reads the original's channels in its own order
             if isinstance(m, nn.Conv2d):  # reads channels at dim 1 and writes them there, whatever came before
                 if cdim[node] != 1 or len(x) != m.in_channels:  # (TResNet's space-to-depth: a view of a permute)
                     fix_all(x, f"read by {node.target}, a conv over a tensor whose channels it does not follow")
@@ -281,8 +288,8 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
             view = _inside_view(node)
             if c_out is None and not tensors:
                 of[node] = []
-            elif view is not None:  # a unit height, zeros between pixels: channels stay at dim 1, one by one
-                if view[1].follows_channels and tensors and c_out == len(of[tensors[0]]):  # (not a pixel shuffle)
+            elif view is not None:  # a unit height, zeros between pixels, depth taps: each channel moves whole
+                if view[1].carries_channels and tensors:  # (the view conv maps them: ConvView.view_columns)
                     of[node] = list(of[tensors[0]])
                 else:
                     for t in tensors:

@@ -42,7 +42,7 @@ class ConvView(nn.Module):
     kind = ""
     rows_are_outputs = True  # the view conv's rows are the original's output channels
     weight_rows = True  # ... and the rows (dim 0) of the original's weight (not a transposed conv's)
-    follows_channels = True  # its re-arrangements keep channels at dim 1, so the channel walk passes them through
+    carries_channels = True  # its re-arrangements move each channel as a whole: the channel walk carries them
 
     def __init__(self, original: nn.Module, two: nn.Module, conv: nn.Conv2d):
         """two: the original's geometry in 2-D (a 1-D layer's at height 1)."""
@@ -75,6 +75,10 @@ class ConvView(nn.Module):
     def _to_original(self, v: torch.Tensor) -> torch.Tensor:
         return v
 
+    def view_columns(self, slots: list) -> list:
+        """The channel walk's slots of the original input's channels as the view conv's input channels."""
+        return slots
+
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
@@ -105,7 +109,7 @@ class PixelShuffleView(ConvView):
     """A transposed conv whose kernel equals its stride (square), nothing else set: each input pixel writes its own
     s×s block, a 1×1 conv with C_out·s² rows (o, a, b) reading W[c, o, a, b], then pixel_shuffle."""
     kind = "pixels"
-    rows_are_outputs = weight_rows = False
+    rows_are_outputs = weight_rows = carries_channels = False  # (the pixel shuffle: C_out·s² rows to C_out channels)
 
     def __init__(self, original: nn.Module):
         two = _as_2d(original) if isinstance(original, nn.ConvTranspose1d) else original
@@ -160,9 +164,8 @@ class ZeroInsertedView(ConvView):
 class DepthView(ConvView):
     """Conv3d (batched inputs): each output depth is a Conv2d over the kd input slices its kernel spans, as
     kd·C channels (tap-major within each group, so that N:M groups are input channels at one tap), with the depth
-    positions folded into the batch. The input is copied kd times over; the channel walk does not follow it."""
+    positions folded into the batch. The input is copied kd times over."""
     kind = "depth"
-    follows_channels = False
 
     def __init__(self, original: nn.Conv3d):
         kd, g = original.kernel_size[0], original.groups
@@ -170,11 +173,10 @@ class DepthView(ConvView):
         two.kernel_size, two.stride, two.dilation = (original.kernel_size[1:], original.stride[1:],
                                                       original.dilation[1:])
         two.padding, two.groups = (0, 0), g
-        self.depth = {"kernel": kd, "stride": original.stride[0], "dilation": original.dilation[0],
-                      "groups": g, "per_group": original.in_channels // g}
+        self.depth = {"kernel": kd, "stride": original.stride[0], "dilation": original.dilation[0], "groups": g}
         super().__init__(original, two, nn.Conv2d(original.in_channels * kd, original.out_channels, two.kernel_size,
                                                   two.stride, 0, two.dilation, g, bias=original.bias is not None))
-        self.conv.nm_channels = self.depth["per_group"]  # N:M along one tap's channels (LayerPruner.skip_reason)
+        self.conv.nm_channels = original.in_channels // g  # N:M along one tap's channels (LayerPruner.skip_reason)
         self.pad = original._reversed_padding_repeated_twice  # int or 'same' padding, all three dims, done first
         self.mode = "constant" if original.padding_mode == "zeros" else original.padding_mode
 
@@ -184,11 +186,16 @@ class DepthView(ConvView):
     def _to_original(self, v):
         return v.unflatten(1, (self.depth["kernel"], -1)).transpose(1, 2)
 
-    def prepare(self, x):  # (N, C, D, H, W) -> (N·D_out, kd·C, H, W)
+    def view_columns(self, slots):  # channel j·Cg + c is view input j·kd·Cg + t·Cg + c at each tap t
+        g, kd = self.depth["groups"], self.depth["kernel"]
+        per = len(slots) // g
+        return [s for j in range(g) for _ in range(kd) for s in slots[j * per:(j + 1) * per]]
+
+    def prepare(self, x):  # (N, C, D, H, W) -> (N·D_out, kd·C, H, W); no channel count (a channel prune slices C)
         t = self.depth
         span = t["dilation"] * (t["kernel"] - 1) + 1
         x = F.pad(x, self.pad, mode=self.mode).unfold(2, span, t["stride"])[..., ::t["dilation"]]
-        x = x.permute(0, 2, 1, 5, 3, 4).unflatten(2, (t["groups"], t["per_group"])).transpose(3, 4)
+        x = x.permute(0, 2, 1, 5, 3, 4).unflatten(2, (t["groups"], -1)).transpose(3, 4)
         return x.flatten(2, 4).flatten(0, 1)
 
     def finish(self, y, x):  # (N·D_out, O, H', W') -> (N, O, D_out, H', W')
