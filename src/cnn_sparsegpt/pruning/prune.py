@@ -381,7 +381,7 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     config.check_runnable(dist.active(process_group), next(model.parameters()).device)
     config = config.resolved(dist.active(process_group))
     batches = _as_batches(calibration, next(model.parameters()).device, config.batch_size)
-    # Conv1d and transposed convs are pruned as the Conv2d they equal (conv_views.py)
+    # Conv1d, Conv3d and transposed convs are pruned as the Conv2d they equal (conv_views.py)
     with conv2d_views(model, batches[0][:1]) as views:
         if config.structure == "channels":
             report = _prune_structured(model, batches, config, progress, views)
