@@ -12,6 +12,8 @@ UNet here). As a user's own models they go through the command line as `--model 
     cnn-sparsegpt train --model benchmarks/conv_views_cnn.py:hourglass_mnist_cnn --dataset mnist \\
         --data-dir ../shared/data --epochs 2 --out checkpoints/hourglass_mnist_cnn.pt
     cnn-sparsegpt bench --config configs/bench_conv_views_mnist_test.yaml --data-dir ../shared/data
+    python benchmarks/target_speedup.py --model benchmarks/conv_views_cnn.py:hourglass_rgb_cnn --num-classes 10 \
+        --image-size 128 --keep-macs 0.5 --json experiments/channels/hourglass_rgb_keep_macs.json
 """
 from __future__ import annotations
 
@@ -39,15 +41,17 @@ def _conv2d(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
 
 
 class HourglassCNN(nn.Module):
-    def __init__(self, num_classes: int = 10):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, width: int = 32):
         super().__init__()
-        self.stem, self.down1, self.down2 = _conv2d(1, 32), _conv2d(32, 64, 2), _conv2d(64, 128, 2)  # 28², 14², 7²
-        self.up1 = nn.Sequential(nn.ConvTranspose2d(128, 64, 2, stride=2, bias=False), nn.BatchNorm2d(64), nn.ReLU())
-        self.merge1 = _conv2d(128, 64)
-        self.up2 = nn.Sequential(nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(32),
+        w = width
+        self.stem, self.down1, self.down2 = _conv2d(in_channels, w), _conv2d(w, 2 * w, 2), _conv2d(2 * w, 4 * w, 2)
+        self.up1 = nn.Sequential(nn.ConvTranspose2d(4 * w, 2 * w, 2, stride=2, bias=False), nn.BatchNorm2d(2 * w),
                                  nn.ReLU())
-        self.merge2 = _conv2d(64, 32)
-        self.fc = nn.Linear(32, num_classes)
+        self.merge1 = _conv2d(4 * w, 2 * w)
+        self.up2 = nn.Sequential(nn.ConvTranspose2d(2 * w, w, 4, stride=2, padding=1, bias=False), nn.BatchNorm2d(w),
+                                 nn.ReLU())
+        self.merge2 = _conv2d(2 * w, w)
+        self.fc = nn.Linear(w, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.stem(x)
@@ -63,3 +67,8 @@ def rows_mnist_cnn(num_classes: int = 10) -> nn.Module:
 
 def hourglass_mnist_cnn(num_classes: int = 10) -> nn.Module:
     return HourglassCNN(num_classes)
+
+
+def hourglass_rgb_cnn(num_classes: int = 10) -> nn.Module:
+    """The same at twice the width on RGB images: for speed on random weights (benchmarks/target_speedup.py)."""
+    return HourglassCNN(num_classes, in_channels=3, width=64)
