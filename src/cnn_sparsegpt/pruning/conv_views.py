@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .graph import run_hooked, weight_positions
 from .layer import LayerResult
 
 VIEWABLE = (nn.Conv1d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Conv3d)
@@ -112,7 +111,7 @@ class PixelShuffleView(ConvView):
     rows_are_outputs = weight_rows = carries_channels = False  # (the pixel shuffle: C_out·s² rows to C_out channels)
 
     def __init__(self, original: nn.Module):
-        two = _as_2d(original) if isinstance(original, nn.ConvTranspose1d) else original
+        two = _as_2d(original)
         s = two.stride
         super().__init__(original, two, nn.Conv2d(two.in_channels, two.out_channels * s[0] * s[1], 1,
                                                   groups=two.groups, bias=False))
@@ -138,7 +137,7 @@ class ZeroInsertedView(ConvView):
     weight_rows = False
 
     def __init__(self, original: nn.Module):
-        two = _as_2d(original) if isinstance(original, nn.ConvTranspose1d) else original
+        two = _as_2d(original)
         super().__init__(original, two, nn.Conv2d(two.in_channels, two.out_channels, two.kernel_size,
                                                   dilation=two.dilation, groups=two.groups,
                                                   bias=original.bias is not None))
@@ -208,7 +207,7 @@ def view_for(m: nn.Module) -> ConvView:
         return HeightOneView(m)
     if isinstance(m, nn.Conv3d):
         return DepthView(m)
-    two = _as_2d(m) if isinstance(m, nn.ConvTranspose1d) else m
+    two = _as_2d(m)
     plain = two.padding == (0, 0) and two.output_padding == (0, 0) and two.dilation == (1, 1)
     square = two.stride[0] == two.stride[1]  # (pixel_shuffle takes one factor)
     return PixelShuffleView(m) if plain and square and tuple(two.kernel_size) == tuple(two.stride) \
@@ -216,7 +215,9 @@ def view_for(m: nn.Module) -> ConvView:
 
 
 def _as_2d(m: nn.Module) -> nn.Module:
-    """A 1-D conv's geometry as a 2-D one of height 1 (only the attributes the views read)."""
+    """A layer's 2-D geometry: a 2-D layer itself, a 1-D one's at height 1 (only the attributes the views read)."""
+    if not isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)):
+        return m
     two = nn.Module()
     for k in ("kernel_size", "stride", "dilation"):
         setattr(two, k, (1, getattr(m, k)[0]))
@@ -246,14 +247,15 @@ def viewable(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @contextlib.contextmanager
-def conv2d_views(model: nn.Module, example: torch.Tensor | None = None) -> Iterator[dict[str, tuple[str, ConvView]]]:
+def conv2d_views(model: nn.Module, positions: dict[str, int] | None = None
+                 ) -> Iterator[dict[str, tuple[str, ConvView]]]:
     """Replace every viewable layer of `model` by its ConvView for the block; yield {view conv's name: (original
     name, view)}. On leaving (also on an error) the original modules are back in place with the views' weights, and
-    with their new channel counts where a channel prune sliced the view conv. With `example` (one input batch),
-    each view's `positions` is the original layer's: its multiply-adds per image over its weight count (a
-    zero-inserted view applies its weight at s² times as many positions, mostly zeros)."""
+    with their new channel counts where a channel prune sliced the view conv. positions: the original layers'
+    (`layer_plan.forward_order` with kinds=VIEWABLE), which each view keeps as its own (a zero-inserted view applies
+    its weight at s² times as many positions, mostly zeros)."""
     found = viewable(model)
-    positions = _positions(model, found, example) if example is not None and found else {}
+    positions = positions or {}
     views: dict[str, tuple[str, ConvView]] = {}
     for name, m in found.items():
         view = view_for(m)
@@ -271,21 +273,6 @@ def conv2d_views(model: nn.Module, example: torch.Tensor | None = None) -> Itera
 def view_positions(views: dict[str, tuple[str, ConvView]]) -> dict[str, int]:
     """The view convs' positions as their original layers' (see conv2d_views)."""
     return {k: v.positions for k, (_, v) in views.items() if v.positions is not None}
-
-
-def _positions(model: nn.Module, found: dict[str, nn.Module], example: torch.Tensor) -> dict[str, int]:
-    names, out = {m: n for n, m in found.items()}, {}
-
-    def hook(m, inp, y):
-        out.setdefault(names[m], weight_positions(m, inp[0], y, len(example)))
-
-    was_training = model.training
-    try:
-        with torch.no_grad():  # eval: a BatchNorm in training mode would update its statistics
-            run_hooked(model.eval(), [example], [m.register_forward_hook(hook) for m in names])
-    finally:
-        model.train(was_training)
-    return out
 
 
 def _put_back(original: nn.Module, view: ConvView) -> None:

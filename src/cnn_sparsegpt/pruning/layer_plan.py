@@ -77,4 +77,4 @@ def unsupported_layers(model: nn.Module) -> dict[str, str]:
     them (a ConvTranspose3d; a conv that conv_views cannot stand in for), not silently absent."""
     found = {n: f"{type(m).__name__} is not pruned (3-D transposed convs are not supported)"
              for n, m in model.named_modules() if isinstance(m, UNSUPPORTED)}
-    return found | {n: why_not(m) for n, m in model.named_modules() if isinstance(m, VIEWABLE) and why_not(m)}
+    return found | {n: reason for n, m in model.named_modules() if isinstance(m, VIEWABLE) and (reason := why_not(m))}

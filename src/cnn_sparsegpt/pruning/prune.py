@@ -24,7 +24,7 @@ from . import dist
 from .allocation import allocate
 from .config import RECOMMENDED, PruneConfig
 from .batchnorm import batchnorms_reading, bn_modules, bn_statistics_, recalibrate, set_statistics_
-from .conv_views import VIEWABLE, conv2d_views, original_result, renamed, view_positions
+from .conv_views import VIEWABLE, conv2d_views, original_result, renamed, view_positions, viewable
 from .dense_target import DenseInputs
 from .relu_gate import GATE_FLOPS, ReluGate, applies as gate_applies, dense_active, relu_gates
 from .residual_target import SkipPartner, inverse_scale, skip_partners, target_shift
@@ -381,12 +381,20 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     config.check_runnable(dist.active(process_group), next(model.parameters()).device)
     config = config.resolved(dist.active(process_group))
     batches = _as_batches(calibration, next(model.parameters()).device, config.batch_size)
-    # Conv1d, Conv3d and transposed convs are pruned as the Conv2d they equal (conv_views.py)
-    with conv2d_views(model, batches[0][:1]) as views:
-        if config.structure == "channels":
-            report = _prune_structured(model, batches, config, progress, views)
-        else:
-            report = _prune_weights(model, batches, config, progress, use_fx, process_group, views)
+    was_training = model.training
+    model.eval()
+    try:
+        positions: dict[str, int] = {}  # of the layers the views stand in for: their own multiply-adds
+        if viewable(model):
+            forward_order(model, batches[0][:1], positions=positions, kinds=VIEWABLE)
+        # Conv1d, Conv3d and transposed convs are pruned as the Conv2d they equal (conv_views.py)
+        with conv2d_views(model, positions) as views:
+            if config.structure == "channels":
+                report = _prune_structured(model, batches, config, progress, views)
+            else:
+                report = _prune_weights(model, batches, config, progress, use_fx, process_group, views)
+    finally:
+        model.train(was_training)
     report.layers = _channel_layers(report.structure, views, model, config) if report.structure else \
         [original_result(r, views) for r in report.layers]
     report.total_sparsity = weight_sparsity(model)
@@ -395,16 +403,14 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
 
 def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneConfig, progress: bool, use_fx: bool,
                    process_group, views: dict) -> PruneReport:
-    """prune_model's unstructured and N:M prune, on a model whose layers are Conv2d and Linear (views: the
-    ConvViews standing in for the others, conv_views.py)."""
+    """prune_model's unstructured and N:M prune, on a model in eval mode whose layers are Conv2d and Linear (views:
+    the ConvViews standing in for the others, conv_views.py)."""
     pattern = config.pattern
     device = batches[0].device
     nsamples = sum(len(x) for x in batches)
     if dist.active(process_group):  # this process's share of the images (dist.py)
         batches = dist.shard(batches, process_group)
         dist.broadcast_module_(model, process_group)
-    was_training = model.training
-    model.eval()
     t_start = time.perf_counter()
     input_bytes: dict[str, int] = {}
     positions: dict[str, int] = {}
@@ -489,7 +495,6 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
             run.t["reconstruct"] = time.perf_counter() - t0
         if dense is not None:
             dense.free()
-        model.train(was_training)
         modules = dict(model.named_modules())
         layers = []
         for name, reason in plan.items():
@@ -520,16 +525,13 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
 
 def _prune_structured(model: nn.Module, batches: list[torch.Tensor], config: PruneConfig, progress: bool,
                       views: dict) -> PruneReport:
-    """structure='channels' (one process, checked by check_runnable): the model comes back physically smaller
-    (structured.py)."""
-    was_training = model.training
-    model.eval()
+    """structure='channels' (one process, checked by check_runnable), on a model in eval mode: the model comes back
+    physically smaller (structured.py)."""
     t0 = time.perf_counter()
     positions: dict[str, int] = {}
     forward_order(model, batches[0][:1], positions=positions)
     positions.update(view_positions(views))
     structure = prune_channels(model, batches, config, positions, progress)
-    model.train(was_training)
     return PruneReport(config, sum(len(x) for x in batches), [], seconds=time.perf_counter() - t0,
                        timings=structure.timings, structure=dataclasses.asdict(structure),
                        bn_recalibrated=config.bn_recalibration and bool(bn_modules(model)))
@@ -552,10 +554,10 @@ def _channel_layers(structure: dict, views: dict, model: nn.Module, config: Prun
 
 
 def weight_sparsity(model: nn.Module) -> float:
-    """Fraction of exactly-zero weights over all conv (1-D, 2-D, transposed) and Linear layers."""
+    """Fraction of exactly-zero weights over all Linear and conv layers (1-D, 2-D, 3-D, transposed 1-D and 2-D)."""
     zeros = total = 0
     for m in model.modules():
-        if isinstance(m, (*PRUNABLE, *VIEWABLE)) and isinstance(m.weight, torch.Tensor):
+        if isinstance(m, (*PRUNABLE, *VIEWABLE)):
             zeros += (m.weight == 0).sum().item()
             total += m.weight.numel()
     return zeros / total if total else 0.0
