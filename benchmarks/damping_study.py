@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--json", default="experiments/damping_study.json")
     args = p.parse_args()
     opts = PruneOptions(model="resnet18_cifar", weights=args.weights, data_dir=args.data_dir, holdout=5000)
-    model, train, held, _, _ = prepare(opts, torch.device("cpu"))
+    model, train, held = prepare(opts, torch.device("cpu"))[:3]
     cal = hessians(model, calibration_set(train, 1024, 0), LAYERS)
     test = hessians(model, calibration_set(held, 512, 1), LAYERS)
     pattern, rows = Pattern(sparsity=0.9), []

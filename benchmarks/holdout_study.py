@@ -26,7 +26,7 @@ def study_parser(doc: str, seeds: str) -> argparse.ArgumentParser:
 def held_out_resnet20(args: argparse.Namespace) -> tuple:
     """(the dense model, the training images left for calibration, the 5,000 held-out ones), on the CPU."""
     opts = PruneOptions.build(model="resnet20_cifar", weights=args.weights, data_dir=args.data_dir, holdout=5000)
-    dense, train, held_out, _, _ = prepare(opts, torch.device("cpu"))
+    dense, train, held_out = prepare(opts, torch.device("cpu"))[:3]
     return dense, train, held_out
 
 

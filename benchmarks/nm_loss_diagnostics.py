@@ -30,7 +30,7 @@ def load(weights, data_dir, holdout):
     decoded once, split as `prune --holdout` splits them."""
     opts = PruneOptions.build(dict(model="resnet20_cifar", weights=weights, data_dir=data_dir, nsamples=1024,
                                    sparsity=0.5))
-    model, train, test, _, _ = prepare(opts, torch.device("cpu"))
+    model, train, test = prepare(opts, torch.device("cpu"))[:3]
     return (model, *holdout_split(train, holdout), test)
 
 

@@ -40,8 +40,14 @@ def test_torchvision_model_by_name():
         assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7)
     with pytest.raises(UserError, match="unknown torchvision model"):
         create_model("torchvision:nope")
-    with pytest.raises(UserError, match="is a segmentation model: the command line prunes classifiers.*prune_model"):
-        create_model("torchvision:lraspp_mobilenet_v3_large")
+    with pytest.raises(UserError, match="is a detection model: the command line prunes models that take a batch.*"
+                       "prune_model"):
+        create_model("torchvision:fasterrcnn_mobilenet_v3_large_fpn")
+    seg = create_model("torchvision:lraspp_mobilenet_v3_large", num_classes=5).eval()  # no backbone download
+    with torch.no_grad():
+        assert seg(torch.randn(1, 3, 64, 64))["out"].shape == (1, 5, 64, 64)
+    aux = {"aux_classifier.4.weight": torch.zeros(1)}  # a checkpoint with the auxiliary head gets one to load into
+    assert create_model("torchvision:fcn_resnet50", num_classes=3, state=aux).aux_classifier is not None
     with pytest.raises(UserError, match="choose from .*mnist_cnn"):
         create_model("nope")
 

@@ -23,7 +23,7 @@ COLUMNS = KEY + (
     "data_source", "target_sparsity", "sparsity", "total_sparsity", "layers_pruned", "layers_skipped",
     "dense_acc", "pruned_acc", "drop", "prune_seconds", "eval_seconds", "peak_rss_mb", "peak_gpu_mb",
     "forward_passes", "macs_kept", "latency_runtime", "speedup_b1", "speedup_b32", "report", "git_commit",
-    "torch_version", "device", "date")
+    "torch_version", "device", "date", "metric", "output_error")
 LATENCY_BATCHES = (1, 32)  # the speedup_bN columns
 
 
@@ -36,6 +36,7 @@ class BenchModel:
     # sparsity levels, N:M, or channel targets: keep_macs=F, keep_params=F, target_speedup=S
     patterns: list = field(default_factory=lambda: ["0.5", "2:4"])
     ignore: list = field(default_factory=list)  # layer names or regexes kept dense
+    metric: str = "auto"  # top1 | output | auto, as prune's --metric (output: a model that is not a classifier)
 
 
 @dataclass
@@ -172,7 +173,7 @@ def grid(cfg: BenchConfig):
 
 
 def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
-    from .pipeline import run_prune
+    from .pipeline import measured, run_prune
 
     git_commit()  # the code this run loaded, for every row (utils.git_commit)
     csv_path, reports = Path(cfg.csv), Path(cfg.reports)
@@ -188,6 +189,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
                                            method=method, nsamples=n, seed=seed, bn_recalibration=bn,
                                            device=cfg.device, percdamp=cfg.percdamp, eval_samples=cfg.eval_samples,
                                            holdout=cfg.holdout, ignore=list(m.ignore), low_memory=cfg.low_memory,
+                                           metric=m.metric,
                                            **pattern_options(pattern), **({"recipe": cfg.recipe} | recipe)))
         except UserError as e:  # a combination of the grid that cannot run (e.g. bn_aware with wanda)
             if dist.is_main(dist.process_group()):
@@ -218,7 +220,9 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
             "data_source": r["data_source"], "target_sparsity": r["target_sparsity"], "sparsity": r["sparsity"],
             "total_sparsity": r["total_sparsity"], "layers_pruned": sum(not x["skipped"] for x in r["layers"]),
             "layers_skipped": sum(x["skipped"] for x in r["layers"]), "dense_acc": r["dense_acc"],
-            "pruned_acc": r["pruned_acc"], "drop": r["dense_acc"] - r["pruned_acc"], "prune_seconds": r["seconds"],
+            "pruned_acc": r["pruned_acc"], "prune_seconds": r["seconds"], "metric": r["metric"],
+            "output_error": r["output_error"],
+            "drop": r["dense_acc"] - r["pruned_acc"] if r["pruned_acc"] is not None else None,
             "eval_seconds": r["eval_seconds"], "peak_rss_mb": mem.peak / 2**20,
             "peak_gpu_mb": (r["peak_gpu_memory"] or 0) / 2**20, "forward_passes": r["forward_passes"],
             "macs_kept": _macs_kept(r), **timing, "report": str(report_path), "git_commit": r["git_commit"],
@@ -228,9 +232,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
             continue
         atomic_write_json(r, report_path)
         append_row(csv_path, row)
-        print(f"{label}: top-1 {100 * r['dense_acc']:.2f}% -> {100 * r['pruned_acc']:.2f}%, sparsity "
-              f"{r['sparsity']:.3f}, {r['seconds']:.1f} s pruning ({time.perf_counter() - t0:.0f} s in all)",
-              flush=True)
+        print(f"{label}: {measured(r)}, sparsity {r['sparsity']:.3f}, {r['seconds']:.1f} s pruning "
+              f"({time.perf_counter() - t0:.0f} s in all)", flush=True)
     return new_rows
 
 

@@ -211,7 +211,8 @@ def export_run(run_dir: str | Path, onnx_path: str | Path | None = None, safeten
     quant_file = Path(run_dir) / "quant.pt"
     quantized = load_tensors(quant_file, "quantization file") if quant_file.is_file() else {}
     calib, test, same = run_data(report, int8, "--int8") if int8_path is not None else (None, None, None)
-    evaluate = int8_path is not None and len(test) and int8.eval_samples != 0
+    # top-1 needs a classifier on labelled images (a run that measured outputs has no labels to count)
+    evaluate = int8_path is not None and len(test) and int8.eval_samples != 0 and report.get("metric") != "output"
     out = {"run": str(run_dir), "model": report["model"], "pattern": report.get("pattern")} | export_model(
         model, shape or input_shape(report), onnx_path, safetensors_path, compressed_path, int8_path, masks=masks,
         quantized=quantized, calibration=calib, eval_data=test if evaluate else None,

@@ -47,6 +47,10 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
             raise UserError(f"--{name} must be {want}, got {value}")
     run = Path(run_dir)
     model, report, masks = load_run(run)
+    if report.get("metric") == "output":
+        raise UserError(f"{run} measured its outputs against the dense model's (--metric output): finetune trains a "
+                        "classifier on labelled images and measures top-1; fine-tune this model in your own training "
+                        "loop, zeroing the weights masks.pt marks pruned after every step")
     if dropout is not None:  # a net with 90% of its weights gone has little to spare: the CIFAR CNN's dropout
         # (0.3-0.5) cost it 1 point of held-out accuracy in a one-epoch fine-tune
         for m in model.modules():

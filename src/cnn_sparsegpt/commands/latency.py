@@ -97,6 +97,9 @@ def measure_latency(run_dir: str | Path, runtime: str = "onnxruntime", batch_siz
         accuracy.check()
     out = Path(out) if out else Path(run_dir) / "latency.json"
     pruned, report, _ = load_run(run_dir)
+    if accuracy is not None and report.get("metric") == "output":
+        raise UserError(f"--top1 measures a classifier's accuracy on labelled images, and {run_dir} measured its "
+                        "outputs against the dense model's (--metric output)")
     dense = load_dense(report, teacher)
     shape = input_shape(report)
     also = tuple(dict.fromkeys(r for r in also if r != runtime))

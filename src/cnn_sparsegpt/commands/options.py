@@ -23,8 +23,10 @@ class PruneOptions:
     weights: str | None = opt(None, "checkpoint to prune: .pt/.pth (state_dict, also inside 'state_dict'/'model'; "
                               "loaded with weights_only=True) or .safetensors; the number of classes comes from its "
                               "head. None: random weights (a warning)")
-    dataset: str | None = opt(None, "mnist, cifar10, or an ImageFolder folder/.tar.gz with train/ and val/ (or test/) "
-                              "subfolders of <class>/<image> (default: the model's)")
+    dataset: str | None = opt(None, "mnist, cifar10, an ImageFolder folder/.tar.gz with train/ and val/ (or test/) "
+                              "subfolders of <class>/<image> (default: the model's), or a folder of images without "
+                              "labels, any layout, measured by --metric output (its train/ and val/ or test/ where it "
+                              "has both, else evaluation images held out of it)")
     data_dir: str | None = opt(None, "data root (default: $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data)")
     preprocess: str = opt("auto", "auto: from the checkpoint's .json, else the model's pretrained metadata "
                           "(torchvision weights, timm pretrained_cfg), else the dataset's convention; imagenet: "
@@ -41,7 +43,12 @@ class PruneOptions:
                         want="at least 1")
     seed: int = opt(0, "seed of the calibration sample")
     device: str = opt("auto", "auto (CUDA if present), cpu, cuda or cuda:N")
-    evaluate: bool = opt(True, "measure dense and pruned top-1 on the test split")
+    evaluate: bool = opt(True, "measure the dense and the pruned model on the test split (--metric)")
+    metric: str = opt("auto", "what --evaluate measures: top1 (accuracy; a classifier on an ImageFolder of classes, "
+                      "mnist or cifar10), output (the pruned model's outputs against the dense model's on the same "
+                      "images, relative squared error; no labels: any model, any folder of images) or auto (top1 for "
+                      "a classifier, (N, classes) logits, on labelled images; output otherwise)",
+                      ("auto", "top1", "output"))
     eval_samples: int = opt(0, "evaluate on a fixed random subset of N test images (0 = all)", check=lambda v: v >= 0,
                             want=">= 0")
     holdout: int = opt(0, "evaluate on N held-out training images (not used for calibration) instead of the test "

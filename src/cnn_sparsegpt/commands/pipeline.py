@@ -1,11 +1,14 @@
 """What `cnn-sparsegpt prune` does: load, calibrate, evaluate, prune, evaluate, write results."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -19,7 +22,7 @@ from ..data.preprocess import Preprocess, resolve as resolve_preprocess
 from ..pruning.prune import prune_model
 from ..pruning.slicing import apply_structure
 from .report import REPORT_SCHEMA, read_report
-from .train import evaluate
+from .train import evaluate, output_error
 from ..utils import (
     UserError,
     atomic_file,
@@ -29,6 +32,7 @@ from ..utils import (
     ensure_writable,
     load_state_dict,
     load_tensors,
+    output_tensors,
     resolve_device,
     run_metadata,
     save_safetensors,
@@ -92,8 +96,40 @@ def eval_subset(test, n: int):
     return test.subset(torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:n])
 
 
-def prepare(opts: PruneOptions, device: torch.device):
-    """Model (with weights), the train and test sets preprocessed as the model expects, and the dataset."""
+AUTO_HOLDOUT = 1000  # most evaluation images held out of a folder of unlabelled images without val/ or test/
+
+
+class Prepared(NamedTuple):
+    model: nn.Module  # with its weights, in eval mode, on the run's device
+    train: object  # the training split (ImageSet or FolderSet): calibration images come from it
+    test: object  # the evaluation split: test/val, held-out training images, or a subset of either
+    dataset: str
+    preprocess: Preprocess
+    eval_split: str  # "test" or "holdout N" (report.json's eval_split, which run_images reads back)
+    metric: str | None  # "top1" or "output" (what --evaluate measures, choose_metric); None without --evaluate
+
+
+def choose_metric(asked: str, model: nn.Module, data, device: torch.device) -> str:
+    """--metric: top1 where asked for (after checking that it can be measured) or, for auto, where the model returns
+    (N, classes) logits and the images have labels; output otherwise."""
+    if asked == "output":
+        return "output"
+    x, _ = next(data.batches(2, device, indices=torch.arange(min(2, len(data)))))
+    with torch.no_grad():
+        out = model(x)
+    logits = isinstance(out, torch.Tensor) and out.ndim == 2 and out.is_floating_point()
+    if asked == "top1" and not data.labelled:
+        raise UserError("--metric top1 needs labelled images: mnist, cifar10, or an ImageFolder with train/ and val/ "
+                        "(or test/) subfolders of <class>/<image>; without labels use --metric output")
+    if asked == "top1" and not logits:
+        shapes = [list(t.shape) for t in output_tensors(out)]
+        raise UserError(f"--metric top1 needs a classifier's (N, classes) logits, and this model returns "
+                        f"{type(out).__name__} {shapes}: use --metric output (its outputs against the dense model's)")
+    return "top1" if logits and data.labelled else "output"
+
+
+def prepare(opts: PruneOptions, device: torch.device) -> Prepared:
+    """Model (with weights), the train and evaluation sets preprocessed as the model expects, and what is measured."""
     dataset = dataset_for(opts.model, opts.dataset)
     entry = model_entry(opts.model)
     state, meta = None, {}
@@ -103,25 +139,34 @@ def prepare(opts: PruneOptions, device: torch.device):
         meta = read_metadata(opts.weights)
     pre = resolve_preprocess(opts.preprocess, opts.model, dataset, meta, opts.image_size, opts.crop_pct,
                              entry.dataset if entry else None, opts.weights)
-    train, test = load_splits(dataset, opts.data_dir, pre, opts.streaming, opts.workers)
-    classes = _data_classes(train)
+    labels = {"top1": "classes", "output": "none"}.get(opts.metric, "auto")
+    train, test = load_splits(dataset, opts.data_dir, pre, opts.streaming, opts.workers, labels)
+    classes = _data_classes(train) if train.labelled else None
     head = head_classes(opts.model, state) if state is not None else None
-    model = create_model(opts.model, num_classes=head or max(classes, 2))
+    model = create_model(opts.model, num_classes=head or (max(classes, 2) if classes else None), state=state)
     if opts.weights:
         load_weights(model, opts.weights, opts.model, state)
-        if head is not None and head != classes:
-            raise UserError(f"the checkpoint's head has {head} outputs but {dataset} has {classes} classes: accuracy "
-                            "would be meaningless. Use the dataset the model was trained on (an ImageNet-style "
-                            "folder needs all its classes, as sorted wnid folders)")
     else:
         import warnings
 
         warnings.warn("no --weights given: pruning a randomly initialized model", RuntimeWarning)
-    if opts.holdout:  # disjoint from the calibration images, which are drawn from the rest
-        train, test = holdout_split(train, opts.holdout)
+    model = model.to(device).eval()
+    metric = choose_metric(opts.metric, model, train, device) if opts.evaluate else None
+    if metric == "top1" and head is not None and head != classes:
+        raise UserError(f"the checkpoint's head has {head} outputs but {dataset} has {classes} classes: accuracy "
+                        "would be meaningless. Use the dataset the model was trained on (an ImageNet-style folder "
+                        "needs all its classes, as sorted wnid folders), or measure the outputs against the dense "
+                        "model's with --metric output")
+    holdout = opts.holdout
+    if test is None:  # unlabelled images without val/ or test/: evaluate on images calibration never sees
+        if len(train) < 2:
+            raise UserError(f"{dataset} holds {len(train)} image(s): calibration and evaluation need at least 2")
+        holdout = holdout or max(1, min(AUTO_HOLDOUT, len(train) // 10))
+    if holdout:  # disjoint from the calibration images, which are drawn from the rest
+        train, test = holdout_split(train, holdout)
     if opts.eval_samples:
         test = eval_subset(test, opts.eval_samples)
-    return model.to(device).eval(), train, test, dataset, pre
+    return Prepared(model, train, test, dataset, pre, f"holdout {holdout}" if holdout else "test", metric)
 
 
 def calibration_digest(train, chosen: torch.Tensor) -> str:
@@ -139,7 +184,8 @@ def run_images(report: dict, data_dir: str | None = None, streaming: str = "auto
     """A run's calibration images (the first `nsamples` of them) and evaluation split as `prune` drew them (its
     dataset, preprocessing, seed, held-out split and evaluation subset, from report.json), and whether the
     calibration images are the run's own (the digest report.json recorded)."""
-    train, test = load_splits(report["dataset"], data_dir, run_preprocess(report), streaming, workers)
+    train, test = load_splits(report["dataset"], data_dir, run_preprocess(report), streaming, workers,
+                              report.get("data_labels") or "classes")
     split = str(report.get("eval_split") or "test")
     if split.startswith("holdout"):
         train, test = holdout_split(train, int(split.split()[1]))
@@ -166,35 +212,42 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     progress = progress and dist.is_main(group)
     write = write and dist.is_main(group)  # one rank writes model.pt, masks.pt, report.json
     out = ensure_writable(opts.out) if write else None
-    model, train, test, dataset, pre = prepare(opts, device)
+    prep = prepare(opts, device)
+    model, train, test, pre = prep.model, prep.train, prep.test, prep.preprocess
     chosen = calibration_indices(train, opts.nsamples, opts.seed)  # the same images for every method: a digest
     calib = calibration_set(train, opts.nsamples, indices=chosen)
     calib_digest = calibration_digest(train, chosen)
-    eval_seconds = 0.0
-    if opts.evaluate and dense_acc is None:
-        t0 = time.perf_counter()
+    eval_seconds, dense, out_error = 0.0, None, None
+    t0 = time.perf_counter()
+    if prep.metric == "top1" and dense_acc is None:
         dense_acc = evaluate(model, test, device, config.batch_size, progress, "dense accuracy", group)
-        eval_seconds += time.perf_counter() - t0
+    elif prep.metric == "output":  # the reference: the dense model's outputs on the same images
+        dense, dense_acc = copy.deepcopy(model), None
+    eval_seconds += time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     report = prune_model(model, calib, config, progress=progress, process_group=group)
     pruned_acc = None
-    if opts.evaluate:
-        t0 = time.perf_counter()
+    t0 = time.perf_counter()
+    if prep.metric == "top1":
         pruned_acc = evaluate(model, test, device, config.batch_size, progress, "pruned accuracy", group)
-        eval_seconds += time.perf_counter() - t0
+    elif prep.metric == "output":
+        out_error = output_error(model, dense, test, device, config.batch_size, progress, "output error", group)
+        del dense
+    eval_seconds += time.perf_counter() - t0
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     check_finite(state, "the pruned model")  # never write a checkpoint with NaN
     result = {
         "schema": REPORT_SCHEMA,
-        "model": opts.model, "weights": opts.weights, "dataset": dataset, "data_source": train.source,
+        "model": opts.model, "weights": opts.weights, "dataset": prep.dataset, "data_source": train.source,
+        "data_labels": "classes" if train.labelled else "none",
         "data_storage": train.storage, "preprocess": pre.as_dict(), "calibration_digest": calib_digest,
         "seed": opts.seed, "input_shape": list(calib.shape[1:]),
         "method": config.method, "pattern": report.pattern,
         "target_sparsity": config.pattern.target if config.structure == "none" else None,
         "recipe": opts.recipe, "recipe_label": recipe_label(config),
-        "dense_acc": dense_acc, "pruned_acc": pruned_acc, "eval_samples": len(test),
-        "eval_seconds": eval_seconds, "eval_split": f"holdout {opts.holdout}" if opts.holdout else "test",
+        "metric": prep.metric, "dense_acc": dense_acc, "pruned_acc": pruned_acc, "output_error": out_error,
+        "eval_samples": len(test), "eval_seconds": eval_seconds, "eval_split": prep.eval_split,
         "peak_gpu_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     } | report.as_dict() | run_metadata(device)
     if write:
@@ -237,6 +290,18 @@ def _preprocess_line(r: dict) -> str:
     return f"\n  preprocessing: {geo}mean ({mean}), std ({std}) from {p['source']}"
 
 
+def measured(r: dict) -> str:
+    """What a run's evaluation measured, in a few words (bench's progress lines, format_report)."""
+    if r.get("pruned_acc") is not None:
+        dense = f"{100 * r['dense_acc']:.2f}% -> " if r.get("dense_acc") is not None else ""
+        return f"top-1 {dense}{100 * r['pruned_acc']:.2f}%"
+    e = r.get("output_error")
+    if e is None:
+        return "not evaluated"
+    snr = f", {-10 * math.log10(e):.1f} dB" if 0 < e < math.inf else ""
+    return f"output error {e:.3g} (relative squared, against the dense model's outputs{snr})"
+
+
 def format_report(r: dict) -> str:
     """A short table: per-layer results, then the totals."""
     lines = [f"{'layer':<28} {'shape':<18} {'sparsity':>8} {'rel.err':>9} {'sec':>6}  note"]
@@ -247,10 +312,13 @@ def format_report(r: dict) -> str:
         lines.append(f"{layer['name']:<28} {shape:<18} {layer['sparsity']:>8.3f} {err:>9} "
                      f"{layer['seconds']:>6.2f}  {note}")
     acc = ""
+    images = f"{r['eval_samples']} {'held-out' if str(r.get('eval_split', 'test')).startswith('holdout') else 'test'}"
     if r.get("dense_acc") is not None and r.get("pruned_acc") is not None:
         acc = (f"  top-1 dense {100 * r['dense_acc']:.2f}% -> pruned {100 * r['pruned_acc']:.2f}% "
-               f"({100 * (r['pruned_acc'] - r['dense_acc']):+.2f}) on {r['eval_samples']} "
-               f"{'held-out training' if str(r.get('eval_split', 'test')).startswith('holdout') else 'test'} images\n")
+               f"({100 * (r['pruned_acc'] - r['dense_acc']):+.2f}) on {images} images\n")
+    elif r.get("output_error") is not None:
+        why = "" if r.get("data_labels") == "classes" else "; the images have no labels"
+        acc = f"  {measured(r)} on {images} images{why}\n"
     passes = ""
     if r.get("peak_stored_mb") is not None:
         mode = f" (memory policy: {r['memory_policy']})" if r.get("memory_policy") else ""
@@ -284,6 +352,12 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _run_classes(report: dict, state: dict) -> int | None:
+    """The num_classes a run's model is rebuilt with: its checkpoint's head; else the builder's default for a run on
+    unlabelled images (as prepare built it), 10 for the others (what runs before that distinction used)."""
+    return head_classes(report["model"], state) or (None if report.get("data_labels") == "none" else 10)
+
+
 def load_run(run_dir: str | Path) -> tuple[nn.Module, dict, dict]:
     """The pruned model of a `prune` (or `finetune`) output folder (eval mode), its report and its masks; every
     missing, truncated or malformed file is one UserError that names it."""
@@ -296,7 +370,7 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, dict, dict]:
     report = read_report(run / "report.json")
     check_model_name(report["model"])
     state = load_state_dict(run / "model.pt")
-    model = create_model(report["model"], num_classes=head_classes(report["model"], state) or 10)
+    model = create_model(report["model"], num_classes=_run_classes(report, state), state=state)
     if report.get("structure", {}).get("spec"):  # a structured run: the smaller shapes first
         apply_structure(model, report["structure"]["spec"])
     load_weights(model, run / "model.pt", report["model"], state)
@@ -314,6 +388,6 @@ def load_dense(report: dict, weights: str | Path | None = None) -> nn.Module:
     if not path.is_file():
         raise UserError(f"the dense checkpoint '{path}' (the run's --weights) is not here: name it with --teacher")
     state = load_state_dict(path)
-    model = create_model(report["model"], num_classes=head_classes(report["model"], state) or 10)
+    model = create_model(report["model"], num_classes=_run_classes(report, state), state=state)
     load_weights(model, path, report["model"], state)
     return model.eval()

@@ -134,6 +134,32 @@ def plot_accuracy_vs_speedup(rows: list[dict], out: Path) -> list[Path]:
     return written
 
 
+def plot_output_error_vs_sparsity(rows: list[dict], out: Path) -> list[Path]:
+    """Per model measured by its outputs (bench rows of metric output: not a classifier, or images without labels):
+    the pruned model's output error against the dense model's, by the sparsity reached; N:M points labelled."""
+    plt = _pyplot()
+    written = []
+    for model in sorted({r["model"] for r in rows}):
+        mrows = [r for r in rows if r["model"] == model]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for method in sorted({r["method"] for r in mrows}):
+            pts = sorted((float(r["sparsity"]), float(r["output_error"]), r["pattern"]) for r in mrows
+                         if r["method"] == method)
+            color, marker = METHOD_STYLE.get(method, (None, "x"))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color, label=method, ls="")
+            for x, y, pattern in pts:
+                if ":" in pattern or "=" in pattern:
+                    ax.annotate(pattern, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set(yscale="log", title=f"{model}: output error after one-shot pruning (no fine-tuning)",
+               xlabel="fraction of the pruned layers' weights pruned",
+               ylabel="‖y − y_dense‖² / ‖y_dense‖² on evaluation images")
+        ax.title.set_fontsize(9)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        written.append(_save(plt, fig, out, f"{model}_output_error_vs_sparsity.png"))
+    return written
+
+
 def plot_layer_errors(report_paths: list[Path], out: Path, name: str) -> Path:
     """Per-layer relative reconstruction error of one or more runs of the same model and pattern."""
     plt = _pyplot()
@@ -184,8 +210,10 @@ def make_plots(csv_path: str | Path, out: str | Path = "experiments/plots") -> l
         raise UserError(f"no benchmark rows in {csv_path}: run `cnn-sparsegpt bench` first")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    written = plot_output_error_vs_sparsity([r for r in rows if r.get("output_error")], out)
+    rows = [r for r in rows if r.get("pruned_acc")]  # the rest plot top-1
     allocated = [r for r in rows if "allocation=" in (r.get("recipe") or "") and Path(r["report"]).is_file()]
-    written = plot_accuracy_vs_speedup(rows, out)
+    written += plot_accuracy_vs_speedup(rows, out)
     rows = _main_rows(rows)
     written += plot_accuracy_vs_sparsity(rows, out)
     for model, pattern in sorted({(r["model"], r["pattern"]) for r in allocated}):

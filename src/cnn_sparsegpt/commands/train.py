@@ -14,7 +14,7 @@ from ..pruning import dist
 from ..pruning.heap import reuse_freed_memory
 from ..data.datasets import ImageSet
 from ..data.folders import FolderSet
-from ..utils import UserError
+from ..utils import UserError, output_tensors
 
 
 @dataclass
@@ -33,6 +33,18 @@ class TrainConfig:
     temperature: float = 4.0  # softens teacher and student alike in the distillation term
 
 
+def _shard(data, device, batch_size: int, progress: bool, desc: str, process_group):
+    """The batches of `data` this process evaluates: every world-th image under torchrun."""
+    world = dist.world(process_group)
+    if world > 1:
+        data = data.subset(torch.arange(dist.rank(process_group), len(data), world))
+    # freed activations reused, not faulted in afresh per batch (pruning/heap.py): ResNet-18 on CIFAR-10's test split
+    # 56.2 / 55.8 -> 39.1 / 39.6 s on this project's CPU, peak RSS +11-18% (benchmarks/heap_reuse.py --evaluate)
+    with reuse_freed_memory(torch.device(device).type == "cpu"):
+        yield from tqdm(data.batches(batch_size, device), total=-(-len(data) // batch_size), desc=desc, unit="batch",
+                        disable=not progress, leave=False)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data, device: torch.device | str = "cpu", batch_size: int = 500,
              progress: bool = True, desc: str = "evaluate", process_group=None) -> float:
@@ -40,21 +52,34 @@ def evaluate(model: nn.Module, data, device: torch.device | str = "cpu", batch_s
     (torchrun) each process evaluates every world-th image and the counts are added."""
     was_training = model.training
     model.eval()
-    correct = 0
-    world = dist.world(process_group)
-    if world > 1:
-        data = data.subset(torch.arange(dist.rank(process_group), len(data), world))
-    n = len(data)
-    total = -(-len(data) // batch_size)
-    # freed activations reused, not faulted in afresh per batch (pruning/heap.py): ResNet-18 on CIFAR-10's test split
-    # 56.2 / 55.8 -> 39.1 / 39.6 s on this project's CPU, peak RSS +11-18% (benchmarks/heap_reuse.py --evaluate)
-    with reuse_freed_memory(torch.device(device).type == "cpu"):
-        for x, y in tqdm(data.batches(batch_size, device), total=total, desc=desc, unit="batch",
-                         disable=not progress, leave=False):
-            correct += (model(x).argmax(1) == y).sum().item()
+    correct = n = 0
+    for x, y in _shard(data, device, batch_size, progress, desc, process_group):
+        correct += (model(x).argmax(1) == y).sum().item()
+        n += len(y)
     model.train(was_training)
     correct, n = dist.sum_counts(correct, n, group=process_group)
     return correct / max(n, 1)
+
+
+@torch.no_grad()
+def output_error(model: nn.Module, reference: nn.Module, data, device: torch.device | str = "cpu",
+                 batch_size: int = 500, progress: bool = True, desc: str = "output error",
+                 process_group=None) -> float:
+    """How far `model`'s outputs are from `reference`'s (the dense model's) on the images of `data`, labels unread:
+    Σ‖y − y_ref‖² / Σ‖y_ref‖² over every image and every floating output tensor (a dict's or tuple's too), so 0 is
+    the same outputs and 1 an error as large as the outputs themselves. Any model; torchrun as in `evaluate`."""
+    modes = [(m, m.training) for m in (model, reference)]
+    err = ref = 0.0
+    for m, _ in modes:
+        m.eval()
+    for x, _ in _shard(data, device, batch_size, progress, desc, process_group):
+        pairs = [(y, r) for y, r in zip(output_tensors(model(x)), output_tensors(reference(x))) if r.is_floating_point()]
+        err += sum(float((y.double() - r.double()).square().sum()) for y, r in pairs)
+        ref += sum(float(r.double().square().sum()) for _, r in pairs)
+    for m, training in modes:
+        m.train(training)
+    err, ref = dist.sum_counts(err, ref, group=process_group)
+    return err / ref if ref > 0 else (math.inf if err > 0 else 0.0)
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

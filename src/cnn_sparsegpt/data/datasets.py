@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .folders import FolderSet, decode_all, load_folder_streamed, should_stream
+from .folders import LABELS, FolderSet, decode_all, labelled, load_folder_streamed, should_stream
 from .preprocess import DATASET_NORMALIZATION as NORMALIZATION
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, normalize
 from ..utils import UserError, atomic_save
@@ -45,6 +45,10 @@ class ImageSet:
     @property
     def num_classes(self) -> int:
         return int(self.labels.max()) + 1 if len(self.labels) else 0
+
+    @property
+    def labelled(self) -> bool:
+        return labelled(self.labels)
 
     def subset(self, idx: torch.Tensor, source: str | None = None) -> ImageSet:
         return replace(self, images=self.images[idx], labels=self.labels[idx], source=source or self.source)
@@ -101,9 +105,11 @@ def _from_torchvision(kind: str, root: Path, train: bool) -> ImageSet:
                     source=f"torchvision {kind} ({root})", augment="crop-flip" if kind == "cifar10" else "none")
 
 
-def _load_imagefolder(path: Path, train: bool, pre: Preprocess) -> dict:
+def _load_imagefolder(path: Path, train: bool, pre: Preprocess, labels: str = "classes") -> dict | None:
+    """A split of a folder decoded into memory (cached on disk); None for the evaluation split of unlabelled images
+    that have none."""
     stat = path.stat()
-    geometry = f"{pre.resize}|{pre.crop}|{pre.interpolation}"
+    geometry = f"{pre.resize}|{pre.crop}|{pre.interpolation}|{labels}"
     key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{geometry}".encode()).hexdigest()[:16]
     cached = cache_root() / "decoded" / f"{path.name.split('.')[0]}-{key}.pt"
     splits = None
@@ -113,20 +119,25 @@ def _load_imagefolder(path: Path, train: bool, pre: Preprocess) -> dict:
         except Exception:
             splits = None
     if splits is None:
-        splits = decode_all(path, pre)
+        splits = decode_all(path, pre, labels)
         try:
             atomic_save(splits, cached)
         except (UserError, OSError):
             pass  # an unwritable cache only costs time
-    split = "train" if train else ("test" if "test" in splits else "val")
-    return splits[split]
+    split = "train" if train else next((s for s in ("test", "val") if s in splits), None)
+    return splits[split] if split else None
 
 
 def load_dataset(name: str, train: bool, data_dir: str | os.PathLike | None = None,
-                 preprocess: Preprocess | None = None, streaming: str = "auto") -> ImageSet | FolderSet:
+                 preprocess: Preprocess | None = None, streaming: str = "auto",
+                 labels: str = "classes") -> ImageSet | FolderSet | None:
     """`name` is mnist, cifar10, or a path to an ImageFolder folder / .tar.gz. `preprocess` (preprocess.py)
     sets the normalization, and for folders the resize and crop; without it a folder keeps its images'
-    size (the first image's) and ImageNet statistics. `streaming`: auto | on | off (folders only)."""
+    size (the first image's) and ImageNet statistics. `streaming`: auto | on | off (folders only). `labels`: what a
+    folder's subfolders are (folders.list_folder): classes, none (unlabelled images, label -1) or auto; None for the
+    evaluation split of unlabelled images that have none."""
+    if labels not in LABELS:
+        raise UserError(f"labels must be one of {', '.join(LABELS)}, got {labels!r}")
     root = data_root(data_dir)
     if name in DATASETS:
         if preprocess is not None and (preprocess.resize or preprocess.crop):
@@ -150,18 +161,22 @@ def load_dataset(name: str, train: bool, data_dir: str | os.PathLike | None = No
     if not path.exists():
         raise UserError(f"unknown dataset '{name}': use {DATASET_CHOICES}")
     pre = preprocess or Preprocess(IMAGENET_MEAN, IMAGENET_STD, source="imagenet statistics, images at their size")
-    if should_stream(path, pre, streaming):
-        return load_folder_streamed(path, train, pre)
-    d = _load_imagefolder(path, train, pre)
+    if should_stream(path, pre, streaming, labels):
+        return load_folder_streamed(path, train, pre, labels)
+    d = _load_imagefolder(path, train, pre, labels)
+    if d is None:
+        return None
     split = "train" if train else "test/val"
-    return ImageSet(d["images"], d["labels"], pre.mean, pre.std, f"ImageFolder {path} ({split}, in memory)",
+    kind = "ImageFolder" if d["classes"] else "unlabelled images"
+    return ImageSet(d["images"], d["labels"], pre.mean, pre.std, f"{kind} {path} ({split}, in memory)",
                     classes=list(d["classes"]))
 
 
 def load_splits(name: str, data_dir: str | os.PathLike | None = None, preprocess: Preprocess | None = None,
-                streaming: str = "auto", workers: int | None = None):
-    """(training, evaluation) splits of a dataset (load_dataset); workers: decoding processes of streamed sets."""
-    splits = [load_dataset(name, train, data_dir, preprocess, streaming) for train in (True, False)]
+                streaming: str = "auto", workers: int | None = None, labels: str = "classes"):
+    """(training, evaluation) splits of a dataset (load_dataset; the evaluation split None where a folder of
+    unlabelled images has none); workers: decoding processes of streamed sets."""
+    splits = [load_dataset(name, train, data_dir, preprocess, streaming, labels) for train in (True, False)]
     if workers is not None:
         splits = [replace(d, workers=workers) if isinstance(d, FolderSet) else d for d in splits]
     return tuple(splits)

@@ -1,4 +1,5 @@
-"""ImageFolder data (`train/<class>/*.jpg`, `val/` or `test/`), from a folder or a .tar(.gz).
+"""ImageFolder data (`train/<class>/*.jpg`, `val/` or `test/`), from a folder or a .tar(.gz); or, for a model that is
+not a classifier, a folder of unlabelled images (any layout; `train/` and `val/` or `test/` when it has both).
 
 Two ways to serve it, chosen by size: small sets are decoded once into uint8 tensors (cached on disk)
 and served from memory; large folders (ImageNet: 1.28 M files) are streamed. A streamed set holds only
@@ -26,11 +27,59 @@ STREAM_ABOVE_BYTES = 2 * 2**30  # decoded size above which `auto` streams instea
 
 def _layout_error(path: Path, found) -> UserError:
     return UserError(f"{path} is not an ImageFolder layout with train/ and test/ (or val/) subfolders of "
-                     f"<class>/<image> (found: {', '.join(sorted(found)) or 'no images'})")
+                     f"<class>/<image> (found: {', '.join(sorted(found)) or 'no images'}); images without labels "
+                     "(for a model that is not a classifier) are read with --metric output")
 
 
-def list_folder(path: Path) -> dict[str, list[tuple[str, str]]]:
-    """{split: [(class, file path)]}, sorted by class then file name; reads directory entries only."""
+LABELS = ("classes", "none", "auto")  # what a folder's subfolders are (load_dataset's `labels`)
+
+
+def labelled(labels: torch.Tensor) -> bool:
+    """Whether a split's images have classes (an unlabelled image's label is -1)."""
+    return bool(len(labels)) and int(labels.min()) >= 0
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(EXTENSIONS)
+
+
+def _images_under(root: Path) -> list[str]:
+    """Every image file under root, at any depth, sorted by path."""
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files if _is_image(f))
+
+
+def list_unlabelled(path: Path) -> dict[str, list[tuple[None, str]]]:
+    """{split: [(None, file path)]} of a folder of images whose subfolders are not classes (a segmentation or
+    detection set): train/ and the first of test/, val/ when it has both, else every image under it as train (the
+    evaluation images are then held out of it, pipeline.prepare)."""
+    evals = [s for s in EVAL_SPLITS if (path / s).is_dir()]
+    if (path / "train").is_dir() and evals:
+        splits = {"train": _images_under(path / "train"), evals[0]: _images_under(path / evals[0])}
+    else:
+        splits = {"train": _images_under(path)}
+    if not splits["train"]:
+        raise UserError(f"{path} holds no images ({', '.join(EXTENSIONS)})"
+                        f"{' under train/' if len(splits) > 1 else ''}")
+    return {s: [(None, f) for f in files] for s, files in splits.items()}
+
+
+def list_folder(path: Path, labels: str = "classes") -> dict[str, list[tuple[str | None, str]]]:
+    """{split: [(class, file path)]}, sorted by class then file name; reads directory entries only. labels: classes
+    (the ImageFolder layout, else an error), none (list_unlabelled: class None) or auto (the ImageFolder layout
+    where the folder has one, unlabelled images otherwise)."""
+    if labels == "none":
+        return list_unlabelled(path)
+    try:
+        splits = _list_classes(path)
+        class_index(splits)  # eval classes that train/ lacks: not an ImageFolder of classes (cities, scenes)
+        return splits
+    except UserError:
+        if labels == "classes":
+            raise
+        return list_unlabelled(path)
+
+
+def _list_classes(path: Path) -> dict[str, list[tuple[str, str]]]:
     splits = {}
     for split in ("train",) + EVAL_SPLITS:
         root = path / split
@@ -39,7 +88,7 @@ def list_folder(path: Path) -> dict[str, list[tuple[str, str]]]:
         items = []
         for cls in sorted(e.name for e in os.scandir(root) if e.is_dir()):
             items += [(cls, f.path) for f in sorted(os.scandir(root / cls), key=lambda f: f.name)
-                      if f.name.lower().endswith(EXTENSIONS) and f.is_file()]
+                      if _is_image(f.name) and f.is_file()]
         splits[split] = items
     if not splits.get("train") or not any(splits.get(s) for s in EVAL_SPLITS):
         raise _layout_error(path, [s for s, v in splits.items() if v])
@@ -47,8 +96,10 @@ def list_folder(path: Path) -> dict[str, list[tuple[str, str]]]:
 
 
 def class_index(splits: dict) -> list[str]:
-    """The classes, sorted by name (for ImageNet's wnid folders: the index order torchvision and timm use).
-    Every evaluation class must be a training class, or labels would silently shift."""
+    """The classes, sorted by name (for ImageNet's wnid folders: the index order torchvision and timm use); [] for
+    unlabelled images. Every evaluation class must be a training class, or labels would silently shift."""
+    if splits["train"] and splits["train"][0][0] is None:
+        return []
     classes = sorted({c for c, _ in splits["train"]})
     for split in EVAL_SPLITS:
         extra = sorted({c for c, _ in splits.get(split, [])} - set(classes))
@@ -89,12 +140,16 @@ def _walk_tar(path: Path):
         raise UserError(f"cannot read {path}: {e}") from None
 
 
-def decode_all(path: Path, pre: Preprocess) -> dict[str, dict]:
-    """Decode every image once; returns {split: {images, labels, classes}} (the in-memory path)."""
+def decode_all(path: Path, pre: Preprocess, labels: str = "classes") -> dict[str, dict]:
+    """Decode every image once; returns {split: {images, labels, classes}} (the in-memory path; labels as in
+    list_folder, an unlabelled image's label -1)."""
     from tqdm.auto import tqdm
 
     if path.is_dir():
-        splits = {s: [(c, f, f) for c, f in items] for s, items in list_folder(path).items()}
+        splits = {s: [(c, f, f) for c, f in items] for s, items in list_folder(path, labels).items()}
+    elif labels == "none":
+        raise UserError(f"{path}: an archive is read as an ImageFolder of classes; unpack unlabelled images into a "
+                        "folder")
     else:
         raw: dict[str, list] = {}
         for split, cls, name, data in _walk_tar(path):
@@ -113,14 +168,15 @@ def decode_all(path: Path, pre: Preprocess) -> dict[str, dict]:
                 imgs.append(_decode(data, pre, size, name=where))
                 size = size or imgs[-1].shape[1:]  # without a crop, every image is served at the first one's size
                 bar.update(1)
-            labels = torch.tensor([classes.index(c) for c, _, _ in items], dtype=torch.long)
-            out[split] = {"images": torch.stack(imgs), "labels": labels, "classes": classes}
+            index = {c: i for i, c in enumerate(classes)} | {None: -1}
+            out[split] = {"images": torch.stack(imgs), "classes": classes,
+                          "labels": torch.tensor([index[c] for c, _, _ in items], dtype=torch.long)}
     finally:  # an error message starts on its own line
         bar.close()
     return out
 
 
-def should_stream(path: Path, pre: Preprocess, mode: str) -> bool:
+def should_stream(path: Path, pre: Preprocess, mode: str, labels: str = "classes") -> bool:
     """`on`/`off` as asked; `auto` streams a folder whose decoded images would exceed STREAM_ABOVE_BYTES."""
     if mode not in ("auto", "on", "off"):
         raise UserError(f"--streaming must be auto, on or off, got '{mode}'")
@@ -132,7 +188,7 @@ def should_stream(path: Path, pre: Preprocess, mode: str) -> bool:
         return False
     if mode == "on":
         return True
-    splits = list_folder(path)
+    splits = list_folder(path, labels)
     n = sum(len(v) for v in splits.values())
     if pre.crop:
         per_image = 3 * pre.crop * pre.crop
@@ -173,6 +229,10 @@ class FolderSet:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def labelled(self) -> bool:
+        return labelled(self.labels)
 
     @property
     def mean(self) -> tuple:
@@ -225,15 +285,19 @@ class _Epochs:
                                  seed=self.seed + self.epoch, channels_last=self.channels_last)
 
 
-def load_folder_streamed(path: Path, train: bool, pre: Preprocess) -> FolderSet:
+def load_folder_streamed(path: Path, train: bool, pre: Preprocess, labels: str = "classes") -> FolderSet | None:
+    """A split of a folder (list_folder's `labels`), streamed; None for the evaluation split of unlabelled images
+    that have none."""
     if not pre.crop:
         raise UserError(f"streaming {path} needs one image size for every batch: use --preprocess imagenet "
                         "(or auto with a torchvision/timm model), or give --image-size")
-    splits = list_folder(path)
+    splits = list_folder(path, labels)
     classes = class_index(splits)
-    split = "train" if train else next(s for s in EVAL_SPLITS if splits.get(s))
+    split = "train" if train else next((s for s in EVAL_SPLITS if splits.get(s)), None)
+    if split is None:
+        return None
     items = splits[split]
-    lookup = {c: i for i, c in enumerate(classes)}
-    labels = torch.tensor([lookup[c] for c, _ in items], dtype=torch.long)
-    return FolderSet([f for _, f in items], labels, classes, pre, f"ImageFolder {path} ({split}, streamed)",
-                     augment="resized-crop-flip" if train else "none")
+    lookup = {c: i for i, c in enumerate(classes)} | {None: -1}
+    kind = "ImageFolder" if classes else "unlabelled images"
+    return FolderSet([f for _, f in items], torch.tensor([lookup[c] for c, _ in items], dtype=torch.long), classes,
+                     pre, f"{kind} {path} ({split}, streamed)", augment="resized-crop-flip" if train else "none")

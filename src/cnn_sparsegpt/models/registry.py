@@ -95,8 +95,9 @@ def user_factory(name: str) -> Callable[..., nn.Module] | None:
     return factory
 
 
-def _build_user_model(name: str, num_classes: int) -> nn.Module:
-    """Call the factory with num_classes where it takes it (or **kwargs); a fixed head otherwise."""
+def _build_user_model(name: str, num_classes: int | None) -> nn.Module:
+    """Call the factory with num_classes where it takes it (or **kwargs) and one is given; its own default
+    otherwise."""
     factory = user_factory(name)
     try:
         params = inspect.signature(factory).parameters.values()
@@ -104,7 +105,7 @@ def _build_user_model(name: str, num_classes: int) -> nn.Module:
         params = ()
     takes = any(p.name == "num_classes" or p.kind is p.VAR_KEYWORD for p in params)
     try:
-        model = factory(num_classes=num_classes) if takes else factory()
+        model = factory(num_classes=num_classes) if takes and num_classes is not None else factory()
     except Exception as e:
         raise UserError(f"building the model {name} failed: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
@@ -129,14 +130,14 @@ def check_model_name(name: str) -> None:
         import torchvision
 
         if arch not in torchvision.models.list_models(module=torchvision.models):
-            other = next((f"a {kind} model" for kind in ("segmentation", "detection", "video", "optical_flow")
+            other = next((f"a {kind} model" for kind in ("detection", "video", "optical_flow")
                           if arch in torchvision.models.list_models(module=getattr(torchvision.models, kind))), None)
-            if other:  # the CLI measures top-1 of a classifier; the library prunes segmentation models too
-                python = ("; prune it from Python with cnn_sparsegpt.prune_model(model, images, ...)"
-                          if other == "a segmentation model" else "")
-                raise UserError(f"torchvision:{arch} is {other}: the command line prunes classifiers (it measures "
-                                f"top-1){python}")
-            raise UserError(f"unknown torchvision model '{arch}'; see torchvision.models.list_models()")
+            if other:  # their inputs are lists of images, clips or image pairs, not one batch of images
+                raise UserError(f"torchvision:{arch} is {other}: the command line prunes models that take a batch of "
+                                "images (classifiers, segmentation); prune its backbone from Python with "
+                                "cnn_sparsegpt.prune_model(model.backbone, images, ...)")
+            if arch not in _segmentation_models():
+                raise UserError(f"unknown torchvision model '{arch}'; see torchvision.models.list_models()")
     elif kind == "timm" and arch:
         if not timm_module().is_model(arch):
             raise UserError(f"unknown timm model '{arch}'; see timm.list_models()")
@@ -147,26 +148,36 @@ def check_model_name(name: str) -> None:
                         "timm:NAME, or your own as FILE.py:NAME")
 
 
-def create_model(name: str, num_classes: int = 10) -> nn.Module:
+def _segmentation_models() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models.segmentation)
+
+
+def create_model(name: str, num_classes: int | None = 10, state: dict | None = None) -> nn.Module:
     """A registry model, `torchvision:NAME`, `timm:NAME` or a user's `FILE.py:NAME` (random weights; pretrained
-    ones come from --weights)."""
+    ones come from --weights). num_classes None: the builder's own default. state: the checkpoint it will load,
+    where its keys tell the architecture (a torchvision segmentation model's auxiliary head)."""
     check_model_name(name)
     if _is_user_name(name):
         return _build_user_model(name, num_classes)
+    heads = {} if num_classes is None else {"num_classes": num_classes}
     kind, _, arch = name.partition(":")
     if kind == "torchvision":
         import torchvision
 
-        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        if arch in _segmentation_models():  # no backbone download; the aux head where the checkpoint has one
+            heads |= {"weights_backbone": None, "aux_loss": any(k.startswith("aux_classifier.") for k in state or {})}
+        return torchvision.models.get_model(arch, weights=None, **heads)
     if kind == "timm":
-        return timm_module().create_model(arch, pretrained=False, num_classes=num_classes)
-    return _REGISTRY[name].factory(num_classes=num_classes)
+        return timm_module().create_model(arch, pretrained=False, **heads)
+    return _REGISTRY[name].factory(**heads)
 
 
 def head_classes(name: str, state: dict) -> int | None:
     """The number of classes of a checkpoint: the output size of the model's last Conv2d/Linear (its head),
     read from the state dict; None when the checkpoint has no such key."""
-    probe = create_model(name, num_classes=7)  # a head of 7 tells the head's keys from the rest
+    probe = create_model(name, num_classes=7, state=state)  # a head of 7 tells the head's keys from the rest
     for n, m in probe.named_modules():
         if (isinstance(m, nn.Linear) and m.out_features == 7) or (isinstance(m, nn.Conv2d) and m.out_channels == 7):
             w = state.get(f"{n}.weight")
