@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+import cnn_sparsegpt as cs
 from cnn_sparsegpt import UserError
 from cnn_sparsegpt.commands.bench import BenchConfig, BenchModel, read_rows, run_bench
 from cnn_sparsegpt.commands.cli import main
@@ -20,6 +21,7 @@ from cnn_sparsegpt.commands.plot import make_plots
 from cnn_sparsegpt.commands.train import TrainConfig, output_error
 from cnn_sparsegpt.data.datasets import ImageSet, load_splits
 from cnn_sparsegpt.data.folders import list_folder
+from cnn_sparsegpt.data.preprocess import imagenet
 from cnn_sparsegpt.utils import file_stem
 
 NET = '''
@@ -88,6 +90,10 @@ def test_folders_without_class_layout_are_unlabelled(tmp_path, flat_images):
     assert [f for _, f in list_folder(inet, "none")["train"]] == [f for _, f in list_folder(inet, "auto")["train"]]
     train, test = load_splits(str(flat_images), labels="auto")
     assert test is None and len(train) == 40 and not train.labelled and (train.labels == -1).all()
+    streamed, test = load_splits(str(flat_images), preprocess=imagenet(12, 8), streaming="on", labels="auto")
+    assert test is None and streamed.storage == "streamed" and not streamed.labelled and len(streamed) == 40
+    x, y = next(streamed.batches(4, "cpu"))
+    assert x.shape == (4, 3, 8, 8) and (y == -1).all()
     train, test = load_splits(str(inet), labels="auto")
     assert train.labelled and test.labelled and train.classes == ["cat", "dog"]
 
@@ -100,6 +106,8 @@ def test_output_error_is_relative_to_the_reference():
     scaled.load_state_dict({k: 1.1 * v for k, v in dense.state_dict().items()})  # every output 1.1 times
     assert output_error(dense, dense, data, progress=False) == 0
     assert output_error(scaled, dense, data, batch_size=3, progress=False) == pytest.approx(0.01, rel=1e-6)
+    images = torch.randn(5, 3, 8, 8)  # the Python API's images, as prune_model takes them
+    assert cs.output_error(scaled, dense, images, batch_size=2, progress=False) == pytest.approx(0.01, rel=1e-6)
 
 
 def test_prune_a_model_that_is_not_a_classifier(net_file, flat_images, tmp_path, capsys):

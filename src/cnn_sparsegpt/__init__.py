@@ -1,7 +1,7 @@
 """cnn-sparsegpt: one-shot SparseGPT pruning of convolutional networks."""
 from .commands.export import export_model
 from .commands.latency import compare_latency
-from .commands.train import TrainConfig, evaluate, train_model
+from .commands.train import TrainConfig, evaluate, output_error, train_model
 from .deploy import load_compressed, save_compressed
 from .data import ImageSet, Loader, calibration_set, load_dataset
 from .kernels.masks import Pattern
@@ -14,7 +14,7 @@ from .utils import UserError, load_state_dict
 __all__ = [
     "METHODS", "PUBLISHED", "RECOMMENDED", "ImageSet", "LayerPruner", "LayerResult", "Loader", "Pattern",
     "PruneConfig", "PruneReport", "TrainConfig", "UserError", "calibration_set", "compare_latency", "create_model",
-    "evaluate", "export_model", "list_models", "load_compressed", "load_dataset", "load_state_dict", "prune_model",
-    "register_model", "save_compressed", "sparsegpt_solve", "train_model",
+    "evaluate", "export_model", "list_models", "load_compressed", "load_dataset", "load_state_dict", "output_error",
+    "prune_model", "register_model", "save_compressed", "sparsegpt_solve", "train_model",
 ]
 __version__ = "0.1.0"

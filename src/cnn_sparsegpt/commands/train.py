@@ -34,15 +34,19 @@ class TrainConfig:
 
 
 def _shard(data, device, batch_size: int, progress: bool, desc: str, process_group):
-    """The batches of `data` this process evaluates: every world-th image under torchrun."""
+    """The (images, labels) batches of `data` this process evaluates: every world-th image under torchrun. data: an
+    ImageSet or FolderSet, or a tensor of model-ready images (labels None)."""
     world = dist.world(process_group)
     if world > 1:
-        data = data.subset(torch.arange(dist.rank(process_group), len(data), world))
+        share = torch.arange(dist.rank(process_group), len(data), world)
+        data = data[share] if torch.is_tensor(data) else data.subset(share)
+    batches = ((x.to(device), None) for x in data.split(batch_size)) if torch.is_tensor(data) \
+        else data.batches(batch_size, device)
     # freed activations reused, not faulted in afresh per batch (pruning/heap.py): ResNet-18 on CIFAR-10's test split
     # 56.2 / 55.8 -> 39.1 / 39.6 s on this project's CPU, peak RSS +11-18% (benchmarks/heap_reuse.py --evaluate)
     with reuse_freed_memory(torch.device(device).type == "cpu"):
-        yield from tqdm(data.batches(batch_size, device), total=-(-len(data) // batch_size), desc=desc, unit="batch",
-                        disable=not progress, leave=False)
+        yield from tqdm(batches, total=-(-len(data) // batch_size), desc=desc, unit="batch", disable=not progress,
+                        leave=False)
 
 
 @torch.no_grad()
@@ -65,7 +69,8 @@ def evaluate(model: nn.Module, data, device: torch.device | str = "cpu", batch_s
 def output_error(model: nn.Module, reference: nn.Module, data, device: torch.device | str = "cpu",
                  batch_size: int = 500, progress: bool = True, desc: str = "output error",
                  process_group=None) -> float:
-    """How far `model`'s outputs are from `reference`'s (the dense model's) on the images of `data`, labels unread:
+    """How far `model`'s outputs are from `reference`'s (the dense model's) on the images of `data` (an ImageSet, a
+    FolderSet or a tensor of model-ready images; labels unread):
     Σ‖y − y_ref‖² / Σ‖y_ref‖² over every image and every floating output tensor (a dict's or tuple's too), so 0 is
     the same outputs and 1 an error as large as the outputs themselves. Any model; torchrun as in `evaluate`."""
     modes = [(m, m.training) for m in (model, reference)]
