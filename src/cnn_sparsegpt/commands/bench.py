@@ -36,7 +36,9 @@ class BenchModel:
     # sparsity levels, N:M, or channel targets: keep_macs=F, keep_params=F, target_speedup=S
     patterns: list = field(default_factory=lambda: ["0.5", "2:4"])
     ignore: list = field(default_factory=list)  # layer names or regexes kept dense
-    metric: str = "auto"  # top1 | output | auto, as prune's --metric (output: a model that is not a classifier)
+    # top1 | output | auto, as prune's --metric (output: a model that is not a classifier); not part of a row's key,
+    # so one CSV holds one metric per model
+    metric: str = "auto"
 
 
 @dataclass
