@@ -48,6 +48,13 @@ def test_torchvision_v2_and_timm_presets_from_metadata():
     assert t.crop == 224 and t.resize == int(224 / 0.95) and t.interpolation == "bicubic"
 
 
+def test_torchvision_segmentation_preset_is_its_resize_with_a_square_crop():
+    """torchvision's segmentation weights resize the shorter side to 520 and crop nothing; a batch needs one shape,
+    so the crop is the shorter side (the scale the weights were trained at, not ImageNet's 224)."""
+    p = from_model("torchvision:deeplabv3_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large-fc3c493d.pth")
+    assert (p.resize, p.crop, p.mean) == (520, 520, (0.485, 0.456, 0.406)) and "COCO_WITH_VOC_LABELS_V1" in p.source
+
+
 def test_torchvision_weight_version_from_the_file_name():
     """The classic ResNet-50 file is IMAGENET1K_V1 (resize 256), not DEFAULT's V2 (232): matched by file name or
     hash; an unknown name assumes DEFAULT and says so, with how to choose."""

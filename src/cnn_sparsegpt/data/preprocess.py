@@ -107,17 +107,19 @@ def from_model(model_name: str, weights_file: str | None = None) -> Preprocess |
         if weights is None:
             return None
         t = weights.transforms()
-        if not hasattr(t, "crop_size"):  # not an image classifier's preset
+        size = getattr(t, "crop_size", None) or getattr(t, "resize_size", None)  # segmentation: a resize alone
+        if not size:
             return None
         source = f"torchvision {weights} metadata"
+        if not getattr(t, "crop_size", None):
+            source += f" (shorter side {size[0]}; a center crop of that size gives every batch one shape)"
         if not matched and weights_file:
             versions = ", ".join(m.name for m in type(weights))
             source += (f" (DEFAULT assumed: the weights file name matches none of {versions}; if your weights are "
                        "another version, give --preprocess imagenet or --image-size/--crop-pct)")
         elif not matched:
             source += " (DEFAULT assumed: no weights file given)"
-        return Preprocess(tuple(t.mean), tuple(t.std), t.resize_size[0], t.crop_size[0], t.interpolation.value,
-                          source)
+        return Preprocess(tuple(t.mean), tuple(t.std), t.resize_size[0], size[0], t.interpolation.value, source)
     if kind == "timm":
         from ..models.registry import timm_module
 
