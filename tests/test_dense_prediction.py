@@ -1,5 +1,6 @@
 """Models that predict per pixel (segmentation) or return several outputs: their scores are compared per position
 (the allocation's and the channel costs' KL), resizing passes channels through, and export checks every output."""
+import copy
 import warnings
 
 import pytest
@@ -59,6 +60,30 @@ def test_output_kl_is_per_position_on_the_first_output():
         changed = model(x)["out"].double().log_softmax(1)
     by_hand = (dense.exp() * (dense - changed)).sum(1).mean()  # over images and pixels
     assert torch.allclose(kl, by_hand, rtol=1e-9)
+    # outputs that are values: the relative squared error of every output tensor ('out' and 'aux' side by side)
+    error = output_kls(model, x, {"half": ["head.4"]}, Halved, outputs="values")["half"]
+    with torch.no_grad():
+        y = torch.cat([t.flatten(1) for t in model(x).values()], 1).double()
+        with Halved(None):
+            y_half = torch.cat([t.flatten(1) for t in model(x).values()], 1).double()
+    assert torch.allclose(error, (y_half - y).square().sum() / y.square().sum(), rtol=1e-9)
+
+
+def test_a_model_that_returns_values_is_measured_by_their_squared_error():
+    """An image-to-image model (outputs='values'): the dp allocation's and the channel costs' output measure is the
+    relative squared error, not a KL over its colour channels."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 3, 3, padding=1)).eval()
+    x = torch.randn(32, 3, 12, 12)
+    base = cs.prune_model(copy.deepcopy(model), x, sparsity=0.5, outputs="values")
+    assert base.allocation["dp_measure"] == "kl" and base.config.outputs == "values"
+    measured = torch.tensor(list(base.allocation["kl_at_sparsity"].values()))
+    assert measured.min() > 0 and measured.max() < 1  # relative errors, each layer pruned alone
+    report = cs.prune_model(copy.deepcopy(model), x, structure="channels", keep_macs=0.6, round_to=4,
+                            outputs="values")
+    assert report.structure["macs"][1] <= 0.6 * report.structure["macs"][0]
 
 
 def _no_fallback(caught) -> None:

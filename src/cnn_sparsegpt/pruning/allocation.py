@@ -140,8 +140,9 @@ def layer_error_curve(p: LayerPruner, method: str, grid, percdamp: float, row_sc
 @torch.no_grad()
 def _kl_sensitivity(model: nn.Module, batches: list, names: list[str], stats: dict, method: str, sparsity: float,
                     percdamp: float, row_scales: dict, images: int = 256, progress: bool = False,
-                    chunk: int | None = None) -> tuple:
-    """KL(dense ‖ network with only layer l pruned at `sparsity`) on the first `images` calibration images,
+                    chunk: int | None = None, outputs: str = "scores") -> tuple:
+    """KL(dense ‖ network with only layer l pruned at `sparsity`) on the first `images` calibration images (of
+    values: their relative squared error, output_kl.py),
     for every layer (how much a layer's error costs at the network's output; output_kl.py: on the traced graph
     each layer's run starts at the layer, about half a forward pass per layer), and the layer's reconstruction
     error at that sparsity. chunk: images per forward pass (the KL is a mean over images: chunks' KLs add up)."""
@@ -171,7 +172,7 @@ def _kl_sensitivity(model: nn.Module, batches: list, names: list[str], stats: di
     xs = x.split(chunk) if chunk and chunk < len(x) else [x]
     kl = torch.zeros(len(names), dtype=torch.float64)
     for xc in xs:  # chunk by chunk: one chunk's activations alive at a time (256 images at 224² would be GBs)
-        part = output_kls(model, xc, {n: [n] for n in names}, pruned)
+        part = output_kls(model, xc, {n: [n] for n in names}, pruned, outputs=outputs)
         kl += torch.stack([part[n].cpu() for n in names]) * len(xc) / len(x)
         bar.update(len(names) / len(xs))
     bar.close()
@@ -216,11 +217,12 @@ def _dp_allocation(config, model, batches, names, stats, size, row_scales, info,
     info["seconds"]["error_database"] = time.perf_counter() - t0
     measure = config.dp_measure
     if measure == "kl" and without_scores(model, batches[0], "allocation='dp' with dp_measure='kl'",
-                                          "each layer's own relative error is used (dp_measure='layer')"):
+                                          "each layer's own relative error is used (dp_measure='layer')",
+                                          config.outputs):
         measure = "layer"
     if measure == "kl":  # each layer's curve scaled to its output KL at S: error at the network's output
         kl, rel = _kl_sensitivity(model, batches, names, stats, method, sparsity, percdamp, row_scales,
-                                  progress=progress, chunk=chunk)
+                                  progress=progress, chunk=chunk, outputs=config.outputs)
         errors = errors * (kl / rel.clamp_min(1e-12))[:, None]
         info["kl_at_sparsity"] = {n: float(v) for n, v in zip(names, kl)}
         info["seconds"]["kl_measure"] = time.perf_counter() - t0 - info["seconds"]["error_database"]

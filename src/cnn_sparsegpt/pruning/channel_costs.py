@@ -73,13 +73,14 @@ def _chunk_ends(n: int, total: int, round_to: int) -> list[int]:
 
 @torch.no_grad()
 def measured_curves(model: nn.Module, groups: list, curves: dict, stats: dict, batches: list, percdamp: float,
-                    round_to: int, batch_size: int, macs_per_image: float, progress: bool = False) -> dict:
+                    round_to: int, batch_size: int, macs_per_image: float, progress: bool = False,
+                    outputs: str = "scores") -> dict:
     """The curves with their costs replaced by the output KL (`kl` above), same removal orders; each point's run
     starts at the group's first consumer (output_kl.py). (Measuring each group with the others' first allocation in
     place, and allocating again, was worse on ResNet-20's held-out images: -2.86 against -2.34 points at keep_macs
-    0.7.)"""
+    0.7.) outputs: what the model returns (output_kl.py: scores by KL, values by relative squared error)."""
     x = torch.cat(batches)[:max(MIN_IMAGES, min(IMAGES, int(POINT_MACS / max(macs_per_image, 1.0))))]
-    if without_scores(model, x, "channel_costs='kl'", "the groups are compared by their layer costs"):
+    if without_scores(model, x, "channel_costs='kl'", "the groups are compared by their layer costs", outputs):
         return curves
     points = {}  # (group, units removed) -> the consumers whose weights it changes
     for g, (order, _) in curves.items():
@@ -109,7 +110,7 @@ def measured_curves(model: nn.Module, groups: list, curves: dict, stats: dict, b
 
     with tqdm(total=len(points), desc="channels: output costs", unit="point", disable=not progress,
               leave=False) as bar:
-        kl = output_kls(model, x, points, removed, batch_size, bar)
+        kl = output_kls(model, x, points, removed, batch_size, bar, outputs)
     return {g: (order, _follow(layer_curve, {0: 0.0} | {k: float(v) for (h, k), v in kl.items() if h == g}))
             for g, (order, layer_curve) in curves.items()}
 

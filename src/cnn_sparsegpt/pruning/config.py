@@ -122,6 +122,10 @@ class PruneConfig:
                           "that at S it equals the network's output KL with only that layer pruned on 256 "
                           "calibration images (kl: one forward pass per layer; better with this recipe, the layer "
                           "measure with the published one, docs/RESULTS.md)", DP_MEASURES)
+    outputs: str = opt("scores", "what the model returns, for the measures at its output (dp_measure and "
+                       "channel_costs kl): scores (class scores: a classifier's logits, a segmentation map's per-pixel "
+                       "scores; KL between their softmaxes over dim 1) or values (anything else: an image, a depth "
+                       "map, features; relative squared error of every output tensor)", ("scores", "values"))
     bn_aware: bool = opt(False, "weigh each output row's saliency by its BatchNorm's (gamma/sigma)^2, as if folded "
                          "(unstructured sparsegpt and magnitude)")
     stat_correction: bool = opt(False, "after pruning, give layers with a bias and BatchNorms the dense network's "
@@ -324,7 +328,7 @@ PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 RECIPE_KEYS = ("solver", "hessians", "allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction",
                "refine", "dense_target", "residual_target", "inactive_weight", "refit_dense_layers", "intercept",
                "reconstruct", "wbits", "quant", "quant_clip", "structure", "keep_macs", "keep_params", "target_speedup",
-               "round_to", "channel_costs", "permute")
+               "round_to", "channel_costs", "permute", "outputs")
 CHANNEL_ONLY = ("channel_costs", "round_to")  # settings that change nothing without structure='channels'
 DP_ONLY = ("dp_measure",)  # settings that change nothing without allocation='dp'
 

@@ -4,7 +4,9 @@ calibration images, one change at a time. allocation='dp' with dp_measure='kl' m
 
 The scores compared are the model's output tensor, or its first one where it returns several (a dict's first value,
 as torchvision's segmentation models' 'out'; a tuple's or list's first item), softmax over dim 1 (the classes) at
-each image and position: a classifier's (N, classes) logits, a segmentation model's (N, classes, H, W) per pixel."""
+each image and position: a classifier's (N, classes) logits, a segmentation model's (N, classes, H, W) per pixel.
+A model whose outputs are values, not class scores (outputs='values': an image, a depth map, features), is compared
+by the relative squared error of all its floating output tensors instead, ‖y − y_dense‖² / ‖y_dense‖²."""
 from __future__ import annotations
 
 import warnings
@@ -17,15 +19,16 @@ from .graph import GraphStop, each_change, trace
 
 
 def output_kls(model: nn.Module, x: torch.Tensor, changes: dict, change, chunk: int | None = None,
-               bar=None) -> dict:
+               bar=None, outputs: str = "scores") -> dict:
     """{key: KL(dense ‖ model with change(key) applied)} on the images x, a float64 scalar per key (a mean over
-    images and positions). changes: {key: the names of the modules the change touches}; change(key): a context
+    images and positions); outputs='values': the relative squared error instead (above). changes: {key: the names of the modules the change touches}; change(key): a context
     manager that applies it (once, for every chunk). On the traced graph a change runs from the first node that
     reads one of its modules, the unchanged prefix computed once; a model that cannot be traced runs whole for each
     change. chunk: images per forward pass (a CPU's forward slows down with batches of large activations, see
     prune.cpu_batches); the unchanged pass holds the values of every chunk at once, so a caller with many large
     images calls this chunk by chunk instead (the KL is a mean over images). bar: a progress bar, advanced once per
     change."""
+    read, measure = OUTPUTS[outputs]
     xs = list(x.split(chunk)) if chunk and chunk < len(x) else [x]
     try:
         gm = trace(model)
@@ -34,13 +37,13 @@ def output_kls(model: nn.Module, x: torch.Tensor, changes: dict, change, chunk: 
     runs = None
     if gm is not None:
         try:
-            runs = _log_probs(each_change(gm, xs, changes, change), bar)
+            runs = read(each_change(gm, xs, changes, change), bar)
         except GraphStop:  # a node the runner cannot call: start again with whole runs
             pass
     if runs is None:
-        runs = _log_probs(_whole_runs(model, xs, changes, change), bar)
+        runs = read(_whole_runs(model, xs, changes, change), bar)
     dense = runs.pop(None)
-    return {key: (dense.exp() * (dense - logp)).sum(-1).mean().clamp_min(0) for key, logp in runs.items()}
+    return {key: measure(dense, y) for key, y in runs.items()}
 
 
 def scores(out) -> torch.Tensor | None:
@@ -49,14 +52,21 @@ def scores(out) -> torch.Tensor | None:
     return next((t for t in output_tensors(out) if t.is_floating_point() and t.ndim >= 2), None)
 
 
-def without_scores(model: nn.Module, x: torch.Tensor, measure: str, instead: str) -> bool:
-    """Whether the model's output holds no scores to compare (scores() is None), after a warning that `measure`
-    uses `instead`."""
+def values(out) -> torch.Tensor | None:
+    """Every floating output tensor, flattened per image and side by side (N, ·); None if there is none."""
+    ts = [t.flatten(1) for t in output_tensors(out) if t.is_floating_point() and t.ndim >= 2]
+    return torch.cat(ts, 1) if ts else None
+
+
+def without_scores(model: nn.Module, x: torch.Tensor, measure: str, instead: str, outputs: str = "scores") -> bool:
+    """Whether the model's output holds nothing to compare (scores() or values() is None), after a warning that
+    `measure` uses `instead`."""
     with torch.no_grad():
-        missing = scores(model(x[:1])) is None
+        missing = (scores if outputs == "scores" else values)(model(x[:1])) is None
     if missing:
-        warnings.warn(f"{measure} compares the model's output scores, and this model's output holds no floating "
-                      f"tensor of at least two dimensions: {instead}", RuntimeWarning)
+        warnings.warn(f"{measure} compares the model's output {outputs}, and this model's output holds no floating "
+                      f"tensor{' of at least two dimensions' if outputs == 'scores' else ''}: {instead}",
+                      RuntimeWarning)
     return missing
 
 
@@ -69,6 +79,28 @@ def _log_probs(runs, bar) -> dict:
         if bar is not None and key is not None:
             bar.update()
     return out
+
+
+def _values(runs, bar) -> dict:
+    """Per run: the outputs' values (images, ·) in float64."""
+    out = {}
+    for key, ys in runs:
+        out[key] = torch.cat([values(part) for part in ys]).double()
+        if bar is not None and key is not None:
+            bar.update()
+    return out
+
+
+def _kl(dense: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    return (dense.exp() * (dense - logp)).sum(-1).mean().clamp_min(0)
+
+
+def _relative_squared(dense: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (y - dense).square().sum() / dense.square().sum().clamp_min(torch.finfo(torch.float64).tiny)
+
+
+# what a model's outputs are -> (read a run's outputs, their distance from the dense run's)
+OUTPUTS = {"scores": (_log_probs, _kl), "values": (_values, _relative_squared)}
 
 
 def _whole_runs(model: nn.Module, xs: list, changes: dict, change):

@@ -268,7 +268,7 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
     if config.channel_costs == "kl":
         t1 = time.perf_counter()
         curves = measured_curves(model, groups, curves, stats, batches, config.percdamp, config.round_to,
-                                 config.batch_size, counters["macs"].total({}), progress)
+                                 config.batch_size, counters["macs"].total({}), progress, config.outputs)
         timings["output_costs"] = time.perf_counter() - t1
     latency = None
     if what == "speedup":
