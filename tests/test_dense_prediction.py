@@ -84,6 +84,10 @@ def test_a_model_that_returns_values_is_measured_by_their_squared_error():
     report = cs.prune_model(copy.deepcopy(model), x, structure="channels", keep_macs=0.6, round_to=4,
                             outputs="values")
     assert report.structure["macs"][1] <= 0.6 * report.structure["macs"][0]
+    gray = nn.Sequential(*list(model)[:-1], nn.Conv2d(16, 1, 3, padding=1))  # one channel: its softmax is always 1
+    with pytest.warns(RuntimeWarning, match="one channel, whose softmax is always 1"):
+        report = cs.prune_model(gray, x, sparsity=0.5)
+    assert min(report.allocation["kl_at_sparsity"].values()) > 0  # measured as values, not a KL of 0 everywhere
 
 
 def _no_fallback(caught) -> None:

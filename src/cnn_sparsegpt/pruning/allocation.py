@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .graph import run_hooked
 from .layer import LayerPruner
-from .output_kl import output_kls, without_scores
+from .output_kl import output_kls, output_measure
 from ..kernels.masks import Pattern
 from ..kernels.exact_obs import exact_error_curve
 from ..kernels.solver import choose_solver, prune_matrix, relative_error, sparsegpt_curve
@@ -215,14 +215,14 @@ def _dp_allocation(config, model, batches, names, stats, size, row_scales, info,
                             leave=False)]
     errors = torch.stack(curves)
     info["seconds"]["error_database"] = time.perf_counter() - t0
-    measure = config.dp_measure
-    if measure == "kl" and without_scores(model, batches[0], "allocation='dp' with dp_measure='kl'",
-                                          "each layer's own relative error is used (dp_measure='layer')",
-                                          config.outputs):
-        measure = "layer"
+    measure, outputs = config.dp_measure, None
+    if measure == "kl":
+        outputs = output_measure(model, batches[0], "allocation='dp' with dp_measure='kl'",
+                                 "each layer's own relative error is used (dp_measure='layer')", config.outputs)
+        measure = "kl" if outputs else "layer"
     if measure == "kl":  # each layer's curve scaled to its output KL at S: error at the network's output
         kl, rel = _kl_sensitivity(model, batches, names, stats, method, sparsity, percdamp, row_scales,
-                                  progress=progress, chunk=chunk, outputs=config.outputs)
+                                  progress=progress, chunk=chunk, outputs=outputs)
         errors = errors * (kl / rel.clamp_min(1e-12))[:, None]
         info["kl_at_sparsity"] = {n: float(v) for n, v in zip(names, kl)}
         info["seconds"]["kl_measure"] = time.perf_counter() - t0 - info["seconds"]["error_database"]

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..kernels.block_obs import refit_without
 from .channel_budget import step_size
-from .output_kl import output_kls, without_scores
+from .output_kl import output_kls, output_measure
 
 CHANNEL_COSTS = ("layer", "kl")
 LEVELS = 8  # measured points per group; more buys little (the curve between them follows the layer costs)
@@ -80,7 +80,8 @@ def measured_curves(model: nn.Module, groups: list, curves: dict, stats: dict, b
     place, and allocating again, was worse on ResNet-20's held-out images: -2.86 against -2.34 points at keep_macs
     0.7.) outputs: what the model returns (output_kl.py: scores by KL, values by relative squared error)."""
     x = torch.cat(batches)[:max(MIN_IMAGES, min(IMAGES, int(POINT_MACS / max(macs_per_image, 1.0))))]
-    if without_scores(model, x, "channel_costs='kl'", "the groups are compared by their layer costs", outputs):
+    outputs = output_measure(model, x, "channel_costs='kl'", "the groups are compared by their layer costs", outputs)
+    if outputs is None:
         return curves
     points = {}  # (group, units removed) -> the consumers whose weights it changes
     for g, (order, _) in curves.items():

@@ -21,8 +21,9 @@ from .graph import GraphStop, each_change, trace
 def output_kls(model: nn.Module, x: torch.Tensor, changes: dict, change, chunk: int | None = None,
                bar=None, outputs: str = "scores") -> dict:
     """{key: KL(dense ‖ model with change(key) applied)} on the images x, a float64 scalar per key (a mean over
-    images and positions); outputs='values': the relative squared error instead (above). changes: {key: the names of the modules the change touches}; change(key): a context
-    manager that applies it (once, for every chunk). On the traced graph a change runs from the first node that
+    images and positions); outputs='values': the relative squared error instead (above). changes: {key: the names
+    of the modules the change touches}; change(key): a context manager that applies it (once, for every chunk). On
+    the traced graph a change runs from the first node that
     reads one of its modules, the unchanged prefix computed once; a model that cannot be traced runs whole for each
     change. chunk: images per forward pass (a CPU's forward slows down with batches of large activations, see
     prune.cpu_batches); the unchanged pass holds the values of every chunk at once, so a caller with many large
@@ -58,16 +59,24 @@ def values(out) -> torch.Tensor | None:
     return torch.cat(ts, 1) if ts else None
 
 
-def without_scores(model: nn.Module, x: torch.Tensor, measure: str, instead: str, outputs: str = "scores") -> bool:
-    """Whether the model's output holds nothing to compare (scores() or values() is None), after a warning that
-    `measure` uses `instead`."""
+def output_measure(model: nn.Module, x: torch.Tensor, measure: str, instead: str,
+                   outputs: str = "scores") -> str | None:
+    """Which comparison `measure` (a recipe setting that reads the network's output) makes on this model: `outputs`
+    as asked; values where asked for scores but they have one channel (a softmax over one class is always 1, so
+    every KL would be 0: a grayscale image, a binary mask's single logit), with a warning; None, after a warning that
+    `measure` uses `instead`, where the output holds nothing to compare."""
     with torch.no_grad():
-        missing = (scores if outputs == "scores" else values)(model(x[:1])) is None
-    if missing:
-        warnings.warn(f"{measure} compares the model's output {outputs}, and this model's output holds no floating "
-                      f"tensor{' of at least two dimensions' if outputs == 'scores' else ''}: {instead}",
-                      RuntimeWarning)
-    return missing
+        out = model(x[:1])
+    s = scores(out) if outputs == "scores" else None
+    if s is not None and s.shape[1] == 1:
+        warnings.warn(f"{measure}: the model's output scores have one channel, whose softmax is always 1: their "
+                      "relative squared error is compared instead (outputs='values')", RuntimeWarning)
+        return "values"
+    if s is not None or (outputs == "values" and values(out) is not None):
+        return outputs
+    warnings.warn(f"{measure} compares the model's output {outputs}, and this model's output holds no floating "
+                  f"tensor{' of at least two dimensions' if outputs == 'scores' else ''}: {instead}", RuntimeWarning)
+    return None
 
 
 def _log_probs(runs, bar) -> dict:
