@@ -12,9 +12,10 @@ from tqdm.auto import tqdm
 
 from ..pruning import dist
 from ..pruning.heap import reuse_freed_memory
+from ..pruning.output_kl import values
 from ..data.datasets import ImageSet
 from ..data.folders import FolderSet
-from ..utils import UserError, output_tensors
+from ..utils import UserError
 
 
 @dataclass
@@ -70,17 +71,21 @@ def output_error(model: nn.Module, reference: nn.Module, data, device: torch.dev
                  batch_size: int = 500, progress: bool = True, desc: str = "output error",
                  process_group=None) -> float:
     """How far `model`'s outputs are from `reference`'s (the dense model's) on the images of `data` (an ImageSet, a
-    FolderSet or a tensor of model-ready images; labels unread):
-    Σ‖y − y_ref‖² / Σ‖y_ref‖² over every image and every floating output tensor (a dict's or tuple's too), so 0 is
-    the same outputs and 1 an error as large as the outputs themselves. Any model; torchrun as in `evaluate`."""
+    FolderSet or a tensor of model-ready images; labels unread): Σ‖y − y_ref‖² / Σ‖y_ref‖² over every image and
+    every floating output tensor of a batch's shape (output_kl.values: a dict's or a tuple's too), so 0 is the same
+    outputs and 1 an error as large as the outputs themselves. Any model; torchrun as in `evaluate`."""
     modes = [(m, m.training) for m in (model, reference)]
     err = ref = 0.0
     for m, _ in modes:
         m.eval()
     for x, _ in _shard(data, device, batch_size, progress, desc, process_group):
-        pairs = [(y, r) for y, r in zip(output_tensors(model(x)), output_tensors(reference(x))) if r.is_floating_point()]
-        err += sum(float((y.double() - r.double()).square().sum()) for y, r in pairs)
-        ref += sum(float(r.double().square().sum()) for _, r in pairs)
+        y, r = values(model(x)), values(reference(x))  # every output tensor, side by side
+        if r is None:
+            raise UserError(f"{type(reference).__name__}'s output holds no floating tensor with a batch dimension: "
+                            "there is nothing to compare")
+        y, r = y.double(), r.double()
+        err += float((y - r).square().sum())
+        ref += float(r.square().sum())
     for m, training in modes:
         m.train(training)
     err, ref = dist.sum_counts(err, ref, group=process_group)
