@@ -6,6 +6,8 @@ UNet here). As a user's own models they go through the command line as `--model 
 - hourglass_mnist_cnn: a UNet in small with a classifier head: two strided convs down, two ConvTranspose2d up (a
   2×2 stride-2 one, a 4×4 stride-2 padding-1 one: both kinds of view), each joined to the encoder's features of the
   same size, then pooled scores.
+- denoiser_mnist: the same UNet with a per-pixel head instead, a model that is not a classifier (trained, and its
+  images written, by benchmarks/noisy_mnist_denoiser.py).
 
     cnn-sparsegpt train --model benchmarks/conv_views_cnn.py:rows_mnist_cnn --dataset mnist \\
         --data-dir ../shared/data --epochs 2 --out checkpoints/rows_mnist_cnn.pt
@@ -53,12 +55,25 @@ class HourglassCNN(nn.Module):
         self.merge2 = _conv2d(2 * w, w)
         self.fc = nn.Linear(w, num_classes)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
         s = self.stem(x)
         d1 = self.down1(s)
         y = self.merge1(torch.cat([self.up1(self.down2(d1)), d1], 1))
-        y = self.merge2(torch.cat([self.up2(y), s], 1))
-        return self.fc(y.mean((2, 3)))
+        return self.merge2(torch.cat([self.up2(y), s], 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+class HourglassDenoiser(HourglassCNN):
+    """The same body with a per-pixel head: a noisy image in, the clean image out (image to image)."""
+
+    def __init__(self, channels: int = 3, width: int = 32):
+        super().__init__(in_channels=channels, width=width)
+        self.fc = nn.Conv2d(width, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
 
 
 def rows_mnist_cnn(num_classes: int = 10) -> nn.Module:
@@ -72,3 +87,9 @@ def hourglass_mnist_cnn(num_classes: int = 10) -> nn.Module:
 def hourglass_rgb_cnn(num_classes: int = 10) -> nn.Module:
     """The same at twice the width on RGB images: for speed on random weights (benchmarks/target_speedup.py)."""
     return HourglassCNN(num_classes, in_channels=3, width=64)
+
+
+def denoiser_mnist() -> nn.Module:
+    """An image-to-image network: noisy MNIST digits (as RGB, the way image folders are read) to clean ones, trained
+    by benchmarks/noisy_mnist_denoiser.py."""
+    return HourglassDenoiser()
