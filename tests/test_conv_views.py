@@ -28,6 +28,9 @@ LAYERS = {  # name → (layer, input shape, view kind)
     "conv3d_same_reflect": (lambda: nn.Conv3d(8, 12, (2, 3, 3), padding="same", padding_mode="reflect"),
                             (2, 8, 5, 6, 7), "depth"),
     "conv3d_pointwise": (lambda: nn.Conv3d(8, 12, 1), (2, 8, 5, 6, 7), "depth"),
+    "transposed3d_2x2x2": (lambda: nn.ConvTranspose3d(8, 6, 2, stride=2), (2, 8, 3, 4, 5), "voxels"),
+    "transposed3d_grouped_anisotropic": (lambda: nn.ConvTranspose3d(8, 6, (1, 2, 3), stride=(1, 2, 3), groups=2),
+                                         (2, 8, 3, 4, 5), "voxels"),
 }
 
 
@@ -91,6 +94,29 @@ def audio():
                          nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(32, 10)).eval(), torch.randn(64, 1, 400)
 
 
+def volume_unet():
+    """A 3-D UNet in small (nnU-Net's shape): strided Conv3d down, a ConvTranspose3d whose kernel is its stride up,
+    joined to the encoder's features."""
+    class UNet3d(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU())
+            self.down = nn.Sequential(nn.Conv3d(8, 16, 3, stride=2, padding=1), nn.BatchNorm3d(16), nn.ReLU())
+            self.up = nn.ConvTranspose3d(16, 8, 2, stride=2)
+            self.dec = nn.Sequential(nn.Conv3d(16, 8, 3, padding=1), nn.BatchNorm3d(8), nn.ReLU(), nn.Conv3d(8, 3, 1))
+
+        def forward(self, x):
+            a = self.enc(x)
+            return self.dec(torch.cat([a, self.up(self.down(a))], 1))
+    model, x = UNet3d(), torch.randn(16, 1, 6, 8, 8)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.momentum = None  # the statistics of its inputs (as video() does)
+    with torch.no_grad():
+        model.train()(x)
+    return model.eval(), x
+
+
 def video():
     model = nn.Sequential(nn.Conv3d(3, 16, 3, padding=1), nn.BatchNorm3d(16), nn.ReLU(),
                           nn.Conv3d(16, 32, 3, stride=2, padding=1, bias=False), nn.BatchNorm3d(32), nn.ReLU(),
@@ -104,7 +130,7 @@ def video():
     return model.eval(), x
 
 
-@pytest.mark.parametrize("build", [unet, audio, video])
+@pytest.mark.parametrize("build", [unet, audio, video, volume_unet])
 @pytest.mark.parametrize("pattern", [{"nm": "2:4"}, {"sparsity": 0.6}])
 def test_default_recipe_prunes_them_in_their_own_layout(build, pattern):
     torch.manual_seed(0)
@@ -116,14 +142,14 @@ def test_default_recipe_prunes_them_in_their_own_layout(build, pattern):
     assert [type(m) for m in model.modules()] == types  # the original modules are back
     modules = dict(model.named_modules())
     viewed = {n for n, m in modules.items()
-              if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Conv3d))}
+              if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Conv3d, nn.ConvTranspose3d))}
     pruned = {r.name for r in rep.layers if not r.skipped}
-    assert viewed - pruned == {"0"} & viewed  # every one but a first conv kept dense by convention
+    assert viewed - pruned == {"0", "enc.0"} & viewed  # every one but a first conv kept dense by convention
     for key, mask in rep.masks.items():
         m = modules[key.removesuffix(".weight")]
         assert mask.shape == m.weight.shape and torch.all(m.weight[~mask] == 0)
         if "nm" in pattern:  # 2 of every 4 along the original's input channels (a transposed conv's dim 0)
-            along = 0 if isinstance(m, (nn.ConvTranspose1d, nn.ConvTranspose2d)) else 1
+            along = 0 if isinstance(m, nn.modules.conv._ConvTransposeNd) else 1
             groups = mask.movedim(along, -1)
             assert torch.all(groups.reshape(*groups.shape[:-1], -1, 4).sum(-1) == 2), key
     assert rep.sparsity == pytest.approx(0.5 if "nm" in pattern else 0.6, abs=0.01)
@@ -164,7 +190,7 @@ def test_views_leave_weights_bit_identical_when_nothing_is_pruned():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
-@pytest.mark.parametrize("build", [unet, audio, video])
+@pytest.mark.parametrize("build", [unet, audio, video, volume_unet])
 def test_export_counts_and_checks_them(build, tmp_path):
     pytest.importorskip("onnxruntime")
     from cnn_sparsegpt import export_model
@@ -182,8 +208,10 @@ def test_export_counts_and_checks_them(build, tmp_path):
         assert rows["up"]["macs"] == 32 * 16 * 2 * 2 * 8 * 8 and rows["up2"]["macs"] == 32 * 16 * 4 * 4 * 8 * 8
     elif build is audio:
         assert rows["3"]["macs"] == 64 * 32 * 5 * 100
-    else:  # 32 outputs of 16 inputs, 3x3x3 taps, at 2x4x4 positions
+    elif build is video:  # 32 outputs of 16 inputs, 3x3x3 taps, at 2x4x4 positions
         assert rows["3"]["macs"] == 32 * 16 * 27 * 2 * 4 * 4
+    else:  # the 3-D transposed conv: every weight once per input voxel (3x4x4)
+        assert rows["up"]["macs"] == 16 * 8 * 8 * 3 * 4 * 4
 
 
 def _one_d():
@@ -226,7 +254,7 @@ def test_a_1d_cnn_prunes_as_its_2d_twin(options):
     assert ((y - y_twin).norm() / y_twin.norm()).item() < 1e-4
 
 
-@pytest.mark.parametrize("build", [unet, audio, video])
+@pytest.mark.parametrize("build", [unet, audio, video, volume_unet])
 def test_channel_prune_through_them_and_back_into_a_fresh_model(build):
     """Whole channels go through a Conv1d, a Conv3d (each channel its kd view inputs) and into a transposed conv (its
     input channels; a pixel-shuffled one's outputs stay, named); the run's spec rebuilds the smaller model from a
@@ -248,8 +276,12 @@ def test_channel_prune_through_them_and_back_into_a_fresh_model(build):
                    for g in rep.structure["groups"])
     elif build is audio:
         assert {"0", "3", "6", "9"} <= changed
-    else:
+    elif build is video:
         assert {"0", "3", "6"} <= changed
+    else:  # the 3-D transposed conv's inputs and outputs stay (named); the convs around it lose channels
+        assert {"enc.0", "dec.0"} <= changed and "up" not in changed
+        assert any(g["fixed"] == "at up, a ConvTranspose3d, whose channels structured pruning does not follow"
+                   for g in rep.structure["groups"])
     rebuilt = apply_structure(fresh, rep.structure["spec"])
     rebuilt.load_state_dict(model.state_dict())
     with torch.no_grad():

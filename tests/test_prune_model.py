@@ -76,17 +76,19 @@ def test_order_and_default_skips():
 
 
 def test_layers_of_other_kinds_are_listed_and_left_alone():
-    """A ConvTranspose3d, or a conv whose weight is computed from other parameters (weight_norm), is not pruned, and
+    """A ConvTranspose3d whose kernel is not its stride, or a conv whose weight is computed from other parameters
+    (weight_norm), is not pruned, and
     the report says so instead of leaving it out; a plain ConvTranspose2d beside them is pruned (test_conv_views.py)."""
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
                           nn.ConvTranspose2d(16, 8, 2, stride=2), nn.ReLU(),
                           nn.utils.parametrizations.weight_norm(nn.ConvTranspose2d(8, 8, 1)), nn.Unflatten(1, (1, 8)),
-                          nn.ConvTranspose3d(1, 1, 1), nn.Flatten(1, 2), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ConvTranspose3d(1, 1, 3, padding=1), nn.Flatten(1, 2), nn.Conv2d(8, 8, 3, padding=1),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     before = {k: model[k].weight.detach().clone() for k in (6, 8)}
     rep = prune_model(model, calib(), PUBLISHED, nm="2:4", progress=False)
     by = {r.name: r for r in rep.layers}
-    assert by["8"].skipped and "ConvTranspose3d is not pruned" in by["8"].reason and by["8"].shape == [1, 1, 1, 1, 1]
+    assert by["8"].skipped and "a ConvTranspose3d is pruned where its kernel equals its stride" in by["8"].reason
+    assert by["8"].shape == [1, 1, 3, 3, 3]
     assert by["6"].skipped and "weight_norm" in by["6"].reason
     for k in (6, 8):
         assert torch.equal(model[k].weight, before[k]) and f"{k}.weight" not in rep.masks

@@ -15,7 +15,10 @@ original's input channels at each kernel tap).
 - Any other ConvTranspose2d: the gradient of a conv, i.e. a Conv2d with the kernel flipped and its in/out axes
   swapped, run on the input with s−1 zeros inserted between pixels and padded by dilation·(k−1) − padding (s²
   times the positions to sum over, mostly zeros; the same result).
-- ConvTranspose1d: the 2-D case at height 1. ConvTranspose3d is not viewed (left as it is, named in the report).
+- ConvTranspose1d: the 2-D case at height 1.
+- ConvTranspose3d whose kernel equals its stride, without padding (a 3-D UNet's up-sampling, nnU-Net's): the same
+  1×1 conv, with C_out·sd·sh·sw rows, on the volume with its depth folded into the height, then each voxel's block
+  put in place. Any other ConvTranspose3d is left as it is (named in the report).
 The bias goes into the view conv, but for the pixel-shuffled view, whose rows are not the output channels: there it
 stays the original's Parameter, added after the re-arrangement.
 """
@@ -32,7 +35,7 @@ from torch import nn
 
 from .layer import LayerResult
 
-VIEWABLE = (nn.Conv1d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Conv3d)
+VIEWABLE = (nn.Conv1d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Conv3d, nn.ConvTranspose3d)
 
 
 class ConvView(nn.Module):
@@ -42,6 +45,7 @@ class ConvView(nn.Module):
     rows_are_outputs = True  # the view conv's rows are the original's output channels
     weight_rows = True  # ... and the rows (dim 0) of the original's weight (not a transposed conv's)
     carries_channels = True  # its re-arrangements move each channel as a whole: the channel walk carries them
+    spatial = 2  # dimensions after the channels of what `finish` returns (known without running: fx traces it)
 
     def __init__(self, original: nn.Module, two: nn.Module, conv: nn.Conv2d):
         """two: the original's geometry in 2-D (a 1-D layer's at height 1)."""
@@ -89,7 +93,7 @@ class ConvView(nn.Module):
             x = x.unsqueeze(-2)
         y = self.finish(self.conv(self.prepare(x)), x)
         if self.bias is not None:
-            y = y + self.bias.view(-1, 1, 1)
+            y = y + self.bias.view(-1, *[1] * self.spatial)
         return y.squeeze(-2) if self.one_d else y
 
 
@@ -128,6 +132,37 @@ class PixelShuffleView(ConvView):
 
     def finish(self, y, x):
         return F.pixel_shuffle(y, self.geometry["stride"][0])
+
+
+class VoxelShuffleView(PixelShuffleView):
+    """A ConvTranspose3d whose kernel equals its stride, nothing else set: the pixel-shuffled view's 1×1 conv, with
+    C_out·sd·sh·sw rows (o, a, b, c), on the volume with its depth folded into the height; each voxel's sd×sh×sw
+    block then put in place. (Its input and output channels stay in a channel prune: the walk does not follow them
+    through these re-arrangements.)"""
+    kind = "voxels"
+    spatial = 3
+
+    def __init__(self, original: nn.ConvTranspose3d):
+        s = original.stride
+        ConvView.__init__(self, original, original, nn.Conv2d(
+            original.in_channels, original.out_channels * s[0] * s[1] * s[2], 1, groups=original.groups, bias=False))
+        self.bias = original.bias
+
+    def _to_view(self, w):  # (C_in, O/g, kd, kh, kw) -> (g·O/g·kd·kh·kw, C_in/g, 1, 1)
+        g = self.geometry["groups"]
+        return w.unflatten(0, (g, -1)).permute(0, 2, 3, 4, 5, 1).flatten(0, 4)[..., None, None]
+
+    def _to_original(self, v):
+        g, k = self.geometry["groups"], self.geometry["kernel_size"]
+        return v[..., 0, 0].unflatten(0, (g, -1, *k)).permute(0, 5, 1, 2, 3, 4).flatten(0, 1)
+
+    def prepare(self, x):  # (N, C, D, H, W) -> (N, C, D·H, W)
+        return x.flatten(2, 3)
+
+    def finish(self, y, x):  # (N, O·sd·sh·sw, D·H, W) -> (N, O, D·sd, H·sh, W·sw)
+        (sd, sh, sw), (d, h, w) = self.geometry["stride"], x.shape[2:]
+        y = y.unflatten(1, (-1, sd, sh, sw)).unflatten(-2, (d, h))
+        return y.permute(0, 1, 5, 2, 6, 3, 7, 4).flatten(6, 7).flatten(4, 5).flatten(2, 3)
 
 
 class ZeroInsertedView(ConvView):
@@ -207,6 +242,8 @@ def view_for(m: nn.Module) -> ConvView:
         return HeightOneView(m)
     if isinstance(m, nn.Conv3d):
         return DepthView(m)
+    if isinstance(m, nn.ConvTranspose3d):
+        return VoxelShuffleView(m)
     two = _as_2d(m)
     plain = two.padding == (0, 0) and two.output_padding == (0, 0) and two.dilation == (1, 1)
     square = two.stride[0] == two.stride[1]  # (pixel_shuffle takes one factor)
@@ -234,11 +271,21 @@ def why_not(m: nn.Module) -> str:
     if "weight" not in m._parameters:
         return f"its weight is computed from other parameters ({type(m).__name__}: weight_norm or a " \
                "parametrization), so a pruned weight would not stay: left as it is"
+    if isinstance(m, nn.ConvTranspose3d) and not _voxel_blocks(m):
+        return f"a ConvTranspose3d is pruned where its kernel equals its stride, without padding or dilation (a 3-D " \
+               f"UNet's up-sampling); this one's kernel {tuple(m.kernel_size)}, stride {tuple(m.stride)}, padding " \
+               f"{tuple(m.padding)} is not: left as it is"
     base = next(b for b in VIEWABLE if isinstance(m, b))
     if any(getattr(type(m), f) is not getattr(base, f) for f in ("forward", "_conv_forward") if hasattr(base, f)):
         return f"{type(m).__name__} is a subclass of {base.__name__} with its own forward, which may compute " \
                "something else with its weight: left as it is"
     return ""  # (a subclass that only adds methods, as torchvision's Conv3DSimple, computes what its base does)
+
+
+def _voxel_blocks(m: nn.ConvTranspose3d) -> bool:
+    """Whether each input voxel writes its own block (kernel = stride, no padding, dilation or output padding)."""
+    return tuple(m.kernel_size) == tuple(m.stride) and not any(m.padding) and not any(m.output_padding) and \
+        tuple(m.dilation) == (1, 1, 1) and m.padding_mode == "zeros"
 
 
 def viewable(model: nn.Module) -> dict[str, nn.Module]:

@@ -69,12 +69,7 @@ def refit_layers(plan: dict[str, str], order: list[str]) -> list[str]:
     return [n for n in order[first + 1:] if plan[n]]
 
 
-UNSUPPORTED = (nn.ConvTranspose3d,)
-
-
 def unsupported_layers(model: nn.Module) -> dict[str, str]:
     """Layers with weights that this pruner leaves as they are, with why: listed in the report so that a user sees
-    them (a ConvTranspose3d; a conv that conv_views cannot stand in for), not silently absent."""
-    found = {n: f"{type(m).__name__} is not pruned (3-D transposed convs are not supported)"
-             for n, m in model.named_modules() if isinstance(m, UNSUPPORTED)}
-    return found | {n: reason for n, m in model.named_modules() if isinstance(m, VIEWABLE) and (reason := why_not(m))}
+    them (a conv that conv_views cannot stand in for), not silently absent."""
+    return {n: reason for n, m in model.named_modules() if isinstance(m, VIEWABLE) and (reason := why_not(m))}
