@@ -1,5 +1,6 @@
 """Models that are not classifiers, from the command line: folders of images without labels, and `--metric output`
 (the pruned model's outputs against the dense model's) where top-1 cannot be measured."""
+import importlib.util
 import json
 import math
 import textwrap
@@ -14,7 +15,7 @@ from cnn_sparsegpt import UserError
 from cnn_sparsegpt.commands.bench import BenchConfig, BenchModel, read_rows, run_bench
 from cnn_sparsegpt.commands.cli import main
 from cnn_sparsegpt.commands.finetune import finetune_run
-from cnn_sparsegpt.commands.export import RunData
+from cnn_sparsegpt.commands.export import RunData, export_run
 from cnn_sparsegpt.commands.latency import measure_latency
 from cnn_sparsegpt.commands.pipeline import load_run, run_images
 from cnn_sparsegpt.commands.plot import make_plots
@@ -131,6 +132,9 @@ def test_prune_a_model_that_is_not_a_classifier(net_file, flat_images, tmp_path,
         finetune_run(out, TrainConfig())
     with pytest.raises(UserError, match="--top1 measures a classifier's accuracy"):
         measure_latency(out, accuracy=RunData())
+    if importlib.util.find_spec("onnxruntime") is not None:  # INT8 calibrated on the run's own images, no top-1
+        exported = export_run(out, int8_path=tmp_path / "int8.onnx", int8=RunData(progress=False))
+        assert exported["int8_calibration_is_the_runs"] and "int8_top1" not in exported
     # top-1 asked for where it cannot be measured: one line each
     assert main(["-q", *args, "--metric", "top1"]) == 2
     assert "--metric output" in capsys.readouterr().err
