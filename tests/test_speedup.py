@@ -2,6 +2,7 @@
 predicted target by the measured one. Timing is replaced by a deterministic cost model (seconds = multiply-adds
 per call, a fixed per-call cost): no test here depends on how fast this machine is."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -164,3 +165,30 @@ def test_the_cli_says_a_missed_target_in_its_warning_and_summary(fake_runtime, m
     assert "warning: target_speedup 1.6x not reached" in err and "no try was faster" in err
     assert "(target 1.6x, " in out and ": not reached)" in out
     assert json.loads((tmp_path / "run" / "report.json").read_text())["structure"]["latency"]["reached"] is False
+
+
+def test_views_are_timed_as_the_users_layers(fake_runtime, monkeypatch):
+    """Layers the prune sees through Conv2d views (pruning/conv_views.py: a ConvTranspose2d, a Conv3d) are timed as
+    themselves, in the table and in the side-by-side timings: the runtime never gets a view, whose re-arranged
+    input (zeros between pixels, depth taps copied) it would run at another speed than the user's layer."""
+    from cnn_sparsegpt.pruning.conv_views import ConvView
+
+    from .test_conv_views import unet, video
+    seen = []
+
+    class Recording(FakeRuntime):
+        def __init__(self, model, example, threads):
+            seen.append({type(m) for m in model.modules()})
+            super().__init__(model, example, threads)
+
+    monkeypatch.setattr(layer_latency, "runtime_class", lambda name: Recording)
+    monkeypatch.setattr(speedup, "runtime_class", lambda name: Recording)
+    for build, kind, names in ((unet, nn.ConvTranspose2d, {"up", "up2"}), (video, nn.Conv3d, {"3", "6"})):
+        seen.clear()
+        model, x = build()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # (whether the fake runtime's target is reached is not the point here)
+            rep = prune_model(model, x, structure="channels", target_speedup=1.3, round_to=2, progress=False)
+        assert seen and not any(issubclass(t, ConvView) for types in seen for t in types)
+        assert any(kind in types for types in seen)
+        assert names <= set(rep.structure["latency"]["table"])  # the user's layer names

@@ -1,5 +1,5 @@
-"""Per-layer latency tables (SPDY-style): each Conv2d/Linear of a network timed alone on a runtime at a few widths,
-so that an allocation can price a channel count in seconds instead of multiply-adds.
+"""Per-layer latency tables (SPDY-style): each conv (of any kind) or Linear of a network timed alone on a runtime at a
+few widths, so that an allocation can price a channel count in seconds instead of multiply-adds.
 
 A layer is rebuilt at width fraction f (its input and/or output channels scaled by f, whichever a channel prune can
 change; a depthwise conv both) and timed on its own input shape; the table maps the fraction of the layer's dense
@@ -25,6 +25,7 @@ from .runtimes import runtime as runtime_class, time_calls
 
 FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)  # width fractions timed per layer
 WARMUP, RUNS = 3, 15  # per table entry: a median of 15 calls
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 @dataclass
@@ -66,7 +67,10 @@ def _scaled(m: nn.Module, f: float, varying: set) -> tuple[nn.Module, float]:
     else:  # a grouped conv keeps its groups, each narrower (channel pruning takes channel j of every group)
         g = m.groups
         i, o = g * width(m.in_channels // g, "in"), g * width(m.out_channels // g, "out")
-    layer = nn.Conv2d(i, o, m.kernel_size, m.stride, m.padding, m.dilation, g, m.bias is not None, m.padding_mode)
+    kind = next(k for k in CONVS if isinstance(m, k))  # its torch class (a subclass may be built otherwise)
+    extra = {"output_padding": m.output_padding} if m.transposed else {}
+    layer = kind(i, o, m.kernel_size, m.stride, m.padding, dilation=m.dilation, groups=g, bias=m.bias is not None,
+                 padding_mode=m.padding_mode, **extra)
     return layer, (o * i / g) / (m.out_channels * m.in_channels / m.groups)
 
 
@@ -75,7 +79,7 @@ def _key(runtime: str, threads, batch: int, layer: nn.Module, shape: tuple) -> s
 
 
 def input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple]:
-    """Each Conv2d/Linear's input shape (its first call) for `example`."""
+    """Each conv's and Linear's input shape (its first call) for `example`."""
     shapes, hooks = {}, []
 
     def record(name):
@@ -84,7 +88,7 @@ def input_shapes(model: nn.Module, example: torch.Tensor) -> dict[str, tuple]:
         return hook
 
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
+        if isinstance(m, CONVS + (nn.Linear,)):
             hooks.append(m.register_forward_pre_hook(record(name)))
     try:
         with torch.no_grad():

@@ -25,6 +25,7 @@ stays the original's Parameter, added after the re-arrangement.
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 from collections.abc import Iterator
 from dataclasses import replace
@@ -62,6 +63,10 @@ class ConvView(nn.Module):
         self.bias = None  # added after `finish` (the pixel-shuffled view's, whose rows are not the output channels)
         self.shape = list(original.weight.shape)
         self.positions = None  # the original's (conv2d_views)
+        keys = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+        self.rebuild = (next(b for b in VIEWABLE if isinstance(original, b)),  # its kind, as built: as_original
+                        {k: getattr(original, k) for k in keys} | {"bias": original.bias is not None} |
+                        ({"output_padding": original.output_padding} if original.transposed else {}))
 
     def to_view(self, w: torch.Tensor) -> torch.Tensor:
         """The original's weight (or mask) in the view conv's layout."""
@@ -81,6 +86,17 @@ class ConvView(nn.Module):
     def view_columns(self, slots: list) -> list:
         """The channel walk's slots of the original input's channels as the view conv's input channels."""
         return slots
+
+    def as_original(self) -> nn.Module:
+        """A layer of the original's kind (its torch class) holding the view's weights and channel counts: the
+        user's layer as the prune has made it so far, e.g. to time the network on a runtime (pruning/speedup.py)."""
+        cls, kwargs = self.rebuild
+        w = self.conv.weight
+        layer = cls(**kwargs).to(device=w.device, dtype=w.dtype)
+        _put_back(layer, self)
+        if self.bias is not None:
+            layer.bias = nn.Parameter(self.bias.detach().clone())
+        return layer
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -315,6 +331,15 @@ def conv2d_views(model: nn.Module, positions: dict[str, int] | None = None
         for name, view in views.values():
             _put_back(found[name], view)
             _set(model, name, found[name])
+
+
+def without_views(model: nn.Module) -> nn.Module:
+    """A copy of `model` (inside conv2d_views) with every ConvView replaced by a layer of its original's kind with the
+    view's weights (ConvView.as_original): the network the user will run, for timing it."""
+    out = copy.deepcopy(model)
+    for name in [n for n, m in out.named_modules() if isinstance(m, ConvView)]:
+        _set(out, name, out.get_submodule(name).as_original())
+    return out
 
 
 def view_positions(views: dict[str, tuple[str, ConvView]]) -> dict[str, int]:

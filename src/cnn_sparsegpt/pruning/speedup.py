@@ -24,6 +24,7 @@ from ..deploy.layer_latency import LayerLatency, layer_latency_table
 from ..deploy.runtimes import runtime as runtime_class, side_by_side
 from ..utils import UserError
 from .channel_budget import Counter, allocate, chosen_units, macs_of
+from .conv_views import ConvView, without_views
 from .slicing import removal_plan, slice_channels_
 
 TOLERANCE = 0.03  # relative distance of the measured speed-up to the target that ends the search
@@ -78,10 +79,14 @@ def speedup_allocation(model: nn.Module, groups, curves: dict, positions: dict, 
     """Units removed per group for config.target_speedup, and what the search measured (for the report)."""
     target, runtime, batch = config.target_speedup, config.speedup_runtime, config.speedup_batch
     make = runtime_class(runtime)
-    dense = copy.deepcopy(model).cpu().eval()  # the runtimes run on the CPU, whatever device the prune uses
+    viewed = copy.deepcopy(model).cpu().eval()  # the runtimes run on the CPU, whatever device the prune uses
+    dense = without_views(viewed)  # what is timed is the user's layers, not the Conv2d views of the prune
     x = torch.randn(batch, *example.shape[1:], generator=torch.Generator().manual_seed(0))
     macs = Counter(model, groups, positions, "macs")
-    table = layer_latency_table(dense, x, macs.varying(), runtime, batch, progress=progress)
+    original = {f"{n}.conv": n for n, m in model.named_modules() if isinstance(m, ConvView)}
+    table = layer_latency_table(dense, x, {original.get(n, n): v for n, v in macs.varying().items()}, runtime,
+                                batch, progress=progress)
+    table = {f"{n}.conv" if f"{n}.conv" in original else n: t for n, t in table.items()}
     dense_fn = make(dense, x[:1], None)
     counter = LatencyCounter(model, groups, positions, table)
     goal, tries = 1 / target, []
@@ -93,7 +98,7 @@ def speedup_allocation(model: nn.Module, groups, curves: dict, positions: dict, 
                 raise UserError(f"target_speedup {target:g} is out of reach on {runtime}: even with every group at "
                                 f"its minimum ({config.round_to} channels) the predicted speed-up is lower") from None
             break
-        small = make(_sliced(dense, groups, curves, removed), x[:1], None)
+        small = make(without_views(_sliced(viewed, groups, curves, removed)), x[:1], None)
         _, med = side_by_side({"dense": dense_fn, "pruned": small}, x, **TIMING)
         measured = med["dense"] / med["pruned"]
         tries.append({"removed": removed, "goal": goal, "predicted_speedup": counter.total({}) /
