@@ -79,11 +79,14 @@ def test_folders_without_class_layout_are_unlabelled(tmp_path, flat_images):
     assert set(splits) == {"train"} and len(splits["train"]) == 40 and {c for c, _ in splits["train"]} == {None}
     with pytest.raises(UserError, match="not an ImageFolder layout.*--metric output"):
         list_folder(flat_images, "classes")
-    # train/ and val/ of images at any depth, their subfolders not the same "classes" (cities): both splits kept
+    # train/ and val/ of images at any depth, their subfolders not the same "classes" (cities): both splits kept;
+    # auto cannot tell them from a misplaced class folder, so it says how to read them
     cities = tmp_path / "cities"
     write_images(cities, ["train/aachen/a.png", "train/bonn/b.png", "train/bonn/c.png", "val/mainz/d.png"])
-    splits = list_folder(cities, "auto")
+    splits = list_folder(cities, "none")
     assert {s: len(v) for s, v in splits.items()} == {"train": 3, "val": 1}
+    with pytest.raises(UserError, match="val/ has classes that train/ lacks.*--metric output"):
+        list_folder(cities, "auto")
     # an ImageFolder of classes stays one under auto, and "none" reads the same files without their classes
     inet = tmp_path / "inet"
     write_images(inet, ["train/cat/1.png", "train/dog/2.png", "val/cat/3.png"])

@@ -66,17 +66,19 @@ def list_unlabelled(path: Path) -> dict[str, list[tuple[None, str]]]:
 def list_folder(path: Path, labels: str = "classes") -> dict[str, list[tuple[str | None, str]]]:
     """{split: [(class, file path)]}, sorted by class then file name; reads directory entries only. labels: classes
     (the ImageFolder layout, else an error), none (list_unlabelled: class None) or auto (the ImageFolder layout
-    where the folder has one, unlabelled images otherwise)."""
+    where the folder has one, unlabelled images where it has none). A layout whose evaluation classes train/ lacks
+    is an error either way: a misplaced class folder, or subfolders that are not classes (Cityscapes' cities),
+    which only the user can tell apart."""
     if labels == "none":
         return list_unlabelled(path)
     try:
         splits = _list_classes(path)
-        class_index(splits)  # eval classes that train/ lacks: not an ImageFolder of classes (cities, scenes)
-        return splits
     except UserError:
         if labels == "classes":
             raise
         return list_unlabelled(path)
+    class_index(splits)
+    return splits
 
 
 def _list_classes(path: Path) -> dict[str, list[tuple[str, str]]]:
@@ -105,7 +107,8 @@ def class_index(splits: dict) -> list[str]:
         extra = sorted({c for c, _ in splits.get(split, [])} - set(classes))
         if extra:
             raise UserError(f"{split}/ has classes that train/ lacks ({', '.join(extra[:3])}"
-                            f"{', ...' if len(extra) > 3 else ''}): class indices would not match the model's")
+                            f"{', ...' if len(extra) > 3 else ''}): class indices would not match the model's; if "
+                            "the subfolders are not classes, read the images without labels with --metric output")
     return classes
 
 
