@@ -135,6 +135,8 @@ def test_prune_a_model_that_is_not_a_classifier(net_file, flat_images, tmp_path,
         finetune_run(out, TrainConfig())
     with pytest.raises(UserError, match="--top1 measures a classifier's accuracy"):
         measure_latency(out, accuracy=RunData())
+    with pytest.raises(UserError, match="pruned a randomly initialized model .no --weights.: there is no dense"):
+        measure_latency(out)  # (the run had no checkpoint: nothing to time the pruned model against)
     if importlib.util.find_spec("onnxruntime") is not None:  # INT8 calibrated on the run's own images, no top-1
         exported = export_run(out, int8_path=tmp_path / "int8.onnx", int8=RunData(progress=False))
         assert exported["int8_calibration_is_the_runs"] and "int8_top1" not in exported

@@ -384,7 +384,10 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, dict, dict]:
 
 def load_dense(report: dict, weights: str | Path | None = None) -> nn.Module:
     """The dense model a run was pruned from (eval mode): its checkpoint as the report names it, or `weights`."""
-    path = Path(weights or report.get("weights") or "")
+    if not (weights or report.get("weights")):
+        raise UserError("this run pruned a randomly initialized model (no --weights): there is no dense checkpoint "
+                        "to compare with; name one with --teacher")
+    path = Path(weights or report["weights"])
     if not path.is_file():
         raise UserError(f"the dense checkpoint '{path}' (the run's --weights) is not here: name it with --teacher")
     state = load_state_dict(path)
