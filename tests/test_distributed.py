@@ -122,7 +122,33 @@ def _case_raise(rank):
                        progress=False, process_group=dist.process_group())
 
 
-CASES = {"prune": _case_prune, "cli": _case_cli, "checks": _case_checks, "hang": _case_hang, "raise": _case_raise}
+def _output_error_data():
+    from cnn_sparsegpt.data.datasets import ImageSet
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (9, 3, 8, 8), dtype=torch.uint8, generator=g)
+    return ImageSet(images, torch.full((9,), -1), (0.5,) * 3, (0.25,) * 3, "random")
+
+
+def _case_output_error(rank):
+    """--metric output under torchrun: each rank measures every world-th image and the sums are added."""
+    from cnn_sparsegpt.commands.train import output_error
+    dense, pruned = _model(), _model()
+    pruned.conv1.weight.data[:, :4] = 0
+    return output_error(pruned, dense, _output_error_data(), batch_size=2, progress=False,
+                        process_group=dist.process_group())
+
+
+CASES = {"prune": _case_prune, "cli": _case_cli, "checks": _case_checks, "hang": _case_hang, "raise": _case_raise,
+         "output_error": _case_output_error}
+
+
+def test_output_error_over_processes_is_one_processs(tmp_path):
+    from cnn_sparsegpt.commands.train import output_error
+    dense, pruned = _model(), _model()
+    pruned.conv1.weight.data[:, :4] = 0
+    alone = output_error(pruned, dense, _output_error_data(), batch_size=2, progress=False)
+    ranks = _spawn("output_error", tmp_path)
+    assert alone > 0 and ranks[0] == ranks[1] == pytest.approx(alone, rel=1e-5)  # (other batches: rounding)
 
 
 def test_two_processes_equal_one(tmp_path):
