@@ -109,9 +109,9 @@ def test_output_error_is_relative_to_the_reference():
     scaled = nn.Conv2d(3, 4, 3)
     scaled.load_state_dict({k: 1.1 * v for k, v in dense.state_dict().items()})  # every output 1.1 times
     assert output_error(dense, dense, data, progress=False) == 0
-    assert output_error(scaled, dense, data, batch_size=3, progress=False) == pytest.approx(0.01, rel=1e-6)
+    assert output_error(scaled, dense, data, batch_size=3, progress=False) == pytest.approx(0.01, rel=1e-4)
     images = torch.randn(5, 3, 8, 8)  # the Python API's images, as prune_model takes them
-    assert cs.output_error(scaled, dense, images, batch_size=2, progress=False) == pytest.approx(0.01, rel=1e-6)
+    assert cs.output_error(scaled, dense, images, batch_size=2, progress=False) == pytest.approx(0.01, rel=1e-4)
 
 
 def test_prune_a_model_that_is_not_a_classifier(net_file, flat_images, tmp_path, capsys):
