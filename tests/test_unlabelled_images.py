@@ -11,15 +11,14 @@ from PIL import Image
 from torch import nn
 
 import cnn_sparsegpt as cs
-from cnn_sparsegpt import UserError
+from cnn_sparsegpt import UserError, create_model
 from cnn_sparsegpt.commands.bench import BenchConfig, BenchModel, read_rows, run_bench
 from cnn_sparsegpt.commands.cli import main
-from cnn_sparsegpt.commands.finetune import finetune_run
 from cnn_sparsegpt.commands.export import RunData, export_run
 from cnn_sparsegpt.commands.latency import measure_latency
 from cnn_sparsegpt.commands.pipeline import load_run, run_images
 from cnn_sparsegpt.commands.plot import make_plots
-from cnn_sparsegpt.commands.train import TrainConfig, output_error
+from cnn_sparsegpt.commands.train import output_error
 from cnn_sparsegpt.data.datasets import ImageSet, load_splits
 from cnn_sparsegpt.data.folders import list_folder
 from cnn_sparsegpt.data.preprocess import imagenet
@@ -131,8 +130,6 @@ def test_prune_a_model_that_is_not_a_classifier(net_file, flat_images, tmp_path,
     assert set(masks) == {"encode.3.weight", "encode.6.weight", "decode.0.weight", "decode.2.weight"}
     calib, test, same = run_images(report)
     assert same and len(calib) == 16 and len(test) == 4
-    with pytest.raises(UserError, match="finetune trains a classifier on labelled images"):
-        finetune_run(out, TrainConfig())
     with pytest.raises(UserError, match="--top1 measures a classifier's accuracy"):
         measure_latency(out, accuracy=RunData())
     with pytest.raises(UserError, match="pruned a randomly initialized model .no --weights.: there is no dense"):
@@ -143,6 +140,29 @@ def test_prune_a_model_that_is_not_a_classifier(net_file, flat_images, tmp_path,
     # top-1 asked for where it cannot be measured: one line each
     assert main(["-q", *args, "--metric", "top1"]) == 2
     assert "--metric output" in capsys.readouterr().err
+
+
+def test_finetune_a_model_that_is_not_a_classifier_towards_its_dense_outputs(net_file, flat_images, tmp_path, capsys):
+    """`finetune` of a run measured by its outputs: the dense checkpoint's outputs are the targets (no labels), the
+    masks are kept, and the output error is measured on the images prune held out, before and after."""
+    torch.manual_seed(0)
+    weights = tmp_path / "denoiser.pt"
+    torch.save(create_model(f"{net_file}:Denoiser").state_dict(), weights)
+    out = tmp_path / "run"
+    assert main(["-q", "prune", "--model", f"{net_file}:Denoiser", "--weights", str(weights), "--dataset",
+                 str(flat_images), "--preprocess", "none", "--nsamples", "16", "--sparsity", "0.7",
+                 "--out", str(out)]) == 0
+    before = json.loads((out / "report.json").read_text())["output_error"]
+    assert main(["-q", "finetune", str(out), "--epochs", "2", "--lr", "0.01", "--batch-size", "8"]) == 0
+    assert "output error against the dense model: pruned" in capsys.readouterr().out
+    r = json.loads((out / "finetune" / "report.json").read_text())
+    f = r["finetune"]
+    assert f["output_error_before"] == pytest.approx(before) and 0 <= r["output_error"] < 1
+    assert [set(h) for h in f["history"]] == [{"epoch", "train_loss", "test_output_error"}] * 2
+    assert "pruned_acc" not in r or r["pruned_acc"] is None
+    model, _, masks = load_run(out / "finetune")
+    params = dict(model.named_parameters())
+    assert masks and all(torch.all(params[k][~m] == 0) for k, m in masks.items())
 
 
 def test_metric_auto_keeps_top1_for_classifiers_and_output_without_labels(net_file, tmp_path, capsys):

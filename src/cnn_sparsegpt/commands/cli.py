@@ -189,9 +189,14 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if f.get("holdout_acc") is not None:
         print(f"held-out ({args.holdout} training images): {100 * f['holdout_acc_before']:.2f}% -> "
               f"{100 * f['holdout_acc']:.2f}%")
+    if f.get("holdout_output_error") is not None:
+        print(f"held-out ({args.holdout} training images): output error {f['holdout_output_error_before']:.4g} -> "
+              f"{f['holdout_output_error']:.4g}")
     dense = f"dense {100 * r['dense_acc']:.2f}%, " if r.get("dense_acc") is not None else ""
-    print(f"{r['model']} {r['pattern']}: top-1 {dense}pruned {100 * f['pruned_acc_before']:.2f}% -> fine-tuned "
-          f"{100 * r['pruned_acc']:.2f}% after {f['epochs']} epoch(s), {f['seconds']:.0f} s; "
+    measured = (f"output error against the dense model: pruned {f['output_error_before']:.4g} -> fine-tuned "
+                f"{r['output_error']:.4g}") if "output_error_before" in f else \
+        f"top-1 {dense}pruned {100 * f['pruned_acc_before']:.2f}% -> fine-tuned {100 * r['pruned_acc']:.2f}%"
+    print(f"{r['model']} {r['pattern']}: {measured} after {f['epochs']} epoch(s), {f['seconds']:.0f} s; "
           f"{'channels' if (r.get('structure') or {}).get('spec') else 'masks'} kept"
           f"{', weights on their grids' if f.get('on_grids') else ''}")
     extra = ", quant.pt" if f.get("on_grids") else ""

@@ -1,5 +1,7 @@
 """`cnn-sparsegpt finetune RUN_DIR`: a few epochs of the `train` loop on a pruned run, masks kept exactly
-(pruned weights zeroed before training and after every optimizer step), written as a new run folder. A quantized
+(pruned weights zeroed before training and after every optimizer step), written as a new run folder. A run measured
+by its outputs (`prune --metric output`: not a classifier, or images without labels) is trained towards the dense
+model's outputs instead of labels, and measured by its output error. A quantized
 run (quant.pt) is fine-tuned through its grids with a straight-through estimator (quant.OnGrid): the weights stay
 on the grids they were quantized on, and quant.pt is written anew."""
 from __future__ import annotations
@@ -15,7 +17,7 @@ from ..pruning.batchnorm import bn_modules, recalibrate
 from ..data.datasets import calibration_set, holdout_split, load_splits
 from .pipeline import load_dense, load_run, run_preprocess
 from ..kernels.quant import attach_grids, detach_grids
-from .train import TrainConfig, evaluate, train_model
+from .train import TrainConfig, evaluate, output_error, train_model
 from ..utils import (
     UserError,
     atomic_save,
@@ -25,6 +27,13 @@ from ..utils import (
     resolve_device,
     run_metadata,
 )
+
+
+# report.json's keys for what fine-tuning measured: top-1, or (a run measured by its outputs) the output error
+ACCURACY_NAMES = {"before": "pruned_acc_before", "final": "pruned_acc", "held_before": "holdout_acc_before",
+                  "held": "holdout_acc", "trained": "acc_before_bn_recalibration"}
+OUTPUT_NAMES = {"before": "output_error_before", "final": "output_error", "held_before": "holdout_output_error_before",
+                "held": "holdout_output_error", "trained": "output_error_before_bn_recalibration"}
 
 
 def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None = None, data_dir: str | None = None,
@@ -47,10 +56,7 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
             raise UserError(f"--{name} must be {want}, got {value}")
     run = Path(run_dir)
     model, report, masks = load_run(run)
-    if report.get("metric") == "output":
-        raise UserError(f"{run} measured its outputs against the dense model's (--metric output): finetune trains a "
-                        "classifier on labelled images and measures top-1; fine-tune this model in your own training "
-                        "loop, zeroing the weights masks.pt marks pruned after every step")
+    outputs = report.get("metric") == "output"  # a model that is not a classifier: its dense outputs are the targets
     if dropout is not None:  # a net with 90% of its weights gone has little to spare: the CIFAR CNN's dropout
         # (0.3-0.5) cost it 1 point of held-out accuracy in a one-epoch fine-tune
         for m in model.modules():
@@ -59,24 +65,40 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
     quantized = load_tensors(run / "quant.pt", "quantization file") if (run / "quant.pt").is_file() else {}
     if not masks and not (report.get("structure") or {}).get("spec"):  # a channel-pruned run has no masks
         raise UserError(f"{run} has no masks.pt: nothing to keep")
-    teacher = load_dense(report, teacher_weights) if cfg.distill > 0 else None
+    teacher = load_dense(report, teacher_weights) if cfg.distill > 0 or outputs else None
     out = ensure_writable(out or run / "finetune")
     dev = resolve_device(device)
     pre = run_preprocess(report)
-    train, test = load_splits(report["dataset"], data_dir, pre, streaming, workers)
+    train, test = load_splits(report["dataset"], data_dir, pre, streaming, workers,
+                              report.get("data_labels") or "classes")
+    if test is None:  # a folder of unlabelled images without val/ or test/: the images prune held out
+        train, test = holdout_split(train, int(str(report["eval_split"]).split()[1]))
     held = None
     if holdout:
         train, held = holdout_split(train, holdout)
     model.to(dev)
-    before = evaluate(model, test, dev, cfg.batch_size, progress, "pruned accuracy")
-    held_before = evaluate(model, held, dev, cfg.batch_size, progress, "held-out accuracy") if held else None
+    if outputs:
+        names = OUTPUT_NAMES
+
+        def measure(data, desc):
+            return output_error(model, teacher, data, dev, cfg.batch_size, progress, desc.replace("accuracy",
+                                                                                                   "output error"))
+    else:
+        names = ACCURACY_NAMES
+
+        def measure(data, desc):
+            return evaluate(model, data, dev, cfg.batch_size, progress, desc)
+    before = measure(test, "pruned accuracy")
+    held_before = measure(held, "held-out accuracy") if held else None
     t0 = time.perf_counter()
     latent = attach_grids(model, quantized)  # the optimizer moves the float weights under the grids
     result = train_model(model, train, held or test, cfg, dev, progress,
-                         masks={latent.get(n, n): m for n, m in masks.items()}, teacher=teacher)
+                         masks={latent.get(n, n): m for n, m in masks.items()}, teacher=teacher,
+                         objective="outputs" if outputs else "labels")
     quantized = detach_grids(model, quantized)
     seconds = time.perf_counter() - t0
-    acc_trained = result["test_acc"]  # on the split the epoch was chosen on (held-out images with holdout)
+    # on the split the epoch was chosen on (held-out images with holdout)
+    acc_trained = result["test_output_error" if outputs else "test_acc"]
     held_after = acc_trained if held else None
     bns = bn_modules(model)
     if bns:  # running averages over augmented batches (lr ≈ 0 cost the CIFAR CNN 1.2 points): re-estimate them on
@@ -86,10 +108,9 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
         with torch.no_grad():
             recalibrate(bns, model, (b.to(dev) for b in x.split(cfg.batch_size)))
         if held:
-            held_after = evaluate(model, held, dev, cfg.batch_size, progress, "held-out accuracy")
+            held_after = measure(held, "held-out accuracy")
     # the test split, once; without holdout and BatchNorm the training loop has measured it already
-    acc_final = evaluate(model, test, dev, cfg.batch_size, progress, "fine-tuned accuracy") if held or bns \
-        else acc_trained
+    acc_final = measure(test, "fine-tuned accuracy") if held or bns else acc_trained
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for name, keep in masks.items():  # the promise, checked once more on what is written
         if bool((state[name][~keep] != 0).any()):
@@ -100,12 +121,12 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
                                      "temperature": cfg.temperature if teacher else None,
                                      "batch_size": cfg.batch_size, "on_grids": bool(quantized),
                                      "best_epoch_chosen_on": f"holdout {holdout}" if held else "test",
-                                     "holdout_acc_before": held_before, "holdout_acc": held_after,
+                                     names["held_before"]: held_before, names["held"]: held_after,
                                      "bn_recalibrated": bool(bns),
-                                     "acc_before_bn_recalibration": acc_trained,  # on best_epoch_chosen_on
+                                     names["trained"]: acc_trained,  # on best_epoch_chosen_on
                                      "seconds": seconds,
-                                     "pruned_acc_before": before, "history": result["history"]},
-                        "pruned_acc": acc_final} | run_metadata(dev)
+                                     names["before"]: before, "history": result["history"]},
+                        names["final"]: acc_final} | run_metadata(dev)
     atomic_save(state, out / "model.pt")
     if quantized:
         atomic_save(quantized, out / "quant.pt")

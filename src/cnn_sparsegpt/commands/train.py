@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..pruning import dist
 from ..pruning.heap import reuse_freed_memory
-from ..pruning.output_kl import values
+from ..pruning.output_kl import relative_squared_error, values
 from ..data.datasets import ImageSet
 from ..data.folders import FolderSet
 from ..utils import UserError
@@ -102,14 +102,19 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def train_model(model: nn.Module, train_set: ImageSet | FolderSet, test_set: ImageSet | FolderSet, cfg: TrainConfig,
                 device: torch.device | str = "cpu", progress: bool = True,
-                masks: dict[str, torch.Tensor] | None = None, teacher: nn.Module | None = None) -> dict:
+                masks: dict[str, torch.Tensor] | None = None, teacher: nn.Module | None = None,
+                objective: str = "labels") -> dict:
     """Train in place; the weights of the best epoch (by accuracy on test_set, which is held-out training images
     when settings are being chosen) are loaded back at the end.
     masks (parameter name → True = kept): pruned weights are zeroed before training and after every step,
     so the sparsity pattern is kept exactly (fine-tuning a pruned model). teacher (with cfg.distill > 0): its
     outputs on the same augmented batch are soft targets (Hinton et al. 2015), e.g. the dense model for its pruned copy.
+    objective='outputs' (a model that is not a classifier, images without labels): the teacher's outputs are the
+    targets, relative squared error of every output tensor, and the best epoch has the lowest output error against
+    the teacher on test_set; no label is read.
 
-    Returns {'test_acc', 'best_epoch', 'history', 'seconds', 'state_dict'}.
+    Returns {'test_acc' (labels) or 'test_output_error' (outputs), 'best_epoch', 'history', 'seconds',
+    'state_dict'}.
     """
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
@@ -139,19 +144,37 @@ def train_model(model: nn.Module, train_set: ImageSet | FolderSet, test_set: Ima
 
     apply_masks()
     ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    if teacher is not None and cfg.distill > 0:
+    if teacher is not None:
         teacher.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format).eval()
-        a, t = cfg.distill, cfg.temperature
+    if objective == "outputs":
+        if teacher is None:
+            raise UserError("training towards a teacher's outputs needs the teacher (the dense model)")
 
-        def loss_fn(out, x, y):  # t² keeps the soft term's gradients on the scale of the hard one's
-            with torch.no_grad():
-                soft = F.log_softmax(teacher(x) / t, 1)
-            kd = F.kl_div(F.log_softmax(out / t, 1), soft, reduction="batchmean", log_target=True)
-            return (1 - a) * ce(out, y) + a * t * t * kd
-    else:
         def loss_fn(out, x, y):
-            return ce(out, y)
-    best, best_state, best_epoch, history, step = -1.0, None, 0, [], 0
+            with torch.no_grad():
+                target = values(teacher(x))
+            return relative_squared_error(target, values(out))
+
+        def score() -> tuple[float, dict]:  # higher is better; and what the history records
+            error = output_error(model, teacher, test_set, device, progress=progress)
+            return -error, {"test_output_error": error}
+    else:
+        def score() -> tuple[float, dict]:
+            acc = evaluate(model, test_set, device, progress=progress)
+            return acc, {"test_acc": acc}
+
+        if teacher is not None and cfg.distill > 0:
+            a, t = cfg.distill, cfg.temperature
+
+            def loss_fn(out, x, y):  # t² keeps the soft term's gradients on the scale of the hard one's
+                with torch.no_grad():
+                    soft = F.log_softmax(teacher(x) / t, 1)
+                kd = F.kl_div(F.log_softmax(out / t, 1), soft, reduction="batchmean", log_target=True)
+                return (1 - a) * ce(out, y) + a * t * t * kd
+        else:
+            def loss_fn(out, x, y):
+                return ce(out, y)
+    best, best_state, best_epoch, history, step = -math.inf, None, 0, [], 0
     t0 = time.perf_counter()
     for epoch in range(1, cfg.epochs + 1):
         model.train()
@@ -172,16 +195,18 @@ def train_model(model: nn.Module, train_set: ImageSet | FolderSet, test_set: Ima
             bar.set_postfix(loss=f"{running:.3f}")
             if step >= total:
                 break
-        acc = evaluate(model, test_set, device, progress=progress)
-        history.append({"epoch": epoch, "train_loss": running, "test_acc": acc})
+        value, record = score()
+        history.append({"epoch": epoch, "train_loss": running} | record)
         if progress:
-            tqdm.write(f"epoch {epoch}: loss {running:.4f}, test accuracy {acc:.4f}")
-        if acc > best:  # a real copy: the live tensors keep changing
-            best, best_epoch = acc, epoch
+            tqdm.write(f"epoch {epoch}: loss {running:.4f}, " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}"
+                                                                         for k, v in record.items()))
+        if value > best:  # a real copy: the live tensors keep changing
+            best, best_epoch = value, epoch
             best_state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
         if step >= total:
             break
     model.load_state_dict(best_state)
     model.to(memory_format=torch.contiguous_format)
-    return {"test_acc": best, "best_epoch": best_epoch, "history": history,
-            "seconds": time.perf_counter() - t0, "state_dict": best_state}
+    measured = {"test_output_error": -best} if objective == "outputs" else {"test_acc": best}
+    return measured | {"best_epoch": best_epoch, "history": history, "seconds": time.perf_counter() - t0,
+                       "state_dict": best_state}

@@ -104,12 +104,13 @@ def _kl(dense: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     return (dense.exp() * (dense - logp)).sum(-1).mean().clamp_min(0)
 
 
-def _relative_squared(dense: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (y - dense).square().sum() / dense.square().sum().clamp_min(torch.finfo(torch.float64).tiny)
+def relative_squared_error(reference: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """‖y − reference‖² / ‖reference‖²."""
+    return (y - reference).square().sum() / reference.square().sum().clamp_min(torch.finfo(reference.dtype).tiny)
 
 
 # what a model's outputs are -> (read a run's outputs, their distance from the dense run's)
-OUTPUTS = {"scores": (_log_probs, _kl), "values": (_values, _relative_squared)}
+OUTPUTS = {"scores": (_log_probs, _kl), "values": (_values, relative_squared_error)}
 
 
 def _whole_runs(model: nn.Module, xs: list, changes: dict, change):
