@@ -18,7 +18,7 @@ from cnn_sparsegpt.commands.export import RunData, export_run
 from cnn_sparsegpt.commands.latency import measure_latency
 from cnn_sparsegpt.commands.pipeline import load_run, run_images
 from cnn_sparsegpt.commands.plot import make_plots
-from cnn_sparsegpt.commands.train import output_error
+from cnn_sparsegpt.commands.train import compare_outputs, output_error
 from cnn_sparsegpt.data.datasets import ImageSet, load_splits
 from cnn_sparsegpt.data.folders import list_folder
 from cnn_sparsegpt.data.preprocess import imagenet
@@ -108,6 +108,9 @@ def test_output_error_is_relative_to_the_reference():
     scaled = nn.Conv2d(3, 4, 3)
     scaled.load_state_dict({k: 1.1 * v for k, v in dense.state_dict().items()})  # every output 1.1 times
     assert output_error(dense, dense, data, progress=False) == 0
+    same = compare_outputs(dense, dense, data, progress=False, scores=True)
+    assert same == {"error": 0, "agreement": 1, "agreement_over": "positions"}
+    assert compare_outputs(dense, dense, data, progress=False)["agreement"] is None  # values: no classes to agree on
     assert output_error(scaled, dense, data, batch_size=3, progress=False) == pytest.approx(0.01, rel=1e-4)
     images = torch.randn(5, 3, 8, 8)  # the Python API's images, as prune_model takes them
     assert cs.output_error(scaled, dense, images, batch_size=2, progress=False) == pytest.approx(0.01, rel=1e-4)
@@ -125,6 +128,7 @@ def test_prune_a_model_that_is_not_a_classifier(net_file, flat_images, tmp_path,
     report = json.loads((out / "report.json").read_text())
     assert report["metric"] == "output" and report["data_labels"] == "none" and report["eval_split"] == "holdout 4"
     assert report["dense_acc"] is None and report["pruned_acc"] is None and 0 < report["output_error"] < 1
+    assert 0 < report["output_agreement"] <= 1 and report["output_agreement_over"] == "positions"  # argmax per pixel
     assert report["input_shape"] == [3, 12, 16]  # --preprocess none: the images at their size
     _, _, masks = load_run(out)
     assert set(masks) == {"encode.3.weight", "encode.6.weight", "decode.0.weight", "decode.2.weight"}
@@ -178,7 +182,8 @@ def test_metric_auto_keeps_top1_for_classifiers_and_output_without_labels(net_fi
     assert main([*common, "--dataset", str(inet), "--metric", "output", "--out", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["metric"] == "output" and report["data_labels"] == "none" and report["pruned_acc"] is None
-    assert math.isfinite(report["output_error"])
+    assert math.isfinite(report["output_error"]) and report["output_agreement_over"] == "images"
+    assert 0 < report["output_agreement"] <= 1
     # a dict output is no (N, classes) logits: top-1 cannot be asked of it even on labelled images
     assert main([*common[:3], f"{inet.parent / 'net.py'}:Denoiser", *common[4:], "--dataset", str(inet),
                  "--metric", "top1", "--out", str(tmp_path / "bad")]) == 2

@@ -23,7 +23,7 @@ COLUMNS = KEY + (
     "data_source", "target_sparsity", "sparsity", "total_sparsity", "layers_pruned", "layers_skipped",
     "dense_acc", "pruned_acc", "drop", "prune_seconds", "eval_seconds", "peak_rss_mb", "peak_gpu_mb",
     "forward_passes", "macs_kept", "latency_runtime", "speedup_b1", "speedup_b32", "report", "git_commit",
-    "torch_version", "device", "date", "metric", "output_error")
+    "torch_version", "device", "date", "metric", "output_error", "output_agreement")
 LATENCY_BATCHES = (1, 32)  # the speedup_bN columns
 
 
@@ -223,7 +223,7 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
             "total_sparsity": r["total_sparsity"], "layers_pruned": sum(not x["skipped"] for x in r["layers"]),
             "layers_skipped": sum(x["skipped"] for x in r["layers"]), "dense_acc": r["dense_acc"],
             "pruned_acc": r["pruned_acc"], "prune_seconds": r["seconds"], "metric": r["metric"],
-            "output_error": r["output_error"],
+            "output_error": r["output_error"], "output_agreement": r.get("output_agreement"),
             "drop": r["dense_acc"] - r["pruned_acc"] if r["pruned_acc"] is not None else None,
             "eval_seconds": r["eval_seconds"], "peak_rss_mb": mem.peak / 2**20,
             "peak_gpu_mb": (r["peak_gpu_memory"] or 0) / 2**20, "forward_passes": r["forward_passes"],

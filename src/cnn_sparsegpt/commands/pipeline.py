@@ -22,7 +22,7 @@ from ..data.preprocess import Preprocess, resolve as resolve_preprocess
 from ..pruning.prune import prune_model
 from ..pruning.slicing import apply_structure
 from .report import REPORT_SCHEMA, read_report
-from .train import evaluate, output_error
+from .train import compare_outputs, evaluate
 from ..utils import (
     UserError,
     atomic_file,
@@ -217,7 +217,7 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     chosen = calibration_indices(train, opts.nsamples, opts.seed)  # the same images for every method: a digest
     calib = calibration_set(train, opts.nsamples, indices=chosen)
     calib_digest = calibration_digest(train, chosen)
-    eval_seconds, dense, out_error = 0.0, None, None
+    eval_seconds, dense, compared = 0.0, None, {}
     t0 = time.perf_counter()
     if prep.metric == "top1" and dense_acc is None:
         dense_acc = evaluate(model, test, device, config.batch_size, progress, "dense accuracy", group)
@@ -232,7 +232,8 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     if prep.metric == "top1":
         pruned_acc = evaluate(model, test, device, config.batch_size, progress, "pruned accuracy", group)
     elif prep.metric == "output":
-        out_error = output_error(model, dense, test, device, config.batch_size, progress, "output error", group)
+        compared = compare_outputs(model, dense, test, device, config.batch_size, progress, "output error", group,
+                                   scores=config.outputs == "scores")
         del dense
     eval_seconds += time.perf_counter() - t0
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -246,7 +247,9 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
         "method": config.method, "pattern": report.pattern,
         "target_sparsity": config.pattern.target if config.structure == "none" else None,
         "recipe": opts.recipe, "recipe_label": recipe_label(config),
-        "metric": prep.metric, "dense_acc": dense_acc, "pruned_acc": pruned_acc, "output_error": out_error,
+        "metric": prep.metric, "dense_acc": dense_acc, "pruned_acc": pruned_acc,
+        "output_error": compared.get("error"), "output_agreement": compared.get("agreement"),
+        "output_agreement_over": compared.get("agreement_over"),
         "eval_samples": len(test), "eval_seconds": eval_seconds, "eval_split": prep.eval_split,
         "peak_gpu_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     } | report.as_dict() | run_metadata(device)
@@ -299,7 +302,10 @@ def measured(r: dict) -> str:
     if e is None:
         return "not evaluated"
     snr = f", {-10 * math.log10(e):.1f} dB" if 0 < e < math.inf else ""
-    return f"output error {e:.3g} (relative squared, against the dense model's outputs{snr})"
+    agree = r.get("output_agreement")
+    same = f"; the dense model's top class at {100 * agree:.2f}% of {r.get('output_agreement_over')}" \
+        if agree is not None else ""
+    return f"output error {e:.3g} (relative squared, against the dense model's outputs{snr}){same}"
 
 
 def format_report(r: dict) -> str:

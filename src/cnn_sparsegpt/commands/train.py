@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ..pruning import dist
 from ..pruning.heap import reuse_freed_memory
 from ..pruning.output_kl import relative_squared_error, values
+from ..pruning.output_kl import scores as output_scores
 from ..data.datasets import ImageSet
 from ..data.folders import FolderSet
 from ..utils import UserError
@@ -67,29 +68,47 @@ def evaluate(model: nn.Module, data, device: torch.device | str = "cpu", batch_s
 
 
 @torch.no_grad()
-def output_error(model: nn.Module, reference: nn.Module, data, device: torch.device | str = "cpu",
-                 batch_size: int = 500, progress: bool = True, desc: str = "output error",
-                 process_group=None) -> float:
+def compare_outputs(model: nn.Module, reference: nn.Module, data, device: torch.device | str = "cpu",
+                    batch_size: int = 500, progress: bool = True, desc: str = "output error",
+                    process_group=None, scores: bool = False) -> dict:
     """How far `model`'s outputs are from `reference`'s (the dense model's) on the images of `data` (an ImageSet, a
-    FolderSet or a tensor of model-ready images; labels unread): Σ‖y − y_ref‖² / Σ‖y_ref‖² over every image and
-    every floating output tensor of a batch's shape (output_kl.values: a dict's or a tuple's too), so 0 is the same
-    outputs and 1 an error as large as the outputs themselves. Any model; torchrun as in `evaluate`."""
+    FolderSet or a tensor of model-ready images; labels unread). 'error': Σ‖y − y_ref‖² / Σ‖y_ref‖² over every
+    image and every floating output tensor of a batch's shape (output_kl.values: a dict's or a tuple's too), so 0 is
+    the same outputs and 1 an error as large as the outputs themselves. With `scores` (the outputs are class scores:
+    a classifier's logits, a segmentation map's), 'agreement': the fraction of images and positions whose highest
+    score (dim 1 of the first scores tensor, output_kl.scores) is the reference's class, and 'agreement_over' what
+    it counts (images, or positions of per-pixel scores); else None. Any model; torchrun as in `evaluate`."""
     modes = [(m, m.training) for m in (model, reference)]
-    err = ref = 0.0
+    err = ref = same = positions = 0.0
+    over = None  # what agreement counts: images (a classifier's scores) or positions (per-pixel scores)
     for m, _ in modes:
         m.eval()
     for x, _ in _shard(data, device, batch_size, progress, desc, process_group):
-        y, r = values(model(x)), values(reference(x))  # every output tensor, side by side
+        out, out_ref = model(x), reference(x)
+        y, r = values(out), values(out_ref)  # every output tensor, side by side
         if r is None:
             raise UserError(f"{type(reference).__name__}'s output holds no floating tensor with a batch dimension: "
                             "there is nothing to compare")
         y, r = y.double(), r.double()
         err += float((y - r).square().sum())
         ref += float(r.square().sum())
+        s, s_ref = output_scores(out), output_scores(out_ref)
+        if scores and s_ref is not None and s_ref.shape[1] > 1:
+            same += float((s.argmax(1) == s_ref.argmax(1)).sum())
+            positions += s_ref[:, 0].numel()
+            over = "images" if s_ref.ndim == 2 else "positions"
     for m, training in modes:
         m.train(training)
-    err, ref = dist.sum_counts(err, ref, group=process_group)
-    return err / ref if ref > 0 else (math.inf if err > 0 else 0.0)
+    err, ref, same, positions = dist.sum_counts(err, ref, same, positions, group=process_group)
+    return {"error": err / ref if ref > 0 else (math.inf if err > 0 else 0.0),
+            "agreement": same / positions if positions else None, "agreement_over": over}
+
+
+def output_error(model: nn.Module, reference: nn.Module, data, device: torch.device | str = "cpu",
+                 batch_size: int = 500, progress: bool = True, desc: str = "output error",
+                 process_group=None) -> float:
+    """compare_outputs' 'error': Σ‖y − y_ref‖² / Σ‖y_ref‖² over the images of `data` and every output tensor."""
+    return compare_outputs(model, reference, data, device, batch_size, progress, desc, process_group)["error"]
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
