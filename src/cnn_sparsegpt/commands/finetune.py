@@ -77,19 +77,14 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
     if holdout:
         train, held = holdout_split(train, holdout)
     model.to(dev)
-    if outputs:
-        names = OUTPUT_NAMES
+    names = OUTPUT_NAMES if outputs else ACCURACY_NAMES
 
-        def measure(data, desc):
-            return output_error(model, teacher, data, dev, cfg.batch_size, progress, desc.replace("accuracy",
-                                                                                                   "output error"))
-    else:
-        names = ACCURACY_NAMES
-
-        def measure(data, desc):
-            return evaluate(model, data, dev, cfg.batch_size, progress, desc)
-    before = measure(test, "pruned accuracy")
-    held_before = measure(held, "held-out accuracy") if held else None
+    def measure(data, which: str):  # which: pruned, held-out or fine-tuned (the progress bar's words)
+        if outputs:
+            return output_error(model, teacher, data, dev, cfg.batch_size, progress, f"{which} output error")
+        return evaluate(model, data, dev, cfg.batch_size, progress, f"{which} accuracy")
+    before = measure(test, "pruned")
+    held_before = measure(held, "held-out") if held else None
     t0 = time.perf_counter()
     latent = attach_grids(model, quantized)  # the optimizer moves the float weights under the grids
     result = train_model(model, train, held or test, cfg, dev, progress,
@@ -108,9 +103,9 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
         with torch.no_grad():
             recalibrate(bns, model, (b.to(dev) for b in x.split(cfg.batch_size)))
         if held:
-            held_after = measure(held, "held-out accuracy")
+            held_after = measure(held, "held-out")
     # the test split, once; without holdout and BatchNorm the training loop has measured it already
-    acc_final = measure(test, "fine-tuned accuracy") if held or bns else acc_trained
+    acc_final = measure(test, "fine-tuned") if held or bns else acc_trained
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for name, keep in masks.items():  # the promise, checked once more on what is written
         if bool((state[name][~keep] != 0).any()):

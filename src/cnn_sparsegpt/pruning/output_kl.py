@@ -23,9 +23,8 @@ def output_kls(model: nn.Module, x: torch.Tensor, changes: dict, change, chunk: 
     """{key: KL(dense ‖ model with change(key) applied)} on the images x, a float64 scalar per key (a mean over
     images and positions); outputs='values': the relative squared error instead (above). changes: {key: the names
     of the modules the change touches}; change(key): a context manager that applies it (once, for every chunk). On
-    the traced graph a change runs from the first node that
-    reads one of its modules, the unchanged prefix computed once; a model that cannot be traced runs whole for each
-    change. chunk: images per forward pass (a CPU's forward slows down with batches of large activations, see
+    the traced graph a change runs from the first node that reads one of its modules, the unchanged prefix computed
+    once; a model that cannot be traced runs whole for each change. chunk: images per forward pass (a CPU's forward slows down with batches of large activations, see
     prune.cpu_batches); the unchanged pass holds the values of every chunk at once, so a caller with many large
     images calls this chunk by chunk instead (the KL is a mean over images). bar: a progress bar, advanced once per
     change."""
