@@ -6,8 +6,8 @@ UNet here). As a user's own models they go through the command line as `--model 
 - hourglass_mnist_cnn: a UNet in small with a classifier head: two strided convs down, two ConvTranspose2d up (a
   2×2 stride-2 one, a 4×4 stride-2 padding-1 one: both kinds of view), each joined to the encoder's features of the
   same size, then pooled scores.
-- denoiser_mnist: the same UNet with a per-pixel head instead, a model that is not a classifier (trained, and its
-  images written, by benchmarks/noisy_mnist_denoiser.py).
+- denoiser_mnist, segmenter_mnist: the same UNet with a per-pixel head instead, models that are not classifiers
+  (an image out; 11 class scores per pixel), trained, and their images written, by benchmarks/noisy_mnist_denoiser.py.
 
     cnn-sparsegpt train --model benchmarks/conv_views_cnn.py:rows_mnist_cnn --dataset mnist \\
         --data-dir ../shared/data --epochs 2 --out checkpoints/rows_mnist_cnn.pt
@@ -66,11 +66,12 @@ class HourglassCNN(nn.Module):
 
 
 class HourglassDenoiser(HourglassCNN):
-    """The same body with a per-pixel head: a noisy image in, the clean image out (image to image)."""
+    """The same body with a per-pixel head: a noisy image in, the clean image out (image to image), or with
+    `classes`, a score per class at each pixel (segmentation)."""
 
-    def __init__(self, channels: int = 3, width: int = 32):
+    def __init__(self, channels: int = 3, width: int = 32, classes: int | None = None):
         super().__init__(in_channels=channels, width=width)
-        self.fc = nn.Conv2d(width, channels, 3, padding=1)
+        self.fc = nn.Conv2d(width, classes or channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(x))
@@ -93,3 +94,9 @@ def denoiser_mnist() -> nn.Module:
     """An image-to-image network: noisy MNIST digits (as RGB, the way image folders are read) to clean ones, trained
     by benchmarks/noisy_mnist_denoiser.py."""
     return HourglassDenoiser()
+
+
+def segmenter_mnist() -> nn.Module:
+    """A segmentation network: each pixel of an MNIST digit (as RGB) scored as background or its digit's class (11
+    classes), trained by benchmarks/noisy_mnist_denoiser.py --task segment."""
+    return HourglassDenoiser(classes=11)
