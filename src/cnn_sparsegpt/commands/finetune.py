@@ -56,7 +56,8 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
             raise UserError(f"--{name} must be {want}, got {value}")
     run = Path(run_dir)
     model, report, masks = load_run(run)
-    outputs = report.get("metric") == "output"  # a model that is not a classifier: its dense outputs are the targets
+    # a model that is not a classifier, or images without labels: the dense model's outputs are the targets
+    outputs = report.get("metric") == "output" or report.get("data_labels") == "none"
     if dropout is not None:  # a net with 90% of its weights gone has little to spare: the CIFAR CNN's dropout
         # (0.3-0.5) cost it 1 point of held-out accuracy in a one-epoch fine-tune
         for m in model.modules():
