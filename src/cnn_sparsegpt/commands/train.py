@@ -92,9 +92,9 @@ def compare_outputs(model: nn.Module, reference: nn.Module, data, device: torch.
         y, r = y.double(), r.double()
         err += float((y - r).square().sum())
         ref += float(r.square().sum())
-        s, s_ref = output_scores(out), output_scores(out_ref)
-        if scores and s_ref is not None and s_ref.shape[1] > 1:
-            same += float((s.argmax(1) == s_ref.argmax(1)).sum())
+        s_ref = output_scores(out_ref) if scores else None
+        if s_ref is not None and s_ref.shape[1] > 1:
+            same += float((output_scores(out).argmax(1) == s_ref.argmax(1)).sum())
             positions += s_ref[:, 0].numel()
             over = "images" if s_ref.ndim == 2 else "positions"
     for m, training in modes:

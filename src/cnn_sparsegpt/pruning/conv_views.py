@@ -64,7 +64,7 @@ class ConvView(nn.Module):
         self.shape = list(original.weight.shape)
         self.positions = None  # the original's (conv2d_views)
         keys = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
-        self.rebuild = (next(b for b in VIEWABLE if isinstance(original, b)),  # its kind, as built: as_original
+        self.rebuild = (_base(original),  # its torch class and arguments, as built: as_original
                         {k: getattr(original, k) for k in keys} | {"bias": original.bias is not None} |
                         ({"output_padding": original.output_padding} if original.transposed else {}))
 
@@ -291,11 +291,16 @@ def why_not(m: nn.Module) -> str:
         return f"a ConvTranspose3d is pruned where its kernel equals its stride, without padding or dilation (a 3-D " \
                f"UNet's up-sampling); this one's kernel {tuple(m.kernel_size)}, stride {tuple(m.stride)}, padding " \
                f"{tuple(m.padding)} is not: left as it is"
-    base = next(b for b in VIEWABLE if isinstance(m, b))
+    base = _base(m)
     if any(getattr(type(m), f) is not getattr(base, f) for f in ("forward", "_conv_forward") if hasattr(base, f)):
         return f"{type(m).__name__} is a subclass of {base.__name__} with its own forward, which may compute " \
                "something else with its weight: left as it is"
     return ""  # (a subclass that only adds methods, as torchvision's Conv3DSimple, computes what its base does)
+
+
+def _base(m: nn.Module) -> type:
+    """The torch class among VIEWABLE that a layer is (a subclass's base)."""
+    return next(b for b in VIEWABLE if isinstance(m, b))
 
 
 def _voxel_blocks(m: nn.ConvTranspose3d) -> bool:

@@ -554,7 +554,7 @@ def _channel_layers(structure: dict, views: dict, model: nn.Module, config: Prun
 
 
 def weight_sparsity(model: nn.Module) -> float:
-    """Fraction of exactly-zero weights over all Linear and conv layers (1-D, 2-D, 3-D, transposed 1-D and 2-D)."""
+    """Fraction of exactly-zero weights over all Linear and conv layers (1-D, 2-D, 3-D, transposed)."""
     zeros = total = 0
     for m in model.modules():
         if isinstance(m, (*PRUNABLE, *VIEWABLE)):
