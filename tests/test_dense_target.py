@@ -135,3 +135,24 @@ def test_memory_policy_counts_the_dense_copy():
     assert not low and why.startswith("default (2 activations")
     low, why = memory_policy(gb // 1024, 1024, torch.device("cpu"), free=5 * gb, copies=2)  # 4 GB > 2.5 GB
     assert low and "4 activations" in why
+
+
+def test_target_share_spans_the_own_weights_target_and_the_dense_one():
+    """target_share α fits W·X_p + α·W·(X_d − X_p): α = 0 is the published target (the same prune up to rounding),
+    α = 1 the dense target exactly, and a share between them lands between them in the dense-output error."""
+    from cnn_sparsegpt import RECOMMENDED
+
+    model, x = _mlp(1), torch.randn(512, 16)
+    dense = copy.deepcopy(model)
+    runs = {}
+    for key, opts in {"published": dict(dense_target=False), "0": dict(target_share=0.0),
+                      "0.5": dict(target_share=0.5), "1": dict(target_share=1.0), "default": {}}.items():
+        m = copy.deepcopy(model)
+        prune_model(m, x, RECOMMENDED, method="sparsegpt", sparsity=0.8, prune_all=True, allocation="uniform",
+                    refine="none", progress=False, **opts)
+        runs[key] = m
+    for a, b in (("published", "0"), ("1", "default")):
+        for pa, pb in zip(runs[a].parameters(), runs[b].parameters()):
+            torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5)
+    err = {k: (dense(x) - m(x)).square().mean().item() for k, m in runs.items()}
+    assert err["1"] < err["0.5"] < err["0"]

@@ -141,6 +141,10 @@ class PruneConfig:
     dense_target: bool = opt(True, "fit each layer to the dense network's output on the pruned network's inputs "
                              "(min |W X_dense - W' X_pruned|^2: corrects upstream error); off: fit W X_pruned, as "
                              "published")
+    target_share: float = opt(1.0, "with dense_target: the share of the dense network's correction each layer "
+                              "fits: its target is W X_pruned + share * W (X_dense - X_pruned) (1: the dense output; "
+                              "0: its own dense weights on the pruned inputs, as published)",
+                              check=lambda v: 0 <= v <= 2, want="in [0, 2]")
     residual_target: bool = opt(False, "with dense_target: a layer whose output (through its BatchNorm) is added "
                                 "to a skip branch computed before it fits the dense sum, correcting that branch's "
                                 "error too (residual blocks' last conv or projection shortcut; traced models)")
@@ -326,7 +330,7 @@ PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 # The settings beyond SparseGPT's layer solve; a results file labels each run by those that differ from the
 # published method's (recipe_label), so a label means the same in every file whatever the defaults become.
 RECIPE_KEYS = ("solver", "hessians", "allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction",
-               "refine", "dense_target", "residual_target", "inactive_weight", "refit_dense_layers", "intercept",
+               "refine", "dense_target", "target_share", "residual_target", "inactive_weight", "refit_dense_layers", "intercept",
                "reconstruct", "wbits", "quant", "quant_clip", "structure", "keep_macs", "keep_params", "target_speedup",
                "round_to", "channel_costs", "permute", "outputs")
 CHANNEL_ONLY = ("channel_costs", "round_to")  # settings that change nothing without structure='channels'

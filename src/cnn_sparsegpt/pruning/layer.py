@@ -77,7 +77,7 @@ class LayerPruner:
 
     def __init__(self, layer: nn.Module, name: str = "", hessian: bool = True, track_mean: bool = False,
                  dense_target: bool = False, keep_sums: bool = False, shifted_target: bool = False,
-                 inactive_weight: float | None = None):
+                 inactive_weight: float | None = None, target_share: float = 1.0):
         if not isinstance(layer, (nn.Conv2d, nn.Linear)):
             raise TypeError(f"{name}: only Conv2d and Linear are supported, got {type(layer).__name__}")
         self.layer, self.name = layer, name
@@ -119,6 +119,9 @@ class LayerPruner:
             if shifted_target and track_mean else None
         self.shift_batches = 0  # batches added with a shift
         self._R = None
+        # the share α of the dense target's correction fitted: target W·X_p + α·(W·X_d + δ − W·X_p); R, the
+        # target's mean offset and δ scale by α (dense_target.py)
+        self.target_share = target_share
         # inactive_weight (relu_gate.py): per-row sums over the outputs the dense ReLU passes
         self.inactive_weight = inactive_weight if inactive_weight is not None and inactive_weight < 1 \
             and hessian and self.groups == 1 else None
@@ -306,6 +309,7 @@ class LayerPruner:
             u = (self.weight_matrix()[0][0].double() * (md - m)).sum(-1)
             if shift is not None:
                 u = u + shift
+            u = u * self.target_share
             R = (R[0].double() - 2 * (share * u)[:, None] * m).float().masked_fill(const, 0)[None]
         return Hc[None], R
 
@@ -324,6 +328,7 @@ class LayerPruner:
             offset = torch.bmm(self.weight_matrix()[0].to(H.dtype), shift[:, :, None])
             if self.shift_sum is not None:  # the shifted target's mean
                 offset = offset + self.shift_mean().to(H.dtype).reshape(offset.shape)
+            offset = offset * self.target_share
             R = (R - 2 * offset * mean[:, None, :])
             R = R.masked_fill(const[:, None, :], 0)
         return Hc, R
@@ -335,13 +340,20 @@ class LayerPruner:
         if self.active is not None:
             m, md, shift = self._active_means()
             W, Q = W[0].double(), Q[0].double()
+            if dense_target:
+                md, shift = self._shared(m, md), None if shift is None else shift * self.target_share
             offset = ((W * md).sum(-1) if dense_target else (W * m).sum(-1)) - (Q * m).sum(-1)
             return offset + shift if dense_target and shift is not None else offset
         n = max(self.nsamples, 1)
         mean = (self.colsum / n)[:, :, None]
-        target = self.colsum_d / n if dense_target else self.colsum / n
+        target = self._shared(self.colsum / n, self.colsum_d / n) if dense_target else self.colsum / n
         offset = (torch.bmm(W.double(), target[:, :, None]) - torch.bmm(Q.double(), mean)).flatten()
-        return offset + self.shift_mean() if dense_target and self.shift_sum is not None else offset
+        return offset + self.target_share * self.shift_mean() if dense_target and self.shift_sum is not None \
+            else offset
+
+    def _shared(self, mean: torch.Tensor, dense_mean: torch.Tensor) -> torch.Tensor:
+        """The target's input mean with target_share α: x̄ + α·(x̄_d − x̄) (x̄_d itself at α = 1, as it was)."""
+        return dense_mean if self.target_share == 1 else mean + self.target_share * (dense_mean - mean)
 
     def shift_mean(self) -> torch.Tensor:
         """The shifted target's mean δ per output channel (float64), over the same columns as x̄."""
@@ -621,6 +633,8 @@ class LayerPruner:
             res.inactive_weight = self.inactive_weight
         else:
             self.active = None
+        if R is not None and self.target_share != 1:  # the correction's share (R is linear in it)
+            R = R * self.target_share
         rows = per_row if Hg is not None and Hg.dim() == 4 else (lambda *ts: ts)
         if intercept:  # the offset is free: fit the inputs' covariances (intercept.py); res.offset takes the mean
             W0 = Wg

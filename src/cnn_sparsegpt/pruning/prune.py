@@ -200,7 +200,7 @@ class _Pruner:
         pruner = LayerPruner(module, name, hessian=needs == "hessian",
                              track_mean=self.statcorr is not None or sink is not None or bn is not None,
                              dense_target=self.dense is not None and not dense_hessians, keep_sums=bn is not None,
-                             shifted_target=partner is not None,
+                             shifted_target=partner is not None, target_share=self.config.target_share,
                              inactive_weight=self.config.inactive_weight
                              if name in self.gates and gate_applies(self.config, module.weight) else None)
         scale = None if partner is None else inverse_scale(
