@@ -3,6 +3,8 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from cnn_sparsegpt import PUBLISHED, create_model, prune_model
 from cnn_sparsegpt.commands.cli import main
@@ -90,3 +92,65 @@ def test_python_api_exports_and_times_a_model_in_memory(tmp_path):
     rows = cs.compare_latency(dense, model, (3, 32, 32), "onnxruntime", batch_sizes=(1,), warmup=0, runs=1,
                               rounds=1)
     assert rows[0]["batch"] == 1 and rows[0]["dense_s"] > 0 and rows[0]["pruned_s"] > 0
+
+
+class _PadsItself(nn.Conv2d):
+    """timm's Conv2dSame in small: pads its input itself, then a plain conv (scales with its weight: folds)."""
+
+    def forward(self, x):
+        return F.conv2d(F.pad(x, (0, 1, 0, 1)), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class _StandardizesWeight(nn.Conv2d):
+    """timm's StdConv2d in small: the weight is standardized per output channel, so a scaled weight is not a
+    scaled output: its BatchNorm must stay."""
+
+    def forward(self, x):
+        w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / self.weight.std((1, 2, 3), keepdim=True)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def test_folding_takes_library_layers_where_they_compute_what_the_fold_assumes():
+    """timm's BatchNormAct2d folds and keeps its activation; a conv that pads itself folds; a weight-standardized
+    conv keeps its BatchNorm; the outputs stay; a BatchNorm after an addition stays."""
+    from timm.layers import BatchNormAct2d
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.bn_a = _PadsItself(3, 8, 3, stride=2), BatchNormAct2d(8, act_layer=nn.SiLU)
+            self.b, self.bn_b = _StandardizesWeight(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+            self.c, self.bn_c = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+            self.bn_sum = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            y = self.bn_a(self.a(x))
+            return self.bn_sum(self.bn_b(self.b(y)) + self.bn_c(self.c(y)))
+
+    torch.manual_seed(0)
+    model = Net().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.5), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 1.5)
+    folded = fold_batchnorm(model)
+    x = torch.randn(4, 3, 17, 17)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
+    left = {n for n, m in folded.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    assert left == {"bn_b", "bn_sum"}
+    assert isinstance(folded.bn_a, nn.SiLU) and isinstance(folded.a, _PadsItself)
+    assert not torch.equal(folded.a.weight, model.a.weight) and torch.equal(folded.b.weight, model.b.weight)
+
+
+def test_onnx_check_scales_with_the_outputs(tmp_path):
+    """Logits in the thousands differ between two correct float32 runtimes by more than 1e-4: the check is 1e-4 of
+    the largest output there (it stopped a pruned EfficientNet-B0 whose logits reached 54 at 1.8e-4)."""
+    pytest.importorskip("onnxruntime")
+    import cnn_sparsegpt as cs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        model[-1].weight.mul_(1e5)
+    out = cs.export_model(model, (3, 16, 16), onnx=tmp_path / "m.onnx", progress=False)
+    assert out["onnx_max_abs_diff"] <= 1e-4 * max(1.0, float(model(torch.randn(8, 3, 16, 16)).abs().max()))

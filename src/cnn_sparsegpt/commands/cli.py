@@ -235,7 +235,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     layers = out["layers"]
     cand = [r["name"] for r in layers if r["sparse_tensor_core_candidate"]]
     macs, nz = sum(r["macs"] for r in layers), sum(r["nonzero_macs"] for r in layers)
-    print(f"{out['model']}: {out['batchnorm_folded']} BatchNorms folded; {nz / 1e6:.1f} of {macs / 1e6:.1f} M "
+    left = f" ({out['batchnorm_left']} left: not after a conv it folds into)" if out["batchnorm_left"] else ""
+    print(f"{out['model']}: {out['batchnorm_folded']} BatchNorms folded{left}; {nz / 1e6:.1f} of {macs / 1e6:.1f} M "
           f"multiply-adds per image non-zero; {len(cand)} of {len(layers)} layers 2:4 along input channels "
           f"(sparse tensor core candidates){': ' + ', '.join(cand) if cand and len(cand) <= 8 else ''}")
     for key in ("onnx", "safetensors"):

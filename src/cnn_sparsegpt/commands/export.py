@@ -145,10 +145,11 @@ def export_model(model: nn.Module, input_shape: list[int] | tuple[int, ...], onn
                  calibration: torch.Tensor | None = None, eval_data=None, int8_calibration: str = "minmax",
                  opset: int = OPSET, atol: float = 1e-4, progress: bool = True) -> dict:
     """What `export` writes, for a model in memory (e.g. after prune_model): BatchNorm folded into the convs, then
-    an ONNX model checked in ONNX Runtime within `atol`, safetensors, a compressed file (`quantized`: a --wbits
-    prune's report.quantized, packed as codes) and/or an INT8 ONNX model calibrated on the images `calibration`
-    (N, C, H, W), with the float and INT8 top-1 over `eval_data` when given (an ImageSet, an (images, labels) pair
-    of tensors, or (images, labels) batches such as a DataLoader). Returns the export
+    an ONNX model checked in ONNX Runtime within `atol` (times the largest output where that is above 1),
+    safetensors, a compressed file (`quantized`: a --wbits prune's report.quantized, packed as codes) and/or an
+    INT8 ONNX model calibrated on the images `calibration` (N, C, H, W), with the float and INT8 top-1 over
+    `eval_data` when given (an ImageSet, an (images, labels) pair of tensors, or (images, labels) batches such as a
+    DataLoader). Returns the export
     report (per-layer table, sizes, checks); `masks` (name → True where kept) marks what the table counts."""
     for path in (onnx, safetensors, compressed, int8):  # before any work: one clear error
         if path is not None:
@@ -168,8 +169,8 @@ def export_model(model: nn.Module, input_shape: list[int] | tuple[int, ...], onn
     reference = output_tensors(model(x))  # every output (a segmentation model's dict: each of its tensors)
     if not reference:
         raise UserError(f"{type(model).__name__}'s output holds no tensor: there is nothing to export and check")
-    out = {"input_shape": shape, "batchnorm_folded": sum(isinstance(m, nn.modules.batchnorm._BatchNorm)
-                                                        for m in model.modules()),
+    bns = [sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules()) for net in (model, folded)]
+    out = {"input_shape": shape, "batchnorm_folded": bns[0] - bns[1], "batchnorm_left": bns[1],
            "quantized_layers": len(grids),
            "folded_max_abs_diff": max_abs_diff(output_tensors(folded(x)), reference),
            "layers": layer_table(folded, x[:1], masks or {})}
@@ -243,8 +244,12 @@ def _onnx(folded: nn.Module, x: torch.Tensor, reference: list[torch.Tensor], pat
     write_onnx(folded, x, path, opset)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     diff = max_abs_diff([torch.from_numpy(a) for a in session.run(None, {"images": x.numpy()})], reference)
-    if not diff <= atol:
-        raise UserError(f"the ONNX model's outputs differ from PyTorch's by {diff:.2e} (> {atol:g})")
+    # float32 rounding grows with the outputs: a network whose logits reach 50 differs by ~1e-4 between two correct
+    # runtimes, so the tolerance is atol on outputs of magnitude up to 1 and atol times the largest one above that
+    bound = atol * max(1.0, max(float(r.abs().max()) for r in reference))
+    if not diff <= bound:
+        raise UserError(f"the ONNX model's outputs differ from PyTorch's by {diff:.2e} (> {bound:.2g}: {atol:g} of "
+                        "the largest output, at least 1)")
     return {"onnx": str(path), "opset": opset, "onnxruntime": ort.__version__, "onnx_max_abs_diff": diff}
 
 
