@@ -109,3 +109,24 @@ def test_load_compressed_errors(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"junk" * 10)
     with pytest.raises(UserError, match="cannot read compressed file"):
         load_compressed(tmp_path / "junk.safetensors")
+
+
+def test_files_written_before_library_layers_were_folded_still_load(tmp_path):
+    """A compressed file of a timm model written when only torch's own BatchNorms were folded (its BatchNormAct2d
+    kept as it was) loads into the same model as it was folded then; a new file gets BatchNormAct2d folded."""
+    from timm.layers import BatchNormAct2d
+    from torch import nn
+
+    from cnn_sparsegpt.deploy.fold import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8)).eval()
+    for m in (model[1], model[3]):
+        m.running_mean.normal_(0, 0.5), m.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 12, 12)
+    for library_layers, keys in ((False, {"1.weight", "1.running_var"}), (True, set())):
+        state = fold_batchnorm(model, library_layers).state_dict()
+        assert keys <= state.keys() and ("1.weight" in state) == bool(keys)
+        save_compressed(state, tmp_path / "m.safetensors")
+        loaded = load_compressed(tmp_path / "m.safetensors", model=model)
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)

@@ -184,10 +184,13 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None):
         return state
     from .fold import fold_batchnorm
 
-    folded = fold_batchnorm(model.cpu().eval())
-    try:
-        folded.load_state_dict(state)
-    except RuntimeError as e:
-        raise UserError(f"{path} does not fit this model once BatchNorm is folded ({str(e).splitlines()[0]}): "
-                        "for a channel-pruned run, apply its structure first") from None
-    return folded.eval()
+    error = None
+    for library_layers in (True, False):  # files written before timm's BatchNormAct2d was folded: torch's only
+        folded = fold_batchnorm(model.cpu().eval(), library_layers)
+        try:
+            folded.load_state_dict(state)
+            return folded.eval()
+        except RuntimeError as e:
+            error = error or e
+    raise UserError(f"{path} does not fit this model once BatchNorm is folded ({str(error).splitlines()[0]}): "
+                    "for a channel-pruned run, apply its structure first") from None

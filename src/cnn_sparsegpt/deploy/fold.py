@@ -81,9 +81,10 @@ def _folded(layer: nn.Module, bn: _BatchNorm) -> nn.Module | None:
 
 
 @torch.no_grad()
-def fold_batchnorm(model: nn.Module) -> nn.Module:
+def fold_batchnorm(model: nn.Module, library_layers: bool = True) -> nn.Module:
     """A copy of `model` (eval mode, a traced graph) with every BatchNorm that alone reads a conv's or Linear's
-    output folded into it, where both are called once; the others stay as they are."""
+    output folded into it, where both are called once; the others stay as they are. library_layers=False folds
+    torch's own classes only (what this project's export did before it took timm's: for files written then)."""
     tracer = _Tracer()
     model = copy.deepcopy(model).eval()
     try:
@@ -104,6 +105,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         layer = modules.get(src.target) if isinstance(src, fx.Node) and src.op == "call_module" else None
         if not isinstance(layer, FOLDS_INTO) or len(src.users) != 1 or calls[src.target] != 1 \
                 or calls[node.target] != 1:
+            continue
+        if not library_layers and (type(layer) not in FOLDS_INTO or type(bn).forward is not _BatchNorm.forward):
             continue
         rest = _rest(bn)
         folded = None if rest is False else _folded(layer, bn)
