@@ -84,7 +84,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     model = create_model(args.model, num_classes=max(train.num_classes, 2))
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
                       seed=args.seed, max_steps=args.max_steps, label_smoothing=args.label_smoothing,
-                      weight_decay=args.weight_decay)
+                      weight_decay=args.weight_decay, optimizer=args.optimizer)
     result = train_model(model, train, test, cfg, device, progress=not args.quiet)
     atomic_save(result["state_dict"], out)
     meta = {"model": args.model, "dataset": dataset, "data_source": train.source,
@@ -100,7 +100,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _add_train_parser(sub) -> None:
     from ..models import list_models
 
-    d = __import__("cnn_sparsegpt.commands.train", fromlist=["TrainConfig"]).TrainConfig()
+    from .train import OPTIMIZERS, TrainConfig
+
+    d = TrainConfig()
     p = sub.add_parser("train", help="train a baseline model and write its checkpoint (+ .json metadata)")
     p.add_argument("--model", required=True, help=f"model: {', '.join(list_models())}, torchvision:NAME, timm:NAME, "
                    "or your own as FILE.py:NAME (a function or class that builds it)")
@@ -108,7 +110,9 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--data-dir", help="data root (default: $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data)")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training set (default {d.epochs})")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"default {d.batch_size}")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate, SGD Nesterov (default {d.lr})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), default=d.optimizer,
+                   help="sgd (Nesterov momentum, default) or adamw")
     p.add_argument("--schedule", choices=["onecycle", "cosine"], default=d.schedule, help="learning-rate schedule")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="not applied to norms and biases")
     p.add_argument("--label-smoothing", type=float, default=d.label_smoothing, help=f"default {d.label_smoothing}")
@@ -120,6 +124,8 @@ def _add_train_parser(sub) -> None:
 
 
 def _add_finetune_parser(sub) -> None:
+    from .train import OPTIMIZERS
+
     p = sub.add_parser("finetune", help="train a pruned run for a few epochs with its masks kept exactly (and a "
                        "quantized run's weights on their grids, by a straight-through estimator)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a `prune` run (model.pt, masks.pt)")
@@ -127,6 +133,9 @@ def _add_finetune_parser(sub) -> None:
     p.add_argument("--lr", type=float, default=0.03,
                    help="peak learning rate of the cosine schedule (default 0.03: best or close to it on held-out "
                    "images for the CIFAR CNN, ResNet-18 and ResNet-20 at 90%%, one epoch; see README)")
+    p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="sgd",
+                   help="sgd (Nesterov momentum, default: chosen for classifiers) or adamw (for a model that is not "
+                   "a classifier give a lower --lr either way; see docs/OPTIONS.md)")
     p.add_argument("--batch-size", type=int, default=128, help="default 128")
     p.add_argument("--data-dir", help="data root (default $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -180,6 +189,7 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         raise UserError(f"--distill is a weight in [0, 1] and --temperature > 0, got {args.distill}, "
                         f"{args.temperature}")
     cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule="cosine",
+                      optimizer=args.optimizer,
                       max_steps=args.max_steps, warmup=args.warmup, distill=args.distill,
                       temperature=args.temperature)
     r = finetune_run(args.run_dir, cfg, args.out, args.data_dir, args.device, progress=not args.quiet,

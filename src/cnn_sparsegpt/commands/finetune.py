@@ -112,7 +112,7 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
         if bool((state[name][~keep] != 0).any()):
             raise RuntimeError(f"{name}: a pruned weight became non-zero during fine-tuning")
     summary = report | {"finetune": {"from": str(run), "epochs": cfg.epochs, "max_steps": cfg.max_steps,
-                                     "lr": cfg.lr, "schedule": cfg.schedule, "warmup": cfg.warmup,
+                                     "optimizer": cfg.optimizer, "lr": cfg.lr, "schedule": cfg.schedule, "warmup": cfg.warmup,
                                      "distill": cfg.distill, "dropout": dropout,
                                      "temperature": cfg.temperature if teacher else None,
                                      "batch_size": cfg.batch_size, "on_grids": bool(quantized),

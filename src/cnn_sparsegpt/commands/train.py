@@ -24,6 +24,7 @@ class TrainConfig:
     epochs: int = 2
     batch_size: int = 128
     lr: float = 0.05  # peak learning rate of the schedule
+    optimizer: str = "sgd"  # sgd (Nesterov momentum: the classifier settings) | adamw (a step scaled per weight)
     momentum: float = 0.9  # Nesterov
     weight_decay: float = 5e-4  # not applied to norms and biases
     label_smoothing: float = 0.1
@@ -119,6 +120,13 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+# the optimizers by name: each builds torch's from the parameter groups (decay on weights, none on norms and biases)
+OPTIMIZERS = {
+    "sgd": lambda groups, cfg: torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True),
+    "adamw": lambda groups, cfg: torch.optim.AdamW(groups, lr=cfg.lr),
+}
+
+
 def train_model(model: nn.Module, train_set: ImageSet | FolderSet, test_set: ImageSet | FolderSet, cfg: TrainConfig,
                 device: torch.device | str = "cpu", progress: bool = True,
                 masks: dict[str, torch.Tensor] | None = None, teacher: nn.Module | None = None,
@@ -142,7 +150,9 @@ def train_model(model: nn.Module, train_set: ImageSet | FolderSet, test_set: Ima
     if channels_last:
         model.to(memory_format=torch.channels_last)
     loader = train_set.loader(cfg.batch_size, device, seed=cfg.seed, channels_last=channels_last)
-    opt = torch.optim.SGD(_param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    if cfg.optimizer not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer '{cfg.optimizer}': one of {', '.join(OPTIMIZERS)}")
+    opt = OPTIMIZERS[cfg.optimizer](_param_groups(model, cfg.weight_decay), cfg)
     total = cfg.epochs * len(loader)
     if cfg.max_steps:
         total = min(total, cfg.max_steps)
