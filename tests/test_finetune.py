@@ -7,12 +7,14 @@ import torch
 
 from cnn_sparsegpt import create_model, load_dataset
 from cnn_sparsegpt.commands.cli import main
-from cnn_sparsegpt.commands.train import TrainConfig, train_model
+from cnn_sparsegpt.commands.train import OPTIMIZERS, TrainConfig, train_model
+from cnn_sparsegpt.utils import UserError
 
 from .test_cli import mnist_ckpt, prune_args  # noqa: F401  (fixture)
 
 
-def test_pruned_weights_stay_zero_at_every_step(data_dir):
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_pruned_weights_stay_zero_at_every_step(data_dir, optimizer):
     torch.manual_seed(0)
     model = create_model("mnist_cnn")
     masks = {n: torch.rand_like(p) > 0.9 for n, p in model.named_parameters() if p.ndim > 1}
@@ -25,9 +27,14 @@ def test_pruned_weights_stay_zero_at_every_step(data_dir):
     model.register_forward_pre_hook(check)
     train = load_dataset("mnist", True, data_dir)
     train = train.subset(torch.arange(512))
-    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05, schedule="cosine")
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.05 if optimizer == "sgd" else 1e-3, schedule="cosine",
+                      optimizer=optimizer)
+    before = {n: p.detach().clone() for n, p in params.items()}
     train_model(model, train, train.subset(torch.arange(64)), cfg, "cpu", progress=False, masks=masks)
     assert len(seen) >= 8 and all(seen)
+    assert all(not torch.equal(before[n][m], params[n][m]) for n, m in masks.items())  # the kept weights moved
+    with pytest.raises(UserError, match="unknown optimizer 'lion'"):
+        train_model(model, train, train, TrainConfig(optimizer="lion"), "cpu", progress=False)
 
 
 def test_finetune_command(mnist_ckpt, data_dir, tmp_path, capsys):  # noqa: F811
@@ -39,6 +46,7 @@ def test_finetune_command(mnist_ckpt, data_dir, tmp_path, capsys):  # noqa: F811
     assert "masks kept" in capsys.readouterr().out
     report = json.loads((run / "finetune" / "report.json").read_text())
     assert report["finetune"]["epochs"] == 1 and "pruned_acc_before" in report["finetune"]
+    assert (report["finetune"]["optimizer"], report["finetune"]["lr"]) == ("sgd", 0.03)  # a classifier's default
     assert "bn_recalibrated" in report["finetune"]
     state, masks = torch.load(run / "finetune" / "model.pt"), torch.load(run / "finetune" / "masks.pt")
     for name, keep in masks.items():
@@ -120,3 +128,14 @@ def test_a_diverging_run_stops_with_a_clear_error():
     with pytest.raises(UserError, match="diverged .* lower --lr"):
         train_model(model, data, data, TrainConfig(epochs=3, batch_size=8, lr=1e30, schedule="cosine"),
                     progress=False)
+
+
+def test_fine_tuning_settings_resolve_auto_by_objective():
+    from cnn_sparsegpt.commands.finetune import fine_tuning_settings
+
+    auto = TrainConfig(optimizer="auto", lr=None)
+    assert (fine_tuning_settings(auto, False).optimizer, fine_tuning_settings(auto, False).lr) == ("sgd", 0.03)
+    assert (fine_tuning_settings(auto, True).optimizer, fine_tuning_settings(auto, True).lr) == ("adamw", 1e-3)
+    chosen = fine_tuning_settings(TrainConfig(optimizer="adamw", lr=None), False)
+    assert (chosen.optimizer, chosen.lr) == ("adamw", 1e-3)  # an optimizer given: its own default lr
+    assert fine_tuning_settings(TrainConfig(optimizer="auto", lr=0.2), True).lr == 0.2

@@ -157,10 +157,11 @@ def test_finetune_a_model_that_is_not_a_classifier_towards_its_dense_outputs(net
                  str(flat_images), "--preprocess", "none", "--nsamples", "16", "--sparsity", "0.7",
                  "--out", str(out)]) == 0
     before = json.loads((out / "report.json").read_text())["output_error"]
-    assert main(["-q", "finetune", str(out), "--epochs", "2", "--lr", "0.01", "--batch-size", "8"]) == 0
+    assert main(["-q", "finetune", str(out), "--epochs", "2", "--batch-size", "8"]) == 0
     assert "output error against the dense model: pruned" in capsys.readouterr().out
     r = json.loads((out / "finetune" / "report.json").read_text())
     f = r["finetune"]
+    assert (f["optimizer"], f["lr"]) == ("adamw", 1e-3)  # the default for a run measured by its outputs
     assert f["output_error_before"] == pytest.approx(before) and 0 <= r["output_error"] < 1
     assert [set(h) for h in f["history"]] == [{"epoch", "train_loss", "test_output_error"}] * 2
     assert "pruned_acc" not in r or r["pruned_acc"] is None

@@ -130,12 +130,13 @@ def _add_finetune_parser(sub) -> None:
                        "quantized run's weights on their grids, by a straight-through estimator)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a `prune` run (model.pt, masks.pt)")
     p.add_argument("--epochs", type=int, default=1, help="epochs over the training set (default 1)")
-    p.add_argument("--lr", type=float, default=0.03,
-                   help="peak learning rate of the cosine schedule (default 0.03: best or close to it on held-out "
-                   "images for the CIFAR CNN, ResNet-18 and ResNet-20 at 90%%, one epoch; see README)")
-    p.add_argument("--optimizer", choices=list(OPTIMIZERS), default="sgd",
-                   help="sgd (Nesterov momentum, default: chosen for classifiers) or adamw (for a model that is not "
-                   "a classifier give a lower --lr either way; see docs/OPTIONS.md)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate of the cosine schedule (default: 0.03 with sgd, best or close to it on "
+                   "held-out images for the CIFAR CNN, ResNet-18 and ResNet-20 at 90%%, one epoch; 1e-3 with adamw, "
+                   "best on held-out images for a denoiser at 90%%; see docs/OPTIONS.md)")
+    p.add_argument("--optimizer", choices=["auto", *OPTIMIZERS], default="auto",
+                   help="auto (default): sgd (Nesterov momentum) for a run measured by top-1, adamw for one measured "
+                   "by its outputs (a model that is not a classifier, images without labels)")
     p.add_argument("--batch-size", type=int, default=128, help="default 128")
     p.add_argument("--data-dir", help="data root (default $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

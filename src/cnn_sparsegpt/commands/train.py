@@ -23,8 +23,8 @@ from ..utils import UserError
 class TrainConfig:
     epochs: int = 2
     batch_size: int = 128
-    lr: float = 0.05  # peak learning rate of the schedule
-    optimizer: str = "sgd"  # sgd (Nesterov momentum: the classifier settings) | adamw (a step scaled per weight)
+    lr: float | None = 0.05  # peak learning rate of the schedule (finetune_run: None = the optimizer's default)
+    optimizer: str = "sgd"  # sgd (Nesterov momentum) | adamw; finetune_run also takes 'auto' (by the objective)
     momentum: float = 0.9  # Nesterov
     weight_decay: float = 5e-4  # not applied to norms and biases
     label_smoothing: float = 0.1
