@@ -157,11 +157,15 @@ def test_finetune_a_model_that_is_not_a_classifier_towards_its_dense_outputs(net
                  str(flat_images), "--preprocess", "none", "--nsamples", "16", "--sparsity", "0.7",
                  "--out", str(out)]) == 0
     before = json.loads((out / "report.json").read_text())["output_error"]
+    prune_agreement = json.loads((out / "report.json").read_text())["output_agreement"]
     assert main(["-q", "finetune", str(out), "--epochs", "2", "--batch-size", "8"]) == 0
-    assert "output error against the dense model: pruned" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "output error against the dense model: pruned" in printed and "the dense model's top class at" in printed
     r = json.loads((out / "finetune" / "report.json").read_text())
     f = r["finetune"]
     assert (f["optimizer"], f["lr"]) == ("adamw", 1e-3)  # the default for a run measured by its outputs
+    # its 3 output channels read as class scores (--outputs scores): the agreement re-measured after fine-tuning
+    assert f["output_agreement_before"] == pytest.approx(prune_agreement) and 0 <= r["output_agreement"] <= 1
     assert f["output_error_before"] == pytest.approx(before) and 0 <= r["output_error"] < 1
     assert [set(h) for h in f["history"]] == [{"epoch", "train_loss", "test_output_error"}] * 2
     assert "pruned_acc" not in r or r["pruned_acc"] is None

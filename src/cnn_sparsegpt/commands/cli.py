@@ -204,8 +204,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         print(f"held-out ({args.holdout} training images): output error {f['holdout_output_error_before']:.4g} -> "
               f"{f['holdout_output_error']:.4g}")
     dense = f"dense {100 * r['dense_acc']:.2f}%, " if r.get("dense_acc") is not None else ""
+    agree = f"; the dense model's top class at {100 * f['output_agreement_before']:.2f}% -> " \
+        f"{100 * r['output_agreement']:.2f}% of {r.get('output_agreement_over')}" \
+        if f.get("output_agreement_before") is not None and r.get("output_agreement") is not None else ""
     measured = (f"output error against the dense model: pruned {f['output_error_before']:.4g} -> fine-tuned "
-                f"{r['output_error']:.4g}") if "output_error_before" in f else \
+                f"{r['output_error']:.4g}{agree}") if "output_error_before" in f else \
         f"top-1 {dense}pruned {100 * f['pruned_acc_before']:.2f}% -> fine-tuned {100 * r['pruned_acc']:.2f}%"
     print(f"{r['model']} {r['pattern']}: {measured} after {f['epochs']} epoch(s), {f['seconds']:.0f} s; "
           f"{'channels' if (r.get('structure') or {}).get('spec') else 'masks'} kept"

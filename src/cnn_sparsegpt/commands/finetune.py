@@ -18,7 +18,7 @@ from ..pruning.batchnorm import bn_modules, recalibrate
 from ..data.datasets import calibration_set, holdout_split, load_splits
 from .pipeline import load_dense, load_run, run_preprocess
 from ..kernels.quant import attach_grids, detach_grids
-from .train import TrainConfig, evaluate, output_error, train_model
+from .train import TrainConfig, compare_outputs, evaluate, train_model
 from ..utils import (
     UserError,
     atomic_save,
@@ -97,9 +97,17 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
     model.to(dev)
     names = OUTPUT_NAMES if outputs else ACCURACY_NAMES
 
+    # class scores (a segmentation map's, say): the test split's share of positions with the dense top class too
+    scores = outputs and (report.get("config") or {}).get("outputs", "scores") == "scores"
+    agreement: dict[str, float | None] = {}
+
     def measure(data, which: str):  # which: pruned, held-out or fine-tuned (the progress bar's words)
         if outputs:
-            return output_error(model, teacher, data, dev, cfg.batch_size, progress, f"{which} output error")
+            compared = compare_outputs(model, teacher, data, dev, cfg.batch_size, progress, f"{which} output error",
+                                       scores=scores and data is test)
+            if data is test:
+                agreement[which] = compared.get("agreement")
+            return compared["error"]
         return evaluate(model, data, dev, cfg.batch_size, progress, f"{which} accuracy")
     before = measure(test, "pruned")
     held_before = measure(held, "held-out") if held else None
@@ -123,7 +131,7 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
         if held:
             held_after = measure(held, "held-out")
     # the test split, once; without holdout and BatchNorm the training loop has measured it already
-    acc_final = measure(test, "fine-tuned") if held or bns else acc_trained
+    acc_final = measure(test, "fine-tuned") if held or bns or scores else acc_trained
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     for name, keep in masks.items():  # the promise, checked once more on what is written
         if bool((state[name][~keep] != 0).any()):
@@ -141,6 +149,9 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
                                      "seconds": seconds,
                                      names["before"]: before, "history": result["history"]},
                         names["final"]: acc_final} | run_metadata(dev)
+    if scores:  # the agreement measured with the error it goes with, before and after
+        summary["finetune"]["output_agreement_before"] = agreement.get("pruned")
+        summary["output_agreement"] = agreement.get("fine-tuned")
     atomic_save(state, out / "model.pt")
     if quantized:
         atomic_save(quantized, out / "quant.pt")
