@@ -111,8 +111,9 @@ class _StandardizesWeight(nn.Conv2d):
 
 
 def test_folding_takes_library_layers_where_they_compute_what_the_fold_assumes():
-    """timm's BatchNormAct2d folds and keeps its activation; a conv that pads itself folds; a weight-standardized
-    conv keeps its BatchNorm; the outputs stay; a BatchNorm after an addition stays."""
+    """timm's BatchNormAct2d folds and keeps its activation; a conv that pads itself folds, and so does a transposed
+    conv; a weight-standardized conv, a grouped transposed conv and an addition keep their BatchNorms; the outputs
+    stay."""
     from timm.layers import BatchNormAct2d
 
     class Net(nn.Module):
@@ -122,10 +123,13 @@ def test_folding_takes_library_layers_where_they_compute_what_the_fold_assumes()
             self.b, self.bn_b = _StandardizesWeight(8, 8, 3, padding=1), nn.BatchNorm2d(8)
             self.c, self.bn_c = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
             self.bn_sum = nn.BatchNorm2d(8)
+            self.up, self.bn_up = nn.ConvTranspose2d(8, 4, 2, stride=2), nn.BatchNorm2d(4)  # a UNet decoder's
+            self.up_g, self.bn_up_g = nn.ConvTranspose2d(8, 4, 2, stride=2, groups=2), nn.BatchNorm2d(4)
 
         def forward(self, x):
             y = self.bn_a(self.a(x))
-            return self.bn_sum(self.bn_b(self.b(y)) + self.bn_c(self.c(y)))
+            y = self.bn_sum(self.bn_b(self.b(y)) + self.bn_c(self.c(y)))
+            return self.bn_up(self.up(y)) + self.bn_up_g(self.up_g(y))
 
     torch.manual_seed(0)
     model = Net().eval()
@@ -136,7 +140,7 @@ def test_folding_takes_library_layers_where_they_compute_what_the_fold_assumes()
     x = torch.randn(4, 3, 17, 17)
     torch.testing.assert_close(folded(x), model(x), rtol=1e-4, atol=1e-4)
     left = {n for n, m in folded.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    assert left == {"bn_b", "bn_sum"}
+    assert left == {"bn_b", "bn_sum", "bn_up_g"}
     assert isinstance(folded.bn_a, nn.SiLU) and isinstance(folded.a, _PadsItself)
     assert not torch.equal(folded.a.weight, model.a.weight) and torch.equal(folded.b.weight, model.b.weight)
 

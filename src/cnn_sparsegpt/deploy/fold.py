@@ -18,9 +18,7 @@ from ..utils import UserError
 
 # the layers a BatchNorm folds into (subclasses too: checked), and whose calls stay module calls in the traced graph:
 # torch.fx traces into any class defined outside torch.nn, which would leave timm's layers as functional calls.
-# (Transposed convs are not folded: their output channels are the weight's dim 1, which fold_factors and the
-# quantized grids' scales do not follow.)
-FOLDS_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+FOLDS_INTO = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 
 
 class _Tracer(fx.Tracer):
@@ -69,6 +67,10 @@ def _folded(layer: nn.Module, bn: _BatchNorm) -> nn.Module | None:
         if bn.num_features != layer.out_features:
             return None
         folded = fuse_linear_bn_eval(layer, bn)
+    elif isinstance(layer, nn.modules.conv._ConvTransposeNd):
+        if layer.groups != 1:  # (torch's fold scales the weight's dim 1, a group's share of the outputs)
+            return None
+        folded = fuse_conv_bn_eval(layer, bn, transpose=True)
     else:
         folded = fuse_conv_bn_eval(layer, bn)
     if type(layer) in FOLDS_INTO:
@@ -142,4 +144,14 @@ def fold_factors(model: nn.Module, weights: list[str]) -> dict[str, torch.Tensor
     probe_model = copy.deepcopy(model)
     probe_model.load_state_dict(state)
     folded = fold_batchnorm(probe_model).state_dict()
-    return {name: folded[name].reshape(folded[name].shape[0], -1)[:, 0].clone() for name in weights}
+    factors = {}
+    for name in weights:
+        w = folded[name]
+        if isinstance(model.get_submodule(name.rpartition(".")[0]), nn.modules.conv._ConvTransposeNd):
+            if not bool((w == 1).all()):  # its grid's rows are the view's, not the output channels the fold scales
+                raise UserError(f"{name}: a quantized transposed conv with a BatchNorm folded into it is not "
+                                "supported")
+            factors[name] = torch.ones(1, dtype=w.dtype)  # (whatever its grid's rows)
+            continue
+        factors[name] = w.reshape(w.shape[0], -1)[:, 0].clone()
+    return factors
