@@ -17,7 +17,7 @@ from pathlib import Path
 from cnn_sparsegpt.commands.cli import dropout_rate
 from cnn_sparsegpt.commands.finetune import finetune_run
 from cnn_sparsegpt.commands.results import sweep_setting
-from cnn_sparsegpt.commands.train import TrainConfig
+from cnn_sparsegpt.commands.train import OPTIMIZERS, TrainConfig
 from cnn_sparsegpt.utils import atomic_write_json, git_commit
 
 
@@ -26,6 +26,7 @@ def main() -> None:
     p.add_argument("run_dir")
     p.add_argument("--data-dir")
     p.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1])
+    p.add_argument("--optimizers", nargs="+", default=["sgd"], choices=list(OPTIMIZERS))
     p.add_argument("--warmups", type=float, nargs="+", default=[0.0, 0.1])
     p.add_argument("--distills", type=float, nargs="+", default=[0.0], help="distillation weights (0 = off)")
     p.add_argument("--teacher", help="dense checkpoint for distillation (default: the run's --weights)")
@@ -46,28 +47,28 @@ def main() -> None:
     summary = {"run_dir": args.run_dir, "epochs": args.epochs, "holdout": args.holdout,
                "chosen_on": f"accuracy on {args.holdout} held-out training images", "runs": runs,
                "chosen": done.get("chosen")}  # a resumed sweep with nothing left to run keeps its choice
-    grid = itertools.product(args.lrs, args.warmups, args.distills, args.batch_sizes, args.dropouts)
-    for lr, warmup, distill, bs, dropout in grid:
-        if (lr, warmup, distill, bs, dropout) in seen:  # an interrupted sweep goes on where it stopped
+    grid = itertools.product(args.optimizers, args.lrs, args.warmups, args.distills, args.batch_sizes, args.dropouts)
+    for optimizer, lr, warmup, distill, bs, dropout in grid:
+        if (optimizer, lr, warmup, distill, bs, dropout) in seen:  # an interrupted sweep goes on where it stopped
             continue
         cfg = TrainConfig(epochs=args.epochs, lr=lr, batch_size=bs, schedule="cosine", warmup=warmup,
-                          max_steps=args.max_steps, distill=distill)
+                          max_steps=args.max_steps, distill=distill, optimizer=optimizer)
         with tempfile.TemporaryDirectory() as tmp:
             r = finetune_run(args.run_dir, cfg, tmp, args.data_dir, args.device, progress=False,
                              holdout=args.holdout, teacher_weights=args.teacher, dropout=dropout)
         f = r["finetune"]
-        runs.append({"lr": lr, "warmup": warmup, "distill": distill, "batch_size": bs, "dropout": dropout,
+        runs.append({"optimizer": optimizer, "lr": lr, "warmup": warmup, "distill": distill, "batch_size": bs, "dropout": dropout,
                      "commit": args.commit, "holdout_acc_before": f["holdout_acc_before"],
                      "holdout_acc": f["holdout_acc"], "test_acc_before": f["pruned_acc_before"],
                      "test_acc": r["pruned_acc"], "dense_test_acc": r.get("dense_acc"), "seconds": f["seconds"],
                      "device": r.get("device"), "model": r["model"], "pattern": r.get("pattern"),
                      "recipe": r.get("recipe_label")})
         best = max(runs, key=lambda x: x["holdout_acc"])
-        summary["chosen"] = {"lr": best["lr"], "warmup": best["warmup"], "distill": best.get("distill", 0.0),
+        summary["chosen"] = {"optimizer": best.get("optimizer", "sgd"), "lr": best["lr"], "warmup": best["warmup"], "distill": best.get("distill", 0.0),
                              "batch_size": best.get("batch_size", 128), "dropout": best.get("dropout"),
                              "test_acc": best["test_acc"]}
         atomic_write_json(summary, out)
-        print(f"lr {lr} warm-up {warmup} distill {distill} batch {bs} dropout {dropout}: "
+        print(f"{optimizer} lr {lr} warm-up {warmup} distill {distill} batch {bs} dropout {dropout}: "
               f"held-out {100 * f['holdout_acc_before']:.2f} -> "
               f"{100 * f['holdout_acc']:.2f}, test {100 * r['pruned_acc']:.2f} ({f['seconds']:.0f} s)", flush=True)
     print(f"chosen on held-out images: {summary.get('chosen')}")

@@ -260,14 +260,14 @@ def finetune_table(paths: list[Path]) -> str:
 
 
 def sweep_setting(run: dict) -> tuple:
-    """(lr, warm-up, distillation, batch size, dropout) of a benchmarks/finetune_sweep.py run or choice; the
-    defaults fill in rows written before a setting was swept."""
-    return run["lr"], run["warmup"], run.get("distill", 0.0), run.get("batch_size", 128), run.get("dropout")
+    """(optimizer, lr, warm-up, distillation, batch size, dropout) of a benchmarks/finetune_sweep.py run or choice;
+    the defaults fill in rows written before a setting was swept."""
+    return run.get("optimizer", "sgd"), run["lr"], run["warmup"], run.get("distill", 0.0), run.get("batch_size", 128), run.get("dropout")
 
 
 def sweep_table(paths: list[Path]) -> str:
     """One row per benchmarks/finetune_sweep.py JSON: the setting chosen on held-out images and its accuracies."""
-    lines = ["| model | pattern | epochs | settings tried | chosen lr, warm-up, distillation, batch, dropout | "
+    lines = ["| model | pattern | epochs | settings tried | chosen optimizer, lr, warm-up, distillation, batch, dropout | "
              "held-out: before → after | test: before → after | dense (test) | seconds per run | device | commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
@@ -276,7 +276,8 @@ def sweep_table(paths: list[Path]) -> str:
         r = next(x for x in s["runs"] if sweep_setting(x) == sweep_setting(c))
         dense = _pct(r.get("dense_test_acc"))
         pattern = "dense (control)" if float(r["pattern"]) == 0 and ":" not in r["pattern"] else r["pattern"]
-        lines.append(f"| {r['model']} | {pattern} | {s['epochs']} | {len(s['runs'])} | {c['lr']}, {c['warmup']}, "
+        lines.append(f"| {r['model']} | {pattern} | {s['epochs']} | {len(s['runs'])} | {c.get('optimizer', 'sgd')}, {c['lr']}, "
+                     f"{c['warmup']}, "
                      f"{c.get('distill', 0.0)}, "
                      f"{c.get('batch_size', 128)}, {'own' if c.get('dropout') is None else c['dropout']} | "
                      f"{100 * r['holdout_acc_before']:.2f} → {100 * r['holdout_acc']:.2f} | "
