@@ -213,7 +213,7 @@ def results_markdown(csv_path: Path, plots: Path | None, preamble: str = "", hol
                   f"reports {', '.join(str(p) for p in finetune)}.", "", finetune_table(finetune), ""]
     if sweeps:
         parts += ["### Fine-tuning settings chosen on held-out images", "",
-                  "`benchmarks/finetune_sweep.py`: each (lr, warm-up, distillation weight, batch size, dropout rate; "
+                  "`benchmarks/finetune_sweep.py`: each (optimizer, lr, warm-up, distillation weight, batch size, dropout rate; "
                   "own = the model's) fine-tuned with `finetune --holdout 5000`; the "
                   "one with the best held-out accuracy is chosen, and its test accuracy (measured once, at the end "
                   f"of its run) is reported. Files: {', '.join(str(p) for p in sweeps)}.", "", sweep_table(sweeps), ""]
