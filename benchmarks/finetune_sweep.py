@@ -57,14 +57,16 @@ def main() -> None:
             r = finetune_run(args.run_dir, cfg, tmp, args.data_dir, args.device, progress=False,
                              holdout=args.holdout, teacher_weights=args.teacher, dropout=dropout)
         f = r["finetune"]
-        runs.append({"optimizer": optimizer, "lr": lr, "warmup": warmup, "distill": distill, "batch_size": bs, "dropout": dropout,
+        runs.append({"optimizer": optimizer, "lr": lr, "warmup": warmup, "distill": distill, "batch_size": bs,
+                     "dropout": dropout,
                      "commit": args.commit, "holdout_acc_before": f["holdout_acc_before"],
                      "holdout_acc": f["holdout_acc"], "test_acc_before": f["pruned_acc_before"],
                      "test_acc": r["pruned_acc"], "dense_test_acc": r.get("dense_acc"), "seconds": f["seconds"],
                      "device": r.get("device"), "model": r["model"], "pattern": r.get("pattern"),
                      "recipe": r.get("recipe_label")})
         best = max(runs, key=lambda x: x["holdout_acc"])
-        summary["chosen"] = {"optimizer": best.get("optimizer", "sgd"), "lr": best["lr"], "warmup": best["warmup"], "distill": best.get("distill", 0.0),
+        summary["chosen"] = {"optimizer": best.get("optimizer", "sgd"), "lr": best["lr"], "warmup": best["warmup"],
+                             "distill": best.get("distill", 0.0),
                              "batch_size": best.get("batch_size", 128), "dropout": best.get("dropout"),
                              "test_acc": best["test_acc"]}
         atomic_write_json(summary, out)

@@ -213,8 +213,8 @@ def results_markdown(csv_path: Path, plots: Path | None, preamble: str = "", hol
                   f"reports {', '.join(str(p) for p in finetune)}.", "", finetune_table(finetune), ""]
     if sweeps:
         parts += ["### Fine-tuning settings chosen on held-out images", "",
-                  "`benchmarks/finetune_sweep.py`: each (optimizer, lr, warm-up, distillation weight, batch size, dropout rate; "
-                  "own = the model's) fine-tuned with `finetune --holdout 5000`; the "
+                  "`benchmarks/finetune_sweep.py`: each (optimizer, lr, warm-up, distillation weight, batch size, "
+                  "dropout rate; own = the model's) fine-tuned with `finetune --holdout 5000`; the "
                   "one with the best held-out accuracy is chosen, and its test accuracy (measured once, at the end "
                   f"of its run) is reported. Files: {', '.join(str(p) for p in sweeps)}.", "", sweep_table(sweeps), ""]
     parts += ["## Checkpoints", "",
@@ -262,13 +262,14 @@ def finetune_table(paths: list[Path]) -> str:
 def sweep_setting(run: dict) -> tuple:
     """(optimizer, lr, warm-up, distillation, batch size, dropout) of a benchmarks/finetune_sweep.py run or choice;
     the defaults fill in rows written before a setting was swept."""
-    return run.get("optimizer", "sgd"), run["lr"], run["warmup"], run.get("distill", 0.0), run.get("batch_size", 128), run.get("dropout")
+    return (run.get("optimizer", "sgd"), run["lr"], run["warmup"], run.get("distill", 0.0), run.get("batch_size", 128),
+            run.get("dropout"))
 
 
 def sweep_table(paths: list[Path]) -> str:
     """One row per benchmarks/finetune_sweep.py JSON: the setting chosen on held-out images and its accuracies."""
-    lines = ["| model | pattern | epochs | settings tried | chosen optimizer, lr, warm-up, distillation, batch, dropout | "
-             "held-out: before → after | test: before → after | dense (test) | seconds per run | device | commit |",
+    lines = ["| model | pattern | epochs | settings tried | chosen optimizer, lr, warm-up, distillation, batch, "
+             "dropout | held-out: before → after | test: before → after | dense (test) | seconds per run | device | commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         s = json.loads(Path(path).read_text())
@@ -276,7 +277,8 @@ def sweep_table(paths: list[Path]) -> str:
         r = next(x for x in s["runs"] if sweep_setting(x) == sweep_setting(c))
         dense = _pct(r.get("dense_test_acc"))
         pattern = "dense (control)" if float(r["pattern"]) == 0 and ":" not in r["pattern"] else r["pattern"]
-        lines.append(f"| {r['model']} | {pattern} | {s['epochs']} | {len(s['runs'])} | {c.get('optimizer', 'sgd')}, {c['lr']}, "
+        lines.append(f"| {r['model']} | {pattern} | {s['epochs']} | {len(s['runs'])} | "
+                     f"{c.get('optimizer', 'sgd')}, {c['lr']}, "
                      f"{c['warmup']}, "
                      f"{c.get('distill', 0.0)}, "
                      f"{c.get('batch_size', 128)}, {'own' if c.get('dropout') is None else c['dropout']} | "

@@ -330,9 +330,9 @@ PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 # The settings beyond SparseGPT's layer solve; a results file labels each run by those that differ from the
 # published method's (recipe_label), so a label means the same in every file whatever the defaults become.
 RECIPE_KEYS = ("solver", "hessians", "allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction",
-               "refine", "dense_target", "target_share", "residual_target", "inactive_weight", "refit_dense_layers", "intercept",
-               "reconstruct", "wbits", "quant", "quant_clip", "structure", "keep_macs", "keep_params", "target_speedup",
-               "round_to", "channel_costs", "permute", "outputs")
+               "refine", "dense_target", "target_share", "residual_target", "inactive_weight", "refit_dense_layers",
+               "intercept", "reconstruct", "wbits", "quant", "quant_clip", "structure", "keep_macs", "keep_params",
+               "target_speedup", "round_to", "channel_costs", "permute", "outputs")
 CHANNEL_ONLY = ("channel_costs", "round_to")  # settings that change nothing without structure='channels'
 DP_ONLY = ("dp_measure",)  # settings that change nothing without allocation='dp'
 
