@@ -269,7 +269,8 @@ def sweep_setting(run: dict) -> tuple:
 def sweep_table(paths: list[Path]) -> str:
     """One row per benchmarks/finetune_sweep.py JSON: the setting chosen on held-out images and its accuracies."""
     lines = ["| model | pattern | epochs | settings tried | chosen optimizer, lr, warm-up, distillation, batch, "
-             "dropout | held-out: before → after | test: before → after | dense (test) | seconds per run | device | commit |",
+             "dropout | held-out: before → after | test: before → after | dense (test) | seconds per run | device | "
+             "commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for path in paths:
         s = json.loads(Path(path).read_text())
