@@ -246,8 +246,13 @@ def test_sweep_table_reports_the_setting_chosen_on_held_out_images(tmp_path):
                       run | {"lr": 0.1, "warmup": 0.0, "holdout_acc": 0.7, "test_acc": 0.6}]}
     path = tmp_path / "s.json"
     path.write_text(json.dumps(sweep))
-    assert "| m | 0.9 | 1 | 2 | 0.1, 0.0, 0.0, 128, own | 50.00 → 70.00 | 50.00 → 60.00 | 80.00 | 3 | cpu | abc |" in \
-        sweep_table([path])
+    # a sweep written before the optimizer was swept: SGD's
+    assert "| m | 0.9 | 1 | 2 | sgd, 0.1, 0.0, 0.0, 128, own | 50.00 → 70.00 | 50.00 → 60.00 | 80.00 | 3 | cpu | abc |" \
+        in sweep_table([path])
+    sweep["chosen"]["optimizer"] = sweep["runs"][0]["optimizer"] = "adamw"
+    sweep["runs"][0]["lr"] = 0.1  # the same lr with another optimizer: the row is the chosen optimizer's
+    path.write_text(json.dumps(sweep))
+    assert "| 2 | adamw, 0.1, 0.0, 0.0, 128, own | 50.00 → 60.00 | 50.00 → 70.00 |" in sweep_table([path])
 
 
 def test_recipe_defaults_and_labels():
