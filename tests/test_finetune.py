@@ -139,3 +139,7 @@ def test_fine_tuning_settings_resolve_auto_by_objective():
     chosen = fine_tuning_settings(TrainConfig(optimizer="adamw", lr=None), False)
     assert (chosen.optimizer, chosen.lr) == ("adamw", 1e-3)  # an optimizer given: its own default lr
     assert fine_tuning_settings(TrainConfig(optimizer="auto", lr=0.2), True).lr == 0.2
+    from cnn_sparsegpt.commands.finetune import finetune_run
+
+    with pytest.raises(UserError, match="--optimizer must be one of auto, sgd, adamw, got lion"):
+        finetune_run("no-such-run", TrainConfig(optimizer="lion"))  # before anything is loaded

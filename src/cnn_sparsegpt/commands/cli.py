@@ -124,16 +124,17 @@ def _add_train_parser(sub) -> None:
 
 
 def _add_finetune_parser(sub) -> None:
-    from .train import OPTIMIZERS
+    from .train import FINETUNE_LR, OPTIMIZERS
 
     p = sub.add_parser("finetune", help="train a pruned run for a few epochs with its masks kept exactly (and a "
                        "quantized run's weights on their grids, by a straight-through estimator)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a `prune` run (model.pt, masks.pt)")
     p.add_argument("--epochs", type=int, default=1, help="epochs over the training set (default 1)")
     p.add_argument("--lr", type=float, default=None,
-                   help="peak learning rate of the cosine schedule (default: 0.03 with sgd, best or close to it on "
-                   "held-out images for the CIFAR CNN, ResNet-18 and ResNet-20 at 90%%, one epoch; 1e-3 with adamw, "
-                   "best on held-out images for a denoiser at 90%%; see docs/OPTIONS.md)")
+                   help=f"peak learning rate of the cosine schedule (default: {FINETUNE_LR['sgd']:g} with sgd, best "
+                   "or close to it on held-out images for the CIFAR CNN, ResNet-18 and ResNet-20 at 90%%, one epoch; "
+                   f"{FINETUNE_LR['adamw']:g} with adamw, best on held-out images for a denoiser at 90%%; see "
+                   "docs/OPTIONS.md)")
     p.add_argument("--optimizer", choices=["auto", *OPTIMIZERS], default="auto",
                    help="auto (default): sgd (Nesterov momentum) for a run measured by top-1, adamw for one measured "
                    "by its outputs (a model that is not a classifier, images without labels)")

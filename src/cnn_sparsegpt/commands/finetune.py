@@ -18,7 +18,7 @@ from ..pruning.batchnorm import bn_modules, recalibrate
 from ..data.datasets import calibration_set, holdout_split, load_splits
 from .pipeline import load_dense, load_run, run_preprocess
 from ..kernels.quant import attach_grids, detach_grids
-from .train import TrainConfig, compare_outputs, evaluate, train_model
+from .train import AUTO_OPTIMIZER, FINETUNE_LR, OPTIMIZERS, TrainConfig, compare_outputs, evaluate, train_model
 from ..utils import (
     UserError,
     atomic_save,
@@ -37,18 +37,10 @@ OUTPUT_NAMES = {"before": "output_error_before", "final": "output_error", "held_
                 "held": "holdout_output_error", "trained": "output_error_before_bn_recalibration"}
 
 
-# optimizer 'auto' by what a run is trained towards: labels (SGD) or the dense model's outputs (AdamW: chosen on
-# held-out images for the denoiser at 90%, 34% lower output error where SGD's best lr gained 1.5%; docs/OPTIONS.md)
-AUTO_OPTIMIZER = {False: "sgd", True: "adamw"}
-# lr None by optimizer: SGD's chosen on held-out images for the CIFAR CNN and the ResNets at 90%, AdamW's for the
-# denoiser (of 3e-3 to 1e-4)
-DEFAULT_LR = {"sgd": 0.03, "adamw": 1e-3}
-
-
 def fine_tuning_settings(cfg: TrainConfig, outputs: bool) -> TrainConfig:
     """cfg with optimizer 'auto' and lr None resolved for a run trained towards labels or towards outputs."""
     optimizer = AUTO_OPTIMIZER[outputs] if cfg.optimizer == "auto" else cfg.optimizer
-    return replace(cfg, optimizer=optimizer, lr=DEFAULT_LR.get(optimizer, 0.03) if cfg.lr is None else cfg.lr)
+    return replace(cfg, optimizer=optimizer, lr=FINETUNE_LR[optimizer] if cfg.lr is None else cfg.lr)
 
 
 def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None = None, data_dir: str | None = None,
@@ -63,6 +55,8 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
     image folder is streamed, with random resized crops and flips for training). cfg.optimizer 'auto' and cfg.lr
     None are resolved by what the run is trained towards (fine_tuning_settings)."""
     for name, value, ok, want in (("lr", cfg.lr, cfg.lr is None or cfg.lr > 0, "positive"),
+                                  ("optimizer", cfg.optimizer, cfg.optimizer in ("auto", *OPTIMIZERS),
+                                   f"one of auto, {', '.join(OPTIMIZERS)}"),
                                   ("batch-size", cfg.batch_size, cfg.batch_size >= 1, "at least 1"),
                                   ("epochs", cfg.epochs, cfg.epochs >= 1, "at least 1"),
                                   ("max-steps", cfg.max_steps, cfg.max_steps >= 0, ">= 0"),
