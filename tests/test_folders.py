@@ -15,9 +15,11 @@ from cnn_sparsegpt import (
     load_state_dict,
 )
 from cnn_sparsegpt.commands.cli import main
+from cnn_sparsegpt.commands.pipeline import checkpoint_state
 from cnn_sparsegpt.models import head_classes
 from cnn_sparsegpt.data.preprocess import from_model, imagenet, resolve
 from cnn_sparsegpt.data.synthetic import make_imagefolder
+from cnn_sparsegpt.utils import fit_keys
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +139,27 @@ def test_checkpoint_formats_and_head(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(UserError, match="not a valid safetensors"):
         load_state_dict(tmp_path / "bad.safetensors")
+
+
+def test_wrapped_checkpoint_keys_fitted_to_the_model(tmp_path):
+    """A PyTorch Lightning module's checkpoint holds the network under its attribute ('model.'), beside a loss's
+    weights: the model's keys are found under the prefix, the rest is named and left out; two copies (a model and
+    its EMA) are one UserError; a file that fits no prefix is returned as it is."""
+    model = create_model("torchvision:resnet18", num_classes=4)
+    state = model.state_dict()
+    torch.save({"state_dict": {**{f"model.{k}": v for k, v in state.items()}, "criterion.weight": torch.ones(4)},
+                "hyper_parameters": {"lr": 0.1}}, tmp_path / "lightning.ckpt")
+    with pytest.warns(RuntimeWarning, match="under 'model.'; left out: criterion"):
+        loaded = load_state_dict(tmp_path / "lightning.ckpt", model=model)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
+    with pytest.warns(RuntimeWarning):
+        assert checkpoint_state("torchvision:resnet18", tmp_path / "lightning.ckpt").keys() == state.keys()
+    torch.save({**{f"net.{k}": v for k, v in state.items()}, **{f"ema.module.{k}": v for k, v in state.items()}},
+               tmp_path / "two.pt")
+    with pytest.raises(UserError, match="2 times .*'net.', 'ema.module.'"):
+        load_state_dict(tmp_path / "two.pt", model=model)
+    other = {"conv.weight": torch.ones(1)}
+    assert fit_keys(other, state.keys(), "x.pt") is other
 
 
 def _prune(capsys, args):

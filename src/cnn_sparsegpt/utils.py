@@ -84,11 +84,12 @@ def ensure_writable(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | os.PathLike, model: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
     """Load a checkpoint with weights_only=True: a file that would run code when unpickled is refused.
 
     Accepts .pt/.pth (a plain state_dict, or a dict holding one under 'state_dict', 'model' or their EMA
     variants) and .safetensors; 'module.' (DataParallel/DDP) and '_orig_mod.' (torch.compile) prefixes go.
+    model: the keys are fitted to it where the file holds its weights under a wrapper's prefix (fit_keys).
     """
     path = Path(path)
     if not path.is_file():
@@ -102,7 +103,33 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             obj = obj[key]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path} does not hold a state_dict (a dict of tensors)")
-    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+    state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+    return state if model is None else fit_keys(state, model.state_dict().keys(), path)
+
+
+def fit_keys(state: dict[str, torch.Tensor], keys, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """state with a wrapper's prefix removed where the model's own keys are all under one: a PyTorch Lightning
+    module or a training script saves its network as an attribute ('model.conv1.weight', 'net.fc.bias'), beside
+    whatever else it holds (a loss's weights, a teacher). A warning names the prefix and what was left out; a file
+    with the weights under several prefixes (a model and its EMA copy) is a UserError; no fit: state as it is (the
+    strict load then names the keys that differ)."""
+    keys = list(keys)
+    if not keys or set(keys) <= state.keys():
+        return state
+    anchor = keys[0]
+    prefixes = sorted({k[:-len(anchor)] for k in state if k.endswith("." + anchor)}, key=len)
+    fits = [p for p in prefixes if all(p + k in state for k in keys)]
+    if len(fits) > 1:
+        raise UserError(f"{path} holds the model's weights {len(fits)} times (under {', '.join(map(repr, fits))}): "
+                        "save the copy you want as a plain state_dict")
+    if not fits:
+        return state
+    prefix = fits[0]
+    left = sorted({k.split(".")[0] for k in state if not k.startswith(prefix)})
+    warnings.warn(f"{path}: the model's weights are those under '{prefix}'"
+                  + (f"; left out: {', '.join(left[:3])}{', ...' if len(left) > 3 else ''}" if left else ""),
+                  RuntimeWarning)
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _load_safetensors(path: Path) -> dict:

@@ -20,9 +20,10 @@ class PruneOptions:
     model: str = opt("", "model: a registry name, torchvision:NAME, timm:NAME (timm needs the [timm] extra), or your "
                      "own as FILE.py:NAME or package.module:NAME (a function or nn.Module class that builds it, "
                      "given num_classes where it takes it)")
-    weights: str | None = opt(None, "checkpoint to prune: .pt/.pth (state_dict, also inside 'state_dict'/'model'; "
-                              "loaded with weights_only=True) or .safetensors; the number of classes comes from its "
-                              "head. None: random weights (a warning)")
+    weights: str | None = opt(None, "checkpoint to prune: .pt/.pth/.ckpt (state_dict, also inside "
+                              "'state_dict'/'model', under a Lightning module's attribute such as 'model.'; loaded "
+                              "with weights_only=True) or .safetensors; the number of classes comes from its head. "
+                              "None: random weights (a warning)")
     dataset: str | None = opt(None, "mnist, cifar10, an ImageFolder folder/.tar.gz with train/ and val/ (or test/) "
                               "subfolders of <class>/<image> (default: the model's), or a folder of images without "
                               "labels, any layout, measured by --metric output (its train/ and val/ or test/ where it "

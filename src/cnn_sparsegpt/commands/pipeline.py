@@ -30,6 +30,7 @@ from ..utils import (
     atomic_write_json,
     check_finite,
     ensure_writable,
+    fit_keys,
     load_state_dict,
     load_tensors,
     output_tensors,
@@ -39,11 +40,18 @@ from ..utils import (
 )
 
 
+def checkpoint_state(model_name: str, path: str | Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors for model `model_name`: checked finite, and a wrapper's prefix removed where the file
+    holds the model under one (a PyTorch Lightning module's 'model.'; fit_keys)."""
+    state = load_state_dict(path)
+    check_finite(state, f"checkpoint {path}")
+    return fit_keys(state, create_model(model_name, num_classes=7, state=state).state_dict().keys(), path)
+
+
 def load_weights(model: nn.Module, path: str | Path, model_name: str, state: dict | None = None) -> None:
     """Load a checkpoint strictly; on mismatch say which keys or shapes differ."""
     if state is None:
-        state = load_state_dict(path)
-        check_finite(state, f"checkpoint {path}")
+        state = checkpoint_state(model_name, path)
     own = model.state_dict()
     missing = sorted(own.keys() - state.keys())
     unexpected = sorted(state.keys() - own.keys())
@@ -134,8 +142,7 @@ def prepare(opts: PruneOptions, device: torch.device) -> Prepared:
     entry = model_entry(opts.model)
     state, meta = None, {}
     if opts.weights:  # a bad checkpoint is reported before minutes of data loading
-        state = load_state_dict(opts.weights)
-        check_finite(state, f"checkpoint {opts.weights}")
+        state = checkpoint_state(opts.model, opts.weights)
         meta = read_metadata(opts.weights)
     pre = resolve_preprocess(opts.preprocess, opts.model, dataset, meta, opts.image_size, opts.crop_pct,
                              entry.dataset if entry else None, opts.weights)
@@ -396,7 +403,7 @@ def load_dense(report: dict, weights: str | Path | None = None) -> nn.Module:
     path = Path(weights or report["weights"])
     if not path.is_file():
         raise UserError(f"the dense checkpoint '{path}' (the run's --weights) is not here: name it with --teacher")
-    state = load_state_dict(path)
+    state = checkpoint_state(report["model"], path)
     model = create_model(report["model"], num_classes=_run_classes(report, state), state=state)
     load_weights(model, path, report["model"], state)
     return model.eval()
