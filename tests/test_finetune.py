@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from cnn_sparsegpt import create_model, load_dataset
+from cnn_sparsegpt import PUBLISHED, create_model, keep_masks, load_dataset, prune_model
 from cnn_sparsegpt.commands.cli import main
 from cnn_sparsegpt.commands.train import OPTIMIZERS, TrainConfig, train_model
 from cnn_sparsegpt.utils import UserError
@@ -35,6 +35,36 @@ def test_pruned_weights_stay_zero_at_every_step(data_dir, optimizer):
     assert all(not torch.equal(before[n][m], params[n][m]) for n, m in masks.items())  # the kept weights moved
     with pytest.raises(UserError, match="unknown optimizer 'lion'"):
         train_model(model, train, train, TrainConfig(optimizer="lion"), "cpu", progress=False)
+
+
+def test_keep_masks_in_your_own_training_loop():
+    """A pruned model fine-tuned by the user's own loop (SGD with momentum and weight decay, which would revive
+    zeros): the pruned weights are zero after every step while the hook is on, and move once it is removed."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3),
+                                torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(288, 4))
+    report = prune_model(model, torch.randn(64, 3, 8, 8), PUBLISHED, nm="2:4", progress=False)
+    assert list(report.masks) == ["2.weight"]  # the first and the last layer stay dense
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    kept = keep_masks(model, report.masks, opt)
+    params = dict(model.named_parameters())
+
+    def step():
+        opt.zero_grad()
+        model(torch.randn(16, 3, 8, 8)).square().mean().backward()
+        opt.step()
+    for _ in range(3):
+        step()
+        assert all(bool((params[n][~m] == 0).all()) for n, m in report.masks.items())
+    kept.remove()
+    step()
+    assert any(bool((params[n][~m] != 0).any()) for n, m in report.masks.items())
+    kept.apply()
+    assert all(bool((params[n][~m] == 0).all()) for n, m in report.masks.items())
+    with pytest.raises(UserError, match="names no parameter"):
+        keep_masks(model, {"fc.weight": torch.ones(4, 288, dtype=torch.bool)})
+    with pytest.raises(UserError, match="has shape"):
+        keep_masks(model, {"5.weight": torch.ones(4, 2, dtype=torch.bool)})
 
 
 def test_finetune_command(mnist_ckpt, data_dir, tmp_path, capsys):  # noqa: F811

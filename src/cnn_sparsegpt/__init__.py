@@ -9,12 +9,13 @@ from .kernels.solver import METHODS, sparsegpt_solve
 from .models import create_model, list_models, register_model
 from .pruning import PUBLISHED, RECOMMENDED, PruneConfig, PruneReport, prune_model
 from .pruning.layer import LayerPruner, LayerResult
+from .pruning.masks_kept import keep_masks
 from .utils import UserError, load_state_dict
 
 __all__ = [
     "METHODS", "PUBLISHED", "RECOMMENDED", "ImageSet", "LayerPruner", "LayerResult", "Loader", "Pattern",
     "PruneConfig", "PruneReport", "TrainConfig", "UserError", "calibration_set", "compare_latency", "create_model",
-    "evaluate", "export_model", "list_models", "load_compressed", "load_dataset", "load_state_dict", "output_error",
-    "prune_model", "register_model", "save_compressed", "sparsegpt_solve", "train_model",
+    "evaluate", "export_model", "keep_masks", "list_models", "load_compressed", "load_dataset", "load_state_dict",
+    "output_error", "prune_model", "register_model", "save_compressed", "sparsegpt_solve", "train_model",
 ]
 __version__ = "0.1.0"

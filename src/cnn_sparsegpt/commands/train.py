@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..pruning import dist
 from ..pruning.heap import reuse_freed_memory
+from ..pruning.masks_kept import keep_masks
 from ..pruning.output_kl import relative_squared_error, values
 from ..pruning.output_kl import scores as output_scores
 from ..data.datasets import ImageSet
@@ -170,15 +171,7 @@ def train_model(model: nn.Module, train_set: ImageSet | FolderSet, test_set: Ima
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: (s + 1) / (ramp + 1) if s < ramp
             else 0.5 * (1 + math.cos(math.pi * (s - ramp) / max(total - ramp, 1))))
-    params = dict(model.named_parameters())
-    keep = {n: m.to(device) for n, m in (masks or {}).items()}
-
-    def apply_masks():
-        with torch.no_grad():
-            for n, m in keep.items():
-                params[n].mul_(m)
-
-    apply_masks()
+    keep_masks(model, masks or {}, opt)  # pruned weights zero before training and after every step
     ce = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
     if teacher is not None:
         teacher.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format).eval()
@@ -221,7 +214,6 @@ def train_model(model: nn.Module, train_set: ImageSet | FolderSet, test_set: Ima
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            apply_masks()
             sched.step()
             step += 1
             value = loss.item()

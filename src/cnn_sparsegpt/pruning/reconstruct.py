@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .masks_kept import keep_masks
+
 
 def reconstruct(model: nn.Module, dense: nn.Module, batches: list[torch.Tensor], masks: dict[str, torch.Tensor],
                 epochs: int, lr: float = 1e-4, progress: bool = True) -> list[float]:
@@ -27,6 +29,7 @@ def reconstruct(model: nn.Module, dense: nn.Module, batches: list[torch.Tensor],
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
+    kept = keep_masks(model, masks, opt)
     outs: dict[str, torch.Tensor] = {}
     hooks = [modules[n].register_forward_hook(lambda m, i, o, n=n: outs.__setitem__(n, o)) for n in names]
     targets: dict[str, torch.Tensor] = {}
@@ -40,6 +43,7 @@ def reconstruct(model: nn.Module, dense: nn.Module, batches: list[torch.Tensor],
     finally:
         for h in hooks + dense_hooks:
             h.remove()
+        kept.remove()
         for p, flag in zip(model.parameters(), grad_flags):
             p.requires_grad_(flag)
         model.train(was_training)
@@ -58,10 +62,7 @@ def _epoch(model, dense, batches, names, modules, keep, opt, outs, targets) -> f
         loss.backward()
         for n in names:  # pruned weights get no update and stay exactly zero
             modules[n].weight.grad.mul_(keep[n])
-        opt.step()
-        with torch.no_grad():
-            for n in names:
-                modules[n].weight.mul_(keep[n])
+        opt.step()  # and the pruned weights zeroed again (keep_masks)
         total += loss.item()
         outs.clear()
         targets.clear()
