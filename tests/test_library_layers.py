@@ -177,6 +177,9 @@ def test_a_weight_normed_conv_is_left_as_it_is(norm):
     by = {r.name: r for r in rep.layers}
     assert by["conv1"].skipped and "its weight is computed" in by["conv1"].reason
     assert (model.conv1.weight != 0).all() and not by["conv2"].skipped
+    only = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv1d(4, 8, 3)))
+    with pytest.warns(RuntimeWarning, match="no layer was pruned"):  # (with --prune-all: a layer of its own)
+        assert not prune_model(only, torch.randn(8, 4, 16), sparsity=0.5, prune_all=True, progress=False).masks
 
 
 class Ghost(nn.Module):

@@ -85,7 +85,11 @@ def test_layers_of_other_kinds_are_listed_and_left_alone():
                           nn.ConvTranspose3d(1, 1, 3, padding=1), nn.Flatten(1, 2), nn.Conv2d(8, 8, 3, padding=1),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
     before = {k: model[k].weight.detach().clone() for k in (6, 8)}
-    rep = prune_model(model, calib(), PUBLISHED, nm="2:4", progress=False)
+    with pytest.warns(RuntimeWarning) as seen:  # one warning per reason, as for a nonstandard Conv2d
+        rep = prune_model(model, calib(), PUBLISHED, nm="2:4", progress=False)
+    said = [str(w.message) for w in seen]
+    assert any(m.startswith("1 layer (8): a ConvTranspose3d is pruned where") for m in said)
+    assert any(m.startswith("1 layer (6): its weight is computed") and "remove_parametrizations" in m for m in said)
     by = {r.name: r for r in rep.layers}
     assert by["8"].skipped and "a ConvTranspose3d is pruned where its kernel equals its stride" in by["8"].reason
     assert by["8"].shape == [1, 1, 3, 3, 3]

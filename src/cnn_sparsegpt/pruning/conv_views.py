@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .graph import computed_weight
 from .layer import LayerResult
 
 VIEWABLE = (nn.Conv1d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.Conv3d, nn.ConvTranspose3d)
@@ -285,8 +286,7 @@ def _as_2d(m: nn.Module) -> nn.Module:
 def why_not(m: nn.Module) -> str:
     """Why a layer of a viewable type cannot be viewed ('' = it can)."""
     if "weight" not in m._parameters:
-        return f"its weight is computed from other parameters ({type(m).__name__}: weight_norm or a " \
-               "parametrization), so a pruned weight would not stay: left as it is"
+        return computed_weight(m)
     if isinstance(m, nn.ConvTranspose3d) and not _voxel_blocks(m):
         return f"a ConvTranspose3d is pruned where its kernel equals its stride, without padding or dilation (a 3-D " \
                f"UNet's up-sampling); this one's kernel {tuple(m.kernel_size)}, stride {tuple(m.stride)}, padding " \

@@ -43,6 +43,14 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
+def computed_weight(m: nn.Module) -> str:
+    """Why a layer whose weight is computed from other parameters (weight_norm) stays as it is, and what to do."""
+    return (f"its weight is computed from other parameters ({type(m).__name__}: weight_norm or a parametrization), "
+            "so a pruned weight would not stay: left as it is. Remove it before pruning, as inference code does "
+            "(torch.nn.utils.parametrize.remove_parametrizations(layer, 'weight'); torch.nn.utils.remove_weight_norm "
+            "for the old weight_norm)")
+
+
 @torch.no_grad()
 def nonstandard_layers(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
     """Conv2d/Linear subclasses that do not compute what their base class computes with their stored weight, checked
@@ -51,9 +59,8 @@ def nonstandard_layers(model: nn.Module, example: torch.Tensor) -> dict[str, str
     zeroed weight is not zero in the product) or pads its input itself (timm's Conv2dSame) breaks that, and so does a
     weight computed from other parameters (weight_norm), which the next forward would overwrite. Subclasses that
     only re-state the base (timm's Linear) pass."""
-    found = {n: f"its weight is computed from other parameters ({type(m).__name__}: weight_norm or a "
-                "parametrization), so a pruned weight would not stay: left as it is"
-             for n, m in model.named_modules() if isinstance(m, PRUNABLE) and "weight" not in m._parameters}
+    found = {n: computed_weight(m) for n, m in model.named_modules()
+             if isinstance(m, PRUNABLE) and "weight" not in m._parameters}
     names = {m: n for n, m in model.named_modules() if isinstance(m, PRUNABLE) and n not in found
              and type(m).forward not in (nn.Conv2d.forward, nn.Linear.forward)}
 

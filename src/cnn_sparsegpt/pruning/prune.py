@@ -429,8 +429,10 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
         if reused:
             policy += "; freed memory kept for reuse (glibc)"
         nonstandard = nonstandard_layers(model, batches[0][:1])
-        for reason in dict.fromkeys(nonstandard.values()):  # one line per reason (an NFNet has 57 such layers)
-            named = [n for n, r in nonstandard.items() if r == reason]
+        unsupported = unsupported_layers(model)  # (the convs conv_views cannot stand in for)
+        left = nonstandard | unsupported
+        for reason in dict.fromkeys(left.values()):  # one line per reason (an NFNet has 57 such layers)
+            named = [n for n, r in left.items() if r == reason]
             warnings.warn(f"{len(named)} layer{'s' * (len(named) > 1)} ({', '.join(named[:3])}"
                           f"{', ...' * (len(named) > 3)}): {reason} (report.json lists them)", RuntimeWarning)
         plan = choose_layers(model, order, config.ignore, not config.prune_all, nonstandard,
@@ -507,8 +509,10 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
                 res = LayerResult(name, list(w.shape), config.method, str(pattern), skipped=True, reason=reason)
             layers.append(res)
         layers += [LayerResult(name, list(modules[name].weight.shape), config.method, str(pattern), skipped=True,
-                               reason=reason) for name, reason in unsupported_layers(model).items()]
+                               reason=reason) for name, reason in unsupported.items()]
         pruned = [r for r in layers if not r.skipped]
+        if not pruned:
+            warnings.warn("no layer was pruned: report.layers says why of each", RuntimeWarning)
         n_pruned = sum(r.mask.numel() for r in pruned)
         report = PruneReport(config, nsamples, layers,
                              seconds=time.perf_counter() - t_start, forward_passes=passes, timings=run.t,
