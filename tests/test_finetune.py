@@ -77,7 +77,8 @@ def test_finetune_command(mnist_ckpt, data_dir, tmp_path, capsys):  # noqa: F811
     report = json.loads((run / "finetune" / "report.json").read_text())
     assert report["finetune"]["epochs"] == 1 and "pruned_acc_before" in report["finetune"]
     assert (report["finetune"]["optimizer"], report["finetune"]["lr"]) == ("sgd", 0.03)  # a classifier's default
-    assert "bn_recalibrated" in report["finetune"]
+    assert "bn_recalibrated" in report["finetune"] and report["finetune"]["resumed_from_epoch"] == 0
+    assert not (run / "finetune" / "resume.pt").exists()  # (only while a run of several epochs is under way)
     state, masks = torch.load(run / "finetune" / "model.pt"), torch.load(run / "finetune" / "masks.pt")
     for name, keep in masks.items():
         assert torch.equal(state[name][~keep], torch.zeros(int((~keep).sum())))
@@ -173,3 +174,43 @@ def test_fine_tuning_settings_resolve_auto_by_objective():
 
     with pytest.raises(UserError, match="--optimizer must be one of auto, sgd, adamw, got lion"):
         finetune_run("no-such-run", TrainConfig(optimizer="lion"))  # before anything is loaded
+
+
+def test_an_interrupted_training_run_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """train_model(resume=FILE) writes its state after every epoch: a run stopped in its second epoch and started
+    again with the same file ends as the run that was never stopped (weights, history; the batches' order,
+    augmentation and dropout carried over), and the file goes when training ends."""
+    import cnn_sparsegpt.commands.train as train_module
+    from cnn_sparsegpt import ImageSet
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (96, 3, 12, 12), dtype=torch.uint8, generator=g),
+                    torch.randint(0, 3, (96,), generator=g), (0.5,) * 3, (0.25,) * 3, "random", augment="crop-flip")
+
+    def net():
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Dropout(0.3),
+                                   torch.nn.Flatten(), torch.nn.Linear(800, 3))
+    cfg = TrainConfig(epochs=3, batch_size=32, lr=0.05)
+    state = tmp_path / "train.resume.pt"
+    whole = train_model(net(), data, data, cfg, "cpu", progress=False, resume=state)
+    assert not state.exists() and whole["resumed_from"] == 0
+
+    real, calls = train_module.evaluate, []
+
+    def stop_in_epoch_two(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+    monkeypatch.setattr(train_module, "evaluate", stop_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(net(), data, data, cfg, "cpu", progress=False, resume=state)
+    assert state.exists()
+    with pytest.raises(UserError, match="other settings"):
+        train_model(net(), data, data, TrainConfig(epochs=3, batch_size=32, lr=0.1), "cpu", progress=False,
+                    resume=state)
+    again = train_model(net(), data, data, cfg, "cpu", progress=False, resume=state)
+    assert again["resumed_from"] == 1 and not state.exists()
+    assert [h["test_acc"] for h in again["history"]] == [h["test_acc"] for h in whole["history"]]
+    assert all(torch.allclose(again["state_dict"][k], v, atol=1e-6) for k, v in whole["state_dict"].items())

@@ -85,11 +85,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
                       seed=args.seed, max_steps=args.max_steps, label_smoothing=args.label_smoothing,
                       weight_decay=args.weight_decay, optimizer=args.optimizer)
-    result = train_model(model, train, test, cfg, device, progress=not args.quiet)
+    # an interrupted run goes on from its last finished epoch when the same command is run again
+    result = train_model(model, train, test, cfg, device, progress=not args.quiet, resume=f"{out}.resume.pt")
     atomic_save(result["state_dict"], out)
     meta = {"model": args.model, "dataset": dataset, "data_source": train.source,
             "normalization": {"mean": list(train.mean), "std": list(train.std)}, "epochs": args.epochs,
             "test_acc": result["test_acc"], "best_epoch": result["best_epoch"], "seconds": result["seconds"],
+            "resumed_from_epoch": result["resumed_from"],
             "config": vars(cfg), "history": result["history"]} | run_metadata(device)
     atomic_write_json(meta, f"{out}.json")
     print(f"{args.model} on {dataset}: test accuracy {100 * result['test_acc']:.2f}% (epoch {result['best_epoch']}), "

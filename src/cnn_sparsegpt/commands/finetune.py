@@ -7,7 +7,6 @@ on the grids they were quantized on, and quant.pt is written anew."""
 from __future__ import annotations
 
 import shutil
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -105,13 +104,13 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
         return evaluate(model, data, dev, cfg.batch_size, progress, f"{which} accuracy")
     before = measure(test, "pruned")
     held_before = measure(held, "held-out") if held else None
-    t0 = time.perf_counter()
     latent = attach_grids(model, quantized)  # the optimizer moves the float weights under the grids
     result = train_model(model, train, held or test, cfg, dev, progress,
                          masks={latent.get(n, n): m for n, m in masks.items()}, teacher=teacher,
-                         objective="outputs" if outputs else "labels")
+                         objective="outputs" if outputs else "labels",
+                         resume=out / "resume.pt")  # an interrupted fine-tune goes on from its last epoch
     quantized = detach_grids(model, quantized)
-    seconds = time.perf_counter() - t0
+    seconds = result["seconds"]  # (an interrupted run's earlier epochs included)
     # on the split the epoch was chosen on (held-out images with holdout)
     acc_trained = result["test_output_error" if outputs else "test_acc"]
     held_after = acc_trained if held else None
@@ -140,7 +139,7 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig, out: str | Path | None =
                                      names["held_before"]: held_before, names["held"]: held_after,
                                      "bn_recalibrated": bool(bns),
                                      names["trained"]: acc_trained,  # on best_epoch_chosen_on
-                                     "seconds": seconds,
+                                     "seconds": seconds, "resumed_from_epoch": result["resumed_from"],
                                      names["before"]: before, "history": result["history"]},
                         names["final"]: acc_final} | run_metadata(dev)
     if scores:  # the agreement measured with the error it goes with, before and after

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,7 @@ from ..pruning.output_kl import relative_squared_error, values
 from ..pruning.output_kl import scores as output_scores
 from ..data.datasets import ImageSet
 from ..data.folders import FolderSet
-from ..utils import UserError
+from ..utils import UserError, atomic_save, load_tensors
 
 
 @dataclass
@@ -138,7 +140,7 @@ FINETUNE_LR = {"sgd": 0.03, "adamw": 1e-3}
 def train_model(model: nn.Module, train_set: ImageSet | FolderSet, test_set: ImageSet | FolderSet, cfg: TrainConfig,
                 device: torch.device | str = "cpu", progress: bool = True,
                 masks: dict[str, torch.Tensor] | None = None, teacher: nn.Module | None = None,
-                objective: str = "labels") -> dict:
+                objective: str = "labels", resume: str | Path | None = None) -> dict:
     """Train in place; the weights of the best epoch (by accuracy on test_set, which is held-out training images
     when settings are being chosen) are loaded back at the end.
     masks (parameter name → True = kept): pruned weights are zeroed before training and after every step,
@@ -148,8 +150,12 @@ def train_model(model: nn.Module, train_set: ImageSet | FolderSet, test_set: Ima
     targets, relative squared error of every output tensor, and the best epoch has the lowest output error against
     the teacher on test_set; no label is read.
 
+    resume: a file where the training state is written after every epoch (atomically), so that an interrupted
+    run called again with the same file and settings goes on from its last finished epoch, as if never stopped
+    (the batches' order and augmentation too); removed when training ends.
+
     Returns {'test_acc' (labels) or 'test_output_error' (outputs), 'best_epoch', 'history', 'seconds',
-    'state_dict'}.
+    'state_dict', 'resumed_from' (the epoch a resumed run went on from, else 0)}.
     """
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
@@ -205,36 +211,73 @@ def train_model(model: nn.Module, train_set: ImageSet | FolderSet, test_set: Ima
                 return ce(out, y)
     best, best_state, best_epoch, history, step = -math.inf, None, 0, [], 0
     t0 = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress, leave=False)
-        running = 0.0
-        for x, y in bar:
-            loss = loss_fn(model(x), x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            value = loss.item()
-            if not math.isfinite(value):
-                raise UserError(f"training diverged at step {step} (loss {value}): lower --lr")
-            running = 0.9 * running + 0.1 * value if step > 1 else value
-            bar.set_postfix(loss=f"{running:.3f}")
+    done, settings = 0, asdict(cfg) | {"objective": objective, "train_images": len(train_set)}
+    if resume is not None and Path(resume).is_file():
+        saved = load_tensors(resume, "training state")
+        if saved.get("settings") != settings:
+            raise UserError(f"{resume} holds an interrupted training run with other settings: run with those, or "
+                            "delete the file to start afresh")
+        try:
+            model.load_state_dict(saved["model"])
+        except RuntimeError:
+            raise UserError(f"{resume} holds an interrupted training run of another model: delete the file to start "
+                            "afresh") from None
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        loader.load_state_dict(saved["loader"])
+        torch.set_rng_state(saved["rng"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
+        done, step, history = saved["epoch"], saved["step"], saved["history"]
+        best, best_epoch, best_state = saved["best"], saved["best_epoch"], saved["best_state"]
+        t0 -= saved["seconds"]
+        if progress:
+            tqdm.write(f"resuming from epoch {done} of {cfg.epochs} ({resume})")
+    try:
+        for epoch in range(done + 1, cfg.epochs + 1):
+            model.train()
+            bar = tqdm(loader, desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", disable=not progress, leave=False)
+            running = 0.0
+            for x, y in bar:
+                loss = loss_fn(model(x), x, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise UserError(f"training diverged at step {step} (loss {value}): lower --lr")
+                running = 0.9 * running + 0.1 * value if step > 1 else value
+                bar.set_postfix(loss=f"{running:.3f}")
+                if step >= total:
+                    break
+            value, record = score()
+            history.append({"epoch": epoch, "train_loss": running} | record)
+            if progress:
+                tqdm.write(f"epoch {epoch}: loss {running:.4f}, " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}"
+                                                                             for k, v in record.items()))
+            if value > best:  # a real copy: the live tensors keep changing
+                best, best_epoch = value, epoch
+                best_state = {k: v.detach().to("cpu", copy=True).contiguous()
+                              for k, v in model.state_dict().items()}
+            if resume is not None and step < total and epoch < cfg.epochs:
+                atomic_save({"settings": settings, "epoch": epoch, "step": step, "history": history, "best": best,
+                             "best_epoch": best_epoch, "best_state": best_state, "model": model.state_dict(),
+                             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                             "loader": loader.state_dict(), "rng": torch.get_rng_state(),
+                             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                             "seconds": time.perf_counter() - t0}, resume)
             if step >= total:
                 break
-        value, record = score()
-        history.append({"epoch": epoch, "train_loss": running} | record)
-        if progress:
-            tqdm.write(f"epoch {epoch}: loss {running:.4f}, " + ", ".join(f"{k.replace('_', ' ')} {v:.4g}"
-                                                                         for k, v in record.items()))
-        if value > best:  # a real copy: the live tensors keep changing
-            best, best_epoch = value, epoch
-            best_state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
-        if step >= total:
-            break
+    except KeyboardInterrupt:
+        if resume is not None and Path(resume).is_file():
+            print(f"the finished epochs are kept in {resume}: the same command goes on from there", file=sys.stderr)
+        raise
+    if resume is not None:
+        Path(resume).unlink(missing_ok=True)
     model.load_state_dict(best_state)
     model.to(memory_format=torch.contiguous_format)
     measured = {"test_output_error": -best} if objective == "outputs" else {"test_acc": best}
     return measured | {"best_epoch": best_epoch, "history": history, "seconds": time.perf_counter() - t0,
-                       "state_dict": best_state}
+                       "state_dict": best_state, "resumed_from": done}

@@ -197,6 +197,12 @@ class Loader:
     def __len__(self) -> int:
         return (len(self.indices) + self.batch_size - 1) // self.batch_size
 
+    def state_dict(self) -> dict:  # where the next epoch's order and augmentation come from (resumed training)
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
     def _crop_flip(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
         g = self.generator

@@ -282,6 +282,12 @@ class _Epochs:
     def __len__(self) -> int:
         return -(-len(self.data) // self.batch_size)
 
+    def state_dict(self) -> dict:  # each epoch's order is seeded by its number (resumed training)
+        return {"epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = state["epoch"]
+
     def __iter__(self):
         self.epoch += 1
         return self.data.batches(self.batch_size, self.device, shuffle=True, augment=True,
