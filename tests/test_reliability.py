@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from cnn_sparsegpt import create_model
+from cnn_sparsegpt import create_model, load_state_dict
 from cnn_sparsegpt.commands.cli import main
 from cnn_sparsegpt.utils import atomic_save, atomic_write_text
 
@@ -91,11 +91,29 @@ def test_checkpoint_that_would_run_code_is_refused(capsys, tmp_path):
     assert_error(capsys, ["prune", "--model", "mnist_cnn", "--weights", str(evil), "--sparsity", "0.5",
                           "--out", str(tmp_path / "o")], "refused to load", "could run code")
     assert not marker.exists()
-    whole = tmp_path / "whole_model.pt"  # the common case: torch.save(model) instead of its state_dict
-    torch.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), whole)
-    assert_error(capsys, ["prune", "--model", "mnist_cnn", "--weights", str(whole), "--sparsity", "0.5",
-                          "--out", str(tmp_path / "o")], "not a plain tensor checkpoint", "torch.nn.modules",
-                 "state_dict()")
+
+
+@pytest.mark.skipif(not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"), reason="torch < 2.6")
+def test_pickled_objects_beside_the_tensors_are_read_without_running_them(tmp_path):
+    """timm's training checkpoints pickle an argparse.Namespace beside the weights, and many scripts save the whole
+    model (torch.save(model)): the tensors are read through inert stand-ins, no class of the file is imported or
+    run, and a whole module's parameters and buffers become its state_dict (as state_dict() names them)."""
+    import argparse
+
+    model = create_model("resnet20_cifar")
+    model.layer1[0].register_buffer("scratch", torch.ones(1), persistent=False)  # not in a state_dict
+    state = model.state_dict()
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": state, "args": argparse.Namespace(lr=0.1), "epoch": 3, "hook": _Evil(str(marker))},
+               tmp_path / "timm.pth.tar")
+    torch.save(model, tmp_path / "whole.pt")
+    torch.save({"model": model, "epoch": 1}, tmp_path / "whole_in_dict.pt")
+    for name, said in (("timm.pth.tar", "beside its tensors"), ("whole.pt", "a whole pickled model"),
+                       ("whole_in_dict.pt", "a whole pickled model")):
+        with pytest.warns(RuntimeWarning, match=said):
+            loaded = load_state_dict(tmp_path / name)
+        assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("content,fragment", [
