@@ -15,6 +15,7 @@ import yaml
 from cnn_sparsegpt import create_model
 from cnn_sparsegpt.commands.bench import KEY, read_rows
 from cnn_sparsegpt.commands.cli import build_parser, main
+from cnn_sparsegpt.commands.pipeline import load_run
 
 
 @pytest.fixture
@@ -49,6 +50,30 @@ def test_prune_end_to_end(mnist_ckpt, data_dir, tmp_path, capsys):
     model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
     assert torch.all(model[2].weight[~masks["2.weight"]] == 0)
     torch.nn.utils.prune.custom_from_mask(model[2], "weight", masks["2.weight"])  # usable as documented
+
+
+def test_prune_interrupted_while_measuring_leaves_a_usable_run(mnist_ckpt, data_dir, tmp_path, capsys, monkeypatch):
+    """The pruned model is written before its evaluation (minutes on a large split): stopped there, the run folder
+    holds model.pt, masks.pt and a report that says the measurement is missing, and loads as a run."""
+    import cnn_sparsegpt.commands.pipeline as pipeline
+
+    real, calls = pipeline.evaluate, []
+
+    def stop_at_the_second(*args, **kw):  # the dense model's accuracy, then the pruned model's
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+    monkeypatch.setattr(pipeline, "evaluate", stop_at_the_second)
+    out = tmp_path / "run"
+    assert main(prune_args(mnist_ckpt, data_dir, out, "--nm", "2:4")) == 130
+    report = json.loads((out / "report.json").read_text())
+    assert report["pruned_acc"] is None and "interrupted" in report["evaluation"] and report["sparsity"] == 0.5
+    model, _, masks = load_run(out)
+    assert torch.all(model[2].weight[~masks["2.weight"]] == 0)
+    monkeypatch.setattr(pipeline, "evaluate", real)
+    assert main(prune_args(mnist_ckpt, data_dir, out, "--nm", "2:4")) == 0
+    assert "evaluation" not in json.loads((out / "report.json").read_text())
 
 
 def test_prune_with_permute_saves_the_reordered_network(mnist_ckpt, data_dir, tmp_path, capsys):

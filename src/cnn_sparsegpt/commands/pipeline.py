@@ -234,15 +234,6 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     report = prune_model(model, calib, config, progress=progress, process_group=group)
-    pruned_acc = None
-    t0 = time.perf_counter()
-    if prep.metric == "top1":
-        pruned_acc = evaluate(model, test, device, config.batch_size, progress, "pruned accuracy", group)
-    elif prep.metric == "output":
-        compared = compare_outputs(model, dense, test, device, config.batch_size, progress, "output error", group,
-                                   scores=config.outputs == "scores")
-        del dense
-    eval_seconds += time.perf_counter() - t0
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     check_finite(state, "the pruned model")  # never write a checkpoint with NaN
     result = {
@@ -254,13 +245,12 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
         "method": config.method, "pattern": report.pattern,
         "target_sparsity": config.pattern.target if config.structure == "none" else None,
         "recipe": opts.recipe, "recipe_label": recipe_label(config),
-        "metric": prep.metric, "dense_acc": dense_acc, "pruned_acc": pruned_acc,
-        "output_error": compared.get("error"), "output_agreement": compared.get("agreement"),
-        "output_agreement_over": compared.get("agreement_over"),
+        "metric": prep.metric, "dense_acc": dense_acc, "pruned_acc": None,
+        "output_error": None, "output_agreement": None, "output_agreement_over": None,
         "eval_samples": len(test), "eval_seconds": eval_seconds, "eval_split": prep.eval_split,
         "peak_gpu_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
     } | report.as_dict() | run_metadata(device)
-    if write:
+    if write:  # before the evaluation (minutes on a large split): an interrupted one leaves a run to use
         atomic_save(state, out / "model.pt")
         if opts.save_safetensors:
             save_safetensors(state, out / "model.safetensors")
@@ -269,6 +259,20 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
             atomic_save(report.quantized, out / "quant.pt")
         if config.structure != "none":  # the smaller network, loadable with torch alone (no pickled code)
             result["exported_program"] = save_exported_program(model, calib[:2], out / "model.pt2")
+        if prep.metric:
+            atomic_write_json(result | {"evaluation": "interrupted before the pruned model was measured"},
+                              out / "report.json")
+    t0 = time.perf_counter()
+    if prep.metric == "top1":
+        result["pruned_acc"] = evaluate(model, test, device, config.batch_size, progress, "pruned accuracy", group)
+    elif prep.metric == "output":
+        compared = compare_outputs(model, dense, test, device, config.batch_size, progress, "output error", group,
+                                   scores=config.outputs == "scores")
+        del dense
+        result |= {"output_error": compared.get("error"), "output_agreement": compared.get("agreement"),
+                   "output_agreement_over": compared.get("agreement_over")}
+    result["eval_seconds"] = eval_seconds + time.perf_counter() - t0
+    if write:
         atomic_write_json(result, out / "report.json")
     return (result, model) if return_model else result
 
