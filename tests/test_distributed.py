@@ -182,7 +182,7 @@ def test_only_rank_zero_writes(tmp_path, data_dir):
     env = {"TEST_OUT": str(tmp_path / "run"), "TEST_WEIGHTS": str(weights), "TEST_DATA": str(data_dir)}
     ranks = _spawn("cli", tmp_path, env=env)
     assert [r["code"] for r in ranks] == [0, 0]
-    assert len(ranks[0]["written"]) == 3 and ranks[1]["written"] == []
+    assert len(set(ranks[0]["written"])) == 3 and ranks[1]["written"] == []  # (report.json before and after measuring)
     import json
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["world_size"] == 2 and report["nsamples"] == 32
