@@ -19,6 +19,7 @@ from cnn_sparsegpt.commands.pipeline import checkpoint_state
 from cnn_sparsegpt.models import head_classes
 from cnn_sparsegpt.data.preprocess import from_model, imagenet, resolve
 from cnn_sparsegpt.data.synthetic import make_imagefolder
+from cnn_sparsegpt.models.pretrained import pretrained_file
 from cnn_sparsegpt.utils import fit_keys
 
 
@@ -213,6 +214,46 @@ def test_timm_model_prunes(inet, tmp_path, capsys):
     assert r["sparsity"] == 0.5 and r["preprocess"]["interpolation"] == "bicubic"
     code, _, err = _prune(capsys, ["--model", "timm:no_such_net", "--dataset", str(inet), "--sparsity", "0.5"])
     assert code == 2 and "unknown timm model" in err
+
+
+def test_pretrained_weights_downloaded_once_into_the_hub_cache(inet, tmp_path, capsys, monkeypatch):
+    """--weights pretrained: torchvision's DEFAULT file (timm's default tag) is downloaded into $TORCH_HOME's hub
+    cache once, report.json names the file and the preprocessing follows its version; offline, a wrong version or a
+    model without published weights is one error line."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    downloads = []
+
+    def fake_download(url, dst, hash_prefix=None, progress=True):  # no network in tests
+        downloads.append((url, hash_prefix))
+        torch.save(create_model("torchvision:resnet18", 1000).state_dict(), dst)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    args = ["--dataset", str(inet), "--image-size", "48", "--nsamples", "4", "--nm", "2:4", "--no-evaluate",
+            "--recipe", "published"]
+    code, stdout, err = _prune(capsys, ["--model", "torchvision:resnet18", "--weights", "pretrained", *args,
+                                        "--out", str(tmp_path / "tv")])
+    assert code == 0, err
+    report = json.loads((tmp_path / "tv" / "report.json").read_text())
+    assert report["weights"] == str(tmp_path / "torch" / "hub" / "checkpoints" / "resnet18-f37072fd.pth")
+    assert pretrained_file("torchvision:resnet18", "pretrained:IMAGENET1K_V1") == report["weights"]  # once
+    assert downloads == [("https://download.pytorch.org/models/resnet18-f37072fd.pth", "f37072fd")]
+    assert "IMAGENET1K_V1" in report["preprocess"]["source"]
+    def offline(*args, **kw):
+        raise OSError("offline")
+    for model, weights, said in (("torchvision:resnet18", "pretrained:IMAGENET1K_V9", "one of DEFAULT, IMAGENET1K_V1"),
+                                 ("mnist_cnn", "pretrained", "is for torchvision:NAME and timm:NAME models"),
+                                 ("torchvision:resnet34", "pretrained", "could not download torchvision:resnet34")):
+        monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+        code, _, err = _prune(capsys, ["--model", model, "--weights", weights, "--sparsity", "0.5", "--dataset",
+                                       str(inet), "--out", str(tmp_path / "o")])
+        assert code == 2 and said in err and "Traceback" not in err
+    timm = pytest.importorskip("timm")
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, **kw: real(name, pretrained=False, **kw))
+    weights = pretrained_file("timm:resnet18", "pretrained")  # the default tag, named
+    assert weights == str(tmp_path / "torch" / "hub" / "checkpoints" / "timm_resnet18.a1_in1k.pt")
+    assert load_state_dict(weights).keys() == real("resnet18").state_dict().keys()
+    with pytest.raises(UserError, match="timm:resnet18.a1_in1k --weights pretrained"):
+        pretrained_file("timm:resnet18", "pretrained:a1_in1k")
 
 
 def test_streamed_training_batches_are_shuffled_and_augmented_each_epoch(inet):

@@ -23,7 +23,9 @@ class PruneOptions:
     weights: str | None = opt(None, "checkpoint to prune: .pt/.pth/.ckpt (state_dict, also inside "
                               "'state_dict'/'model', under a Lightning module's attribute such as 'model.'; loaded "
                               "with weights_only=True) or .safetensors; the number of classes comes from its head. "
-                              "None: random weights (a warning)")
+                              "'pretrained' (or pretrained:VERSION for torchvision): a torchvision or timm model's "
+                              "published weights, downloaded once into torch's hub cache. None: random weights (a "
+                              "warning)")
     dataset: str | None = opt(None, "mnist, cifar10, an ImageFolder folder/.tar.gz with train/ and val/ (or test/) "
                               "subfolders of <class>/<image> (default: the model's), or a folder of images without "
                               "labels, any layout, measured by --metric output (its train/ and val/ or test/ where it "

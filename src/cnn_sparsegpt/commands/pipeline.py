@@ -18,6 +18,7 @@ from ..pruning.config import recipe_label
 from .options import PruneOptions
 from ..data.datasets import DATASET_CHOICES, calibration_indices, calibration_set, holdout_split, load_splits
 from ..models import check_model_name, create_model, head_classes, model_entry
+from ..models.pretrained import is_pretrained, pretrained_file
 from ..data.preprocess import Preprocess, resolve as resolve_preprocess
 from ..pruning.prune import prune_model
 from ..pruning.slicing import apply_structure
@@ -214,6 +215,9 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     device = dist.init(opts.device) if dist.launched() else resolve_device(opts.device)
     group = dist.process_group()
     dist.check_same(json.dumps(dataclasses.asdict(opts), sort_keys=True, default=str), "arguments")
+    if is_pretrained(opts.weights):  # the published weights' file (downloaded once): report.json names it
+        check_model_name(opts.model)
+        opts = dataclasses.replace(opts, weights=pretrained_file(opts.model, opts.weights, progress))
     opts.config.check_runnable(dist.active(group), device)  # prune_model's own checks, before any data is loaded
     config = opts.config.resolved(dist.active(group))
     progress = progress and dist.is_main(group)
