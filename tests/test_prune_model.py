@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from cnn_sparsegpt import PUBLISHED, prune_model
+from cnn_sparsegpt import PUBLISHED, UserError, prune_model
 from cnn_sparsegpt.pruning.prune import forward_order
 
 
@@ -192,6 +192,9 @@ def test_batches_of_pairs_and_determinism():
         masks.append(rep.masks)
     assert rep.nsamples == 64
     assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+    for bad, said in (([{"image": calib(4)}], "got dict: pass the input tensors"), ([], "the calibration set is empty")):
+        with pytest.raises(UserError, match=said):
+            prune_model(make(), bad, PUBLISHED, nm="2:4", progress=False)
 
 
 @pytest.mark.gpu

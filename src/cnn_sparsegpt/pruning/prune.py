@@ -106,7 +106,10 @@ def _as_batches(calibration, device: torch.device, batch_size: int) -> list[torc
         calibration = calibration.split(batch_size)
     batches = []
     for b in calibration:
-        x = b[0] if isinstance(b, (tuple, list)) else b
+        x = b[0] if isinstance(b, (tuple, list)) and b else b
+        if not isinstance(x, torch.Tensor):  # (a dict of a data pipeline's fields, say)
+            raise UserError(f"calibration batches must be tensors of inputs or (inputs, labels) pairs, got "
+                            f"{type(b).__name__}: pass the input tensors, e.g. (batch['image'] for batch in loader)")
         batches.append(x.to(device))
     if not batches or sum(len(x) for x in batches) == 0:
         raise UserError("the calibration set is empty: give at least one image")
