@@ -184,6 +184,23 @@ def test_sparsegpt_beats_magnitude_on_output():
     assert errs["sparsegpt"] < errs["magnitude"]
 
 
+def test_a_compiled_model_is_pruned_through_the_module_it_wraps():
+    """torch.compile's wrapper: pruned on the traced graph of the module it wraps (never compiled here), the report
+    naming that module's layers, and keep_masks takes the wrapper too."""
+    from cnn_sparsegpt import keep_masks
+
+    torch.manual_seed(0)
+    plain, inner = make(), make()
+    inner.load_state_dict(plain.state_dict())
+    compiled = torch.compile(inner)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "cannot trace OptimizedModule" fallback)
+        rep = prune_model(compiled, calib(), PUBLISHED, nm="2:4", progress=False)
+    ref = prune_model(plain, calib(), PUBLISHED, nm="2:4", progress=False)
+    assert rep.masks.keys() == ref.masks.keys() and all(torch.equal(rep.masks[k], m) for k, m in ref.masks.items())
+    keep_masks(compiled, rep.masks)
+
+
 def test_batches_of_pairs_and_determinism():
     loader = [(calib(32, s), torch.zeros(32)) for s in (1, 2)]
     masks = []

@@ -40,6 +40,13 @@ def atomic_file(path: str | os.PathLike, write: Callable[[str], None], suffix: s
     return path
 
 
+def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The module torch.compile wrapped (its OptimizedModule's _orig_mod, which shares every parameter), else model:
+    a compiled model is pruned, exported and timed through its own module, and layers are named as in it."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, torch.nn.Module) and type(model).__name__ == "OptimizedModule" else model
+
+
 def file_stem(text: str) -> str:
     """`text` as a file name on any system: each run of characters other than letters, digits, '.', '_' and '-'
     becomes '_' (model names such as 'torchvision:resnet50' or 'models/my_net.py:build')."""

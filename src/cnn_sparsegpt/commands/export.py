@@ -29,7 +29,7 @@ from ..pruning.graph import PRUNABLE
 from ..pruning.layer_plan import forward_order
 from .pipeline import load_run, run_images
 from ..utils import (UserError, atomic_write_json, ensure_writable, load_tensors, output_tensors,
-                     save_safetensors)
+                     save_safetensors, uncompiled)
 
 _SHAPES = {"mnist": [1, 28, 28], "cifar10": [3, 32, 32]}
 
@@ -159,7 +159,7 @@ def export_model(model: nn.Module, input_shape: list[int] | tuple[int, ...], onn
         if calibration is None or not len(calibration):
             raise UserError("an INT8 export needs calibration images (the inputs prune_model calibrated on)")
         RunData(calibration=int8_calibration).check()
-    model = copy.deepcopy(model).cpu().eval()  # the caller's module keeps its device and mode
+    model = copy.deepcopy(uncompiled(model)).cpu().eval()  # the caller's module keeps its device and mode
     folded = fold_batchnorm(model)
     grids = folded_grids(model, folded, quantized or {})
     for p in folded.parameters():  # -0.0 (a zero times a negative factor) as +0.0: one bit pattern for zero

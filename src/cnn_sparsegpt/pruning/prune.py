@@ -41,7 +41,7 @@ from ..kernels.solver import NEEDS
 from .statcorr import StatCorrection
 from .slicing import spec_of
 from .structured import prune_channels
-from ..utils import UserError
+from ..utils import UserError, uncompiled
 
 
 @dataclass
@@ -375,11 +375,13 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
 
     calibration: a tensor of inputs (N, ...) or an iterable of batches (tensors or (x, y) pairs). The config
     needs a pattern (sparsity or nm). use_fx: run the model as a traced graph where it can be traced (else one
-    truncated forward pass per layer; same result). process_group: the processes that share the calibration
+    truncated forward pass per layer; same result); a torch.compile'd model is pruned through the module it wraps,
+    whose names the report uses. process_group: the processes that share the calibration
     set (torchrun's, `dist.process_group()`); each passes its own images and all end with the same model. Without
     one nothing is distributed, even inside a job that has a process group. The report records the resolved
     config and what each layer got.
     """
+    model = uncompiled(model)  # (torch.compile's wrapper: its layers' names are the module's it wraps)
     config = replace(config or RECOMMENDED, **overrides) if overrides else (config or RECOMMENDED)
     config.check_runnable(dist.active(process_group), next(model.parameters()).device)
     config = config.resolved(dist.active(process_group))
