@@ -38,6 +38,7 @@ def assert_error(capsys, args, *fragments):
     (["--sparsity", "0.5", "--device", "cuda"], "no CUDA GPU"),
     (["--sparsity", "0.5", "--device", "tpu"], "unknown device"),
     (["--sparsity", "0.5", "--nsamples", "0"], "nsamples must be at least 1"),
+    (["--sparsity", "0.5", "--ignore", "conv[1"], "'conv[1' is not a layer name or regular expression"),
 ])
 def test_bad_pattern_method_device(capsys, tmp_path, flags, fragment):
     if "cuda" in flags and torch.cuda.is_available():

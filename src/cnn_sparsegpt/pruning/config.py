@@ -8,6 +8,7 @@ those of `commands.options.PruneOptions`, the run around it: model, data, output
 """
 from __future__ import annotations
 
+import re
 import typing
 from dataclasses import dataclass, field, fields, replace
 
@@ -213,6 +214,12 @@ class PruneConfig:
         if isinstance(self.ignore, (list, str)):
             object.__setattr__(self, "ignore", tuple([self.ignore] if isinstance(self.ignore, str) else self.ignore))
         check_fields(self, "")
+        for pattern in self.ignore:  # names or regular expressions (layer_plan.choose_layers)
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UserError(f"ignore: '{pattern}' is not a layer name or regular expression ({e}); escape "
+                                "special characters with a backslash") from None
         if self.structure == "none" and (self.sparsity is not None or self.nm is not None):
             Pattern.parse(self.sparsity, self.nm)  # one of the two, well formed
         self._check_combinations()
