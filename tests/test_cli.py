@@ -76,6 +76,27 @@ def test_prune_interrupted_while_measuring_leaves_a_usable_run(mnist_ckpt, data_
     assert "evaluation" not in json.loads((out / "report.json").read_text())
 
 
+def test_prune_interrupted_goes_on_from_its_last_saved_layer(mnist_ckpt, data_dir, tmp_path, capsys, monkeypatch):
+    import cnn_sparsegpt.pruning.prune as prune_module
+    import cnn_sparsegpt.pruning.resume as resume_module
+
+    monkeypatch.setattr(resume_module, "SAVE_EVERY", 0.0)
+    real = prune_module._Pruner.prune_layer
+
+    def stop_at_the_second(self, name, inputs):
+        if len(self.results) == 1:
+            raise KeyboardInterrupt
+        return real(self, name, inputs)
+    monkeypatch.setattr(prune_module._Pruner, "prune_layer", stop_at_the_second)
+    out = tmp_path / "run"
+    args = prune_args(mnist_ckpt, data_dir, out, "--nm", "2:4", "--prune-all")
+    assert main(args) == 130
+    assert "the pruned layers are kept in" in capsys.readouterr().err and (out / "prune_state.pt").is_file()
+    monkeypatch.setattr(prune_module._Pruner, "prune_layer", real)
+    assert main(args) == 0 and not (out / "prune_state.pt").exists()
+    assert json.loads((out / "report.json").read_text())["sparsity"] == 0.5
+
+
 def test_prune_with_permute_saves_the_reordered_network(mnist_ckpt, data_dir, tmp_path, capsys):
     """--permute: the report lists what moved, and model.pt (the new order) loads into a fresh model with its
     masks."""

@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -237,7 +238,13 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     eval_seconds += time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    report = prune_model(model, calib, config, progress=progress, process_group=group)
+    state = out / "prune_state.pt" if write else None  # an interrupted prune goes on from there (pruning/resume.py)
+    try:
+        report = prune_model(model, calib, config, progress=progress, process_group=group, resume=state)
+    except KeyboardInterrupt:
+        if state is not None and state.is_file():
+            print(f"the pruned layers are kept in {state}: the same command goes on from there", file=sys.stderr)
+        raise
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     check_finite(state, "the pruned model")  # never write a checkpoint with NaN
     result = {

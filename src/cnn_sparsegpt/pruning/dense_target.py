@@ -82,6 +82,11 @@ class DenseInputs:
                 return
             yield x
 
+    def served(self, names) -> None:
+        """Layers whose inputs are not wanted (a resumed prune's finished layers): never captured."""
+        for name in names:
+            self._captured[name] = []
+
     def output(self, node: str, b: int) -> torch.Tensor | None:
         """The dense copy's output of graph node `node` for batch b, while its graph stands at the layer last
         served (None without a traced graph, or where its memory policy did not keep it)."""

@@ -15,6 +15,7 @@ import time
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import torch
 from torch import fx, nn
@@ -26,6 +27,7 @@ from .config import RECOMMENDED, PruneConfig
 from .batchnorm import batchnorms_reading, bn_modules, bn_statistics_, recalibrate, set_statistics_
 from .conv_views import VIEWABLE, conv2d_views, original_result, renamed, view_positions, viewable
 from .dense_target import DenseInputs
+from .resume import PruneCheckpoints, fingerprint, restored_results
 from .relu_gate import GATE_FLOPS, ReluGate, applies as gate_applies, dense_active, relu_gates
 from .residual_target import SkipPartner, inverse_scale, skip_partners, target_shift
 from .intercept import fold_offset_, offset_sinks
@@ -176,6 +178,7 @@ class _Pruner:
         self.partners: dict[str, SkipPartner] = {}  # residual target: per layer, the skip operand it is summed with
         self.gates: dict[str, ReluGate] = {}  # inactive weight: per layer, how its output reaches a ReLU
         self.outputs = lambda node, b: None  # the pruned graph's node outputs at the current barrier
+        self.checkpoints: PruneCheckpoints | None = None  # where progress is saved now and then (resume.py)
         self.bar = tqdm(total=sum(1 for r in plan.values() if not r) + len(self.refits),
                         desc=f"{config.method} {config.pattern}", unit="layer", disable=not progress, leave=False)
 
@@ -258,6 +261,8 @@ class _Pruner:
         self.results[name] = res
         self.bar.update(1)
         self.bar.set_postfix_str(name)
+        if self.checkpoints is not None:
+            self.checkpoints.maybe_save(self.model, self.results, self.done, self.t)
 
     def _shift(self, partner: SkipPartner | None, scale: torch.Tensor | None, i: int, module: nn.Module):
         """δ of batch i for a layer that fits a residual sum (residual_target.py); None where either network's
@@ -344,7 +349,7 @@ class _Pruner:
         """Fallback for untraceable models: one forward per layer, cut short right after that layer's input."""
         passes = 0.0
         for name in order:
-            if self.plan[name]:
+            if self.plan[name] or name in self.results:  # (a resumed prune's finished layers)
                 continue
             t0 = time.perf_counter()
             captured = list(inputs_of(self.model, self.modules[name], batches))
@@ -366,7 +371,8 @@ class _Pruner:
 
 @torch.no_grad()
 def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None, *, progress: bool = True,
-                use_fx: bool = True, process_group=None, **overrides) -> PruneReport:
+                use_fx: bool = True, process_group=None, resume: str | Path | None = None,
+                **overrides) -> PruneReport:
     """Prune `model` in place, one-shot, as `config` says (default RECOMMENDED, the CLI's default recipe;
     PUBLISHED is SparseGPT as published), with any PruneConfig field given as a keyword overriding it:
 
@@ -378,8 +384,10 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     truncated forward pass per layer; same result); a torch.compile'd model is pruned through the module it wraps,
     whose names the report uses. process_group: the processes that share the calibration
     set (torchrun's, `dist.process_group()`); each passes its own images and all end with the same model. Without
-    one nothing is distributed, even inside a job that has a process group. The report records the resolved
-    config and what each layer got.
+    one nothing is distributed, even inside a job that has a process group. resume: a file where an unstructured
+    or N:M prune saves its progress now and then (resume.py); started again with the same model, images and config
+    it goes on from there, and the file goes when the prune ends (not under torchrun or with stat_correction). The
+    report records the resolved config and what each layer got.
     """
     model = uncompiled(model)  # (torch.compile's wrapper: its layers' names are the module's it wraps)
     config = replace(config or RECOMMENDED, **overrides) if overrides else (config or RECOMMENDED)
@@ -397,7 +405,7 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
             if config.structure == "channels":
                 report = _prune_structured(model, batches, config, progress, views)
             else:
-                report = _prune_weights(model, batches, config, progress, use_fx, process_group, views)
+                report = _prune_weights(model, batches, config, progress, use_fx, process_group, views, resume)
     finally:
         model.train(was_training)
     report.layers = _channel_layers(report.structure, views, model, config) if report.structure else \
@@ -407,7 +415,7 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
 
 
 def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneConfig, progress: bool, use_fx: bool,
-                   process_group, views: dict) -> PruneReport:
+                   process_group, views: dict, resume: str | Path | None = None) -> PruneReport:
     """prune_model's unstructured and N:M prune, on a model in eval mode whose layers are Conv2d and Linear (views:
     the ConvViews standing in for the others, conv_views.py)."""
     pattern = config.pattern
@@ -417,6 +425,8 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
         batches = dist.shard(batches, process_group)
         dist.broadcast_module_(model, process_group)
     t_start = time.perf_counter()
+    checkpoints = PruneCheckpoints(resume, fingerprint(model, batches, config)) \
+        if resume is not None and not dist.active(process_group) and not config.stat_correction else None
     input_bytes: dict[str, int] = {}
     positions: dict[str, int] = {}
     order = forward_order(model, batches[0][:1], input_bytes, positions)
@@ -472,6 +482,17 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
             else {}  # gm: traced once for both; a re-fit dense layer's bias takes its offset
         run = _Pruner(model, plan, config, progress, patterns, row_scales, statcorr,
                       dense if config.dense_target or dense_hessians else None, process_group, sinks, refits)
+        saved = checkpoints.load() if checkpoints is not None else None
+        if saved is not None:  # the finished layers as they were: run as ordinary modules from here on
+            model.load_state_dict(saved["model"])
+            run.results, run.t = restored_results(saved), saved["timings"]
+            run.done.update(saved["done"])
+            if dense is not None:
+                dense.served(run.results)
+            run.bar.update(len(run.results))
+            if progress:
+                tqdm.write(f"resuming the prune: {len(run.results)} layers were done ({checkpoints.path})")
+        run.checkpoints = checkpoints
         run.t["allocation_and_dense_pass"] = t_alloc
         run.batch_ends = part_ends(batches, fitted)
         if permutation:
@@ -529,6 +550,8 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
                              bn_recalibrated=config.bn_recalibration and bool(bn_modules(model)),
                              world_size=dist.world(process_group), permutation=permutation)
         report.sparsity = sum((~r.mask).sum().item() for r in pruned) / n_pruned if n_pruned else 0.0
+        if checkpoints is not None:
+            checkpoints.finish()
         return report
 
 
