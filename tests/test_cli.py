@@ -91,9 +91,9 @@ def test_prune_interrupted_goes_on_from_its_last_saved_layer(mnist_ckpt, data_di
     out = tmp_path / "run"
     args = prune_args(mnist_ckpt, data_dir, out, "--nm", "2:4", "--prune-all")
     assert main(args) == 130
-    assert "the pruned layers are kept in" in capsys.readouterr().err and (out / "prune_state.pt").is_file()
+    assert "the pruned layers are kept in" in capsys.readouterr().err and (out / "resume.pt").is_file()
     monkeypatch.setattr(prune_module._Pruner, "prune_layer", real)
-    assert main(args) == 0 and not (out / "prune_state.pt").exists()
+    assert main(args) == 0 and not (out / "resume.pt").exists()
     assert json.loads((out / "report.json").read_text())["sparsity"] == 0.5
 
 

@@ -209,7 +209,8 @@ def test_batches_of_pairs_and_determinism():
         masks.append(rep.masks)
     assert rep.nsamples == 64
     assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
-    for bad, said in (([{"image": calib(4)}], "got dict: pass the input tensors"), ([], "the calibration set is empty")):
+    for bad, said in (([{"image": calib(4)}], "got dict: pass the input tensors"),
+                      ([], "the calibration set is empty")):
         with pytest.raises(UserError, match=said):
             prune_model(make(), bad, PUBLISHED, nm="2:4", progress=False)
 

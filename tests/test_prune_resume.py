@@ -54,7 +54,7 @@ def test_an_interrupted_prune_resumes_where_it_stopped(tmp_path, monkeypatch, ca
             raise KeyboardInterrupt
         return real(self, name, inputs)
     monkeypatch.setattr(prune_module._Pruner, "prune_layer", stop_at_the_sixth)
-    state = tmp_path / "prune_state.pt"
+    state = tmp_path / "resume.pt"
     with pytest.raises(KeyboardInterrupt):
         prune_model(_model(), images, config, progress=False, use_fx=use_fx, resume=state, **case)
     assert state.is_file()
@@ -77,7 +77,7 @@ def test_an_interrupted_prune_resumes_where_it_stopped(tmp_path, monkeypatch, ca
 def test_a_saved_state_of_another_prune_is_not_resumed(tmp_path, monkeypatch):
     monkeypatch.setattr(resume_module, "SAVE_EVERY", 0.0)
     images = torch.randn(16, 3, 16, 16)
-    state = tmp_path / "prune_state.pt"
+    state = tmp_path / "resume.pt"
     real = prune_module._Pruner.prune_layer
 
     def stop(self, name, inputs):

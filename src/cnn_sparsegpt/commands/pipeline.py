@@ -238,7 +238,7 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     eval_seconds += time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    state = out / "prune_state.pt" if write else None  # an interrupted prune goes on from there (pruning/resume.py)
+    state = out / "resume.pt" if write else None  # an interrupted prune goes on from there (pruning/resume.py)
     try:
         report = prune_model(model, calib, config, progress=progress, process_group=group, resume=state)
     except KeyboardInterrupt:

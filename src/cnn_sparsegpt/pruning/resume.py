@@ -1,4 +1,4 @@
-"""Resuming an interrupted prune (`prune_model(..., resume=PATH)`; the command line's OUT/prune_state.pt).
+"""Resuming an interrupted prune (`prune_model(..., resume=PATH)`; the command line's OUT/resume.pt).
 
 After a layer, at most every SAVE_EVERY seconds, the model's state, the finished layers' results and what the
 executor has done (BatchNorms re-estimated) are written atomically. A prune started again with the same model,
