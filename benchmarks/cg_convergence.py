@@ -25,7 +25,8 @@ from cnn_sparsegpt.kernels.refine import cg_on_mask
 from cnn_sparsegpt.kernels.solver import relative_error, sparsegpt_solve
 from cnn_sparsegpt.kernels.swap import _decoupled, _masked
 from cnn_sparsegpt.pruning.allocation import dense_statistics
-from cnn_sparsegpt.utils import atomic_write_json, load_state_dict, run_metadata
+from cnn_sparsegpt.checkpoints import load_state_dict
+from cnn_sparsegpt.utils import atomic_write_json, run_metadata
 
 STEPS = (0, 5, 10, 15, 20, 30, 60, 120)
 REFERENCE_STEPS = 300  # the nearly converged solve that `left` is measured against

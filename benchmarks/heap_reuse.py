@@ -23,7 +23,8 @@ from cnn_sparsegpt import PUBLISHED, RECOMMENDED, create_model, load_dataset, pr
 from cnn_sparsegpt.commands import train as train_module
 from cnn_sparsegpt.pruning import prune as prune_module
 from cnn_sparsegpt.pruning.heap import reuse_freed_memory
-from cnn_sparsegpt.utils import atomic_write_json, load_state_dict, run_metadata
+from cnn_sparsegpt.checkpoints import load_state_dict
+from cnn_sparsegpt.utils import atomic_write_json, run_metadata
 from speed import model_and_images  # this directory is sys.path[0] for a script
 
 

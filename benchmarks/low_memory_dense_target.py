@@ -16,7 +16,8 @@ import torch
 
 from cnn_sparsegpt import PUBLISHED, create_model, prune_model
 from cnn_sparsegpt.pruning.dense_target import DenseInputs
-from cnn_sparsegpt.utils import atomic_write_json, load_state_dict, run_metadata
+from cnn_sparsegpt.checkpoints import load_state_dict
+from cnn_sparsegpt.utils import atomic_write_json, run_metadata
 
 
 def main() -> None:

@@ -20,7 +20,8 @@ import time
 import torch
 
 from cnn_sparsegpt import PUBLISHED, RECOMMENDED, calibration_set, create_model, load_dataset, prune_model
-from cnn_sparsegpt.utils import atomic_write_json, load_state_dict, run_metadata
+from cnn_sparsegpt.checkpoints import load_state_dict
+from cnn_sparsegpt.utils import atomic_write_json, run_metadata
 
 
 def main() -> None:

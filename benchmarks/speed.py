@@ -34,7 +34,8 @@ from cnn_sparsegpt.kernels.shifted_gram import flops as gram_flops
 from cnn_sparsegpt.pruning.heap import reuse_freed_memory
 from cnn_sparsegpt.pruning.prune import choose_layers, forward_order
 from cnn_sparsegpt.kernels.solver import sparsegpt_solve
-from cnn_sparsegpt.utils import atomic_write_json, load_state_dict, resolve_device, run_metadata
+from cnn_sparsegpt.checkpoints import load_state_dict
+from cnn_sparsegpt.utils import atomic_write_json, resolve_device, run_metadata
 
 
 def sync(device):

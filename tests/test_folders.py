@@ -20,7 +20,7 @@ from cnn_sparsegpt.models import head_classes
 from cnn_sparsegpt.data.preprocess import from_model, imagenet, resolve
 from cnn_sparsegpt.data.synthetic import make_imagefolder
 from cnn_sparsegpt.models.pretrained import pretrained_file
-from cnn_sparsegpt.utils import fit_keys
+from cnn_sparsegpt.checkpoints import fit_keys
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from .models import create_model, list_models, register_model
 from .pruning import PUBLISHED, RECOMMENDED, PruneConfig, PruneReport, prune_model
 from .pruning.layer import LayerPruner, LayerResult
 from .pruning.masks_kept import keep_masks
-from .utils import UserError, load_state_dict
+from .checkpoints import load_state_dict
+from .utils import UserError
 
 __all__ = [
     "METHODS", "PUBLISHED", "RECOMMENDED", "ImageSet", "LayerPruner", "LayerResult", "Loader", "Pattern",

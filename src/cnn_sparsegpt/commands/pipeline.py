@@ -19,6 +19,7 @@ from ..pruning.config import recipe_label
 from .options import PruneOptions
 from ..data.datasets import DATASET_CHOICES, calibration_indices, calibration_set, holdout_split, load_splits
 from ..models import check_model_name, create_model, head_classes, model_entry
+from ..checkpoints import fit_keys, load_state_dict
 from ..models.pretrained import is_pretrained, pretrained_file
 from ..data.preprocess import Preprocess, resolve as resolve_preprocess
 from ..pruning.prune import prune_model
@@ -32,8 +33,6 @@ from ..utils import (
     atomic_write_json,
     check_finite,
     ensure_writable,
-    fit_keys,
-    load_state_dict,
     load_tensors,
     output_tensors,
     resolve_device,
