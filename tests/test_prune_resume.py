@@ -67,6 +67,7 @@ def test_an_interrupted_prune_resumes_where_it_stopped(tmp_path, monkeypatch, ca
         resumed = prune_model(resumed_model, images, config, progress=False, use_fx=use_fx, resume=state, **case)
     assert not state.exists()
     assert len(calls) == sum(not r.skipped for r in whole.layers) - 5  # the first five were not pruned again
+    assert (resumed.resumed_layers, whole.resumed_layers) == (5, 0)
     assert [r.name for r in resumed.layers] == [r.name for r in whole.layers]
     assert all(torch.equal(resumed.masks[k], m) for k, m in whole.masks.items()) and resumed.masks.keys() == \
         whole.masks.keys()

@@ -66,6 +66,7 @@ class PruneReport:
     bn_recalibrated: bool = False  # BatchNorm statistics re-estimated (the config asked and the model has some)
     structure: dict = field(default_factory=dict)  # structure='channels': targets, MACs/params, groups, new shapes
     permutation: dict = field(default_factory=dict)  # permute: per group of channels, swaps and saliency kept
+    resumed_layers: int = 0  # layers an interrupted prune had finished (resume=...): their seconds were spent before
 
     @property
     def method(self) -> str:
@@ -548,7 +549,8 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
                              reconstruct={"epochs": config.reconstruct, "loss": losses} if config.reconstruct else {},
                              stat_corrected=statcorr.corrected if statcorr else [],
                              bn_recalibrated=config.bn_recalibration and bool(bn_modules(model)),
-                             world_size=dist.world(process_group), permutation=permutation)
+                             world_size=dist.world(process_group), permutation=permutation,
+                             resumed_layers=len(saved["results"]) if saved is not None else 0)
         report.sparsity = sum((~r.mask).sum().item() for r in pruned) / n_pruned if n_pruned else 0.0
         if checkpoints is not None:
             checkpoints.finish()
