@@ -78,16 +78,10 @@ def test_prune_interrupted_while_measuring_leaves_a_usable_run(mnist_ckpt, data_
 
 def test_prune_interrupted_goes_on_from_its_last_saved_layer(mnist_ckpt, data_dir, tmp_path, capsys, monkeypatch):
     import cnn_sparsegpt.pruning.prune as prune_module
-    import cnn_sparsegpt.pruning.resume as resume_module
 
-    monkeypatch.setattr(resume_module, "SAVE_EVERY", 0.0)
-    real = prune_module._Pruner.prune_layer
+    from .test_prune_resume import stop_after
 
-    def stop_at_the_second(self, name, inputs):
-        if len(self.results) == 1:
-            raise KeyboardInterrupt
-        return real(self, name, inputs)
-    monkeypatch.setattr(prune_module._Pruner, "prune_layer", stop_at_the_second)
+    real = stop_after(monkeypatch, 1)
     out = tmp_path / "run"
     args = prune_args(mnist_ckpt, data_dir, out, "--nm", "2:4", "--prune-all")
     assert main(args) == 130

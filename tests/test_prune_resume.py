@@ -34,6 +34,20 @@ def _model():
     return model.eval()
 
 
+def stop_after(monkeypatch, finished: int):
+    """Saves after every layer, and a KeyboardInterrupt when `finished` layers are done; returns the real
+    prune_layer (to patch back, or to wrap)."""
+    monkeypatch.setattr(resume_module, "SAVE_EVERY", 0.0)
+    real = prune_module._Pruner.prune_layer
+
+    def stop(self, name, inputs):
+        if len(self.results) == finished:
+            raise KeyboardInterrupt
+        return real(self, name, inputs)
+    monkeypatch.setattr(prune_module._Pruner, "prune_layer", stop)
+    return real
+
+
 @pytest.mark.parametrize("case", [
     {"nm": "2:4"},  # the default recipe at N:M: permutation, exact swaps, dense target, intercept
     {"sparsity": 0.7},  # the default recipe unstructured: the dp allocation's database, the exact solver
@@ -46,21 +60,14 @@ def test_an_interrupted_prune_resumes_where_it_stopped(tmp_path, monkeypatch, ca
     whole_model = _model()
     whole = prune_model(whole_model, images, config, progress=False, use_fx=use_fx, **case)
 
-    monkeypatch.setattr(resume_module, "SAVE_EVERY", 0.0)  # a save after every layer
-    real = prune_module._Pruner.prune_layer
-
-    def stop_at_the_sixth(self, name, inputs):
-        if len(self.results) == 5 and not getattr(self, "resumed", False):
-            raise KeyboardInterrupt
-        return real(self, name, inputs)
-    monkeypatch.setattr(prune_module._Pruner, "prune_layer", stop_at_the_sixth)
+    real = stop_after(monkeypatch, 5)
     state = tmp_path / "resume.pt"
     with pytest.raises(KeyboardInterrupt):
         prune_model(_model(), images, config, progress=False, use_fx=use_fx, resume=state, **case)
     assert state.is_file()
     calls = []
     monkeypatch.setattr(prune_module._Pruner, "prune_layer", lambda self, name, inputs: (
-        setattr(self, "resumed", True), calls.append(name), real(self, name, inputs))[2])
+        calls.append(name), real(self, name, inputs))[1])
     resumed_model = _model()
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*not resumed")
@@ -76,16 +83,9 @@ def test_an_interrupted_prune_resumes_where_it_stopped(tmp_path, monkeypatch, ca
 
 
 def test_a_saved_state_of_another_prune_is_not_resumed(tmp_path, monkeypatch):
-    monkeypatch.setattr(resume_module, "SAVE_EVERY", 0.0)
     images = torch.randn(16, 3, 16, 16)
     state = tmp_path / "resume.pt"
-    real = prune_module._Pruner.prune_layer
-
-    def stop(self, name, inputs):
-        if len(self.results) == 3:
-            raise KeyboardInterrupt
-        return real(self, name, inputs)
-    monkeypatch.setattr(prune_module._Pruner, "prune_layer", stop)
+    real = stop_after(monkeypatch, 3)
     with pytest.raises(KeyboardInterrupt):
         prune_model(_model(), images, PUBLISHED, sparsity=0.5, progress=False, resume=state)
     monkeypatch.setattr(prune_module._Pruner, "prune_layer", real)
