@@ -52,6 +52,7 @@ def stop_after(monkeypatch, finished: int):
     {"nm": "2:4"},  # the default recipe at N:M: permutation, exact swaps, dense target, intercept
     {"sparsity": 0.7},  # the default recipe unstructured: the dp allocation's database, the exact solver
     {"config": PUBLISHED, "sparsity": 0.5, "use_fx": False},  # one truncated pass per layer
+    {"nm": "2:4", "low_memory": True},  # activations recomputed instead of stored, the dense copy's too
 ])
 def test_an_interrupted_prune_resumes_where_it_stopped(tmp_path, monkeypatch, case):
     case = dict(case)
