@@ -209,6 +209,17 @@ def test_batches_of_pairs_and_determinism():
         masks.append(rep.masks)
     assert rep.nsamples == 64
     assert all(torch.equal(masks[0][k], masks[1][k]) for k in masks[0])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(calib(1100), torch.zeros(1100)),
+                                         batch_size=100)  # a training set's DataLoader: not read to its end
+    with pytest.warns(RuntimeWarning, match="read the first 1024 images of the iterable"):
+        assert prune_model(make(), loader, PUBLISHED, nm="2:4", progress=False).nsamples == 1024
+    assert prune_model(make(), loader, PUBLISHED, nm="2:4", progress=False, nsamples=150).nsamples == 150
+    assert prune_model(make(), calib(), PUBLISHED, nm="2:4", progress=False, nsamples=10).nsamples == 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a tensor is taken whole
+        assert prune_model(make(), calib(1100), PUBLISHED, nm="2:4", progress=False).nsamples == 1100
+    with pytest.raises(UserError, match="nsamples must be at least 1"):
+        prune_model(make(), calib(), PUBLISHED, nm="2:4", progress=False, nsamples=0)
     for bad, said in (([{"image": calib(4)}], "got dict: pass the input tensors"),
                       ([], "the calibration set is empty")):
         with pytest.raises(UserError, match=said):

@@ -104,17 +104,35 @@ class PruneReport:
         return cls(config, data.get("nsamples", 0), layers, **{k: data[k] for k in own if k in data})
 
 
-def _as_batches(calibration, device: torch.device, batch_size: int) -> list[torch.Tensor]:
+ITERABLE_NSAMPLES = 1024  # images read from an iterable of batches unless nsamples says (the CLI's --nsamples)
+
+
+def _as_batches(calibration, device: torch.device, batch_size: int, nsamples: int | None = None
+                ) -> list[torch.Tensor]:
+    """The calibration inputs as batches on `device`: a tensor's first nsamples (all without it), an iterable's
+    first nsamples, or ITERABLE_NSAMPLES with a warning where it holds more (a training DataLoader would otherwise
+    be read to its end before anything is pruned)."""
+    if nsamples is not None and nsamples < 1:
+        raise UserError(f"nsamples must be at least 1, got {nsamples}")
+    limit = nsamples or (len(calibration) if isinstance(calibration, torch.Tensor) else ITERABLE_NSAMPLES)
     if isinstance(calibration, torch.Tensor):
-        calibration = calibration.split(batch_size)
-    batches = []
+        calibration = calibration[:limit].split(batch_size)
+    batches, taken, more = [], 0, False
     for b in calibration:
+        if taken >= limit:
+            more = True
+            break
         x = b[0] if isinstance(b, (tuple, list)) and b else b
         if not isinstance(x, torch.Tensor):  # (a dict of a data pipeline's fields, say)
             raise UserError(f"calibration batches must be tensors of inputs or (inputs, labels) pairs, got "
                             f"{type(b).__name__}: pass the input tensors, e.g. (batch['image'] for batch in loader)")
-        batches.append(x.to(device))
-    if not batches or sum(len(x) for x in batches) == 0:
+        more = len(x) > limit - taken
+        batches.append(x[:limit - taken].to(device))
+        taken += len(batches[-1])
+    if more and nsamples is None:
+        warnings.warn(f"calibration: read the first {limit} images of the iterable, which holds more: pass "
+                      "nsamples= to take another number", RuntimeWarning)
+    if not batches or taken == 0:
         raise UserError("the calibration set is empty: give at least one image")
     return batches
 
@@ -373,14 +391,15 @@ class _Pruner:
 @torch.no_grad()
 def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None, *, progress: bool = True,
                 use_fx: bool = True, process_group=None, resume: str | Path | None = None,
-                **overrides) -> PruneReport:
+                nsamples: int | None = None, **overrides) -> PruneReport:
     """Prune `model` in place, one-shot, as `config` says (default RECOMMENDED, the CLI's default recipe;
     PUBLISHED is SparseGPT as published), with any PruneConfig field given as a keyword overriding it:
 
         prune_model(model, images, nm="2:4")
         prune_model(model, images, PUBLISHED, method="magnitude", sparsity=0.5)
 
-    calibration: a tensor of inputs (N, ...) or an iterable of batches (tensors or (x, y) pairs). The config
+    calibration: a tensor of inputs (N, ...) or an iterable of batches (tensors or (x, y) pairs, e.g. a DataLoader);
+    nsamples: how many of its images calibrate (default: a tensor's all, an iterable's first 1024). The config
     needs a pattern (sparsity or nm). use_fx: run the model as a traced graph where it can be traced (else one
     truncated forward pass per layer; same result); a torch.compile'd model is pruned through the module it wraps,
     whose names the report uses. process_group: the processes that share the calibration
@@ -394,7 +413,7 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     config = replace(config or RECOMMENDED, **overrides) if overrides else (config or RECOMMENDED)
     config.check_runnable(dist.active(process_group), next(model.parameters()).device)
     config = config.resolved(dist.active(process_group))
-    batches = _as_batches(calibration, next(model.parameters()).device, config.batch_size)
+    batches = _as_batches(calibration, next(model.parameters()).device, config.batch_size, nsamples)
     was_training = model.training
     model.eval()
     try:
