@@ -37,6 +37,23 @@ def test_pruned_weights_stay_zero_at_every_step(data_dir, optimizer):
         train_model(model, train, train, TrainConfig(optimizer="lion"), "cpu", progress=False)
 
 
+def test_finetune_run_takes_the_commands_defaults():
+    """cs.finetune_run(run) trains as `cnn-sparsegpt finetune RUN` does: one set of defaults (FINETUNE)."""
+    import inspect
+    from dataclasses import replace
+
+    from cnn_sparsegpt import finetune_run
+    from cnn_sparsegpt.commands.cli import build_parser
+    from cnn_sparsegpt.commands.train import FINETUNE
+
+    args = build_parser().parse_args(["finetune", "RUN"])
+    flags = replace(FINETUNE, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
+                    max_steps=args.max_steps, warmup=args.warmup, distill=args.distill, temperature=args.temperature)
+    defaults = inspect.signature(finetune_run).parameters
+    assert defaults["cfg"].default == flags and defaults["dropout"].default == args.dropout
+    assert (FINETUNE.optimizer, FINETUNE.lr, FINETUNE.schedule) == ("auto", None, "cosine")
+
+
 def test_keep_masks_in_your_own_training_loop():
     """A pruned model fine-tuned by the user's own loop (SGD with momentum and weight decay, which would revive
     zeros): the pruned weights are zero after every step while the hook is on, and move once it is removed."""

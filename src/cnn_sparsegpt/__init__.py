@@ -1,5 +1,6 @@
 """cnn-sparsegpt: one-shot SparseGPT pruning of convolutional networks."""
 from .commands.export import export_model
+from .commands.finetune import finetune_run
 from .commands.latency import compare_latency
 from .commands.train import TrainConfig, evaluate, output_error, train_model
 from .deploy import load_compressed, save_compressed
@@ -16,7 +17,8 @@ from .utils import UserError
 __all__ = [
     "METHODS", "PUBLISHED", "RECOMMENDED", "ImageSet", "LayerPruner", "LayerResult", "Loader", "Pattern",
     "PruneConfig", "PruneReport", "TrainConfig", "UserError", "calibration_set", "compare_latency", "create_model",
-    "evaluate", "export_model", "keep_masks", "list_models", "load_compressed", "load_dataset", "load_state_dict",
-    "output_error", "prune_model", "register_model", "save_compressed", "sparsegpt_solve", "train_model",
+    "evaluate", "export_model", "finetune_run", "keep_masks", "list_models", "load_compressed", "load_dataset",
+    "load_state_dict", "output_error", "prune_model", "register_model", "save_compressed", "sparsegpt_solve",
+    "train_model",
 ]
 __version__ = "0.1.0"

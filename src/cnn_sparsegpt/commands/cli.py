@@ -126,35 +126,37 @@ def _add_train_parser(sub) -> None:
 
 
 def _add_finetune_parser(sub) -> None:
-    from .train import FINETUNE_LR, OPTIMIZERS
+    from .train import FINETUNE, FINETUNE_LR, OPTIMIZERS
 
     p = sub.add_parser("finetune", help="train a pruned run for a few epochs with its masks kept exactly (and a "
                        "quantized run's weights on their grids, by a straight-through estimator)")
     p.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a `prune` run (model.pt, masks.pt)")
-    p.add_argument("--epochs", type=int, default=1, help="epochs over the training set (default 1)")
-    p.add_argument("--lr", type=float, default=None,
+    p.add_argument("--epochs", type=int, default=FINETUNE.epochs,
+                   help=f"epochs over the training set (default {FINETUNE.epochs})")
+    p.add_argument("--lr", type=float, default=FINETUNE.lr,
                    help=f"peak learning rate of the cosine schedule (default: {FINETUNE_LR['sgd']:g} with sgd, best "
                    "or close to it on held-out images for the CIFAR CNN, ResNet-18 and ResNet-20 at 90%%, one epoch; "
                    f"{FINETUNE_LR['adamw']:g} with adamw, best on held-out images for a denoiser at 90%%; see "
                    "docs/OPTIONS.md)")
-    p.add_argument("--optimizer", choices=["auto", *OPTIMIZERS], default="auto",
+    p.add_argument("--optimizer", choices=["auto", *OPTIMIZERS], default=FINETUNE.optimizer,
                    help="auto (default): sgd (Nesterov momentum) for a run measured by top-1, adamw for one measured "
                    "by its outputs (a model that is not a classifier, images without labels)")
-    p.add_argument("--batch-size", type=int, default=128, help="default 128")
+    p.add_argument("--batch-size", type=int, default=FINETUNE.batch_size, help=f"default {FINETUNE.batch_size}")
     p.add_argument("--data-dir", help="data root (default $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", help="output folder (default RUN_DIR/finetune): model.pt, masks.pt, report.json")
-    p.add_argument("--warmup", type=float, default=0.0,
+    p.add_argument("--warmup", type=float, default=FINETUNE.warmup,
                    help="fraction of the steps over which the lr ramps up linearly before the cosine decay "
                    "(default 0)")
     p.add_argument("--holdout", type=int, default=0,
                    help="train on all but N training images and pick the best epoch on those N (the split of "
                    "`prune --holdout`); the test split is then measured once. Use it to choose --lr/--epochs "
                    "(default 0: the best epoch is picked on the test split)")
-    p.add_argument("--distill", type=float, default=0.0,
+    p.add_argument("--distill", type=float, default=FINETUNE.distill,
                    help="weight in [0, 1] of knowledge distillation from the dense model the run was pruned from "
                    "(its outputs as soft targets); default 0 (off)")
-    p.add_argument("--temperature", type=float, default=4.0, help="distillation temperature (default 4)")
+    p.add_argument("--temperature", type=float, default=FINETUNE.temperature,
+                   help=f"distillation temperature (default {FINETUNE.temperature:g})")
     p.add_argument("--teacher", help="dense checkpoint for --distill (default: the run's --weights, as report.json "
                    "names it)")
     p.add_argument("--dropout", type=dropout_rate, default=0.0,
@@ -165,7 +167,8 @@ def _add_finetune_parser(sub) -> None:
                    help="image folders: stream from the files (training images get random resized crops and "
                    "flips), decode all into memory once, or choose by size (auto, default; as for prune)")
     p.add_argument("--workers", type=int, help="image-decoding processes when streaming (default min(8, cores))")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0 = no limit)")
+    p.add_argument("--max-steps", type=int, default=FINETUNE.max_steps,
+                   help="stop after this many steps (0 = no limit)")
     p.set_defaults(func=_cmd_finetune)
 
 
@@ -180,8 +183,10 @@ def dropout_rate(text: str) -> float | None:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from .finetune import finetune_run
-    from .train import TrainConfig
+    from .train import FINETUNE
 
     if args.epochs < 1:
         raise UserError(f"--epochs must be at least 1, got {args.epochs}")
@@ -192,10 +197,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     if not 0 <= args.distill <= 1 or args.temperature <= 0:
         raise UserError(f"--distill is a weight in [0, 1] and --temperature > 0, got {args.distill}, "
                         f"{args.temperature}")
-    cfg = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, schedule="cosine",
-                      optimizer=args.optimizer,
-                      max_steps=args.max_steps, warmup=args.warmup, distill=args.distill,
-                      temperature=args.temperature)
+    cfg = replace(FINETUNE, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, optimizer=args.optimizer,
+                  max_steps=args.max_steps, warmup=args.warmup, distill=args.distill, temperature=args.temperature)
     r = finetune_run(args.run_dir, cfg, args.out, args.data_dir, args.device, progress=not args.quiet,
                      holdout=args.holdout, teacher_weights=args.teacher, dropout=args.dropout,
                      streaming=args.streaming, workers=args.workers)

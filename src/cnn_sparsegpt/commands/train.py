@@ -135,6 +135,9 @@ AUTO_OPTIMIZER = {False: "sgd", True: "adamw"}
 # fine-tuning's lr by optimizer where none is given: SGD's chosen on held-out images for the CIFAR CNN and the ResNets
 # at 90%, AdamW's for the denoiser (of 3e-3 to 1e-4)
 FINETUNE_LR = {"sgd": 0.03, "adamw": 1e-3}
+# `finetune`'s settings where none are given (the command's flags and finetune_run's defaults): one epoch of a cosine
+# schedule, the optimizer and lr by the run (AUTO_OPTIMIZER, FINETUNE_LR)
+FINETUNE = TrainConfig(epochs=1, lr=None, optimizer="auto", schedule="cosine")
 
 
 def train_model(model: nn.Module, train_set: ImageSet | FolderSet, test_set: ImageSet | FolderSet, cfg: TrainConfig,
