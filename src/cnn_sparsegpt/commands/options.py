@@ -27,9 +27,11 @@ class PruneOptions:
                               "published weights, downloaded once into torch's hub cache. None: random weights (a "
                               "warning)")
     dataset: str | None = opt(None, "mnist, cifar10, an ImageFolder folder/.tar.gz with train/ and val/ (or test/) "
-                              "subfolders of <class>/<image> (default: the model's), or a folder of images without "
+                              "subfolders of <class>/<image> (default: the model's), a folder of images without "
                               "labels, any layout, measured by --metric output (its train/ and val/ or test/ where it "
-                              "has both, else evaluation images held out of it)")
+                              "has both, else evaluation images held out of it), or a tensor file (.pt) of model "
+                              "inputs for models that do not take images: a dict with 'train' (N, ...) and optionally "
+                              "'train_labels', 'test', 'test_labels', served as they are")
     data_dir: str | None = opt(None, "data root (default: $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data)")
     preprocess: str = opt("auto", "auto: from the checkpoint's .json, else the model's pretrained metadata "
                           "(torchvision weights, timm pretrained_cfg), else the dataset's convention; imagenet: "

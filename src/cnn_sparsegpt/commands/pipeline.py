@@ -307,6 +307,8 @@ def _preprocess_line(r: dict) -> str:
     p = r.get("preprocess")
     if not p:
         return ""
+    if not p["mean"]:  # a tensor file's inputs, served as they are
+        return f"\n  preprocessing: {p['source']}"
     geo = (f"shorter side {p['resize']} ({p['interpolation']}), center crop {p['crop']}, " if p.get("crop")
            else "images at their size, ")
     mean = ", ".join(f"{v:.4g}" for v in p["mean"])

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 
 from .folders import LABELS, FolderSet, decode_all, labelled, load_folder_streamed, should_stream
 from .preprocess import DATASET_NORMALIZATION as NORMALIZATION
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, normalize
-from ..utils import UserError, atomic_save
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, TENSOR_FILES, Preprocess, normalize
+from ..utils import UserError, atomic_save, load_tensors
 
 DATASETS = ("mnist", "cifar10")
 # what --dataset takes, for the messages that ask for one
-DATASET_CHOICES = f"{', '.join(DATASETS)}, or the path of an ImageFolder folder or .tar.gz with train/ and val/ (or " \
-    "test/) subfolders"
+DATASET_CHOICES = f"{', '.join(DATASETS)}, the path of an ImageFolder folder or .tar.gz with train/ and val/ (or " \
+    "test/) subfolders, or a tensor file (.pt) of model inputs"
 JPEG_NOTE = "CIFAR-10 JPEG re-encoding (cifar10-jpeg): accuracies are close to, not equal to, canonical CIFAR-10"
 
 
@@ -61,6 +61,48 @@ class ImageSet:
         """Training batches: shuffled and augmented, one seeded generator across epochs."""
         return Loader(self, batch_size, shuffle=True, augment=True, seed=seed, device=device,
                       channels_last=channels_last)
+
+    def serve(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch of stored images as the model takes them: normalized floats."""
+        return normalize(x, self.mean, self.std)
+
+
+@dataclass
+class TensorSet(ImageSet):
+    """Model inputs stored as tensors (`--dataset FILE.pt`): 1-D signals, spectrograms, volumes, or images already
+    preprocessed; served as they are (no normalization, no augmentation). `images` holds them, (N, ...)."""
+
+    def serve(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _load_tensor_file(path: Path, train: bool, labels: str) -> TensorSet | None:
+    """A split of a tensor file: a dict with 'train' (N, ...) inputs and optionally 'train_labels' (N,) class
+    indices, 'test' and 'test_labels'; None for a missing 'test' (the evaluation images are then held out of
+    'train', as for a folder of unlabelled images)."""
+    if path.suffix == ".safetensors":
+        from ..checkpoints import load_state_dict as read  # (a flat dict of tensors, what safetensors holds)
+    else:
+        def read(p):
+            return load_tensors(p, "tensor dataset")
+    data = read(path)
+    split = "train" if train else "test"
+    if not isinstance(data, dict) or not isinstance(data.get("train"), torch.Tensor):
+        raise UserError(f"{path} is not a tensor dataset: a dict with 'train' (N, ...) model inputs, and optionally "
+                        "'train_labels', 'test' and 'test_labels'")
+    inputs = data.get(split)
+    if inputs is None:
+        return None
+    given = data.get(f"{split}_labels")
+    if given is not None and (given.shape != (len(inputs),) or given.is_floating_point()):
+        raise UserError(f"{path}: '{split}_labels' must hold one class index per input ({len(inputs)}), got "
+                        f"{given.dtype} {tuple(given.shape)}")
+    if not inputs.is_floating_point() or inputs.ndim < 2:
+        raise UserError(f"{path}: '{split}' must hold float model inputs (N, ...), got {inputs.dtype} "
+                        f"{tuple(inputs.shape)}")
+    keep = given is not None and labels != "none"
+    return TensorSet(inputs, given.long() if keep else torch.full((len(inputs),), -1), (), (),
+                     f"tensor file {path} ({split}, {len(inputs)} inputs of shape {tuple(inputs.shape[1:])})")
 
 
 def data_root(data_dir: str | os.PathLike | None = None) -> Path:
@@ -160,6 +202,8 @@ def load_dataset(name: str, train: bool, data_dir: str | os.PathLike | None = No
     path = Path(name).expanduser()
     if not path.exists():
         raise UserError(f"unknown dataset '{name}': use {DATASET_CHOICES}")
+    if path.is_file() and path.suffix in TENSOR_FILES:
+        return _load_tensor_file(path, train, labels)
     pre = preprocess or Preprocess(IMAGENET_MEAN, IMAGENET_STD, source="imagenet statistics, images at their size")
     if should_stream(path, pre, streaming, labels):
         return load_folder_streamed(path, train, pre, labels)
@@ -224,8 +268,8 @@ class Loader:
             x = self.data.images[idx].to(self.device, non_blocking=True)
             if self.augment:
                 x = self._crop_flip(x)
-            x = normalize(x, self.data.mean, self.data.std)
-            if self.channels_last:
+            x = self.data.serve(x)
+            if self.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.data.labels[idx].to(self.device, non_blocking=True)
 

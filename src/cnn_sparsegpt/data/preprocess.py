@@ -25,6 +25,9 @@ DATASET_NORMALIZATION = {  # per-channel mean and std of the training images
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
+TENSOR_FILES = (".pt", ".pth", ".safetensors")  # --dataset FILE: model inputs stored as tensors (datasets.TensorSet)
+
+
 @dataclass(frozen=True)
 class Preprocess:
     mean: tuple = IMAGENET_MEAN  # per channel, of pixels in [0, 1]
@@ -156,6 +159,11 @@ def resolve(preset: str, model_name: str, dataset: str, meta: dict | None = None
     weights_file: the checkpoint, whose name tells a torchvision weight version."""
     if preset not in PRESETS:
         raise UserError(f"--preprocess must be one of {', '.join(PRESETS)}, got '{preset}'")
+    if dataset.endswith(TENSOR_FILES):  # model inputs as they are: nothing to resize or normalize
+        if preset != "auto" or image_size is not None or crop_pct is not None:
+            raise UserError(f"{dataset} holds the model's inputs as they are: --preprocess, --image-size and "
+                            "--crop-pct apply to images")
+        return Preprocess((), (), source=f"none: the inputs as {dataset} holds them")
     small = dataset in DATASET_NORMALIZATION
     conv = DATASET_NORMALIZATION.get(dataset, DATASET_NORMALIZATION["cifar10"])
     if preset == "imagenet":
