@@ -56,6 +56,20 @@ def test_a_tensor_file_of_signals_goes_through_prune_finetune_and_export(signals
         assert main(["-q", "export", str(signals / "run"), "--onnx", str(signals / "m.onnx")]) == 0
 
 
+def test_a_volume_cnn_fine_tunes(tmp_path, capsys):
+    """A Conv3d network's run (volumes in a tensor file) fine-tunes: its weights are not put channels-last."""
+    (tmp_path / "net3d.py").write_text(
+        "from torch import nn\n\ndef Net(num_classes=3):\n"
+        "    return nn.Sequential(nn.Conv3d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 8, 3, padding=1), nn.ReLU(),\n"
+        "                         nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(8, num_classes))\n")
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(50, 1, 6, 6, 6, generator=g), torch.randint(0, 3, (50,), generator=g)
+    torch.save({"train": x[:40], "train_labels": y[:40], "test": x[40:], "test_labels": y[40:]}, tmp_path / "vol.pt")
+    assert main(["-q", "prune", "--model", f"{tmp_path / 'net3d.py'}:Net", "--dataset", str(tmp_path / "vol.pt"),
+                 "--nm", "2:4", "--nsamples", "16", "--out", str(tmp_path / "run")]) == 0
+    assert main(["-q", "finetune", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "8"]) == 0
+
+
 def test_a_tensor_file_that_is_not_one_is_one_error_line(signals, capsys):
     torch.save({"inputs": torch.randn(4, 2, 8)}, signals / "no_train.pt")
     torch.save({"train": torch.randn(4, 2, 8), "train_labels": torch.zeros(3, dtype=torch.long)},

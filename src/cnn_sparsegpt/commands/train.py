@@ -162,7 +162,8 @@ def train_model(model: nn.Module, train_set: ImageSet | FolderSet, test_set: Ima
     """
     device = torch.device(device)
     torch.manual_seed(cfg.seed)
-    channels_last = device.type == "cpu"  # faster convolutions on CPU
+    # faster 2-D convolutions on CPU (a model with 3-D convs, whose weights torch cannot lay out so, stays as it is)
+    channels_last = device.type == "cpu" and all(p.ndim != 5 for p in model.parameters())
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
