@@ -43,6 +43,9 @@ def test_torchvision_model_by_name():
     with pytest.raises(UserError, match="is a detection model: the command line prunes models that take a batch.*"
                        "prune_model"):
         create_model("torchvision:fasterrcnn_mobilenet_v3_large_fpn")
+    video = create_model("torchvision:r3d_18", num_classes=4).eval()  # clips, from a tensor file (test_tensor_dataset)
+    with torch.no_grad():
+        assert video(torch.randn(1, 3, 2, 16, 16)).shape == (1, 4)
     seg = create_model("torchvision:lraspp_mobilenet_v3_large", num_classes=5).eval()  # no backbone download
     with torch.no_grad():
         assert seg(torch.randn(1, 3, 64, 64))["out"].shape == (1, 5, 64, 64)

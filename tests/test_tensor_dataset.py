@@ -70,6 +70,14 @@ def test_a_volume_cnn_fine_tunes(tmp_path, capsys):
     assert main(["-q", "finetune", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "8"]) == 0
 
 
+def test_a_video_classifier_takes_clips_from_a_tensor_file(tmp_path, capsys):
+    """torchvision's video classifiers take a batch of clips: from a tensor file (pruned so in an ad hoc run of
+    r3d_18, 55 s on this CPU), with an image dataset one error line."""
+    assert main(["prune", "--model", "torchvision:r3d_18", "--dataset", "cifar10", "--sparsity", "0.5",
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "is a video classifier: give it clips as a tensor file" in capsys.readouterr().err
+
+
 def test_a_tensor_file_that_is_not_one_is_one_error_line(signals, capsys):
     torch.save({"inputs": torch.randn(4, 2, 8)}, signals / "no_train.pt")
     torch.save({"train": torch.randn(4, 2, 8), "train_labels": torch.zeros(3, dtype=torch.long)},

@@ -18,10 +18,10 @@ from ..pruning import dist
 from ..pruning.config import recipe_label
 from .options import PruneOptions
 from ..data.datasets import DATASET_CHOICES, calibration_indices, calibration_set, holdout_split, load_splits
-from ..models import check_model_name, create_model, head_classes, model_entry
+from ..models import check_model_name, create_model, head_classes, is_video_model, model_entry
 from ..checkpoints import fit_keys, load_state_dict
 from ..models.pretrained import is_pretrained, pretrained_file
-from ..data.preprocess import Preprocess, resolve as resolve_preprocess
+from ..data.preprocess import TENSOR_FILES, Preprocess, resolve as resolve_preprocess
 from ..pruning.prune import prune_model
 from ..pruning.slicing import apply_structure
 from .report import REPORT_SCHEMA, read_report
@@ -140,6 +140,9 @@ def choose_metric(asked: str, model: nn.Module, data, device: torch.device) -> s
 def prepare(opts: PruneOptions, device: torch.device) -> Prepared:
     """Model (with weights), the train and evaluation sets preprocessed as the model expects, and what is measured."""
     dataset = dataset_for(opts.model, opts.dataset)
+    if is_video_model(opts.model) and not dataset.endswith(TENSOR_FILES):
+        raise UserError(f"{opts.model} is a video classifier: give it clips as a tensor file, --dataset clips.pt "
+                        "holding {'train': (N, 3, T, H, W) preprocessed clips, 'train_labels', 'test', 'test_labels'}")
     entry = model_entry(opts.model)
     state, meta = None, {}
     if opts.weights:  # a bad checkpoint is reported before minutes of data loading

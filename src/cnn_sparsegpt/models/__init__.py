@@ -5,11 +5,13 @@ from .registry import (
     check_model_name,
     create_model,
     head_classes,
+    is_video_model,
     list_models,
     model_entry,
     register_model,
 )
 
 __all__ = [
-    "ModelEntry", "check_model_name", "create_model", "head_classes", "list_models", "model_entry", "register_model",
+    "ModelEntry", "check_model_name", "create_model", "head_classes", "is_video_model", "list_models", "model_entry",
+    "register_model",
 ]

@@ -129,13 +129,13 @@ def check_model_name(name: str) -> None:
     if kind == "torchvision" and arch:
         import torchvision
 
-        if arch not in torchvision.models.list_models(module=torchvision.models):
-            other = next((f"a {kind} model" for kind in ("detection", "video", "optical_flow")
+        if arch not in torchvision.models.list_models(module=torchvision.models) and not is_video_model(name):
+            other = next((f"a {kind} model" for kind in ("detection", "optical_flow")
                           if arch in torchvision.models.list_models(module=getattr(torchvision.models, kind))), None)
-            if other:  # their inputs are lists of images, clips or image pairs, not one batch of images
+            if other:  # their inputs are lists of images or image pairs, not one batch
                 raise UserError(f"torchvision:{arch} is {other}: the command line prunes models that take a batch of "
-                                "images (classifiers, segmentation); prune its backbone from Python with "
-                                "cnn_sparsegpt.prune_model(model.backbone, images, ...)")
+                                "images (classifiers, segmentation) or of clips (video classifiers); prune its "
+                                "backbone from Python with cnn_sparsegpt.prune_model(model.backbone, images, ...)")
             if arch not in _segmentation_models():
                 raise UserError(f"unknown torchvision model '{arch}'; see torchvision.models.list_models()")
     elif kind == "timm" and arch:
@@ -146,6 +146,16 @@ def check_model_name(name: str) -> None:
     elif name not in _REGISTRY:
         raise UserError(f"unknown model '{name}'; choose from {', '.join(list_models())}, torchvision:NAME, "
                         "timm:NAME, or your own as FILE.py:NAME")
+
+
+def is_video_model(name: str) -> bool:
+    """A torchvision video classifier: it takes a batch of clips (N, 3, T, H, W), given as a tensor file."""
+    kind, _, arch = name.partition(":")
+    if kind != "torchvision":
+        return False
+    import torchvision
+
+    return arch in torchvision.models.list_models(module=torchvision.models.video)
 
 
 def _segmentation_models() -> list[str]:
