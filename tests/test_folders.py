@@ -154,7 +154,7 @@ def test_wrapped_checkpoint_keys_fitted_to_the_model(tmp_path):
         loaded = load_state_dict(tmp_path / "lightning.ckpt", model=model)
     assert loaded.keys() == state.keys() and all(torch.equal(loaded[k], v) for k, v in state.items())
     with pytest.warns(RuntimeWarning):
-        assert checkpoint_state("torchvision:resnet18", tmp_path / "lightning.ckpt").keys() == state.keys()
+        assert checkpoint_state("torchvision:resnet18", tmp_path / "lightning.ckpt")[0].keys() == state.keys()
     torch.save({**{f"net.{k}": v for k, v in state.items()}, **{f"ema.module.{k}": v for k, v in state.items()}},
                tmp_path / "two.pt")
     with pytest.raises(UserError, match="2 times .*'net.', 'ema.module.'"):

@@ -41,18 +41,19 @@ from ..utils import (
 )
 
 
-def checkpoint_state(model_name: str, path: str | Path) -> dict[str, torch.Tensor]:
-    """A checkpoint's tensors for model `model_name`: checked finite, and a wrapper's prefix removed where the file
-    holds the model under one (a PyTorch Lightning module's 'model.'; fit_keys)."""
+def checkpoint_state(model_name: str, path: str | Path) -> tuple[dict[str, torch.Tensor], int | None]:
+    """A checkpoint's tensors for model `model_name` (checked finite, and a wrapper's prefix removed where the file
+    holds the model under one: a PyTorch Lightning module's 'model.'; fit_keys), and the number of classes its head
+    has (head_classes; one probe model serves both)."""
     state = load_state_dict(path)
     check_finite(state, f"checkpoint {path}")
-    return fit_keys(state, create_model(model_name, num_classes=7, state=state).state_dict().keys(), path)
+    probe = create_model(model_name, num_classes=7, state=state)
+    state = fit_keys(state, probe.state_dict().keys(), path)
+    return state, head_classes(model_name, state, probe)
 
 
-def load_weights(model: nn.Module, path: str | Path, model_name: str, state: dict | None = None) -> None:
-    """Load a checkpoint strictly; on mismatch say which keys or shapes differ."""
-    if state is None:
-        state = checkpoint_state(model_name, path)
+def load_weights(model: nn.Module, path: str | Path, model_name: str, state: dict) -> None:
+    """Load a checkpoint's state (read from `path`) strictly; on mismatch say which keys or shapes differ."""
     own = model.state_dict()
     missing = sorted(own.keys() - state.keys())
     unexpected = sorted(state.keys() - own.keys())
@@ -144,16 +145,15 @@ def prepare(opts: PruneOptions, device: torch.device) -> Prepared:
         raise UserError(f"{opts.model} is a video classifier: give it clips as a tensor file, --dataset clips.pt "
                         "holding {'train': (N, 3, T, H, W) preprocessed clips, 'train_labels', 'test', 'test_labels'}")
     entry = model_entry(opts.model)
-    state, meta = None, {}
+    state, head, meta = None, None, {}
     if opts.weights:  # a bad checkpoint is reported before minutes of data loading
-        state = checkpoint_state(opts.model, opts.weights)
+        state, head = checkpoint_state(opts.model, opts.weights)
         meta = read_metadata(opts.weights)
     pre = resolve_preprocess(opts.preprocess, opts.model, dataset, meta, opts.image_size, opts.crop_pct,
                              entry.dataset if entry else None, opts.weights)
     labels = {"top1": "classes", "output": "none"}.get(opts.metric, "auto")
     train, test = load_splits(dataset, opts.data_dir, pre, opts.streaming, opts.workers, labels)
     classes = _data_classes(train) if train.labelled else None
-    head = head_classes(opts.model, state) if state is not None else None
     model = create_model(opts.model, num_classes=head or (max(classes, 2) if classes else None), state=state)
     if opts.weights:
         load_weights(model, opts.weights, opts.model, state)
@@ -231,7 +231,7 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     chosen = calibration_indices(train, opts.nsamples, opts.seed)  # the same images for every method: a digest
     calib = calibration_set(train, opts.nsamples, indices=chosen)
     calib_digest = calibration_digest(train, chosen)
-    eval_seconds, dense, compared = 0.0, None, {}
+    eval_seconds, dense = 0.0, None
     t0 = time.perf_counter()
     if prep.metric == "top1" and dense_acc is None:
         dense_acc = evaluate(model, test, device, config.batch_size, progress, "dense accuracy", group)
@@ -240,12 +240,12 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     eval_seconds += time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    state = out / "resume.pt" if write else None  # an interrupted prune goes on from there (pruning/resume.py)
+    resume = out / "resume.pt" if write else None  # an interrupted prune goes on from there (pruning/resume.py)
     try:
-        report = prune_model(model, calib, config, progress=progress, process_group=group, resume=state)
+        report = prune_model(model, calib, config, progress=progress, process_group=group, resume=resume)
     except KeyboardInterrupt:
-        if state is not None and state.is_file():
-            print(f"the pruned layers are kept in {state}: the same command goes on from there", file=sys.stderr)
+        if resume is not None and resume.is_file():
+            print(f"the pruned layers are kept in {resume}: the same command goes on from there", file=sys.stderr)
         raise
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     check_finite(state, "the pruned model")  # never write a checkpoint with NaN
@@ -384,10 +384,10 @@ def format_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _run_classes(report: dict, state: dict) -> int | None:
+def _run_classes(report: dict, head: int | None) -> int | None:
     """The num_classes a run's model is rebuilt with: its checkpoint's head; else the builder's default for a run on
     unlabelled images (as prepare built it), 10 for the others (what runs before that distinction used)."""
-    return head_classes(report["model"], state) or (None if report.get("data_labels") == "none" else 10)
+    return head or (None if report.get("data_labels") == "none" else 10)
 
 
 def load_run(run_dir: str | Path) -> tuple[nn.Module, dict, dict]:
@@ -402,7 +402,8 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, dict, dict]:
     report = read_report(run / "report.json")
     check_model_name(report["model"])
     state = load_state_dict(run / "model.pt")
-    model = create_model(report["model"], num_classes=_run_classes(report, state), state=state)
+    model = create_model(report["model"], num_classes=_run_classes(report, head_classes(report["model"], state)),
+                         state=state)
     if report.get("structure", {}).get("spec"):  # a structured run: the smaller shapes first
         apply_structure(model, report["structure"]["spec"])
     load_weights(model, run / "model.pt", report["model"], state)
@@ -422,7 +423,7 @@ def load_dense(report: dict, weights: str | Path | None = None) -> nn.Module:
     path = Path(weights or report["weights"])
     if not path.is_file():
         raise UserError(f"the dense checkpoint '{path}' (the run's --weights) is not here: name it with --teacher")
-    state = checkpoint_state(report["model"], path)
-    model = create_model(report["model"], num_classes=_run_classes(report, state), state=state)
+    state, head = checkpoint_state(report["model"], path)
+    model = create_model(report["model"], num_classes=_run_classes(report, head), state=state)
     load_weights(model, path, report["model"], state)
     return model.eval()

@@ -184,10 +184,12 @@ def create_model(name: str, num_classes: int | None = 10, state: dict | None = N
     return _REGISTRY[name].factory(**heads)
 
 
-def head_classes(name: str, state: dict) -> int | None:
+def head_classes(name: str, state: dict, probe: nn.Module | None = None) -> int | None:
     """The number of classes of a checkpoint: the output size of the model's last Conv2d/Linear (its head),
-    read from the state dict; None when the checkpoint has no such key."""
-    probe = create_model(name, num_classes=7, state=state)  # a head of 7 tells the head's keys from the rest
+    read from the state dict; None when the checkpoint has no such key. probe: the model built with a head of 7,
+    where the caller has it already."""
+    if probe is None:  # a head of 7 tells the head's keys from the rest
+        probe = create_model(name, num_classes=7, state=state)
     for n, m in probe.named_modules():
         if (isinstance(m, nn.Linear) and m.out_features == 7) or (isinstance(m, nn.Conv2d) and m.out_channels == 7):
             w = state.get(f"{n}.weight")
