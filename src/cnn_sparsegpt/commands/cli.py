@@ -126,7 +126,7 @@ def _add_train_parser(sub) -> None:
 
 
 def _add_finetune_parser(sub) -> None:
-    from .train import FINETUNE, FINETUNE_LR, OPTIMIZERS
+    from .train import FINETUNE, FINETUNE_DROPOUT, FINETUNE_LR, OPTIMIZERS
 
     p = sub.add_parser("finetune", help="train a pruned run for a few epochs with its masks kept exactly (and a "
                        "quantized run's weights on their grids, by a straight-through estimator)")
@@ -159,7 +159,7 @@ def _add_finetune_parser(sub) -> None:
                    help=f"distillation temperature (default {FINETUNE.temperature:g})")
     p.add_argument("--teacher", help="dense checkpoint for --distill (default: the run's --weights, as report.json "
                    "names it)")
-    p.add_argument("--dropout", type=dropout_rate, default=0.0,
+    p.add_argument("--dropout", type=dropout_rate, default=FINETUNE_DROPOUT,
                    help="rate of every dropout layer while fine-tuning, or 'own' to keep the model's (default 0: "
                    "on held-out images, one epoch, it gained 1.2 points for the 90%%-sparse CIFAR CNN, 0.02 for "
                    "MNIST's)")

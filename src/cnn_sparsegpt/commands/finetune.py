@@ -17,8 +17,8 @@ from ..pruning.batchnorm import bn_modules, recalibrate
 from ..data.datasets import calibration_set, holdout_split, load_splits
 from .pipeline import load_dense, load_run, run_preprocess
 from ..kernels.quant import attach_grids, detach_grids
-from .train import (AUTO_OPTIMIZER, FINETUNE, FINETUNE_LR, OPTIMIZERS, TrainConfig, compare_outputs, evaluate,
-                    train_model)
+from .train import (AUTO_OPTIMIZER, FINETUNE, FINETUNE_DROPOUT, FINETUNE_LR, OPTIMIZERS, TrainConfig,
+                    compare_outputs, evaluate, train_model)
 from ..utils import (
     UserError,
     atomic_save,
@@ -45,16 +45,16 @@ def fine_tuning_settings(cfg: TrainConfig, outputs: bool) -> TrainConfig:
 
 def finetune_run(run_dir: str | Path, cfg: TrainConfig = FINETUNE, out: str | Path | None = None,
                  data_dir: str | None = None, device: str = "auto", progress: bool = True, holdout: int = 0,
-                 teacher_weights: str | None = None, dropout: float | None = 0.0, streaming: str = "auto",
-                 workers: int | None = None) -> dict:
+                 teacher_weights: str | None = None, dropout: float | None = FINETUNE_DROPOUT,
+                 streaming: str = "auto", workers: int | None = None) -> dict:
     """holdout > 0: train on the rest of the training set, pick the best epoch on those held-out images (the same
     split as `prune --holdout`) and measure the test split once at the end, so lr and epochs can be chosen
     honestly; 0: the best epoch is picked on the test split. cfg.distill > 0: the dense model the run was pruned
     from (its checkpoint as report.json names it, or teacher_weights) is the teacher. dropout: the rate of every
-    dropout layer while fine-tuning (None = the model's own; 0 by default, as the command's). cfg: FINETUNE, the
-    command's settings, by default. streaming, workers: as for `prune` (a large
-    image folder is streamed, with random resized crops and flips for training). cfg.optimizer 'auto' and cfg.lr
-    None are resolved by what the run is trained towards (fine_tuning_settings)."""
+    dropout layer while fine-tuning (None = the model's own; FINETUNE_DROPOUT by default, as the command's). cfg:
+    FINETUNE, the command's settings, by default. streaming, workers: as for `prune` (a large image folder is
+    streamed, with random resized crops and flips for training). cfg.optimizer 'auto' and cfg.lr None are resolved
+    by what the run is trained towards (fine_tuning_settings)."""
     for name, value, ok, want in (("lr", cfg.lr, cfg.lr is None or cfg.lr > 0, "positive"),
                                   ("optimizer", cfg.optimizer, cfg.optimizer in ("auto", *OPTIMIZERS),
                                    f"one of auto, {', '.join(OPTIMIZERS)}"),

@@ -138,6 +138,8 @@ FINETUNE_LR = {"sgd": 0.03, "adamw": 1e-3}
 # `finetune`'s settings where none are given (the command's flags and finetune_run's defaults): one epoch of a cosine
 # schedule, the optimizer and lr by the run (AUTO_OPTIMIZER, FINETUNE_LR)
 FINETUNE = TrainConfig(epochs=1, lr=None, optimizer="auto", schedule="cosine")
+# and the rate of every dropout layer while fine-tuning: off (why: finetune_run, where it is applied)
+FINETUNE_DROPOUT = 0.0
 
 
 def train_model(model: nn.Module, train_set: ImageSet | FolderSet, test_set: ImageSet | FolderSet, cfg: TrainConfig,
