@@ -21,7 +21,7 @@ from ..data.datasets import DATASET_CHOICES, calibration_indices, calibration_se
 from ..models import check_model_name, create_model, head_classes, is_video_model, model_entry
 from ..checkpoints import fit_keys, load_state_dict
 from ..models.pretrained import is_pretrained, pretrained_file
-from ..data.preprocess import TENSOR_FILES, Preprocess, resolve as resolve_preprocess
+from ..data.preprocess import Preprocess, is_tensor_file, resolve as resolve_preprocess
 from ..pruning.prune import prune_model
 from ..pruning.slicing import apply_structure
 from .report import REPORT_SCHEMA, read_report
@@ -141,7 +141,7 @@ def choose_metric(asked: str, model: nn.Module, data, device: torch.device) -> s
 def prepare(opts: PruneOptions, device: torch.device) -> Prepared:
     """Model (with weights), the train and evaluation sets preprocessed as the model expects, and what is measured."""
     dataset = dataset_for(opts.model, opts.dataset)
-    if is_video_model(opts.model) and not dataset.endswith(TENSOR_FILES):
+    if is_video_model(opts.model) and not is_tensor_file(dataset):
         raise UserError(f"{opts.model} is a video classifier: give it clips as a tensor file, --dataset clips.pt "
                         "holding {'train': (N, 3, T, H, W) preprocessed clips, 'train_labels', 'test', 'test_labels'}")
     entry = model_entry(opts.model)

@@ -6,6 +6,7 @@ Large folders are streamed (folder.py). Both kinds answer `batches`, `subset` an
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import warnings
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from .folders import LABELS, FolderSet, decode_all, labelled, load_folder_streamed, should_stream
 from .preprocess import DATASET_NORMALIZATION as NORMALIZATION
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, TENSOR_FILES, Preprocess, normalize
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, is_tensor_file, normalize
 from ..utils import UserError, atomic_save, load_tensors
 
 DATASETS = ("mnist", "cifar10")
@@ -76,16 +77,23 @@ class TensorSet(ImageSet):
         return x
 
 
+@functools.lru_cache(maxsize=1)
+def _read_tensor_file(path: Path, stamp: tuple[int, int]) -> dict:
+    """A tensor file's contents, read once for both of its splits (stamp: its modification time and size, so that
+    a file written anew is read anew)."""
+    if path.suffix == ".safetensors":
+        from ..checkpoints import load_state_dict  # (a flat dict of tensors, what safetensors holds)
+
+        return load_state_dict(path)
+    return load_tensors(path, "tensor dataset")
+
+
 def _load_tensor_file(path: Path, train: bool, labels: str) -> TensorSet | None:
     """A split of a tensor file: a dict with 'train' (N, ...) inputs and optionally 'train_labels' (N,) class
     indices, 'test' and 'test_labels'; None for a missing 'test' (the evaluation images are then held out of
     'train', as for a folder of unlabelled images)."""
-    if path.suffix == ".safetensors":
-        from ..checkpoints import load_state_dict as read  # (a flat dict of tensors, what safetensors holds)
-    else:
-        def read(p):
-            return load_tensors(p, "tensor dataset")
-    data = read(path)
+    stat = path.resolve().stat()
+    data = _read_tensor_file(path.resolve(), (stat.st_mtime_ns, stat.st_size))
     split = "train" if train else "test"
     if not isinstance(data, dict) or not isinstance(data.get("train"), torch.Tensor):
         raise UserError(f"{path} is not a tensor dataset: a dict with 'train' (N, ...) model inputs, and optionally "
@@ -202,7 +210,7 @@ def load_dataset(name: str, train: bool, data_dir: str | os.PathLike | None = No
     path = Path(name).expanduser()
     if not path.exists():
         raise UserError(f"unknown dataset '{name}': use {DATASET_CHOICES}")
-    if path.is_file() and path.suffix in TENSOR_FILES:
+    if path.is_file() and is_tensor_file(path):
         return _load_tensor_file(path, train, labels)
     pre = preprocess or Preprocess(IMAGENET_MEAN, IMAGENET_STD, source="imagenet statistics, images at their size")
     if should_stream(path, pre, streaming, labels):

@@ -28,6 +28,11 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 TENSOR_FILES = (".pt", ".pth", ".safetensors")  # --dataset FILE: model inputs stored as tensors (datasets.TensorSet)
 
 
+def is_tensor_file(dataset: str | Path) -> bool:
+    """Whether --dataset names a tensor file of model inputs (served as they are) rather than images."""
+    return str(dataset).endswith(TENSOR_FILES)
+
+
 @dataclass(frozen=True)
 class Preprocess:
     mean: tuple = IMAGENET_MEAN  # per channel, of pixels in [0, 1]
@@ -159,7 +164,7 @@ def resolve(preset: str, model_name: str, dataset: str, meta: dict | None = None
     weights_file: the checkpoint, whose name tells a torchvision weight version."""
     if preset not in PRESETS:
         raise UserError(f"--preprocess must be one of {', '.join(PRESETS)}, got '{preset}'")
-    if dataset.endswith(TENSOR_FILES):  # model inputs as they are: nothing to resize or normalize
+    if is_tensor_file(dataset):  # model inputs as they are: nothing to resize or normalize
         if preset != "auto" or image_size is not None or crop_pct is not None:
             raise UserError(f"{dataset} holds the model's inputs as they are: --preprocess, --image-size and "
                             "--crop-pct apply to images")
