@@ -32,13 +32,20 @@ def load_state_dict(path: str | os.PathLike, model: torch.nn.Module | None = Non
         obj = _load_safetensors(path)
     else:
         obj, refs = _load_checkpoint(path)
-    whole = _module_state(obj)
-    obj = obj if whole is None else whole
+    modules = []  # the whole pickled nn.Modules found, read as their state_dicts
+
+    def unwrapped(x):
+        state = _module_state(x)
+        if state is None:
+            return x
+        modules.append(x)
+        return state
+
+    obj = unwrapped(obj)
     for key in ("state_dict", "model", "state_dict_ema", "model_ema"):
-        if isinstance(obj, dict) and whole is None and (whole := _module_state(obj.get(key))) is not None:
-            obj = whole
-        elif isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
+        inner = unwrapped(obj.get(key)) if isinstance(obj, dict) else None
+        if isinstance(inner, dict):
+            obj = inner
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         if refs:
             raise UserError(f"refused to load {path}: it is not a plain tensor checkpoint and could run code when "
@@ -46,7 +53,7 @@ def load_state_dict(path: str | os.PathLike, model: torch.nn.Module | None = Non
                             "the model's state_dict() instead") from None
         raise UserError(f"{path} does not hold a state_dict (a dict of tensors)")
     if refs:
-        what = "is a whole pickled model: its parameters and buffers were read as its state_dict" if whole is not None \
+        what = "is a whole pickled model: its parameters and buffers were read as its state_dict" if modules \
             else "holds pickled Python objects beside its tensors: only the tensors were read"
         warnings.warn(f"{path} {what}, no code of {', '.join(refs[:3])}{', ...' if len(refs) > 3 else ''} run",
                       RuntimeWarning)
