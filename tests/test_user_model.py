@@ -44,6 +44,13 @@ def not_a_model():
 
 def broken(num_classes=10):
     raise RuntimeError("no such layer")
+
+
+def wide_net(width, num_classes=10, depth=1):  # a builder that needs an argument the command line must give
+    layers = [nn.Conv2d(1, width, 3, padding=1), nn.ReLU()]
+    for _ in range(depth):
+        layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes))
 '''
 
 
@@ -109,3 +116,52 @@ def test_a_file_that_fails_to_import_and_a_missing_module(tmp_path, capsys):
 def test_an_unregistered_model_needs_the_dataset(net_file, capsys):
     assert main(["-q", "prune", "--model", f"{net_file}:MyNet", "--nm", "2:4"]) == 2
     assert "--dataset is required" in capsys.readouterr().err
+
+
+def test_model_kwargs_build_the_model_and_travel_with_the_run(net_file, data_dir, tmp_path, capsys):
+    """--model-kwargs reach the builder (values read as Python literals), report.json keeps them, and the commands
+    that rebuild the model from a run (export, finetune) use them; prune reads them from the .json `train` wrote."""
+    name = f"{net_file}:wide_net"
+    model = create_model(name, num_classes=10, kwargs={"width": 16, "depth": 2})
+    assert model[2].out_channels == 16 and len(model) == 9
+    ckpt = tmp_path / "wide.pt"
+    torch.save(model.state_dict(), ckpt)
+    out = tmp_path / "run"
+    common = ["--weights", str(ckpt), "--dataset", "mnist", "--data-dir", str(data_dir), "--nsamples", "32",
+              "--eval-samples", "100", "--nm", "2:4"]
+    assert main(["-q", "prune", "--model", name, "--model-kwargs", "width=16", "depth=2", *common,
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "report.json").read_text())["model_kwargs"] == {"width": 16, "depth": 2}
+    assert load_run(out)[0][4].in_channels == 16
+    assert main(["-q", "export", str(out), "--compressed", str(out / "c.safetensors")]) == 0
+    # without them the builder fails with one line; from the checkpoint's .json (as `train` writes it) they are found
+    assert main(["-q", "prune", "--model", name, *common, "--out", str(tmp_path / "r2")]) == 2
+    assert "building the model" in capsys.readouterr().err
+    (tmp_path / "wide.pt.json").write_text(json.dumps({"model": name, "model_kwargs": {"width": 16, "depth": 2}}))
+    assert main(["-q", "prune", "--model", name, *common, "--out", str(tmp_path / "r2")]) == 0
+    assert json.loads((tmp_path / "r2" / "report.json").read_text())["model_kwargs"] == {"width": 16, "depth": 2}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model-kwargs", "width"], "takes KEY=VALUE pairs"),
+    (["--model-kwargs", "num_classes=3"], "num_classes comes from the checkpoint's head"),
+    (["--model-kwargs", "width=16", "colour=3"], "unexpected keyword argument 'colour'"),
+])
+def test_bad_model_kwargs_are_one_line_errors(net_file, data_dir, args, message, capsys):
+    try:
+        rc = main(["-q", "prune", "--model", f"{net_file}:wide_net", "--dataset", "mnist", "--data-dir",
+                   str(data_dir), "--nsamples", "8", "--nm", "2:4", *args])
+    except SystemExit as e:  # argparse's own error line for a malformed pair
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err
+    with pytest.raises(UserError, match="resnet20_cifar with --model-kwargs colour=3 failed"):
+        create_model("resnet20_cifar", kwargs={"colour": 3})
+
+
+def test_bench_models_take_model_kwargs(net_file, tmp_path):
+    from cnn_sparsegpt.commands.bench import load_bench_config
+
+    cfg = tmp_path / "bench.yaml"
+    cfg.write_text(f"models:\n  - model: {net_file}:wide_net\n    model_kwargs: {{width: 16, depth: 2}}\n")
+    assert load_bench_config(str(cfg)).models[0].model_kwargs == {"width": 16, "depth": 2}

@@ -30,6 +30,7 @@ LATENCY_BATCHES = (1, 32)  # the speedup_bN columns
 @dataclass
 class BenchModel:
     model: str
+    model_kwargs: dict = field(default_factory=dict)  # the builder's keyword arguments, as prune's --model-kwargs
     weights: str | None = None  # checkpoint; its path is part of each row's key
     dataset: str | None = None
     methods: list = field(default_factory=lambda: ["magnitude", "wanda", "sparsegpt"])
@@ -187,7 +188,8 @@ def run_bench(cfg: BenchConfig, progress: bool = True) -> list[dict]:
     for i, (m, method, pattern, bn, n, seed, recipe) in enumerate(runs, 1):
         label = f"[{i}/{len(runs)}] {m.model} {method} {pattern} n={n} bn={'on' if bn else 'off'} seed={seed}"
         try:
-            opts = PruneOptions.build(dict(model=m.model, weights=m.weights, dataset=m.dataset, data_dir=cfg.data_dir,
+            opts = PruneOptions.build(dict(model=m.model, model_kwargs=m.model_kwargs, weights=m.weights,
+                                           dataset=m.dataset, data_dir=cfg.data_dir,
                                            method=method, nsamples=n, seed=seed, bn_recalibration=bn,
                                            device=cfg.device, percdamp=cfg.percdamp, eval_samples=cfg.eval_samples,
                                            holdout=cfg.holdout, ignore=list(m.ignore), low_memory=cfg.low_memory,

@@ -15,6 +15,24 @@ def _bool_flag(p, name: str, help_on: str, help_off: str) -> None:
     p.add_argument(f"--no-{name}", dest=name.replace("-", "_"), action="store_false", help=help_off)
 
 
+class _Kwargs(argparse.Action):
+    """KEY=VALUE ... into a dict, each VALUE read as a Python literal (64, 0.1, True, 'a', (1, 2)), else as text."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import ast
+
+        out = {}
+        for item in values:
+            key, eq, text = item.partition("=")
+            if not eq or not key.isidentifier():
+                raise argparse.ArgumentError(self, f"takes KEY=VALUE pairs (width=64 dropout=0.1), got {item!r}")
+            try:
+                out[key] = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                out[key] = text  # a bare word: a string
+        setattr(namespace, self.dest, out)
+
+
 def _add_prune_flags(p: argparse.ArgumentParser) -> None:
     """One flag per field of PruneOptions and PruneConfig (config.py): names, help, choices and defaults come from
     the dataclasses, and every value is checked by them (one clear error), not by argparse."""
@@ -40,6 +58,8 @@ def _add_prune_flags(p: argparse.ArgumentParser) -> None:
         kind = next((t for t in (int, float, str) if hint is t or t in args), str)
         if hint is tuple:
             p.add_argument(f"--{flag}", nargs="+", help=help.replace("%", "%%"))
+        elif hint is dict:
+            p.add_argument(f"--{flag}", nargs="+", action=_Kwargs, metavar="KEY=VALUE", help=help.replace("%", "%%"))
         else:
             p.add_argument(f"--{flag}", type=kind, metavar=metavar, help=help.replace("%", "%%"))
 
@@ -81,14 +101,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     ensure_writable(out.parent)
     train, test = load_splits(dataset, args.data_dir)
-    model = create_model(args.model, num_classes=max(train.num_classes, 2))
+    model = create_model(args.model, num_classes=max(train.num_classes, 2), kwargs=args.model_kwargs)
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
                       seed=args.seed, max_steps=args.max_steps, label_smoothing=args.label_smoothing,
                       weight_decay=args.weight_decay, optimizer=args.optimizer)
     # an interrupted run goes on from its last finished epoch when the same command is run again
     result = train_model(model, train, test, cfg, device, progress=not args.quiet, resume=f"{out}.resume.pt")
     atomic_save(result["state_dict"], out)
-    meta = {"model": args.model, "dataset": dataset, "data_source": train.source,
+    meta = {"model": args.model, "model_kwargs": args.model_kwargs, "dataset": dataset, "data_source": train.source,
             "normalization": {"mean": list(train.mean), "std": list(train.std)}, "epochs": args.epochs,
             "test_acc": result["test_acc"], "best_epoch": result["best_epoch"], "seconds": result["seconds"],
             "resumed_from_epoch": result["resumed_from"],
@@ -108,6 +128,9 @@ def _add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a baseline model and write its checkpoint (+ .json metadata)")
     p.add_argument("--model", required=True, help=f"model: {', '.join(list_models())}, torchvision:NAME, timm:NAME, "
                    "or your own as FILE.py:NAME (a function or class that builds it)")
+    p.add_argument("--model-kwargs", nargs="+", action=_Kwargs, default={}, metavar="KEY=VALUE",
+                   help="keyword arguments for the model's builder (values read as Python literals: width=64 "
+                   "dropout=0.1); the checkpoint's .json keeps them, and prune reads them from there")
     p.add_argument("--dataset", help="mnist, cifar10, or an ImageFolder folder/.tar.gz (default: the model's)")
     p.add_argument("--data-dir", help="data root (default: $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data)")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"passes over the training set (default {d.epochs})")

@@ -20,6 +20,12 @@ class PruneOptions:
     model: str = opt("", "model: a registry name, torchvision:NAME, timm:NAME (timm needs the [timm] extra), or your "
                      "own as FILE.py:NAME or package.module:NAME (a function or nn.Module class that builds it, "
                      "given num_classes where it takes it)")
+    model_kwargs: dict = opt({}, "keyword arguments for the model's builder, as KEY=VALUE (values read as Python "
+                             "literals: width=64 dropout=0.1 name='a'; YAML: a mapping), for a model that needs more "
+                             "than num_classes; report.json keeps them for export, finetune and latency",
+                             check=lambda v: all(isinstance(k, str) and k.isidentifier() and k != "num_classes"
+                                                 for k in v),
+                             want="a mapping of argument names (num_classes comes from the checkpoint's head)")
     weights: str | None = opt(None, "checkpoint to prune: .pt/.pth/.ckpt (state_dict, also inside "
                               "'state_dict'/'model', under a Lightning module's attribute such as 'model.'; loaded "
                               "with weights_only=True) or .safetensors; the number of classes comes from its head. "

@@ -41,15 +41,26 @@ from ..utils import (
 )
 
 
-def checkpoint_state(model_name: str, path: str | Path) -> tuple[dict[str, torch.Tensor], int | None]:
-    """A checkpoint's tensors for model `model_name` (checked finite, and a wrapper's prefix removed where the file
-    holds the model under one: a PyTorch Lightning module's 'model.'; fit_keys), and the number of classes its head
-    has (head_classes; one probe model serves both)."""
+def checkpoint_state(model_name: str, path: str | Path,
+                     kwargs: dict | None = None) -> tuple[dict[str, torch.Tensor], int | None]:
+    """A checkpoint's tensors for model `model_name` (built with `kwargs`; checked finite, and a wrapper's prefix
+    removed where the file holds the model under one: a PyTorch Lightning module's 'model.'; fit_keys), and the
+    number of classes its head has (head_classes; one probe model serves both)."""
     state = load_state_dict(path)
     check_finite(state, f"checkpoint {path}")
-    probe = create_model(model_name, num_classes=7, state=state)
+    probe = create_model(model_name, num_classes=7, state=state, kwargs=kwargs)
     state = fit_keys(state, probe.state_dict().keys(), path)
     return state, head_classes(model_name, state, probe)
+
+
+def model_kwargs_for(opts: PruneOptions) -> dict:
+    """The builder's keyword arguments: --model-kwargs, else those `train` recorded in the checkpoint's .json for the
+    same model."""
+    if opts.model_kwargs or not opts.weights:
+        return opts.model_kwargs
+    meta = read_metadata(opts.weights)
+    kwargs = meta.get("model_kwargs") if meta.get("model") == opts.model else None
+    return dict(kwargs) if isinstance(kwargs, dict) else {}
 
 
 def load_weights(model: nn.Module, path: str | Path, model_name: str, state: dict) -> None:
@@ -147,14 +158,15 @@ def prepare(opts: PruneOptions, device: torch.device) -> Prepared:
     entry = model_entry(opts.model)
     state, head, meta = None, None, {}
     if opts.weights:  # a bad checkpoint is reported before minutes of data loading
-        state, head = checkpoint_state(opts.model, opts.weights)
+        state, head = checkpoint_state(opts.model, opts.weights, opts.model_kwargs)
         meta = read_metadata(opts.weights)
     pre = resolve_preprocess(opts.preprocess, opts.model, dataset, meta, opts.image_size, opts.crop_pct,
                              entry.dataset if entry else None, opts.weights)
     labels = {"top1": "classes", "output": "none"}.get(opts.metric, "auto")
     train, test = load_splits(dataset, opts.data_dir, pre, opts.streaming, opts.workers, labels)
     classes = _data_classes(train) if train.labelled else None
-    model = create_model(opts.model, num_classes=head or (max(classes, 2) if classes else None), state=state)
+    model = create_model(opts.model, num_classes=head or (max(classes, 2) if classes else None), state=state,
+                         kwargs=opts.model_kwargs)
     if opts.weights:
         load_weights(model, opts.weights, opts.model, state)
     else:
@@ -221,6 +233,7 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     if is_pretrained(opts.weights):  # the published weights' file (downloaded once): report.json names it
         check_model_name(opts.model)
         opts = dataclasses.replace(opts, weights=pretrained_file(opts.model, opts.weights, progress))
+    opts = dataclasses.replace(opts, model_kwargs=model_kwargs_for(opts))
     opts.config.check_runnable(dist.active(group), device)  # prune_model's own checks, before any data is loaded
     config = opts.config.resolved(dist.active(group))
     progress = progress and dist.is_main(group)
@@ -251,7 +264,8 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     check_finite(state, "the pruned model")  # never write a checkpoint with NaN
     result = {
         "schema": REPORT_SCHEMA,
-        "model": opts.model, "weights": opts.weights, "dataset": prep.dataset, "data_source": train.source,
+        "model": opts.model, "model_kwargs": opts.model_kwargs, "weights": opts.weights, "dataset": prep.dataset,
+        "data_source": train.source,
         "data_labels": "classes" if train.labelled else "none",
         "data_storage": train.storage, "preprocess": pre.as_dict(), "calibration_digest": calib_digest,
         "seed": opts.seed, "input_shape": list(calib.shape[1:]),
@@ -402,8 +416,9 @@ def load_run(run_dir: str | Path) -> tuple[nn.Module, dict, dict]:
     report = read_report(run / "report.json")
     check_model_name(report["model"])
     state = load_state_dict(run / "model.pt")
-    model = create_model(report["model"], num_classes=_run_classes(report, head_classes(report["model"], state)),
-                         state=state)
+    kwargs = report.get("model_kwargs")
+    model = create_model(report["model"], state=state, kwargs=kwargs,
+                         num_classes=_run_classes(report, head_classes(report["model"], state, kwargs=kwargs)))
     if report.get("structure", {}).get("spec"):  # a structured run: the smaller shapes first
         apply_structure(model, report["structure"]["spec"])
     load_weights(model, run / "model.pt", report["model"], state)
@@ -423,7 +438,8 @@ def load_dense(report: dict, weights: str | Path | None = None) -> nn.Module:
     path = Path(weights or report["weights"])
     if not path.is_file():
         raise UserError(f"the dense checkpoint '{path}' (the run's --weights) is not here: name it with --teacher")
-    state, head = checkpoint_state(report["model"], path)
-    model = create_model(report["model"], num_classes=_run_classes(report, head), state=state)
+    state, head = checkpoint_state(report["model"], path, report.get("model_kwargs"))
+    model = create_model(report["model"], num_classes=_run_classes(report, head), state=state,
+                         kwargs=report.get("model_kwargs"))
     load_weights(model, path, report["model"], state)
     return model.eval()

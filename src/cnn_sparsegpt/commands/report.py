@@ -1,6 +1,7 @@
 """report.json, the record of a `prune` (or `finetune`) run: one JSON object, versioned by `schema`.
 
-Schema 2 (this version) holds, under distinct names: what the run was given (model, weights, dataset, data_source,
+Schema 2 (this version) holds, under distinct names: what the run was given (model, model_kwargs: the builder's
+keyword arguments, absent in older reports; weights, dataset, data_source,
 preprocess, seed, calibration_digest, input_shape, `recipe`: the preset's name), what it measured (dense_acc,
 pruned_acc, eval_samples, eval_split; `sparsity` and `total_sparsity`: achieved, `target_sparsity`: asked),
 `config`: the resolved PruneConfig that ran (`config.sparsity` is the target), `recipe_label`: the settings that

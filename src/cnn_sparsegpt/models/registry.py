@@ -95,17 +95,18 @@ def user_factory(name: str) -> Callable[..., nn.Module] | None:
     return factory
 
 
-def _build_user_model(name: str, num_classes: int | None) -> nn.Module:
-    """Call the factory with num_classes where it takes it (or **kwargs) and one is given; its own default
-    otherwise."""
+def _build_user_model(name: str, num_classes: int | None, kwargs: dict) -> nn.Module:
+    """Call the factory with `kwargs` and num_classes where it takes it (or **kwargs) and one is given; its own
+    default otherwise."""
     factory = user_factory(name)
     try:
         params = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):  # some builtins have no signature
         params = ()
     takes = any(p.name == "num_classes" or p.kind is p.VAR_KEYWORD for p in params)
+    heads = {"num_classes": num_classes} if takes and num_classes is not None else {}
     try:
-        model = factory(num_classes=num_classes) if takes and num_classes is not None else factory()
+        model = factory(**heads | kwargs)
     except Exception as e:
         raise UserError(f"building the model {name} failed: {type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
@@ -164,32 +165,47 @@ def _segmentation_models() -> list[str]:
     return torchvision.models.list_models(module=torchvision.models.segmentation)
 
 
-def create_model(name: str, num_classes: int | None = 10, state: dict | None = None) -> nn.Module:
+def create_model(name: str, num_classes: int | None = 10, state: dict | None = None,
+                 kwargs: dict | None = None) -> nn.Module:
     """A registry model, `torchvision:NAME`, `timm:NAME` or a user's `FILE.py:NAME` (random weights; pretrained
     ones come from --weights). num_classes None: the builder's own default. state: the checkpoint it will load,
-    where its keys tell the architecture (a torchvision segmentation model's auxiliary head)."""
+    where its keys tell the architecture (a torchvision segmentation model's auxiliary head). kwargs: more keyword
+    arguments for the builder (--model-kwargs: a width, a depth, a dropout rate)."""
     check_model_name(name)
+    kwargs = dict(kwargs or {})
     if _is_user_name(name):
-        return _build_user_model(name, num_classes)
-    heads = {} if num_classes is None else {"num_classes": num_classes}
+        return _build_user_model(name, num_classes, kwargs)
+    heads = ({} if num_classes is None else {"num_classes": num_classes}) | kwargs
     kind, _, arch = name.partition(":")
-    if kind == "torchvision":
-        import torchvision
+    try:
+        if kind == "torchvision":
+            import torchvision
 
-        if arch in _segmentation_models():  # no backbone download; the aux head where the checkpoint has one
-            heads |= {"weights_backbone": None, "aux_loss": any(k.startswith("aux_classifier.") for k in state or {})}
-        return torchvision.models.get_model(arch, weights=None, **heads)
-    if kind == "timm":
-        return timm_module().create_model(arch, pretrained=False, **heads)
-    return _REGISTRY[name].factory(**heads)
+            if arch in _segmentation_models():  # no backbone download; the aux head where the checkpoint has one
+                heads = {"weights_backbone": None,
+                         "aux_loss": any(k.startswith("aux_classifier.") for k in state or {})} | heads
+            return torchvision.models.get_model(arch, weights=None, **heads)
+        if kind == "timm":
+            return timm_module().create_model(arch, pretrained=False, **heads)
+        return _REGISTRY[name].factory(**heads)
+    except TypeError as e:  # a keyword the builder does not take
+        if not kwargs:
+            raise
+        raise UserError(f"building the model {name} with --model-kwargs {format_kwargs(kwargs)} failed: {e}") from None
 
 
-def head_classes(name: str, state: dict, probe: nn.Module | None = None) -> int | None:
+def format_kwargs(kwargs: dict) -> str:
+    """Keyword arguments as --model-kwargs takes them: KEY=VALUE ... (values as Python literals)."""
+    return " ".join(f"{k}={v!r}" for k, v in kwargs.items())
+
+
+def head_classes(name: str, state: dict, probe: nn.Module | None = None,
+                 kwargs: dict | None = None) -> int | None:
     """The number of classes of a checkpoint: the output size of the model's last Conv2d/Linear (its head),
     read from the state dict; None when the checkpoint has no such key. probe: the model built with a head of 7,
     where the caller has it already."""
     if probe is None:  # a head of 7 tells the head's keys from the rest
-        probe = create_model(name, num_classes=7, state=state)
+        probe = create_model(name, num_classes=7, state=state, kwargs=kwargs)
     for n, m in probe.named_modules():
         if (isinstance(m, nn.Linear) and m.out_features == 7) or (isinstance(m, nn.Conv2d) and m.out_channels == 7):
             w = state.get(f"{n}.weight")
