@@ -160,6 +160,8 @@ def prepare(opts: PruneOptions, device: torch.device) -> Prepared:
     if opts.weights:  # a bad checkpoint is reported before minutes of data loading
         state, head = checkpoint_state(opts.model, opts.weights, opts.model_kwargs)
         meta = read_metadata(opts.weights)
+    else:  # likewise a builder that fails (random weights: the data's classes decide the head, below)
+        create_model(opts.model, num_classes=7, kwargs=opts.model_kwargs)
     pre = resolve_preprocess(opts.preprocess, opts.model, dataset, meta, opts.image_size, opts.crop_pct,
                              entry.dataset if entry else None, opts.weights)
     labels = {"top1": "classes", "output": "none"}.get(opts.metric, "auto")
