@@ -467,6 +467,18 @@ def _structured_mnist_run(tmp_path, data_dir):
     return run, main
 
 
+def test_a_channel_run_prints_each_layers_shapes(tmp_path, data_dir):
+    """Its table shows shapes before and after (not the weight-sparsity columns, which would read 'skipped')."""
+    import json
+
+    from cnn_sparsegpt.commands.pipeline import format_report
+
+    run, _ = _structured_mnist_run(tmp_path, data_dir)
+    text = format_report(json.loads((run / "report.json").read_text()))
+    assert text.startswith("layer") and "shape before" in text and "skipped" not in text
+    assert "multiply-adds per image kept" in text and "top-1 dense" in text
+
+
 def test_structured_run_folder_exports(tmp_path, data_dir):
     pytest.importorskip("onnxruntime")
     run, main = _structured_mnist_run(tmp_path, data_dir)

@@ -352,6 +352,9 @@ def measured(r: dict) -> str:
 
 def format_report(r: dict) -> str:
     """A short table: per-layer results, then the totals."""
+    st = r.get("structure") or {}
+    if st:  # a channel prune: each layer's shape before and after (its layers have no weight sparsity)
+        return "\n".join([_channel_table(st["layers"]), _totals(r)])
     lines = [f"{'layer':<28} {'shape':<18} {'sparsity':>8} {'rel.err':>9} {'sec':>6}  note"]
     for layer in r["layers"]:
         shape = "x".join(map(str, layer["shape"]))
@@ -359,6 +362,21 @@ def format_report(r: dict) -> str:
         note = f"skipped: {layer['reason']}" if layer["skipped"] else layer["reason"]
         lines.append(f"{layer['name']:<28} {shape:<18} {layer['sparsity']:>8.3f} {err:>9} "
                      f"{layer['seconds']:>6.2f}  {note}")
+    return "\n".join([*lines, _totals(r)])
+
+
+def _channel_table(layers: list[dict]) -> str:
+    lines = [f"{'layer':<28} {'shape before':<18} {'shape after':<18} {'weights kept':>12}"]
+    for x in layers:
+        before, after = ("x".join(map(str, x[k])) for k in ("shape_before", "shape_after"))
+        kept = math.prod(x["shape_after"]) / max(1, math.prod(x["shape_before"]))
+        lines.append(f"{x['name']:<28} {before:<18} {after if after != before else 'unchanged':<18} {kept:>12.1%}")
+    return "\n".join(lines)
+
+
+def _totals(r: dict) -> str:
+    """What format_report prints under its table: the prune's totals, the accuracy, the data."""
+    lines = []
     acc = ""
     images = f"{r['eval_samples']} {'held-out' if str(r.get('eval_split', 'test')).startswith('holdout') else 'test'}"
     if r.get("dense_acc") is not None and r.get("pruned_acc") is not None:
