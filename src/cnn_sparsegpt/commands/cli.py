@@ -1,4 +1,4 @@
-"""The `cnn-sparsegpt` command: prune, train, bench, plot, export, finetune, latency."""
+"""The `cnn-sparsegpt` command: prune, train, bench, plot, export, finetune, latency, show."""
 from __future__ import annotations
 
 import argparse
@@ -208,7 +208,7 @@ def dropout_rate(text: str) -> float | None:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .finetune import finetune_run
+    from .finetune import finetune_run, format_finetune
     from .train import FINETUNE
 
     if args.epochs < 1:
@@ -225,23 +225,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     r = finetune_run(args.run_dir, cfg, args.out, args.data_dir, args.device, progress=not args.quiet,
                      holdout=args.holdout, teacher_weights=args.teacher, dropout=args.dropout,
                      streaming=args.streaming, workers=args.workers)
+    print(format_finetune(r))
     f = r["finetune"]
-    if f.get("holdout_acc") is not None:
-        print(f"held-out ({args.holdout} training images): {100 * f['holdout_acc_before']:.2f}% -> "
-              f"{100 * f['holdout_acc']:.2f}%")
-    if f.get("holdout_output_error") is not None:
-        print(f"held-out ({args.holdout} training images): output error {f['holdout_output_error_before']:.4g} -> "
-              f"{f['holdout_output_error']:.4g}")
-    dense = f"dense {100 * r['dense_acc']:.2f}%, " if r.get("dense_acc") is not None else ""
-    agree = f"; the dense model's top class at {100 * f['output_agreement_before']:.2f}% -> " \
-        f"{100 * r['output_agreement']:.2f}% of {r.get('output_agreement_over')}" \
-        if f.get("output_agreement_before") is not None and r.get("output_agreement") is not None else ""
-    measured = (f"output error against the dense model: pruned {f['output_error_before']:.4g} -> fine-tuned "
-                f"{r['output_error']:.4g}{agree}") if "output_error_before" in f else \
-        f"top-1 {dense}pruned {100 * f['pruned_acc_before']:.2f}% -> fine-tuned {100 * r['pruned_acc']:.2f}%"
-    print(f"{r['model']} {r['pattern']}: {measured} after {f['epochs']} epoch(s), {f['seconds']:.0f} s; "
-          f"{'channels' if (r.get('structure') or {}).get('spec') else 'masks'} kept"
-          f"{', weights on their grids' if f.get('on_grids') else ''}")
     extra = ", quant.pt" if f.get("on_grids") else ""
     print(f"wrote {args.out or str(args.run_dir) + '/finetune'}/model.pt, masks.pt{extra}, report.json")
     return 0
@@ -271,33 +256,11 @@ def _add_export_parser(sub) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_run, run_data_options
+    from .export import export_run, format_export, run_data_options
 
     out = export_run(args.run_dir, args.onnx, args.safetensors, args.input_shape, args.opset,
                      compressed_path=args.compressed, int8_path=args.int8, int8=run_data_options(args))
-    layers = out["layers"]
-    cand = [r["name"] for r in layers if r["sparse_tensor_core_candidate"]]
-    macs, nz = sum(r["macs"] for r in layers), sum(r["nonzero_macs"] for r in layers)
-    left = f" ({out['batchnorm_left']} left: not after a conv it folds into)" if out["batchnorm_left"] else ""
-    print(f"{out['model']}: {out['batchnorm_folded']} BatchNorms folded{left}; {nz / 1e6:.1f} of {macs / 1e6:.1f} M "
-          f"multiply-adds per image non-zero; {len(cand)} of {len(layers)} layers 2:4 along input channels "
-          f"(sparse tensor core candidates){': ' + ', '.join(cand) if cand and len(cand) <= 8 else ''}")
-    for key in ("onnx", "safetensors"):
-        if key in out:
-            extra = f" (opset {out['opset']}, onnxruntime max |diff| {out['onnx_max_abs_diff']:.1e})" if key == "onnx" \
-                else ""
-            print(f"wrote {out[key]}{extra}")
-    if "int8" in out:
-        images = f"{out['int8_calibration_images']} calibration images" + \
-            ("" if out["int8_calibration_is_the_runs"] else " (not the run's own: other data or --int8-samples)")
-        top1 = f"; top-1 {100 * out['float_top1']:.2f}% float -> {100 * out['int8_top1']:.2f}% INT8 on " \
-            f"{out['int8_eval_images']} {out['int8_eval_split']} images" if "int8_top1" in out else ""
-        kept = "zeros kept" if out["int8_zeros_kept"] else "SOME ZERO WEIGHTS LOST (please report this)"
-        print(f"wrote {out['int8']} (INT8, {out['int8_calibration']} ranges from {images}; {kept}{top1})")
-    if "compressed" in out:
-        sizes = out["sizes"]
-        print(f"wrote {out['compressed']}: {sizes['compressed_bytes'] / 1e6:.2f} MB, "
-              f"{sizes['compressed_fraction']:.1%} of the fp32 state dict ({sizes['state_dict_bytes'] / 1e6:.2f} MB)")
+    print(format_export(out))
     return 0
 
 
@@ -319,12 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
         from .bench import add_bench_parser
         from .latency import add_latency_parser
         from .plot import add_plot_parser
+        from .show import add_show_parser
     except ImportError:  # pragma: no cover
         pass
     else:
         add_bench_parser(sub)
         add_latency_parser(sub)
         add_plot_parser(sub)
+        add_show_parser(sub)
     for command in sub.choices.values():  # `cnn-sparsegpt bench -q` as well as `cnn-sparsegpt -q bench`
         command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     return parser

@@ -267,3 +267,34 @@ def _int8(folded: nn.Module, x: torch.Tensor, reference: list[torch.Tensor], pat
                     "float_top1": onnx_top1(float_path, test, progress=progress, desc="float accuracy"),
                     "int8_top1": onnx_top1(path, test, progress=progress)}
     return out
+
+
+def format_export(out: dict, verb: str = "wrote") -> str:
+    """An export's record (FILE.export.json) in a few lines: what was folded, what is non-zero, each file written
+    (`verb` before its name)."""
+    layers = out["layers"]
+    cand = [r["name"] for r in layers if r["sparse_tensor_core_candidate"]]
+    macs, nz = sum(r["macs"] for r in layers), sum(r["nonzero_macs"] for r in layers)
+    left = f" ({out['batchnorm_left']} left: not after a conv it folds into)" if out["batchnorm_left"] else ""
+    named = ": " + ", ".join(cand) if cand and len(cand) <= 8 else ""
+    lines = [f"{out['model']}: {out['batchnorm_folded']} BatchNorms folded{left}; {nz / 1e6:.1f} of "
+             f"{macs / 1e6:.1f} M multiply-adds per image non-zero; {len(cand)} of {len(layers)} layers 2:4 along "
+             f"input channels (sparse tensor core candidates){named}"]
+    for key in ("onnx", "safetensors"):
+        if key in out:
+            extra = (f" (opset {out['opset']}, onnxruntime max |diff| {out['onnx_max_abs_diff']:.1e})"
+                     if key == "onnx" else "")
+            lines.append(f"{verb} {out[key]}{extra}")
+    if "int8" in out:
+        images = f"{out['int8_calibration_images']} calibration images" + \
+            ("" if out["int8_calibration_is_the_runs"] else " (not the run's own: other data or --int8-samples)")
+        top1 = f"; top-1 {100 * out['float_top1']:.2f}% float -> {100 * out['int8_top1']:.2f}% INT8 on " \
+            f"{out['int8_eval_images']} {out['int8_eval_split']} images" if "int8_top1" in out else ""
+        kept = "zeros kept" if out["int8_zeros_kept"] else "SOME ZERO WEIGHTS LOST (please report this)"
+        lines.append(f"{verb} {out['int8']} (INT8, {out['int8_calibration']} ranges from {images}; {kept}{top1})")
+    if "compressed" in out:
+        sizes = out["sizes"]
+        lines.append(f"{verb} {out['compressed']}: {sizes['compressed_bytes'] / 1e6:.2f} MB, "
+                     f"{sizes['compressed_fraction']:.1%} of the fp32 state dict "
+                     f"({sizes['state_dict_bytes'] / 1e6:.2f} MB)")
+    return "\n".join(lines)

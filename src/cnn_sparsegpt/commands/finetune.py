@@ -153,3 +153,27 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig = FINETUNE, out: str | Pa
     shutil.copyfile(run / "masks.pt", out / "masks.pt")
     atomic_write_json(summary, out / "report.json")
     return summary
+
+
+def format_finetune(r: dict) -> str:
+    """A fine-tuned run's report.json in a line or two: before and after, on held-out images where it chose its epoch
+    on them, then on the test split."""
+    f, lines = r["finetune"], []
+    held = str(f.get("best_epoch_chosen_on", "")).split()[-1]  # the held-out count, 'test' without one
+    if f.get("holdout_acc") is not None:
+        lines.append(f"held-out ({held} training images): {100 * f['holdout_acc_before']:.2f}% -> "
+                     f"{100 * f['holdout_acc']:.2f}%")
+    if f.get("holdout_output_error") is not None:
+        lines.append(f"held-out ({held} training images): output error {f['holdout_output_error_before']:.4g} -> "
+                     f"{f['holdout_output_error']:.4g}")
+    dense = f"dense {100 * r['dense_acc']:.2f}%, " if r.get("dense_acc") is not None else ""
+    agree = f"; the dense model's top class at {100 * f['output_agreement_before']:.2f}% -> " \
+        f"{100 * r['output_agreement']:.2f}% of {r.get('output_agreement_over')}" \
+        if f.get("output_agreement_before") is not None and r.get("output_agreement") is not None else ""
+    measured = (f"output error against the dense model: pruned {f['output_error_before']:.4g} -> fine-tuned "
+                f"{r['output_error']:.4g}{agree}") if "output_error_before" in f else \
+        f"top-1 {dense}pruned {100 * f['pruned_acc_before']:.2f}% -> fine-tuned {100 * r['pruned_acc']:.2f}%"
+    lines.append(f"{r['model']} {r['pattern']}: {measured} after {f['epochs']} epoch(s), {f['seconds']:.0f} s; "
+                 f"{'channels' if (r.get('structure') or {}).get('spec') else 'masks'} kept"
+                 f"{', weights on their grids' if f.get('on_grids') else ''}")
+    return "\n".join(lines)

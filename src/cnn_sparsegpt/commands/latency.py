@@ -148,19 +148,25 @@ def _cmd_latency(args) -> int:
     r = measure_latency(args.run_dir, args.runtime, args.batch_sizes, args.warmup, args.runs, args.rounds,
                         args.threads, args.teacher, args.out, tuple(args.also),
                         run_data_options(args) if args.top1 else None)
-    print(f"{r['model']} {r['pattern']} on {r['runtime']} (median of {r['runs'] * r['rounds']} calls):")
+    print(format_latency(r))
+    print(f"wrote {args.out or Path(args.run_dir) / 'latency.json'}")
+    return 0
+
+
+def format_latency(r: dict) -> str:
+    """latency.json in a few lines: each batch size's times and speed-up (and top-1 where measured)."""
+    lines = [f"{r['model']} {r['pattern']} on {r['runtime']} (median of {r['runs'] * r['rounds']} calls):"]
     for row in r["rows"]:
-        print(f"  batch {row['batch']:>4}: dense {1000 * row['dense_s']:.2f} ms, pruned {1000 * row['pruned_s']:.2f} "
-              f"ms, speed-up {row['speedup']:.2f}x")
+        lines.append(f"  batch {row['batch']:>4}: dense {1000 * row['dense_s']:.2f} ms, pruned "
+                     f"{1000 * row['pruned_s']:.2f} ms, speed-up {row['speedup']:.2f}x")
         for name, a in row.get("also", {}).items():
-            print(f"  {'':>10} {name}: dense {1000 * a['dense_s']:.2f} ms ({a['dense_speedup']:.2f}x), pruned "
-                  f"{1000 * a['pruned_s']:.2f} ms ({a['pruned_speedup']:.2f}x) against {r['runtime']}'s dense")
+            lines.append(f"  {'':>10} {name}: dense {1000 * a['dense_s']:.2f} ms ({a['dense_speedup']:.2f}x), pruned "
+                         f"{1000 * a['pruned_s']:.2f} ms ({a['pruned_speedup']:.2f}x) against {r['runtime']}'s dense")
     if "top1" in r:
         torch_top1 = r.get("torch_top1") or {}
-        print(f"  top-1 on {r['eval_images']} {r['eval_split']} images:")
+        lines.append(f"  top-1 on {r['eval_images']} {r['eval_split']} images:")
         for name, t in ({"PyTorch (prune's)": torch_top1} | r["top1"]).items():
             if t.get("pruned") is not None:
                 dense = f"dense {100 * t['dense']:.2f}%, " if t.get("dense") is not None else ""
-                print(f"  {name:>17}: {dense}pruned {100 * t['pruned']:.2f}%")
-    print(f"wrote {args.out or Path(args.run_dir) / 'latency.json'}")
-    return 0
+                lines.append(f"  {name:>17}: {dense}pruned {100 * t['pruned']:.2f}%")
+    return "\n".join(lines)
