@@ -67,6 +67,8 @@ def test_checkpoint_problems(capsys, tmp_path, data_dir, mnist_ckpt):
     other = tmp_path / "resnet.pt"
     torch.save(create_model("cifar_cnn").state_dict(), other)
     assert_error(capsys, base + [str(other)], "does not fit model 'mnist_cnn'", "missing keys", "unexpected keys")
+    no_data = ["prune", "--model", "mnist_cnn", "--data-dir", str(tmp_path), "--nm", "2:4", "--weights", str(other)]
+    assert_error(capsys, no_data, "does not fit model 'mnist_cnn'")  # before the data are looked for
     wrong_classes = tmp_path / "wc.pt"
     torch.save(create_model("mnist_cnn", num_classes=7).state_dict(), wrong_classes)
     assert_error(capsys, base + [str(wrong_classes)], "head has 7 outputs but mnist has 10 classes")

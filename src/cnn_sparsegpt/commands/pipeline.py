@@ -50,6 +50,8 @@ def checkpoint_state(model_name: str, path: str | Path,
     check_finite(state, f"checkpoint {path}")
     probe = create_model(model_name, num_classes=7, state=state, kwargs=kwargs)
     state = fit_keys(state, probe.state_dict().keys(), path)
+    # keys now, before any data is loaded; shapes when the model is built with the head's classes and loads it
+    check_fits(probe.state_dict(), state, path, model_name, shapes=False)
     return state, head_classes(model_name, state, probe)
 
 
@@ -65,23 +67,28 @@ def model_kwargs_for(opts: PruneOptions) -> dict:
 
 def load_weights(model: nn.Module, path: str | Path, model_name: str, state: dict) -> None:
     """Load a checkpoint's state (read from `path`) strictly; on mismatch say which keys or shapes differ."""
-    own = model.state_dict()
+    check_fits(model.state_dict(), state, path, model_name)
+    model.load_state_dict(state)
+
+
+def check_fits(own: dict, state: dict, path: str | Path, model_name: str, shapes: bool = True) -> None:
+    """A UserError naming the keys (and, with `shapes`, the shapes) in which a checkpoint's state and a model's
+    state_dict `own` differ."""
     missing = sorted(own.keys() - state.keys())
     unexpected = sorted(state.keys() - own.keys())
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own.keys() & state.keys()
-              if own[k].shape != state[k].shape]
-    if missing or unexpected or shapes:
+    differ = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own.keys() & state.keys()
+              if shapes and own[k].shape != state[k].shape]
+    if missing or unexpected or differ:
         parts = []
         if missing:
             parts.append(f"{len(missing)} missing keys ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:3])}"
                          f"{', ...' if len(unexpected) > 3 else ''})")
-        if shapes:
-            parts.append(f"shapes differ (checkpoint vs model): {'; '.join(sorted(shapes)[:3])}")
+        if differ:
+            parts.append(f"shapes differ (checkpoint vs model): {'; '.join(sorted(differ)[:3])}")
         raise UserError(f"checkpoint {path} does not fit model '{model_name}': {'; '.join(parts)}. "
                         "Is it a checkpoint of another architecture?")
-    model.load_state_dict(state)
 
 
 def read_metadata(path: str | Path) -> dict:
