@@ -165,3 +165,24 @@ def test_bench_models_take_model_kwargs(net_file, tmp_path):
     cfg = tmp_path / "bench.yaml"
     cfg.write_text(f"models:\n  - model: {net_file}:wide_net\n    model_kwargs: {{width: 16, depth: 2}}\n")
     assert load_bench_config(str(cfg)).models[0].model_kwargs == {"width": 16, "depth": 2}
+
+
+def test_dry_run_lists_the_layers_the_prune_prunes_and_why_the_others_stay(net_file, data_dir, tmp_path, capsys):
+    """--dry-run decides what the prune decides (its own code), prints it and writes nothing."""
+    name = f"{net_file}:wide_net"
+    ckpt = tmp_path / "wide.pt"
+    torch.save(create_model(name, num_classes=10, kwargs={"width": 8, "depth": 3}).state_dict(), ckpt)
+    common = ["-q", "prune", "--model", name, "--model-kwargs", "width=8", "depth=3", "--weights", str(ckpt),
+              "--dataset", "mnist", "--data-dir", str(data_dir), "--nm", "2:4", "--nsamples", "16", "--eval-samples",
+              "32", "--ignore", "4"]
+    capsys.readouterr()
+    assert main([*common, "--dry-run", "--out", str(tmp_path / "dry")]) == 0
+    printed = capsys.readouterr().out
+    assert not (tmp_path / "dry").exists()
+    assert main([*common, "--out", str(tmp_path / "run")]) == 0
+    layers = json.loads((tmp_path / "run" / "report.json").read_text())["layers"]
+    for x in layers:  # the same layers pruned, the same reasons for the others
+        line = next(line for line in printed.splitlines() if line.startswith(f"{x['name']} "))
+        assert line.endswith(f"stays dense: {x['reason']}" if x["skipped"] else "prune"), line
+    assert sorted(x["skipped"] for x in layers) == [False, False, True, True, True]  # first, ignored, last
+    assert "would prune 2 of 5 layers" in printed

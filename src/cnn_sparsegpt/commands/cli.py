@@ -66,13 +66,17 @@ def _add_prune_flags(p: argparse.ArgumentParser) -> None:
 
 def _cmd_prune(args: argparse.Namespace) -> int:
     from .options import load_yaml, merge_options
-    from .pipeline import format_report, run_prune
+    from .pipeline import format_plan, format_report, plan_prune, run_prune
 
     given = {k: v for k, v in vars(args).items() if k not in ("command", "config", "func", "quiet")}
     file_values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    dry = given.pop("dry_run", False)
     opts = merge_options(file_values, given)
     if not opts.model:
         raise UserError("--model is required (or 'model:' in the --config file)")
+    if dry:
+        print(format_plan(plan_prune(opts, progress=not args.quiet)))
+        return 0
     result = run_prune(opts, progress=not args.quiet)
     if not dist.is_main(dist.process_group()):  # torchrun: rank 0 reports
         return 0
@@ -273,6 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
                        argument_default=argparse.SUPPRESS)
     _add_prune_flags(p)
     p.add_argument("--out", help="output folder (default runs/prune)")
+    p.add_argument("--dry-run", action="store_true", help="list the layers the prune would prune and why the others "
+                   "stay dense (model, weights and data loaded, two images through the prune's own code; nothing "
+                   "pruned or written), then stop")
     p.set_defaults(func=_cmd_prune)
 
     _add_train_parser(sub)

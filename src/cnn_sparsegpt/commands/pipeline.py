@@ -231,6 +231,52 @@ def run_images(report: dict, data_dir: str | None = None, streaming: str = "auto
     return calib, test, same
 
 
+def resolved_options(opts: PruneOptions, progress: bool = True) -> PruneOptions:
+    """The options with `--weights pretrained` resolved to its file (downloaded once; report.json names it) and the
+    builder's keyword arguments found (model_kwargs_for)."""
+    if is_pretrained(opts.weights):
+        check_model_name(opts.model)
+        opts = dataclasses.replace(opts, weights=pretrained_file(opts.model, opts.weights, progress))
+    return dataclasses.replace(opts, model_kwargs=model_kwargs_for(opts))
+
+
+def plan_prune(opts: PruneOptions, progress: bool = True) -> dict:
+    """What `prune` would do to each layer, without pruning or writing: the model, its weights and data as the prune
+    loads them, then the prune's own code over two calibration images with magnitude masks (no Hessians), which
+    decides the same layers pruned and the same reasons for the others (`prune --dry-run`)."""
+    from ..pruning.config import PUBLISHED
+
+    opts = resolved_options(opts, progress)
+    device = resolve_device(opts.device)
+    opts.config.check_runnable(False, device)
+    if opts.config.structure != "none":
+        raise UserError("--dry-run lists a weight-sparsity prune's layers (--sparsity, --nm); a channel prune's plan "
+                        "depends on the calibration images: run it with a few (--nsamples 64 --eval-samples 100)")
+    prep = prepare(dataclasses.replace(opts, evaluate=False), device)
+    config = dataclasses.replace(PUBLISHED, method="magnitude", sparsity=opts.config.sparsity, nm=opts.config.nm,
+                                 ignore=opts.config.ignore, prune_all=opts.config.prune_all, bn_recalibration=False)
+    report = prune_model(prep.model, calibration_set(prep.train, 2, opts.seed), config, progress=False)
+    layers = [{"name": x.name, "shape": x.shape, "weights": math.prod(x.shape), "reason": x.reason if x.skipped
+               else ""} for x in report.layers]
+    return {"model": opts.model, "pattern": report.pattern, "layers": layers, "data_source": prep.train.source,
+            "preprocess": prep.preprocess.as_dict()}
+
+
+def format_plan(plan: dict) -> str:
+    """plan_prune's result as a table and a line of totals."""
+    lines = [f"{'layer':<28} {'shape':<18} {'weights':>9}  plan"]
+    for x in plan["layers"]:
+        shape = "x".join(map(str, x["shape"]))
+        what = f"stays dense: {x['reason']}" if x["reason"] else "prune"
+        lines.append(f"{x['name']:<28} {shape:<18} {x['weights']:>9}  {what}")
+    pruned = [x for x in plan["layers"] if not x["reason"]]
+    total, kept = sum(x["weights"] for x in plan["layers"]), sum(x["weights"] for x in pruned)
+    lines.append(f"\n{plan['model']} {plan['pattern']}: would prune {len(pruned)} of {len(plan['layers'])} layers, "
+                 f"{kept / 1e6:.2f} of {total / 1e6:.2f} M weights of its Conv/Linear layers "
+                 f"({kept / max(1, total):.1%})\n  data: {plan['data_source']}{_preprocess_line(plan)}")
+    return "\n".join(lines)
+
+
 def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None = None,
               write: bool = True, return_model: bool = False):
     """Run one prune and (when `write`) save model.pt, masks.pt and report.json under opts.out; returns the report
@@ -239,10 +285,7 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     device = dist.init(opts.device) if dist.launched() else resolve_device(opts.device)
     group = dist.process_group()
     dist.check_same(json.dumps(dataclasses.asdict(opts), sort_keys=True, default=str), "arguments")
-    if is_pretrained(opts.weights):  # the published weights' file (downloaded once): report.json names it
-        check_model_name(opts.model)
-        opts = dataclasses.replace(opts, weights=pretrained_file(opts.model, opts.weights, progress))
-    opts = dataclasses.replace(opts, model_kwargs=model_kwargs_for(opts))
+    opts = resolved_options(opts, progress)
     opts.config.check_runnable(dist.active(group), device)  # prune_model's own checks, before any data is loaded
     config = opts.config.resolved(dist.active(group))
     progress = progress and dist.is_main(group)
