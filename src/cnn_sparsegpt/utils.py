@@ -47,6 +47,14 @@ def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
     return inner if isinstance(inner, torch.nn.Module) and type(model).__name__ == "OptimizedModule" else model
 
 
+def cache_root() -> Path:
+    """Where the package keeps what it can compute again (decoded images, layer timings): $CNN_SPARSEGPT_CACHE,
+    else $XDG_CACHE_HOME/cnn_sparsegpt, else ~/.cache/cnn_sparsegpt."""
+    root = os.environ.get("CNN_SPARSEGPT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / \
+        "cnn_sparsegpt"
+    return Path(root).expanduser()
+
+
 def file_stem(text: str) -> str:
     """`text` as a file name on any system: each run of characters other than letters, digits, '.', '_' and '-'
     becomes '_' (model names such as 'torchvision:resnet50' or 'models/my_net.py:build')."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .folders import LABELS, FolderSet, decode_all, labelled, load_folder_streamed, should_stream
 from .preprocess import DATASET_NORMALIZATION as NORMALIZATION
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, is_tensor_file, normalize
-from ..utils import UserError, atomic_save, load_tensors
+from ..utils import UserError, atomic_save, cache_root, load_tensors
 
 DATASETS = ("mnist", "cifar10")
 # what --dataset takes, for the messages that ask for one
@@ -117,10 +117,6 @@ def data_root(data_dir: str | os.PathLike | None = None) -> Path:
     """--data-dir, else $CNN_SPARSEGPT_DATA, else ~/.cache/cnn_sparsegpt/data."""
     root = data_dir or os.environ.get("CNN_SPARSEGPT_DATA") or Path.home() / ".cache" / "cnn_sparsegpt" / "data"
     return Path(root).expanduser()
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("CNN_SPARSEGPT_CACHE") or Path.home() / ".cache" / "cnn_sparsegpt").expanduser()
 
 
 def _torchvision(kind: str, root: Path, train: bool, download: bool):

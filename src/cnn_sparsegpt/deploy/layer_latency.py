@@ -4,7 +4,7 @@ few widths, so that an allocation can price a channel count in seconds instead o
 A layer is rebuilt at width fraction f (its input and/or output channels scaled by f, whichever a channel prune can
 change; a depthwise conv both) and timed on its own input shape; the table maps the fraction of the layer's dense
 multiply-adds to the median seconds per call, and is interpolated linearly between widths (flat below the
-narrowest). Timings are cached in a JSON file per machine (CNN_SPARSEGPT_CACHE, else ~/.cache/cnn-sparsegpt), keyed
+narrowest). Timings are cached in a JSON file per machine (utils.cache_root: ~/.cache/cnn_sparsegpt by default), keyed
 by the runtime, threads, batch and the layer's exact shape, so a second prune of the same network times nothing.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..utils import atomic_write_json
+from ..utils import atomic_write_json, cache_root
 from .runtimes import runtime as runtime_class, time_calls
 
 FRACTIONS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)  # width fractions timed per layer
@@ -45,9 +45,7 @@ class LayerLatency:
 
 
 def cache_file() -> Path:
-    root = os.environ.get("CNN_SPARSEGPT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / \
-        "cnn-sparsegpt"
-    return Path(root).expanduser() / "layer_latency.json"
+    return cache_root() / "layer_latency.json"
 
 
 def _scaled(m: nn.Module, f: float, varying: set) -> tuple[nn.Module, float]:
