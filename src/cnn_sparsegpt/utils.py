@@ -55,6 +55,14 @@ def cache_root() -> Path:
     return Path(root).expanduser()
 
 
+def tensor_digest(h, tensors) -> None:
+    """Feed each tensor's dtype, shape and bytes to the hashlib object h (fingerprints of weights and images)."""
+    for t in tensors:
+        flat = t.detach().reshape(-1).contiguous().cpu()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+
+
 def file_stem(text: str) -> str:
     """`text` as a file name on any system: each run of characters other than letters, digits, '.', '_' and '-'
     becomes '_' (model names such as 'torchvision:resnet50' or 'models/my_net.py:build')."""

@@ -64,6 +64,9 @@ class PruneOptions:
                             want=">= 0")
     holdout: int = opt(0, "evaluate on N held-out training images (not used for calibration) instead of the test "
                        "split: choose settings on these, not on the test set", check=lambda v: v >= 0, want=">= 0")
+    reuse_dense: bool = opt(True, "take the dense model's top-1 from an earlier prune of the same checkpoint on the "
+                            "same evaluation images, device and settings (a cache keyed by their digests) instead of "
+                            "measuring it again; --no-reuse-dense measures")
     save_safetensors: bool = opt(False, "also write model.safetensors (needs the safetensors package)")
     out: str = opt("runs/prune", "output folder")
     recipe: str = opt("recommended", "what the settings of the prune start from: recommended (dense target + cg "

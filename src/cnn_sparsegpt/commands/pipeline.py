@@ -16,6 +16,7 @@ from torch import nn
 
 from ..pruning import dist
 from ..pruning.config import recipe_label
+from .dense_accuracy_cache import dense_key, lookup, store
 from .options import PruneOptions
 from ..data.datasets import DATASET_CHOICES, calibration_indices, calibration_set, holdout_split, load_splits
 from ..models import check_model_name, create_model, head_classes, is_video_model, model_entry
@@ -296,10 +297,17 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     chosen = calibration_indices(train, opts.nsamples, opts.seed)  # the same images for every method: a digest
     calib = calibration_set(train, opts.nsamples, indices=chosen)
     calib_digest = calibration_digest(train, chosen)
-    eval_seconds, dense = 0.0, None
+    eval_seconds, dense, dense_from = 0.0, None, "measured" if dense_acc is None else "given"
     t0 = time.perf_counter()
     if prep.metric == "top1" and dense_acc is None:
-        dense_acc = evaluate(model, test, device, config.batch_size, progress, "dense accuracy", group)
+        key = dense_key(model, opts.model, opts.model_kwargs, test, device, config.batch_size) \
+            if opts.reuse_dense and not dist.active(group) else None
+        cached = lookup(key)
+        if cached:
+            dense_acc, dense_from = cached["dense_acc"], f"cache: measured {cached['date']}"
+        else:
+            dense_acc = evaluate(model, test, device, config.batch_size, progress, "dense accuracy", group)
+            store(key, dense_acc, len(test), opts.weights)
     elif prep.metric == "output":  # the reference: the dense model's outputs on the same images
         dense, dense_acc = copy.deepcopy(model), None
     eval_seconds += time.perf_counter() - t0
@@ -324,7 +332,8 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
         "method": config.method, "pattern": report.pattern,
         "target_sparsity": config.pattern.target if config.structure == "none" else None,
         "recipe": opts.recipe, "recipe_label": recipe_label(config),
-        "metric": prep.metric, "dense_acc": dense_acc, "pruned_acc": None,
+        "metric": prep.metric, "dense_acc": dense_acc, "dense_acc_from": dense_from if dense_acc is not None else None,
+        "pruned_acc": None,
         "output_error": None, "output_agreement": None, "output_agreement_over": None,
         "eval_samples": len(test), "eval_seconds": eval_seconds, "eval_split": prep.eval_split,
         "peak_gpu_memory": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
@@ -430,8 +439,10 @@ def _totals(r: dict) -> str:
     acc = ""
     images = f"{r['eval_samples']} {'held-out' if str(r.get('eval_split', 'test')).startswith('holdout') else 'test'}"
     if r.get("dense_acc") is not None and r.get("pruned_acc") is not None:
+        cached = " (dense from the cache of an earlier prune's measurement)" \
+            if str(r.get("dense_acc_from")).startswith("cache") else ""
         acc = (f"  top-1 dense {100 * r['dense_acc']:.2f}% -> pruned {100 * r['pruned_acc']:.2f}% "
-               f"({100 * (r['pruned_acc'] - r['dense_acc']):+.2f}) on {images} images\n")
+               f"({100 * (r['pruned_acc'] - r['dense_acc']):+.2f}) on {images} images{cached}\n")
     elif r.get("output_error") is not None:
         why = "" if r.get("data_labels") == "classes" else "; the images have no labels"
         acc = f"  {measured(r)} on {images} images{why}\n"

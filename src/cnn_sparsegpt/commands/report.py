@@ -2,7 +2,8 @@
 
 Schema 2 (this version) holds, under distinct names: what the run was given (model, model_kwargs: the builder's
 keyword arguments, absent in older reports; weights, dataset, data_source,
-preprocess, seed, calibration_digest, input_shape, `recipe`: the preset's name), what it measured (dense_acc,
+preprocess, seed, calibration_digest, input_shape, `recipe`: the preset's name), what it measured (dense_acc and
+dense_acc_from: measured, or from the cache of an earlier prune's measurement, dense_accuracy_cache.py;
 pruned_acc, eval_samples, eval_split; `sparsity` and `total_sparsity`: achieved, `target_sparsity`: asked),
 `config`: the resolved PruneConfig that ran (`config.sparsity` is the target), `recipe_label`: the settings that
 differ from the published method, `layers`: one entry per Conv2d/Linear, `timings` and the run metadata (commit,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import warnings
 from dataclasses import dataclass, replace
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from .folders import LABELS, FolderSet, decode_all, labelled, load_folder_streamed, should_stream
 from .preprocess import DATASET_NORMALIZATION as NORMALIZATION
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess, is_tensor_file, normalize
-from ..utils import UserError, atomic_save, cache_root, load_tensors
+from ..utils import UserError, atomic_save, cache_root, load_tensors, tensor_digest
 
 DATASETS = ("mnist", "cifar10")
 # what --dataset takes, for the messages that ask for one
@@ -276,6 +277,25 @@ class Loader:
             if self.channels_last and x.ndim == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.data.labels[idx].to(self.device, non_blocking=True)
+
+
+def data_digest(data) -> str | None:
+    """What identifies a split's images as a model sees them: its pixels (or tensors), labels and normalization in
+    memory; a streamed folder's files (path, size, modification time), labels and preprocessing. None for other
+    kinds of data (nothing is cached for them)."""
+    h = hashlib.sha256(type(data).__name__.encode())
+    if isinstance(data, ImageSet):
+        h.update(repr((data.mean, data.std)).encode())
+        tensor_digest(h, [data.images, data.labels])
+    elif isinstance(data, FolderSet):
+        h.update(json.dumps(data.preprocess.as_dict(), sort_keys=True, default=str).encode())
+        for f in data.files:
+            stat = os.stat(f)
+            h.update(f"{f}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        tensor_digest(h, [data.labels])
+    else:
+        return None
+    return h.hexdigest()
 
 
 def holdout_split(train, n: int):

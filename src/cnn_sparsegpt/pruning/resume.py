@@ -17,16 +17,9 @@ import torch
 from torch import nn
 
 from .layer import LayerResult
-from ..utils import atomic_save, load_tensors
+from ..utils import atomic_save, load_tensors, tensor_digest
 
 SAVE_EVERY = 30.0  # seconds between saves: a prune shorter than this never writes one, a longer loses at most this
-
-
-def _digest(h, tensors) -> None:
-    for t in tensors:
-        flat = t.detach().reshape(-1).contiguous().cpu()
-        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        h.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
 
 
 def fingerprint(model: nn.Module, batches: list[torch.Tensor], config) -> str:
@@ -35,8 +28,8 @@ def fingerprint(model: nn.Module, batches: list[torch.Tensor], config) -> str:
     h = hashlib.sha256(json.dumps(config.as_dict(), sort_keys=True, default=str).encode())
     state = model.state_dict()
     h.update(" ".join(state).encode())
-    _digest(h, state.values())
-    _digest(h, batches)
+    tensor_digest(h, state.values())
+    tensor_digest(h, batches)
     return h.hexdigest()
 
 
