@@ -158,3 +158,65 @@ def test_onnx_check_scales_with_the_outputs(tmp_path):
         model[-1].weight.mul_(1e5)
     out = cs.export_model(model, (3, 16, 16), onnx=tmp_path / "m.onnx", progress=False)
     assert out["onnx_max_abs_diff"] <= 1e-4 * max(1.0, float(model(torch.randn(8, 3, 16, 16)).abs().max()))
+
+
+class _Untraceable(nn.Module):
+    """Python control flow on a tensor (torch.fx cannot trace it, as an Ultralytics YOLO's head), a conv whose output
+    also feeds a skip connection (its BatchNorm must stay) and one whose output is concatenated too."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.b, self.bn_b = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.c, self.bn_c = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.head = nn.Linear(16, 4)
+        for bn in (self.bn_a, self.bn_b, self.bn_c):  # BatchNorms far from the identity: a wrong fold shows
+            bn.weight.data.uniform_(0.5, 2)
+            bn.bias.data.uniform_(-1, 1)
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        y = torch.relu(self.bn_a(self.a(x)))
+        if float(y.mean()) > -1e9:  # data-dependent: no trace
+            b = self.b(y)
+            y = torch.relu(self.bn_b(b)) + b  # b read twice: bn_b cannot fold
+        c = self.c(y)
+        z = torch.cat([self.bn_c(c), c], 1)  # c read twice
+        return self.head(z.mean((2, 3))), {"features": y}
+
+
+def test_a_model_fx_cannot_trace_is_folded_from_one_forward_pass(tmp_path):
+    from cnn_sparsegpt import UserError, export_model
+
+    torch.manual_seed(0)
+    model = _Untraceable().eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(UserError, match="cannot fold BatchNorm: torch.fx cannot trace"):
+        fold_batchnorm(model)  # (no input to run it on)
+    folded = fold_batchnorm(model.double(), example=x.double())
+    assert isinstance(folded.bn_a, nn.Identity) and isinstance(folded.bn_b, nn.BatchNorm2d)
+    assert isinstance(folded.bn_c, nn.BatchNorm2d)
+    assert set(folded.state_dict()) == {k for k in model.state_dict() if not k.startswith("bn_a.")}
+    with torch.no_grad():
+        (logits, features), (want_logits, want_features) = folded(x.double()), model(x.double())
+    torch.testing.assert_close(logits, want_logits, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(features["features"], want_features["features"], rtol=1e-9, atol=1e-9)
+    pytest.importorskip("onnxruntime")
+    out = export_model(model.float(), (3, 8, 8), onnx=tmp_path / "m.onnx", progress=False)
+    assert out["batchnorm_folded"] == 1 and out["batchnorm_left"] == 2
+
+
+def test_a_compressed_file_of_an_untraceable_model_loads_into_it(tmp_path):
+    """load_compressed(model=...) shapes the model from the file's keys where torch.fx cannot trace it."""
+    pytest.importorskip("safetensors")
+    from cnn_sparsegpt import export_model, load_compressed
+
+    torch.manual_seed(0)
+    model = _Untraceable().eval()
+    export_model(model, (3, 8, 8), compressed=tmp_path / "m.safetensors", progress=False)
+    loaded = load_compressed(tmp_path / "m.safetensors", model=_Untraceable())
+    assert isinstance(loaded.bn_a, nn.Identity) and isinstance(loaded.bn_b, nn.BatchNorm2d)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], model(x)[0], rtol=1e-4, atol=1e-5)

@@ -182,11 +182,14 @@ def load_compressed(path: str | os.PathLike, model: nn.Module | None = None):
     state = {name: _decode(name, meta, grouped[name]) for name, meta in entries.items()}
     if model is None:
         return state
-    from .fold import fold_batchnorm
+    from .fold import fold_batchnorm, folded_like
 
     error = None
     for library_layers in (True, False):  # files written before timm's BatchNormAct2d was folded: torch's only
-        folded = fold_batchnorm(model.cpu().eval(), library_layers)
+        try:
+            folded = fold_batchnorm(model.cpu().eval(), library_layers)
+        except UserError:  # a model torch.fx cannot trace: the folded shape from the file's keys
+            folded = folded_like(model.cpu(), state)
         try:
             folded.load_state_dict(state)
             return folded.eval()

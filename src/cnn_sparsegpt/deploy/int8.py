@@ -53,7 +53,10 @@ def quantize_int8(float_path: str | Path, out_path: str | Path, calibration: tor
                "entropy": CalibrationMethod.Entropy}
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(float_path), str(prepared))
+        try:
+            quant_pre_process(str(float_path), str(prepared))
+        except Exception:  # symbolic shape inference gives up on some graphs (an Ultralytics YOLO head): ONNX's own
+            quant_pre_process(str(float_path), str(prepared), skip_symbolic_shape=True)
         quantize_static(str(prepared), str(out_path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=methods[method])

@@ -31,7 +31,7 @@ class TorchEager:
 
     def __init__(self, model: nn.Module, example: torch.Tensor, threads: int | None,
                  calibration: torch.Tensor | None = None):
-        self.model = fold_batchnorm(model).eval()
+        self.model = fold_batchnorm(model, example=example).eval()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -53,7 +53,7 @@ class OnnxFile:
                  calibration: torch.Tensor | None = None):
         self.check()
         self.calibration = calibration  # images for a runtime that quantizes (INT8); the others ignore them
-        folded = fold_batchnorm(model).eval()
+        folded = fold_batchnorm(model, example=example).eval()
         with tempfile.TemporaryDirectory() as tmp:
             self.load(self.onnx_file(folded, example, Path(tmp)), threads)
 
