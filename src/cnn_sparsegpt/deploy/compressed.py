@@ -155,7 +155,8 @@ def save_compressed(state: dict[str, torch.Tensor], path: str | os.PathLike,
 def load_compressed(path: str | os.PathLike, model: nn.Module | None = None):
     """The state dict `save_compressed` wrote, bit for bit. With `model` (the architecture, e.g.
     `create_model(...)` with the run's channel structure applied): that model with BatchNorm folded, as the
-    compressed weights of `cnn-sparsegpt export --compressed` expect, with the weights loaded, in eval mode."""
+    compressed weights of `cnn-sparsegpt export --compressed` expect (a model torch.fx cannot trace: shaped from
+    the file's keys, fold.folded_like), with the weights loaded, in eval mode."""
     try:
         from safetensors import SafetensorError, safe_open
     except ImportError:
