@@ -137,7 +137,11 @@ def test_model_kwargs_build_the_model_and_travel_with_the_run(net_file, data_dir
     # without them the builder fails with one line; from the checkpoint's .json (as `train` writes it) they are found
     assert main(["-q", "prune", "--model", name, *common, "--out", str(tmp_path / "r2")]) == 2
     assert "building the model" in capsys.readouterr().err
-    (tmp_path / "wide.pt.json").write_text(json.dumps({"model": name, "model_kwargs": {"width": 16, "depth": 2}}))
+    trained = tmp_path / "trained.pt"  # `train --model-kwargs` records them beside its checkpoint
+    assert main(["-q", "train", "--model", name, "--model-kwargs", "width=16", "depth=2", "--dataset", "mnist",
+                 "--data-dir", str(data_dir), "--max-steps", "1", "--epochs", "1", "--out", str(trained)]) == 0
+    assert json.loads((tmp_path / "trained.pt.json").read_text())["model_kwargs"] == {"width": 16, "depth": 2}
+    (tmp_path / "wide.pt.json").write_text((tmp_path / "trained.pt.json").read_text())
     assert main(["-q", "prune", "--model", name, *common, "--out", str(tmp_path / "r2")]) == 0
     assert json.loads((tmp_path / "r2" / "report.json").read_text())["model_kwargs"] == {"width": 16, "depth": 2}
 
