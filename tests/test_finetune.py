@@ -231,3 +231,32 @@ def test_an_interrupted_training_run_resumes_where_it_stopped(tmp_path, monkeypa
     assert again["resumed_from"] == 1 and not state.exists()
     assert [h["test_acc"] for h in again["history"]] == [h["test_acc"] for h in whole["history"]]
     assert all(torch.allclose(again["state_dict"][k], v, atol=1e-6) for k, v in whole["state_dict"].items())
+
+
+class _RawInTraining(torch.nn.Module):
+    """As an Ultralytics YOLO head: raw maps in training, decoded (other shapes) in evaluation."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4),
+                                        torch.nn.Dropout(0.5))
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y if self.training else (y.flatten(1).softmax(1), {"raw": y})
+
+
+def test_training_towards_outputs_that_training_changes(tmp_path):
+    """The teacher answers with its training forward (statistics and dropout as in evaluation) where the student's
+    training outputs are not its evaluation ones."""
+    from cnn_sparsegpt import ImageSet
+
+    torch.manual_seed(0)
+    images = ImageSet((torch.rand(16, 1, 8, 8) * 255).to(torch.uint8), torch.full((16,), -1), (0.5,), (0.5,), "t")
+    teacher, student = _RawInTraining().eval(), _RawInTraining()
+    student.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        student.conv[0].weight.mul_(0.5)
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-3, optimizer="adamw")
+    r = train_model(student, images, images, cfg, progress=False, teacher=teacher, objective="outputs")
+    assert r["history"] and teacher.training and not teacher.conv[1].training and not teacher.conv[2].training

@@ -530,3 +530,14 @@ def test_gathered_parts_with_and_without_a_cross_term():
         split.add_batch(xp, dp, end=i == 2)
     torch.testing.assert_close(split.H, whole.H, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(split.R, whole.R, rtol=1e-4, atol=1e-6)
+
+
+def test_each_modules_own_mode_comes_back():
+    """A model training with its BatchNorms frozen (eval) leaves prune_model as it came (model.train(flag) after the
+    prune would have set them all to training)."""
+    from cnn_sparsegpt import create_model
+
+    model = create_model("resnet20_cifar").train()
+    model.bn1.eval()
+    prune_model(model, torch.randn(16, 3, 32, 32), nm="2:4", progress=False)
+    assert model.training and model.layer1[0].bn1.training and not model.bn1.training

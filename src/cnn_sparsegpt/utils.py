@@ -1,6 +1,7 @@
 """Small shared helpers: the user-facing error type, atomic writes, safe loads of tensor files, devices."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -38,6 +39,23 @@ def atomic_file(path: str | os.PathLike, write: Callable[[str], None], suffix: s
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def evaluation_mode(*models: torch.nn.Module):
+    """The models in eval mode inside the block; after it every submodule's own mode as it was (a model whose
+    BatchNorms were frozen in a training model stays so; model.train(flag) would set them all alike)."""
+    tops = [(model, model.training) for model in models]
+    saved = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for model, training in tops:  # modules put in while it ran (a channel prune's smaller layers) take the top's
+            model.train(training)
+        for m, training in saved:
+            m.training = training
 
 
 def uncompiled(model: torch.nn.Module) -> torch.nn.Module:

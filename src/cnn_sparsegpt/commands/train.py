@@ -19,7 +19,7 @@ from ..pruning.output_kl import relative_squared_error, values
 from ..pruning.output_kl import scores as output_scores
 from ..data.datasets import ImageSet
 from ..data.folders import FolderSet
-from ..utils import UserError, atomic_save, load_tensors
+from ..utils import UserError, atomic_save, evaluation_mode, load_tensors
 
 
 @dataclass
@@ -60,13 +60,11 @@ def evaluate(model: nn.Module, data, device: torch.device | str = "cpu", batch_s
              progress: bool = True, desc: str = "evaluate", process_group=None) -> float:
     """Top-1 accuracy as a fraction in [0, 1], over an ImageSet or a streamed FolderSet. With a process group
     (torchrun) each process evaluates every world-th image and the counts are added."""
-    was_training = model.training
-    model.eval()
     correct = n = 0
-    for x, y in _shard(data, device, batch_size, progress, desc, process_group):
-        correct += (model(x).argmax(1) == y).sum().item()
-        n += len(y)
-    model.train(was_training)
+    with evaluation_mode(model):
+        for x, y in _shard(data, device, batch_size, progress, desc, process_group):
+            correct += (model(x).argmax(1) == y).sum().item()
+            n += len(y)
     correct, n = dist.sum_counts(correct, n, group=process_group)
     return correct / max(n, 1)
 
@@ -82,27 +80,23 @@ def compare_outputs(model: nn.Module, reference: nn.Module, data, device: torch.
     a classifier's logits, a segmentation map's), 'agreement': the fraction of images and positions whose highest
     score (dim 1 of the first scores tensor, output_kl.scores) is the reference's class, and 'agreement_over' what
     it counts (images, or positions of per-pixel scores); else None. Any model; torchrun as in `evaluate`."""
-    modes = [(m, m.training) for m in (model, reference)]
     err = ref = same = positions = 0.0
     over = None  # what agreement counts: images (a classifier's scores) or positions (per-pixel scores)
-    for m, _ in modes:
-        m.eval()
-    for x, _ in _shard(data, device, batch_size, progress, desc, process_group):
-        out, out_ref = model(x), reference(x)
-        y, r = values(out), values(out_ref)  # every output tensor, side by side
-        if r is None:
-            raise UserError(f"{type(reference).__name__}'s output holds no floating tensor with a batch dimension: "
-                            "there is nothing to compare")
-        y, r = y.double(), r.double()
-        err += float((y - r).square().sum())
-        ref += float(r.square().sum())
-        s_ref = output_scores(out_ref) if scores else None
-        if s_ref is not None and s_ref.shape[1] > 1:
-            same += float((output_scores(out).argmax(1) == s_ref.argmax(1)).sum())
-            positions += s_ref[:, 0].numel()
-            over = "images" if s_ref.ndim == 2 else "positions"
-    for m, training in modes:
-        m.train(training)
+    with evaluation_mode(model, reference):
+        for x, _ in _shard(data, device, batch_size, progress, desc, process_group):
+            out, out_ref = model(x), reference(x)
+            y, r = values(out), values(out_ref)  # every output tensor, side by side
+            if r is None:
+                raise UserError(f"{type(reference).__name__}'s output holds no floating tensor with a batch "
+                                "dimension: there is nothing to compare")
+            y, r = y.double(), r.double()
+            err += float((y - r).square().sum())
+            ref += float(r.square().sum())
+            s_ref = output_scores(out_ref) if scores else None
+            if s_ref is not None and s_ref.shape[1] > 1:
+                same += float((output_scores(out).argmax(1) == s_ref.argmax(1)).sum())
+                positions += s_ref[:, 0].numel()
+                over = "images" if s_ref.ndim == 2 else "positions"
     err, ref, same, positions = dist.sum_counts(err, ref, same, positions, group=process_group)
     return {"error": err / ref if ref > 0 else (math.inf if err > 0 else 0.0),
             "agreement": same / positions if positions else None, "agreement_over": over}
@@ -140,6 +134,17 @@ FINETUNE_LR = {"sgd": 0.03, "adamw": 1e-3}
 FINETUNE = TrainConfig(epochs=1, lr=None, optimizer="auto", schedule="cosine")
 # and the rate of every dropout layer while fine-tuning: off (why: finetune_run, where it is applied)
 FINETUNE_DROPOUT = 0.0
+
+
+def training_structure(model: nn.Module) -> None:
+    """`model` in training mode but for what makes training random or batch-dependent (dropout, drop-path,
+    BatchNorm and other running statistics), which stays as in evaluation: the outputs a training forward returns,
+    deterministic, for a teacher whose student trains."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd)) or \
+                "drop" in type(m).__name__.lower():
+            m.eval()
 
 
 def train_model(model: nn.Module, train_set: ImageSet | FolderSet, test_set: ImageSet | FolderSet, cfg: TrainConfig,
@@ -192,9 +197,17 @@ def train_model(model: nn.Module, train_set: ImageSet | FolderSet, test_set: Ima
             raise UserError("training towards a teacher's outputs needs the teacher (the dense model)")
 
         def loss_fn(out, x, y):
+            got = values(out)
             with torch.no_grad():
                 target = values(teacher(x))
-            return relative_squared_error(target, values(out))
+                if target.shape != got.shape:  # a model whose training forward returns other outputs (a YOLO head's
+                    training_structure(teacher)  # raw maps): the teacher's training forward, statistics as they are
+                    target = values(teacher(x))
+            if target.shape != got.shape:
+                raise UserError(f"{type(model).__name__} returns other outputs in training than in evaluation "
+                                f"({list(got.shape)} against {list(target.shape)}): it cannot be trained towards "
+                                "the dense model's outputs")
+            return relative_squared_error(target, got)
 
         def score() -> tuple[float, dict]:  # higher is better; and what the history records
             error = output_error(model, teacher, test_set, device, progress=progress)

@@ -43,7 +43,7 @@ from ..kernels.solver import NEEDS
 from .statcorr import StatCorrection
 from .slicing import spec_of
 from .structured import prune_channels
-from ..utils import UserError, uncompiled
+from ..utils import UserError, evaluation_mode, uncompiled
 
 
 @dataclass
@@ -414,9 +414,7 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     config.check_runnable(dist.active(process_group), next(model.parameters()).device)
     config = config.resolved(dist.active(process_group))
     batches = _as_batches(calibration, next(model.parameters()).device, config.batch_size, nsamples)
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluation_mode(model):  # (every submodule's own mode back after: BatchNorms frozen in training stay so)
         positions: dict[str, int] = {}  # of the layers the views stand in for: their own multiply-adds
         if viewable(model):
             forward_order(model, batches[0][:1], positions=positions, kinds=VIEWABLE)
@@ -426,8 +424,6 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
                 report = _prune_structured(model, batches, config, progress, views)
             else:
                 report = _prune_weights(model, batches, config, progress, use_fx, process_group, views, resume)
-    finally:
-        model.train(was_training)
     report.layers = _channel_layers(report.structure, views, model, config) if report.structure else \
         [original_result(r, views) for r in report.layers]
     report.total_sparsity = weight_sparsity(model)
