@@ -541,3 +541,28 @@ def test_each_modules_own_mode_comes_back():
     model.bn1.eval()
     prune_model(model, torch.randn(16, 3, 32, 32), nm="2:4", progress=False)
     assert model.training and model.layer1[0].bn1.training and not model.bn1.training
+
+
+def test_a_weight_the_model_froze_is_a_fixed_operation_and_stays():
+    """A conv whose weight the model's code froze while the rest trains (an Ultralytics YOLO head's DFL integral,
+    weights 0..15) is left as it is, with the reason; a model frozen whole for inference is pruned as usual."""
+    from cnn_sparsegpt.pruning.graph import FROZEN
+
+    def build():
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.ReLU(), nn.Conv2d(16, 16, 1),
+                              nn.Conv2d(16, 8, 1), nn.Flatten(), nn.LazyLinear(4))
+        model(torch.randn(1, 3, 8, 8))
+        model[4].weight.data = torch.arange(256.0).reshape(16, 16, 1, 1)
+        model[4].weight.requires_grad_(False)
+        return model
+
+    model, x = build(), torch.randn(32, 3, 8, 8)
+    fixed = model[4].weight.clone()
+    report = prune_model(model, x, nm="2:4", progress=False)
+    layer = next(r for r in report.layers if r.name == "4")
+    assert layer.skipped and layer.reason == FROZEN and torch.equal(model[4].weight, fixed)
+    assert not next(r for r in report.layers if r.name == "2").skipped
+    whole = build().requires_grad_(False)
+    report = prune_model(whole, x, nm="2:4", progress=False)
+    assert not next(r for r in report.layers if r.name == "4").skipped

@@ -43,6 +43,13 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
+# a weight the model's own code froze while the rest trains is a fixed operation, not a learned one (Ultralytics
+# YOLO's DFL: a 1x1 conv whose weights are 0..15, the expectation over a box side's distribution): pruned or re-fitted
+# it would compute another operation
+FROZEN = ("its weight is frozen (requires_grad=False): a fixed operation of the model, such as an Ultralytics YOLO "
+          "head's DFL integral, left as it is (set requires_grad=True to prune it)")
+
+
 def computed_weight(m: nn.Module) -> str:
     """Why a layer whose weight is computed from other parameters (weight_norm) stays as it is, and what to do."""
     return (f"its weight is computed from other parameters ({type(m).__name__}: weight_norm or a parametrization), "
@@ -61,6 +68,9 @@ def nonstandard_layers(model: nn.Module, example: torch.Tensor) -> dict[str, str
     only re-state the base (timm's Linear) pass."""
     found = {n: computed_weight(m) for n, m in model.named_modules()
              if isinstance(m, PRUNABLE) and "weight" not in m._parameters}
+    if any(p.requires_grad for p in model.parameters()):  # (a model frozen whole, for inference: none is fixed)
+        found |= {n: FROZEN for n, m in model.named_modules()
+                  if isinstance(m, PRUNABLE) and n not in found and not m.weight.requires_grad}
     names = {m: n for n, m in model.named_modules() if isinstance(m, PRUNABLE) and n not in found
              and type(m).forward not in (nn.Conv2d.forward, nn.Linear.forward)}
 
