@@ -566,3 +566,53 @@ def test_a_weight_the_model_froze_is_a_fixed_operation_and_stays():
     whole = build().requires_grad_(False)
     report = prune_model(whole, x, nm="2:4", progress=False)
     assert not next(r for r in report.layers if r.name == "4").skipped
+
+
+class _Head(nn.Module):
+    """A part fx cannot trace (Python control flow on a tensor's values), with layers of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if float(y.abs().mean()) >= 0:
+            y = torch.relu(y)
+        return self.b(y)
+
+
+class _PartlyTraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.body = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                                  nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.split = nn.Conv2d(32, 32, 1)
+        self.head = _Head()
+
+    def forward(self, x, *args, **kwargs):  # (as an Ultralytics model's)
+        y = list(self.split(self.body(self.stem(x))).chunk(2, 1))  # (Ultralytics' C2f)
+        return self.head(y[0] + y[1])
+
+
+def test_a_model_fx_traces_but_in_part_is_pruned_in_one_pass_and_its_part_layer_by_layer():
+    """The graph calls the part fx cannot trace as a whole; its layers get one forward each, the others one pass:
+    the same prune as one forward per layer (without what only the graph gives: BatchNorm statistics re-estimated
+    between layers, BatchNorm intercepts)."""
+    torch.manual_seed(0)
+    model, x = _PartlyTraceable().eval(), torch.randn(32, 3, 8, 8)
+    options = dict(nm="2:4", progress=False, bn_recalibration=False, intercept=False)
+    per_layer = copy.deepcopy(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = prune_model(model, x, **options)
+    assert any("cannot trace head of _PartlyTraceable" in str(w.message) for w in caught)
+    reference = prune_model(per_layer, x, use_fx=False, **options)
+    assert report.forward_passes < reference.forward_passes
+    assert set(report.masks) == set(reference.masks) == {"body.0.weight", "body.3.weight", "split.weight",
+                                                         "head.a.weight", "head.b.weight"}
+    for name, mask in reference.masks.items():
+        assert torch.equal(report.masks[name], mask)
+    for (name, w), w_ref in zip(model.state_dict().items(), per_layer.state_dict().values()):
+        torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6, msg=name)

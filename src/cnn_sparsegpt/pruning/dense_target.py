@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .graph import GraphExecutor, inputs_of, trace
+from .graph import GraphExecutor, inputs_of, partial_trace, trace
 from ..kernels.linalg import damped
 
 
@@ -40,6 +40,7 @@ class DenseInputs:
         self._executor: GraphExecutor | None = None  # the dense copy's traced graph (follow_graph)
         self._graph = None  # its run, a generator advanced in step with the pruned one
         self._captured: dict[str, list] = {}
+        self._on_graph: set[str] = set()  # layers the traced graph calls (those inside a part called whole are not)
 
     def follow_graph(self, names: list[str], low_memory: bool = False, keep_until: list[str] = ()) -> bool:
         """Serve the inputs of `names` (in the order the pruned graph reaches them) from one run of the dense
@@ -48,8 +49,11 @@ class DenseInputs:
         traced (then every layer gets truncated passes)."""
         try:
             gm = trace(self.model)
-        except Exception:
-            return False
+        except Exception:  # as the pruned side: the parts fx cannot trace called whole, their layers served below
+            gm = partial_trace(self.model, self.batches[0][:2])
+            if gm is None:
+                return False
+        self._on_graph = {n.target for n in gm.graph.nodes if n.op == "call_module"}
 
         def capture(name):
             def barrier(inputs):
@@ -64,7 +68,7 @@ class DenseInputs:
 
     @torch.no_grad()
     def stream(self, name: str) -> Iterator[torch.Tensor]:
-        if self._graph is not None:
+        if self._graph is not None and name in self._on_graph:
             f0 = self._executor.forward_seconds
             while self._captured.get(name) is None:
                 next(self._graph)

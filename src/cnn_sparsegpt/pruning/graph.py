@@ -14,6 +14,7 @@ Which node outputs are stored for the whole set is a policy:
 """
 from __future__ import annotations
 
+import inspect
 import operator
 import time
 from collections.abc import Iterable
@@ -32,15 +33,91 @@ _INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.imul: operator.mul, 
 
 
 class _LayerTracer(fx.Tracer):
+    def __init__(self, opaque_on_failure: bool = False):
+        super().__init__()
+        self.opaque_on_failure = opaque_on_failure
+        self.opaque: list[str] = []  # submodules fx could not trace through, called as a whole instead
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, LEAVES) or super().is_leaf_module(m, qualname)
+        return isinstance(m, LEAVES) or qualname in self.opaque or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        name = self.path_of_module(m)
+        if not self.opaque_on_failure or self.is_leaf_module(m, name):
+            return super().call_module(m, forward, args, kwargs)
+        last, stack, calls = next(reversed(self.graph.nodes)), dict(self.module_stack), dict(self.num_calls)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:  # the innermost module whose forward fx cannot trace (an Ultralytics YOLO's Detect head)
+            for node in reversed(list(self.graph.nodes)):  # what its forward had added, users first
+                if node is last:
+                    break
+                self.graph.erase_node(node)
+            self.module_stack.clear()
+            self.module_stack.update(stack)
+            self.num_calls.clear()
+            self.num_calls.update(calls)
+            self.opaque.append(name)
+            return super().call_module(m, forward, args, kwargs)
+
+    def iter(self, obj):
+        """The pieces of a chunk or split whose count its arguments give (`list(x.chunk(2, 1))`, Ultralytics' C2f)."""
+        n = _pieces(obj.node) if self.opaque_on_failure else None
+        return iter([obj[i] for i in range(n)]) if n is not None else super().iter(obj)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _CountedProxy(node, self) if self.opaque_on_failure else super().proxy(node)
 
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """`torch.fx.symbolic_trace(model)` with every Conv2d, Linear and BatchNorm a module call (LEAVES)."""
-    tracer = _LayerTracer()
-    graph = tracer.trace(model)
-    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+class _CountedProxy(fx.Proxy):
+    def __len__(self) -> int:  # (list() asks for the length before it iterates)
+        n = _pieces(self.node)
+        return n if n is not None else super().__len__()
+
+
+def _pieces(node: fx.Node) -> int | None:
+    if node.op not in ("call_method", "call_function") or len(node.args) < 2:
+        return None
+    if node.target in ("chunk", torch.chunk) and isinstance(node.args[1], int):
+        return node.args[1]
+    if node.target in ("split", torch.split) and isinstance(node.args[1], (list, tuple)):
+        return len(node.args[1])
+    return None
+
+
+def trace(model: nn.Module, opaque_on_failure: bool = False) -> fx.GraphModule:
+    """`torch.fx.symbolic_trace(model)` with every Conv2d, Linear and BatchNorm a module call (LEAVES). With
+    `opaque_on_failure`, a submodule whose forward fx cannot trace becomes one module call (named in the graph
+    module's `opaque_modules`; the layers inside it are not on the graph), a forward(x, *args, **kwargs) is traced as
+    called with x alone, and chunks and splits of a known count are iterated; check such a graph against the model."""
+    tracer = _LayerTracer(opaque_on_failure)
+    cls = type(model)
+    if opaque_on_failure and any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+                                 for p in inspect.signature(cls.forward).parameters.values()):
+        # fx would unpack a proxy of *args: a subclass of the model's own class, for the time of the trace
+        model.__class__ = type(cls.__name__, (cls,), {"forward": lambda self, x: cls.forward(self, x)})
+    try:
+        graph = tracer.trace(model)
+    finally:
+        model.__class__ = cls
+    gm = fx.GraphModule(tracer.root, graph, cls.__name__)
+    gm.opaque_modules = list(tracer.opaque)
+    return gm
+
+
+@torch.no_grad()
+def partial_trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule | None:
+    """trace(model, opaque_on_failure=True) where fx cannot trace the whole model, if the graph computes what the
+    model does on `example` (the same outputs, bit for bit); None otherwise."""
+    from ..utils import output_tensors
+
+    try:
+        gm = trace(model, opaque_on_failure=True)
+        got, want = output_tensors(gm(example)), output_tensors(model(example))
+    except Exception:
+        return None
+    same = len(got) == len(want) and all(g.shape == w.shape and torch.equal(g, w) for g, w in zip(got, want))
+    return gm if same else None
 
 
 # a weight the model's own code froze while the rest trains is a fixed operation, not a learned one (Ultralytics

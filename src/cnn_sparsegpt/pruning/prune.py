@@ -31,7 +31,8 @@ from .resume import PruneCheckpoints, fingerprint, restored_results
 from .relu_gate import GATE_FLOPS, ReluGate, applies as gate_applies, dense_active, relu_gates
 from .residual_target import SkipPartner, inverse_scale, skip_partners, target_shift
 from .intercept import fold_offset_, offset_sinks
-from .graph import PRUNABLE, GraphExecutor, GraphStop, inputs_of, memory_policy, nonstandard_layers, trace
+from .graph import (PRUNABLE, GraphExecutor, GraphStop, inputs_of, memory_policy, nonstandard_layers,
+                    partial_trace, trace)
 from .heap import reuse_freed_memory
 from .layer import LayerPruner, LayerResult, output_error
 from .layer_plan import choose_layers, forward_order, refit_layers, unsupported_layers
@@ -489,8 +490,16 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
             try:
                 gm = trace(model)
             except Exception as e:
-                warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}); "
-                              "falling back to one forward pass per layer", RuntimeWarning)
+                gm = partial_trace(model, batches[0][:2])  # fx through all but the parts it cannot trace
+                opaque = [n for n in getattr(gm, "opaque_modules", ()) if any(
+                    not reason and (m == n or m.startswith(f"{n}.")) for m, reason in plan.items())]
+                if gm is None:
+                    warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}); "
+                                  "falling back to one forward pass per layer", RuntimeWarning)
+                elif opaque:
+                    warnings.warn(f"torch.fx cannot trace {', '.join(opaque)} of {type(model).__name__}: their "
+                                  "layers are pruned with one forward pass each, the others in one pass",
+                                  RuntimeWarning)
         # the layers kept dense that are re-fitted: at barriers of the traced graph (BatchNorms re-estimated before)
         refits = [n for n in refit_layers(plan, order) if n not in nonstandard] if config.refit_dense_layers \
             and config.dense_target and config.hessians == "pruned" and gm is not None else []
@@ -521,6 +530,8 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
                 warnings.warn(f"cannot run the traced graph ({e}); one forward pass per layer", RuntimeWarning)
         if passes is None:
             passes = run.run_hooks(fitted, order, config.bn_recalibration)
+        elif any(not plan[n] and n not in run.results for n in order):  # inside what the graph calls as a whole
+            passes += run.run_hooks(fitted, order, config.bn_recalibration)
         run.bar.close()
         if config.residual_target and not any(r.skip_fitted for r in run.results.values()):
             warnings.warn("residual_target: no layer fitted a residual sum (none on the traced graph, the model "
