@@ -45,7 +45,8 @@ class _LayerTracer(fx.Tracer):
         name = self.path_of_module(m)
         if not self.opaque_on_failure or self.is_leaf_module(m, name):
             return super().call_module(m, forward, args, kwargs)
-        last, stack, calls = next(reversed(self.graph.nodes)), dict(self.module_stack), dict(self.num_calls)
+        last, stack = next(reversed(self.graph.nodes)), dict(self.module_stack)
+        calls = dict(getattr(self, "num_calls", {}))  # (torch's call counts per module, where it keeps them)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:  # the innermost module whose forward fx cannot trace (an Ultralytics YOLO's Detect head)
@@ -55,8 +56,9 @@ class _LayerTracer(fx.Tracer):
                 self.graph.erase_node(node)
             self.module_stack.clear()
             self.module_stack.update(stack)
-            self.num_calls.clear()
-            self.num_calls.update(calls)
+            if hasattr(self, "num_calls"):
+                self.num_calls.clear()
+                self.num_calls.update(calls)
             self.opaque.append(name)
             return super().call_module(m, forward, args, kwargs)
 
