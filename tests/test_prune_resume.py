@@ -93,3 +93,27 @@ def test_a_saved_state_of_another_prune_is_not_resumed(tmp_path, monkeypatch):
     with pytest.warns(RuntimeWarning, match="not resumed, started afresh"):
         report = prune_model(_model(), images, PUBLISHED, sparsity=0.6, progress=False, resume=state)
     assert report.sparsity == pytest.approx(0.6, abs=0.01) and not state.exists()
+
+
+@pytest.mark.parametrize("finished", [2, 4])  # stopped in the graph's pass, and among the part called whole
+def test_a_partly_traced_prune_resumes(tmp_path, monkeypatch, finished):
+    from .test_prune_model import _PartlyTraceable
+
+    def model():
+        torch.manual_seed(0)
+        return _PartlyTraceable().eval()
+
+    images = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    whole_model = model()
+    whole = prune_model(whole_model, images, nm="2:4", progress=False)
+    stop_after(monkeypatch, finished)
+    state = tmp_path / "resume.pt"
+    with pytest.raises(KeyboardInterrupt):
+        prune_model(model(), images, nm="2:4", progress=False, resume=state)
+    monkeypatch.undo()
+    resumed_model = model()
+    resumed = prune_model(resumed_model, images, nm="2:4", progress=False, resume=state)
+    assert resumed.resumed_layers == finished and not state.exists()
+    assert all(torch.equal(resumed.masks[k], m) for k, m in whole.masks.items())
+    for k, v in whole_model.state_dict().items():
+        torch.testing.assert_close(resumed_model.state_dict()[k], v, rtol=1e-5, atol=1e-6, msg=k)
