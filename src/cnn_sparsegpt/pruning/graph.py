@@ -23,6 +23,8 @@ from typing import Callable
 import torch
 from torch import fx, nn
 
+from ..utils import output_tensors
+
 PRUNABLE = (nn.Conv2d, nn.Linear)
 # called as modules in a traced graph, subclasses too: torch.fx traces into any class defined outside torch.nn, so a
 # model library's own BatchNorm (timm's BatchNormAct2d, 31 of its 50 families in benchmarks/architecture_sweep.py)
@@ -111,8 +113,6 @@ def trace(model: nn.Module, opaque_on_failure: bool = False) -> fx.GraphModule:
 def partial_trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule | None:
     """trace(model, opaque_on_failure=True) where fx cannot trace the whole model, if the graph computes what the
     model does on `example` (the same outputs, bit for bit); None otherwise."""
-    from ..utils import output_tensors
-
     try:
         gm = trace(model, opaque_on_failure=True)
         got, want = output_tensors(gm(example)), output_tensors(model(example))
