@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .graph import GraphExecutor, inputs_of, partial_trace, trace
+from .graph import GraphExecutor, inputs_of, opaque_part, part_inputs, part_runner, partial_trace, trace
 from ..kernels.linalg import damped
 
 
@@ -41,6 +41,8 @@ class DenseInputs:
         self._graph = None  # its run, a generator advanced in step with the pruned one
         self._captured: dict[str, list] = {}
         self._on_graph: set[str] = set()  # layers the traced graph calls (those inside a part called whole are not)
+        self.parts: list[str] = []  # the parts called whole whose layers are served from the part's stored inputs
+        self._part: tuple[str, list] | None = None  # (part, its inputs) of the last such layer served
 
     def follow_graph(self, names: list[str], low_memory: bool = False, keep_until: list[str] = ()) -> bool:
         """Serve the inputs of `names` (in the order the pruned graph reaches them) from one run of the dense
@@ -77,7 +79,13 @@ class DenseInputs:
             while inputs:
                 yield inputs.pop(0)
             return
-        inputs = inputs_of(self.model, self.modules[name], self.batches)
+        part = opaque_part(name, self.parts)
+        if part is not None and (self._part is None or self._part[0] != part):  # stored once per part
+            t0 = time.perf_counter()
+            self._part = (part, part_inputs(self.model, self.modules[part], self.batches))
+            self.seconds += time.perf_counter() - t0
+        inputs = inputs_of(part_runner(self.modules[part]), self.modules[name], self._part[1]) if part else \
+            inputs_of(self.model, self.modules[name], self.batches)
         while True:
             t0 = time.perf_counter()
             x = next(inputs, None)
@@ -99,7 +107,7 @@ class DenseInputs:
     def free(self) -> None:
         if self._graph is not None:
             self._graph.close()
-        self.model = self.modules = self._graph = self._executor = None
+        self.model = self.modules = self._graph = self._executor = self._part = None
         self._captured.clear()
 
 

@@ -656,6 +656,37 @@ def inputs_of(model: nn.Module, module: nn.Module, batches: Iterable[torch.Tenso
         handle.remove()
 
 
+def part_inputs(model: nn.Module, part: nn.Module, batches: Iterable[torch.Tensor]) -> list[tuple]:
+    """The (args, kwargs) `part`, a submodule, is called with for each batch (at its first call), from passes of
+    model cut short at it: then its layers' inputs come from running the part alone (part_runner)."""
+    captured = []
+
+    def grab(_m, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Stop
+
+    handle = part.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for x in batches:
+            try:
+                model(x)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def part_runner(part: nn.Module) -> Callable:
+    """part called on one of part_inputs' entries (what inputs_of runs, cut short at a layer inside the part)."""
+    return lambda call: part(*call[0], **call[1])
+
+
+def opaque_part(name: str, parts: Iterable[str]) -> str | None:
+    """The part called whole (graph module's opaque_modules) that holds layer `name`, or None."""
+    return next((p for p in parts if name.startswith(f"{p}.")), None)
+
+
 @torch.no_grad()
 def weight_positions(layer: nn.Module, inp: torch.Tensor, out: torch.Tensor, examples: int) -> int:
     """Positions per example a layer applies its weight at, so that its multiply-adds per example are

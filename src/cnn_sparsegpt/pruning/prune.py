@@ -31,8 +31,8 @@ from .resume import PruneCheckpoints, fingerprint, restored_results
 from .relu_gate import GATE_FLOPS, ReluGate, applies as gate_applies, dense_active, relu_gates
 from .residual_target import SkipPartner, inverse_scale, skip_partners, target_shift
 from .intercept import fold_offset_, offset_sinks
-from .graph import (PRUNABLE, GraphExecutor, GraphStop, inputs_of, memory_policy, nonstandard_layers,
-                    partial_trace, trace)
+from .graph import (PRUNABLE, GraphExecutor, GraphStop, inputs_of, memory_policy, nonstandard_layers, opaque_part,
+                    part_inputs, part_runner, partial_trace, trace)
 from .heap import reuse_freed_memory
 from .layer import LayerPruner, LayerResult, output_error
 from .layer_plan import choose_layers, forward_order, refit_layers, unsupported_layers
@@ -365,18 +365,27 @@ class _Pruner:
         self.peak_stored_mb = ex.peak_stored_bytes / 2**20
         return passes
 
-    def run_hooks(self, batches: list[torch.Tensor], order: list[str], recalibrate_bn: bool) -> float:
-        """Fallback for untraceable models: one forward per layer, cut short right after that layer's input."""
-        passes = 0.0
+    def run_hooks(self, batches: list[torch.Tensor], order: list[str], recalibrate_bn: bool,
+                  parts: list[str] = ()) -> float:
+        """Fallback for untraceable models: one forward per layer, cut short right after that layer's input. With
+        `parts` (submodules a partly traced graph called whole, its pass done): each part's inputs are stored in one
+        pass cut short at the part, and its layers' inputs come from running the part alone on them."""
+        passes, stored = 0.0, {}
         for name in order:
             if self.plan[name] or name in self.results:  # (a resumed prune's finished layers)
                 continue
             t0 = time.perf_counter()
-            captured = list(inputs_of(self.model, self.modules[name], batches))
+            part = opaque_part(name, parts)
+            if part is not None and part not in stored:  # (the parts before it are pruned by now)
+                stored = {part: part_inputs(self.model, self.modules[part], batches)}
+                passes += 1
+            run, data = (part_runner(self.modules[part]), stored[part]) if part else (self.model, batches)
+            captured = list(inputs_of(run, self.modules[name], data))
             self.t["forward"] += time.perf_counter() - t0
-            passes += 1
+            passes += 1 if part is None else 0
             self.prune_layer(name, captured)
             captured.clear()  # free the layer inputs before the next layer
+        stored.clear()
         if recalibrate_bn and bn_modules(self.model):
             t0 = time.perf_counter()
             recalibrate(bn_modules(self.model), self.model, batches, self.group)  # summed over the processes
@@ -497,9 +506,9 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
                     warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}); "
                                   "falling back to one forward pass per layer", RuntimeWarning)
                 elif opaque:
-                    warnings.warn(f"torch.fx cannot trace {', '.join(opaque)} of {type(model).__name__}: their "
-                                  "layers are pruned with one forward pass each, the others in one pass",
-                                  RuntimeWarning)
+                    warnings.warn(f"torch.fx cannot trace {', '.join(opaque)} of {type(model).__name__}: called "
+                                  "whole in the graph's pass, then their layers pruned from the inputs they get, "
+                                  "stored in one more pass (one forward each with --low-memory)", RuntimeWarning)
         # the layers kept dense that are re-fitted: at barriers of the traced graph (BatchNorms re-estimated before)
         refits = [n for n in refit_layers(plan, order) if n not in nonstandard] if config.refit_dense_layers \
             and config.dense_target and config.hessians == "pruned" and gm is not None else []
@@ -531,7 +540,10 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
         if passes is None:
             passes = run.run_hooks(fitted, order, config.bn_recalibration)
         elif any(not plan[n] and n not in run.results for n in order):  # inside what the graph calls as a whole
-            passes += run.run_hooks(fitted, order, config.bn_recalibration)
+            parts = [] if low_memory else gm.opaque_modules  # (stored part inputs are activations of the whole set)
+            if dense is not None:
+                dense.parts = parts
+            passes += run.run_hooks(fitted, order, config.bn_recalibration, parts)
         run.bar.close()
         if config.residual_target and not any(r.skip_fitted for r in run.results.values()):
             warnings.warn("residual_target: no layer fitted a residual sum (none on the traced graph, the model "
