@@ -635,16 +635,16 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def inputs_of(model: nn.Module, module: nn.Module, batches: Iterable[torch.Tensor]):
-    """module's input for each batch in turn, from forward passes of model cut short at module (for models
-    that cannot run as a traced graph: half a pass per layer on average)."""
+def calls_of(model: nn.Module, module: nn.Module, batches: Iterable[torch.Tensor]):
+    """The (args, kwargs) module is called with (at its first call) for each batch in turn, from forward passes of
+    model cut short at module."""
     captured = []
 
-    def grab(_m, inp):
-        captured.append(inp[0])
+    def grab(_m, args, kwargs):
+        captured.append((args, kwargs))
         raise _Stop
 
-    handle = module.register_forward_pre_hook(grab)
+    handle = module.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for x in batches:
             try:
@@ -656,25 +656,16 @@ def inputs_of(model: nn.Module, module: nn.Module, batches: Iterable[torch.Tenso
         handle.remove()
 
 
+def inputs_of(model: nn.Module, module: nn.Module, batches: Iterable[torch.Tensor]):
+    """module's input for each batch in turn, from forward passes of model cut short at module (for models
+    that cannot run as a traced graph: half a pass per layer on average)."""
+    return (args[0] for args, _ in calls_of(model, module, batches))
+
+
 def part_inputs(model: nn.Module, part: nn.Module, batches: Iterable[torch.Tensor]) -> list[tuple]:
-    """The (args, kwargs) `part`, a submodule, is called with for each batch (at its first call), from passes of
-    model cut short at it: then its layers' inputs come from running the part alone (part_runner)."""
-    captured = []
-
-    def grab(_m, args, kwargs):
-        captured.append((args, kwargs))
-        raise _Stop
-
-    handle = part.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for x in batches:
-            try:
-                model(x)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured
+    """The (args, kwargs) `part`, a submodule, is called with for each batch: then its layers' inputs come from
+    running the part alone (part_runner)."""
+    return list(calls_of(model, part, batches))
 
 
 def part_runner(part: nn.Module) -> Callable:
