@@ -501,7 +501,7 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
             except Exception as e:
                 gm = partial_trace(model, batches[0][:2])  # fx through all but the parts it cannot trace
                 opaque = [n for n in getattr(gm, "opaque_modules", ()) if any(
-                    not reason and (m == n or m.startswith(f"{n}.")) for m, reason in plan.items())]
+                    not reason and opaque_part(m, [n]) for m, reason in plan.items())]
                 if gm is None:
                     warnings.warn(f"torch.fx cannot trace {type(model).__name__} ({type(e).__name__}); "
                                   "falling back to one forward pass per layer", RuntimeWarning)
