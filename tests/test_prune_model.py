@@ -617,3 +617,27 @@ def test_a_model_fx_traces_but_in_part_is_pruned_in_one_pass_and_its_part_layer_
         assert torch.equal(report.masks[name], mask)
     for (name, w), w_ref in zip(model.state_dict().items(), per_layer.state_dict().values()):
         torch.testing.assert_close(w, w_ref, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_part_whose_stored_inputs_would_not_fit_is_pruned_one_forward_per_layer(monkeypatch):
+    """A part's stored inputs are an activation of the whole calibration set per network: under memory_policy's
+    rule (half of the free memory) they are stored, else each layer inside the part gets a forward pass of its own,
+    the same prune either way; the report's memory policy says which."""
+    from cnn_sparsegpt.pruning import graph
+    torch.manual_seed(0)
+    model, x = _PartlyTraceable().eval(), torch.randn(32, 3, 8, 8)
+    head_input = 16 * 8 * 8 * 4 * 32  # bytes: the head's input for the 32 images
+    kept, why = graph.stored_parts(model, ["head"], x[:1], 32, x.device, copies=2, free=8 * head_input)
+    assert kept == ["head"] and "head's inputs stored (4 activations" in why
+    kept, why = graph.stored_parts(model, ["head"], x[:1], 32, x.device, copies=2, free=4 * head_input)
+    assert kept == [] and "not stored, one forward per layer in it" in why
+    options = dict(nm="2:4", progress=False, bn_recalibration=False, intercept=False)
+    per_layer = copy.deepcopy(model)
+    stored = prune_model(copy.deepcopy(model), x, **options)
+    free = iter([1 << 40])  # the whole network's policy: plenty; the part's: nothing
+    monkeypatch.setattr(graph, "available_memory", lambda device: next(free, 0))
+    report = prune_model(model, x, **options)
+    assert "default (" in report.memory_policy and "head's inputs not stored" in report.memory_policy
+    assert report.forward_passes == stored.forward_passes + 1  # head.a and head.b: one pass each, not one stored
+    for name, mask in prune_model(per_layer, x, use_fx=False, **options).masks.items():
+        assert torch.equal(report.masks[name], mask)

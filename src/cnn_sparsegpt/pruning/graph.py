@@ -619,15 +619,38 @@ def memory_policy(largest_input: int, nsamples: int, device: torch.device, free:
     networks run side by side (2 with the dense target's dense copy in step). Take the default while those
     activations fit in half of the free memory (the rest is for Hessians, unfolded patches and the
     allocator's slack)."""
-    n = 2 * copies
-    need = n * largest_input * nsamples
+    fits, why = _within_half(2 * copies, largest_input * nsamples, device, free)
+    return (False, f"default ({why})") if fits else (True, f"low-memory ({why})")
+
+
+def _within_half(n: int, activation: int, device: torch.device, free: int | None) -> tuple[bool, str]:
+    """Whether n activations of `activation` bytes fit in half of the free memory, and the numbers that say so."""
+    need, gb = n * activation, 2**30
     free = available_memory(device) if free is None else free
     if free is None:
-        return False, "default (free memory unknown)"
-    gb = 2**30
+        return True, "free memory unknown"
     if need <= free / 2:
-        return False, f"default ({n} activations = {need / gb:.1f} GB of {free / gb:.1f} GB free)"
-    return True, f"low-memory ({n} activations = {need / gb:.1f} GB would exceed half of {free / gb:.1f} GB free)"
+        return True, f"{n} activations = {need / gb:.1f} GB of {free / gb:.1f} GB free"
+    return False, f"{n} activations = {need / gb:.1f} GB would exceed half of {free / gb:.1f} GB free"
+
+
+def stored_parts(model: nn.Module, parts: list[str], example: torch.Tensor, nsamples: int, device: torch.device,
+                 copies: int = 1, free: int | None = None) -> tuple[list[str], str]:
+    """The parts (a partly traced graph's opaque_modules) whose inputs part_inputs may store, and why: a part's
+    stored inputs are an activation of the whole calibration set per network (`copies`), held while its layers
+    take theirs from them, so memory_policy's rule applies to the part's inputs (measured on `example`); the
+    other parts' layers get one forward pass each."""
+    modules, kept, why = dict(model.named_modules()), [], []
+    for name in parts:
+        try:
+            (args, kwargs), = calls_of(model, modules[name], [example])
+        except ValueError:  # not called on this input: nothing to store
+            continue
+        per_image = sum(t.numel() * t.element_size() for t in output_tensors([args, kwargs])) // max(len(example), 1)
+        fits, numbers = _within_half(2 * copies, per_image * nsamples, device, free)
+        kept += [name] * fits
+        why.append(f"{name}'s inputs {'stored' if fits else 'not stored, one forward per layer in it'} ({numbers})")
+    return kept, "; ".join(why)
 
 
 class _Stop(Exception):

@@ -32,7 +32,7 @@ from .relu_gate import GATE_FLOPS, ReluGate, applies as gate_applies, dense_acti
 from .residual_target import SkipPartner, inverse_scale, skip_partners, target_shift
 from .intercept import fold_offset_, offset_sinks
 from .graph import (PRUNABLE, GraphExecutor, GraphStop, inputs_of, memory_policy, nonstandard_layers, opaque_part,
-                    part_inputs, part_runner, partial_trace, trace)
+                    part_inputs, part_runner, partial_trace, stored_parts, trace)
 from .heap import reuse_freed_memory
 from .layer import LayerPruner, LayerResult, output_error
 from .layer_plan import choose_layers, forward_order, refit_layers, unsupported_layers
@@ -58,7 +58,7 @@ class PruneReport:
     total_sparsity: float = 0.0  # achieved, over all conv and Linear weights
     forward_passes: float = 0.0  # full calibration passes spent (the fx path needs 1; low_memory a few)
     peak_stored_mb: float | None = None  # most activations of the calibration set held at once (fx path)
-    memory_policy: str = ""  # default or low-memory, and why (chosen by free memory unless asked)
+    memory_policy: str = ""  # default or low-memory, and why (chosen by free memory unless asked); parts stored
     allocation: dict = field(default_factory=dict)  # kind, budget and (dp) the error database; layers hold sparsities
     reconstruct: dict = field(default_factory=dict)  # epochs and loss per epoch of the global reconstruction
     stat_corrected: list = field(default_factory=list)  # layers and BatchNorms given the dense output statistics
@@ -460,9 +460,9 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
     widest = max(input_bytes.values(), default=0)  # bytes of the widest layer input of one image
     fitted = cpu_batches(batches, widest) if device.type == "cpu" else batches
     low_memory = config.low_memory
+    copies = 2 if config.dense_target or config.hessians == "dense" else 1  # (the dense copy run in step)
     if low_memory is None:
-        low_memory, policy = memory_policy(widest, sum(len(x) for x in batches), device,
-                                           copies=2 if config.dense_target or config.hessians == "dense" else 1)
+        low_memory, policy = memory_policy(widest, sum(len(x) for x in batches), device, copies=copies)
     else:
         policy = "low-memory" if low_memory else "default"
     # the one-pass executor's activations, layer after layer: freed memory reused, not faulted in afresh (heap.py)
@@ -508,7 +508,8 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
                 elif opaque:
                     warnings.warn(f"torch.fx cannot trace {', '.join(opaque)} of {type(model).__name__}: called "
                                   "whole in the graph's pass, then their layers pruned from the inputs they get, "
-                                  "stored in one more pass (one forward each with --low-memory)", RuntimeWarning)
+                                  "stored in one more pass (one forward each with --low-memory or where they would "
+                                  "not fit in memory)", RuntimeWarning)
         # the layers kept dense that are re-fitted: at barriers of the traced graph (BatchNorms re-estimated before)
         refits = [n for n in refit_layers(plan, order) if n not in nonstandard] if config.refit_dense_layers \
             and config.dense_target and config.hessians == "pruned" and gm is not None else []
@@ -540,7 +541,12 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
         if passes is None:
             passes = run.run_hooks(fitted, order, config.bn_recalibration)
         elif any(not plan[n] and n not in run.results for n in order):  # inside what the graph calls as a whole
-            parts = [] if low_memory else gm.opaque_modules  # (stored part inputs are activations of the whole set)
+            parts = []
+            if not low_memory:  # a part's stored inputs are activations of the whole calibration set
+                parts, why = stored_parts(model, gm.opaque_modules, fitted[0][:1],
+                                          sum(len(x) for x in batches), device, copies) \
+                    if config.low_memory is None else (gm.opaque_modules, "")
+                policy += f"; {why}" if why else ""
             if dense is not None:
                 dense.parts = parts
             passes += run.run_hooks(fitted, order, config.bn_recalibration, parts)
