@@ -641,3 +641,30 @@ def test_a_part_whose_stored_inputs_would_not_fit_is_pruned_one_forward_per_laye
     assert report.forward_passes == stored.forward_passes + 1  # head.a and head.b: one pass each, not one stored
     for name, mask in prune_model(per_layer, x, use_fx=False, **options).masks.items():
         assert torch.equal(report.masks[name], mask)
+
+
+def test_output_measures_of_a_partly_traced_model_run_its_graph_and_equal_whole_runs(monkeypatch):
+    """A change to a layer inside a part called whole starts at the part's node (graph._reads)."""
+    import contextlib
+    from cnn_sparsegpt.pruning import output_kl
+    model, x = _PartlyTraceable().eval(), torch.randn(16, 3, 8, 8)
+    modules = dict(model.named_modules())
+
+    @contextlib.contextmanager
+    def zeroed(name):
+        w = modules[name].weight.data.clone()
+        modules[name].weight.data.zero_()
+        yield
+        modules[name].weight.data.copy_(w)
+
+    changes = {n: [n] for n in ("body.0", "split", "head.a", "head.b")}
+    stem_calls = []
+    handle = model.stem.register_forward_hook(lambda *_: stem_calls.append(1))
+    on_graph = output_kl.output_kls(model, x, changes, zeroed, outputs="values")
+    handle.remove()
+    assert len(stem_calls) == 3  # partial_trace's check (graph, model) and the unchanged pass: no change re-ran it
+    monkeypatch.setattr(output_kl, "partial_trace", lambda *a: None)
+    whole = output_kl.output_kls(model, x, changes, zeroed, outputs="values")
+    assert set(on_graph) == set(changes) and all(whole[k] > 0 for k in changes)
+    for k in changes:
+        torch.testing.assert_close(on_graph[k], whole[k], rtol=1e-5, atol=0)

@@ -545,3 +545,83 @@ def test_convnext_prunes_end_to_end_and_rebuilds():
     fresh = apply_structure(torchvision.models.convnext_tiny(num_classes=10), rep.structure["spec"])
     fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(fresh.eval()(x[:2]), model(x[:2]))
+
+
+def _cbs(i, o, k=1, stride=1):
+    return nn.Sequential(nn.Conv2d(i, o, k, stride, k // 2, bias=False), nn.BatchNorm2d(o), nn.SiLU())
+
+
+class _C2f(nn.Module):
+    """Ultralytics' C2f, shortened: one conv's output chunked in two, the second half through a residual block."""
+
+    def __init__(self, c, h):
+        super().__init__()
+        self.cv1, self.m, self.cv2 = _cbs(c, 2 * h), _cbs(h, h, 3), _cbs(3 * h, c)
+
+    def forward(self, x):
+        y = list(self.cv1(x).chunk(2, 1))
+        y.append(y[-1] + self.m(y[-1]))
+        return self.cv2(torch.cat(y, 1))
+
+
+class _Detect(nn.Module):
+    """A head fx cannot trace (a check on values), called with a list of feature maps, with layers of its own."""
+
+    def __init__(self, chs):
+        super().__init__()
+        self.cv = nn.ModuleList(nn.Sequential(_cbs(c, 16, 3), nn.Conv2d(16, 6, 1)) for c in chs)
+
+    def forward(self, xs):
+        outs = [cv(x) for cv, x in zip(self.cv, xs)]
+        assert float(outs[0].detach().abs().mean()) >= 0
+        return torch.cat([o.flatten(2) for o in outs], 2)
+
+
+class _TinyDetector(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.b1, self.down, self.b2 = _cbs(3, 16, 3), _C2f(16, 8), _cbs(16, 32, 3, 2), _C2f(32, 16)
+        self.head = _Detect([16, 32])
+
+    def forward(self, x):
+        p3 = self.b1(self.stem(x))
+        return self.head([p3, self.b2(self.down(p3))])
+
+
+def test_a_model_fx_traces_but_in_part_is_channel_pruned_around_the_part():
+    """The part fx cannot trace is called whole (its inputs keep their channels; its layers are re-fitted from its
+    stored inputs), and a chunk over channels ties each piece's j-th channels (so the smaller tensor still splits
+    where the pieces meet): an Ultralytics detector's shape."""
+    model, x = make(_TinyDetector), calib(32)
+    groups = {g.producers[0]: g for g in channel_groups(model, x[:1])}
+    assert "a part torch.fx cannot trace" in groups["b1.cv2.0"].reason and not groups["b1.cv2.0"].removable
+    chunked = groups["b1.cv1.0"]  # half j and half j+8 of cv1, with the residual block's output j added to the latter
+    assert set(chunked.producers) == {"b1.cv1.0", "b1.m.0"} and len(chunked.units) == 8
+    assert sorted(chunked.units[0].rows["b1.cv1.0"]) == [0, 8] and chunked.removable
+    dense_out, head_before = model(x), copy.deepcopy(model.head)
+    rep = prune_model(model, x, structure="channels", keep_macs=0.7, progress=False)
+    macs_dense, macs_kept = rep.structure["macs"]
+    assert macs_kept <= 0.7 * macs_dense
+    shapes = {layer["name"]: (layer["shape_before"], layer["shape_after"]) for layer in rep.structure["layers"]}
+    assert shapes["b1.cv2.0"][0][0] == shapes["b1.cv2.0"][1][0]  # its outputs go to the head: all kept
+    assert shapes["head.cv.0.0.0"][0] == shapes["head.cv.0.0.0"][1]
+    assert any(before != after for before, after in shapes.values())
+    chunked = [b for b in ("b1", "b2") if shapes[f"{b}.cv1.0"][1][0] < shapes[f"{b}.cv1.0"][0][0]]
+    assert chunked and all(shapes[f"{b}.m.0"][1][0] * 2 == shapes[f"{b}.cv1.0"][1][0] for b in chunked)
+    out = model(x)
+    assert out.shape == dense_out.shape and (out - dense_out).norm() < 0.5 * dense_out.norm()
+    assert not torch.equal(model.head.cv[0][0][0].weight, head_before.cv[0][0][0].weight)  # re-fitted in the part
+    fresh = apply_structure(make(_TinyDetector), rep.structure["spec"])
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), out)
+
+
+def test_n_m_permutation_reorders_a_partly_traced_models_chunked_channels_and_keeps_its_function():
+    from cnn_sparsegpt.kernels.masks import Pattern
+    from cnn_sparsegpt.pruning.permute import permute_for_nm_
+    model, x = make(_TinyDetector), calib(32)
+    dense_out = model(x)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    done = permute_for_nm_(model, [x], names, Pattern(n=2, m=4), False, True)
+    assert any("b1.cv1.0" in g["producers"] and g["swaps"] for g in done["groups"])
+    torch.testing.assert_close(model(x), dense_out, rtol=1e-4, atol=1e-5)

@@ -35,7 +35,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..utils import UserError
 from .conv_views import ConvView
-from .graph import nonstandard_layers, trace
+from .graph import nonstandard_layers, partial_trace, trace
 
 FIXED = -1  # a channel that cannot be removed
 
@@ -178,6 +178,16 @@ def _selects_all(node: fx.Node) -> bool:
         and _shape(node) is not None and tuple(_shape(node)) == tuple(_shape(node.args[0]) or ())
 
 
+def _chunks(node: fx.Node) -> int | None:
+    """k of x.chunk(k, 1) / torch.chunk(x, k, 1) where x's channels (dim 1) split into k equal pieces, else None."""
+    k = node.args[1] if len(node.args) > 1 else node.kwargs.get("chunks")
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    shape = _shape(node.args[0])
+    ok = isinstance(k, int) and k > 0 and shape is not None and len(shape) >= 2 and dim in (1, 1 - len(shape)) \
+        and shape[1] % k == 0
+    return k if ok else None
+
+
 def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "structured pruning",
                    nonstandard: dict[str, str] | None = None) -> list[Group]:
     """The dependency groups of `model` (eval mode, one example batch for the shapes); purpose names what needs
@@ -185,9 +195,11 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
     caller has it already."""
     try:
         gm = trace(model)
-    except Exception as e:
-        raise UserError(f"{purpose} needs a torch.fx trace of the model; {type(model).__name__} cannot be "
-                        f"traced ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # traced but for the parts fx cannot trace (called whole: their inputs stay)
+        gm = partial_trace(model, example)
+        if gm is None:
+            raise UserError(f"{purpose} needs a torch.fx trace of the model; {type(model).__name__} cannot be "
+                            f"traced ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     with torch.no_grad():
         ShapeProp(gm).propagate(example)
     modules = dict(gm.named_modules())
@@ -197,6 +209,8 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
     consumers: dict[str, list[int]] = {}  # consumer module -> slot of each input column
     per_channel: dict[str, list[int]] = {}  # BatchNorm / depthwise conv / PReLU -> slot of each of its channels
     cdim: dict[fx.Node, int] = {}  # where a tensor's channels are: 1 (NCHW), or the last dim (channel-last)
+    pieces: dict[fx.Node, list[list[int]]] = {}  # a chunk over channels -> the slots of each piece
+    opaque = set(getattr(gm, "opaque_modules", ()))
 
     def _channels(node) -> int | None:
         shape = _shape(node)
@@ -275,9 +289,12 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
                 if any(p.numel() == len(x) and len(x) > 1 for p in m.parameters(recurse=False)) or \
                         isinstance(m, nn.modules.batchnorm._BatchNorm):
                     per_channel[node.target] = list(x)
-            else:
+            else:  # (every tensor it reads: a part called whole may take a list of them)
                 kind = type(m).__name__ + (f" with groups={m.groups}" if getattr(m, "groups", 1) != 1 else "")
-                fix_all(x, f"read by {node.target} ({kind}), which structured pruning does not know")
+                why = "a part torch.fx cannot trace, called whole" if node.target in opaque else \
+                    "which structured pruning does not know"
+                for a in args:
+                    fix_all(of[a], f"read by {node.target} ({kind}), {why}")
                 of[node] = fixed_list(node)
         elif node.op in ("call_function", "call_method"):
             fn = node.target
@@ -327,6 +344,14 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
             elif fn in (torch.mean, "mean", torch.sum, "sum", torch.amax, "amax") and tensors and c_out == len(
                     of[tensors[0]]):
                 of[node] = list(of[tensors[0]])  # a reduction over positions
+            elif name == "chunk" and tensors and _chunks(node) is not None:
+                k, x = _chunks(node), of[tensors[0]]  # each piece's j-th channels go together: a smaller tensor
+                per = len(x) // k  # still splits where the pieces meet (Ultralytics' C2f: cv1(x).chunk(2, 1))
+                pieces[node] = [x[i * per:(i + 1) * per] for i in range(k)]
+                _tie_groups(slots, x, k)
+                of[node] = []
+            elif fn is operator.getitem and node.args[0] in pieces and isinstance(node.args[1], int):
+                of[node] = list(pieces[node.args[0]][node.args[1]])
             elif fn is operator.getitem and tensors and _selects_all(node):
                 of[node] = list(of[tensors[0]])
             elif name in ("size", "dim", "getattr") or fn is getattr:

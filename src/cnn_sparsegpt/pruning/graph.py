@@ -425,9 +425,10 @@ def call_node(gm: fx.GraphModule, node: fx.Node, args, kwargs, out_of_place: boo
 
 
 def _reads(node: fx.Node, names) -> bool:
-    """Whether the node calls one of the modules `names` or reads one of their parameters."""
+    """Whether the node calls one of the modules `names` (or a part called whole that holds one) or reads one of
+    their parameters."""
     if node.op == "call_module":
-        return node.target in names
+        return node.target in names or any(n.startswith(node.target + ".") for n in names)
     return node.op == "get_attr" and any(node.target.startswith(n + ".") for n in names)
 
 
@@ -694,6 +695,35 @@ def part_inputs(model: nn.Module, part: nn.Module, batches: Iterable[torch.Tenso
 def part_runner(part: nn.Module) -> Callable:
     """part called on one of part_inputs' entries (what inputs_of runs, cut short at a layer inside the part)."""
     return lambda call: part(*call[0], **call[1])
+
+
+def layer_inputs(model: nn.Module, names: list[str], batches: list[torch.Tensor], parts: Iterable[str] = ()):
+    """(name, its inputs batch by batch, forward passes made) for each module named in turn, where no traced graph
+    serves it: from one forward pass cut short at the module; or, inside a part listed in `parts` (a partly traced
+    graph's opaque_modules, its pass done), from running the part alone on its inputs, stored in one pass cut short
+    at the part when its first module comes (those of the part before are freed then)."""
+    modules, stored = dict(model.named_modules()), {}
+    for name in names:
+        part, passes = opaque_part(name, parts), 0
+        if part is not None and part not in stored:
+            stored, passes = {part: part_inputs(model, modules[part], batches)}, 1
+        run, data = (part_runner(modules[part]), stored[part]) if part else (model, batches)
+        yield name, list(inputs_of(run, modules[name], data)), passes + (part is None)
+    stored.clear()
+
+
+def call_order(model: nn.Module, names: Iterable[str], example: torch.Tensor) -> list[str]:
+    """The modules named, in the order a forward pass on `example` first calls them (those it never calls left
+    out)."""
+    modules, seen = dict(model.named_modules()), {}
+
+    def called(name):
+        def hook(_m, _args):
+            seen.setdefault(name, len(seen))  # (a hook that returns something replaces the module's input)
+        return hook
+
+    run_hooked(model, [example], [modules[n].register_forward_pre_hook(called(n)) for n in names])
+    return sorted(seen, key=seen.get)
 
 
 def opaque_part(name: str, parts: Iterable[str]) -> str | None:

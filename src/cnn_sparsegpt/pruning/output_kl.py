@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..utils import output_tensors
-from .graph import GraphStop, each_change, trace
+from .graph import GraphStop, each_change, partial_trace, trace
 
 
 def output_kls(model: nn.Module, x: torch.Tensor, changes: dict, change, chunk: int | None = None,
@@ -24,7 +24,8 @@ def output_kls(model: nn.Module, x: torch.Tensor, changes: dict, change, chunk: 
     images and positions); outputs='values': the relative squared error instead (above). changes: {key: the names
     of the modules the change touches}; change(key): a context manager that applies it (once, for every chunk). On
     the traced graph a change runs from the first node that reads one of its modules, the unchanged prefix computed
-    once; a model that cannot be traced runs whole for each change. chunk: images per forward pass (a CPU's forward slows down with batches of large activations, see
+    once; a model fx cannot trace in full, but for parts it calls whole, likewise; one it cannot trace runs whole for
+    each change. chunk: images per forward pass (a CPU's forward slows down with batches of large activations, see
     prune.cpu_batches); the unchanged pass holds the values of every chunk at once, so a caller with many large
     images calls this chunk by chunk instead (the KL is a mean over images). bar: a progress bar, advanced once per
     change."""
@@ -32,8 +33,8 @@ def output_kls(model: nn.Module, x: torch.Tensor, changes: dict, change, chunk: 
     xs = list(x.split(chunk)) if chunk and chunk < len(x) else [x]
     try:
         gm = trace(model)
-    except Exception:  # not traceable (data-dependent control flow, ...): the whole network for each change
-        gm = None
+    except Exception:  # traced but for the parts fx cannot trace (called whole), else the whole network each time
+        gm = partial_trace(model, xs[0][:2])
     runs = None
     if gm is not None:
         try:

@@ -31,8 +31,8 @@ from .resume import PruneCheckpoints, fingerprint, restored_results
 from .relu_gate import GATE_FLOPS, ReluGate, applies as gate_applies, dense_active, relu_gates
 from .residual_target import SkipPartner, inverse_scale, skip_partners, target_shift
 from .intercept import fold_offset_, offset_sinks
-from .graph import (PRUNABLE, GraphExecutor, GraphStop, inputs_of, memory_policy, nonstandard_layers, opaque_part,
-                    part_inputs, part_runner, partial_trace, stored_parts, trace)
+from .graph import (PRUNABLE, GraphExecutor, GraphStop, layer_inputs, memory_policy, nonstandard_layers, opaque_part,
+                    partial_trace, stored_parts, trace)
 from .heap import reuse_freed_memory
 from .layer import LayerPruner, LayerResult, output_error
 from .layer_plan import choose_layers, forward_order, refit_layers, unsupported_layers
@@ -370,22 +370,19 @@ class _Pruner:
         """Fallback for untraceable models: one forward per layer, cut short right after that layer's input. With
         `parts` (submodules a partly traced graph called whole, its pass done): each part's inputs are stored in one
         pass cut short at the part, and its layers' inputs come from running the part alone on them."""
-        passes, stored = 0.0, {}
-        for name in order:
-            if self.plan[name] or name in self.results:  # (a resumed prune's finished layers)
-                continue
+        passes = 0.0
+        names = [n for n in order if not self.plan[n] and n not in self.results]  # (a resumed prune's done ones)
+        steps = layer_inputs(self.model, names, batches, parts)  # (a part's layers pruned in turn from its inputs)
+        while True:
             t0 = time.perf_counter()
-            part = opaque_part(name, parts)
-            if part is not None and part not in stored:  # (the parts before it are pruned by now)
-                stored = {part: part_inputs(self.model, self.modules[part], batches)}
-                passes += 1
-            run, data = (part_runner(self.modules[part]), stored[part]) if part else (self.model, batches)
-            captured = list(inputs_of(run, self.modules[name], data))
+            step = next(steps, None)
             self.t["forward"] += time.perf_counter() - t0
-            passes += 1 if part is None else 0
+            if step is None:
+                break
+            name, captured, made = step
+            passes += made
             self.prune_layer(name, captured)
             captured.clear()  # free the layer inputs before the next layer
-        stored.clear()
         if recalibrate_bn and bn_modules(self.model):
             t0 = time.perf_counter()
             recalibrate(bn_modules(self.model), self.model, batches, self.group)  # summed over the processes

@@ -37,7 +37,7 @@ from .channel_budget import Counter, allocate, chosen_units, step_size
 from .channel_costs import MAX_OBS_COLUMNS, consumer_weight, measured_curves, unit_blocks
 from .channels import Group, channel_groups, main_reason
 from .dense_target import DenseInputs
-from .graph import GraphExecutor, nonstandard_layers, trace
+from .graph import GraphExecutor, call_order, layer_inputs, nonstandard_layers, partial_trace, stored_parts, trace
 from .intercept import fold_offset_, offset_sinks
 from .layer import LayerPruner
 from .speedup import speedup_allocation
@@ -168,7 +168,10 @@ def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list
     modules = dict(model.named_modules())
     targets.follow_graph(names)
     dense_modules = targets.modules
-    traced = trace(model)
+    try:
+        traced = trace(model)
+    except Exception:  # traced but for the parts fx cannot trace (channel_groups traced it so): their layers below
+        traced = partial_trace(model, batches[0][:2])
     offsets = offset_sinks(model, names, traced) if intercept else {}
     done = set()
 
@@ -235,6 +238,13 @@ def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list
         bns = set(bn_modules(model))
         barriers |= {n: statistics(n) for n, m in modules.items() if m in bns}
     GraphExecutor(traced, batches, barriers).run()
+    left = call_order(model, [n for n in barriers if n not in done], batches[0][:1])  # inside the parts called whole
+    if left:
+        parts, _ = stored_parts(model, traced.opaque_modules, batches[0][:1], sum(len(x) for x in batches),
+                                batches[0].device, copies=2)
+        targets.parts = parts
+        for name, inputs, _ in layer_inputs(model, left, batches, parts):
+            barriers[name](inputs)
     targets.free()
 
 
