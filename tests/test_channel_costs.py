@@ -99,3 +99,38 @@ def test_labels_name_the_channel_costs_only_for_channel_runs():
     assert "channel_costs" not in recipe_label(RECOMMENDED.__class__(structure="channels", keep_macs=0.5,
                                                                      channel_costs="layer"))
     assert "channel_costs" not in recipe_label(RECOMMENDED.__class__(sparsity=0.5))
+
+
+@pytest.mark.parametrize("traced", [True, False])
+def test_output_measures_hold_one_changes_outputs_at_a_time(monkeypatch, traced):
+    """Each change is measured as it comes, against the unchanged outputs computed first: a detector's outputs are
+    megabytes per image, and a channel prune measures hundreds of changes."""
+    import contextlib
+    import weakref
+    from cnn_sparsegpt.pruning import output_kl
+    model, x = make(TinyResNet), calib(16)
+    if not traced:
+        monkeypatch.setattr(output_kl, "trace", lambda m: (_ for _ in ()).throw(RuntimeError("untraceable")))
+        monkeypatch.setattr(output_kl, "partial_trace", lambda *a: None)
+    read, measure = output_kl.OUTPUTS["values"]
+    alive = []
+
+    def tracked(ys):
+        out = read(ys)
+        live = [r for r in alive if r() is not None]
+        assert len(live) <= 1, "a change's outputs were kept after it was measured"  # (the unchanged outputs)
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setitem(output_kl.OUTPUTS, "values", (tracked, measure))
+    modules = dict(model.named_modules())
+
+    @contextlib.contextmanager
+    def halved(name):
+        modules[name].weight.data *= 0.5
+        yield
+        modules[name].weight.data *= 2
+
+    names = ["stem", "block.conv1", "block.conv2", "fc1"]
+    got = output_kl.output_kls(model, x, {n: [n] for n in names}, halved, outputs="values")
+    assert set(got) == set(names) and all(v > 0 for v in got.values()) and len(alive) == len(names) + 1

@@ -662,7 +662,8 @@ def test_output_measures_of_a_partly_traced_model_run_its_graph_and_equal_whole_
     handle = model.stem.register_forward_hook(lambda *_: stem_calls.append(1))
     on_graph = output_kl.output_kls(model, x, changes, zeroed, outputs="values")
     handle.remove()
-    assert len(stem_calls) == 3  # partial_trace's check (graph, model) and the unchanged pass: no change re-ran it
+    assert len(stem_calls) == 4  # partial_trace's check (graph, model), the dense outputs, the unchanged prefix
+    # of every change (no change re-ran it)
     monkeypatch.setattr(output_kl, "partial_trace", lambda *a: None)
     whole = output_kl.output_kls(model, x, changes, zeroed, outputs="values")
     assert set(on_graph) == set(changes) and all(whole[k] > 0 for k in changes)

@@ -18,6 +18,7 @@ from ..utils import output_tensors
 from .graph import GraphStop, each_change, partial_trace, trace
 
 
+@torch.no_grad()  # (the whole runs' too: a generator's body runs where it is read)
 def output_kls(model: nn.Module, x: torch.Tensor, changes: dict, change, chunk: int | None = None,
                bar=None, outputs: str = "scores") -> dict:
     """{key: KL(dense ‖ model with change(key) applied)} on the images x, a float64 scalar per key (a mean over
@@ -35,16 +36,25 @@ def output_kls(model: nn.Module, x: torch.Tensor, changes: dict, change, chunk: 
         gm = trace(model)
     except Exception:  # traced but for the parts fx cannot trace (called whole), else the whole network each time
         gm = partial_trace(model, xs[0][:2])
-    runs = None
+    # the unchanged outputs first (one more pass), so that each change is measured as it comes and dropped: a
+    # detector's or segmenter's outputs are megabytes per image, hundreds of changes' would not fit in memory
+    dense = read([(gm or model)(xi) for xi in xs])
     if gm is not None:
         try:
-            runs = read(each_change(gm, xs, changes, change), bar)
+            return _measured(each_change(gm, xs, changes, change), dense, read, measure, bar)
         except GraphStop:  # a node the runner cannot call: start again with whole runs
             pass
-    if runs is None:
-        runs = read(_whole_runs(model, xs, changes, change), bar)
-    dense = runs.pop(None)
-    return {key: measure(dense, y) for key, y in runs.items()}
+    return _measured(_whole_runs(model, xs, changes, change), dense, read, measure, bar)
+
+
+def _measured(runs, dense: torch.Tensor, read, measure, bar) -> dict:
+    out = {}
+    for key, ys in runs:
+        if key is not None:  # (None: the unchanged outputs, measured before)
+            out[key] = measure(dense, read(ys))
+            if bar is not None:
+                bar.update()
+    return out
 
 
 def scores(out) -> torch.Tensor | None:
@@ -79,25 +89,15 @@ def output_measure(model: nn.Module, x: torch.Tensor, measure: str, instead: str
     return None
 
 
-def _log_probs(runs, bar) -> dict:
-    """Per run: log-probabilities (images, positions, classes), the classes on dim 1 of the scores."""
-    out = {}
-    for key, ys in runs:
-        y = torch.cat([scores(part) for part in ys]).double()
-        out[key] = torch.log_softmax(y.reshape(*y.shape[:2], -1).transpose(1, 2), -1)
-        if bar is not None and key is not None:
-            bar.update()
-    return out
+def _log_probs(ys: list) -> torch.Tensor:
+    """One run's log-probabilities (images, positions, classes), the classes on dim 1 of the scores."""
+    y = torch.cat([scores(part) for part in ys]).double()
+    return torch.log_softmax(y.reshape(*y.shape[:2], -1).transpose(1, 2), -1)
 
 
-def _values(runs, bar) -> dict:
-    """Per run: the outputs' values (images, ·) in float64."""
-    out = {}
-    for key, ys in runs:
-        out[key] = torch.cat([values(part) for part in ys]).double()
-        if bar is not None and key is not None:
-            bar.update()
-    return out
+def _values(ys: list) -> torch.Tensor:
+    """One run's output values (images, ·) in float64."""
+    return torch.cat([values(part) for part in ys]).double()
 
 
 def _kl(dense: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -117,4 +117,3 @@ def _whole_runs(model: nn.Module, xs: list, changes: dict, change):
     for key in changes:
         with change(key):
             yield key, [model(x) for x in xs]
-    yield None, [model(x) for x in xs]
