@@ -69,7 +69,7 @@ def main() -> None:
     for name, options in RUNS.items():
         model = copy.deepcopy(dense)
         t0 = time.perf_counter()
-        rep = prune_model(model, calibration, outputs="values", **options)
+        rep = prune_model(model, calibration, outputs="values", progress=False, **options)
         seconds = time.perf_counter() - t0
         with torch.no_grad():
             error = float(relative_squared_error(reference, values(model(test))))

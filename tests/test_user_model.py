@@ -190,3 +190,26 @@ def test_dry_run_lists_the_layers_the_prune_prunes_and_why_the_others_stay(net_f
         assert line.endswith(f"stays dense: {x['reason']}" if x["skipped"] else "prune"), line
     assert sorted(x["skipped"] for x in layers) == [False, False, True, True, True]  # first, ignored, last
     assert "would prune 2 of 5 layers" in printed
+
+
+def test_a_channel_dry_run_lists_which_channels_may_go_and_why_the_others_stay(net_file, data_dir, tmp_path,
+                                                                              capsys):
+    """--dry-run with --structure channels: the prune's channel walk, each group's channels, how many may go, and
+    why none of a group may (here: the classifier's outputs); nothing written."""
+    name = f"{net_file}:wide_net"
+    common = ["-q", "prune", "--model", name, "--model-kwargs", "width=8", "depth=3", "--dataset", "mnist",
+              "--data-dir", str(data_dir), "--structure", "channels", "--keep-macs", "0.5", "--nsamples", "16"]
+    capsys.readouterr()
+    assert main([*common, "--dry-run", "--out", str(tmp_path / "dry")]) == 0
+    printed = capsys.readouterr().out
+    assert not (tmp_path / "dry").exists()
+    from cnn_sparsegpt import channel_plan
+    plan = channel_plan(create_model(name, num_classes=10, kwargs={"width": 8, "depth": 3}), torch.randn(1, 1, 28, 28))
+    for g in plan:
+        line = next(line for line in printed.splitlines() if line.startswith(f"{g['producers'][0]} "))
+        assert line.split()[1:3] == [str(g["channels"]), str(g["removable"])]
+        assert line.endswith(g["reason"] or "removable")
+    assert any(g["reason"] == "reaches the model's output" for g in plan)
+    free = [g for g in plan if g["removable"]]
+    assert f"{sum(g['removable'] for g in free)} of {sum(g['channels'] for g in plan)} channels in {len(free)} of " \
+           f"{len(plan)} groups may be removed" in printed

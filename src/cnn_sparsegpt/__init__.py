@@ -8,7 +8,7 @@ from .data import ImageSet, Loader, calibration_set, load_dataset
 from .kernels.masks import Pattern
 from .kernels.solver import METHODS, sparsegpt_solve
 from .models import create_model, list_models, register_model
-from .pruning import PUBLISHED, RECOMMENDED, PruneConfig, PruneReport, prune_model
+from .pruning import PUBLISHED, RECOMMENDED, PruneConfig, PruneReport, channel_plan, prune_model
 from .pruning.layer import LayerPruner, LayerResult
 from .pruning.masks_kept import keep_masks
 from .checkpoints import load_state_dict
@@ -16,7 +16,8 @@ from .utils import UserError
 
 __all__ = [
     "METHODS", "PUBLISHED", "RECOMMENDED", "ImageSet", "LayerPruner", "LayerResult", "Loader", "Pattern",
-    "PruneConfig", "PruneReport", "TrainConfig", "UserError", "calibration_set", "compare_latency", "create_model",
+    "PruneConfig", "PruneReport", "TrainConfig", "UserError", "calibration_set", "channel_plan", "compare_latency",
+    "create_model",
     "evaluate", "export_model", "finetune_run", "keep_masks", "list_models", "load_compressed", "load_dataset",
     "load_state_dict", "output_error", "prune_model", "register_model", "save_compressed", "sparsegpt_solve",
     "train_model",

@@ -279,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default runs/prune)")
     p.add_argument("--dry-run", action="store_true", help="list the layers the prune would prune and why the others "
                    "stay dense (model, weights and data loaded, two images through the prune's own code; nothing "
-                   "pruned or written), then stop")
+                   "pruned or written), then stop; with --structure channels, each group of tied channels, how many "
+                   "may go and why none of the others may")
     p.set_defaults(func=_cmd_prune)
 
     _add_train_parser(sub)

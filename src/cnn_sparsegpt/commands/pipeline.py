@@ -23,7 +23,7 @@ from ..models import check_model_name, create_model, head_classes, is_video_mode
 from ..checkpoints import fit_keys, load_state_dict
 from ..models.pretrained import is_pretrained, pretrained_file
 from ..data.preprocess import Preprocess, is_tensor_file, resolve as resolve_preprocess
-from ..pruning.prune import prune_model
+from ..pruning.prune import channel_plan, prune_model
 from ..pruning.slicing import apply_structure
 from .report import REPORT_SCHEMA, read_report
 from .train import compare_outputs, evaluate
@@ -250,21 +250,23 @@ def plan_prune(opts: PruneOptions, progress: bool = True) -> dict:
     opts = resolved_options(opts, progress)
     device = resolve_device(opts.device)
     opts.config.check_runnable(False, device)
-    if opts.config.structure != "none":
-        raise UserError("--dry-run lists a weight-sparsity prune's layers (--sparsity, --nm); a channel prune's plan "
-                        "depends on the calibration images: run it with a few (--nsamples 64 --eval-samples 100)")
     prep = prepare(dataclasses.replace(opts, evaluate=False), device)
+    common = {"model": opts.model, "data_source": prep.train.source, "preprocess": prep.preprocess.as_dict()}
+    if opts.config.structure == "channels":  # which channels may go (how many do is the calibration statistics')
+        example = calibration_set(prep.train, 1, opts.seed).to(device)
+        return common | {"pattern": "channels", "groups": channel_plan(prep.model, example)}
     config = dataclasses.replace(PUBLISHED, method="magnitude", sparsity=opts.config.sparsity, nm=opts.config.nm,
                                  ignore=opts.config.ignore, prune_all=opts.config.prune_all, bn_recalibration=False)
     report = prune_model(prep.model, calibration_set(prep.train, 2, opts.seed), config, progress=False)
     layers = [{"name": x.name, "shape": x.shape, "weights": math.prod(x.shape), "reason": x.reason if x.skipped
                else ""} for x in report.layers]
-    return {"model": opts.model, "pattern": report.pattern, "layers": layers, "data_source": prep.train.source,
-            "preprocess": prep.preprocess.as_dict()}
+    return common | {"pattern": report.pattern, "layers": layers}
 
 
 def format_plan(plan: dict) -> str:
     """plan_prune's result as a table and a line of totals."""
+    if plan["pattern"] == "channels":
+        return _format_channel_plan(plan)
     lines = [f"{'layer':<28} {'shape':<18} {'weights':>9}  plan"]
     for x in plan["layers"]:
         shape = "x".join(map(str, x["shape"]))
@@ -275,6 +277,19 @@ def format_plan(plan: dict) -> str:
     lines.append(f"\n{plan['model']} {plan['pattern']}: would prune {len(pruned)} of {len(plan['layers'])} layers, "
                  f"{kept / 1e6:.2f} of {total / 1e6:.2f} M weights of its Conv/Linear layers "
                  f"({kept / max(1, total):.1%})\n  data: {plan['data_source']}{_preprocess_line(plan)}")
+    return "\n".join(lines)
+
+
+def _format_channel_plan(plan: dict) -> str:
+    lines = [f"{'channels of':<36} {'channels':>8} {'may go':>7}  plan"]
+    for g in plan["groups"]:
+        who = g["producers"][0] + (f" (+{len(g['producers']) - 1} tied)" if len(g["producers"]) > 1 else "")
+        lines.append(f"{who:<36} {g['channels']:>8} {g['removable']:>7}  {g['reason'] or 'removable'}")
+    free = [g for g in plan["groups"] if g["removable"]]
+    total, removable = sum(g["channels"] for g in plan["groups"]), sum(g["removable"] for g in free)
+    lines.append(f"\n{plan['model']} channels: {removable} of {total} channels in {len(free)} of "
+                 f"{len(plan['groups'])} groups may be removed; how many are is decided by the calibration "
+                 f"statistics and the budget\n  data: {plan['data_source']}{_preprocess_line(plan)}")
     return "\n".join(lines)
 
 

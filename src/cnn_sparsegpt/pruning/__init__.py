@@ -5,6 +5,6 @@
 driver that composes them (prune).
 Imports go down only: to kernels/, models/ and utils."""
 from .config import PUBLISHED, RECOMMENDED, PruneConfig
-from .prune import PruneReport, prune_model
+from .prune import PruneReport, channel_plan, prune_model
 
-__all__ = ["PUBLISHED", "RECOMMENDED", "PruneConfig", "PruneReport", "prune_model"]
+__all__ = ["PUBLISHED", "RECOMMENDED", "PruneConfig", "PruneReport", "channel_plan", "prune_model"]

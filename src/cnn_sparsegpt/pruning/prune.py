@@ -43,6 +43,7 @@ from .saliency import bn_row_scales
 from ..kernels.solver import NEEDS
 from .statcorr import StatCorrection
 from .slicing import spec_of
+from .channels import channel_groups
 from .structured import prune_channels
 from ..utils import UserError, evaluation_mode, uncompiled
 
@@ -435,6 +436,23 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
         [original_result(r, views) for r in report.layers]
     report.total_sparsity = weight_sparsity(model)
     return report
+
+
+@torch.no_grad()
+def channel_plan(model: nn.Module, example: torch.Tensor) -> list[dict]:
+    """What structure='channels' may remove from `model`, before any statistics: per dependency group (channels.py)
+    its producers, channels, how many of them can go and, where none can, why; prune_model's own channel walk on
+    `example` (one input or a few)."""
+    model = uncompiled(model)
+    with evaluation_mode(model):
+        positions: dict[str, int] = {}
+        if viewable(model):
+            forward_order(model, example, positions=positions, kinds=VIEWABLE)
+        with conv2d_views(model, positions) as views:
+            plan = [{"producers": g.producers, "channels": len(g.units) * g.width,
+                     "removable": len(g.removable) * g.width, "reason": g.reason}
+                    for g in channel_groups(model, example[:1])]
+            return renamed(plan, views)
 
 
 def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneConfig, progress: bool, use_fx: bool,
