@@ -590,11 +590,15 @@ class _TinyDetector(nn.Module):
 
 def test_a_model_fx_traces_but_in_part_is_channel_pruned_around_the_part():
     """The part fx cannot trace is called whole (its inputs keep their channels; its layers are re-fitted from its
-    stored inputs), and a chunk over channels ties each piece's j-th channels (so the smaller tensor still splits
-    where the pieces meet): an Ultralytics detector's shape."""
+    stored inputs), the channels inside its children that fx traces alone may go, and a chunk over channels ties
+    each piece's j-th channels (so the smaller tensor still splits where the pieces meet): an Ultralytics detector's
+    shape."""
     model, x = make(_TinyDetector), calib(32)
     groups = {g.producers[0]: g for g in channel_groups(model, x[:1])}
     assert "a part torch.fx cannot trace" in groups["b1.cv2.0"].reason and not groups["b1.cv2.0"].removable
+    inside = groups["head.cv.0.0.0"]  # a branch of the head, walked alone: its inner channels
+    assert len(inside.removable) == 16 and list(inside.units[0].columns) == ["head.cv.0.1"]
+    assert list(inside.units[0].entries) == ["head.cv.0.0.1"]  # (its BatchNorm)
     chunked = groups["b1.cv1.0"]  # half j and half j+8 of cv1, with the residual block's output j added to the latter
     assert set(chunked.producers) == {"b1.cv1.0", "b1.m.0"} and len(chunked.units) == 8
     assert sorted(chunked.units[0].rows["b1.cv1.0"]) == [0, 8] and chunked.removable
@@ -604,7 +608,8 @@ def test_a_model_fx_traces_but_in_part_is_channel_pruned_around_the_part():
     assert macs_kept <= 0.7 * macs_dense
     shapes = {layer["name"]: (layer["shape_before"], layer["shape_after"]) for layer in rep.structure["layers"]}
     assert shapes["b1.cv2.0"][0][0] == shapes["b1.cv2.0"][1][0]  # its outputs go to the head: all kept
-    assert shapes["head.cv.0.0.0"][0] == shapes["head.cv.0.0.0"][1]
+    assert shapes["head.cv.0.0.0"][0][1] == shapes["head.cv.0.0.0"][1][1]  # the channels the head reads
+    assert shapes["head.cv.0.1"][0][0] == shapes["head.cv.0.1"][1][0]  # and those it writes
     assert any(before != after for before, after in shapes.values())
     chunked = [b for b in ("b1", "b2") if shapes[f"{b}.cv1.0"][1][0] < shapes[f"{b}.cv1.0"][0][0]]
     assert chunked and all(shapes[f"{b}.m.0"][1][0] * 2 == shapes[f"{b}.cv1.0"][1][0] for b in chunked)

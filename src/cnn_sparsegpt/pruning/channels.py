@@ -35,7 +35,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..utils import UserError
 from .conv_views import ConvView
-from .graph import nonstandard_layers, partial_trace, trace
+from .graph import calls_of, nonstandard_layers, partial_trace, trace
 
 FIXED = -1  # a channel that cannot be removed
 
@@ -399,5 +399,40 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
         members.sort(key=lambda u: u.rows.get(first, [1 << 30])[0])
         reason = "" if any(not u.fixed for u in members) else members[0].fixed
         groups.append(Group(producers, members, reason))
+    for part in opaque:  # the channels between the layers of its children that fx traces alone
+        groups += _inside_part(model, part, example, nonstandard)
     groups.sort(key=lambda g: list(modules).index(g.producers[0]))
     return groups
+
+
+def _inside_part(model: nn.Module, path: str, example: torch.Tensor, nonstandard: dict[str, str]) -> list[Group]:
+    """The removable groups inside the children of `path`, a part fx cannot trace (called whole), that fx traces
+    alone, each walked as a model of its own on the input it gets: the part's code reads their inputs and outputs,
+    so those stay, and the channels between their layers may go (an Ultralytics Detect head's branches, each
+    conv, conv, conv: 41% of YOLOv8n's multiply-adds). A child that is never called itself (a ModuleList) is looked
+    into."""
+    groups = []
+    for name, child in model.get_submodule(path).named_children():
+        sub = f"{path}.{name}"
+        try:
+            (args, kwargs), = calls_of(model, child, [example])
+        except IndexError:  # not called: its children may be
+            groups += _inside_part(model, sub, example, nonstandard)
+            continue
+        if kwargs or len(args) != 1 or not isinstance(args[0], torch.Tensor):
+            continue
+        inner = {k[len(sub) + 1:]: v for k, v in nonstandard.items() if k.startswith(f"{sub}.")}
+        try:
+            found = channel_groups(child, args[0], nonstandard=inner)
+        except UserError:  # fx cannot trace it alone either
+            continue
+        groups += [_prefixed(g, sub) for g in found if g.removable]
+    return groups
+
+
+def _prefixed(g: Group, path: str) -> Group:
+    """A group found in submodule `path` walked alone, named as in the whole model."""
+    def names(d):
+        return {f"{path}.{k}": v for k, v in d.items()}
+    return Group([f"{path}.{n}" for n in g.producers],
+                 [Unit(names(u.rows), names(u.columns), names(u.entries), u.fixed) for u in g.units], g.reason)
