@@ -488,6 +488,11 @@ def test_structured_run_folder_exports(tmp_path, data_dir):
     assert state["6.weight"].shape[0] < 128 and state["9.weight"].shape[1] == state["6.weight"].shape[0]
     assert state["6.weight"].shape[1] == state["2.weight"].shape[0] * 196  # physically smaller, consistent
     assert main(["-q", "export", str(run), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    import cnn_sparsegpt as cs
+    model, report, _ = cs.load_run(run)  # the pruned nn.Module in Python, its new shapes
+    assert model[6].weight.shape == state["6.weight"].shape and report["structure"]["spec"]
+    x = torch.randn(3, 1, 28, 28)
+    torch.testing.assert_close(model(x), program(x))
 
 
 @pytest.mark.slow
