@@ -631,6 +631,9 @@ def test_a_part_whose_stored_inputs_would_not_fit_is_pruned_one_forward_per_laye
     assert kept == ["head"] and "head's inputs stored (4 activations" in why
     kept, why = graph.stored_parts(model, ["head"], x[:1], 32, x.device, copies=2, free=4 * head_input)
     assert kept == [] and "not stored, one forward per layer in it" in why
+    spare = _PartlyTraceable().eval()
+    spare.spare = nn.Conv2d(3, 3, 1)  # a part the forward never calls: nothing to store
+    assert graph.stored_parts(spare, ["spare", "head"], x[:1], 32, x.device, free=1 << 40)[0] == ["head"]
     options = dict(nm="2:4", progress=False, bn_recalibration=False, intercept=False)
     per_layer = copy.deepcopy(model)
     stored = prune_model(copy.deepcopy(model), x, **options)

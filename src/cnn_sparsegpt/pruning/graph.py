@@ -645,7 +645,7 @@ def stored_parts(model: nn.Module, parts: list[str], example: torch.Tensor, nsam
     for name in parts:
         try:
             (args, kwargs), = calls_of(model, modules[name], [example])
-        except ValueError:  # not called on this input: nothing to store
+        except IndexError:  # not called on this input: nothing to store
             continue
         per_image = sum(t.numel() * t.element_size() for t in output_tensors([args, kwargs])) // max(len(example), 1)
         fits, numbers = _within_half(2 * copies, per_image * nsamples, device, free)

@@ -38,7 +38,7 @@ def output_kls(model: nn.Module, x: torch.Tensor, changes: dict, change, chunk: 
         gm = partial_trace(model, xs[0][:2])
     # the unchanged outputs first (one more pass), so that each change is measured as it comes and dropped: a
     # detector's or segmenter's outputs are megabytes per image, hundreds of changes' would not fit in memory
-    dense = read([(gm or model)(xi) for xi in xs])
+    dense = read([(model if gm is None else gm)(xi) for xi in xs])
     if gm is not None:
         try:
             return _measured(each_change(gm, xs, changes, change), dense, read, measure, bar)
