@@ -635,3 +635,21 @@ def test_n_m_permutation_reorders_a_partly_traced_models_chunked_channels_and_ke
     done = permute_for_nm_(model, [x], names, Pattern(n=2, m=4), False, True)
     assert any("b1.cv1.0" in g["producers"] and g["swaps"] for g in done["groups"])
     torch.testing.assert_close(model(x), dense_out, rtol=1e-4, atol=1e-5)
+
+
+class _ChunkSlice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(torch.cat(self.a(x).chunk(2, 1)[::-1], 1))  # the pieces reordered, concatenated as a tuple
+
+
+def test_a_slice_of_a_chunks_pieces_is_followed_into_a_concatenation():
+    model, x = _ChunkSlice().eval(), torch.randn(64, 3, 4, 4)
+    group = channel_groups(model, x[:1])[0]
+    assert [(u.rows["a"], u.columns["b"]) for u in group.units] == [([j, j + 4], [j, j + 4]) for j in range(4)]
+    dense = model(x)
+    prune_model(model, x, structure="channels", keep_macs=0.7, round_to=1, progress=False)
+    assert model.a.weight.shape[0] == model.b.weight.shape[1] < 8 and model(x).shape == dense.shape

@@ -303,7 +303,13 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
             cd = cdim[node] = cdim.get(tensors[0], 1) if tensors else 1
             c_out = _channels(node)
             view = _inside_view(node)
-            if c_out is None and not tensors:
+            if fn is operator.getitem and node.args[0] in pieces and isinstance(node.args[1], (int, slice)):
+                chosen = pieces[node.args[0]][node.args[1]]  # a piece, or some of them (a slice)
+                if isinstance(node.args[1], slice):
+                    pieces[node], of[node] = chosen, []
+                else:
+                    of[node] = list(chosen)
+            elif c_out is None and not tensors:
                 of[node] = []
             elif view is not None:  # a unit height, zeros between pixels, depth taps: each channel moves whole
                 if view[1].carries_channels and tensors:  # (the view conv maps them: ConvView.view_columns)
@@ -335,9 +341,12 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
                         slots.union(a, b)
                 of[node] = list(full[0]) if full else fixed_list(node)
             elif fn in (torch.cat, torch.concat) and (node.kwargs.get("dim", node.args[1] if len(node.args) > 1
-                                                                    else 0) in (1, -3)):
-                parts = node.args[0]
-                of[node] = [s for p in parts for s in of.get(p, [FIXED] * (_channels(p) or 0))]
+                                                                    else 0) in (1, -3)) and \
+                    (isinstance(node.args[0], (list, tuple)) or node.args[0] in pieces):
+                if node.args[0] in pieces:  # the pieces of a chunk, as they are (a tuple or a slice of it)
+                    of[node] = [s for piece in pieces[node.args[0]] for s in piece]
+                else:
+                    of[node] = [s for p in node.args[0] for s in of.get(p, [FIXED] * (_channels(p) or 0))]
             elif fn in (torch.flatten, "flatten", "view", "reshape") and tensors and c_out is not None \
                     and len(node.meta["tensor_meta"].shape) == 2:
                 of[node] = flattened(tensors[0], node, name)
@@ -350,8 +359,6 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
                 pieces[node] = [x[i * per:(i + 1) * per] for i in range(k)]
                 _tie_groups(slots, x, k)
                 of[node] = []
-            elif fn is operator.getitem and node.args[0] in pieces and isinstance(node.args[1], int):
-                of[node] = list(pieces[node.args[0]][node.args[1]])
             elif fn is operator.getitem and tensors and _selects_all(node):
                 of[node] = list(of[tensors[0]])
             elif name in ("size", "dim", "getattr") or fn is getattr:
