@@ -653,3 +653,16 @@ def test_a_slice_of_a_chunks_pieces_is_followed_into_a_concatenation():
     dense = model(x)
     prune_model(model, x, structure="channels", keep_macs=0.7, round_to=1, progress=False)
     assert model.a.weight.shape[0] == model.b.weight.shape[1] < 8 and model(x).shape == dense.shape
+
+
+def test_a_channel_prune_with_too_few_samples_per_input_leaves_those_layers_as_sliced():
+    """As the weight prune's re-fits: a layer re-fitted on fewer than 2 samples (image positions) per input would fit
+    the calibration images and not others, so it is left as sliced, with a warning and the report's reason."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 6, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(6 * 64, 4)).eval()  # the Linear: 64 inputs per channel kept
+    x = calib(16)
+    with pytest.warns(RuntimeWarning, match="left as sliced, without a re-fit"):
+        rep = prune_model(model, x, structure="channels", keep_macs=0.6, round_to=1, progress=False)
+    assert rep.structure["not_refitted"] == {"5": f"16 calibration samples for {model[5].in_features} inputs (< 2 "
+                                                  "per input)"}

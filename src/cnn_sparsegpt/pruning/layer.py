@@ -35,6 +35,11 @@ from ..kernels.solver import choose_solver, prune_matrix, relative_error
 MIN_SAMPLES_PER_INPUT = 2
 
 
+def few_samples(n: int, d: int) -> str:
+    """Why a layer's re-fit is left out: n calibration samples for its d inputs, under MIN_SAMPLES_PER_INPUT."""
+    return f"{n} calibration samples for {d} inputs (< {MIN_SAMPLES_PER_INPUT} per input)"
+
+
 @dataclass
 class LayerResult:
     name: str
@@ -617,8 +622,8 @@ class LayerPruner:
         refit = self.nsamples >= MIN_SAMPLES_PER_INPUT * Wg.shape[-1]
         dense_target = self.SD is not None or self._R is not None
         if not refit and (dense_target or refine != "none"):
-            res.reason = (f"{self.nsamples} calibration samples for {Wg.shape[-1]} inputs (< {MIN_SAMPLES_PER_INPUT} "
-                          "per input): dense target and refinement left out, they would fit the calibration set")
+            res.reason = f"{few_samples(self.nsamples, Wg.shape[-1])}: dense target and refinement left out, they " \
+                "would fit the calibration set"
         if keep and not (dense_target and live and refit):  # nothing to fit, or too few samples: as it was
             res.mask = torch.ones_like(weight, dtype=torch.bool)
             return res

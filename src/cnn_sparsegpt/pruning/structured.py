@@ -22,6 +22,7 @@ the shapes on a fresh model for the run-folder readers.
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +40,7 @@ from .channels import Group, channel_groups, main_reason
 from .dense_target import DenseInputs
 from .graph import GraphExecutor, call_order, layer_inputs, nonstandard_layers, partial_trace, stored_parts, trace
 from .intercept import fold_offset_, offset_sinks
-from .layer import LayerPruner
+from .layer import MIN_SAMPLES_PER_INPUT, LayerPruner, few_samples
 from .speedup import speedup_allocation
 from .slicing import kept_indices, removal_plan, slice_channels_, spec_of
 
@@ -55,6 +56,7 @@ class StructureReport:
     spec: dict = field(default_factory=dict)  # module -> its new shape attributes (apply_structure)
     timings: dict = field(default_factory=dict)
     latency: dict | None = None  # target_speedup: the layer table and the measured tries (speedup.py)
+    not_refitted: dict = field(default_factory=dict)  # layer -> why it was left as sliced (too few samples)
 
 
 class _Read:
@@ -155,7 +157,7 @@ def _output_energy(W: torch.Tensor, H: torch.Tensor, rows: int = 1024) -> torch.
 @torch.no_grad()
 def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list[torch.Tensor], names: list[str],
                            kept_rows: dict[str, torch.Tensor], percdamp: float, bn_recalibration: bool,
-                           intercept: bool = True) -> None:
+                           intercept: bool = True) -> dict[str, str]:
     """Sequential re-fit (the dense target, for layers whose inputs lost channels), in one pass of the traced graph:
     when the pass reaches layer `name`, its weights are solved for min ‖Y_dense − Ŵ·X_pruned‖², Y_dense its dense
     counterpart's output (kept rows, bias excluded; the dense copy's graph runs in step) and X_pruned its inputs in
@@ -164,7 +166,8 @@ def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list
     With intercept, where an output offset is free (intercept.py: a bias, or a BatchNorm) the fit has an intercept:
     H and C are centred (covariances), so no weight is spent on the mean, and the offset goes into the bias or the
     BatchNorm's running mean (held-out images: ResNet-20 keep_macs 0.35 +0.3 points, docs/CHANNELS.md).
-    targets: the dense model's frozen copy (made before the model was sliced)."""
+    targets: the dense model's frozen copy (made before the model was sliced). Returns the layers left as sliced,
+    without a re-fit, and why: fewer than MIN_SAMPLES_PER_INPUT calibration samples per input."""
     modules = dict(model.named_modules())
     targets.follow_graph(names)
     dense_modules = targets.modules
@@ -173,7 +176,7 @@ def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list
     except Exception:  # traced but for the parts fx cannot trace (channel_groups traced it so): their layers below
         traced = partial_trace(model, batches[0][:2])
     offsets = offset_sinks(model, names, traced) if intercept else {}
-    done = set()
+    done, unfitted = set(), {}
 
     def refit(name):
         def barrier(inputs):
@@ -216,6 +219,10 @@ def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list
                 for i in range(0, d, 1024):
                     S[:, i:i + 1024] -= sx[:, i:i + 1024, None] * sx[:, None, :] / n
                 C = C - sy[:, :, None] * sx[:, None, :] / n
+            if n < MIN_SAMPLES_PER_INPUT * d:  # (as the weight prune's re-fits: it would fit these images only)
+                unfitted[name] = few_samples(n, d)
+                p.free()
+                return
             W = torch.cholesky_solve(C.transpose(1, 2), damped_cholesky(S, percdamp)).transpose(1, 2)  # C (S + λI)⁻¹
             _, perm = p.weight_matrix()
             layer.weight.data.copy_(W[:, :, torch.argsort(perm)].reshape(layer.weight.shape).to(layer.weight.dtype))
@@ -246,6 +253,7 @@ def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list
         for name, inputs, _ in layer_inputs(model, left, batches, parts):
             barriers[name](inputs)
     targets.free()
+    return unfitted
 
 
 @torch.no_grad()
@@ -296,11 +304,15 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
              (isinstance(modules[n], nn.Conv2d) and (modules[n].groups == 1 or before[n][1] > 1)))]  # not depthwise
     first = next((i for i, n in enumerate(order) if n in drop_cols), len(order))
     refit_later = set(order[first:]) if dense is not None else set()  # the dense target's pass solves them anew
+    unfitted = {}  # layers left as sliced: too few calibration samples per input for a re-fit
     for c, cols in drop_cols.items():  # re-fit each consumer's kept weights to its dense output
         if c not in refit_later:
             p = stats[c]
             blocks = unit_blocks(p, [sorted(set(cols))]).flatten()
-            p.layer.weight.data.copy_(consumer_weight(p, blocks, config.percdamp))
+            enough = p.nsamples >= MIN_SAMPLES_PER_INPUT * p.d
+            if not enough:
+                unfitted[c] = few_samples(p.nsamples, p.d)
+            p.layer.weight.data.copy_(consumer_weight(p, blocks, config.percdamp, refit=enough))
     for s in stats.values():
         s.free()
     slice_channels_(model, drop_cols, drop_rows, drop_entries)
@@ -308,9 +320,14 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
     if dense is not None:  # the consumers' one-pass re-fit assumed dense inputs: fit the network as it now runs
         t1 = time.perf_counter()
         kept_rows = {n: kept_indices(before[n][0], r) for n, r in drop_rows.items()}
-        refit_to_dense_outputs(model, dense, batches, order[first:], kept_rows, config.percdamp,
-                               config.bn_recalibration, config.intercept)
+        unfitted |= refit_to_dense_outputs(model, dense, batches, order[first:], kept_rows, config.percdamp,
+                                           config.bn_recalibration, config.intercept)
         timings["dense_refit"] = time.perf_counter() - t1
+    if unfitted:
+        warnings.warn(f"{len(unfitted)} layer{'s' * (len(unfitted) > 1)} ({', '.join(list(unfitted)[:3])}"
+                      f"{', ...' * (len(unfitted) > 3)}) left as sliced, without a re-fit: "
+                      f"{next(iter(unfitted.values()))}, a re-fit would fit these calibration images and not others; "
+                      "give more calibration images (report.structure['not_refitted'] lists them)", RuntimeWarning)
     t1 = time.perf_counter()
     bns = bn_modules(model)
     if config.bn_recalibration and bns and dense is None:  # the re-fit's pass re-estimated them already
@@ -328,4 +345,4 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
                  "fixed": groups[g].reason} for g in range(len(groups))],
         layers=[{"name": n, "shape_before": before[n], "shape_after": after[n]} for n in before],
         spec={n: spec_of(modules[n]) for n in sorted(changed, key=list(modules).index)},
-        timings=timings, latency=latency)
+        timings=timings, latency=latency, not_refitted=unfitted)
