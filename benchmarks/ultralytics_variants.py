@@ -28,8 +28,9 @@ VARIANTS = ["yolov8n.yaml", "yolo11n.yaml", "yolov5nu.yaml", "yolov8n-seg.yaml",
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", nargs="+", default=VARIANTS)
-    p.add_argument("--image-size", type=int, default=160, help="pixels per side")
-    p.add_argument("--nsamples", type=int, default=16, help="random calibration images")
+    p.add_argument("--image-size", type=int, default=320, help="pixels per side")
+    p.add_argument("--nsamples", type=int, default=64, help="random calibration images (with too few for the deep "
+                   "layers' width their re-fits are left out: docs/OPTIONS.md)")
     p.add_argument("--json", required=True)
     args = p.parse_args()
     try:
