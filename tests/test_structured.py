@@ -624,6 +624,10 @@ def test_a_model_fx_traces_but_in_part_is_channel_pruned_around_the_part():
     fresh = apply_structure(make(_TinyDetector), rep.structure["spec"])
     fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(fresh.eval()(x), out)
+    low = make(_TinyDetector)  # the part's layers from one forward each instead of its stored inputs: the same
+    prune_model(low, x, structure="channels", keep_macs=0.7, low_memory=True, progress=False)
+    for (name, w), w_low in zip(model.state_dict().items(), low.state_dict().values()):
+        torch.testing.assert_close(w, w_low, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_n_m_permutation_reorders_a_partly_traced_models_chunked_channels_and_keeps_its_function():
@@ -666,3 +670,18 @@ def test_a_channel_prune_with_too_few_samples_per_input_leaves_those_layers_as_s
         rep = prune_model(model, x, structure="channels", keep_macs=0.6, round_to=1, progress=False)
     assert rep.structure["not_refitted"] == {"5": f"16 calibration samples for {model[5].in_features} inputs (< 2 "
                                                   "per input)"}
+
+
+def test_a_channel_prune_takes_the_memory_policy_and_low_memory_gives_the_same_network():
+    """The dense target's re-fit pass holds activations of the whole calibration set (two networks): low_memory
+    recomputes them instead, as in the weight prune, for the same result; unset, free memory decides."""
+    x = calib(64)
+    runs = {}
+    for low in (False, True, None):
+        model = make(TinyResNet)
+        rep = prune_model(model, x, structure="channels", keep_macs=0.6, round_to=4, low_memory=low,
+                          progress=False)
+        runs[low] = (model, rep)
+    assert runs[True][1].memory_policy == "low-memory" and runs[None][1].memory_policy.startswith("default (")
+    for (name, w), w_low in zip(runs[False][0].state_dict().items(), runs[True][0].state_dict().values()):
+        torch.testing.assert_close(w, w_low, rtol=1e-5, atol=1e-6, msg=name)

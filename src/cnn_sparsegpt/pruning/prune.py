@@ -622,11 +622,16 @@ def _prune_structured(model: nn.Module, batches: list[torch.Tensor], config: Pru
     physically smaller (structured.py)."""
     t0 = time.perf_counter()
     positions: dict[str, int] = {}
-    forward_order(model, batches[0][:1], positions=positions)
+    input_bytes: dict[str, int] = {}
+    forward_order(model, batches[0][:1], input_bytes, positions)
     positions.update(view_positions(views))
-    structure = prune_channels(model, batches, config, positions, progress)
+    low_memory, policy = config.low_memory, "low-memory" if config.low_memory else "default"
+    if low_memory is None:  # (the dense target's pass: the dense copy's graph in step)
+        low_memory, policy = memory_policy(max(input_bytes.values(), default=0), sum(len(x) for x in batches),
+                                           batches[0].device, copies=2 if config.dense_target else 1)
+    structure = prune_channels(model, batches, config, positions, progress, low_memory)
     return PruneReport(config, sum(len(x) for x in batches), [], seconds=time.perf_counter() - t0,
-                       timings=structure.timings, structure=dataclasses.asdict(structure),
+                       timings=structure.timings, structure=dataclasses.asdict(structure), memory_policy=policy,
                        bn_recalibrated=config.bn_recalibration and bool(bn_modules(model)))
 
 

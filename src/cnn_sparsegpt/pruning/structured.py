@@ -157,7 +157,7 @@ def _output_energy(W: torch.Tensor, H: torch.Tensor, rows: int = 1024) -> torch.
 @torch.no_grad()
 def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list[torch.Tensor], names: list[str],
                            kept_rows: dict[str, torch.Tensor], percdamp: float, bn_recalibration: bool,
-                           intercept: bool = True) -> dict[str, str]:
+                           intercept: bool = True, low_memory: bool = False) -> dict[str, str]:
     """Sequential re-fit (the dense target, for layers whose inputs lost channels), in one pass of the traced graph:
     when the pass reaches layer `name`, its weights are solved for min ‖Y_dense − Ŵ·X_pruned‖², Y_dense its dense
     counterpart's output (kept rows, bias excluded; the dense copy's graph runs in step) and X_pruned its inputs in
@@ -166,10 +166,11 @@ def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list
     With intercept, where an output offset is free (intercept.py: a bias, or a BatchNorm) the fit has an intercept:
     H and C are centred (covariances), so no weight is spent on the mean, and the offset goes into the bias or the
     BatchNorm's running mean (held-out images: ResNet-20 keep_macs 0.35 +0.3 points, docs/CHANNELS.md).
-    targets: the dense model's frozen copy (made before the model was sliced). Returns the layers left as sliced,
+    targets: the dense model's frozen copy (made before the model was sliced). low_memory: both graphs recompute
+    activations instead of storing them, and the layers of a part fx cannot trace get one forward each. Returns the layers left as sliced,
     without a re-fit, and why: fewer than MIN_SAMPLES_PER_INPUT calibration samples per input."""
     modules = dict(model.named_modules())
-    targets.follow_graph(names)
+    targets.follow_graph(names, low_memory)
     dense_modules = targets.modules
     try:
         traced = trace(model)
@@ -244,11 +245,11 @@ def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list
     if bn_recalibration:
         bns = set(bn_modules(model))
         barriers |= {n: statistics(n) for n, m in modules.items() if m in bns}
-    GraphExecutor(traced, batches, barriers).run()
+    GraphExecutor(traced, batches, barriers, low_memory).run()
     left = call_order(model, [n for n in barriers if n not in done], batches[0][:1])  # inside the parts called whole
     if left:
-        parts, _ = stored_parts(model, traced.opaque_modules, batches[0][:1], sum(len(x) for x in batches),
-                                batches[0].device, copies=2)
+        parts = [] if low_memory else stored_parts(model, traced.opaque_modules, batches[0][:1],
+                                                   sum(len(x) for x in batches), batches[0].device, copies=2)[0]
         targets.parts = parts
         for name, inputs, _ in layer_inputs(model, left, batches, parts):
             barriers[name](inputs)
@@ -258,9 +259,10 @@ def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list
 
 @torch.no_grad()
 def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positions: dict,
-                   progress: bool = False) -> StructureReport:
+                   progress: bool = False, low_memory: bool = False) -> StructureReport:
     """Prune whole channels of `model` in place to config.keep_macs (or keep_params) of its multiply-adds
-    (parameters), as the module docstring describes. The first conv's input and the classifier's output stay."""
+    (parameters), as the module docstring describes. The first conv's input and the classifier's output stay.
+    low_memory: the re-fit's pass recomputes activations instead of storing them (graph.memory_policy)."""
     t0 = time.perf_counter()
     what, target = next((k, v) for k, v in (("macs", config.keep_macs), ("params", config.keep_params),
                                              ("speedup", config.target_speedup)) if v is not None)
@@ -321,7 +323,7 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
         t1 = time.perf_counter()
         kept_rows = {n: kept_indices(before[n][0], r) for n, r in drop_rows.items()}
         unfitted |= refit_to_dense_outputs(model, dense, batches, order[first:], kept_rows, config.percdamp,
-                                           config.bn_recalibration, config.intercept)
+                                           config.bn_recalibration, config.intercept, low_memory)
         timings["dense_refit"] = time.perf_counter() - t1
     if unfitted:
         warnings.warn(f"{len(unfitted)} layer{'s' * (len(unfitted) > 1)} ({', '.join(list(unfitted)[:3])}"
