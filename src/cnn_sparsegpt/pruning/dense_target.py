@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .graph import GraphExecutor, inputs_of, opaque_part, part_inputs, part_runner, partial_trace, trace
+from .graph import GraphExecutor, inputs_of, layer_source, partial_trace, trace
 from ..kernels.linalg import damped
 
 
@@ -42,7 +42,7 @@ class DenseInputs:
         self._captured: dict[str, list] = {}
         self._on_graph: set[str] = set()  # layers the traced graph calls (those inside a part called whole are not)
         self.parts: list[str] = []  # the parts called whole whose layers are served from the part's stored inputs
-        self._part: tuple[str, list] | None = None  # (part, its inputs) of the last such layer served
+        self._stored: dict[str, list] = {}  # the inputs of the part of the last such layer served (layer_source)
 
     def follow_graph(self, names: list[str], low_memory: bool = False, keep_until: list[str] = ()) -> bool:
         """Serve the inputs of `names` (in the order the pruned graph reaches them) from one run of the dense
@@ -79,13 +79,10 @@ class DenseInputs:
             while inputs:
                 yield inputs.pop(0)
             return
-        part = opaque_part(name, self.parts)
-        if part is not None and (self._part is None or self._part[0] != part):  # stored once per part
-            t0 = time.perf_counter()
-            self._part = (part, part_inputs(self.model, self.modules[part], self.batches))
-            self.seconds += time.perf_counter() - t0
-        inputs = inputs_of(part_runner(self.modules[part]), self.modules[name], self._part[1]) if part else \
-            inputs_of(self.model, self.modules[name], self.batches)
+        t0 = time.perf_counter()
+        run, data, _ = layer_source(self.model, name, self.batches, self.parts, self._stored)
+        self.seconds += time.perf_counter() - t0
+        inputs = inputs_of(run, self.modules[name], data)  # (lazily: one batch's inputs at a time)
         while True:
             t0 = time.perf_counter()
             x = next(inputs, None)
@@ -107,8 +104,9 @@ class DenseInputs:
     def free(self) -> None:
         if self._graph is not None:
             self._graph.close()
-        self.model = self.modules = self._graph = self._executor = self._part = None
+        self.model = self.modules = self._graph = self._executor = None
         self._captured.clear()
+        self._stored.clear()
 
 
 def dense_target_weights(W: torch.Tensor, H: torch.Tensor, R: torch.Tensor, percdamp: float) -> torch.Tensor:

@@ -697,18 +697,29 @@ def part_runner(part: nn.Module) -> Callable:
     return lambda call: part(*call[0], **call[1])
 
 
+def layer_source(model: nn.Module, name: str, batches: list, parts: Iterable[str], stored: dict
+                 ) -> tuple[Callable, list, int]:
+    """What runs to reach module `name`, on what, and the forward passes that took: the model on the batches; or,
+    inside a part listed in `parts` (a partly traced graph's opaque_modules, its pass done), the part alone on its
+    inputs, kept in `stored` from one pass cut short at the part when its first module comes (the inputs of the part
+    before are dropped then)."""
+    part = opaque_part(name, parts)
+    if part is None:
+        return model, batches, 0
+    passes = 0
+    if part not in stored:
+        stored.clear()
+        stored[part], passes = part_inputs(model, model.get_submodule(part), batches), 1
+    return part_runner(model.get_submodule(part)), stored[part], passes
+
+
 def layer_inputs(model: nn.Module, names: list[str], batches: list[torch.Tensor], parts: Iterable[str] = ()):
     """(name, its inputs batch by batch, forward passes made) for each module named in turn, where no traced graph
-    serves it: from one forward pass cut short at the module; or, inside a part listed in `parts` (a partly traced
-    graph's opaque_modules, its pass done), from running the part alone on its inputs, stored in one pass cut short
-    at the part when its first module comes (those of the part before are freed then)."""
-    modules, stored = dict(model.named_modules()), {}
+    serves it: from one forward pass cut short at the module, or from its part's stored inputs (layer_source)."""
+    stored = {}
     for name in names:
-        part, passes = opaque_part(name, parts), 0
-        if part is not None and part not in stored:
-            stored, passes = {part: part_inputs(model, modules[part], batches)}, 1
-        run, data = (part_runner(modules[part]), stored[part]) if part else (model, batches)
-        yield name, list(inputs_of(run, modules[name], data)), passes + (part is None)
+        run, data, passes = layer_source(model, name, batches, parts, stored)
+        yield name, list(inputs_of(run, model.get_submodule(name), data)), passes + (run is model)
     stored.clear()
 
 

@@ -9,6 +9,7 @@ one (truncated) forward pass per layer.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import time
@@ -422,16 +423,11 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     config.check_runnable(dist.active(process_group), next(model.parameters()).device)
     config = config.resolved(dist.active(process_group))
     batches = _as_batches(calibration, next(model.parameters()).device, config.batch_size, nsamples)
-    with evaluation_mode(model):  # (every submodule's own mode back after: BatchNorms frozen in training stay so)
-        positions: dict[str, int] = {}  # of the layers the views stand in for: their own multiply-adds
-        if viewable(model):
-            forward_order(model, batches[0][:1], positions=positions, kinds=VIEWABLE)
-        # Conv1d, Conv3d and transposed convs are pruned as the Conv2d they equal (conv_views.py)
-        with conv2d_views(model, positions) as views:
-            if config.structure == "channels":
-                report = _prune_structured(model, batches, config, progress, views)
-            else:
-                report = _prune_weights(model, batches, config, progress, use_fx, process_group, views, resume)
+    with _as_conv2d(model, batches[0][:1]) as views:
+        if config.structure == "channels":
+            report = _prune_structured(model, batches, config, progress, views)
+        else:
+            report = _prune_weights(model, batches, config, progress, use_fx, process_group, views, resume)
     report.layers = _channel_layers(report.structure, views, model, config) if report.structure else \
         [original_result(r, views) for r in report.layers]
     report.total_sparsity = weight_sparsity(model)
@@ -444,15 +440,22 @@ def channel_plan(model: nn.Module, example: torch.Tensor) -> list[dict]:
     its producers, channels, how many of them can go and, where none can, why; prune_model's own channel walk on
     `example` (one input or a few)."""
     model = uncompiled(model)
+    with _as_conv2d(model, example[:1]) as views:
+        plan = [{"producers": g.producers, "channels": len(g.units) * g.width, "removable": len(g.removable) * g.width,
+                 "reason": g.reason} for g in channel_groups(model, example[:1])]
+        return renamed(plan, views)
+
+
+@contextlib.contextmanager
+def _as_conv2d(model: nn.Module, example: torch.Tensor):
+    """The block with `model` in eval mode (every submodule's own mode back after: BatchNorms frozen in training stay
+    so) and its Conv1d, Conv3d and transposed convs as the Conv2d they equal (conv_views.py); yields the views."""
     with evaluation_mode(model):
-        positions: dict[str, int] = {}
+        positions: dict[str, int] = {}  # of the layers the views stand in for: their own multiply-adds
         if viewable(model):
             forward_order(model, example, positions=positions, kinds=VIEWABLE)
         with conv2d_views(model, positions) as views:
-            plan = [{"producers": g.producers, "channels": len(g.units) * g.width,
-                     "removable": len(g.removable) * g.width, "reason": g.reason}
-                    for g in channel_groups(model, example[:1])]
-            return renamed(plan, views)
+            yield views
 
 
 def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneConfig, progress: bool, use_fx: bool,
