@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cnn_sparsegpt import PUBLISHED, LayerPruner, Pattern, sparsegpt_solve
+from cnn_sparsegpt import PUBLISHED, RECOMMENDED, LayerPruner, Pattern, UserError, sparsegpt_solve
+from cnn_sparsegpt.pruning import layer as layer_module
 
 
 
@@ -194,6 +195,30 @@ def test_singular_hessian_retries_damping():
     with pytest.warns(RuntimeWarning, match="Cholesky failed"):
         res = p.prune(replace(PUBLISHED, method="sparsegpt", percdamp=0.0), Pattern(sparsity=0.5))
     assert res.percdamp > 0 and torch.isfinite(lin.weight).all()
+
+
+@pytest.mark.parametrize("config", [replace(PUBLISHED, solver="exact"), replace(RECOMMENDED, nm="2:4")],
+                         ids=["exact", "recommended"])
+def test_hessian_indefinite_to_rounding_raises_damping(config):
+    # inputs near float32's smallest numbers (a random-weight SSDlite's deep layers): H's entries are denormals,
+    # indefinite to rounding at percdamp 0.01; every solve (exact, swap, cg, the dense target) raised LinAlgError
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 8)
+    p = LayerPruner(lin, "l")
+    p.add_batch(torch.randn(300, 128) * 1e-22)
+    with pytest.warns(RuntimeWarning, match="not positive definite at percdamp=0.01"):
+        res = p.prune(config, Pattern(n=2, m=4))
+    assert res.percdamp > 0.01 and res.sparsity == 0.5 and torch.isfinite(lin.weight).all()
+
+
+def test_hessian_never_positive_definite_is_a_user_error(monkeypatch):
+    def fail(*args, **kwargs):
+        raise torch.linalg.LinAlgError("not positive-definite")
+    monkeypatch.setattr(layer_module, "prune_matrix", fail)
+    p = LayerPruner(nn.Linear(8, 4), "l")
+    p.add_batch(torch.randn(20, 8))
+    with pytest.raises(UserError, match="layer l: .* not positive definite even with percdamp"):
+        p.prune(replace(PUBLISHED, solver="exact"), Pattern(sparsity=0.5))
 
 
 def test_nm_skip_when_channels_not_divisible():

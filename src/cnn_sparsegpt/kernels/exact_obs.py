@@ -38,7 +38,7 @@ def exact_obs_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
     H may also be (G, rows, d, d): each row's own Hessian (relu_gate.py); rows still compete for the layer's
     removals. row_scale (G, rows): each row's losses weighed by it when rows compete for the layer's removals."""
     G, rows, d = W.shape
-    _, Hinv, dead = _inverse(H, percdamp, dtype)
+    _, Hinv, dead, s = _inverse(H, percdamp, dtype)
     steps = d - d * pattern.n // pattern.m if pattern.is_nm else d
     Q = torch.empty_like(W)
     pruned = torch.zeros_like(W, dtype=torch.bool)
@@ -51,7 +51,7 @@ def exact_obs_solve(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, percdamp
             w = W[g, r0:r0 + batch].to(dtype, copy=True)
             Hb, db = (Hinv[g], dead[g]) if H.dim() == 3 else (Hinv[g, r0:r0 + batch], dead[g, r0:r0 + batch])
             hist, order, loss = _greedy(w, Hb, db, pattern, steps, keep_history=not pattern.is_nm)
-            losses[g, r0:r0 + batch] = loss
+            losses[g, r0:r0 + batch] = loss * (s[g] if H.dim() == 3 else s[g, r0:r0 + batch, None])
             if pattern.is_nm:
                 Q[g, r0:r0 + batch] = w.to(W.dtype)
                 pruned[g, r0:r0 + batch].scatter_(1, order, True)
@@ -80,9 +80,9 @@ def exact_error_curve(W: torch.Tensor, H: torch.Tensor, sparsities, percdamp: fl
     recorded losses are OBC's error database (each level's rows take the cheapest prefixes, _row_counts).
     W (G, rows, d), H (G, d, d) -> (len(sparsities),) float64."""
     G, rows, d = W.shape
-    Hd, Hinv, dead = _inverse(H, percdamp, dtype)  # the losses are on the damped H: so is the norm
+    Hd, Hinv, dead, s = _inverse(H, percdamp, dtype)  # the losses are on the damped H: so is the norm
     curves = torch.cat([_greedy(W[g].to(dtype, copy=True), Hinv[g], dead[g], Pattern(sparsity=0.5), d,
-                                keep_history=False)[2] for g in range(G)])  # (G·rows, d)
+                                keep_history=False)[2] * s[g] for g in range(G)])  # (G·rows, d)
     weights = curves * (row_scale.reshape(-1, 1).double() if row_scale is not None else 1.0)
     cumulative = torch.cat([torch.zeros(len(curves), 1, dtype=torch.float64, device=curves.device),
                             curves.cumsum(1)], 1)
@@ -95,10 +95,15 @@ def exact_error_curve(W: torch.Tensor, H: torch.Tensor, sparsities, percdamp: fl
 
 
 def _inverse(H: torch.Tensor, percdamp: float, dtype: torch.dtype) -> tuple:
-    """The damped H (float64), its inverse in the solver's dtype, and the never-active inputs (free to remove,
-    first), for a batch H (..., d, d)."""
+    """The damped H (float64), the inverse of Hd / s in the solver's dtype, the never-active inputs (free to remove,
+    first) and s (...,), for a batch H (..., d, d). s is the power of 4 nearest Hd's mean diagonal: the greedy's
+    steps do not depend on H's scale, but float32 holds the inverse of a Hessian of tiny inputs (1e-22: 1e44) only
+    so scaled; a power of 4 scales H and the Cholesky factor exactly, so nothing else changes by rounding. A loss
+    from the scaled inverse is s times too small."""
     Hd = damped(H.double(), percdamp)
-    return Hd, torch.cholesky_inverse(torch.linalg.cholesky(Hd)).to(dtype), torch.diagonal(H, dim1=-2, dim2=-1) == 0
+    s = torch.exp2(2 * torch.round(torch.log2(torch.diagonal(Hd, dim1=-2, dim2=-1).mean(-1)) / 2))
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(Hd / s[..., None, None])).to(dtype)
+    return Hd, Hinv, torch.diagonal(H, dim1=-2, dim2=-1) == 0, s
 
 
 def _row_counts(curve: torch.Tensor, k: int) -> torch.Tensor:

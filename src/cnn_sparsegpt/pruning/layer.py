@@ -26,6 +26,7 @@ from ..kernels.shifted_gram import cheaper, conv_gram, output_size
 from ..kernels.quant import fit_grid, layer_codes
 from ..kernels.refine import effective as refine_run, refine as refine_solve
 from ..kernels.solver import choose_solver, prune_matrix, relative_error
+from ..utils import UserError
 
 
 # The re-fits beyond SparseGPT's own solve (the dense target, --refine) need at least this many calibration
@@ -33,6 +34,9 @@ from ..kernels.solver import choose_solver, prune_matrix, relative_error
 # almost exactly. A 8192-input Linear fed by 1024 images reached 1e-6 layer error and lost 0.9 points of test
 # accuracy at 2:4 (CIFAR CNN); ResNet-18's least-sampled layers (3.6 per input) showed no such gap.
 MIN_SAMPLES_PER_INPUT = 2
+# tenfold raises of the damping tried where H + damping is not positive definite in a solve: a Hessian of inputs near
+# float32's smallest numbers (a random-weight SSDlite's deep layers: 1e-22) is indefinite to rounding
+DAMPING_RAISES = 4
 
 
 def few_samples(n: int, d: int) -> str:
@@ -592,7 +596,32 @@ class LayerPruner:
         compared in an unstructured mask (sparsegpt, magnitude); Wanda and N:M compare within rows. keep: why the
         layer stays dense (refit_dense_layers): every weight is kept, re-fitted to the dense target only."""
         config = config.resolved()
-        method, percdamp, refine, wbits = config.method, config.percdamp, config.refine, config.wbits
+        percdamp = config.percdamp
+        for raised in range(DAMPING_RAISES + 1):
+            try:
+                res = self._prune(config, percdamp, pattern, stats, graphs, row_scale, intercept, keep)
+            except torch.linalg.LinAlgError:
+                if raised == DAMPING_RAISES:
+                    raise UserError(f"layer {self.name}: its calibration inputs' Hessian is not positive definite "
+                                    f"even with percdamp={percdamp:g} ({self.input_scale()}); are the weights "
+                                    "before it trained?") from None
+                percdamp = max(percdamp, 1e-4) * 10
+                continue
+            if percdamp != config.percdamp:
+                warnings.warn(f"{self.name}: its Hessian was not positive definite at percdamp={config.percdamp:g} "
+                              f"({self.input_scale()}); solved at {percdamp:g}", RuntimeWarning)
+            return res
+
+    def input_scale(self) -> str:
+        """The size of the layer's calibration inputs, for a message about its Hessian."""
+        if self.nsamples == 0 or (self.H is None and self.colsq is None):
+            return "no calibration inputs"
+        return f"its inputs' mean square is {float(self.hessian_diagonal().double().mean()) / 2:.3g}"
+
+    def _prune(self, config, percdamp: float, pattern: Pattern | None, stats: dict | None, graphs: dict | None,
+               row_scale: torch.Tensor | None, intercept: bool, keep: str) -> LayerResult:
+        """prune() at damping `percdamp`; raises LinAlgError where H + damping is not positive definite."""
+        method, refine, wbits = config.method, config.refine, config.wbits
         pattern = pattern or config.pattern
         t0 = time.perf_counter()
         weight = self.layer.weight
