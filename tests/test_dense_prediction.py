@@ -130,3 +130,31 @@ def test_a_model_without_scores_falls_back_to_layer_errors():
     with pytest.warns(RuntimeWarning, match="output scores"):
         report = cs.prune_model(model, torch.randn(32, 3, 12, 12), sparsity=0.5, ignore=[])
     assert report.allocation["dp_measure"] == "layer"
+
+
+class _Detections(nn.Module):
+    """A detector's eval output as torchvision's: per image a dict of boxes and scores, as many as pass a threshold."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x).flatten(2)  # (N, 8, positions)
+        out = []
+        for yi in y:
+            keep = yi[0] > 0  # a number of boxes that differs from image to image
+            out.append({"boxes": yi[:4, keep].t().contiguous(), "scores": yi[4, keep]})
+        return out
+
+
+def test_per_image_detections_are_not_compared_as_outputs():
+    from cnn_sparsegpt.commands.train import compare_outputs
+    from cnn_sparsegpt.pruning.output_kl import output_measure
+    torch.manual_seed(0)
+    model, x = _Detections(), torch.randn(4, 3, 8, 8)
+    with pytest.raises(cs.UserError, match="a row per image: there is nothing to compare .*detector"):
+        compare_outputs(model, copy.deepcopy(model), x, progress=False)
+    for outputs in ("scores", "values"):
+        with pytest.warns(RuntimeWarning, match="with a row per image"):
+            assert output_measure(model, x, "dp_measure='kl'", "the layer measure instead", outputs) is None

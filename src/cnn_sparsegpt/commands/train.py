@@ -85,16 +85,20 @@ def compare_outputs(model: nn.Module, reference: nn.Module, data, device: torch.
     with evaluation_mode(model, reference):
         for x, _ in _shard(data, device, batch_size, progress, desc, process_group):
             out, out_ref = model(x), reference(x)
-            y, r = values(out), values(out_ref)  # every output tensor, side by side
+            y, r = values(out, len(x)), values(out_ref, len(x))  # every output tensor, side by side
             if r is None:
-                raise UserError(f"{type(reference).__name__}'s output holds no floating tensor with a batch "
-                                "dimension: there is nothing to compare")
+                raise UserError(f"{type(reference).__name__}'s output holds no floating tensor with a row per image: "
+                                "there is nothing to compare (a detector's boxes after NMS differ in number from "
+                                "image to image: prune and measure its backbone, see the README)")
+            if y is None or y.shape != r.shape:
+                raise UserError(f"{type(model).__name__}'s outputs ({None if y is None else list(y.shape)}) are not "
+                                f"the shape of the dense model's ({list(r.shape)}): they cannot be compared")
             y, r = y.double(), r.double()
             err += float((y - r).square().sum())
             ref += float(r.square().sum())
-            s_ref = output_scores(out_ref) if scores else None
+            s_ref = output_scores(out_ref, len(x)) if scores else None
             if s_ref is not None and s_ref.shape[1] > 1:
-                same += float((output_scores(out).argmax(1) == s_ref.argmax(1)).sum())
+                same += float((output_scores(out, len(x)).argmax(1) == s_ref.argmax(1)).sum())
                 positions += s_ref[:, 0].numel()
                 over = "images" if s_ref.ndim == 2 else "positions"
     err, ref, same, positions = dist.sum_counts(err, ref, same, positions, group=process_group)

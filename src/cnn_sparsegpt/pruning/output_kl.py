@@ -57,16 +57,23 @@ def _measured(runs, dense: torch.Tensor, read, measure, bar) -> dict:
     return out
 
 
-def scores(out) -> torch.Tensor | None:
+def scores(out, batch: int | None = None) -> torch.Tensor | None:
     """The output tensor whose scores are compared (see above), None if the output holds no floating tensor of at
-    least two dimensions."""
-    return next((t for t in output_tensors(out) if t.is_floating_point() and t.ndim >= 2), None)
+    least two dimensions. batch: the images of the call, where known: only a tensor with as many rows counts (a
+    torchvision detector's per-image boxes after NMS do not)."""
+    return next((t for t in _batched(out, batch)), None)
 
 
-def values(out) -> torch.Tensor | None:
-    """Every floating output tensor, flattened per image and side by side (N, ·); None if there is none."""
-    ts = [t.flatten(1) for t in output_tensors(out) if t.is_floating_point() and t.ndim >= 2]
+def values(out, batch: int | None = None) -> torch.Tensor | None:
+    """Every floating output tensor, flattened per image and side by side (N, ·); None if there is none. batch: as
+    in `scores`."""
+    ts = [t.flatten(1) for t in _batched(out, batch)]
     return torch.cat(ts, 1) if ts else None
+
+
+def _batched(out, batch: int | None) -> list[torch.Tensor]:
+    return [t for t in output_tensors(out)
+            if t.is_floating_point() and t.ndim >= 2 and (batch is None or t.shape[0] == batch)]
 
 
 def output_measure(model: nn.Module, x: torch.Tensor, measure: str, instead: str,
@@ -76,16 +83,17 @@ def output_measure(model: nn.Module, x: torch.Tensor, measure: str, instead: str
     every KL would be 0: a grayscale image, a binary mask's single logit), with a warning; None, after a warning that
     `measure` uses `instead`, where the output holds nothing to compare."""
     with torch.no_grad():
-        out = model(x[:1])
-    s = scores(out) if outputs == "scores" else None
+        out = model(x[:2])
+    s = scores(out, len(x[:2])) if outputs == "scores" else None
     if s is not None and s.shape[1] == 1:
         warnings.warn(f"{measure}: the model's output scores have one channel, whose softmax is always 1: their "
                       "relative squared error is compared instead (outputs='values')", RuntimeWarning)
         return "values"
-    if s is not None or (outputs == "values" and values(out) is not None):
+    if s is not None or (outputs == "values" and values(out, len(x[:2])) is not None):
         return outputs
     warnings.warn(f"{measure} compares the model's output {outputs}, and this model's output holds no floating "
-                  f"tensor{' of at least two dimensions' if outputs == 'scores' else ''}: {instead}", RuntimeWarning)
+                  f"tensor of at least two dimensions with a row per image (a detector's boxes after NMS have "
+                  f"none): {instead}", RuntimeWarning)
     return None
 
 
