@@ -632,7 +632,12 @@ def _prune_structured(model: nn.Module, batches: list[torch.Tensor], config: Pru
     if low_memory is None:  # (the dense target's pass: the dense copy's graph in step)
         low_memory, policy = memory_policy(max(input_bytes.values(), default=0), sum(len(x) for x in batches),
                                            batches[0].device, copies=2 if config.dense_target else 1)
-    structure = prune_channels(model, batches, config, positions, progress, low_memory)
+    try:
+        structure = prune_channels(model, batches, config, positions, progress, low_memory)
+    except torch.linalg.LinAlgError as e:  # (mild cases are solved at a raised damping, block_obs.damped_inverse)
+        raise UserError(f"channel prune: a layer's calibration Hessian is not positive definite even with raised "
+                        f"damping ({str(e).splitlines()[0]}); its inputs are probably all but zero: are the weights "
+                        "before it trained?") from None
     return PruneReport(config, sum(len(x) for x in batches), [], seconds=time.perf_counter() - t0,
                        timings=structure.timings, structure=dataclasses.asdict(structure), memory_policy=policy,
                        bn_recalibrated=config.bn_recalibration and bool(bn_modules(model)))
