@@ -685,3 +685,23 @@ def test_a_channel_prune_takes_the_memory_policy_and_low_memory_gives_the_same_n
     assert runs[True][1].memory_policy == "low-memory" and runs[None][1].memory_policy.startswith("default (")
     for (name, w), w_low in zip(runs[False][0].state_dict().items(), runs[True][0].state_dict().values()):
         torch.testing.assert_close(w, w_low, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_block_obs_inverse_raises_damping_where_h_is_singular():
+    X = torch.randn(16, 3) @ torch.randn(3, 12)  # rank 3 of 12: no inverse without damping
+    H = X.t() @ X
+    with pytest.warns(RuntimeWarning, match="Cholesky failed at percdamp=0"):
+        Hinv = damped_inverse(H, 0.0)
+    assert torch.isfinite(Hinv).all()
+    assert torch.equal(damped_inverse(H, 0.01), torch.cholesky_inverse(torch.linalg.cholesky(
+        H.double() + 0.01 * torch.diagonal(H.double()).mean() * torch.eye(12, dtype=torch.float64))))
+
+
+def test_channel_prune_with_a_hessian_never_positive_definite_is_a_user_error(monkeypatch):
+    from cnn_sparsegpt.pruning import prune as prune_module
+
+    def fail(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.cholesky: the input is not positive-definite")
+    monkeypatch.setattr(prune_module, "prune_channels", fail)
+    with pytest.raises(UserError, match="channel prune: .* not positive definite even with raised damping"):
+        prune_model(make(), calib(), structure="channels", keep_macs=0.5, progress=False)
