@@ -14,22 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from .linalg import damped, with_damping
+from .linalg import damped, damped_cholesky
 
 
 def damped_inverse(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     """(H + λI)⁻¹ with λ = percdamp · mean diag(H) (dead inputs' diagonal set to 1), in float64; percdamp raised
-    tenfold, with a warning, while H + λI is not positive definite (linalg.with_damping)."""
-    H = H[None].double()
-    dead = torch.diagonal(H, dim1=-2, dim2=-1) == 0
-
-    def factor(add):  # (as damped(H, percdamp) at the first try, to the bit)
-        A = H.clone()
-        torch.diagonal(A, dim1=-2, dim2=-1).add_(add).masked_fill_(dead, 1)
-        L, info = torch.linalg.cholesky_ex(A)
-        inverse = None if info.any() else torch.cholesky_inverse(L)
-        return inverse if inverse is not None and torch.isfinite(inverse).all() else None
-    return with_damping(H, percdamp, factor)[0][0]
+    tenfold, with a warning, while H + λI is not positive definite (linalg.damped_cholesky)."""
+    return torch.cholesky_inverse(damped_cholesky(H[None].double(), percdamp))[0]
 
 
 FLUSH_RANK = 256  # columns of pending downdates applied at once: two d×d passes per 256 removed columns

@@ -39,7 +39,7 @@ def _reverse_(M: torch.Tensor, step: int = 256) -> torch.Tensor:
     return M
 
 
-def with_damping(H: torch.Tensor, percdamp: float, factor) -> tuple[torch.Tensor, float]:
+def _with_damping(H: torch.Tensor, percdamp: float, factor) -> tuple[torch.Tensor, float]:
     """factor(λ) with λ = damp · mean diag(H) per matrix (G, 1), damp = percdamp raised tenfold while factor returns
     None (a failed factorization or a factor that is not finite), with a warning when it had to be raised."""
     mean_diag = torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)[:, None]
@@ -66,7 +66,7 @@ def _damped_flipped_cholesky(H: torch.Tensor, percdamp: float, finish) -> tuple[
             return None
         F = finish(L)
         return F if torch.isfinite(F).all() else None
-    return with_damping(H, percdamp, factor)
+    return _with_damping(H, percdamp, factor)
 
 
 def damped_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
@@ -80,7 +80,7 @@ def damped_cholesky(H: torch.Tensor, percdamp: float) -> torch.Tensor:
         L, info = torch.linalg.cholesky_ex(A)
         del A  # H, A and L at the peak: a wide layer's d×d float64 three times, not four
         return None if info.any() or not torch.isfinite(L).all() else L
-    return with_damping(H, percdamp, factor)[0]
+    return _with_damping(H, percdamp, factor)[0]
 
 
 def damped(H: torch.Tensor, percdamp: float, keep: torch.Tensor | None = None,

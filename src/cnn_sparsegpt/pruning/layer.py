@@ -619,9 +619,11 @@ class LayerPruner:
 
     def input_scale(self) -> str:
         """The size of the layer's calibration inputs, for a message about its Hessian."""
-        if self.nsamples == 0 or (self.H is None and self.colsq is None):
-            return "no calibration inputs"
-        return f"its inputs' mean square is {float(self.hessian_diagonal().double().mean()) / 2:.3g}"
+        return f"its inputs' mean square is {self.mean_square():.3g}" if self.nsamples else "no calibration inputs"
+
+    def mean_square(self) -> float:
+        """The mean square of the layer's calibration inputs (over inputs and samples; 0 without any)."""
+        return float(self.hessian_diagonal().double().mean()) / 2 if self.nsamples > 0 else 0.0
 
     def _prune(self, config, percdamp: float, pattern: Pattern | None, stats: dict | None, graphs: dict | None,
                row_scale: torch.Tensor | None, intercept: bool, keep: str) -> LayerResult:
@@ -645,7 +647,7 @@ class LayerPruner:
         Wg, perm = self.weight_matrix()
         Hg = self.H  # already in the solver's column order (see columns); None without a Hessian
         diagonal = self.hessian_diagonal()
-        square = float(diagonal.double().mean()) / 2 if self.nsamples > 0 else 0.0  # the inputs' mean square
+        square = self.mean_square()
         live = square > TINY_INPUTS
         if Hg is None and method == "magnitude":  # magnitude needs no inputs at all: none were given
             live = True

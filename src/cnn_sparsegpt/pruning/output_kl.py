@@ -61,7 +61,7 @@ def scores(out, batch: int | None = None) -> torch.Tensor | None:
     """The output tensor whose scores are compared (see above), None if the output holds no floating tensor of at
     least two dimensions. batch: the images of the call, where known: only a tensor with as many rows counts (a
     torchvision detector's per-image boxes after NMS do not)."""
-    return next((t for t in _batched(out, batch)), None)
+    return next(iter(_batched(out, batch)), None)
 
 
 def values(out, batch: int | None = None) -> torch.Tensor | None:
@@ -82,14 +82,15 @@ def output_measure(model: nn.Module, x: torch.Tensor, measure: str, instead: str
     as asked; values where asked for scores but they have one channel (a softmax over one class is always 1, so
     every KL would be 0: a grayscale image, a binary mask's single logit), with a warning; None, after a warning that
     `measure` uses `instead`, where the output holds nothing to compare."""
+    x = x[:2]
     with torch.no_grad():
-        out = model(x[:2])
-    s = scores(out, len(x[:2])) if outputs == "scores" else None
+        out = model(x)
+    s = scores(out, len(x)) if outputs == "scores" else None
     if s is not None and s.shape[1] == 1:
         warnings.warn(f"{measure}: the model's output scores have one channel, whose softmax is always 1: their "
                       "relative squared error is compared instead (outputs='values')", RuntimeWarning)
         return "values"
-    if s is not None or (outputs == "values" and values(out, len(x[:2])) is not None):
+    if s is not None or (outputs == "values" and values(out, len(x)) is not None):
         return outputs
     warnings.warn(f"{measure} compares the model's output {outputs}, and this model's output holds no floating "
                   f"tensor of at least two dimensions with a row per image (a detector's boxes after NMS have "
