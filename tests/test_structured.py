@@ -108,6 +108,50 @@ class Concat(nn.Module):
         return self.fc(torch.flatten(y, 1))
 
 
+class Shuffled(nn.Module):
+    """Two ShuffleNetV2 units (torchvision's channel_shuffle between them): a downsampling unit whose two branches
+    are concatenated, then a unit that passes half its channels through (chunk) and transforms the other half."""
+
+    def __init__(self, literal_sizes=False):
+        super().__init__()
+        self.literal_sizes = literal_sizes
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.left, self.bnl = nn.Conv2d(8, 12, 1, bias=False), nn.BatchNorm2d(12)
+        self.right, self.bnr = nn.Conv2d(8, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12)
+        self.inner, self.bni = nn.Conv2d(12, 10, 1, bias=False), nn.BatchNorm2d(10)
+        self.outer, self.bno = nn.Conv2d(10, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12)
+        self.last, self.bn9 = nn.Conv2d(24, 16, 1, bias=False), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 5)
+
+    def shuffle(self, x):
+        if self.literal_sizes:  # sizes fixed in the code: a narrower tensor would not fit them
+            return x.view(x.shape[0], 2, 12, 8, 8).transpose(1, 2).reshape(x.shape[0], 24, 8, 8)
+        return torchvision.models.shufflenetv2.channel_shuffle(x, 2)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        x = self.shuffle(torch.cat([torch.relu(self.bnl(self.left(x))), torch.relu(self.bnr(self.right(x)))], 1))
+        a, b = x.chunk(2, dim=1)
+        b = torch.relu(self.bno(self.outer(torch.relu(self.bni(self.inner(b))))))
+        x = self.shuffle(torch.cat([a, b], 1))
+        return self.fc(torch.relu(self.bn9(self.last(x))).mean((2, 3)))
+
+
+def test_a_channel_shuffle_interleaves_the_pieces_and_ties_channel_j_of_each():
+    """ShuffleNetV2's streams were fixed ('read by view'): a shuffle moves channel j of piece k to 2j + k, so the
+    two concatenated halves lose the same channels (j with 12 + j), and a chunk after it ties them further."""
+    groups = channel_groups(make(Shuffled), calib(1))
+    stream = next(g for g in groups if "left" in g.producers)
+    assert set(stream.producers) == {"left", "right", "outer"} and len(stream.removable) == len(stream.units)
+    # channel j of left, right and outer go together (a chunk of the first shuffle's output is a's and b's pieces)
+    assert all(u.rows["left"] == u.rows["right"] for u in stream.units)
+    last = [c for u in stream.units for c in u.columns["last"]]
+    assert sorted(last) == list(range(24)) and len(stream.units) * stream.width == 12
+    fixed = channel_groups(make(lambda: Shuffled(literal_sizes=True)), calib(1))
+    assert not next(g for g in fixed if "left" in g.producers).removable
+    assert "view" in next(g for g in fixed if "left" in g.producers).reason
+
+
 def test_concat_and_flatten_map_channels_to_columns():
     groups = channel_groups(Concat().eval(), torch.randn(1, 3, 8, 8))
     by_first = {g.producers[0]: g for g in groups}
@@ -263,7 +307,7 @@ def test_consumers_too_wide_for_obs_cost_each_channel_its_own_output_energy(monk
     assert curve == pytest.approx([sum(sorted(own)[:k]) for k in range(1, 6)], rel=1e-9)
 
 
-@pytest.mark.parametrize("arch", [TinyResNet, GroupedBottleneck, DepthwiseMultiplier])
+@pytest.mark.parametrize("arch", [TinyResNet, GroupedBottleneck, DepthwiseMultiplier, Shuffled])
 def test_smaller_network_equals_the_masked_one(arch):
     """Without reconstruction, slicing a unit away is the same function as zeroing its producer rows (and its
     BatchNorm's affine entries) and its consumer columns; a grouped conv keeps its groups, each narrower."""
@@ -537,6 +581,24 @@ def test_mobilenet_v3_prunes_to_a_smaller_network_that_rebuilds():
     fresh = apply_structure(torchvision.models.mobilenet_v3_small(num_classes=10), rep.structure["spec"])
     fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(fresh.eval()(x), out)
+
+
+def test_shufflenet_v2_loses_channels_of_its_shuffled_stream_and_rebuilds():
+    """A stage of 4 units ties its stream's channels in eights (x0.5: 48 and 96 channels, units of 8) and loses
+    some; stage 3's 8 units (7 chunks between 8 shuffles) tie its 96 into one unit, which stays, with that reason."""
+    torch.manual_seed(0)
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10)
+    x = torch.randn(32, 3, 32, 32)
+    with torch.no_grad():
+        model.train()(x)
+    model.eval()
+    reasons = {g.producers[0]: g.reason for g in channel_groups(model, x[:1])}
+    assert "single unit" in reasons["stage3.0.branch1.2"] and not reasons["stage4.0.branch1.2"]
+    rep = prune_model(model, x, structure="channels", keep_macs=0.15, channel_costs="layer", progress=False)
+    assert model.stage4[0].branch1[2].out_channels < 96 and model.conv5[0].in_channels < 192
+    fresh = apply_structure(torchvision.models.shufflenet_v2_x0_5(num_classes=10), rep.structure["spec"])
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), model(x))
 
 
 @pytest.mark.slow  # ~130 s on 2 cores: the OBS cost curves of 18 MLP groups of up to 3072 channels

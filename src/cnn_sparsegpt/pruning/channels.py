@@ -9,7 +9,9 @@ grouped conv ties channel j of each of its groups, on its input and on its outpu
 (its groups keep equal widths); a flatten repeats each slot over the positions it spans, so a Linear after it sees a
 block of columns per channel; a permute moves the channel dimension (ConvNeXt's channels-last blocks), a Linear over
 a channels-last tensor reads and writes channels like a 1x1 conv, and a LayerNorm over channels fixes them (it
-normalizes them together: removing one changes the others). Tied slots form a *unit*: one channel (one per conv
+normalizes them together: removing one changes the others); a channel shuffle (ShuffleNet's view into g pieces,
+transpose, view back) interleaves the pieces' lists and ties channel j of every piece, so that each piece keeps as
+many and the interleave stays the same. Tied slots form a *unit*: one channel (one per conv
 group, where tied by a grouped conv) to remove from every producer that writes it (its weight rows, its BatchNorm
 entries, the depthwise filters on its path) and from every consumer that reads it (its weight columns). Units that
 reach the model's output, come from its input or pass through an operation this walk does not know are fixed, with
@@ -75,6 +77,8 @@ class Unit:
 
 OUTPUT = "reaches the model's output"
 TIED = "tied to a channel that cannot be removed"
+ONE_UNIT = ("its channels form a single unit (tied together, as channel shuffles tie a stream's): "
+            "removing it would remove the whole tensor")
 
 
 @dataclass
@@ -156,6 +160,54 @@ def _permutation(node: fx.Node) -> list[int] | None:
     return dims if all(isinstance(d, int) for d in dims) else None
 
 
+def _sizes(node: fx.Node) -> list:
+    """The sizes a view or reshape asks for (several arguments, or one list or tuple)."""
+    args = list(node.args[1:])
+    return list(args[0]) if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+
+
+def _computed(size) -> bool:
+    """A size the model's code computes when it runs (from x.size(), or -1), not a number fixed when it was
+    written: it follows a tensor whose channels were removed."""
+    return isinstance(size, fx.Node) or size == -1
+
+
+def _channel_split(node: fx.Node, name: str, shape_in: tuple | None) -> int | None:
+    """g where `node` views (N, C, *S) as (N, g, C/g, *S) with g fixed and C/g computed (ShuffleNet's channel
+    shuffle, torchvision's channel_shuffle), else None."""
+    out = _shape(node)
+    if name not in ("view", "reshape") or shape_in is None or out is None or len(shape_in) < 2 or \
+            len(out) != len(shape_in) + 1 or out[0] != shape_in[0] or out[3:] != shape_in[2:] or \
+            out[1] * out[2] != shape_in[1] or min(out[1], out[2]) < 2:
+        return None
+    sizes = _sizes(node)
+    ok = len(sizes) == len(out) and sizes[1] == out[1] and _computed(sizes[2])
+    return out[1] if ok else None
+
+
+def _channel_merge(node: fx.Node, name: str) -> bool:
+    """Whether `node` views (N, a, b, *S) back as (N, a·b, *S) with a·b computed (or flattens dims 1 and 2)."""
+    shape_in, out = _shape(node.args[0]), _shape(node)
+    if shape_in is None or out is None or len(out) != len(shape_in) - 1 or out[0] != shape_in[0] or \
+            out[1] != shape_in[1] * shape_in[2] or out[2:] != shape_in[3:]:
+        return False
+    if name == "flatten":
+        dims = list(node.args[1:3]) + [node.kwargs.get(k) for k in ("start_dim", "end_dim") if k in node.kwargs]
+        return [d % len(shape_in) if isinstance(d, int) else d for d in dims] == [1, 2]
+    sizes = _sizes(node)
+    return name in ("view", "reshape") and len(sizes) == len(out) and _computed(sizes[1])
+
+
+def _swaps_1_2(node: fx.Node, name: str, ndim: int) -> bool:
+    """Whether `node` is a transpose of dims 1 and 2 (or a permute that swaps only them)."""
+    if name == "transpose":
+        dims = [d % ndim for d in node.args[1:3] if isinstance(d, int)]
+        return sorted(dims) == [1, 2]
+    if name == "permute" and _permutation(node) is not None:
+        return [d % ndim for d in _permutation(node)] == [0, 2, 1] + list(range(3, ndim))
+    return False
+
+
 def _inside_view(node: fx.Node) -> tuple[str, type] | None:
     """The ConvView (conv_views.py) whose re-arrangement of tensors `node` is part of, if any: its name and class."""
     stack = node.meta.get("nn_module_stack") or {}
@@ -211,6 +263,8 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
     cdim: dict[fx.Node, int] = {}  # where a tensor's channels are: 1 (NCHW), or the last dim (channel-last)
     pieces: dict[fx.Node, list[list[int]]] = {}  # a chunk over channels -> the slots of each piece
     opaque = set(getattr(gm, "opaque_modules", ()))
+    split: dict[fx.Node, tuple[int, list[int], bool]] = {}  # a channel shuffle's (N, g, C/g, ...) view ->
+    # g, the slots of its input's channels, whether dims 1 and 2 are swapped
 
     def _channels(node) -> int | None:
         shape = _shape(node)
@@ -239,6 +293,11 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
 
     for node in gm.graph.nodes:
         args = [a for a in node.all_input_nodes if a in of]
+        if node.op not in ("call_function", "call_method"):  # a module or the output reads a shuffle's inner view
+            for a in node.all_input_nodes:
+                if a in split:
+                    fix_all(split[a][1], f"read by {node.target} after a view that splits the channels, which "
+                                         "structured pruning does not follow")
         if node.op == "placeholder" or node.op == "get_attr":
             of[node] = fixed_list(node)
         elif node.op == "output":
@@ -303,7 +362,24 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
             cd = cdim[node] = cdim.get(tensors[0], 1) if tensors else 1
             c_out = _channels(node)
             view = _inside_view(node)
-            if fn is operator.getitem and node.args[0] in pieces and isinstance(node.args[1], (int, slice)):
+            inside = [a for a in node.all_input_nodes if a in split]
+            if inside:  # within a channel shuffle: its steps, else its channels stay
+                g, x, swapped = split[inside[0]]
+                if name in ("contiguous", "clone") or _swaps_1_2(node, name, len(_shape(inside[0]))):
+                    split[node] = (g, x, swapped != (name not in ("contiguous", "clone")))
+                elif len(inside) == 1 and node.args[0] is inside[0] and _channel_merge(node, name):
+                    per = len(x) // g  # (N, C/g, g, ...) flattened: channel j of each piece in turn
+                    of[node] = [x[k * per + j] for j in range(per) for k in range(g)] if swapped else list(x)
+                    if swapped:
+                        _tie_groups(slots, x, g)
+                else:
+                    fix_all(x, f"read by {name} after a view that splits the channels, which structured pruning "
+                               "does not follow")
+                    of[node] = fixed_list(node)
+            elif tensors and cd == 1 and _channel_split(node, name, _shape(tensors[0])) is not None:
+                split[node] = (_channel_split(node, name, _shape(tensors[0])), list(of[tensors[0]]), False)
+                of[node] = []
+            elif fn is operator.getitem and node.args[0] in pieces and isinstance(node.args[1], (int, slice)):
                 chosen = pieces[node.args[0]][node.args[1]]  # a piece, or some of them (a slice)
                 if isinstance(node.args[1], slice):
                     pieces[node], of[node] = chosen, []
@@ -404,6 +480,8 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
         producers = sorted({p for u in members for p in u.rows}, key=list(modules).index)
         first = producers[0]
         members.sort(key=lambda u: u.rows.get(first, [1 << 30])[0])
+        if len(members) == 1 and not members[0].fixed:
+            members[0].fixed = ONE_UNIT
         reason = "" if any(not u.fixed for u in members) else members[0].fixed
         groups.append(Group(producers, members, reason))
     for part in opaque:  # the channels between the layers of its children that fx traces alone
