@@ -10,6 +10,7 @@ from torch import nn
 from cnn_sparsegpt import PUBLISHED, UserError, prune_model
 from cnn_sparsegpt.kernels.block_obs import BlockOBS, damped_inverse, refit_without
 from cnn_sparsegpt.pruning.channels import channel_groups
+from cnn_sparsegpt.pruning.layer_plan import forward_order
 from cnn_sparsegpt.pruning.slicing import apply_structure, removal_plan, slice_channels_, spec_of
 
 from .test_prune_model import TinyResNet, calib, make
@@ -137,6 +138,39 @@ class Shuffled(nn.Module):
         return self.fc(torch.relu(self.bn9(self.last(x))).mean((2, 3)))
 
 
+class SharedHead(nn.Module):
+    """A detector-style head whose convs (one weight) run on two feature maps of different sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = nn.Sequential(nn.Conv2d(16, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(), nn.Conv2d(24, 8, 1))
+
+    def forward(self, x):
+        f1 = self.a(x)
+        return torch.cat([self.head(f).flatten(1) for f in (f1, self.b(f1))], 1)
+
+
+def test_a_module_called_twice_ties_what_both_calls_read_and_counts_both_calls():
+    """Before, the second call's input replaced the first's as the head conv's columns: a's and b's channels were
+    separate groups, the slicing cut the shared conv for one of them, and the re-fit pass crashed (a traceback); the
+    multiply-adds counted the first call only."""
+    model = make(SharedHead)
+    groups = channel_groups(model, calib(1))
+    assert _producers(groups) == {("a.0", "b.0"), ("head.0",)}
+    shared = next(g for g in groups if g.producers == ["a.0", "b.0"])
+    assert all(u.columns == {"b.0": [i], "head.0": [i]} for i, u in enumerate(shared.units))
+    positions = {}
+    forward_order(model, calib(1), positions=positions)
+    assert positions["head.0"] == 8 * 8 + 4 * 4 and positions["a.0"] == 8 * 8
+    rep = prune_model(model, calib(), structure="channels", keep_macs=0.7, outputs="values", round_to=1,
+                      progress=False)
+    assert model.a[0].out_channels == model.b[0].out_channels == model.head[0].in_channels
+    macs = 8 * 8 * 27 * 16 + 4 * 4 * 144 * 16 + (8 * 8 + 4 * 4) * (144 * 24 + 24 * 8)
+    assert rep.structure["macs"][0] == macs and rep.structure["macs"][1] <= 0.7 * macs
+
+
 def test_a_channel_shuffle_interleaves_the_pieces_and_ties_channel_j_of_each():
     """ShuffleNetV2's streams were fixed ('read by view'): a shuffle moves channel j of piece k to 2j + k, so the
     two concatenated halves lose the same channels (j with 12 + j), and a chunk after it ties them further."""
@@ -197,8 +231,22 @@ def test_untraceable_model_is_a_clear_error():
         def forward(self, x):
             return self.c(x) if x.sum() > 0 else -self.c(x)
 
-    with pytest.raises(UserError, match="cannot be traced"):
+    with pytest.raises(UserError, match="cannot be traced") as e:
         channel_groups(Branchy(), torch.randn(1, 3, 8, 8))
+    assert "alone" not in str(e.value)  # a single layer is no part to prune alone
+
+    class Detector(nn.Module):  # a torchvision detector's shape: a backbone fx traces, a forward it cannot
+        def __init__(self):
+            super().__init__()
+            self.backbone = TinyResNet()
+            self.head = nn.Linear(5, 4)
+
+        def forward(self, images):
+            return [self.head(self.backbone(x[None])) for x in images]
+
+    with pytest.raises(UserError, match=r"cannot be traced \(TraceError: Proxy object cannot be iterated\)\. Its "
+                                        r"part backbone \(\d+% of its layers' weights\) traces alone: prune it"):
+        channel_groups(Detector(), torch.randn(1, 3, 8, 8))
 
 
 def _reference_block_obs(W, H, blocks, k):
@@ -307,7 +355,7 @@ def test_consumers_too_wide_for_obs_cost_each_channel_its_own_output_energy(monk
     assert curve == pytest.approx([sum(sorted(own)[:k]) for k in range(1, 6)], rel=1e-9)
 
 
-@pytest.mark.parametrize("arch", [TinyResNet, GroupedBottleneck, DepthwiseMultiplier, Shuffled])
+@pytest.mark.parametrize("arch", [TinyResNet, GroupedBottleneck, DepthwiseMultiplier, Shuffled, SharedHead])
 def test_smaller_network_equals_the_masked_one(arch):
     """Without reconstruction, slicing a unit away is the same function as zeroing its producer rows (and its
     BatchNorm's affine entries) and its consumer columns; a grouped conv keeps its groups, each narrower."""

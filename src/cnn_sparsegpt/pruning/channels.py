@@ -250,8 +250,9 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
     except Exception as e:  # traced but for the parts fx cannot trace (called whole: their inputs stay)
         gm = partial_trace(model, example)
         if gm is None:
+            first = str(e).splitlines()[0].split(". ")[0].rstrip(".")[:200]
             raise UserError(f"{purpose} needs a torch.fx trace of the model; {type(model).__name__} cannot be "
-                            f"traced ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                            f"traced ({type(e).__name__}: {first}){_traceable_parts(model)}") from None
     with torch.no_grad():
         ShapeProp(gm).propagate(example)
     modules = dict(gm.named_modules())
@@ -291,6 +292,20 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
         for s in values:
             slots.fix(s, reason)
 
+    produced: dict[str, list[int]] = {}  # producer module -> its output slots (one set for all its calls)
+
+    def produce(target, n):
+        if target not in produced:
+            produced[target] = slots.new(target, n)
+        return list(produced[target])
+
+    def read(table, target, x):  # a module called again (shared weights: a detector head's convs on each level)
+        if target in table:  # reads with the same weight columns, or writes with the same entries, both calls'
+            for a, b in zip(table[target], x):  # channels: tied
+                slots.union(a, b)
+        else:
+            table[target] = list(x)
+
     for node in gm.graph.nodes:
         args = [a for a in node.all_input_nodes if a in of]
         if node.op not in ("call_function", "call_method"):  # a module or the output reads a shuffle's inner view
@@ -319,7 +334,7 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
                 cdim[node] = 1
             if node.target in nonstandard:  # its channels stay: a group of its own that says why (in the report)
                 fix_all(x, f"read by {node.target}: {nonstandard[node.target]}")
-                of[node] = slots.new(node.target, m.weight.shape[0])
+                of[node] = produce(node.target, m.weight.shape[0])
                 fix_all(of[node], f"written by {node.target}: {nonstandard[node.target]}")
             elif isinstance(m, nn.Conv2d) and m.groups == 1 or isinstance(m, nn.Linear):
                 if isinstance(m, nn.Linear) and in_dims != 2:
@@ -327,15 +342,15 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
                         fix_all(x, f"read by {node.target}, a Linear over a tensor whose last dim is not channels")
                         x = [FIXED] * m.in_features
                     cdim[node] = in_dims - 1
-                consumers[node.target] = x
-                of[node] = slots.new(node.target, m.weight.shape[0])
+                read(consumers, node.target, x)
+                of[node] = produce(node.target, m.weight.shape[0])
             elif isinstance(m, nn.Conv2d) and m.groups == m.in_channels == len(x) and m.out_channels % m.groups == 0:
                 k = m.out_channels // m.groups  # depthwise: each input channel owns k output channels
                 of[node] = [s for s in x for _ in range(k)]
-                per_channel[node.target] = list(of[node])
+                read(per_channel, node.target, of[node])
             elif isinstance(m, nn.Conv2d) and m.groups > 1 and len(x) == m.in_channels:
-                consumers[node.target] = _tie_groups(slots, x, m.groups)
-                of[node] = slots.new(node.target, m.out_channels)
+                read(consumers, node.target, _tie_groups(slots, x, m.groups))
+                of[node] = produce(node.target, m.out_channels)
                 _tie_groups(slots, of[node], m.groups)
             elif isinstance(m, nn.LayerNorm) and tuple(m.normalized_shape) == (len(x),) and \
                     cdim[node] == in_dims - 1:
@@ -347,7 +362,7 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
                 of[node] = list(x)
                 if any(p.numel() == len(x) and len(x) > 1 for p in m.parameters(recurse=False)) or \
                         isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    per_channel[node.target] = list(x)
+                    read(per_channel, node.target, x)
             else:  # (every tensor it reads: a part called whole may take a list of them)
                 kind = type(m).__name__ + (f" with groups={m.groups}" if getattr(m, "groups", 1) != 1 else "")
                 why = "a part torch.fx cannot trace, called whole" if node.target in opaque else \
@@ -488,6 +503,28 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
         groups += _inside_part(model, part, example, nonstandard)
     groups.sort(key=lambda g: list(modules).index(g.producers[0]))
     return groups
+
+
+def _traceable_parts(model: nn.Module) -> str:
+    """For the error of a model fx cannot trace: its top-level parts that fx traces alone, with their share of the
+    model's Conv2d/Linear weights (a torchvision detector's backbone), to be pruned on their own."""
+    def weights(m):
+        return sum(layer.weight.numel() for layer in m.modules() if isinstance(layer, (nn.Conv2d, nn.Linear)))
+
+    total, found = max(weights(model), 1), []
+    for name, child in model.named_children():
+        if weights(child) and not isinstance(child, (nn.Conv2d, nn.Linear)):  # (a layer alone has no channels to free)
+            try:
+                trace(child)
+            except Exception:
+                continue
+            found.append((weights(child) / total, name))
+    if not found:
+        return ""
+    named = ", ".join(f"{name} ({share:.0%} of its layers' weights)" for share, name in sorted(found, reverse=True)[:3])
+    return (f". Its part{'s' * (len(found) > 1)} {named} trace{'s' * (len(found) == 1)} alone: prune "
+            f"{'them' if len(found) > 1 else 'it'} from Python on the inputs the model gives "
+            f"{'them' if len(found) > 1 else 'it'} (README: a torchvision detector's backbone)")
 
 
 def _inside_part(model: nn.Module, path: str, example: torch.Tensor, nonstandard: dict[str, str]) -> list[Group]:

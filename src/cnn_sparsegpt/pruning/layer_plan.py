@@ -16,18 +16,18 @@ def forward_order(model: nn.Module, example: torch.Tensor, input_bytes: dict | N
                   positions: dict | None = None, kinds: tuple = PRUNABLE) -> list[str]:
     """Names of the Conv2d/Linear layers (or other `kinds`) in the order the forward pass calls them. When given,
     `input_bytes` gets each one's input size in bytes for `example`, and `positions` the number of
-    positions per example its weight is applied at (graph.weight_positions)."""
+    positions per example its weight is applied at, over all its calls (graph.weight_positions)."""
     names = {m: n for n, m in model.named_modules() if isinstance(m, kinds)}
     order: list[str] = []
 
     def hook(mod, inp, out):  # Conv2d/Linear are leaves: they finish in the order they are called
         name = names[mod]
+        if positions is not None:  # every call's (a layer called again, shared weights, works again)
+            positions[name] = positions.get(name, 0) + weight_positions(mod, inp[0], out, len(example))
         if name not in order:
             order.append(name)
             if input_bytes is not None:
                 input_bytes[name] = inp[0].numel() * inp[0].element_size()
-            if positions is not None:
-                positions[name] = weight_positions(mod, inp[0], out, len(example))
 
     run_hooked(model, [example], [m.register_forward_hook(hook) for m in names])
     return order
