@@ -171,6 +171,56 @@ def test_a_module_called_twice_ties_what_both_calls_read_and_counts_both_calls()
     assert rep.structure["macs"][0] == macs and rep.structure["macs"][1] <= 0.7 * macs
 
 
+class UserSE(nn.Module):
+    """Squeeze-excitation as user code writes it: Linear layers on the pooled channels, their scales brought back
+    as (N, C, 1, 1) by a view, unsqueezes or None-indexing (form), multiplying the block's output."""
+
+    def __init__(self, form="view"):
+        super().__init__()
+        self.form = form
+        self.stem, self.bn0 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.conv, self.bn = nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.squeeze, self.excite = nn.Linear(16, 8), nn.Linear(8, 16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn0(self.stem(x)))
+        y = self.bn(self.conv(x))
+        b, c, _, _ = y.size()
+        s = torch.sigmoid(self.excite(torch.relu(self.squeeze(y.mean((2, 3))))))
+        s = {"view": lambda: s.view(b, c, 1, 1), "unsqueeze": lambda: s.unsqueeze(-1).unsqueeze(-1),
+             "index": lambda: s[:, :, None, None], "literal": lambda: s.view(b, 16, 1, 1)}[self.form]()
+        return self.fc(torch.relu(x + y * s).mean((2, 3)))
+
+
+@pytest.mark.parametrize("form", ["view", "unsqueeze", "index", "literal"])
+def test_a_squeeze_excitation_of_linear_layers_ties_its_scales_to_the_channels_they_scale(form):
+    """Before, the scales' view, unsqueeze or [:, :, None, None] fixed every channel of the stream they multiply
+    ('read by view'); a view whose channel count is a number in the code still does (a narrower tensor would not fit
+    it)."""
+    groups = channel_groups(make(lambda: UserSE(form)), calib(1))
+    stream = next(g for g in groups if "stem" in g.producers)
+    if form == "literal":
+        assert not stream.removable and "view" in next(g for g in groups if "excite" in g.producers).reason
+        return
+    assert set(stream.producers) == {"stem", "conv", "excite"} and len(stream.removable) == 16
+    assert stream.units[3].columns == {"conv": [3], "squeeze": [3], "fc": [3]}
+
+
+def test_a_split_into_sizes_the_code_fixes_says_so():
+    class Split(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Conv2d(3, 16, 3), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            u, v = torch.split(self.a(x), [8, 8], 1)
+            return self.c(torch.cat([self.b(u), v], 1))
+
+    reason = next(g.reason for g in channel_groups(Split(), calib(1)) if g.producers == ["a"])
+    assert reason.startswith("read by split, which splits it into channel counts fixed in the code")
+
+
 def test_a_channel_shuffle_interleaves_the_pieces_and_ties_channel_j_of_each():
     """ShuffleNetV2's streams were fixed ('read by view'): a shuffle moves channel j of piece k to 2j + k, so the
     two concatenated halves lose the same channels (j with 12 + j), and a chunk after it ties them further."""
@@ -355,7 +405,8 @@ def test_consumers_too_wide_for_obs_cost_each_channel_its_own_output_energy(monk
     assert curve == pytest.approx([sum(sorted(own)[:k]) for k in range(1, 6)], rel=1e-9)
 
 
-@pytest.mark.parametrize("arch", [TinyResNet, GroupedBottleneck, DepthwiseMultiplier, Shuffled, SharedHead])
+@pytest.mark.parametrize("arch", [TinyResNet, GroupedBottleneck, DepthwiseMultiplier, Shuffled, SharedHead,
+                                  UserSE])
 def test_smaller_network_equals_the_masked_one(arch):
     """Without reconstruction, slicing a unit away is the same function as zeroing its producer rows (and its
     BatchNorm's affine entries) and its consumer columns; a grouped conv keeps its groups, each narrower."""

@@ -198,6 +198,40 @@ def _channel_merge(node: fx.Node, name: str) -> bool:
     return name in ("view", "reshape") and len(sizes) == len(out) and _computed(sizes[1])
 
 
+def _keeps_channels(node: fx.Node, name: str) -> bool:
+    """Whether `node` only adds, drops or merges dims after the channels (dim 1), so that each channel keeps its own
+    values: a squeeze-excitation's x.view(b, c, 1, 1), unsqueeze(-1), [:, :, None, None], a flatten(2); where the code
+    gives the sizes, the channel count must be computed when it runs (x.size(), or -1), else a narrower tensor
+    would not fit them."""
+    shape_in, out = _shape(node.args[0]), _shape(node)
+    if shape_in is None or out is None or len(shape_in) < 2 or len(out) < 2 or out[:2] != shape_in[:2] or \
+            math.prod(out[2:]) != math.prod(shape_in[2:]):
+        return False
+    arg = node.args[1] if len(node.args) > 1 else next(iter(node.kwargs.values()), None)
+    if name in ("view", "reshape"):
+        sizes = _sizes(node)
+        return len(sizes) == len(out) and _computed(sizes[1])
+    if name in ("unsqueeze", "flatten"):  # flatten(x, start_dim) from dim 2 on
+        return isinstance(arg, int) and arg % (len(out) if name == "unsqueeze" else len(shape_in)) >= 2
+    if name == "squeeze":  # a dim given (squeeze() would drop a batch of one)
+        dims = arg if isinstance(arg, (list, tuple)) else [arg]
+        return all(isinstance(d, int) and d % len(shape_in) >= 2 for d in dims)
+    if node.target is operator.getitem:
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        return all(i is None or i is Ellipsis or i == slice(None) for i in index)
+    return False
+
+
+def _splits_channels(node: fx.Node, name: str) -> bool:
+    """Whether `node` takes pieces of the channels by sizes the code fixes (torch.split(x, [8, 8], 1), x[:, :8])."""
+    if name in ("split", "split_with_sizes", "tensor_split", "narrow"):
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        return isinstance(dim, int) and dim in (1, -len(_shape(node.args[0]) or (0, 0)) + 1)
+    if node.target is operator.getitem and isinstance(node.args[1], tuple) and len(node.args[1]) > 1:
+        return node.args[1][0] == slice(None) and node.args[1][1] != slice(None)
+    return False
+
+
 def _swaps_1_2(node: fx.Node, name: str, ndim: int) -> bool:
     """Whether `node` is a transpose of dims 1 and 2 (or a permute that swaps only them)."""
     if name == "transpose":
@@ -452,11 +486,17 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
                 of[node] = []
             elif fn is operator.getitem and tensors and _selects_all(node):
                 of[node] = list(of[tensors[0]])
+            elif cd == 1 and tensors and node.args[0] is tensors[0] and _keeps_channels(node, name):
+                of[node] = list(of[tensors[0]])  # an SE's scales as (N, C, 1, 1): each channel's values stay its own
             elif name in ("size", "dim", "getattr") or fn is getattr:
                 of[node] = []
             else:
+                why = f"read by {name}, " + ("which splits it into channel counts fixed in the code (a narrower tensor "
+                                             "would not fit them; x.chunk(k, 1) would follow it)"
+                                             if cd == 1 and _splits_channels(node, name) else
+                                             "which structured pruning does not know")
                 for t in tensors:
-                    fix_all(of[t], f"read by {name}, which structured pruning does not know")
+                    fix_all(of[t], why)
                 of[node] = fixed_list(node)
         else:
             of[node] = fixed_list(node)
