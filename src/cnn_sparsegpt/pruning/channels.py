@@ -11,8 +11,9 @@ block of columns per channel; a permute moves the channel dimension (ConvNeXt's 
 a channels-last tensor reads and writes channels like a 1x1 conv, and a LayerNorm over channels fixes them (it
 normalizes them together: removing one changes the others); a channel shuffle (ShuffleNet's view into g pieces,
 transpose, view back) interleaves the pieces' lists and ties channel j of every piece, so that each piece keeps as
-many and the interleave stays the same. Tied slots form a *unit*: one channel (one per conv
-group, where tied by a grouped conv) to remove from every producer that writes it (its weight rows, its BatchNorm
+many and the interleave stays the same; a view that only adds or merges dims after the channels (an SE's
+scales as (N, C, 1, 1)) passes them; a module called again (shared weights) ties what each call reads and writes.
+Tied slots form a *unit*: one channel (one per conv group, where tied by a grouped conv) to remove from every producer that writes it (its weight rows, its BatchNorm
 entries, the depthwise filters on its path) and from every consumer that reads it (its weight columns). Units that
 reach the model's output, come from its input or pass through an operation this walk does not know are fixed, with
 the reason.
