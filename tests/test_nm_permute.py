@@ -12,7 +12,7 @@ from cnn_sparsegpt.pruning.channels import channel_groups
 from cnn_sparsegpt.pruning.slicing import permute_channels_
 
 from .test_prune_model import TinyResNet, Untraceable, calib, make
-from .test_structured import Concat
+from .test_structured import Concat, SharedHead, Shuffled, UserSE
 
 
 @pytest.mark.parametrize("n,m,channels", [(2, 4, 12), (1, 4, 8), (4, 8, 16)])
@@ -48,8 +48,9 @@ def _shuffled_groups(model, x):
 
 
 @pytest.mark.parametrize("build", [lambda: make(TinyResNet), lambda: Concat().eval(),
-                                   lambda: torchvision.models.mobilenet_v3_small(num_classes=10).eval()],
-                         ids=["residual", "concat-flatten", "mobilenet-v3"])
+                                   lambda: torchvision.models.mobilenet_v3_small(num_classes=10).eval(),
+                                   lambda: make(UserSE), lambda: make(SharedHead), lambda: make(Shuffled)],
+                         ids=["residual", "concat-flatten", "mobilenet-v3", "linear-se", "shared-head", "shuffle"])
 def test_permuted_network_computes_the_same_function(build):
     """Producers' rows, BatchNorm entries, depthwise filters, squeeze-excitation paths and consumers' columns
     (one per channel, or a block of positions after a flatten) move together."""
