@@ -189,11 +189,12 @@ class UserSE(nn.Module):
         b, c, _, _ = y.size()
         s = torch.sigmoid(self.excite(torch.relu(self.squeeze(y.mean((2, 3))))))
         s = {"view": lambda: s.view(b, c, 1, 1), "unsqueeze": lambda: s.unsqueeze(-1).unsqueeze(-1),
-             "index": lambda: s[:, :, None, None], "literal": lambda: s.view(b, 16, 1, 1)}[self.form]()
+             "index": lambda: s[:, :, None, None], "expand": lambda: s.view(b, c, 1, 1).expand_as(y),
+             "literal": lambda: s.view(b, 16, 1, 1)}[self.form]()
         return self.fc(torch.relu(x + y * s).mean((2, 3)))
 
 
-@pytest.mark.parametrize("form", ["view", "unsqueeze", "index", "literal"])
+@pytest.mark.parametrize("form", ["view", "unsqueeze", "index", "expand", "literal"])
 def test_a_squeeze_excitation_of_linear_layers_ties_its_scales_to_the_channels_they_scale(form):
     """Before, the scales' view, unsqueeze or [:, :, None, None] fixed every channel of the stream they multiply
     ('read by view'); a view whose channel count is a number in the code still does (a narrower tensor would not fit

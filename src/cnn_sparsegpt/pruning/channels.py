@@ -200,13 +200,16 @@ def _channel_merge(node: fx.Node, name: str) -> bool:
 
 
 def _keeps_channels(node: fx.Node, name: str) -> bool:
-    """Whether `node` only adds, drops or merges dims after the channels (dim 1), so that each channel keeps its own
-    values: a squeeze-excitation's x.view(b, c, 1, 1), unsqueeze(-1), [:, :, None, None], a flatten(2); where the code
-    gives the sizes, the channel count must be computed when it runs (x.size(), or -1), else a narrower tensor
-    would not fit them."""
+    """Whether `node` only adds, drops, merges or broadcasts dims after the channels (dim 1), so that each channel
+    keeps its own values: a squeeze-excitation's x.view(b, c, 1, 1), unsqueeze(-1), [:, :, None, None], expand_as(x),
+    a flatten(2); where the code gives the sizes, the channel count must be computed when it runs (x.size(), or -1),
+    else a narrower tensor would not fit them."""
     shape_in, out = _shape(node.args[0]), _shape(node)
-    if shape_in is None or out is None or len(shape_in) < 2 or len(out) < 2 or out[:2] != shape_in[:2] or \
-            math.prod(out[2:]) != math.prod(shape_in[2:]):
+    if shape_in is None or out is None or len(shape_in) < 2 or len(out) < 2 or out[:2] != shape_in[:2]:
+        return False
+    if name in ("expand", "expand_as"):  # SENet's y.view(b, c, 1, 1).expand_as(x): each scale over its channel
+        return name == "expand_as" or len(_sizes(node)) == len(out) and _computed(_sizes(node)[1])
+    if math.prod(out[2:]) != math.prod(shape_in[2:]):
         return False
     arg = node.args[1] if len(node.args) > 1 else next(iter(node.kwargs.values()), None)
     if name in ("view", "reshape"):
