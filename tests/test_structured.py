@@ -222,6 +222,31 @@ def test_a_split_into_sizes_the_code_fixes_says_so():
     assert reason.startswith("read by split, which splits it into channel counts fixed in the code")
 
 
+class TinyRetina(nn.Module):
+    """A backbone's two feature maps read only by torchvision's RetinaNetHead, whose convs run on both maps with one
+    weight (what the README's recipe prunes for a RetinaNet: backbone and head as one module)."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.detection.retinanet import RetinaNetHead
+        self.a = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = RetinaNetHead(16, num_anchors=3, num_classes=4)
+
+    def forward(self, x):
+        f1 = self.a(x)
+        return self.head([f1, self.b(f1)])
+
+
+def test_a_retinanet_head_on_every_map_loses_inner_channels_and_keeps_its_outputs():
+    model, x = make(TinyRetina), calib(128)
+    dense = {k: v.shape for k, v in model(x[:2]).items()}
+    prune_model(model, x, structure="channels", keep_macs=0.6, outputs="values", round_to=1, progress=False)
+    inner = [m.out_channels for h in (model.head.classification_head, model.head.regression_head)
+             for m in h.conv.modules() if isinstance(m, nn.Conv2d)]
+    assert min(inner) < 16 and {k: v.shape for k, v in model(x[:2]).items()} == dense
+
+
 def test_a_channel_shuffle_interleaves_the_pieces_and_ties_channel_j_of_each():
     """ShuffleNetV2's streams were fixed ('read by view'): a shuffle moves channel j of piece k to 2j + k, so the
     two concatenated halves lose the same channels (j with 12 + j), and a chunk after it ties them further."""
