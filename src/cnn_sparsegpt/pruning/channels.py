@@ -13,10 +13,10 @@ normalizes them together: removing one changes the others); a channel shuffle (S
 transpose, view back) interleaves the pieces' lists and ties channel j of every piece, so that each piece keeps as
 many and the interleave stays the same; a view that only adds or merges dims after the channels (an SE's
 scales as (N, C, 1, 1)) passes them; a module called again (shared weights) ties what each call reads and writes.
-Tied slots form a *unit*: one channel (one per conv group, where tied by a grouped conv) to remove from every producer that writes it (its weight rows, its BatchNorm
-entries, the depthwise filters on its path) and from every consumer that reads it (its weight columns). Units that
-reach the model's output, come from its input or pass through an operation this walk does not know are fixed, with
-the reason.
+Tied slots form a *unit*: one channel (one per conv group, where tied by a grouped conv) to remove from every
+producer that writes it (its weight rows, its BatchNorm entries, the depthwise filters on its path) and from every
+consumer that reads it (its weight columns). Units that reach the model's output, come from its input or pass
+through an operation this walk does not know are fixed, with the reason.
 
 A `Group` collects the units of producers tied together (e.g. all the convs that write one ResNet stage's residual
 stream): its units are removed independently, each in every member at once.
@@ -429,9 +429,8 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
                     fix_all(x, f"read by {name} after a view that splits the channels, which structured pruning "
                                "does not follow")
                     of[node] = fixed_list(node)
-            elif tensors and cd == 1 and _channel_split(node, name, _shape(tensors[0])) is not None:
-                split[node] = (_channel_split(node, name, _shape(tensors[0])), list(of[tensors[0]]), False)
-                of[node] = []
+            elif tensors and cd == 1 and (g := _channel_split(node, name, _shape(tensors[0]))) is not None:
+                split[node], of[node] = (g, list(of[tensors[0]]), False), []
             elif fn is operator.getitem and node.args[0] in pieces and isinstance(node.args[1], (int, slice)):
                 chosen = pieces[node.args[0]][node.args[1]]  # a piece, or some of them (a slice)
                 if isinstance(node.args[1], slice):
