@@ -10,6 +10,13 @@ say nothing about detection accuracy, and these random networks are chaotic (SSD
 1% of its weights are zeroed by magnitude): a COCO subset and trained weights would turn the errors into mAP.
 
     python benchmarks/torchvision_detectors.py --json experiments/torchvision_detectors.json
+
+`--with-head` prunes backbone and head as one module (RawOutputs; the README's recipe for a detector whose head
+alone reads the backbone's maps: RetinaNet, SSD), so that the head's inner channels go too and the maps between them
+may lose channels (the feature error is then not measured: the maps' shapes differ):
+
+    python benchmarks/torchvision_detectors.py --detectors retinanet_resnet50_fpn --with-head \
+        --json experiments/torchvision_detectors_with_head.json
 """
 from __future__ import annotations
 
@@ -37,7 +44,7 @@ DETECTORS = {
 @torch.no_grad()
 def detector(name: str, images: torch.Tensor) -> nn.Module:
     """The detector with random weights and its BatchNorms' statistics from `images` (their plain mean)."""
-    det = getattr(torchvision.models.detection, name)(weights=None, weights_backbone=None, **DETECTORS[name]).eval()
+    det = untrained(name).eval()
     bns = [m for m in det.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in bns:
         m.momentum = None
@@ -47,6 +54,11 @@ def detector(name: str, images: torch.Tensor) -> nn.Module:
     for m in bns:
         m.eval()
     return det
+
+
+def untrained(name: str) -> nn.Module:
+    """The detector's modules, untrained and uncalibrated (to ask what it is made of)."""
+    return getattr(torchvision.models.detection, name)(weights=None, weights_backbone=None, **DETECTORS[name])
 
 
 @torch.no_grad()
@@ -71,7 +83,10 @@ class RawOutputs(nn.Module):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--detectors", nargs="+", default=list(DETECTORS), choices=list(DETECTORS))
-    p.add_argument("--keep-macs", type=float, default=0.6, help="of the backbone's multiply-adds")
+    p.add_argument("--keep-macs", type=float, default=0.6, help="of the backbone's multiply-adds (with --with-head: "
+                   "of backbone and head)")
+    p.add_argument("--with-head", action="store_true", help="prune backbone and head as one module (not for Faster "
+                   "R-CNN: its second stage reads the maps too)")
     p.add_argument("--image-size", type=int, default=320, help="pixels per side")
     p.add_argument("--nsamples", type=int, default=64, help="random calibration images")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
@@ -80,22 +95,25 @@ def main() -> None:
     shape = (3, args.image_size, args.image_size)
     calibration = torch.rand(args.nsamples, *shape, generator=torch.Generator().manual_seed(1))
     test = torch.rand(8, *shape, generator=torch.Generator().manual_seed(2))
-    out = {"keep_macs": args.keep_macs, "input_shape": list(shape), "nsamples": args.nsamples,
+    if args.with_head and any(hasattr(untrained(n), "rpn") for n in args.detectors):
+        p.error("--with-head: a Faster R-CNN's second stage reads the backbone's maps too; prune its backbone alone")
+    out = {"keep_macs": args.keep_macs, "with_head": args.with_head, "input_shape": list(shape),
+           "nsamples": args.nsamples,
            "torchvision": torchvision.__version__, "detectors": {}} | run_metadata(torch.device("cpu"))
     for name in args.detectors:
         torch.manual_seed(0)
         dense = detector(name, calibration)
         x, xt = backbone_inputs(dense, calibration), backbone_inputs(dense, test)
-        backbone = copy.deepcopy(dense.backbone)
-        t0 = time.perf_counter()
-        rep = prune_model(backbone, x, structure="channels", keep_macs=args.keep_macs, outputs="values",
-                          progress=False)
-        seconds = time.perf_counter() - t0
         pruned = copy.deepcopy(dense)
-        pruned.backbone = backbone
         raw_dense, raw_pruned = RawOutputs(dense), RawOutputs(pruned)
+        backbone = pruned.backbone
+        t0 = time.perf_counter()
+        rep = prune_model(raw_pruned if args.with_head else backbone, x, structure="channels",
+                          keep_macs=args.keep_macs, outputs="values", progress=False)  # in place, inside `pruned`
+        seconds = time.perf_counter() - t0
         with torch.no_grad():
-            feature_error = float(relative_squared_error(values(dense.backbone(xt)), values(backbone(xt))))
+            feature_error = None if args.with_head else \
+                float(relative_squared_error(values(dense.backbone(xt)), values(backbone(xt))))
             head_error = float(relative_squared_error(values(raw_dense(xt)), values(raw_pruned(xt))))
         shape_in = tuple(xt.shape[1:])
         raw = compare_latency(raw_dense, raw_pruned, shape_in, "torch", tuple(args.batch_sizes), warmup=2, runs=10)
@@ -108,7 +126,8 @@ def main() -> None:
         out["detectors"][name] = row
         atomic_write_json(out, args.json)  # each detector as it ends
         macs = rep.structure["macs"]
-        print(f"{name}: backbone multiply-adds kept {macs[1] / macs[0]:.1%}, feature error {feature_error:.4f}, "
+        print(f"{name}: {'backbone and head' if args.with_head else 'backbone'} multiply-adds kept "
+              f"{macs[1] / macs[0]:.1%}, feature error {'-' if feature_error is None else f'{feature_error:.4f}'}, "
               f"head error {head_error:.4f}, {seconds:.0f} s pruning; backbone and head (torch) " +
               ", ".join(f"batch {r['batch']} {r['speedup']:.2f}x" for r in raw) + "; backbone alone (onnxruntime) "
               + ", ".join(f"batch {r['batch']} {r['speedup']:.2f}x" for r in alone), flush=True)
