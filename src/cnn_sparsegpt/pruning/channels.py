@@ -556,12 +556,13 @@ def _traceable_parts(model: nn.Module) -> str:
 
     total, found = max(weights(model), 1), []
     for name, child in model.named_children():
-        if weights(child) and not isinstance(child, (nn.Conv2d, nn.Linear)):  # (a layer alone has no channels to free)
+        w = weights(child)
+        if w and not isinstance(child, (nn.Conv2d, nn.Linear)):  # (a layer alone has no channels to free)
             try:
                 trace(child)
             except Exception:
                 continue
-            found.append((weights(child) / total, name))
+            found.append((w / total, name))
     if not found:
         return ""
     named = ", ".join(f"{name} ({share:.0%} of its layers' weights)" for share, name in sorted(found, reverse=True)[:3])
