@@ -37,13 +37,22 @@ def assert_error(capsys, args, *fragments):
     (["--sparsity", "0.5", "--method", "obs"], "unknown method 'obs'; choose from sparsegpt, magnitude, wanda"),
     (["--sparsity", "0.5", "--device", "cuda"], "no CUDA GPU"),
     (["--sparsity", "0.5", "--device", "tpu"], "unknown device"),
+    (["--sparsity", "0.5", "--device", "mps"], "no Apple MPS device"),
     (["--sparsity", "0.5", "--nsamples", "0"], "nsamples must be at least 1"),
     (["--sparsity", "0.5", "--ignore", "conv[1"], "'conv[1' is not a layer name or regular expression"),
 ])
 def test_bad_pattern_method_device(capsys, tmp_path, flags, fragment):
-    if "cuda" in flags and torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
+    if "cuda" in flags and torch.cuda.is_available() or "mps" in flags and torch.backends.mps.is_available():
+        pytest.skip("this machine has the device")
     assert_error(capsys, ["prune", "--model", "mnist_cnn", "--out", str(tmp_path), *flags], fragment)
+
+
+def test_prune_refuses_mps():
+    """The Hessian sums are float64, which MPS lacks: said before any work (train and finetune may use it)."""
+    from cnn_sparsegpt.pruning.config import PruneConfig
+    from cnn_sparsegpt.utils import UserError
+    with pytest.raises(UserError, match="float64"):
+        PruneConfig(nm="2:4").check_runnable(False, torch.device("mps"))
 
 
 def test_unknown_model_and_dataset(capsys, tmp_path):

@@ -200,7 +200,10 @@ def resolve_device(name: str) -> torch.device:
             raise UserError(f"device '{name}' asked for, but this machine has no CUDA GPU: use --device cpu or auto")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise UserError(f"device '{name}' does not exist: this machine has {torch.cuda.device_count()} GPU(s)")
-    elif dev.type not in ("cpu", "mps"):
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UserError(f"device '{name}' asked for, but this machine has no Apple MPS device: use --device cpu")
+    elif dev.type != "cpu":
         raise UserError(f"unsupported device '{name}': use auto, cpu, cuda or cuda:N")
     return dev
 

@@ -286,6 +286,9 @@ class PruneConfig:
                                        ("stat_correction", self.stat_correction),
                                        ("reconstruct", bool(self.reconstruct)),
                                        ("permute", self.permute)) if on]
+        if device is not None and device.type == "mps":  # train and finetune run there; a prune cannot
+            raise UserError("a prune cannot run on Apple's MPS: its Hessian sums and solves are in float64, which "
+                            "MPS lacks; prune with --device cpu (the pruned model runs anywhere)")
         if self.column_loop == "triton" and (why := fused_unavailable(device)):
             raise UserError(f"column_loop triton: {why}")
         if self.target_speedup is not None:  # the runtime it times on, before hours of Hessians
