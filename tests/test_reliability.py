@@ -55,6 +55,27 @@ def test_prune_refuses_mps():
         PruneConfig(nm="2:4").check_runnable(False, torch.device("mps"))
 
 
+def test_model_that_cannot_run_on_the_data(capsys, tmp_path):
+    """A model built for other inputs (MNIST's one channel, RGB images given) stops in one line before calibration,
+    with --evaluate or without (was the model's RuntimeError traceback)."""
+    torch.save({"train": torch.rand(8, 3, 28, 28), "train_labels": torch.arange(8) % 2}, tmp_path / "rgb.pt")
+    for more in ([], ["--no-evaluate"]):
+        assert_error(capsys, ["prune", "--model", "mnist_cnn", "--dataset", str(tmp_path / "rgb.pt"), "--nm", "2:4",
+                              "--out", str(tmp_path / "o"), *more],
+                     "the model cannot run on the dataset's inputs (a batch of shape [2, 3, 28, 28]): RuntimeError",
+                     "--image-size")
+
+
+def test_prune_model_keyword_typo_and_no_parameters():
+    from cnn_sparsegpt import prune_model
+    from cnn_sparsegpt.utils import UserError
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3))
+    with pytest.raises(TypeError, match="unknown keyword 'nmm'.*did you mean 'nm'"):
+        prune_model(net, torch.randn(2, 3, 8, 8), nmm="2:4")
+    with pytest.raises(UserError, match="ReLU has no parameters"):
+        prune_model(torch.nn.ReLU(), torch.randn(2, 3, 8, 8), nm="2:4")
+
+
 def test_unknown_model_and_dataset(capsys, tmp_path):
     assert_error(capsys, ["prune", "--model", "resnet99", "--sparsity", "0.5", "--out", str(tmp_path)],
                  "unknown model 'resnet99'", "mnist_cnn", "resnet18_cifar")

@@ -167,8 +167,15 @@ def _load_pickled(path: Path, what: str = "checkpoint"):
         raise UserError(f"cannot read {what} {path}: the file is truncated or corrupt, or not a torch "
                         "file") from None
     except Exception as e:  # garbage bytes fail inside the unpickler in many ways (IndexError, KeyError, ...)
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read {what} {path}: the file is truncated or corrupt ({msg[:160]})") from None
+        raise UserError(f"cannot read {what} {path}: the file is truncated or corrupt ({first_line(e, 160)})") \
+            from None
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's first line of text (its type's name where it has none), cut to `limit` characters: what a
+    one-line error quotes of a library's own."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]
 
 
 def output_tensors(out) -> list[torch.Tensor]:

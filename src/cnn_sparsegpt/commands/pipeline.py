@@ -34,6 +34,7 @@ from ..utils import (
     atomic_write_json,
     check_finite,
     ensure_writable,
+    first_line,
     load_tensors,
     output_tensors,
     resolve_device,
@@ -138,14 +139,24 @@ class Prepared(NamedTuple):
     metric: str | None  # "top1" or "output" (what --evaluate measures, choose_metric); None without --evaluate
 
 
-def choose_metric(asked: str, model: nn.Module, data, device: torch.device) -> str:
-    """--metric: top1 where asked for (after checking that it can be measured) or, for auto, where the model returns
-    (N, classes) logits and the images have labels; output otherwise."""
+def probe(model: nn.Module, data, device: torch.device):
+    """The model's output on the first two images of `data`, or a one-line error where it cannot run on them (a model
+    built for other images: its channels, size or preprocessing), before minutes of calibration."""
+    x, _ = next(data.batches(2, device, indices=torch.arange(min(2, len(data)))))
+    try:
+        with torch.no_grad():
+            return model(x)
+    except Exception as e:  # the model's own code: any type
+        raise UserError(f"the model cannot run on the dataset's inputs (a batch of shape {list(x.shape)}): "
+                        f"{type(e).__name__}: {first_line(e)}. Check --dataset, --image-size and --preprocess "
+                        "against what the model was built for") from None
+
+
+def choose_metric(asked: str, out, data) -> str:
+    """--metric: top1 where asked for (after checking that it can be measured) or, for auto, where the model's
+    output `out` (on two images, probe) is (N, classes) logits and the images have labels; output otherwise."""
     if asked == "output":
         return "output"
-    x, _ = next(data.batches(2, device, indices=torch.arange(min(2, len(data)))))
-    with torch.no_grad():
-        out = model(x)
     logits = isinstance(out, torch.Tensor) and out.ndim == 2 and out.is_floating_point()
     if asked == "top1" and not data.labelled:
         raise UserError("--metric top1 needs labelled images: mnist, cifar10, or an ImageFolder with train/ and val/ "
@@ -184,7 +195,8 @@ def prepare(opts: PruneOptions, device: torch.device) -> Prepared:
 
         warnings.warn("no --weights given: pruning a randomly initialized model", RuntimeWarning)
     model = model.to(device).eval()
-    metric = choose_metric(opts.metric, model, train, device) if opts.evaluate else None
+    out = probe(model, train, device)
+    metric = choose_metric(opts.metric, out, train) if opts.evaluate else None
     if metric == "top1" and head is not None and head != classes:
         raise UserError(f"the checkpoint's head has {head} outputs but {dataset} has {classes} classes: accuracy "
                         "would be meaningless. Use the dataset the model was trained on (an ImageNet-style folder "
@@ -390,7 +402,7 @@ def save_exported_program(model: nn.Module, example: torch.Tensor, path: Path) -
                                       dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},))
         atomic_file(path, lambda tmp: torch.export.save(program, tmp), suffix=".tmp.pt2")  # torch wants .pt2
     except Exception as e:  # an op torch.export cannot capture: say so, keep the state dict
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         warnings.warn(f"no model.pt2: torch.export failed ({first})", RuntimeWarning)
         return f"not written: {first}"
     return path.name

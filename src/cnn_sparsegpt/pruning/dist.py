@@ -19,7 +19,7 @@ import torch
 import torch.distributed as td
 from torch import nn
 
-from ..utils import UserError
+from ..utils import UserError, first_line
 
 
 def launched() -> bool:
@@ -93,9 +93,9 @@ def _collective(what: str, fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except Exception as e:  # a timeout or a peer that died: say so, naming this rank, instead of a backend trace
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e, 300)
         where = f"rank {td.get_rank()} of {td.get_world_size()}" if td.is_initialized() else "this process"
-        raise UserError(f"{where}: {what} failed ({first[:300]}). Another rank probably stopped "
+        raise UserError(f"{where}: {what} failed ({first}). Another rank probably stopped "
                         "first: see its own error above") from e
 
 

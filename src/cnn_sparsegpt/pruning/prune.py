@@ -397,6 +397,20 @@ class _Pruner:
         return passes
 
 
+def _with_overrides(config: PruneConfig, overrides: dict) -> PruneConfig:
+    """config with prune_model's keywords as its fields; a keyword that is no field is a TypeError naming the
+    nearest field (a typo would otherwise read as dataclasses' own message about __init__)."""
+    fields = {f.name for f in dataclasses.fields(PruneConfig)}
+    for key in overrides:
+        if key not in fields:
+            import difflib
+
+            near = difflib.get_close_matches(key, sorted(fields), n=1)
+            raise TypeError(f"prune_model got an unknown keyword '{key}': not a PruneConfig field"
+                            + (f" (did you mean '{near[0]}'?)" if near else ""))
+    return replace(config, **overrides) if overrides else config
+
+
 @torch.no_grad()
 def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None, *, progress: bool = True,
                 use_fx: bool = True, process_group=None, resume: str | Path | None = None,
@@ -419,10 +433,13 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     report records the resolved config and what each layer got.
     """
     model = uncompiled(model)  # (torch.compile's wrapper: its layers' names are the module's it wraps)
-    config = replace(config or RECOMMENDED, **overrides) if overrides else (config or RECOMMENDED)
-    config.check_runnable(dist.active(process_group), next(model.parameters()).device)
+    config = _with_overrides(config or RECOMMENDED, overrides)
+    param = next(model.parameters(), None)
+    if param is None:
+        raise UserError(f"{type(model).__name__} has no parameters: nothing to prune")
+    config.check_runnable(dist.active(process_group), param.device)
     config = config.resolved(dist.active(process_group))
-    batches = _as_batches(calibration, next(model.parameters()).device, config.batch_size, nsamples)
+    batches = _as_batches(calibration, param.device, config.batch_size, nsamples)
     with _as_conv2d(model, batches[0][:1]) as views:
         if config.structure == "channels":
             report = _prune_structured(model, batches, config, progress, views)
