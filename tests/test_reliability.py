@@ -5,6 +5,7 @@ import pickle
 
 import pytest
 import torch
+import cnn_sparsegpt as cs
 import yaml
 
 from cnn_sparsegpt import create_model, load_state_dict
@@ -74,6 +75,28 @@ def test_prune_model_keyword_typo_and_no_parameters():
         prune_model(net, torch.randn(2, 3, 8, 8), nmm="2:4")
     with pytest.raises(UserError, match="ReLU has no parameters"):
         prune_model(torch.nn.ReLU(), torch.randn(2, 3, 8, 8), nm="2:4")
+    for run in (lambda x: prune_model(net, x, nm="2:4"), lambda x: prune_model(net, x, structure="channels",
+                                                                              keep_macs=0.5),
+                lambda x: cs.channel_plan(net, x)):  # images of one channel for a model of three
+        with pytest.raises(UserError, match=r"cannot run on the calibration inputs \(shape \[1, 1, 8, 8\]\)"):
+            run(torch.randn(2, 1, 8, 8))
+
+
+def test_api_arguments_users_get_wrong(tmp_path):
+    """evaluate on images without labels, save_compressed given the module, export_model given a batch or a shape
+    with the batch in it."""
+    from cnn_sparsegpt.utils import UserError
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 36, 3)).eval()
+    x = torch.randn(6, 3, 8, 8)
+    y = net(x).argmax(1)
+    with pytest.raises(UserError, match="evaluate needs labels"):
+        cs.evaluate(net, x, progress=False)
+    assert cs.evaluate(net, (x, y), progress=False, batch_size=4) == 1.0
+    assert cs.save_compressed(net, tmp_path / "net.csp")["bytes"] > 0
+    with pytest.raises(UserError, match=r"shape \[4, 1, 3, 8, 8\].*without the batch"):
+        cs.export_model(net, (1, 3, 8, 8), safetensors=tmp_path / "a.safetensors", progress=False)
+    assert cs.export_model(net, x, safetensors=tmp_path / "b.safetensors", progress=False)["input_shape"] == [3, 8, 8]
 
 
 def test_unknown_model_and_dataset(capsys, tmp_path):

@@ -28,7 +28,7 @@ from ..pruning.conv_views import VIEWABLE
 from ..pruning.graph import PRUNABLE
 from ..pruning.layer_plan import forward_order
 from .pipeline import load_run, run_images
-from ..utils import (UserError, atomic_write_json, ensure_writable, load_tensors, output_tensors,
+from ..utils import (UserError, atomic_write_json, ensure_writable, first_line, load_tensors, output_tensors,
                      save_safetensors, uncompiled)
 
 _SHAPES = {"mnist": [1, 28, 28], "cifar10": [3, 32, 32]}
@@ -145,7 +145,8 @@ def export_model(model: nn.Module, input_shape: list[int] | tuple[int, ...], onn
                  int8: str | Path | None = None, *, masks: dict | None = None, quantized: dict | None = None,
                  calibration: torch.Tensor | None = None, eval_data=None, int8_calibration: str = "minmax",
                  opset: int = OPSET, atol: float = 1e-4, progress: bool = True) -> dict:
-    """What `export` writes, for a model in memory (e.g. after prune_model): BatchNorm folded into the convs, then
+    """What `export` writes, for a model in memory (e.g. after prune_model), on inputs of `input_shape` (one input's,
+    without the batch: (3, 224, 224); or an example batch tensor): BatchNorm folded into the convs, then
     an ONNX model checked in ONNX Runtime within `atol` (times the largest output where that is above 1),
     safetensors, a compressed file (`quantized`: a --wbits prune's report.quantized, packed as codes) and/or an
     INT8 ONNX model calibrated on the images `calibration` (N, C, H, W), with the float and INT8 top-1 over
@@ -161,8 +162,15 @@ def export_model(model: nn.Module, input_shape: list[int] | tuple[int, ...], onn
             raise UserError("an INT8 export needs calibration images (the inputs prune_model calibrated on)")
         RunData(calibration=int8_calibration).check()
     model = copy.deepcopy(uncompiled(model)).cpu().eval()  # the caller's module keeps its device and mode
-    shape = list(input_shape)
+    shape = list(input_shape.shape[1:] if torch.is_tensor(input_shape) else input_shape)  # (an example batch's)
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as e:  # the model's own code: any type
+        raise UserError(f"the model cannot run on inputs of shape {[4, *shape]}: {type(e).__name__}: "
+                        f"{first_line(e)}. input_shape is one input's shape without the batch, e.g. (3, 224, 224), "
+                        "or give an example batch tensor") from e
     folded = fold_batchnorm(model, example=x)
     grids = folded_grids(model, folded, quantized or {}, x)
     for p in folded.parameters():  # -0.0 (a zero times a negative factor) as +0.0: one bit pattern for zero

@@ -41,25 +41,37 @@ class TrainConfig:
 
 def _shard(data, device, batch_size: int, progress: bool, desc: str, process_group):
     """The (images, labels) batches of `data` this process evaluates: every world-th image under torchrun. data: an
-    ImageSet or FolderSet, or a tensor of model-ready images (labels None)."""
+    ImageSet or FolderSet, a pair (images, labels) of tensors, or a tensor of model-ready images (labels None)."""
+    pair = isinstance(data, (tuple, list)) and len(data) == 2 and all(map(torch.is_tensor, data))
+    if not pair and not torch.is_tensor(data) and not hasattr(data, "batches"):
+        raise UserError(f"data must be an ImageSet (load_dataset), a pair (images, labels) of tensors or a tensor of "
+                        f"images, got {type(data).__name__}")
     world = dist.world(process_group)
     if world > 1:
-        share = torch.arange(dist.rank(process_group), len(data), world)
-        data = data[share] if torch.is_tensor(data) else data.subset(share)
-    batches = ((x.to(device), None) for x in data.split(batch_size)) if torch.is_tensor(data) \
-        else data.batches(batch_size, device)
+        share = torch.arange(dist.rank(process_group), len(data[0] if pair else data), world)
+        data = (data[0][share], data[1][share]) if pair else data[share] if torch.is_tensor(data) \
+            else data.subset(share)
+    if pair:
+        batches = ((x.to(device), y.to(device)) for x, y in zip(data[0].split(batch_size), data[1].split(batch_size)))
+    else:
+        batches = ((x.to(device), None) for x in data.split(batch_size)) if torch.is_tensor(data) \
+            else data.batches(batch_size, device)
+    n = len(data[0]) if pair else len(data)
     # freed activations reused, not faulted in afresh per batch (pruning/heap.py): ResNet-18 on CIFAR-10's test split
     # 56.2 / 55.8 -> 39.1 / 39.6 s on this project's CPU, peak RSS +11-18% (benchmarks/heap_reuse.py --evaluate)
     with reuse_freed_memory(torch.device(device).type == "cpu"):
-        yield from tqdm(batches, total=-(-len(data) // batch_size), desc=desc, unit="batch", disable=not progress,
+        yield from tqdm(batches, total=-(-n // batch_size), desc=desc, unit="batch", disable=not progress,
                         leave=False)
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data, device: torch.device | str = "cpu", batch_size: int = 500,
              progress: bool = True, desc: str = "evaluate", process_group=None) -> float:
-    """Top-1 accuracy as a fraction in [0, 1], over an ImageSet or a streamed FolderSet. With a process group
-    (torchrun) each process evaluates every world-th image and the counts are added."""
+    """Top-1 accuracy as a fraction in [0, 1], over an ImageSet, a streamed FolderSet or a pair (images, labels) of
+    tensors. With a process group (torchrun) each process evaluates every world-th image and the counts are added."""
+    if torch.is_tensor(data):
+        raise UserError("evaluate needs labels: give (images, labels), or an ImageSet (load_dataset); output_error "
+                        "compares a model's outputs with a reference's on images alone")
     correct = n = 0
     with evaluation_mode(model):
         for x, y in _shard(data, device, batch_size, progress, desc, process_group):

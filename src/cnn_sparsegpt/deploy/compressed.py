@@ -127,8 +127,10 @@ def _decode(name: str, meta: dict, parts: dict) -> torch.Tensor:
 
 def save_compressed(state: dict[str, torch.Tensor], path: str | os.PathLike,
                     grids: dict[str, QuantGrid] | None = None) -> dict:
-    """Write `state` compressed (weights named in `grids` as packed integer codes); returns the sizes: the file's
-    bytes and, per encoding, how many entries and bytes."""
+    """Write `state` (a state dict, or a module's) compressed (weights named in `grids` as packed integer codes);
+    returns the sizes: the file's bytes and, per encoding, how many entries and bytes."""
+    if isinstance(state, torch.nn.Module):
+        state = state.state_dict()
     try:
         from safetensors.torch import save_file
     except ImportError:

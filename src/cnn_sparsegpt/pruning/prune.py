@@ -46,7 +46,7 @@ from .statcorr import StatCorrection
 from .slicing import spec_of
 from .channels import channel_groups
 from .structured import prune_channels
-from ..utils import UserError, evaluation_mode, uncompiled
+from ..utils import UserError, evaluation_mode, first_line, uncompiled
 
 
 @dataclass
@@ -466,8 +466,16 @@ def channel_plan(model: nn.Module, example: torch.Tensor) -> list[dict]:
 @contextlib.contextmanager
 def _as_conv2d(model: nn.Module, example: torch.Tensor):
     """The block with `model` in eval mode (every submodule's own mode back after: BatchNorms frozen in training stay
-    so) and its Conv1d, Conv3d and transposed convs as the Conv2d they equal (conv_views.py); yields the views."""
+    so) and its Conv1d, Conv3d and transposed convs as the Conv2d they equal (conv_views.py); yields the views.
+    First the model runs on `example`: one that cannot (built for other inputs) is a one-line error, not a trace
+    of the executor or of torch.fx's shape propagation around the model's own."""
     with evaluation_mode(model):
+        try:
+            with torch.no_grad():
+                model(example)
+        except Exception as e:  # the model's own code: any type
+            raise UserError(f"the model cannot run on the calibration inputs (shape {list(example.shape)}): "
+                            f"{type(e).__name__}: {first_line(e)}") from e
         positions: dict[str, int] = {}  # of the layers the views stand in for: their own multiply-adds
         if viewable(model):
             forward_order(model, example, positions=positions, kinds=VIEWABLE)
