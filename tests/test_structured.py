@@ -892,3 +892,27 @@ def test_channel_prune_with_a_hessian_never_positive_definite_is_a_user_error(mo
     monkeypatch.setattr(prune_module, "prune_channels", fail)
     with pytest.raises(UserError, match="channel prune: .* not positive definite even with raised damping"):
         prune_model(make(), calib(), structure="channels", keep_macs=0.5, progress=False)
+
+
+class TokenBlock(nn.Module):
+    """A transformer block on (B, N, C) tokens (MobileViT's, walked alone inside a part fx cannot trace): the
+    placeholder's dim 1 is tokens, not channels."""
+
+    def __init__(self, c=8, hidden=16):
+        super().__init__()
+        self.norm, self.proj = nn.LayerNorm(c), nn.Linear(c, c)
+        self.fc1, self.fc2 = nn.Linear(c, hidden), nn.Linear(hidden, c)
+
+    def forward(self, x):
+        x = x + self.proj(self.norm(x))
+        return x + self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_sum_of_tokens_and_a_linear_keeps_the_stream():
+    """x + proj(x) with x (B, N, C): the walk read dim 1 (tokens) as x's channels and left proj's outputs free, so
+    timm's MobileViT was sliced to a network that could not run (an AttributeError traceback). Now the sum of tensors
+    whose channels lie at different dims keeps them; the MLP's hidden channels still go."""
+    groups = channel_groups(TokenBlock().eval(), torch.randn(2, 5, 8))
+    free = {p for g in groups if g.removable for p in g.producers}
+    assert free == {"fc1"}, [(g.producers, g.reason) for g in groups]
+    assert any("different dims" in g.reason for g in groups if "proj" in g.producers)

@@ -462,6 +462,12 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
                 of[node] = fixed_list(node)
             elif (fn in _PASS_FUNCTIONS or fn in _PASS_METHODS or name == "stochastic_depth") and tensors:
                 of[node] = list(of[tensors[0]])
+            elif (fn in _TIE_FUNCTIONS or fn in _TIE_METHODS) and len({cdim.get(t, 1) for t in tensors if len(
+                    _shape(t) or ()) == len(_shape(node) or ())}) > 1:  # (B, N, C) tokens with dim 1 read as channels
+                for t in tensors:
+                    fix_all(of[t], f"{name} of tensors whose channels lie at different dims, which structured pruning "
+                                   "does not follow")
+                of[node] = fixed_list(node)
             elif fn in _TIE_FUNCTIONS or fn in _TIE_METHODS:
                 full = [of[t] for t in tensors if len(of[t]) == c_out]
                 for other in full[1:]:
