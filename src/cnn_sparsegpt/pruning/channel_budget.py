@@ -106,9 +106,10 @@ def allocation_cost(curves, removed: dict[int, int]) -> float:
 def exchange(groups, curves, counter: Counter, goal: float, round_to: int, removed: dict[int, int],
              rounds: int = 50) -> dict[int, int]:
     """The greedy's allocation improved by exchanges: a group's last step given back and the goal met again by the
-    greedy over the other groups, where that costs less. Steps are of round_to units, so one step of a layer that
-    holds most of the budget (a small CNN's wide conv) can overshoot the target by a fifth of the model; the
-    greedy's rate (cost per unit saved) cannot see that a smaller step elsewhere would have done."""
+    greedy over the other groups, where that costs less. The greedy ranks steps by rate (cost per unit of budget
+    saved), so its last step may take far more than the goal needed where a dearer but smaller step would have done
+    (ResNet-20 on held-out images: allocations 0.5-1.2 points of multiply-adds closer to the target, +0.6 points of
+    top-1 at keep_macs 0.35, docs/CHANNELS.md)."""
     for _ in range(rounds):
         best, best_cost = None, allocation_cost(curves, removed) * (1 - 1e-9)
         for g, k in removed.items():
