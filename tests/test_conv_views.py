@@ -170,12 +170,18 @@ def test_ignore_names_the_original_layer_and_fx_equals_hooks():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*runs))
 
 
-def test_model_comes_back_whole_when_the_prune_fails():
+def test_model_comes_back_whole_when_the_prune_fails(monkeypatch):
+    import cnn_sparsegpt.pruning.prune as prune_module
     torch.manual_seed(0)
-    model, _ = unet()
+    model, x = unet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(RuntimeError):
-        prune_model(model, torch.randn(8, 5, 16, 16), sparsity=0.5, progress=False)  # 5 channels: the stem fails
+
+    def fails(model, *args, **kwargs):  # inside the views: the transposed conv is a Conv2d now
+        assert not isinstance(model.up, nn.ConvTranspose2d)
+        raise RuntimeError("a failure in the middle of the prune")
+    monkeypatch.setattr(prune_module, "_prune_weights", fails)
+    with pytest.raises(RuntimeError, match="middle of the prune"):
+        prune_model(model, x, sparsity=0.5, progress=False)
     assert isinstance(model.up, nn.ConvTranspose2d) and model.state_dict().keys() == before.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 
