@@ -178,6 +178,16 @@ def first_line(e: BaseException, limit: int = 200) -> str:
     return (text.splitlines()[0] if text else type(e).__name__)[:limit]
 
 
+def forward_checked(model: torch.nn.Module, x: torch.Tensor, what: str, hint: str = ""):
+    """model(x) without gradients, or, where the model's own code fails on x (a model built for other inputs), a
+    one-line UserError: 'the model cannot run on {what}: ...{hint}', the model's error chained."""
+    try:
+        with torch.no_grad():
+            return model(x)
+    except Exception as e:  # the model's own code: any type
+        raise UserError(f"the model cannot run on {what}: {type(e).__name__}: {first_line(e)}{hint}") from e
+
+
 def output_tensors(out) -> list[torch.Tensor]:
     """The tensors of a model's output, in order: the output itself, a dict's values (torchvision's segmentation
     models: 'out', 'aux'), a tuple's or list's items, nested ones flattened."""

@@ -28,7 +28,7 @@ from ..pruning.conv_views import VIEWABLE
 from ..pruning.graph import PRUNABLE
 from ..pruning.layer_plan import forward_order
 from .pipeline import load_run, run_images
-from ..utils import (UserError, atomic_write_json, ensure_writable, first_line, load_tensors, output_tensors,
+from ..utils import (UserError, atomic_write_json, ensure_writable, forward_checked, load_tensors, output_tensors,
                      save_safetensors, uncompiled)
 
 _SHAPES = {"mnist": [1, 28, 28], "cifar10": [3, 32, 32]}
@@ -164,13 +164,9 @@ def export_model(model: nn.Module, input_shape: list[int] | tuple[int, ...], onn
     model = copy.deepcopy(uncompiled(model)).cpu().eval()  # the caller's module keeps its device and mode
     shape = list(input_shape.shape[1:] if torch.is_tensor(input_shape) else input_shape)  # (an example batch's)
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
-    try:
-        with torch.no_grad():
-            model(x)
-    except Exception as e:  # the model's own code: any type
-        raise UserError(f"the model cannot run on inputs of shape {[4, *shape]}: {type(e).__name__}: "
-                        f"{first_line(e)}. input_shape is one input's shape without the batch, e.g. (3, 224, 224), "
-                        "or give an example batch tensor") from e
+    forward_checked(model, x, f"inputs of shape {[4, *shape]}",
+                    ". input_shape is one input's shape without the batch, e.g. (3, 224, 224), or give an example "
+                    "batch tensor")
     folded = fold_batchnorm(model, example=x)
     grids = folded_grids(model, folded, quantized or {}, x)
     for p in folded.parameters():  # -0.0 (a zero times a negative factor) as +0.0: one bit pattern for zero

@@ -35,6 +35,7 @@ from ..utils import (
     check_finite,
     ensure_writable,
     first_line,
+    forward_checked,
     load_tensors,
     output_tensors,
     resolve_device,
@@ -143,13 +144,8 @@ def probe(model: nn.Module, data, device: torch.device):
     """The model's output on the first two images of `data`, or a one-line error where it cannot run on them (a model
     built for other images: its channels, size or preprocessing), before minutes of calibration."""
     x, _ = next(data.batches(2, device, indices=torch.arange(min(2, len(data)))))
-    try:
-        with torch.no_grad():
-            return model(x)
-    except Exception as e:  # the model's own code: any type
-        raise UserError(f"the model cannot run on the dataset's inputs (a batch of shape {list(x.shape)}): "
-                        f"{type(e).__name__}: {first_line(e)}. Check --dataset, --image-size and --preprocess "
-                        "against what the model was built for") from None
+    return forward_checked(model, x, f"the dataset's inputs (a batch of shape {list(x.shape)})",
+                           ". Check --dataset, --image-size and --preprocess against what the model was built for")
 
 
 def choose_metric(asked: str, out, data) -> str:

@@ -43,20 +43,24 @@ def _shard(data, device, batch_size: int, progress: bool, desc: str, process_gro
     """The (images, labels) batches of `data` this process evaluates: every world-th image under torchrun. data: an
     ImageSet or FolderSet, a pair (images, labels) of tensors, or a tensor of model-ready images (labels None)."""
     pair = isinstance(data, (tuple, list)) and len(data) == 2 and all(map(torch.is_tensor, data))
-    if not pair and not torch.is_tensor(data) and not hasattr(data, "batches"):
+    tensors = tuple(data) if pair else (data,) if torch.is_tensor(data) else None  # images, and labels in a pair
+    if tensors is None and not hasattr(data, "batches"):
         raise UserError(f"data must be an ImageSet (load_dataset), a pair (images, labels) of tensors or a tensor of "
                         f"images, got {type(data).__name__}")
     world = dist.world(process_group)
     if world > 1:
-        share = torch.arange(dist.rank(process_group), len(data[0] if pair else data), world)
-        data = (data[0][share], data[1][share]) if pair else data[share] if torch.is_tensor(data) \
-            else data.subset(share)
-    if pair:
-        batches = ((x.to(device), y.to(device)) for x, y in zip(data[0].split(batch_size), data[1].split(batch_size)))
+        share = torch.arange(dist.rank(process_group), len(tensors[0] if tensors else data), world)
+        if tensors:
+            tensors = tuple(t[share] for t in tensors)
+        else:
+            data = data.subset(share)
+    if tensors:
+        n = len(tensors[0])
+        batches = ((parts[0].to(device), parts[1].to(device) if pair else None)
+                   for parts in zip(*(t.split(batch_size) for t in tensors)))
     else:
-        batches = ((x.to(device), None) for x in data.split(batch_size)) if torch.is_tensor(data) \
-            else data.batches(batch_size, device)
-    n = len(data[0]) if pair else len(data)
+        n = len(data)
+        batches = data.batches(batch_size, device)
     # freed activations reused, not faulted in afresh per batch (pruning/heap.py): ResNet-18 on CIFAR-10's test split
     # 56.2 / 55.8 -> 39.1 / 39.6 s on this project's CPU, peak RSS +11-18% (benchmarks/heap_reuse.py --evaluate)
     with reuse_freed_memory(torch.device(device).type == "cpu"):

@@ -88,14 +88,15 @@ def allocate(groups, curves, counter: Counter, target: float, round_to: int) -> 
     least cost per unit of budget saved, until counter.total is at most `target` of the dense model's; then
     exchanges (exchange) where the greedy's big last steps overshot the target."""
     dense = counter.total({})
-    removed, now = _greedy(groups, curves, counter, target * dense, round_to, {g: 0 for g in curves}, dense)
+    goal = target * dense
+    removed, now = _greedy(groups, curves, counter, goal, round_to, {g: 0 for g in curves}, dense)
     if removed is None:
         fixed, reason = sum(bool(g.reason) for g in groups), main_reason(groups)
         why = f"; {fixed} of {len(groups)} channel groups stay in place, e.g. {reason}" \
             if reason not in ("", OUTPUT, TIED) else ""
         raise UserError(f"cannot remove enough channels to keep {target:.0%} of the {counter.what}: the smallest "
                         f"reachable is {now / dense:.1%} (each group keeps at least {round_to} channels{why})")
-    return exchange(groups, curves, counter, target * dense, round_to, removed)
+    return exchange(groups, curves, counter, goal, round_to, removed)
 
 
 def allocation_cost(curves, removed: dict[int, int]) -> float:

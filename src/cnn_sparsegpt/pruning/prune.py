@@ -46,7 +46,7 @@ from .statcorr import StatCorrection
 from .slicing import spec_of
 from .channels import channel_groups
 from .structured import prune_channels
-from ..utils import UserError, evaluation_mode, first_line, uncompiled
+from ..utils import UserError, evaluation_mode, forward_checked, uncompiled
 
 
 @dataclass
@@ -470,12 +470,7 @@ def _as_conv2d(model: nn.Module, example: torch.Tensor):
     First the model runs on `example`: one that cannot (built for other inputs) is a one-line error, not a trace
     of the executor or of torch.fx's shape propagation around the model's own."""
     with evaluation_mode(model):
-        try:
-            with torch.no_grad():
-                model(example)
-        except Exception as e:  # the model's own code: any type
-            raise UserError(f"the model cannot run on the calibration inputs (shape {list(example.shape)}): "
-                            f"{type(e).__name__}: {first_line(e)}") from e
+        forward_checked(model, example, f"the calibration inputs (shape {list(example.shape)})")
         positions: dict[str, int] = {}  # of the layers the views stand in for: their own multiply-adds
         if viewable(model):
             forward_order(model, example, positions=positions, kinds=VIEWABLE)
