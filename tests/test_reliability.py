@@ -172,6 +172,28 @@ def test_pickled_objects_beside_the_tensors_are_read_without_running_them(tmp_pa
     assert not marker.exists()
 
 
+def test_torchscript_models_and_archives(tmp_path):
+    """A TorchScript module cannot be pruned (its convs are compiled code: no layer would be found, the report empty):
+    one line naming what to give instead; its archive (torch.jit.save) still gives its weights to the Python module."""
+    from cnn_sparsegpt.utils import UserError
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 36, 3)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    traced = torch.jit.trace(net, x)
+    for run in (lambda m: cs.prune_model(m, x, nm="2:4"), lambda m: cs.channel_plan(m, x)):
+        with pytest.raises(UserError, match="TorchScript module .* cannot be pruned.*Prune the nn.Module"):
+            run(traced)
+    with pytest.raises(UserError, match="must be an nn.Module, got OrderedDict .a state_dict"):
+        cs.prune_model(net.state_dict(), x, nm="2:4")
+    with pytest.warns(RuntimeWarning, match="the model has no Conv or Linear layer"):
+        cs.prune_model(torch.nn.Sequential(torch.nn.BatchNorm2d(3)).eval(), x, nm="2:4", progress=False)
+    torch.jit.save(traced, tmp_path / "traced.pt")
+    with pytest.warns(RuntimeWarning, match="TorchScript archive"):
+        loaded = load_state_dict(tmp_path / "traced.pt", model=net)
+    assert loaded.keys() == net.state_dict().keys()
+    assert all(torch.equal(loaded[k], v) for k, v in net.state_dict().items())
+
+
 @pytest.mark.parametrize("content,fragment", [
     ({"model": "mnist_cnn", "sparsity": 0.5, "nsampels": 10}, "unknown key 'nsampels'"),
     ({"model": "mnist_cnn", "sparsity": 0.5, "nsamples": "many"}, "'nsamples' must be int"),

@@ -18,7 +18,7 @@ def load_state_dict(path: str | os.PathLike, model: torch.nn.Module | None = Non
     """Load a checkpoint with weights_only=True: no code in the file is ever run.
 
     Accepts .pt/.pth (a plain state_dict, or a dict holding one under 'state_dict', 'model' or their EMA
-    variants) and .safetensors; 'module.' (DataParallel/DDP) and '_orig_mod.' (torch.compile) prefixes go.
+    variants), a TorchScript archive's weights (torch.jit.save) and .safetensors; 'module.' (DataParallel/DDP) and '_orig_mod.' (torch.compile) prefixes go.
     Python objects pickled beside the tensors (timm's argparse.Namespace, a Hydra config) are read as inert
     stand-ins (Opaque), and so is a whole pickled nn.Module, whose parameters and buffers become its state_dict;
     a file with no state_dict in it that references code is refused, naming what it references.
@@ -137,6 +137,8 @@ def _load_checkpoint(path: Path) -> tuple[Any, list[str]]:
     try:
         return load_tensors(path, "checkpoint"), []
     except UserError as refused:
+        if _is_torchscript(path):
+            return _torchscript_state(path, refused), []
         get_refs = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
         if get_refs is None or not zipfile.is_zipfile(path):
             raise
@@ -148,3 +150,24 @@ def _load_checkpoint(path: Path) -> tuple[Any, list[str]]:
         except Exception:  # (a truncated file, a pickle the stand-ins cannot take): the first refusal says it
             raise refused from None
         return obj, refs
+
+
+def _is_torchscript(path: Path) -> bool:
+    """A torch.jit.save archive: a zip with the TorchScript code and constants beside the pickled data."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(name.endswith("/constants.pkl") for name in z.namelist())
+
+
+def _torchscript_state(path: Path, refused: UserError) -> dict[str, torch.Tensor]:
+    """The parameters and buffers of a TorchScript archive (torch.jit.save: a model shipped for deployment, often
+    the only copy of the trained weights), through torch.jit.load: TorchScript, not Python, so no code of the user's
+    classes runs, and the model itself is never called."""
+    try:
+        scripted = torch.jit.load(str(path), map_location="cpu")
+    except Exception:
+        raise refused from None
+    warnings.warn(f"{path} is a TorchScript archive: its parameters and buffers were read as its state_dict",
+                  RuntimeWarning)
+    return {k: v.detach() for k, v in scripted.state_dict().items()}

@@ -432,7 +432,7 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     it goes on from there, and the file goes when the prune ends (not under torchrun or with stat_correction). The
     report records the resolved config and what each layer got.
     """
-    model = uncompiled(model)  # (torch.compile's wrapper: its layers' names are the module's it wraps)
+    model = _module_to_prune(model)
     config = _with_overrides(config or RECOMMENDED, overrides)
     param = next(model.parameters(), None)
     if param is None:
@@ -451,12 +451,30 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     return report
 
 
+def _module_to_prune(model) -> nn.Module:
+    """The nn.Module whose layers a prune changes: a torch.compile'd model's own module (its layers' names are that
+    module's); a TorchScript module or anything else is a one-line error (its convs are compiled code, not modules,
+    so no layer would be found)."""
+    model = uncompiled(model)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UserError("a TorchScript module (torch.jit.script or torch.jit.trace) cannot be pruned: its layers are "
+                        "compiled code, not Conv and Linear modules. Prune the nn.Module it was made from, then "
+                        "script or trace that")
+    if not isinstance(model, nn.Module):
+        hint = {"ExportedProgram": " (an ExportedProgram's .module() has no Conv or Linear modules either: prune the "
+                                   "nn.Module before torch.export)"}.get(type(model).__name__, "")
+        if isinstance(model, dict):  # the most common slip: a checkpoint's weights in place of the network
+            hint = " (a state_dict? build the network and load it: model.load_state_dict(cs.load_state_dict(path)))"
+        raise UserError(f"the model to prune must be an nn.Module, got {type(model).__name__}{hint}")
+    return model
+
+
 @torch.no_grad()
 def channel_plan(model: nn.Module, example: torch.Tensor) -> list[dict]:
     """What structure='channels' may remove from `model`, before any statistics: per dependency group (channels.py)
     its producers, channels, how many of them can go and, where none can, why; prune_model's own channel walk on
     `example` (one input or a few)."""
-    model = uncompiled(model)
+    model = _module_to_prune(model)
     with _as_conv2d(model, example[:1]) as views:
         plan = [{"producers": g.producers, "channels": len(g.units) * g.width, "removable": len(g.removable) * g.width,
                  "reason": g.reason} for g in channel_groups(model, example[:1])]
@@ -621,7 +639,8 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
                                reason=reason) for name, reason in unsupported.items()]
         pruned = [r for r in layers if not r.skipped]
         if not pruned:
-            warnings.warn("no layer was pruned: report.layers says why of each", RuntimeWarning)
+            warnings.warn("no layer was pruned: " + ("report.layers says why of each" if layers else
+                          "the model has no Conv or Linear layer"), RuntimeWarning)
         n_pruned = sum(r.mask.numel() for r in pruned)
         report = PruneReport(config, nsamples, layers,
                              seconds=time.perf_counter() - t_start, forward_passes=passes, timings=run.t,
