@@ -172,6 +172,35 @@ def test_pickled_objects_beside_the_tensors_are_read_without_running_them(tmp_pa
     assert not marker.exists()
 
 
+def test_api_given_the_wrong_thing():
+    """A state dict where a module goes, labels that do not fit, masks or a spec missing, NaN inputs or weights: one
+    UserError each (were AttributeErrors, a RuntimeError and a failed Cholesky factorization)."""
+    from cnn_sparsegpt.utils import UserError
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 36, 3)).eval()
+    x, state = torch.randn(6, 3, 8, 8), net.state_dict()
+    slip = "must be an nn.Module, got OrderedDict .a state_dict"
+    for call in (lambda: cs.export_model(state, (3, 8, 8), progress=False), lambda: cs.compare_latency(net, state,
+                 (3, 8, 8)), lambda: cs.evaluate(state, (x, torch.zeros(6).long()), progress=False),
+                 lambda: cs.output_error(net, state, x, progress=False)):
+        with pytest.raises(UserError, match=slip):
+            call()
+    with pytest.raises(UserError, match="6 images and 2 labels"):
+        cs.evaluate(net, (x, torch.zeros(2).long()), progress=False)
+    with pytest.raises(UserError, match="masks must be a dict"):
+        cs.keep_masks(net, None)
+    with pytest.raises(UserError, match="spec must be the dict"):
+        cs.apply_structure(net, None)
+    with pytest.raises(UserError, match="example must be a tensor"):
+        cs.channel_plan(net, [x])
+    with pytest.raises(UserError, match="calibration inputs hold NaN"):
+        cs.prune_model(net, torch.full_like(x, float("nan")), nm="2:4", progress=False)
+    with torch.no_grad():
+        net[3].weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match="outputs on the calibration inputs are not finite"):
+        cs.prune_model(net, x, nm="2:4", progress=False)
+
+
 def test_torchscript_models_and_archives(tmp_path):
     """A TorchScript module cannot be pruned (its convs are compiled code: no layer would be found, the report empty):
     one line naming what to give instead; its archive (torch.jit.save) still gives its weights to the Python module."""

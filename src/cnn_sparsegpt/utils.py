@@ -65,6 +65,19 @@ def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
     return inner if isinstance(inner, torch.nn.Module) and type(model).__name__ == "OptimizedModule" else model
 
 
+def as_module(model, what: str = "the model") -> torch.nn.Module:
+    """`model` as the nn.Module the library works on (uncompiled: a torch.compile'd model's own module); anything
+    else is a one-line UserError naming it (a state dict in its place is the usual slip)."""
+    model = uncompiled(model)
+    if isinstance(model, torch.nn.Module):
+        return model
+    hint = {"ExportedProgram": " (an ExportedProgram's .module() has no Conv or Linear modules either: use the "
+                               "nn.Module before torch.export)"}.get(type(model).__name__, "")
+    if isinstance(model, dict):
+        hint = " (a state_dict? build the network and load it: model.load_state_dict(cs.load_state_dict(path)))"
+    raise UserError(f"{what} must be an nn.Module, got {type(model).__name__}{hint}")
+
+
 def cache_root() -> Path:
     """Where the package keeps what it can compute again (decoded images, layer timings): $CNN_SPARSEGPT_CACHE,
     else $XDG_CACHE_HOME/cnn_sparsegpt, else ~/.cache/cnn_sparsegpt."""

@@ -28,8 +28,8 @@ from ..pruning.conv_views import VIEWABLE
 from ..pruning.graph import PRUNABLE
 from ..pruning.layer_plan import forward_order
 from .pipeline import load_run, run_images
-from ..utils import (UserError, atomic_write_json, ensure_writable, forward_checked, load_tensors, output_tensors,
-                     save_safetensors, uncompiled)
+from ..utils import (UserError, as_module, atomic_write_json, ensure_writable, forward_checked, load_tensors,
+                     output_tensors, save_safetensors)
 
 _SHAPES = {"mnist": [1, 28, 28], "cifar10": [3, 32, 32]}
 
@@ -161,7 +161,7 @@ def export_model(model: nn.Module, input_shape: list[int] | tuple[int, ...], onn
         if calibration is None or not len(calibration):
             raise UserError("an INT8 export needs calibration images (the inputs prune_model calibrated on)")
         RunData(calibration=int8_calibration).check()
-    model = copy.deepcopy(uncompiled(model)).cpu().eval()  # the caller's module keeps its device and mode
+    model = copy.deepcopy(as_module(model)).cpu().eval()  # the caller's module keeps its device and mode
     shape = list(input_shape.shape[1:] if torch.is_tensor(input_shape) else input_shape)  # (an example batch's)
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
     forward_checked(model, x, f"inputs of shape {[4, *shape]}",

@@ -19,7 +19,7 @@ from ..pruning.output_kl import relative_squared_error, values
 from ..pruning.output_kl import scores as output_scores
 from ..data.datasets import ImageSet
 from ..data.folders import FolderSet
-from ..utils import UserError, atomic_save, evaluation_mode, load_tensors
+from ..utils import UserError, as_module, atomic_save, evaluation_mode, load_tensors
 
 
 @dataclass
@@ -47,6 +47,8 @@ def _shard(data, device, batch_size: int, progress: bool, desc: str, process_gro
     if tensors is None and not hasattr(data, "batches"):
         raise UserError(f"data must be an ImageSet (load_dataset), a pair (images, labels) of tensors or a tensor of "
                         f"images, got {type(data).__name__}")
+    if pair and len(data[0]) != len(data[1]):
+        raise UserError(f"{len(data[0])} images and {len(data[1])} labels: give one label per image")
     world = dist.world(process_group)
     if world > 1:
         share = torch.arange(dist.rank(process_group), len(tensors[0] if tensors else data), world)
@@ -76,6 +78,7 @@ def evaluate(model: nn.Module, data, device: torch.device | str = "cpu", batch_s
     if torch.is_tensor(data):
         raise UserError("evaluate needs labels: give (images, labels), or an ImageSet (load_dataset); output_error "
                         "compares a model's outputs with a reference's on images alone")
+    model = as_module(model)
     correct = n = 0
     with evaluation_mode(model):
         for x, y in _shard(data, device, batch_size, progress, desc, process_group):
@@ -98,6 +101,7 @@ def compare_outputs(model: nn.Module, reference: nn.Module, data, device: torch.
     it counts (images, or positions of per-pixel scores); else None. Any model; torchrun as in `evaluate`."""
     err = ref = same = positions = 0.0
     over = None  # what agreement counts: images (a classifier's scores) or positions (per-pixel scores)
+    model, reference = as_module(model), as_module(reference, "the reference model")
     with evaluation_mode(model, reference):
         for x, _ in _shard(data, device, batch_size, progress, desc, process_group):
             out, out_ref = model(x), reference(x)

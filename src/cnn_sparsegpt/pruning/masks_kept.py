@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..utils import UserError, uncompiled
+from ..utils import UserError, as_module
 
 
 class KeptMasks:
@@ -34,7 +34,10 @@ def keep_masks(model: nn.Module, masks: dict[str, torch.Tensor], optimizer: torc
                ) -> KeptMasks:
     """masks: parameter name → bool tensor of its shape, True = kept (a prune's report.masks, a run's masks.pt).
     Zeroes the pruned weights of `model` now and, with `optimizer`, after each of its steps."""
-    params = dict(uncompiled(model).named_parameters())  # (masks name a compiled model's layers as prune_model)
+    params = dict(as_module(model).named_parameters())  # (masks name a compiled model's layers as prune_model)
+    if not isinstance(masks, dict):
+        raise UserError(f"masks must be a dict of parameter name -> bool tensor (a prune's report.masks, a run's "
+                        f"masks.pt), got {type(masks).__name__}")
     keep = {}
     for name, mask in masks.items():
         if name not in params:

@@ -46,7 +46,7 @@ from .statcorr import StatCorrection
 from .slicing import spec_of
 from .channels import channel_groups
 from .structured import prune_channels
-from ..utils import UserError, evaluation_mode, forward_checked, uncompiled
+from ..utils import UserError, as_module, evaluation_mode, forward_checked, output_tensors
 
 
 @dataclass
@@ -137,6 +137,8 @@ def _as_batches(calibration, device: torch.device, batch_size: int, nsamples: in
                       "nsamples= to take another number", RuntimeWarning)
     if not batches or taken == 0:
         raise UserError("the calibration set is empty: give at least one image")
+    if any(b.is_floating_point() and not torch.isfinite(b).all() for b in batches):  # (else a failed factorization)
+        raise UserError("the calibration inputs hold NaN or infinite values: clean or re-make them before pruning")
     return batches
 
 
@@ -453,19 +455,13 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
 
 def _module_to_prune(model) -> nn.Module:
     """The nn.Module whose layers a prune changes: a torch.compile'd model's own module (its layers' names are that
-    module's); a TorchScript module or anything else is a one-line error (its convs are compiled code, not modules,
-    so no layer would be found)."""
-    model = uncompiled(model)
+    module's); a TorchScript module (its convs are compiled code, not modules, so no layer would be found) or anything
+    else is a one-line error."""
+    model = as_module(model, "the model to prune")
     if isinstance(model, torch.jit.ScriptModule):
         raise UserError("a TorchScript module (torch.jit.script or torch.jit.trace) cannot be pruned: its layers are "
                         "compiled code, not Conv and Linear modules. Prune the nn.Module it was made from, then "
                         "script or trace that")
-    if not isinstance(model, nn.Module):
-        hint = {"ExportedProgram": " (an ExportedProgram's .module() has no Conv or Linear modules either: prune the "
-                                   "nn.Module before torch.export)"}.get(type(model).__name__, "")
-        if isinstance(model, dict):  # the most common slip: a checkpoint's weights in place of the network
-            hint = " (a state_dict? build the network and load it: model.load_state_dict(cs.load_state_dict(path)))"
-        raise UserError(f"the model to prune must be an nn.Module, got {type(model).__name__}{hint}")
     return model
 
 
@@ -475,6 +471,8 @@ def channel_plan(model: nn.Module, example: torch.Tensor) -> list[dict]:
     its producers, channels, how many of them can go and, where none can, why; prune_model's own channel walk on
     `example` (one input or a few)."""
     model = _module_to_prune(model)
+    if not torch.is_tensor(example):
+        raise UserError(f"channel_plan's example must be a tensor of inputs (one or a few), got {type(example).__name__}")
     with _as_conv2d(model, example[:1]) as views:
         plan = [{"producers": g.producers, "channels": len(g.units) * g.width, "removable": len(g.removable) * g.width,
                  "reason": g.reason} for g in channel_groups(model, example[:1])]
@@ -488,7 +486,10 @@ def _as_conv2d(model: nn.Module, example: torch.Tensor):
     First the model runs on `example`: one that cannot (built for other inputs) is a one-line error, not a trace
     of the executor or of torch.fx's shape propagation around the model's own."""
     with evaluation_mode(model):
-        forward_checked(model, example, f"the calibration inputs (shape {list(example.shape)})")
+        out = forward_checked(model, example, f"the calibration inputs (shape {list(example.shape)})")
+        if any(t.is_floating_point() and not torch.isfinite(t).all() for t in output_tensors(out)):
+            raise UserError("the model's outputs on the calibration inputs are not finite (NaN or Inf): NaN weights "
+                            "in its checkpoint, or half precision overflowing? Check it before pruning")
         positions: dict[str, int] = {}  # of the layers the views stand in for: their own multiply-adds
         if viewable(model):
             forward_order(model, example, positions=positions, kinds=VIEWABLE)

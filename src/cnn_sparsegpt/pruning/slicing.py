@@ -35,6 +35,10 @@ def spec_of(module: nn.Module) -> dict:
 def apply_structure(model: nn.Module, spec: dict) -> nn.Module:
     """Give a freshly built model the shapes a structured prune left (report's `structure.spec`), so that the run's
     model.pt loads into it. The values are placeholders until the state dict is loaded."""
+    if not isinstance(spec, dict):
+        raise UserError(f"spec must be the dict of a channel prune's report.structure['spec'], got "
+                        f"{type(spec).__name__} (a run of unstructured or N:M pruning has none: its shapes are the "
+                        "model's own)")
     modules = dict(model.named_modules())
     for name, s in spec.items():
         m = modules.get(name)
