@@ -171,6 +171,40 @@ def test_a_module_called_twice_ties_what_both_calls_read_and_counts_both_calls()
     assert rep.structure["macs"][0] == macs and rep.structure["macs"][1] <= 0.7 * macs
 
 
+class PixelShuffles(nn.Module):
+    """A space-to-depth stem and sub-pixel up-sampling (a super-resolution network's), as modules and as functions."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.down = nn.Conv2d(3, 16, 3, padding=1), nn.PixelUnshuffle(2)
+        self.b, self.up = nn.Conv2d(64, 32, 3, padding=1), nn.PixelShuffle(2)
+        self.c, self.d = nn.Conv2d(8, 24, 3, padding=1), nn.Conv2d(6, 4, 1)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.b(self.down(torch.relu(self.a(x)))))  # 8×8 -> 4×4, 64 channels
+        y = torch.relu(self.c(self.up(y)))  # back to 8×8: channel j of up's output is b's channels 4j..4j+3
+        y = nn.functional.pixel_shuffle(y, 2)
+        return self.fc(self.d(y).mean((2, 3)))
+
+
+def test_pixel_shuffles_tie_a_sub_pixel_convs_rows_and_spread_a_channel_over_its_columns():
+    """pixel_shuffle's output channel j is its input's channels j·r²..j·r²+r²−1: they go together, as one unit of
+    the producer (before, every channel a shuffle read stayed: 'which structured pruning does not know');
+    pixel_unshuffle spreads a channel over r² consecutive columns of its consumer."""
+    groups = {tuple(g.producers): g for g in channel_groups(make(PixelShuffles), calib(1))}
+    assert all(u.columns == {"b": list(range(4 * i, 4 * i + 4))} for i, u in enumerate(groups["a",].units))
+    assert [u.rows for u in groups["b",].units] == [{"b": list(range(4 * j, 4 * j + 4))} for j in range(8)]
+    assert [u.columns for u in groups["b",].units] == [{"c": [j]} for j in range(8)]
+    assert len(groups["c",].units) == 6 and not groups["c",].reason and groups["c",].width == 4
+    model, x = make(PixelShuffles), calib(64)
+    rep = prune_model(model, x, structure="channels", keep_macs=0.6, round_to=4, progress=False)
+    assert rep.structure["macs"][1] <= 0.6 * rep.structure["macs"][0] and model.b.out_channels % 4 == 0
+    fresh = apply_structure(make(PixelShuffles), rep.structure["spec"])
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), model(x))
+
+
 class UserSE(nn.Module):
     """Squeeze-excitation as user code writes it: Linear layers on the pooled channels, their scales brought back
     as (N, C, 1, 1) by a view, unsqueezes or None-indexing (form), multiplying the block's output."""
@@ -432,7 +466,7 @@ def test_consumers_too_wide_for_obs_cost_each_channel_its_own_output_energy(monk
 
 
 @pytest.mark.parametrize("arch", [TinyResNet, GroupedBottleneck, DepthwiseMultiplier, Shuffled, SharedHead,
-                                  UserSE])
+                                  UserSE, PixelShuffles])
 def test_smaller_network_equals_the_masked_one(arch):
     """Without reconstruction, slicing a unit away is the same function as zeroing its producer rows (and its
     BatchNorm's affine entries) and its consumer columns; a grouped conv keeps its groups, each narrower."""

@@ -60,6 +60,8 @@ _PASS_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.re
                    torch.nn.functional.max_pool3d, torch.nn.functional.avg_pool3d,
                    torch.nn.functional.adaptive_avg_pool3d}
 _PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "relu_", "sigmoid_"}
+_PIXEL_SHUFFLES = {torch.nn.functional.pixel_shuffle: True, torch.pixel_shuffle: True,  # (whether it shuffles:
+                   torch.nn.functional.pixel_unshuffle: False, torch.pixel_unshuffle: False}  # depth to space)
 _TIE_FUNCTIONS = {operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub, operator.iadd,
                   operator.imul}
 _TIE_METHODS = {"add", "mul", "sub", "add_", "mul_"}
@@ -330,6 +332,15 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
         for s in values:
             slots.fix(s, reason)
 
+    def space_to_depth(x, r, shuffle):  # pixel_shuffle: channel c of the output is channels c·r²..c·r²+r²−1 of
+        k = r * r  # its input (tied: one unit, a sub-pixel conv's r² rows); pixel_unshuffle: the other way round
+        if not shuffle:
+            return [s for s in x for _ in range(k)]
+        for c in range(0, len(x) - k + 1, k):
+            for s in x[c + 1:c + k]:
+                slots.union(x[c], s)
+        return x[::k]
+
     produced: dict[str, list[int]] = {}  # producer module -> its output slots (one set for all its calls)
 
     def produce(target, n):
@@ -396,6 +407,9 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
             elif isinstance(m, nn.Flatten) and node.args[0] in of and len(_shape(node) or ()) == 2 and \
                     cdim[node] == 1:
                 of[node] = flattened(node.args[0], node, node.target)
+            elif isinstance(m, (nn.PixelShuffle, nn.PixelUnshuffle)) and cdim[node] == 1:
+                of[node] = space_to_depth(x, m.upscale_factor if isinstance(m, nn.PixelShuffle) else
+                                          m.downscale_factor, isinstance(m, nn.PixelShuffle))
             elif isinstance(m, _PASS_MODULES):
                 of[node] = list(x)
                 if any(p.numel() == len(x) and len(x) > 1 for p in m.parameters(recurse=False)) or \
@@ -447,6 +461,9 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
                         fix_all(of[t], f"at {view[0]}, a {model.get_submodule(view[0]).original}, whose channels "
                                        "structured pruning does not follow")
                     of[node] = fixed_list(node)
+            elif fn in _PIXEL_SHUFFLES and tensors and cd == 1 and node.args[0] is tensors[0]:
+                factor = node.args[1] if len(node.args) > 1 else next(iter(node.kwargs.values()))
+                of[node] = space_to_depth(of[tensors[0]], int(factor), _PIXEL_SHUFFLES[fn])
             elif fn in (torch.permute, "permute") and tensors and _permutation(node) is not None:
                 dims = [d % len(_shape(tensors[0])) for d in _permutation(node)]
                 cdim[node] = dims.index(cd)  # the channels move with their dim
