@@ -262,9 +262,10 @@ def test_a_1d_cnn_prunes_as_its_2d_twin(options):
 
 @pytest.mark.parametrize("build", [unet, audio, video, volume_unet])
 def test_channel_prune_through_them_and_back_into_a_fresh_model(build):
-    """Whole channels go through a Conv1d, a Conv3d (each channel its kd view inputs) and into a transposed conv (its
-    input channels; a pixel-shuffled one's outputs stay, named); the run's spec rebuilds the smaller model from a
-    fresh one (`export`, `finetune`)."""
+    """Whole channels go through a Conv1d, a Conv3d (each channel its kd view inputs) and a transposed conv (its
+    input channels, and its output channels: a pixel-shuffled view's stride² rows and bias entry each, counted as one
+    channel of the layer; a ConvTranspose3d's stay, named); the run's spec rebuilds the smaller model from a fresh one
+    (`export`, `finetune`)."""
     from cnn_sparsegpt.pruning.slicing import apply_structure
     torch.manual_seed(0)
     model, x = build()
@@ -278,8 +279,9 @@ def test_channel_prune_through_them_and_back_into_a_fresh_model(build):
     changed = {r.name for r in rep.layers if r.reason.startswith("channels:")}
     if build is unet:
         assert {"enc2.1", "up", "up2"} <= changed  # enc2's channels: read by both transposed convs
-        assert any(g["fixed"] == "at up, a ConvTranspose2d, whose channels structured pruning does not follow"
-                   for g in rep.structure["groups"])
+        up = next(g for g in rep.structure["groups"] if g["producers"] == ["up"])
+        assert up["channels"] == 16 and up["per_unit"] == 1 and not up["fixed"]
+        assert model.up.out_channels == up["kept"] < 16 and model.up.bias.shape == (up["kept"],)
     elif build is audio:
         assert {"0", "3", "6", "9"} <= changed
     elif build is video:

@@ -89,6 +89,8 @@ class Group:
     producers: list  # module names whose output channels are tied
     units: list  # of Unit, in the first producer's channel order
     reason: str = ""  # why the whole group is fixed ('' = prunable)
+    rows_per_channel: dict = field(default_factory=dict)  # producer -> its rows per output channel of the layer
+    # it stands for, where not 1 (a transposed conv's pixel-shuffled view: stride² rows each)
 
     @property
     def removable(self) -> list[int]:
@@ -96,8 +98,10 @@ class Group:
 
     @cached_property  # read at every allocation step; the units do not change
     def width(self) -> int:
-        """Channels a unit takes from a producer: 1, or the groups of the grouped conv that tied them."""
-        return max((len(ch) for u in self.units for ch in u.rows.values()), default=1)
+        """Channels a unit takes from a producer: 1, or the groups of the grouped conv that tied them (a transposed
+        conv's: its output channels, not its view's rows)."""
+        return max((len(ch) // self.rows_per_channel.get(p, 1) for u in self.units for p, ch in u.rows.items()),
+                   default=1)
 
     def unit_step(self, round_to: int) -> int:
         """Units per allocation step that keep the producers' channel counts multiples of round_to."""
@@ -332,6 +336,20 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
         for s in values:
             slots.fix(s, reason)
 
+    def in_shuffled_view(node, fn, name, view_name, tensors):  # a transposed conv whose kernel equals its stride:
+        c_out = _channels(node)  # the view conv's rows (o, a, b) are output channel o's, its bias added per channel
+        if fn in _PIXEL_SHUFFLES and tensors:
+            return space_to_depth(of[tensors[0]], int(node.args[1]), True)
+        if not tensors:  # (the bias reshaped to (C, 1, 1))
+            return []
+        if name in ("unsqueeze", "squeeze") and node.args[1:] == (-2,):  # a 1-D layer's unit height
+            return list(of[tensors[0]])
+        full = [of[t] for t in tensors if len(of[t]) == c_out]
+        if (fn in _TIE_FUNCTIONS or fn in _TIE_METHODS) and len(full) == 1:
+            read(per_channel, view_name, full[0])  # the bias: an entry per channel of the view
+            return list(full[0])
+        return None
+
     def space_to_depth(x, r, shuffle):  # pixel_shuffle: channel c of the output is channels c·r²..c·r²+r²−1 of
         k = r * r  # its input (tied: one unit, a sub-pixel conv's r² rows); pixel_unshuffle: the other way round
         if not shuffle:
@@ -456,6 +474,9 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
             elif view is not None:  # a unit height, zeros between pixels, depth taps: each channel moves whole
                 if view[1].carries_channels and tensors:  # (the view conv maps them: ConvView.view_columns)
                     of[node] = list(of[tensors[0]])
+                elif view[1].shuffles_rows and (moved := in_shuffled_view(node, fn, name, view[0], tensors)) \
+                        is not None:
+                    of[node] = moved
                 else:
                     for t in tensors:
                         fix_all(of[t], f"at {view[0]}, a {model.get_submodule(view[0]).original}, whose channels "
@@ -527,6 +548,8 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
         else:
             of[node] = fixed_list(node)
 
+    shuffled = {f"{name}.conv": m.geometry["stride"][0] * m.geometry["stride"][1] for name, m in model.named_modules()
+                if isinstance(m, ConvView) and m.shuffles_rows}  # view conv -> its rows per output channel
     # units: classes of tied slots; groups: producers whose slots share classes
     units: dict[int, Unit] = {}
     for s, (producer, ch) in enumerate(slots.owner):
@@ -564,7 +587,7 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
         if len(members) == 1 and not members[0].fixed:
             members[0].fixed = ONE_UNIT
         reason = "" if any(not u.fixed for u in members) else members[0].fixed
-        groups.append(Group(producers, members, reason))
+        groups.append(Group(producers, members, reason, {p: shuffled[p] for p in producers if p in shuffled}))
     for part in opaque:  # the channels between the layers of its children that fx traces alone
         groups += _inside_part(model, part, example, nonstandard)
     groups.sort(key=lambda g: list(modules).index(g.producers[0]))

@@ -47,6 +47,7 @@ class ConvView(nn.Module):
     rows_are_outputs = True  # the view conv's rows are the original's output channels
     weight_rows = True  # ... and the rows (dim 0) of the original's weight (not a transposed conv's)
     carries_channels = True  # its re-arrangements move each channel as a whole: the channel walk carries them
+    shuffles_rows = False  # its conv's rows become output channels by a pixel shuffle (the walk ties each one's rows)
     spatial = 2  # dimensions after the channels of what `finish` returns (known without running: fx traces it)
 
     def __init__(self, original: nn.Module, two: nn.Module, conv: nn.Conv2d):
@@ -130,6 +131,7 @@ class PixelShuffleView(ConvView):
     s×s block, a 1×1 conv with C_out·s² rows (o, a, b) reading W[c, o, a, b], then pixel_shuffle."""
     kind = "pixels"
     rows_are_outputs = weight_rows = carries_channels = False  # (the pixel shuffle: C_out·s² rows to C_out channels)
+    shuffles_rows = True
 
     def __init__(self, original: nn.Module):
         two = _as_2d(original)
@@ -158,6 +160,7 @@ class VoxelShuffleView(PixelShuffleView):
     through these re-arrangements.)"""
     kind = "voxels"
     spatial = 3
+    shuffles_rows = False  # (its re-arrangements: depth folded into the height, then each voxel's block)
 
     def __init__(self, original: nn.ConvTranspose3d):
         s = original.stride
@@ -364,6 +367,8 @@ def _put_back(original: nn.Module, view: ConvView) -> None:
         transposed = isinstance(original, nn.modules.conv._ConvTransposeNd)
         original.in_channels, original.out_channels = (w.shape[0], w.shape[1] * g) if transposed else \
             (w.shape[1] * g, w.shape[0])
+    if view.bias is not None and view.bias is not original.bias:  # the view's own, sliced by a channel prune
+        original.bias = view.bias
     if view.bias is None and original.bias is not None:  # the view conv's own
         b = view.conv.bias.detach()
         if b.shape == original.bias.shape:

@@ -19,6 +19,13 @@ def _slice_(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
             module.register_buffer(name, new)
 
 
+def _entries(module: nn.Module) -> int:
+    """How many channels a per-channel module holds (a BatchNorm, a depthwise conv, a PReLU, or a transposed conv's
+    view, whose only per-channel tensor is the bias it adds after its pixel shuffle)."""
+    return next(t.shape[0] for t in (getattr(module, a, None) for a in ("weight", "bias", "running_mean"))
+                if isinstance(t, torch.Tensor))
+
+
 def spec_of(module: nn.Module) -> dict:
     """The attributes that decide a module's parameter shapes."""
     if isinstance(module, nn.modules.conv._ConvNd):  # Conv2d; Conv1d and transposed convs (conv_views.py)
@@ -110,8 +117,7 @@ def slice_channels_(model: nn.Module, drop_cols: dict, drop_rows: dict, drop_ent
                 setattr(m, attrs[1], len(keep))
     for name, ix in drop_entries.items():
         m = modules[name]
-        n = m.weight.shape[0] if getattr(m, "weight", None) is not None else m.running_mean.shape[0]
-        keep = kept_indices(n, ix)
+        keep = kept_indices(_entries(m), ix)
         for attr in ("weight", "bias", "running_mean", "running_var"):
             _slice_(m, attr, 0, keep)
         if isinstance(m, nn.Conv2d):  # depthwise: an input channel goes with its `multiplier` outputs
@@ -150,8 +156,7 @@ def permute_channels_(model: nn.Module, group: Group, order: list[int]) -> None:
         _reorder_(m, 0, index(m.weight.shape[0], lambda u: u.rows[p]), ("weight", "bias"))
     for e in units[0].entries:
         m = modules[e]
-        size = m.weight.shape[0] if getattr(m, "weight", None) is not None else m.running_mean.shape[0]
-        _reorder_(m, 0, index(size, lambda u: u.entries[e]), ("weight", "bias", "running_mean", "running_var"))
+        _reorder_(m, 0, index(_entries(m), lambda u: u.entries[e]), ("weight", "bias", "running_mean", "running_var"))
     for c in units[0].columns:
         m = modules[c]
         _reorder_(m, 1, index(m.weight.shape[1], lambda u: u.columns[c]), ("weight",))
