@@ -205,6 +205,55 @@ def test_pixel_shuffles_tie_a_sub_pixel_convs_rows_and_spread_a_channel_over_its
     torch.testing.assert_close(fresh.eval()(x), model(x))
 
 
+class UserOps(nn.Module):
+    """Elementwise arithmetic, InstanceNorms (affine and not), spatial pads, flips and softmaxes between convs, as a
+    user's code writes them: each channel's values stay its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm = nn.Conv2d(3, 16, 3, padding=1), nn.InstanceNorm2d(16, affine=True)
+        self.b, self.plain = nn.Conv2d(16, 16, 3), nn.InstanceNorm2d(16)
+        self.c = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        y = self.norm(self.a(x)).clamp(-3, 3) / 2
+        y = torch.where(y > 0, y, 0.1 * y)
+        y = nn.functional.pad(torch.flip(y, dims=[3]), (1, 1, 1, 1), mode="reflect")
+        z = self.plain(self.b(y))
+        return self.c(z.softmax(-1) + z.float() ** 2).mean((2, 3))
+
+
+# an op between two convs -> whether the first one's channels may go
+BETWEEN = {
+    "pad": (lambda y: nn.functional.pad(y, (1, 1, 1, 1)), True), "clamp": (lambda y: y.clamp(0, 6), True),
+    "divide": (lambda y: y / 2, True), "negate": (lambda y: -y, True), "exp": (torch.exp, True),
+    "power": (lambda y: y ** 2, True), "where": (lambda y: torch.where(y > 0, y, 0.1 * y), True),
+    "softmax over positions": (lambda y: y.softmax(-1), True), "flip": (lambda y: y.flip(3), True),
+    "roll": (lambda y: torch.roll(y, 1, dims=2), True), "transpose": (lambda y: y.transpose(2, 3), True),
+    "dtype": (lambda y: y.float(), True), "instance norm": (nn.InstanceNorm2d(16), True),
+    "softmax over channels": (lambda y: y.softmax(1), False), "pad channels": (lambda y: nn.functional.pad(
+        y, (0, 0, 0, 0, 1, 1))[:, 1:-1], False), "flip channels": (lambda y: y.flip(1), False),
+    "group norm": (nn.GroupNorm(4, 16), False),
+}
+
+
+@pytest.mark.parametrize("op", BETWEEN)
+def test_elementwise_and_spatial_ops_keep_each_channel_its_own(op):
+    """Before, each of the first thirteen fixed every channel it read ('which structured pruning does not know')."""
+    f, free = BETWEEN[op]
+
+    class Between(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.f, self.b = nn.Conv2d(3, 16, 3, padding=1), f, nn.Conv2d(16, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(self.f(self.a(x))).mean((2, 3))
+
+    group = next(g for g in channel_groups(Between().eval(), calib(1)) if g.producers == ["a"])
+    assert bool(group.removable) == free, group.reason
+
+
 class UserSE(nn.Module):
     """Squeeze-excitation as user code writes it: Linear layers on the pooled channels, their scales brought back
     as (N, C, 1, 1) by a view, unsqueezes or None-indexing (form), multiplying the block's output."""
@@ -466,7 +515,7 @@ def test_consumers_too_wide_for_obs_cost_each_channel_its_own_output_energy(monk
 
 
 @pytest.mark.parametrize("arch", [TinyResNet, GroupedBottleneck, DepthwiseMultiplier, Shuffled, SharedHead,
-                                  UserSE, PixelShuffles])
+                                  UserSE, PixelShuffles, UserOps])
 def test_smaller_network_equals_the_masked_one(arch):
     """Without reconstruction, slicing a unit away is the same function as zeroing its producer rows (and its
     BatchNorm's affine entries) and its consumer columns; a grouped conv keeps its groups, each narrower."""
@@ -482,7 +531,7 @@ def test_smaller_network_equals_the_masked_one(arch):
             if mods[name].bias is not None:
                 mods[name].bias[rows] = 0
         for name, ix in drop_entries.items():
-            if isinstance(mods[name], nn.BatchNorm2d):
+            if isinstance(mods[name], (nn.BatchNorm2d, nn.InstanceNorm2d)) and mods[name].affine:
                 mods[name].weight[ix] = 0
                 mods[name].bias[ix] = 0
         for name, cols in drop_cols.items():

@@ -48,7 +48,8 @@ _PASS_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.LeakyReLU
                  nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Hardtanh,
                  nn.Softplus, nn.PReLU, nn.Upsample, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d,
                  nn.AdaptiveMaxPool1d, nn.Dropout1d, nn.BatchNorm3d, nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d,
-                 nn.AdaptiveMaxPool3d, nn.Dropout3d)
+                 nn.AdaptiveMaxPool3d, nn.Dropout3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+                 nn.SELU, nn.CELU, nn.Softsign, nn.LogSigmoid, nn.AlphaDropout)
 _PASS_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.relu, torch.nn.functional.relu6,
                    torch.nn.functional.gelu, torch.nn.functional.silu, torch.nn.functional.hardswish,
                    torch.nn.functional.hardsigmoid, torch.nn.functional.sigmoid, torch.nn.functional.dropout,
@@ -58,13 +59,29 @@ _PASS_FUNCTIONS = {torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.re
                    torch.nn.functional.max_pool1d, torch.nn.functional.avg_pool1d,
                    torch.nn.functional.adaptive_avg_pool1d, torch.nn.functional.adaptive_max_pool1d,
                    torch.nn.functional.max_pool3d, torch.nn.functional.avg_pool3d,
-                   torch.nn.functional.adaptive_avg_pool3d}
-_PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "relu_", "sigmoid_"}
+                   torch.nn.functional.adaptive_avg_pool3d, torch.nn.functional.adaptive_max_pool2d,
+                   torch.nn.functional.adaptive_max_pool3d, torch.nn.functional.dropout1d,
+                   torch.nn.functional.dropout2d, torch.nn.functional.dropout3d, torch.nn.functional.mish,
+                   torch.nn.functional.softplus, torch.nn.functional.selu, torch.nn.functional.celu,
+                   torch.nn.functional.logsigmoid, torch.nn.functional.relu_,
+                   # elementwise arithmetic on one tensor (a scalar beside it)
+                   torch.abs, torch.exp, torch.neg, torch.sqrt, torch.rsqrt, torch.log, torch.square, torch.erf,
+                   torch.clamp, torch.clip, torch.clamp_min, torch.clamp_max, torch.reciprocal, torch.sign,
+                   operator.neg, operator.abs}
+_PASS_METHODS = {"relu", "sigmoid", "tanh", "contiguous", "clone", "relu_", "sigmoid_", "tanh_", "abs", "exp",
+                 "neg", "sqrt", "rsqrt", "log", "square", "erf", "clamp", "clamp_", "clamp_min", "clamp_max", "clip",
+                 "clip_", "reciprocal", "sign", "exp_", "neg_", "abs_",
+                 "float", "half", "double", "bfloat16", "to", "type_as", "detach"}  # (dtype, device: channels stay)
 _PIXEL_SHUFFLES = {torch.nn.functional.pixel_shuffle: True, torch.pixel_shuffle: True,  # (whether it shuffles:
                    torch.nn.functional.pixel_unshuffle: False, torch.pixel_unshuffle: False}  # depth to space)
 _TIE_FUNCTIONS = {operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub, operator.iadd,
-                  operator.imul}
-_TIE_METHODS = {"add", "mul", "sub", "add_", "mul_"}
+                  operator.imul, operator.isub, operator.truediv, operator.itruediv, torch.div, torch.true_divide,
+                  operator.pow, torch.pow, torch.maximum, torch.minimum, torch.where, operator.gt, operator.lt,
+                  operator.ge, operator.le, torch.gt, torch.lt, torch.ge, torch.le}  # (elementwise over tensors)
+_TIE_METHODS = {"add", "mul", "sub", "add_", "mul_", "sub_", "div", "div_", "true_divide", "pow", "maximum",
+                "minimum", "gt", "lt", "ge", "le"}
+_SOFTMAXES = {torch.softmax, torch.nn.functional.softmax, torch.log_softmax, torch.nn.functional.log_softmax,
+              "softmax", "log_softmax"}  # over the dim they are given: the channels' one normalizes them together
 
 
 @dataclass
@@ -336,6 +353,28 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
         for s in values:
             slots.fix(s, reason)
 
+    def spatial_only(node, fn):  # whether node works along dims other than the channels' (dim 1) only
+        ndim = len(_shape(node.args[0]) or ())
+        args = list(node.args[1:]) + list(node.kwargs.values())
+
+        def dims(d):
+            d = [d] if isinstance(d, int) else d
+            return isinstance(d, (list, tuple)) and all(isinstance(i, int) for i in d) and \
+                1 not in [i % ndim for i in d]
+
+        if fn in _SOFTMAXES:
+            return dims(node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None))
+        if fn is torch.nn.functional.pad:
+            pad = node.kwargs.get("pad", node.args[1] if len(node.args) > 1 else None)
+            return isinstance(pad, (list, tuple)) and len(pad) <= 2 * (ndim - 2)  # (it pads the last dims first)
+        if fn in (torch.flip, "flip"):
+            return dims(node.kwargs.get("dims", args[0] if args else None))
+        if fn in (torch.roll, "roll"):
+            return dims(node.kwargs.get("dims", node.args[2] if len(node.args) > 2 else None))
+        if fn in (torch.transpose, "transpose", "swapaxes", torch.swapaxes):
+            return len(args) >= 2 and dims(list(args[:2]))
+        return False
+
     def in_shuffled_view(node, fn, name, view_name, tensors):  # a transposed conv whose kernel equals its stride:
         c_out = _channels(node)  # the view conv's rows (o, a, b) are output channel o's, its bias added per channel
         if fn in _PIXEL_SHUFFLES and tensors:
@@ -431,7 +470,7 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
             elif isinstance(m, _PASS_MODULES):
                 of[node] = list(x)
                 if any(p.numel() == len(x) and len(x) > 1 for p in m.parameters(recurse=False)) or \
-                        isinstance(m, nn.modules.batchnorm._BatchNorm):
+                        isinstance(m, nn.modules.batchnorm._NormBase):  # (an InstanceNorm's num_features too)
                     read(per_channel, node.target, x)
             else:  # (every tensor it reads: a part called whole may take a list of them)
                 kind = type(m).__name__ + (f" with groups={m.groups}" if getattr(m, "groups", 1) != 1 else "")
@@ -485,6 +524,10 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
             elif fn in _PIXEL_SHUFFLES and tensors and cd == 1 and node.args[0] is tensors[0]:
                 factor = node.args[1] if len(node.args) > 1 else next(iter(node.kwargs.values()))
                 of[node] = space_to_depth(of[tensors[0]], int(factor), _PIXEL_SHUFFLES[fn])
+            elif tensors and cd == 1 and node.args[0] is tensors[0] and spatial_only(node, fn):
+                of[node] = list(of[tensors[0]])  # (a softmax over positions, a spatial pad, flip or roll)
+            elif fn in _SOFTMAXES and tensors and cd == 1:
+                of[node] = normalized_together(node, of[tensors[0]], name)
             elif fn in (torch.permute, "permute") and tensors and _permutation(node) is not None:
                 dims = [d % len(_shape(tensors[0])) for d in _permutation(node)]
                 cdim[node] = dims.index(cd)  # the channels move with their dim

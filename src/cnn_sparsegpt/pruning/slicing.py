@@ -22,8 +22,8 @@ def _slice_(module: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
 def _entries(module: nn.Module) -> int:
     """How many channels a per-channel module holds (a BatchNorm, a depthwise conv, a PReLU, or a transposed conv's
     view, whose only per-channel tensor is the bias it adds after its pixel shuffle)."""
-    return next(t.shape[0] for t in (getattr(module, a, None) for a in ("weight", "bias", "running_mean"))
-                if isinstance(t, torch.Tensor))
+    return next((t.shape[0] for t in (getattr(module, a, None) for a in ("weight", "bias", "running_mean"))
+                 if isinstance(t, torch.Tensor)), getattr(module, "num_features", 0))  # (an InstanceNorm without any)
 
 
 def spec_of(module: nn.Module) -> dict:
@@ -32,7 +32,7 @@ def spec_of(module: nn.Module) -> dict:
         return {"in": module.in_channels, "out": module.out_channels, "groups": module.groups}
     if isinstance(module, nn.Linear):
         return {"in": module.in_features, "out": module.out_features}
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    if isinstance(module, nn.modules.batchnorm._NormBase):  # BatchNorm, InstanceNorm
         return {"features": module.num_features}
     if isinstance(module, nn.PReLU):
         return {"parameters": module.num_parameters}
@@ -62,7 +62,7 @@ def apply_structure(model: nn.Module, spec: dict) -> nn.Module:
             m.weight = nn.Parameter(torch.empty(s["out"], s["in"]))
             if m.bias is not None:
                 m.bias = nn.Parameter(torch.empty(s["out"]))
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
             m.num_features = n = s["features"]
             for p in ("weight", "bias"):
                 if getattr(m, p) is not None:
@@ -124,7 +124,7 @@ def slice_channels_(model: nn.Module, drop_cols: dict, drop_rows: dict, drop_ent
             multiplier = m.out_channels // m.groups
             m.out_channels, m.in_channels = len(keep), len(keep) // multiplier
             m.groups = m.in_channels
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+        elif isinstance(m, nn.modules.batchnorm._NormBase):
             m.num_features = len(keep)
         elif isinstance(m, nn.PReLU):
             m.num_parameters = len(keep)
