@@ -213,10 +213,10 @@ class UserOps(nn.Module):
         super().__init__()
         self.a, self.norm = nn.Conv2d(3, 16, 3, padding=1), nn.InstanceNorm2d(16, affine=True)
         self.b, self.plain = nn.Conv2d(16, 16, 3), nn.InstanceNorm2d(16)
-        self.c = nn.Conv2d(16, 8, 1)
+        self.c, self.group = nn.Conv2d(16, 8, 1), nn.GroupNorm(4, 16)
 
     def forward(self, x):
-        y = self.norm(self.a(x)).clamp(-3, 3) / 2
+        y = self.norm(self.group(self.a(x))).clamp(-3, 3) / 2
         y = torch.where(y > 0, y, 0.1 * y)
         y = nn.functional.pad(torch.flip(y, dims=[3]), (1, 1, 1, 1), mode="reflect")
         z = self.plain(self.b(y))
@@ -233,13 +233,14 @@ BETWEEN = {
     "dtype": (lambda y: y.float(), True), "instance norm": (nn.InstanceNorm2d(16), True),
     "softmax over channels": (lambda y: y.softmax(1), False), "pad channels": (lambda y: nn.functional.pad(
         y, (0, 0, 0, 0, 1, 1))[:, 1:-1], False), "flip channels": (lambda y: y.flip(1), False),
-    "group norm": (nn.GroupNorm(4, 16), False),
+    "group norm": (nn.GroupNorm(4, 16), True),
 }
 
 
 @pytest.mark.parametrize("op", BETWEEN)
 def test_elementwise_and_spatial_ops_keep_each_channel_its_own(op):
-    """Before, each of the first thirteen fixed every channel it read ('which structured pruning does not know')."""
+    """Before, each of the first thirteen and the GroupNorm fixed every channel it read ('which structured pruning does
+    not know'); a GroupNorm's channels go a group at a time."""
     f, free = BETWEEN[op]
 
     class Between(nn.Module):
@@ -531,7 +532,8 @@ def test_smaller_network_equals_the_masked_one(arch):
             if mods[name].bias is not None:
                 mods[name].bias[rows] = 0
         for name, ix in drop_entries.items():
-            if isinstance(mods[name], (nn.BatchNorm2d, nn.InstanceNorm2d)) and mods[name].affine:
+            if isinstance(mods[name], (nn.BatchNorm2d, nn.InstanceNorm2d)) and mods[name].affine or \
+                    isinstance(mods[name], nn.GroupNorm):
                 mods[name].weight[ix] = 0
                 mods[name].bias[ix] = 0
         for name, cols in drop_cols.items():

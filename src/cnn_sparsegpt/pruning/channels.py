@@ -464,6 +464,13 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
             elif isinstance(m, nn.Flatten) and node.args[0] in of and len(_shape(node) or ()) == 2 and \
                     cdim[node] == 1:
                 of[node] = flattened(node.args[0], node, node.target)
+            elif isinstance(m, nn.GroupNorm) and cdim[node] == 1 and len(x) == m.num_channels:
+                k = m.num_channels // m.num_groups  # normalized together within a group: its channels go as one
+                for g in range(m.num_groups):
+                    for s in x[g * k + 1:(g + 1) * k]:
+                        slots.union(x[g * k], s)
+                of[node] = list(x)
+                read(per_channel, node.target, x)
             elif isinstance(m, (nn.PixelShuffle, nn.PixelUnshuffle)) and cdim[node] == 1:
                 of[node] = space_to_depth(x, m.upscale_factor if isinstance(m, nn.PixelShuffle) else
                                           m.downscale_factor, isinstance(m, nn.PixelShuffle))

@@ -23,7 +23,8 @@ def _entries(module: nn.Module) -> int:
     """How many channels a per-channel module holds (a BatchNorm, a depthwise conv, a PReLU, or a transposed conv's
     view, whose only per-channel tensor is the bias it adds after its pixel shuffle)."""
     return next((t.shape[0] for t in (getattr(module, a, None) for a in ("weight", "bias", "running_mean"))
-                 if isinstance(t, torch.Tensor)), getattr(module, "num_features", 0))  # (an InstanceNorm without any)
+                 if isinstance(t, torch.Tensor)),  # (an InstanceNorm or a GroupNorm without any)
+                getattr(module, "num_features", getattr(module, "num_channels", 0)))
 
 
 def spec_of(module: nn.Module) -> dict:
@@ -36,6 +37,8 @@ def spec_of(module: nn.Module) -> dict:
         return {"features": module.num_features}
     if isinstance(module, nn.PReLU):
         return {"parameters": module.num_parameters}
+    if isinstance(module, nn.GroupNorm):
+        return {"channels": module.num_channels, "groups": module.num_groups}
     return {}
 
 
@@ -70,6 +73,11 @@ def apply_structure(model: nn.Module, spec: dict) -> nn.Module:
             for b in ("running_mean", "running_var"):
                 if getattr(m, b) is not None:
                     m.register_buffer(b, torch.empty(n))
+        elif isinstance(m, nn.GroupNorm):
+            m.num_channels, m.num_groups = s["channels"], s["groups"]
+            for p in ("weight", "bias"):
+                if getattr(m, p) is not None:
+                    setattr(m, p, nn.Parameter(torch.empty(s["channels"])))
         elif isinstance(m, nn.PReLU):
             m.num_parameters = s["parameters"]
             m.weight = nn.Parameter(torch.empty(s["parameters"]))
@@ -126,6 +134,9 @@ def slice_channels_(model: nn.Module, drop_cols: dict, drop_rows: dict, drop_ent
             m.groups = m.in_channels
         elif isinstance(m, nn.modules.batchnorm._NormBase):
             m.num_features = len(keep)
+        elif isinstance(m, nn.GroupNorm):  # whole groups go (the walk ties each group's channels)
+            m.num_groups = len(keep) // (m.num_channels // m.num_groups)
+            m.num_channels = len(keep)
         elif isinstance(m, nn.PReLU):
             m.num_parameters = len(keep)
 
