@@ -18,7 +18,8 @@ def load_state_dict(path: str | os.PathLike, model: torch.nn.Module | None = Non
     """Load a checkpoint with weights_only=True: no code in the file is ever run.
 
     Accepts .pt/.pth (a plain state_dict, or a dict holding one under 'state_dict', 'model' or their EMA
-    variants), a TorchScript archive's weights (torch.jit.save) and .safetensors; 'module.' (DataParallel/DDP) and '_orig_mod.' (torch.compile) prefixes go.
+    variants), a TorchScript archive's weights (torch.jit.save) and .safetensors; 'module.' (DataParallel/DDP)
+    and '_orig_mod.' (torch.compile) prefixes go.
     Python objects pickled beside the tensors (timm's argparse.Namespace, a Hydra config) are read as inert
     stand-ins (Opaque), and so is a whole pickled nn.Module, whose parameters and buffers become its state_dict;
     a file with no state_dict in it that references code is refused, naming what it references.

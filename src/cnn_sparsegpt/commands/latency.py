@@ -18,7 +18,7 @@ import torch
 
 from ..deploy.accuracy import top1
 from ..deploy.runtimes import RUNTIMES, runtime as runtime_class, side_by_side
-from ..utils import UserError, atomic_write_json, run_metadata, as_module
+from ..utils import UserError, as_module, atomic_write_json, run_metadata
 from .export import RunData, add_run_data_arguments, input_shape, run_data, run_data_options
 from .pipeline import load_dense, load_run
 
@@ -67,7 +67,8 @@ def compare_latency(dense, pruned, shape, runtime: str = "onnxruntime", batch_si
     """Per batch size: median seconds per call of the dense and the pruned model side by side, and dense/pruned;
     with `also`, the same two on each of those runtimes in the same rounds, with their speed-ups over the first
     runtime's dense model."""
-    models = runtime_models(as_module(dense, "the dense model"), as_module(pruned, "the pruned model"), shape, runtime, also, threads)
+    models = runtime_models(as_module(dense, "the dense model"), as_module(pruned, "the pruned model"), shape,
+                            runtime, also, threads)
     return time_models(models, shape, runtime, batch_sizes, warmup, runs, rounds, also)
 
 
