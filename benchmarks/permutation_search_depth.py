@@ -6,7 +6,8 @@ local search (from the best order so far, a random 1/8 of the channels shuffled 
 again, the better order kept; `--rounds` times). No accuracy is measured: where the search prunes little less than
 the greedy, a deeper search has nothing to give the network either.
 
-    python benchmarks/permutation_search_depth.py --data-dir ../shared/data --json experiments/permutation_search_depth.json
+    python benchmarks/permutation_search_depth.py --data-dir ../shared/data \
+        --json experiments/permutation_search_depth.json
 """
 from __future__ import annotations
 

@@ -472,7 +472,8 @@ def channel_plan(model: nn.Module, example: torch.Tensor) -> list[dict]:
     `example` (one input or a few)."""
     model = _module_to_prune(model)
     if not torch.is_tensor(example):
-        raise UserError(f"channel_plan's example must be a tensor of inputs (one or a few), got {type(example).__name__}")
+        raise UserError(f"channel_plan's example must be a tensor of inputs (one or a few), got "
+                        f"{type(example).__name__}")
     with _as_conv2d(model, example[:1]) as views:
         plan = [{"producers": g.producers, "channels": len(g.units) * g.width, "removable": len(g.removable) * g.width,
                  "reason": g.reason} for g in channel_groups(model, example[:1])]
