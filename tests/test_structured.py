@@ -255,6 +255,39 @@ def test_elementwise_and_spatial_ops_keep_each_channel_its_own(op):
     assert bool(group.removable) == free, group.reason
 
 
+class LayerScale(nn.Module):
+    """Parameters that scale or shift each channel as user code holds them: (C, 1, 1), (1, C, 1, 1), and (C,)
+    reshaped through a sigmoid; and one along the positions (1, 1, H, W), which leaves the channels alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+        self.gamma, self.beta = nn.Parameter(torch.rand(16, 1, 1) + 0.5), nn.Parameter(torch.randn(1, 16, 1, 1))
+        self.gate, self.where = nn.Parameter(torch.randn(16)), nn.Parameter(torch.randn(1, 1, 8, 8))
+
+    def forward(self, x):
+        y = torch.relu(self.a(x)) * self.gamma + self.beta + self.where
+        y = torch.relu(self.b(y)) * self.gate.sigmoid().view(1, -1, 1, 1)
+        return self.c(y).mean((2, 3))
+
+
+def test_a_per_channel_parameter_keeps_an_entry_per_channel_and_is_sliced_with_them():
+    """Before, a (C, 1, 1) scale was not seen as per-channel: the prune sliced the channels and not the scale, and the
+    smaller network stopped with a size RuntimeError (a traceback); a (1, C, 1, 1) one or a reshaped (C,) one fixed
+    every channel it met."""
+    groups = {tuple(g.producers): g for g in channel_groups(make(LayerScale), calib(1))}
+    assert [u.entries for u in groups["a",].units] == [{"gamma": [i], "beta": [i]} for i in range(16)]
+    assert [u.entries for u in groups["b",].units] == [{"gate": [i]} for i in range(16)]
+    model, x = make(LayerScale), calib(64)
+    rep = prune_model(model, x, structure="channels", keep_macs=0.5, round_to=4, progress=False)
+    kept = model.a.out_channels
+    assert kept < 16 and model.gamma.shape == (kept, 1, 1) and model.beta.shape == (1, kept, 1, 1)
+    assert model.gate.shape == (model.b.out_channels,) and model.where.shape == (1, 1, 8, 8)
+    fresh = apply_structure(make(LayerScale), rep.structure["spec"])
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), model(x))
+
+
 class UserSE(nn.Module):
     """Squeeze-excitation as user code writes it: Linear layers on the pooled channels, their scales brought back
     as (N, C, 1, 1) by a view, unsqueezes or None-indexing (form), multiplying the block's output."""
@@ -516,7 +549,7 @@ def test_consumers_too_wide_for_obs_cost_each_channel_its_own_output_energy(monk
 
 
 @pytest.mark.parametrize("arch", [TinyResNet, GroupedBottleneck, DepthwiseMultiplier, Shuffled, SharedHead,
-                                  UserSE, PixelShuffles, UserOps])
+                                  UserSE, PixelShuffles, UserOps, LayerScale])
 def test_smaller_network_equals_the_masked_one(arch):
     """Without reconstruction, slicing a unit away is the same function as zeroing its producer rows (and its
     BatchNorm's affine entries) and its consumer columns; a grouped conv keeps its groups, each narrower."""
@@ -531,9 +564,9 @@ def test_smaller_network_equals_the_masked_one(arch):
             mods[name].weight[rows] = 0
             if mods[name].bias is not None:
                 mods[name].bias[rows] = 0
-        for name, ix in drop_entries.items():
-            if isinstance(mods[name], (nn.BatchNorm2d, nn.InstanceNorm2d)) and mods[name].affine or \
-                    isinstance(mods[name], nn.GroupNorm):
+        for name, ix in drop_entries.items():  # (a per-channel parameter's entries need nothing: the consumer's
+            if isinstance(mods.get(name), (nn.BatchNorm2d, nn.InstanceNorm2d)) and mods[name].affine or \
+                    isinstance(mods.get(name), nn.GroupNorm):  # columns are zeroed)
                 mods[name].weight[ix] = 0
                 mods[name].bias[ix] = 0
         for name, cols in drop_cols.items():

@@ -171,6 +171,18 @@ def _tie_groups(slots: _Slots, x: list[int], groups: int) -> list[int]:
     return x[:per]
 
 
+def _attribute(gm: fx.GraphModule, target: str):
+    owner, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr, None)
+
+
+def _one_axis(t) -> bool:
+    """Whether `t` (a tensor, or fx's tensor metadata) has more than one value, all along one axis: a candidate
+    per-channel parameter ((C,), (C, 1, 1), (1, C, 1, 1))."""
+    shape = tuple(getattr(t, "shape", ()) or ())
+    return math.prod(shape) > 1 and max(shape) == math.prod(shape)
+
+
 def _shape(node) -> tuple | None:
     meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
     shape = getattr(meta, "shape", None)
@@ -324,6 +336,7 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
     per_channel: dict[str, list[int]] = {}  # BatchNorm / depthwise conv / PReLU -> slot of each of its channels
     cdim: dict[fx.Node, int] = {}  # where a tensor's channels are: 1 (NCHW), or the last dim (channel-last)
     pieces: dict[fx.Node, list[list[int]]] = {}  # a chunk over channels -> the slots of each piece
+    params: dict[fx.Node, str] = {}  # a tensor attribute along one axis (or a reshape of one) -> its name
     opaque = set(getattr(gm, "opaque_modules", ()))
     split: dict[fx.Node, tuple[int, list[int], bool]] = {}  # a channel shuffle's (N, g, C/g, ...) view ->
     # g, the slots of its input's channels, whether dims 1 and 2 are swapped
@@ -352,6 +365,15 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
     def fix_all(values, reason):
         for s in values:
             slots.fix(s, reason)
+
+    def tied_params(node, x):  # a parameter that scales or shifts each channel (layer scale: x * gamma with gamma
+        n = len(_shape(node) or ())  # (C, 1, 1)) keeps an entry per channel, sliced with them
+        for a in node.all_input_nodes:
+            shape = _shape(a) if a in params else None
+            if shape:
+                axis = next(j for j, size in enumerate(shape) if size == math.prod(shape))
+                if n - len(shape) + axis == cdim[node] and shape[axis] == len(x):  # (else along positions)
+                    read(per_channel, params[a], x)
 
     def spatial_only(node, fn):  # whether node works along dims other than the channels' (dim 1) only
         ndim = len(_shape(node.args[0]) or ())
@@ -419,7 +441,10 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
                 if a in split:
                     fix_all(split[a][1], f"read by {node.target} after a view that splits the channels, which "
                                          "structured pruning does not follow")
-        if node.op == "placeholder" or node.op == "get_attr":
+        if node.op == "get_attr" and _one_axis(_attribute(gm, node.target)):  # a per-channel scale or shift, maybe
+            params[node], of[node] = node.target, fixed_list(node)  # (its own entries where it meets the channels:
+            # tied_params; elsewhere its channels stay, as any attribute's)
+        elif node.op == "placeholder" or node.op == "get_attr":
             of[node] = fixed_list(node)
         elif node.op == "output":
             for a in args:
@@ -489,12 +514,17 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
         elif node.op in ("call_function", "call_method"):
             fn = node.target
             name = fn if isinstance(fn, str) else getattr(fn, "__name__", str(fn))
-            tensors = [a for a in node.args if isinstance(a, fx.Node) and a in of and _channels(a)]
+            tensors = [a for a in node.args if isinstance(a, fx.Node) and a in of and _channels(a) and a not in params]
             cd = cdim[node] = cdim.get(tensors[0], 1) if tensors else 1
+            sources = node.all_input_nodes
             c_out = _channels(node)
             view = _inside_view(node)
             inside = [a for a in node.all_input_nodes if a in split]
-            if inside:  # within a channel shuffle: its steps, else its channels stay
+            if sources and all(params.get(a) == params.get(sources[0]) is not None for a in sources) and \
+                    _one_axis(node.meta.get("tensor_meta")):  # the parameter reshaped (view(1, -1, 1, 1)), or
+                # (sigmoid, exp)
+                params[node], of[node] = params[sources[0]], fixed_list(node)  # an elementwise function of it
+            elif inside:  # within a channel shuffle: its steps, else its channels stay
                 g, x, swapped = split[inside[0]]
                 if name in ("contiguous", "clone") or _swaps_1_2(node, name, len(_shape(inside[0]))):
                     split[node] = (g, x, swapped != (name not in ("contiguous", "clone")))
@@ -562,6 +592,8 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
                     for a, b in zip(full[0], other):
                         slots.union(a, b)
                 of[node] = list(full[0]) if full else fixed_list(node)
+                if full:
+                    tied_params(node, full[0])
             elif fn in (torch.cat, torch.concat) and (node.kwargs.get("dim", node.args[1] if len(node.args) > 1
                                                                     else 0) in (1, -3)) and \
                     (isinstance(node.args[0], (list, tuple)) or node.args[0] in pieces):

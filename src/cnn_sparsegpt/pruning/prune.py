@@ -43,7 +43,7 @@ from .reconstruct import reconstruct as reconstruct_model
 from .saliency import bn_row_scales
 from ..kernels.solver import NEEDS
 from .statcorr import StatCorrection
-from .slicing import spec_of
+from .slicing import spec_entry
 from .channels import channel_groups
 from .structured import prune_channels
 from ..utils import UserError, as_module, evaluation_mode, forward_checked, output_tensors
@@ -693,7 +693,7 @@ def _channel_layers(structure: dict, views: dict, model: nn.Module, config: Prun
             r["name"] = views[r["name"]][0]
             r["shape_before"], r["shape_after"] = views[f"{r['name']}.conv"][1].shape, weights[r["name"]]
     structure.update(renamed({k: v for k, v in structure.items() if k != "layers"}, views))
-    structure["spec"] = {n: spec_of(model.get_submodule(n)) for n in structure["spec"]}
+    structure["spec"] = {n: spec_entry(model, n) for n in structure["spec"]}
     return [LayerResult(r["name"], r["shape_after"], config.method, "channels", skipped=True,
                         reason="" if r["shape_before"] == r["shape_after"] else
                         "channels: " + " -> ".join("x".join(map(str, r[k])) for k in ("shape_before", "shape_after")))

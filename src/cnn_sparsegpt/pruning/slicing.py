@@ -27,6 +27,22 @@ def _entries(module: nn.Module) -> int:
                 getattr(module, "num_features", getattr(module, "num_channels", 0)))
 
 
+def _per_channel_tensor(model: nn.Module, name: str) -> tuple[nn.Module, str, int]:
+    """A tensor attribute the channel walk found scaling or shifting each channel (a layer scale `gamma` of shape
+    (C, 1, 1)): its module, its attribute name and its channel axis (its one axis of more than one value)."""
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    t = getattr(module, attr)
+    return module, attr, next(d for d, n in enumerate(t.shape) if n == t.numel())
+
+
+def spec_entry(model: nn.Module, name: str) -> dict:
+    """spec_of a module, or a per-channel tensor attribute's shape (`name` is a module's or an attribute's)."""
+    owner, _, attr = name.rpartition(".")
+    m = getattr(model.get_submodule(owner) if owner else model, attr)
+    return spec_of(m) if isinstance(m, nn.Module) else {"shape": list(m.shape)}
+
+
 def spec_of(module: nn.Module) -> dict:
     """The attributes that decide a module's parameter shapes."""
     if isinstance(module, nn.modules.conv._ConvNd):  # Conv2d; Conv1d and transposed convs (conv_views.py)
@@ -52,6 +68,15 @@ def apply_structure(model: nn.Module, spec: dict) -> nn.Module:
     modules = dict(model.named_modules())
     for name, s in spec.items():
         m = modules.get(name)
+        owner, _, attr = name.rpartition(".")
+        if m is None and "shape" in s and isinstance(getattr(modules.get(owner), attr, None), torch.Tensor):
+            t = getattr(modules[owner], attr)  # a per-channel tensor attribute (a layer scale)
+            new = torch.empty(s["shape"], dtype=t.dtype)
+            if isinstance(t, nn.Parameter):
+                setattr(modules[owner], attr, nn.Parameter(new, requires_grad=t.requires_grad))
+            else:
+                modules[owner].register_buffer(attr, new)
+            continue
         if m is None:
             raise UserError(f"the run's structure names a module '{name}' the model does not have")
         if isinstance(m, nn.modules.conv._ConvNd):
@@ -124,6 +149,10 @@ def slice_channels_(model: nn.Module, drop_cols: dict, drop_rows: dict, drop_ent
             else:
                 setattr(m, attrs[1], len(keep))
     for name, ix in drop_entries.items():
+        if name not in modules:  # a per-channel tensor attribute
+            m, attr, axis = _per_channel_tensor(model, name)
+            _slice_(m, attr, axis, kept_indices(getattr(m, attr).shape[axis], ix))
+            continue
         m = modules[name]
         keep = kept_indices(_entries(m), ix)
         for attr in ("weight", "bias", "running_mean", "running_var"):
@@ -166,6 +195,10 @@ def permute_channels_(model: nn.Module, group: Group, order: list[int]) -> None:
         m = modules[p]
         _reorder_(m, 0, index(m.weight.shape[0], lambda u: u.rows[p]), ("weight", "bias"))
     for e in units[0].entries:
+        if e not in modules:  # a per-channel tensor attribute
+            m, attr, axis = _per_channel_tensor(model, e)
+            _reorder_(m, axis, index(getattr(m, attr).shape[axis], lambda u: u.entries[e]), (attr,))
+            continue
         m = modules[e]
         _reorder_(m, 0, index(_entries(m), lambda u: u.entries[e]), ("weight", "bias", "running_mean", "running_var"))
     for c in units[0].columns:

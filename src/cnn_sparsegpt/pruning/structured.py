@@ -42,7 +42,7 @@ from .graph import GraphExecutor, call_order, layer_inputs, nonstandard_layers, 
 from .intercept import fold_offset_, offset_sinks
 from .layer import MIN_SAMPLES_PER_INPUT, LayerPruner, few_samples
 from .speedup import speedup_allocation
-from .slicing import kept_indices, removal_plan, slice_channels_, spec_of
+from .slicing import kept_indices, removal_plan, slice_channels_, spec_entry
 
 
 @dataclass
@@ -346,5 +346,6 @@ def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positi
                  "cost": curves[g][1][removed[g] - 1] if removed.get(g) else 0.0,
                  "fixed": groups[g].reason} for g in range(len(groups))],
         layers=[{"name": n, "shape_before": before[n], "shape_after": after[n]} for n in before],
-        spec={n: spec_of(modules[n]) for n in sorted(changed, key=list(modules).index)},
+        spec={n: spec_entry(model, n) for n in sorted(changed, key=lambda n: list(modules).index(
+            n if n in modules else n.rpartition(".")[0]))},  # (a per-channel attribute: at its module)
         timings=timings, latency=latency, not_refitted=unfitted)
