@@ -401,7 +401,7 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
         c_out = _channels(node)  # the view conv's rows (o, a, b) are output channel o's, its bias added per channel
         if fn in _PIXEL_SHUFFLES and tensors:
             return space_to_depth(of[tensors[0]], int(node.args[1]), True)
-        if not tensors:  # (the bias reshaped to (C, 1, 1))
+        if not tensors:  # (nothing with channels)
             return []
         if name in ("unsqueeze", "squeeze") and node.args[1:] == (-2,):  # a 1-D layer's unit height
             return list(of[tensors[0]])
