@@ -223,6 +223,14 @@ class UserOps(nn.Module):
         return self.c(z.softmax(-1) + z.float() ** 2).mean((2, 3))
 
 
+class _LibraryGroupNorm(nn.GroupNorm):
+    """A model library's GroupNorm (timm's): a subclass whose forward calls the function, which fx would trace into
+    (a `group_norm` call the walk does not follow) were it not kept a module call (graph.LEAVES)."""
+
+    def forward(self, x):
+        return nn.functional.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
 # an op between two convs -> whether the first one's channels may go
 BETWEEN = {
     "pad": (lambda y: nn.functional.pad(y, (1, 1, 1, 1)), True), "clamp": (lambda y: y.clamp(0, 6), True),
@@ -233,7 +241,7 @@ BETWEEN = {
     "dtype": (lambda y: y.float(), True), "instance norm": (nn.InstanceNorm2d(16), True),
     "softmax over channels": (lambda y: y.softmax(1), False), "pad channels": (lambda y: nn.functional.pad(
         y, (0, 0, 0, 0, 1, 1))[:, 1:-1], False), "flip channels": (lambda y: y.flip(1), False),
-    "group norm": (nn.GroupNorm(4, 16), True),
+    "group norm": (nn.GroupNorm(4, 16), True), "a library's group norm": (_LibraryGroupNorm(4, 16), True),
 }
 
 

@@ -29,7 +29,8 @@ PRUNABLE = (nn.Conv2d, nn.Linear)
 # called as modules in a traced graph, subclasses too: torch.fx traces into any class defined outside torch.nn, so a
 # model library's own BatchNorm (timm's BatchNormAct2d, 31 of its 50 families in benchmarks/architecture_sweep.py)
 # would become functional calls that no barrier stops at (its statistics were silently not re-estimated)
-LEAVES = (*PRUNABLE, nn.modules.batchnorm._BatchNorm)
+LEAVES = (*PRUNABLE, nn.modules.batchnorm._BatchNorm,
+          nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)  # (timm's GroupNorm too: its groups are the walk's)
 Barrier = Callable[[Iterable], None]  # called once with a generator of the node's input, batch by batch
 _INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.imul: operator.mul, operator.isub: operator.sub}
 
