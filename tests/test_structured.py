@@ -741,14 +741,41 @@ def test_structured_options_are_checked():
     with pytest.raises(UserError, match="exactly one of keep_macs"):
         prune_model(make(TinyResNet), calib(), structure="channels")
     with pytest.raises(UserError, match="not combinable"):
-        prune_model(make(TinyResNet), calib(), structure="channels", keep_macs=0.5, sparsity=0.5)
+        prune_model(make(TinyResNet), calib(), structure="channels", keep_macs=0.5, sparsity=0.5, reconstruct=1)
+    with pytest.raises(UserError, match="not combinable"):
+        prune_model(make(TinyResNet), calib(), structure="channels", keep_macs=0.5, wbits=4)
+    with pytest.raises(UserError, match="exactly one of"):
+        prune_model(make(TinyResNet), calib(), structure="channels", keep_macs=0.5, sparsity=0.5, nm="2:4")
     with pytest.raises(UserError, match="give that too"):
         prune_model(make(TinyResNet), calib(), PUBLISHED, sparsity=0.5, keep_macs=0.5)
     with pytest.raises(UserError, match="cannot remove enough"):
         prune_model(make(TinyResNet), calib(), structure="channels", keep_macs=0.01, progress=False)
 
 
-def _structured_mnist_run(tmp_path, data_dir):
+@pytest.mark.parametrize("pattern", [{"nm": "2:4"}, {"sparsity": 0.5}])
+def test_channels_then_a_pattern_on_the_smaller_network(pattern):
+    """structure='channels' with sparsity or nm: the channel prune, then that pattern's prune of the weights that
+    stay (each stage its own defaults), in one call; the masks are the smaller network's and it rebuilds from the
+    spec."""
+    model, x = make(TinyResNet), calib(64)
+    rep = prune_model(model, x, structure="channels", keep_macs=0.6, round_to=4, progress=False, **pattern)
+    assert rep.pattern == f"channels+{pattern.get('nm', pattern.get('sparsity'))}"
+    assert rep.structure["macs"][1] <= 0.6 * rep.structure["macs"][0]
+    assert [s["structure"] for s in rep.stages] == ["channels", "none"] and rep.stages[1]["keep_macs"] is None
+    assert rep.stages[0]["percdamp"] == 0.001 and rep.stages[1]["percdamp"] == 0.01  # (each stage's own default)
+    params = dict(model.named_parameters())
+    assert rep.masks and rep.sparsity == pytest.approx(0.5, abs=0.01)
+    for name, mask in rep.masks.items():
+        assert mask.shape == params[name].shape and torch.all(params[name][~mask] == 0)
+        if "nm" in pattern and mask.ndim == 4:  # 2 of every 4 input channels at each tap
+            assert torch.all(mask.permute(0, 2, 3, 1).reshape(-1, 4).sum(1) == 2)
+    assert model.block.conv1.out_channels < 8 or model.block.conv2.out_channels < 16
+    fresh = apply_structure(make(TinyResNet), rep.structure["spec"])
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh.eval()(x), model(x))
+
+
+def _structured_mnist_run(tmp_path, data_dir, *more):
     from cnn_sparsegpt.commands.cli import main
     from cnn_sparsegpt.models import create_model
 
@@ -758,7 +785,7 @@ def _structured_mnist_run(tmp_path, data_dir):
     run = tmp_path / "run"
     assert main(["-q", "prune", "--model", "mnist_cnn", "--weights", str(ckpt), "--data-dir", str(data_dir),
                  "--structure", "channels", "--keep-params", "0.5", "--nsamples", "32", "--eval-samples", "64",
-                 "--out", str(run)]) == 0
+                 "--out", str(run), *more]) == 0
     return run, main
 
 
@@ -772,6 +799,22 @@ def test_a_channel_run_prints_each_layers_shapes(tmp_path, data_dir):
     text = format_report(json.loads((run / "report.json").read_text()))
     assert text.startswith("layer") and "shape before" in text and "skipped" not in text
     assert "multiply-adds per image kept" in text and "top-1 dense" in text
+
+
+def test_a_channel_run_with_a_pattern_loads_with_its_masks(tmp_path, data_dir):
+    """`prune --structure channels --keep-params 0.5 --nm 2:4`: the run folder's model is the smaller one, its masks
+    the 2:4 masks of its weights; the summary says both."""
+    import json
+
+    from cnn_sparsegpt import load_run
+    from cnn_sparsegpt.commands.pipeline import format_report
+
+    run, _ = _structured_mnist_run(tmp_path, data_dir, "--nm", "2:4")
+    model, report, masks = load_run(run)
+    assert report["pattern"] == "channels+2:4" and masks
+    params = dict(model.named_parameters())
+    assert all(params[k].shape == m.shape and torch.all(params[k][~m] == 0) for k, m in masks.items())
+    assert "then 2:4 (sparsegpt): sparsity 0.500" in format_report(json.loads((run / "report.json").read_text()))
 
 
 def test_structured_run_folder_exports(tmp_path, data_dir):

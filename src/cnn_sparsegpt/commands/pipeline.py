@@ -490,6 +490,9 @@ def _totals(r: dict) -> str:
         lines.append(f"\n{r['model']} channels: {mk / 1e6:.1f} of {md / 1e6:.1f} M multiply-adds per image kept "
                      f"({mk / md:.1%}), {pk / 1e6:.2f} of {pd / 1e6:.2f} M weights ({pk / pd:.1%}); "
                      f"{r['seconds']:.1f} s pruning, {r['nsamples']} calibration images")
+        if r.get("stages"):  # then a pattern on the weights of the smaller network
+            lines.append(f"  then {r['pattern'].split('+', 1)[1]} ({r['method']}): sparsity {r['sparsity']:.3f} of "
+                         f"the pruned layers, {r['total_sparsity']:.3f} of all weights")
         if st.get("latency"):
             lat = st["latency"]
             lines.append(f"  measured speed-up {lat['measured_speedup']:.2f}x on {lat['runtime']} at batch "

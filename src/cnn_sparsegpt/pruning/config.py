@@ -220,7 +220,7 @@ class PruneConfig:
             except re.error as e:
                 raise UserError(f"ignore: '{pattern}' is not a layer name or regular expression ({e}); escape "
                                 "special characters with a backslash") from None
-        if self.structure == "none" and (self.sparsity is not None or self.nm is not None):
+        if self.sparsity is not None or self.nm is not None:  # (with channels: on the weights that stay)
             Pattern.parse(self.sparsity, self.nm)  # one of the two, well formed
         self._check_combinations()
 
@@ -231,10 +231,12 @@ class PruneConfig:
             if sum(v is not None for v in (r.keep_macs, r.keep_params, r.target_speedup)) != 1:
                 raise UserError("structure='channels' needs exactly one of keep_macs (e.g. 0.5), keep_params and "
                                 "target_speedup (e.g. 2.0)")
-            if r.sparsity is not None or r.nm is not None or r.wbits is not None or r.allocation != "uniform" \
-                    or r.reconstruct or r.stat_correction or r.bn_aware:
-                raise UserError("structure='channels' removes whole channels: not combinable with sparsity, nm, "
-                                "wbits, allocation, reconstruct, stat_correction or bn_aware yet")
+            weights = r.sparsity is not None or r.nm is not None  # (then pruned on the smaller network)
+            if (not weights and (r.wbits is not None or r.allocation != "uniform")) or r.reconstruct \
+                    or r.stat_correction or r.bn_aware:
+                raise UserError("structure='channels' removes whole channels: not combinable with reconstruct, "
+                                "stat_correction or bn_aware yet (sparsity or nm, with wbits and an allocation or "
+                                "not, then prune the weights of the smaller network)")
         elif r.keep_macs is not None or r.keep_params is not None or r.target_speedup is not None:
             raise UserError("keep_macs, keep_params and target_speedup are targets of structure='channels': give "
                             "that too")
@@ -270,6 +272,16 @@ class PruneConfig:
         return Pattern.parse(self.sparsity, self.nm)
 
     @property
+    def stages(self) -> list[PruneConfig]:
+        """What runs, in order: this config; or, for channels with a pattern (sparsity or nm), the channel prune
+        (without the pattern) and then the pattern's prune of the smaller network (without the channel target), each
+        resolving its own defaults (damping, refinement)."""
+        if self.structure != "channels" or (self.sparsity is None and self.nm is None):
+            return [self]
+        return [replace(self, sparsity=None, nm=None, wbits=None, permute=None, allocation="auto"),
+                replace(self, structure="none", keep_macs=None, keep_params=None, target_speedup=None)]
+
+    @property
     def has_target(self) -> bool:
         """A pattern, or a structured target: enough to prune."""
         return self.sparsity is not None or self.nm is not None or self.structure != "none"
@@ -300,6 +312,11 @@ class PruneConfig:
     def resolved(self, distributed: bool = False) -> PruneConfig:
         """The 'auto' fields replaced by what runs: the config a report records. distributed: under torchrun
         (where an allocation, which reads the whole calibration set at once, cannot run)."""
+        if self.structure == "channels" and (self.sparsity is not None or self.nm is not None):
+            w = self.stages[1].resolved(distributed)  # the weight choices are the second stage's; damping left to
+            chosen = {k: getattr(w, k) for k in ("refine", "quant", "solver", "allocation", "permute")}  # each
+            same = all(getattr(self, k) == v for k, v in chosen.items())  # stage where None (stages)
+            return self if same else replace(self, **chosen)
         # N:M masks of OBS solves: where ten held-out seeds chose permute + swap (2:4 and 4:8, docs/RESULTS.md)
         nm_obs = self.structure == "none" and self.nm is not None and self.method == "sparsegpt" \
             and self.wbits is None

@@ -70,6 +70,7 @@ class PruneReport:
     structure: dict = field(default_factory=dict)  # structure='channels': targets, MACs/params, groups, new shapes
     permutation: dict = field(default_factory=dict)  # permute: per group of channels, swaps and saliency kept
     resumed_layers: int = 0  # layers an interrupted prune had finished (resume=...): their seconds were spent before
+    stages: list = field(default_factory=list)  # channels with a pattern: each stage's resolved config, in order
 
     @property
     def method(self) -> str:
@@ -77,7 +78,10 @@ class PruneReport:
 
     @property
     def pattern(self) -> str:
-        return "channels" if self.config.structure == "channels" else str(self.config.pattern)
+        if self.config.structure != "channels":
+            return str(self.config.pattern)
+        return "channels" + (f"+{self.config.pattern}" if self.config.sparsity is not None or self.config.nm is not None
+                             else "")
 
     @property
     def quantized(self) -> dict[str, dict]:
@@ -440,15 +444,23 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     if param is None:
         raise UserError(f"{type(model).__name__} has no parameters: nothing to prune")
     config.check_runnable(dist.active(process_group), param.device)
+    stages = [stage.resolved(dist.active(process_group)) for stage in config.stages]
     config = config.resolved(dist.active(process_group))
     batches = _as_batches(calibration, param.device, config.batch_size, nsamples)
+    reports = []
     with _as_conv2d(model, batches[0][:1]) as views:
-        if config.structure == "channels":
-            report = _prune_structured(model, batches, config, progress, views)
-        else:
-            report = _prune_weights(model, batches, config, progress, use_fx, process_group, views, resume)
-    report.layers = _channel_layers(report.structure, views, model, config) if report.structure else \
-        [original_result(r, views) for r in report.layers]
+        for stage in stages:  # channels, then the weights of the smaller network; or one of the two
+            reports.append(_prune_structured(model, batches, stage, progress, views) if stage.structure == "channels"
+                           else _prune_weights(model, batches, stage, progress, use_fx, process_group, views, resume))
+    report = reports[-1]
+    if len(reports) > 1:
+        channels = reports[0]
+        report = replace(report, config=config, structure=channels.structure, stages=[s.as_dict() for s in stages],
+                         seconds=channels.seconds + report.seconds, timings={
+                             **{f"channels_{k}": v for k, v in channels.timings.items()}, **report.timings})
+    by_channels = _channel_layers(report.structure, views, model, config) if report.structure else None
+    report.layers = [original_result(r, views) for r in report.layers] if by_channels is None or len(reports) > 1 \
+        else by_channels
     report.total_sparsity = weight_sparsity(model)
     return report
 
