@@ -391,3 +391,6 @@ def test_bench_patterns_include_channel_targets():
         pattern_options("keep_flops=0.5")
     with pytest.raises(UserError, match="not a number"):
         pattern_options("keep_macs=half")
+    assert pattern_options("keep_macs=0.7+2:4") == {"structure": "channels", "keep_macs": 0.7, "nm": "2:4"}
+    with pytest.raises(UserError, match="a channel target, then a sparsity"):
+        pattern_options("2:4+keep_macs=0.7")

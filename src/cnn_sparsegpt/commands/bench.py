@@ -34,7 +34,8 @@ class BenchModel:
     weights: str | None = None  # checkpoint; its path is part of each row's key
     dataset: str | None = None
     methods: list = field(default_factory=lambda: ["magnitude", "wanda", "sparsegpt"])
-    # sparsity levels, N:M, or channel targets: keep_macs=F, keep_params=F, target_speedup=S
+    # sparsity levels, N:M, or channel targets: keep_macs=F, keep_params=F, target_speedup=S (then a pattern on the
+    # smaller network: keep_macs=0.7+2:4)
     patterns: list = field(default_factory=lambda: ["0.5", "2:4"])
     ignore: list = field(default_factory=list)  # layer names or regexes kept dense
     # top1 | output | auto, as prune's --metric (output: a model that is not a classifier); not part of a row's key,
@@ -105,7 +106,13 @@ CHANNEL_TARGETS = ("keep_macs", "keep_params", "target_speedup")
 
 def pattern_options(pattern: str) -> dict:
     """A grid pattern: '0.5' (sparsity), '2:4' (N:M) or 'keep_macs=0.5' / 'keep_params=0.5' /
-    'target_speedup=2' (channels)."""
+    'target_speedup=2' (channels), or a channel target then a pattern for the smaller network ('keep_macs=0.7+2:4')."""
+    if "+" in pattern:
+        first, _, then = pattern.partition("+")
+        channels, weights = pattern_options(first), pattern_options(then)
+        if "structure" not in channels or "structure" in weights:
+            raise UserError(f"pattern '{pattern}': a channel target, then a sparsity or N:M (e.g. keep_macs=0.7+2:4)")
+        return channels | weights
     if "=" in pattern:
         key, _, value = pattern.partition("=")
         if key not in CHANNEL_TARGETS:
