@@ -174,9 +174,10 @@ class PruneConfig:
                      ("auto",) + QUANT)
     structure: str = opt("none", "none: remove single weights (sparsity or nm); channels: remove whole channels "
                          "(with their BatchNorm entries and every consumer's inputs) chosen and re-fitted by block "
-                         "OBS, for a physically smaller, faster network; needs keep_macs or keep_params (refine "
-                         "applies to weight masks only; dense_target re-fits each layer of the smaller network to the "
-                         "dense outputs)", ("none", "channels"))
+                         "OBS, for a physically smaller, faster network; needs keep_macs, keep_params or "
+                         "target_speedup (refine applies to weight masks only; dense_target re-fits each layer of the "
+                         "smaller network to the dense outputs); with sparsity or nm too, the smaller network's "
+                         "weights are then pruned to that pattern", ("none", "channels"))
     keep_macs: float | None = opt(None, "channels: fraction of the multiply-adds per image to keep, in (0, 1]",
                                   check=lambda v: 0 < v <= 1, want="in (0, 1]")
     keep_params: float | None = opt(None, "channels: fraction of the Conv2d/Linear weights to keep, in (0, 1]",
