@@ -171,6 +171,15 @@ def _tie_groups(slots: _Slots, x: list[int], groups: int) -> list[int]:
     return x[:per]
 
 
+def _tie_runs(slots: _Slots, x: list[int], k: int) -> list[int]:
+    """Tie each run of k consecutive channels of x into one unit (a GroupNorm's group; the r² channels a pixel
+    shuffle makes one channel of); returns the first slot of each run."""
+    for c in range(0, len(x) - k + 1, k):
+        for s in x[c + 1:c + k]:
+            slots.union(x[c], s)
+    return x[::k]
+
+
 def _attribute(gm: fx.GraphModule, target: str):
     owner, _, attr = target.rpartition(".")
     return getattr(gm.get_submodule(owner) if owner else gm, attr, None)
@@ -413,12 +422,7 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
 
     def space_to_depth(x, r, shuffle):  # pixel_shuffle: channel c of the output is channels c·r²..c·r²+r²−1 of
         k = r * r  # its input (tied: one unit, a sub-pixel conv's r² rows); pixel_unshuffle: the other way round
-        if not shuffle:
-            return [s for s in x for _ in range(k)]
-        for c in range(0, len(x) - k + 1, k):
-            for s in x[c + 1:c + k]:
-                slots.union(x[c], s)
-        return x[::k]
+        return _tie_runs(slots, x, k) if shuffle else [s for s in x for _ in range(k)]
 
     produced: dict[str, list[int]] = {}  # producer module -> its output slots (one set for all its calls)
 
@@ -490,10 +494,7 @@ def channel_groups(model: nn.Module, example: torch.Tensor, purpose: str = "stru
                     cdim[node] == 1:
                 of[node] = flattened(node.args[0], node, node.target)
             elif isinstance(m, nn.GroupNorm) and cdim[node] == 1 and len(x) == m.num_channels:
-                k = m.num_channels // m.num_groups  # normalized together within a group: its channels go as one
-                for g in range(m.num_groups):
-                    for s in x[g * k + 1:(g + 1) * k]:
-                        slots.union(x[g * k], s)
+                _tie_runs(slots, x, m.num_channels // m.num_groups)  # normalized together: a group goes as one
                 of[node] = list(x)
                 read(per_channel, node.target, x)
             elif isinstance(m, (nn.PixelShuffle, nn.PixelUnshuffle)) and cdim[node] == 1:
