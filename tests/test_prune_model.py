@@ -672,3 +672,39 @@ def test_output_measures_of_a_partly_traced_model_run_its_graph_and_equal_whole_
     assert set(on_graph) == set(changes) and all(whole[k] > 0 for k in changes)
     for k in changes:
         torch.testing.assert_close(on_graph[k], whole[k], rtol=1e-5, atol=0)
+
+
+def test_layer_patterns_give_layers_their_own_pattern():
+    """layer_patterns: the first entry that matches a layer is its pattern (N:M or a sparsity), resolved as if the
+    whole prune had it (the swap at N:M); the other layers take the main pattern; an entry that matches no layer, or
+    only layers kept dense, is a warning; a bad entry, or no main pattern, is one line."""
+    with pytest.warns(RuntimeWarning, match="'nothing' matches no Conv or Linear layer"):
+        rep = prune_model(make(), calib(), sparsity=0.5, allocation="uniform", progress=False,
+                          layer_patterns={"block\\.conv2": "2:4", "block\\..*": 0.75, "nothing": 0.1})
+    by = {r.name: r for r in rep.layers}
+    assert (by["block.conv2"].pattern, by["block.conv2"].refine) == ("2:4", "swap")
+    assert (by["block.conv2"].mask.reshape(16, 4, 4, 9).sum(2) == 2).all()  # 2 of each 4 input channels per tap
+    assert by["block.conv1"].pattern == by["block.down.0"].pattern == "0.75"
+    assert abs(by["block.conv1"].sparsity - 0.75) < 0.01 and abs(by["fc1"].sparsity - 0.5) < 0.01
+    assert (by["fc1"].pattern, by["fc1"].refine) == ("0.5", "cg")
+    assert rep.config.layer_patterns == {"block\\.conv2": "2:4", "block\\..*": "0.75", "nothing": "0.1"}
+    with pytest.warns(RuntimeWarning, match="stem stays dense"):
+        prune_model(make(), calib(), sparsity=0.5, layer_patterns={"stem": 0.5}, progress=False)
+    for bad, match in (({"x": "3:2"}, "'x' has pattern '3:2'"), ({"(": 0.5}, "not a layer name or regular"),
+                       ({"x": 1.0}, "sparsity in \\[0, 1\\)")):
+        with pytest.raises(UserError, match=match):
+            prune_model(make(), calib(), sparsity=0.5, layer_patterns=bad, progress=False)
+    with pytest.raises(UserError, match="give sparsity or nm too"):
+        prune_model(make(), calib(), layer_patterns={"fc1": 0.5}, progress=False)
+
+
+def test_ignored_layers_keep_their_channels_and_weights_in_a_channel_prune():
+    """ignore with structure='channels': an ignored layer's input and output channels stay, and its weights (the
+    channel prune once went through the list as if it were not there)."""
+    model = make()
+    dense = copy.deepcopy(model)
+    with pytest.warns(RuntimeWarning, match="'nothing' matches no Conv or Linear layer"):
+        rep = prune_model(model, calib(), structure="channels", keep_params=0.85, round_to=2,
+                          ignore=["block.conv2", "nothing"], progress=False)
+    assert rep.structure["params"][1] < rep.structure["params"][0]  # something went: the stem's channels
+    assert model.stem.out_channels < 8 and torch.equal(model.block.conv2.weight, dense.block.conv2.weight)

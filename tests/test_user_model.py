@@ -172,13 +172,14 @@ def test_bench_models_take_model_kwargs(net_file, tmp_path):
 
 
 def test_dry_run_lists_the_layers_the_prune_prunes_and_why_the_others_stay(net_file, data_dir, tmp_path, capsys):
-    """--dry-run decides what the prune decides (its own code), prints it and writes nothing."""
+    """--dry-run decides what the prune decides (its own code), prints it and writes nothing; a layer's own pattern
+    (--layer-patterns) is what that layer gets."""
     name = f"{net_file}:wide_net"
     ckpt = tmp_path / "wide.pt"
     torch.save(create_model(name, num_classes=10, kwargs={"width": 8, "depth": 3}).state_dict(), ckpt)
     common = ["-q", "prune", "--model", name, "--model-kwargs", "width=8", "depth=3", "--weights", str(ckpt),
               "--dataset", "mnist", "--data-dir", str(data_dir), "--nm", "2:4", "--nsamples", "16", "--eval-samples",
-              "32", "--ignore", "4"]
+              "32", "--ignore", "4", "--layer-patterns", "6=0.75"]
     capsys.readouterr()
     assert main([*common, "--dry-run", "--out", str(tmp_path / "dry")]) == 0
     printed = capsys.readouterr().out
@@ -187,8 +188,10 @@ def test_dry_run_lists_the_layers_the_prune_prunes_and_why_the_others_stay(net_f
     layers = json.loads((tmp_path / "run" / "report.json").read_text())["layers"]
     for x in layers:  # the same layers pruned, the same reasons for the others
         line = next(line for line in printed.splitlines() if line.startswith(f"{x['name']} "))
-        assert line.endswith(f"stays dense: {x['reason']}" if x["skipped"] else "prune"), line
+        assert line.endswith(f"stays dense: {x['reason']}" if x["skipped"] else f"prune {x['pattern']}"), line
     assert sorted(x["skipped"] for x in layers) == [False, False, True, True, True]  # first, ignored, last
+    by = {x["name"]: x for x in layers}
+    assert (by["2"]["pattern"], by["6"]["pattern"]) == ("2:4", "0.75") and abs(by["6"]["sparsity"] - 0.75) < 0.01
     assert "would prune 2 of 5 layers" in printed
 
 

@@ -33,6 +33,19 @@ class _Kwargs(argparse.Action):
         setattr(namespace, self.dest, out)
 
 
+class _Pairs(argparse.Action):
+    """NAME=VALUE ... into a dict, split at the last '=' (a name may be a regex), each VALUE kept as text."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        out = {}
+        for item in values:
+            key, eq, text = item.rpartition("=")
+            if not eq or not key or not text:
+                raise argparse.ArgumentError(self, f"takes {self.metavar} pairs (layer4.*=0.9 fc=2:4), got {item!r}")
+            out[key] = text
+        setattr(namespace, self.dest, out)
+
+
 def _add_prune_flags(p: argparse.ArgumentParser) -> None:
     """One flag per field of PruneOptions and PruneConfig (config.py): names, help, choices and defaults come from
     the dataclasses, and every value is checked by them (one clear error), not by argparse."""
@@ -49,7 +62,7 @@ def _add_prune_flags(p: argparse.ArgumentParser) -> None:
         flag, meta, hint = name.replace("_", "-"), f.metadata, hints[name]
         default = field_default(f)
         choices = f" ({' | '.join(map(str, meta['choices']))})" if meta.get("choices") else ""
-        help = f"{meta['help']}{choices}; default {default if default not in ('', (), None) else 'not set'}"
+        help = f"{meta['help']}{choices}; default {default if default not in ('', (), None, {}) else 'not set'}"
         metavar = "{" + ",".join(map(str, meta["choices"])) + "}" if meta.get("choices") else None
         if bool in typing.get_args(hint) or hint is bool:
             _bool_flag(p, flag, help.replace("%", "%%"), f"the opposite of --{flag}")
@@ -59,7 +72,8 @@ def _add_prune_flags(p: argparse.ArgumentParser) -> None:
         if hint is tuple:
             p.add_argument(f"--{flag}", nargs="+", help=help.replace("%", "%%"))
         elif hint is dict:
-            p.add_argument(f"--{flag}", nargs="+", action=_Kwargs, metavar="KEY=VALUE", help=help.replace("%", "%%"))
+            p.add_argument(f"--{flag}", nargs="+", action=_Pairs if meta.get("pairs") else _Kwargs,
+                           metavar=meta.get("pairs") or "KEY=VALUE", help=help.replace("%", "%%"))
         else:
             p.add_argument(f"--{flag}", type=kind, metavar=metavar, help=help.replace("%", "%%"))
 

@@ -262,12 +262,13 @@ def plan_prune(opts: PruneOptions, progress: bool = True) -> dict:
     common = {"model": opts.model, "data_source": prep.train.source, "preprocess": prep.preprocess.as_dict()}
     if opts.config.structure == "channels":  # which channels may go (how many do is the calibration statistics')
         example = calibration_set(prep.train, 1, opts.seed).to(device)
-        return common | {"pattern": "channels", "groups": channel_plan(prep.model, example)}
+        return common | {"pattern": "channels", "groups": channel_plan(prep.model, example, opts.config.ignore)}
     config = dataclasses.replace(PUBLISHED, method="magnitude", sparsity=opts.config.sparsity, nm=opts.config.nm,
-                                 ignore=opts.config.ignore, prune_all=opts.config.prune_all, bn_recalibration=False)
+                                 ignore=opts.config.ignore, prune_all=opts.config.prune_all, bn_recalibration=False,
+                                 layer_patterns=opts.config.layer_patterns)
     report = prune_model(prep.model, calibration_set(prep.train, 2, opts.seed), config, progress=False)
     layers = [{"name": x.name, "shape": x.shape, "weights": math.prod(x.shape), "reason": x.reason if x.skipped
-               else ""} for x in report.layers]
+               else "", "pattern": x.pattern} for x in report.layers]
     return common | {"pattern": report.pattern, "layers": layers}
 
 
@@ -278,7 +279,7 @@ def format_plan(plan: dict) -> str:
     lines = [f"{'layer':<28} {'shape':<18} {'weights':>9}  plan"]
     for x in plan["layers"]:
         shape = "x".join(map(str, x["shape"]))
-        what = f"stays dense: {x['reason']}" if x["reason"] else "prune"
+        what = f"stays dense: {x['reason']}" if x["reason"] else f"prune {x.get('pattern', '')}".rstrip()
         lines.append(f"{x['name']:<28} {shape:<18} {x['weights']:>9}  {what}")
     pruned = [x for x in plan["layers"] if not x["reason"]]
     total, kept = sum(x["weights"] for x in plan["layers"]), sum(x["weights"] for x in pruned)
@@ -442,6 +443,8 @@ def format_report(r: dict) -> str:
         shape = "x".join(map(str, layer["shape"]))
         err = f"{layer['error']:.2e}" if layer["error"] is not None else "-"
         note = f"skipped: {layer['reason']}" if layer["skipped"] else layer["reason"]
+        if not layer["skipped"] and ":" in str(layer.get("pattern")) and layer["pattern"] != r["pattern"]:
+            note = f"{layer['pattern']} (layer_patterns){'; ' * bool(note)}{note}"
         lines.append(f"{layer['name']:<28} {shape:<18} {layer['sparsity']:>8.3f} {err:>9} "
                      f"{layer['seconds']:>6.2f}  {note}")
     return "\n".join([*lines, _totals(r)])

@@ -25,10 +25,11 @@ from ..kernels.solver import COLUMN_LOOPS, EXACT_BUDGET, METHODS, SOLVERS
 from ..utils import UserError
 
 
-def opt(default, help: str, choices: tuple | None = None, check=None, want: str = ""):
+def opt(default, help: str, choices: tuple | None = None, check=None, want: str = "", pairs: str = ""):
     """A field with what the CLI and the checks need: help text, choices, and a range check (value -> bool) with
-    what it wants, e.g. 'at least 1'."""
-    meta = {"help": help, "choices": choices, "check": check, "want": want}
+    what it wants, e.g. 'at least 1'. pairs: a mapping whose keys are any text (names, regexes), given on the command
+    line as KEY=VALUE with this metavar, VALUE kept as text."""
+    meta = {"help": help, "choices": choices, "check": check, "want": want, "pairs": pairs}
     if isinstance(default, (list, dict, set)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -74,6 +75,15 @@ def check_fields(obj, where: str, skip: tuple = ()) -> None:
             raise UserError(f"{prefix}{f.name} must be {meta['want']}, got {value}")
 
 
+def layer_pattern(key, value) -> Pattern:
+    """One entry of layer_patterns as a Pattern: a sparsity in [0, 1) (0.9, '0.9') or N:M ('2:4'); else one line."""
+    try:
+        return Pattern.parse(nm=value) if isinstance(value, str) and ":" in value else Pattern.parse(sparsity=value)
+    except UserError:
+        raise UserError(f"layer_patterns: '{key}' has pattern {value!r}: give a sparsity in [0, 1) (e.g. 0.9) or "
+                        "N:M (e.g. 2:4)") from None
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """What a prune does to a model. The defaults are the recommended recipe (RECOMMENDED); PUBLISHED is
@@ -100,7 +110,13 @@ class PruneConfig:
                            "cuda_graph (that loop replayed as a CUDA graph), triton (one fused kernel per block; "
                            "CUDA and the triton package; quantized layers keep the loop) or auto (cuda_graph on a "
                            "GPU, loop elsewhere). The masks are the same up to float rounding", COLUMN_LOOPS)
-    ignore: tuple = opt((), "layer names or regexes to keep dense")
+    ignore: tuple = opt((), "layer names or regexes to keep as they are (dense; with channels, their input and "
+                        "output channels stay too)")
+    layer_patterns: dict = opt({}, "per-layer patterns, {layer name or regex: sparsity or N:M}, e.g. "
+                               "{'layer4\\..*': 0.9, 'fc': '2:4'} (CLI: NAME=PATTERN ...): the first that matches "
+                               "a layer is its pattern; the other pruned layers take sparsity or nm (an allocation "
+                               "spreads the sparsity over those only). The ignore list and the layers kept dense by "
+                               "convention stay dense", pairs="NAME=PATTERN")
     prune_all: bool = opt(False, "also prune the first conv and the last linear (kept dense by default)")
     bn_recalibration: bool = opt(True, "re-estimate BatchNorm statistics on the pruned network")
     batch_size: int = opt(128, "calibration (and evaluation) batch size; on a CPU, calibration batches are split "
@@ -215,12 +231,16 @@ class PruneConfig:
         if isinstance(self.ignore, (list, str)):
             object.__setattr__(self, "ignore", tuple([self.ignore] if isinstance(self.ignore, str) else self.ignore))
         check_fields(self, "")
-        for pattern in self.ignore:  # names or regular expressions (layer_plan.choose_layers)
+        for pattern in [*self.ignore, *self.layer_patterns]:  # names or regular expressions (layer_plan)
             try:
-                re.compile(pattern)
+                re.compile(str(pattern))
             except re.error as e:
-                raise UserError(f"ignore: '{pattern}' is not a layer name or regular expression ({e}); escape "
+                what = "ignore" if pattern in self.ignore else "layer_patterns"
+                raise UserError(f"{what}: '{pattern}' is not a layer name or regular expression ({e}); escape "
                                 "special characters with a backslash") from None
+        # each layer's pattern as text, '0.9' or '2:4' (what a report records and a YAML file reads back)
+        object.__setattr__(self, "layer_patterns", {str(k): str(layer_pattern(k, v))
+                                                    for k, v in self.layer_patterns.items()})
         if self.sparsity is not None or self.nm is not None:  # (with channels: on the weights that stay)
             Pattern.parse(self.sparsity, self.nm)  # one of the two, well formed
         self._check_combinations()
@@ -228,6 +248,9 @@ class PruneConfig:
     def _check_combinations(self) -> None:
         """Every combination that cannot run is refused here, the one place, in the config's own terms."""
         r = self.resolved()
+        if r.layer_patterns and r.sparsity is None and r.nm is None:
+            raise UserError("layer_patterns gives some layers their own pattern: give sparsity or nm too, the other "
+                            "layers' (sparsity 0 leaves them dense)")
         if r.structure == "channels":
             if sum(v is not None for v in (r.keep_macs, r.keep_params, r.target_speedup)) != 1:
                 raise UserError("structure='channels' needs exactly one of keep_macs (e.g. 0.5), keep_params and "
@@ -279,8 +302,19 @@ class PruneConfig:
         resolving its own defaults (damping, refinement)."""
         if self.structure != "channels" or (self.sparsity is None and self.nm is None):
             return [self]
-        return [replace(self, sparsity=None, nm=None, wbits=None, permute=None, allocation="auto"),
+        return [replace(self, sparsity=None, nm=None, wbits=None, permute=None, allocation="auto", layer_patterns={}),
                 replace(self, structure="none", keep_macs=None, keep_params=None, target_speedup=None)]
+
+    def for_layers(self, distributed: bool = False) -> dict[str, PruneConfig]:
+        """Per entry of layer_patterns: the resolved config its layers are pruned with, this one with that pattern
+        (its own refinement where refine is auto: swap at N:M, cg unstructured), uniform (the allocation is the
+        other layers'), and no permutation of its own (the network's is for the main pattern)."""
+        out = {}
+        for key, text in self.layer_patterns.items():
+            p = layer_pattern(key, text)
+            out[key] = replace(self, sparsity=None if p.is_nm else p.sparsity, nm=f"{p.n}:{p.m}" if p.is_nm else None,
+                               layer_patterns={}, allocation="uniform", permute=False).resolved(distributed)
+        return out
 
     @property
     def has_target(self) -> bool:
@@ -360,7 +394,7 @@ PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 RECIPE_KEYS = ("solver", "hessians", "allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction",
                "refine", "dense_target", "target_share", "residual_target", "inactive_weight", "refit_dense_layers",
                "intercept", "reconstruct", "wbits", "quant", "quant_clip", "structure", "keep_macs", "keep_params",
-               "target_speedup", "round_to", "channel_costs", "permute", "outputs")
+               "target_speedup", "round_to", "channel_costs", "permute", "outputs", "layer_patterns")
 CHANNEL_ONLY = ("channel_costs", "round_to")  # settings that change nothing without structure='channels'
 DP_ONLY = ("dp_measure",)  # settings that change nothing without allocation='dp'
 

@@ -3,6 +3,7 @@ reason each one stays dense ('' = prune it)."""
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -33,14 +34,60 @@ def forward_order(model: nn.Module, example: torch.Tensor, input_bytes: dict | N
     return order
 
 
+IGNORED = "in the ignore list"
+
+
+def first_matches(layers: dict[str, str], patterns: Iterable[str], what: str) -> dict[str, str]:
+    """Per layer (its name → the name the patterns see: a view conv's original's, conv_views.py) the first of
+    `patterns` (layer names or regexes over the whole name) that matches it. A pattern that matches no layer is a
+    warning naming `what` (the option): a typo would otherwise change nothing, silently."""
+    compiled = [(p, re.compile(p)) for p in dict.fromkeys(patterns)]
+    out = {}
+    for name, shown in layers.items():
+        hit = next((p for p, c in compiled if c.fullmatch(shown) or p == shown), None)
+        if hit is not None:
+            out[name] = hit
+    unused = [p for p, _ in compiled if p not in out.values()]
+    if unused:
+        example = next(iter(layers.values()), "")
+        warnings.warn(f"{what}: {', '.join(repr(p) for p in unused)} match{'es' * (len(unused) == 1)} no Conv or "
+                      f"Linear layer (give a layer's full name, e.g. '{example}', or a regex over the whole name; "
+                      "--dry-run lists them)", RuntimeWarning)
+    return out
+
+
+def layer_names(model: nn.Module, aliases: dict[str, str] | None = None) -> dict[str, str]:
+    """Every prunable layer's name → the name the user's patterns see (aliases: a view conv's original's)."""
+    aliases = aliases or {}
+    return {n: aliases.get(n, n) for n, m in model.named_modules() if isinstance(m, PRUNABLE)}
+
+
+def ignored_layers(model: nn.Module, ignore: Iterable[str], aliases: dict[str, str] | None = None) -> dict[str, str]:
+    """The layers the ignore list keeps as they are, each with the reason (IGNORED)."""
+    return {n: IGNORED for n in first_matches(layer_names(model, aliases), ignore, "ignore")}
+
+
+def patterned_layers(model: nn.Module, plan: dict[str, str], layer_patterns: Iterable[str],
+                     aliases: dict[str, str] | None = None) -> dict[str, str]:
+    """Per layer the plan prunes that an entry of layer_patterns (PruneConfig) names: that entry's key, the first
+    that matches. Layers it names that stay dense anyway (the ignore list, first conv, last linear) are a warning."""
+    found = first_matches(layer_names(model, aliases), layer_patterns, "layer_patterns")
+    dense = [n for n in found if plan.get(n)]
+    if dense:
+        one = len(dense) == 1
+        warnings.warn(f"layer_patterns: {', '.join(dense[:3])}{', ...' * (len(dense) > 3)} stay{'s' * one} dense ("
+                      f"{plan[dense[0]]}): {'its pattern is' if one else 'their patterns are'} not used",
+                      RuntimeWarning)
+    return {n: key for n, key in found.items() if n in plan and not plan[n]}
+
+
 def choose_layers(model: nn.Module, order: list[str], ignore: Iterable[str] = (),
                   skip_first_last: bool = True, kept: dict[str, str] | None = None,
                   aliases: dict[str, str] | None = None) -> dict[str, str]:
     """Layer name → reason it stays dense ('' = prune it), for every Conv2d/Linear in forward order. kept: layers
     that stay as they are whatever the options, with why (graph.nonstandard_layers). aliases: the name the ignore
     patterns see instead of a layer's own (a view conv's: its original layer's, conv_views.py)."""
-    patterns = [re.compile(p) for p in ignore]
-    aliases = aliases or {}
+    ignored = ignored_layers(model, ignore, aliases)
     modules = dict(model.named_modules())
     convs = [n for n in order if isinstance(modules[n], nn.Conv2d)]
     linears = [n for n in order if isinstance(modules[n], nn.Linear)]
@@ -49,8 +96,8 @@ def choose_layers(model: nn.Module, order: list[str], ignore: Iterable[str] = ()
         reason = ""
         if kept and name in kept:
             reason = kept[name]
-        elif any(p.fullmatch(shown) or p.pattern == shown for p in patterns for shown in (aliases.get(name, name),)):
-            reason = "in the ignore list"
+        elif name in ignored:
+            reason = IGNORED
         elif skip_first_last and convs and name == convs[0]:
             reason = "first conv (kept dense by convention; --prune-all includes it)"
         elif skip_first_last and linears and name == linears[-1]:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from . import dist
 from .allocation import allocate
-from .config import RECOMMENDED, PruneConfig
+from .config import RECOMMENDED, PruneConfig, layer_pattern
 from .batchnorm import batchnorms_reading, bn_modules, bn_statistics_, recalibrate, set_statistics_
 from .conv_views import VIEWABLE, conv2d_views, original_result, renamed, view_positions, viewable
 from .dense_target import DenseInputs
@@ -36,7 +36,8 @@ from .graph import (PRUNABLE, GraphExecutor, GraphStop, layer_inputs, memory_pol
                     partial_trace, stored_parts, trace)
 from .heap import reuse_freed_memory
 from .layer import LayerPruner, LayerResult, output_error
-from .layer_plan import choose_layers, forward_order, refit_layers, unsupported_layers
+from .layer_plan import (IGNORED, choose_layers, forward_order, ignored_layers, patterned_layers, refit_layers,
+                         unsupported_layers)
 from ..kernels.masks import Pattern
 from .permute import permute_for_nm_
 from .reconstruct import reconstruct as reconstruct_model
@@ -185,8 +186,9 @@ class _Pruner:
     """Holds the run's settings and the per-layer results; the two executors call `prune_layer`."""
 
     def __init__(self, model, plan, config, progress, patterns=None, row_scales=None, statcorr=None, dense=None,
-                 group=None, sinks=None, refits=()):
+                 group=None, sinks=None, refits=(), configs=None):
         self.model, self.plan, self.config = model, plan, config  # config: a resolved PruneConfig
+        self.configs = configs or {}  # layers with a pattern of their own (layer_patterns): the config of that pattern
         self.refits = set(refits)  # layers kept dense whose weights are re-fitted to the dense target
         self.patterns = patterns or {}  # per-layer patterns of a non-uniform allocation
         self.row_scales = row_scales or {}  # BN-aware saliency
@@ -214,18 +216,21 @@ class _Pruner:
         if next(self.model.parameters()).is_cuda:
             torch.cuda.synchronize()
 
-    def needs(self) -> str:
-        """What a layer needs from its inputs: the Hessian, or only what the method's mask needs (NEEDS) when no
-        re-fit or statistics correction reads H (GPTQ rounding does, but only SparseGPT has it, which needs H)."""
-        if self.dense is not None or self.config.refine != "none" or self.statcorr is not None:
+    def needs(self, config: PruneConfig | None = None) -> str:
+        """What a layer pruned with `config` (default: the run's) needs from its inputs: the Hessian, or only what the
+        method's mask needs (NEEDS) when no re-fit or statistics correction reads H (GPTQ rounding does, but only
+        SparseGPT has it, which needs H)."""
+        config = config or self.config
+        if self.dense is not None or config.refine != "none" or self.statcorr is not None:
             return "hessian"
-        return NEEDS[self.config.method]
+        return NEEDS[config.method]
 
     def prune_layer(self, name: str, inputs: Iterable[torch.Tensor]) -> None:
         """inputs: the layer's input batches; iterated twice when the layer is pruned without a Hessian (the mask's
         statistics, then the reported error from the layer's outputs)."""
         module = self.modules[name]
-        needs = self.needs()
+        config = self.configs.get(name, self.config)
+        needs = self.needs(config)
         dense_hessians = self.config.hessians == "dense"  # OBC's scheme: the layer sees only the dense network
         sink = self.sinks.get(name) if needs == "hessian" else None
         # the BatchNorm after the layer re-estimated from the layer's sums (not with dense Hessians: other inputs)
@@ -236,7 +241,7 @@ class _Pruner:
                              dense_target=self.dense is not None and not dense_hessians, keep_sums=bn is not None,
                              shifted_target=partner is not None, target_share=self.config.target_share,
                              inactive_weight=self.config.inactive_weight
-                             if name in self.gates and gate_applies(self.config, module.weight) else None)
+                             if name in self.gates and gate_applies(config, module.weight) else None)
         scale = None if partner is None else inverse_scale(
             self.modules.get(partner.batchnorm), module.weight.shape[0], module.weight.device)
         f0, t0 = self.forward_clock(), time.perf_counter()
@@ -262,7 +267,7 @@ class _Pruner:
         dense_weight = module.weight.detach().clone() if needs != "hessian" else None
         res = None
         if dist.is_main(self.group):  # one rank solves; the others receive its weights
-            res = pruner.prune(self.config, self.patterns.get(name), stats=self.t, graphs=self.graphs,
+            res = pruner.prune(config, self.patterns.get(name), stats=self.t, graphs=self.graphs,
                                row_scale=self.row_scales.get(name), intercept=sink is not None,
                                keep=self.plan[name] if name in self.refits else "")
             if res.offset is not None and sink is module:  # into the bias, which is broadcast with the weight
@@ -445,13 +450,15 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
         raise UserError(f"{type(model).__name__} has no parameters: nothing to prune")
     config.check_runnable(dist.active(process_group), param.device)
     stages = [stage.resolved(dist.active(process_group)) for stage in config.stages]
+    own = [stage.for_layers(dist.active(process_group)) for stage in config.stages]  # layer_patterns' configs
     config = config.resolved(dist.active(process_group))
     batches = _as_batches(calibration, param.device, config.batch_size, nsamples)
     reports = []
     with _as_conv2d(model, batches[0][:1]) as views:
-        for stage in stages:  # channels, then the weights of the smaller network; or one of the two
+        for stage, configs in zip(stages, own):  # channels, then the weights of the smaller network; or one of them
             reports.append(_prune_structured(model, batches, stage, progress, views) if stage.structure == "channels"
-                           else _prune_weights(model, batches, stage, progress, use_fx, process_group, views, resume))
+                           else _prune_weights(model, batches, stage, progress, use_fx, process_group, views, resume,
+                                               configs))
     report = reports[-1]
     if len(reports) > 1:
         channels = reports[0]
@@ -478,17 +485,18 @@ def _module_to_prune(model) -> nn.Module:
 
 
 @torch.no_grad()
-def channel_plan(model: nn.Module, example: torch.Tensor) -> list[dict]:
+def channel_plan(model: nn.Module, example: torch.Tensor, ignore: Iterable[str] = ()) -> list[dict]:
     """What structure='channels' may remove from `model`, before any statistics: per dependency group (channels.py)
     its producers, channels, how many of them can go and, where none can, why; prune_model's own channel walk on
-    `example` (one input or a few)."""
+    `example` (one input or a few). ignore: layer names or regexes kept as they are (PruneConfig.ignore)."""
     model = _module_to_prune(model)
     if not torch.is_tensor(example):
         raise UserError(f"channel_plan's example must be a tensor of inputs (one or a few), got "
                         f"{type(example).__name__}")
     with _as_conv2d(model, example[:1]) as views:
         plan = [{"producers": g.producers, "channels": len(g.units) * g.width, "removable": len(g.removable) * g.width,
-                 "reason": g.reason} for g in channel_groups(model, example[:1])]
+                 "reason": g.reason} for g in channel_groups(model, example[:1], nonstandard=nonstandard_layers(
+                    model, example[:1]) | ignored_layers(model, ignore, {k: n for k, (n, _) in views.items()}))]
         return renamed(plan, views)
 
 
@@ -511,9 +519,11 @@ def _as_conv2d(model: nn.Module, example: torch.Tensor):
 
 
 def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneConfig, progress: bool, use_fx: bool,
-                   process_group, views: dict, resume: str | Path | None = None) -> PruneReport:
+                   process_group, views: dict, resume: str | Path | None = None,
+                   own: dict[str, PruneConfig] | None = None) -> PruneReport:
     """prune_model's unstructured and N:M prune, on a model in eval mode whose layers are Conv2d and Linear (views:
-    the ConvViews standing in for the others, conv_views.py)."""
+    the ConvViews standing in for the others, conv_views.py). own: per entry of config.layer_patterns, the resolved
+    config of the layers it names (PruneConfig.for_layers)."""
     pattern = config.pattern
     device = batches[0].device
     nsamples = sum(len(x) for x in batches)
@@ -546,10 +556,13 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
             named = [n for n, r in left.items() if r == reason]
             warnings.warn(f"{len(named)} layer{'s' * (len(named) > 1)} ({', '.join(named[:3])}"
                           f"{', ...' * (len(named) > 3)}): {reason} (report.json lists them)", RuntimeWarning)
-        plan = choose_layers(model, order, config.ignore, not config.prune_all, nonstandard,
-                             {k: name for k, (name, _) in views.items()})
+        aliases = {k: name for k, (name, _) in views.items()}
+        plan = choose_layers(model, order, config.ignore, not config.prune_all, nonstandard, aliases)
         names = [n for n in order if not plan[n]]
-        permutation = permute_for_nm_(model, fitted, names, pattern, progress, bool(config.permute), nonstandard) \
+        patterned = patterned_layers(model, plan, config.layer_patterns, aliases)  # layer -> its entry's key
+        main = [n for n in names if n not in patterned]  # the layers of the main pattern (and of an allocation)
+        kept = nonstandard | {n: r for n, r in plan.items() if r == IGNORED}  # (their channels stay in order too)
+        permutation = permute_for_nm_(model, fitted, main, pattern, progress, bool(config.permute), kept) \
             if config.permute is not False else {}
         t0 = time.perf_counter()
         row_scales = bn_row_scales(model) if config.bn_aware else {}
@@ -557,10 +570,11 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
         bn_names = [n for n, m in model.named_modules() if m in bns] if config.bn_recalibration else []
         statcorr = StatCorrection(model, batches, names, bn_names) if config.stat_correction else None
         chunk = cpu_batch_images(widest) if device.type == "cpu" else None
-        alloc = allocate(config, model, fitted, names, positions, row_scales, progress, chunk) if not pattern.is_nm \
+        alloc = allocate(config, model, fitted, main, positions, row_scales, progress, chunk) if not pattern.is_nm \
             else {"sparsity": {}}
         patterns = {n: Pattern(sparsity=v) for n, v in alloc["sparsity"].items()} if config.allocation != "uniform" \
             else {}
+        patterns |= {n: layer_pattern(key, config.layer_patterns[key]) for n, key in patterned.items()}
         t_alloc = time.perf_counter() - t0
         dense_hessians = config.hessians == "dense"
         dense = DenseInputs(model, fitted) if config.dense_target or config.reconstruct or dense_hessians else None
@@ -586,7 +600,8 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
         sinks = offset_sinks(model, names, gm, biases=False) | offset_sinks(model, refits, gm) if config.intercept \
             else {}  # gm: traced once for both; a re-fit dense layer's bias takes its offset
         run = _Pruner(model, plan, config, progress, patterns, row_scales, statcorr,
-                      dense if config.dense_target or dense_hessians else None, process_group, sinks, refits)
+                      dense if config.dense_target or dense_hessians else None, process_group, sinks, refits,
+                      {n: (own or {})[key] for n, key in patterned.items()})
         saved = checkpoints.load() if checkpoints is not None else None
         if saved is not None:  # the finished layers as they were: run as ordinary modules from here on
             model.load_state_dict(saved["model"])
@@ -685,8 +700,9 @@ def _prune_structured(model: nn.Module, batches: list[torch.Tensor], config: Pru
     if low_memory is None:  # (the dense target's pass: the dense copy's graph in step)
         low_memory, policy = memory_policy(max(input_bytes.values(), default=0), sum(len(x) for x in batches),
                                            batches[0].device, copies=2 if config.dense_target else 1)
+    kept = ignored_layers(model, config.ignore, {k: name for k, (name, _) in views.items()})
     try:
-        structure = prune_channels(model, batches, config, positions, progress, low_memory)
+        structure = prune_channels(model, batches, config, positions, progress, low_memory, kept)
     except torch.linalg.LinAlgError as e:  # (mild cases are solved at a raised damping, block_obs.damped_inverse)
         raise UserError(f"channel prune: a layer's calibration Hessian is not positive definite even with raised "
                         f"damping ({str(e).splitlines()[0]}); its inputs are probably all but zero: are the weights "

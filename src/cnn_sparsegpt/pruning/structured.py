@@ -259,14 +259,17 @@ def refit_to_dense_outputs(model: nn.Module, targets: DenseInputs, batches: list
 
 @torch.no_grad()
 def prune_channels(model: nn.Module, batches: list[torch.Tensor], config, positions: dict,
-                   progress: bool = False, low_memory: bool = False) -> StructureReport:
+                   progress: bool = False, low_memory: bool = False, kept: dict[str, str] | None = None
+                   ) -> StructureReport:
     """Prune whole channels of `model` in place to config.keep_macs (or keep_params) of its multiply-adds
     (parameters), as the module docstring describes. The first conv's input and the classifier's output stay.
-    low_memory: the re-fit's pass recomputes activations instead of storing them (graph.memory_policy)."""
+    low_memory: the re-fit's pass recomputes activations instead of storing them (graph.memory_policy). kept:
+    layers left as they are (the ignore list), with why: their input and output channels stay, their weights too."""
     t0 = time.perf_counter()
     what, target = next((k, v) for k, v in (("macs", config.keep_macs), ("params", config.keep_params),
                                              ("speedup", config.target_speedup)) if v is not None)
-    nonstandard = nonstandard_layers(model, batches[0][:1])  # (their channels stay in place; they are not re-fitted)
+    # (their channels stay in place; they are not re-fitted)
+    nonstandard = nonstandard_layers(model, batches[0][:1]) | (kept or {})
     groups = channel_groups(model, batches[0][:1], nonstandard=nonstandard)
     prunable = [g for g, group in enumerate(groups) if group.removable]
     if not prunable:
