@@ -1,6 +1,7 @@
 """Structured (channel) pruning: dependency groups, block OBS against a float64 reference, the smaller network
 against the masked one, and the run folder of a structured prune (reload, export)."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -750,6 +751,14 @@ def test_structured_options_are_checked():
         prune_model(make(TinyResNet), calib(), PUBLISHED, sparsity=0.5, keep_macs=0.5)
     with pytest.raises(UserError, match="cannot remove enough"):
         prune_model(make(TinyResNet), calib(), structure="channels", keep_macs=0.01, progress=False)
+    # options of weight masks do nothing to a channel prune alone: refused (the published preset's values pass), and
+    # with a pattern they are the weight stage's
+    for option in ({"method": "magnitude"}, {"refine": "cg"}, {"target_share": 0.5}, {"prune_all": True}):
+        with pytest.raises(UserError, match=f"{next(iter(option))}=.* applies to weight masks"):
+            prune_model(make(TinyResNet), calib(), structure="channels", keep_macs=0.5, **option)
+    config = dataclasses.replace(PUBLISHED, structure="channels", keep_macs=0.5)
+    both = dataclasses.replace(config, nm="2:4", method="magnitude", refine="cg")
+    assert [(s.method, s.refine) for s in both.stages] == [("sparsegpt", "auto"), ("magnitude", "cg")]
 
 
 @pytest.mark.parametrize("pattern", [{"nm": "2:4"}, {"sparsity": 0.5}])

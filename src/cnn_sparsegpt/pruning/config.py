@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import typing
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 
 import torch
 
@@ -252,10 +252,17 @@ class PruneConfig:
             raise UserError("layer_patterns gives some layers their own pattern: give sparsity or nm too, the other "
                             "layers' (sparsity 0 leaves them dense)")
         if r.structure == "channels":
+            weights = r.sparsity is not None or r.nm is not None  # (then pruned on the smaller network)
+            idle = [f"{k}={getattr(self, k)!r}" for k in WEIGHT_MASK_ONLY if not weights and getattr(self, k) not in
+                    (FIELD_DEFAULTS[k], getattr(PUBLISHED, k))]  # (either preset's value: --recipe published runs)
+            if idle:
+                raise UserError(f"structure='channels' alone removes whole channels, chosen and re-fitted by block "
+                                f"OBS: {', '.join(idle)} appl{'ies' if len(idle) == 1 else 'y'} to weight masks and "
+                                "would change nothing. Drop it, or give sparsity or nm to prune the smaller network's "
+                                "weights with it too")
             if sum(v is not None for v in (r.keep_macs, r.keep_params, r.target_speedup)) != 1:
                 raise UserError("structure='channels' needs exactly one of keep_macs (e.g. 0.5), keep_params and "
                                 "target_speedup (e.g. 2.0)")
-            weights = r.sparsity is not None or r.nm is not None  # (then pruned on the smaller network)
             if (not weights and (r.wbits is not None or r.allocation != "uniform")) or r.reconstruct \
                     or r.stat_correction or r.bn_aware:
                 raise UserError("structure='channels' removes whole channels: not combinable with reconstruct, "
@@ -302,7 +309,9 @@ class PruneConfig:
         resolving its own defaults (damping, refinement)."""
         if self.structure != "channels" or (self.sparsity is None and self.nm is None):
             return [self]
-        return [replace(self, sparsity=None, nm=None, wbits=None, permute=None, allocation="auto", layer_patterns={}),
+        defaults = {k: FIELD_DEFAULTS[k] for k in WEIGHT_MASK_ONLY}  # (the weight stage's)
+        return [replace(self, sparsity=None, nm=None, wbits=None, permute=None, allocation="auto", layer_patterns={},
+                        **defaults),
                 replace(self, structure="none", keep_macs=None, keep_params=None, target_speedup=None)]
 
     def for_layers(self, distributed: bool = False) -> dict[str, PruneConfig]:
@@ -387,6 +396,11 @@ PUBLISHED = PruneConfig(solver="sparsegpt", refine="none", dense_target=False, i
                         percdamp=0.01, allocation="uniform", dp_measure="layer", permute=False)
 PRESETS = {"recommended": RECOMMENDED, "published": PUBLISHED}
 PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
+FIELD_DEFAULTS = {f.name: f.default for f in fields(PruneConfig) if f.default is not MISSING}
+# the settings of a weight mask's solve, which a channel prune alone does not read (structure='channels' without a
+# pattern refuses values of theirs that neither preset has; the channel stage of channels-then-a-pattern resets them)
+WEIGHT_MASK_ONLY = ("method", "refine", "target_share", "residual_target", "inactive_weight", "refit_dense_layers",
+                    "budget", "owl_lambda", "dp_measure", "blocksize", "column_loop", "prune_all")
 
 
 # The settings beyond SparseGPT's layer solve; a results file labels each run by those that differ from the
