@@ -708,3 +708,14 @@ def test_ignored_layers_keep_their_channels_and_weights_in_a_channel_prune():
                           ignore=["block.conv2", "nothing"], progress=False)
     assert rep.structure["params"][1] < rep.structure["params"][0]  # something went: the stem's channels
     assert model.stem.out_channels < 8 and torch.equal(model.block.conv2.weight, dense.block.conv2.weight)
+
+
+def test_an_option_the_prune_never_reads_is_a_warning():
+    """owl_lambda without the owl allocation (and the like) changes nothing: one warning naming what it needs; the
+    presets' own values pass quietly."""
+    with pytest.warns(RuntimeWarning, match="owl_lambda=0.2 \\(needs allocation 'owl'\\): changes nothing"):
+        prune_model(make(), calib(), sparsity=0.5, allocation="uniform", owl_lambda=0.2, progress=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*changes? nothing in this prune")
+        prune_model(make(), calib(), PUBLISHED, sparsity=0.5, progress=False)
+        prune_model(make(), calib(), sparsity=0.5, allocation="owl", owl_lambda=0.2, progress=False)

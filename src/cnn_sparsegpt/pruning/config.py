@@ -386,6 +386,14 @@ class PruneConfig:
         return replace(self, refine=refine, quant=quant, solver=solver, percdamp=percdamp, allocation=allocation,
                        permute=permute)
 
+    def idle(self) -> list[str]:
+        """The options given that change nothing in this prune, each with what it needs (e.g. owl_lambda without
+        allocation 'owl'): set to a value neither preset has, on a config whose resolved settings never read it."""
+        r = self.resolved()
+        given = [k for k in IDLE_UNLESS if getattr(self, k) not in (FIELD_DEFAULTS[k], getattr(PUBLISHED, k))]
+        return [f"{k}={getattr(self, k)!r} (needs {IDLE_UNLESS[k][1]})" for k in given if not IDLE_UNLESS[k][0](r)
+                and getattr(self, k) != getattr(replace(self, **{k: FIELD_DEFAULTS[k]}).resolved(), k)]  # (resolved)
+
     def as_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
 
@@ -399,6 +407,20 @@ PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 FIELD_DEFAULTS = {f.name: f.default for f in fields(PruneConfig) if f.default is not MISSING}
 # the settings of a weight mask's solve, which a channel prune alone does not read (structure='channels' without a
 # pattern refuses values of theirs that neither preset has; the channel stage of channels-then-a-pattern resets them)
+# per option that only some prunes read: whether a resolved config reads it, and what that needs (PruneConfig.idle)
+_DENSE_TARGET = (lambda r: r.dense_target and r.hessians == "pruned", "dense_target with hessians 'pruned'")
+_WBITS = (lambda r: r.wbits is not None, "wbits")
+_CHANNELS = (lambda r: r.structure == "channels", "structure 'channels'")
+_SPEEDUP = (lambda r: r.target_speedup is not None, "target_speedup")
+IDLE_UNLESS = {
+    "owl_lambda": (lambda r: r.allocation == "owl", "allocation 'owl'"),
+    "dp_measure": (lambda r: r.allocation == "dp", "allocation 'dp'"),
+    "budget": (lambda r: r.allocation in ("owl", "dp"), "allocation 'owl' or 'dp'"),
+    "quant": _WBITS, "quant_clip": _WBITS,
+    "target_share": _DENSE_TARGET, "residual_target": _DENSE_TARGET, "inactive_weight": _DENSE_TARGET,
+    "refit_dense_layers": _DENSE_TARGET,
+    "round_to": _CHANNELS, "channel_costs": _CHANNELS, "speedup_runtime": _SPEEDUP, "speedup_batch": _SPEEDUP,
+}
 WEIGHT_MASK_ONLY = ("method", "refine", "target_share", "residual_target", "inactive_weight", "refit_dense_layers",
                     "budget", "owl_lambda", "dp_measure", "blocksize", "column_loop", "prune_all")
 

@@ -445,6 +445,9 @@ def prune_model(model: nn.Module, calibration, config: PruneConfig | None = None
     """
     model = _module_to_prune(model)
     config = _with_overrides(config or RECOMMENDED, overrides)
+    if idle := config.idle():  # (a typo'd recipe would otherwise look like a result of its own)
+        warnings.warn(f"{'; '.join(idle)}: {'changes' if len(idle) == 1 else 'change'} nothing in this prune",
+                      RuntimeWarning)
     param = next(model.parameters(), None)
     if param is None:
         raise UserError(f"{type(model).__name__} has no parameters: nothing to prune")
