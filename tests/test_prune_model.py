@@ -719,3 +719,32 @@ def test_an_option_the_prune_never_reads_is_a_warning():
         warnings.filterwarnings("error", message=".*changes? nothing in this prune")
         prune_model(make(), calib(), PUBLISHED, sparsity=0.5, progress=False)
         prune_model(make(), calib(), sparsity=0.5, allocation="owl", owl_lambda=0.2, progress=False)
+
+
+def test_nm_share_keeps_the_layers_whose_pattern_costs_most_dense():
+    """nm_share: the N:M pattern on at least that share of the pruned layers' weights, the layers left dense the
+    cheapest set at the output (the knapsack against every subset here), each saying why; nm is required."""
+    import itertools
+    import math
+
+    from cnn_sparsegpt.pruning.allocation import UNITS
+
+    rep = prune_model(make(), calib(), nm="2:4", nm_share=0.6, progress=False)
+    share = rep.allocation["nm_share"]
+    by = {r.name: r for r in rep.layers}
+    names = list(share["cost"])
+    assert set(names) == {"block.conv1", "block.conv2", "block.down.0", "fc1"} and share["dense"]
+    size = {n: math.prod(by[n].shape) for n in names}
+    units = {n: round(size[n] / sum(size.values()) * UNITS) for n in names}
+    best = min(sum(share["cost"][n] for n in names if n not in kept) for k in range(len(names) + 1)
+               for kept in itertools.combinations(names, k)
+               if sum(units[n] for n in names if n not in kept) >= 0.6 * UNITS)
+    assert sum(share["cost"][n] for n in names if n not in share["dense"]) == pytest.approx(best)
+    assert share["covered"] == pytest.approx(sum(size[n] for n in names if n not in share["dense"]) / sum(size.values()))
+    for n in names:
+        if n in share["dense"]:
+            assert by[n].skipped and "nm_share" in by[n].reason
+        else:
+            assert by[n].pattern == "2:4" and by[n].sparsity == 0.5
+    with pytest.raises(UserError, match="give nm"):
+        prune_model(make(), calib(), sparsity=0.5, nm_share=0.5, progress=False)

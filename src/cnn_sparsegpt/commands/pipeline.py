@@ -487,6 +487,11 @@ def _totals(r: dict) -> str:
                    f"{f' ({len(wide)} wider groups left in order)' if wide else ''}\n")
     if perm.get("note"):
         recipe += f"  channel order for {r['pattern']}: {perm['note']}\n"
+    share = (r.get("allocation") or {}).get("nm_share")
+    if share:
+        recipe += (f"  {r['pattern'].rsplit('+', 1)[-1]} on {share['covered']:.1%} of the pruned layers' "
+                   f"{'multiply-adds' if share['budget'] == 'flops' else 'weights'} (nm_share {share['nm_share']:g}); "
+                   f"{len(share['dense'])} layers kept dense, those whose pattern costs the most at the output\n")
     st = r.get("structure") or {}
     if st:
         (md, mk), (pd, pk) = st["macs"], st["params"]

@@ -14,6 +14,7 @@ fraction of the pruned layers' weights removed is `S` for `params`.
 """
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 
@@ -138,11 +139,11 @@ def layer_error_curve(p: LayerPruner, method: str, grid, percdamp: float, row_sc
 
 
 @torch.no_grad()
-def _kl_sensitivity(model: nn.Module, batches: list, names: list[str], stats: dict, method: str, sparsity: float,
+def _kl_sensitivity(model: nn.Module, batches: list, names: list[str], stats: dict, method: str, pattern: Pattern,
                     percdamp: float, row_scales: dict, images: int = 256, progress: bool = False,
-                    chunk: int | None = None, outputs: str = "scores") -> tuple:
-    """KL(dense ‖ network with only layer l pruned at `sparsity`) on the first `images` calibration images (of
-    values: their relative squared error, output_kl.py),
+                    chunk: int | None = None, outputs: str | None = "scores") -> tuple:
+    """KL(dense ‖ network with only layer l pruned to `pattern`) on the first `images` calibration images (of
+    values: their relative squared error, output_kl.py; outputs None: none measured, all zero),
     for every layer (how much a layer's error costs at the network's output; output_kl.py: on the traced graph
     each layer's run starts at the layer, about half a forward pass per layer), and the layer's reconstruction
     error at that sparsity. chunk: images per forward pass (the KL is a mean over images: chunks' KLs add up)."""
@@ -153,8 +154,7 @@ def _kl_sensitivity(model: nn.Module, batches: list, names: list[str], stats: di
     for n in names:
         p = stats[n]
         Wg, perm = p.weight_matrix()
-        Q, _, _ = prune_matrix(Wg, p.H, method, Pattern(sparsity=sparsity), percdamp,
-                               row_scale=_row_scale(p, row_scales, n))
+        Q, _, _ = prune_matrix(Wg, p.H, method, pattern, percdamp, row_scale=_row_scale(p, row_scales, n))
         pruned_w[n] = Q[:, :, torch.argsort(perm)].reshape(modules[n].weight.shape).to(modules[n].weight.dtype)
         rel[n] = relative_error(Wg, Q, p.H).cpu()
         bar.update()
@@ -171,7 +171,7 @@ def _kl_sensitivity(model: nn.Module, batches: list, names: list[str], stats: di
 
     xs = x.split(chunk) if chunk and chunk < len(x) else [x]
     kl = torch.zeros(len(names), dtype=torch.float64)
-    for xc in xs:  # chunk by chunk: one chunk's activations alive at a time (256 images at 224² would be GBs)
+    for xc in xs if outputs else []:  # chunk by chunk: one chunk's activations alive at a time (256 images at 224² would be GBs)
         part = output_kls(model, xc, {n: [n] for n in names}, pruned, outputs=outputs)
         kl += torch.stack([part[n].cpu() for n in names]) * len(xc) / len(x)
         bar.update(len(names) / len(xs))
@@ -221,7 +221,7 @@ def _dp_allocation(config, model, batches, names, stats, size, row_scales, info,
                                  "each layer's own relative error is used (dp_measure='layer')", config.outputs)
         measure = "kl" if outputs else "layer"
     if measure == "kl":  # each layer's curve scaled to its output KL at S: error at the network's output
-        kl, rel = _kl_sensitivity(model, batches, names, stats, method, sparsity, percdamp, row_scales,
+        kl, rel = _kl_sensitivity(model, batches, names, stats, method, Pattern(sparsity=sparsity), percdamp, row_scales,
                                   progress=progress, chunk=chunk, outputs=outputs)
         errors = errors * (kl / rel.clamp_min(1e-12))[:, None]
         info["kl_at_sparsity"] = {n: float(v) for n, v in zip(names, kl)}
@@ -238,3 +238,35 @@ def _dp_allocation(config, model, batches, names, stats, size, row_scales, info,
 # Each allocation's function (config, model, batches, names, dense statistics, layer sizes, row scales, report
 # info, progress, images per forward) -> per-layer sparsities before the budget is matched exactly; uniform needs none.
 ALLOCATORS = {"owl": _owl_allocation, "dp": _dp_allocation}
+
+
+@torch.no_grad()
+def nm_dense_layers(config, model: nn.Module, batches: list, names: list[str], positions: dict | None = None,
+                    progress: bool = False, chunk: int | None = None) -> dict:
+    """config.nm_share: which of the layers `names` stay dense so that the N:M pattern covers at least that share of
+    their weights (of their multiply-adds with budget 'flops') at the least summed cost at the network's output:
+    each layer N:M-pruned alone on the dense network's Hessians (one dense pass), the network's output KL on 256
+    calibration images (one partial forward pass per layer; each layer's own relative error where the output holds
+    no scores or values to compare), then the knapsack over {dense, N:M} per layer. Returns the report's entry:
+    the layers kept dense, the share covered, each layer's cost."""
+    modules = dict(model.named_modules())
+    params = torch.tensor([modules[n].weight.numel() for n in names], dtype=torch.float64)
+    size = params * torch.tensor([float((positions or {}).get(n, 1)) for n in names]) \
+        if config.budget == "flops" else params
+    t0 = time.perf_counter()
+    stats = dense_statistics(model, batches, names, hessian=True)
+    outputs = output_measure(model, batches[0], "nm_share", "each layer's own relative error is compared",
+                             config.outputs)
+    kl, rel = _kl_sensitivity(model, batches, names, stats, config.method, config.pattern, config.percdamp, {},
+                              progress=progress, chunk=chunk, outputs=outputs)
+    for n in names:
+        stats[n].free()
+    cost = kl if outputs else rel
+    units = torch.round(size / size.sum() * UNITS).long()
+    picked = knapsack(torch.stack([torch.zeros_like(cost), cost], 1), torch.stack([torch.zeros_like(units), units], 1),
+                      min(int(math.ceil(config.nm_share * UNITS - 1e-9)), int(units.sum())))
+    dense = [n for n, k in zip(names, picked) if k == 0]
+    covered = float(sum(size[i] for i, k in enumerate(picked) if k == 1) / size.sum())
+    return {"nm_share": config.nm_share, "budget": config.budget, "covered": covered, "dense": dense,
+            "measure": outputs or "layer", "cost": {n: float(c) for n, c in zip(names, cost)},
+            "seconds": time.perf_counter() - t0}

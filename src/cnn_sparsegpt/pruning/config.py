@@ -112,6 +112,11 @@ class PruneConfig:
                            "GPU, loop elsewhere). The masks are the same up to float rounding", COLUMN_LOOPS)
     ignore: tuple = opt((), "layer names or regexes to keep as they are (dense; with channels, their input and "
                         "output channels stay too)")
+    nm_share: float | None = opt(None, "N:M: the share of the pruned layers' weights (of their multiply-adds with "
+                                 "budget 'flops') that take the pattern, in (0, 1]; the layers whose N:M costs the "
+                                 "most at the network's output (its KL with only that layer pruned, one partial "
+                                 "forward pass each) stay dense. Default: all of them",
+                                 check=lambda v: 0 < v <= 1, want="in (0, 1]")
     layer_patterns: dict = opt({}, "per-layer patterns, {layer name or regex: sparsity or N:M}, e.g. "
                                "{'layer4\\..*': 0.9, 'fc': '2:4'} (CLI: NAME=PATTERN ...): the first that matches "
                                "a layer is its pattern; the other pruned layers take sparsity or nm (an allocation "
@@ -248,6 +253,9 @@ class PruneConfig:
     def _check_combinations(self) -> None:
         """Every combination that cannot run is refused here, the one place, in the config's own terms."""
         r = self.resolved()
+        if r.nm_share is not None and r.nm is None:
+            raise UserError("nm_share is the share of the weights that take an N:M pattern: give nm (e.g. 2:4) "
+                            "with it")
         if r.layer_patterns and r.sparsity is None and r.nm is None:
             raise UserError("layer_patterns gives some layers their own pattern: give sparsity or nm too, the other "
                             "layers' (sparsity 0 leaves them dense)")
@@ -311,7 +319,7 @@ class PruneConfig:
             return [self]
         defaults = {k: FIELD_DEFAULTS[k] for k in WEIGHT_MASK_ONLY}  # (the weight stage's)
         return [replace(self, sparsity=None, nm=None, wbits=None, permute=None, allocation="auto", layer_patterns={},
-                        **defaults),
+                        nm_share=None, **defaults),
                 replace(self, structure="none", keep_macs=None, keep_params=None, target_speedup=None)]
 
     def for_layers(self, distributed: bool = False) -> dict[str, PruneConfig]:
@@ -322,7 +330,8 @@ class PruneConfig:
         for key, text in self.layer_patterns.items():
             p = layer_pattern(key, text)
             out[key] = replace(self, sparsity=None if p.is_nm else p.sparsity, nm=f"{p.n}:{p.m}" if p.is_nm else None,
-                               layer_patterns={}, allocation="uniform", permute=False).resolved(distributed)
+                               layer_patterns={}, allocation="uniform", permute=False, nm_share=None
+                               ).resolved(distributed)
         return out
 
     @property
@@ -340,6 +349,7 @@ class PruneConfig:
         whole = [name for name, on in (("structure='channels'", self.structure != "none"),
                                        ("allocation owl/dp", self.allocation not in ("uniform", "auto")),
                                        ("stat_correction", self.stat_correction),
+                                       ("nm_share", self.nm_share is not None and self.nm_share < 1),
                                        ("reconstruct", bool(self.reconstruct)),
                                        ("permute", self.permute)) if on]
         if device is not None and device.type == "mps":  # train and finetune run there; a prune cannot
@@ -430,7 +440,8 @@ WEIGHT_MASK_ONLY = ("method", "refine", "target_share", "residual_target", "inac
 RECIPE_KEYS = ("solver", "hessians", "allocation", "budget", "owl_lambda", "dp_measure", "bn_aware", "stat_correction",
                "refine", "dense_target", "target_share", "residual_target", "inactive_weight", "refit_dense_layers",
                "intercept", "reconstruct", "wbits", "quant", "quant_clip", "structure", "keep_macs", "keep_params",
-               "target_speedup", "round_to", "channel_costs", "permute", "outputs", "layer_patterns")
+               "target_speedup", "round_to", "channel_costs", "permute", "outputs", "layer_patterns",
+               "nm_share")
 CHANNEL_ONLY = ("channel_costs", "round_to")  # settings that change nothing without structure='channels'
 DP_ONLY = ("dp_measure",)  # settings that change nothing without allocation='dp'
 

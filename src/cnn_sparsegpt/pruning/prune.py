@@ -23,7 +23,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from . import dist
-from .allocation import allocate
+from .allocation import allocate, nm_dense_layers
 from .config import RECOMMENDED, PruneConfig, layer_pattern
 from .batchnorm import batchnorms_reading, bn_modules, bn_statistics_, recalibrate, set_statistics_
 from .conv_views import VIEWABLE, conv2d_views, original_result, renamed, view_positions, viewable
@@ -564,6 +564,12 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
         names = [n for n in order if not plan[n]]
         patterned = patterned_layers(model, plan, config.layer_patterns, aliases)  # layer -> its entry's key
         main = [n for n in names if n not in patterned]  # the layers of the main pattern (and of an allocation)
+        chunk = cpu_batch_images(widest) if device.type == "cpu" else None
+        share = nm_dense_layers(config, model, fitted, main, positions, progress, chunk) \
+            if pattern.is_nm and config.nm_share is not None and config.nm_share < 1 and main else None
+        for n in share["dense"] if share else ():
+            plan[n] = f"kept dense by nm_share {config.nm_share:g}: its {pattern} costs the most at the output"
+        names, main = [n for n in names if not plan[n]], [n for n in main if not plan[n]]
         kept = nonstandard | {n: r for n, r in plan.items() if r == IGNORED}  # (their channels stay in order too)
         permutation = permute_for_nm_(model, fitted, main, pattern, progress, bool(config.permute), kept) \
             if config.permute is not False else {}
@@ -572,9 +578,8 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
         bns = set(bn_modules(model))
         bn_names = [n for n, m in model.named_modules() if m in bns] if config.bn_recalibration else []
         statcorr = StatCorrection(model, batches, names, bn_names) if config.stat_correction else None
-        chunk = cpu_batch_images(widest) if device.type == "cpu" else None
         alloc = allocate(config, model, fitted, main, positions, row_scales, progress, chunk) if not pattern.is_nm \
-            else {"sparsity": {}}
+            else {"sparsity": {}} | ({"nm_share": share} if share else {})
         patterns = {n: Pattern(sparsity=v) for n, v in alloc["sparsity"].items()} if config.allocation != "uniform" \
             else {}
         patterns |= {n: layer_pattern(key, config.layer_patterns[key]) for n, key in patterned.items()}
