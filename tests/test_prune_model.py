@@ -740,7 +740,8 @@ def test_nm_share_keeps_the_layers_whose_pattern_costs_most_dense():
                for kept in itertools.combinations(names, k)
                if sum(units[n] for n in names if n not in kept) >= 0.6 * UNITS)
     assert sum(share["cost"][n] for n in names if n not in share["dense"]) == pytest.approx(best)
-    assert share["covered"] == pytest.approx(sum(size[n] for n in names if n not in share["dense"]) / sum(size.values()))
+    covered = sum(size[n] for n in names if n not in share["dense"]) / sum(size.values())
+    assert share["covered"] == pytest.approx(covered)
     for n in names:
         if n in share["dense"]:
             assert by[n].skipped and "nm_share" in by[n].reason

@@ -171,7 +171,8 @@ def _kl_sensitivity(model: nn.Module, batches: list, names: list[str], stats: di
 
     xs = x.split(chunk) if chunk and chunk < len(x) else [x]
     kl = torch.zeros(len(names), dtype=torch.float64)
-    for xc in xs if outputs else []:  # chunk by chunk: one chunk's activations alive at a time (256 images at 224² would be GBs)
+    for xc in xs if outputs else []:  # chunk by chunk: one chunk's activations alive at a time (256 images at 224²
+        # would be GBs)
         part = output_kls(model, xc, {n: [n] for n in names}, pruned, outputs=outputs)
         kl += torch.stack([part[n].cpu() for n in names]) * len(xc) / len(x)
         bar.update(len(names) / len(xs))
@@ -221,8 +222,8 @@ def _dp_allocation(config, model, batches, names, stats, size, row_scales, info,
                                  "each layer's own relative error is used (dp_measure='layer')", config.outputs)
         measure = "kl" if outputs else "layer"
     if measure == "kl":  # each layer's curve scaled to its output KL at S: error at the network's output
-        kl, rel = _kl_sensitivity(model, batches, names, stats, method, Pattern(sparsity=sparsity), percdamp, row_scales,
-                                  progress=progress, chunk=chunk, outputs=outputs)
+        kl, rel = _kl_sensitivity(model, batches, names, stats, method, Pattern(sparsity=sparsity), percdamp,
+                                  row_scales, progress=progress, chunk=chunk, outputs=outputs)
         errors = errors * (kl / rel.clamp_min(1e-12))[:, None]
         info["kl_at_sparsity"] = {n: float(v) for n, v in zip(names, kl)}
         info["seconds"]["kl_measure"] = time.perf_counter() - t0 - info["seconds"]["error_database"]
