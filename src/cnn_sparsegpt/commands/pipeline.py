@@ -269,7 +269,7 @@ def plan_prune(opts: PruneOptions, progress: bool = True) -> dict:
     report = prune_model(prep.model, calibration_set(prep.train, 2, opts.seed), config, progress=False)
     layers = [{"name": x.name, "shape": x.shape, "weights": math.prod(x.shape), "reason": x.reason if x.skipped
                else "", "pattern": x.pattern} for x in report.layers]
-    return common | {"pattern": report.pattern, "layers": layers}
+    return common | {"pattern": report.pattern, "layers": layers, "nm_share": opts.config.nm_share}
 
 
 def format_plan(plan: dict) -> str:
@@ -286,6 +286,9 @@ def format_plan(plan: dict) -> str:
     lines.append(f"\n{plan['model']} {plan['pattern']}: would prune {len(pruned)} of {len(plan['layers'])} layers, "
                  f"{kept / 1e6:.2f} of {total / 1e6:.2f} M weights of its Conv/Linear layers "
                  f"({kept / max(1, total):.1%})\n  data: {plan['data_source']}{_preprocess_line(plan)}")
+    if plan.get("nm_share") is not None and plan["nm_share"] < 1:
+        lines.append(f"  with nm_share {plan['nm_share']:g}, the layers whose {plan['pattern']} costs the most at the "
+                     "output stay dense: chosen by the prune from the calibration images")
     return "\n".join(lines)
 
 
