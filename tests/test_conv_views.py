@@ -168,6 +168,11 @@ def test_ignore_names_the_original_layer_and_fx_equals_hooks():
         assert by["up2"].skipped and by["up2"].reason == "in the ignore list" and not by["up"].skipped
         runs.append([p.detach().clone() for p in model.parameters()])
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*runs))
+    torch.manual_seed(0)
+    model, x = unet()  # a channel prune keeps an ignored transposed conv's channels (named as the user's layer)
+    rep = prune_model(model, x, structure="channels", keep_macs=0.7, round_to=1, ignore=["up"], progress=False)
+    assert (model.up.in_channels, model.up.out_channels) == (32, 16)
+    assert any("read by up: in the ignore list" in g["fixed"] for g in rep.structure["groups"])
 
 
 def test_model_comes_back_whole_when_the_prune_fails(monkeypatch):
