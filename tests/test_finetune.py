@@ -143,6 +143,9 @@ def test_finetune_holdout_picks_on_training_images(mnist_ckpt, data_dir, tmp_pat
     assert f["distill"] == 0.7 and f["temperature"] == 4.0 and f["dropout"] is None
     assert main(["finetune", str(run), "--dropout", "1.5"]) == 2
     assert main(["finetune", str(run), "--warmup", "1.5"]) == 2
+    assert main(["finetune", str(run), "--teacher", str(tmp_path / "dense.pt")]) == 2  # without --distill: did
+    assert main(["finetune", str(run), "--temperature", "2"]) == 2  # nothing, silently
+    assert "give --distill W" in capsys.readouterr().err
 
 
 def test_cosine_warmup_ramps_then_decays(monkeypatch):
