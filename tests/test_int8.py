@@ -128,3 +128,7 @@ def test_latency_top1_on_every_runtime(mnist_ckpt, data_dir, tmp_path, capsys): 
     assert "top1" not in json.loads(out.read_text())
     assert main(["latency", str(run), "--top1", "--eval-samples", "-1"]) == 2
     assert "--eval-samples must be at least 0" in capsys.readouterr().err
+    assert main(["latency", str(run), "--eval-samples", "5"]) == 2  # without --top1 it changed nothing
+    assert "--eval-samples applies with --top1 only" in capsys.readouterr().err
+    assert main(["export", str(run), "--onnx", str(tmp_path / "m.onnx"), "--int8-samples", "5"]) == 2
+    assert "--int8-samples applies with --int8 PATH only" in capsys.readouterr().err

@@ -274,10 +274,11 @@ def _add_export_parser(sub) -> None:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from .export import export_run, format_export, run_data_options
+    from .export import RunData, export_run, format_export, run_data_options
 
     out = export_run(args.run_dir, args.onnx, args.safetensors, args.input_shape, args.opset,
-                     compressed_path=args.compressed, int8_path=args.int8, int8=run_data_options(args))
+                     compressed_path=args.compressed, int8_path=args.int8,
+                     int8=run_data_options(args, "--int8 PATH", args.int8 is not None) or RunData())
     print(format_export(out))
     return 0
 

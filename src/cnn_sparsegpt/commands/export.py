@@ -134,7 +134,17 @@ def add_run_data_arguments(p, flag: str) -> None:
                    "evaluation images (default all; 0: do not measure)")
 
 
-def run_data_options(args) -> RunData:
+def run_data_options(args, flag: str, used: bool) -> RunData | None:
+    """The RunData flags of a command as given, where `flag` (which reads them) is `used`; None where it is not, and
+    then any of them given is a one-line error (they would change nothing)."""
+    given = [f"--{k.replace('_', '-')}" for k, default in (("data_dir", None), ("int8_calibration", "minmax"),
+                                                            ("int8_samples", None), ("eval_samples", None))
+             if getattr(args, k) != default]
+    if not used:
+        if given:
+            raise UserError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} with {flag} only: give "
+                            f"{flag}, or drop {'it' if len(given) == 1 else 'them'}")
+        return None
     return RunData(args.data_dir, args.int8_calibration, args.int8_samples, args.eval_samples,
                    progress=not args.quiet)
 

@@ -148,7 +148,7 @@ def add_latency_parser(sub) -> None:
 def _cmd_latency(args) -> int:
     r = measure_latency(args.run_dir, args.runtime, args.batch_sizes, args.warmup, args.runs, args.rounds,
                         args.threads, args.teacher, args.out, tuple(args.also),
-                        run_data_options(args) if args.top1 else None)
+                        run_data_options(args, "--top1", args.top1))
     print(format_latency(r))
     print(f"wrote {args.out or Path(args.run_dir) / 'latency.json'}")
     return 0
