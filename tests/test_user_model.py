@@ -42,6 +42,11 @@ def not_a_model():
     return 3
 
 
+class LogitsNet(MyNet):  # returns a mapping with 'logits', as Hugging Face's image classifiers do (ModelOutput)
+    def forward(self, x):
+        return {"logits": super().forward(x)}
+
+
 def broken(num_classes=10):
     raise RuntimeError("no such layer")
 
@@ -216,3 +221,20 @@ def test_a_channel_dry_run_lists_which_channels_may_go_and_why_the_others_stay(n
     free = [g for g in plan if g["removable"]]
     assert f"{sum(g['removable'] for g in free)} of {sum(g['channels'] for g in plan)} channels in {len(free)} of " \
            f"{len(plan)} groups may be removed" in printed
+
+
+def test_a_classifier_returning_a_mapping_with_logits_is_measured_trained_and_timed_by_them(net_file, data_dir,
+                                                                                          tmp_path):
+    """A model whose output is a mapping with 'logits' (Hugging Face's ModelOutput) is a classifier: top-1 on its
+    logits in prune, finetune (cross-entropy and distillation) and latency --top1."""
+    name = f"{net_file}:LogitsNet"
+    ckpt, run = tmp_path / "net.pt", tmp_path / "run"
+    torch.save(create_model(name, num_classes=10).state_dict(), ckpt)
+    assert main(["-q", "prune", "--model", name, "--weights", str(ckpt), "--dataset", "mnist", "--data-dir",
+                 str(data_dir), "--nm", "2:4", "--nsamples", "16", "--eval-samples", "32", "--out", str(run)]) == 0
+    report = json.loads((run / "report.json").read_text())
+    assert report["metric"] == "top1" and 0 <= report["pruned_acc"] <= 1
+    assert main(["-q", "finetune", str(run), "--data-dir", str(data_dir), "--max-steps", "2", "--distill", "0.5"]) == 0
+    assert main(["-q", "latency", str(run), "--runtime", "torch", "--batch-sizes", "1", "--runs", "1", "--rounds", "1",
+                 "--warmup", "0", "--top1", "--data-dir", str(data_dir), "--eval-samples", "16"]) == 0
+    assert set(json.loads((run / "latency.json").read_text())["top1"]) == {"torch"}

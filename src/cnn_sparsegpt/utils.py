@@ -210,6 +210,14 @@ def output_tensors(out) -> list[torch.Tensor]:
     return [t for item in items for t in output_tensors(item)]
 
 
+def classifier_logits(out) -> torch.Tensor | None:
+    """A classifier's (N, classes) logits in a model's output: the output itself, or the 'logits' entry of a mapping
+    (Hugging Face's ModelOutput, a user's dict); None where it holds none (a segmentation map, features)."""
+    if isinstance(out, dict) and "logits" in out:
+        out = out["logits"]
+    return out if isinstance(out, torch.Tensor) and out.ndim == 2 and out.is_floating_point() else None
+
+
 def check_finite(state: dict[str, torch.Tensor], what: str) -> None:
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:

@@ -22,6 +22,7 @@ from ..data.datasets import DATASET_CHOICES, calibration_indices, calibration_se
 from ..models import check_model_name, create_model, head_classes, is_video_model, model_entry
 from ..checkpoints import fit_keys, load_state_dict
 from ..models.pretrained import is_pretrained, pretrained_file
+from ..models.registry import user_factory
 from ..data.preprocess import Preprocess, is_tensor_file, resolve as resolve_preprocess
 from ..pruning.prune import channel_plan, prune_model
 from ..pruning.slicing import apply_structure
@@ -29,6 +30,7 @@ from .report import REPORT_SCHEMA, read_report
 from .train import compare_outputs, evaluate
 from ..utils import (
     UserError,
+    classifier_logits,
     atomic_file,
     atomic_save,
     atomic_write_json,
@@ -153,7 +155,7 @@ def choose_metric(asked: str, out, data) -> str:
     output `out` (on two images, probe) is (N, classes) logits and the images have labels; output otherwise."""
     if asked == "output":
         return "output"
-    logits = isinstance(out, torch.Tensor) and out.ndim == 2 and out.is_floating_point()
+    logits = classifier_logits(out) is not None  # (a tensor, or a mapping's 'logits': Hugging Face's models)
     if asked == "top1" and not data.labelled:
         raise UserError("--metric top1 needs labelled images: mnist, cifar10, or an ImageFolder with train/ and val/ "
                         "(or test/) subfolders of <class>/<image>; without labels use --metric output")
@@ -189,7 +191,9 @@ def prepare(opts: PruneOptions, device: torch.device) -> Prepared:
     else:
         import warnings
 
-        warnings.warn("no --weights given: pruning a randomly initialized model", RuntimeWarning)
+        warnings.warn("no --weights given: pruning the model as its builder made it (random weights, unless your "
+                      "own builder loads some)" if user_factory(opts.model) else
+                      "no --weights given: pruning a randomly initialized model", RuntimeWarning)
     model = model.to(device).eval()
     out = probe(model, train, device)
     metric = choose_metric(opts.metric, out, train) if opts.evaluate else None

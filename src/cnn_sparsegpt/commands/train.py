@@ -19,7 +19,7 @@ from ..pruning.output_kl import relative_squared_error, values
 from ..pruning.output_kl import scores as output_scores
 from ..data.datasets import ImageSet
 from ..data.folders import FolderSet
-from ..utils import UserError, as_module, atomic_save, evaluation_mode, load_tensors
+from ..utils import UserError, as_module, atomic_save, classifier_logits, evaluation_mode, load_tensors
 
 
 @dataclass
@@ -71,6 +71,15 @@ def _shard(data, device, batch_size: int, progress: bool, desc: str, process_gro
 
 
 @torch.no_grad()
+def _logits(out) -> torch.Tensor:
+    """A classifier's output as its logits (a tensor as it is; a mapping's 'logits': Hugging Face's models)."""
+    logits = out if isinstance(out, torch.Tensor) else classifier_logits(out)
+    if logits is None:
+        raise UserError(f"top-1 needs a classifier's (N, classes) logits, and this model returns {type(out).__name__}"
+                        " without a 'logits' entry: measure it by its outputs (--metric output)")
+    return logits
+
+
 def evaluate(model: nn.Module, data, device: torch.device | str = "cpu", batch_size: int = 500,
              progress: bool = True, desc: str = "evaluate", process_group=None) -> float:
     """Top-1 accuracy as a fraction in [0, 1], over an ImageSet, a streamed FolderSet or a pair (images, labels) of
@@ -82,7 +91,7 @@ def evaluate(model: nn.Module, data, device: torch.device | str = "cpu", batch_s
     correct = n = 0
     with evaluation_mode(model):
         for x, y in _shard(data, device, batch_size, progress, desc, process_group):
-            correct += (model(x).argmax(1) == y).sum().item()
+            correct += (_logits(model(x)).argmax(1) == y).sum().item()
             n += len(y)
     correct, n = dist.sum_counts(correct, n, group=process_group)
     return correct / max(n, 1)
@@ -246,12 +255,13 @@ def train_model(model: nn.Module, train_set: ImageSet | FolderSet, test_set: Ima
 
             def loss_fn(out, x, y):  # t² keeps the soft term's gradients on the scale of the hard one's
                 with torch.no_grad():
-                    soft = F.log_softmax(teacher(x) / t, 1)
+                    soft = F.log_softmax(_logits(teacher(x)) / t, 1)
+                out = _logits(out)
                 kd = F.kl_div(F.log_softmax(out / t, 1), soft, reduction="batchmean", log_target=True)
                 return (1 - a) * ce(out, y) + a * t * t * kd
         else:
             def loss_fn(out, x, y):
-                return ce(out, y)
+                return ce(_logits(out), y)
     best, best_state, best_epoch, history, step = -math.inf, None, 0, [], 0
     t0 = time.perf_counter()
     done, settings = 0, asdict(cfg) | {"objective": objective, "train_images": len(train_set)}

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..utils import UserError
+from ..utils import UserError, output_tensors
 from .fold import fold_batchnorm
 from .int8 import quantize_int8
 from .onnx_file import write_onnx
@@ -35,7 +35,8 @@ class TorchEager:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
-            return self.model(x)
+            out = self.model(x)
+        return out if isinstance(out, torch.Tensor) else output_tensors(out)[0]  # (the ONNX model's first output)
 
 
 class OnnxFile:
