@@ -17,7 +17,8 @@ from ..utils import UserError
 class PruneOptions:
     """One `prune` run: where the model and data come from, what is measured and written, and the PruneConfig.
     YAML files and flags give the fields of both flat (`PruneOptions.build`)."""
-    model: str = opt("", "model: a registry name, torchvision:NAME, timm:NAME (timm needs the [timm] extra), or your "
+    model: str = opt("", "model: a registry name, torchvision:NAME, timm:NAME (timm needs the [timm] extra), hf:NAME "
+                     "(a Hugging Face image classifier, a Hub name or a local folder; the [hf] extra), or your "
                      "own as FILE.py:NAME or package.module:NAME (a function or nn.Module class that builds it, "
                      "given num_classes where it takes it)")
     model_kwargs: dict = opt({}, "keyword arguments for the model's builder, as KEY=VALUE (values read as Python "
@@ -29,9 +30,9 @@ class PruneOptions:
     weights: str | None = opt(None, "checkpoint to prune: .pt/.pth/.ckpt (state_dict, also inside "
                               "'state_dict'/'model', under a Lightning module's attribute such as 'model.'; loaded "
                               "with weights_only=True) or .safetensors; the number of classes comes from its head. "
-                              "'pretrained' (or pretrained:VERSION for torchvision): a torchvision or timm model's "
-                              "published weights, downloaded once into torch's hub cache. None: random weights (a "
-                              "warning)")
+                              "'pretrained' (or pretrained:VERSION for torchvision, pretrained:REVISION for hf): a "
+                              "torchvision, timm or Hugging Face model's published weights, downloaded once into "
+                              "torch's (the Hub's) cache. None: random weights (a warning)")
     dataset: str | None = opt(None, "mnist, cifar10, an ImageFolder folder/.tar.gz with train/ and val/ (or test/) "
                               "subfolders of <class>/<image> (default: the model's), a folder of images without "
                               "labels, any layout, measured by --metric output (its train/ and val/ or test/ where it "

@@ -140,7 +140,41 @@ def from_model(model_name: str, weights_file: str | None = None) -> Preprocess |
         interp = cfg.get("interpolation", "bilinear")
         return Preprocess(tuple(cfg["mean"]), tuple(cfg["std"]), resize, crop,
                           interp if interp in INTERPOLATIONS else "bilinear", f"timm pretrained_cfg of {name}")
+    if kind == "hf":
+        return _from_hf(name)
     return None
+
+
+HF_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}  # PIL's codes, as transformers' image processors store them
+
+
+def _from_hf(name: str) -> Preprocess | None:
+    """A Hugging Face model's eval preprocessing from its preprocessor_config.json (its image processor's settings):
+    shorter side, center crop (crop_size, or ConvNeXt's crop_pct of the shortest edge), mean, std, resampling. None
+    where the model has no such file or it names no size."""
+    import json
+
+    from ..models.pretrained import hf_file
+
+    try:
+        path = hf_file(name, "preprocessor_config.json")
+    except Exception:  # offline: the dataset's convention, as for a model without metadata
+        return None
+    if path is None:
+        return None
+    cfg = json.loads(Path(path).read_text())
+    size, crop_size = cfg.get("size"), cfg.get("crop_size")
+    side = size.get("shortest_edge") or size.get("height") if isinstance(size, dict) else size
+    if not isinstance(side, int):
+        return None
+    crop = None
+    if cfg.get("do_center_crop", True) and isinstance(crop_size, dict) and crop_size.get("height"):
+        crop = int(crop_size["height"])
+    elif cfg.get("crop_pct") and side < 384:  # ConvNeXt's processor: shorter side / crop_pct, then a crop of side
+        side, crop = int(side / cfg["crop_pct"]), side
+    mean, std = cfg.get("image_mean", IMAGENET_MEAN), cfg.get("image_std", IMAGENET_STD)
+    return Preprocess(tuple(mean), tuple(std), side, crop or side,
+                      HF_RESAMPLE.get(cfg.get("resample"), "bilinear"), f"Hugging Face preprocessor_config of {name}")
 
 
 def from_checkpoint(meta: dict) -> Preprocess | None:

@@ -1,6 +1,7 @@
 """`--weights pretrained`: a torchvision or timm model's published weights, downloaded once into torch's hub cache
-($TORCH_HOME/hub/checkpoints, where torchvision keeps them too) and used from there as a checkpoint file, so that
-report.json names a file and every later command (finetune, latency, export) runs offline."""
+($TORCH_HOME/hub/checkpoints, where torchvision keeps them too), or a Hugging Face model's file (the Hub's cache, or
+the model's local folder), used from there as a checkpoint file, so that report.json names a file and every later
+command (finetune, latency, export) runs offline."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,7 +10,7 @@ from urllib.parse import urlparse
 import torch
 
 from ..utils import UserError, atomic_save, file_stem
-from .registry import timm_module
+from .registry import hf_module, timm_module
 
 PRETRAINED = "pretrained"  # --weights pretrained, or pretrained:TAG for a torchvision weight version
 
@@ -31,8 +32,10 @@ def pretrained_file(model: str, weights: str, progress: bool = True) -> str:
             raise UserError(f"timm names its weights in the model name: --model timm:{arch}.{version} --weights "
                             "pretrained")
         return _timm_file(arch)
-    raise UserError(f"--weights pretrained is for torchvision:NAME and timm:NAME models; give {model} a checkpoint "
-                    "file")
+    if kind == "hf":
+        return _hf_file(arch, version)
+    raise UserError(f"--weights pretrained is for torchvision:NAME, timm:NAME and hf:NAME models; give {model} a "
+                    "checkpoint file")
 
 
 def _cache() -> Path:
@@ -84,3 +87,32 @@ def _timm_file(arch: str) -> str:
             raise _unreachable(f"the weights of timm:{name}", e) from None
         atomic_save(model.state_dict(), path)
     return str(path)
+
+
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")  # a transformers model's weight files, preferred first
+
+
+def hf_file(name: str, file: str, revision: str = "") -> str | None:
+    """A file of Hugging Face model `name`: in its local folder, or from the Hub (downloaded once into its cache);
+    None where the model has no such file."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return str(folder / file) if (folder / file).is_file() else None
+    hf_module()
+    import huggingface_hub
+
+    try:
+        return huggingface_hub.hf_hub_download(name, file, revision=revision or None)
+    except huggingface_hub.utils.EntryNotFoundError:
+        return None
+
+
+def _hf_file(name: str, revision: str) -> str:
+    for file in HF_WEIGHTS:
+        try:
+            path = hf_file(name, file, revision)
+        except Exception as e:  # offline, a name the Hub does not have, a revision it does not know
+            raise _unreachable(f"the weights of hf:{name}", e) from None
+        if path is not None:
+            return path
+    raise UserError(f"hf:{name} has no {' or '.join(HF_WEIGHTS)}: give a checkpoint file")

@@ -1,5 +1,6 @@
-"""A small model registry: one decorated factory per model, plus any torchvision or timm classifier by name, and a
-user's own model as `FILE.py:NAME` or `package.module:NAME` (NAME a function or nn.Module class that builds it)."""
+"""A small model registry: one decorated factory per model, plus any torchvision or timm classifier by name, a
+Hugging Face image classifier as `hf:NAME` (a Hub name or a local folder with its config.json), and a user's own
+model as `FILE.py:NAME` or `package.module:NAME` (NAME a function or nn.Module class that builds it)."""
 from __future__ import annotations
 
 import hashlib
@@ -49,7 +50,7 @@ def model_entry(name: str) -> ModelEntry | None:
 
 def _is_user_name(name: str) -> bool:
     source, sep, _ = name.rpartition(":")
-    return bool(sep) and source not in ("torchvision", "timm")
+    return bool(sep) and source not in LIBRARIES
 
 
 def _import_user_module(source: str):
@@ -114,6 +115,43 @@ def _build_user_model(name: str, num_classes: int | None, kwargs: dict) -> nn.Mo
     return model
 
 
+LIBRARIES = ("torchvision", "timm", "hf")  # model names LIBRARY:NAME that are not a user's FILE.py:NAME
+
+
+def hf_module():
+    """transformers, or a UserError that says how to install it (an optional extra)."""
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("hf: models need the transformers package: pip install 'cnn-sparsegpt[hf]' (or pip install "
+                        "transformers)") from None
+    return transformers
+
+
+def hf_config(name: str, **overrides):
+    """The config of Hugging Face model `name` (a Hub name, fetched once into its cache, or a local folder), with
+    `overrides` of its fields (num_labels, --model-kwargs)."""
+    transformers = hf_module()
+    try:
+        return transformers.AutoConfig.from_pretrained(name, **overrides)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise UserError(f"hf:{name}: no model config ({first}): a Hub name (e.g. microsoft/resnet-50) needs the "
+                        "network once, then it is cached; or give a local folder that holds config.json") from None
+
+
+def _hf_model(name: str, num_classes: int | None, kwargs: dict) -> nn.Module:
+    """An image classifier of transformers built from its config (random weights: pretrained ones come from
+    --weights pretrained, the Hub's model.safetensors)."""
+    labels = {} if num_classes is None else {"id2label": {i: f"LABEL_{i}" for i in range(num_classes)}}
+    config = hf_config(name, **labels, **kwargs)  # (num_labels follows; a new head's labels named as transformers does)
+    try:
+        return hf_module().AutoModelForImageClassification.from_config(config)
+    except ValueError:
+        raise UserError(f"hf:{name} is a '{config.model_type}' model: not an image classifier transformers builds "
+                        "(AutoModelForImageClassification); give such a model, or your own builder as FILE.py:NAME")
+
+
 def timm_module():
     """timm, or a UserError that says how to install it (it is an optional extra)."""
     try:
@@ -142,11 +180,13 @@ def check_model_name(name: str) -> None:
     elif kind == "timm" and arch:
         if not timm_module().is_model(arch):
             raise UserError(f"unknown timm model '{arch}'; see timm.list_models()")
+    elif kind == "hf" and arch:
+        hf_config(arch)
     elif _is_user_name(name):
         user_factory(name)
     elif name not in _REGISTRY:
         raise UserError(f"unknown model '{name}'; choose from {', '.join(list_models())}, torchvision:NAME, "
-                        "timm:NAME, or your own as FILE.py:NAME")
+                        "timm:NAME, hf:NAME, or your own as FILE.py:NAME")
 
 
 def is_video_model(name: str) -> bool:
@@ -167,10 +207,11 @@ def _segmentation_models() -> list[str]:
 
 def create_model(name: str, num_classes: int | None = 10, state: dict | None = None,
                  kwargs: dict | None = None) -> nn.Module:
-    """A registry model, `torchvision:NAME`, `timm:NAME` or a user's `FILE.py:NAME` (random weights; pretrained
-    ones come from --weights). num_classes None: the builder's own default. state: the checkpoint it will load,
-    where its keys tell the architecture (a torchvision segmentation model's auxiliary head). kwargs: more keyword
-    arguments for the builder (--model-kwargs: a width, a depth, a dropout rate)."""
+    """A registry model, `torchvision:NAME`, `timm:NAME`, `hf:NAME` or a user's `FILE.py:NAME` (random weights;
+    pretrained ones come from --weights). num_classes None: the builder's own default. state: the checkpoint it will
+    load, where its keys tell the architecture (a torchvision segmentation model's auxiliary head). kwargs: more
+    keyword arguments for the builder (--model-kwargs: a width, a depth, a dropout rate; an hf: model's config
+    fields)."""
     check_model_name(name)
     kwargs = dict(kwargs or {})
     if _is_user_name(name):
@@ -187,6 +228,8 @@ def create_model(name: str, num_classes: int | None = 10, state: dict | None = N
             return torchvision.models.get_model(arch, weights=None, **heads)
         if kind == "timm":
             return timm_module().create_model(arch, pretrained=False, **heads)
+        if kind == "hf":
+            return _hf_model(arch, num_classes, kwargs)
         return _REGISTRY[name].factory(**heads)
     except TypeError as e:  # a keyword the builder does not take
         if not kwargs:
