@@ -240,7 +240,7 @@ def test_pretrained_weights_downloaded_once_into_the_hub_cache(inet, tmp_path, c
     def offline(*args, **kw):
         raise OSError("offline")
     for model, weights, said in (("torchvision:resnet18", "pretrained:IMAGENET1K_V9", "one of DEFAULT, IMAGENET1K_V1"),
-                                 ("mnist_cnn", "pretrained", "is for torchvision:NAME and timm:NAME models"),
+                                 ("mnist_cnn", "pretrained", "is for torchvision:NAME, timm:NAME and hf:NAME models"),
                                  ("torchvision:resnet34", "pretrained", "could not download torchvision:resnet34")):
         monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
         code, _, err = _prune(capsys, ["--model", model, "--weights", weights, "--sparsity", "0.5", "--dataset",
