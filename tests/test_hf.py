@@ -14,8 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture
 def hf_folder(tmp_path):
-    """A tiny ResNet for MNIST as `save_pretrained` writes it, with a ConvNeXt-style preprocessor_config.json (resize the
-    shorter side to 32 / 0.875, crop 32)."""
+    """A tiny ResNet for MNIST as `save_pretrained` writes it, with a ConvNeXt-style preprocessor_config.json
+    (resize the shorter side to 32 / 0.875, crop 32)."""
     torch.manual_seed(0)
     config = transformers.ResNetConfig(num_labels=10, embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
                                        num_channels=1)
