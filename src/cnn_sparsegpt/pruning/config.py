@@ -401,8 +401,13 @@ class PruneConfig:
         allocation 'owl'): set to a value neither preset has, on a config whose resolved settings never read it."""
         r = self.resolved()
         given = [k for k in IDLE_UNLESS if getattr(self, k) not in (FIELD_DEFAULTS[k], getattr(PUBLISHED, k))]
-        return [f"{k}={getattr(self, k)!r} (needs {IDLE_UNLESS[k][1]})" for k in given if not IDLE_UNLESS[k][0](r)
-                and getattr(self, k) != getattr(replace(self, **{k: FIELD_DEFAULTS[k]}).resolved(), k)]  # (resolved)
+        idle = []
+        for k in given:
+            without = replace(self, **{k: FIELD_DEFAULTS[k]}).resolved()  # (a value resolved() made is no choice,
+            if not IDLE_UNLESS[k][0](r) and getattr(self, k) != getattr(without, k) and all(  # nor one that moves
+                    getattr(r, f) == getattr(without, f) for f in AUTO_FIELDS):  # what 'auto' resolves to)
+                idle.append(f"{k}={getattr(self, k)!r} (needs {IDLE_UNLESS[k][1]})")
+        return idle
 
     def as_dict(self) -> dict:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
@@ -431,6 +436,7 @@ IDLE_UNLESS = {
     "refit_dense_layers": _DENSE_TARGET,
     "round_to": _CHANNELS, "channel_costs": _CHANNELS, "speedup_runtime": _SPEEDUP, "speedup_batch": _SPEEDUP,
 }
+AUTO_FIELDS = ("refine", "quant", "solver", "percdamp", "allocation", "permute")  # what resolved() fills in
 WEIGHT_MASK_ONLY = ("method", "refine", "target_share", "residual_target", "inactive_weight", "refit_dense_layers",
                     "budget", "owl_lambda", "dp_measure", "blocksize", "column_loop", "prune_all")
 
