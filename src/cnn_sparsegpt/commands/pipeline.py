@@ -319,6 +319,11 @@ def run_prune(opts: PruneOptions, progress: bool = True, dense_acc: float | None
     dist.check_same(json.dumps(dataclasses.asdict(opts), sort_keys=True, default=str), "arguments")
     opts = resolved_options(opts, progress)
     opts.config.check_runnable(dist.active(group), device)  # prune_model's own checks, before any data is loaded
+    if not opts.evaluate and (opts.eval_samples or opts.metric != "auto"):
+        import warnings
+
+        warnings.warn("--eval-samples and --metric choose what --evaluate measures: with --no-evaluate they change "
+                      "nothing", RuntimeWarning)
     config = opts.config.resolved(dist.active(group))
     progress = progress and dist.is_main(group)
     write = write and dist.is_main(group)  # one rank writes model.pt, masks.pt, report.json
