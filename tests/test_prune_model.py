@@ -665,8 +665,8 @@ def test_output_measures_of_a_partly_traced_model_run_its_graph_and_equal_whole_
     handle = model.stem.register_forward_hook(lambda *_: stem_calls.append(1))
     on_graph = output_kl.output_kls(model, x, changes, zeroed, outputs="values")
     handle.remove()
-    assert len(stem_calls) == 4  # partial_trace's check (graph, model), the dense outputs, the unchanged prefix
-    # of every change (no change re-ran it)
+    assert len(stem_calls) == 5  # partial_trace's chained_parts and check (graph, model), the dense outputs, the
+    # unchanged prefix of every change (no change re-ran it)
     monkeypatch.setattr(output_kl, "partial_trace", lambda *a: None)
     whole = output_kl.output_kls(model, x, changes, zeroed, outputs="values")
     assert set(on_graph) == set(changes) and all(whole[k] > 0 for k in changes)
@@ -749,3 +749,45 @@ def test_nm_share_keeps_the_layers_whose_pattern_costs_most_dense():
             assert by[n].pattern == "2:4" and by[n].sparsity == 0.5
     with pytest.raises(UserError, match="give nm"):
         prune_model(make(), calib(), sparsity=0.5, nm_share=0.5, progress=False)
+
+
+class _Checked(nn.Module):  # a part whose own code fx cannot trace: a check on its input's shape, then its children
+    def __init__(self, residual=False):
+        super().__init__()
+        self.conv, self.bn, self.residual = nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), residual
+
+    def forward(self, x):
+        if x.shape[1] != 8:
+            raise ValueError("8 channels")
+        y = self.bn(self.conv(x))
+        return x + y if self.residual else y
+
+
+class _WithChecked(nn.Module):
+    def __init__(self, residual=False):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.part = _Checked(residual)
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                  nn.Linear(16, 5))
+
+    def forward(self, x):
+        return self.head(self.part(self.stem(x)))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_a_part_that_only_checks_then_runs_its_children_is_traced_through(residual):
+    """A part fx cannot trace (a check on its input's shape, as a Hugging Face ResNet's stem) that runs its children
+    one after another is traced as that chain (graph.chained_parts): its layers are on the graph and its channels
+    prunable; one that does more with them (a residual sum) stays a part called whole."""
+    from cnn_sparsegpt import channel_plan
+    from cnn_sparsegpt.pruning.graph import chained_parts, partial_trace
+
+    torch.manual_seed(0)
+    model, x = _WithChecked(residual).eval(), torch.randn(4, 3, 8, 8)
+    assert ("part" in chained_parts(model, x)) == (not residual)
+    gm = partial_trace(model, x)
+    assert gm.opaque_modules == (["part"] if residual else [])
+    torch.testing.assert_close(gm(x), model(x), rtol=0, atol=0)
+    stem = next(g for g in channel_plan(model, x[:1]) if "stem" in g["producers"])
+    assert (stem["removable"] > 0) == (not residual)

@@ -36,10 +36,11 @@ _INPLACE_FUNCTIONS = {operator.iadd: operator.add, operator.imul: operator.mul, 
 
 
 class _LayerTracer(fx.Tracer):
-    def __init__(self, opaque_on_failure: bool = False):
+    def __init__(self, opaque_on_failure: bool = False, chains: dict[str, list[str]] | None = None):
         super().__init__()
         self.opaque_on_failure = opaque_on_failure
         self.opaque: list[str] = []  # submodules fx could not trace through, called as a whole instead
+        self.chains = chains or {}  # such a submodule that only runs its children one after another (chained_parts)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, LEAVES) or qualname in self.opaque or super().is_leaf_module(m, qualname)
@@ -62,6 +63,11 @@ class _LayerTracer(fx.Tracer):
             if hasattr(self, "num_calls"):
                 self.num_calls.clear()
                 self.num_calls.update(calls)
+            if name in self.chains and len(args) == 1 and not kwargs:  # its children, traced one after another
+                x = args[0]
+                for child in self.chains[name]:
+                    x = self.call_module(m.get_submodule(child), m.get_submodule(child).forward, (x,), {})
+                return x
             self.opaque.append(name)
             return super().call_module(m, forward, args, kwargs)
 
@@ -90,12 +96,15 @@ def _pieces(node: fx.Node) -> int | None:
     return None
 
 
-def trace(model: nn.Module, opaque_on_failure: bool = False) -> fx.GraphModule:
+def trace(model: nn.Module, opaque_on_failure: bool = False, chains: dict[str, list[str]] | None = None
+          ) -> fx.GraphModule:
     """`torch.fx.symbolic_trace(model)` with every Conv2d, Linear and BatchNorm a module call (LEAVES). With
     `opaque_on_failure`, a submodule whose forward fx cannot trace becomes one module call (named in the graph
     module's `opaque_modules`; the layers inside it are not on the graph), a forward(x, *args, **kwargs) is traced as
-    called with x alone, and chunks and splits of a known count are iterated; check such a graph against the model."""
-    tracer = _LayerTracer(opaque_on_failure)
+    called with x alone, and chunks and splits of a known count are iterated; check such a graph against the model.
+    chains: submodules that only run their children one after another (chained_parts), traced as such where fx
+    cannot trace their own code."""
+    tracer = _LayerTracer(opaque_on_failure, chains)
     cls = type(model)
     if opaque_on_failure and any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
                                  for p in inspect.signature(cls.forward).parameters.values()):
@@ -115,12 +124,67 @@ def partial_trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule | N
     """trace(model, opaque_on_failure=True) where fx cannot trace the whole model, if the graph computes what the
     model does on `example` (the same outputs, bit for bit); None otherwise."""
     try:
-        gm = trace(model, opaque_on_failure=True)
+        gm = trace(model, opaque_on_failure=True, chains=chained_parts(model, example))
         got, want = output_tensors(gm(example)), output_tensors(model(example))
     except Exception:
         return None
     same = len(got) == len(want) and all(g.shape == w.shape and torch.equal(g, w) for g, w in zip(got, want))
     return gm if same else None
+
+
+@torch.no_grad()
+def chained_parts(model: nn.Module, example: torch.Tensor) -> dict[str, list[str]]:
+    """Submodules whose forward, run on `example`, only passes its one input through its direct children one after
+    another, each called once, each reading exactly what the one before returned, unchanged, the last's output its own
+    (checks in Python around them, as a Hugging Face ResNet's stem checks its input's channel count): name → the
+    children in call order. A part fx cannot trace whole is then traced as that chain (trace's chains); the caller
+    checks the graph against the model."""
+    names = {m: n for n, m in model.named_modules()}
+    parent = {child: m for m in model.modules() for child in m.children()}
+    runs: dict[nn.Module, dict] = {}  # module → its run: input, children called, ok so far
+    hooks = []
+
+    def before(m, args, kwargs):
+        run = runs.get(parent.get(m))
+        if run is not None:  # a child of a module being run: it must read what came before, unchanged
+            last = run["calls"][-1][1] if run["calls"] else run["input"]
+            run["ok"] = run["ok"] and last is not None and last[0] is not None and len(args) == 1 and not kwargs \
+                and args[0] is last[0] and torch.equal(args[0], last[1])
+            run["calls"].append((m, None))
+        if m not in runs:
+            runs[m] = {"input": (args[0], args[0].clone()) if len(args) == 1 and not kwargs and torch.is_tensor(
+                args[0]) else (None, None), "calls": [], "ok": len(args) == 1 and not kwargs}
+
+    def after(m, args, out):
+        if m in runs:
+            runs[m].setdefault("out", out)  # (its first call's)
+        run = runs.get(parent.get(m))
+        if run is not None and run["calls"] and run["calls"][-1][0] is m and torch.is_tensor(out):
+            run["calls"][-1] = (m, (out, out.clone()))
+        elif run is not None:
+            run["ok"] = False
+
+    for m in model.modules():
+        if next(m.children(), None) is not None or m in parent:
+            hooks += [m.register_forward_pre_hook(before, with_kwargs=True), m.register_forward_hook(after)]
+    try:
+        out = model(example)
+    except Exception:
+        return {}
+    finally:
+        for h in hooks:
+            h.remove()
+    del out
+    found = {}
+    for m, run in runs.items():
+        calls = [c for c, _ in run["calls"]]
+        if m is model or not run["ok"] or not calls or len(set(calls)) != len(calls) or run["calls"][-1][1] is None:
+            continue
+        last, saved = run["calls"][-1][1]
+        if run.get("out") is not last or not torch.equal(last, saved):  # its output: the last child's, unchanged
+            continue
+        found[names[m]] = [names[c][len(names[m]) + 1:] for c in calls]
+    return found
 
 
 # a weight the model's own code froze while the rest trains is a fixed operation, not a learned one (Ultralytics
