@@ -420,8 +420,6 @@ PUBLISHED = PruneConfig(solver="sparsegpt", refine="none", dense_target=False, i
 PRESETS = {"recommended": RECOMMENDED, "published": PUBLISHED}
 PRUNE_KEYS = tuple(f.name for f in fields(PruneConfig))
 FIELD_DEFAULTS = {f.name: f.default for f in fields(PruneConfig) if f.default is not MISSING}
-# the settings of a weight mask's solve, which a channel prune alone does not read (structure='channels' without a
-# pattern refuses values of theirs that neither preset has; the channel stage of channels-then-a-pattern resets them)
 # per option that only some prunes read: whether a resolved config reads it, and what that needs (PruneConfig.idle)
 _DENSE_TARGET = (lambda r: r.dense_target and r.hessians == "pruned", "dense_target with hessians 'pruned'")
 _WBITS = (lambda r: r.wbits is not None, "wbits")
@@ -437,6 +435,8 @@ IDLE_UNLESS = {
     "round_to": _CHANNELS, "channel_costs": _CHANNELS, "speedup_runtime": _SPEEDUP, "speedup_batch": _SPEEDUP,
 }
 AUTO_FIELDS = ("refine", "quant", "solver", "percdamp", "allocation", "permute")  # what resolved() fills in
+# the settings of a weight mask's solve, which a channel prune alone does not read (structure='channels' without a
+# pattern refuses values of theirs that neither preset has; the channel stage of channels-then-a-pattern resets them)
 WEIGHT_MASK_ONLY = ("method", "refine", "target_share", "residual_target", "inactive_weight", "refit_dense_layers",
                     "budget", "owl_lambda", "dp_measure", "blocksize", "column_loop", "prune_all")
 
