@@ -318,14 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_WARNED: set[str] = set()  # the lines a command printed: a warning two stages of a prune give is printed once
+
+
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"warning: {message}", file=sys.stderr)
+    if str(message) not in _WARNED:
+        _WARNED.add(str(message))
+        print(f"warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     warnings.showwarning = _warning_line
+    _WARNED.clear()  # (per command)
     try:
         if dist.launched() and args.command not in ("prune", "bench"):
             raise UserError(f"`{args.command}` runs in one process: start it without torchrun")
