@@ -115,7 +115,7 @@ class PruneConfig:
     nm_share: float | None = opt(None, "N:M: the share of the pruned layers' weights (of their multiply-adds with "
                                  "budget 'flops') that take the pattern, in (0, 1]; the layers whose N:M costs the "
                                  "most at the network's output (its KL with only that layer pruned, one partial "
-                                 "forward pass each) stay dense. Default: all of them",
+                                 "forward pass each) stay dense (not set: every pruned layer takes it)",
                                  check=lambda v: 0 < v <= 1, want="in (0, 1]")
     layer_patterns: dict = opt({}, "per-layer patterns, {layer name or regex: sparsity or N:M}, e.g. "
                                "{'layer4\\..*': 0.9, 'fc': '2:4'} (CLI: NAME=PATTERN ...): the first that matches "
