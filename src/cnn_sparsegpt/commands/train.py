@@ -70,7 +70,6 @@ def _shard(data, device, batch_size: int, progress: bool, desc: str, process_gro
                         leave=False)
 
 
-@torch.no_grad()
 def _logits(out) -> torch.Tensor:
     """A classifier's output as its logits (a tensor as it is; a mapping's 'logits': Hugging Face's models)."""
     logits = out if isinstance(out, torch.Tensor) else classifier_logits(out)
@@ -80,6 +79,7 @@ def _logits(out) -> torch.Tensor:
     return logits
 
 
+@torch.no_grad()
 def evaluate(model: nn.Module, data, device: torch.device | str = "cpu", batch_size: int = 500,
              progress: bool = True, desc: str = "evaluate", process_group=None) -> float:
     """Top-1 accuracy as a fraction in [0, 1], over an ImageSet, a streamed FolderSet or a pair (images, labels) of
