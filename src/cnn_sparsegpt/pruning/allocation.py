@@ -87,6 +87,16 @@ def knapsack(errors: torch.Tensor, costs: torch.Tensor, need: int) -> list[int]:
     return picked[::-1]
 
 
+def layer_sizes(model: nn.Module, names: list[str], positions: dict | None, budget: str) -> torch.Tensor:
+    """What each layer of `names` counts in a budget (float64): its weights, or with budget 'flops' its weights
+    times the positions it is applied at (positions: per layer, 1 where missing)."""
+    modules = dict(model.named_modules())
+    params = torch.tensor([modules[n].weight.numel() for n in names], dtype=torch.float64)
+    if budget != "flops":
+        return params
+    return params * torch.tensor([float((positions or {}).get(n, 1)) for n in names], dtype=torch.float64)
+
+
 @torch.no_grad()
 def dense_statistics(model: nn.Module, batches: list, names: list[str], hessian: bool) -> dict[str, LayerPruner]:
     """One forward pass of the dense network: each named layer's input statistics (H, or column sums)."""
@@ -189,10 +199,7 @@ def allocate(config, model: nn.Module, batches: list, names: list[str], position
     sparsity = config.pattern.target
     if config.allocation == "uniform" or not names:
         return {"sparsity": {n: sparsity for n in names}}
-    modules = dict(model.named_modules())
-    params = torch.tensor([modules[n].weight.numel() for n in names], dtype=torch.float64)
-    size = params * torch.tensor([float((positions or {}).get(n, 1)) for n in names]) \
-        if config.budget == "flops" else params
+    size = layer_sizes(model, names, positions, config.budget)
     t0 = time.perf_counter()
     stats = dense_statistics(model, batches, names, hessian=config.allocation == "dp")
     info = {"kind": config.allocation, "budget": config.budget, "seconds": {"dense_pass": time.perf_counter() - t0}}
@@ -250,10 +257,7 @@ def nm_dense_layers(config, model: nn.Module, batches: list, names: list[str], p
     calibration images (one partial forward pass per layer; each layer's own relative error where the output holds
     no scores or values to compare), then the knapsack over {dense, N:M} per layer. Returns the report's entry:
     the layers kept dense, the share covered, each layer's cost."""
-    modules = dict(model.named_modules())
-    params = torch.tensor([modules[n].weight.numel() for n in names], dtype=torch.float64)
-    size = params * torch.tensor([float((positions or {}).get(n, 1)) for n in names]) \
-        if config.budget == "flops" else params
+    size = layer_sizes(model, names, positions, config.budget)
     t0 = time.perf_counter()
     stats = dense_statistics(model, batches, names, hessian=True)
     outputs = output_measure(model, batches[0], "nm_share", "each layer's own relative error is compared",
