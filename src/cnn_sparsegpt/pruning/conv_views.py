@@ -350,6 +350,11 @@ def without_views(model: nn.Module) -> nn.Module:
     return out
 
 
+def view_names(views: dict[str, tuple[str, ConvView]]) -> dict[str, str]:
+    """Each view conv's name → its original layer's, the name a user's layer names and regexes see."""
+    return {k: name for k, (name, _) in views.items()}
+
+
 def view_positions(views: dict[str, tuple[str, ConvView]]) -> dict[str, int]:
     """The view convs' positions as their original layers' (see conv2d_views)."""
     return {k: v.positions for k, (_, v) in views.items() if v.positions is not None}

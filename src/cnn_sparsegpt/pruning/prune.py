@@ -26,7 +26,7 @@ from . import dist
 from .allocation import allocate, nm_dense_layers
 from .config import RECOMMENDED, PruneConfig, layer_pattern
 from .batchnorm import batchnorms_reading, bn_modules, bn_statistics_, recalibrate, set_statistics_
-from .conv_views import VIEWABLE, conv2d_views, original_result, renamed, view_positions, viewable
+from .conv_views import VIEWABLE, conv2d_views, original_result, renamed, view_names, view_positions, viewable
 from .dense_target import DenseInputs
 from .resume import PruneCheckpoints, fingerprint, restored_results
 from .relu_gate import GATE_FLOPS, ReluGate, applies as gate_applies, dense_active, relu_gates
@@ -497,9 +497,9 @@ def channel_plan(model: nn.Module, example: torch.Tensor, ignore: Iterable[str] 
         raise UserError(f"channel_plan's example must be a tensor of inputs (one or a few), got "
                         f"{type(example).__name__}")
     with _as_conv2d(model, example[:1]) as views:
+        kept = nonstandard_layers(model, example[:1]) | ignored_layers(model, ignore, view_names(views))
         plan = [{"producers": g.producers, "channels": len(g.units) * g.width, "removable": len(g.removable) * g.width,
-                 "reason": g.reason} for g in channel_groups(model, example[:1], nonstandard=nonstandard_layers(
-                    model, example[:1]) | ignored_layers(model, ignore, {k: n for k, (n, _) in views.items()}))]
+                 "reason": g.reason} for g in channel_groups(model, example[:1], nonstandard=kept)]
         return renamed(plan, views)
 
 
@@ -559,7 +559,7 @@ def _prune_weights(model: nn.Module, batches: list[torch.Tensor], config: PruneC
             named = [n for n, r in left.items() if r == reason]
             warnings.warn(f"{len(named)} layer{'s' * (len(named) > 1)} ({', '.join(named[:3])}"
                           f"{', ...' * (len(named) > 3)}): {reason} (report.json lists them)", RuntimeWarning)
-        aliases = {k: name for k, (name, _) in views.items()}
+        aliases = view_names(views)
         plan = choose_layers(model, order, config.ignore, not config.prune_all, nonstandard, aliases)
         names = [n for n in order if not plan[n]]
         patterned = patterned_layers(model, plan, config.layer_patterns, aliases)  # layer -> its entry's key
@@ -708,7 +708,7 @@ def _prune_structured(model: nn.Module, batches: list[torch.Tensor], config: Pru
     if low_memory is None:  # (the dense target's pass: the dense copy's graph in step)
         low_memory, policy = memory_policy(max(input_bytes.values(), default=0), sum(len(x) for x in batches),
                                            batches[0].device, copies=2 if config.dense_target else 1)
-    kept = ignored_layers(model, config.ignore, {k: name for k, (name, _) in views.items()})
+    kept = ignored_layers(model, config.ignore, view_names(views))
     try:
         structure = prune_channels(model, batches, config, positions, progress, low_memory, kept)
     except torch.linalg.LinAlgError as e:  # (mild cases are solved at a raised damping, block_obs.damped_inverse)
