@@ -124,7 +124,13 @@ def partial_trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule | N
     """trace(model, opaque_on_failure=True) where fx cannot trace the whole model, if the graph computes what the
     model does on `example` (the same outputs, bit for bit); None otherwise."""
     try:
-        gm = trace(model, opaque_on_failure=True, chains=chained_parts(model, example))
+        gm, chains = trace(model, opaque_on_failure=True), {}
+        for _ in range(4):  # a part traced as a chain of its children may hold one more such part (a round each)
+            found = chained_parts(model, example, [n for n in gm.opaque_modules if n not in chains])
+            if not found:
+                break
+            chains |= found
+            gm = trace(model, opaque_on_failure=True, chains=chains)
         got, want = output_tensors(gm(example)), output_tensors(model(example))
     except Exception:
         return None
@@ -133,14 +139,17 @@ def partial_trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule | N
 
 
 @torch.no_grad()
-def chained_parts(model: nn.Module, example: torch.Tensor) -> dict[str, list[str]]:
-    """Submodules whose forward, run on `example`, only passes its one input through its direct children one after
-    another, each called once, each reading exactly what the one before returned, unchanged, the last's output its own
-    (checks in Python around them, as a Hugging Face ResNet's stem checks its input's channel count): name → the
-    children in call order. A part fx cannot trace whole is then traced as that chain (trace's chains); the caller
-    checks the graph against the model."""
+def chained_parts(model: nn.Module, example: torch.Tensor, parts: list[str]) -> dict[str, list[str]]:
+    """Those of the submodules `parts` (the ones fx could not trace) whose forward, run on `example`, only passes its
+    one input through its direct children one after another, each called once, each reading exactly what the one
+    before returned, unchanged, the last's output its own (checks in Python around them, as a Hugging Face ResNet's
+    stem checks its input's channel count): name → the children in call order. Such a part is then traced as that
+    chain (trace's chains); the caller checks the graph against the model."""
+    if not parts:
+        return {}
     names = {m: n for n, m in model.named_modules()}
-    parent = {child: m for m in model.modules() for child in m.children()}
+    watched = dict.fromkeys(model.get_submodule(n) for n in parts)  # (an ordered set)
+    parent = {child: m for m in watched for child in m.children()}
     runs: dict[nn.Module, dict] = {}  # module → its run: input, children called, ok so far
     hooks = []
 
@@ -151,7 +160,7 @@ def chained_parts(model: nn.Module, example: torch.Tensor) -> dict[str, list[str
             run["ok"] = run["ok"] and last is not None and last[0] is not None and len(args) == 1 and not kwargs \
                 and args[0] is last[0] and torch.equal(args[0], last[1])
             run["calls"].append((m, None))
-        if m not in runs:
+        if m in watched and m not in runs:
             runs[m] = {"input": (args[0], args[0].clone()) if len(args) == 1 and not kwargs and torch.is_tensor(
                 args[0]) else (None, None), "calls": [], "ok": len(args) == 1 and not kwargs}
 
@@ -164,9 +173,8 @@ def chained_parts(model: nn.Module, example: torch.Tensor) -> dict[str, list[str
         elif run is not None:
             run["ok"] = False
 
-    for m in model.modules():
-        if next(m.children(), None) is not None or m in parent:
-            hooks += [m.register_forward_pre_hook(before, with_kwargs=True), m.register_forward_hook(after)]
+    for m in dict.fromkeys([*watched, *parent]):  # the parts and their children
+        hooks += [m.register_forward_pre_hook(before, with_kwargs=True), m.register_forward_hook(after)]
     try:
         out = model(example)
     except Exception:
@@ -178,7 +186,8 @@ def chained_parts(model: nn.Module, example: torch.Tensor) -> dict[str, list[str
     found = {}
     for m, run in runs.items():
         calls = [c for c, _ in run["calls"]]
-        if m is model or not run["ok"] or not calls or len(set(calls)) != len(calls) or run["calls"][-1][1] is None:
+        if m not in watched or not run["ok"] or not calls or len(set(calls)) != len(calls) \
+                or run["calls"][-1][1] is None:
             continue
         last, saved = run["calls"][-1][1]
         if run.get("out") is not last or not torch.equal(last, saved):  # its output: the last child's, unchanged
