@@ -149,7 +149,8 @@ def _hf_model(name: str, num_classes: int | None, kwargs: dict) -> nn.Module:
         return hf_module().AutoModelForImageClassification.from_config(config)
     except ValueError:
         raise UserError(f"hf:{name} is a '{config.model_type}' model: not an image classifier transformers builds "
-                        "(AutoModelForImageClassification); give such a model, or your own builder as FILE.py:NAME")
+                        "(AutoModelForImageClassification); give such a model, or your own builder as FILE.py:NAME"
+                        ) from None
 
 
 def timm_module():
