@@ -69,9 +69,11 @@ def finetune_run(run_dir: str | Path, cfg: TrainConfig = FINETUNE, out: str | Pa
     model, report, masks = load_run(run)
     # a model that is not a classifier, or images without labels: the dense model's outputs are the targets
     outputs = report.get("metric") == "output" or report.get("data_labels") == "none"
-    if cfg.distill == 0 and (teacher_weights is not None and not outputs or cfg.temperature != FINETUNE.temperature):
-        given = "--teacher" if teacher_weights is not None and not outputs else "--temperature"
-        raise UserError(f"{given} is for distillation from the dense model: give --distill W (a weight in (0, 1]) "
+    # (a run measured by its outputs reads --teacher as its targets' model, distilled or not)
+    unused = [flag for flag, given in (("--teacher", teacher_weights is not None and not outputs),
+                                       ("--temperature", cfg.temperature != FINETUNE.temperature)) if given]
+    if cfg.distill == 0 and unused:
+        raise UserError(f"{unused[0]} is for distillation from the dense model: give --distill W (a weight in (0, 1]) "
                         "with it")
     cfg = fine_tuning_settings(cfg, outputs)
     if dropout is not None:  # a net with 90% of its weights gone has little to spare: the CIFAR CNN's dropout
